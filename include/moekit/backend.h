@@ -1,0 +1,33 @@
+// Backends present in this build and on this machine.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moekit {
+
+enum class Backend : uint8_t { reference, cpu, gpu };
+
+struct BackendInfo {
+  Backend backend;
+  std::string name;    // "reference", "cpu", "gpu"
+  std::string detail;  // e.g. "x86-64 avx2 fma f16c, 2 threads" or the GPU's name and arch
+};
+
+// What this build and this machine have, slowest first (the reference is always present).
+std::vector<BackendInfo> backends();
+bool backend_available(Backend backend);
+std::string_view backend_name(Backend backend);
+Backend parse_backend(std::string_view name);  // throws Error naming the value
+// The fastest backend present (gpu, then cpu, then reference).
+Backend fastest_backend();
+
+// CPU features found at run time (cpuid), used by dispatch tables.
+struct CpuFeatures {
+  bool avx2 = false;  // with fma and f16c
+  bool avx512 = false;  // f, bw, vl, dq
+};
+const CpuFeatures& cpu_features();
+
+}  // namespace moekit

@@ -1,0 +1,90 @@
+#include "moekit/backend.h"
+
+#include <omp.h>
+
+#include "core/gpu_hooks.h"
+#include "moekit/error.h"
+#ifdef MOEKIT_HAVE_GPU
+#include "gpu/gpu_runtime.h"
+#endif
+
+namespace moekit {
+
+const GpuHooks& gpu_hooks() {
+#ifdef MOEKIT_HAVE_GPU
+  static const GpuHooks hooks = gpu::make_hooks();
+#else
+  static const GpuHooks hooks;
+#endif
+  return hooks;
+}
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = [] {
+    CpuFeatures f;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("bmi2");
+    f.avx512 = f.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+    return f;
+  }();
+  return features;
+}
+
+namespace {
+int gpu_count() {
+  const GpuHooks& gpu = gpu_hooks();
+  if (!gpu.device_count) return 0;
+  try {
+    return gpu.device_count();
+  } catch (const Error&) {
+    return 0;  // a driver without a device: the backend is simply absent
+  }
+}
+}  // namespace
+
+std::vector<BackendInfo> backends() {
+  std::vector<BackendInfo> out;
+  out.push_back({Backend::reference, "reference", "scalar definitional code (the oracle)"});
+  const CpuFeatures& f = cpu_features();
+  std::string isa = f.avx512 ? "avx512 avx2 fma f16c" : f.avx2 ? "avx2 fma f16c" : "scalar";
+  out.push_back({Backend::cpu, "cpu",
+                 isa + ", " + std::to_string(omp_get_max_threads()) + " threads"});
+  const int n = gpu_count();
+  for (int d = 0; d < n && d < 1; ++d)
+    out.push_back({Backend::gpu, "gpu", gpu_hooks().describe(d)});
+  return out;
+}
+
+bool backend_available(Backend backend) {
+  if (backend == Backend::gpu) return gpu_count() > 0;
+  return true;
+}
+
+std::string_view backend_name(Backend backend) {
+  switch (backend) {
+    case Backend::reference:
+      return "reference";
+    case Backend::cpu:
+      return "cpu";
+    case Backend::gpu:
+      return "gpu";
+  }
+  return "?";
+}
+
+Backend parse_backend(std::string_view name) {
+  if (name == "reference") return Backend::reference;
+  if (name == "cpu") return Backend::cpu;
+  if (name == "gpu") return Backend::gpu;
+  fail("backend", "name", std::string(name), "is not a backend (reference, cpu or gpu)");
+}
+
+Backend fastest_backend() {
+  return backend_available(Backend::gpu) ? Backend::gpu : Backend::cpu;
+}
+
+}  // namespace moekit

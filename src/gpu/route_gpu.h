@@ -1,0 +1,15 @@
+// GPU routing (CUDA dialect; builds for MUSA and HIP through src/gpu/vendors/). Only declared here
+// so that plain C++ front ends can list it in the dispatch table.
+#pragma once
+
+#include <string>
+
+#include "ops/route_problem.h"
+
+namespace moekit::gpu {
+
+std::string route_supports(const RouteProblem& problem);
+// Enqueues on problem.stream: no host synchronization, no allocation, no copies (graph-capturable).
+void route(const RouteProblem& problem);
+
+}  // namespace moekit::gpu

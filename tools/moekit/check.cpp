@@ -1,0 +1,135 @@
+// `moekit check`: every backend present against the reference, over the model table.
+#include <cstdio>
+#include <fmt/core.h>
+#include <random>
+
+#include "commands.h"
+#include "moekit/error.h"
+#include "moekit/route_harness.h"
+#ifdef MOEKIT_HAVE_GPU
+#include "gpu/gpu_runtime.h"
+#endif
+
+namespace moekit::cli {
+namespace {
+
+using harness::InputKind;
+
+// Runs one case on a backend (staging through the GPU when needed) and returns its outputs.
+harness::RouteOutputs run_backend(Backend backend, const harness::RouteCase& c,
+                                  const harness::RouteInputs& in) {
+  harness::RouteOutputs out = harness::make_poisoned_outputs(c);
+  RouteOptions options;
+  options.backend = backend;
+  if (backend != Backend::gpu) {
+    route(in.logits, in.bias_view(), c.config, out.weights, out.ids, options);
+    return out;
+  }
+  const Device gpu = Device::gpu();
+  Tensor logits = Tensor::copy_of(in.logits, gpu);
+  std::optional<Tensor> bias;
+  if (in.bias) bias = Tensor::copy_of(*in.bias, gpu);
+  Tensor weights = Tensor::copy_of(out.weights, gpu);  // poisoned too
+  Tensor ids = Tensor::copy_of(out.ids, gpu);
+  route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt, c.config, weights,
+        ids, options);
+  copy(out.weights, weights);  // synchronous copies: the route has finished
+  copy(out.ids, ids);
+  return out;
+}
+
+std::string chosen_implementation(Backend backend, const harness::RouteCase& c,
+                                  const harness::RouteInputs& in) {
+  const Device device = backend == Backend::gpu ? Device::gpu() : Device::cpu();
+  // Dispatch depends on shapes, dtypes, strides and device: tiny stand-ins of the right kind.
+  Tensor logits = Tensor::empty(c.logits_dtype, {c.tokens, c.num_experts}, device);
+  std::optional<Tensor> bias;
+  if (in.bias) bias = Tensor::empty(c.bias_dtype, {c.num_experts}, device);
+  Tensor weights = Tensor::empty(DType::f32, {c.tokens, c.config.topk}, device);
+  Tensor ids = Tensor::empty(c.ids_dtype, {c.tokens, c.config.topk}, device);
+  RouteOptions options;
+  options.backend = backend;
+  for (const ImplementationChoice& choice :
+       explain_route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt,
+                     c.config, weights, ids, options))
+    if (choice.chosen) return choice.name;
+  return "(none)";
+}
+
+}  // namespace
+
+int run_check(const CheckOptions& options) {
+  const uint64_t seed = options.seed ? *options.seed : std::random_device{}();
+  std::printf("moekit check: seed %llu (rerun with --seed %llu)\n",
+              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
+  std::vector<Backend> tested;
+  for (const BackendInfo& info : backends()) {
+    if (options.backend ? info.backend != *options.backend : info.backend == Backend::reference)
+      continue;
+    tested.push_back(info.backend);
+    std::printf("backend %-9s %s\n", info.name.c_str(), info.detail.c_str());
+  }
+  if (options.backend && tested.empty())
+    fail("check", "--backend", std::string(backend_name(*options.backend)),
+         "is not present on this machine");
+  const InputKind kinds[] = {InputKind::random, InputKind::ties, InputKind::nan_inf,
+                             InputKind::saturated, InputKind::padding};
+  std::printf("\n%-20s %6s %-9s %-12s %12s %-22s %s\n", "model", "tokens", "backend",
+              "implementation", "max |dw|", "id diffs (near-tie)", "result");
+  int failures = 0;
+  uint64_t case_seed = seed;
+  for (const harness::ModelRow& row : harness::model_table()) {
+    for (int64_t tokens : harness::token_counts()) {
+      if (options.quick && tokens > 1024) continue;
+      for (Backend backend : tested) {
+        double max_error = 0.0;
+        int64_t diffs = 0, near = 0;
+        bool pass = true;
+        std::string problem, implementation;
+        for (InputKind kind : kinds) {
+          // Adversarial inputs at prefill sizes add time, not coverage.
+          if (kind != InputKind::random && tokens > 1024) continue;
+          harness::RouteCase c;
+          c.label = row.name;
+          c.tokens = tokens;
+          c.num_experts = row.num_experts;
+          c.config = row.config;
+          c.has_bias = row.has_bias;
+          c.kind = kind;
+          c.seed = case_seed++;
+          const harness::RouteInputs in = harness::make_inputs(c);
+          if (implementation.empty()) implementation = chosen_implementation(backend, c, in);
+          const harness::RouteOutputs ref = harness::run_reference(c, in);
+          const harness::RouteOutputs out = run_backend(backend, c, in);
+          const harness::Comparison cmp = harness::compare_with_reference(c, in, ref, out);
+          max_error = std::max(max_error, cmp.max_weight_error);
+          diffs += cmp.id_differences;
+          near += cmp.near_tie_differences;
+          if (!cmp.pass) {
+            pass = false;
+            if (problem.empty())
+              problem = std::string(harness::input_kind_name(kind)) + " inputs, " + cmp.first_problem;
+          }
+        }
+        std::printf("%-20s %6lld %-9s %-12s %12.3g %-22s %s\n", row.name.c_str(),
+                    static_cast<long long>(tokens), std::string(backend_name(backend)).c_str(),
+                    implementation.c_str(), max_error,
+                    fmt::format("{} ({})", diffs, near).c_str(), pass ? "PASS" : "FAIL");
+        if (!pass) {
+          ++failures;
+          std::printf("    %s\n", problem.c_str());
+        }
+        if (options.verbose) {
+          std::printf("    dispatch: %s\n", implementation.c_str());
+        }
+      }
+    }
+  }
+  std::printf("\n%s: %d failing row(s); inputs per row: random%s; seed %llu\n",
+              failures ? "FAIL" : "PASS", failures,
+              " (+ ties, nan/inf, saturated, padding up to 1024 tokens)",
+              static_cast<unsigned long long>(seed));
+  return failures ? 1 : 0;
+}
+
+}  // namespace moekit::cli

@@ -1,0 +1,251 @@
+// moekit: the command-line front end (route, check, bench, explain, backends, --version).
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fmt/core.h>
+#include <optional>
+#include <string>
+
+#include "commands.h"
+#include "moekit/error.h"
+#include "moekit/ops/route.h"
+#include "moekit/route_harness.h"
+#include "moekit/safetensors.h"
+#ifdef MOEKIT_HAVE_GPU
+#include "gpu/gpu_runtime.h"
+#endif
+
+namespace moekit::cli {
+namespace {
+
+// RouterConfig fields as command-line options (shared by route and explain).
+struct RouteFlags {
+  int topk = 0;
+  std::string scoring = "softmax";
+  int groups = 1;
+  int topk_groups = 1;
+  std::string group_score = "auto";
+  float softcap = 0.0f;
+  bool no_renormalize = false;
+  int shared_experts = 0;
+  float routed_scaling_factor = 1.0f;
+  bool apply_scaling_on_output = false;
+  int64_t valid_tokens = -1;
+  std::string backend;
+  std::string ids_dtype = "i32";
+  int threads = 0;
+  bool verbose = false;
+
+  void add_to(CLI::App& app) {
+    app.add_option("--topk", topk, "slots per token, including shared-expert slots")->required();
+    app.add_option("--scoring", scoring, "softmax | sigmoid | sqrtsoftplus");
+    app.add_option("--groups", groups, "expert groups (1 = ungrouped)");
+    app.add_option("--topk-groups", topk_groups, "groups kept per token");
+    app.add_option("--group-score", group_score, "max | top2_sum | auto (top2_sum iff bias)");
+    app.add_option("--softcap", softcap, "softmax logit softcap c (0 = off)");
+    app.add_flag("--no-renormalize", no_renormalize, "keep the raw routed weights");
+    app.add_option("--shared-experts", shared_experts, "fused shared-expert slots");
+    app.add_option("--routed-scaling-factor", routed_scaling_factor, "rsf");
+    app.add_flag("--apply-scaling-on-output", apply_scaling_on_output, "multiply weights by rsf");
+    app.add_option("--valid-tokens", valid_tokens, "rows at or past it are padding");
+    app.add_option("--backend", backend, "reference | cpu | gpu (default: the fastest present)");
+    app.add_option("--ids-dtype", ids_dtype, "i32 | i64");
+    app.add_option("--threads", threads, "CPU threads (0 = all)");
+    app.add_flag("--verbose", verbose, "print which implementation runs and why others do not");
+  }
+
+  RouterConfig config() const {
+    RouterConfig c;
+    c.topk = topk;
+    if (scoring == "softmax")
+      c.scoring = Scoring::softmax;
+    else if (scoring == "sigmoid")
+      c.scoring = Scoring::sigmoid;
+    else if (scoring == "sqrtsoftplus")
+      c.scoring = Scoring::sqrtsoftplus;
+    else
+      fail("route", "--scoring", scoring, "is not one of softmax, sigmoid, sqrtsoftplus");
+    c.num_groups = groups;
+    c.topk_groups = topk_groups;
+    if (group_score == "auto")
+      c.group_score = GroupScore::automatic;
+    else if (group_score == "max")
+      c.group_score = GroupScore::max;
+    else if (group_score == "top2_sum")
+      c.group_score = GroupScore::top2_sum;
+    else
+      fail("route", "--group-score", group_score, "is not one of max, top2_sum, auto");
+    c.softcap = softcap;
+    c.renormalize = !no_renormalize;
+    c.num_shared_experts = shared_experts;
+    c.routed_scaling_factor = routed_scaling_factor;
+    c.apply_scaling_on_output = apply_scaling_on_output;
+    c.num_valid_tokens = valid_tokens;
+    return c;
+  }
+
+  RouteOptions options() const {
+    RouteOptions o;
+    o.backend = backend.empty() ? fastest_backend() : parse_backend(backend);
+    o.num_threads = threads;
+    return o;
+  }
+};
+
+void print_choices(const std::vector<ImplementationChoice>& rows) {
+  for (const ImplementationChoice& row : rows)
+    std::fprintf(stderr, "  %-12s %s\n", row.name.c_str(),
+                 row.chosen ? "runs" : ("declines: " + row.reason).c_str());
+}
+
+int run_route(const std::string& input, const std::string& output, const RouteFlags& flags) {
+  const RouterConfig config = flags.config();
+  RouteOptions options = flags.options();
+  const DType ids_dtype = parse_dtype(flags.ids_dtype);
+  if (ids_dtype != DType::i32 && ids_dtype != DType::i64)
+    fail("route", "--ids-dtype", flags.ids_dtype, "is not one of i32, i64");
+  const SafetensorsFile file = SafetensorsFile::open(input);
+  if (!file.contains("logits"))
+    fail("route", "--input", input, "has no tensor named \"logits\"");
+  const TensorView logits = file.get("logits");
+  std::optional<TensorView> bias;
+  if (file.contains("bias")) bias = file.get("bias");
+  if (logits.ndim() != 2)
+    fail("route", "logits.shape", logits.shape_str(), "must be [tokens, experts]");
+  const int64_t T = logits.size(0);
+  Tensor weights = Tensor::empty(DType::f32, {T, config.topk});
+  Tensor ids = Tensor::empty(ids_dtype, {T, config.topk});
+  if (flags.verbose) {
+    std::fprintf(stderr, "route dispatch:\n");
+    print_choices(explain_route(logits, bias, config, weights, ids, options));
+  }
+  if (options.backend == Backend::gpu) {
+    // Stage through the GPU: inputs up, route, results down.
+    const Device gpu = Device::gpu();
+    Tensor d_logits = Tensor::copy_of(logits, gpu);
+    std::optional<Tensor> d_bias;
+    if (bias) d_bias = Tensor::copy_of(*bias, gpu);
+    Tensor d_weights = Tensor::empty(DType::f32, {T, config.topk}, gpu);
+    Tensor d_ids = Tensor::empty(ids_dtype, {T, config.topk}, gpu);
+    route(d_logits, d_bias ? std::optional<TensorView>(d_bias->view()) : std::nullopt, config,
+          d_weights, d_ids, options);
+    copy(weights, d_weights);
+    copy(ids, d_ids);
+  } else {
+    route(logits, bias, config, weights, ids, options);
+  }
+  write_safetensors(output, {{"weights", weights.view()}, {"ids", ids.view()}});
+  return 0;
+}
+
+int run_explain(const std::string& model, int64_t tokens, const std::string& backend) {
+  for (const harness::ModelRow& row : harness::model_table()) {
+    if (!model.empty() && row.name != model) continue;
+    RouteOptions options;
+    options.backend = backend.empty() ? fastest_backend() : parse_backend(backend);
+    const Device device = options.backend == Backend::gpu ? Device::gpu() : Device::cpu();
+    // Shapes only: explain never touches data, so views of fake addresses would do, but real
+    // (tiny) allocations keep every pointer check honest.
+    Tensor logits = Tensor::empty(DType::bf16, {tokens, row.num_experts}, device);
+    std::optional<Tensor> bias;
+    if (row.has_bias) bias = Tensor::empty(DType::f32, {row.num_experts}, device);
+    Tensor weights = Tensor::empty(DType::f32, {tokens, row.config.topk}, device);
+    Tensor ids = Tensor::empty(DType::i32, {tokens, row.config.topk}, device);
+    std::printf("%s, %lld tokens, backend %s:\n", row.name.c_str(),
+                static_cast<long long>(tokens), std::string(backend_name(*options.backend)).c_str());
+    for (const ImplementationChoice& c :
+         explain_route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt,
+                       row.config, weights, ids, options))
+      std::printf("  %-12s %s\n", c.name.c_str(),
+                  c.chosen ? "runs" : ("declines: " + c.reason).c_str());
+    if (!model.empty()) return 0;
+  }
+  if (!model.empty()) fail("explain", "--model", model, "is not a row of the model table");
+  return 0;
+}
+
+}  // namespace
+}  // namespace moekit::cli
+
+int main(int argc, char** argv) {
+  using namespace moekit;
+  using namespace moekit::cli;
+  CLI::App app{"moekit: MoE routing and friends for Qwen- and DeepSeek-family models"};
+  app.require_subcommand(0, 1);
+  app.set_version_flag("--version", std::string("moekit ") + MOEKIT_VERSION);
+
+  CLI::App* route_cmd = app.add_subcommand("route", "route a safetensors file of logits");
+  std::string input, output;
+  route_cmd->add_option("--input", input, "safetensors with \"logits\" [T, E] and optional \"bias\" [E]")
+      ->required();
+  route_cmd->add_option("--output", output, "safetensors to write \"weights\" and \"ids\" to")
+      ->required();
+  RouteFlags route_flags;
+  route_flags.add_to(*route_cmd);
+
+  CLI::App* check_cmd = app.add_subcommand("check", "every backend against the reference, on the model table");
+  CheckOptions check;
+  std::string check_backend;
+  uint64_t check_seed = 0;
+  check_cmd->add_option("--backend", check_backend, "only this backend");
+  auto* seed_opt = check_cmd->add_option("--seed", check_seed, "seed for the random inputs");
+  check_cmd->add_flag("--verbose", check.verbose, "print the dispatch choice of every row");
+  check_cmd->add_flag("--quick", check.quick, "token counts up to 1024 only");
+
+  CLI::App* bench_cmd = app.add_subcommand("bench", "verify, then time, with roofline ratios");
+  BenchOptions bench;
+  std::string bench_backend;
+  bench_cmd->add_option("--op", bench.op, "route");
+  bench_cmd->add_option("--backend", bench_backend, "reference | cpu | gpu");
+  bench_cmd->add_option("--threads", bench.threads, "CPU threads (0 = all)");
+  bench_cmd->add_flag("--json", bench.json, "print a JSON array instead of a table");
+  bench_cmd->add_option("--model", bench.model, "one model-table row");
+  bench_cmd->add_option("--tokens", bench.tokens, "one token count");
+
+  CLI::App* explain_cmd = app.add_subcommand("explain", "which route implementation runs, and why the others do not");
+  std::string explain_model, explain_backend;
+  int64_t explain_tokens = 4096;
+  explain_cmd->add_option("--model", explain_model, "one model-table row (default: all)");
+  explain_cmd->add_option("--tokens", explain_tokens, "token count");
+  explain_cmd->add_option("--backend", explain_backend, "reference | cpu | gpu");
+
+  CLI::App* backends_cmd = app.add_subcommand("backends", "the backends of this build and machine");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::Success& e) {  // --version
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "moekit: error: %s\n", e.what());
+    return 2;
+  }
+  try {
+    if (route_cmd->parsed()) return run_route(input, output, route_flags);
+    if (check_cmd->parsed()) {
+      if (!check_backend.empty()) check.backend = parse_backend(check_backend);
+      if (*seed_opt) check.seed = check_seed;
+      return run_check(check);
+    }
+    if (bench_cmd->parsed()) {
+      if (!bench_backend.empty()) bench.backend = parse_backend(bench_backend);
+      return run_bench(bench);
+    }
+    if (explain_cmd->parsed()) return run_explain(explain_model, explain_tokens, explain_backend);
+    if (backends_cmd->parsed()) {
+      for (const BackendInfo& b : backends())
+        std::printf("%-10s %s\n", b.name.c_str(), b.detail.c_str());
+      return 0;
+    }
+    std::printf("%s", app.help().c_str());
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "moekit: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moekit: error: %s\n", e.what());
+    return 2;
+  }
+}
