@@ -1,6 +1,7 @@
 // Backends present in this build and on this machine.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -22,6 +23,13 @@ std::string_view backend_name(Backend backend);
 Backend parse_backend(std::string_view name);  // throws Error naming the value
 // The fastest backend present (gpu, then cpu, then reference).
 Backend fastest_backend();
+
+// How to run one op call: shared by every op.
+struct OpOptions {
+  std::optional<Backend> backend;  // none: the fastest backend present for the tensors' device
+  int num_threads = 0;             // CPU backend: 0 = all available
+  void* stream = nullptr;          // GPU backend: the stream to enqueue on
+};
 
 // CPU features found at run time (cpuid), used by dispatch tables.
 struct CpuFeatures {

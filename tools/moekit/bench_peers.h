@@ -36,8 +36,8 @@ inline constexpr PeerTiming kGpuPeer[] = {
 };
 
 // CPU, one thread: the torch-native path (softmax + topk + renormalize; sigmoid + grouped masking
-// + topk), measured with bench/cpu_route_torch.py on this project's CI-class AMD EPYC machine.
-// See docs/perf/routing-cpu.md.
+// + topk) on one core of the project's AMD EPYC development machine, as measured in issue 2
+// (docs/perf/routing-cpu.md).
 inline constexpr PeerTiming kCpuPeerOneThread[] = {
     {"Qwen3-30B-A3B", 4096, 4096 / 0.6},  // 0.6 M tokens/s (issue 2's measurement)
     {"DeepSeek-V3", 4096, 4096 / 0.17},   // 0.17 M tokens/s (issue 2's measurement)
@@ -58,8 +58,8 @@ inline std::optional<double> peer_us(Backend backend, const std::string& model, 
 inline std::string peer_description(Backend backend) {
   if (backend == Backend::gpu)
     return "SGLang Triton router (moe_fused_gate), H100 SXM, CUDA graph (background-performance.md)";
-  return "torch-native CPU routing, one thread, AMD EPYC (docs/perf/routing-cpu.md); "
-         "rows without a measured peer show '-'";
+  return "torch-native CPU routing, one core of an AMD EPYC (issue 2; docs/perf/routing-cpu.md); "
+         "shown for --threads 1, '-' where no peer was measured";
 }
 
 }  // namespace moekit::cli

@@ -31,11 +31,7 @@ struct RouterConfig {
   int64_t num_valid_tokens = -1;  // rows at or past it are padding; -1 = all rows valid
 };
 
-struct RouteOptions {
-  std::optional<Backend> backend;  // none: the fastest backend present for the tensors' device
-  int num_threads = 0;             // CPU backend: 0 = all available
-  void* stream = nullptr;          // GPU backend: the stream to enqueue on
-};
+using RouteOptions = OpOptions;
 
 // logits [T, E] f32/f16/bf16 (rows contiguous for the fast backends), bias [E] f32/f16/bf16 or
 // none, weights f32 [T, K], ids i32 or i64 [T, K]. Throws Error on an invalid call, writing
