@@ -27,7 +27,7 @@ uint64_t test_seed() {
 harness::RouteCase random_case(std::mt19937_64& rng, uint64_t case_seed) {
   static const int kExperts[] = {1, 2, 3, 8, 48, 60, 64, 128, 160, 256, 384, 512, 896, 2048};
   static const DType kFloat[] = {DType::f32, DType::f16, DType::bf16};
-  static const InputKind kKinds[] = {InputKind::random, InputKind::random, InputKind::ties,
+  static const InputKind kKinds[] = {InputKind::random,  InputKind::random,    InputKind::ties,
                                      InputKind::nan_inf, InputKind::saturated, InputKind::padding};
   auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
   harness::RouteCase c;
@@ -53,7 +53,8 @@ harness::RouteCase random_case(std::mt19937_64& rng, uint64_t case_seed) {
   cfg.renormalize = pick(4) != 0;
   cfg.routed_scaling_factor = pick(2) ? 1.0f : 2.5f;
   cfg.apply_scaling_on_output = pick(3) == 0;
-  if (cfg.scoring == Scoring::softmax && pick(4) == 0) cfg.softcap = 30.0f * static_cast<float>(pick(2) + 1) / 10.0f;
+  if (cfg.scoring == Scoring::softmax && pick(4) == 0)
+    cfg.softcap = 30.0f * static_cast<float>(pick(2) + 1) / 10.0f;
   c.has_bias = pick(2) == 0;
   c.logits_dtype = kFloat[pick(3)];
   c.bias_dtype = kFloat[pick(3)];
@@ -68,15 +69,16 @@ std::string describe(const harness::RouteCase& c) {
   const RouterConfig& k = c.config;
   return "E=" + std::to_string(c.num_experts) + " T=" + std::to_string(c.tokens) +
          " K=" + std::to_string(k.topk) + " S=" + std::to_string(k.num_shared_experts) +
-         " scoring=" + std::to_string(static_cast<int>(k.scoring)) + " G=" +
-         std::to_string(k.num_groups) + " TG=" + std::to_string(k.topk_groups) +
+         " scoring=" + std::to_string(static_cast<int>(k.scoring)) +
+         " G=" + std::to_string(k.num_groups) + " TG=" + std::to_string(k.topk_groups) +
          " group_score=" + std::to_string(static_cast<int>(k.group_score)) +
          " softcap=" + std::to_string(k.softcap) + " renorm=" + std::to_string(k.renormalize) +
          " rsf=" + std::to_string(k.routed_scaling_factor) +
          " on_output=" + std::to_string(k.apply_scaling_on_output) +
-         " bias=" + std::to_string(c.has_bias) + " logits=" +
-         std::string(dtype_name(c.logits_dtype)) + " bias_dtype=" +
-         std::string(dtype_name(c.bias_dtype)) + " ids=" + std::string(dtype_name(c.ids_dtype)) +
+         " bias=" + std::to_string(c.has_bias) +
+         " logits=" + std::string(dtype_name(c.logits_dtype)) +
+         " bias_dtype=" + std::string(dtype_name(c.bias_dtype)) +
+         " ids=" + std::string(dtype_name(c.ids_dtype)) +
          " inputs=" + harness::input_kind_name(c.kind) + " case_seed=" + std::to_string(c.seed);
 }
 
@@ -106,8 +108,7 @@ void check_backend(Backend backend, int cases) {
     ASSERT_EQ(0, std::memcmp(out.ids.data(), again.ids.data(), out.ids.nbytes())) << describe(c);
   }
   std::printf("%s: %d cases agree with the reference (%lld rows differ only by near-ties)\n",
-              std::string(backend_name(backend)).c_str(), cases,
-              static_cast<long long>(near_ties));
+              std::string(backend_name(backend)).c_str(), cases, static_cast<long long>(near_ties));
 }
 
 TEST(RouteConformance, CpuMatchesReferenceOnRandomShapes) { check_backend(Backend::cpu, 400); }
@@ -166,8 +167,11 @@ TEST(RouteConformance, ComparisonDetectsWrongOutputs) {
   harness::RouteOutputs not_a_tie = copy_of(ref);
   // Replace the best expert of row 0 by the worst one: a real mis-route, not a near-tie.
   int32_t* ids = not_a_tie.ids.data_as<int32_t>();
-  for (int e = 0; e < 16; ++e)
-    if (e != ids[0] && e != ids[1] && e != ids[2]) ids[0] = e;
+  const int32_t chosen[3] = {ids[0], ids[1], ids[2]};
+  int32_t unchosen = -1;
+  for (int32_t e = 0; e < 16; ++e)
+    if (e != chosen[0] && e != chosen[1] && e != chosen[2]) unchosen = e;
+  ids[0] = unchosen;
   EXPECT_FALSE(harness::compare_with_reference(c, in, ref, not_a_tie).pass);
 }
 

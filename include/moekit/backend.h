@@ -1,6 +1,7 @@
 // Backends present in this build and on this machine.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -29,6 +30,15 @@ struct OpOptions {
   std::optional<Backend> backend;  // none: the fastest backend present for the tensors' device
   int num_threads = 0;             // CPU backend: 0 = all available
   void* stream = nullptr;          // GPU backend: the stream to enqueue on
+};
+
+// One row of an op's dispatch table as considered for one call (the explain_* functions): which
+// implementation runs and why each other one declines.
+struct ImplementationChoice {
+  std::string name;  // e.g. "cpu.avx2"
+  Backend backend;
+  bool chosen = false;
+  std::string reason;  // why it declines (empty when it serves)
 };
 
 // CPU features found at run time (cpuid), used by dispatch tables.

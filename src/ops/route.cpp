@@ -46,10 +46,19 @@ std::string str(DType d) { return std::string(dtype_name(d)); }
 
 bool is_float_input(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; }
 
-Backend backend_for(const RouteProblem& p, const RouteOptions& options) {
-  if (options.backend) return *options.backend;
-  if (p.logits.device().is_gpu()) return Backend::gpu;
-  return backend_available(Backend::cpu) ? Backend::cpu : Backend::reference;
+// Whether an entry may serve the call: the requested backend's entries, or, with none requested,
+// every entry of a backend that runs on the tensors' device (fastest first, so the CPU kernels
+// serve and the reference catches what they decline).
+std::string eligibility(const RouteImplementation& impl, const RouteProblem& p,
+                        const RouteOptions& options) {
+  if (options.backend) {
+    if (impl.backend != *options.backend)
+      return "backend " + std::string(backend_name(*options.backend)) + " was requested";
+  } else if ((impl.backend == Backend::gpu) != p.logits.device().is_gpu()) {
+    return "tensors are on " + p.logits.device().str();
+  }
+  if (!backend_available(impl.backend)) return "backend not present on this machine";
+  return "";
 }
 
 }  // namespace
@@ -152,17 +161,11 @@ std::vector<ImplementationChoice> explain_route(const TensorView& logits,
                                                 const TensorView& weights, const TensorView& ids,
                                                 const RouteOptions& options) {
   const RouteProblem p = make_route_problem("route", logits, bias, config, weights, ids, options);
-  const Backend wanted = backend_for(p, options);
   std::vector<ImplementationChoice> rows;
   bool chosen = false;
   for (const RouteImplementation& impl : kRouteTable) {
-    ImplementationChoice row{impl.name, impl.backend, false, ""};
-    if (impl.backend != wanted)
-      row.reason = "backend " + std::string(backend_name(wanted)) + " was requested";
-    else if (!backend_available(impl.backend))
-      row.reason = "backend not present on this machine";
-    else
-      row.reason = impl.supports(p);
+    ImplementationChoice row{impl.name, impl.backend, false, eligibility(impl, p, options)};
+    if (row.reason.empty()) row.reason = impl.supports(p);
     if (row.reason.empty() && !chosen) row.chosen = chosen = true;
     rows.push_back(std::move(row));
   }
@@ -173,12 +176,15 @@ void route(const TensorView& logits, const std::optional<TensorView>& bias,
            const RouterConfig& config, const TensorView& weights, const TensorView& ids,
            const RouteOptions& options) {
   const RouteProblem p = make_route_problem("route", logits, bias, config, weights, ids, options);
-  const Backend wanted = backend_for(p, options);
-  if (!backend_available(wanted))
-    fail("route", "backend", std::string(backend_name(wanted)), "is not present on this machine");
+  const Backend requested = options.backend              ? *options.backend
+                            : p.logits.device().is_gpu() ? Backend::gpu
+                                                         : Backend::cpu;
+  if (!backend_available(requested))
+    fail("route", "backend", std::string(backend_name(requested)),
+         "is not present on this machine");
   std::string reasons;
   for (const RouteImplementation& impl : kRouteTable) {
-    if (impl.backend != wanted) continue;
+    if (!eligibility(impl, p, options).empty()) continue;
     const std::string why_not = impl.supports(p);
     if (why_not.empty()) {
       if (p.num_tokens > 0) impl.run(p);
@@ -186,7 +192,9 @@ void route(const TensorView& logits, const std::optional<TensorView>& bias,
     }
     reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
   }
-  fail("route", "backend", std::string(backend_name(wanted)),
+  const std::string device = p.logits.device().str();
+  fail("route", "backend",
+       options.backend ? std::string(backend_name(*options.backend)) : "any on " + device,
        "cannot serve this call (" + reasons + ")");
 }
 
