@@ -1,6 +1,7 @@
 // The GPU runtime as seen from plain C++: hooks for the core, device queries, error checks.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "core/gpu_hooks.h"
@@ -19,5 +20,20 @@ struct DeviceProperties {
 DeviceProperties device_properties(int device);  // cached; throws Error
 
 void synchronize(void* stream);  // for tests and the CLI, never called inside an op
+
+// ---- Benchmark helpers (the CLI's bench and the GPU tests; never inside an op).
+
+// The device the calling thread works on (cudaGetDevice); throws Error.
+int current_device();
+
+// Captures `calls_per_graph` calls of enqueue(stream) into one graph on a fresh non-default stream,
+// replays it a few times to warm up, then times `replays` replays with events and returns the
+// median time per call in microseconds. enqueue must only enqueue work on the stream it is given.
+double median_graph_replay_us(const std::function<void(void* stream)>& enqueue, int calls_per_graph,
+                              int replays);
+
+// Device-to-device copy rate of a buffer far larger than L2, counting bytes read plus bytes
+// written (the denominator for "fraction of memory bandwidth"), in GB/s (1e9 bytes per second).
+double measure_copy_bandwidth_gbs();
 
 }  // namespace moekit::gpu

@@ -40,14 +40,8 @@ void route(const TensorView& logits, const std::optional<TensorView>& bias,
            const RouterConfig& config, const TensorView& weights, const TensorView& ids,
            const RouteOptions& options = {});
 
-// One row per implementation in the dispatch table considered for this call: which one runs and
-// why each other one declines.
-struct ImplementationChoice {
-  std::string name;    // e.g. "cpu.avx2"
-  Backend backend;
-  bool chosen = false;
-  std::string reason;  // why it declines (empty when it serves)
-};
+// One row per implementation in the dispatch table considered for this call (ImplementationChoice,
+// moekit/backend.h): which one runs and why each other one declines.
 std::vector<ImplementationChoice> explain_route(const TensorView& logits,
                                                 const std::optional<TensorView>& bias,
                                                 const RouterConfig& config,

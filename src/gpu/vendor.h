@@ -1,0 +1,27 @@
+// The one include for vendor specifics: picks vendors/musa.h, vendors/hip.h or vendors/cuda.h, so
+// GPU sources use CUDA names and the helpers below and never test the vendor themselves.
+//
+// Every vendor header provides, in moekit::gpu::vendor, for 32-lane logical warps:
+//   kWarpSize                 the hardware warp width
+//   lane_id(), sync_lanes()   lane in the logical warp; a barrier over it
+//   shfl(v, src), shfl_xor(v, mask), ballot(pred), any(pred)
+//   reduce_max(u32), reduce_min(u32)   warp-wide, result in every lane
+//   half_bits_to_float(u16)   IEEE binary16 bits to f32
+//   lowest_lane(mask)         index of the lowest set bit of a ballot
+//   wait_for_previous_grid(), allow_next_grid()   programmatic dependent launch (no-ops where the
+//                             vendor has none)
+//   launch(kernel, grid, block, shared_bytes, stream, overlap_previous, args...)   host side
+#pragma once
+
+#if defined(__MUSACC__) || defined(MOEKIT_GPU_MUSA)
+#include "gpu/vendors/musa.h"
+#elif defined(__HIP_PLATFORM_AMD__) || defined(MOEKIT_GPU_HIP)
+#include "gpu/vendors/hip.h"
+#else
+#include "gpu/vendors/cuda.h"
+#endif
+
+namespace moekit::gpu {
+// Lanes of the logical warp every kernel is written for.
+inline constexpr int kLanes = 32;
+}  // namespace moekit::gpu

@@ -1,0 +1,91 @@
+// NVIDIA CUDA: the dialect the GPU sources are written in, so this header only adds the warp
+// helpers every vendor header provides (see vendor.h).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#define MOEKIT_GPU_VENDOR_NAME "cuda"
+
+namespace moekit::gpu::vendor {
+
+// Hardware warp width. Kernels work on 32-lane logical warps (kLanes in vendor.h).
+inline constexpr int kWarpSize = 32;
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+__device__ __forceinline__ void sync_lanes() { __syncwarp(); }
+
+template <class T>
+__device__ __forceinline__ T shfl(T value, int src_lane) {
+  return __shfl_sync(0xffffffffu, value, src_lane);
+}
+template <class T>
+__device__ __forceinline__ T shfl_xor(T value, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, value, lane_mask);
+}
+__device__ __forceinline__ uint32_t ballot(bool predicate) {
+  return __ballot_sync(0xffffffffu, predicate);
+}
+__device__ __forceinline__ bool any(bool predicate) { return __any_sync(0xffffffffu, predicate); }
+
+// Warp-wide max / min of an unsigned value: one instruction (redux.sync) from sm_80 on.
+__device__ __forceinline__ uint32_t reduce_max(uint32_t value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, value);
+#else
+  for (int mask = 16; mask > 0; mask >>= 1) value = max(value, shfl_xor(value, mask));
+  return value;
+#endif
+}
+__device__ __forceinline__ uint32_t reduce_min(uint32_t value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(0xffffffffu, value);
+#else
+  for (int mask = 16; mask > 0; mask >>= 1) value = min(value, shfl_xor(value, mask));
+  return value;
+#endif
+}
+
+__device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+
+__device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
+
+// Programmatic dependent launch (sm_90+): a kernel launched with overlap_previous = true may start
+// while the previous kernel in the stream runs; it must call wait_for_previous_grid() before it
+// touches memory that kernel writes, and allow_next_grid() lets the next one start early.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), overlapping its launch with
+// the previous kernel in the stream when asked (needs compute capability 9.0 or later).
+template <class... Params, class... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                   cudaStream_t stream, bool overlap_previous, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlap_previous ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace moekit::gpu::vendor

@@ -1,0 +1,105 @@
+// Moore Threads MUSA: the CUDA runtime names the GPU sources use, mapped to MUSA's (in the style
+// of ggml-cuda/vendors/musa.h), and the warp helpers every vendor header provides (see vendor.h).
+#pragma once
+
+#include <musa_bf16.h>
+#include <musa_fp16.h>
+#include <musa_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#define MOEKIT_GPU_VENDOR_NAME "musa"
+
+#define cudaDevAttrMultiProcessorCount musaDevAttrMultiProcessorCount
+#define cudaDeviceGetAttribute musaDeviceGetAttribute
+#define cudaDeviceProp musaDeviceProp
+#define cudaDeviceSynchronize musaDeviceSynchronize
+#define cudaError_t musaError_t
+#define cudaErrorInsufficientDriver musaErrorInsufficientDriver
+#define cudaErrorNoDevice musaErrorNoDevice
+#define cudaEventCreate musaEventCreate
+#define cudaEventDestroy musaEventDestroy
+#define cudaEventElapsedTime musaEventElapsedTime
+#define cudaEventRecord musaEventRecord
+#define cudaEventSynchronize musaEventSynchronize
+#define cudaEvent_t musaEvent_t
+#define cudaFree musaFree
+#define cudaGetDevice musaGetDevice
+#define cudaGetDeviceCount musaGetDeviceCount
+#define cudaGetDeviceProperties musaGetDeviceProperties
+#define cudaGetErrorName musaGetErrorName
+#define cudaGetErrorString musaGetErrorString
+#define cudaGetLastError musaGetLastError
+#define cudaGraphDestroy musaGraphDestroy
+#define cudaGraphExecDestroy musaGraphExecDestroy
+#define cudaGraphExec_t musaGraphExec_t
+#define cudaGraphInstantiateWithFlags musaGraphInstantiateWithFlags
+#define cudaGraphLaunch musaGraphLaunch
+#define cudaGraph_t musaGraph_t
+#define cudaMalloc musaMalloc
+#define cudaMemcpy musaMemcpy
+#define cudaMemcpyAsync musaMemcpyAsync
+#define cudaMemcpyDefault musaMemcpyDefault
+#define cudaMemcpyDeviceToDevice musaMemcpyDeviceToDevice
+#define cudaMemsetAsync musaMemsetAsync
+#define cudaSetDevice musaSetDevice
+#define cudaStreamBeginCapture musaStreamBeginCapture
+#define cudaStreamCaptureModeGlobal musaStreamCaptureModeGlobal
+#define cudaStreamCaptureModeThreadLocal musaStreamCaptureModeThreadLocal
+#define cudaStreamCreateWithFlags musaStreamCreateWithFlags
+#define cudaStreamDestroy musaStreamDestroy
+#define cudaStreamEndCapture musaStreamEndCapture
+#define cudaStreamNonBlocking musaStreamNonBlocking
+#define cudaStreamSynchronize musaStreamSynchronize
+#define cudaStream_t musaStream_t
+#define cudaSuccess musaSuccess
+
+namespace moekit::gpu::vendor {
+
+inline constexpr int kWarpSize = 32;
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+__device__ __forceinline__ void sync_lanes() { __syncwarp(); }
+
+template <class T>
+__device__ __forceinline__ T shfl(T value, int src_lane) {
+  return __shfl_sync(0xffffffffu, value, src_lane);
+}
+template <class T>
+__device__ __forceinline__ T shfl_xor(T value, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, value, lane_mask);
+}
+__device__ __forceinline__ uint32_t ballot(bool predicate) {
+  return static_cast<uint32_t>(__ballot_sync(0xffffffffu, predicate));
+}
+__device__ __forceinline__ bool any(bool predicate) { return __any_sync(0xffffffffu, predicate); }
+
+// No warp-reduce instruction assumed: a butterfly of shuffles.
+__device__ __forceinline__ uint32_t reduce_max(uint32_t value) {
+  for (int mask = 16; mask > 0; mask >>= 1) value = max(value, shfl_xor(value, mask));
+  return value;
+}
+__device__ __forceinline__ uint32_t reduce_min(uint32_t value) {
+  for (int mask = 16; mask > 0; mask >>= 1) value = min(value, shfl_xor(value, mask));
+  return value;
+}
+
+__device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+
+__device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
+
+// No programmatic dependent launch: kernels simply run in stream order.
+__device__ __forceinline__ void wait_for_previous_grid() {}
+__device__ __forceinline__ void allow_next_grid() {}
+
+template <class... Params, class... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                   cudaStream_t stream, bool /*overlap_previous*/, Args&&... args) {
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
+}  // namespace moekit::gpu::vendor

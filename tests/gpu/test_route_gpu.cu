@@ -1,0 +1,469 @@
+// GPU routing against the reference: the model table and randomized shapes (every scoring, dtype,
+// group shape, shared slots, padding, strided and misaligned rows), bitwise determinism, and CUDA
+// graph capture (which also shows that route never synchronizes with the host). Every test skips
+// on a machine without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu/gpu_check.h"
+#include "gpu/gpu_runtime.h"
+#include "gpu/vendor.h"
+#include "moekit/backend.h"
+#include "moekit/error.h"
+#include "moekit/ops/route.h"
+#include "moekit/route_harness.h"
+#include "moekit/tensor.h"
+
+namespace moekit {
+namespace {
+
+using harness::InputKind;
+using harness::RouteCase;
+using harness::RouteInputs;
+using harness::RouteOutputs;
+
+constexpr InputKind kAllKinds[] = {InputKind::random, InputKind::ties, InputKind::nan_inf,
+                                   InputKind::saturated, InputKind::padding};
+
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    if (!backend_available(Backend::gpu)) GTEST_SKIP() << "no GPU on this machine"; \
+  } while (0)
+
+// A non-blocking stream for one test.
+class Stream {
+ public:
+  Stream() { MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~Stream() { (void)cudaStreamDestroy(stream_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+// How a case's tensors sit in device memory: padded rows (a row stride larger than the row), a
+// logits pointer that is not 16-byte aligned, padded output rows.
+struct Placement {
+  int64_t logits_row_pad = 0;  // elements
+  int64_t logits_offset = 0;   // elements from the start of the allocation
+  int64_t output_row_pad = 0;  // elements
+};
+
+std::string describe(const Placement& p) {
+  if (p.logits_row_pad == 0 && p.logits_offset == 0 && p.output_row_pad == 0) return "contiguous";
+  return "logits row pad " + std::to_string(p.logits_row_pad) + ", offset " +
+         std::to_string(p.logits_offset) + ", output row pad " + std::to_string(p.output_row_pad);
+}
+
+std::string describe(const RouteCase& c) {
+  const RouterConfig& k = c.config;
+  const char* scoring = k.scoring == Scoring::softmax   ? "softmax"
+                        : k.scoring == Scoring::sigmoid ? "sigmoid"
+                                                        : "sqrtsoftplus";
+  const char* group_score = k.group_score == GroupScore::max        ? "max"
+                            : k.group_score == GroupScore::top2_sum ? "top2_sum"
+                                                                    : "auto";
+  char text[512];
+  std::snprintf(text, sizeof(text),
+                "%s: T=%lld E=%d K=%d S=%d %s G=%d TG=%d %s softcap=%g renorm=%d rsf=%g apply=%d "
+                "bias=%s logits=%s ids=%s input=%s valid=%lld seed=%llu",
+                c.label.c_str(), static_cast<long long>(c.tokens), c.num_experts, k.topk,
+                k.num_shared_experts, scoring, k.num_groups, k.topk_groups, group_score,
+                static_cast<double>(k.softcap), k.renormalize ? 1 : 0,
+                static_cast<double>(k.routed_scaling_factor), k.apply_scaling_on_output ? 1 : 0,
+                c.has_bias ? std::string(dtype_name(c.bias_dtype)).c_str() : "none",
+                std::string(dtype_name(c.logits_dtype)).c_str(),
+                std::string(dtype_name(c.ids_dtype)).c_str(), harness::input_kind_name(c.kind),
+                static_cast<long long>(k.num_valid_tokens),
+                static_cast<unsigned long long>(c.seed));
+  return text;
+}
+
+// A case's inputs and poisoned outputs in device memory, laid out as a Placement says.
+struct DeviceCase {
+  Tensor logits_buffer, weights_buffer, ids_buffer;
+  std::optional<Tensor> bias;
+  TensorView logits, weights, ids;
+  int64_t output_row_stride = 0;
+
+  std::optional<TensorView> bias_view() const {
+    return bias ? std::optional<TensorView>(bias->view()) : std::nullopt;
+  }
+};
+
+DeviceCase upload(const RouteCase& c, const RouteInputs& in, const Placement& place) {
+  const Device gpu = Device::gpu();
+  const int64_t T = c.tokens, E = c.num_experts, K = c.config.topk;
+  const size_t esize = dtype_size(c.logits_dtype);
+  DeviceCase d;
+
+  // Logits: stage the strided layout on the host; the gaps hold NaN bytes, so a kernel that read
+  // them would show it.
+  const int64_t row_stride = E + place.logits_row_pad;
+  const int64_t elements = std::max<int64_t>(T * row_stride + place.logits_offset, 1);
+  Tensor staging = Tensor::empty(c.logits_dtype, {elements});
+  std::memset(staging.data(), 0xff, staging.nbytes());
+  for (int64_t t = 0; t < T; ++t)
+    std::memcpy(static_cast<char*>(staging.data()) + (place.logits_offset + t * row_stride) * esize,
+                static_cast<const char*>(in.logits.data()) + t * E * esize, E * esize);
+  d.logits_buffer = Tensor::copy_of(staging, gpu);
+  const std::array<int64_t, 2> logits_shape{T, E}, logits_strides{row_stride, 1};
+  d.logits = TensorView(static_cast<char*>(d.logits_buffer.data()) + place.logits_offset * esize,
+                        c.logits_dtype, logits_shape, logits_strides, gpu);
+  if (in.bias) d.bias = Tensor::copy_of(*in.bias, gpu);
+
+  // Outputs: poisoned, rows padded by output_row_pad.
+  d.output_row_stride = K + place.output_row_pad;
+  const int64_t out_elements = std::max<int64_t>(T * d.output_row_stride, 1);
+  Tensor weights = Tensor::empty(DType::f32, {out_elements});
+  std::fill_n(weights.data_as<float>(), out_elements, std::numeric_limits<float>::quiet_NaN());
+  Tensor ids = Tensor::empty(c.ids_dtype, {out_elements});
+  std::memset(ids.data(), 0x7f, ids.nbytes());
+  d.weights_buffer = Tensor::copy_of(weights, gpu);
+  d.ids_buffer = Tensor::copy_of(ids, gpu);
+  const std::array<int64_t, 2> out_shape{T, K}, out_strides{d.output_row_stride, 1};
+  d.weights = TensorView(d.weights_buffer.data(), DType::f32, out_shape, out_strides, gpu);
+  d.ids = TensorView(d.ids_buffer.data(), c.ids_dtype, out_shape, out_strides, gpu);
+  return d;
+}
+
+// Copies the outputs back as contiguous [T, K]. Fails the test if a padding column was written.
+RouteOutputs download(const RouteCase& c, const DeviceCase& d) {
+  const int64_t T = c.tokens, K = c.config.topk, stride = d.output_row_stride;
+  Tensor weights = Tensor::copy_of(d.weights_buffer, Device::cpu());
+  Tensor ids = Tensor::copy_of(d.ids_buffer, Device::cpu());
+  RouteOutputs out{Tensor::empty(DType::f32, {T, K}), Tensor::empty(c.ids_dtype, {T, K})};
+  const size_t id_size = dtype_size(c.ids_dtype);
+  bool padding_intact = true;
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(out.weights.data_as<float>() + t * K, weights.data_as<float>() + t * stride,
+                K * sizeof(float));
+    std::memcpy(static_cast<char*>(out.ids.data()) + t * K * id_size,
+                static_cast<const char*>(ids.data()) + t * stride * id_size, K * id_size);
+    for (int64_t k = K; k < stride; ++k)
+      padding_intact = padding_intact && std::isnan(weights.data_as<float>()[t * stride + k]);
+  }
+  EXPECT_TRUE(padding_intact) << describe(c) << ": wrote past the K slots of a row";
+  return out;
+}
+
+RouteOptions on_gpu(cudaStream_t stream) {
+  RouteOptions options;
+  options.backend = Backend::gpu;
+  options.stream = stream;
+  return options;
+}
+
+RouteOutputs run_on_gpu(const RouteCase& c, const RouteInputs& in, const Placement& place,
+                        cudaStream_t stream) {
+  const DeviceCase d = upload(c, in, place);
+  route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream));
+  gpu::synchronize(stream);
+  return download(c, d);
+}
+
+// Runs the case on the GPU and compares with the reference; returns whether it passed.
+bool check_case(RouteCase& c, const Placement& place, cudaStream_t stream) {
+  const RouteInputs in = harness::make_inputs(c);  // sets num_valid_tokens for padding inputs
+  const RouteOutputs out = run_on_gpu(c, in, place, stream);
+  const RouteOutputs ref = harness::run_reference(c, in);
+  const harness::Comparison cmp = harness::compare_with_reference(c, in, ref, out);
+  EXPECT_TRUE(cmp.pass) << describe(c) << " [" << describe(place) << "]: " << cmp.first_problem
+                        << " (max weight error " << cmp.max_weight_error << ", "
+                        << cmp.id_differences << " id differences, " << cmp.near_tie_differences
+                        << " near-ties, " << cmp.invalid_rows << " invalid rows)";
+  return cmp.pass;
+}
+
+uint64_t test_seed() {
+  if (const char* env = std::getenv("MOEKIT_TEST_SEED")) return std::strtoull(env, nullptr, 0);
+  return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+}
+
+RouteCase model_case(const harness::ModelRow& model, int64_t tokens, InputKind kind,
+                     DType logits_dtype, uint64_t seed) {
+  RouteCase c;
+  c.label = model.name;
+  c.tokens = tokens;
+  c.num_experts = model.num_experts;
+  c.config = model.config;
+  c.has_bias = model.has_bias;
+  c.logits_dtype = logits_dtype;
+  c.kind = kind;
+  c.seed = seed;
+  return c;
+}
+
+TEST(GpuRoute, ModelTableAgreesWithReference) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("ModelTableAgreesWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (int64_t tokens : {1, 2, 7, 64, 256, 4096}) {
+      for (InputKind kind : kAllKinds) {
+        RouteCase c = model_case(model, tokens, kind, DType::bf16, seed + n++);
+        failures += !check_case(c, {}, stream.get());
+      }
+    }
+    for (int64_t tokens : {7, 256}) {
+      for (DType dtype : {DType::f32, DType::f16}) {
+        for (InputKind kind : kAllKinds) {
+          RouteCase c = model_case(model, tokens, kind, dtype, seed + n++);
+          failures += !check_case(c, {}, stream.get());
+        }
+      }
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+}
+
+TEST(GpuRoute, LargeTokenCountsUseEveryRow) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("LargeTokenCountsUseEveryRow: seed %llu\n", static_cast<unsigned long long>(seed));
+  // More rows than the grid has warps: the grid-stride loop must reach every row.
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.name != "Qwen3-30B-A3B" && model.name != "DeepSeek-V3" && model.name != "Kimi-K2")
+      continue;
+    RouteCase c = model_case(model, 16384 + 3, InputKind::padding, DType::bf16, seed);
+    check_case(c, {}, stream.get());
+  }
+}
+
+// Random valid problems over the whole served range.
+RouteCase random_case(std::mt19937_64& rng, uint64_t seed) {
+  auto pick = [&](auto... values) {
+    const std::array<std::common_type_t<decltype(values)...>, sizeof...(values)> all{values...};
+    return all[rng() % all.size()];
+  };
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  RouteCase c;
+  c.label = "random";
+  c.seed = seed;
+  c.num_experts = pick(1, 2, 3, 8, 48, 60, 64, 128, 160, 256, 384, 512, 896, 2048);
+  const int E = c.num_experts;
+  // Mostly decode sizes; some past the point (2048) where several rows share a warp.
+  c.tokens =
+      chance(0.15) ? pick(0, 513, 1031, 2048, 2051, 3000) : 1 + static_cast<int64_t>(rng() % 70);
+  RouterConfig& k = c.config;
+  k.scoring = pick(Scoring::softmax, Scoring::sigmoid, Scoring::sqrtsoftplus);
+  // Groups: a divisor of E up to 64.
+  if (E > 1 && chance(0.4)) {
+    std::vector<int> divisors;
+    for (int g = 2; g <= std::min(E, 64); ++g)
+      if (E % g == 0) divisors.push_back(g);
+    if (!divisors.empty()) k.num_groups = divisors[rng() % divisors.size()];
+  }
+  const int G = k.num_groups, EPG = E / G;
+  k.topk_groups = 1 + static_cast<int>(rng() % G);
+  const int max_routed = std::min({64, k.topk_groups * EPG});
+  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
+                                 : 1 + static_cast<int>(rng() % max_routed);
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
+  k.topk = routed + k.num_shared_experts;
+  k.group_score = pick(GroupScore::automatic, GroupScore::max, GroupScore::top2_sum);
+  if (k.scoring == Scoring::softmax && chance(0.3)) k.softcap = pick(5.0f, 30.0f);
+  k.renormalize = chance(0.6);
+  k.routed_scaling_factor = pick(1.0f, 2.5f, 2.827f);
+  k.apply_scaling_on_output = chance(0.3);
+  c.has_bias = chance(0.5);
+  c.bias_dtype = pick(DType::f32, DType::f16, DType::bf16);
+  c.logits_dtype = pick(DType::f32, DType::f16, DType::bf16);
+  c.ids_dtype = pick(DType::i32, DType::i64);
+  c.kind = kAllKinds[rng() % std::size(kAllKinds)];
+  // Unnormalized sigmoid / sqrtsoftplus weights are not bounded by 1, and a shared slot then
+  // carries their raw sum: past a few units, 1e-6 absolute is below one ulp, and any libm
+  // difference (CUDA's expf vs glibc's, a few ulps apart at most) fails it. Keep those weights
+  // small, as in every real model (none of them leaves a non-softmax router unnormalized).
+  if (!k.renormalize && k.scoring != Scoring::softmax) {
+    k.topk -= k.num_shared_experts;
+    k.num_shared_experts = 0;
+    k.topk = std::min(k.topk, 8);
+    k.apply_scaling_on_output = false;
+  }
+  if (c.kind != InputKind::padding && chance(0.1))
+    k.num_valid_tokens = static_cast<int64_t>(rng() % (c.tokens + 1));
+  return c;
+}
+
+TEST(GpuRoute, RandomShapesAgreeWithReference) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("RandomShapesAgreeWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int failures = 0;
+  for (int i = 0; i < 600 && failures < 20; ++i) {
+    RouteCase c = random_case(rng, rng());
+    Placement place;
+    switch (rng() % 4) {
+      case 0:
+        break;
+      case 1:
+        place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+        break;
+      case 2:
+        place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);
+        break;
+      case 3:
+        place.logits_row_pad = 8;
+        place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
+        break;
+    }
+    failures += !check_case(c, place, stream.get());
+  }
+}
+
+// Outputs of one call, as raw bytes.
+std::vector<char> raw_outputs(const RouteCase& c, const DeviceCase& d) {
+  const RouteOutputs out = download(c, d);
+  std::vector<char> bytes(out.weights.nbytes() + out.ids.nbytes());
+  std::memcpy(bytes.data(), out.weights.data(), out.weights.nbytes());
+  std::memcpy(bytes.data() + out.weights.nbytes(), out.ids.data(), out.ids.nbytes());
+  return bytes;
+}
+
+TEST(GpuRoute, BitwiseDeterministic) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (InputKind kind : {InputKind::random, InputKind::ties}) {
+      RouteCase c = model_case(model, 4096, kind, DType::bf16, 7);
+      const RouteInputs in = harness::make_inputs(c);
+      const DeviceCase d = upload(c, in, {});
+      route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
+      gpu::synchronize(stream.get());
+      const std::vector<char> first = raw_outputs(c, d);
+      for (int run = 0; run < 3; ++run) {
+        route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
+        gpu::synchronize(stream.get());
+        EXPECT_TRUE(raw_outputs(c, d) == first) << describe(c) << ": run " << run + 2 << " differs";
+      }
+    }
+  }
+}
+
+// Capturing route into a graph succeeds only if route neither synchronizes nor allocates; the
+// replay must then give the eager call's bits, and the reference's answer.
+TEST(GpuRoute, CapturesIntoCudaGraph) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    RouteCase c = model_case(model, 64, InputKind::padding, DType::bf16, 11);
+    const RouteInputs in = harness::make_inputs(c);
+    const DeviceCase d = upload(c, in, {});
+    route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
+    gpu::synchronize(stream.get());
+    const std::vector<char> eager = raw_outputs(c, d);
+
+    const DeviceCase captured = upload(c, in, {});
+    cudaGraph_t graph = nullptr;
+    MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
+    route(captured.logits, captured.bias_view(), c.config, captured.weights, captured.ids,
+          on_gpu(stream.get()));
+    MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+    cudaGraphExec_t exec = nullptr;
+    MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+    // Capturing ran nothing: the outputs are still poisoned.
+    const RouteOutputs before = download(c, captured);
+    EXPECT_TRUE(std::isnan(before.weights.data_as<float>()[0])) << describe(c);
+    for (int replay = 0; replay < 3; ++replay)
+      MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+    gpu::synchronize(stream.get());
+    EXPECT_TRUE(raw_outputs(c, captured) == eager) << describe(c) << ": replay differs from eager";
+    const RouteOutputs out = download(c, captured);
+    const harness::Comparison cmp =
+        harness::compare_with_reference(c, in, harness::run_reference(c, in), out);
+    EXPECT_TRUE(cmp.pass) << describe(c) << ": " << cmp.first_problem;
+    MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
+    MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+  }
+}
+
+TEST(GpuRoute, EmptyBatchDoesNothing) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  RouteCase c = model_case(harness::model_table()[3], 0, InputKind::random, DType::bf16, 1);
+  const RouteInputs in = harness::make_inputs(c);
+  const DeviceCase d = upload(c, in, {});
+  route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
+  gpu::synchronize(stream.get());
+}
+
+TEST(GpuRoute, DeclinesWhatItCannotServe) {
+  SKIP_WITHOUT_GPU();
+  // CPU tensors: the gpu entry says why it declines.
+  RouteCase c = model_case(harness::model_table()[3], 4, InputKind::random, DType::bf16, 3);
+  const RouteInputs in = harness::make_inputs(c);
+  RouteOutputs out = harness::make_poisoned_outputs(c);
+  RouteOptions options;
+  options.backend = Backend::gpu;
+  const std::vector<ImplementationChoice> rows =
+      explain_route(in.logits, in.bias_view(), c.config, out.weights, out.ids, options);
+  bool found = false;
+  for (const ImplementationChoice& row : rows) {
+    if (row.name != "gpu") continue;
+    found = true;
+    EXPECT_FALSE(row.chosen);
+    EXPECT_NE(row.reason.find("not on a GPU"), std::string::npos) << row.reason;
+  }
+  EXPECT_TRUE(found);
+
+  // Logits whose experts are not adjacent (inner stride 2): declined with the reason, not served.
+  Stream stream;
+  Placement wide;
+  wide.logits_row_pad = c.num_experts;  // row stride 2E: view every other element
+  const DeviceCase d = upload(c, in, wide);
+  const std::array<int64_t, 2> shape{c.tokens, c.num_experts}, strides{2 * c.num_experts, 2};
+  const TensorView strided(d.logits.data(), c.logits_dtype, shape, strides, Device::gpu());
+  try {
+    route(strided, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
+    ADD_FAILURE() << "a logits view with inner stride 2 was served";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("inner stride 2"), std::string::npos) << e.what();
+  }
+}
+
+TEST(GpuRuntime, DescribesDeviceAndTimes) {
+  SKIP_WITHOUT_GPU();
+  const gpu::DeviceProperties p = gpu::device_properties(gpu::current_device());
+  EXPECT_GT(p.sm_count, 0);
+  EXPECT_FALSE(gpu_hooks().describe(0).empty());
+  std::printf("GPU: %s\n", gpu_hooks().describe(0).c_str());
+  RouteCase c = model_case(harness::model_table()[3], 64, InputKind::random, DType::bf16, 5);
+  const RouteInputs in = harness::make_inputs(c);
+  const DeviceCase d = upload(c, in, {});
+  const double us = gpu::median_graph_replay_us(
+      [&](void* stream) {
+        route(d.logits, d.bias_view(), c.config, d.weights, d.ids,
+              on_gpu(static_cast<cudaStream_t>(stream)));
+      },
+      10, 5);
+  EXPECT_GT(us, 0.0);
+  EXPECT_LT(us, 1000.0);
+  const double gbs = gpu::measure_copy_bandwidth_gbs();
+  std::printf("route %s x64: %.2f us per call in a graph; copy bandwidth %.0f GB/s\n",
+              c.label.c_str(), us, gbs);
+  EXPECT_GT(gbs, 10.0);
+}
+
+}  // namespace
+}  // namespace moekit
