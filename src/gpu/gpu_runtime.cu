@@ -29,6 +29,11 @@ void gpu_memcpy(void* dst, bool /*dst_on_gpu*/, const void* src, bool /*src_on_g
                 size_t bytes) {
   // Unified addressing: the runtime knows which side each pointer is on.
   MOEKIT_GPU_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+  // cudaMemcpy returns before a copy from pageable memory (or between device buffers) has landed,
+  // and it runs on the default stream, which a non-blocking stream does not wait for: without
+  // this, a kernel enqueued next on such a stream could run first and see, or be overwritten by,
+  // the copy. The hook promises a finished copy.
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(nullptr));
 }
 
 int gpu_device_count() {

@@ -1,21 +1,24 @@
 // GPU routing: spec/routing.md on one warp per token row, every valid call (E 1..2048, K 1..64,
 // G 1..64, all scorings and dtypes) served by one kernel template.
 //
-// Layout: lane l of the row's warp holds kNv chunks of kV consecutive experts, chunk c covering
-// experts [(c * 32 + l) * kV, +kV): each chunk is one vector load (16 bytes where kV allows) and a
-// warp's chunk c is one contiguous, coalesced span of the row. Values stay in registers as 32-bit
-// order-preserving keys of the selection score (NaN is -inf; removed or dropped experts are key 0,
-// below every real score).
+// Layout: lane r of the row's warp holds the consecutive experts [r * kVpl, (r + 1) * kVpl) as kNv
+// chunks of kV (each one vector load: 16 bytes where kV allows). Values stay in registers as
+// 32-bit order-preserving keys of the selection score (NaN is -inf; absent or dropped experts are
+// key 0, below every real score).
 //
-// Top-k: each lane keeps its best two candidates (key, expert id). A round is two warp reductions
-// (max key, then min id among the lanes holding that key: ties go to the lower expert id); the
-// winning lane promotes its second candidate and rescans its registers only when it wins a third
-// time without a rescan, which random rows rarely need. Lane k keeps slot k (and k + 32).
+// Top-k: each lane keeps its best two candidates (key, expert id). A round is one warp max
+// reduction and one ballot: the lowest lane holding the max wins (lanes hold consecutive experts,
+// so that is the lowest expert id), steps down to its runner-up, and rescans its registers only
+// when it wins a third time without a rescan, which random rows rarely need. Lane k keeps slot k
+// (and k + 32).
 //
 // Softmax with renormalization and no groups ranks by the capped, biased logit z (p is monotone in
 // z, so the order agrees up to ties of p) and needs only one exp per slot, because the softmax
 // denominator cancels: w_k = exp(z_k - max) / sum_j exp(z_j - max). The other softmax cases rank by
-// p itself, exactly as the reference does.
+// p itself, exactly as the reference does, with the denominator summed in expert order.
+//
+// Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
+// overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -101,11 +104,18 @@ __device__ __forceinline__ float activate(Mode mode, float x) {
   return mode == Mode::sigmoid ? sigmoid(v) : sqrt_softplus(v);
 }
 
+// c * tanh(v / c), with the tanh taken in double and rounded once: tanhf's 2-ulp error, scaled
+// by c (often 30), would move z by ~1e-5; rounded from double it is the host libm's correctly
+// rounded value. Out of line: softcap is rare, and inlined per expert it would cost registers.
+__device__ __noinline__ float softcap_logit(float v, float softcap) {
+  const float t = static_cast<float>(tanh(static_cast<double>(__fdiv_rn(v, softcap))));
+  return __fmul_rn(softcap, t);
+}
+
 // Softmax's z: softcap first, then bias; NaN (in the logit or made by the bias) is -inf. A NaN
 // logit stays NaN through tanh, the products and the sum, so testing v alone is enough.
 __device__ __forceinline__ float softmax_logit(float x, float bias, float softcap) {
-  float v = x;
-  if (softcap > 0.0f) v = __fmul_rn(softcap, tanhf(__fdiv_rn(v, softcap)));
+  const float v = softcap > 0.0f ? softcap_logit(x, softcap) : x;
   return nan_to_neg_inf(__fadd_rn(v, bias));
 }
 
@@ -459,53 +469,44 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_kernel(const Rout
     uint32_t slot_key[kSlots], slot_id[kSlots];
 #pragma unroll
     for (int q = 0; q < kSlots; ++q) slot_key[q] = kNoKey, slot_id[q] = kNoId;
-    // A round: the row's best key (one warp reduction); its lowest holding lane wins (lowest
-    // expert id). Usually the winner is the only holder and its `next` is exact, so the next
-    // round's reduction is issued at once on "holders step down to next", while the ballot that
-    // confirms it runs beside it; ties and stale winners take the exact path.
-    auto rescan_after = [&](uint32_t taken_key, uint32_t taken_id) {
-      head_key = next_key = kNoKey;
-      head_id = next_id = kNoId;
-#pragma unroll
-      for (int i = 0; i < kVpl; ++i) {
-        const uint32_t id = static_cast<uint32_t>(expert_of(i));
-        const bool after = key[i] < taken_key || (key[i] == taken_key && id > taken_id);
-        const uint32_t k_i = after ? key[i] : kNoKey;
-        if (k_i > head_key) {
-          next_key = head_key, next_id = head_id;
-          head_key = k_i, head_id = id;
-        } else if (k_i > next_key) {
-          next_key = k_i, next_id = id;
-        }
-      }
-    };
-    uint32_t best_key = vendor::reduce_max(head_key);
-    const uint32_t top_key = best_key;
+    // A round: the row's best key (one warp reduction); its lowest holding lane wins (it has the
+    // lowest expert id) and steps down to its runner-up, or rescans when that is stale.
+    uint32_t top_key = kNoKey;
     for (int k = 0; k < Kr; ++k) {
-      const bool holds = head_key == best_key;
-      const uint32_t step_key = holds ? next_key : head_key;
-      const uint32_t speculative_best = k + 1 < Kr ? vendor::reduce_max(step_key) : kNoKey;
-      const uint32_t holders = vendor::ballot(holds);
+      const uint32_t best_key = vendor::reduce_max(head_key);
+      const uint32_t holders = vendor::ballot(head_key == best_key);
       const uint32_t winner_bit = holders & (0u - holders);
-      const bool won = (winner_bit >> r) & 1u;
       const uint32_t winner_id = vendor::shfl(head_id, vendor::lowest_lane(holders));
+      if (k == 0) top_key = best_key;
       if (r == k % kLanes) {
         if (k < kLanes)
           slot_key[0] = best_key, slot_id[0] = winner_id;
         else
           slot_key[1] = best_key, slot_id[1] = winner_id;
       }
-      if (holders == winner_bit && !(winner_bit & stale)) {
-        if (won) head_key = next_key, head_id = next_id;  // = step_key for every lane
-        best_key = speculative_best;
-      } else {
-        // A tie (only the lowest holder steps down), or the winner's `next` is stale (its third
-        // win since its last scan: rescan the elements ranked after the one just taken).
-        if (won && (winner_bit & stale))
-          rescan_after(head_key, head_id);
-        else if (won)
-          head_key = next_key, head_id = next_id;
-        if (k + 1 < Kr) best_key = vendor::reduce_max(head_key);
+      const bool won = (winner_bit >> r) & 1u;
+      if (winner_bit & stale) {
+        // A third win since the lane's last scan: the best two among its elements ranked after
+        // the one just taken.
+        if (won) {
+          const uint32_t taken_key = head_key, taken_id = head_id;
+          head_key = next_key = kNoKey;
+          head_id = next_id = kNoId;
+#pragma unroll
+          for (int i = 0; i < kVpl; ++i) {
+            const uint32_t id = static_cast<uint32_t>(expert_of(i));
+            const bool after = key[i] < taken_key || (key[i] == taken_key && id > taken_id);
+            const uint32_t k_i = after ? key[i] : kNoKey;
+            if (k_i > head_key) {
+              next_key = head_key, next_id = head_id;
+              head_key = k_i, head_id = id;
+            } else if (k_i > next_key) {
+              next_key = k_i, next_id = id;
+            }
+          }
+        }
+      } else if (won) {
+        head_key = next_key, head_id = next_id;
       }
       stale ^= winner_bit;  // a promotion makes `next` stale; a rescan makes it exact again
     }

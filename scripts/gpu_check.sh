@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The one script for the GPU machine, run from anywhere in the repo:
+#   scripts/gpu_check.sh [--quick]     build (Release, sm_90a), GPU tests, `moekit check` and
+#                                      `moekit bench` on the GPU, the peer benchmark, a summary
+#   scripts/gpu_check.sh --pack-deps   (on a dev machine) copy gtest, fmt, CLI11 and nlohmann-json
+#                                      from /usr into build-deps/ (git-ignored), a CMake prefix the
+#                                      GPU machine uses when it lacks them: carry build-deps there.
+# Everything useful lands in $OUT (default /tmp/out): gpu_check.log, tests.txt, bench_gpu.json,
+# peers.txt, summary.txt. Each step has a time limit; the whole run stays well under 9 minutes.
+# A step that cannot run says why and the script goes on with what it can do.
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+BUILD=$ROOT/build/gpu
+DEPS=$ROOT/build-deps/usr
+
+if [[ ${1:-} == --pack-deps ]]; then
+  rm -rf "$ROOT/build-deps" && mkdir -p "$DEPS/include" "$DEPS/lib/x86_64-linux-gnu/cmake" \
+    "$DEPS/share/cmake"
+  for d in gtest gmock fmt nlohmann CLI; do cp -r "/usr/include/$d" "$DEPS/include/"; done
+  cp -P /usr/lib/x86_64-linux-gnu/libgtest*.a /usr/lib/x86_64-linux-gnu/libgmock*.a \
+    /usr/lib/x86_64-linux-gnu/libfmt.so* "$DEPS/lib/x86_64-linux-gnu/"
+  cp -r /usr/lib/x86_64-linux-gnu/cmake/GTest /usr/lib/x86_64-linux-gnu/cmake/fmt \
+    "$DEPS/lib/x86_64-linux-gnu/cmake/"
+  cp -r /usr/share/cmake/CLI11 /usr/share/cmake/nlohmann_json "$DEPS/share/cmake/"
+  du -sh "$ROOT/build-deps"
+  echo "packed: pass carry [\"build-deps\"] to the GPU machine's run"
+  exit 0
+fi
+QUICK=0
+[[ ${1:-} == --quick ]] && QUICK=1
+
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+START=$(date +%s)
+step() { echo; echo "==== $* ($(($(date +%s) - START)) s)"; }
+SUMMARY=()
+note() { SUMMARY+=("$*"); echo ">>> $*"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+  || note "no nvidia-smi"
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+"$NVCC" --version | tail -2
+for tool in cmake ninja g++ python3; do
+  printf '%-8s %s\n' "$tool" "$(command -v $tool || echo MISSING)"
+done
+cmake --version 2>/dev/null | head -1
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
+  2>/dev/null || echo "torch/triton: not importable"
+
+step "configure and build (Release, sm_90a)"
+BUILT=0
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  note "build skipped: cmake or ninja missing"
+else
+  PREFIX=()
+  if [[ -d $DEPS ]]; then
+    PREFIX=(-DCMAKE_PREFIX_PATH="$DEPS")
+    echo "using carried dependencies in $DEPS"
+  fi
+  configure() {
+    cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_CUDA_ARCHITECTURES=90a-real -DCMAKE_CUDA_COMPILER="$NVCC" \
+      -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "${PREFIX[@]}" "$@" > "$OUT/configure.txt" 2>&1
+  }
+  TARGETS=(moekit_gpu_tests moekit_cli)
+  if configure -DMOEKIT_BUILD_TESTS=ON; then
+    :
+  elif rm -rf "$BUILD" && configure -DMOEKIT_BUILD_TESTS=OFF; then
+    note "configured WITHOUT tests (GoogleTest not found): no moekit_gpu_tests"
+    TARGETS=(moekit_cli)
+  else
+    tail -30 "$OUT/configure.txt"
+    note "configure failed (missing fmt / CLI11 / nlohmann-json / GoogleTest? run" \
+      "'scripts/gpu_check.sh --pack-deps' on a dev machine and carry build-deps)"
+    TARGETS=()
+  fi
+  if ((${#TARGETS[@]})); then
+    if timeout 420 ninja -C "$BUILD" -j"$(nproc)" "${TARGETS[@]}" > "$OUT/build.txt" 2>&1; then
+      BUILT=1
+      rm -f "$OUT/build.txt"
+      note "build ok (${TARGETS[*]})"
+    else
+      grep -E "error|FAILED" "$OUT/build.txt" | head -30
+      note "build FAILED (build.txt)"
+    fi
+  fi
+  if ((!BUILT)); then
+    # At least show whether the GPU sources compile here.
+    for f in src/gpu/gpu_runtime.cu src/gpu/route_gpu.cu; do
+      if timeout 240 "$NVCC" -std=c++20 -O3 -arch=sm_90a -Iinclude -Isrc --expt-relaxed-constexpr \
+        -c "$f" -o /dev/null; then
+        note "compile-only check ok: $f"
+      else
+        note "compile-only check FAILED: $f"
+      fi
+    done
+  fi
+fi
+rm -f "$OUT/configure.txt"
+
+CLI=$BUILD/moekit
+TESTS=$BUILD/moekit_gpu_tests
+
+step "GPU tests"
+if [[ -x $TESTS ]]; then
+  timeout 300 "$TESTS" > "$OUT/tests.txt" 2>&1
+  grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |seed" "$OUT/tests.txt" | head -40
+  grep -A4 "Failure" "$OUT/tests.txt" | head -60
+  if grep -q "^\[  PASSED  \]" "$OUT/tests.txt" \
+    && ! grep -q "^\[  FAILED  \]" "$OUT/tests.txt"; then
+    note "GPU tests: $(grep '^\[  PASSED  \]' "$OUT/tests.txt" | head -1)"
+  else
+    note "GPU tests FAILED or did not finish (tests.txt)"
+  fi
+else
+  note "GPU tests not run: no moekit_gpu_tests binary"
+fi
+
+step "moekit check --backend gpu"
+if [[ -x $CLI ]] && "$CLI" --help 2>&1 | grep -q check; then
+  if timeout 150 "$CLI" check --backend gpu > "$OUT/check.txt" 2>&1; then
+    note "moekit check --backend gpu: passed"
+  else
+    note "moekit check --backend gpu: FAILED or timed out (exit $?)"
+  fi
+  tail -25 "$OUT/check.txt"
+  cat "$OUT/check.txt" >> "$OUT/tests.txt" 2>/dev/null
+  rm -f "$OUT/check.txt"
+else
+  note "moekit check not run: no CLI with a check command"
+fi
+
+step "moekit bench --backend gpu --json"
+BENCH=$OUT/bench_gpu.json
+if [[ -x $CLI ]] && "$CLI" --help 2>&1 | grep -q bench; then
+  if timeout 180 "$CLI" bench --backend gpu --json > "$BENCH" 2> "$OUT/bench_stderr.txt"; then
+    note "moekit bench: all rows verified"
+  else
+    note "moekit bench: exit $? (a row failed verification, or it timed out)"
+  fi
+  tail -5 "$OUT/bench_stderr.txt"
+  rm -f "$OUT/bench_stderr.txt"
+else
+  note "moekit bench not run: no CLI with a bench command"
+  rm -f "$BENCH"
+fi
+
+step "peers: torch and Triton routers vs moekit (bench/gpu_route_peers.py)"
+if python3 -c 'import torch, triton' 2>/dev/null; then
+  ARGS=()
+  [[ -s $BENCH ]] && ARGS+=("$BENCH")
+  ((QUICK)) && ARGS+=(--quick)
+  if PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu_route_peers.py "${ARGS[@]}" \
+    > "$OUT/peers.txt" 2>&1; then
+    note "peer benchmark: done (peers.txt)"
+  else
+    tail -20 "$OUT/peers.txt"
+    note "peer benchmark: FAILED or timed out (peers.txt)"
+  fi
+else
+  note "peer benchmark not run: torch/triton not importable"
+fi
+
+step "summary"
+{
+  GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  echo "gpu_check.sh on $GPU_NAME," \
+    "$(($(date +%s) - START)) s"
+  for line in "${SUMMARY[@]}"; do echo "  - $line"; done
+  if [[ -s $BENCH ]]; then
+    echo
+    echo "moekit route on the GPU (CUDA-graph replay, median us per call, bf16 logits), vs target:"
+    python3 - "$BENCH" <<'PY'
+import json, sys
+rows = {(r["model"], r["tokens"]): r for r in json.load(open(sys.argv[1]))}
+targets = [(m, t, 2.0) for m in sorted({m for m, _ in rows}) for t in (1, 16, 64)]
+targets += [("Qwen3.5-35B-A3B", 8192, 6.0), ("Qwen3-30B-A3B", 16384, 6.0),
+            ("Qwen3-Next-80B-A3B", 8192, 10.0), ("DeepSeek-V3", 8192, 8.0)]
+missed = 0
+print(f"  {'model':20s} {'tokens':>6s} {'us':>8s} {'target':>7s} {'peer us':>8s}  verified")
+for model, tokens, target in targets:
+    r = rows.get((model, tokens))
+    if not r:
+        continue
+    us = r["median_us"]
+    missed += us > target
+    peer = f"{r['peer_us']:.2f}" if r.get("peer_us") else "-"
+    print(f"  {model:20s} {tokens:6d} {us:8.2f} {target:6.1f}{'!' if us > target else ' '} "
+          f"{peer:>8s}  {'yes' if r.get('verified') else 'NO'}")
+print(f"  targets missed: {missed} ('!')")
+PY
+  fi
+  if [[ -s $OUT/peers.txt ]]; then
+    echo
+    sed -n '/^CUDA-graph replay/,$p' "$OUT/peers.txt"
+  fi
+} | tee "$OUT/summary.txt"
