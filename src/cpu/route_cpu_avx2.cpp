@@ -61,6 +61,31 @@ struct Avx2 {
     return load_f16(buffer);
   }
 
+  // glibc's expf on four doubles (see kExp2fTable).
+  static __m256d exp_as_libm(__m256d x) {
+    const __m256d z = _mm256_mul_pd(_mm256_set1_pd(kExpfInvLn2N), x);
+    __m256d k = _mm256_add_pd(z, _mm256_set1_pd(kExpfShift));
+    const __m256i k_bits = _mm256_castpd_si256(k);
+    k = _mm256_sub_pd(k, _mm256_set1_pd(kExpfShift));
+    const __m256d r = _mm256_sub_pd(z, k);
+    const __m256i index = _mm256_and_si256(k_bits, _mm256_set1_epi64x(31));
+    const __m256i table =
+        _mm256_i64gather_epi64(reinterpret_cast<const long long*>(kExp2fTable), index, 8);
+    const __m256d scale =
+        _mm256_castsi256_pd(_mm256_add_epi64(table, _mm256_slli_epi64(k_bits, 47)));
+    const __m256d c01 =
+        _mm256_fmadd_pd(_mm256_set1_pd(kExpfPoly[0]), r, _mm256_set1_pd(kExpfPoly[1]));
+    __m256d y = _mm256_fmadd_pd(_mm256_set1_pd(kExpfPoly[2]), r, _mm256_set1_pd(1.0));
+    y = _mm256_fmadd_pd(c01, _mm256_mul_pd(r, r), y);
+    return _mm256_mul_pd(y, scale);
+  }
+  static F exp_as_libm(F x) {
+    x = min(max(x, set1(kExpfLowest)), set1(kExpfHighest));
+    const __m128 low = _mm256_cvtpd_ps(exp_as_libm(_mm256_cvtps_pd(_mm256_castps256_ps128(x))));
+    const __m128 high = _mm256_cvtpd_ps(exp_as_libm(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+    return _mm256_set_m128(high, low);
+  }
+
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -68,7 +93,7 @@ struct Avx2 {
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }   // a * b + c
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }    // a * b + c
   static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
   static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F and_bits(F a, F b) { return _mm256_and_ps(a, b); }
@@ -86,8 +111,25 @@ struct Avx2 {
   static M mask_and(M a, M b) { return _mm256_and_ps(a, b); }
   static M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
   static F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
-  static int popcount(M m) { return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(m))); }
+  static int popcount(M m) {
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(m)));
+  }
 
+  static F rotate(F v, int r) {  // lane i <- lane (i + r) % 8
+    return _mm256_permutevar8x32_ps(v, _mm256_and_si256(add_i(iota_i(), set1_i(r)), set1_i(7)));
+  }
+  static float hmin(F v) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static float hsum(F v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
   static float hmax(F v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -106,16 +148,18 @@ struct Avx2 {
   static I srai(I a, int n) { return _mm256_srai_epi32(a, n); }
   static I slli(I a, int n) { return _mm256_slli_epi32(a, n); }
 
+  static M lt_i(I a, I b) { return _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, a)); }
   // count + 1 in the lanes of m (a true lane is -1).
   static I count_add(I count, M m) { return _mm256_sub_epi32(count, _mm256_castps_si256(m)); }
 
-  // Stores the lanes of m, packed to the front, to score and id (8 lanes are written).
-  static int compress_store(float* score, int32_t* id, F v, I ids, M m) {
+  // Stores the lanes of m, packed to the front, to score, and their ids (first_id + lane) to id;
+  // 8 lanes are written to each.
+  static int compress_store(float* score, int32_t* id, F v, int32_t first_id, M m) {
     const unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(m));
-    const __m256i perm = _mm256_cvtepu8_epi32(
+    const __m256i lanes = _mm256_cvtepu8_epi32(
         _mm_cvtsi64_si128(static_cast<long long>(kCompressTable.indices[bits])));
-    _mm256_storeu_ps(score, _mm256_permutevar8x32_ps(v, perm));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id), _mm256_permutevar8x32_epi32(ids, perm));
+    _mm256_storeu_ps(score, _mm256_permutevar8x32_ps(v, lanes));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id), add_i(lanes, set1_i(first_id)));
     return __builtin_popcount(bits);
   }
 };

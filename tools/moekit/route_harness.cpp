@@ -1,9 +1,9 @@
 #include "moekit/route_harness.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <iterator>
-#include <cmath>
 #include <limits>
 #include <random>
 
@@ -104,11 +104,11 @@ RouteInputs make_inputs(RouteCase& c) {
         const int pattern = static_cast<int>(t % 6);
         for (int e = 0; e < E; ++e) {
           float v = normal(rng);
-          if (pattern == 0) v = kNaN;                             // all NaN
-          if (pattern == 1) v = -kInf;                            // all -inf
-          if (pattern == 2 && rng() % 5 == 0) v = kInf;           // some +inf
-          if (pattern == 3 && rng() % 3 == 0) v = kNaN;           // NaN mixed with finite
-          if (pattern == 4 && rng() % 2 == 0) v = -kInf;         // -inf mixed with finite
+          if (pattern == 0) v = kNaN;                     // all NaN
+          if (pattern == 1) v = -kInf;                    // all -inf
+          if (pattern == 2 && rng() % 5 == 0) v = kInf;   // some +inf
+          if (pattern == 3 && rng() % 3 == 0) v = kNaN;   // NaN mixed with finite
+          if (pattern == 4 && rng() % 2 == 0) v = -kInf;  // -inf mixed with finite
           if (pattern == 5 && rng() % 4 == 0) v = (rng() % 2) ? kInf : kNaN;  // everything
           put(t, e, v);
         }
@@ -172,8 +172,8 @@ Comparison compare_with_reference(const RouteCase& c, const RouteInputs& in,
   const int E = c.num_experts;
   const int64_t valid = c.config.num_valid_tokens < 0 ? T : c.config.num_valid_tokens;
   // The problem, to recompute the reference's selection scores for the near-tie decision.
-  const RouteProblem problem = make_route_problem("check", in.logits, in.bias_view(), c.config,
-                                                  ref.weights, ref.ids, {});
+  const RouteProblem problem =
+      make_route_problem("check", in.logits, in.bias_view(), c.config, ref.weights, ref.ids, {});
   std::vector<float> scores(static_cast<size_t>(E));
   auto note = [&](const std::string& problem_text) {
     if (cmp.first_problem.empty()) cmp.first_problem = problem_text;
@@ -254,11 +254,13 @@ Comparison compare_with_reference(const RouteCase& c, const RouteInputs& in,
         for (int j = 0; j < Kr; ++j)
           if (id_at(ref.ids, t * K + j) == id) match = j;
       }
-      // 1e-6 absolute (the contract), measured relative to the weight where it exceeds 1: an
-      // unnormalized sqrtsoftplus weight can be 1e19, where 1e-6 is far below one f32 ulp.
+      // 1e-6 absolute (the contract) on weights up to 1, relative above: an unnormalized
+      // sqrtsoftplus weight can be 1e19, where 1e-6 is far below one f32 ulp.
+      // A router that scales its output by rsf scales the rounding of the reference too.
       const double ref_w = w_ref[t * K + match];
+      const double scale = c.config.apply_scaling_on_output ? c.config.routed_scaling_factor : 1.0;
       const double err = std::fabs(static_cast<double>(w_out[t * K + k]) - ref_w) /
-                         std::max(1.0, std::fabs(ref_w));
+                         std::max({1.0, std::fabs(ref_w), scale});
       if (!(err <= cmp.max_weight_error)) cmp.max_weight_error = err;
     }
   }
