@@ -1,12 +1,12 @@
 // The moekit CLI end to end: route on files, errors (one line, exit code 2, nothing written),
 // check, bench --json, backends, --version.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 
@@ -112,8 +112,8 @@ TEST_F(Cli, RouteErrorsAreOneLineExitTwoAndWriteNothing) {
   }
   // A malformed input file.
   { std::ofstream(path("bad.safetensors")) << "not a safetensors file at all"; }
-  const Result r = run("route --input " + path("bad.safetensors") + " --output " + out +
-                       " --topk 2");
+  const Result r =
+      run("route --input " + path("bad.safetensors") + " --output " + out + " --topk 2");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_FALSE(fs::exists(out));
   // Nothing else was left in the folder (no temporary files).
@@ -151,7 +151,8 @@ TEST_F(Cli, CheckPassesOnTheModelTable) {
 }
 
 TEST_F(Cli, BenchJsonHasTheAgreedKeys) {
-  const Result r = run("bench --op route --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 16");
+  const Result r =
+      run("bench --op route --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 16");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const nlohmann::json rows = nlohmann::json::parse(r.out);
   ASSERT_TRUE(rows.is_array());

@@ -43,7 +43,7 @@ struct ImplementationChoice {
 
 // CPU features found at run time (cpuid), used by dispatch tables.
 struct CpuFeatures {
-  bool avx2 = false;  // with fma and f16c
+  bool avx2 = false;    // with fma and f16c
   bool avx512 = false;  // f, bw, vl, dq
 };
 const CpuFeatures& cpu_features();

@@ -13,7 +13,7 @@ namespace moekit {
 
 enum class DType : uint8_t { f32, f16, bf16, f8e4m3, f8e5m2, i32, i64, u8 };
 
-inline constexpr DType kAllDTypes[] = {DType::f32,    DType::f16,    DType::bf16, DType::f8e4m3,
+inline constexpr DType kAllDTypes[] = {DType::f32,    DType::f16, DType::bf16, DType::f8e4m3,
                                        DType::f8e5m2, DType::i32, DType::i64,  DType::u8};
 
 size_t dtype_size(DType dtype);

@@ -52,9 +52,7 @@ class TensorView {
   int64_t size(int dim) const { return shape_[static_cast<size_t>(dim)]; }
   int64_t stride(int dim) const { return strides_[static_cast<size_t>(dim)]; }
   std::span<const int64_t> shape() const { return {shape_.data(), static_cast<size_t>(ndim_)}; }
-  std::span<const int64_t> strides() const {
-    return {strides_.data(), static_cast<size_t>(ndim_)};
-  }
+  std::span<const int64_t> strides() const { return {strides_.data(), static_cast<size_t>(ndim_)}; }
   int64_t numel() const;
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   bool is_contiguous() const;

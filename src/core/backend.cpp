@@ -51,8 +51,8 @@ std::vector<BackendInfo> backends() {
   out.push_back({Backend::reference, "reference", "scalar definitional code (the oracle)"});
   const CpuFeatures& f = cpu_features();
   std::string isa = f.avx512 ? "avx512 avx2 fma f16c" : f.avx2 ? "avx2 fma f16c" : "scalar";
-  out.push_back({Backend::cpu, "cpu",
-                 isa + ", " + std::to_string(omp_get_max_threads()) + " threads"});
+  out.push_back(
+      {Backend::cpu, "cpu", isa + ", " + std::to_string(omp_get_max_threads()) + " threads"});
   const int n = gpu_count();
   for (int d = 0; d < n && d < 1; ++d)
     out.push_back({Backend::gpu, "gpu", gpu_hooks().describe(d)});
@@ -83,8 +83,6 @@ Backend parse_backend(std::string_view name) {
   fail("backend", "name", std::string(name), "is not a backend (reference, cpu or gpu)");
 }
 
-Backend fastest_backend() {
-  return backend_available(Backend::gpu) ? Backend::gpu : Backend::cpu;
-}
+Backend fastest_backend() { return backend_available(Backend::gpu) ? Backend::gpu : Backend::cpu; }
 
 }  // namespace moekit

@@ -1,5 +1,6 @@
 // What a route implementation receives: arguments already validated by the front end, with every
-// default resolved. Implementations (reference, cpu, gpu) include this and nothing of the front end.
+// default resolved. Implementations (reference, cpu, gpu) include this and nothing of the front
+// end.
 #pragma once
 
 #include <cstdint>
@@ -10,17 +11,17 @@
 namespace moekit {
 
 struct RouteProblem {
-  TensorView logits;  // [T, E], f32/f16/bf16
-  TensorView bias;    // [E] or data() == nullptr when there is no bias
-  TensorView weights;  // [T, K] f32
-  TensorView ids;      // [T, K] i32/i64
-  int64_t num_tokens = 0;        // T
-  int num_experts = 0;           // E
-  int topk = 0;                  // K
-  int num_routed = 0;            // Kr = K - S
-  int num_shared = 0;            // S
-  int num_groups = 1;            // G
-  int topk_groups = 1;           // TG
+  TensorView logits;                         // [T, E], f32/f16/bf16
+  TensorView bias;                           // [E] or data() == nullptr when there is no bias
+  TensorView weights;                        // [T, K] f32
+  TensorView ids;                            // [T, K] i32/i64
+  int64_t num_tokens = 0;                    // T
+  int num_experts = 0;                       // E
+  int topk = 0;                              // K
+  int num_routed = 0;                        // Kr = K - S
+  int num_shared = 0;                        // S
+  int num_groups = 1;                        // G
+  int topk_groups = 1;                       // TG
   GroupScore group_score = GroupScore::max;  // resolved: never automatic
   Scoring scoring = Scoring::softmax;
   float softcap = 0.0f;

@@ -1,12 +1,13 @@
 // `moekit bench`: verify against the reference, then time; one row per model and token count with
 // the median time, tokens/s, the ratio to a one-pass memory roofline and to a measured peer.
+#include <fmt/core.h>
+#include <omp.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <fmt/core.h>
 #include <nlohmann/json.hpp>
-#include <omp.h>
 #include <vector>
 
 #include "bench_peers.h"
@@ -66,7 +67,8 @@ double median(std::vector<double> v) {
 double time_cpu(const harness::RouteCase& c, const harness::RouteInputs& in, Backend backend,
                 int threads) {
   const size_t set_bytes = in.logits.nbytes();
-  const int copies = static_cast<int>(std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(set_bytes, 1), 1, 64));
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(set_bytes, 1), 1, 64));
   std::vector<Tensor> logits;
   for (int i = 0; i < copies; ++i) logits.push_back(Tensor::copy_of(in.logits, Device::cpu()));
   harness::RouteOutputs out = harness::make_poisoned_outputs(c);
@@ -127,8 +129,8 @@ bool verify(const harness::RouteCase& c, const harness::RouteInputs& in, Backend
     if (in.bias) bias = Tensor::copy_of(*in.bias, gpu);
     Tensor weights = Tensor::copy_of(out.weights, gpu);
     Tensor ids = Tensor::copy_of(out.ids, gpu);
-    route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt, c.config,
-          weights, ids, options);
+    route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt, c.config, weights,
+          ids, options);
     copy(out.weights, weights);
     copy(out.ids, ids);
   } else {
@@ -144,7 +146,8 @@ int run_bench(const BenchOptions& options) {
   if (options.op != "route") fail("bench", "--op", options.op, "is not a benchmarked op (route)");
   const Backend backend = options.backend ? *options.backend : fastest_backend();
   if (!backend_available(backend))
-    fail("bench", "--backend", std::string(backend_name(backend)), "is not present on this machine");
+    fail("bench", "--backend", std::string(backend_name(backend)),
+         "is not present on this machine");
   const int threads = options.threads > 0 ? options.threads : omp_get_max_threads();
   double bandwidth = 0.0;  // bytes/s, read + write
   std::string bandwidth_source;
@@ -210,8 +213,9 @@ int run_bench(const BenchOptions& options) {
   }
   std::printf("moekit bench route, backend %s, %s; roofline = bytes moved once / %.1f GB/s (%s)\n",
               std::string(backend_name(backend)).c_str(),
-              backend == Backend::gpu ? "CUDA-graph replay, median per call"
-                                      : fmt::format("{} thread(s), median per call", threads).c_str(),
+              backend == Backend::gpu
+                  ? "CUDA-graph replay, median per call"
+                  : fmt::format("{} thread(s), median per call", threads).c_str(),
               bandwidth / 1e9, bandwidth_source.c_str());
   std::printf("%-20s %6s %10s %12s %11s %10s %10s %8s\n", "model", "tokens", "median us",
               "tokens/s", "roofline us", "of roofline", "peer us", "vs peer");

@@ -1,6 +1,7 @@
 // `moekit check`: every backend present against the reference, over the model table.
-#include <cstdio>
 #include <fmt/core.h>
+
+#include <cstdio>
 #include <random>
 
 #include "commands.h"
@@ -108,13 +109,14 @@ int run_check(const CheckOptions& options) {
           if (!cmp.pass) {
             pass = false;
             if (problem.empty())
-              problem = std::string(harness::input_kind_name(kind)) + " inputs, " + cmp.first_problem;
+              problem =
+                  std::string(harness::input_kind_name(kind)) + " inputs, " + cmp.first_problem;
           }
         }
         std::printf("%-20s %6lld %-9s %-12s %12.3g %-22s %s\n", row.name.c_str(),
                     static_cast<long long>(tokens), std::string(backend_name(backend)).c_str(),
-                    implementation.c_str(), max_error,
-                    fmt::format("{} ({})", diffs, near).c_str(), pass ? "PASS" : "FAIL");
+                    implementation.c_str(), max_error, fmt::format("{} ({})", diffs, near).c_str(),
+                    pass ? "PASS" : "FAIL");
         if (!pass) {
           ++failures;
           std::printf("    %s\n", problem.c_str());

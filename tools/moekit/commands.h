@@ -23,8 +23,8 @@ struct BenchOptions {
   std::optional<Backend> backend;  // none: the fastest present
   int threads = 0;                 // CPU threads; 0 = all
   bool json = false;
-  std::string model;               // empty: every model-table row
-  int64_t tokens = 0;              // 0: every token count of the model table
+  std::string model;   // empty: every model-table row
+  int64_t tokens = 0;  // 0: every token count of the model table
 };
 int run_bench(const BenchOptions& options);
 

@@ -1,7 +1,8 @@
 // moekit: the command-line front end (route, check, bench, explain, backends, --version).
+#include <fmt/core.h>
+
 #include <CLI/CLI.hpp>
 #include <cstdio>
-#include <fmt/core.h>
 #include <optional>
 #include <string>
 
@@ -104,8 +105,7 @@ int run_route(const std::string& input, const std::string& output, const RouteFl
   if (ids_dtype != DType::i32 && ids_dtype != DType::i64)
     fail("route", "--ids-dtype", flags.ids_dtype, "is not one of i32, i64");
   const SafetensorsFile file = SafetensorsFile::open(input);
-  if (!file.contains("logits"))
-    fail("route", "--input", input, "has no tensor named \"logits\"");
+  if (!file.contains("logits")) fail("route", "--input", input, "has no tensor named \"logits\"");
   const TensorView logits = file.get("logits");
   std::optional<TensorView> bias;
   if (file.contains("bias")) bias = file.get("bias");
@@ -150,8 +150,8 @@ int run_explain(const std::string& model, int64_t tokens, const std::string& bac
     if (row.has_bias) bias = Tensor::empty(DType::f32, {row.num_experts}, device);
     Tensor weights = Tensor::empty(DType::f32, {tokens, row.config.topk}, device);
     Tensor ids = Tensor::empty(DType::i32, {tokens, row.config.topk}, device);
-    std::printf("%s, %lld tokens, backend %s:\n", row.name.c_str(),
-                static_cast<long long>(tokens), std::string(backend_name(*options.backend)).c_str());
+    std::printf("%s, %lld tokens, backend %s:\n", row.name.c_str(), static_cast<long long>(tokens),
+                std::string(backend_name(*options.backend)).c_str());
     for (const ImplementationChoice& c :
          explain_route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt,
                        row.config, weights, ids, options))
@@ -175,14 +175,16 @@ int main(int argc, char** argv) {
 
   CLI::App* route_cmd = app.add_subcommand("route", "route a safetensors file of logits");
   std::string input, output;
-  route_cmd->add_option("--input", input, "safetensors with \"logits\" [T, E] and optional \"bias\" [E]")
+  route_cmd
+      ->add_option("--input", input, "safetensors with \"logits\" [T, E] and optional \"bias\" [E]")
       ->required();
   route_cmd->add_option("--output", output, "safetensors to write \"weights\" and \"ids\" to")
       ->required();
   RouteFlags route_flags;
   route_flags.add_to(*route_cmd);
 
-  CLI::App* check_cmd = app.add_subcommand("check", "every backend against the reference, on the model table");
+  CLI::App* check_cmd =
+      app.add_subcommand("check", "every backend against the reference, on the model table");
   CheckOptions check;
   std::string check_backend;
   uint64_t check_seed = 0;
@@ -201,7 +203,8 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--model", bench.model, "one model-table row");
   bench_cmd->add_option("--tokens", bench.tokens, "one token count");
 
-  CLI::App* explain_cmd = app.add_subcommand("explain", "which route implementation runs, and why the others do not");
+  CLI::App* explain_cmd =
+      app.add_subcommand("explain", "which route implementation runs, and why the others do not");
   std::string explain_model, explain_backend;
   int64_t explain_tokens = 4096;
   explain_cmd->add_option("--model", explain_model, "one model-table row (default: all)");

@@ -67,7 +67,7 @@ struct Comparison {
   // Over rows whose routed ids match the reference's as sets; absolute, or relative to weights
   // above 1.
   double max_weight_error = 0.0;
-  int64_t id_differences = 0;     // rows whose routed id set differs from the reference's
+  int64_t id_differences = 0;        // rows whose routed id set differs from the reference's
   int64_t near_tie_differences = 0;  // of those, rows where every swap is a near-tie
   int64_t invalid_rows = 0;  // duplicated / out-of-range ids, NaN weights, bad padding or shared
   bool pass = false;
