@@ -1,0 +1,97 @@
+// Block-scaled FP8 (e4m3) as used by Qwen3-*-FP8 and DeepSeek-V3 checkpoints. The contract is
+// spec/fp8.md: per-token-group activation quantization, block-scaled GEMM (out = A x B^T with
+// 1x128 activation scales and 128x128 weight scales), the w8a8 linear layer and weight
+// quantization.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "moekit/backend.h"
+#include "moekit/tensor.h"
+
+namespace moekit {
+
+inline constexpr float kFp8E4m3Max = 448.0f;
+
+// Physical storage of per-token-group scales (logical shape [M, K / group]).
+enum class ScaleLayout : uint8_t {
+  row_major,         // f32 [M, G]
+  column_major,      // f32 stored [G, M] (strides (1, M))
+  column_major_tma,  // f32 stored [G, align4(M)] (strides (1, align4(M)))
+  packed_ue8m0,      // i32 stored [ceil(G / 4), align4(M)]: exponent bytes of 4 groups per word
+};
+
+struct GroupQuantConfig {
+  int group_size = 128;  // 16..256; a divisor of K that is a multiple of 16
+  bool ue8m0 = false;    // round scales up to powers of two (required by packed_ue8m0)
+  ScaleLayout layout = ScaleLayout::row_major;
+  float eps = 1e-10f;  // amax floor
+};
+
+// The physical shape and dtype of the scales tensor for x [M, K] under config.
+struct ScaleStorage {
+  DType dtype;
+  std::array<int64_t, 2> shape;
+};
+ScaleStorage group_quant_scale_storage(int64_t M, int64_t K, const GroupQuantConfig& config);
+
+// x [M, K] f32/f16/bf16 (rows contiguous) -> q f8e4m3 [M, K] (rows contiguous), scales in the
+// config's layout (a contiguous tensor of group_quant_scale_storage's shape and dtype). Only the
+// logical scales are written: the padding rows M..align4(M) of the TMA-aligned layouts are left
+// untouched, and in a packed word the bytes of groups past K / group_size are written as 0.
+void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const TensorView& scales,
+                               const GroupQuantConfig& config, const OpOptions& options = {});
+
+// out [M, N] (f32/bf16/f16) = A [M, K] (f8e4m3) x B [N, K]^T (f8e4m3), scaled per 128-block of K by
+// a_scales (logical [M, ceil(K/128)], stored in a_scales_layout; packed_ue8m0 holds i32 words) and
+// b_scales [ceil(N/128), ceil(K/128)] (f32 or bf16), plus bias [N] (f32/bf16/f16) if given.
+// Partial blocks behave as zero-padded.
+void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+                    const TensorView& b, const TensorView& b_scales,
+                    const std::optional<TensorView>& bias, const TensorView& out,
+                    const OpOptions& options = {});
+
+// y [M, N] = dynamic per-token-group(128) quantization of x [M, K] (f32/f16/bf16), then
+// block_fp8_gemm with weight [N, K] f8e4m3 and weight_scale_inv [ceil(N/128), ceil(K/128)].
+// The quantized activations live in a caller-provided workspace of
+// w8a8_block_fp8_linear_workspace_size(M, K) bytes (on the tensors' device, 16-byte aligned):
+// q e4m3 [M, K] at offset 0, then the row-major f32 scales [M, ceil(K/128)] at align64(M * K).
+// K need not be a multiple of 128: the last group is partial (its amax covers the elements there
+// are) and the GEMM zero-pads it.
+size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K);
+void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
+                           const TensorView& weight_scale_inv,
+                           const std::optional<TensorView>& bias, const TensorView& y,
+                           void* workspace, size_t workspace_bytes, const OpOptions& options = {});
+
+// W [N, K] (f32/bf16/f16) -> weight f8e4m3 [N, K] and weight_scale_inv f32
+// [ceil(N/128), ceil(K/128)]: per 128x128 block, scale = max(amax, 1e-4) / 448.
+void block_quantize_weight(const TensorView& w, const TensorView& weight,
+                           const TensorView& weight_scale_inv, const OpOptions& options = {});
+
+// ---- Which implementation runs (each op's dispatch table, fastest first): one row per entry
+// considered, saying which one serves and why each other one declines. Same arguments as the op;
+// throws the op's Error on an invalid call.
+std::vector<ImplementationChoice> explain_per_token_group_quant_fp8(const TensorView& x,
+                                                                    const TensorView& q,
+                                                                    const TensorView& scales,
+                                                                    const GroupQuantConfig& config,
+                                                                    const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_block_fp8_gemm(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,
+    const TensorView& out, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_w8a8_block_fp8_linear(
+    const TensorView& x, const TensorView& weight, const TensorView& weight_scale_inv,
+    const std::optional<TensorView>& bias, const TensorView& y, void* workspace,
+    size_t workspace_bytes, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView& w,
+                                                                const TensorView& weight,
+                                                                const TensorView& weight_scale_inv,
+                                                                const OpOptions& options = {});
+
+}  // namespace moekit

@@ -1,0 +1,277 @@
+// CPU FP8: what each ISA build serves, the problem -> plain-args translation, and the portable
+// build of the kernels (8 lanes of plain C++ that the compiler may vectorize with the baseline
+// ISA).
+#include "cpu/fp8_cpu.h"
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "cpu/fp8_cpu_kernels.h"
+#include "moekit/backend.h"
+#include "moekit/dtype.h"
+
+namespace moekit::cpu {
+namespace {
+
+// The exact f32 value of every e4m3 byte.
+struct E4m3Values {
+  float value[256];
+  E4m3Values() {
+    for (int b = 0; b < 256; ++b) value[b] = f8e4m3_to_f32(static_cast<uint8_t>(b));
+  }
+};
+const float* e4m3_values() {
+  static const E4m3Values table;
+  return table.value;
+}
+
+struct Portable {
+  static constexpr int kLanes = 8;
+  static constexpr int kChunk = 32;
+  static constexpr int kMicroRows = 4;
+  struct F {
+    float v[8];
+  };
+  struct Probe {};  // the table decodes NaN bytes to NaN: nothing to catch
+
+  template <class Op>
+  static F map(Op op) {
+    F r;
+    for (int i = 0; i < kLanes; ++i) r.v[i] = op(i);
+    return r;
+  }
+  static F zero() { return set1(0.0f); }
+  static F set1(float x) {
+    return map([&](int) { return x; });
+  }
+  static F load(const float* p) {
+    return map([&](int i) { return p[i]; });
+  }
+  static void store(float* p, F x) { std::memcpy(p, x.v, sizeof x.v); }
+  static void keep_in_register(F&) {}
+  static F div(F a, F b) {
+    return map([&](int i) { return a.v[i] / b.v[i]; });
+  }
+  static F mul(F a, F b) {
+    return map([&](int i) { return a.v[i] * b.v[i]; });
+  }
+  static F add(F a, F b) {
+    return map([&](int i) { return a.v[i] + b.v[i]; });
+  }
+  static F fma(F a, F b, F c) {
+    return map([&](int i) { return a.v[i] * b.v[i] + c.v[i]; });
+  }
+  static float reduce_add(F x) {
+    float s = 0.0f;
+    for (float e : x.v) s += e;
+    return s;
+  }
+  static float reduce_max(F x) {
+    float m = x.v[0];
+    for (float e : x.v) m = e > m ? e : m;
+    return m;
+  }
+  static F load_f16(const uint16_t* p) {
+    return map([&](int i) { return f16_to_f32(p[i]); });
+  }
+  static F load_bf16(const uint16_t* p) {
+    return map([&](int i) { return load_wide(p, Fp8Float::bf16, i); });
+  }
+  static F abs(F x) {
+    return map([&](int i) { return __builtin_fabsf(x.v[i]); });
+  }
+  static F max_ignoring_nan(F acc, F x) {
+    return map([&](int i) { return x.v[i] > acc.v[i] ? x.v[i] : acc.v[i]; });
+  }
+  static void store_e4m3(uint8_t* dst, F x) {
+    for (int i = 0; i < kLanes; ++i) dst[i] = f32_to_f8e4m3(x.v[i]);
+  }
+
+  static Probe probe_init() { return {}; }
+  static bool probe_found_nan(const Probe&) { return false; }
+  static constexpr int chunk_element(int position) { return position; }
+  static void load_e4m3_chunk(const uint8_t* src, F (&out)[4], Probe&) {
+    for (int i = 0; i < kChunk; ++i) out[i / kLanes].v[i % kLanes] = decode(src[i]);
+  }
+  static void convert_e4m3_row(const uint8_t* src, int len, float* dst) {
+    const int padded = (len + 15) / 16 * 16;
+    for (int i = 0; i < padded; ++i) dst[i] = i < len ? decode(src[i]) : 0.0f;
+  }
+  static void transpose_8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+  }
+  static float decode(uint8_t b) { return e4m3_values()[b] * (1.0f / kDecodeScale); }
+};
+
+Fp8Float wide_format(DType dtype) {
+  return dtype == DType::f16    ? Fp8Float::f16
+         : dtype == DType::bf16 ? Fp8Float::bf16
+                                : Fp8Float::f32;
+}
+
+GroupQuantArgs args_of(const GroupQuantProblem& p) {
+  GroupQuantArgs a;
+  a.x = p.x.data();
+  a.x_row_stride = p.x.stride(0);
+  a.x_format = wide_format(p.x.dtype());
+  a.q = p.q.data_as<uint8_t>();
+  a.q_row_stride = p.q.stride(0);
+  a.scales = p.scales.data();
+  a.scale_row_stride = p.scale_at.row_stride;
+  a.scale_group_stride = p.scale_at.group_stride;
+  a.packed = p.scale_at.packed();
+  a.rows = p.rows;
+  a.cols = p.cols;
+  a.groups = p.groups;
+  a.group_size = p.group_size;
+  a.ue8m0 = p.ue8m0;
+  a.eps = p.eps;
+  a.num_threads = p.num_threads;
+  return a;
+}
+
+BlockGemmArgs args_of(const BlockGemmProblem& p) {
+  BlockGemmArgs a;
+  a.a = p.a.data_as<const uint8_t>();
+  a.a_row_stride = p.a.stride(0);
+  a.a_scales = p.a_scales.data();
+  a.a_scale_row_stride = p.a_scale_at.row_stride;
+  a.a_scale_group_stride = p.a_scale_at.group_stride;
+  a.a_scales_packed = p.a_scale_at.packed();
+  a.b = p.b.data_as<const uint8_t>();
+  a.b_row_stride = p.b.stride(0);
+  a.b_scales = p.b_scales.data();
+  a.b_scale_row_stride = p.b_scales.stride(0);
+  a.b_scale_col_stride = p.b_scales.stride(1);
+  a.b_scales_bf16 = p.b_scales.dtype() == DType::bf16;
+  if (p.has_bias()) {
+    a.bias = p.bias.data();
+    a.bias_stride = p.bias.stride(0);
+    a.bias_format = wide_format(p.bias.dtype());
+  }
+  a.out = p.out.data();
+  a.out_row_stride = p.out.stride(0);
+  a.out_format = wide_format(p.out.dtype());
+  a.m = p.m;
+  a.n = p.n;
+  a.k = p.k;
+  a.num_threads = p.num_threads;
+  a.e4m3_values = e4m3_values();
+  return a;
+}
+
+BlockQuantizeWeightArgs args_of(const BlockQuantizeWeightProblem& p) {
+  BlockQuantizeWeightArgs a;
+  a.w = p.w.data();
+  a.w_row_stride = p.w.stride(0);
+  a.w_format = wide_format(p.w.dtype());
+  a.weight = p.weight.data_as<uint8_t>();
+  a.weight_row_stride = p.weight.stride(0);
+  a.scales = p.weight_scale_inv.data_as<float>();
+  a.scale_row_stride = p.weight_scale_inv.stride(0);
+  a.scale_col_stride = p.weight_scale_inv.stride(1);
+  a.n = p.n;
+  a.k = p.k;
+  a.num_threads = p.num_threads;
+  return a;
+}
+
+// Why an ISA build cannot run here, or "".
+template <Fp8Isa kIsa>
+std::string isa_declines(Device device) {
+  if (!device.is_cpu()) return "tensors are on " + device.str();
+  if (kIsa == Fp8Isa::avx512 && !cpu_features().avx512) return "CPU lacks avx512 (f, bw, vl, dq)";
+  if (kIsa == Fp8Isa::avx2 && !cpu_features().avx2) return "CPU lacks avx2 (with fma, f16c)";
+  return "";
+}
+
+template <Fp8Isa kIsa>
+void group_quant_kernel(const GroupQuantArgs& a) {
+  if constexpr (kIsa == Fp8Isa::avx512) group_quant_avx512(a);
+  if constexpr (kIsa == Fp8Isa::avx2) group_quant_avx2(a);
+  if constexpr (kIsa == Fp8Isa::portable) group_quant_portable(a);
+}
+template <Fp8Isa kIsa>
+void block_gemm_kernel(const BlockGemmArgs& a) {
+  if constexpr (kIsa == Fp8Isa::avx512) block_gemm_avx512(a);
+  if constexpr (kIsa == Fp8Isa::avx2) block_gemm_avx2(a);
+  if constexpr (kIsa == Fp8Isa::portable) block_gemm_portable(a);
+}
+
+}  // namespace
+
+void group_quant_portable(const GroupQuantArgs& args) { run_group_quant<Portable>(args); }
+void block_gemm_portable(const BlockGemmArgs& args) { run_block_gemm<Portable>(args); }
+void block_quantize_weight_portable(const BlockQuantizeWeightArgs& args) {
+  run_block_quantize_weight<Portable>(args);
+}
+void divide_to_e4m3_portable(const float* x, int64_t n, float divisor, uint8_t* q) {
+  WideRun<Portable, Fp8Float::f32>::quantize(x, n, divisor, q);
+}
+
+void divide_to_e4m3(Fp8Isa isa, const float* x, int64_t n, float divisor, uint8_t* q) {
+  switch (isa) {
+    case Fp8Isa::avx512:
+      return divide_to_e4m3_avx512(x, n, divisor, q);
+    case Fp8Isa::avx2:
+      return divide_to_e4m3_avx2(x, n, divisor, q);
+    case Fp8Isa::portable:
+      return divide_to_e4m3_portable(x, n, divisor, q);
+  }
+}
+
+template <Fp8Isa kIsa>
+std::string fp8_supports(const GroupQuantProblem& p) {
+  return isa_declines<kIsa>(p.x.device());
+}
+template <Fp8Isa kIsa>
+std::string fp8_supports(const BlockGemmProblem& p) {
+  return isa_declines<kIsa>(p.a.device());
+}
+template <Fp8Isa kIsa>
+std::string fp8_supports(const W8a8LinearProblem& p) {
+  return isa_declines<kIsa>(p.quant.x.device());
+}
+template <Fp8Isa kIsa>
+std::string fp8_supports(const BlockQuantizeWeightProblem& p) {
+  return isa_declines<kIsa>(p.w.device());
+}
+
+template <Fp8Isa kIsa>
+void per_token_group_quant_fp8(const GroupQuantProblem& p) {
+  group_quant_kernel<kIsa>(args_of(p));
+}
+template <Fp8Isa kIsa>
+void block_fp8_gemm(const BlockGemmProblem& p) {
+  block_gemm_kernel<kIsa>(args_of(p));
+}
+template <Fp8Isa kIsa>
+void w8a8_block_fp8_linear(const W8a8LinearProblem& p) {
+  group_quant_kernel<kIsa>(args_of(p.quant));
+  block_gemm_kernel<kIsa>(args_of(p.gemm));
+}
+template <Fp8Isa kIsa>
+void block_quantize_weight(const BlockQuantizeWeightProblem& p) {
+  const BlockQuantizeWeightArgs a = args_of(p);
+  if constexpr (kIsa == Fp8Isa::avx512) block_quantize_weight_avx512(a);
+  if constexpr (kIsa == Fp8Isa::avx2) block_quantize_weight_avx2(a);
+  if constexpr (kIsa == Fp8Isa::portable) block_quantize_weight_portable(a);
+}
+
+#define MOEKIT_FP8_CPU_INSTANTIATE(isa)                                      \
+  template std::string fp8_supports<isa>(const GroupQuantProblem&);          \
+  template std::string fp8_supports<isa>(const BlockGemmProblem&);           \
+  template std::string fp8_supports<isa>(const W8a8LinearProblem&);          \
+  template std::string fp8_supports<isa>(const BlockQuantizeWeightProblem&); \
+  template void per_token_group_quant_fp8<isa>(const GroupQuantProblem&);    \
+  template void block_fp8_gemm<isa>(const BlockGemmProblem&);                \
+  template void w8a8_block_fp8_linear<isa>(const W8a8LinearProblem&);        \
+  template void block_quantize_weight<isa>(const BlockQuantizeWeightProblem&);
+MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::portable)
+MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::avx2)
+MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::avx512)
+#undef MOEKIT_FP8_CPU_INSTANTIATE
+
+}  // namespace moekit::cpu

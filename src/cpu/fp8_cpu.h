@@ -1,0 +1,36 @@
+// CPU FP8 kernels as entries of the FP8 dispatch tables: threads over rows / tiles, SIMD inside,
+// no allocation per call. One build per ISA (portable, AVX2, AVX-512), picked at run time.
+#pragma once
+
+#include <string>
+
+#include "ops/fp8_problem.h"
+
+namespace moekit::cpu {
+
+enum class Fp8Isa : uint8_t { portable, avx2, avx512 };
+
+// "" when this ISA's build serves the problem, else the reason it declines.
+template <Fp8Isa kIsa>
+std::string fp8_supports(const GroupQuantProblem& problem);
+template <Fp8Isa kIsa>
+std::string fp8_supports(const BlockGemmProblem& problem);
+template <Fp8Isa kIsa>
+std::string fp8_supports(const W8a8LinearProblem& problem);
+template <Fp8Isa kIsa>
+std::string fp8_supports(const BlockQuantizeWeightProblem& problem);
+
+template <Fp8Isa kIsa>
+void per_token_group_quant_fp8(const GroupQuantProblem& problem);
+template <Fp8Isa kIsa>
+void block_fp8_gemm(const BlockGemmProblem& problem);
+template <Fp8Isa kIsa>
+void w8a8_block_fp8_linear(const W8a8LinearProblem& problem);
+template <Fp8Isa kIsa>
+void block_quantize_weight(const BlockQuantizeWeightProblem& problem);
+
+// For tests: q[i] = e4m3(x[i] / divisor) through one build's vector encoder (the ISA must be
+// present: cpu_features()).
+void divide_to_e4m3(Fp8Isa isa, const float* x, int64_t n, float divisor, uint8_t* q);
+
+}  // namespace moekit::cpu

@@ -1,0 +1,593 @@
+// FP8 front ends: validation (spec/fp8.md) and one dispatch table per op whose entries say why
+// they decline.
+#include "moekit/ops/fp8.h"
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "cpu/fp8_cpu.h"
+#include "moekit/error.h"
+#include "ops/fp8_problem.h"
+#include "reference/fp8_reference.h"
+
+namespace moekit {
+
+ScaleAddressing scale_addressing(ScaleLayout layout, int64_t rows, int64_t groups) {
+  switch (layout) {
+    case ScaleLayout::row_major:
+      return {layout, groups, 1};
+    case ScaleLayout::column_major:
+      return {layout, 1, rows};
+    case ScaleLayout::column_major_tma:
+    case ScaleLayout::packed_ue8m0:
+      return {layout, 1, fp8::align4(rows)};
+  }
+  return {};
+}
+
+ScaleStorage group_quant_scale_storage(int64_t M, int64_t K, const GroupQuantConfig& config) {
+  const int64_t G = config.group_size > 0 ? fp8::ceil_div(K, config.group_size) : 0;
+  switch (config.layout) {
+    case ScaleLayout::row_major:
+      return {DType::f32, {M, G}};
+    case ScaleLayout::column_major:
+      return {DType::f32, {G, M}};
+    case ScaleLayout::column_major_tma:
+      return {DType::f32, {G, fp8::align4(M)}};
+    case ScaleLayout::packed_ue8m0:
+      return {DType::i32, {fp8::ceil_div(G, 4), fp8::align4(M)}};
+  }
+  return {DType::f32, {0, 0}};
+}
+
+size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K) {
+  if (M <= 0 || K <= 0) return 0;
+  // q (e4m3 [M, K]), then the f32 scales [M, ceil(K/128)] from a 64-byte boundary.
+  const auto q_bytes = static_cast<size_t>((M * K + 63) / 64 * 64);
+  return q_bytes + static_cast<size_t>(M * fp8::ceil_div(K, kFp8BlockSize)) * sizeof(float);
+}
+
+namespace {
+
+// ---- Dispatch tables, fastest first; dispatch() below says which entries a call considers.
+// GPU entries go first in each table (#ifdef MOEKIT_HAVE_GPU, "GPU entries here"): for the GEMM
+// and the linear layer the vendor library path ("gpu.cublaslt"), then our kernel ("gpu"); the
+// GPU group quantization declines group sizes other than 16, 32, 64, 128, 256.
+
+template <class Problem>
+std::string reference_supports(const Problem& p);
+template <>
+std::string reference_supports(const GroupQuantProblem& p) {
+  return p.x.device().is_cpu() ? "" : "tensors are on " + p.x.device().str();
+}
+template <>
+std::string reference_supports(const BlockGemmProblem& p) {
+  return p.a.device().is_cpu() ? "" : "tensors are on " + p.a.device().str();
+}
+template <>
+std::string reference_supports(const W8a8LinearProblem& p) {
+  return reference_supports(p.quant);
+}
+template <>
+std::string reference_supports(const BlockQuantizeWeightProblem& p) {
+  return p.w.device().is_cpu() ? "" : "tensors are on " + p.w.device().str();
+}
+
+using cpu::Fp8Isa;
+
+const GroupQuantImplementation kGroupQuantTable[] = {
+    // GPU entries here.
+    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+     cpu::per_token_group_quant_fp8<Fp8Isa::avx512>},
+    {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
+     cpu::per_token_group_quant_fp8<Fp8Isa::avx2>},
+    {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
+     cpu::per_token_group_quant_fp8<Fp8Isa::portable>},
+    {"reference", Backend::reference, reference_supports<GroupQuantProblem>,
+     reference::per_token_group_quant_fp8},
+};
+
+const BlockGemmImplementation kBlockGemmTable[] = {
+    // GPU entries here.
+    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+     cpu::block_fp8_gemm<Fp8Isa::avx512>},
+    {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>, cpu::block_fp8_gemm<Fp8Isa::avx2>},
+    {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
+     cpu::block_fp8_gemm<Fp8Isa::portable>},
+    {"reference", Backend::reference, reference_supports<BlockGemmProblem>,
+     reference::block_fp8_gemm},
+};
+
+const W8a8LinearImplementation kW8a8LinearTable[] = {
+    // GPU entries here: the vendor library path (cuBLASLt block-scaled FP8, sm_90+), then ours.
+    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+     cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
+    {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
+     cpu::w8a8_block_fp8_linear<Fp8Isa::avx2>},
+    {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
+     cpu::w8a8_block_fp8_linear<Fp8Isa::portable>},
+    {"reference", Backend::reference, reference_supports<W8a8LinearProblem>,
+     reference::w8a8_block_fp8_linear},
+};
+
+const BlockQuantizeWeightImplementation kBlockQuantizeWeightTable[] = {
+    // GPU entries here.
+    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+     cpu::block_quantize_weight<Fp8Isa::avx512>},
+    {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
+     cpu::block_quantize_weight<Fp8Isa::avx2>},
+    {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
+     cpu::block_quantize_weight<Fp8Isa::portable>},
+    {"reference", Backend::reference, reference_supports<BlockQuantizeWeightProblem>,
+     reference::block_quantize_weight},
+};
+
+// ---- Messages.
+
+std::string str(int64_t v) { return std::to_string(v); }
+std::string str(DType d) { return std::string(dtype_name(d)); }
+std::string str(float v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%g", static_cast<double>(v));
+  return buffer;
+}
+std::string str(const void* p) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%p", p);
+  return buffer;
+}
+std::string shape_str(int64_t a, int64_t b) {
+  // Appending (rather than "[" + ...) avoids GCC 12's false -Wrestrict at -O3.
+  std::string s = "[";
+  s += str(a);
+  s += ", ";
+  s += str(b);
+  s += "]";
+  return s;
+}
+std::string layout_name(ScaleLayout layout) {
+  switch (layout) {
+    case ScaleLayout::row_major:
+      return "row_major";
+    case ScaleLayout::column_major:
+      return "column_major";
+    case ScaleLayout::column_major_tma:
+      return "column_major_tma";
+    case ScaleLayout::packed_ue8m0:
+      return "packed_ue8m0";
+  }
+  return "layout " + str(static_cast<int64_t>(layout));
+}
+
+bool is_wide_float(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; }
+
+// ---- Checks shared by the ops. `name` is the argument as the op's signature calls it.
+
+void check_matrix(const char* op, const std::string& name, const TensorView& t, const char* dims) {
+  if (t.ndim() != 2) fail(op, name + ".shape", t.shape_str(), std::string("must be ") + dims);
+}
+
+void check_shape(const char* op, const std::string& name, const TensorView& t, int64_t rows,
+                 int64_t cols, const std::string& why) {
+  if (t.ndim() != 2 || t.size(0) != rows || t.size(1) != cols)
+    fail(op, name + ".shape", t.shape_str(), "must be " + shape_str(rows, cols) + " " + why);
+}
+
+void check_wide_dtype(const char* op, const std::string& name, const TensorView& t) {
+  if (!is_wide_float(t.dtype()))
+    fail(op, name + ".dtype", str(t.dtype()), "is not supported (f32, f16 or bf16)");
+}
+
+void check_fp8_dtype(const char* op, const std::string& name, const TensorView& t) {
+  if (t.dtype() != DType::f8e4m3)
+    fail(op, name + ".dtype", str(t.dtype()), "is not supported (f8e4m3)");
+}
+
+// Kernels read rows as contiguous runs; rows themselves may be strided (not overlapping).
+void check_rows_contiguous(const char* op, const std::string& name, const TensorView& t) {
+  const bool unit = t.size(1) <= 1 || t.stride(1) == 1;
+  const bool rows_apart = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+  if (!unit || !rows_apart)
+    fail(op, name + ".strides", shape_str(t.stride(0), t.stride(1)),
+         "must keep each row contiguous (stride 1 along the last dimension, rows not overlapping)");
+}
+
+void check_device(const char* op, const std::string& name, const TensorView& t, Device device,
+                  const std::string& first) {
+  if (t.device() != device)
+    fail(op, name + ".device", t.device().str(),
+         "differs from " + first + ".device=" + device.str());
+}
+
+// A pointer for every non-empty tensor, aligned to its elements (kernels read them as such).
+void check_data(const char* op, const std::string& name, const TensorView& t) {
+  if (t.numel() > 0 && t.data() == nullptr)
+    fail(op, name + ".data", "null", "pointer given for a non-empty tensor");
+  const size_t element = dtype_size(t.dtype());
+  if (reinterpret_cast<uintptr_t>(t.data()) % element != 0)
+    fail(op, name + ".data", str(static_cast<const void*>(t.data())),
+         "is not aligned to its " + std::to_string(element) + "-byte elements");
+}
+
+// A contiguous scale tensor of the storage group_quant_scale_storage says.
+void check_scale_storage(const char* op, const std::string& name, const TensorView& scales,
+                         int64_t M, int64_t K, int group_size, ScaleLayout layout) {
+  GroupQuantConfig config;
+  config.group_size = group_size;
+  config.layout = layout;
+  const ScaleStorage storage = group_quant_scale_storage(M, K, config);
+  const std::string why = "(the " + layout_name(layout) + " storage of " + shape_str(M, K) +
+                          " in groups of " + str(int64_t{group_size}) + ")";
+  if (scales.dtype() != storage.dtype)
+    fail(op, name + ".dtype", str(scales.dtype()), "must be " + str(storage.dtype) + " " + why);
+  check_shape(op, name, scales, storage.shape[0], storage.shape[1], why);
+  if (!scales.is_contiguous())
+    fail(op, name + ".strides", shape_str(scales.stride(0), scales.stride(1)),
+         "must be contiguous " + why);
+}
+
+void check_bias(const char* op, const std::optional<TensorView>& bias, int64_t N, Device device,
+                const std::string& first) {
+  if (!bias) return;
+  if (bias->ndim() != 1 || bias->size(0) != N)
+    fail(op, "bias.shape", bias->shape_str(), "must be [" + str(N) + "] (one per output column)");
+  check_wide_dtype(op, "bias", *bias);
+  check_device(op, "bias", *bias, device, first);
+  check_data(op, "bias", *bias);
+}
+
+// b [N, K] e4m3 and its block scales [ceil(N/128), ceil(K/128)] f32/bf16 (names as the op has
+// them).
+void check_weight(const char* op, const std::string& b_name, const TensorView& b,
+                  const std::string& scales_name, const TensorView& b_scales, int64_t K,
+                  Device device, const std::string& first) {
+  check_matrix(op, b_name, b, "[N, K]");
+  check_fp8_dtype(op, b_name, b);
+  if (b.size(1) != K)
+    fail(op, b_name + ".shape", b.shape_str(),
+         "must have K=" + str(K) + " columns, as " + first + " has");
+  check_rows_contiguous(op, b_name, b);
+  check_device(op, b_name, b, device, first);
+  const int64_t N = b.size(0);
+  if (b_scales.dtype() != DType::f32 && b_scales.dtype() != DType::bf16)
+    fail(op, scales_name + ".dtype", str(b_scales.dtype()), "is not supported (f32 or bf16)");
+  check_shape(op, scales_name, b_scales, fp8::ceil_div(N, kFp8BlockSize),
+              fp8::ceil_div(K, kFp8BlockSize),
+              "(one per 128 x 128 block of " + b_name + " " + shape_str(N, K) + ")");
+  check_device(op, scales_name, b_scales, device, first);
+  check_data(op, b_name, b);
+  check_data(op, scales_name, b_scales);
+}
+
+void check_output(const char* op, const std::string& name, const TensorView& out, int64_t M,
+                  int64_t N, Device device, const std::string& first) {
+  check_shape(op, name, out, M, N, "(rows of the input x columns of the weight)");
+  check_wide_dtype(op, name, out);
+  check_rows_contiguous(op, name, out);
+  check_device(op, name, out, device, first);
+  check_data(op, name, out);
+}
+
+// ---- Problems without checks: the front ends below validate first.
+
+GroupQuantProblem group_quant_problem_of(const TensorView& x, const TensorView& q,
+                                         const TensorView& scales, ScaleLayout layout,
+                                         int group_size, bool ue8m0, float eps,
+                                         const OpOptions& options) {
+  GroupQuantProblem p;
+  p.x = x;
+  p.q = q;
+  p.scales = scales;
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.groups = fp8::ceil_div(p.cols, group_size);
+  p.scale_at = scale_addressing(layout, p.rows, p.groups);
+  p.group_size = group_size;
+  p.ue8m0 = ue8m0;
+  p.eps = eps;
+  p.num_threads = options.num_threads;
+  p.stream = options.stream;
+  return p;
+}
+
+BlockGemmProblem block_gemm_problem_of(const TensorView& a, const TensorView& a_scales,
+                                       ScaleLayout layout, const TensorView& b,
+                                       const TensorView& b_scales,
+                                       const std::optional<TensorView>& bias, const TensorView& out,
+                                       const OpOptions& options) {
+  BlockGemmProblem p;
+  p.a = a;
+  p.a_scales = a_scales;
+  p.b = b;
+  p.b_scales = b_scales;
+  if (bias) p.bias = *bias;
+  p.out = out;
+  p.m = a.size(0);
+  p.n = b.size(0);
+  p.k = a.size(1);
+  p.k_blocks = fp8::ceil_div(p.k, kFp8BlockSize);
+  p.n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
+  p.a_scale_at = scale_addressing(layout, p.m, p.k_blocks);
+  p.num_threads = options.num_threads;
+  p.stream = options.stream;
+  return p;
+}
+
+// ---- Dispatch (as route's): a requested backend's entries only; with none requested, every
+// entry of a backend that runs on the tensors' device, fastest first, so that the CPU kernels
+// serve and the reference catches what they decline.
+
+template <class Problem>
+std::string eligibility(const Fp8Implementation<Problem>& impl, Device device,
+                        const OpOptions& options) {
+  if (options.backend) {
+    if (impl.backend != *options.backend)
+      return "backend " + std::string(backend_name(*options.backend)) + " was requested";
+  } else if ((impl.backend == Backend::gpu) != device.is_gpu()) {
+    return "tensors are on " + device.str();
+  }
+  if (!backend_available(impl.backend)) return "backend not present on this machine";
+  return "";
+}
+
+template <class Problem>
+std::vector<ImplementationChoice> explain_table(std::span<const Fp8Implementation<Problem>> table,
+                                                const Problem& p, Device device,
+                                                const OpOptions& options) {
+  std::vector<ImplementationChoice> rows;
+  bool chosen = false;
+  for (const Fp8Implementation<Problem>& impl : table) {
+    ImplementationChoice row{impl.name, impl.backend, false, eligibility(impl, device, options)};
+    if (row.reason.empty()) row.reason = impl.supports(p);
+    if (row.reason.empty() && !chosen) row.chosen = chosen = true;
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+// Runs the first eligible entry that serves p; `empty` problems write nothing.
+template <class Problem>
+void dispatch(const char* op, std::span<const Fp8Implementation<Problem>> table, const Problem& p,
+              Device device, const OpOptions& options, bool empty) {
+  const Backend requested = options.backend   ? *options.backend
+                            : device.is_gpu() ? Backend::gpu
+                                              : Backend::cpu;
+  if (!backend_available(requested))
+    fail(op, "backend", std::string(backend_name(requested)), "is not present on this machine");
+  std::string reasons;
+  for (const Fp8Implementation<Problem>& impl : table) {
+    if (!eligibility(impl, device, options).empty()) continue;
+    const std::string why_not = impl.supports(p);
+    if (why_not.empty()) {
+      if (!empty) impl.run(p);
+      return;
+    }
+    reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
+  }
+  fail(op, "backend",
+       options.backend ? std::string(backend_name(*options.backend)) : "any on " + device.str(),
+       "cannot serve this call (" + reasons + ")");
+}
+
+constexpr const char* kGroupQuantOp = "per_token_group_quant_fp8";
+constexpr const char* kGemmOp = "block_fp8_gemm";
+constexpr const char* kLinearOp = "w8a8_block_fp8_linear";
+constexpr const char* kWeightOp = "block_quantize_weight";
+
+}  // namespace
+
+std::span<const GroupQuantImplementation> group_quant_implementations() { return kGroupQuantTable; }
+std::span<const BlockGemmImplementation> block_gemm_implementations() { return kBlockGemmTable; }
+std::span<const W8a8LinearImplementation> w8a8_linear_implementations() { return kW8a8LinearTable; }
+std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_implementations() {
+  return kBlockQuantizeWeightTable;
+}
+
+// ---- per_token_group_quant_fp8
+
+GroupQuantProblem make_group_quant_problem(const char* op, const TensorView& x, const TensorView& q,
+                                           const TensorView& scales, const GroupQuantConfig& c,
+                                           const OpOptions& options) {
+  check_matrix(op, "x", x, "[M, K]");
+  check_wide_dtype(op, "x", x);
+  check_rows_contiguous(op, "x", x);
+  const int64_t M = x.size(0), K = x.size(1);
+  const Device device = x.device();
+  if (c.group_size < 16 || c.group_size > 256 || c.group_size % 16 != 0)
+    fail(op, "group_size", str(int64_t{c.group_size}),
+         "must be a multiple of 16 between 16 and 256");
+  if (K % c.group_size != 0)
+    fail(op, "group_size", str(int64_t{c.group_size}), "does not divide K=" + str(K));
+  if (c.layout > ScaleLayout::packed_ue8m0)
+    fail(op, "layout", layout_name(c.layout), "is not a ScaleLayout");
+  if (c.layout == ScaleLayout::packed_ue8m0 && !c.ue8m0)
+    fail(op, "layout", layout_name(c.layout), "needs ue8m0=true (it stores exponents only)");
+  if (!(c.eps > 0.0f) || std::isinf(c.eps)) fail(op, "eps", str(c.eps), "must be finite and > 0");
+  check_shape(op, "q", q, M, K, "(the shape of x)");
+  check_fp8_dtype(op, "q", q);
+  check_rows_contiguous(op, "q", q);
+  check_device(op, "q", q, device, "x");
+  check_scale_storage(op, "scales", scales, M, K, c.group_size, c.layout);
+  check_device(op, "scales", scales, device, "x");
+  check_data(op, "x", x);
+  check_data(op, "q", q);
+  check_data(op, "scales", scales);
+  return group_quant_problem_of(x, q, scales, c.layout, c.group_size, c.ue8m0, c.eps, options);
+}
+
+void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const TensorView& scales,
+                               const GroupQuantConfig& config, const OpOptions& options) {
+  const GroupQuantProblem p =
+      make_group_quant_problem(kGroupQuantOp, x, q, scales, config, options);
+  dispatch<GroupQuantProblem>(kGroupQuantOp, kGroupQuantTable, p, x.device(), options,
+                              p.rows == 0 || p.cols == 0);
+}
+
+std::vector<ImplementationChoice> explain_per_token_group_quant_fp8(const TensorView& x,
+                                                                    const TensorView& q,
+                                                                    const TensorView& scales,
+                                                                    const GroupQuantConfig& config,
+                                                                    const OpOptions& options) {
+  const GroupQuantProblem p =
+      make_group_quant_problem(kGroupQuantOp, x, q, scales, config, options);
+  return explain_table<GroupQuantProblem>(kGroupQuantTable, p, x.device(), options);
+}
+
+// ---- block_fp8_gemm
+
+BlockGemmProblem make_block_gemm_problem(const char* op, const TensorView& a,
+                                         const TensorView& a_scales, ScaleLayout layout,
+                                         const TensorView& b, const TensorView& b_scales,
+                                         const std::optional<TensorView>& bias,
+                                         const TensorView& out, const OpOptions& options) {
+  check_matrix(op, "a", a, "[M, K]");
+  check_fp8_dtype(op, "a", a);
+  check_rows_contiguous(op, "a", a);
+  check_data(op, "a", a);
+  const int64_t M = a.size(0), K = a.size(1);
+  const Device device = a.device();
+  if (layout > ScaleLayout::packed_ue8m0)
+    fail(op, "a_scales_layout", layout_name(layout), "is not a ScaleLayout");
+  check_scale_storage(op, "a_scales", a_scales, M, K, kFp8BlockSize, layout);
+  check_device(op, "a_scales", a_scales, device, "a");
+  check_data(op, "a_scales", a_scales);
+  check_weight(op, "b", b, "b_scales", b_scales, K, device, "a");
+  const int64_t N = b.size(0);
+  check_bias(op, bias, N, device, "a");
+  check_output(op, "out", out, M, N, device, "a");
+  return block_gemm_problem_of(a, a_scales, layout, b, b_scales, bias, out, options);
+}
+
+void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+                    const TensorView& b, const TensorView& b_scales,
+                    const std::optional<TensorView>& bias, const TensorView& out,
+                    const OpOptions& options) {
+  const BlockGemmProblem p = make_block_gemm_problem(kGemmOp, a, a_scales, a_scales_layout, b,
+                                                     b_scales, bias, out, options);
+  dispatch<BlockGemmProblem>(kGemmOp, kBlockGemmTable, p, a.device(), options,
+                             p.m == 0 || p.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_block_fp8_gemm(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,
+    const TensorView& out, const OpOptions& options) {
+  const BlockGemmProblem p = make_block_gemm_problem(kGemmOp, a, a_scales, a_scales_layout, b,
+                                                     b_scales, bias, out, options);
+  return explain_table<BlockGemmProblem>(kBlockGemmTable, p, a.device(), options);
+}
+
+// ---- w8a8_block_fp8_linear
+
+W8a8LinearProblem make_w8a8_linear_problem(const char* op, const TensorView& x,
+                                           const TensorView& weight,
+                                           const TensorView& weight_scale_inv,
+                                           const std::optional<TensorView>& bias,
+                                           const TensorView& y, void* workspace,
+                                           size_t workspace_bytes, const OpOptions& options) {
+  check_matrix(op, "x", x, "[M, K]");
+  check_wide_dtype(op, "x", x);
+  check_rows_contiguous(op, "x", x);
+  check_data(op, "x", x);
+  const int64_t M = x.size(0), K = x.size(1);
+  const Device device = x.device();
+  check_weight(op, "weight", weight, "weight_scale_inv", weight_scale_inv, K, device, "x");
+  const int64_t N = weight.size(0);
+  check_bias(op, bias, N, device, "x");
+  check_output(op, "y", y, M, N, device, "x");
+  const size_t needed = w8a8_block_fp8_linear_workspace_size(M, K);
+  if (workspace_bytes < needed)
+    fail(op, "workspace_bytes", std::to_string(workspace_bytes),
+         "is less than w8a8_block_fp8_linear_workspace_size(" + str(M) + ", " + str(K) +
+             ")=" + std::to_string(needed));
+  if (needed > 0 && workspace == nullptr)
+    fail(op, "workspace", "null", "pointer given for " + std::to_string(needed) + " bytes");
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    fail(op, "workspace", str(static_cast<const void*>(workspace)), "is not 16-byte aligned");
+
+  // The quantized activations and their row-major f32 scales, carved from the workspace.
+  const int64_t G = fp8::ceil_div(K, kFp8BlockSize);
+  auto* bytes = static_cast<char*>(workspace);
+  const TensorView q(bytes, DType::f8e4m3, {M, K}, device);
+  const TensorView q_scales(bytes + (M * K + 63) / 64 * 64, DType::f32, {M, G}, device);
+  W8a8LinearProblem p;
+  p.quant = group_quant_problem_of(x, q, q_scales, ScaleLayout::row_major, kFp8BlockSize,
+                                   /*ue8m0=*/false, GroupQuantConfig{}.eps, options);
+  p.gemm = block_gemm_problem_of(q, q_scales, ScaleLayout::row_major, weight, weight_scale_inv,
+                                 bias, y, options);
+  return p;
+}
+
+void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
+                           const TensorView& weight_scale_inv,
+                           const std::optional<TensorView>& bias, const TensorView& y,
+                           void* workspace, size_t workspace_bytes, const OpOptions& options) {
+  const W8a8LinearProblem p = make_w8a8_linear_problem(kLinearOp, x, weight, weight_scale_inv, bias,
+                                                       y, workspace, workspace_bytes, options);
+  dispatch<W8a8LinearProblem>(kLinearOp, kW8a8LinearTable, p, x.device(), options,
+                              p.gemm.m == 0 || p.gemm.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_w8a8_block_fp8_linear(
+    const TensorView& x, const TensorView& weight, const TensorView& weight_scale_inv,
+    const std::optional<TensorView>& bias, const TensorView& y, void* workspace,
+    size_t workspace_bytes, const OpOptions& options) {
+  const W8a8LinearProblem p = make_w8a8_linear_problem(kLinearOp, x, weight, weight_scale_inv, bias,
+                                                       y, workspace, workspace_bytes, options);
+  return explain_table<W8a8LinearProblem>(kW8a8LinearTable, p, x.device(), options);
+}
+
+// ---- block_quantize_weight
+
+BlockQuantizeWeightProblem make_block_quantize_weight_problem(const char* op, const TensorView& w,
+                                                              const TensorView& weight,
+                                                              const TensorView& weight_scale_inv,
+                                                              const OpOptions& options) {
+  check_matrix(op, "w", w, "[N, K]");
+  check_wide_dtype(op, "w", w);
+  check_rows_contiguous(op, "w", w);
+  check_data(op, "w", w);
+  const int64_t N = w.size(0), K = w.size(1);
+  const Device device = w.device();
+  check_shape(op, "weight", weight, N, K, "(the shape of w)");
+  check_fp8_dtype(op, "weight", weight);
+  check_rows_contiguous(op, "weight", weight);
+  check_device(op, "weight", weight, device, "w");
+  check_data(op, "weight", weight);
+  if (weight_scale_inv.dtype() != DType::f32)
+    fail(op, "weight_scale_inv.dtype", str(weight_scale_inv.dtype()), "is not supported (f32)");
+  check_shape(op, "weight_scale_inv", weight_scale_inv, fp8::ceil_div(N, kFp8BlockSize),
+              fp8::ceil_div(K, kFp8BlockSize), "(one per 128 x 128 block of w)");
+  check_device(op, "weight_scale_inv", weight_scale_inv, device, "w");
+  check_data(op, "weight_scale_inv", weight_scale_inv);
+  BlockQuantizeWeightProblem p;
+  p.w = w;
+  p.weight = weight;
+  p.weight_scale_inv = weight_scale_inv;
+  p.n = N;
+  p.k = K;
+  p.num_threads = options.num_threads;
+  p.stream = options.stream;
+  return p;
+}
+
+void block_quantize_weight(const TensorView& w, const TensorView& weight,
+                           const TensorView& weight_scale_inv, const OpOptions& options) {
+  const BlockQuantizeWeightProblem p =
+      make_block_quantize_weight_problem(kWeightOp, w, weight, weight_scale_inv, options);
+  dispatch<BlockQuantizeWeightProblem>(kWeightOp, kBlockQuantizeWeightTable, p, w.device(), options,
+                                       p.n == 0 || p.k == 0);
+}
+
+std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView& w,
+                                                                const TensorView& weight,
+                                                                const TensorView& weight_scale_inv,
+                                                                const OpOptions& options) {
+  const BlockQuantizeWeightProblem p =
+      make_block_quantize_weight_problem(kWeightOp, w, weight, weight_scale_inv, options);
+  return explain_table<BlockQuantizeWeightProblem>(kBlockQuantizeWeightTable, p, w.device(),
+                                                   options);
+}
+
+}  // namespace moekit

@@ -1,0 +1,146 @@
+// What an FP8 implementation receives: arguments already validated by the front end (src/ops/
+// fp8.cpp), with every default resolved. Implementations (reference, cpu, gpu) include this and
+// nothing of the front end.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "moekit/ops/fp8.h"
+
+namespace moekit {
+
+// Where the logical scale (row m, group g) of a [M, G] scale tensor lives in its storage
+// (spec/fp8.md, "Scale layouts"). Offsets are in elements: f32 values, or i32 words when packed.
+struct ScaleAddressing {
+  ScaleLayout layout = ScaleLayout::row_major;
+  int64_t row_stride = 0;    // between rows m and m + 1
+  int64_t group_stride = 0;  // between groups g and g + 1 (packed: between words 4w and 4w + 4)
+
+  bool packed() const { return layout == ScaleLayout::packed_ue8m0; }
+  // The f32 or i32 element holding (m, g); for packed layouts byte g % 4 of that word.
+  int64_t offset(int64_t m, int64_t g) const {
+    return m * row_stride + (packed() ? g / 4 : g) * group_stride;
+  }
+};
+ScaleAddressing scale_addressing(ScaleLayout layout, int64_t rows, int64_t groups);
+
+// Reads the logical scale (m, g) as f32: a packed exponent byte e is the power of two 2^(e - 127).
+inline float read_scale(const void* storage, const ScaleAddressing& at, int64_t m, int64_t g) {
+  const int64_t i = at.offset(m, g);
+  uint32_t bits;
+  if (at.packed()) {
+    bits = static_cast<uint32_t>(static_cast<const uint8_t*>(storage)[i * 4 + g % 4]) << 23;
+  } else {
+    std::memcpy(&bits, static_cast<const char*>(storage) + i * 4, 4);
+  }
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return scale;
+}
+
+inline constexpr int kFp8BlockSize = 128;  // weight blocks are 128 x 128; activation groups 1 x 128
+
+namespace fp8 {
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t align4(int64_t v) { return ceil_div(v, 4) * 4; }
+}  // namespace fp8
+
+// per_token_group_quant_fp8 (and the first half of w8a8_block_fp8_linear).
+struct GroupQuantProblem {
+  TensorView x;       // [M, K] f32/f16/bf16, stride(1) == 1
+  TensorView q;       // [M, K] f8e4m3, stride(1) == 1
+  TensorView scales;  // contiguous storage of `layout` (f32, or i32 when packed)
+  ScaleAddressing scale_at;
+  int64_t rows = 0;    // M
+  int64_t cols = 0;    // K
+  int64_t groups = 0;  // ceil(K / group_size): the last group is partial when K % group_size != 0
+                       // (only w8a8_block_fp8_linear asks for that; the public op needs K % g == 0)
+  int group_size = 128;
+  bool ue8m0 = false;
+  float eps = 1e-10f;
+  int num_threads = 0;
+  void* stream = nullptr;
+};
+
+// block_fp8_gemm: out = A x B^T with per-block scales (and the second half of the linear layer).
+struct BlockGemmProblem {
+  TensorView a;         // [M, K] f8e4m3, stride(1) == 1
+  TensorView a_scales;  // logical [M, k_blocks] in `a_scale_at.layout`, contiguous storage
+  ScaleAddressing a_scale_at;
+  TensorView b;         // [N, K] f8e4m3, stride(1) == 1
+  TensorView b_scales;  // [n_blocks, k_blocks] f32/bf16, any strides
+  TensorView bias;      // [N] f32/bf16/f16, any stride; data() == nullptr when there is none
+  TensorView out;       // [M, N] f32/bf16/f16, stride(1) == 1
+  int64_t m = 0, n = 0, k = 0;
+  int64_t k_blocks = 0;  // ceil(K / 128)
+  int64_t n_blocks = 0;  // ceil(N / 128)
+  int num_threads = 0;
+  void* stream = nullptr;
+
+  bool has_bias() const { return bias.data() != nullptr; }
+};
+
+// w8a8_block_fp8_linear: quantize x into the workspace (row-major f32 scales, group 128), then the
+// GEMM of those against the weight. Both halves are complete problems of their own.
+struct W8a8LinearProblem {
+  GroupQuantProblem quant;
+  BlockGemmProblem gemm;
+};
+
+// block_quantize_weight: per 128 x 128 block of W, scale = max(amax, 1e-4) / 448.
+struct BlockQuantizeWeightProblem {
+  TensorView w;                 // [N, K] f32/bf16/f16, stride(1) == 1
+  TensorView weight;            // [N, K] f8e4m3, stride(1) == 1
+  TensorView weight_scale_inv;  // [ceil(N/128), ceil(K/128)] f32, any strides
+  int64_t n = 0, k = 0;
+  int num_threads = 0;
+  void* stream = nullptr;
+};
+inline constexpr float kWeightAmaxFloor = 1e-4f;
+
+// One entry of an FP8 op's dispatch table. supports() returns "" when it can serve the problem,
+// else the reason it declines ("CPU lacks avx512f", "N=200 is not a multiple of 64").
+template <class Problem>
+struct Fp8Implementation {
+  const char* name;
+  Backend backend;
+  std::string (*supports)(const Problem& problem);
+  void (*run)(const Problem& problem);
+};
+using GroupQuantImplementation = Fp8Implementation<GroupQuantProblem>;
+using BlockGemmImplementation = Fp8Implementation<BlockGemmProblem>;
+using W8a8LinearImplementation = Fp8Implementation<W8a8LinearProblem>;
+using BlockQuantizeWeightImplementation = Fp8Implementation<BlockQuantizeWeightProblem>;
+
+// The dispatch tables, fastest first (tests run every entry that serves against the reference).
+std::span<const GroupQuantImplementation> group_quant_implementations();
+std::span<const BlockGemmImplementation> block_gemm_implementations();
+std::span<const W8a8LinearImplementation> w8a8_linear_implementations();
+std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_implementations();
+
+// Validation against spec/fp8.md (throws Error naming the argument and value, before anything is
+// written) into problems. `op` names the caller in messages.
+GroupQuantProblem make_group_quant_problem(const char* op, const TensorView& x, const TensorView& q,
+                                           const TensorView& scales, const GroupQuantConfig& config,
+                                           const OpOptions& options);
+BlockGemmProblem make_block_gemm_problem(const char* op, const TensorView& a,
+                                         const TensorView& a_scales, ScaleLayout a_scales_layout,
+                                         const TensorView& b, const TensorView& b_scales,
+                                         const std::optional<TensorView>& bias,
+                                         const TensorView& out, const OpOptions& options);
+W8a8LinearProblem make_w8a8_linear_problem(const char* op, const TensorView& x,
+                                           const TensorView& weight,
+                                           const TensorView& weight_scale_inv,
+                                           const std::optional<TensorView>& bias,
+                                           const TensorView& y, void* workspace,
+                                           size_t workspace_bytes, const OpOptions& options);
+BlockQuantizeWeightProblem make_block_quantize_weight_problem(const char* op, const TensorView& w,
+                                                              const TensorView& weight,
+                                                              const TensorView& weight_scale_inv,
+                                                              const OpOptions& options);
+
+}  // namespace moekit

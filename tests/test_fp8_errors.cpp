@@ -1,0 +1,322 @@
+// FP8 argument errors (spec/fp8.md): each invalid call throws moekit::Error naming the op, the
+// argument and its value, and writes nothing (the outputs keep their sentinel bytes).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "moekit/error.h"
+#include "moekit/ops/fp8.h"
+
+namespace moekit {
+namespace {
+
+constexpr uint8_t kSentinel = 0x5a;
+
+Tensor sentinel(DType dtype, std::initializer_list<int64_t> shape) {
+  Tensor t = Tensor::empty(dtype, shape);
+  std::memset(t.data(), kSentinel, t.nbytes());
+  return t;
+}
+
+bool untouched(const Tensor& t) {
+  const auto* p = t.data_as<const uint8_t>();
+  for (size_t i = 0; i < t.nbytes(); ++i)
+    if (p[i] != kSentinel) return false;
+  return true;
+}
+
+// Runs call, which must throw Error(op, argument, value); the outputs must stay untouched.
+void expect_error(const std::function<void()>& call, const std::string& op,
+                  const std::string& argument, const std::string& value,
+                  std::initializer_list<const Tensor*> outputs) {
+  SCOPED_TRACE(op + ": " + argument + "=" + value);
+  try {
+    call();
+    ADD_FAILURE() << "no error thrown";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.op(), op) << e.what();
+    EXPECT_EQ(e.argument(), argument) << e.what();
+    if (!value.empty()) {
+      EXPECT_EQ(e.value(), value) << e.what();
+    }
+    EXPECT_EQ(std::string(e.what()).rfind(op + ": " + argument + "=", 0), 0u) << e.what();
+  }
+  for (const Tensor* t : outputs) EXPECT_TRUE(untouched(*t)) << "an output was written";
+}
+
+TensorView on_gpu(const TensorView& t) {
+  return TensorView(t.data(), t.dtype(), t.shape(), t.strides(), Device::gpu(0));
+}
+TensorView with_dtype(const TensorView& t, DType dtype) {
+  return TensorView(t.data(), dtype, t.shape(), t.strides(), t.device());
+}
+TensorView with_null_data(const TensorView& t) {
+  return TensorView(nullptr, t.dtype(), t.shape(), t.strides(), t.device());
+}
+
+// ---- per_token_group_quant_fp8
+
+struct QuantCall {
+  Tensor x = Tensor::empty(DType::bf16, {3, 256});
+  Tensor q = sentinel(DType::f8e4m3, {3, 256});
+  Tensor scales = sentinel(DType::f32, {3, 2});
+  GroupQuantConfig config;
+  QuantCall() { std::memset(x.data(), 0, x.nbytes()); }
+};
+
+constexpr const char* kQuant = "per_token_group_quant_fp8";
+
+TEST(Fp8Errors, GroupQuantArguments) {
+  QuantCall c;
+  auto run = [&](const TensorView& x, const TensorView& q, const TensorView& s,
+                 const GroupQuantConfig& config, const OpOptions& options = {}) {
+    return [=] { per_token_group_quant_fp8(x, q, s, config, options); };
+  };
+  const std::initializer_list<const Tensor*> outs = {&c.q, &c.scales};
+  {
+    const int64_t shape[] = {1, 3, 256};
+    expect_error(run(TensorView(c.x.data(), DType::bf16, shape), c.q, c.scales, c.config), kQuant,
+                 "x.shape", "[1, 3, 256]", outs);
+  }
+  expect_error(run(with_dtype(c.x, DType::i32), c.q, c.scales, c.config), kQuant, "x.dtype", "i32",
+               outs);
+  {
+    const int64_t shape[] = {3, 256}, strides[] = {512, 2};
+    expect_error(run(TensorView(c.x.data(), DType::bf16, shape, strides), c.q, c.scales, c.config),
+                 kQuant, "x.strides", "[512, 2]", outs);
+  }
+  for (int group : {8, 40, 272, 0, -16}) {
+    GroupQuantConfig config;
+    config.group_size = group;
+    expect_error(run(c.x, c.q, c.scales, config), kQuant, "group_size", std::to_string(group),
+                 outs);
+  }
+  {
+    GroupQuantConfig config;
+    config.group_size = 96;  // a multiple of 16 that does not divide K = 256
+    expect_error(run(c.x, c.q, c.scales, config), kQuant, "group_size", "96", outs);
+    try {
+      per_token_group_quant_fp8(c.x, c.q, c.scales, config);
+    } catch (const Error& e) {
+      EXPECT_STREQ(e.what(), "per_token_group_quant_fp8: group_size=96 does not divide K=256");
+    }
+  }
+  {
+    GroupQuantConfig config;
+    config.layout = ScaleLayout::packed_ue8m0;  // without ue8m0
+    Tensor words = sentinel(DType::i32, {1, 4});
+    expect_error(run(c.x, c.q, words, config), kQuant, "layout", "packed_ue8m0", {&c.q, &words});
+  }
+  for (float eps : {0.0f, -1.0f, std::numeric_limits<float>::infinity(), std::nanf("")}) {
+    GroupQuantConfig config;
+    config.eps = eps;
+    expect_error(run(c.x, c.q, c.scales, config), kQuant, "eps", "", outs);
+  }
+  {
+    Tensor q = sentinel(DType::f8e4m3, {3, 128});
+    expect_error(run(c.x, q, c.scales, c.config), kQuant, "q.shape", "[3, 128]", {&q, &c.scales});
+  }
+  expect_error(run(c.x, with_dtype(c.q, DType::f8e5m2), c.scales, c.config), kQuant, "q.dtype",
+               "f8e5m2", outs);
+  {
+    Tensor s = sentinel(DType::f32, {2, 3});  // the column-major shape, given for row-major
+    expect_error(run(c.x, c.q, s, c.config), kQuant, "scales.shape", "[2, 3]", {&c.q, &s});
+  }
+  {
+    GroupQuantConfig config;
+    config.layout = ScaleLayout::column_major_tma;  // storage [2, align4(3) = 4]
+    Tensor s = sentinel(DType::f32, {2, 3});
+    expect_error(run(c.x, c.q, s, config), kQuant, "scales.shape", "[2, 3]", {&c.q, &s});
+  }
+  {
+    GroupQuantConfig config;
+    config.layout = ScaleLayout::packed_ue8m0;
+    config.ue8m0 = true;
+    Tensor s = sentinel(DType::f32, {1, 4});  // right shape, but packed words are i32
+    expect_error(run(c.x, c.q, s, config), kQuant, "scales.dtype", "f32", {&c.q, &s});
+  }
+  {
+    Tensor s = sentinel(DType::f32, {3, 4});
+    const int64_t shape[] = {3, 2}, strides[] = {4, 1};
+    expect_error(run(c.x, c.q, TensorView(s.data(), DType::f32, shape, strides), c.config), kQuant,
+                 "scales.strides", "[4, 1]", {&c.q, &s});
+  }
+  expect_error(run(c.x, on_gpu(c.q), c.scales, c.config), kQuant, "q.device", "gpu:0", outs);
+  expect_error(run(c.x, c.q, on_gpu(c.scales), c.config), kQuant, "scales.device", "gpu:0", outs);
+  expect_error(run(with_null_data(c.x), c.q, c.scales, c.config), kQuant, "x.data", "null", outs);
+  expect_error(run(c.x, c.q, c.scales, c.config, {Backend::gpu}), kQuant, "backend", "gpu", outs);
+  expect_error([&] { explain_per_token_group_quant_fp8(c.x, c.q, c.scales, GroupQuantConfig{8}); },
+               kQuant, "group_size", "8", outs);
+}
+
+// ---- block_fp8_gemm
+
+struct GemmCall {
+  Tensor a = Tensor::empty(DType::f8e4m3, {3, 256});
+  Tensor as = Tensor::empty(DType::f32, {3, 2});
+  Tensor b = Tensor::empty(DType::f8e4m3, {128, 256});
+  Tensor bs = Tensor::empty(DType::f32, {1, 2});
+  Tensor bias = Tensor::empty(DType::f32, {128});
+  Tensor out = sentinel(DType::bf16, {3, 128});
+  GemmCall() {
+    for (Tensor* t : {&a, &as, &b, &bs, &bias}) std::memset(t->data(), 0, t->nbytes());
+  }
+};
+
+constexpr const char* kGemm = "block_fp8_gemm";
+
+TEST(Fp8Errors, GemmArguments) {
+  GemmCall c;
+  auto run = [&](const TensorView& a, const TensorView& as, ScaleLayout layout, const TensorView& b,
+                 const TensorView& bs, const std::optional<TensorView>& bias, const TensorView& out,
+                 const OpOptions& options = {}) {
+    return [=] { block_fp8_gemm(a, as, layout, b, bs, bias, out, options); };
+  };
+  const auto row = ScaleLayout::row_major;
+  const std::initializer_list<const Tensor*> outs = {&c.out};
+  expect_error(run(with_dtype(c.a, DType::bf16), c.as, row, c.b, c.bs, std::nullopt, c.out), kGemm,
+               "a.dtype", "bf16", outs);
+  {
+    Tensor b = Tensor::empty(DType::f8e4m3, {128, 200});
+    expect_error(run(c.a, c.as, row, b, c.bs, std::nullopt, c.out), kGemm, "b.shape", "[128, 200]",
+                 outs);
+  }
+  expect_error(run(c.a, c.as, ScaleLayout::column_major, c.b, c.bs, std::nullopt, c.out), kGemm,
+               "a_scales.shape", "[3, 2]", outs);
+  {
+    Tensor words = Tensor::empty(DType::f32, {1, 4});  // packed storage shape, f32 instead of i32
+    expect_error(run(c.a, words, ScaleLayout::packed_ue8m0, c.b, c.bs, std::nullopt, c.out), kGemm,
+                 "a_scales.dtype", "f32", outs);
+  }
+  {
+    Tensor bs = Tensor::empty(DType::f32, {2, 2});
+    expect_error(run(c.a, c.as, row, c.b, bs, std::nullopt, c.out), kGemm, "b_scales.shape",
+                 "[2, 2]", outs);
+  }
+  expect_error(run(c.a, c.as, row, c.b, with_dtype(c.bs, DType::f16), std::nullopt, c.out), kGemm,
+               "b_scales.dtype", "f16", outs);
+  {
+    Tensor bias = Tensor::empty(DType::f32, {64});
+    expect_error(run(c.a, c.as, row, c.b, c.bs, bias.view(), c.out), kGemm, "bias.shape", "[64]",
+                 outs);
+  }
+  expect_error(run(c.a, c.as, row, c.b, c.bs, with_dtype(c.bias, DType::i32), c.out), kGemm,
+               "bias.dtype", "i32", outs);
+  {
+    Tensor out = sentinel(DType::f32, {3, 64});
+    expect_error(run(c.a, c.as, row, c.b, c.bs, std::nullopt, out), kGemm, "out.shape", "[3, 64]",
+                 {&out});
+  }
+  expect_error(run(c.a, c.as, row, c.b, c.bs, std::nullopt, with_dtype(c.out, DType::f8e4m3)),
+               kGemm, "out.dtype", "f8e4m3", outs);
+  {
+    Tensor out = sentinel(DType::f32, {3, 256});
+    const int64_t shape[] = {3, 128}, strides[] = {256, 2};
+    expect_error(run(c.a, c.as, row, c.b, c.bs, std::nullopt,
+                     TensorView(out.data(), DType::f32, shape, strides)),
+                 kGemm, "out.strides", "[256, 2]", {&out});
+  }
+  expect_error(run(c.a, c.as, row, on_gpu(c.b), c.bs, std::nullopt, c.out), kGemm, "b.device",
+               "gpu:0", outs);
+  expect_error(run(c.a, c.as, row, c.b, c.bs, on_gpu(c.bias), c.out), kGemm, "bias.device", "gpu:0",
+               outs);
+  expect_error(run(c.a, c.as, row, with_null_data(c.b), c.bs, std::nullopt, c.out), kGemm, "b.data",
+               "null", outs);
+  {
+    const int64_t shape[] = {3, 2};  // f32 scales one byte off their alignment
+    const TensorView misaligned(c.as.data_as<char>() + 1, DType::f32, shape);
+    expect_error(run(c.a, misaligned, row, c.b, c.bs, std::nullopt, c.out), kGemm, "a_scales.data",
+                 "", outs);
+  }
+  expect_error(run(c.a, c.as, static_cast<ScaleLayout>(7), c.b, c.bs, std::nullopt, c.out), kGemm,
+               "a_scales_layout", "", outs);
+  expect_error(
+      [&] {
+        explain_block_fp8_gemm(c.a, c.as, row, c.b, with_dtype(c.bs, DType::f16), std::nullopt,
+                               c.out);
+      },
+      kGemm, "b_scales.dtype", "f16", outs);
+}
+
+// ---- w8a8_block_fp8_linear
+
+constexpr const char* kLinear = "w8a8_block_fp8_linear";
+
+TEST(Fp8Errors, LinearArguments) {
+  Tensor x = Tensor::empty(DType::bf16, {3, 300});
+  std::memset(x.data(), 0, x.nbytes());
+  Tensor weight = Tensor::empty(DType::f8e4m3, {64, 300});
+  Tensor scale_inv = Tensor::empty(DType::bf16, {1, 3});
+  Tensor y = sentinel(DType::bf16, {3, 64});
+  const size_t bytes = w8a8_block_fp8_linear_workspace_size(3, 300);
+  EXPECT_EQ(bytes, 960u + 3 * 3 * 4);  // 900 bytes rounded up to 64, then 3 x 3 f32 scales
+  Tensor ws = sentinel(DType::u8, {static_cast<int64_t>(bytes) + 64});
+  const std::initializer_list<const Tensor*> outs = {&y, &ws};
+  auto run = [&](const TensorView& x_view, const TensorView& w, const TensorView& s,
+                 const TensorView& y_view, void* workspace, size_t workspace_bytes) {
+    return [=] {
+      w8a8_block_fp8_linear(x_view, w, s, std::nullopt, y_view, workspace, workspace_bytes);
+    };
+  };
+  expect_error(run(x, weight, scale_inv, y, ws.data(), bytes - 1), kLinear, "workspace_bytes",
+               std::to_string(bytes - 1), outs);
+  expect_error(run(x, weight, scale_inv, y, nullptr, bytes), kLinear, "workspace", "null", outs);
+  expect_error(run(x, weight, scale_inv, y, ws.data_as<char>() + 4, bytes), kLinear, "workspace",
+               "", outs);
+  expect_error(run(with_dtype(x, DType::f8e4m3), weight, scale_inv, y, ws.data(), bytes), kLinear,
+               "x.dtype", "f8e4m3", outs);
+  {
+    Tensor s = Tensor::empty(DType::f32, {1, 2});  // ceil(300 / 128) = 3 blocks of K
+    expect_error(run(x, weight, s, y, ws.data(), bytes), kLinear, "weight_scale_inv.shape",
+                 "[1, 2]", outs);
+  }
+  {
+    Tensor w = Tensor::empty(DType::f8e4m3, {64, 256});
+    expect_error(run(x, w, scale_inv, y, ws.data(), bytes), kLinear, "weight.shape", "[64, 256]",
+                 outs);
+  }
+  {
+    Tensor y2 = sentinel(DType::bf16, {3, 65});
+    expect_error(run(x, weight, scale_inv, y2, ws.data(), bytes), kLinear, "y.shape", "[3, 65]",
+                 {&y2, &ws});
+  }
+  expect_error(run(x, with_dtype(weight, DType::bf16), scale_inv, y, ws.data(), bytes), kLinear,
+               "weight.dtype", "bf16", outs);
+  expect_error(run(x, weight, scale_inv, on_gpu(y), ws.data(), bytes), kLinear, "y.device", "gpu:0",
+               outs);
+}
+
+// ---- block_quantize_weight
+
+constexpr const char* kWeight = "block_quantize_weight";
+
+TEST(Fp8Errors, BlockQuantizeWeightArguments) {
+  Tensor w = Tensor::empty(DType::f32, {130, 256});
+  std::memset(w.data(), 0, w.nbytes());
+  Tensor weight = sentinel(DType::f8e4m3, {130, 256});
+  Tensor scales = sentinel(DType::f32, {2, 2});
+  const std::initializer_list<const Tensor*> outs = {&weight, &scales};
+  auto run = [&](const TensorView& w_view, const TensorView& q, const TensorView& s) {
+    return [=] { block_quantize_weight(w_view, q, s); };
+  };
+  expect_error(run(with_dtype(w, DType::i64), weight, scales), kWeight, "w.dtype", "i64", outs);
+  {
+    Tensor q = sentinel(DType::f8e4m3, {128, 256});
+    expect_error(run(w, q, scales), kWeight, "weight.shape", "[128, 256]", {&q, &scales});
+  }
+  expect_error(run(w, weight, with_dtype(scales, DType::bf16)), kWeight, "weight_scale_inv.dtype",
+               "bf16", outs);
+  {
+    Tensor s = sentinel(DType::f32, {1, 2});
+    expect_error(run(w, weight, s), kWeight, "weight_scale_inv.shape", "[1, 2]", {&weight, &s});
+  }
+  expect_error(run(w, on_gpu(weight), scales), kWeight, "weight.device", "gpu:0", outs);
+}
+
+}  // namespace
+}  // namespace moekit
