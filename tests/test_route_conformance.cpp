@@ -120,14 +120,7 @@ TEST(RouteConformance, CpuMatchesReferenceOnModelTable) {
     for (int64_t tokens : {int64_t{1}, int64_t{7}, int64_t{64}, int64_t{300}}) {
       for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf,
                              InputKind::saturated, InputKind::padding}) {
-        harness::RouteCase c;
-        c.label = row.name;
-        c.tokens = tokens;
-        c.num_experts = row.num_experts;
-        c.config = row.config;
-        c.has_bias = row.has_bias;
-        c.kind = kind;
-        c.seed = case_seed++;
+        harness::RouteCase c = harness::model_case(row, tokens, kind, case_seed++);
         const harness::RouteInputs in = harness::make_inputs(c);
         const harness::RouteOutputs ref = harness::run_reference(c, in);
         harness::RouteOutputs out = harness::make_poisoned_outputs(c);

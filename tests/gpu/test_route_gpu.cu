@@ -194,15 +194,8 @@ uint64_t test_seed() {
 
 RouteCase model_case(const harness::ModelRow& model, int64_t tokens, InputKind kind,
                      DType logits_dtype, uint64_t seed) {
-  RouteCase c;
-  c.label = model.name;
-  c.tokens = tokens;
-  c.num_experts = model.num_experts;
-  c.config = model.config;
-  c.has_bias = model.has_bias;
+  RouteCase c = harness::model_case(model, tokens, kind, seed);
   c.logits_dtype = logits_dtype;
-  c.kind = kind;
-  c.seed = seed;
   return c;
 }
 

@@ -119,23 +119,7 @@ double time_gpu(const harness::RouteCase& c, const harness::RouteInputs& in) {
 #endif
 
 bool verify(const harness::RouteCase& c, const harness::RouteInputs& in, Backend backend) {
-  harness::RouteOutputs out = harness::make_poisoned_outputs(c);
-  RouteOptions options;
-  options.backend = backend;
-  if (backend == Backend::gpu) {
-    const Device gpu = Device::gpu();
-    Tensor logits = Tensor::copy_of(in.logits, gpu);
-    std::optional<Tensor> bias;
-    if (in.bias) bias = Tensor::copy_of(*in.bias, gpu);
-    Tensor weights = Tensor::copy_of(out.weights, gpu);
-    Tensor ids = Tensor::copy_of(out.ids, gpu);
-    route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt, c.config, weights,
-          ids, options);
-    copy(out.weights, weights);
-    copy(out.ids, ids);
-  } else {
-    route(in.logits, in.bias_view(), c.config, out.weights, out.ids, options);
-  }
+  const harness::RouteOutputs out = harness::run_backend(backend, c, in);
   const harness::RouteOutputs ref = harness::run_reference(c, in);
   return harness::compare_with_reference(c, in, ref, out).pass;
 }
@@ -170,13 +154,7 @@ int run_bench(const BenchOptions& options) {
     found = true;
     for (int64_t tokens : harness::token_counts()) {
       if (options.tokens > 0 && tokens != options.tokens) continue;
-      harness::RouteCase c;
-      c.label = model.name;
-      c.tokens = tokens;
-      c.num_experts = model.num_experts;
-      c.config = model.config;
-      c.has_bias = model.has_bias;
-      c.seed = seed++;
+      harness::RouteCase c = harness::model_case(model, tokens, harness::InputKind::random, seed++);
       const harness::RouteInputs in = harness::make_inputs(c);
       const bool ok = verify(c, in, backend);
       all_verified = all_verified && ok;

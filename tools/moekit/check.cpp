@@ -16,29 +16,6 @@ namespace {
 
 using harness::InputKind;
 
-// Runs one case on a backend (staging through the GPU when needed) and returns its outputs.
-harness::RouteOutputs run_backend(Backend backend, const harness::RouteCase& c,
-                                  const harness::RouteInputs& in) {
-  harness::RouteOutputs out = harness::make_poisoned_outputs(c);
-  RouteOptions options;
-  options.backend = backend;
-  if (backend != Backend::gpu) {
-    route(in.logits, in.bias_view(), c.config, out.weights, out.ids, options);
-    return out;
-  }
-  const Device gpu = Device::gpu();
-  Tensor logits = Tensor::copy_of(in.logits, gpu);
-  std::optional<Tensor> bias;
-  if (in.bias) bias = Tensor::copy_of(*in.bias, gpu);
-  Tensor weights = Tensor::copy_of(out.weights, gpu);  // poisoned too
-  Tensor ids = Tensor::copy_of(out.ids, gpu);
-  route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt, c.config, weights,
-        ids, options);
-  copy(out.weights, weights);  // synchronous copies: the route has finished
-  copy(out.ids, ids);
-  return out;
-}
-
 std::string chosen_implementation(Backend backend, const harness::RouteCase& c,
                                   const harness::RouteInputs& in) {
   const Device device = backend == Backend::gpu ? Device::gpu() : Device::cpu();
@@ -90,18 +67,11 @@ int run_check(const CheckOptions& options) {
         for (InputKind kind : kinds) {
           // Adversarial inputs at prefill sizes add time, not coverage.
           if (kind != InputKind::random && tokens > 1024) continue;
-          harness::RouteCase c;
-          c.label = row.name;
-          c.tokens = tokens;
-          c.num_experts = row.num_experts;
-          c.config = row.config;
-          c.has_bias = row.has_bias;
-          c.kind = kind;
-          c.seed = case_seed++;
+          harness::RouteCase c = harness::model_case(row, tokens, kind, case_seed++);
           const harness::RouteInputs in = harness::make_inputs(c);
           if (implementation.empty()) implementation = chosen_implementation(backend, c, in);
           const harness::RouteOutputs ref = harness::run_reference(c, in);
-          const harness::RouteOutputs out = run_backend(backend, c, in);
+          const harness::RouteOutputs out = harness::run_backend(backend, c, in);
           const harness::Comparison cmp = harness::compare_with_reference(c, in, ref, out);
           max_error = std::max(max_error, cmp.max_weight_error);
           diffs += cmp.id_differences;

@@ -28,4 +28,31 @@ struct BenchOptions {
 };
 int run_bench(const BenchOptions& options);
 
+// The FP8 subcommands (fp8_commands.cpp): safetensors in, safetensors out (written atomically, and
+// only on success).
+struct Fp8CommonFlags {
+  std::string input, output;
+  std::string backend;  // empty: the fastest present for CPU tensors
+  int threads = 0;      // CPU threads; 0 = all
+};
+
+// quant: "x" [M, K] -> "q" f8e4m3 [M, K] and "scales" in the layout's physical storage.
+struct QuantOptions {
+  Fp8CommonFlags common;
+  int group_size = 128;
+  bool ue8m0 = false;
+  std::string layout = "row";  // row | col | col-tma | packed
+};
+int run_quant(const QuantOptions& options);
+
+// gemm: "a", "a_scales" (row-major), "b", "b_scales", optional "bias" -> "out" [M, N].
+struct GemmOptions {
+  Fp8CommonFlags common;
+  std::string out_dtype = "bf16";  // bf16 | f16 | f32
+};
+int run_gemm(const GemmOptions& options);
+
+// quantize-weight: "weight" [N, K] -> "weight" f8e4m3 and "weight_scale_inv" f32.
+int run_quantize_weight(const Fp8CommonFlags& options);
+
 }  // namespace moekit::cli

@@ -1,4 +1,5 @@
-// moekit: the command-line front end (route, check, bench, explain, backends, --version).
+// moekit: the command-line front end (route, quant, gemm, quantize-weight, check, bench, explain,
+// backends, --version).
 #include <fmt/core.h>
 
 #include <CLI/CLI.hpp>
@@ -183,6 +184,39 @@ int main(int argc, char** argv) {
   RouteFlags route_flags;
   route_flags.add_to(*route_cmd);
 
+  // FP8 subcommands: each reads one safetensors file and writes another.
+  const auto add_fp8_common = [](CLI::App& cmd, Fp8CommonFlags& flags, const std::string& reads,
+                                 const std::string& writes) {
+    cmd.add_option("--input", flags.input, "safetensors with " + reads)->required();
+    cmd.add_option("--output", flags.output, "safetensors to write " + writes + " to")->required();
+    cmd.add_option("--backend", flags.backend,
+                   "reference | cpu | gpu (default: the fastest present)");
+    cmd.add_option("--threads", flags.threads, "CPU threads (0 = all)");
+  };
+  CLI::App* quant_cmd =
+      app.add_subcommand("quant", "per-token-group FP8 (e4m3) quantization of activations");
+  QuantOptions quant;
+  add_fp8_common(*quant_cmd, quant.common, "\"x\" [M, K] (f32/f16/bf16)",
+                 "\"q\" (e4m3) and \"scales\"");
+  quant_cmd->add_option("--group-size", quant.group_size, "elements per scale group (16..256)")
+      ->required();
+  quant_cmd->add_flag("--ue8m0", quant.ue8m0, "round scales up to powers of two");
+  quant_cmd->add_option("--layout", quant.layout,
+                        "scales storage: row | col | col-tma | packed (packed needs --ue8m0)");
+
+  CLI::App* gemm_cmd = app.add_subcommand("gemm", "block-scaled FP8 GEMM: out = A x B^T");
+  GemmOptions gemm;
+  add_fp8_common(*gemm_cmd, gemm.common,
+                 "\"a\" [M, K], \"a_scales\", \"b\" [N, K], \"b_scales\", optional \"bias\"",
+                 "\"out\" [M, N]");
+  gemm_cmd->add_option("--out-dtype", gemm.out_dtype, "bf16 | f16 | f32");
+
+  CLI::App* quantize_weight_cmd = app.add_subcommand(
+      "quantize-weight", "128x128 block FP8 quantization of a weight, as in FP8 checkpoints");
+  Fp8CommonFlags quantize_weight;
+  add_fp8_common(*quantize_weight_cmd, quantize_weight, "\"weight\" [N, K] (f32/f16/bf16)",
+                 "\"weight\" (e4m3) and \"weight_scale_inv\"");
+
   CLI::App* check_cmd =
       app.add_subcommand("check", "every backend against the reference, on the model table");
   CheckOptions check;
@@ -227,6 +261,9 @@ int main(int argc, char** argv) {
   }
   try {
     if (route_cmd->parsed()) return run_route(input, output, route_flags);
+    if (quant_cmd->parsed()) return run_quant(quant);
+    if (gemm_cmd->parsed()) return run_gemm(gemm);
+    if (quantize_weight_cmd->parsed()) return run_quantize_weight(quantize_weight);
     if (check_cmd->parsed()) {
       if (!check_backend.empty()) check.backend = parse_backend(check_backend);
       if (*seed_opt) check.seed = check_seed;

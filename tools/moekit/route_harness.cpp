@@ -137,6 +137,39 @@ RouteOutputs make_poisoned_outputs(const RouteCase& c) {
   return out;
 }
 
+RouteCase model_case(const ModelRow& row, int64_t tokens, InputKind kind, uint64_t seed) {
+  RouteCase c;
+  c.label = row.name;
+  c.tokens = tokens;
+  c.num_experts = row.num_experts;
+  c.config = row.config;
+  c.has_bias = row.has_bias;
+  c.kind = kind;
+  c.seed = seed;
+  return c;
+}
+
+RouteOutputs run_backend(Backend backend, const RouteCase& c, const RouteInputs& in) {
+  RouteOutputs out = make_poisoned_outputs(c);
+  RouteOptions options;
+  options.backend = backend;
+  if (backend != Backend::gpu) {
+    route(in.logits, in.bias_view(), c.config, out.weights, out.ids, options);
+    return out;
+  }
+  const Device gpu = Device::gpu();
+  Tensor logits = Tensor::copy_of(in.logits, gpu);
+  std::optional<Tensor> bias;
+  if (in.bias) bias = Tensor::copy_of(*in.bias, gpu);
+  Tensor weights = Tensor::copy_of(out.weights, gpu);  // poisoned too
+  Tensor ids = Tensor::copy_of(out.ids, gpu);
+  route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt, c.config, weights,
+        ids, options);
+  copy(out.weights, weights);  // synchronous: the route has finished
+  copy(out.ids, ids);
+  return out;
+}
+
 RouteOutputs run_reference(const RouteCase& c, const RouteInputs& in) {
   RouteOutputs out = make_poisoned_outputs(c);
   route(in.logits, in.bias_view(), c.config, out.weights, out.ids,

@@ -77,7 +77,14 @@ struct Comparison {
 Comparison compare_with_reference(const RouteCase& route_case, const RouteInputs& inputs,
                                   const RouteOutputs& reference, const RouteOutputs& candidate);
 
+// A case for one model-table row: its config, bias and expert count, bf16 logits.
+RouteCase model_case(const ModelRow& row, int64_t tokens, InputKind kind, uint64_t seed);
+
 // Runs the reference on the case: the expected outputs.
 RouteOutputs run_reference(const RouteCase& route_case, const RouteInputs& inputs);
+
+// Runs the case on a backend into poisoned outputs, staging through the GPU (synchronous copies)
+// when the backend is the GPU. Returns the outputs on the CPU.
+RouteOutputs run_backend(Backend backend, const RouteCase& route_case, const RouteInputs& inputs);
 
 }  // namespace moekit::harness
