@@ -1,0 +1,337 @@
+// The moekit CLI's FP8 subcommands end to end (quant, gemm, quantize-weight): each writes exactly
+// what calling the library op directly computes, and errors are one line, exit code 2, nothing
+// written. Random inputs (seed printed; MOEKIT_TEST_SEED repeats a run).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moekit/backend.h"
+#include "moekit/ops/fp8.h"
+#include "moekit/safetensors.h"
+
+namespace moekit {
+namespace {
+
+namespace fs = std::filesystem;
+
+uint64_t test_seed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("MOEKIT_TEST_SEED");
+    const uint64_t s = env != nullptr ? std::strtoull(env, nullptr, 10)
+                                      : (uint64_t{std::random_device{}()} << 32) ^
+                                            uint64_t { std::random_device{}() };
+    std::printf("cli fp8 seed: %llu (set MOEKIT_TEST_SEED to repeat)\n",
+                static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+struct Result {
+  int exit_code;
+  std::string out, err;
+};
+
+class CliFp8 : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    rng_.seed(test_seed() ^ std::hash<std::string>{}(name));
+    dir_ = fs::temp_directory_path() /
+           ("moekit_cli_fp8_" + std::to_string(std::random_device{}()) + "_" + name);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  Result run(const std::string& args) {
+    const std::string out = (dir_ / "stdout").string(), err = (dir_ / "stderr").string();
+    const std::string cmd = std::string(MOEKIT_CLI_PATH) + " " + args + " >" + out + " 2>" + err;
+    const int status = std::system(cmd.c_str());
+    return {WEXITSTATUS(status), slurp(out), slurp(err)};
+  }
+  static std::string slurp(const std::string& path) {
+    std::ifstream f(path);
+    return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  // A random tensor of a floating dtype, values ~ N(0, sigma) with a few outliers.
+  Tensor random(DType dtype, std::initializer_list<int64_t> shape, float sigma = 1.0f) {
+    Tensor t = Tensor::empty(dtype, shape);
+    std::normal_distribution<float> normal(0.0f, sigma);
+    std::uniform_int_distribution<int> outlier(0, 63);
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      float v = normal(rng_);
+      if (outlier(rng_) == 0) v *= 30.0f;
+      store_from_f32(t.data(), dtype, i, v);
+    }
+    return t;
+  }
+
+  static void expect_same(const TensorView& got, const TensorView& want, const std::string& what) {
+    ASSERT_EQ(got.dtype(), want.dtype()) << what;
+    ASSERT_EQ(got.shape_str(), want.shape_str()) << what;
+    EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.nbytes())) << what;
+  }
+
+  // The folder holds only these files (plus stdout/stderr): nothing temporary was left.
+  void expect_only(const std::vector<std::string>& names) {
+    for (const auto& entry : fs::directory_iterator(dir_)) {
+      const std::string name = entry.path().filename().string();
+      EXPECT_TRUE(name == "stdout" || name == "stderr" ||
+                  std::find(names.begin(), names.end(), name) != names.end())
+          << "unexpected file " << name;
+    }
+  }
+
+  std::mt19937_64 rng_;
+  fs::path dir_;
+};
+
+struct LayoutCase {
+  const char* flag;
+  ScaleLayout layout;
+  bool ue8m0;
+};
+
+TEST_F(CliFp8, QuantWritesWhatTheLibraryComputesForEveryLayout) {
+  const LayoutCase cases[] = {
+      {"row", ScaleLayout::row_major, false},
+      {"row", ScaleLayout::row_major, true},
+      {"col", ScaleLayout::column_major, false},
+      {"col-tma", ScaleLayout::column_major_tma, false},
+      {"col-tma", ScaleLayout::column_major_tma, true},
+      {"packed", ScaleLayout::packed_ue8m0, true},
+  };
+  // M = 13 exercises the align4 padding rows; K / 64 = 6 groups a partial packed word.
+  const int64_t M = 13, K = 384;
+  const int group = 64;
+  for (const DType dtype : {DType::bf16, DType::f32, DType::f16}) {
+    Tensor x = random(dtype, {M, K}, 3.0f);
+    const std::string in = path("in.safetensors");
+    write_safetensors(in, {{"x", x.view()}});
+    for (const LayoutCase& c : cases) {
+      const std::string what =
+          std::string(dtype_name(dtype)) + " --layout " + c.flag + (c.ue8m0 ? " --ue8m0" : "");
+      const std::string out = path("out.safetensors");
+      const Result r = run("quant --input " + in + " --output " + out + " --group-size " +
+                           std::to_string(group) + " --layout " + c.flag +
+                           (c.ue8m0 ? " --ue8m0" : "") + " --backend reference");
+      ASSERT_EQ(r.exit_code, 0) << what << ": " << r.err;
+
+      GroupQuantConfig config;
+      config.group_size = group;
+      config.ue8m0 = c.ue8m0;
+      config.layout = c.layout;
+      const ScaleStorage storage = group_quant_scale_storage(M, K, config);
+      Tensor q = Tensor::empty(DType::f8e4m3, {M, K});
+      Tensor scales = Tensor::empty(storage.dtype, {storage.shape[0], storage.shape[1]});
+      std::memset(scales.data(), 0, scales.nbytes());  // the CLI writes zero padding
+      per_token_group_quant_fp8(x, q, scales, config, OpOptions{.backend = Backend::reference});
+
+      const SafetensorsFile file = SafetensorsFile::open(out);
+      expect_same(file.get("q"), q, what + " q");
+      expect_same(file.get("scales"), scales, what + " scales");
+      fs::remove(out);
+    }
+  }
+  expect_only({"in.safetensors"});
+}
+
+TEST_F(CliFp8, QuantOnCpuMatchesCpu) {
+  const int64_t M = 7, K = 256;
+  Tensor x = random(DType::bf16, {M, K});
+  const std::string in = path("in.safetensors"), out = path("out.safetensors");
+  write_safetensors(in, {{"x", x.view()}});
+  const Result r =
+      run("quant --input " + in + " --output " + out + " --group-size 128 --backend cpu");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  GroupQuantConfig config;
+  Tensor q = Tensor::empty(DType::f8e4m3, {M, K}), scales = Tensor::empty(DType::f32, {M, 2});
+  per_token_group_quant_fp8(x, q, scales, config, OpOptions{.backend = Backend::cpu});
+  const SafetensorsFile file = SafetensorsFile::open(out);
+  expect_same(file.get("q"), q, "q");
+  expect_same(file.get("scales"), scales, "scales");
+}
+
+TEST_F(CliFp8, GemmWritesWhatTheLibraryComputes) {
+  // K and N not multiples of 128: partial blocks.
+  const int64_t M = 9, N = 200, K = 300;
+  const int64_t KB = (K + 127) / 128, NB = (N + 127) / 128;
+  // Real quantized operands: activations per token group (K is padded to whole groups of 128 by
+  // quantizing a zero-padded copy), the weight per 128x128 block.
+  const int64_t Kp = KB * 128;
+  Tensor xp = Tensor::empty(DType::f32, {M, Kp});
+  Tensor x = random(DType::f32, {M, K});
+  std::memset(xp.data(), 0, xp.nbytes());
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(xp.data_as<float>() + m * Kp, x.data_as<float>() + m * K, K * sizeof(float));
+  Tensor qp = Tensor::empty(DType::f8e4m3, {M, Kp});
+  Tensor a_scales = Tensor::empty(DType::f32, {M, KB});
+  per_token_group_quant_fp8(xp, qp, a_scales, GroupQuantConfig{},
+                            OpOptions{.backend = Backend::reference});
+  Tensor a = Tensor::empty(DType::f8e4m3, {M, K});
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(a.data_as<uint8_t>() + m * K, qp.data_as<uint8_t>() + m * Kp, K);
+  Tensor w = random(DType::bf16, {N, K}, 0.05f);
+  Tensor b = Tensor::empty(DType::f8e4m3, {N, K});
+  Tensor b_scales = Tensor::empty(DType::f32, {NB, KB});
+  block_quantize_weight(w, b, b_scales, OpOptions{.backend = Backend::reference});
+  Tensor b_scales_bf16 = Tensor::empty(DType::bf16, {NB, KB});
+  for (int64_t i = 0; i < NB * KB; ++i)
+    b_scales_bf16.data_as<uint16_t>()[i] = f32_to_bf16(b_scales.data_as<float>()[i]);
+  Tensor bias = random(DType::f32, {N});
+
+  struct Case {
+    const char* backend;
+    Backend b;
+    const char* out_dtype;
+    DType dtype;
+    bool with_bias;
+    bool bf16_scales;
+  };
+  const Case cases[] = {
+      {"reference", Backend::reference, "bf16", DType::bf16, false, false},
+      {"reference", Backend::reference, "f32", DType::f32, true, false},
+      {"cpu", Backend::cpu, "bf16", DType::bf16, true, true},
+      {"cpu", Backend::cpu, "f16", DType::f16, false, false},
+      {"cpu", Backend::cpu, "f32", DType::f32, true, false},
+  };
+  for (const Case& c : cases) {
+    const std::string what = std::string(c.backend) + " " + c.out_dtype +
+                             (c.with_bias ? " bias" : "") + (c.bf16_scales ? " bf16 scales" : "");
+    const TensorView bs = c.bf16_scales ? b_scales_bf16.view() : b_scales.view();
+    std::vector<NamedTensor> tensors = {
+        {"a", a.view()}, {"a_scales", a_scales.view()}, {"b", b.view()}, {"b_scales", bs}};
+    if (c.with_bias) tensors.push_back({"bias", bias.view()});
+    const std::string in = path("in.safetensors"), out = path("out.safetensors");
+    write_safetensors(in, tensors);
+    // The default --out-dtype is bf16.
+    const std::string dtype_flag =
+        std::string(c.out_dtype) == "bf16" ? "" : std::string(" --out-dtype ") + c.out_dtype;
+    const Result r = run("gemm --input " + in + " --output " + out + dtype_flag + " --backend " +
+                         c.backend + " --threads 2");
+    ASSERT_EQ(r.exit_code, 0) << what << ": " << r.err;
+    Tensor want = Tensor::empty(c.dtype, {M, N});
+    block_fp8_gemm(a, a_scales, ScaleLayout::row_major, b, bs,
+                   c.with_bias ? std::optional<TensorView>(bias.view()) : std::nullopt, want,
+                   OpOptions{.backend = c.b, .num_threads = 2});
+    const SafetensorsFile file = SafetensorsFile::open(out);
+    expect_same(file.get("out"), want, what);
+    fs::remove(out);
+  }
+  expect_only({"in.safetensors"});
+}
+
+TEST_F(CliFp8, QuantizeWeightWritesWhatTheLibraryComputes) {
+  const int64_t N = 200, K = 300;
+  for (const DType dtype : {DType::bf16, DType::f32, DType::f16}) {
+    for (const Backend backend : {Backend::reference, Backend::cpu}) {
+      const std::string what =
+          std::string(dtype_name(dtype)) + " " + std::string(backend_name(backend));
+      Tensor w = random(dtype, {N, K}, 0.02f);
+      const std::string in = path("in.safetensors"), out = path("out.safetensors");
+      write_safetensors(in, {{"weight", w.view()}});
+      const Result r = run("quantize-weight --input " + in + " --output " + out + " --backend " +
+                           std::string(backend_name(backend)));
+      ASSERT_EQ(r.exit_code, 0) << what << ": " << r.err;
+      Tensor weight = Tensor::empty(DType::f8e4m3, {N, K});
+      Tensor scale_inv = Tensor::empty(DType::f32, {2, 3});
+      block_quantize_weight(w, weight, scale_inv, OpOptions{.backend = backend});
+      const SafetensorsFile file = SafetensorsFile::open(out);
+      expect_same(file.get("weight"), weight, what + " weight");
+      expect_same(file.get("weight_scale_inv"), scale_inv, what + " weight_scale_inv");
+      fs::remove(out);
+    }
+  }
+}
+
+TEST_F(CliFp8, ErrorsAreOneLineExitTwoAndWriteNothing) {
+  Tensor x = random(DType::bf16, {4, 256});
+  const std::string x_in = path("x.safetensors");
+  write_safetensors(x_in, {{"x", x.view()}});
+  // A gemm input whose "a" is f32 instead of e4m3, and one without "b_scales".
+  Tensor a_f32 = random(DType::f32, {4, 256});
+  Tensor a = Tensor::empty(DType::f8e4m3, {4, 256});
+  std::memset(a.data(), 0x38, a.nbytes());  // 1.0
+  Tensor a_scales = random(DType::f32, {4, 2});
+  Tensor b = Tensor::empty(DType::f8e4m3, {8, 256});
+  std::memset(b.data(), 0x38, b.nbytes());
+  Tensor b_scales = random(DType::f32, {1, 2});
+  const std::string bad_a = path("bad_a.safetensors"), no_bs = path("no_bs.safetensors"),
+                    good = path("good.safetensors");
+  write_safetensors(bad_a, {{"a", a_f32.view()},
+                            {"a_scales", a_scales.view()},
+                            {"b", b.view()},
+                            {"b_scales", b_scales.view()}});
+  write_safetensors(no_bs, {{"a", a.view()}, {"a_scales", a_scales.view()}, {"b", b.view()}});
+  write_safetensors(good, {{"a", a.view()},
+                           {"a_scales", a_scales.view()},
+                           {"b", b.view()},
+                           {"b_scales", b_scales.view()}});
+  const std::string out = path("out.safetensors");
+  const std::string missing = path("missing.safetensors");
+  struct Bad {
+    std::string args;
+    std::string says;  // a piece the error line must contain
+  };
+  std::vector<Bad> bad = {
+      {"quant --input " + missing + " --output " + out + " --group-size 128", ""},
+      {"quant --input " + good + " --output " + out + " --group-size 128", "\"x\""},
+      {"quant --input " + x_in + " --output " + out + " --group-size 100", "100"},
+      {"quant --input " + x_in + " --output " + out + " --group-size 0", "group_size"},
+      {"quant --input " + x_in + " --output " + out + " --group-size 48", "48"},
+      {"quant --input " + x_in + " --output " + out + " --group-size 128 --layout packed", ""},
+      {"quant --input " + x_in + " --output " + out + " --group-size 128 --layout diagonal",
+       "diagonal"},
+      {"quant --input " + x_in + " --output " + out, "group-size"},
+      {"quant --input " + x_in + " --output " + out + " --group-size 128 --backend tpu", "tpu"},
+      {"gemm --input " + missing + " --output " + out, ""},
+      {"gemm --input " + good + " --output " + out + " --out-dtype f8e4m3", "f8e4m3"},
+      {"gemm --input " + bad_a + " --output " + out, "a"},
+      {"gemm --input " + no_bs + " --output " + out, "\"b_scales\""},
+      {"gemm --input " + x_in + " --output " + out, "\"a\""},
+      {"quantize-weight --input " + missing + " --output " + out, ""},
+      {"quantize-weight --input " + x_in + " --output " + out, "\"weight\""},
+  };
+  if (!backend_available(Backend::gpu)) {
+    bad.push_back(
+        {"quant --input " + x_in + " --output " + out + " --group-size 128 --backend gpu", "gpu"});
+    bad.push_back({"gemm --input " + good + " --output " + out + " --backend gpu", "gpu"});
+    bad.push_back({"quantize-weight --input " + x_in + " --output " + out + " --backend gpu", ""});
+  }
+  for (const Bad& c : bad) {
+    const Result r = run(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << ": " << r.err;
+    EXPECT_EQ(r.err.rfind("moekit: error: ", 0), 0u) << c.args << ": " << r.err;
+    EXPECT_NE(r.err.find(c.says), std::string::npos) << c.args << ": " << r.err;
+    EXPECT_FALSE(fs::exists(out)) << c.args;
+  }
+  expect_only({"x.safetensors", "bad_a.safetensors", "no_bs.safetensors", "good.safetensors"});
+  // The good input does run (so the errors above are the flags' and files' doing).
+  const Result r = run("gemm --input " + good + " --output " + out + " --backend reference");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST_F(CliFp8, MissingTensorErrorNamesTensorAndFile) {
+  Tensor w = random(DType::f32, {4, 8});
+  const std::string in = path("in.safetensors");
+  write_safetensors(in, {{"w", w.view()}});
+  const Result r = run("quantize-weight --input " + in + " --output " + path("o.safetensors"));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("\"weight\""), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(in), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace moekit
