@@ -143,7 +143,7 @@ TEST_F(Cli, VersionAndBackends) {
 }
 
 TEST_F(Cli, CheckPassesOnTheModelTable) {
-  const Result r = run("check --quick --backend cpu --seed 42");
+  const Result r = run("check --op route --quick --backend cpu --seed 42");
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("seed 42"), std::string::npos);
   EXPECT_NE(r.out.find("DeepSeek-V3"), std::string::npos);

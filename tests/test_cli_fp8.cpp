@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -331,6 +332,51 @@ TEST_F(CliFp8, MissingTensorErrorNamesTensorAndFile) {
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("\"weight\""), std::string::npos) << r.err;
   EXPECT_NE(r.err.find(in), std::string::npos) << r.err;
+}
+
+// `moekit check --op fp8`: FP8 rows only (no routing table), every row PASS, the DeepSeek-V3 shapes
+// among them, the seed printed.
+TEST_F(CliFp8, CheckFp8QuickPassesOnCpu) {
+  const Result r = run("check --op fp8 --quick --backend cpu --seed 7");
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("seed 7"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("routing:"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("FAIL"), std::string::npos) << r.out;
+  int deepseek_pass = 0;
+  size_t start = 0;
+  while (start < r.out.size()) {
+    size_t end = r.out.find('\n', start);
+    if (end == std::string::npos) end = r.out.size();
+    const std::string line = r.out.substr(start, end - start);
+    if (line.rfind("DeepSeek-V3", 0) == 0 && line.find(" cpu ") != std::string::npos &&
+        line.find("PASS") != std::string::npos)
+      ++deepseek_pass;
+    start = end + 1;
+  }
+  EXPECT_EQ(deepseek_pass, 4 * 3) << r.out;  // 4 shapes x M in {1, 7, 83}
+}
+
+// `moekit bench --op gemm --json`, filtered to one shape and token count: a JSON array of one
+// verified row with the keys route's rows have.
+TEST_F(CliFp8, BenchGemmJsonFiltered) {
+  const Result r =
+      run("bench --op gemm --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 16");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const nlohmann::json rows = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(rows.is_array());
+  ASSERT_EQ(rows.size(), 1u) << r.out;
+  const nlohmann::json& row = rows[0];
+  for (const char* key : {"op", "model", "tokens", "backend", "median_us", "gb_per_s",
+                          "tflop_per_s", "roofline_us", "verified"})
+    EXPECT_TRUE(row.contains(key)) << key << " missing: " << r.out;
+  EXPECT_EQ(row["op"], "gemm");
+  EXPECT_EQ(row["backend"], "cpu");
+  EXPECT_EQ(row["tokens"], 16);
+  EXPECT_NE(row["model"].get<std::string>().find("Qwen3-30B-A3B"), std::string::npos);
+  EXPECT_GT(row["median_us"].get<double>(), 0.0);
+  EXPECT_TRUE(row["verified"].get<bool>());
+  // An unknown shape is a one-line error (exit 2).
+  EXPECT_EQ(run("bench --op gemm --backend cpu --model nope").exit_code, 2);
 }
 
 }  // namespace

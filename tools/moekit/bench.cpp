@@ -27,8 +27,8 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Copy bandwidth (bytes read + bytes written per second) of `threads` CPU threads over buffers far
-// larger than the caches: the denominator of the CPU roofline.
+}  // namespace
+
 double measure_cpu_copy_bandwidth(int threads) {
   const size_t bytes = size_t{256} << 20;
   std::vector<char> src(bytes, 1), dst(bytes, 0);
@@ -46,6 +46,8 @@ double measure_cpu_copy_bandwidth(int threads) {
   }
   return best;
 }
+
+namespace {
 
 struct Row {
   std::string model;
@@ -127,12 +129,14 @@ bool verify(const harness::RouteCase& c, const harness::RouteInputs& in, Backend
 }  // namespace
 
 int run_bench(const BenchOptions& options) {
-  if (options.op != "route") fail("bench", "--op", options.op, "is not a benchmarked op (route)");
+  if (options.op != "route" && options.op != "gemm" && options.op != "quant")
+    fail("bench", "--op", options.op, "is not a benchmarked op (route, gemm, quant)");
   const Backend backend = options.backend ? *options.backend : fastest_backend();
   if (!backend_available(backend))
     fail("bench", "--backend", std::string(backend_name(backend)),
          "is not present on this machine");
   const int threads = options.threads > 0 ? options.threads : omp_get_max_threads();
+  if (options.op != "route") return run_fp8_bench(options, backend, threads);
   double bandwidth = 0.0;  // bytes/s, read + write
   std::string bandwidth_source;
 #ifdef MOEKIT_HAVE_GPU

@@ -34,9 +34,13 @@ std::string chosen_implementation(Backend backend, const harness::RouteCase& c,
   return "(none)";
 }
 
+int check_route(const CheckOptions& options, const std::vector<Backend>& tested, uint64_t seed);
+
 }  // namespace
 
 int run_check(const CheckOptions& options) {
+  if (options.op != "route" && options.op != "fp8" && options.op != "all")
+    fail("check", "--op", options.op, "is not one of route, fp8, all");
   const uint64_t seed = options.seed ? *options.seed : std::random_device{}();
   std::printf("moekit check: seed %llu (rerun with --seed %llu)\n",
               static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
@@ -50,6 +54,18 @@ int run_check(const CheckOptions& options) {
   if (options.backend && tested.empty())
     fail("check", "--backend", std::string(backend_name(*options.backend)),
          "is not present on this machine");
+  int failures = 0;
+  if (options.op != "fp8") failures += check_route(options, tested, seed);
+  if (options.op != "route") failures += run_fp8_check(options, seed, tested);
+  std::printf("\n%s: %d failing row(s); seed %llu\n", failures ? "FAIL" : "PASS", failures,
+              static_cast<unsigned long long>(seed));
+  return failures ? 1 : 0;
+}
+
+namespace {
+
+// The routing table: every model row and token count, on each tested backend.
+int check_route(const CheckOptions& options, const std::vector<Backend>& tested, uint64_t seed) {
   const InputKind kinds[] = {InputKind::random, InputKind::ties, InputKind::nan_inf,
                              InputKind::saturated, InputKind::padding};
   std::printf("\n%-20s %6s %-9s %-12s %12s %-22s %s\n", "model", "tokens", "backend",
@@ -97,11 +113,11 @@ int run_check(const CheckOptions& options) {
       }
     }
   }
-  std::printf("\n%s: %d failing row(s); inputs per row: random%s; seed %llu\n",
-              failures ? "FAIL" : "PASS", failures,
-              " (+ ties, nan/inf, saturated, padding up to 1024 tokens)",
-              static_cast<unsigned long long>(seed));
-  return failures ? 1 : 0;
+  std::printf("routing: %d failing row(s); inputs per row: random%s\n", failures,
+              " (+ ties, nan/inf, saturated, padding up to 1024 tokens)");
+  return failures;
 }
+
+}  // namespace
 
 }  // namespace moekit::cli

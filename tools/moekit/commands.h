@@ -5,8 +5,11 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "moekit/backend.h"
+#include "moekit/ops/fp8.h"
+#include "moekit/tensor.h"
 
 namespace moekit::cli {
 
@@ -15,8 +18,14 @@ struct CheckOptions {
   std::optional<uint64_t> seed;    // none: a fresh seed, printed
   bool verbose = false;            // print each implementation choice and why others declined
   bool quick = false;              // decode token counts and 1024 only
+  std::string op = "all";          // route | fp8 | all
 };
 int run_check(const CheckOptions& options);
+
+// The FP8 part of `moekit check` (fp8_check.cpp): per_token_group_quant_fp8 and block_fp8_gemm on
+// each tested backend against the reference, over the FP8 linear-layer shape table. Prints a table;
+// returns the number of failing rows.
+int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<Backend>& tested);
 
 struct BenchOptions {
   std::string op = "route";
@@ -27,6 +36,49 @@ struct BenchOptions {
   int64_t tokens = 0;  // 0: every token count of the model table
 };
 int run_bench(const BenchOptions& options);
+
+// Copy bandwidth (bytes read + written per second) of `threads` CPU threads over buffers far larger
+// than the caches: the denominator of the CPU roofline (bench.cpp).
+double measure_cpu_copy_bandwidth(int threads);
+
+// ---- FP8 check/bench helpers (fp8_check.cpp).
+
+// A linear layer's weight shape in an FP8 checkpoint: weight [n, k].
+struct Fp8Shape {
+  std::string model;  // "DeepSeek-V3", "Qwen3-30B-A3B", ... ("SGLang test" for its test shapes)
+  std::string layer;  // "q_proj", "expert gate_up", ...
+  int64_t n, k;
+  std::string name() const;  // "DeepSeek-V3 o_proj N=7168 K=16384"
+};
+const std::vector<Fp8Shape>& fp8_shapes();
+
+// Random block_fp8_gemm operands as `moekit check` uses them: A [m, k] and B [n, k] uniform in
+// +-448 cast to e4m3, row-major A scales and f32 B scales uniform in [0, 0.01).
+struct Fp8GemmInputs {
+  Tensor a, a_scales, b, b_scales;
+};
+Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed);
+// The first `rows` rows of a (rows contiguous) as a view.
+TensorView first_rows(const TensorView& t, int64_t rows);
+// sum |out - ref| / sum |ref| over the first ref.size(0) rows of out (any float dtypes).
+double relative_mean_error(const TensorView& out, const TensorView& ref);
+// The name of the implementation explain_* chose, or empty when none serves.
+std::string chosen_name(const std::vector<ImplementationChoice>& choices);
+
+// per_token_group_quant_fp8 (group 128; packed_ue8m0 implies ue8m0) of x on `backend` against the
+// reference: q byte differences, those of them that are rounding near-ties (x / scale within one
+// f32 ulp of the midpoint of the two e4m3 values), and differing scale words.
+struct Fp8QuantCheck {
+  bool ran = false;            // false: no implementation of `backend` serves
+  std::string implementation;  // the one explain_per_token_group_quant_fp8 chose
+  int64_t diffs = 0, near_ties = 0, scale_diffs = 0;
+};
+Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend);
+// Activations as a model's: N(0, 1) with 1/64 outliers x30, bf16 [m, k].
+Tensor random_fp8_activations(uint64_t seed, int64_t m, int64_t k);
+
+// `moekit bench --op gemm|quant` (fp8_bench.cpp), CPU backends; returns the exit code.
+int run_fp8_bench(const BenchOptions& options, Backend backend, int threads);
 
 // The FP8 subcommands (fp8_commands.cpp): safetensors in, safetensors out (written atomically, and
 // only on success).

@@ -226,11 +226,12 @@ int main(int argc, char** argv) {
   auto* seed_opt = check_cmd->add_option("--seed", check_seed, "seed for the random inputs");
   check_cmd->add_flag("--verbose", check.verbose, "print the dispatch choice of every row");
   check_cmd->add_flag("--quick", check.quick, "token counts up to 1024 only");
+  check_cmd->add_option("--op", check.op, "route | fp8 | all (default all)");
 
   CLI::App* bench_cmd = app.add_subcommand("bench", "verify, then time, with roofline ratios");
   BenchOptions bench;
   std::string bench_backend;
-  bench_cmd->add_option("--op", bench.op, "route");
+  bench_cmd->add_option("--op", bench.op, "route | gemm | quant");
   bench_cmd->add_option("--backend", bench_backend, "reference | cpu | gpu");
   bench_cmd->add_option("--threads", bench.threads, "CPU threads (0 = all)");
   bench_cmd->add_flag("--json", bench.json, "print a JSON array instead of a table");

@@ -1,0 +1,208 @@
+// `moekit bench --op gemm|quant`: block_fp8_gemm (bf16 out) and per_token_group_quant_fp8 on a CPU
+// backend. Each row is verified against the reference first (on its first rows: the reference is
+// scalar), then timed: median microseconds per call, GB/s, TFLOP/s and the ratio to the one-pass
+// memory roofline (bytes moved once / measured memcpy bandwidth).
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "commands.h"
+#include "moekit/error.h"
+
+namespace moekit::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Median microseconds per call: batches calibrated to about 2 ms, 15 of them (5 when one call
+// takes over 50 ms). call(i) may rotate over copies of its inputs.
+double median_us(const std::function<void(int)>& call) {
+  const auto first = Clock::now();
+  call(0);
+  const bool slow = seconds_since(first) > 50e-3;
+  int batch = 1;
+  for (;;) {
+    const auto start = Clock::now();
+    for (int i = 0; i < batch; ++i) call(i);
+    if (seconds_since(start) > 2e-3 || batch > (1 << 20)) break;
+    batch *= 2;
+  }
+  std::vector<double> samples;
+  for (int rep = 0; rep < (slow ? 5 : 15); ++rep) {
+    const auto start = Clock::now();
+    for (int i = 0; i < batch; ++i) call(i);
+    samples.push_back(seconds_since(start) * 1e6 / batch);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+struct Row {
+  std::string model;  // the shape's name
+  int64_t tokens;
+  std::string implementation;
+  double median_us;
+  double bytes;
+  double flops;  // 0: not a FLOP-bound op
+  bool verified;
+};
+
+constexpr int64_t kBlock = 128;
+
+bool selected(const BenchOptions& options, const std::string& model, const std::string& name) {
+  return options.model.empty() || options.model == model || options.model == name;
+}
+
+// Rows of `shape` that the reference computes when verifying (it is scalar).
+constexpr int64_t kVerifyRows = 4;
+
+Row bench_gemm(const Fp8Shape& shape, int64_t M, Backend backend, int threads, uint64_t seed) {
+  const int64_t N = shape.n, K = shape.k;
+  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
+  Tensor out = Tensor::empty(DType::bf16, {M, N});
+  OpOptions op;
+  op.backend = backend;
+  op.num_threads = threads;
+  Row row{shape.name(), M, "", 0.0, 0.0, 2.0 * static_cast<double>(M * N * K), false};
+  row.implementation = chosen_name(explain_block_fp8_gemm(
+      in.a, in.a_scales, ScaleLayout::row_major, in.b, in.b_scales, std::nullopt, out, op));
+  // Verify: the backend on every row, the reference on the first ones.
+  block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, in.b, in.b_scales, std::nullopt, out,
+                 op);
+  const int64_t rows = std::min(M, kVerifyRows);
+  Tensor ref = Tensor::empty(DType::f32, {rows, N});
+  block_fp8_gemm(first_rows(in.a, rows), first_rows(in.a_scales, rows), ScaleLayout::row_major,
+                 in.b, in.b_scales, std::nullopt, ref, OpOptions{Backend::reference});
+  row.verified = relative_mean_error(out, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
+  // Weights rotate over copies covering >= 64 MiB, so that they come from memory as in a model
+  // (each layer has its own).
+  const size_t weight_bytes = in.b.nbytes();
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(weight_bytes, 1), 1, 8));
+  std::vector<Tensor> weights;
+  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(in.b, Device::cpu()));
+  row.median_us = median_us([&](int i) {
+    block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major,
+                   weights[static_cast<size_t>(i % copies)], in.b_scales, std::nullopt, out, op);
+  });
+  row.bytes = static_cast<double>(in.b.nbytes() + in.b_scales.nbytes() + in.a.nbytes() +
+                                  in.a_scales.nbytes() + out.nbytes());
+  return row;
+}
+
+Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layout, Backend backend,
+                int threads, uint64_t seed) {
+  const Tensor x = random_fp8_activations(seed, M, K);
+  GroupQuantConfig c;
+  c.group_size = static_cast<int>(kBlock);
+  c.layout = layout;
+  c.ue8m0 = layout == ScaleLayout::packed_ue8m0;
+  const ScaleStorage s = group_quant_scale_storage(M, K, c);
+  Tensor q = Tensor::empty(DType::f8e4m3, {M, K});
+  Tensor scales = Tensor::empty(s.dtype, {s.shape[0], s.shape[1]});
+  OpOptions op;
+  op.backend = backend;
+  op.num_threads = threads;
+  Row row{name, M, "", 0.0, 0.0, 0.0, false};
+  // Verify on the first 64 rows (the reference is scalar).
+  const Fp8QuantCheck check =
+      check_fp8_quant(first_rows(x, std::min<int64_t>(M, 64)), layout, backend);
+  row.implementation = check.implementation;
+  row.verified = check.ran && check.diffs == check.near_ties && check.scale_diffs == 0;
+  row.median_us = median_us([&](int) { per_token_group_quant_fp8(x, q, scales, c, op); });
+  row.bytes = static_cast<double>(x.nbytes() + q.nbytes() + scales.nbytes());
+  return row;
+}
+
+}  // namespace
+
+int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
+  if (backend == Backend::gpu)
+    fail("bench", "--backend", "gpu",
+         "has no FP8 implementation (bench --op " + options.op + " runs on cpu or reference)");
+  const double bandwidth = measure_cpu_copy_bandwidth(threads);
+  std::vector<Row> rows;
+  bool found = false;
+  uint64_t seed = 12345;
+  if (options.op == "gemm") {
+    const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> wanted = {
+        {"DeepSeek-V3", {4096, 7168}}, {"Qwen3-30B-A3B", {4096, 2048}}};
+    for (const auto& [model, nk] : wanted) {
+      for (const Fp8Shape& shape : fp8_shapes()) {
+        if (shape.model != model || shape.n != nk.first || shape.k != nk.second) continue;
+        if (!selected(options, shape.model, shape.name())) continue;
+        found = true;
+        for (int64_t M : {int64_t{1}, int64_t{16}, int64_t{256}}) {
+          if (options.tokens > 0 && M != options.tokens) continue;
+          rows.push_back(bench_gemm(shape, M, backend, threads, seed++));
+        }
+      }
+    }
+  } else {
+    const int64_t M = 4096, K = 7168;
+    for (ScaleLayout layout : {ScaleLayout::row_major, ScaleLayout::packed_ue8m0}) {
+      const std::string name = fmt::format(
+          "DeepSeek-V3 x K={} {}", K, layout == ScaleLayout::row_major ? "row" : "packed-ue8m0");
+      if (!selected(options, "DeepSeek-V3", name)) continue;
+      found = true;
+      if (options.tokens > 0 && M != options.tokens) continue;
+      rows.push_back(bench_quant(name, M, K, layout, backend, threads, seed++));
+    }
+  }
+  if (!found) fail("bench", "--model", options.model, "is not a shape of bench --op " + options.op);
+  const bool all_verified =
+      std::all_of(rows.begin(), rows.end(), [](const Row& r) { return r.verified; });
+  const std::string backend_str(backend_name(backend));
+  if (options.json) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const Row& r : rows) {
+      out.push_back(
+          {{"op", options.op},
+           {"model", r.model},
+           {"tokens", r.tokens},
+           {"backend", backend_str},
+           {"implementation", r.implementation},
+           {"threads", threads},
+           {"median_us", r.median_us},
+           {"gb_per_s", r.bytes / (r.median_us * 1e-6) / 1e9},
+           {"tflop_per_s", r.flops > 0.0 ? nlohmann::json(r.flops / (r.median_us * 1e-6) / 1e12)
+                                         : nlohmann::json(nullptr)},
+           {"roofline_us", r.bytes / bandwidth * 1e6},
+           {"verified", r.verified}});
+    }
+    std::printf("%s\n", out.dump(1).c_str());
+    return all_verified ? 0 : 1;
+  }
+  std::printf(
+      "moekit bench %s, backend %s, %d thread(s), median per call; roofline = bytes moved once / "
+      "%.1f GB/s (CPU memcpy, %d thread(s))\n",
+      options.op.c_str(), backend_str.c_str(), threads, bandwidth / 1e9, threads);
+  std::printf("%-40s %6s %-12s %11s %9s %9s %11s %11s\n", "shape", "tokens", "impl", "median us",
+              "GB/s", "TFLOP/s", "roofline us", "of roofline");
+  for (const Row& r : rows) {
+    const double roofline_us = r.bytes / bandwidth * 1e6;
+    std::printf(
+        "%-40s %6lld %-12s %11.2f %9.2f %9s %11.2f %10.1f%%%s\n", r.model.c_str(),
+        static_cast<long long>(r.tokens), r.implementation.c_str(), r.median_us,
+        r.bytes / (r.median_us * 1e-6) / 1e9,
+        r.flops > 0.0 ? fmt::format("{:.3f}", r.flops / (r.median_us * 1e-6) / 1e12).c_str() : "-",
+        roofline_us, 100.0 * roofline_us / r.median_us, r.verified ? "" : "  NOT VERIFIED");
+  }
+  std::printf(
+      "bytes: %s. TFLOP/s counts 2*M*N*K. No ratio to the FMA peak: measuring it portably would "
+      "need ISA-specific code built with its own flags, which the CLI does not carry.\n",
+      options.op == "gemm" ? "weight (e4m3) + weight scales + A (e4m3) + A scales + bf16 out"
+                           : "x (bf16) + q (e4m3) + scales");
+  return all_verified ? 0 : 1;
+}
+
+}  // namespace moekit::cli

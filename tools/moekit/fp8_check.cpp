@@ -1,0 +1,300 @@
+// The FP8 part of `moekit check`: per_token_group_quant_fp8 (group 128, row-major and packed UE8M0
+// scales) and block_fp8_gemm (bf16 and f32 out) on every tested backend against the reference,
+// over the linear-layer shapes of FP8 checkpoints (spec/fp8.md). The reference GEMM is scalar: on
+// large shapes it runs on the first rows only (the backend still runs every row), and the table
+// says so.
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "commands.h"
+#include "moekit/ops/fp8.h"
+
+namespace moekit::cli {
+
+std::string Fp8Shape::name() const { return fmt::format("{} {} N={} K={}", model, layer, n, k); }
+
+const std::vector<Fp8Shape>& fp8_shapes() {
+  static const std::vector<Fp8Shape> shapes = {
+      // Qwen3-30B-A3B: hidden 2048, 32 query heads of 128, experts of 768.
+      {"Qwen3-30B-A3B", "q_proj", 4096, 2048},
+      {"Qwen3-30B-A3B", "o_proj", 2048, 4096},
+      {"Qwen3-30B-A3B", "expert gate_up", 1536, 2048},
+      {"Qwen3-30B-A3B", "expert down", 2048, 768},
+      // Qwen3-235B-A22B: hidden 4096, 64 query heads of 128, experts of 1536.
+      {"Qwen3-235B-A22B", "q_proj", 8192, 4096},
+      {"Qwen3-235B-A22B", "o_proj", 4096, 8192},
+      {"Qwen3-235B-A22B", "expert gate_up", 3072, 4096},
+      {"Qwen3-235B-A22B", "expert down", 4096, 1536},
+      // DeepSeek-V3: hidden 7168, q_lora 1536, 128 heads (192 q, 128 v), experts of 2048.
+      {"DeepSeek-V3", "q_b_proj", 24576, 1536},
+      {"DeepSeek-V3", "o_proj", 7168, 16384},
+      {"DeepSeek-V3", "expert gate_up", 4096, 7168},
+      {"DeepSeek-V3", "expert down", 7168, 2048},
+      // SGLang's block FP8 GEMM tests (K=3884: a partial last block).
+      {"SGLang test", "odd", 7748, 3884},
+      {"SGLang test", "large", 13824, 5120},
+      {"SGLang test", "small", 1088, 512},
+  };
+  return shapes;
+}
+
+namespace {
+
+// Uniform +-448 cast to e4m3, through a table of 2^16 evenly spaced values: 4 bytes per rng draw.
+const std::array<uint8_t, 65536>& e4m3_table() {
+  static const std::array<uint8_t, 65536> table = [] {
+    std::array<uint8_t, 65536> t{};
+    for (size_t i = 0; i < t.size(); ++i)
+      t[i] = f32_to_f8e4m3(-448.0f + 896.0f * (static_cast<float>(i) + 0.5f) / 65536.0f);
+    return t;
+  }();
+  return table;
+}
+
+void fill_e4m3(std::mt19937_64& rng, const Tensor& t) {
+  const auto& table = e4m3_table();
+  auto* p = t.data_as<uint8_t>();
+  const int64_t n = t.numel();
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const uint64_t r = rng();
+    for (int j = 0; j < 4; ++j) p[i + j] = table[(r >> (16 * j)) & 0xffff];
+  }
+  for (; i < n; ++i) p[i] = table[rng() & 0xffff];
+}
+
+void fill_scales(std::mt19937_64& rng, const Tensor& t) {
+  std::uniform_real_distribution<float> u(0.0f, 0.01f);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = u(rng);
+}
+
+constexpr int64_t kBlock = 128;
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Reference GEMM work per case (multiply-adds; the scalar reference does about 0.25e9/s): above
+// it, the reference runs on the first rows (at least one).
+constexpr double kReferenceMacs = 6e7;
+
+// Logical scale (m, g) of a row-major f32 or packed UE8M0 scales tensor.
+float scale_at(const TensorView& scales, ScaleLayout layout, int64_t m, int64_t g) {
+  if (layout == ScaleLayout::row_major) return scales.data_as<float>()[m * scales.stride(0) + g];
+  const int64_t word = g / 4;
+  const uint8_t e = scales.data_as<uint8_t>()[(word * scales.stride(0) + m) * 4 + g % 4];
+  return std::bit_cast<float>(static_cast<uint32_t>(e) << 23);
+}
+
+// spec/fp8.md: 1e-3 for f32 out, plus bf16's rounding (2^-8 relative, at most) for bf16 out.
+double gemm_tolerance(DType out) { return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : 0.0); }
+
+}  // namespace
+
+// Quantizes x on `backend` and the reference; q bytes must match except where x / scale lies within
+// one f32 ulp of the midpoint between the two e4m3 values (a rounding near-tie); scales exactly.
+Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend) {
+  Fp8QuantCheck r;
+  GroupQuantConfig c;
+  c.group_size = static_cast<int>(kBlock);
+  c.layout = layout;
+  c.ue8m0 = layout == ScaleLayout::packed_ue8m0;
+  const int64_t M = x.size(0), K = x.size(1);
+  const ScaleStorage s = group_quant_scale_storage(M, K, c);
+  auto make = [&](DType dtype, int64_t rows, int64_t cols) {
+    Tensor t = Tensor::empty(dtype, {rows, cols});
+    std::memset(t.data(), 0, t.nbytes());
+    return t;
+  };
+  Tensor q_ref = make(DType::f8e4m3, M, K), q = make(DType::f8e4m3, M, K);
+  Tensor s_ref = make(s.dtype, s.shape[0], s.shape[1]), sc = make(s.dtype, s.shape[0], s.shape[1]);
+  OpOptions options;
+  options.backend = backend;
+  r.implementation = chosen_name(explain_per_token_group_quant_fp8(x, q, sc, c, options));
+  if (r.implementation.empty()) return r;
+  r.ran = true;
+  per_token_group_quant_fp8(x, q_ref, s_ref, c, OpOptions{Backend::reference});
+  per_token_group_quant_fp8(x, q, sc, c, options);
+  const auto* a = s_ref.data_as<uint8_t>();
+  const auto* b = sc.data_as<uint8_t>();
+  for (size_t i = 0; i < s_ref.nbytes(); i += 4) r.scale_diffs += std::memcmp(a + i, b + i, 4) != 0;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t want = q_ref.data_as<uint8_t>()[m * K + k];
+      const uint8_t got = q.data_as<uint8_t>()[m * K + k];
+      if (want == got) continue;
+      ++r.diffs;
+      const float ratio = load_as_f32(x.data(), x.dtype(), m * x.stride(0) + k) /
+                          scale_at(s_ref, layout, m, k / kBlock);
+      const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
+      const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
+      if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
+    }
+  }
+  return r;
+}
+
+Tensor random_fp8_activations(uint64_t seed, int64_t M, int64_t K) {
+  std::mt19937_64 rng(seed);
+  Tensor x = Tensor::empty(DType::bf16, {M, K});
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    float v = normal(rng);
+    if ((rng() & 63) == 0) v *= 30.0f;
+    store_from_f32(x.data(), DType::bf16, i, v);
+  }
+  return x;
+}
+
+Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Fp8GemmInputs in{Tensor::empty(DType::f8e4m3, {m, k}),
+                   Tensor::empty(DType::f32, {m, ceil_div(k, kBlock)}),
+                   Tensor::empty(DType::f8e4m3, {n, k}),
+                   Tensor::empty(DType::f32, {ceil_div(n, kBlock), ceil_div(k, kBlock)})};
+  fill_e4m3(rng, in.a);
+  fill_scales(rng, in.a_scales);
+  fill_e4m3(rng, in.b);
+  fill_scales(rng, in.b_scales);
+  return in;
+}
+
+TensorView first_rows(const TensorView& t, int64_t rows) {
+  const int64_t shape[] = {rows, t.size(1)};
+  const int64_t strides[] = {t.stride(0), t.stride(1)};
+  return TensorView(t.data(), t.dtype(), shape, strides, t.device());
+}
+
+double relative_mean_error(const TensorView& out, const TensorView& ref) {
+  double error = 0.0, magnitude = 0.0;
+  for (int64_t m = 0; m < ref.size(0); ++m) {
+    for (int64_t n = 0; n < ref.size(1); ++n) {
+      const double want = load_as_f32(ref.data(), ref.dtype(), m * ref.stride(0) + n);
+      const double got = load_as_f32(out.data(), out.dtype(), m * out.stride(0) + n);
+      error += std::fabs(got - want);
+      magnitude += std::fabs(want);
+    }
+  }
+  return magnitude > 0.0 ? error / magnitude : error;
+}
+
+std::string chosen_name(const std::vector<ImplementationChoice>& choices) {
+  for (const ImplementationChoice& c : choices)
+    if (c.chosen) return c.name;
+  return "";
+}
+
+int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<Backend>& tested) {
+  std::printf(
+      "\nFP8: per_token_group_quant_fp8 (group 128; row-major and packed UE8M0 scales, bf16 "
+      "x) and block_fp8_gemm (A, B uniform +-448 as e4m3, scales uniform [0, 0.01)) vs the "
+      "reference\n");
+  std::printf("%-44s %4s %-9s %-22s %-19s %10s %10s %s\n", "shape", "M", "backend",
+              "implementation (q/gemm)", "q diffs (near-tie)", "f32 rel", "bf16 rel", "result");
+  std::vector<int64_t> token_counts = {1, 7, 83};
+  if (!options.quick) token_counts.push_back(256);
+  int failures = 0;
+  std::vector<std::string> notes;
+  uint64_t case_seed = seed ^ 0xf8f8f8f8ULL;
+  for (const Fp8Shape& shape : fp8_shapes()) {
+    const int64_t N = shape.n, K = shape.k;
+    // The weight is shared by the shape's token counts (as in a model).
+    Fp8GemmInputs weight = make_fp8_gemm_inputs(0, N, K, case_seed++);
+    for (int64_t M : token_counts) {
+      std::mt19937_64 rng(case_seed++);
+      Fp8GemmInputs in = make_fp8_gemm_inputs(M, 0, K, rng());
+      const Tensor x = random_fp8_activations(rng(), M, K);
+      // The reference on the first `ref_rows` rows only when the whole case is too slow for it.
+      const int64_t ref_rows = std::clamp<int64_t>(
+          static_cast<int64_t>(kReferenceMacs / static_cast<double>(N * K)), 1, M);
+      Tensor ref = Tensor::empty(DType::f32, {ref_rows, N});
+      bool have_ref = false;
+      for (Backend backend : tested) {
+        const std::string backend_str(backend_name(backend));
+        OpOptions op;
+        op.backend = backend;
+        std::string problem;
+        // Quantization: K must be a multiple of the group (SGLang's K=3884 is not).
+        std::string q_impl = "-", q_cell = "n/a (K%128)";
+        if (K % kBlock == 0) {
+          const Fp8QuantCheck row = check_fp8_quant(x, ScaleLayout::row_major, backend);
+          const Fp8QuantCheck packed = check_fp8_quant(x, ScaleLayout::packed_ue8m0, backend);
+          if (row.ran && packed.ran) {
+            q_impl = row.implementation;
+            const int64_t diffs = row.diffs + packed.diffs;
+            const int64_t near = row.near_ties + packed.near_ties;
+            q_cell = fmt::format("{} ({})", diffs, near);
+            if (diffs != near)
+              problem = fmt::format("q bytes differ beyond near-ties: {}", diffs - near);
+            if (row.scale_diffs + packed.scale_diffs > 0)
+              problem +=
+                  fmt::format("{}scales differ: {} row-major, {} packed",
+                              problem.empty() ? "" : "; ", row.scale_diffs, packed.scale_diffs);
+          } else {
+            q_cell = "no implementation";
+          }
+        }
+        // GEMM.
+        Tensor out32 = Tensor::empty(DType::f32, {M, N});
+        Tensor out16 = Tensor::empty(DType::bf16, {M, N});
+        const std::string g_impl =
+            chosen_name(explain_block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, weight.b,
+                                               weight.b_scales, std::nullopt, out32, op));
+        std::string e32 = "-", e16 = "-";
+        bool gemm_ran = false;
+        if (!g_impl.empty()) {
+          gemm_ran = true;
+          if (!have_ref) {
+            block_fp8_gemm(first_rows(in.a, ref_rows), first_rows(in.a_scales, ref_rows),
+                           ScaleLayout::row_major, weight.b, weight.b_scales, std::nullopt, ref,
+                           OpOptions{Backend::reference});
+            have_ref = true;
+          }
+          block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, weight.b, weight.b_scales,
+                         std::nullopt, out32, op);
+          block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, weight.b, weight.b_scales,
+                         std::nullopt, out16, op);
+          const double r32 = relative_mean_error(out32, ref);
+          const double r16 = relative_mean_error(out16, ref);
+          e32 = fmt::format("{:.3g}", r32);
+          e16 = fmt::format("{:.3g}", r16);
+          if (!(r32 < gemm_tolerance(DType::f32)))
+            problem += fmt::format("{}f32 gemm rel error {:.3g} >= {:.3g}",
+                                   problem.empty() ? "" : "; ", r32, gemm_tolerance(DType::f32));
+          if (!(r16 < gemm_tolerance(DType::bf16)))
+            problem += fmt::format("{}bf16 gemm rel error {:.3g} >= {:.3g}",
+                                   problem.empty() ? "" : "; ", r16, gemm_tolerance(DType::bf16));
+        }
+        const bool any_ran = gemm_ran || q_impl != "-";
+        const std::string result = !any_ran          ? "SKIP (no implementation)"
+                                   : problem.empty() ? "PASS"
+                                                     : "FAIL";
+        std::string note;
+        if (gemm_ran && ref_rows < M)
+          note = fmt::format("  [reference on rows 0..{} of {}]", ref_rows - 1, M);
+        std::printf("%-44s %4lld %-9s %-22s %-19s %10s %10s %s%s\n", shape.name().c_str(),
+                    static_cast<long long>(M), backend_str.c_str(),
+                    any_ran ? fmt::format("{}/{}", q_impl, g_impl.empty() ? "-" : g_impl).c_str()
+                            : "no implementation",
+                    q_cell.c_str(), e32.c_str(), e16.c_str(), result.c_str(), note.c_str());
+        if (!problem.empty()) {
+          ++failures;
+          std::printf("    %s\n", problem.c_str());
+        }
+      }
+    }
+  }
+  std::printf(
+      "FP8 tolerances: q bytes exact except rounding near-ties (x/scale within one f32 ulp "
+      "of the midpoint of two e4m3 values), scales bit-exact; GEMM mean|out-ref|/mean|ref| "
+      "< 1e-3 (f32 out), < 1e-3 + 2^-8 (bf16 out: its rounding, spec/fp8.md). The scalar "
+      "reference GEMM runs on at most %.0g multiply-adds per case (first rows, as noted).\n",
+      kReferenceMacs);
+  return failures;
+}
+
+}  // namespace moekit::cli
