@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 
+#include "cli_test_support.h"
 #include "moekit/ops/route.h"
 #include "moekit/safetensors.h"
 
@@ -18,33 +19,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int exit_code;
-  std::string out, err;
-};
+using Result = testing::CliResult;
 
-class Cli : public ::testing::Test {
+class Cli : public testing::CliTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("moekit_cli_" + std::to_string(std::random_device{}()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
-  Result run(const std::string& args) {
-    const std::string out = (dir_ / "stdout").string(), err = (dir_ / "stderr").string();
-    const std::string cmd = std::string(MOEKIT_CLI_PATH) + " " + args + " >" + out + " 2>" + err;
-    const int status = std::system(cmd.c_str());
-    return {WEXITSTATUS(status), slurp(out), slurp(err)};
-  }
-  static std::string slurp(const std::string& path) {
-    std::ifstream f(path);
-    return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   // Writes logits [T, E] (bf16) and an optional bias to a safetensors file.
   std::string write_input(int64_t T, int64_t E, bool with_bias, uint64_t seed) {
     std::mt19937_64 rng(seed);
@@ -62,7 +40,6 @@ class Cli : public ::testing::Test {
     return p;
   }
 
-  fs::path dir_;
   Tensor logits_, bias_;
 };
 

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cli_test_support.h"
 #include "moekit/backend.h"
 #include "moekit/ops/fp8.h"
 #include "moekit/safetensors.h"
@@ -37,33 +38,14 @@ uint64_t test_seed() {
   return seed;
 }
 
-struct Result {
-  int exit_code;
-  std::string out, err;
-};
+using Result = testing::CliResult;
 
-class CliFp8 : public ::testing::Test {
+class CliFp8 : public testing::CliTest {
  protected:
   void SetUp() override {
-    const std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    rng_.seed(test_seed() ^ std::hash<std::string>{}(name));
-    dir_ = fs::temp_directory_path() /
-           ("moekit_cli_fp8_" + std::to_string(std::random_device{}()) + "_" + name);
-    fs::create_directories(dir_);
+    CliTest::SetUp();
+    rng_.seed(test_seed() ^ std::hash<std::string>{}(test_name()));
   }
-  void TearDown() override { fs::remove_all(dir_); }
-
-  Result run(const std::string& args) {
-    const std::string out = (dir_ / "stdout").string(), err = (dir_ / "stderr").string();
-    const std::string cmd = std::string(MOEKIT_CLI_PATH) + " " + args + " >" + out + " 2>" + err;
-    const int status = std::system(cmd.c_str());
-    return {WEXITSTATUS(status), slurp(out), slurp(err)};
-  }
-  static std::string slurp(const std::string& path) {
-    std::ifstream f(path);
-    return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
 
   // A random tensor of a floating dtype, values ~ N(0, sigma) with a few outliers.
   Tensor random(DType dtype, std::initializer_list<int64_t> shape, float sigma = 1.0f) {
@@ -95,7 +77,6 @@ class CliFp8 : public ::testing::Test {
   }
 
   std::mt19937_64 rng_;
-  fs::path dir_;
 };
 
 struct LayoutCase {
