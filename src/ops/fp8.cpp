@@ -50,7 +50,7 @@ size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K) {
 
 namespace {
 
-// ---- Dispatch tables, fastest first; dispatch() below says which entries a call considers.
+// ---- Dispatch tables, fastest first; ops/dispatch.h says which entries a call considers.
 // GPU entries go first in each table (#ifdef MOEKIT_HAVE_GPU, "GPU entries here"): for the GEMM
 // and the linear layer the vendor library path ("gpu.cublaslt"), then our kernel ("gpu"); the
 // GPU group quantization declines group sizes other than 16, 32, 64, 128, 256.
@@ -312,62 +312,6 @@ BlockGemmProblem block_gemm_problem_of(const TensorView& a, const TensorView& a_
   p.num_threads = options.num_threads;
   p.stream = options.stream;
   return p;
-}
-
-// ---- Dispatch (as route's): a requested backend's entries only; with none requested, every
-// entry of a backend that runs on the tensors' device, fastest first, so that the CPU kernels
-// serve and the reference catches what they decline.
-
-template <class Problem>
-std::string eligibility(const Fp8Implementation<Problem>& impl, Device device,
-                        const OpOptions& options) {
-  if (options.backend) {
-    if (impl.backend != *options.backend)
-      return "backend " + std::string(backend_name(*options.backend)) + " was requested";
-  } else if ((impl.backend == Backend::gpu) != device.is_gpu()) {
-    return "tensors are on " + device.str();
-  }
-  if (!backend_available(impl.backend)) return "backend not present on this machine";
-  return "";
-}
-
-template <class Problem>
-std::vector<ImplementationChoice> explain_table(std::span<const Fp8Implementation<Problem>> table,
-                                                const Problem& p, Device device,
-                                                const OpOptions& options) {
-  std::vector<ImplementationChoice> rows;
-  bool chosen = false;
-  for (const Fp8Implementation<Problem>& impl : table) {
-    ImplementationChoice row{impl.name, impl.backend, false, eligibility(impl, device, options)};
-    if (row.reason.empty()) row.reason = impl.supports(p);
-    if (row.reason.empty() && !chosen) row.chosen = chosen = true;
-    rows.push_back(std::move(row));
-  }
-  return rows;
-}
-
-// Runs the first eligible entry that serves p; `empty` problems write nothing.
-template <class Problem>
-void dispatch(const char* op, std::span<const Fp8Implementation<Problem>> table, const Problem& p,
-              Device device, const OpOptions& options, bool empty) {
-  const Backend requested = options.backend   ? *options.backend
-                            : device.is_gpu() ? Backend::gpu
-                                              : Backend::cpu;
-  if (!backend_available(requested))
-    fail(op, "backend", std::string(backend_name(requested)), "is not present on this machine");
-  std::string reasons;
-  for (const Fp8Implementation<Problem>& impl : table) {
-    if (!eligibility(impl, device, options).empty()) continue;
-    const std::string why_not = impl.supports(p);
-    if (why_not.empty()) {
-      if (!empty) impl.run(p);
-      return;
-    }
-    reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
-  }
-  fail(op, "backend",
-       options.backend ? std::string(backend_name(*options.backend)) : "any on " + device.str(),
-       "cannot serve this call (" + reasons + ")");
 }
 
 constexpr const char* kGroupQuantOp = "per_token_group_quant_fp8";

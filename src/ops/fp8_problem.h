@@ -10,6 +10,7 @@
 #include <string>
 
 #include "moekit/ops/fp8.h"
+#include "ops/dispatch.h"
 
 namespace moekit {
 
@@ -105,12 +106,7 @@ inline constexpr float kWeightAmaxFloor = 1e-4f;
 // One entry of an FP8 op's dispatch table. supports() returns "" when it can serve the problem,
 // else the reason it declines ("CPU lacks avx512f", "N=200 is not a multiple of 64").
 template <class Problem>
-struct Fp8Implementation {
-  const char* name;
-  Backend backend;
-  std::string (*supports)(const Problem& problem);
-  void (*run)(const Problem& problem);
-};
+using Fp8Implementation = Implementation<Problem>;
 using GroupQuantImplementation = Fp8Implementation<GroupQuantProblem>;
 using BlockGemmImplementation = Fp8Implementation<BlockGemmProblem>;
 using W8a8LinearImplementation = Fp8Implementation<W8a8LinearProblem>;

@@ -46,21 +46,6 @@ std::string str(DType d) { return std::string(dtype_name(d)); }
 
 bool is_float_input(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; }
 
-// Whether an entry may serve the call: the requested backend's entries, or, with none requested,
-// every entry of a backend that runs on the tensors' device (fastest first, so the CPU kernels
-// serve and the reference catches what they decline).
-std::string eligibility(const RouteImplementation& impl, const RouteProblem& p,
-                        const RouteOptions& options) {
-  if (options.backend) {
-    if (impl.backend != *options.backend)
-      return "backend " + std::string(backend_name(*options.backend)) + " was requested";
-  } else if ((impl.backend == Backend::gpu) != p.logits.device().is_gpu()) {
-    return "tensors are on " + p.logits.device().str();
-  }
-  if (!backend_available(impl.backend)) return "backend not present on this machine";
-  return "";
-}
-
 }  // namespace
 
 RouteProblem make_route_problem(const char* op, const TensorView& logits,
@@ -161,41 +146,14 @@ std::vector<ImplementationChoice> explain_route(const TensorView& logits,
                                                 const TensorView& weights, const TensorView& ids,
                                                 const RouteOptions& options) {
   const RouteProblem p = make_route_problem("route", logits, bias, config, weights, ids, options);
-  std::vector<ImplementationChoice> rows;
-  bool chosen = false;
-  for (const RouteImplementation& impl : kRouteTable) {
-    ImplementationChoice row{impl.name, impl.backend, false, eligibility(impl, p, options)};
-    if (row.reason.empty()) row.reason = impl.supports(p);
-    if (row.reason.empty() && !chosen) row.chosen = chosen = true;
-    rows.push_back(std::move(row));
-  }
-  return rows;
+  return explain_table<RouteProblem>(kRouteTable, p, logits.device(), options);
 }
 
 void route(const TensorView& logits, const std::optional<TensorView>& bias,
            const RouterConfig& config, const TensorView& weights, const TensorView& ids,
            const RouteOptions& options) {
   const RouteProblem p = make_route_problem("route", logits, bias, config, weights, ids, options);
-  const Backend requested = options.backend              ? *options.backend
-                            : p.logits.device().is_gpu() ? Backend::gpu
-                                                         : Backend::cpu;
-  if (!backend_available(requested))
-    fail("route", "backend", std::string(backend_name(requested)),
-         "is not present on this machine");
-  std::string reasons;
-  for (const RouteImplementation& impl : kRouteTable) {
-    if (!eligibility(impl, p, options).empty()) continue;
-    const std::string why_not = impl.supports(p);
-    if (why_not.empty()) {
-      if (p.num_tokens > 0) impl.run(p);
-      return;
-    }
-    reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
-  }
-  const std::string device = p.logits.device().str();
-  fail("route", "backend",
-       options.backend ? std::string(backend_name(*options.backend)) : "any on " + device,
-       "cannot serve this call (" + reasons + ")");
+  dispatch<RouteProblem>("route", kRouteTable, p, logits.device(), options, p.num_tokens == 0);
 }
 
 // ---- Named wrappers.

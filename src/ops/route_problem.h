@@ -7,6 +7,7 @@
 #include <string>
 
 #include "moekit/ops/route.h"
+#include "ops/dispatch.h"
 
 namespace moekit {
 
@@ -36,14 +37,8 @@ struct RouteProblem {
   int experts_per_group() const { return num_experts / num_groups; }
 };
 
-// One entry of route's dispatch table. supports() returns "" when it can serve the problem, else
-// the reason it declines ("CPU lacks avx512f", "logits rows are not contiguous (stride 3)").
-struct RouteImplementation {
-  const char* name;
-  Backend backend;
-  std::string (*supports)(const RouteProblem& problem);
-  void (*run)(const RouteProblem& problem);
-};
+// One entry of route's dispatch table (see ops/dispatch.h).
+using RouteImplementation = Implementation<RouteProblem>;
 
 }  // namespace moekit
 
