@@ -16,8 +16,9 @@ namespace {
 
 using harness::InputKind;
 
-std::string chosen_implementation(Backend backend, const harness::RouteCase& c,
-                                  const harness::RouteInputs& in) {
+// The dispatch table's verdict for a case: which entry runs and why the others decline.
+std::vector<ImplementationChoice> explain_case(Backend backend, const harness::RouteCase& c,
+                                               const harness::RouteInputs& in) {
   const Device device = backend == Backend::gpu ? Device::gpu() : Device::cpu();
   // Dispatch depends on shapes, dtypes, strides and device: tiny stand-ins of the right kind.
   Tensor logits = Tensor::empty(c.logits_dtype, {c.tokens, c.num_experts}, device);
@@ -27,11 +28,8 @@ std::string chosen_implementation(Backend backend, const harness::RouteCase& c,
   Tensor ids = Tensor::empty(c.ids_dtype, {c.tokens, c.config.topk}, device);
   RouteOptions options;
   options.backend = backend;
-  for (const ImplementationChoice& choice :
-       explain_route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt,
-                     c.config, weights, ids, options))
-    if (choice.chosen) return choice.name;
-  return "(none)";
+  return explain_route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt,
+                       c.config, weights, ids, options);
 }
 
 int check_route(const CheckOptions& options, const std::vector<Backend>& tested, uint64_t seed);
@@ -80,12 +78,18 @@ int check_route(const CheckOptions& options, const std::vector<Backend>& tested,
         int64_t diffs = 0, near = 0;
         bool pass = true;
         std::string problem, implementation;
+        std::vector<ImplementationChoice> dispatch;
         for (InputKind kind : kinds) {
           // Adversarial inputs at prefill sizes add time, not coverage.
           if (kind != InputKind::random && tokens > 1024) continue;
           harness::RouteCase c = harness::model_case(row, tokens, kind, case_seed++);
           const harness::RouteInputs in = harness::make_inputs(c);
-          if (implementation.empty()) implementation = chosen_implementation(backend, c, in);
+          if (dispatch.empty()) {
+            dispatch = explain_case(backend, c, in);
+            implementation = "(none)";
+            for (const ImplementationChoice& choice : dispatch)
+              if (choice.chosen) implementation = choice.name;
+          }
           const harness::RouteOutputs ref = harness::run_reference(c, in);
           const harness::RouteOutputs out = harness::run_backend(backend, c, in);
           const harness::Comparison cmp = harness::compare_with_reference(c, in, ref, out);
@@ -107,9 +111,10 @@ int check_route(const CheckOptions& options, const std::vector<Backend>& tested,
           ++failures;
           std::printf("    %s\n", problem.c_str());
         }
-        if (options.verbose) {
-          std::printf("    dispatch: %s\n", implementation.c_str());
-        }
+        if (options.verbose)
+          for (const ImplementationChoice& choice : dispatch)
+            if (!choice.chosen)
+              std::printf("    %-12s %s\n", choice.name.c_str(), describe_choice(choice).c_str());
       }
     }
   }

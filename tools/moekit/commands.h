@@ -13,6 +13,14 @@
 
 namespace moekit::cli {
 
+// One dispatch-table verdict as the CLI prints it: "runs", "declines: <reason>", or, for an entry
+// that would serve but comes after the chosen one, "serves too, but an earlier entry runs".
+inline std::string describe_choice(const ImplementationChoice& choice) {
+  if (choice.chosen) return "runs";
+  if (choice.reason.empty()) return "serves too, but an earlier entry runs";
+  return "declines: " + choice.reason;
+}
+
 struct CheckOptions {
   std::optional<Backend> backend;  // none: every backend present except the reference
   std::optional<uint64_t> seed;    // none: a fresh seed, printed

@@ -95,8 +95,7 @@ struct RouteFlags {
 
 void print_choices(const std::vector<ImplementationChoice>& rows) {
   for (const ImplementationChoice& row : rows)
-    std::fprintf(stderr, "  %-12s %s\n", row.name.c_str(),
-                 row.chosen ? "runs" : ("declines: " + row.reason).c_str());
+    std::fprintf(stderr, "  %-12s %s\n", row.name.c_str(), describe_choice(row).c_str());
 }
 
 int run_route(const std::string& input, const std::string& output, const RouteFlags& flags) {
@@ -156,8 +155,7 @@ int run_explain(const std::string& model, int64_t tokens, const std::string& bac
     for (const ImplementationChoice& c :
          explain_route(logits, bias ? std::optional<TensorView>(bias->view()) : std::nullopt,
                        row.config, weights, ids, options))
-      std::printf("  %-12s %s\n", c.name.c_str(),
-                  c.chosen ? "runs" : ("declines: " + c.reason).c_str());
+      std::printf("  %-12s %s\n", c.name.c_str(), describe_choice(c).c_str());
     if (!model.empty()) return 0;
   }
   if (!model.empty()) fail("explain", "--model", model, "is not a row of the model table");
