@@ -121,7 +121,7 @@ fi
 
 step "moekit check --backend gpu"
 if [[ -x $CLI ]] && "$CLI" --help 2>&1 | grep -q check; then
-  if timeout 150 "$CLI" check --backend gpu > "$OUT/check.txt" 2>&1; then
+  if timeout 240 "$CLI" check --backend gpu > "$OUT/check.txt" 2>&1; then
     note "moekit check --backend gpu: passed"
   else
     note "moekit check --backend gpu: FAILED or timed out (exit $?)"
@@ -164,6 +164,24 @@ else
   note "peer benchmark not run: torch/triton not importable"
 fi
 
+step "FP8: moekit bench --op gemm|quant --backend gpu, and torch peers (bench/gpu_fp8_peers.py)"
+FP8_JSON=$OUT/fp8_gemm.json
+if [[ -x $CLI ]]; then
+  timeout 240 "$CLI" bench --op gemm --backend gpu > "$OUT/fp8_bench.txt" 2>&1 \
+    || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"
+  timeout 60 "$CLI" bench --op quant --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
+    || note "moekit bench --op quant: exit $?"
+  timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2>/dev/null || true
+  cat "$OUT/fp8_bench.txt"
+  if python3 -c 'import torch' 2>/dev/null; then
+    PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu_fp8_peers.py "$FP8_JSON" \
+      > "$OUT/fp8_peers.txt" 2>&1 || note "FP8 peers: FAILED or timed out (fp8_peers.txt)"
+    cat "$OUT/fp8_peers.txt"
+  fi
+else
+  note "FP8 bench not run: no CLI"
+fi
+
 step "summary"
 {
   GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -196,5 +214,13 @@ PY
   if [[ -s $OUT/peers.txt ]]; then
     echo
     sed -n '/^CUDA-graph replay/,$p' "$OUT/peers.txt"
+  fi
+  if [[ -s $OUT/fp8_bench.txt ]]; then
+    echo
+    cat "$OUT/fp8_bench.txt"
+  fi
+  if [[ -s $OUT/fp8_peers.txt ]]; then
+    echo
+    cat "$OUT/fp8_peers.txt"
   fi
 } | tee "$OUT/summary.txt"

@@ -877,5 +877,42 @@ TEST(Fp8Dispatch, ExplainNamesTheChoiceAndEveryReason) {
             w8a8_linear_implementations().size());
 }
 
+TEST(Fp8Dispatch, ANamedImplementationIsTheOnlyOneConsidered) {
+  std::mt19937_64 rng(7);
+  Tensor a = random_e4m3(rng, 3, 256), b = random_e4m3(rng, 64, 256);
+  Tensor as = Tensor::empty(DType::f32, {3, 2}), bs = Tensor::empty(DType::f32, {1, 2});
+  for (Tensor* t : {&as, &bs})
+    for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0.001f, 0.01f);
+  Tensor out = filled(DType::f32, {3, 64}), ref = Tensor::empty(DType::f32, {3, 64});
+  OpOptions scalar;
+  scalar.implementation = "cpu.scalar";
+  const auto rows =
+      explain_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, scalar);
+  for (const ImplementationChoice& row : rows) {
+    EXPECT_EQ(row.chosen, row.name == "cpu.scalar") << row.name;
+    if (row.name != "cpu.scalar") {
+      EXPECT_EQ(row.reason, "implementation cpu.scalar was requested");
+    }
+  }
+  block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, scalar);
+  block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, ref, {Backend::reference});
+  double error = 0.0, magnitude = 0.0;
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    error += std::fabs(out.data_as<float>()[i] - ref.data_as<float>()[i]);
+    magnitude += std::fabs(ref.data_as<float>()[i]);
+  }
+  EXPECT_LT(error, 1e-3 * magnitude);
+
+  OpOptions unknown;
+  unknown.implementation = "gpu.nonesuch";
+  try {
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, unknown);
+    FAIL() << "an unknown implementation name must be an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("implementation"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("gpu.nonesuch"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace moekit

@@ -30,6 +30,9 @@ struct OpOptions {
   std::optional<Backend> backend;  // none: the fastest backend present for the tensors' device
   int num_threads = 0;             // CPU backend: 0 = all available
   void* stream = nullptr;          // GPU backend: the stream to enqueue on
+  // Only the dispatch-table entry of this name may serve ("gpu.cublaslt", "cpu.avx2"; see
+  // `moekit explain`): for benchmarks and tests that compare implementations. Empty: any.
+  std::string implementation{};
 };
 
 // One row of an op's dispatch table as considered for one call (the explain_* functions): which

@@ -24,7 +24,10 @@ struct Implementation {
 };
 
 // "" when the entry may be considered for a call on `device` with these options.
-inline std::string eligibility(Backend backend, Device device, const OpOptions& options) {
+inline std::string eligibility(const char* name, Backend backend, Device device,
+                               const OpOptions& options) {
+  if (!options.implementation.empty() && options.implementation != name)
+    return "implementation " + options.implementation + " was requested";
   if (options.backend) {
     if (backend != *options.backend)
       return "backend " + std::string(backend_name(*options.backend)) + " was requested";
@@ -45,7 +48,7 @@ std::vector<ImplementationChoice> explain_table(std::span<const Implementation<P
   bool chosen = false;
   for (const Implementation<Problem>& impl : table) {
     ImplementationChoice row{impl.name, impl.backend, false,
-                             eligibility(impl.backend, device, options)};
+                             eligibility(impl.name, impl.backend, device, options)};
     if (row.reason.empty()) row.reason = impl.supports(problem);
     if (row.reason.empty() && !chosen) row.chosen = chosen = true;
     rows.push_back(std::move(row));
@@ -65,7 +68,7 @@ void dispatch(const char* op, std::span<const Implementation<Problem>> table,
     fail(op, "backend", std::string(backend_name(requested)), "is not present on this machine");
   std::string reasons;
   for (const Implementation<Problem>& impl : table) {
-    if (!eligibility(impl.backend, device, options).empty()) continue;
+    if (!eligibility(impl.name, impl.backend, device, options).empty()) continue;
     const std::string why_not = impl.supports(problem);
     if (why_not.empty()) {
       if (!empty) impl.run(problem);
@@ -73,6 +76,8 @@ void dispatch(const char* op, std::span<const Implementation<Problem>> table,
     }
     reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
   }
+  if (!options.implementation.empty() && reasons.empty())
+    fail(op, "implementation", options.implementation, "is not an entry of this op's table");
   fail(op, "backend",
        options.backend ? std::string(backend_name(*options.backend)) : "any on " + device.str(),
        "cannot serve this call (" + reasons + ")");

@@ -7,6 +7,9 @@
 #include <string>
 
 #include "cpu/fp8_cpu.h"
+#ifdef MOEKIT_HAVE_GPU
+#include "gpu/fp8_gpu.h"
+#endif
 #include "moekit/error.h"
 #include "ops/fp8_problem.h"
 #include "reference/fp8_reference.h"
@@ -51,9 +54,50 @@ size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K) {
 namespace {
 
 // ---- Dispatch tables, fastest first; ops/dispatch.h says which entries a call considers.
-// GPU entries go first in each table (#ifdef MOEKIT_HAVE_GPU, "GPU entries here"): for the GEMM
-// and the linear layer the vendor library path ("gpu.cublaslt"), then our kernel ("gpu"); the
-// GPU group quantization declines group sizes other than 16, 32, 64, 128, 256.
+// GPU entries go first: for the GEMM and the linear layer the vendor library path
+// ("gpu.cublaslt"), then our Hopper tensor-core kernel ("gpu.sm90"), then our portable kernel
+// ("gpu"), which serves every call the others decline.
+
+#ifdef MOEKIT_HAVE_GPU
+// The GPU linear layer: quantize on the GPU into the workspace, then the GEMM entry that serves.
+// cuBLASLt reads activation scales M-contiguous (VEC128), so its variant writes the same workspace
+// bytes column-major instead of row-major.
+W8a8LinearProblem with_column_major_scales(W8a8LinearProblem p) {
+  const int64_t M = p.gemm.m, G = p.quant.groups;
+  const TensorView scales(p.quant.scales.data(), DType::f32, {G, M}, p.quant.scales.device());
+  p.quant.scales = p.gemm.a_scales = scales;
+  p.quant.scale_at = p.gemm.a_scale_at = scale_addressing(ScaleLayout::column_major, M, G);
+  return p;
+}
+
+std::string gpu_linear_cublaslt_supports(const W8a8LinearProblem& p) {
+  const W8a8LinearProblem q = with_column_major_scales(p);
+  std::string why = gpu::group_quant_supports(q.quant);
+  return why.empty() ? gpu::cublaslt_gemm_supports(q.gemm) : why;
+}
+void gpu_linear_cublaslt(const W8a8LinearProblem& p) {
+  const W8a8LinearProblem q = with_column_major_scales(p);
+  gpu::per_token_group_quant_fp8(q.quant);
+  gpu::cublaslt_block_fp8_gemm(q.gemm);
+}
+
+std::string gpu_linear_supports(const W8a8LinearProblem& p) {
+  std::string why = gpu::group_quant_supports(p.quant);
+  if (!why.empty()) return why;
+  if (gpu::block_gemm_sm90_supports(p.gemm).empty()) return "";
+  return gpu::block_gemm_supports(p.gemm);
+}
+void gpu_linear(const W8a8LinearProblem& p) {
+  gpu::per_token_group_quant_fp8(p.quant);
+  if (gpu::block_gemm_sm90_supports(p.gemm).empty())
+    gpu::block_fp8_gemm_sm90(p.gemm);
+  else
+    gpu::block_fp8_gemm(p.gemm);
+}
+#define MOEKIT_GPU_ENTRY(...) __VA_ARGS__,
+#else
+#define MOEKIT_GPU_ENTRY(...)
+#endif
 
 template <class Problem>
 std::string reference_supports(const Problem& p);
@@ -77,9 +121,10 @@ std::string reference_supports(const BlockQuantizeWeightProblem& p) {
 using cpu::Fp8Isa;
 
 const GroupQuantImplementation kGroupQuantTable[] = {
-    // GPU entries here.
-    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
-     cpu::per_token_group_quant_fp8<Fp8Isa::avx512>},
+    MOEKIT_GPU_ENTRY(
+        {"gpu", Backend::gpu, gpu::group_quant_supports, gpu::per_token_group_quant_fp8}){
+        "cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+        cpu::per_token_group_quant_fp8<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
      cpu::per_token_group_quant_fp8<Fp8Isa::avx2>},
     {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
@@ -89,9 +134,13 @@ const GroupQuantImplementation kGroupQuantTable[] = {
 };
 
 const BlockGemmImplementation kBlockGemmTable[] = {
-    // GPU entries here.
-    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
-     cpu::block_fp8_gemm<Fp8Isa::avx512>},
+    MOEKIT_GPU_ENTRY(
+        {"gpu.cublaslt", Backend::gpu, gpu::cublaslt_gemm_supports, gpu::cublaslt_block_fp8_gemm})
+        MOEKIT_GPU_ENTRY(
+            {"gpu.sm90", Backend::gpu, gpu::block_gemm_sm90_supports, gpu::block_fp8_gemm_sm90})
+            MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu::block_gemm_supports, gpu::block_fp8_gemm}){
+                "cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+                cpu::block_fp8_gemm<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>, cpu::block_fp8_gemm<Fp8Isa::avx2>},
     {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
      cpu::block_fp8_gemm<Fp8Isa::portable>},
@@ -100,9 +149,11 @@ const BlockGemmImplementation kBlockGemmTable[] = {
 };
 
 const W8a8LinearImplementation kW8a8LinearTable[] = {
-    // GPU entries here: the vendor library path (cuBLASLt block-scaled FP8, sm_90+), then ours.
-    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
-     cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
+    MOEKIT_GPU_ENTRY(
+        {"gpu.cublaslt", Backend::gpu, gpu_linear_cublaslt_supports, gpu_linear_cublaslt})
+        MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear}){
+            "cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+            cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
      cpu::w8a8_block_fp8_linear<Fp8Isa::avx2>},
     {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
@@ -112,9 +163,10 @@ const W8a8LinearImplementation kW8a8LinearTable[] = {
 };
 
 const BlockQuantizeWeightImplementation kBlockQuantizeWeightTable[] = {
-    // GPU entries here.
-    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
-     cpu::block_quantize_weight<Fp8Isa::avx512>},
+    MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu::block_quantize_weight_supports,
+                      gpu::block_quantize_weight}){"cpu.avx512", Backend::cpu,
+                                                   cpu::fp8_supports<Fp8Isa::avx512>,
+                                                   cpu::block_quantize_weight<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
      cpu::block_quantize_weight<Fp8Isa::avx2>},
     {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,

@@ -85,8 +85,10 @@ Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend b
 // Activations as a model's: N(0, 1) with 1/64 outliers x30, bf16 [m, k].
 Tensor random_fp8_activations(uint64_t seed, int64_t m, int64_t k);
 
-// `moekit bench --op gemm|quant` (fp8_bench.cpp), CPU backends; returns the exit code.
+// `moekit bench --op gemm|quant` (fp8_bench.cpp); returns the exit code. The GPU backend's table
+// (fp8_bench_gpu.cpp) times every GPU implementation that serves each shape.
 int run_fp8_bench(const BenchOptions& options, Backend backend, int threads);
+int run_fp8_bench_gpu(const BenchOptions& options);
 
 // The FP8 subcommands (fp8_commands.cpp): safetensors in, safetensors out (written atomically, and
 // only on success).

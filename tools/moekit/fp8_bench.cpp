@@ -126,9 +126,7 @@ Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layou
 }  // namespace
 
 int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
-  if (backend == Backend::gpu)
-    fail("bench", "--backend", "gpu",
-         "has no FP8 implementation (bench --op " + options.op + " runs on cpu or reference)");
+  if (backend == Backend::gpu) return run_fp8_bench_gpu(options);
   const double bandwidth = measure_cpu_copy_bandwidth(threads);
   std::vector<Row> rows;
   bool found = false;

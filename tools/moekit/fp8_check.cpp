@@ -90,6 +90,25 @@ float scale_at(const TensorView& scales, ScaleLayout layout, int64_t m, int64_t 
   return std::bit_cast<float>(static_cast<uint32_t>(e) << 23);
 }
 
+// Where a backend's tensors live: inputs are copied there and outputs back (GPU), or used as is.
+Device device_of(Backend backend) {
+  return backend == Backend::gpu ? Device::gpu() : Device::cpu();
+}
+Tensor staged(const TensorView& t, Backend backend) {
+  return Tensor::copy_of(t, device_of(backend));
+}
+Tensor to_host(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()); }
+
+// The same logical scales stored column-major ([G, M] storage, M contiguous).
+Tensor column_major_copy(const TensorView& row_major) {
+  const int64_t M = row_major.size(0), G = row_major.size(1);
+  Tensor t = Tensor::empty(DType::f32, {G, M});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      t.data_as<float>()[g * M + m] = row_major.data_as<float>()[m * row_major.stride(0) + g];
+  return t;
+}
+
 // spec/fp8.md: 1e-3 for f32 out, plus bf16's rounding (2^-8 relative, at most) for bf16 out.
 double gemm_tolerance(DType out) { return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : 0.0); }
 
@@ -110,15 +129,18 @@ Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend b
     std::memset(t.data(), 0, t.nbytes());
     return t;
   };
-  Tensor q_ref = make(DType::f8e4m3, M, K), q = make(DType::f8e4m3, M, K);
-  Tensor s_ref = make(s.dtype, s.shape[0], s.shape[1]), sc = make(s.dtype, s.shape[0], s.shape[1]);
+  Tensor q_ref = make(DType::f8e4m3, M, K), s_ref = make(s.dtype, s.shape[0], s.shape[1]);
+  const Tensor x_on = staged(x, backend);
+  Tensor q_on = staged(make(DType::f8e4m3, M, K).view(), backend);
+  Tensor s_on = staged(make(s.dtype, s.shape[0], s.shape[1]).view(), backend);
   OpOptions options;
   options.backend = backend;
-  r.implementation = chosen_name(explain_per_token_group_quant_fp8(x, q, sc, c, options));
+  r.implementation = chosen_name(explain_per_token_group_quant_fp8(x_on, q_on, s_on, c, options));
   if (r.implementation.empty()) return r;
   r.ran = true;
   per_token_group_quant_fp8(x, q_ref, s_ref, c, OpOptions{Backend::reference});
-  per_token_group_quant_fp8(x, q, sc, c, options);
+  per_token_group_quant_fp8(x_on, q_on, s_on, c, options);
+  const Tensor q = to_host(q_on), sc = to_host(s_on);
   const auto* a = s_ref.data_as<uint8_t>();
   const auto* b = sc.data_as<uint8_t>();
   for (size_t i = 0; i < s_ref.nbytes(); i += 4) r.scale_diffs += std::memcmp(a + i, b + i, 4) != 0;
@@ -238,15 +260,24 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
             q_cell = "no implementation";
           }
         }
-        // GEMM.
-        Tensor out32 = Tensor::empty(DType::f32, {M, N});
-        Tensor out16 = Tensor::empty(DType::bf16, {M, N});
-        const std::string g_impl =
-            chosen_name(explain_block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, weight.b,
-                                               weight.b_scales, std::nullopt, out32, op));
-        std::string e32 = "-", e16 = "-";
+        // GEMM, with row-major activation scales and, on the GPU, column-major ones too (the
+        // layout cuBLASLt's block-scaled path reads).
+        const Tensor a_on = staged(in.a, backend), b_on = staged(weight.b, backend);
+        const Tensor bs_on = staged(weight.b_scales, backend);
+        std::vector<std::pair<ScaleLayout, Tensor>> a_scales;
+        a_scales.emplace_back(ScaleLayout::row_major, staged(in.a_scales, backend));
+        if (backend == Backend::gpu)
+          a_scales.emplace_back(ScaleLayout::column_major,
+                                staged(column_major_copy(in.a_scales), backend));
+        std::string g_impl, e32 = "-", e16 = "-";
         bool gemm_ran = false;
-        if (!g_impl.empty()) {
+        for (const auto& [layout, as_on] : a_scales) {
+          Tensor out32 = staged(Tensor::empty(DType::f32, {M, N}), backend);
+          Tensor out16 = staged(Tensor::empty(DType::bf16, {M, N}), backend);
+          const std::string impl = chosen_name(
+              explain_block_fp8_gemm(a_on, as_on, layout, b_on, bs_on, std::nullopt, out32, op));
+          g_impl += (g_impl.empty() ? "" : ",") + (impl.empty() ? std::string("-") : impl);
+          if (impl.empty()) continue;
           gemm_ran = true;
           if (!have_ref) {
             block_fp8_gemm(first_rows(in.a, ref_rows), first_rows(in.a_scales, ref_rows),
@@ -254,20 +285,20 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
                            OpOptions{Backend::reference});
             have_ref = true;
           }
-          block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, weight.b, weight.b_scales,
-                         std::nullopt, out32, op);
-          block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major, weight.b, weight.b_scales,
-                         std::nullopt, out16, op);
-          const double r32 = relative_mean_error(out32, ref);
-          const double r16 = relative_mean_error(out16, ref);
-          e32 = fmt::format("{:.3g}", r32);
-          e16 = fmt::format("{:.3g}", r16);
+          block_fp8_gemm(a_on, as_on, layout, b_on, bs_on, std::nullopt, out32, op);
+          block_fp8_gemm(a_on, as_on, layout, b_on, bs_on, std::nullopt, out16, op);
+          const double r32 = relative_mean_error(first_rows(to_host(out32), ref_rows), ref);
+          const double r16 = relative_mean_error(first_rows(to_host(out16), ref_rows), ref);
+          e32 = (e32 == "-" ? "" : e32 + ",") + fmt::format("{:.3g}", r32);
+          e16 = (e16 == "-" ? "" : e16 + ",") + fmt::format("{:.3g}", r16);
           if (!(r32 < gemm_tolerance(DType::f32)))
-            problem += fmt::format("{}f32 gemm rel error {:.3g} >= {:.3g}",
-                                   problem.empty() ? "" : "; ", r32, gemm_tolerance(DType::f32));
+            problem +=
+                fmt::format("{}{} f32 gemm rel error {:.3g} >= {:.3g}", problem.empty() ? "" : "; ",
+                            impl, r32, gemm_tolerance(DType::f32));
           if (!(r16 < gemm_tolerance(DType::bf16)))
-            problem += fmt::format("{}bf16 gemm rel error {:.3g} >= {:.3g}",
-                                   problem.empty() ? "" : "; ", r16, gemm_tolerance(DType::bf16));
+            problem +=
+                fmt::format("{}{} bf16 gemm rel error {:.3g} >= {:.3g}",
+                            problem.empty() ? "" : "; ", impl, r16, gemm_tolerance(DType::bf16));
         }
         const bool any_ran = gemm_ran || q_impl != "-";
         const std::string result = !any_ran          ? "SKIP (no implementation)"
@@ -278,8 +309,7 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
           note = fmt::format("  [reference on rows 0..{} of {}]", ref_rows - 1, M);
         std::printf("%-44s %4lld %-9s %-22s %-19s %10s %10s %s%s\n", shape.name().c_str(),
                     static_cast<long long>(M), backend_str.c_str(),
-                    any_ran ? fmt::format("{}/{}", q_impl, g_impl.empty() ? "-" : g_impl).c_str()
-                            : "no implementation",
+                    any_ran ? fmt::format("{}/{}", q_impl, g_impl).c_str() : "no implementation",
                     q_cell.c_str(), e32.c_str(), e16.c_str(), result.c_str(), note.c_str());
         if (!problem.empty()) {
           ++failures;

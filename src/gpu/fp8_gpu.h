@@ -1,0 +1,37 @@
+// GPU FP8 kernels as entries of the FP8 dispatch tables (src/ops/fp8.cpp). Only declared here so
+// that plain C++ front ends can list them; each supports() returns "" when it serves the problem,
+// else the reason it declines. Every run enqueues on problem.stream: no host synchronization, no
+// allocation, no host-device copy (graph-capturable).
+#pragma once
+
+#include <string>
+
+#include "ops/fp8_problem.h"
+
+namespace moekit::gpu {
+
+// per_token_group_quant_fp8 (fp8_quant_gpu.cu): every scale layout, group sizes 16..256, the
+// partial last group the linear layer asks for. Bytes equal to the reference's.
+std::string group_quant_supports(const GroupQuantProblem& problem);
+void per_token_group_quant_fp8(const GroupQuantProblem& problem);
+
+// block_quantize_weight (fp8_quant_gpu.cu). Bytes equal to the reference's.
+std::string block_quantize_weight_supports(const BlockQuantizeWeightProblem& problem);
+void block_quantize_weight(const BlockQuantizeWeightProblem& problem);
+
+// block_fp8_gemm, moekit's portable kernel (fp8_gemm_gpu.cu): serves every valid call; tuned for
+// the weight-bandwidth-bound small-M (decode) regime.
+std::string block_gemm_supports(const BlockGemmProblem& problem);
+void block_fp8_gemm(const BlockGemmProblem& problem);
+
+// block_fp8_gemm on Hopper tensor cores (fp8_gemm_sm90.cu): TMA + wgmma, sm_90a builds on
+// compute capability 9.0 only.
+std::string block_gemm_sm90_supports(const BlockGemmProblem& problem);
+void block_fp8_gemm_sm90(const BlockGemmProblem& problem);
+
+// block_fp8_gemm through cuBLASLt's block-scaled FP8 (fp8_gemm_cublaslt.cu): A scales VEC128,
+// B scales BLK128x128, compute capability 9.0.
+std::string cublaslt_gemm_supports(const BlockGemmProblem& problem);
+void cublaslt_block_fp8_gemm(const BlockGemmProblem& problem);
+
+}  // namespace moekit::gpu

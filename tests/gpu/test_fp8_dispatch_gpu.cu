@@ -1,0 +1,260 @@
+// The FP8 ops on GPU tensors through their public front ends: the cuBLASLt entry against the
+// reference (it is a library call, so what is tested is our use of it: operand order, scale
+// layouts, strides), the linear layer through each GPU entry, determinism, graph capture, and the
+// dispatch's choices. Every test skips on a machine without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu/fp8_gpu.h"
+#include "gpu/gpu_check.h"
+#include "gpu/gpu_runtime.h"
+#include "moekit/backend.h"
+#include "moekit/dtype.h"
+#include "moekit/ops/fp8.h"
+#include "moekit/tensor.h"
+
+namespace moekit {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    if (!backend_available(Backend::gpu)) GTEST_SKIP() << "no GPU on this machine"; \
+  } while (0)
+
+uint64_t seed_for(const char* test) {
+  uint64_t seed = std::random_device{}();
+  if (const char* env = std::getenv("MOEKIT_TEST_SEED")) seed = std::strtoull(env, nullptr, 0);
+  std::printf("%s: seed %llu (MOEKIT_TEST_SEED to repeat)\n", test,
+              static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+Tensor random_e4m3(std::mt19937_64& rng, int64_t rows, int64_t cols) {
+  Tensor t = Tensor::empty(DType::f8e4m3, {rows, cols});
+  std::uniform_real_distribution<float> u(-448.0f, 448.0f);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<uint8_t>()[i] = f32_to_f8e4m3(u(rng));
+  return t;
+}
+
+Tensor random_f32(std::mt19937_64& rng, int64_t rows, int64_t cols, float lo, float hi) {
+  Tensor t = Tensor::empty(DType::f32, {rows, cols});
+  std::uniform_real_distribution<float> u(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = u(rng);
+  return t;
+}
+
+Tensor column_major(const Tensor& row_major) {  // [M, G] -> storage [G, M]
+  const int64_t M = row_major.view().size(0), G = row_major.view().size(1);
+  Tensor t = Tensor::empty(DType::f32, {G, M});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      t.data_as<float>()[g * M + m] = row_major.data_as<float>()[m * G + g];
+  return t;
+}
+
+Tensor gpu_copy(const Tensor& t) { return Tensor::copy_of(t.view(), Device::gpu()); }
+Tensor host_copy(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()); }
+
+// A device tensor whose every byte is 0xA5: what stays so was not written.
+Tensor poisoned(DType dtype, int64_t rows, int64_t cols) {
+  Tensor host = Tensor::empty(dtype, {rows, cols});
+  std::memset(host.data(), 0xA5, host.nbytes());
+  return gpu_copy(host);
+}
+
+double relative_mean_error(const Tensor& out, const Tensor& ref) {
+  double error = 0.0, magnitude = 0.0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double want = load_as_f32(ref.data(), ref.dtype(), i);
+    const double got = load_as_f32(out.data(), out.dtype(), i);
+    if (std::isnan(got)) return INFINITY;
+    error += std::fabs(got - want);
+    magnitude += std::fabs(want);
+  }
+  return magnitude > 0 ? error / magnitude : error;
+}
+
+double tolerance(DType out) {  // spec/fp8.md
+  return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : out == DType::f16 ? 1.0 / 2048 : 0.0);
+}
+
+struct GemmCase {
+  int64_t m, n, k;
+  DType out;
+};
+
+TEST(GpuFp8Dispatch, CublasLtGemmMatchesTheReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(seed_for("CublasLtGemmMatchesTheReference"));
+  const bool hopper = gpu::device_properties(0).major == 9;
+  const GemmCase cases[] = {{256, 4096, 7168, DType::bf16}, {1000, 512, 1024, DType::f32},
+                            {128, 384, 2048, DType::f16},   {64, 4096, 7168, DType::bf16},
+                            {16, 1024, 512, DType::f32},    {1, 4096, 7168, DType::bf16}};
+  int served = 0;
+  for (const GemmCase& c : cases) {
+    const Tensor a = random_e4m3(rng, c.m, c.k), b = random_e4m3(rng, c.n, c.k);
+    const Tensor as = random_f32(rng, c.m, c.k / 128, 0.001f, 0.01f);
+    const Tensor bs = random_f32(rng, (c.n + 127) / 128, c.k / 128, 0.001f, 0.01f);
+    const Tensor a_d = gpu_copy(a), b_d = gpu_copy(b), as_d = gpu_copy(column_major(as));
+    const Tensor bs_d = gpu_copy(bs);
+    Tensor out = poisoned(c.out, c.m, c.n);
+    OpOptions op;
+    op.implementation = "gpu.cublaslt";
+    const auto rows = explain_block_fp8_gemm(a_d, as_d, ScaleLayout::column_major, b_d, bs_d,
+                                             std::nullopt, out, op);
+    std::string why;
+    for (const ImplementationChoice& r : rows)
+      if (r.name == "gpu.cublaslt") why = r.reason;
+    const std::string shape = std::to_string(c.m) + "x" + std::to_string(c.n) + "x" +
+                              std::to_string(c.k) + " " + std::string(dtype_name(c.out));
+    if (!why.empty()) {
+      std::printf("  gpu.cublaslt declines %s: %s\n", shape.c_str(), why.c_str());
+      if (hopper && c.m >= 128) ADD_FAILURE() << "cuBLASLt should serve " << shape << ": " << why;
+      continue;
+    }
+    ++served;
+    block_fp8_gemm(a_d, as_d, ScaleLayout::column_major, b_d, bs_d, std::nullopt, out, op);
+    Tensor ref = Tensor::empty(DType::f32, {c.m, c.n});
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, ref, {Backend::reference});
+    const Tensor got = host_copy(out);
+    const double error = relative_mean_error(got, ref);
+    std::printf("  gpu.cublaslt %s: rel error %.3g\n", shape.c_str(), error);
+    EXPECT_LT(error, tolerance(c.out)) << shape;
+    // Bitwise deterministic.
+    Tensor again = poisoned(c.out, c.m, c.n);
+    block_fp8_gemm(a_d, as_d, ScaleLayout::column_major, b_d, bs_d, std::nullopt, again, op);
+    EXPECT_EQ(std::memcmp(host_copy(again).data(), got.data(), got.nbytes()), 0) << shape;
+  }
+  if (hopper) EXPECT_GE(served, 3);
+}
+
+TEST(GpuFp8Dispatch, CublasLtDeclinesWhatItCannotTake) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(1);
+  const Tensor a = gpu_copy(random_e4m3(rng, 256, 3884)), b = gpu_copy(random_e4m3(rng, 512, 3884));
+  const Tensor as = gpu_copy(random_f32(rng, 31, 256, 0.001f, 0.01f));
+  const Tensor bs = gpu_copy(random_f32(rng, 4, 31, 0.001f, 0.01f));
+  Tensor out = poisoned(DType::bf16, 256, 512);
+  const auto rows =
+      explain_block_fp8_gemm(a, as, ScaleLayout::column_major, b, bs, std::nullopt, out);
+  for (const ImplementationChoice& r : rows) {
+    if (r.name != "gpu.cublaslt") continue;
+    EXPECT_NE(r.reason.find("3884"), std::string::npos) << r.reason;
+    EXPECT_FALSE(r.chosen);
+  }
+}
+
+// The linear layer through each GPU entry that serves, against the reference linear layer.
+TEST(GpuFp8Dispatch, LinearLayerThroughEveryGpuEntry) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(seed_for("LinearLayerThroughEveryGpuEntry"));
+  struct Case {
+    int64_t m, n, k;
+  };
+  for (const Case& c : {Case{4, 4096, 7168}, Case{256, 2048, 1024}, Case{33, 640, 3884}}) {
+    Tensor x = Tensor::empty(DType::bf16, {c.m, c.k});
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, normal(rng));
+    const Tensor w = random_e4m3(rng, c.n, c.k);
+    const Tensor ws = random_f32(rng, (c.n + 127) / 128, (c.k + 127) / 128, 0.001f, 0.01f);
+    const size_t bytes = w8a8_block_fp8_linear_workspace_size(c.m, c.k);
+    Tensor host_ws = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)});
+    Tensor ref = Tensor::empty(DType::f32, {c.m, c.n});
+    w8a8_block_fp8_linear(x, w, ws, std::nullopt, ref, host_ws.data(), bytes, {Backend::reference});
+    const Tensor x_d = gpu_copy(x), w_d = gpu_copy(w), ws_d = gpu_copy(ws);
+    Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+    for (const char* name : {"gpu.cublaslt", "gpu"}) {
+      OpOptions op;
+      op.implementation = name;
+      Tensor y = poisoned(DType::f32, c.m, c.n);
+      const auto rows = explain_w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, y,
+                                                      workspace.data(), bytes, op);
+      std::string why;
+      for (const ImplementationChoice& r : rows)
+        if (r.name == name) why = r.reason;
+      if (!why.empty()) {
+        std::printf("  %s declines %lldx%lldx%lld: %s\n", name, static_cast<long long>(c.m),
+                    static_cast<long long>(c.n), static_cast<long long>(c.k), why.c_str());
+        continue;
+      }
+      w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, y, workspace.data(), bytes, op);
+      const double error = relative_mean_error(host_copy(y), ref);
+      std::printf("  %s %lldx%lldx%lld: rel error %.3g\n", name, static_cast<long long>(c.m),
+                  static_cast<long long>(c.n), static_cast<long long>(c.k), error);
+      // Quantized bytes equal the reference's but for rounding near-ties, so the GEMM tolerance
+      // holds for the whole layer.
+      EXPECT_LT(error, 2e-3) << name;
+    }
+  }
+}
+
+TEST(GpuFp8Dispatch, LinearLayerCapturesIntoAGraph) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(seed_for("LinearLayerCapturesIntoAGraph"));
+  const int64_t M = 128, N = 1024, K = 2048;
+  Tensor x = Tensor::empty(DType::bf16, {M, K});
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, normal(rng));
+  const Tensor x_d = gpu_copy(x), w_d = gpu_copy(random_e4m3(rng, N, K));
+  const Tensor ws_d = gpu_copy(random_f32(rng, N / 128, K / 128, 0.001f, 0.01f));
+  const size_t bytes = w8a8_block_fp8_linear_workspace_size(M, K);
+  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+  Tensor direct = poisoned(DType::bf16, M, N), replayed = poisoned(DType::bf16, M, N);
+  OpOptions op;
+  op.backend = Backend::gpu;
+  const auto rows = explain_w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, direct,
+                                                  workspace.data(), bytes, op);
+  bool any = false;
+  for (const ImplementationChoice& r : rows) {
+    any = any || r.chosen;
+    if (r.chosen) std::printf("  linear on the GPU picks %s\n", r.name.c_str());
+  }
+  if (!any) GTEST_SKIP() << "no GPU linear implementation serves yet";
+  w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, direct, workspace.data(), bytes, op);
+  gpu::synchronize(nullptr);
+
+  cudaStream_t stream;
+  MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  op.stream = stream;
+  MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, replayed, workspace.data(), bytes, op);
+  MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOEKIT_GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream));
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream));
+  const Tensor a = host_copy(direct), b = host_copy(replayed);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0);
+  (void)cudaGraphExecDestroy(exec);
+  (void)cudaGraphDestroy(graph);
+  (void)cudaStreamDestroy(stream);
+}
+
+TEST(GpuFp8Dispatch, GpuTensorsPickAGpuEntry) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(3);
+  const Tensor a = gpu_copy(random_e4m3(rng, 8, 256)), b = gpu_copy(random_e4m3(rng, 256, 256));
+  const Tensor as = gpu_copy(random_f32(rng, 8, 2, 0.001f, 0.01f));
+  const Tensor bs = gpu_copy(random_f32(rng, 2, 2, 0.001f, 0.01f));
+  Tensor out = poisoned(DType::bf16, 8, 256);
+  const auto rows = explain_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out);
+  for (const ImplementationChoice& r : rows) {
+    std::printf("  %-13s %-8s %s\n", r.name.c_str(), r.chosen ? "chosen" : "", r.reason.c_str());
+    if (r.backend != Backend::gpu) {
+      EXPECT_FALSE(r.chosen);
+      EXPECT_EQ(r.reason, "tensors are on gpu:0");
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moekit

@@ -1,0 +1,213 @@
+// `moekit bench --op gemm|quant --backend gpu`: every GPU implementation of block_fp8_gemm that
+// serves a shape (cuBLASLt, moekit's Hopper kernel, moekit's portable kernel), each verified
+// against the reference on its first rows, then timed by CUDA-graph replay with the weights
+// rotating over copies larger than L2 (as in a model, where each layer has its own). Prints us,
+// TFLOP/s, GB/s and the ratio to the HBM floor (bytes moved once / measured copy bandwidth), and
+// marks the implementation the dispatch picks.
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "commands.h"
+#include "moekit/error.h"
+#ifdef MOEKIT_HAVE_GPU
+#include "gpu/gpu_runtime.h"
+#endif
+
+namespace moekit::cli {
+
+#ifdef MOEKIT_HAVE_GPU
+namespace {
+
+struct GpuRow {
+  std::string shape;
+  int64_t m, n, k;
+  std::string implementation;
+  bool dispatched = false;  // what block_fp8_gemm picks with no implementation named
+  bool verified = false;
+  double median_us = 0.0;
+  double bytes = 0.0, flops = 0.0;
+};
+
+constexpr const char* kGemmImplementations[] = {"gpu.cublaslt", "gpu.sm90", "gpu"};
+
+// The same logical [M, G] scales stored column-major ([G, M] storage).
+Tensor column_major(const TensorView& row_major) {
+  const int64_t M = row_major.size(0), G = row_major.size(1);
+  Tensor t = Tensor::empty(DType::f32, {G, M});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      t.data_as<float>()[g * M + m] = row_major.data_as<float>()[m * G + g];
+  return t;
+}
+
+std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t N, int64_t K,
+                                     uint64_t seed) {
+  const Device gpu = Device::gpu();
+  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
+  const Tensor a = Tensor::copy_of(in.a, gpu), b_scales = Tensor::copy_of(in.b_scales, gpu);
+  const Tensor as_row = Tensor::copy_of(in.a_scales, gpu);
+  const Tensor as_col = Tensor::copy_of(column_major(in.a_scales), gpu);
+  // Weight copies covering >= 256 MiB (several times L2).
+  const size_t weight_bytes = in.b.nbytes();
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{256} << 20) / std::max<size_t>(weight_bytes, 1), 1, 16));
+  std::vector<Tensor> weights;
+  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(in.b, gpu));
+  Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
+  const int64_t rows = std::min<int64_t>(M, K > 8192 ? 2 : 4);
+  Tensor ref = Tensor::empty(DType::f32, {rows, N});
+  block_fp8_gemm(first_rows(in.a, rows), first_rows(in.a_scales, rows), ScaleLayout::row_major,
+                 in.b, in.b_scales, std::nullopt, ref, OpOptions{Backend::reference});
+
+  OpOptions any;
+  any.backend = Backend::gpu;
+  const std::string dispatched = chosen_name(explain_block_fp8_gemm(
+      a, as_col, ScaleLayout::column_major, weights[0], b_scales, std::nullopt, out, any));
+  std::vector<GpuRow> result;
+  for (const char* implementation : kGemmImplementations) {
+    // cuBLASLt reads VEC128 scales M-contiguous; our kernels are timed with SGLang's row-major.
+    const bool library = std::string(implementation) == "gpu.cublaslt";
+    const TensorView as = library ? as_col.view() : as_row.view();
+    const ScaleLayout layout = library ? ScaleLayout::column_major : ScaleLayout::row_major;
+    OpOptions op = any;
+    op.implementation = implementation;
+    if (chosen_name(
+            explain_block_fp8_gemm(a, as, layout, weights[0], b_scales, std::nullopt, out, op))
+            .empty())
+      continue;
+    GpuRow row{name, M, N, K, implementation, implementation == dispatched};
+    block_fp8_gemm(a, as, layout, weights[0], b_scales, std::nullopt, out, op);
+    row.verified = relative_mean_error(first_rows(Tensor::copy_of(out.view(), Device::cpu()), rows),
+                                       ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
+    int call = 0;
+    row.median_us = gpu::median_graph_replay_us(
+        [&](void* stream) {
+          op.stream = stream;
+          block_fp8_gemm(a, as, layout, weights[static_cast<size_t>(call++ % copies)], b_scales,
+                         std::nullopt, out, op);
+        },
+        /*calls_per_graph=*/std::max(copies, 4), /*replays=*/20);
+    row.bytes = static_cast<double>(weight_bytes + in.b_scales.nbytes() + in.a.nbytes() +
+                                    in.a_scales.nbytes() + out.nbytes());
+    row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+    result.push_back(row);
+  }
+  return result;
+}
+
+GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayout layout,
+                       uint64_t seed) {
+  const Device gpu = Device::gpu();
+  const Tensor x_host = random_fp8_activations(seed, M, K);
+  GroupQuantConfig c;
+  c.layout = layout;
+  c.ue8m0 = layout == ScaleLayout::packed_ue8m0;
+  const ScaleStorage s = group_quant_scale_storage(M, K, c);
+  const Tensor x = Tensor::copy_of(x_host, gpu);
+  Tensor q = Tensor::empty(DType::f8e4m3, {M, K}, gpu);
+  Tensor scales = Tensor::empty(s.dtype, {s.shape[0], s.shape[1]}, gpu);
+  OpOptions op;
+  op.backend = Backend::gpu;
+  GpuRow row{name, M, 0, K, "", true};
+  const Fp8QuantCheck check =
+      check_fp8_quant(first_rows(x_host, std::min<int64_t>(M, 256)), layout, Backend::gpu);
+  row.implementation = check.implementation;
+  row.verified = check.ran && check.diffs == check.near_ties && check.scale_diffs == 0;
+  if (!check.ran) return row;
+  row.median_us = gpu::median_graph_replay_us(
+      [&](void* stream) {
+        op.stream = stream;
+        per_token_group_quant_fp8(x, q, scales, c, op);
+      },
+      /*calls_per_graph=*/4, /*replays=*/20);
+  row.bytes = static_cast<double>(x.nbytes() + q.nbytes() + scales.nbytes());
+  return row;
+}
+
+}  // namespace
+
+int run_fp8_bench_gpu(const BenchOptions& options) {
+  const double bandwidth = gpu::measure_copy_bandwidth_gbs() * 1e9;
+  std::vector<GpuRow> rows;
+  uint64_t seed = 4242;
+  auto wanted = [&](const std::string& name, int64_t M) {
+    return (options.model.empty() || name.find(options.model) != std::string::npos) &&
+           (options.tokens == 0 || options.tokens == M);
+  };
+  if (options.op == "gemm") {
+    struct Shape {
+      std::string name;
+      int64_t n, k;
+      std::vector<int64_t> tokens;
+    };
+    const std::vector<Shape> shapes = {
+        {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {4096}},
+        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
+        {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16, 256}},
+        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16, 256}},
+    };
+    for (const Shape& shape : shapes)
+      for (int64_t M : shape.tokens)
+        if (wanted(shape.name, M))
+          for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++))
+            rows.push_back(std::move(r));
+  } else {
+    for (ScaleLayout layout : {ScaleLayout::row_major, ScaleLayout::packed_ue8m0}) {
+      const std::string name =
+          std::string("x bf16 K=7168 g128 ") + (layout == ScaleLayout::row_major ? "row" : "ue8m0");
+      if (wanted(name, 16384)) rows.push_back(bench_quant_gpu(name, 16384, 7168, layout, seed++));
+    }
+  }
+  if (rows.empty()) fail("bench", "--model", options.model, "selects no GPU FP8 shape");
+  const bool all_verified =
+      std::all_of(rows.begin(), rows.end(), [](const GpuRow& r) { return r.verified; });
+  if (options.json) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const GpuRow& r : rows)
+      out.push_back({{"op", options.op},
+                     {"shape", r.shape},
+                     {"m", r.m},
+                     {"n", r.n},
+                     {"k", r.k},
+                     {"backend", "gpu"},
+                     {"implementation", r.implementation},
+                     {"dispatched", r.dispatched},
+                     {"median_us", r.median_us},
+                     {"tflop_per_s", r.flops / (r.median_us * 1e-6) / 1e12},
+                     {"gb_per_s", r.bytes / (r.median_us * 1e-6) / 1e9},
+                     {"roofline_us", r.bytes / bandwidth * 1e6},
+                     {"verified", r.verified}});
+    std::printf("%s\n", out.dump(1).c_str());
+    return all_verified ? 0 : 1;
+  }
+  std::printf(
+      "moekit bench %s, backend gpu, CUDA-graph replay; HBM floor = bytes moved once / %.0f GB/s "
+      "(measured copy bandwidth); * = what the dispatch picks (column-major activation scales, as "
+      "the linear layer writes them for cuBLASLt)\n",
+      options.op.c_str(), bandwidth / 1e9);
+  std::printf("%-38s %5s %-14s %10s %9s %9s %10s %8s\n", "shape", "M", "impl", "median us",
+              "TFLOP/s", "GB/s", "floor us", "of floor");
+  for (const GpuRow& r : rows) {
+    const double floor_us = r.bytes / bandwidth * 1e6;
+    std::printf("%-38s %5lld %-14s %10.2f %9.1f %9.0f %10.2f %7.1f%%%s\n", r.shape.c_str(),
+                static_cast<long long>(r.m),
+                ((r.dispatched ? "*" : " ") + r.implementation).c_str(), r.median_us,
+                r.flops / (r.median_us * 1e-6) / 1e12, r.bytes / (r.median_us * 1e-6) / 1e9,
+                floor_us, 100.0 * floor_us / r.median_us, r.verified ? "" : "  NOT VERIFIED");
+  }
+  return all_verified ? 0 : 1;
+}
+
+#else
+
+int run_fp8_bench_gpu(const BenchOptions&) {
+  fail("bench", "--backend", "gpu", "is not built into this moekit (no CUDA compiler at build)");
+}
+
+#endif
+
+}  // namespace moekit::cli
