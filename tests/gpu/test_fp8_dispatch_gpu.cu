@@ -4,6 +4,7 @@
 // dispatch's choices. Every test skips on a machine without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -63,10 +64,11 @@ Tensor column_major(const Tensor& row_major) {  // [M, G] -> storage [G, M]
 Tensor gpu_copy(const Tensor& t) { return Tensor::copy_of(t.view(), Device::gpu()); }
 Tensor host_copy(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()); }
 
-// A device tensor whose every byte is 0xA5: what stays so was not written.
+// A device tensor whose every byte is 0xFF, a NaN in f32, f16 and bf16: what stays so was not
+// written.
 Tensor poisoned(DType dtype, int64_t rows, int64_t cols) {
   Tensor host = Tensor::empty(dtype, {rows, cols});
-  std::memset(host.data(), 0xA5, host.nbytes());
+  std::memset(host.data(), 0xFF, host.nbytes());
   return gpu_copy(host);
 }
 
@@ -80,6 +82,26 @@ double relative_mean_error(const Tensor& out, const Tensor& ref) {
     magnitude += std::fabs(want);
   }
   return magnitude > 0 ? error / magnitude : error;
+}
+
+// Rows of a host tensor (any 2-D, contiguous) at the given indices, as a new tensor.
+Tensor rows_of(const Tensor& t, const std::vector<int64_t>& rows) {
+  const int64_t cols = t.view().size(1);
+  const size_t row_bytes = static_cast<size_t>(cols) * dtype_size(t.dtype());
+  Tensor out = Tensor::empty(t.dtype(), {static_cast<int64_t>(rows.size()), cols});
+  for (size_t i = 0; i < rows.size(); ++i)
+    std::memcpy(static_cast<char*>(out.data()) + i * row_bytes,
+                static_cast<const char*>(t.data()) + static_cast<size_t>(rows[i]) * row_bytes,
+                row_bytes);
+  return out;
+}
+
+// The scalar reference is slow: it checks up to 8 rows spread over M (first, last, between).
+std::vector<int64_t> sample_rows(int64_t m) {
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < std::min<int64_t>(m, 8); ++i)
+    rows.push_back(m <= 8 ? i : i * (m - 1) / 7);
+  return rows;
 }
 
 double tolerance(DType out) {  // spec/fp8.md
@@ -122,10 +144,18 @@ TEST(GpuFp8Dispatch, CublasLtGemmMatchesTheReference) {
     }
     ++served;
     block_fp8_gemm(a_d, as_d, ScaleLayout::column_major, b_d, bs_d, std::nullopt, out, op);
-    Tensor ref = Tensor::empty(DType::f32, {c.m, c.n});
-    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, ref, {Backend::reference});
+    const std::vector<int64_t> rows_checked = sample_rows(c.m);
+    const auto checked = static_cast<int64_t>(rows_checked.size());
+    Tensor ref = Tensor::empty(DType::f32, {checked, c.n});
+    block_fp8_gemm(rows_of(a, rows_checked), rows_of(as, rows_checked), ScaleLayout::row_major, b,
+                   bs, std::nullopt, ref, {Backend::reference});
     const Tensor got = host_copy(out);
-    const double error = relative_mean_error(got, ref);
+    const double error = relative_mean_error(rows_of(got, rows_checked), ref);
+    // Every element written (no NaN poison left).
+    int64_t unwritten = 0;
+    for (int64_t i = 0; i < got.numel(); ++i)
+      unwritten += std::isnan(load_as_f32(got.data(), got.dtype(), i));
+    EXPECT_EQ(unwritten, 0) << shape;
     std::printf("  gpu.cublaslt %s: rel error %.3g\n", shape.c_str(), error);
     EXPECT_LT(error, tolerance(c.out)) << shape;
     // Bitwise deterministic.
