@@ -168,6 +168,8 @@ std::optional<cublasLtMatmulAlgo_t> algorithm_for(const BlockGemmProblem& p) {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
+constexpr int64_t kSmallM = 128;
+
 }  // namespace
 
 std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
@@ -180,6 +182,10 @@ std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
            "not " +
            std::to_string(props.major) + "." + std::to_string(props.minor);
   if (p.has_bias()) return "bias needs an epilogue cuBLASLt's block-scaled FP8 does not offer";
+  // Measured on an H200 (docs/perf/fp8.md): up to 128 tokens moekit's Hopper kernel (weights as
+  // the wgmma M side, split K over a cluster) beats cuBLASLt, which spends ~17-23 us there.
+  if (p.m <= kSmallM && block_gemm_sm90_supports(p).empty())
+    return "M=" + str(p.m) + " <= " + str(kSmallM) + ": gpu.sm90 is faster for few tokens";
   if (p.k % kFp8BlockSize != 0) return "K=" + str(p.k) + " is not a multiple of 128";
   if (p.n % 16 != 0) return "N=" + str(p.n) + " is not a multiple of 16";
   if (p.k_blocks % 4 != 0)
