@@ -1,0 +1,859 @@
+// block_fp8_gemm on Hopper tensor cores (sm_90a): TMA tile loads into a shared-memory ring guarded
+// by mbarriers, fp8 wgmma, and DeepGEMM's "promotion": each 128-wide k-block is multiplied into a
+// fresh f32 fragment (4 wgmma of k = 32), which is then added to the running f32 accumulator times
+// As[m, kb] * Bs[n / 128, kb]. That applies the per-block scales exactly where the contract puts
+// them and keeps the tensor cores' reduced-precision fp8 accumulation to 128 products.
+//
+// Two kernels, one warpgroup of each CTA producing (one thread issues every TMA copy) and two
+// consuming (wgmma, promotion, epilogue):
+//
+// - tiles (large M): CTA tile 128 x 128 of out; the consumer warpgroups take 64 rows each. A and B
+//   tiles (128 x 128 bytes, 128-byte swizzle) arrive together, 6 stages deep. CTAs are numbered in
+//   groups of 8 tile rows so that the CTAs resident at once share A and B tiles in L2.
+// - swap (M <= 128, decode and small batches): the weight is the wgmma M side and the tokens its
+//   N side (8..128), so no tensor-core rows are wasted on padding tokens. A CTA takes 128 weight
+//   rows (64 per consumer warpgroup) or 64 (the warpgroups take alternate k-blocks), and up to 8
+//   CTAs of a cluster split K so that the weight streams from every SM; their partial sums meet
+//   through distributed shared memory, added in rank order: bitwise deterministic. The host picks
+//   rows and split from a small cost model over the clusters the device holds in one wave.
+//
+// Swap grids and tiles grids of a few waves launch with programmatic dependent launch
+// (MOEKIT_GPU_PDL=0 turns it off): a kernel lets the next one start at once, and waits for the
+// previous one before it reads or writes anything of the problem; only L2 prefetches of its
+// first tiles go before that wait.
+//
+// Rows past M, columns past N and k past K are zeros filled in by the copy engine, and the
+// epilogue writes only inside [M, N]. The host builds both tensor maps per call
+// (cuTensorMapEncodeTiled through the runtime's driver entry point: no libcuda link) and passes
+// them as __grid_constant__ parameters.
+#include <cuda.h>  // CUtensorMap and its enums only; the driver is reached through the runtime
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "gpu/fp8_gemm_sm90.h"
+#include "gpu/fp8_gpu.h"
+#include "gpu/gpu_check.h"
+#include "gpu/gpu_runtime.h"
+#include "gpu/sm90/ptx.h"
+#include "gpu/sm90/wgmma_fp8.h"
+#include "gpu/vendor.h"
+#include "moekit/error.h"
+
+namespace moekit::gpu {
+namespace {
+
+constexpr const char* kOp = "block_fp8_gemm";
+constexpr int kBlockK = 128;     // bytes of K per stage: one 128-byte swizzle row, one k-block
+constexpr int kWarpgroup = 128;  // threads
+constexpr int kConsumers = 2;    // consumer warpgroups per CTA
+constexpr int kThreads = kWarpgroup * (kConsumers + 1);
+constexpr int kSharedAlign = 1024;  // 128-byte swizzle atoms are 1024 bytes
+
+enum class OutType : int { f32, bf16, f16 };
+enum class BiasType : int { none, f32, bf16, f16 };
+
+// Where the scales live (ScaleAddressing, plus the b_scales strides and dtype).
+struct Scales {
+  const void* a;
+  int64_t a_row_stride;
+  int64_t a_group_stride;
+  bool a_packed;
+  const void* b;
+  int64_t b_row_stride;
+  int64_t b_col_stride;
+  bool b_bf16;
+};
+
+struct Epilogue {
+  void* out;
+  int64_t out_row_stride;
+  OutType out_type;
+  bool out_pairs;  // two neighbouring columns can be stored as one aligned vector
+  const void* bias;
+  int64_t bias_stride;
+  BiasType bias_type;
+};
+
+struct GemmArgs {
+  Scales scales;
+  Epilogue epilogue;
+  int m, n, k_blocks;
+  int tiles_m, tiles_n;  // tiles kernel: out tiles of 128 x 128
+  int splits;            // swap kernel: CTAs of one cluster that split K of one weight tile
+};
+
+// ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
+#if MOEKIT_SM90A
+
+constexpr int kProducerRegisters = 40;  // 128 * 40 + 256 * 232 <= 64K registers
+constexpr int kConsumerRegisters = 232;
+
+// ---- Scalar loads and stores (all four activation-scale layouts, both weight-scale dtypes).
+
+__device__ __forceinline__ float a_scale(const Scales& s, int m, int kb) {
+  if (s.a_packed) {
+    const int64_t word = m * s.a_row_stride + static_cast<int64_t>(kb >> 2) * s.a_group_stride;
+    const uint32_t exponent = __ldg(static_cast<const uint8_t*>(s.a) + word * 4 + (kb & 3));
+    return __uint_as_float(exponent << 23);
+  }
+  return __ldg(static_cast<const float*>(s.a) + m * s.a_row_stride +
+               static_cast<int64_t>(kb) * s.a_group_stride);
+}
+
+__device__ __forceinline__ float b_scale(const Scales& s, int nb, int kb) {
+  const int64_t i = nb * s.b_row_stride + static_cast<int64_t>(kb) * s.b_col_stride;
+  if (s.b_bf16) {
+    const uint32_t bits = __ldg(static_cast<const uint16_t*>(s.b) + i);
+    return __uint_as_float(bits << 16);
+  }
+  return __ldg(static_cast<const float*>(s.b) + i);
+}
+
+__device__ __forceinline__ float bias_at(const Epilogue& e, int n) {
+  const int64_t i = n * e.bias_stride;
+  switch (e.bias_type) {
+    case BiasType::f32:
+      return static_cast<const float*>(e.bias)[i];
+    case BiasType::bf16:
+      return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(e.bias)[i]) << 16);
+    case BiasType::f16:
+      return __half2float(static_cast<const __half*>(e.bias)[i]);
+    case BiasType::none:
+      break;
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ void store_one(const Epilogue& e, int64_t i, float v) {
+  switch (e.out_type) {
+    case OutType::f32:
+      static_cast<float*>(e.out)[i] = v;
+      break;
+    case OutType::bf16:
+      static_cast<__nv_bfloat16*>(e.out)[i] = __float2bfloat16_rn(v);
+      break;
+    case OutType::f16:
+      static_cast<__half*>(e.out)[i] = __float2half_rn(v);
+      break;
+  }
+}
+
+// out[row, col] = v0 and out[row, col + 1] = v1 where those columns are < n (col is even).
+__device__ __forceinline__ void store_pair(const Epilogue& e, int row, int col, int n, float v0,
+                                           float v1) {
+  if (col >= n) return;
+  const int64_t i = row * e.out_row_stride + col;
+  if (col + 1 >= n || !e.out_pairs) {
+    store_one(e, i, v0);
+    if (col + 1 < n) store_one(e, i + 1, v1);
+    return;
+  }
+  switch (e.out_type) {
+    case OutType::f32:
+      *reinterpret_cast<float2*>(static_cast<float*>(e.out) + i) = make_float2(v0, v1);
+      break;
+    case OutType::bf16:
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + i) =
+          __floats2bfloat162_rn(v0, v1);
+      break;
+    case OutType::f16:
+      *reinterpret_cast<__half2*>(static_cast<__half*>(e.out) + i) = __floats2half2_rn(v0, v1);
+      break;
+  }
+}
+
+__device__ __forceinline__ uint8_t* align_shared(uint8_t* p) {
+  const uint32_t address = sm90::shared_address(p);
+  return p + ((kSharedAlign - address % kSharedAlign) % kSharedAlign);
+}
+
+// The 4 wgmma of one k-block into a fresh fragment, then waits for them (the stage is free after).
+template <int N>
+__device__ __forceinline__ void multiply_k_block(float (&part)[N / 2], const uint8_t* a_tile,
+                                                 const uint8_t* b_tile) {
+  const uint64_t desc_a = sm90::smem_descriptor_sw128(a_tile);
+  const uint64_t desc_b = sm90::smem_descriptor_sw128(b_tile);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kBlockK / 32; ++k)  // 32 bytes of K per wgmma: +2 in 16-byte units
+    sm90::WgmmaFp8<N>::run(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+  sm90::wgmma_commit();
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+  sm90::wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+}
+
+#endif  // MOEKIT_SM90A
+
+// ---- The tiles kernel (any M; chosen for M > 128).
+
+namespace tiles {
+constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
+constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlockM)
+constexpr int kStageBytes = 2 * kTileBytes;
+constexpr size_t kSharedBytes =
+    kSharedAlign + static_cast<size_t>(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t);
+}  // namespace tiles
+
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
+                      const __grid_constant__ CUtensorMap b_map, const GemmArgs args) {
+#if MOEKIT_SM90A
+  using namespace tiles;
+  constexpr int kGroupRows = 8;  // tile rows per rasterization group
+  extern __shared__ uint8_t shared_raw[];
+  uint8_t* stages = align_shared(shared_raw);
+  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
+  const int k_blocks = args.k_blocks;
+
+  // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group.
+  const int per_group = kGroupRows * args.tiles_n;
+  const int group = static_cast<int>(blockIdx.x) / per_group;
+  const int first_row = group * kGroupRows;
+  const int group_rows = min(args.tiles_m - first_row, kGroupRows);
+  const int in_group = static_cast<int>(blockIdx.x) % per_group;
+  const int m0 = (first_row + in_group % group_rows) * kBlockM;
+  const int n0 = (in_group / group_rows) * kBlockN;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&empty[s], kConsumers * 4);  // lane 0 of every consumer warp
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  vendor::allow_next_grid();  // the next kernel may set up while this one runs
+
+  if (warpgroup == kConsumers) {
+    sm90::registers_shrink<kProducerRegisters>();
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      sm90::prefetch_tensor_map(&a_map);
+      sm90::prefetch_tensor_map(&b_map);
+      for (int kb = 0; kb < min(k_blocks, kStages); ++kb) {
+        sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
+        sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0);
+      }
+      vendor::wait_for_previous_grid();
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        const int s = kb % kStages;
+        sm90::mbarrier_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
+        uint8_t* stage = stages + s * kStageBytes;
+        sm90::mbarrier_arrive_expect_tx(&full[s], kStageBytes);
+        sm90::tma_load_2d(stage, &a_map, &full[s], kb * kBlockK, m0);
+        sm90::tma_load_2d(stage + kTileBytes, &b_map, &full[s], kb * kBlockK, n0);
+      }
+    }
+    return;
+  }
+
+  sm90::registers_grow<kConsumerRegisters>();
+  const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
+  const int warp = t / 32, lane = t % 32;
+  const int row0 = m0 + warpgroup * 64 + warp * 16 + lane / 4;  // and row0 + 8
+  const int scale_row0 = min(row0, args.m - 1), scale_row1 = min(row0 + 8, args.m - 1);
+  const int nb = n0 / kBlockN;
+  vendor::wait_for_previous_grid();
+
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
+  float sb = b_scale(args.scales, nb, 0);
+
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    const int s = kb % kStages;
+    // The next k-block's scales, loaded while this one multiplies.
+    const int next = min(kb + 1, k_blocks - 1);
+    const float next_a0 = a_scale(args.scales, scale_row0, next);
+    const float next_a1 = a_scale(args.scales, scale_row1, next);
+    const float next_b = b_scale(args.scales, nb, next);
+
+    sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
+    const uint8_t* stage = stages + s * kStageBytes;
+    multiply_k_block<kBlockN>(part, stage + warpgroup * 64 * kBlockK, stage + kTileBytes);
+    if (lane == 0) sm90::mbarrier_arrive(&empty[s]);
+
+    const float scale0 = sa0 * sb, scale1 = sa1 * sb;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      acc[4 * j + 0] += part[4 * j + 0] * scale0;
+      acc[4 * j + 1] += part[4 * j + 1] * scale0;
+      acc[4 * j + 2] += part[4 * j + 2] * scale1;
+      acc[4 * j + 3] += part[4 * j + 3] * scale1;
+    }
+    sa0 = next_a0;
+    sa1 = next_a1;
+    sb = next_b;
+  }
+
+  const Epilogue& e = args.epilogue;
+  const bool has_bias = e.bias_type != BiasType::none;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const int col = n0 + 8 * j + 2 * (lane % 4);
+    const float bias0 = has_bias && col < args.n ? bias_at(e, col) : 0.0f;
+    const float bias1 = has_bias && col + 1 < args.n ? bias_at(e, col + 1) : 0.0f;
+    if (row0 < args.m)
+      store_pair(e, row0, col, args.n, acc[4 * j + 0] + bias0, acc[4 * j + 1] + bias1);
+    if (row0 + 8 < args.m)
+      store_pair(e, row0 + 8, col, args.n, acc[4 * j + 2] + bias0, acc[4 * j + 3] + bias1);
+  }
+#else
+  (void)a_map;
+  (void)b_map;
+  (void)args;
+#endif
+}
+
+// ---- The swap kernel (M <= 128): weight rows on the wgmma M side, tokens on its N side.
+//
+// kRows = 128: each consumer warpgroup owns 64 weight rows and multiplies every k-block (a token
+// tile serves 128 rows). kRows = 64: both warpgroups share 64 rows and take alternate k-blocks,
+// adding through shared memory at the end (twice the CTAs per weight: for grids that clusters of
+// 4 or 8 would not fit in one wave).
+
+constexpr int kMaxSplits = 8;  // portable cluster size
+
+template <int kTokens, int kRows>
+struct Swap {
+  static constexpr int kStages = kTokens >= 128 ? 4 : kTokens >= 64 ? 6 : 8;  // even: see below
+  static constexpr int kWeightBytes = kRows * kBlockK;
+  static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
+  static constexpr int kStageBytes = kWeightBytes + kTokenBytes;
+  static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
+  // After the main loop the stages hold each consumer thread's partial sums.
+  static_assert(kStages * kStageBytes >= kConsumers * kRegisters * kWarpgroup * 4);
+  static_assert(kRows == 64 || kRows == 128);
+  // Shared memory: stages | full, empty barriers | a scales [L][kTokens] | b scales [L].
+  static constexpr size_t kFixedBytes =
+      kSharedAlign + static_cast<size_t>(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t);
+  static size_t shared_bytes(int k_blocks_per_split) {
+    return kFixedBytes + static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4;
+  }
+};
+
+template <int kTokens, int kRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
+                     const __grid_constant__ CUtensorMap x_map, const GemmArgs args) {
+#if MOEKIT_SM90A
+  using Config = Swap<kTokens, kRows>;
+  constexpr bool kAlternate = kRows == 64;
+  constexpr int kStages = Config::kStages;
+  constexpr int kRegisters = Config::kRegisters;
+  extern __shared__ uint8_t shared_raw[];
+  uint8_t* stages = align_shared(shared_raw);
+  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * Config::kStageBytes);
+  uint64_t* empty = full + kStages;
+  auto* a_scales = reinterpret_cast<float*>(empty + kStages);  // [L][kTokens]
+
+  const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
+  const int splits = args.splits;
+  const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
+  const int n0 = static_cast<int>(blockIdx.x) / splits * kRows;
+  const int t0 = static_cast<int>(blockIdx.y) * kTokens;
+  const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * args.k_blocks / splits);
+  const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
+  const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
+  float* b_scales = a_scales + count * kTokens;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      // Alternating: local k-block i uses stage i % kStages and warpgroup i % 2; kStages is even,
+      // so a stage always belongs to one warpgroup. Else both warpgroups read every stage.
+      sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  vendor::allow_next_grid();  // the next kernel may set up while this one runs
+
+  if (warpgroup == kConsumers) {
+    sm90::registers_shrink<kProducerRegisters>();
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      sm90::prefetch_tensor_map(&w_map);
+      sm90::prefetch_tensor_map(&x_map);
+      // The first weight tiles into L2 while the previous kernel finishes; then wait for it.
+      for (int i = 0; i < min(count, kStages); ++i)
+        sm90::tma_prefetch_2d(&w_map, (kb_begin + i) * kBlockK, n0);
+      vendor::wait_for_previous_grid();
+      for (int i = 0; i < count; ++i) {
+        const int s = i % kStages;
+        sm90::mbarrier_wait(&empty[s], ((i / kStages) & 1) ^ 1);
+        uint8_t* stage = stages + s * Config::kStageBytes;
+        const int k = (kb_begin + i) * kBlockK;
+        sm90::mbarrier_arrive_expect_tx(&full[s], Config::kStageBytes);
+        sm90::tma_load_2d(stage, &w_map, &full[s], k, n0);
+        sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[s], k, t0);
+      }
+    }
+    __syncwarp();
+    if (splits > 1) {  // the consumers' two cluster barriers
+      sm90::cluster_sync();
+      sm90::cluster_sync();
+    }
+    return;
+  }
+
+  sm90::registers_grow<kConsumerRegisters>();
+  const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
+  const int warp = t / 32, lane = t % 32;
+  vendor::wait_for_previous_grid();
+
+  // All scales of this CTA's k-range into shared memory, while the first tiles arrive.
+  const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
+  for (int i = consumer_thread; i < count * kTokens; i += kConsumers * kWarpgroup) {
+    const int token = min(t0 + i % kTokens, args.m - 1);
+    a_scales[i] = a_scale(args.scales, token, kb_begin + i / kTokens);
+  }
+  for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
+    b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
+  sm90::named_barrier(1, kConsumers * kWarpgroup);
+
+  float acc[kRegisters], part[kRegisters];
+#pragma unroll
+  for (int i = 0; i < kRegisters; ++i) acc[i] = 0.0f;
+  const int row_offset = kAlternate ? 0 : warpgroup * 64 * kBlockK;
+  for (int i = kAlternate ? warpgroup : 0; i < count; i += kAlternate ? kConsumers : 1) {
+    const int s = i % kStages;
+    sm90::mbarrier_wait(&full[s], (i / kStages) & 1);
+    const uint8_t* stage = stages + s * Config::kStageBytes;
+    multiply_k_block<kTokens>(part, stage + row_offset, stage + Config::kWeightBytes);
+    if (lane == 0) sm90::mbarrier_arrive(&empty[s]);
+
+    const float sb = b_scales[i];
+    const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kTokens / 8; ++j) {
+      const float2 a = *reinterpret_cast<const float2*>(sa + 8 * j);
+      const float scale0 = sb * a.x, scale1 = sb * a.y;
+      acc[4 * j + 0] += part[4 * j + 0] * scale0;
+      acc[4 * j + 1] += part[4 * j + 1] * scale1;
+      acc[4 * j + 2] += part[4 * j + 2] * scale0;
+      acc[4 * j + 3] += part[4 * j + 3] * scale1;
+    }
+  }
+
+  // The stages are idle once both warpgroups are past their last k-block (every copy landed,
+  // every wgmma finished): they hold partial sums, slot r of thread t at r * 128 + t.
+  // Alternating: warpgroup 1's sums into warpgroup 0 (same fragment slots), which goes on alone.
+  float* partial =
+      reinterpret_cast<float*>(stages) + (kAlternate ? 0 : warpgroup * kRegisters * kWarpgroup);
+  if (kAlternate || splits > 1) sm90::named_barrier(1, kConsumers * kWarpgroup);
+  if constexpr (kAlternate) {
+    if (warpgroup == 1) {
+#pragma unroll
+      for (int r = 0; r < kRegisters; ++r) partial[r * kWarpgroup + t] = acc[r];
+    }
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    if (warpgroup == 0) {
+#pragma unroll
+      for (int r = 0; r < kRegisters; ++r) acc[r] += partial[r * kWarpgroup + t];
+    }
+  }
+  const bool sums_here = !kAlternate || warpgroup == 0;  // this thread holds sums to pass on
+  if (splits > 1) {
+    if (split != 0 && sums_here) {
+#pragma unroll
+      for (int r = 0; r < kRegisters; ++r) partial[r * kWarpgroup + t] = acc[r];
+    }
+    sm90::cluster_sync();  // every CTA's sums are in its shared memory
+    if (split == 0 && sums_here) {
+      for (int rank = 1; rank < splits; ++rank) {
+#pragma unroll
+        for (int r = 0; r < kRegisters; ++r)
+          acc[r] += sm90::load_shared_remote(&partial[r * kWarpgroup + t], rank);
+      }
+    }
+    sm90::cluster_sync();  // keeps the other CTAs (their shared memory) alive until read
+  }
+  if (split != 0 || !sums_here) return;
+
+  const Epilogue& e = args.epilogue;
+  const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = row0 + 8 * h;
+    if (n >= args.n) continue;
+    const float bias = e.bias_type != BiasType::none ? bias_at(e, n) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kTokens / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int token = t0 + 8 * j + 2 * (lane % 4) + c;
+        if (token < args.m)
+          store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c] + bias);
+      }
+    }
+  }
+#else
+  (void)w_map;
+  (void)x_map;
+  (void)args;
+#endif
+}
+
+// ---- Host side.
+
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+// cuTensorMapEncodeTiled from the driver the runtime loaded (null where it has none).
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* entry = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t status = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry,
+                                                                12000, cudaEnableDefault, &found);
+    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(entry);
+  }();
+  return fn;
+}
+
+// A [rows, cols] byte matrix (row stride in bytes) read in boxes of box_rows x 128 bytes with
+// 128-byte swizzle; out-of-bounds elements read as zeros.
+CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int64_t cols,
+                          int64_t row_stride, int box_rows) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  // A single row has no meaningful stride: any multiple of 16 past the row will do.
+  const int64_t stride = rows > 1 ? row_stride : (cols + 15) / 16 * 16;
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult status = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    fail(kOp, std::string(name) + " tensor map", "CUresult " + std::to_string(status),
+         "cuTensorMapEncodeTiled failed");
+  return map;
+}
+
+GemmArgs args_of(const BlockGemmProblem& p) {
+  GemmArgs g{};
+  g.scales.a = p.a_scales.data();
+  g.scales.a_row_stride = p.a_scale_at.row_stride;
+  g.scales.a_group_stride = p.a_scale_at.group_stride;
+  g.scales.a_packed = p.a_scale_at.packed();
+  g.scales.b = p.b_scales.data();
+  g.scales.b_row_stride = p.b_scales.stride(0);
+  g.scales.b_col_stride = p.b_scales.stride(1);
+  g.scales.b_bf16 = p.b_scales.dtype() == DType::bf16;
+  Epilogue& e = g.epilogue;
+  e.out = p.out.data();
+  e.out_row_stride = p.out.stride(0);
+  e.out_type = p.out.dtype() == DType::f32    ? OutType::f32
+               : p.out.dtype() == DType::bf16 ? OutType::bf16
+                                              : OutType::f16;
+  const auto element = static_cast<int64_t>(dtype_size(p.out.dtype()));
+  e.out_pairs = reinterpret_cast<uintptr_t>(p.out.data()) % (2 * element) == 0 &&
+                (p.m <= 1 || p.out.stride(0) % 2 == 0);
+  if (p.has_bias()) {
+    e.bias = p.bias.data();
+    e.bias_stride = p.bias.stride(0);
+    e.bias_type = p.bias.dtype() == DType::f32    ? BiasType::f32
+                  : p.bias.dtype() == DType::bf16 ? BiasType::bf16
+                                                  : BiasType::f16;
+  }
+  g.m = static_cast<int>(p.m);
+  g.n = static_cast<int>(p.n);
+  g.k_blocks = static_cast<int>(p.k_blocks);
+  return g;
+}
+
+using KernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs);
+
+// The launch plan for a problem: which kernel, grid, cluster and shared memory.
+struct Plan {
+  KernelFn kernel = nullptr;
+  bool swap = false;
+  int tokens = 0;  // swap: tokens per CTA (the wgmma N)
+  int rows = 0;    // swap: weight rows per CTA
+  int splits = 1;
+  int cluster_capacity = 0;  // swap: clusters of `splits` CTAs resident at once
+  dim3 grid;
+  size_t shared_bytes = 0;
+};
+
+// How many clusters of `splits` CTAs of this kernel fit on the device at once (cached).
+int cluster_capacity(KernelFn kernel, int splits, size_t shared_bytes, int device) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  const auto key =
+      std::make_tuple(reinterpret_cast<const void*>(kernel), splits, shared_bytes, device);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  MOEKIT_GPU_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+  int capacity = 0;
+  if (splits == 1) {
+    MOEKIT_GPU_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&capacity, kernel, kThreads, shared_bytes));
+    capacity *= device_properties(device).sm_count;
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(splits));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = shared_bytes;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(splits);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    MOEKIT_GPU_CHECK(cudaOccupancyMaxActiveClusters(&capacity, kernel, &config));
+  }
+  cache.emplace(key, capacity);
+  return capacity;
+}
+
+// MOEKIT_SM90_SWAP="rows,splits" forces the swap layout (for timing experiments only).
+bool forced_swap(int& rows, int& splits) {
+  const char* env = std::getenv("MOEKIT_SM90_SWAP");
+  return env != nullptr && std::sscanf(env, "%d,%d", &rows, &splits) == 2;
+}
+
+// Estimated microseconds of one wave of swap CTAs, each multiplying `k_blocks` k-blocks of `rows`
+// weight rows by `tokens` tokens with `active` CTAs streaming at once. Fitted on an H200 (see
+// docs/perf/fp8-gpu-sm90.md): a fixed 3.5 us per wave, then the larger of the CTA's bytes (token
+// tiles count half: they come from L2) over its share of 4 TB/s, at most 50 GB/s per SM, and its
+// tensor work at half the fp8 rate (each k-block waits for its wgmma before the promotion).
+double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
+  constexpr double kFixedUs = 3.5, kBandwidth = 4.0e12, kPerSmBandwidth = 50e9;
+  constexpr double kTensorFlopsPerSm = 4096 * 1.9e9 * 0.5;
+  const double bytes = static_cast<double>(k_blocks) * kBlockK * (rows + tokens / 2.0);
+  const double bandwidth = std::min(kPerSmBandwidth, kBandwidth / static_cast<double>(active));
+  const double flops = 2.0 * rows * tokens * kBlockK * k_blocks;
+  return kFixedUs + 1e6 * std::max(bytes / bandwidth, flops / kTensorFlopsPerSm);
+}
+
+// The swap layout (64 or 128 weight rows per CTA, 1..8 CTAs per cluster splitting K) with the
+// least estimated time: waves of the clusters the device holds at once (several waves cost much
+// more than they save) x swap_wave_us. Returns false when no layout fits.
+template <int kTokens>
+bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int device_index,
+               Plan& plan) {
+  struct Variant {
+    KernelFn kernel;
+    int rows;
+    size_t (*shared_bytes)(int);
+  };
+  const Variant variants[] = {
+      {gemm_swap_kernel<kTokens, 128>, 128, Swap<kTokens, 128>::shared_bytes},
+      {gemm_swap_kernel<kTokens, 64>, 64, Swap<kTokens, 64>::shared_bytes}};
+  const int64_t token_tiles = fp8::ceil_div(p.m, kTokens);
+  int forced_rows = 0, forced_splits = 0;
+  const bool forced = forced_swap(forced_rows, forced_splits);
+  double best = 0.0;
+  bool found = false;
+  for (const Variant& v : variants) {
+    for (int splits = 1; splits <= kMaxSplits; splits *= 2) {
+      if (splits > 1 && p.k_blocks < int64_t{4} * splits) break;  // 4+ k-blocks per CTA
+      if (forced && (v.rows != forced_rows || splits != forced_splits)) continue;
+      const int per_split = static_cast<int>(fp8::ceil_div(p.k_blocks, splits));
+      const size_t shared_bytes = v.shared_bytes(per_split);
+      // (1 KB kept for what the system reserves per CTA on sm_90.)
+      if (shared_bytes + 1024 > device.shared_memory_per_block_optin) continue;
+      const int capacity = cluster_capacity(v.kernel, splits, shared_bytes, device_index);
+      if (capacity < 1) continue;
+      const int64_t clusters = fp8::ceil_div(p.n, v.rows) * token_tiles;
+      const double waves = static_cast<double>(fp8::ceil_div(clusters, capacity));
+      const int64_t active = std::min<int64_t>(clusters, capacity) * splits;
+      const double cost = waves * swap_wave_us(v.rows, kTokens, per_split, active);
+      if (found && cost >= best) continue;
+      found = true;
+      best = cost;
+      plan.kernel = v.kernel;
+      plan.swap = true;
+      plan.tokens = kTokens;
+      plan.rows = v.rows;
+      plan.splits = splits;
+      plan.cluster_capacity = capacity;
+      plan.grid = dim3(static_cast<unsigned>(clusters / token_tiles * splits),
+                       static_cast<unsigned>(token_tiles));
+      plan.shared_bytes = shared_bytes;
+    }
+  }
+  return found;
+}
+
+Plan plan_for(const BlockGemmProblem& p, int device_index) {
+  const DeviceProperties& device = device_properties(device_index);
+  Plan plan;
+  if (p.m <= 128) {
+    bool found = false;
+    if (p.m <= 8)
+      found = plan_swap<8>(p, device, device_index, plan);
+    else if (p.m <= 16)
+      found = plan_swap<16>(p, device, device_index, plan);
+    else if (p.m <= 32)
+      found = plan_swap<32>(p, device, device_index, plan);
+    else if (p.m <= 64)
+      found = plan_swap<64>(p, device, device_index, plan);
+    else
+      found = plan_swap<128>(p, device, device_index, plan);
+    if (found) return plan;
+  }
+  plan = Plan{};  // large M (or a k-range whose scales do not fit shared memory)
+  const int64_t tiles_m = fp8::ceil_div(p.m, tiles::kBlockM);
+  const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
+  plan.kernel = gemm_tiles_kernel;
+  plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
+  plan.shared_bytes = tiles::kSharedBytes;
+  return plan;
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// Programmatic dependent launch unless MOEKIT_GPU_PDL=0 (for A/B timing); the kernels run only
+// on compute capability 9.x, which has it.
+bool overlap_previous_kernel() {
+  static const bool allowed = [] {
+    const char* env = std::getenv("MOEKIT_GPU_PDL");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return allowed;
+}
+
+// Why a tensor cannot be read through a tensor map ("" when it can).
+std::string tma_reason(const char* name, const TensorView& t) {
+  const auto address = reinterpret_cast<uintptr_t>(t.data());
+  if (address % 16 != 0) return std::string(name) + " is not 16-byte aligned (TMA needs it)";
+  if (t.size(0) > 1 && t.stride(0) % 16 != 0)
+    return std::string(name) + " row stride " + str(t.stride(0)) +
+           " bytes is not a multiple of 16 (TMA needs it)";
+  if (t.size(0) > 1 && t.stride(0) >= (int64_t{1} << 40))
+    return std::string(name) + " row stride " + str(t.stride(0)) + " is too large for TMA";
+  return "";
+}
+
+}  // namespace
+
+std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
+  if (!p.a.device().is_gpu()) return "tensors are on " + p.a.device().str() + ", not on a GPU";
+  const int device = p.a.device().index;
+  const DeviceProperties props = device_properties(device);
+  if (props.major != 9)
+    return "needs compute capability 9.x (Hopper), device has " + str(props.major) + "." +
+           str(props.minor);
+  {
+    DeviceGuard on_device(device);
+    cudaFuncAttributes attributes{};
+    const cudaError_t status =
+        cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(gemm_tiles_kernel));
+    if (status != cudaSuccess) {
+      (void)cudaGetLastError();
+      return "this build holds no sm_90a code for the kernel (" +
+             std::string(cudaGetErrorName(status)) + ")";
+    }
+    // binaryVersion 90 with a handful of registers is a plain sm_90 build: the wgmma body is
+    // compiled only for sm_90a (the real kernel needs 100+ registers).
+    if (attributes.binaryVersion != 90 || attributes.numRegs < 32)
+      return "this build holds no sm_90a code for the kernel (binary version " +
+             str(attributes.binaryVersion) + ", " + str(attributes.numRegs) + " registers)";
+  }
+  if (encode_tiled() == nullptr) return "the driver has no cuTensorMapEncodeTiled";
+  if (p.k == 0) return "K=0 (nothing to multiply)";
+  if (p.m > (int64_t{1} << 31) - kFp8BlockSize || p.n > (int64_t{1} << 31) - kFp8BlockSize ||
+      p.k > (int64_t{1} << 31) - kFp8BlockSize)
+    return "a dimension exceeds 2^31 - 128";
+  if (fp8::ceil_div(p.m, 128) * fp8::ceil_div(p.n, 128) >= (int64_t{1} << 31))
+    return "M x N needs more than 2^31 tiles of 128 x 128";
+  if (std::string why = tma_reason("a", p.a); !why.empty()) return why;
+  if (std::string why = tma_reason("b", p.b); !why.empty()) return why;
+  return "";
+}
+
+std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return "nothing to do";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  const Plan plan = plan_for(p, device);
+  char text[200];
+  if (plan.swap)
+    std::snprintf(text, sizeof text,
+                  "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
+                  "%u, %zu B shared, %d clusters resident",
+                  plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.shared_bytes,
+                  plan.cluster_capacity);
+  else
+    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
+                  plan.shared_bytes);
+  return text;
+}
+
+void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return;
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  const Plan plan = plan_for(p, device);
+  GemmArgs args = args_of(p);
+
+  CUtensorMap first, second;
+  if (plan.swap) {
+    first = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), plan.rows);
+    second = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), plan.tokens);
+    args.splits = plan.splits;
+  } else {
+    first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
+    second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);
+    args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, tiles::kBlockM));
+    args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, tiles::kBlockN));
+    args.splits = 1;
+  }
+
+  MOEKIT_GPU_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(plan.kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(plan.shared_bytes)));
+  cudaLaunchConfig_t config{};
+  config.gridDim = plan.grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = plan.shared_bytes;
+  config.stream = static_cast<cudaStream_t>(p.stream);
+  cudaLaunchAttribute attributes[2];
+  unsigned count = 0;
+  if (plan.splits > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = static_cast<unsigned>(plan.splits);
+    attributes[count].val.clusterDim.y = 1;
+    attributes[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  // Overlap helps short kernels (decode: 12.3 -> 10.6 us on an H200) but cost the 13-wave
+  // M=4096 tiles grid ~7 % in two runs: only grids of a few waves use it.
+  const int sm_count = device_properties(device).sm_count;
+  if (overlap_previous_kernel() &&
+      (plan.swap || plan.grid.x <= 4u * static_cast<unsigned>(sm_count))) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  MOEKIT_GPU_CHECK(cudaLaunchKernelEx(&config, plan.kernel, first, second, args));
+}
+
+}  // namespace moekit::gpu

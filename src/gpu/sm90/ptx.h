@@ -1,0 +1,223 @@
+// Hopper (sm_90a) instructions the FP8 GEMM needs, one small named function each: mbarriers, the
+// bulk tensor copy engine (TMA), warpgroup MMA bookkeeping, register reallocation, cluster barriers
+// and distributed shared memory. NVIDIA-only: included by fp8_gemm_sm90.cu alone. Every body is
+// compiled only in the sm_90a device pass (MOEKIT_SM90A); elsewhere the functions are empty, and
+// the host side never launches a kernel built from them (block_gemm_sm90_supports checks).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOEKIT_SM90A 1
+#else
+#define MOEKIT_SM90A 0
+#endif
+
+namespace moekit::gpu::sm90 {
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers (64-bit, in shared memory).
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+#if MOEKIT_SM90A
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals)
+               : "memory");
+#else
+  (void)bar;
+  (void)arrivals;
+#endif
+}
+
+// Makes initialized barriers visible to the copy engine and to the other CTAs of a cluster.
+__device__ __forceinline__ void fence_barrier_init() {
+#if MOEKIT_SM90A
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// One arrival that also announces `bytes` the copy engine will deliver in this phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if MOEKIT_SM90A
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
+               "r"(bytes)
+               : "memory");
+#else
+  (void)bar;
+  (void)bytes;
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#if MOEKIT_SM90A
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
+#else
+  (void)bar;
+#endif
+}
+
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if MOEKIT_SM90A
+  const uint32_t address = shared_address(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(address), "r"(parity)
+        : "memory");
+  } while (!done);
+#else
+  (void)bar;
+  (void)parity;
+#endif
+}
+
+// ---- Bulk tensor copies (TMA).
+
+__device__ __forceinline__ void prefetch_tensor_map(const void* map) {
+#if MOEKIT_SM90A
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#else
+  (void)map;
+#endif
+}
+
+// Copies the box at (inner, outer) of a 2-D tensor map into shared memory at dst; completes as
+// transaction bytes on bar. Out-of-bounds elements arrive as zeros (and still count as bytes).
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int inner,
+                                            int outer) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(inner), "r"(outer)
+      : "memory");
+#else
+  (void)dst;
+  (void)map;
+  (void)bar;
+  (void)inner;
+  (void)outer;
+#endif
+}
+
+// Pulls the box at (inner, outer) into L2 only (no shared memory, no barrier). Safe before the
+// previous grid has finished: L2 is where every SM's writes land, so a later read still sees them.
+__device__ __forceinline__ void tma_prefetch_2d(const void* map, int inner, int outer) {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global [%0, {%1, %2}];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(inner), "r"(outer)
+               : "memory");
+#else
+  (void)map;
+  (void)inner;
+  (void)outer;
+#endif
+}
+
+// ---- Warpgroup MMA bookkeeping.
+
+// Shared-memory matrix descriptor of a K-major operand tile stored by TMA with 128-byte swizzle:
+// rows of 128 bytes, 8-row atoms 1024 bytes apart (the tile starts 1024-byte aligned). Stepping
+// along K inside the 128-byte row is adding bytes to the start address.
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* tile) {
+  const uint32_t address = shared_address(tile);
+  uint64_t desc = 0;
+  desc |= static_cast<uint64_t>((address & 0x3ffff) >> 4);  // start address
+  desc |= static_cast<uint64_t>(16 >> 4) << 16;             // leading byte offset (unused here)
+  desc |= static_cast<uint64_t>(1024 >> 4) << 32;           // stride byte offset: 8-row atoms
+  desc |= static_cast<uint64_t>(1) << 62;                   // 128-byte swizzle
+  return desc;
+}
+
+// Orders this thread's register accesses before the warpgroup's next wgmma.
+__device__ __forceinline__ void wgmma_fence() {
+#if MOEKIT_SM90A
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if MOEKIT_SM90A
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+// Waits until at most `kPending` committed wgmma groups are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if MOEKIT_SM90A
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+#endif
+}
+// Keeps the compiler from moving accesses of an accumulator register across wgmma boundaries.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// ---- Register reallocation between warpgroups (needs a register cap at kernel entry).
+
+template <int kRegisters>
+__device__ __forceinline__ void registers_grow() {
+#if MOEKIT_SM90A
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+#endif
+}
+template <int kRegisters>
+__device__ __forceinline__ void registers_shrink() {
+#if MOEKIT_SM90A
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+#endif
+}
+
+// A barrier among `threads` threads of the CTA (whole warps) on hardware barrier `id` (1..15;
+// __syncthreads uses 0).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+#if MOEKIT_SM90A
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+#else
+  (void)id;
+  (void)threads;
+#endif
+}
+
+// ---- Clusters and distributed shared memory.
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank = 0;
+#if MOEKIT_SM90A
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+  return rank;
+}
+
+// Every thread of every CTA in the cluster arrives and waits; orders shared-memory writes before
+// the barrier with reads after it, across the cluster.
+__device__ __forceinline__ void cluster_sync() {
+#if MOEKIT_SM90A
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;" ::
+          : "memory");
+#endif
+}
+
+// Reads the f32 at the same shared-memory offset as `local`, in CTA `rank` of the cluster.
+__device__ __forceinline__ float load_shared_remote(const float* local, uint32_t rank) {
+  float value = 0.0f;
+#if MOEKIT_SM90A
+  uint32_t remote = 0;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote)
+               : "r"(shared_address(local)), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(value) : "r"(remote) : "memory");
+#else
+  (void)local;
+  (void)rank;
+#endif
+  return value;
+}
+
+}  // namespace moekit::gpu::sm90

@@ -1,0 +1,598 @@
+// The Hopper block-scaled FP8 GEMM (gpu::block_fp8_gemm_sm90) against the reference: random shapes
+// it accepts (both kernels: the 128 x 128 tiles one and the swapped small-M one with its cluster
+// split of K), every out dtype, bias dtypes, all activation-scale layouts, f32/bf16 and strided
+// weight scales, padded rows; outputs poisoned and every element checked. Also bitwise
+// determinism, declines with reasons, and (printed, not asserted) timings over CUDA-graph replays.
+// Every test skips without a GPU of compute capability 9.x or without sm_90a code in the build.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <future>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu/fp8_gemm_sm90.h"
+#include "gpu/fp8_gpu.h"
+#include "gpu/gpu_check.h"
+#include "gpu/gpu_runtime.h"
+#include "moekit/backend.h"
+#include "moekit/dtype.h"
+#include "moekit/error.h"
+#include "moekit/ops/fp8.h"
+#include "moekit/tensor.h"
+#include "ops/fp8_problem.h"
+#include "reference/fp8_reference.h"
+
+namespace moekit {
+namespace {
+
+constexpr const char* kOp = "block_fp8_gemm";
+
+// Skips unless a Hopper GPU is present; the build's sm_90a code is checked per test through
+// supports() on a small problem (see Sm90Available).
+bool hopper_present() {
+  if (!backend_available(Backend::gpu)) return false;
+  return gpu::device_properties(0).major == 9;
+}
+
+#define SKIP_WITHOUT_HOPPER()                                                                  \
+  do {                                                                                         \
+    if (!hopper_present()) GTEST_SKIP() << "no GPU of compute capability 9.x on this machine"; \
+  } while (0)
+
+class Stream {
+ public:
+  Stream() { MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~Stream() { (void)cudaStreamDestroy(stream_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+uint64_t test_seed() {
+  if (const char* env = std::getenv("MOEKIT_TEST_SEED")) return std::strtoull(env, nullptr, 0);
+  return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+}
+
+const char* layout_name(ScaleLayout l) {
+  switch (l) {
+    case ScaleLayout::row_major:
+      return "row_major";
+    case ScaleLayout::column_major:
+      return "column_major";
+    case ScaleLayout::column_major_tma:
+      return "column_major_tma";
+    case ScaleLayout::packed_ue8m0:
+      return "packed_ue8m0";
+  }
+  return "?";
+}
+
+struct GemmCase {
+  int64_t m = 1, n = 128, k = 128;
+  int64_t a_row_pad = 0, b_row_pad = 0, out_row_pad = 0;  // elements past each row
+  ScaleLayout layout = ScaleLayout::row_major;
+  DType b_scale_dtype = DType::f32;
+  bool b_scales_transposed = false;  // stored [k_blocks, n_blocks], viewed with strides (1, nb)
+  DType out_dtype = DType::f32;
+  std::optional<DType> bias_dtype;
+  uint64_t seed = 0;
+
+  int64_t lda() const { return k + a_row_pad; }
+  int64_t ldb() const { return k + b_row_pad; }
+  int64_t ldo() const { return n + out_row_pad; }
+  int64_t k_blocks() const { return (k + 127) / 128; }
+  int64_t n_blocks() const { return (n + 127) / 128; }
+};
+
+std::string describe(const GemmCase& c) {
+  char text[400];
+  std::snprintf(text, sizeof text,
+                "M=%lld N=%lld K=%lld lda=%lld ldb=%lld ldo=%lld a_scales=%s b_scales=%s%s out=%s "
+                "bias=%s seed=%llu",
+                static_cast<long long>(c.m), static_cast<long long>(c.n),
+                static_cast<long long>(c.k), static_cast<long long>(c.lda()),
+                static_cast<long long>(c.ldb()), static_cast<long long>(c.ldo()),
+                layout_name(c.layout), std::string(dtype_name(c.b_scale_dtype)).c_str(),
+                c.b_scales_transposed ? " (transposed)" : "",
+                std::string(dtype_name(c.out_dtype)).c_str(),
+                c.bias_dtype ? std::string(dtype_name(*c.bias_dtype)).c_str() : "none",
+                static_cast<unsigned long long>(c.seed));
+  return text;
+}
+
+// Every operand as one flat tensor (padding included); views_of() lays the shapes over them, so
+// the host and device copies share one description.
+struct Buffers {
+  Tensor a, a_scales, b, b_scales, bias, out;
+};
+
+struct Views {
+  TensorView a, a_scales, b, b_scales;
+  std::optional<TensorView> bias;
+  TensorView out;
+};
+
+Views views_of(const Buffers& buf, const GemmCase& c, Device device) {
+  Views v;
+  const int64_t M = c.m, N = c.n, K = c.k, KB = c.k_blocks(), NB = c.n_blocks();
+  const std::array<int64_t, 2> a_shape{M, K}, a_strides{c.lda(), 1};
+  v.a = TensorView(buf.a.data(), DType::f8e4m3, a_shape, a_strides, device);
+  GroupQuantConfig config;
+  config.group_size = 128;
+  config.layout = c.layout;
+  config.ue8m0 = c.layout == ScaleLayout::packed_ue8m0;
+  const ScaleStorage storage = group_quant_scale_storage(M, K, config);
+  v.a_scales = TensorView(buf.a_scales.data(), storage.dtype, storage.shape, device);
+  const std::array<int64_t, 2> b_shape{N, K}, b_strides{c.ldb(), 1};
+  v.b = TensorView(buf.b.data(), DType::f8e4m3, b_shape, b_strides, device);
+  const std::array<int64_t, 2> bs_shape{NB, KB};
+  const std::array<int64_t, 2> bs_strides =
+      c.b_scales_transposed ? std::array<int64_t, 2>{1, NB} : std::array<int64_t, 2>{KB, 1};
+  v.b_scales = TensorView(buf.b_scales.data(), c.b_scale_dtype, bs_shape, bs_strides, device);
+  if (c.bias_dtype) {
+    const std::array<int64_t, 1> shape{N};
+    v.bias = TensorView(buf.bias.data(), *c.bias_dtype, shape, device);
+  }
+  const std::array<int64_t, 2> out_shape{M, N}, out_strides{c.ldo(), 1};
+  v.out = TensorView(buf.out.data(), c.out_dtype, out_shape, out_strides, device);
+  return v;
+}
+
+// Random inputs on the host; the padding bytes of A and B are NaN codes and the padding of the
+// scale layouts NaN, so a kernel that read them would show it; out is poisoned (all bits set).
+Buffers make_host_buffers(const GemmCase& c) {
+  std::mt19937_64 rng(c.seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  Buffers buf;
+  const int64_t M = c.m, N = c.n, K = c.k, KB = c.k_blocks(), NB = c.n_blocks();
+
+  auto fp8_matrix = [&](int64_t rows, int64_t ld) {
+    Tensor t = Tensor::empty(DType::u8, {std::max<int64_t>(rows * ld, 1)});
+    auto* p = t.data_as<uint8_t>();
+    std::memset(p, 0x7f, t.nbytes());  // e4m3 NaN in the padding
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < K; ++k) p[r * ld + k] = f32_to_f8e4m3(normal(rng) * 32.0f);
+    return t;
+  };
+  buf.a = fp8_matrix(M, c.lda());
+  buf.b = fp8_matrix(N, c.ldb());
+
+  GroupQuantConfig config;
+  config.group_size = 128;
+  config.layout = c.layout;
+  config.ue8m0 = c.layout == ScaleLayout::packed_ue8m0;
+  const ScaleStorage storage = group_quant_scale_storage(M, K, config);
+  buf.a_scales = Tensor::empty(storage.dtype, {storage.shape[0] * storage.shape[1]});
+  const ScaleAddressing at = scale_addressing(c.layout, M, KB);
+  if (c.layout == ScaleLayout::packed_ue8m0) {
+    auto* bytes = static_cast<uint8_t*>(buf.a_scales.data());
+    std::memset(bytes, 0xff, buf.a_scales.nbytes());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < KB; ++g)
+        bytes[at.offset(m, g) * 4 + g % 4] = static_cast<uint8_t>(114 + rng() % 8);  // 2^-13..-6
+  } else {
+    auto* f = buf.a_scales.data_as<float>();
+    std::fill_n(f, buf.a_scales.numel(), std::nanf(""));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < KB; ++g)
+        f[at.offset(m, g)] = std::ldexp(1.0f + uniform(rng), -13 + static_cast<int>(rng() % 7));
+  }
+
+  buf.b_scales = Tensor::empty(c.b_scale_dtype, {NB * KB});
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const int64_t i = c.b_scales_transposed ? nb + kb * NB : nb * KB + kb;
+      store_from_f32(buf.b_scales.data(), c.b_scale_dtype, i,
+                     std::ldexp(0.5f + uniform(rng), -8 + static_cast<int>(rng() % 3)));
+    }
+
+  if (c.bias_dtype) {
+    buf.bias = Tensor::empty(*c.bias_dtype, {N});
+    for (int64_t n = 0; n < N; ++n) store_from_f32(buf.bias.data(), *c.bias_dtype, n, normal(rng));
+  }
+  buf.out = Tensor::empty(c.out_dtype, {std::max<int64_t>(M * c.ldo(), 1)});
+  std::memset(buf.out.data(), 0xff, buf.out.nbytes());
+  return buf;
+}
+
+Buffers to_device(const Buffers& host) {
+  const Device gpu = Device::gpu();
+  Buffers d;
+  d.a = Tensor::copy_of(host.a, gpu);
+  d.a_scales = Tensor::copy_of(host.a_scales, gpu);
+  d.b = Tensor::copy_of(host.b, gpu);
+  d.b_scales = Tensor::copy_of(host.b_scales, gpu);
+  if (host.bias.data()) d.bias = Tensor::copy_of(host.bias, gpu);
+  d.out = Tensor::copy_of(host.out, gpu);
+  return d;
+}
+
+BlockGemmProblem problem_of(const Views& v, const GemmCase& c, void* stream) {
+  OpOptions options;
+  options.stream = stream;
+  return make_block_gemm_problem(kOp, v.a, v.a_scales, c.layout, v.b, v.b_scales, v.bias, v.out,
+                                 options);
+}
+
+// The reference's output for the case (computed on the host, in the case's out dtype).
+Tensor reference_output(const GemmCase& c, const Buffers& host) {
+  const Views hv = views_of(host, c, Device::cpu());
+  Tensor out = Tensor::empty(c.out_dtype, {std::max<int64_t>(c.m * c.ldo(), 1)});
+  std::memset(out.data(), 0xff, out.nbytes());
+  const std::array<int64_t, 2> shape{c.m, c.n}, strides{c.ldo(), 1};
+  const TensorView out_view(out.data(), c.out_dtype, shape, strides, Device::cpu());
+  OpOptions options;
+  const BlockGemmProblem p = make_block_gemm_problem(kOp, hv.a, hv.a_scales, c.layout, hv.b,
+                                                     hv.b_scales, hv.bias, out_view, options);
+  reference::block_fp8_gemm(p);
+  return out;
+}
+
+// Runs the GPU kernel on a fresh device copy; returns the whole out buffer (padding included).
+Tensor run_sm90(const GemmCase& c, const Buffers& host, cudaStream_t stream) {
+  const Buffers dev = to_device(host);
+  const Views dv = views_of(dev, c, Device::gpu());
+  const BlockGemmProblem p = problem_of(dv, c, stream);
+  const std::string why = gpu::block_gemm_sm90_supports(p);
+  EXPECT_EQ(why, "") << describe(c);
+  if (!why.empty()) return Tensor::copy_of(host.out, Device::cpu());
+  std::printf("  plan %s\n", gpu::block_gemm_sm90_plan(p).c_str());
+  gpu::block_fp8_gemm_sm90(p);
+  MOEKIT_GPU_CHECK(cudaGetLastError());
+  gpu::synchronize(stream);
+  return Tensor::copy_of(dev.out, Device::cpu());
+}
+
+// Every element of [M, N] written and close to the reference; the row padding untouched.
+bool outputs_agree(const GemmCase& c, const Tensor& out, const Tensor& ref) {
+  double abs_error = 0.0, abs_ref = 0.0, worst = 0.0;
+  int64_t unwritten = 0, far = 0, padding_written = 0, worst_at = -1;
+  const auto* out_bytes = static_cast<const uint8_t*>(out.data());
+  const size_t es = dtype_size(c.out_dtype);
+  for (int64_t m = 0; m < c.m; ++m) {
+    for (int64_t n = 0; n < c.ldo(); ++n) {
+      const int64_t i = m * c.ldo() + n;
+      if (n >= c.n) {
+        for (size_t b = 0; b < es; ++b) padding_written += out_bytes[i * es + b] != 0xff;
+        continue;
+      }
+      const double o = load_as_f32(out.data(), c.out_dtype, i);
+      const double r = load_as_f32(ref.data(), c.out_dtype, i);
+      if (!std::isfinite(o)) {
+        ++unwritten;
+        continue;
+      }
+      abs_error += std::fabs(o - r);
+      abs_ref += std::fabs(r);
+      if (std::fabs(o - r) > worst) {
+        worst = std::fabs(o - r);
+        worst_at = i;
+      }
+    }
+  }
+  const double mean_ref = abs_ref / std::max<double>(1.0, static_cast<double>(c.m * c.n));
+  // Per element: far beyond rounding (catches a wrong tile that the mean would dilute).
+  for (int64_t m = 0; m < c.m; ++m)
+    for (int64_t n = 0; n < c.n; ++n) {
+      const int64_t i = m * c.ldo() + n;
+      const double o = load_as_f32(out.data(), c.out_dtype, i);
+      const double r = load_as_f32(ref.data(), c.out_dtype, i);
+      if (std::isfinite(o) && std::fabs(o - r) > 0.02 * std::fabs(r) + 0.02 * mean_ref) ++far;
+    }
+  const double relative = abs_error / std::max(abs_ref, 1e-30);
+  const double tolerance = c.out_dtype == DType::f32    ? 1e-3
+                           : c.out_dtype == DType::bf16 ? 4e-3
+                                                        : 2e-3;
+  const bool pass = unwritten == 0 && far == 0 && padding_written == 0 && relative < tolerance;
+  std::printf("  %s relative error %.2e: %s\n", pass ? "ok  " : "FAIL", relative,
+              describe(c).c_str());
+  EXPECT_TRUE(pass) << describe(c) << ": relative error " << relative << " (tolerance " << tolerance
+                    << "), " << unwritten << " unwritten, " << far << " far off, "
+                    << padding_written << " padding bytes written, worst " << worst << " at ["
+                    << (worst_at >= 0 ? worst_at / c.ldo() : -1) << ", "
+                    << (worst_at >= 0 ? worst_at % c.ldo() : -1) << "]";
+  return pass;
+}
+
+GemmCase random_case(std::mt19937_64& rng, int64_t m, int64_t n, int64_t k) {
+  GemmCase c;
+  c.m = m;
+  c.n = n;
+  c.k = k;
+  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
+                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
+  c.layout = layouts[rng() % 4];
+  c.b_scale_dtype = rng() % 2 ? DType::bf16 : DType::f32;
+  c.b_scales_transposed = rng() % 3 == 0;
+  const DType outs[] = {DType::f32, DType::bf16, DType::f16};
+  c.out_dtype = outs[rng() % 3];
+  const DType biases[] = {DType::f32, DType::bf16, DType::f16};
+  if (rng() % 2) c.bias_dtype = biases[rng() % 3];
+  // Row strides stay multiples of 16 bytes (TMA); K itself need not be.
+  c.a_row_pad = (16 - k % 16) % 16 + 16 * static_cast<int64_t>(rng() % 3);
+  c.b_row_pad = (16 - k % 16) % 16 + 16 * static_cast<int64_t>(rng() % 2);
+  c.out_row_pad = static_cast<int64_t>(rng() % 4);  // odd strides: no paired stores
+  c.seed = rng();
+  return c;
+}
+
+// Runs the cases on the GPU one by one and their references in parallel on the host.
+void check_cases(const std::vector<GemmCase>& cases) {
+  Stream stream;
+  std::vector<Buffers> hosts;
+  hosts.reserve(cases.size());
+  for (const GemmCase& c : cases) hosts.push_back(make_host_buffers(c));
+  std::vector<std::future<Tensor>> refs;
+  for (size_t i = 0; i < cases.size(); ++i)
+    refs.push_back(
+        std::async(std::launch::async, [&, i] { return reference_output(cases[i], hosts[i]); }));
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Tensor out = run_sm90(cases[i], hosts[i], stream.get());
+    const Tensor ref = refs[i].get();
+    outputs_agree(cases[i], out, ref);
+  }
+}
+
+TEST(Sm90BlockFp8Gemm, FixedShapesAgreeWithReference) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("FixedShapesAgreeWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  // Each kernel and token width: swap 8 (M 1, 7), 16, 32, 64 (cluster split 8 at N=1024), 128;
+  // tiles (M 200, 1000) with partial M and N tiles; K not a multiple of 128.
+  const std::array<std::array<int64_t, 3>, 12> shapes{{{1, 4096, 7168},
+                                                       {7, 384, 1024},
+                                                       {13, 256, 896},
+                                                       {30, 640, 512},
+                                                       {64, 1024, 7168},
+                                                       {100, 512, 1024},
+                                                       {128, 512, 2048},
+                                                       {200, 640, 1536},
+                                                       {1000, 1000, 512},
+                                                       {64, 200, 1000},
+                                                       {1, 72, 48},
+                                                       {333, 136, 200}}};
+  std::vector<GemmCase> cases;
+  for (const auto& s : shapes) cases.push_back(random_case(rng, s[0], s[1], s[2]));
+  check_cases(cases);
+}
+
+TEST(Sm90BlockFp8Gemm, RandomShapesAgreeWithReference) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("RandomShapesAgreeWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  const int64_t ms[] = {1, 7, 64, 128, 200, 1000, 3, 16, 40, 129};
+  const int64_t ns[] = {128, 256, 384, 200, 1408, 64, 4096};
+  const int64_t ks[] = {128, 256, 384, 640, 2048, 100, 1152};
+  std::vector<GemmCase> cases;
+  while (cases.size() < 24) {
+    const int64_t m = ms[rng() % std::size(ms)], n = ns[rng() % std::size(ns)],
+                  k = ks[rng() % std::size(ks)];
+    if (m * n * k > 400'000'000) continue;  // keeps the host reference quick
+    cases.push_back(random_case(rng, m, n, k));
+  }
+  check_cases(cases);
+}
+
+TEST(Sm90BlockFp8Gemm, BitwiseDeterministic) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("BitwiseDeterministic: seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  // A cluster-split swap case and a tiles case.
+  for (const auto& s :
+       std::array<std::array<int64_t, 3>, 2>{{{16, 1024, 7168}, {300, 768, 2048}}}) {
+    const GemmCase c = random_case(rng, s[0], s[1], s[2]);
+    const Buffers host = make_host_buffers(c);
+    const Tensor first = run_sm90(c, host, stream.get());
+    const Tensor second = run_sm90(c, host, stream.get());
+    EXPECT_EQ(std::memcmp(first.data(), second.data(), first.nbytes()), 0) << describe(c);
+  }
+}
+
+TEST(Sm90BlockFp8Gemm, DeclinesWhatItCannotServe) {
+  SKIP_WITHOUT_HOPPER();
+  // K = 3884: rows of A are 3884 bytes apart, not a multiple of 16 (TMA).
+  GemmCase c;
+  c.m = 4;
+  c.n = 256;
+  c.k = 3884;
+  c.seed = 1;
+  {
+    const Buffers dev = to_device(make_host_buffers(c));
+    const BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, nullptr);
+    const std::string why = gpu::block_gemm_sm90_supports(p);
+    EXPECT_NE(why.find("3884"), std::string::npos) << "reason: '" << why << "'";
+  }
+  // A base pointer one byte off.
+  c.k = 256;
+  c.a_row_pad = 16;
+  {
+    const Buffers dev = to_device(make_host_buffers(c));
+    Views v = views_of(dev, c, Device::gpu());
+    const std::array<int64_t, 2> shape{c.m, c.k}, strides{c.lda(), 1};
+    v.a = TensorView(static_cast<char*>(dev.a.data()) + 1, DType::f8e4m3, shape, strides,
+                     Device::gpu());
+    const std::string why = gpu::block_gemm_sm90_supports(problem_of(v, c, nullptr));
+    EXPECT_NE(why.find("aligned"), std::string::npos) << "reason: '" << why << "'";
+  }
+  // Tensors on the CPU.
+  {
+    const Buffers host = make_host_buffers(c);
+    const BlockGemmProblem p = problem_of(views_of(host, c, Device::cpu()), c, nullptr);
+    EXPECT_NE(gpu::block_gemm_sm90_supports(p), "");
+  }
+}
+
+// Sets MOEKIT_SM90_SWAP (the swap kernel's rows per CTA and cluster split) for one scope.
+class ForcedSwap {
+ public:
+  ForcedSwap(int rows, int splits) {
+    const std::string value = std::to_string(rows) + "," + std::to_string(splits);
+    setenv("MOEKIT_SM90_SWAP", value.c_str(), 1);
+  }
+  ~ForcedSwap() { unsetenv("MOEKIT_SM90_SWAP"); }
+  ForcedSwap(const ForcedSwap&) = delete;
+  ForcedSwap& operator=(const ForcedSwap&) = delete;
+};
+
+// Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8), whichever it
+// would choose on this device.
+TEST(Sm90BlockFp8Gemm, EverySwapLayoutAgreesWithReference) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("EverySwapLayoutAgreesWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  const int64_t ms[] = {1, 16, 50, 100};
+  for (const int rows : {64, 128}) {
+    for (const int splits : {1, 2, 4, 8}) {
+      const GemmCase c = random_case(rng, ms[rng() % 4], 320, 4096);
+      const Buffers host = make_host_buffers(c);
+      std::future<Tensor> ref =
+          std::async(std::launch::async, [&] { return reference_output(c, host); });
+      Tensor out;
+      {
+        ForcedSwap force(rows, splits);
+        out = run_sm90(c, host, stream.get());
+      }
+      outputs_agree(c, out, ref.get());
+    }
+  }
+}
+
+// ---- Timings (printed, never asserted): CUDA events around CUDA-graph replays.
+
+struct TimedShape {
+  int64_t m, n, k;
+};
+
+// A shape's inputs in enough copies that the weights do not all sit in L2 (calls rotate through
+// them), and the problems over them.
+struct TimedInputs {
+  GemmCase c;
+  Buffers host;
+  std::vector<Buffers> devs;
+  std::vector<BlockGemmProblem> problems;
+};
+
+TimedInputs timed_inputs(const TimedShape& s, uint64_t seed) {
+  TimedInputs in;
+  GemmCase& c = in.c;
+  c.m = s.m;
+  c.n = s.n;
+  c.k = s.k;
+  c.out_dtype = DType::bf16;
+  c.seed = seed;
+  const double weight_bytes = static_cast<double>(s.n) * static_cast<double>(s.k);
+  const int copies = static_cast<int>(std::clamp(std::ceil(256e6 / weight_bytes), 1.0, 16.0));
+  in.host = make_host_buffers(c);
+  for (int i = 0; i < copies; ++i) in.devs.push_back(to_device(in.host));
+  for (const Buffers& d : in.devs)
+    in.problems.push_back(problem_of(views_of(d, c, Device::gpu()), c, nullptr));
+  return in;
+}
+
+// Median microseconds per call over graph replays; prints one line.
+double time_and_print(const TimedInputs& in, const char* label) {
+  const GemmCase& c = in.c;
+  const std::string why = gpu::block_gemm_sm90_supports(in.problems[0]);
+  if (!why.empty()) {
+    std::printf("  M=%lld N=%lld K=%lld declined: %s\n", static_cast<long long>(c.m),
+                static_cast<long long>(c.n), static_cast<long long>(c.k), why.c_str());
+    return 0.0;
+  }
+  const auto copies = static_cast<double>(in.problems.size());
+  const double us = gpu::median_graph_replay_us(
+                        [&](void* stream) {
+                          for (BlockGemmProblem p : in.problems) {
+                            p.stream = stream;
+                            gpu::block_fp8_gemm_sm90(p);
+                          }
+                        },
+                        1, 20) /
+                    copies;
+  const double m = static_cast<double>(c.m), n = static_cast<double>(c.n),
+               k = static_cast<double>(c.k);
+  const double flops = 2.0 * m * n * k;
+  const double bytes = m * k + n * k + 2.0 * m * n;
+  std::printf("  M=%-5lld N=%-5lld K=%-5lld %-8s %9.2f us %7.1f TFLOPS %7.0f GB/s  [%s]\n",
+              static_cast<long long>(c.m), static_cast<long long>(c.n), static_cast<long long>(c.k),
+              label, us, flops / us * 1e-6, bytes / us * 1e-3,
+              gpu::block_gemm_sm90_plan(in.problems[0]).c_str());
+  return us;
+}
+
+TEST(Sm90BlockFp8Gemm, PrintsTimings) {
+  SKIP_WITHOUT_HOPPER();
+  const gpu::DeviceProperties props = gpu::device_properties(0);
+  std::printf("Sm90 timings on %s (%d SMs)\n", props.name.c_str(), props.sm_count);
+  const TimedShape shapes[] = {
+      {4096, 7168, 16384}, {64, 4096, 7168},  {1, 4096, 7168},    {4, 4096, 7168}, {16, 4096, 7168},
+      {128, 4096, 7168},   {512, 4096, 7168}, {2048, 7168, 2048}, {1, 7168, 2048}, {1, 2048, 7168}};
+  std::mt19937_64 rng(7);
+  for (const TimedShape& s : shapes) {
+    const TimedInputs in = timed_inputs(s, rng());
+    time_and_print(in, "auto");
+    // The first rows of the large case against the reference (a sub-problem of 2 rows).
+    if (s.m == 4096) {
+      const GemmCase& c = in.c;
+      Tensor out = Tensor::copy_of(in.devs[0].out, Device::cpu());
+      GemmCase sub = c;
+      sub.m = 2;
+      const Views hv = views_of(in.host, c, Device::cpu());
+      const std::array<int64_t, 2> a_shape{2, c.k}, a_strides{c.lda(), 1};
+      const std::array<int64_t, 2> as_shape{2, c.k_blocks()};
+      const std::array<int64_t, 2> out_shape{2, c.n}, out_strides{c.ldo(), 1};
+      Tensor ref = Tensor::empty(c.out_dtype, {2 * c.ldo()});
+      OpOptions options;
+      const BlockGemmProblem p = make_block_gemm_problem(
+          kOp, TensorView(hv.a.data(), DType::f8e4m3, a_shape, a_strides),
+          TensorView(hv.a_scales.data(), DType::f32, as_shape), ScaleLayout::row_major, hv.b,
+          hv.b_scales, std::nullopt, TensorView(ref.data(), c.out_dtype, out_shape, out_strides),
+          options);
+      reference::block_fp8_gemm(p);
+      Tensor got = Tensor::empty(c.out_dtype, {2 * c.ldo()});
+      std::memcpy(got.data(), out.data(), got.nbytes());
+      outputs_agree(sub, got, ref);
+    }
+  }
+  std::printf("  copy bandwidth %.0f GB/s\n", gpu::measure_copy_bandwidth_gbs());
+}
+
+// Each swap layout forced in turn, for tuning the planner (printed only).
+TEST(Sm90BlockFp8Gemm, PrintsSwapLayoutTimings) {
+  SKIP_WITHOUT_HOPPER();
+  std::mt19937_64 rng(11);
+  const std::array<std::array<int, 2>, 7> layouts{
+      {{64, 1}, {64, 2}, {64, 4}, {128, 1}, {128, 2}, {128, 4}, {128, 8}}};
+  for (const int64_t m : {1, 16, 64, 128}) {
+    const TimedInputs in = timed_inputs({m, 4096, 7168}, rng());
+    for (const auto& l : layouts) {
+      ForcedSwap force(l[0], l[1]);
+      const std::string label = std::to_string(l[0]) + "," + std::to_string(l[1]);
+      time_and_print(in, label.c_str());
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moekit
