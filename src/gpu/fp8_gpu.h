@@ -23,6 +23,9 @@ void block_quantize_weight(const BlockQuantizeWeightProblem& problem);
 // the weight-bandwidth-bound small-M (decode) regime.
 std::string block_gemm_supports(const BlockGemmProblem& problem);
 void block_fp8_gemm(const BlockGemmProblem& problem);
+// Its two kernels, whatever the shape (block_fp8_gemm picks by M), for tests and benchmarks.
+void block_fp8_gemm_cuda_cores(const BlockGemmProblem& problem);
+void block_fp8_gemm_matrix_units(const BlockGemmProblem& problem);
 
 // block_fp8_gemm on Hopper tensor cores (fp8_gemm_sm90.cu): TMA + wgmma, sm_90a builds on
 // compute capability 9.0 only.

@@ -11,6 +11,13 @@
 //   wait_for_previous_grid(), allow_next_grid()   programmatic dependent launch (no-ops where the
 //                             vendor has none)
 //   launch(kernel, grid, block, shared_bytes, stream, overlap_previous, args...)   host side
+//   e4m3x2_from_floats(lo, hi)   two f32 -> two OCP e4m3fn bytes (lo in the low byte): round to
+//                             nearest even, +-448 saturation (inf too), NaN stays NaN (its sign
+//                             may be lost)
+//   e4m3x2_to_half2_bits(pair)   two e4m3 bytes (low byte first) -> two f16 bit patterns (low
+//                             half first), exact; NaN -> an f16 NaN
+// and MOEKIT_GPU_HAS_WMMA: 1 where vendor::wmma (the nvcuda::wmma API: fragment,
+// load_matrix_sync, mma_sync, store_matrix_sync with f16 inputs and f32 accumulators) exists.
 #pragma once
 
 #if defined(__MUSACC__) || defined(MOEKIT_GPU_MUSA)
