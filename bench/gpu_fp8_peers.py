@@ -108,6 +108,17 @@ def main():
                 if r.get("dispatched"):
                     ours[key]["picked"] = r["implementation"]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if len(sys.argv) > 1:
+        print("moekit block_fp8_gemm, every GPU implementation that serves (bf16 out; "
+              "* = the dispatch's pick):")
+        print(f"{'M':>5s} {'N':>6s} {'K':>6s} {'implementation':>15s} {'us':>9s} {'TFLOP/s':>8s} "
+              f"{'% HBM floor':>11s}  verified")
+        for r in json.load(open(sys.argv[1])):
+            mark = "*" if r.get("dispatched") else " "
+            floor = 100.0 * r["roofline_us"] / r["median_us"]
+            print(f"{r['m']:5d} {r['n']:6d} {r['k']:6d} {mark + r['implementation']:>15s} "
+                  f"{r['median_us']:9.2f} {r['tflop_per_s']:8.1f} {floor:10.1f}%  "
+                  f"{'yes' if r['verified'] else 'NO'}")
     print("CUDA-graph replay, median us per call (TFLOP/s); bf16 out")
     head = (f"{'M':>5s} {'N':>6s} {'K':>6s} | {'scaled_mm blk':>18s} {'scaled_mm tensor':>18s} "
             f"{'bf16 dequant':>18s} | {'moekit picked':>24s} {'vs blk':>7s}")

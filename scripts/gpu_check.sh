@@ -164,20 +164,41 @@ else
   note "peer benchmark not run: torch/triton not importable"
 fi
 
+if [[ ${GPU_CHECK_ROUTE_AB:-0} == 1 && -x $CLI && -s $BENCH ]]; then
+  step "routing A/B: the default kernels vs MOEKIT_GPU_ROUTE_V2_OFF=halfwarp vs MOEKIT_GPU_ROUTE_V1=1"
+  MOEKIT_GPU_ROUTE_V2_OFF=halfwarp timeout 120 "$CLI" bench --backend gpu --json \
+    > "$OUT/bench_nohalf.json" 2>/dev/null
+  MOEKIT_GPU_ROUTE_V1=1 timeout 120 "$CLI" bench --backend gpu --json > "$OUT/bench_v1.json" \
+    2>/dev/null
+  python3 - "$BENCH" "$OUT/bench_nohalf.json" "$OUT/bench_v1.json" <<'PY' | tee "$OUT/route_ab.txt"
+import json, sys
+def load(path):
+    try:
+        return {(r["model"], r["tokens"]): r for r in json.load(open(path))}
+    except Exception:
+        return {}
+runs = [load(p) for p in sys.argv[1:4]]
+print(f"{'model':20s} {'tokens':>6s} {'default':>8s} {'no-half':>8s} {'v1':>8s}  (us, graph replay)")
+for key in sorted(runs[0], key=lambda k: (k[0], k[1])):
+    cells = [f"{r[key]['median_us']:8.2f}" if key in r else f"{'-':>8s}" for r in runs]
+    ok = all(r[key].get("verified") for r in runs if key in r)
+    print(f"{key[0]:20s} {key[1]:6d} {' '.join(cells)}  {'' if ok else 'NOT VERIFIED'}")
+PY
+fi
+
 step "FP8: moekit bench --op gemm|quant --backend gpu, and torch peers (bench/gpu_fp8_peers.py)"
 FP8_JSON=$OUT/fp8_gemm.json
 if [[ -x $CLI ]]; then
-  timeout 240 "$CLI" bench --op gemm --backend gpu > "$OUT/fp8_bench.txt" 2>&1 \
-    || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"
-  timeout 60 "$CLI" bench --op quant --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
+  timeout 60 "$CLI" bench --op quant --backend gpu > "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit bench --op quant: exit $?"
-  timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2>/dev/null || true
-  cat "$OUT/fp8_bench.txt"
+  timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2> "$OUT/fp8_stderr.txt" \
+    || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"
+  tail -3 "$OUT/fp8_stderr.txt"
   if python3 -c 'import torch' 2>/dev/null; then
     PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu_fp8_peers.py "$FP8_JSON" \
-      > "$OUT/fp8_peers.txt" 2>&1 || note "FP8 peers: FAILED or timed out (fp8_peers.txt)"
-    cat "$OUT/fp8_peers.txt"
+      >> "$OUT/fp8_bench.txt" 2>&1 || note "FP8 peers: FAILED or timed out (fp8_bench.txt)"
   fi
+  cat "$OUT/fp8_bench.txt"
 else
   note "FP8 bench not run: no CLI"
 fi
@@ -218,9 +239,5 @@ PY
   if [[ -s $OUT/fp8_bench.txt ]]; then
     echo
     cat "$OUT/fp8_bench.txt"
-  fi
-  if [[ -s $OUT/fp8_peers.txt ]]; then
-    echo
-    cat "$OUT/fp8_peers.txt"
   fi
 } | tee "$OUT/summary.txt"

@@ -1,5 +1,6 @@
 // GPU routing: spec/routing.md on one warp per token row, every valid call (E 1..2048, K 1..64,
-// G 1..64, all scorings and dtypes) served by one kernel template.
+// G 1..64, all scorings and dtypes) served by one kernel template (v1), and the faster v2 kernels
+// where they serve.
 //
 // Layout: lane r of the row's warp holds the consecutive experts [r * kVpl, (r + 1) * kVpl) as kNv
 // chunks of kV (each one vector load: 16 bytes where kV allows). Values stay in registers as
@@ -19,249 +20,28 @@
 //
 // Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
+//
+// v2 (route_gpu_v2.cuh) serves what it can (softmax without softcap and sigmoid, E <= 512,
+// whole-lane groups), this kernel the rest; route_gpu_kernels.cuh says how to pick or switch off
+// either (MOEKIT_GPU_ROUTE_V1=1, MOEKIT_GPU_ROUTE_V2_OFF).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu/route_gpu.h"
+#include "gpu/route_gpu_common.cuh"
+#include "gpu/route_gpu_kernels.cuh"
+#include "gpu/route_gpu_v2.cuh"
 #include "gpu/vendor.h"
 
 namespace moekit::gpu {
-namespace {
-
-constexpr int kWarpsPerBlock = 4;  // rows per block: small blocks keep decode launches cheap
-constexpr int kThreadsPerBlock = kWarpsPerBlock * kLanes;
-constexpr int kMaxGroups = 64;
-constexpr int kBlocksPerSm = 16;  // grid cap: past it warps take several rows (grid stride)
-constexpr uint32_t kNoKey = 0;    // removed, dropped or absent: below key(-inf) = 0x007fffff
-constexpr uint32_t kNoId = 0xffffffffu;
-
-enum class Mode : int {
-  softmax_by_logit,  // softmax, renormalize, G == 1: rank by z, one exp per slot
-  softmax_by_prob,   // other softmax cases: rank by p
-  sigmoid,
-  sqrt_softplus,
-};
-
-// Bias storage types, as the kernel sees them.
-enum class BiasType : int { none, f32, f16, bf16 };
-
-// Everything a launch needs, by value (no pointers to host memory: graph-capturable).
-struct RouteArgs {
-  const void* logits;
-  int64_t logits_row_stride;  // elements
-  const void* bias;
-  BiasType bias_type;
-  float* weights;
-  int64_t weights_row_stride;
-  void* ids;
-  int64_t ids_row_stride;
-  bool ids_i64;
-  int64_t num_tokens;
-  int64_t num_valid_tokens;
-  int num_experts;
-  int topk;
-  int num_routed;
-  int num_groups;
-  int topk_groups;
-  int experts_per_group;
-  uint64_t group_magic;      // e / experts_per_group == (e * group_magic) >> 32 for e, EPG <= 2048
-  int group_register_lanes;  // > 0: each group is this many whole lanes, no scratch
-  int group_scan_lanes;      // else: lanes that scan one group's keys from shared memory together,
-  int group_scan_per_lane;   //   keys per lane of that scan,
-  int group_scan_step;       //   and groups per pass of the row's lanes
-  bool group_top2_sum;
-  Mode mode;
-  float softcap;
-  bool renormalize;
-  float routed_scaling_factor;
-  bool apply_scaling_on_output;
-  bool logits_bf16;          // 16-bit logits: bf16 (else f16)
-  bool logits_vector_loads;  // rows (and the pointer) are aligned for the chunk's vector load
-  bool bias_vector_loads;
-};
-
-// ---- Scalar math, written as the reference writes it (separate roundings, accurate functions).
-
-__device__ __forceinline__ float nan_to_neg_inf(float v) { return isnan(v) ? -INFINITY : v; }
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-__device__ __forceinline__ float sqrt_softplus(float x) {
-  if (x == INFINITY) x = FLT_MAX;
-  const float softplus = x > 20.0f ? x : log1pf(expf(x));
-  return sqrtf(softplus);
-}
-
-// The weight source of sigmoid / sqrtsoftplus scoring (bias-free).
-__device__ __forceinline__ float activate(Mode mode, float x) {
-  const float v = nan_to_neg_inf(x);
-  return mode == Mode::sigmoid ? sigmoid(v) : sqrt_softplus(v);
-}
-
-// c * tanh(v / c), with the tanh taken in double and rounded once: tanhf's 2-ulp error, scaled
-// by c (often 30), would move z by ~1e-5; rounded from double it is the host libm's correctly
-// rounded value. Out of line: softcap is rare, and inlined per expert it would cost registers.
-__device__ __noinline__ float softcap_logit(float v, float softcap) {
-  const float t = static_cast<float>(tanh(static_cast<double>(__fdiv_rn(v, softcap))));
-  return __fmul_rn(softcap, t);
-}
-
-// Softmax's z: softcap first, then bias; NaN (in the logit or made by the bias) is -inf. A NaN
-// logit stays NaN through tanh, the products and the sum, so testing v alone is enough.
-__device__ __forceinline__ float softmax_logit(float x, float bias, float softcap) {
-  const float v = softcap > 0.0f ? softcap_logit(x, softcap) : x;
-  return nan_to_neg_inf(__fadd_rn(v, bias));
-}
-
-// Order-preserving map of a non-NaN f32 to u32: key(-inf) = 0x007fffff. (-0 ranks just below +0;
-// both are 0 to the reference, so either order is a tie it accepts.)
-__device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
-}
-__device__ __forceinline__ float key_value(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  // Butterfly: every lane adds the same pairs (a + b == b + a), so all lanes get the same bits.
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) v += vendor::shfl_xor(v, mask);
-  return v;
-}
-
-// ---- Loads.
-
-// Storage types of logits and bias. 16-bit storage is f16 or bf16, told apart at run time (a
-// warp-uniform select per element), which halves the kernel instances.
-struct F32 {
-  using Storage = float;
-  static __device__ __forceinline__ float from_bits(uint32_t bits, bool /*is_bf16*/) {
-    return __uint_as_float(bits);
-  }
-};
-struct Bits16 {
-  using Storage = uint16_t;
-  static __device__ __forceinline__ float from_bits(uint32_t bits, bool is_bf16) {
-    return is_bf16 ? __uint_as_float(bits << 16)
-                   : vendor::half_bits_to_float(static_cast<uint16_t>(bits));
-  }
-};
-
-template <class Type>
-__device__ __forceinline__ float load_one(const void* base, int64_t index, bool is_bf16) {
-  using S = typename Type::Storage;
-  const S* p = static_cast<const S*>(base) + index;
-  if constexpr (sizeof(S) == 4)
-    return Type::from_bits(__float_as_uint(__ldg(reinterpret_cast<const float*>(p))), is_bf16);
-  else
-    return Type::from_bits(__ldg(reinterpret_cast<const unsigned short*>(p)), is_bf16);
-}
-
-// Loads kV consecutive elements starting at element `first` of `base` (an element index of a
-// chunk-aligned position) as f32; elements at or past `count` read as 0. One or two vector loads
-// when `vector_ok` and the chunk is whole, else element by element.
-template <class Type, int kV>
-__device__ __forceinline__ void load_chunk(const void* base, int64_t first, int count,
-                                           bool vector_ok, bool is_bf16, float (&out)[kV]) {
-  using S = typename Type::Storage;
-  constexpr int kBytes = kV * static_cast<int>(sizeof(S));
-  if (vector_ok && count >= kV) {
-    const char* p = static_cast<const char*>(base) + first * static_cast<int64_t>(sizeof(S));
-    uint32_t words[kBytes / 4];
-    if constexpr (kBytes % 16 == 0) {
-#pragma unroll
-      for (int i = 0; i < kBytes / 16; ++i) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
-        words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
-      }
-    } else if constexpr (kBytes == 8) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-      words[0] = v.x, words[1] = v.y;
-    } else {
-      static_assert(kBytes == 4, "chunks are 4, 8 or a multiple of 16 bytes");
-      words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
-    }
-    if constexpr (sizeof(S) == 4) {
-#pragma unroll
-      for (int j = 0; j < kV; ++j) out[j] = Type::from_bits(words[j], false);
-    } else if (is_bf16) {  // warp-uniform: one branch per chunk, not a select per element
-#pragma unroll
-      for (int j = 0; j < kV; ++j)
-        out[j] = __uint_as_float(j % 2 ? words[j / 2] & 0xffff0000u : words[j / 2] << 16);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kV; ++j)
-        out[j] = vendor::half_bits_to_float(static_cast<uint16_t>(words[j / 2] >> (16 * (j % 2))));
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kV; ++j)
-      out[j] = j < count ? load_one<Type>(base, first + j, is_bf16) : 0.0f;
-  }
-}
-
-template <int kV>
-__device__ __forceinline__ void load_bias_chunk(const RouteArgs& a, int64_t first, int count,
-                                                float (&out)[kV]) {
-  switch (a.bias_type) {
-    case BiasType::f32:
-      load_chunk<F32, kV>(a.bias, first, count, a.bias_vector_loads, false, out);
-      break;
-    case BiasType::f16:
-    case BiasType::bf16:
-      load_chunk<Bits16, kV>(a.bias, first, count, a.bias_vector_loads,
-                             a.bias_type == BiasType::bf16, out);
-      break;
-    case BiasType::none:
-#pragma unroll
-      for (int j = 0; j < kV; ++j) out[j] = 0.0f;
-      break;
-  }
-}
-
-// ---- Stores.
-
-__device__ __forceinline__ void store_slot(const RouteArgs& a, int64_t row, int slot, float weight,
-                                           int64_t id) {
-  a.weights[row * a.weights_row_stride + slot] = weight;
-  if (a.ids_i64)
-    static_cast<int64_t*>(a.ids)[row * a.ids_row_stride + slot] = id;
-  else
-    static_cast<int32_t*>(a.ids)[row * a.ids_row_stride + slot] = static_cast<int32_t>(id);
-}
-
-// ---- Groups.
-
-// Merges the (first, second) largest keys of the lanes `lanes` apart within aligned runs of `run`
-// lanes (run a power of two), so that every lane of a run ends with the run's top two.
-__device__ __forceinline__ void merge_top2(uint32_t& first, uint32_t& second, int run) {
-  for (int offset = 1; offset < run; offset <<= 1) {
-    const uint32_t other_first = vendor::shfl_xor(first, offset);
-    const uint32_t other_second = vendor::shfl_xor(second, offset);
-    second = max(min(first, other_first), max(second, other_second));
-    first = max(first, other_first);
-  }
-}
-
-__device__ __forceinline__ void add_to_top2(uint32_t key, uint32_t& first, uint32_t& second) {
-  second = max(second, min(first, key));
-  first = max(first, key);
-}
-
-// The group's score from its two largest selection keys (every group has >= 1 expert, and >= 2
-// when top2_sum applies). NaN (e.g. inf + -inf) ranks with the lowest.
-__device__ __forceinline__ float group_score(const RouteArgs& a, uint32_t first, uint32_t second) {
-  float score = key_value(first);
-  if (a.group_top2_sum && a.experts_per_group >= 2) score = score + key_value(second);
-  return nan_to_neg_inf(score);
-}
+namespace route_detail {
 
 // ---- The kernel.
 
@@ -602,6 +382,185 @@ Layout pick_layout(const RouteProblem& p) {
        "is not supported by the gpu kernel (f32, f16 or bf16)");
 }
 
+// ---- v2 (route_gpu_v2.cuh): one instance per logits storage, lanes per row, experts per lane
+// and mode.
+
+constexpr int kV2MaxExperts = 512;
+constexpr int kHalfWarpMaxExperts = 256;
+constexpr int kHalfWarpMaxTopk = 32;  // two slots per lane of a 16-lane row
+
+// How a v2 kernel lays out a row: lanes per row (32, or 16 for two rows per warp) and experts per
+// lane.
+struct V2Shape {
+  int row_lanes;
+  int experts_per_lane;
+};
+
+template <class Logits, int kVpl, int kRowLanes>
+Layout v2_instance(Mode mode) {
+  constexpr int kV = v2_chunk<Logits, kVpl>();
+  switch (mode) {
+    case Mode::softmax_by_logit:
+      return {kV, kVpl / kV, route_rows_v2_kernel<Logits, kVpl, Mode::softmax_by_logit, kRowLanes>};
+    case Mode::softmax_by_prob:
+      return {kV, kVpl / kV, route_rows_v2_kernel<Logits, kVpl, Mode::softmax_by_prob, kRowLanes>};
+    default:
+      return {kV, kVpl / kV, route_rows_v2_kernel<Logits, kVpl, Mode::sigmoid, kRowLanes>};
+  }
+}
+
+// Experts per lane: the fewest that hold E in the row's lanes; whole warps take 1, 2, 4, 5, 8, 12
+// or 16 (160 and 384 fill every lane), half warps 8 or 16.
+int v2_experts_per_lane(int num_experts, int row_lanes) {
+  if (row_lanes == kLanes) {
+    for (int vpl : {1, 2, 4, 5, 8, 12, 16})
+      if (num_experts <= kLanes * vpl) return vpl;
+  } else {
+    for (int vpl : {8, 16})
+      if (num_experts <= row_lanes * vpl) return vpl;
+  }
+  return 0;
+}
+
+template <class Logits>
+Layout v2_layout(V2Shape shape, Mode mode) {
+  if (shape.row_lanes != kLanes)
+    return shape.experts_per_lane == 8 ? v2_instance<Logits, 8, 16>(mode)
+                                       : v2_instance<Logits, 16, 16>(mode);
+  switch (shape.experts_per_lane) {
+    case 1:
+      return v2_instance<Logits, 1, 32>(mode);
+    case 2:
+      return v2_instance<Logits, 2, 32>(mode);
+    case 4:
+      return v2_instance<Logits, 4, 32>(mode);
+    case 5:
+      return v2_instance<Logits, 5, 32>(mode);
+    case 8:
+      return v2_instance<Logits, 8, 32>(mode);
+    case 12:
+      return v2_instance<Logits, 12, 32>(mode);
+    default:
+      return v2_instance<Logits, 16, 32>(mode);
+  }
+}
+
+Mode mode_of(const RouteProblem& p) {
+  switch (p.scoring) {
+    case Scoring::softmax:
+      return p.renormalize && p.num_groups == 1 ? Mode::softmax_by_logit : Mode::softmax_by_prob;
+    case Scoring::sigmoid:
+      return Mode::sigmoid;
+    case Scoring::sqrtsoftplus:
+      break;
+  }
+  return Mode::sqrt_softplus;
+}
+
+bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
+
+int log2_of(int power_of_two) {
+  int log2 = 0;
+  while ((1 << log2) < power_of_two) ++log2;
+  return log2;
+}
+
+// With groups, each group must be a power-of-two run of whole lanes of a full row.
+bool groups_are_whole_lanes(const RouteProblem& p, V2Shape shape) {
+  if (p.num_groups == 1) return true;
+  const int vpl = shape.experts_per_lane, EPG = p.experts_per_group();
+  return p.num_experts == shape.row_lanes * vpl && EPG % vpl == 0 && is_power_of_two(EPG / vpl);
+}
+
+std::string v2_declines(const RouteProblem& p) {
+  const DType dtype = p.logits.dtype();
+  if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
+    return "logits dtype " + std::string(dtype_name(dtype));
+  if (p.scoring == Scoring::sqrtsoftplus) return "sqrtsoftplus scoring";
+  if (p.softcap > 0.0f) return "softcap";
+  if (p.num_experts > kV2MaxExperts)
+    return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kV2MaxExperts);
+  if (!groups_are_whole_lanes(p, {kLanes, v2_experts_per_lane(p.num_experts, kLanes)}))
+    return "groups of " + std::to_string(p.experts_per_group()) +
+           " experts are not whole runs of lanes (" +
+           std::to_string(v2_experts_per_lane(p.num_experts, kLanes)) + " experts per lane)";
+  return "";
+}
+
+// Two rows per warp (16 lanes each) where v2 serves and the shape fits: E <= 256, K <= 32, groups
+// of whole lanes.
+bool half_warp_fits(const RouteProblem& p) {
+  if (p.num_experts > kHalfWarpMaxExperts || p.topk > kHalfWarpMaxTopk) return false;
+  const V2Shape half{kLanes / 2, v2_experts_per_lane(p.num_experts, kLanes / 2)};
+  return groups_are_whole_lanes(p, half);
+}
+
+// The environment switches, read once: MOEKIT_GPU_ROUTE_V1=1 forces v1; MOEKIT_GPU_ROUTE_V2_OFF
+// lists the v2 cases to leave to v1 (logit, prob, sigmoid, grouped), and halfwarp keeps every v2
+// call on whole-warp rows.
+struct V2Switches {
+  bool all_v1 = false;
+  bool off_logit = false, off_prob = false, off_sigmoid = false, off_grouped = false;
+  bool off_half_warp = false;
+};
+
+const V2Switches& v2_switches() {
+  static const V2Switches switches = [] {
+    V2Switches s;
+    const char* v1 = std::getenv("MOEKIT_GPU_ROUTE_V1");
+    s.all_v1 = v1 != nullptr && std::string(v1) == "1";
+    const char* off = std::getenv("MOEKIT_GPU_ROUTE_V2_OFF");
+    // Split the comma-separated list into its names.
+    std::vector<std::string> names(1);
+    for (const char* c = off != nullptr ? off : ""; *c != '\0'; ++c) {
+      if (*c == ',')
+        names.emplace_back();
+      else
+        names.back().push_back(*c);
+    }
+    auto listed = [&](const char* name) {
+      return std::find(names.begin(), names.end(), name) != names.end();
+    };
+    s.off_logit = listed("logit");
+    s.off_prob = listed("prob");
+    s.off_sigmoid = listed("sigmoid");
+    s.off_grouped = listed("grouped");
+    s.off_half_warp = listed("halfwarp");
+    return s;
+  }();
+  return switches;
+}
+
+// Whether the environment leaves this (v2-servable) problem to v1.
+bool v2_switched_off(const RouteProblem& p) {
+  const V2Switches& s = v2_switches();
+  if (s.all_v1 || (s.off_grouped && p.num_groups > 1)) return true;
+  switch (mode_of(p)) {
+    case Mode::softmax_by_logit:
+      return s.off_logit;
+    case Mode::softmax_by_prob:
+      return s.off_prob;
+    case Mode::sigmoid:
+      return s.off_sigmoid;
+    default:
+      return true;
+  }
+}
+
+const char* mode_name(Mode mode) {
+  switch (mode) {
+    case Mode::softmax_by_logit:
+      return "softmax by logit";
+    case Mode::softmax_by_prob:
+      return "softmax by p";
+    case Mode::sigmoid:
+      return "sigmoid";
+    case Mode::sqrt_softplus:
+      return "sqrtsoftplus";
+  }
+  return "?";
+}
+
 BiasType bias_type_of(const RouteProblem& p) {
   if (!p.has_bias()) return BiasType::none;
   switch (p.bias.dtype()) {
@@ -626,8 +585,6 @@ bool vector_loads_ok(const void* data, int64_t row_stride, size_t element_size, 
   return address % piece == 0 && (row_stride * static_cast<int64_t>(element_size)) % piece == 0;
 }
 
-bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
-
 // Programmatic dependent launch where the device has it (compute capability 9.0+), unless
 // MOEKIT_GPU_PDL=0 (for A/B timing).
 bool overlap_previous_kernel(int device) {
@@ -638,28 +595,8 @@ bool overlap_previous_kernel(int device) {
   return allowed && device_properties(device).major >= 9;
 }
 
-}  // namespace
-
-std::string route_supports(const RouteProblem& p) {
-  if (!p.logits.device().is_gpu())
-    return "tensors are on " + p.logits.device().str() + ", not on a GPU";
-  auto inner = [](const char* name, int64_t stride) {
-    return std::string(name) + " rows are not contiguous (inner stride " + std::to_string(stride) +
-           ")";
-  };
-  if (p.num_experts > 1 && p.logits.stride(1) != 1) return inner("logits", p.logits.stride(1));
-  if (p.topk > 1 && p.weights.stride(1) != 1) return inner("weights", p.weights.stride(1));
-  if (p.topk > 1 && p.ids.stride(1) != 1) return inner("ids", p.ids.stride(1));
-  if (p.has_bias() && p.num_experts > 1 && p.bias.stride(0) != 1)
-    return "bias is not contiguous (stride " + std::to_string(p.bias.stride(0)) + ")";
-  return "";
-}
-
-void route(const RouteProblem& p) {
-  if (p.num_tokens == 0) return;
-  const int E = p.num_experts;
-  const Layout layout = pick_layout(p);
-
+// The launch arguments every kernel shares; `chunk` is the kernel's experts per vector load.
+RouteArgs common_args(const RouteProblem& p, int chunk) {
   RouteArgs a{};
   a.logits = p.logits.data();
   a.logits_row_stride = p.logits.stride(0);
@@ -672,7 +609,7 @@ void route(const RouteProblem& p) {
   a.ids_i64 = p.ids.dtype() == DType::i64;
   a.num_tokens = p.num_tokens;
   a.num_valid_tokens = p.num_valid_tokens;
-  a.num_experts = E;
+  a.num_experts = p.num_experts;
   a.topk = p.topk;
   a.num_routed = p.num_routed;
   a.num_groups = p.num_groups;
@@ -680,26 +617,36 @@ void route(const RouteProblem& p) {
   a.experts_per_group = p.experts_per_group();
   a.group_magic = ((uint64_t{1} << 32) + a.experts_per_group - 1) / a.experts_per_group;
   a.group_top2_sum = p.group_score == GroupScore::top2_sum;
-  switch (p.scoring) {
-    case Scoring::softmax:
-      a.mode = p.renormalize && p.num_groups == 1 ? Mode::softmax_by_logit : Mode::softmax_by_prob;
-      break;
-    case Scoring::sigmoid:
-      a.mode = Mode::sigmoid;
-      break;
-    case Scoring::sqrtsoftplus:
-      a.mode = Mode::sqrt_softplus;
-      break;
-  }
+  a.mode = mode_of(p);
   a.softcap = p.softcap;
   a.renormalize = p.renormalize;
   a.routed_scaling_factor = p.routed_scaling_factor;
   a.apply_scaling_on_output = p.apply_scaling_on_output;
   a.logits_bf16 = p.logits.dtype() == DType::bf16;
   a.logits_vector_loads = vector_loads_ok(a.logits, p.num_tokens > 1 ? a.logits_row_stride : 0,
-                                          dtype_size(p.logits.dtype()), layout.v);
+                                          dtype_size(p.logits.dtype()), chunk);
   a.bias_vector_loads =
-      a.bias != nullptr && vector_loads_ok(a.bias, 0, dtype_size(p.bias.dtype()), layout.v);
+      a.bias != nullptr && vector_loads_ok(a.bias, 0, dtype_size(p.bias.dtype()), chunk);
+  return a;
+}
+
+void launch_rows(const RouteProblem& p, KernelFn kernel, size_t scratch_bytes, const RouteArgs& a,
+                 int rows_per_warp = 1) {
+  const int device = p.logits.device().index;
+  DeviceGuard on_device(device);
+  const int64_t rows_per_block = static_cast<int64_t>(kWarpsPerBlock) * rows_per_warp;
+  const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
+  const int64_t block_cap = static_cast<int64_t>(device_properties(device).sm_count) * kBlocksPerSm;
+  const auto blocks = static_cast<unsigned>(std::min(blocks_needed, block_cap));
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(blocks), dim3(kThreadsPerBlock), scratch_bytes,
+                                  stream, overlap_previous_kernel(device), a));
+}
+
+void route_v1(const RouteProblem& p) {
+  const int E = p.num_experts;
+  const Layout layout = pick_layout(p);
+  RouteArgs a = common_args(p, layout.v);
 
   // Softmax by p sums its terms through shared memory; groups that are whole lanes need no
   // scratch, any other shape scans keys there.
@@ -719,15 +666,96 @@ void route(const RouteProblem& p) {
       scratch_bytes = scratch_per_warp;
     }
   }
-
-  const int device = p.logits.device().index;
-  DeviceGuard on_device(device);
-  const int64_t blocks_needed = (p.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const int64_t block_cap = static_cast<int64_t>(device_properties(device).sm_count) * kBlocksPerSm;
-  const auto blocks = static_cast<unsigned>(std::min(blocks_needed, block_cap));
-  const auto stream = static_cast<cudaStream_t>(p.stream);
-  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(kThreadsPerBlock),
-                                  scratch_bytes, stream, overlap_previous_kernel(device), a));
+  launch_rows(p, layout.kernel, scratch_bytes, a);
 }
+
+// Half-warp rows pay off once the batch has rows enough to keep every SM busy with half as many
+// warps; shorter batches (decode) keep the shortest chain, one row per warp.
+constexpr int kHalfWarpMinRowsPerSm = 32;
+
+// The row layout of a v2 launch: `kernel` is v2 (automatic), v2_whole_warp or v2_half_warp.
+V2Shape v2_shape(const RouteProblem& p, RouteKernel kernel) {
+  bool half = kernel == RouteKernel::v2_half_warp;
+  if (kernel == RouteKernel::v2) {
+    const int sm_count = device_properties(p.logits.device().index).sm_count;
+    half = half_warp_fits(p) && !v2_switches().off_half_warp &&
+           p.num_tokens >= static_cast<int64_t>(kHalfWarpMinRowsPerSm) * sm_count;
+  }
+  const int row_lanes = half ? kLanes / 2 : kLanes;
+  return {row_lanes, v2_experts_per_lane(p.num_experts, row_lanes)};
+}
+
+// v2, for a problem v2_declines() accepts (and half_warp_fits() for half-warp rows).
+void route_v2(const RouteProblem& p, V2Shape shape) {
+  const Mode mode = mode_of(p);
+  const Layout layout = p.logits.dtype() == DType::f32    ? v2_layout<LogitsF32>(shape, mode)
+                        : p.logits.dtype() == DType::bf16 ? v2_layout<LogitsBf16>(shape, mode)
+                                                          : v2_layout<LogitsF16>(shape, mode);
+  RouteArgs a = common_args(p, layout.v);
+  if (p.num_groups > 1) {
+    a.group_register_lanes = a.experts_per_group / shape.experts_per_lane;
+    a.group_lanes_log2 = log2_of(a.group_register_lanes);
+  }
+  // Softmax by p stages the denominator's terms: one float per expert slot of the warp's rows.
+  const size_t scratch_bytes =
+      mode == Mode::softmax_by_prob
+          ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * kWarpsPerBlock
+          : 0;
+  const int rows_per_warp = kLanes / shape.row_lanes;
+  launch_rows(p, layout.kernel, scratch_bytes, a, rows_per_warp);
+}
+
+RouteKernel automatic_kernel(const RouteProblem& p) {
+  return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
+}
+
+}  // namespace route_detail
+
+std::string route_supports(const RouteProblem& p) {
+  if (!p.logits.device().is_gpu())
+    return "tensors are on " + p.logits.device().str() + ", not on a GPU";
+  auto inner = [](const char* name, int64_t stride) {
+    return std::string(name) + " rows are not contiguous (inner stride " + std::to_string(stride) +
+           ")";
+  };
+  if (p.num_experts > 1 && p.logits.stride(1) != 1) return inner("logits", p.logits.stride(1));
+  if (p.topk > 1 && p.weights.stride(1) != 1) return inner("weights", p.weights.stride(1));
+  if (p.topk > 1 && p.ids.stride(1) != 1) return inner("ids", p.ids.stride(1));
+  if (p.has_bias() && p.num_experts > 1 && p.bias.stride(0) != 1)
+    return "bias is not contiguous (stride " + std::to_string(p.bias.stride(0)) + ")";
+  return "";
+}
+
+std::string route_v2_declines(const RouteProblem& p) { return route_detail::v2_declines(p); }
+
+std::string route_kernel_name(const RouteProblem& p) {
+  namespace detail = route_detail;
+  if (detail::automatic_kernel(p) == RouteKernel::v1) {
+    const std::string why = detail::v2_declines(p);
+    return "v1 (" + (why.empty() ? std::string("v2 switched off by the environment") : why) + ")";
+  }
+  const detail::V2Shape shape = detail::v2_shape(p, RouteKernel::v2);
+  std::string name = "v2 " + std::string(detail::mode_name(detail::mode_of(p))) + ", " +
+                     std::to_string(shape.experts_per_lane) + " experts per lane, " +
+                     (shape.row_lanes == kLanes ? "1 row" : "2 rows") + " per warp";
+  if (p.num_groups > 1) name += ", grouped";
+  return name;
+}
+
+void route_with_kernel(const RouteProblem& p, RouteKernel kernel) {
+  if (p.num_tokens == 0) return;
+  if (kernel == RouteKernel::automatic) kernel = route_detail::automatic_kernel(p);
+  if (kernel == RouteKernel::v1) return route_detail::route_v1(p);
+  const std::string why = route_detail::v2_declines(p);
+  if (!why.empty()) fail("route", "kernel", "v2", "does not serve this problem: " + why);
+  if (kernel == RouteKernel::v2_half_warp && !route_detail::half_warp_fits(p))
+    fail("route", "kernel", "v2_half_warp",
+         "does not serve this problem (E <= 256, K <= 32 and whole-lane groups only)");
+  route_detail::route_v2(p, route_detail::v2_shape(p, kernel));
+}
+
+bool route_v2_half_warp_fits(const RouteProblem& p) { return route_detail::half_warp_fits(p); }
+
+void route(const RouteProblem& p) { route_with_kernel(p, RouteKernel::automatic); }
 
 }  // namespace moekit::gpu

@@ -1,7 +1,8 @@
 // GPU routing against the reference: the model table and randomized shapes (every scoring, dtype,
 // group shape, shared slots, padding, strided and misaligned rows), bitwise determinism, and CUDA
-// graph capture (which also shows that route never synchronizes with the host). Every test skips
-// on a machine without a GPU.
+// graph capture (which also shows that route never synchronizes with the host); the v2 kernels
+// at every decode size of every model row and against v1 on the same inputs. Every test skips on a
+// machine without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <random>
 #include <string>
@@ -17,12 +19,14 @@
 
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
+#include "gpu/route_gpu_kernels.cuh"
 #include "gpu/vendor.h"
 #include "moekit/backend.h"
 #include "moekit/error.h"
 #include "moekit/ops/route.h"
 #include "moekit/route_harness.h"
 #include "moekit/tensor.h"
+#include "ops/route_problem.h"
 
 namespace moekit {
 namespace {
@@ -433,6 +437,258 @@ TEST(GpuRoute, DeclinesWhatItCannotServe) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("inner stride 2"), std::string::npos) << e.what();
   }
+}
+
+// ---- v2 (src/gpu/route_gpu_v2.cuh): reaches every model row at decode sizes, agrees with v1.
+
+// Whether the environment turned v2 off (MOEKIT_GPU_ROUTE_V1 / MOEKIT_GPU_ROUTE_V2_OFF): then the
+// tests still compare results but do not insist that v2 ran.
+bool v2_switched_off_by_environment() {
+  const char* v1 = std::getenv("MOEKIT_GPU_ROUTE_V1");
+  const char* off = std::getenv("MOEKIT_GPU_ROUTE_V2_OFF");
+  return (v1 != nullptr && std::string(v1) == "1") || (off != nullptr && off[0] != '\0');
+}
+
+// The validated problem of a case whose tensors are on the device.
+RouteProblem device_problem(const RouteCase& c, const DeviceCase& d, cudaStream_t stream) {
+  return make_route_problem("route", d.logits, d.bias_view(), c.config, d.weights, d.ids,
+                            on_gpu(stream));
+}
+
+RouteOutputs run_kernel(const RouteCase& c, const RouteInputs& in, const Placement& place,
+                        cudaStream_t stream, gpu::RouteKernel kernel) {
+  const DeviceCase d = upload(c, in, place);
+  gpu::route_with_kernel(device_problem(c, d, stream), kernel);
+  gpu::synchronize(stream);
+  return download(c, d);
+}
+
+// Compares `got` with `want` (the reference or another kernel) and reports `what` on failure.
+bool expect_agreement(const RouteCase& c, const RouteInputs& in, const RouteOutputs& want,
+                      const RouteOutputs& got, const std::string& what) {
+  const harness::Comparison cmp = harness::compare_with_reference(c, in, want, got);
+  EXPECT_TRUE(cmp.pass) << describe(c) << " [" << what << "]: " << cmp.first_problem
+                        << " (max weight error " << cmp.max_weight_error << ", "
+                        << cmp.id_differences << " id differences, " << cmp.near_tie_differences
+                        << " near-ties, " << cmp.invalid_rows << " invalid rows)";
+  return cmp.pass;
+}
+
+TEST(GpuRouteV2, ServesEveryModelRowAtEveryDecodeSize) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("ServesEveryModelRowAtEveryDecodeSize: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  const bool insist_on_v2 = !v2_switched_off_by_environment();
+  uint64_t n = 0;
+  int failures = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (int64_t tokens = 1; tokens <= 64; ++tokens) {
+      RouteCase c = model_case(model, tokens, kAllKinds[tokens % std::size(kAllKinds)], DType::bf16,
+                               seed + n++);
+      const RouteInputs in = harness::make_inputs(c);
+      const DeviceCase d = upload(c, in, {});
+      const RouteProblem problem = device_problem(c, d, stream.get());
+      if (insist_on_v2 && tokens == 1) {
+        const std::string name = gpu::route_kernel_name(problem);
+        EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << " is served by " << name;
+      }
+      gpu::route_with_kernel(problem, gpu::RouteKernel::automatic);
+      gpu::synchronize(stream.get());
+      failures += !expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
+                                    "automatic vs reference");
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+}
+
+// Whether v2's two-rows-per-warp layout serves the case.
+bool half_warp_fits(RouteCase c) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs out = harness::make_poisoned_outputs(c);
+  const RouteProblem p =
+      make_route_problem("route", in.logits, in.bias_view(), c.config, out.weights, out.ids, {});
+  return gpu::route_v2_declines(p).empty() && gpu::route_v2_half_warp_fits(p);
+}
+
+// v1 and v2 (one row per warp, and two where that fits) on the same device inputs: each against
+// the reference, and v2 against v1 (the same ids up to near-ties, weights within 1e-6).
+bool compare_v1_v2(RouteCase& c, const Placement& place, cudaStream_t stream) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs ref = harness::run_reference(c, in);
+  const RouteOutputs v1 = run_kernel(c, in, place, stream, gpu::RouteKernel::v1);
+  bool pass = expect_agreement(c, in, ref, v1, "v1 vs reference, " + describe(place));
+  std::vector<gpu::RouteKernel> kernels = {gpu::RouteKernel::v2_whole_warp};
+  if (half_warp_fits(c)) kernels.push_back(gpu::RouteKernel::v2_half_warp);
+  for (gpu::RouteKernel kernel : kernels) {
+    const std::string name =
+        kernel == gpu::RouteKernel::v2_whole_warp ? "v2 (1 row per warp)" : "v2 (2 rows per warp)";
+    const RouteOutputs v2 = run_kernel(c, in, place, stream, kernel);
+    pass = expect_agreement(c, in, ref, v2, name + " vs reference, " + describe(place)) && pass;
+    pass = expect_agreement(c, in, v1, v2, name + " vs v1, " + describe(place)) && pass;
+  }
+  return pass;
+}
+
+TEST(GpuRouteV2, AgreesWithV1OnModelRows) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("AgreesWithV1OnModelRows: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+      for (int64_t tokens : {1, 7, 64, 1031}) {
+        for (InputKind kind : kAllKinds) {
+          RouteCase c = model_case(model, tokens, kind, dtype, seed + n++);
+          failures += !compare_v1_v2(c, {}, stream.get());
+        }
+      }
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+}
+
+TEST(GpuRouteV2, AgreesWithV1OnRandomShapes) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("AgreesWithV1OnRandomShapes: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int compared = 0, failures = 0;
+  for (int i = 0; i < 3000 && compared < 400 && failures < 20; ++i) {
+    RouteCase c = random_case(rng, rng());
+    if (c.tokens == 0) continue;
+    // Only the problems v2 serves (softmax without softcap or sigmoid, E <= 512, whole-lane
+    // groups); the validity of the problem comes from the front end.
+    const RouteInputs probe_inputs = harness::make_inputs(c);
+    const RouteOutputs probe_outputs = harness::make_poisoned_outputs(c);
+    const RouteProblem probe =
+        make_route_problem("route", probe_inputs.logits, probe_inputs.bias_view(), c.config,
+                           probe_outputs.weights, probe_outputs.ids, {});
+    if (!gpu::route_v2_declines(probe).empty()) continue;
+    Placement place;
+    if (rng() % 3 == 0) place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);  // misaligned
+    if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+    ++compared;
+    failures += !compare_v1_v2(c, place, stream.get());
+  }
+  std::printf("compared %d random problems that v2 serves\n", compared);
+  EXPECT_GE(compared, 100);
+}
+
+// Two rows per warp: every row count around the block and grid boundaries (odd counts leave a
+// warp half filled), padding rows beside valid ones, and the automatic choice for long batches.
+TEST(GpuRouteV2, TwoRowsPerWarpAtEveryRowCount) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("TwoRowsPerWarpAtEveryRowCount: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (int64_t tokens : {1, 2, 3, 7, 8, 9, 15, 17, 33, 257}) {
+      RouteCase c =
+          model_case(model, tokens, kAllKinds[n % std::size(kAllKinds)], DType::bf16, seed + n);
+      ++n;
+      if (!half_warp_fits(c)) continue;
+      const RouteInputs in = harness::make_inputs(c);
+      failures += !expect_agreement(
+          c, in, harness::run_reference(c, in),
+          run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v2_half_warp), "2 rows per warp");
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+  if (v2_switched_off_by_environment()) return;
+  // A prefill batch of a model that fits takes two rows per warp.
+  RouteCase c = model_case(harness::model_table()[5], 16384, InputKind::random, DType::bf16, 1);
+  const RouteInputs in = harness::make_inputs(c);
+  const DeviceCase d = upload(c, in, {});
+  const std::string name = gpu::route_kernel_name(device_problem(c, d, stream.get()));
+  EXPECT_NE(name.find("2 rows per warp"), std::string::npos) << name;
+}
+
+// Sigmoid below its fast range (x < -87.3, where 1 + exp(-x) >= 2^126 and the sigmoid is
+// subnormal), -inf and NaN: the path v2 takes only there.
+TEST(GpuRouteV2, SigmoidOfVeryNegativeLogits) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("SigmoidOfVeryNegativeLogits: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  // Between -88.6 and -87.4: 1 + exp(-x) in [2^126, 2^128), below exp's overflow at 88.72.
+  std::uniform_real_distribution<float> tail(-88.6f, -87.4f);
+  for (int num_experts : {160, 256, 384}) {
+    for (bool has_bias : {false, true}) {
+      for (bool renormalize : {true, false}) {
+        RouteCase c;
+        c.label = "sigmoid tail";
+        c.seed = seed;
+        c.num_experts = num_experts;
+        c.tokens = 37;
+        c.logits_dtype = DType::f32;  // bf16 would round the tail to three values
+        c.has_bias = has_bias;
+        c.config.topk = 8;
+        c.config.scoring = Scoring::sigmoid;
+        c.config.renormalize = renormalize;
+        RouteInputs in = harness::make_inputs(c);
+        for (int64_t t = 0; t < c.tokens; ++t) {
+          for (int e = 0; e < num_experts; ++e) {
+            float v = tail(rng);
+            if (rng() % 17 == 0) v = -std::numeric_limits<float>::infinity();
+            if (rng() % 23 == 0) v = std::numeric_limits<float>::quiet_NaN();
+            if (t % 4 == 0 && rng() % 8 == 0) v = 2.0f;  // some rows with ordinary experts too
+            store_from_f32(in.logits.data(), c.logits_dtype, t * num_experts + e, v);
+          }
+        }
+        const RouteOutputs v1 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v1);
+        const RouteOutputs ref = harness::run_reference(c, in);
+        for (gpu::RouteKernel kernel :
+             {gpu::RouteKernel::v2_whole_warp, gpu::RouteKernel::v2_half_warp}) {
+          if (kernel == gpu::RouteKernel::v2_half_warp && num_experts > 256) continue;
+          const RouteOutputs v2 = run_kernel(c, in, {}, stream.get(), kernel);
+          expect_agreement(c, in, ref, v2, "v2 vs reference");
+          expect_agreement(c, in, v1, v2, "v2 vs v1");
+        }
+      }
+    }
+  }
+}
+
+TEST(GpuRouteV2, DeclinesWhatItDoesNotServe) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  auto problem_for = [&](RouteCase c) {
+    const RouteInputs in = harness::make_inputs(c);
+    const RouteOutputs out = harness::make_poisoned_outputs(c);
+    return make_route_problem("route", in.logits, in.bias_view(), c.config, out.weights, out.ids,
+                              {});
+  };
+  RouteCase c = model_case(harness::model_table()[3], 4, InputKind::random, DType::bf16, 1);
+  EXPECT_EQ(gpu::route_v2_declines(problem_for(c)), "");
+  RouteCase wide = c;
+  wide.num_experts = 896;
+  EXPECT_NE(gpu::route_v2_declines(problem_for(wide)).find("E=896"), std::string::npos);
+  RouteCase capped = c;
+  capped.config.softcap = 30.0f;
+  EXPECT_NE(gpu::route_v2_declines(problem_for(capped)).find("softcap"), std::string::npos);
+  RouteCase odd_groups = c;  // 160 experts in 10 groups of 16: groups straddle 5-expert lanes
+  odd_groups.num_experts = 160;
+  odd_groups.config.num_groups = 10;
+  odd_groups.config.topk_groups = 4;
+  EXPECT_NE(gpu::route_v2_declines(problem_for(odd_groups)).find("whole runs of lanes"),
+            std::string::npos);
+  // Asking for v2 where it does not serve throws rather than running something else.
+  const RouteInputs in = harness::make_inputs(capped);
+  const DeviceCase d = upload(capped, in, {});
+  EXPECT_THROW(
+      gpu::route_with_kernel(device_problem(capped, d, stream.get()), gpu::RouteKernel::v2), Error);
 }
 
 TEST(GpuRuntime, DescribesDeviceAndTimes) {

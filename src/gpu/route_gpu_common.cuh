@@ -1,0 +1,244 @@
+// Shared by the GPU routing kernels (route_gpu.cu: v1, route_gpu_v2.cuh: v2): launch arguments,
+// scalar math written as the reference writes it, order-preserving keys, loads and stores, and the
+// group helpers. Device code for route_gpu.cu only (one translation unit).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "gpu/vendor.h"
+
+namespace moekit::gpu::route_detail {
+
+constexpr int kWarpsPerBlock = 4;  // rows per block: small blocks keep decode launches cheap
+constexpr int kThreadsPerBlock = kWarpsPerBlock * kLanes;
+constexpr int kMaxGroups = 64;
+constexpr int kBlocksPerSm = 16;  // grid cap: past it warps take several rows (grid stride)
+constexpr uint32_t kNoKey = 0;    // removed, dropped or absent: below key(-inf) = 0x007fffff
+constexpr uint32_t kNoId = 0xffffffffu;
+
+enum class Mode : int {
+  softmax_by_logit,  // softmax, renormalize, G == 1: rank by z, one exp per slot
+  softmax_by_prob,   // other softmax cases: rank by p (v1; v2 ranks by z, see route_gpu_v2.cuh)
+  sigmoid,
+  sqrt_softplus,
+};
+
+// Bias storage types, as the kernel sees them.
+enum class BiasType : int { none, f32, f16, bf16 };
+
+// Everything a launch needs, by value (no pointers to host memory: graph-capturable).
+struct RouteArgs {
+  const void* logits;
+  int64_t logits_row_stride;  // elements
+  const void* bias;
+  BiasType bias_type;
+  float* weights;
+  int64_t weights_row_stride;
+  void* ids;
+  int64_t ids_row_stride;
+  bool ids_i64;
+  int64_t num_tokens;
+  int64_t num_valid_tokens;
+  int num_experts;
+  int topk;
+  int num_routed;
+  int num_groups;
+  int topk_groups;
+  int experts_per_group;
+  uint64_t group_magic;      // e / experts_per_group == (e * group_magic) >> 32 for e, EPG <= 2048
+  int group_register_lanes;  // > 0: each group is this many whole lanes, no scratch
+  int group_scan_lanes;      // else: lanes that scan one group's keys from shared memory together,
+  int group_scan_per_lane;   //   keys per lane of that scan,
+  int group_scan_step;       //   and groups per pass of the row's lanes
+  int group_lanes_log2;      // v2: log2 of group_register_lanes (v2 serves only whole-lane groups)
+  bool group_top2_sum;
+  Mode mode;
+  float softcap;
+  bool renormalize;
+  float routed_scaling_factor;
+  bool apply_scaling_on_output;
+  bool logits_bf16;          // 16-bit logits: bf16 (else f16)
+  bool logits_vector_loads;  // rows (and the pointer) are aligned for the chunk's vector load
+  bool bias_vector_loads;
+};
+
+// ---- Scalar math, written as the reference writes it (separate roundings, accurate functions).
+
+__device__ __forceinline__ float nan_to_neg_inf(float v) { return isnan(v) ? -INFINITY : v; }
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float sqrt_softplus(float x) {
+  if (x == INFINITY) x = FLT_MAX;
+  const float softplus = x > 20.0f ? x : log1pf(expf(x));
+  return sqrtf(softplus);
+}
+
+// The weight source of sigmoid / sqrtsoftplus scoring (bias-free).
+__device__ __forceinline__ float activate(Mode mode, float x) {
+  const float v = nan_to_neg_inf(x);
+  return mode == Mode::sigmoid ? sigmoid(v) : sqrt_softplus(v);
+}
+
+// c * tanh(v / c), with the tanh taken in double and rounded once: tanhf's 2-ulp error, scaled
+// by c (often 30), would move z by ~1e-5; rounded from double it is the host libm's correctly
+// rounded value. Out of line: softcap is rare, and inlined per expert it would cost registers.
+__device__ __noinline__ float softcap_logit(float v, float softcap) {
+  const float t = static_cast<float>(tanh(static_cast<double>(__fdiv_rn(v, softcap))));
+  return __fmul_rn(softcap, t);
+}
+
+// Softmax's z: softcap first, then bias; NaN (in the logit or made by the bias) is -inf. A NaN
+// logit stays NaN through tanh, the products and the sum, so testing v alone is enough.
+__device__ __forceinline__ float softmax_logit(float x, float bias, float softcap) {
+  const float v = softcap > 0.0f ? softcap_logit(x, softcap) : x;
+  return nan_to_neg_inf(__fadd_rn(v, bias));
+}
+
+// Order-preserving map of a non-NaN f32 to u32: key(-inf) = 0x007fffff. (-0 ranks just below +0;
+// both are 0 to the reference, so either order is a tie it accepts.)
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  // Butterfly: every lane adds the same pairs (a + b == b + a), so all lanes get the same bits.
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) v += vendor::shfl_xor(v, mask);
+  return v;
+}
+
+// ---- Loads.
+
+// Storage types of logits and bias. 16-bit storage is f16 or bf16, told apart at run time (a
+// warp-uniform select per element), which halves the kernel instances.
+struct F32 {
+  using Storage = float;
+  static __device__ __forceinline__ float from_bits(uint32_t bits, bool /*is_bf16*/) {
+    return __uint_as_float(bits);
+  }
+};
+struct Bits16 {
+  using Storage = uint16_t;
+  static __device__ __forceinline__ float from_bits(uint32_t bits, bool is_bf16) {
+    return is_bf16 ? __uint_as_float(bits << 16)
+                   : vendor::half_bits_to_float(static_cast<uint16_t>(bits));
+  }
+};
+
+template <class Type>
+__device__ __forceinline__ float load_one(const void* base, int64_t index, bool is_bf16) {
+  using S = typename Type::Storage;
+  const S* p = static_cast<const S*>(base) + index;
+  if constexpr (sizeof(S) == 4)
+    return Type::from_bits(__float_as_uint(__ldg(reinterpret_cast<const float*>(p))), is_bf16);
+  else
+    return Type::from_bits(__ldg(reinterpret_cast<const unsigned short*>(p)), is_bf16);
+}
+
+// Loads kV consecutive elements starting at element `first` of `base` (an element index of a
+// chunk-aligned position) as f32; elements at or past `count` read as 0. One or two vector loads
+// when `vector_ok` and the chunk is whole, else element by element.
+template <class Type, int kV>
+__device__ __forceinline__ void load_chunk(const void* base, int64_t first, int count,
+                                           bool vector_ok, bool is_bf16, float (&out)[kV]) {
+  using S = typename Type::Storage;
+  constexpr int kBytes = kV * static_cast<int>(sizeof(S));
+  if (vector_ok && count >= kV) {
+    const char* p = static_cast<const char*>(base) + first * static_cast<int64_t>(sizeof(S));
+    uint32_t words[kBytes / 4];
+    if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+      for (int i = 0; i < kBytes / 16; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
+      }
+    } else if constexpr (kBytes == 8) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      words[0] = v.x, words[1] = v.y;
+    } else {
+      static_assert(kBytes == 4, "chunks are 4, 8 or a multiple of 16 bytes");
+      words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+    }
+    if constexpr (sizeof(S) == 4) {
+#pragma unroll
+      for (int j = 0; j < kV; ++j) out[j] = Type::from_bits(words[j], false);
+    } else if (is_bf16) {  // warp-uniform: one branch per chunk, not a select per element
+#pragma unroll
+      for (int j = 0; j < kV; ++j)
+        out[j] = __uint_as_float(j % 2 ? words[j / 2] & 0xffff0000u : words[j / 2] << 16);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kV; ++j)
+        out[j] = vendor::half_bits_to_float(static_cast<uint16_t>(words[j / 2] >> (16 * (j % 2))));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kV; ++j)
+      out[j] = j < count ? load_one<Type>(base, first + j, is_bf16) : 0.0f;
+  }
+}
+
+template <int kV>
+__device__ __forceinline__ void load_bias_chunk(const RouteArgs& a, int64_t first, int count,
+                                                float (&out)[kV]) {
+  switch (a.bias_type) {
+    case BiasType::f32:
+      load_chunk<F32, kV>(a.bias, first, count, a.bias_vector_loads, false, out);
+      break;
+    case BiasType::f16:
+    case BiasType::bf16:
+      load_chunk<Bits16, kV>(a.bias, first, count, a.bias_vector_loads,
+                             a.bias_type == BiasType::bf16, out);
+      break;
+    case BiasType::none:
+#pragma unroll
+      for (int j = 0; j < kV; ++j) out[j] = 0.0f;
+      break;
+  }
+}
+
+// ---- Stores.
+
+__device__ __forceinline__ void store_slot(const RouteArgs& a, int64_t row, int slot, float weight,
+                                           int64_t id) {
+  a.weights[row * a.weights_row_stride + slot] = weight;
+  if (a.ids_i64)
+    static_cast<int64_t*>(a.ids)[row * a.ids_row_stride + slot] = id;
+  else
+    static_cast<int32_t*>(a.ids)[row * a.ids_row_stride + slot] = static_cast<int32_t>(id);
+}
+
+// ---- Groups.
+
+// Merges the (first, second) largest keys of the lanes `lanes` apart within aligned runs of `run`
+// lanes (run a power of two), so that every lane of a run ends with the run's top two.
+__device__ __forceinline__ void merge_top2(uint32_t& first, uint32_t& second, int run) {
+  for (int offset = 1; offset < run; offset <<= 1) {
+    const uint32_t other_first = vendor::shfl_xor(first, offset);
+    const uint32_t other_second = vendor::shfl_xor(second, offset);
+    second = max(min(first, other_first), max(second, other_second));
+    first = max(first, other_first);
+  }
+}
+
+__device__ __forceinline__ void add_to_top2(uint32_t key, uint32_t& first, uint32_t& second) {
+  second = max(second, min(first, key));
+  first = max(first, key);
+}
+
+// The group's score from its two largest selection keys (every group has >= 1 expert, and >= 2
+// when top2_sum applies). NaN (e.g. inf + -inf) ranks with the lowest.
+__device__ __forceinline__ float group_score(const RouteArgs& a, uint32_t first, uint32_t second) {
+  float score = key_value(first);
+  if (a.group_top2_sum && a.experts_per_group >= 2) score = score + key_value(second);
+  return nan_to_neg_inf(score);
+}
+
+}  // namespace moekit::gpu::route_detail
