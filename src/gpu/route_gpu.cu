@@ -673,12 +673,20 @@ void route_v1(const RouteProblem& p) {
 // warps; shorter batches (decode) keep the shortest chain, one row per warp.
 constexpr int kHalfWarpMinRowsPerSm = 32;
 
+// Where two rows per warp pays (H200, docs/perf/routing.md v2): ungrouped rows of 8 experts per
+// half-warp lane (E = 113..128: Qwen3's 128 experts, 16384 tokens 13.1 -> 12.2 us). With fewer
+// experts per lane the pairing costs more than it saves (E=64: 8.0 -> 11.4 us at 8192 tokens),
+// with 16 (E=256) the kernel spills (Qwen3.5 9.0 -> 11.2 us, DeepSeek-V3 13.7 -> 15.4 us).
+bool half_warp_pays(const RouteProblem& p) {
+  return p.num_groups <= 1 && v2_experts_per_lane(p.num_experts, kLanes / 2) == 8;
+}
+
 // The row layout of a v2 launch: `kernel` is v2 (automatic), v2_whole_warp or v2_half_warp.
 V2Shape v2_shape(const RouteProblem& p, RouteKernel kernel) {
   bool half = kernel == RouteKernel::v2_half_warp;
   if (kernel == RouteKernel::v2) {
     const int sm_count = device_properties(p.logits.device().index).sm_count;
-    half = half_warp_fits(p) && !v2_switches().off_half_warp &&
+    half = half_warp_fits(p) && half_warp_pays(p) && !v2_switches().off_half_warp &&
            p.num_tokens >= static_cast<int64_t>(kHalfWarpMinRowsPerSm) * sm_count;
   }
   const int row_lanes = half ? kLanes / 2 : kLanes;

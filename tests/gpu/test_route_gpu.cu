@@ -605,12 +605,17 @@ TEST(GpuRouteV2, TwoRowsPerWarpAtEveryRowCount) {
     if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
   }
   if (v2_switched_off_by_environment()) return;
-  // A prefill batch of a model that fits takes two rows per warp.
-  RouteCase c = model_case(harness::model_table()[5], 16384, InputKind::random, DType::bf16, 1);
-  const RouteInputs in = harness::make_inputs(c);
-  const DeviceCase d = upload(c, in, {});
-  const std::string name = gpu::route_kernel_name(device_problem(c, d, stream.get()));
-  EXPECT_NE(name.find("2 rows per warp"), std::string::npos) << name;
+  // A prefill batch of 128 experts takes two rows per warp; 256 experts (measured slower that
+  // way) and grouped rows keep one.
+  for (int row : {3, 5, 8}) {
+    const harness::ModelRow& model = harness::model_table()[static_cast<size_t>(row)];
+    RouteCase c = model_case(model, 16384, InputKind::random, DType::bf16, 1);
+    const RouteInputs in = harness::make_inputs(c);
+    const DeviceCase d = upload(c, in, {});
+    const std::string name = gpu::route_kernel_name(device_problem(c, d, stream.get()));
+    const bool pairs = name.find("2 rows per warp") != std::string::npos;
+    EXPECT_EQ(pairs, model.num_experts == 128) << model.name << ": " << name;
+  }
 }
 
 // Sigmoid below its fast range (x < -87.3, where 1 + exp(-x) >= 2^126 and the sigmoid is
