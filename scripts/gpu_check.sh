@@ -133,6 +133,17 @@ else
   note "moekit check not run: no CLI with a check command"
 fi
 
+step "FP8 CLI commands: --backend gpu against --backend cpu (tests/gpu/cli_fp8_gpu_check.py)"
+if [[ -x $CLI ]] && python3 -c 'import torch, safetensors' 2>/dev/null; then
+  if timeout 120 python3 tests/gpu/cli_fp8_gpu_check.py "$CLI"; then
+    note "FP8 CLI on the GPU: passed"
+  else
+    note "FP8 CLI on the GPU: FAILED"
+  fi
+else
+  note "FP8 CLI check not run (no CLI, or no torch/safetensors)"
+fi
+
 step "moekit bench --backend gpu --json"
 BENCH=$OUT/bench_gpu.json
 if [[ -x $CLI ]] && "$CLI" --help 2>&1 | grep -q bench; then

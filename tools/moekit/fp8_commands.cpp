@@ -23,6 +23,32 @@ OpOptions op_options(const Fp8CommonFlags& flags) {
   return o;
 }
 
+// With --backend gpu the op runs on device copies of the inputs and its outputs come back to the
+// host before they are written; other backends use the mapped file as is.
+struct Staged {
+  std::optional<Tensor> copy;
+  TensorView view;
+};
+Staged stage(const TensorView& t, const OpOptions& options) {
+  if (options.backend != Backend::gpu) return {std::nullopt, t};
+  Tensor copy = Tensor::copy_of(t, Device::gpu());
+  const TensorView view = copy.view();
+  return {std::move(copy), view};
+}
+// A host output, and where the op writes it (itself, or a device copy that starts equal to it).
+struct Output {
+  Tensor host;
+  std::optional<Tensor> device;
+  TensorView target() const { return device ? device->view() : host.view(); }
+  // What the op wrote, on the host (a copy either way: outputs are small next to the inputs).
+  Tensor result() const { return Tensor::copy_of(target(), Device::cpu()); }
+};
+Output output(Tensor host, const OpOptions& options) {
+  Output o{std::move(host), std::nullopt};
+  if (options.backend == Backend::gpu) o.device = Tensor::copy_of(o.host.view(), Device::gpu());
+  return o;
+}
+
 TensorView require(const char* op, const SafetensorsFile& file, const std::string& name) {
   if (!file.contains(name))
     fail(op, "--input", file.path(), "has no tensor named \"" + name + "\"");
@@ -61,12 +87,15 @@ int run_quant(const QuantOptions& flags) {
   require_2d("quant", "x", x, "[M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   const ScaleStorage storage = group_quant_scale_storage(M, K, config);
-  Tensor q = Tensor::empty(DType::f8e4m3, {M, K});
-  Tensor scales = Tensor::empty(storage.dtype, {storage.shape[0], storage.shape[1]});
+  Tensor zeroed = Tensor::empty(storage.dtype, {storage.shape[0], storage.shape[1]});
   // The TMA-aligned layouts leave their padding rows untouched: write zeros there, not garbage.
-  if (scales.nbytes() > 0) std::memset(scales.data(), 0, scales.nbytes());
-  per_token_group_quant_fp8(x, q, scales, config, options);
-  write_safetensors(flags.common.output, {{"q", q.view()}, {"scales", scales.view()}});
+  if (zeroed.nbytes() > 0) std::memset(zeroed.data(), 0, zeroed.nbytes());
+  const Staged x_in = stage(x, options);
+  const Output q = output(Tensor::empty(DType::f8e4m3, {M, K}), options);
+  const Output scales = output(std::move(zeroed), options);
+  per_token_group_quant_fp8(x_in.view, q.target(), scales.target(), config, options);
+  const Tensor q_out = q.result(), scales_out = scales.result();
+  write_safetensors(flags.common.output, {{"q", q_out.view()}, {"scales", scales_out.view()}});
   return 0;
 }
 
@@ -82,9 +111,16 @@ int run_gemm(const GemmOptions& flags) {
   if (file.contains("bias")) bias = file.get("bias");
   require_2d("gemm", "a", a, "[M, K]");
   require_2d("gemm", "b", b, "[N, K]");
-  Tensor out = Tensor::empty(out_dtype, {a.size(0), b.size(0)});
-  block_fp8_gemm(a, a_scales, ScaleLayout::row_major, b, b_scales, bias, out, options);
-  write_safetensors(flags.common.output, {{"out", out.view()}});
+  const Staged a_in = stage(a, options), as_in = stage(a_scales, options);
+  const Staged b_in = stage(b, options), bs_in = stage(b_scales, options);
+  std::optional<Staged> bias_in;
+  if (bias) bias_in = stage(*bias, options);
+  const Output out = output(Tensor::empty(out_dtype, {a.size(0), b.size(0)}), options);
+  block_fp8_gemm(a_in.view, as_in.view, ScaleLayout::row_major, b_in.view, bs_in.view,
+                 bias_in ? std::optional<TensorView>(bias_in->view) : std::nullopt, out.target(),
+                 options);
+  const Tensor result = out.result();
+  write_safetensors(flags.common.output, {{"out", result.view()}});
   return 0;
 }
 
@@ -95,12 +131,14 @@ int run_quantize_weight(const Fp8CommonFlags& flags) {
   require_2d("quantize-weight", "weight", w, "[N, K]");
   const int64_t N = w.size(0), K = w.size(1);
   constexpr int64_t kBlock = 128;
-  Tensor weight = Tensor::empty(DType::f8e4m3, {N, K});
-  Tensor scale_inv =
-      Tensor::empty(DType::f32, {(N + kBlock - 1) / kBlock, (K + kBlock - 1) / kBlock});
-  block_quantize_weight(w, weight, scale_inv, options);
+  const Staged w_in = stage(w, options);
+  const Output weight = output(Tensor::empty(DType::f8e4m3, {N, K}), options);
+  const Output scale_inv = output(
+      Tensor::empty(DType::f32, {(N + kBlock - 1) / kBlock, (K + kBlock - 1) / kBlock}), options);
+  block_quantize_weight(w_in.view, weight.target(), scale_inv.target(), options);
+  const Tensor weight_out = weight.result(), scale_inv_out = scale_inv.result();
   write_safetensors(flags.output,
-                    {{"weight", weight.view()}, {"weight_scale_inv", scale_inv.view()}});
+                    {{"weight", weight_out.view()}, {"weight_scale_inv", scale_inv_out.view()}});
   return 0;
 }
 
