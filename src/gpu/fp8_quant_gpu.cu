@@ -1,17 +1,20 @@
 // GPU FP8 quantization (spec/fp8.md): per_token_group_quant_fp8 and block_quantize_weight, with
 // bytes and scales equal to the reference's. Each value is computed as the reference computes it:
 // amax in f32 with NaN ignored (fmaxf), the scale by a true f32 division, q = e4m3(x / scale) from
-// the correctly rounded f32 quotient (never a plain reciprocal multiply: see divide_fast), rounded
-// to nearest even with saturation (vendor::e4m3x2_from_floats). Only the sign of a NaN byte may
-// differ (hardware writes 0x7f).
+// the correctly rounded f32 quotient (a plain reciprocal multiply only where it is exact, for a
+// power-of-two scale: see with_divide), rounded to nearest even with saturation
+// (vendor::e4m3x2_from_floats). Only the sign of a NaN byte may differ (hardware writes 0x7f).
 //
-// Group quantization is memory-bound. A lane takes 8 consecutive elements (one 16-byte load for
-// 16-bit x, two for f32) and the group_size / 8 lanes of a group (2..32) reduce their amax with
-// shuffles. A warp takes "units" of a row: 4 runs of 256 elements, covering at least 4 whole
-// groups, so that a packed UE8M0 word (4 groups) is assembled in shared memory and written whole
-// by one lane (no read-modify-write). The grid is a few blocks per SM and each warp walks its units
-// as a pipeline: the next unit's loads are issued before the current one is quantized, so every
-// warp always has a unit of bytes in flight.
+// Group quantization is memory-bound. A warp takes "units" of a row: 1024 elements, covering at
+// least 4 whole groups, so that a packed UE8M0 word (4 groups) is written whole by one lane (no
+// read-modify-write). The grid is a few blocks per SM and each warp walks its units as a pipeline:
+// the next unit's loads are issued before the current one is quantized, so every warp always has
+// a unit of bytes in flight. Rows of whole units with 16-byte aligned x and q rows (every model
+// shape with K a multiple of 1024) take the streaming kernel, which issues about 0.3 instructions
+// per element (bf16, group 128; the general kernel about 0.7, issue-bound on an H200); anything
+// else takes the general kernel: a lane takes 8 consecutive elements a pass (one 16-byte load for
+// 16-bit x, two for f32), the group_size / 8 lanes of a group (2..32) reduce their amax with
+// shuffles, bounds are checked per element, packed words are assembled in shared memory.
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
@@ -53,6 +56,14 @@ struct GroupQuantArgs {
   bool ue8m0;
   bool x_vectors;  // x rows allow 16-byte loads
   bool q_vectors;  // q rows allow 8-byte stores
+  // The streaming kernel's walk: each warp advances `unit_step` units (a whole grid of warps) at
+  // a time, `column_step` units along the row, or `column_step_wrapped` (< 0) when that passes
+  // the row's end (column unit >= `wrap_from`) and one more row is crossed. The byte steps of the
+  // x, q and scale pointers for either case.
+  int64_t unit_step;
+  int rounds;  // units the first warp quantizes (others as many, or one fewer)
+  int column_step, column_step_wrapped, wrap_from;
+  int64_t x_step, x_step_wrapped, q_step, q_step_wrapped, scale_step, scale_step_wrapped;
 };
 
 struct WeightQuantArgs {
@@ -125,6 +136,27 @@ __device__ __forceinline__ void decode_raw(const RawChunk<kType>& r, float (&v)[
   }
 }
 
+// max(amax, |v|) over the chunk's values, each found as decode_raw finds it but by other
+// operations (|v| straight from the bits), so that the compiler does not keep the decoded values
+// for the division that decodes them again.
+template <Wide kType>
+__device__ __forceinline__ float chunk_amax(const RawChunk<kType>& r, float amax) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kType == Wide::f32) {
+      amax = fmaxf(amax, fabsf(__uint_as_float(r.w[2 * j])));
+      amax = fmaxf(amax, fabsf(__uint_as_float(r.w[2 * j + 1])));
+    } else if constexpr (kType == Wide::bf16) {
+      amax = fmaxf(amax, fabsf(__uint_as_float(__byte_perm(r.w[j], 0u, 0x1044))));  // low << 16
+      amax = fmaxf(amax, __uint_as_float(r.w[j] & 0x7fff0000u));
+    } else {
+      amax = fmaxf(amax, vendor::half_bits_to_float(static_cast<uint16_t>(r.w[j] & 0x7fffu)));
+      amax = fmaxf(amax, vendor::half_bits_to_float(static_cast<uint16_t>(r.w[j] >> 16 & 0x7fffu)));
+    }
+  }
+  return amax;
+}
+
 template <Wide kType>
 __device__ __forceinline__ void load_chunk(const void* base, int64_t first, int64_t count,
                                            bool vectors, float (&v)[kChunk]) {
@@ -151,53 +183,96 @@ __device__ __forceinline__ float max_abs(const float (&v)[kChunk]) {
 }
 
 // x / scale, the f32 division rounded to nearest, computed as CUDA's own division (div.rn.f32)
-// computes it: a refined reciprocal r of the divisor, q = x * r, then q += (x - scale * q) * r.
+// computes it: a refined reciprocal r of the divisor, q = x * r, then q -= (scale * q - x) * r.
 // That sequence is exact whenever the operands pass its range check (FCHK, else a slow path);
 // here the divisor's half runs once per group, and the range holds by construction: a scale in
 // [2^-60, 2^60] and |x| >= 2^-80 keep x, scale and the quotient far from overflow and underflow.
-// A smaller |x| makes |x / scale| < 2^-20, whose e4m3 byte is a zero of x's sign whatever the f32
-// quotient, and x * 0 is that zero. Any other scale divides with __fdiv_rn itself.
+// A smaller |x| makes |x / scale| < 2^-20, whose e4m3 byte is a zero of x's sign; the sequence
+// then returns a value below 2^-18 of x's sign (the residual's rounding error, at most half the
+// least subnormal, times r is at most half of |x| * r), and the negated residual keeps -0 a -0
+// (-0 - r * (+0)). A scale outside the range is brought into it by a power of two, 2^100 or
+// 2^-100, and x with it: x * 2^100 is exact, and x * 2^-100 rounds only where |x / scale| < 2^-86
+// (a zero byte, of x's sign still). A power of two (every ue8m0 scale) multiplies by its
+// reciprocal, which is exact and so is the division; 0, inf and NaN multiply by 1 / scale too.
+// No path calls a division routine, which would spill a unit's values around the call.
 struct GroupDivisor {
-  float scale, reciprocal;
-  bool fast;
+  float scale;
+  bool power_of_two;  // in [2^-126, 2^126]: x * (1 / scale), the reciprocal exact, is x / scale
+  bool fast;          // in [2^-60, 2^60]: divide_fast is exact
 };
 
 __device__ __forceinline__ GroupDivisor divisor_for(float scale) {
-  const float approximate = __fdividef(1.0f, scale);  // the hardware reciprocal (rcp.approx)
+  const uint32_t bits = __float_as_uint(scale);
   GroupDivisor d;
   d.scale = scale;
-  d.reciprocal = __fmaf_rn(approximate, __fmaf_rn(approximate, -scale, 1.0f), approximate);
-  d.fast = scale >= 0x1p-60f && scale <= 0x1p60f;
+  d.power_of_two = (bits & 0x7fffffu) == 0 && bits - 0x00800000u <= 0x7e000000u;
+  d.fast = bits - 0x21800000u <= 0x5d800000u - 0x21800000u;  // 2^-60 .. 2^60 (their bits)
   return d;
 }
 
-__device__ __forceinline__ float divide_fast(float x, const GroupDivisor& d) {
-  const float q = __fmaf_rn(x, d.reciprocal, 0.0f);
-  const float corrected = __fmaf_rn(d.reciprocal, __fmaf_rn(q, -d.scale, x), q);
-  return fabsf(x) < 0x1p-80f ? x * 0.0f : corrected;
+// The refined reciprocal of a scale in [2^-60, 2^60] (CUDA's division's own: rcp.approx and one
+// Newton step).
+__device__ __forceinline__ float refined_reciprocal(float scale) {
+  const float approximate = __fdividef(1.0f, scale);
+  return __fmaf_rn(approximate, __fmaf_rn(approximate, -scale, 1.0f), approximate);
+}
+
+// x / scale for a scale in [2^-60, 2^60] and its refined reciprocal.
+__device__ __forceinline__ float divide_fast(float x, float scale, float reciprocal) {
+  const float q = __fmul_rn(x, reciprocal);
+  return __fmaf_rn(-reciprocal, __fmaf_rn(q, scale, -x), q);
+}
+
+// Four quotients as e4m3 bytes of a word, the first in the low byte.
+__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
+  return vendor::e4m3x2_from_floats(a, b) | uint32_t{vendor::e4m3x2_from_floats(c, d)} << 16;
+}
+
+// Calls body(divide) with divide(x) == x / the divisor's scale: the branch on the divisor's kind
+// is taken once for every value the body divides.
+template <class Body>
+__device__ __forceinline__ void with_divide(const GroupDivisor& d, Body&& body) {
+  const float scale = d.scale;
+  if (d.power_of_two) {
+    const float reciprocal = __uint_as_float(0x7f000000u - __float_as_uint(scale));  // exact
+    body([=](float x) { return __fmul_rn(x, reciprocal); });
+  } else if (d.fast) {
+    const float reciprocal = refined_reciprocal(scale);
+    body([=](float x) { return divide_fast(x, scale, reciprocal); });
+  } else if (scale > 0.0f && scale < INFINITY) {  // brought into the range, x with it
+    const float prescale = scale < 0x1p-60f ? 0x1p100f : 0x1p-100f;
+    const float divisor = scale * prescale, reciprocal = refined_reciprocal(divisor);
+    body([=](float x) { return divide_fast(__fmul_rn(x, prescale), divisor, reciprocal); });
+  } else {  // 0, inf or NaN (a scale is never negative): x * (1 / scale) is x / scale
+    const float reciprocal = scale == 0.0f ? INFINITY : scale == INFINITY ? 0.0f : scale;
+    body([=](float x) { return __fmul_rn(x, reciprocal); });
+  }
 }
 
 // e4m3(v / scale) for the 8 values, true divisions, as two words of bytes.
 __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const GroupDivisor& d,
                                                uint32_t& lo, uint32_t& hi) {
-  float q[kChunk];
-  if (d.fast) {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) q[j] = divide_fast(v[j], d);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) q[j] = __fdiv_rn(v[j], d.scale);
-  }
-  uint32_t pairs[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) pairs[j] = vendor::e4m3x2_from_floats(q[2 * j], q[2 * j + 1]);
-  lo = pairs[0] | (pairs[1] << 16);
-  hi = pairs[2] | (pairs[3] << 16);
+  with_divide(d, [&](auto divide) {
+    lo = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+    hi = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+  });
+}
+
+// amax / 448 rounded to nearest f32 (amax >= 0), without a division routine: in f64, a * RN(1/448)
+// corrected by its residual is a / 448 rounded to f64 (Markstein: exact for any f32 a, far from
+// f64's limits), and rounding that to f32 gives the f32 quotient (double rounding is innocuous
+// for a quotient of f32 numbers since 53 >= 2 * 24 + 2). The correction of inf would be NaN.
+__device__ __forceinline__ float divide_by_e4m3_max(float amax) {
+  constexpr double kReciprocal = 1.0 / static_cast<double>(kFp8E4m3Max);
+  const double a = amax;
+  const double q = __dmul_rn(a, kReciprocal);
+  const double quotient = __fma_rn(-kReciprocal, __fma_rn(q, kFp8E4m3Max, -a), q);
+  return amax == INFINITY ? amax : __double2float_rn(quotient);
 }
 
 // Steps 1-2 of the contract, exactly as reference::group_scale.
 __device__ __forceinline__ float group_scale(float amax, float eps, bool ue8m0) {
-  const float scale = __fdiv_rn(fmaxf(amax, eps), kFp8E4m3Max);
+  const float scale = divide_by_e4m3_max(fmaxf(amax, eps));
   if (!ue8m0) return scale;
   const uint32_t bits = __float_as_uint(scale);
   const uint32_t exponent = bits >> 23, mantissa = bits & 0x7fffffu;
@@ -281,21 +356,164 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
   }
 }
 
-using GroupQuantKernel = void (*)(GroupQuantArgs);
+// ---- per_token_group_quant_fp8 over whole units (rows of multiples of 1024 elements, x and q
+// rows 16-byte aligned): the same units, walked with fewer instructions per element. A lane takes
+// 4 chunks of ONE group (two groups of 16 for the smallest size), so a group's amax needs fewer
+// shuffles, and its scale and divisor are computed once per 32 (16) elements instead of 8: the
+// group's kGroupSize / 32 lanes take its chunks in turn (lane t of a group of 128: chunks t, t + 4,
+// t + 8, t + 12), so each 16-byte load instruction still reads whole 32-byte sectors. Each warp
+// walks its units with pointer increments (no division), two buffers of raw chunks alternating:
+// the next unit's loads are issued before the current one is quantized. Packed exponent words are
+// assembled with shuffles.
+
+constexpr int kLaneChunks = kUnitElements / (kLanes * kChunk);  // 4 chunks a lane per unit
+
+// Blocks per SM the streaming kernel is compiled for (registers): 16-bit x keeps two units of raw
+// chunks (32 registers) in 64; f32 x has twice the bytes.
+template <Wide kType>
+constexpr int kStreamBlocksPerSm = kType == Wide::f32 ? 2 : kQuantBlocksPerSm;
 
 template <Wide kType>
-GroupQuantKernel group_quant_kernel_for(int group_size) {
+__device__ __forceinline__ RawChunk<kType> load_aligned_chunk(const void* chunk) {
+  RawChunk<kType> r;
+  constexpr int kVectors = sizeof(r.w) / sizeof(uint4);
+#pragma unroll
+  for (int i = 0; i < kVectors; ++i) {
+    const uint4 v = __ldg(static_cast<const uint4*>(chunk) + i);
+    r.w[4 * i] = v.x, r.w[4 * i + 1] = v.y, r.w[4 * i + 2] = v.z, r.w[4 * i + 3] = v.w;
+  }
+  return r;
+}
+
+template <Wide kType, int kGroupSize>
+__global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
+    group_quant_stream_kernel(const GroupQuantArgs a) {
+  constexpr int kSpan = kGroupSize < 32 ? 32 : kGroupSize;  // a lane's chunks lie in one span
+  constexpr int kSpanLanes = kSpan / 32;                    // lanes sharing a span: 1..8
+  constexpr int kLaneGroups = kSpan / kGroupSize;           // groups a lane holds: 1 (2 for 16)
+  constexpr int kGroupChunks = kLaneChunks / kLaneGroups;   // a group's chunks in one lane
+  constexpr int kChunkStride = kSpanLanes * kChunk;         // elements between a lane's chunks
+  constexpr int kStoreChunks = kSpanLanes == 1 ? 2 : 1;     // contiguous chunks: 16-byte stores
+  constexpr int kUnitGroups = kUnitElements / kGroupSize;
+  constexpr int kWordLanes = 4 * kSpanLanes / kLaneGroups;  // lanes holding a packed word's groups
+  constexpr int kElementBytes = kType == Wide::f32 ? 4 : 2;
+  using Raw = RawChunk<kType>;
+
+  const int lane = vendor::lane_id();
+  const int span = lane / kSpanLanes;
+  const int first_group = span * kLaneGroups;  // in the unit
+  const int exponent_shift = 8 * (first_group % 4);
+
+  const int64_t unit =
+      static_cast<int64_t>(blockIdx.x) * kQuantWarps + static_cast<int>(threadIdx.x) / kLanes;
+  if (unit >= a.units) return;  // the whole warp
+  // Units this warp quantizes: `rounds`, or one fewer for the warps past units % unit_step.
+  int units_left = a.rounds - (unit + (a.rounds - 1) * a.unit_step >= a.units ? 1 : 0);
+  const int64_t row = unit / a.units_per_row;
+  int column_unit = static_cast<int>(unit - row * a.units_per_row);
+  const int64_t first =
+      int64_t{column_unit} * kUnitElements + span * kSpan + (lane % kSpanLanes) * kChunk;
+  const char* x = static_cast<const char*>(a.x) + (row * a.x_row_stride + first) * kElementBytes;
+  uint8_t* q = a.q + row * a.q_row_stride + first;
+  const int64_t slot = a.packed ? int64_t{column_unit} * (kUnitGroups / 4) + lane / kWordLanes
+                                : int64_t{column_unit} * kUnitGroups + first_group;
+  char* scale = static_cast<char*>(a.scales) +
+                (row * a.scale_row_stride + slot * a.scale_group_stride) * int64_t{sizeof(float)};
+
+  auto load = [&](Raw(&raw)[kLaneChunks]) {
+#pragma unroll
+    for (int c = 0; c < kLaneChunks; ++c)
+      raw[c] = load_aligned_chunk<kType>(x + c * kChunkStride * kElementBytes);
+  };
+  // The values are decoded twice (for the amax, then chunk by chunk for the bytes): 64 registers
+  // hold two units of raw chunks, not a unit of f32 values besides (see chunk_amax).
+  auto quantize = [&](const Raw(&raw)[kLaneChunks]) {
+    float scales[kLaneGroups];
+    uint32_t exponents = 0;  // packed: this lane's exponent bytes where its word holds them
+#pragma unroll
+    for (int i = 0; i < kLaneGroups; ++i) {
+      float amax = 0.0f;  // fmaxf ignores a NaN operand, as std::max(amax, |x|) does
+#pragma unroll
+      for (int c = i * kGroupChunks; c < (i + 1) * kGroupChunks; ++c)
+        amax = chunk_amax<kType>(raw[c], amax);
+#pragma unroll
+      for (int offset = 1; offset < kSpanLanes; offset <<= 1)
+        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+      scales[i] = group_scale(amax, a.eps, a.ue8m0);
+      exponents |= (__float_as_uint(scales[i]) >> 23) << (exponent_shift + 8 * i);
+    }
+    if (a.packed) {
+#pragma unroll
+      for (int offset = kSpanLanes; offset < kWordLanes; offset <<= 1)
+        exponents |= vendor::shfl_xor(exponents, offset);
+      if (lane % kWordLanes == 0) *reinterpret_cast<uint32_t*>(scale) = exponents;
+    } else if (lane % kSpanLanes == 0) {
+#pragma unroll
+      for (int i = 0; i < kLaneGroups; ++i)
+        reinterpret_cast<float*>(scale)[i * a.scale_group_stride] = scales[i];
+    }
+#pragma unroll
+    for (int i = 0; i < kLaneGroups; ++i) {
+      with_divide(divisor_for(scales[i]), [&](auto divide) {
+#pragma unroll
+        for (int c = i * kGroupChunks; c < (i + 1) * kGroupChunks; c += kStoreChunks) {
+          uint32_t words[2 * kStoreChunks];
+#pragma unroll
+          for (int k = 0; k < kStoreChunks; ++k) {
+            float v[kChunk];
+            decode_raw<kType>(raw[c + k], v);
+            words[2 * k] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+            words[2 * k + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+          }
+          if constexpr (kStoreChunks == 2)
+            *reinterpret_cast<uint4*>(q + c * kChunk) =
+                make_uint4(words[0], words[1], words[2], words[3]);
+          else
+            *reinterpret_cast<uint2*>(q + c * kChunkStride) = make_uint2(words[0], words[1]);
+        }
+      });
+    }
+  };
+  // Quantizes `current` while `next` receives the following unit; false after the warp's last.
+  auto step = [&](const Raw(&current)[kLaneChunks], Raw(&next)[kLaneChunks]) {
+    const bool more = --units_left > 0;
+    const bool wrap = column_unit >= a.wrap_from;
+    column_unit += wrap ? a.column_step_wrapped : a.column_step;
+    const int64_t x_step = wrap ? a.x_step_wrapped : a.x_step;
+    x += more ? x_step : 0;  // past the last unit: this unit's bytes again (unused)
+    load(next);
+    quantize(current);
+    q += wrap ? a.q_step_wrapped : a.q_step;
+    scale += wrap ? a.scale_step_wrapped : a.scale_step;
+    return more;
+  };
+  Raw first_buffer[kLaneChunks], second_buffer[kLaneChunks];
+  load(first_buffer);
+  while (step(first_buffer, second_buffer) && step(second_buffer, first_buffer)) {
+  }
+}
+
+using GroupQuantKernel = void (*)(GroupQuantArgs);
+
+template <Wide kType, int kGroupSize>
+GroupQuantKernel group_quant_kernel_of(bool whole_units) {
+  return whole_units ? group_quant_stream_kernel<kType, kGroupSize>
+                     : group_quant_kernel<kType, kGroupSize>;
+}
+
+template <Wide kType>
+GroupQuantKernel group_quant_kernel_for(int group_size, bool whole_units) {
   switch (group_size) {
     case 16:
-      return group_quant_kernel<kType, 16>;
+      return group_quant_kernel_of<kType, 16>(whole_units);
     case 32:
-      return group_quant_kernel<kType, 32>;
+      return group_quant_kernel_of<kType, 32>(whole_units);
     case 64:
-      return group_quant_kernel<kType, 64>;
+      return group_quant_kernel_of<kType, 64>(whole_units);
     case 128:
-      return group_quant_kernel<kType, 128>;
+      return group_quant_kernel_of<kType, 128>(whole_units);
     case 256:
-      return group_quant_kernel<kType, 256>;
+      return group_quant_kernel_of<kType, 256>(whole_units);
     default:
       return nullptr;
   }
@@ -405,22 +623,6 @@ std::string group_quant_supports(const GroupQuantProblem& p) {
 
 void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   if (p.rows == 0 || p.cols == 0) return;
-  GroupQuantKernel kernel = nullptr;
-  switch (wide_of(p.x.dtype())) {
-    case Wide::f32:
-      kernel = group_quant_kernel_for<Wide::f32>(p.group_size);
-      break;
-    case Wide::f16:
-      kernel = group_quant_kernel_for<Wide::f16>(p.group_size);
-      break;
-    case Wide::bf16:
-      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size);
-      break;
-  }
-  if (kernel == nullptr)
-    fail("per_token_group_quant_fp8", "group_size", std::to_string(p.group_size),
-         "is not served by the gpu kernel (16, 32, 64, 128 or 256)");
-
   GroupQuantArgs a{};
   a.x = p.x.data();
   a.x_row_stride = p.x.stride(0);
@@ -440,6 +642,25 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   const auto x_size = static_cast<int64_t>(dtype_size(p.x.dtype()));
   a.x_vectors = aligned(a.x, a.x_row_stride * x_size, p.rows, 16);
   a.q_vectors = aligned(a.q, a.q_row_stride, p.rows, 8);
+  // Rows of whole units, 16-byte loads and stores: the streaming kernel.
+  const bool whole_units = p.cols % kUnitElements == 0 && a.units_per_row <= INT32_MAX &&
+                           a.x_vectors && aligned(a.q, a.q_row_stride, p.rows, 16);
+
+  GroupQuantKernel kernel = nullptr;
+  switch (wide_of(p.x.dtype())) {
+    case Wide::f32:
+      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, whole_units);
+      break;
+    case Wide::f16:
+      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, whole_units);
+      break;
+    case Wide::bf16:
+      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, whole_units);
+      break;
+  }
+  if (kernel == nullptr)
+    fail("per_token_group_quant_fp8", "group_size", std::to_string(p.group_size),
+         "is not served by the gpu kernel (16, 32, 64, 128 or 256)");
 
   const int device = p.x.device().index;
   DeviceGuard on_device(device);
@@ -450,9 +671,34 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
       std::min(kQuantBlocksPerSm,
                resident_blocks(reinterpret_cast<const void*>(kernel), kQuantThreads, device));
   const int64_t block_cap = int64_t{device_properties(device).sm_count} * per_sm;
-  const auto blocks = static_cast<unsigned>(std::min(blocks_needed, block_cap));
-  MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(blocks), dim3(kQuantThreads), 0,
-                                  static_cast<cudaStream_t>(p.stream), false, a));
+  int64_t blocks = std::min(blocks_needed, block_cap);
+  if (whole_units) {
+    // Every warp the same number of units (the fewest blocks that need no more rounds), so no
+    // last round runs with a few warps; then the steps of the walk.
+    const int64_t rounds = fp8::ceil_div(a.units, blocks * kQuantWarps);
+    blocks = fp8::ceil_div(a.units, rounds * kQuantWarps);
+    const int64_t step = blocks * kQuantWarps;
+    const int64_t step_rows = step / a.units_per_row, column_step = step % a.units_per_row;
+    const int64_t unit_slots = kUnitElements / p.group_size / (a.packed ? 4 : 1);
+    a.unit_step = step;
+    a.rounds = static_cast<int>(fp8::ceil_div(a.units, step));  // the first warp's units
+    a.column_step = static_cast<int>(column_step);
+    a.column_step_wrapped = static_cast<int>(column_step - a.units_per_row);
+    a.wrap_from = static_cast<int>(a.units_per_row - column_step);
+    a.x_step = (step_rows * a.x_row_stride + column_step * kUnitElements) * x_size;
+    a.x_step_wrapped = a.x_step + (a.x_row_stride - a.units_per_row * kUnitElements) * x_size;
+    a.q_step = step_rows * a.q_row_stride + column_step * kUnitElements;
+    a.q_step_wrapped = a.q_step + a.q_row_stride - a.units_per_row * kUnitElements;
+    const int64_t scale_bytes = sizeof(float);
+    a.scale_step =
+        (step_rows * a.scale_row_stride + column_step * unit_slots * a.scale_group_stride) *
+        scale_bytes;
+    a.scale_step_wrapped =
+        a.scale_step +
+        (a.scale_row_stride - a.units_per_row * unit_slots * a.scale_group_stride) * scale_bytes;
+  }
+  MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kQuantThreads),
+                                  0, static_cast<cudaStream_t>(p.stream), false, a));
 }
 
 std::string block_quantize_weight_supports(const BlockQuantizeWeightProblem& p) {

@@ -571,6 +571,40 @@ TEST(GpuFp8Quant, LargeRowsUseEveryUnit) {
   }
 }
 
+// Rows of whole 1024-element units with 16-byte aligned x and q rows take the streaming kernel:
+// every layout, group size and dtype there, with adversarial groups (inf scales, all-zero and
+// all-NaN groups, huge and tiny scales outside the fast division's range) and padded rows.
+TEST(GpuFp8Quant, WholeUnitRowsMatchTheReferenceExactly) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed("WholeUnitRowsMatchTheReferenceExactly");
+  std::mt19937_64 rng(seed);
+  int failures = 0;
+  for (ScaleLayout layout : kLayouts) {
+    for (int group : kGroupSizes) {
+      for (DType dtype : kWideTypes) {
+        QuantCase c;
+        c.layout = layout;
+        c.group = group;
+        c.dtype = dtype;
+        // More units than the grid has warps (7 a row: warps cross row ends).
+        const bool walk = dtype == DType::bf16 && (group == 16 || group == 128);
+        c.m = walk ? 700 : pick<int64_t>(rng, {1, 3, 64, 333});
+        c.k = walk ? 7168 : 1024 * pick<int64_t>(rng, {1, 3, 7});
+        c.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
+        c.adversarial = chance(rng, 0.6);
+        if (chance(rng, 0.3)) c.eps = pick(rng, {1e-4f, 1e-30f, 3.0f});
+        if (chance(rng, 0.5)) {
+          c.x_row_pad = 64;
+          c.q_row_pad = 16;
+        }
+        failures += !check_quant(c, rng(), stream.get());
+        if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // block_quantize_weight.
 
