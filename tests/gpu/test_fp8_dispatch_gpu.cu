@@ -17,6 +17,7 @@
 #include "gpu/fp8_gpu.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
+#include "gpu_test_support.h"
 #include "moekit/backend.h"
 #include "moekit/dtype.h"
 #include "moekit/ops/fp8.h"
@@ -24,11 +25,6 @@
 
 namespace moekit {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                              \
-    if (!backend_available(Backend::gpu)) GTEST_SKIP() << "no GPU on this machine"; \
-  } while (0)
 
 uint64_t seed_for(const char* test) {
   uint64_t seed = std::random_device{}();

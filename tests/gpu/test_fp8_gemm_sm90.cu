@@ -23,6 +23,7 @@
 #include "gpu/fp8_gpu.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
+#include "gpu_test_support.h"
 #include "moekit/backend.h"
 #include "moekit/dtype.h"
 #include "moekit/error.h"
@@ -48,17 +49,7 @@ bool hopper_present() {
     if (!hopper_present()) GTEST_SKIP() << "no GPU of compute capability 9.x on this machine"; \
   } while (0)
 
-class Stream {
- public:
-  Stream() { MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(stream_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return stream_; }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
+using gpu_test::Stream;
 
 uint64_t test_seed() {
   if (const char* env = std::getenv("MOEKIT_TEST_SEED")) return std::strtoull(env, nullptr, 0);

@@ -27,6 +27,7 @@
 #include "gpu/fp8_gpu.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
+#include "gpu_test_support.h"
 #include "moekit/backend.h"
 #include "moekit/error.h"
 #include "moekit/ops/fp8.h"
@@ -37,23 +38,7 @@
 namespace moekit {
 namespace {
 
-#define SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                              \
-    if (!backend_available(Backend::gpu)) GTEST_SKIP() << "no GPU on this machine"; \
-  } while (0)
-
-// A non-blocking stream for one test.
-class Stream {
- public:
-  Stream() { MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(stream_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return stream_; }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
+using gpu_test::Stream;
 
 uint64_t test_seed(const char* test) {
   uint64_t seed;

@@ -21,6 +21,7 @@
 #include "gpu/gpu_runtime.h"
 #include "gpu/route_gpu_kernels.cuh"
 #include "gpu/vendor.h"
+#include "gpu_test_support.h"
 #include "moekit/backend.h"
 #include "moekit/error.h"
 #include "moekit/ops/route.h"
@@ -39,23 +40,7 @@ using harness::RouteOutputs;
 constexpr InputKind kAllKinds[] = {InputKind::random, InputKind::ties, InputKind::nan_inf,
                                    InputKind::saturated, InputKind::padding};
 
-#define SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                              \
-    if (!backend_available(Backend::gpu)) GTEST_SKIP() << "no GPU on this machine"; \
-  } while (0)
-
-// A non-blocking stream for one test.
-class Stream {
- public:
-  Stream() { MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(stream_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return stream_; }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
+using gpu_test::Stream;
 
 // How a case's tensors sit in device memory: padded rows (a row stride larger than the row), a
 // logits pointer that is not 16-byte aligned, padded output rows.
