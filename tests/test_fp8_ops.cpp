@@ -2,6 +2,7 @@
 // dispatch table that serves on this machine against the reference, on random and adversarial
 // inputs (seed printed; MOEKIT_TEST_SEED repeats a run).
 #include <gtest/gtest.h>
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <bit>
@@ -365,6 +366,58 @@ TEST(Fp8Formula, GemmDecodesEveryByteExactly) {
               EXPECT_EQ(got, expected)
                   << impl->name << " byte " << n << " M=" << M << (bytes_in_a ? " in A" : " in B");
             }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The streaming GEMM (M <= 16) decodes weights through f32 subnormals (value x 2^-120): every
+// weight byte, through every row count's kernel, must come out exact, also when the caller's
+// MXCSR flushes denormals (DAZ | FTZ, as torch.set_flush_denormal sets), and the caller's MXCSR
+// must be left as it was. Activation row m holds (1 + (m % 3) / 8) x 2^(m % 4) everywhere, so
+// out[m, n] = value(byte n) x that, exactly; one thread, so the kernel runs on this thread.
+TEST(Fp8Formula, StreamingGemmDecodesEveryWeightByteWithDenormalsFlushed) {
+  const int64_t N = 256, K = 256 + 40;  // a partial last block too
+  Tensor b = Tensor::empty(DType::f8e4m3, {N, K});
+  std::memset(b.data(), 0, b.nbytes());
+  for (int64_t n = 0; n < N; ++n)
+    b.data_as<uint8_t>()[n * K + (n * 37) % K] = static_cast<uint8_t>(n);  // byte n, any column
+  Tensor bs = Tensor::empty(DType::f32, {2, 3});
+  for (int64_t i = 0; i < bs.numel(); ++i) bs.data_as<float>()[i] = 1.0f;
+  for (int64_t M = 1; M <= 16; ++M) {
+    Tensor a = Tensor::empty(DType::f8e4m3, {M, K});
+    std::vector<float> row_value(static_cast<size_t>(M));
+    for (int64_t m = 0; m < M; ++m) {
+      row_value[m] = std::ldexp(1.0f + 0.125f * static_cast<float>(m % 3), static_cast<int>(m % 4));
+      for (int64_t k = 0; k < K; ++k) a.data_as<uint8_t>()[m * K + k] = f32_to_f8e4m3(row_value[m]);
+      ASSERT_EQ(f8e4m3_to_f32(f32_to_f8e4m3(row_value[m])), row_value[m]);
+    }
+    Tensor as = Tensor::empty(DType::f32, {M, 3});
+    for (int64_t i = 0; i < as.numel(); ++i) as.data_as<float>()[i] = 1.0f;
+    Tensor out = filled(DType::f32, {M, N});
+    OpOptions options;
+    options.num_threads = 1;
+    const BlockGemmProblem problem = make_block_gemm_problem("test", a, as, ScaleLayout::row_major,
+                                                             b, bs, std::nullopt, out, options);
+    for (const auto* impl : fast_implementations(block_gemm_implementations(), problem)) {
+      std::memset(out.data(), kSentinelByte, out.nbytes());
+      const unsigned saved = _mm_getcsr();
+      const unsigned flushing = saved | 0x8040u;  // FTZ | DAZ
+      _mm_setcsr(flushing);
+      impl->run(problem);
+      const unsigned after = _mm_getcsr();
+      _mm_setcsr(saved);
+      EXPECT_EQ(after, flushing) << impl->name << " changed the caller's MXCSR";
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+          const float value = f8e4m3_to_f32(static_cast<uint8_t>(n));
+          const float got = out.data_as<float>()[m * N + n];
+          if (std::isnan(value)) {
+            EXPECT_TRUE(std::isnan(got)) << impl->name << " byte " << n << " M=" << M;
+          } else {
+            EXPECT_EQ(got, value * row_value[m]) << impl->name << " byte " << n << " M=" << M;
           }
         }
       }

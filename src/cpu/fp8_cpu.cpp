@@ -28,7 +28,8 @@ const float* e4m3_values() {
 
 struct Portable {
   static constexpr int kLanes = 8;
-  static constexpr int kChunk = 32;
+  static constexpr int kProbeBytes = 32;
+  static constexpr int kRegisters = 16;
   static constexpr int kMicroRows = 4;
   struct F {
     float v[8];
@@ -90,9 +91,9 @@ struct Portable {
 
   static Probe probe_init() { return {}; }
   static bool probe_found_nan(const Probe&) { return false; }
-  static constexpr int chunk_element(int position) { return position; }
-  static void load_e4m3_chunk(const uint8_t* src, F (&out)[4], Probe&) {
-    for (int i = 0; i < kChunk; ++i) out[i / kLanes].v[i % kLanes] = decode(src[i]);
+  static void probe_bytes(Probe&, const uint8_t*) {}
+  static F load_e4m3_tiny(const uint8_t* src) {
+    return map([&](int i) { return e4m3_values()[src[i]] * kTinyScale; });
   }
   static void convert_e4m3_row(const uint8_t* src, int len, float* dst) {
     const int padded = (len + 15) / 16 * 16;
@@ -158,7 +159,6 @@ BlockGemmArgs args_of(const BlockGemmProblem& p) {
   a.n = p.n;
   a.k = p.k;
   a.num_threads = p.num_threads;
-  a.e4m3_values = e4m3_values();
   return a;
 }
 

@@ -22,6 +22,9 @@ inline __m256i e4m3_to_f16_bits(__m256i bytes_in_high_halves) {
   return _mm256_and_si256(_mm256_srai_epi16(bytes_in_high_halves, 1), _mm256_set1_epi16(-16385));
 }
 
+// The f32 bits that load_e4m3_tiny keeps of a sign-extended byte shifted left by 20.
+constexpr int kTinyMask = static_cast<int>(0x87f00000u);
+
 // f32 lanes (as int32 bits) -> e4m3 codes in the low byte of each lane, exactly as
 // moekit::f32_to_f8e4m3: RNE, saturation to 448, NaN -> 0x7f with the sign.
 inline __m256i e4m3_codes(__m256 v) {
@@ -47,7 +50,8 @@ inline __m256i e4m3_codes(__m256 v) {
 
 struct Avx2 {
   static constexpr int kLanes = 8;
-  static constexpr int kChunk = 32;
+  static constexpr int kProbeBytes = 32;
+  static constexpr int kRegisters = 16;
   static constexpr int kMicroRows = 6;  // 6 x 16 accumulators: 12 of the 16 registers
   using F = __m256;
 
@@ -102,22 +106,20 @@ struct Avx2 {
     return _mm256_movemask_epi8(_mm256_or_si256(pos, neg)) != 0;
   }
 
-  // The in-lane unpacks leave bytes 0-7 | 16-23 in one register and 8-15 | 24-31 in the other;
-  // the activations are laid out in the same order, which costs nothing, instead of permuting.
-  static constexpr int chunk_element(int position) {
-    constexpr int kFirst[4] = {0, 16, 8, 24};
-    return kFirst[position / 8] + position % 8;
-  }
-  static void load_e4m3_chunk(const uint8_t* src, F (&out)[4], Probe& probe) {
+  // Notes NaN bytes among kProbeBytes bytes.
+  static void probe_bytes(Probe& probe, const uint8_t* src) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
     probe.signed_max = _mm256_max_epi8(probe.signed_max, raw);
     probe.unsigned_max = _mm256_max_epu8(probe.unsigned_max, raw);
-    const __m256i lo = e4m3_to_f16_bits(_mm256_unpacklo_epi8(_mm256_setzero_si256(), raw));
-    const __m256i hi = e4m3_to_f16_bits(_mm256_unpackhi_epi8(_mm256_setzero_si256(), raw));
-    out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(lo));
-    out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(lo, 1));
-    out[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(hi));
-    out[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(hi, 1));
+  }
+  // 8 bytes -> their values x 2^-120, as f32 bits (sign << 31 | (b & 0x7f) << 20): sign-extend,
+  // shift, mask. e4m3 subnormals become f32 subnormals, exact as long as denormals are not flushed
+  // (KeepDenormals); NaN bytes become finite and are caught by probe_bytes.
+  static F load_e4m3_tiny(const uint8_t* src) {
+    const __m256i wide =
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_slli_epi32(wide, 20), _mm256_set1_epi32(kTinyMask)));
   }
 
   // len <= 128 bytes -> ceil(len / 16) * 16 floats (value * 2^-8; zero past len; NaN exact).

@@ -19,7 +19,8 @@ namespace {
 
 struct Avx512 {
   static constexpr int kLanes = 16;
-  static constexpr int kChunk = 64;
+  static constexpr int kProbeBytes = 64;
+  static constexpr int kRegisters = 32;
   static constexpr int kMicroRows = 12;  // 12 x 32 accumulators: 24 of the 32 registers
   using F = __m512;
 
@@ -74,26 +75,17 @@ struct Avx512 {
             _mm512_cmpeq_epi8_mask(p.unsigned_max, _mm512_set1_epi8(-1))) != 0;
   }
 
-  // Unpacks work per 128-bit lane: the low halves of the 4 lanes hold bytes 0-7, 16-23, 32-39,
-  // 48-55 and the high ones 8-15, 24-31, 40-47, 56-63.
-  static constexpr int chunk_element(int position) {
-    constexpr int kFirst[4] = {0, 32, 8, 40};
-    const int lane = position % 16;
-    return kFirst[position / 16] + (lane < 8 ? lane : lane + 8);
-  }
-  static void load_e4m3_chunk(const uint8_t* src, F (&out)[4], Probe& probe) {
+  static void probe_bytes(Probe& probe, const uint8_t* src) {
     const __m512i raw = _mm512_loadu_si512(src);
     probe.signed_max = _mm512_max_epi8(probe.signed_max, raw);
     probe.unsigned_max = _mm512_max_epu8(probe.unsigned_max, raw);
-    const __m512i mask = _mm512_set1_epi16(-16385);  // see e4m3_to_f16_bits
-    const __m512i lo = _mm512_and_si512(
-        _mm512_srai_epi16(_mm512_unpacklo_epi8(_mm512_setzero_si512(), raw), 1), mask);
-    const __m512i hi = _mm512_and_si512(
-        _mm512_srai_epi16(_mm512_unpackhi_epi8(_mm512_setzero_si512(), raw), 1), mask);
-    out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(lo));
-    out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1));
-    out[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(hi));
-    out[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1));
+  }
+  // 16 bytes -> their values x 2^-120, as Avx2::load_e4m3_tiny.
+  static F load_e4m3_tiny(const uint8_t* src) {
+    const __m512i wide =
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_slli_epi32(wide, 20), _mm512_set1_epi32(kTinyMask)));
   }
 
   static void convert_e4m3_row(const uint8_t* src, int len, float* dst) {

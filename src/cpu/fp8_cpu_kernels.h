@@ -2,13 +2,14 @@
 // (fp8_cpu.cpp: portable lanes; fp8_cpu_avx2.cpp; fp8_cpu_avx512.cpp).
 //
 // V provides: kLanes (f32 lanes per vector F), kMicroRows (rows of the GEMM microkernel, whose
-// columns are two vectors); f32 arithmetic; loads of f32/f16/bf16 lanes; store_e4m3 (RNE,
-// saturating, NaN kept: bit-exact with moekit::f32_to_f8e4m3); and three e4m3 -> f32 decoders, all
-// producing value * 2^-8 (the F16C trick below is exact at that scale; the GEMMs undo it in the
-// block scale, a power of two, so every product and partial sum is the exact one scaled):
-//   load_e4m3_chunk: kChunk = 4 * kLanes bytes into four vectors, in the ISA's own lane order
-//     (chunk_element(position) names the byte that lands at a position), NaN bytes only noted in a
-//     Probe, for the streaming small-M GEMM;
+// columns are two vectors), kRegisters (vector registers); f32 arithmetic; loads of f32/f16/bf16
+// lanes; store_e4m3 (RNE, saturating, NaN kept: bit-exact with moekit::f32_to_f8e4m3); and the
+// e4m3 -> f32 decoders. All but load_e4m3_tiny produce value * 2^-8 (the F16C trick below is
+// exact at that scale; the GEMMs undo it in the block scale, a power of two, so every product and
+// partial sum is the exact one scaled):
+//   load_e4m3_tiny: kLanes bytes in natural order to value * 2^-120 (shift and mask into f32 bits;
+//     NaN bytes come out finite and are noted by probe_bytes, over kProbeBytes), for the streaming
+//     small-M GEMM;
 //   convert_e4m3_row: up to 128 bytes in natural order, NaN exact, into ceil(len / 16) * 16
 //     floats (zero past len);
 //   transpose_8x8: to pack weight tiles k-major.
@@ -20,6 +21,7 @@
 #pragma once
 
 #include <omp.h>
+#include <xmmintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -71,8 +73,6 @@ struct BlockGemmArgs {
   Fp8Float out_format = Fp8Float::f32;
   int64_t m = 0, n = 0, k = 0;
   int num_threads = 0;
-  const float* e4m3_values =
-      nullptr;  // the exact f32 of each of the 256 bytes (NaN for 0x7f, 0xff)
 };
 
 struct BlockQuantizeWeightArgs {
@@ -111,12 +111,15 @@ constexpr int kBlock = 128;  // the K block of both scales, and the weights' N b
 constexpr int kTileN = 64;   // weight rows per task of the packed GEMM (divides kBlock)
 constexpr int kTileM = 120;  // activation rows per task of the packed GEMM (micro rows: 4, 6, 12)
 constexpr int kSmallTileN = kBlock;  // weight rows per tile of the small-M GEMM (at most)
-constexpr int kStreamRows = 8;       // activation rows per streaming pass (register budget)
 // Up to this many rows the GEMM streams the weights (in passes of kStreamRows): decoding a weight
 // tile into a k-major stack tile only pays off once enough rows reuse it.
 constexpr int kStreamMaxM = 16;
 constexpr int kPrefetchBlocks = 4;      // how far ahead the packed GEMM prefetches rows
 constexpr float kDecodeScale = 256.0f;  // decoders return value * 2^-8
+// The streaming GEMM's weights decode to value x 2^-120 (load_e4m3_tiny) and its activations to
+// value x 2^-8 x 2^120: products are exact x 2^-8 again.
+constexpr float kTinyScale = 0x1p-120f;
+constexpr float kTinyUndo = 0x1p120f;
 constexpr float kE4m3Max = 448.0f;
 
 template <class T>
@@ -355,19 +358,25 @@ struct GemmEdges {
   }
 };
 
-// Small M (decode): stream each weight row once, decoding a chunk into registers and multiplying it
-// with R <= kStreamRows activation rows (decoded once per K chunk into a stack buffer, in the ISA's
-// chunk order). Per 128-block, the partial sums are scaled into per-(row, column) vector totals in
-// memory.
+// Small M (decode): stream each weight row once per pass of R <= kStreamRows activation rows.
+// Per pass and K chunk the activations are decoded once into a stack buffer, exact x 2^112
+// (convert_e4m3_row, then x kTinyUndo); the weights are decoded in registers by load_e4m3_tiny to
+// exact x 2^-120 (shift and mask: the cheapest exact decode, some 3 instructions a vector). Every
+// product is thus the exact one x 2^-8, the same as the packed GEMM's (kDecodeScale, undone in the
+// block scale), and none underflows: the smallest is 2^-26. Register blocking: R x kWeightRows
+// accumulators, each activation vector load feeding kWeightRows FMAs and each weight decode R.
 template <class V, int R>
 struct SmallMGemm {
   using F = typename V::F;
   static constexpr int L = V::kLanes;
-  static constexpr int kChunk = V::kChunk;
-  // Weight rows per pass: R x kWeightRows accumulators stay in registers.
-  static constexpr int kWeightRows = R == 1 ? 4 : R <= 4 ? 2 : 1;
+  // Weight rows per step: as many as the registers hold next to R x kWeightRows accumulators, their
+  // weight vectors, the activation and the mask (the NaN probe's two may live in memory); 4 at
+  // most (streams to prefetch). AVX2: R = 1-2: 4, 3: 3, 4-6: 2; AVX-512: R = 1-6: 4, 7-8: 3.
+  static constexpr int kFit = (V::kRegisters - 2) / (R + 1);
+  static constexpr int kWeightRows = kFit < 1 ? 1 : lesser(4, kFit);
   static constexpr int64_t kKChunk = (8192 / R) / kBlock * kBlock;  // 32 KB of activations
   static constexpr int64_t kKChunkBlocks = kKChunk / kBlock;
+  static_assert(kBlock % V::kProbeBytes == 0 && kBlock % L == 0);
 
   const BlockGemmArgs& g;
   GemmEdges edges{g};
@@ -380,33 +389,17 @@ struct SmallMGemm {
 
   SmallMGemm(const BlockGemmArgs& args, int64_t first_row) : g(args), m0(first_row) {}
 
-  // The activations of [k0, k0 + len) in chunk order, exact (the decoder's 2^-8 undone, a power
-  // of two), zero past len; a row holding NaN bytes is redone through the table (rare).
+  // The activations of [k0, k0 + len) x 2^112, zero up to the end of the last 128-block (NaN kept).
   void decode_activations(int64_t k0, int64_t len) {
-    const int64_t padded = ceil_div<int64_t>(len, kChunk) * kChunk;
-    const F undo = V::set1(kDecodeScale);
+    const int64_t padded = ceil_div<int64_t>(len, kBlock) * kBlock;
+    const F up = V::set1(kTinyUndo);
     for (int r = 0; r < R; ++r) {
       const uint8_t* src = g.a + (m0 + r) * g.a_row_stride + k0;
-      typename V::Probe probe = V::probe_init();
-      for (int64_t c = 0; c < padded; c += kChunk) {
-        F v[4];
-        if (c + kChunk <= len) {
-          V::load_e4m3_chunk(src + c, v, probe);
-        } else {
-          alignas(64) uint8_t tail[kChunk] = {};
-          std::memcpy(tail, src + c, static_cast<size_t>(len - c));
-          V::load_e4m3_chunk(tail, v, probe);
-        }
-        for (int q = 0; q < 4; ++q) V::store(&a[r][c + q * L], V::mul(v[q], undo));
-      }
-      if (V::probe_found_nan(probe)) {
-        for (int64_t c = 0; c < padded; c += kChunk) {
-          for (int pos = 0; pos < kChunk; ++pos) {
-            const int64_t e = c + V::chunk_element(pos);
-            a[r][c + pos] = e < len ? g.e4m3_values[src[e]] : 0.0f;
-          }
-        }
-      }
+      float* dst = a[r];
+      for (int64_t j = 0; j < len; j += kBlock)
+        V::convert_e4m3_row(src + j, static_cast<int>(lesser<int64_t>(kBlock, len - j)), dst + j);
+      for (int64_t i = ceil_div<int64_t>(len, 16) * 16; i < padded; ++i) dst[i] = 0.0f;
+      for (int64_t i = 0; i < padded; i += L) V::store(dst + i, V::mul(V::load(dst + i), up));
       for (int64_t j = 0; j < ceil_div<int64_t>(len, kBlock); ++j)
         a_scales[r][j] = edges.a_scale(m0 + r, k0 / kBlock + j);
     }
@@ -421,37 +414,50 @@ struct SmallMGemm {
     for (int64_t j = 0; j * kBlock < len; ++j) {
       const int64_t kb0 = j * kBlock;
       const int64_t block_len = lesser<int64_t>(kBlock, len - kb0);
-      F acc[R][kRows];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int w = 0; w < kRows; ++w) acc[r][w] = V::zero();
-      auto multiply_chunk = [&](int w, const uint8_t* chunk, int64_t at) {
-        F b[4];
-        V::load_e4m3_chunk(chunk, b, probe);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const float* x = &a[r][at];
-          acc[r][w] = V::fma(V::load(x), b[0], acc[r][w]);
-          acc[r][w] = V::fma(V::load(x + L), b[1], acc[r][w]);
-          acc[r][w] = V::fma(V::load(x + 2 * L), b[2], acc[r][w]);
-          acc[r][w] = V::fma(V::load(x + 3 * L), b[3], acc[r][w]);
-        }
-      };
-      int64_t c = 0;
-      for (; c + kChunk <= block_len; c += kChunk)
-#pragma GCC unroll 8
-        for (int w = 0; w < kRows; ++w) multiply_chunk(w, rows[w] + kb0 + c, kb0 + c);
-      if (c < block_len) {  // the end of K: zero-padded (the activations are zero there too)
-        for (int w = 0; w < kRows; ++w) {
-          alignas(64) uint8_t tail[kChunk] = {};
-          std::memcpy(tail, rows[w] + kb0 + c, static_cast<size_t>(block_len - c));
-          multiply_chunk(w, tail, kb0 + c);
+      const uint8_t* src[kRows];
+      alignas(64) uint8_t tail[kRows][kBlock];
+      for (int w = 0; w < kRows; ++w) {
+        src[w] = rows[w] + kb0;
+        if (block_len < kBlock) {  // the end of K: zero-padded (the activations are zero there too)
+          std::memset(tail[w], 0, kBlock);
+          std::memcpy(tail[w], src[w], static_cast<size_t>(block_len));
+          src[w] = tail[w];
         }
       }
-#pragma GCC unroll 8
+      // The next rows' same block, into L2: with several activation rows the K chunk is short
+      // (kKChunk), so each row is a short stream that the hardware prefetchers pick up late.
       for (int w = 0; w < kRows; ++w) {
-#pragma GCC unroll 8
+        if (n + kRows + w < g.n) {
+          const uint8_t* next = g.b + (n + kRows + w) * g.b_row_stride + k0 + kb0;
+          __builtin_prefetch(next, 0, 2);
+          __builtin_prefetch(next + 64, 0, 2);
+        }
+      }
+      F acc[R][kRows];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int w = 0; w < kRows; ++w) acc[r][w] = V::zero();
+#pragma GCC unroll 16
+      for (int v = 0; v < kBlock; v += L) {
+        if (v % V::kProbeBytes == 0) {
+#pragma GCC unroll 16
+          for (int w = 0; w < kRows; ++w) V::probe_bytes(probe, src[w] + v);
+        }
+        F b[kRows];
+#pragma GCC unroll 16
+        for (int w = 0; w < kRows; ++w) b[w] = V::load_e4m3_tiny(src[w] + v);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          F x = V::load(&a[r][kb0 + v]);
+          if constexpr (kRows > 1) V::keep_in_register(x);  // one load for kRows FMAs
+#pragma GCC unroll 16
+          for (int w = 0; w < kRows; ++w) acc[r][w] = V::fma(x, b[w], acc[r][w]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int w = 0; w < kRows; ++w) {
+#pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           float* total = totals[t + w][r];
           V::store(total, V::fma(acc[r][w], V::set1(scales[r][j]), V::load(total)));
@@ -492,6 +498,22 @@ struct SmallMGemm {
   }
 };
 
+// The streaming GEMM's weights pass through f32 subnormals (load_e4m3_tiny): while it runs, this
+// thread's MXCSR must neither treat denormal inputs as zero (DAZ) nor flush results (FTZ, for the
+// portable build's table x 2^-120), whatever the caller (e.g. torch.set_flush_denormal) chose.
+struct KeepDenormals {
+  static constexpr unsigned kFlushBits = 0x8040u;  // FTZ | DAZ
+  unsigned saved = _mm_getcsr();
+  KeepDenormals() {
+    if (saved & kFlushBits) _mm_setcsr(saved & ~kFlushBits);
+  }
+  ~KeepDenormals() {
+    if (saved & kFlushBits) _mm_setcsr(saved);
+  }
+  KeepDenormals(const KeepDenormals&) = delete;
+  KeepDenormals& operator=(const KeepDenormals&) = delete;
+};
+
 template <class V, int R>
 void small_m_gemm(const BlockGemmArgs& g, int64_t m0) {
   using Kernel = SmallMGemm<V, R>;
@@ -500,6 +522,7 @@ void small_m_gemm(const BlockGemmArgs& g, int64_t m0) {
   const int threads = thread_count(g.num_threads, groups, static_cast<double>(g.n) * g.k * R);
 #pragma omp parallel num_threads(threads)
   {
+    const KeepDenormals keep_denormals;
     const int64_t count = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t begin = lesser(groups * id / count * Kernel::kWeightRows, g.n);
     const int64_t end = lesser(groups * (id + 1) / count * Kernel::kWeightRows, g.n);
@@ -637,7 +660,11 @@ void packed_gemm(const BlockGemmArgs& g) {
   }
 }
 
-template <class V, int R = kStreamRows>
+// Activation rows per streaming pass: with two weight rows per step (SmallMGemm::kWeightRows).
+template <class V>
+constexpr int kStreamRows = V::kRegisters >= 32 ? 8 : 6;
+
+template <class V, int R = kStreamRows<V>>
 void small_m_pass(const BlockGemmArgs& g, int64_t m0, int rows) {
   if constexpr (R > 1) {
     if (rows < R) return small_m_pass<V, R - 1>(g, m0, rows);
@@ -648,8 +675,12 @@ void small_m_pass(const BlockGemmArgs& g, int64_t m0, int rows) {
 template <class V>
 void run_block_gemm(const BlockGemmArgs& g) {
   if (g.m > kStreamMaxM) return packed_gemm<V>(g);
-  for (int64_t m0 = 0; m0 < g.m; m0 += kStreamRows)
-    small_m_pass<V>(g, m0, static_cast<int>(lesser<int64_t>(kStreamRows, g.m - m0)));
+  // Passes of equal height (M = 9: 5 + 4, not 8 + 1): a thin pass streams the weights for little
+  // work.
+  const int64_t passes = ceil_div<int64_t>(g.m, kStreamRows<V>);
+  const int64_t height = passes > 0 ? ceil_div(g.m, passes) : 0;
+  for (int64_t m0 = 0; m0 < g.m; m0 += height)
+    small_m_pass<V>(g, m0, static_cast<int>(lesser(height, g.m - m0)));
 }
 
 }  // namespace
