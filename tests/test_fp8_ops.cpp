@@ -89,11 +89,6 @@ std::vector<const Fp8Implementation<Problem>*> fast_implementations(
   return out;
 }
 
-const char* layout_name(ScaleLayout layout) {
-  static const char* kNames[] = {"row_major", "column_major", "column_major_tma", "packed_ue8m0"};
-  return kNames[static_cast<int>(layout)];
-}
-
 constexpr ScaleLayout kLayouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
                                     ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
 
@@ -286,7 +281,8 @@ TEST(Fp8Formula, ColumnMajorLayoutsPlaceGroupsAndLeaveTmaPaddingUntouched) {
       const float* s = r.scales.data_as<float>();
       for (int m = 0; m < 3; ++m)
         for (int g = 0; g < 2; ++g)
-          EXPECT_EQ(s[g * stride + m], static_cast<float>(1 + m + 10 * g)) << layout_name(layout);
+          EXPECT_EQ(s[g * stride + m], static_cast<float>(1 + m + 10 * g))
+              << scale_layout_name(layout);
       if (layout == ScaleLayout::column_major_tma) {
         EXPECT_EQ(std::bit_cast<uint32_t>(s[3]), 0xa5a5a5a5u);
         EXPECT_EQ(std::bit_cast<uint32_t>(s[7]), 0xa5a5a5a5u);
@@ -495,8 +491,8 @@ void check_group_quant(std::mt19937_64& rng, int64_t M, int64_t K, int group, DT
                        ScaleLayout layout, bool ue8m0, bool adversarial, int threads) {
   SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) +
                " group=" + std::to_string(group) + " " + std::string(dtype_name(dtype)) + " " +
-               layout_name(layout) + (ue8m0 ? " ue8m0" : "") + (adversarial ? " adversarial" : "") +
-               " threads=" + std::to_string(threads));
+               scale_layout_name(layout) + (ue8m0 ? " ue8m0" : "") +
+               (adversarial ? " adversarial" : "") + " threads=" + std::to_string(threads));
   std::vector<float> values(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m) fill_row(rng, values.data() + m * K, K, group, adversarial);
   // Rows of x strided by K + 8 (rows contiguous, not the whole tensor).
@@ -581,7 +577,7 @@ std::string describe(const GemmCase& c) {
   return "M=" + std::to_string(c.m) + " N=" + std::to_string(c.n) + " K=" + std::to_string(c.k) +
          " out=" + std::string(dtype_name(c.out)) +
          (c.bias ? " bias=" + std::string(dtype_name(c.bias_dtype)) : "") +
-         " a_scales=" + layout_name(c.layout) +
+         " a_scales=" + scale_layout_name(c.layout) +
          " b_scales=" + std::string(dtype_name(c.b_scale_dtype)) +
          " threads=" + std::to_string(c.threads) + (c.strided_out ? " strided out" : "");
 }

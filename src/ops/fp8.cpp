@@ -16,6 +16,20 @@
 
 namespace moekit {
 
+const char* scale_layout_name(ScaleLayout layout) {
+  switch (layout) {
+    case ScaleLayout::row_major:
+      return "row_major";
+    case ScaleLayout::column_major:
+      return "column_major";
+    case ScaleLayout::column_major_tma:
+      return "column_major_tma";
+    case ScaleLayout::packed_ue8m0:
+      return "packed_ue8m0";
+  }
+  return "?";
+}
+
 ScaleAddressing scale_addressing(ScaleLayout layout, int64_t rows, int64_t groups) {
   switch (layout) {
     case ScaleLayout::row_major:
@@ -199,17 +213,8 @@ std::string shape_str(int64_t a, int64_t b) {
   return s;
 }
 std::string layout_name(ScaleLayout layout) {
-  switch (layout) {
-    case ScaleLayout::row_major:
-      return "row_major";
-    case ScaleLayout::column_major:
-      return "column_major";
-    case ScaleLayout::column_major_tma:
-      return "column_major_tma";
-    case ScaleLayout::packed_ue8m0:
-      return "packed_ue8m0";
-  }
-  return "layout " + str(static_cast<int64_t>(layout));
+  if (layout > ScaleLayout::packed_ue8m0) return "layout " + str(static_cast<int64_t>(layout));
+  return scale_layout_name(layout);
 }
 
 bool is_wide_float(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; }

@@ -56,20 +56,6 @@ uint64_t test_seed() {
   return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
 }
 
-const char* layout_name(ScaleLayout l) {
-  switch (l) {
-    case ScaleLayout::row_major:
-      return "row_major";
-    case ScaleLayout::column_major:
-      return "column_major";
-    case ScaleLayout::column_major_tma:
-      return "column_major_tma";
-    case ScaleLayout::packed_ue8m0:
-      return "packed_ue8m0";
-  }
-  return "?";
-}
-
 struct GemmCase {
   int64_t m = 1, n = 128, k = 128;
   int64_t a_row_pad = 0, b_row_pad = 0, out_row_pad = 0;  // elements past each row
@@ -95,7 +81,7 @@ std::string describe(const GemmCase& c) {
                 static_cast<long long>(c.m), static_cast<long long>(c.n),
                 static_cast<long long>(c.k), static_cast<long long>(c.lda()),
                 static_cast<long long>(c.ldb()), static_cast<long long>(c.ldo()),
-                layout_name(c.layout), std::string(dtype_name(c.b_scale_dtype)).c_str(),
+                scale_layout_name(c.layout), std::string(dtype_name(c.b_scale_dtype)).c_str(),
                 c.b_scales_transposed ? " (transposed)" : "",
                 std::string(dtype_name(c.out_dtype)).c_str(),
                 c.bias_dtype ? std::string(dtype_name(*c.bias_dtype)).c_str() : "none",

@@ -124,10 +124,6 @@ TensorView strided_vector(const Tensor& storage, DType dtype, int64_t n, int64_t
   return TensorView(storage.data(), dtype, shape, strides, storage.device());
 }
 
-const char* layout_name(ScaleLayout layout) {
-  static const char* kNames[] = {"row_major", "column_major", "column_major_tma", "packed_ue8m0"};
-  return kNames[static_cast<int>(layout)];
-}
 constexpr ScaleLayout kLayouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
                                     ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
 constexpr int kGroupSizes[] = {16, 32, 64, 128, 256};
@@ -237,7 +233,7 @@ struct QuantCase {
     std::snprintf(text, sizeof text,
                   "M=%lld K=%lld group=%d x=%s %s%s eps=%g%s x_pad=%lld x_offset=%lld q_pad=%lld",
                   static_cast<long long>(m), static_cast<long long>(k), group,
-                  std::string(dtype_name(dtype)).c_str(), layout_name(layout),
+                  std::string(dtype_name(dtype)).c_str(), scale_layout_name(layout),
                   ue8m0 ? " ue8m0" : "", static_cast<double>(eps),
                   adversarial ? " adversarial" : "", static_cast<long long>(x_row_pad),
                   static_cast<long long>(x_offset), static_cast<long long>(q_row_pad));
@@ -713,7 +709,7 @@ struct GemmCase {
                   static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
                   std::string(dtype_name(out)).c_str(),
                   bias ? std::string(dtype_name(bias_dtype)).c_str() : "none",
-                  static_cast<long long>(bias_stride), layout_name(layout),
+                  static_cast<long long>(bias_stride), scale_layout_name(layout),
                   std::string(dtype_name(b_scale_dtype)).c_str(), b_scale_form,
                   static_cast<long long>(a_row_pad), static_cast<long long>(a_offset),
                   static_cast<long long>(b_row_pad), static_cast<long long>(b_offset),
@@ -1372,7 +1368,7 @@ TEST(GpuFp8Timing, DecodeGemmAndGroupQuant) {
         "verify", TensorView(x.data(), DType::bf16, {rows, K}), q_ref, s_ref, row_major, {}));
     const Tensor q_host = Tensor::copy_of(q, Device::cpu());
     const bool exact = std::memcmp(q_host.data(), q_ref.data(), rows * K) == 0;
-    EXPECT_TRUE(exact) << layout_name(layout);
+    EXPECT_TRUE(exact) << scale_layout_name(layout);
     const double us = gpu::median_graph_replay_us(
         [&](void* stream) {
           p.stream = stream;
@@ -1382,7 +1378,7 @@ TEST(GpuFp8Timing, DecodeGemmAndGroupQuant) {
     const double moved = 3.0 * static_cast<double>(M * K) + static_cast<double>(scales.nbytes());
     std::printf(
         "quant %lldx%lld bf16 g=128 %-16s %8.2f us  %7.0f GB/s  %5.1f%% of copy bandwidth%s\n",
-        static_cast<long long>(M), static_cast<long long>(K), layout_name(layout), us,
+        static_cast<long long>(M), static_cast<long long>(K), scale_layout_name(layout), us,
         moved / (us * 1e3), 100.0 * moved / (us * 1e3) / copy_gbs, exact ? "" : "  WRONG");
   }
 }

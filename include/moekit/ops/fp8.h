@@ -24,6 +24,8 @@ enum class ScaleLayout : uint8_t {
   column_major_tma,  // f32 stored [G, align4(M)] (strides (1, align4(M)))
   packed_ue8m0,      // i32 stored [ceil(G / 4), align4(M)]: exponent bytes of 4 groups per word
 };
+// "row_major", "column_major", "column_major_tma", "packed_ue8m0"; "?" for any other value.
+const char* scale_layout_name(ScaleLayout layout);
 
 struct GroupQuantConfig {
   int group_size = 128;  // 16..256; a divisor of K that is a multiple of 16
