@@ -66,6 +66,9 @@ struct Fp8GemmInputs {
   Tensor a, a_scales, b, b_scales;
 };
 Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed);
+// Row-major f32 scales [M, G] (host) copied into column-major storage ([G, M], M contiguous): the
+// layout cuBLASLt's VEC128 activation scales need.
+Tensor column_major_scales(const TensorView& row_major);
 // The first `rows` rows of a (rows contiguous) as a view.
 TensorView first_rows(const TensorView& t, int64_t rows);
 // sum |out - ref| / sum |ref| over the first ref.size(0) rows of out (any float dtypes).

@@ -34,23 +34,13 @@ struct GpuRow {
 
 constexpr const char* kGemmImplementations[] = {"gpu.cublaslt", "gpu.sm90", "gpu"};
 
-// The same logical [M, G] scales stored column-major ([G, M] storage).
-Tensor column_major(const TensorView& row_major) {
-  const int64_t M = row_major.size(0), G = row_major.size(1);
-  Tensor t = Tensor::empty(DType::f32, {G, M});
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      t.data_as<float>()[g * M + m] = row_major.data_as<float>()[m * G + g];
-  return t;
-}
-
 std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t N, int64_t K,
                                      uint64_t seed) {
   const Device gpu = Device::gpu();
   const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
   const Tensor a = Tensor::copy_of(in.a, gpu), b_scales = Tensor::copy_of(in.b_scales, gpu);
   const Tensor as_row = Tensor::copy_of(in.a_scales, gpu);
-  const Tensor as_col = Tensor::copy_of(column_major(in.a_scales), gpu);
+  const Tensor as_col = Tensor::copy_of(column_major_scales(in.a_scales), gpu);
   // Weight copies covering >= 256 MiB (several times L2).
   const size_t weight_bytes = in.b.nbytes();
   const int copies = static_cast<int>(

@@ -99,16 +99,6 @@ Tensor staged(const TensorView& t, Backend backend) {
 }
 Tensor to_host(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()); }
 
-// The same logical scales stored column-major ([G, M] storage, M contiguous).
-Tensor column_major_copy(const TensorView& row_major) {
-  const int64_t M = row_major.size(0), G = row_major.size(1);
-  Tensor t = Tensor::empty(DType::f32, {G, M});
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      t.data_as<float>()[g * M + m] = row_major.data_as<float>()[m * row_major.stride(0) + g];
-  return t;
-}
-
 // spec/fp8.md: 1e-3 for f32 out, plus bf16's rounding (2^-8 relative, at most) for bf16 out.
 double gemm_tolerance(DType out) { return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : 0.0); }
 
@@ -191,6 +181,15 @@ TensorView first_rows(const TensorView& t, int64_t rows) {
   return TensorView(t.data(), t.dtype(), shape, strides, t.device());
 }
 
+Tensor column_major_scales(const TensorView& row_major) {
+  const int64_t M = row_major.size(0), G = row_major.size(1);
+  Tensor t = Tensor::empty(DType::f32, {G, M});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      t.data_as<float>()[g * M + m] = row_major.data_as<float>()[m * row_major.stride(0) + g];
+  return t;
+}
+
 double relative_mean_error(const TensorView& out, const TensorView& ref) {
   double error = 0.0, magnitude = 0.0;
   for (int64_t m = 0; m < ref.size(0); ++m) {
@@ -268,7 +267,7 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
         a_scales.emplace_back(ScaleLayout::row_major, staged(in.a_scales, backend));
         if (backend == Backend::gpu)
           a_scales.emplace_back(ScaleLayout::column_major,
-                                staged(column_major_copy(in.a_scales), backend));
+                                staged(column_major_scales(in.a_scales), backend));
         std::string g_impl, e32 = "-", e16 = "-";
         bool gemm_ran = false;
         for (const auto& [layout, as_on] : a_scales) {
