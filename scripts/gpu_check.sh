@@ -214,6 +214,21 @@ else
   note "FP8 bench not run: no CLI"
 fi
 
+if [[ ${GPU_CHECK_FP8_AB:-0} == 1 && -x $CLI ]]; then
+  step "FP8 A/B: group quant with MOEKIT_GPU_QUANT_HINTS=1 and MOEKIT_GPU_PDL=0; cuBLASLt's" \
+    "heuristic ranks 0..7 on the large shape (MOEKIT_CUBLASLT_ALGO)"
+  {
+    for variant in "" MOEKIT_GPU_QUANT_HINTS=1 MOEKIT_GPU_PDL=0 ""; do
+      echo "-- quant ${variant:-default}"
+      env $variant timeout 60 "$CLI" bench --op quant --backend gpu 2>&1 | grep -E "^x bf16"
+    done
+    for rank in 0 1 2 3 4 5 6 7 0; do
+      MOEKIT_CUBLASLT_ALGO=$rank timeout 60 "$CLI" bench --op gemm --backend gpu \
+        --model o_proj 2>&1 | grep -E "cublaslt"
+    done
+  } | tee "$OUT/fp8_ab.txt"
+fi
+
 step "summary"
 {
   GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)

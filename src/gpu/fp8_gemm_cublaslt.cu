@@ -8,7 +8,10 @@
 // layouts, bias, partial k-blocks, unaligned rows) is declined, so the call falls to our kernels.
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -137,7 +140,39 @@ PlanKey plan_key(const BlockGemmProblem& p) {
           alignment_of(p.out.data())};
 }
 
-// The heuristic's first algorithm for this shape, or none when cuBLASLt has no kernel for it.
+// MOEKIT_CUBLASLT_ALGO=r (a tuning knob, like MOEKIT_SM90_SWAP): take the heuristic's r-th
+// algorithm (0 = its first, the default) where it returns that many, and describe it on stderr.
+constexpr int kMaxAlgorithmRank = 15;
+int algorithm_rank() {
+  static const int rank = [] {
+    const char* env = std::getenv("MOEKIT_CUBLASLT_ALGO");
+    return env == nullptr ? 0 : std::clamp(std::atoi(env), 0, kMaxAlgorithmRank);
+  }();
+  return rank;
+}
+
+void describe_algorithm(const BlockGemmProblem& p, const cublasLtMatmulAlgo_t& algorithm, int rank,
+                        int returned) {
+  auto config = [&](cublasLtMatmulAlgoConfigAttributes_t attribute) {
+    uint32_t value = 0;  // every attribute read here fits 32 bits (ids, enums, counts)
+    size_t written = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(&algorithm, attribute, &value, sizeof(value),
+                                             &written) != CUBLAS_STATUS_SUCCESS)
+      return -1;
+    return static_cast<int>(value);
+  };
+  std::fprintf(stderr,
+               "cublaslt M=%lld N=%lld K=%lld: algorithm %d of %d: id %d tile %d stages %d "
+               "cluster %d split-k %d swizzle %d\n",
+               static_cast<long long>(p.m), static_cast<long long>(p.n),
+               static_cast<long long>(p.k), rank, returned, config(CUBLASLT_ALGO_CONFIG_ID),
+               config(CUBLASLT_ALGO_CONFIG_TILE_ID), config(CUBLASLT_ALGO_CONFIG_STAGES_ID),
+               config(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID),
+               config(CUBLASLT_ALGO_CONFIG_SPLITK_NUM), config(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING));
+}
+
+// The heuristic's first algorithm for this shape (or the knob's), or none when cuBLASLt has no
+// kernel for it.
 // Cached, so that supports() and the call after it ask cuBLASLt once per shape.
 std::optional<cublasLtMatmulAlgo_t> algorithm_for(const BlockGemmProblem& p) {
   static std::mutex mutex;
@@ -153,13 +188,18 @@ std::optional<cublasLtMatmulAlgo_t> algorithm_for(const BlockGemmProblem& p) {
   {
     DeviceGuard guard(p.a.device().index);
     Descriptors desc(p);
-    cublasLtMatmulHeuristicResult_t result{};
+    const int wanted = algorithm_rank();
+    cublasLtMatmulHeuristicResult_t results[kMaxAlgorithmRank + 1]{};
     int returned = 0;
     const cublasStatus_t status =
         cublasLtMatmulAlgoGetHeuristic(handle, desc.matmul, desc.w, desc.x, desc.d, desc.d,
-                                       desc.preference, 1, &result, &returned);
-    if (status == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS)
-      algorithm = result.algo;
+                                       desc.preference, wanted + 1, results, &returned);
+    if (status == CUBLAS_STATUS_SUCCESS && returned > 0) {
+      const int rank = std::min(wanted, returned - 1);
+      if (results[rank].state == CUBLAS_STATUS_SUCCESS) algorithm = results[rank].algo;
+      if (algorithm && std::getenv("MOEKIT_CUBLASLT_ALGO") != nullptr)
+        describe_algorithm(p, *algorithm, rank, returned);
+    }
   }
   std::lock_guard lock(mutex);
   plans.emplace(key, algorithm);

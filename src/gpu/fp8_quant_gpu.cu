@@ -17,6 +17,7 @@
 // shuffles, bounds are checked per element, packed words are assembled in shared memory.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -54,8 +55,9 @@ struct GroupQuantArgs {
   int64_t units_per_row, units;
   float eps;
   bool ue8m0;
-  bool x_vectors;  // x rows allow 16-byte loads
-  bool q_vectors;  // q rows allow 8-byte stores
+  bool x_vectors;        // x rows allow 16-byte loads
+  bool q_vectors;        // q rows allow 8-byte stores
+  bool streaming_hints;  // streaming kernel: evict-first loads of x and stores of q (A/B knob)
   // The streaming kernel's walk: each warp advances `unit_step` units (a whole grid of warps) at
   // a time, `column_step` units along the row, or `column_step_wrapped` (< 0) when that passes
   // the row's end (column unit >= `wrap_from`) and one more row is crossed. The byte steps of the
@@ -292,6 +294,9 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
   static_assert(kUnitGroups % 4 == 0 && kUnitGroups / 4 <= kLanes, "unit of whole words");
   __shared__ uint32_t exponent_words[kQuantWarps][kUnitGroups / 4];
 
+  // x is the previous kernel's output (launched overlapping it: see per_token_group_quant_fp8).
+  vendor::wait_for_previous_grid();
+  vendor::allow_next_grid();
   const int lane = vendor::lane_id();
   const int warp = static_cast<int>(threadIdx.x) / kLanes;
   auto* exponent_bytes = reinterpret_cast<uint8_t*>(exponent_words[warp]);
@@ -374,12 +379,13 @@ template <Wide kType>
 constexpr int kStreamBlocksPerSm = kType == Wide::f32 ? 2 : kQuantBlocksPerSm;
 
 template <Wide kType>
-__device__ __forceinline__ RawChunk<kType> load_aligned_chunk(const void* chunk) {
+__device__ __forceinline__ RawChunk<kType> load_aligned_chunk(const void* chunk, bool once) {
   RawChunk<kType> r;
   constexpr int kVectors = sizeof(r.w) / sizeof(uint4);
 #pragma unroll
   for (int i = 0; i < kVectors; ++i) {
-    const uint4 v = __ldg(static_cast<const uint4*>(chunk) + i);
+    const uint4* p = static_cast<const uint4*>(chunk) + i;
+    const uint4 v = once ? vendor::load_once(p) : __ldg(p);
     r.w[4 * i] = v.x, r.w[4 * i + 1] = v.y, r.w[4 * i + 2] = v.z, r.w[4 * i + 3] = v.w;
   }
   return r;
@@ -399,6 +405,8 @@ __global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
   constexpr int kElementBytes = kType == Wide::f32 ? 4 : 2;
   using Raw = RawChunk<kType>;
 
+  vendor::wait_for_previous_grid();  // as in group_quant_kernel
+  vendor::allow_next_grid();
   const int lane = vendor::lane_id();
   const int span = lane / kSpanLanes;
   const int first_group = span * kLaneGroups;  // in the unit
@@ -423,7 +431,7 @@ __global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
   auto load = [&](Raw(&raw)[kLaneChunks]) {
 #pragma unroll
     for (int c = 0; c < kLaneChunks; ++c)
-      raw[c] = load_aligned_chunk<kType>(x + c * kChunkStride * kElementBytes);
+      raw[c] = load_aligned_chunk<kType>(x + c * kChunkStride * kElementBytes, a.streaming_hints);
   };
   // The values are decoded twice (for the amax, then chunk by chunk for the bytes): 64 registers
   // hold two units of raw chunks, not a unit of f32 values besides (see chunk_amax).
@@ -465,10 +473,14 @@ __global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
             words[2 * k] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
             words[2 * k + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
           }
-          if constexpr (kStoreChunks == 2)
-            *reinterpret_cast<uint4*>(q + c * kChunk) =
-                make_uint4(words[0], words[1], words[2], words[3]);
-          else
+          if constexpr (kStoreChunks == 2) {
+            uint4* to = reinterpret_cast<uint4*>(q + c * kChunk);
+            const uint4 bytes = make_uint4(words[0], words[1], words[2], words[3]);
+            if (a.streaming_hints)
+              vendor::store_once(to, bytes);
+            else
+              *to = bytes;
+          } else
             *reinterpret_cast<uint2*>(q + c * kChunkStride) = make_uint2(words[0], words[1]);
         }
       });
@@ -517,6 +529,16 @@ GroupQuantKernel group_quant_kernel_for(int group_size, bool whole_units) {
     default:
       return nullptr;
   }
+}
+
+// MOEKIT_GPU_QUANT_HINTS=1: the streaming kernel loads x and stores q evict-first (an A/B knob
+// while measuring; off by default).
+bool streaming_hints() {
+  static const bool on = [] {
+    const char* env = std::getenv("MOEKIT_GPU_QUANT_HINTS");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  return on;
 }
 
 // Blocks of `kernel` (with `threads` threads) resident on one SM of `device`, cached.
@@ -697,8 +719,11 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
         a.scale_step +
         (a.scale_row_stride - a.units_per_row * unit_slots * a.scale_group_stride) * scale_bytes;
   }
+  a.streaming_hints = streaming_hints();
+  // Overlapping the previous kernel hides the launch gap (about 1% of a 100 us call).
   MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kQuantThreads),
-                                  0, static_cast<cudaStream_t>(p.stream), false, a));
+                                  0, static_cast<cudaStream_t>(p.stream),
+                                  programmatic_launch_allowed(device), a));
 }
 
 std::string block_quantize_weight_supports(const BlockQuantizeWeightProblem& p) {

@@ -1,5 +1,6 @@
 // The GPU runtime services behind core/gpu_hooks.h and gpu_runtime.h.
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -91,6 +92,14 @@ DeviceProperties device_properties(int device) {
   p.shared_memory_per_block_optin = prop.sharedMemPerBlockOptin;
   cache.emplace(device, p);
   return p;
+}
+
+bool programmatic_launch_allowed(int device) {
+  static const bool allowed = [] {
+    const char* env = std::getenv("MOEKIT_GPU_PDL");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return allowed && device_properties(device).major >= 9;
 }
 
 void synchronize(void* stream) {

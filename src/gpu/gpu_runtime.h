@@ -19,6 +19,10 @@ struct DeviceProperties {
 };
 DeviceProperties device_properties(int device);  // cached; throws Error
 
+// Whether kernels on `device` may be launched overlapping the previous kernel of their stream
+// (programmatic dependent launch: compute capability 9.0+), unless MOEKIT_GPU_PDL=0 (A/B timing).
+bool programmatic_launch_allowed(int device);
+
 void synchronize(void* stream);  // for tests and the CLI, never called inside an op
 
 // ---- Benchmark helpers (the CLI's bench and the GPU tests; never inside an op).

@@ -61,6 +61,10 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
 
 __device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
 
+// 16-byte load and store of data touched once: evict-first in the caches (ld/st.global.cs).
+__device__ __forceinline__ uint4 load_once(const uint4* p) { return __ldcs(p); }
+__device__ __forceinline__ void store_once(uint4* p, uint4 v) { __stcs(p, v); }
+
 // ---- FP8 (OCP e4m3fn) conversions, as moekit/dtype.h defines them (see vendor.h).
 
 }  // namespace moekit::gpu::vendor

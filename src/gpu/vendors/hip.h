@@ -102,6 +102,18 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
 
 __device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
 
+// 16-byte load and store of data touched once (non-temporal where the compiler has it).
+__device__ __forceinline__ uint4 load_once(const uint4* p) {
+  return uint4{__builtin_nontemporal_load(&p->x), __builtin_nontemporal_load(&p->y),
+               __builtin_nontemporal_load(&p->z), __builtin_nontemporal_load(&p->w)};
+}
+__device__ __forceinline__ void store_once(uint4* p, uint4 v) {
+  __builtin_nontemporal_store(v.x, &p->x);
+  __builtin_nontemporal_store(v.y, &p->y);
+  __builtin_nontemporal_store(v.z, &p->z);
+  __builtin_nontemporal_store(v.w, &p->w);
+}
+
 // ---- FP8 (OCP e4m3fn) conversions, as moekit/dtype.h defines them (see vendor.h): integer
 // code, no conversion instructions assumed.
 
