@@ -371,12 +371,19 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
 // the next unit's loads are issued before the current one is quantized. Packed exponent words are
 // assembled with shuffles.
 
-constexpr int kLaneChunks = kUnitElements / (kLanes * kChunk);  // 4 chunks a lane per unit
+// Rows whose length is a multiple of 512 or 256 but not of 1024 (the inputs of Qwen3's expert
+// down projections: K = 768, 1536) take the same kernel with 2 or 1 chunks a lane, units of 512 or
+// 256 elements, and more blocks per SM so that as many bytes stay in flight.
+constexpr int kMaxLaneChunks = kUnitElements / (kLanes * kChunk);  // 4 chunks a lane per unit
 
 // Blocks per SM the streaming kernel is compiled for (registers): 16-bit x keeps two units of raw
-// chunks (32 registers) in 64; f32 x has twice the bytes.
-template <Wide kType>
-constexpr int kStreamBlocksPerSm = kType == Wide::f32 ? 2 : kQuantBlocksPerSm;
+// chunks (32 registers at 4 chunks a lane) in 64; f32 x has twice the bytes. Smaller units need
+// fewer registers, so more warps keep bytes in flight: as many as fit without spilling (ptxas).
+template <Wide kType, int kLaneChunks>
+constexpr int kStreamBlocksPerSm = kType == Wide::f32 ? (kLaneChunks == 4 ? 2 : 4)
+                                   : kLaneChunks == 4 ? 4
+                                   : kLaneChunks == 2 ? 5
+                                                      : 6;
 
 template <Wide kType>
 __device__ __forceinline__ RawChunk<kType> load_aligned_chunk(const void* chunk, bool once) {
@@ -391,16 +398,21 @@ __device__ __forceinline__ RawChunk<kType> load_aligned_chunk(const void* chunk,
   return r;
 }
 
-template <Wide kType, int kGroupSize>
-__global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
+template <Wide kType, int kGroupSize, int kLaneChunks>
+__global__ void __launch_bounds__(kQuantThreads, (kStreamBlocksPerSm<kType, kLaneChunks>))
     group_quant_stream_kernel(const GroupQuantArgs a) {
-  constexpr int kSpan = kGroupSize < 32 ? 32 : kGroupSize;  // a lane's chunks lie in one span
-  constexpr int kSpanLanes = kSpan / 32;                    // lanes sharing a span: 1..8
-  constexpr int kLaneGroups = kSpan / kGroupSize;           // groups a lane holds: 1 (2 for 16)
-  constexpr int kGroupChunks = kLaneChunks / kLaneGroups;   // a group's chunks in one lane
-  constexpr int kChunkStride = kSpanLanes * kChunk;         // elements between a lane's chunks
-  constexpr int kStoreChunks = kSpanLanes == 1 ? 2 : 1;     // contiguous chunks: 16-byte stores
-  constexpr int kUnitGroups = kUnitElements / kGroupSize;
+  constexpr int kLaneElements = kLaneChunks * kChunk;  // 32, 16 or 8
+  constexpr int kUnit = kLanes * kLaneElements;        // 1024, 512 or 256
+  // A lane's chunks lie in one span: its group, or (groups smaller than its elements) its own.
+  constexpr int kSpan = kGroupSize < kLaneElements ? kLaneElements : kGroupSize;
+  constexpr int kSpanLanes = kSpan / kLaneElements;        // lanes sharing a span: 1..32
+  constexpr int kLaneGroups = kSpan / kGroupSize;          // groups a lane holds: 1 (2 for 16)
+  constexpr int kGroupChunks = kLaneChunks / kLaneGroups;  // a group's chunks in one lane
+  constexpr int kChunkStride = kSpanLanes * kChunk;        // elements between a lane's chunks
+  // Contiguous chunk pairs of a group: 16-byte stores.
+  constexpr int kStoreChunks = kSpanLanes == 1 && kGroupChunks % 2 == 0 ? 2 : 1;
+  constexpr int kUnitGroups = kUnit / kGroupSize;
+  static_assert(kSpan <= kUnit && kGroupChunks >= 1, "a unit holds whole groups");
   constexpr int kWordLanes = 4 * kSpanLanes / kLaneGroups;  // lanes holding a packed word's groups
   constexpr int kElementBytes = kType == Wide::f32 ? 4 : 2;
   using Raw = RawChunk<kType>;
@@ -419,8 +431,7 @@ __global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
   int units_left = a.rounds - (unit + (a.rounds - 1) * a.unit_step >= a.units ? 1 : 0);
   const int64_t row = unit / a.units_per_row;
   int column_unit = static_cast<int>(unit - row * a.units_per_row);
-  const int64_t first =
-      int64_t{column_unit} * kUnitElements + span * kSpan + (lane % kSpanLanes) * kChunk;
+  const int64_t first = int64_t{column_unit} * kUnit + span * kSpan + (lane % kSpanLanes) * kChunk;
   const char* x = static_cast<const char*>(a.x) + (row * a.x_row_stride + first) * kElementBytes;
   uint8_t* q = a.q + row * a.q_row_stride + first;
   const int64_t slot = a.packed ? int64_t{column_unit} * (kUnitGroups / 4) + lane / kWordLanes
@@ -507,28 +518,45 @@ __global__ void __launch_bounds__(kQuantThreads, kStreamBlocksPerSm<kType>)
 
 using GroupQuantKernel = void (*)(GroupQuantArgs);
 
+// The streaming kernel with `lane_chunks` chunks a lane (4, 2 or 1), or the general one (0).
 template <Wide kType, int kGroupSize>
-GroupQuantKernel group_quant_kernel_of(bool whole_units) {
-  return whole_units ? group_quant_stream_kernel<kType, kGroupSize>
-                     : group_quant_kernel<kType, kGroupSize>;
+GroupQuantKernel group_quant_kernel_of(int lane_chunks) {
+  if constexpr (kGroupSize <= kLanes * kChunk) {  // units of 256 hold groups up to 256
+    if (lane_chunks == 1) return group_quant_stream_kernel<kType, kGroupSize, 1>;
+  }
+  if (lane_chunks == 2) return group_quant_stream_kernel<kType, kGroupSize, 2>;
+  if (lane_chunks == 4) return group_quant_stream_kernel<kType, kGroupSize, 4>;
+  return group_quant_kernel<kType, kGroupSize>;
 }
 
 template <Wide kType>
-GroupQuantKernel group_quant_kernel_for(int group_size, bool whole_units) {
+GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks) {
   switch (group_size) {
     case 16:
-      return group_quant_kernel_of<kType, 16>(whole_units);
+      return group_quant_kernel_of<kType, 16>(lane_chunks);
     case 32:
-      return group_quant_kernel_of<kType, 32>(whole_units);
+      return group_quant_kernel_of<kType, 32>(lane_chunks);
     case 64:
-      return group_quant_kernel_of<kType, 64>(whole_units);
+      return group_quant_kernel_of<kType, 64>(lane_chunks);
     case 128:
-      return group_quant_kernel_of<kType, 128>(whole_units);
+      return group_quant_kernel_of<kType, 128>(lane_chunks);
     case 256:
-      return group_quant_kernel_of<kType, 256>(whole_units);
+      return group_quant_kernel_of<kType, 256>(lane_chunks);
     default:
       return nullptr;
   }
+}
+
+// Chunks a lane of the streaming kernel takes for rows of `cols` elements: the largest unit
+// (1024, 512 or 256 elements) that divides the row, holds whole groups, and for packed scales whole
+// words of 4 groups (written by one lane, no read-modify-write); 0 when none does.
+int stream_lane_chunks(int64_t cols, int group_size, bool packed) {
+  for (int chunks = kMaxLaneChunks; chunks >= 1; chunks /= 2) {
+    const int64_t unit = int64_t{kLanes} * kChunk * chunks;
+    if (cols % unit == 0 && unit >= group_size && (!packed || (unit / group_size) % 4 == 0))
+      return chunks;
+  }
+  return 0;
 }
 
 // MOEKIT_GPU_QUANT_HINTS=1: the streaming kernel loads x and stores q evict-first (an A/B knob
@@ -657,27 +685,35 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   a.rows = p.rows;
   a.cols = p.cols;
   a.groups = p.groups;
-  a.units_per_row = fp8::ceil_div(p.cols, kUnitElements);
-  a.units = p.rows * a.units_per_row;
   a.eps = p.eps;
   a.ue8m0 = p.ue8m0;
   const auto x_size = static_cast<int64_t>(dtype_size(p.x.dtype()));
   a.x_vectors = aligned(a.x, a.x_row_stride * x_size, p.rows, 16);
   a.q_vectors = aligned(a.q, a.q_row_stride, p.rows, 8);
   // Rows of whole units, 16-byte loads and stores: the streaming kernel.
-  const bool whole_units = p.cols % kUnitElements == 0 && a.units_per_row <= INT32_MAX &&
-                           a.x_vectors && aligned(a.q, a.q_row_stride, p.rows, 16);
+  int lane_chunks = stream_lane_chunks(p.cols, p.group_size, a.packed);
+  const int64_t unit_elements =
+      lane_chunks > 0 ? int64_t{kLanes} * kChunk * lane_chunks : int64_t{kUnitElements};
+  a.units_per_row = fp8::ceil_div(p.cols, unit_elements);
+  a.units = p.rows * a.units_per_row;
+  if (a.units_per_row > INT32_MAX || !a.x_vectors || !aligned(a.q, a.q_row_stride, p.rows, 16))
+    lane_chunks = 0;
+  if (lane_chunks == 0) {  // the general kernel: units of 1024, the last one partial
+    a.units_per_row = fp8::ceil_div(p.cols, kUnitElements);
+    a.units = p.rows * a.units_per_row;
+  }
+  const bool whole_units = lane_chunks > 0;
 
   GroupQuantKernel kernel = nullptr;
   switch (wide_of(p.x.dtype())) {
     case Wide::f32:
-      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, whole_units);
+      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks);
       break;
     case Wide::f16:
-      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, whole_units);
+      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks);
       break;
     case Wide::bf16:
-      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, whole_units);
+      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks);
       break;
   }
   if (kernel == nullptr)
@@ -686,12 +722,13 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
 
   const int device = p.x.device().index;
   DeviceGuard on_device(device);
-  // As many blocks as fit at once (at most kQuantBlocksPerSm per SM): each warp then walks its
-  // units as a pipeline, and no second wave leaves SMs idle at the end.
+  // As many blocks as fit at once (the streaming kernel's launch bounds set its count; at most
+  // kQuantBlocksPerSm of the general one): each warp then walks its units as a pipeline, and no
+  // second wave leaves SMs idle at the end.
   const int64_t blocks_needed = fp8::ceil_div(a.units, kQuantWarps);
-  const int per_sm =
-      std::min(kQuantBlocksPerSm,
-               resident_blocks(reinterpret_cast<const void*>(kernel), kQuantThreads, device));
+  const int resident =
+      resident_blocks(reinterpret_cast<const void*>(kernel), kQuantThreads, device);
+  const int per_sm = whole_units ? resident : std::min(kQuantBlocksPerSm, resident);
   const int64_t block_cap = int64_t{device_properties(device).sm_count} * per_sm;
   int64_t blocks = std::min(blocks_needed, block_cap);
   if (whole_units) {
@@ -701,16 +738,16 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
     blocks = fp8::ceil_div(a.units, rounds * kQuantWarps);
     const int64_t step = blocks * kQuantWarps;
     const int64_t step_rows = step / a.units_per_row, column_step = step % a.units_per_row;
-    const int64_t unit_slots = kUnitElements / p.group_size / (a.packed ? 4 : 1);
+    const int64_t unit_slots = unit_elements / p.group_size / (a.packed ? 4 : 1);
     a.unit_step = step;
     a.rounds = static_cast<int>(fp8::ceil_div(a.units, step));  // the first warp's units
     a.column_step = static_cast<int>(column_step);
     a.column_step_wrapped = static_cast<int>(column_step - a.units_per_row);
     a.wrap_from = static_cast<int>(a.units_per_row - column_step);
-    a.x_step = (step_rows * a.x_row_stride + column_step * kUnitElements) * x_size;
-    a.x_step_wrapped = a.x_step + (a.x_row_stride - a.units_per_row * kUnitElements) * x_size;
-    a.q_step = step_rows * a.q_row_stride + column_step * kUnitElements;
-    a.q_step_wrapped = a.q_step + a.q_row_stride - a.units_per_row * kUnitElements;
+    a.x_step = (step_rows * a.x_row_stride + column_step * unit_elements) * x_size;
+    a.x_step_wrapped = a.x_step + (a.x_row_stride - a.units_per_row * unit_elements) * x_size;
+    a.q_step = step_rows * a.q_row_stride + column_step * unit_elements;
+    a.q_step_wrapped = a.q_step + a.q_row_stride - a.units_per_row * unit_elements;
     const int64_t scale_bytes = sizeof(float);
     a.scale_step =
         (step_rows * a.scale_row_stride + column_step * unit_slots * a.scale_group_stride) *

@@ -586,6 +586,43 @@ TEST(GpuFp8Quant, WholeUnitRowsMatchTheReferenceExactly) {
   }
 }
 
+// Rows of whole 512- or 256-element units but not of 1024 (K = 768 and 1536: the inputs of
+// Qwen3's expert down projections) take the streaming kernel with 2 or 1 chunks a lane; packed
+// scales need 4 whole groups a unit, else (and for rows of no whole unit) the general kernel.
+TEST(GpuFp8Quant, SmallerUnitRowsMatchTheReferenceExactly) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed("SmallerUnitRowsMatchTheReferenceExactly");
+  std::mt19937_64 rng(seed);
+  int failures = 0;
+  for (int64_t k :
+       {int64_t{256}, int64_t{512}, int64_t{768}, int64_t{1536}, int64_t{2560}, int64_t{2816}}) {
+    for (ScaleLayout layout : kLayouts) {
+      for (int group : kGroupSizes) {
+        for (DType dtype : kWideTypes) {
+          QuantCase c;
+          c.layout = layout;
+          c.group = group;
+          c.dtype = dtype;
+          // More units than the grid has warps (warps cross row ends), for two model shapes.
+          const bool walk = dtype == DType::bf16 && group == 128 && (k == 768 || k == 1536);
+          c.m = walk ? 3001 : pick<int64_t>(rng, {1, 3, 64, 333});
+          c.k = k;
+          c.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
+          c.adversarial = chance(rng, 0.6);
+          if (chance(rng, 0.3)) c.eps = pick(rng, {1e-4f, 1e-30f, 3.0f});
+          if (chance(rng, 0.5)) {
+            c.x_row_pad = 64;
+            c.q_row_pad = 16;
+          }
+          failures += !check_quant(c, rng(), stream.get());
+          if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // block_quantize_weight.
 

@@ -146,10 +146,19 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++))
             rows.push_back(std::move(r));
   } else {
-    for (ScaleLayout layout : {ScaleLayout::row_major, ScaleLayout::packed_ue8m0}) {
-      const std::string name =
-          std::string("x bf16 K=7168 g128 ") + (layout == ScaleLayout::row_major ? "row" : "ue8m0");
-      if (wanted(name, 16384)) rows.push_back(bench_quant_gpu(name, 16384, 7168, layout, seed++));
+    // K=7168: DeepSeek-V3's hidden size (the goal's shape); 1536 and 768: the inputs of the
+    // expert down projections of Qwen3-235B and Qwen3-30B (units of 512 and 256 elements).
+    struct QuantShape {
+      int64_t k;
+      ScaleLayout layout;
+    };
+    for (const QuantShape& shape :
+         {QuantShape{7168, ScaleLayout::row_major}, QuantShape{7168, ScaleLayout::packed_ue8m0},
+          QuantShape{1536, ScaleLayout::row_major}, QuantShape{768, ScaleLayout::row_major}}) {
+      const std::string name = "x bf16 K=" + std::to_string(shape.k) + " g128 " +
+                               (shape.layout == ScaleLayout::row_major ? "row" : "ue8m0");
+      if (wanted(name, 16384))
+        rows.push_back(bench_quant_gpu(name, 16384, shape.k, shape.layout, seed++));
     }
   }
   if (rows.empty()) fail("bench", "--model", options.model, "selects no GPU FP8 shape");
