@@ -215,10 +215,11 @@ else
 fi
 
 if [[ ${GPU_CHECK_FP8_AB:-0} == 1 && -x $CLI ]]; then
-  step "FP8 A/B: group quant with MOEKIT_GPU_QUANT_HINTS=1 and MOEKIT_GPU_PDL=0; cuBLASLt's" \
-    "heuristic ranks 0..7 on the large shape (MOEKIT_CUBLASLT_ALGO)"
+  step "FP8 A/B: group quant with MOEKIT_GPU_QUANT_HINTS=1, MOEKIT_GPU_PDL=0 and" \
+    "MOEKIT_GPU_QUANT_SMALL_UNITS=0; cuBLASLt's heuristic ranks 0..7 (MOEKIT_CUBLASLT_ALGO)"
   {
-    for variant in "" MOEKIT_GPU_QUANT_HINTS=1 MOEKIT_GPU_PDL=0 ""; do
+    for variant in "" MOEKIT_GPU_QUANT_HINTS=1 MOEKIT_GPU_PDL=0 MOEKIT_GPU_QUANT_SMALL_UNITS=0 \
+      ""; do
       echo "-- quant ${variant:-default}"
       env $variant timeout 60 "$CLI" bench --op quant --backend gpu 2>&1 | grep -E "^x bf16"
     done

@@ -550,8 +550,13 @@ GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks) {
 // Chunks a lane of the streaming kernel takes for rows of `cols` elements: the largest unit
 // (1024, 512 or 256 elements) that divides the row, holds whole groups, and for packed scales whole
 // words of 4 groups (written by one lane, no read-modify-write); 0 when none does.
+// MOEKIT_GPU_QUANT_SMALL_UNITS=0 keeps such rows on the general kernel (an A/B knob).
 int stream_lane_chunks(int64_t cols, int group_size, bool packed) {
-  for (int chunks = kMaxLaneChunks; chunks >= 1; chunks /= 2) {
+  static const int smallest = [] {
+    const char* env = std::getenv("MOEKIT_GPU_QUANT_SMALL_UNITS");
+    return env != nullptr && std::string(env) == "0" ? kMaxLaneChunks : 1;
+  }();
+  for (int chunks = kMaxLaneChunks; chunks >= smallest; chunks /= 2) {
     const int64_t unit = int64_t{kLanes} * kChunk * chunks;
     if (cols % unit == 0 && unit >= group_size && (!packed || (unit / group_size) % 4 == 0))
       return chunks;
