@@ -223,6 +223,9 @@ if [[ ${GPU_CHECK_FP8_AB:-0} == 1 && -x $CLI ]]; then
       echo "-- quant ${variant:-default}"
       env $variant timeout 60 "$CLI" bench --op quant --backend gpu 2>&1 | grep -E "^x bf16"
     done
+    echo "-- gemm gate_up without early weight loads (MOEKIT_SM90_EARLY=0)"
+    MOEKIT_SM90_EARLY=0 timeout 60 "$CLI" bench --op gemm --backend gpu --model gate_up 2>&1 \
+      | grep -E "gpu.sm90"
     for rank in 0 1 2 3 4 5 6 7 0; do
       MOEKIT_CUBLASLT_ALGO=$rank timeout 60 "$CLI" bench --op gemm --backend gpu \
         --model o_proj 2>&1 | grep -E "cublaslt"

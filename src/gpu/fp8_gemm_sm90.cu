@@ -19,8 +19,12 @@
 //
 // Swap grids and tiles grids of a few waves launch with programmatic dependent launch
 // (MOEKIT_GPU_PDL=0 turns it off): a kernel lets the next one start at once, and waits for the
-// previous one before it reads or writes anything of the problem; only L2 prefetches of its
-// first tiles go before that wait.
+// previous one before it reads or writes the activations, their scales or the output. The tiles
+// kernel prefetches its first tiles into L2 before that wait; the swap kernel loads its first
+// weight tiles into shared memory where the caller promises that B is not the previous kernel's
+// output (BlockGemmProblem::b_static, from OpOptions::static_weights or the linear layer), and
+// where its whole k-range fits the ring it is built for two CTAs per SM, so that the next call's
+// CTAs load all their weights while this call runs.
 //
 // Rows past M, columns past N and k past K are zeros filled in by the copy engine, and the
 // epilogue writes only inside [M, N]. The host builds both tensor maps per call
@@ -88,6 +92,9 @@ struct GemmArgs {
   int m, n, k_blocks;
   int tiles_m, tiles_n;  // tiles kernel: out tiles of 128 x 128
   int splits;            // swap kernel: CTAs of one cluster that split K of one weight tile
+  int stages;            // swap kernel: depth of the shared-memory ring (even)
+  bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
+  bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
 };
 
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
@@ -326,41 +333,75 @@ __global__ void __launch_bounds__(kThreads, 1)
 // tile serves 128 rows). kRows = 64: both warpgroups share 64 rows and take alternate k-blocks,
 // adding through shared memory at the end (twice the CTAs per weight: for grids that clusters of
 // 4 or 8 would not fit in one wave).
+//
+// kCoResident: registers for two CTAs per SM (no register reallocation; for kTokens <= 16, whose
+// accumulators are small), so that with PDL the next call's CTAs become resident beside this
+// call's and fill their rings while it finishes.
 
 constexpr int kMaxSplits = 8;  // portable cluster size
 
 template <int kTokens, int kRows>
 struct Swap {
-  static constexpr int kStages = kTokens >= 128 ? 4 : kTokens >= 64 ? 6 : 8;  // even: see below
   static constexpr int kWeightBytes = kRows * kBlockK;
   static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
   static constexpr int kStageBytes = kWeightBytes + kTokenBytes;
   static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
   // After the main loop the stages hold each consumer thread's partial sums.
-  static_assert(kStages * kStageBytes >= kConsumers * kRegisters * kWarpgroup * 4);
+  static constexpr int kPartialBytes = kConsumers * kRegisters * kWarpgroup * 4;
+  // The ring depth measured best where the weight loads wait for the previous kernel (v3): deeper
+  // rings only delay the first wgmma then (8 -> 16 stages: 10.7 -> 12.0 us at M=1, K=7168).
+  static constexpr int kLateStages = kTokens >= 128 ? 4 : kTokens >= 64 ? 6 : 8;
   static_assert(kRows == 64 || kRows == 128);
-  // Shared memory: stages | full, empty barriers | a scales [L][kTokens] | b scales [L].
-  static constexpr size_t kFixedBytes =
-      kSharedAlign + static_cast<size_t>(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t);
-  static size_t shared_bytes(int k_blocks_per_split) {
-    return kFixedBytes + static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4;
+  // The fewest stages (even: see the kernel) that hold the partial sums.
+  static int min_stages() {
+    const int stages = std::max(2, (kPartialBytes + kStageBytes - 1) / kStageBytes);
+    return (stages + 1) / 2 * 2;
+  }
+  // Threads whose sums go to rank 0 of a split (only warpgroup 0 when alternating).
+  static constexpr int kSenders = kRows == 64 ? kWarpgroup : kConsumers * kWarpgroup;
+  // Rank 0's inbox for the other ranks' sums (push_sums): [splits - 1][kSenders][kRegisters].
+  static size_t inbox_bytes(int splits) {
+    return static_cast<size_t>(splits - 1) * kSenders * kRegisters * 4;
+  }
+  // Shared memory: stages | full, empty barriers, sums barrier | a scales [L][kTokens] |
+  // b scales [L] | inbox (16-byte aligned).
+  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
+    return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
+           sizeof(uint64_t) + static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 +
+           inbox;
   }
 };
 
-template <int kTokens, int kRows>
-__global__ void __launch_bounds__(kThreads, 1)
+#if MOEKIT_SM90A
+// Ring position of a k-block: stage index and the parity of its use of that stage.
+struct RingSlot {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance(int by, int stages) {
+    stage += by;
+    if (stage >= stages) {
+      stage -= stages;
+      phase ^= 1;
+    }
+  }
+};
+#endif
+
+template <int kTokens, int kRows, bool kCoResident>
+__global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap x_map, const GemmArgs args) {
 #if MOEKIT_SM90A
   using Config = Swap<kTokens, kRows>;
   constexpr bool kAlternate = kRows == 64;
-  constexpr int kStages = Config::kStages;
   constexpr int kRegisters = Config::kRegisters;
   extern __shared__ uint8_t shared_raw[];
+  const int stage_count = args.stages;
   uint8_t* stages = align_shared(shared_raw);
-  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * Config::kStageBytes);
-  uint64_t* empty = full + kStages;
-  auto* a_scales = reinterpret_cast<float*>(empty + kStages);  // [L][kTokens]
+  auto* full = reinterpret_cast<uint64_t*>(stages + stage_count * Config::kStageBytes);
+  uint64_t* empty = full + stage_count;
+  uint64_t* sums_ready = empty + stage_count;                 // push_sums, in rank 0
+  auto* a_scales = reinterpret_cast<float*>(sums_ready + 1);  // [L][kTokens]
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
   const int splits = args.splits;
@@ -371,56 +412,98 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
   const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
   float* b_scales = a_scales + count * kTokens;
+  // The same offset in every CTA (the largest count: the first ranks may hold one k-block less).
+  const int max_count = (args.k_blocks + splits - 1) / splits;
+  auto* inbox = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(a_scales + max_count * (kTokens + 1)) + 15) / 16 * 16);
+  const bool push = splits > 1 && args.push_sums;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < stage_count; ++s) {
       sm90::mbarrier_init(&full[s], 1);
-      // Alternating: local k-block i uses stage i % kStages and warpgroup i % 2; kStages is even,
-      // so a stage always belongs to one warpgroup. Else both warpgroups read every stage.
+      // Alternating: local k-block i uses stage i % stages and warpgroup i % 2; the stage count is
+      // even, so a stage always belongs to one warpgroup. Else both warpgroups read every stage.
       sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
     }
+    sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
     sm90::fence_barrier_init();
   }
   __syncthreads();
+  // push_sums: every thread arrives now and waits before its CTA's sums move, so that rank 0's
+  // barrier is initialized before any other rank arrives on it.
+  if (push) sm90::cluster_arrive();
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
-    sm90::registers_shrink<kProducerRegisters>();
+    if constexpr (!kCoResident) sm90::registers_shrink<kProducerRegisters>();
     if (threadIdx.x == kConsumers * kWarpgroup) {
       sm90::prefetch_tensor_map(&w_map);
       sm90::prefetch_tensor_map(&x_map);
-      // The first weight tiles into L2 while the previous kernel finishes; then wait for it.
-      for (int i = 0; i < min(count, kStages); ++i)
-        sm90::tma_prefetch_2d(&w_map, (kb_begin + i) * kBlockK, n0);
-      vendor::wait_for_previous_grid();
-      for (int i = 0; i < count; ++i) {
-        const int s = i % kStages;
-        sm90::mbarrier_wait(&empty[s], ((i / kStages) & 1) ^ 1);
-        uint8_t* stage = stages + s * Config::kStageBytes;
+      const int first = min(count, stage_count);
+      int i = 0;
+      if (args.early_weights) {
+        // The weights are not the previous kernel's output (the host's promise, b_static): the
+        // first tiles go straight into the ring while it finishes; the token tiles only after.
+        for (int j = 0; j < first; ++j) {
+          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
+          sm90::tma_load_2d(stages + j * Config::kStageBytes, &w_map, &full[j],
+                            (kb_begin + j) * kBlockK, n0);
+        }
+        vendor::wait_for_previous_grid();
+        for (int j = 0; j < first; ++j)
+          sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
+                            &full[j], (kb_begin + j) * kBlockK, t0);
+        i = first;
+      } else {
+        // The first weight tiles into L2 while the previous kernel finishes; then wait for it.
+        for (int j = 0; j < first; ++j) sm90::tma_prefetch_2d(&w_map, (kb_begin + j) * kBlockK, n0);
+        vendor::wait_for_previous_grid();
+      }
+      RingSlot slot;
+      slot.advance(i, stage_count);  // i is 0 or at most one lap
+      for (; i < count; ++i, slot.advance(1, stage_count)) {
+        sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
+        uint8_t* stage = stages + slot.stage * Config::kStageBytes;
         const int k = (kb_begin + i) * kBlockK;
-        sm90::mbarrier_arrive_expect_tx(&full[s], Config::kStageBytes);
-        sm90::tma_load_2d(stage, &w_map, &full[s], k, n0);
-        sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[s], k, t0);
+        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
+        sm90::tma_load_2d(stage, &w_map, &full[slot.stage], k, n0);
+        sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
       }
     }
     __syncwarp();
-    if (splits > 1) {  // the consumers' two cluster barriers
+    if (push) {
+      sm90::cluster_wait();
+    } else if (splits > 1) {  // the consumers' two cluster barriers
       sm90::cluster_sync();
       sm90::cluster_sync();
     }
     return;
   }
 
-  sm90::registers_grow<kConsumerRegisters>();
+  if constexpr (!kCoResident) sm90::registers_grow<kConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   vendor::wait_for_previous_grid();
 
-  // All scales of this CTA's k-range into shared memory, while the first tiles arrive.
+  // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
+  // of independent loads per thread, then the stores (one memory latency, not one per element).
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
-  for (int i = consumer_thread; i < count * kTokens; i += kConsumers * kWarpgroup) {
-    const int token = min(t0 + i % kTokens, args.m - 1);
-    a_scales[i] = a_scale(args.scales, token, kb_begin + i / kTokens);
+  constexpr int kScaleBatch = 8;
+  const int scale_count = count * kTokens;
+  for (int base = consumer_thread; base < scale_count;
+       base += kScaleBatch * kConsumers * kWarpgroup) {
+    float value[kScaleBatch];
+#pragma unroll
+    for (int j = 0; j < kScaleBatch; ++j) {
+      const int i = base + j * kConsumers * kWarpgroup;
+      const int token = min(t0 + i % kTokens, args.m - 1);
+      value[j] = i < scale_count ? a_scale(args.scales, token, kb_begin + i / kTokens) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kScaleBatch; ++j) {
+      const int i = base + j * kConsumers * kWarpgroup;
+      if (i < scale_count) a_scales[i] = value[j];
+    }
   }
   for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
     b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
@@ -430,12 +513,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kRegisters; ++i) acc[i] = 0.0f;
   const int row_offset = kAlternate ? 0 : warpgroup * 64 * kBlockK;
-  for (int i = kAlternate ? warpgroup : 0; i < count; i += kAlternate ? kConsumers : 1) {
-    const int s = i % kStages;
-    sm90::mbarrier_wait(&full[s], (i / kStages) & 1);
-    const uint8_t* stage = stages + s * Config::kStageBytes;
+  RingSlot slot;
+  if (kAlternate) slot.advance(warpgroup, stage_count);
+  const int step = kAlternate ? kConsumers : 1;
+  for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
+    sm90::mbarrier_wait(&full[slot.stage], slot.phase);
+    const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
     multiply_k_block<kTokens>(part, stage + row_offset, stage + Config::kWeightBytes);
-    if (lane == 0) sm90::mbarrier_arrive(&empty[s]);
+    if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
 
     const float sb = b_scales[i];
     const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
@@ -455,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Alternating: warpgroup 1's sums into warpgroup 0 (same fragment slots), which goes on alone.
   float* partial =
       reinterpret_cast<float*>(stages) + (kAlternate ? 0 : warpgroup * kRegisters * kWarpgroup);
-  if (kAlternate || splits > 1) sm90::named_barrier(1, kConsumers * kWarpgroup);
+  if (kAlternate || (splits > 1 && !push)) sm90::named_barrier(1, kConsumers * kWarpgroup);
   if constexpr (kAlternate) {
     if (warpgroup == 1) {
 #pragma unroll
@@ -468,22 +553,55 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   const bool sums_here = !kAlternate || warpgroup == 0;  // this thread holds sums to pass on
-  if (splits > 1) {
+  const bool stores = split == 0 && sums_here;
+  if (push) {
+    // Each other rank stores its sums into rank 0's inbox and arrives on its barrier (release);
+    // rank 0 adds them in rank order: the same order, so the same bits, as the pull below.
+    const int sender = kAlternate ? t : consumer_thread;
+    sm90::cluster_wait();  // rank 0's barrier is initialized
+    if (split != 0) {
+      if (sums_here) {
+        float* slot = inbox + ((split - 1) * Config::kSenders + sender) * kRegisters;
+#pragma unroll
+        for (int r = 0; r < kRegisters; r += 4)
+          sm90::store_shared_remote(slot + r, 0, acc[r], acc[r + 1], acc[r + 2], acc[r + 3]);
+        sm90::mbarrier_arrive_remote(sums_ready, 0);
+      }
+      return;
+    }
+    if (stores) {
+      sm90::mbarrier_wait_cluster(sums_ready, 0);
+      for (int rank = 1; rank < splits; ++rank) {
+        const float* slot = inbox + ((rank - 1) * Config::kSenders + sender) * kRegisters;
+#pragma unroll
+        for (int r = 0; r < kRegisters; r += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(slot + r);
+          acc[r] += v.x;
+          acc[r + 1] += v.y;
+          acc[r + 2] += v.z;
+          acc[r + 3] += v.w;
+        }
+      }
+    }
+  } else if (splits > 1) {
     if (split != 0 && sums_here) {
 #pragma unroll
       for (int r = 0; r < kRegisters; ++r) partial[r * kWarpgroup + t] = acc[r];
     }
     sm90::cluster_sync();  // every CTA's sums are in its shared memory
-    if (split == 0 && sums_here) {
+    if (stores) {
       for (int rank = 1; rank < splits; ++rank) {
 #pragma unroll
         for (int r = 0; r < kRegisters; ++r)
           acc[r] += sm90::load_shared_remote(&partial[r * kWarpgroup + t], rank);
       }
+      // The other CTAs may leave once these reads are done; the stores need not wait for them.
+      sm90::cluster_arrive();
+    } else {
+      sm90::cluster_sync();  // keeps this CTA (its shared memory) alive until read
     }
-    sm90::cluster_sync();  // keeps the other CTAs (their shared memory) alive until read
   }
-  if (split != 0 || !sums_here) return;
+  if (!stores) return;
 
   const Epilogue& e = args.epilogue;
   const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
@@ -502,6 +620,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  if (splits > 1 && !push) sm90::cluster_wait();  // completes this thread's arrival above
 #else
   (void)w_map;
   (void)x_map;
@@ -592,6 +711,11 @@ struct Plan {
   int rows = 0;    // swap: weight rows per CTA
   int splits = 1;
   int cluster_capacity = 0;  // swap: clusters of `splits` CTAs resident at once
+  int stages = 0;            // swap: ring depth
+  bool early_weights = false;
+  bool co_resident = false;  // swap: the kernel built for two CTAs per SM
+  bool push_sums = false;
+  bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   dim3 grid;
   size_t shared_bytes = 0;
 };
@@ -650,6 +774,32 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
   return kFixedUs + 1e6 * std::max(bytes / bandwidth, flops / kTensorFlopsPerSm);
 }
 
+// Swap-kernel choices besides the layout, each measured on an H200 (docs/perf/fp8-gpu-sm90.md,
+// v4): weight tiles into the ring before the previous kernel ends (where B is static), a ring of up
+// to 16 stages (no deeper than the CTA's k-blocks), and for token tiles of 16 or fewer split sums
+// pushed to rank 0 and the two-CTAs-per-SM build where the whole k-range of a CTA fits its ring (so
+// the next call's CTAs load all their weights while this one runs). The environment overrides each,
+// for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH
+// and MOEKIT_SM90_CORESIDENT = 0 or 1.
+constexpr int kMaxSwapStages = 16;
+
+struct SwapOverrides {
+  int stages = 0;                                            // 0: the planner's
+  int early_weights = -1, push_sums = -1, co_resident = -1;  // -1: the planner's
+};
+
+SwapOverrides swap_overrides() {
+  SwapOverrides o;
+  auto read = [](const char* name, int& value) {
+    if (const char* env = std::getenv(name); env != nullptr && *env != '\0') value = std::atoi(env);
+  };
+  read("MOEKIT_SM90_STAGES", o.stages);
+  read("MOEKIT_SM90_EARLY", o.early_weights);
+  read("MOEKIT_SM90_PUSH", o.push_sums);
+  read("MOEKIT_SM90_CORESIDENT", o.co_resident);
+  return o;
+}
+
 // The swap layout (64 or 128 weight rows per CTA, 1..8 CTAs per cluster splitting K) with the
 // least estimated time: waves of the clusters the device holds at once (several waves cost much
 // more than they save) x swap_wave_us. Returns false when no layout fits.
@@ -658,25 +808,58 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
                Plan& plan) {
   struct Variant {
     KernelFn kernel;
+    KernelFn co_resident;  // null where the accumulators need more than half the registers
     int rows;
-    size_t (*shared_bytes)(int);
+    int min_stages;
+    int late_stages;
+    size_t (*shared_bytes)(int, int, size_t);
+    size_t (*inbox_bytes)(int);
   };
-  const Variant variants[] = {
-      {gemm_swap_kernel<kTokens, 128>, 128, Swap<kTokens, 128>::shared_bytes},
-      {gemm_swap_kernel<kTokens, 64>, 64, Swap<kTokens, 64>::shared_bytes}};
+  constexpr bool kSmall = kTokens <= 16;  // the widths measured faster with two CTAs per SM
+  KernelFn co_resident_128 = nullptr, co_resident_64 = nullptr;
+  if constexpr (kSmall) {
+    co_resident_128 = gemm_swap_kernel<kTokens, 128, true>;
+    co_resident_64 = gemm_swap_kernel<kTokens, 64, true>;
+  }
+  const Variant variants[] = {{gemm_swap_kernel<kTokens, 128, false>, co_resident_128, 128,
+                               Swap<kTokens, 128>::min_stages(), Swap<kTokens, 128>::kLateStages,
+                               Swap<kTokens, 128>::shared_bytes, Swap<kTokens, 128>::inbox_bytes},
+                              {gemm_swap_kernel<kTokens, 64, false>, co_resident_64, 64,
+                               Swap<kTokens, 64>::min_stages(), Swap<kTokens, 64>::kLateStages,
+                               Swap<kTokens, 64>::shared_bytes, Swap<kTokens, 64>::inbox_bytes}};
+  const SwapOverrides overrides = swap_overrides();
+  // Early weight loads only where the caller promises the previous kernel does not write B
+  // (OpOptions::static_weights; the linear layer always can): else a load issued before
+  // griddepcontrol.wait could read B before that kernel's last writes land.
+  const bool early = overrides.early_weights >= 0 ? overrides.early_weights != 0 : p.b_static;
   const int64_t token_tiles = fp8::ceil_div(p.m, kTokens);
   int forced_rows = 0, forced_splits = 0;
   const bool forced = forced_swap(forced_rows, forced_splits);
   double best = 0.0;
   bool found = false;
+  const Variant* chosen = nullptr;
   for (const Variant& v : variants) {
     for (int splits = 1; splits <= kMaxSplits; splits *= 2) {
       if (splits > 1 && p.k_blocks < int64_t{4} * splits) break;  // 4+ k-blocks per CTA
       if (forced && (v.rows != forced_rows || splits != forced_splits)) continue;
       const int per_split = static_cast<int>(fp8::ceil_div(p.k_blocks, splits));
-      const size_t shared_bytes = v.shared_bytes(per_split);
-      // (1 KB kept for what the system reserves per CTA on sm_90.)
-      if (shared_bytes + 1024 > device.shared_memory_per_block_optin) continue;
+      // Even (warpgroups alternate stages), deep enough for the partial sums, and what fits
+      // (1 KB kept for what the system reserves per CTA on sm_90).
+      // Pushed sums need an inbox in rank 0; where it does not fit beside the fewest stages,
+      // rank 0 pulls them instead.
+      const size_t limit = device.shared_memory_per_block_optin;
+      const bool push =
+          (overrides.push_sums >= 0 ? overrides.push_sums != 0 : kTokens <= 16) && splits > 1 &&
+          v.shared_bytes(per_split, v.min_stages, v.inbox_bytes(splits)) + 1024 <= limit;
+      const size_t inbox = push ? v.inbox_bytes(splits) : 0;
+      int stages = overrides.stages > 0 ? overrides.stages
+                   : early              ? std::min(kMaxSwapStages, per_split)
+                                        : std::min(v.late_stages, per_split);
+      stages = std::max(v.min_stages, (stages + 1) / 2 * 2);
+      while (stages > v.min_stages && v.shared_bytes(per_split, stages, inbox) + 1024 > limit)
+        stages -= 2;
+      const size_t shared_bytes = v.shared_bytes(per_split, stages, inbox);
+      if (shared_bytes + 1024 > limit) continue;
       const int capacity = cluster_capacity(v.kernel, splits, shared_bytes, device_index);
       if (capacity < 1) continue;
       const int64_t clusters = fp8::ceil_div(p.n, v.rows) * token_tiles;
@@ -686,6 +869,7 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
       if (found && cost >= best) continue;
       found = true;
       best = cost;
+      chosen = &v;
       plan.kernel = v.kernel;
       plan.swap = true;
       plan.tokens = kTokens;
@@ -695,9 +879,25 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
       plan.grid = dim3(static_cast<unsigned>(clusters / token_tiles * splits),
                        static_cast<unsigned>(token_tiles));
       plan.shared_bytes = shared_bytes;
+      plan.stages = stages;
+      plan.push_sums = push;
+      plan.ring_holds_k_range = per_split <= stages;
     }
   }
-  return found;
+  if (!found) return false;
+  plan.early_weights = early;
+  // The same layout built for two CTAs per SM, where two fit: the planner's waves count one per
+  // SM, the second slot is for the next call, whose early loads then fill its ring (without early
+  // loads it measured no faster: 11.05 vs 10.74 us at M=1, K=7168).
+  const bool co_resident =
+      overrides.co_resident >= 0 ? overrides.co_resident != 0 : early && plan.ring_holds_k_range;
+  if (co_resident && chosen->co_resident != nullptr &&
+      cluster_capacity(chosen->co_resident, 1, plan.shared_bytes, device_index) >=
+          2 * device.sm_count) {
+    plan.kernel = chosen->co_resident;
+    plan.co_resident = true;
+  }
+  return true;
 }
 
 Plan plan_for(const BlockGemmProblem& p, int device_index) {
@@ -792,13 +992,15 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
-  char text[200];
+  char text[300];
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
-                  "%u, %zu B shared, %d clusters resident",
-                  plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.shared_bytes,
-                  plan.cluster_capacity);
+                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s",
+                  plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
+                  plan.shared_bytes, plan.cluster_capacity,
+                  plan.early_weights ? ", early weight loads" : "",
+                  plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
                   plan.shared_bytes);
@@ -817,6 +1019,9 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     first = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), plan.rows);
     second = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), plan.tokens);
     args.splits = plan.splits;
+    args.stages = plan.stages;
+    args.early_weights = plan.early_weights;
+    args.push_sums = plan.push_sums;
   } else {
     first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
     second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);

@@ -368,6 +368,7 @@ BlockGemmProblem block_gemm_problem_of(const TensorView& a, const TensorView& a_
   p.a_scale_at = scale_addressing(layout, p.m, p.k_blocks);
   p.num_threads = options.num_threads;
   p.stream = options.stream;
+  p.b_static = options.static_weights;
   return p;
 }
 
@@ -517,6 +518,9 @@ W8a8LinearProblem make_w8a8_linear_problem(const char* op, const TensorView& x,
                                    /*ue8m0=*/false, GroupQuantConfig{}.eps, options);
   p.gemm = block_gemm_problem_of(q, q_scales, ScaleLayout::row_major, weight, weight_scale_inv,
                                  bias, y, options);
+  // The kernel just before the GEMM is this layer's quantization, which starts its successor only
+  // once everything before it has finished: the weight may be read early whatever the caller says.
+  p.gemm.b_static = true;
   return p;
 }
 

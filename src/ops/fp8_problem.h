@@ -81,6 +81,7 @@ struct BlockGemmProblem {
   int64_t n_blocks = 0;  // ceil(N / 128)
   int num_threads = 0;
   void* stream = nullptr;
+  bool b_static = false;  // b is not written by the previous kernel (OpOptions::static_weights)
 
   bool has_bias() const { return bias.data() != nullptr; }
 };

@@ -222,6 +222,59 @@ TEST(GpuFp8Dispatch, LinearLayerThroughEveryGpuEntry) {
   }
 }
 
+// OpOptions::static_weights is a promise about the kernel just before the GEMM. Without it, a GEMM
+// enqueued right after the kernel that writes its weight (block_quantize_weight, alternating
+// between two weights) reads the new weight every time; with it (weights written long before),
+// the early weight loads give the same bits.
+TEST(GpuFp8Dispatch, GemmRightAfterItsWeightsKernelReadsTheNewWeight) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(seed_for("GemmRightAfterItsWeightsKernelReadsTheNewWeight"));
+  const int64_t M = 1, N = 4096, K = 7168;
+  const Tensor a_d = gpu_copy(random_e4m3(rng, M, K));
+  const Tensor as_d = gpu_copy(random_f32(rng, M, K / 128, 0.001f, 0.01f));
+  const Tensor w_d[2] = {gpu_copy(random_f32(rng, N, K, -2.0f, 2.0f)),
+                         gpu_copy(random_f32(rng, N, K, -3.0f, 3.0f))};
+  Tensor weight = Tensor::empty(DType::f8e4m3, {N, K}, Device::gpu());
+  Tensor scales = Tensor::empty(DType::f32, {N / 128, K / 128}, Device::gpu());
+  gpu_test::Stream stream;
+  OpOptions op;
+  op.backend = Backend::gpu;
+  op.stream = stream.get();
+  // Each weight's output, computed with the stream drained between the two ops.
+  Tensor expected[2] = {poisoned(DType::bf16, M, N), poisoned(DType::bf16, M, N)};
+  for (int w = 0; w < 2; ++w) {
+    block_quantize_weight(w_d[w], weight, scales, op);
+    gpu::synchronize(stream.get());
+    block_fp8_gemm(a_d, as_d, ScaleLayout::row_major, weight, scales, std::nullopt, expected[w],
+                   op);
+    gpu::synchronize(stream.get());
+  }
+  const Tensor want[2] = {host_copy(expected[0]), host_copy(expected[1])};
+  ASSERT_NE(std::memcmp(want[0].data(), want[1].data(), want[0].nbytes()), 0)
+      << "the two weights should give different outputs";
+  constexpr int kRounds = 16;
+  std::vector<Tensor> out;
+  for (int i = 0; i < kRounds; ++i) {
+    out.push_back(poisoned(DType::bf16, M, N));
+    block_quantize_weight(w_d[i % 2], weight, scales, op);
+    block_fp8_gemm(a_d, as_d, ScaleLayout::row_major, weight, scales, std::nullopt, out.back(), op);
+  }
+  gpu::synchronize(stream.get());
+  for (int i = 0; i < kRounds; ++i)
+    EXPECT_EQ(std::memcmp(host_copy(out[i]).data(), want[i % 2].data(), want[i % 2].nbytes()), 0)
+        << "round " << i;
+  // Static weights: the last weight written long before; same bits as without the promise.
+  OpOptions promised = op;
+  promised.static_weights = true;
+  Tensor again = poisoned(DType::bf16, M, N);
+  for (int i = 0; i < 3; ++i)
+    block_fp8_gemm(a_d, as_d, ScaleLayout::row_major, weight, scales, std::nullopt, again,
+                   promised);
+  gpu::synchronize(stream.get());
+  EXPECT_EQ(std::memcmp(host_copy(again).data(), want[(kRounds - 1) % 2].data(), want[0].nbytes()),
+            0);
+}
+
 TEST(GpuFp8Dispatch, LinearLayerCapturesIntoAGraph) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(seed_for("LinearLayerCapturesIntoAGraph"));

@@ -418,16 +418,105 @@ TEST(Sm90BlockFp8Gemm, DeclinesWhatItCannotServe) {
   }
 }
 
+// The planner's swap choices on the decode shapes (the reasons `moekit explain` prints are these
+// plans). With static weights (b_static): early weight loads everywhere, a 16-stage ring where K
+// is long; for up to 16 tokens pushed sums, and two CTAs per SM where a CTA's k-range fits its
+// ring; neither for wider tiles. Without the promise: no early loads, the shallower ring, one CTA
+// per SM.
+TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
+  SKIP_WITHOUT_HOPPER();
+  auto plan_of = [](int64_t m, int64_t n, int64_t k, bool b_static = true) {
+    GemmCase c;
+    c.m = m;
+    c.n = n;
+    c.k = k;
+    c.out_dtype = DType::bf16;
+    c.seed = 3;
+    const Buffers dev = to_device(make_host_buffers(c));
+    BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, nullptr);
+    p.b_static = b_static;
+    const std::string plan = gpu::block_gemm_sm90_plan(p);
+    std::printf("  M=%lld N=%lld K=%lld: %s\n", static_cast<long long>(m),
+                static_cast<long long>(n), static_cast<long long>(k), plan.c_str());
+    return plan;
+  };
+  auto has = [](const std::string& plan, const char* what) {
+    return plan.find(what) != std::string::npos;
+  };
+  const std::string long_k = plan_of(1, 4096, 7168);
+  EXPECT_TRUE(has(long_k, "16 stages") && has(long_k, "early weight loads") &&
+              has(long_k, "pushed sums") && !has(long_k, "2 CTAs per SM"))
+      << long_k;
+  const std::string short_k = plan_of(16, 4096, 2048);
+  EXPECT_TRUE(has(short_k, "2 CTAs per SM") && has(short_k, "pushed sums")) << short_k;
+  const std::string wide = plan_of(17, 4096, 2048);  // 32-token tiles: v3's sums and residency
+  EXPECT_TRUE(has(wide, "32 tokens") && has(wide, "early weight loads") &&
+              !has(wide, "2 CTAs per SM") && !has(wide, "pushed sums"))
+      << wide;
+  const std::string batch = plan_of(64, 4096, 7168);
+  EXPECT_TRUE(has(batch, "early weight loads") && !has(batch, "pushed sums") &&
+              !has(batch, "2 CTAs per SM"))
+      << batch;
+  for (const auto& [m, n, k] : {std::array<int64_t, 3>{1, 4096, 7168}, {16, 4096, 2048}}) {
+    const std::string unpromised = plan_of(m, n, k, /*b_static=*/false);
+    EXPECT_TRUE(!has(unpromised, "early weight loads") && has(unpromised, "8 stages") &&
+                !has(unpromised, "2 CTAs per SM"))
+        << unpromised;
+  }
+}
+
+// Sets an environment variable for one scope (restoring what was there before).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_)
+      setenv(name_, old_->c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
 // Sets MOEKIT_SM90_SWAP (the swap kernel's rows per CTA and cluster split) for one scope.
 class ForcedSwap {
  public:
-  ForcedSwap(int rows, int splits) {
-    const std::string value = std::to_string(rows) + "," + std::to_string(splits);
-    setenv("MOEKIT_SM90_SWAP", value.c_str(), 1);
-  }
-  ~ForcedSwap() { unsetenv("MOEKIT_SM90_SWAP"); }
-  ForcedSwap(const ForcedSwap&) = delete;
-  ForcedSwap& operator=(const ForcedSwap&) = delete;
+  ForcedSwap(int rows, int splits)
+      : env_("MOEKIT_SM90_SWAP", std::to_string(rows) + "," + std::to_string(splits)) {}
+
+ private:
+  ScopedEnv env_;
+};
+
+// The swap kernel's tuning knobs for one scope: ring depth (0: the planner's), early weight loads,
+// two CTAs per SM, pushed split sums (each 0 or 1 forced, -1 the planner's).
+struct SwapTuning {
+  int stages;
+  int early;
+  int co_resident;
+  int push;
+};
+
+std::string knob(int value) { return value < 0 ? "" : std::to_string(value); }
+
+class ForcedTuning {
+ public:
+  explicit ForcedTuning(const SwapTuning& t)
+      : stages_("MOEKIT_SM90_STAGES", std::to_string(t.stages)),
+        early_("MOEKIT_SM90_EARLY", knob(t.early)),
+        co_resident_("MOEKIT_SM90_CORESIDENT", knob(t.co_resident)),
+        push_("MOEKIT_SM90_PUSH", knob(t.push)) {}
+
+ private:
+  ScopedEnv stages_, early_, co_resident_, push_;
 };
 
 // Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8), whichever it
@@ -452,6 +541,54 @@ TEST(Sm90BlockFp8Gemm, EverySwapLayoutAgreesWithReference) {
         out = run_sm90(c, host, stream.get());
       }
       outputs_agree(c, out, ref.get());
+    }
+  }
+}
+
+// Every tuning of the swap kernel (shallowest and deepest rings, weight loads before the previous
+// grid's end or after, two CTAs per SM, pushed or pulled split sums, the planner's choice) on
+// token widths 8..128, M just below and above the widths where the planner's choices change
+// (16 | 17, 32 | 33, 64 | 65), K-ranges that fit the ring or not, partial K blocks and cluster
+// splits; each case twice in a row on one stream (the second call overlaps the first through PDL)
+// and the two outputs bitwise equal to a fresh call's.
+TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("EverySwapTuningAgreesWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  const std::array<std::array<int64_t, 3>, 8> shapes{{{1, 4096, 7168},
+                                                      {9, 512, 2000},
+                                                      {16, 640, 4096},
+                                                      {17, 512, 4224},
+                                                      {32, 256, 2048},
+                                                      {33, 384, 7168},
+                                                      {64, 1024, 3000},
+                                                      {65, 256, 1024}}};
+  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1}, {8, 1, 1, 1},
+                                {0, 0, 1, 0}, {4, 1, 1, 1},  {0, -1, -1, -1}};
+  for (const SwapTuning& tuning : tunings) {
+    std::printf(" stages %d, early %d, co-resident %d, push %d\n", tuning.stages, tuning.early,
+                tuning.co_resident, tuning.push);
+    for (const auto& s : shapes) {
+      const GemmCase c = random_case(rng, s[0], s[1], s[2]);
+      const Buffers host = make_host_buffers(c);
+      std::future<Tensor> ref =
+          std::async(std::launch::async, [&] { return reference_output(c, host); });
+      ForcedTuning force(tuning);
+      const Buffers dev = to_device(host);
+      const BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, stream.get());
+      ASSERT_EQ(gpu::block_gemm_sm90_supports(p), "") << describe(c);
+      std::printf("  plan %s\n", gpu::block_gemm_sm90_plan(p).c_str());
+      gpu::block_fp8_gemm_sm90(p);
+      gpu::block_fp8_gemm_sm90(p);  // same inputs and output: must not change a bit
+      MOEKIT_GPU_CHECK(cudaGetLastError());
+      gpu::synchronize(stream.get());
+      const Tensor twice = Tensor::copy_of(dev.out, Device::cpu());
+      const Tensor once = run_sm90(c, host, stream.get());
+      EXPECT_EQ(std::memcmp(once.data(), twice.data(), once.nbytes()), 0) << describe(c);
+      outputs_agree(c, once, ref.get());
     }
   }
 }
@@ -553,6 +690,29 @@ TEST(Sm90BlockFp8Gemm, PrintsTimings) {
     }
   }
   std::printf("  copy bandwidth %.0f GB/s\n", gpu::measure_copy_bandwidth_gbs());
+}
+
+// Each swap tuning forced in turn on the decode shapes (printed only).
+TEST(Sm90BlockFp8Gemm, PrintsSwapTuningTimings) {
+  SKIP_WITHOUT_HOPPER();
+  std::mt19937_64 rng(13);
+  const TimedShape shapes[] = {{1, 4096, 7168},  {4, 4096, 7168},  {16, 4096, 7168},
+                               {64, 4096, 7168}, {1, 4096, 2048},  {16, 4096, 2048},
+                               {1, 7168, 2048},  {16, 7168, 2048}, {128, 4096, 7168}};
+  // The planner's choice, then v3's (8 stages, no early loads, one CTA per SM, pulled sums), then
+  // the planner's with one choice reversed at a time.
+  const SwapTuning tunings[] = {{0, -1, -1, -1}, {8, 0, 0, 0},    {0, 0, -1, -1},
+                                {0, -1, -1, 0},  {0, -1, -1, 1},  {0, -1, 0, -1},
+                                {0, -1, 1, -1},  {8, -1, -1, -1}, {24, -1, -1, -1}};
+  for (const TimedShape& s : shapes) {
+    const TimedInputs in = timed_inputs(s, rng());
+    for (const SwapTuning& t : tunings) {
+      ForcedTuning force(t);
+      const std::string label = "s" + std::to_string(t.stages) + "e" + knob(t.early) + "c" +
+                                knob(t.co_resident) + "p" + knob(t.push);
+      time_and_print(in, label.c_str());
+    }
+  }
 }
 
 // Each swap layout forced in turn, for tuning the planner (printed only).

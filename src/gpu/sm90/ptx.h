@@ -204,6 +204,82 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// The two halves of cluster_sync(), for a thread that has work to do between them.
+__device__ __forceinline__ void cluster_arrive() {
+#if MOEKIT_SM90A
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if MOEKIT_SM90A
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// The shared::cluster address of `local`'s counterpart in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t map_shared_remote(const void* local, uint32_t rank) {
+  uint32_t remote = 0;
+#if MOEKIT_SM90A
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote)
+               : "r"(shared_address(local)), "r"(rank));
+#else
+  (void)local;
+  (void)rank;
+#endif
+  return remote;
+}
+
+// Stores four floats at `local`'s counterpart (16-byte aligned) in CTA `rank` of the cluster.
+__device__ __forceinline__ void store_shared_remote(float* local, uint32_t rank, float a, float b,
+                                                    float c, float d) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(map_shared_remote(local, rank)),
+      "f"(a), "f"(b), "f"(c), "f"(d)
+      : "memory");
+#else
+  (void)local;
+  (void)rank;
+  (void)a;
+  (void)b;
+  (void)c;
+  (void)d;
+#endif
+}
+
+// One arrival on `bar`'s counterpart in CTA `rank`, ordered after this thread's earlier stores
+// (release at cluster scope).
+__device__ __forceinline__ void mbarrier_arrive_remote(uint64_t* bar, uint32_t rank) {
+#if MOEKIT_SM90A
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
+                   map_shared_remote(bar, rank))
+               : "memory");
+#else
+  (void)bar;
+  (void)rank;
+#endif
+}
+
+// mbarrier_wait that also acquires what other CTAs of the cluster released with their arrivals.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+#if MOEKIT_SM90A
+  const uint32_t address = shared_address(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(address), "r"(parity)
+        : "memory");
+  } while (!done);
+#else
+  (void)bar;
+  (void)parity;
+#endif
+}
+
 // Reads the f32 at the same shared-memory offset as `local`, in CTA `rank` of the cluster.
 __device__ __forceinline__ float load_shared_remote(const float* local, uint32_t rank) {
   float value = 0.0f;
