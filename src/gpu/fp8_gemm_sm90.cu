@@ -928,16 +928,6 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// Programmatic dependent launch unless MOEKIT_GPU_PDL=0 (for A/B timing); the kernels run only
-// on compute capability 9.x, which has it.
-bool overlap_previous_kernel() {
-  static const bool allowed = [] {
-    const char* env = std::getenv("MOEKIT_GPU_PDL");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  return allowed;
-}
-
 // Why a tensor cannot be read through a tensor map ("" when it can).
 std::string tma_reason(const char* name, const TensorView& t) {
   const auto address = reinterpret_cast<uintptr_t>(t.data());
@@ -1050,7 +1040,7 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
   // Overlap helps short kernels (decode: 12.3 -> 10.6 us on an H200) but cost the 13-wave
   // M=4096 tiles grid ~7 % in two runs: only grids of a few waves use it.
   const int sm_count = device_properties(device).sm_count;
-  if (overlap_previous_kernel() &&
+  if (programmatic_launch_allowed(device) &&
       (plan.swap || plan.grid.x <= 4u * static_cast<unsigned>(sm_count))) {
     attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attributes[count].val.programmaticStreamSerializationAllowed = 1;

@@ -21,15 +21,18 @@
 // Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 //
-// v2 (route_gpu_v2.cuh) serves what it can (softmax without softcap and sigmoid, E <= 512,
-// whole-lane groups), this kernel the rest; route_gpu_kernels.cuh says how to pick or switch off
-// either (MOEKIT_GPU_ROUTE_V1=1, MOEKIT_GPU_ROUTE_V2_OFF).
+// v3 (route_gpu_v3.cuh) serves ungrouped softmax without softcap and sigmoid, E <= 512, where it
+// was measured faster; v2 (route_gpu_v2.cuh) what it can of the rest (groups of whole lanes), this
+// kernel everything else. route_gpu_kernels.cuh says how to pick or switch off each
+// (MOEKIT_GPU_ROUTE_V1=1, MOEKIT_GPU_ROUTE_V2_OFF, MOEKIT_GPU_ROUTE_V3_OFF=1).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gpu/gpu_check.h"
@@ -38,6 +41,7 @@
 #include "gpu/route_gpu_common.cuh"
 #include "gpu/route_gpu_kernels.cuh"
 #include "gpu/route_gpu_v2.cuh"
+#include "gpu/route_gpu_v3.cuh"
 #include "gpu/vendor.h"
 
 namespace moekit::gpu {
@@ -322,15 +326,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_kernel(const Rout
     for (int q = 0; q < kSlots; ++q) {
       const int slot = r + q * kLanes;
       if (slot >= a.topk) continue;
-      float w = weight[q];
-      int64_t id = slot_id[q];
-      if (slot >= Kr) {  // fused shared expert
-        id = E + (slot - Kr);
-        w = routed_sum / a.routed_scaling_factor;
-      }
-      if (a.renormalize && routed_sum > 0.0f) w = w / routed_sum;
-      if (a.apply_scaling_on_output) w = __fmul_rn(w, a.routed_scaling_factor);
-      store_slot(a, row, slot, w, id);
+      finish_and_store_slot(a, row, slot, weight[q], slot_id[q], routed_sum);
     }
   }
 }
@@ -585,16 +581,6 @@ bool vector_loads_ok(const void* data, int64_t row_stride, size_t element_size, 
   return address % piece == 0 && (row_stride * static_cast<int64_t>(element_size)) % piece == 0;
 }
 
-// Programmatic dependent launch where the device has it (compute capability 9.0+), unless
-// MOEKIT_GPU_PDL=0 (for A/B timing).
-bool overlap_previous_kernel(int device) {
-  static const bool allowed = [] {
-    const char* env = std::getenv("MOEKIT_GPU_PDL");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  return allowed && device_properties(device).major >= 9;
-}
-
 // The launch arguments every kernel shares; `chunk` is the kernel's experts per vector load.
 RouteArgs common_args(const RouteProblem& p, int chunk) {
   RouteArgs a{};
@@ -640,7 +626,7 @@ void launch_rows(const RouteProblem& p, KernelFn kernel, size_t scratch_bytes, c
   const auto blocks = static_cast<unsigned>(std::min(blocks_needed, block_cap));
   const auto stream = static_cast<cudaStream_t>(p.stream);
   MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(blocks), dim3(kThreadsPerBlock), scratch_bytes,
-                                  stream, overlap_previous_kernel(device), a));
+                                  stream, programmatic_launch_allowed(device), a));
 }
 
 void route_v1(const RouteProblem& p) {
@@ -713,7 +699,306 @@ void route_v2(const RouteProblem& p, V2Shape shape) {
   launch_rows(p, layout.kernel, scratch_bytes, a, rows_per_warp);
 }
 
+// ---- v3 (route_gpu_v3.cuh): ungrouped rows with packed unique keys and sorted lanes.
+
+constexpr int kV3MaxExperts = 512;
+
+// How a v3 launch lays out a row: lanes per row (32, 16, 8 or 4), experts per lane (1, 2, 4, 5,
+// 8, 12 or 16), the key width and the sort.
+struct V3Shape {
+  int row_lanes;
+  int experts_per_lane;
+  bool wide_keys;
+  bool top_only;  // lanes sort only their top few keys (12 or 16 per lane)
+};
+
+// 32-bit keys hold the score exactly where it is a 16-bit logit: bf16 / f16 logits, softmax, no
+// bias (then z = x). Everything else takes 64-bit keys.
+bool v3_narrow_keys(const RouteProblem& p) {
+  const DType dtype = p.logits.dtype();
+  return (dtype == DType::bf16 || dtype == DType::f16) && p.scoring == Scoring::softmax &&
+         !p.has_bias();
+}
+
+std::string v3_declines(const RouteProblem& p) {
+  const DType dtype = p.logits.dtype();
+  if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
+    return "logits dtype " + std::string(dtype_name(dtype));
+  if (p.scoring == Scoring::sqrtsoftplus) return "sqrtsoftplus scoring";
+  if (p.softcap > 0.0f) return "softcap";
+  if (p.num_groups > 1) return "grouped routing (G=" + std::to_string(p.num_groups) + ")";
+  if (p.num_experts > kV3MaxExperts)
+    return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kV3MaxExperts);
+  return "";
+}
+
+// The fewest experts per lane that hold E in `row_lanes` lanes, 0 past 16: whole warps take 1, 2,
+// 4, 5, 8, 12 or 16 (160 and 384 experts fill every lane), smaller rows 4, 8 or 16 (fewer would
+// leave most of the row's lanes idle).
+int v3_experts_per_lane(int num_experts, int row_lanes) {
+  if (row_lanes == kLanes) {
+    for (int vpl : {1, 2, 4, 5, 8, 12, 16})
+      if (num_experts <= kLanes * vpl) return vpl;
+    return 0;
+  }
+  for (int vpl : {4, 8, 16})
+    if (num_experts <= row_lanes * vpl) return vpl;
+  return 0;
+}
+
+// Whether rows of `row_lanes` lanes serve the problem (given that v3 does): whole warps always;
+// smaller rows with 32-bit keys (the only instances built), E <= 16 per lane and K <= 2 per lane.
+bool v3_row_lanes_fit(const RouteProblem& p, int row_lanes) {
+  if (row_lanes == kLanes) return true;
+  if (row_lanes != 16 && row_lanes != 8 && row_lanes != 4) return false;
+  return v3_narrow_keys(p) && v3_experts_per_lane(p.num_experts, row_lanes) != 0 &&
+         p.topk <= 2 * row_lanes;
+}
+
+template <class Logits, int kVpl, int kRowLanes, bool kWide, bool kTopOnly>
+Layout v3_instance(Mode mode) {
+  using ChunkLogits =
+      std::conditional_t<sizeof(typename Logits::Storage) == 2, LogitsBf16, LogitsF32>;
+  constexpr int kV = v2_chunk<ChunkLogits, kVpl>();
+  switch (mode) {
+    case Mode::softmax_by_logit:
+      return {
+          kV, kVpl / kV,
+          route_rows_v3_kernel<Logits, kVpl, Mode::softmax_by_logit, kRowLanes, kWide, kTopOnly>};
+    case Mode::softmax_by_prob:
+      return {
+          kV, kVpl / kV,
+          route_rows_v3_kernel<Logits, kVpl, Mode::softmax_by_prob, kRowLanes, kWide, kTopOnly>};
+    default:
+      if constexpr (kWide)
+        return {kV, kVpl / kV,
+                route_rows_v3_kernel<Logits, kVpl, Mode::sigmoid, kRowLanes, true, kTopOnly>};
+      break;
+  }
+  fail("route", "mode", mode_name(mode), "has no 32-bit-key v3 kernel");
+}
+
+// 12 or 16 experts per lane come in two sorts (all keys, or only the top few); fewer take all.
+template <class Logits, int kVpl, int kRowLanes, bool kWide>
+Layout v3_sorted(bool top_only, Mode mode) {
+  if constexpr (kVpl > 8) {
+    if (top_only) return v3_instance<Logits, kVpl, kRowLanes, kWide, true>(mode);
+  }
+  return v3_instance<Logits, kVpl, kRowLanes, kWide, false>(mode);
+}
+
+template <class Logits, int kRowLanes, bool kWide>
+Layout v3_by_experts_per_lane(V3Shape shape, Mode mode) {
+  const bool top = shape.top_only;
+  switch (shape.experts_per_lane) {
+    case 1:
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 1, kRowLanes, kWide>(top, mode);
+      break;
+    case 2:
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 2, kRowLanes, kWide>(top, mode);
+      break;
+    case 4:
+      return v3_sorted<Logits, 4, kRowLanes, kWide>(top, mode);
+    case 5:
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 5, kRowLanes, kWide>(top, mode);
+      break;
+    case 8:
+      return v3_sorted<Logits, 8, kRowLanes, kWide>(top, mode);
+    case 12:
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 12, kRowLanes, kWide>(top, mode);
+      break;
+    case 16:
+      return v3_sorted<Logits, 16, kRowLanes, kWide>(top, mode);
+    default:
+      break;
+  }
+  fail("route", "experts_per_lane", std::to_string(shape.experts_per_lane), "has no v3 kernel");
+}
+
+Layout v3_layout(const RouteProblem& p, V3Shape shape) {
+  const Mode mode = mode_of(p);
+  if (shape.wide_keys) {
+    if (p.logits.dtype() == DType::f32)
+      return v3_by_experts_per_lane<V3LogitsF32, kLanes, true>(shape, mode);
+    return v3_by_experts_per_lane<V3Logits16, kLanes, true>(shape, mode);
+  }
+  switch (shape.row_lanes) {
+    case 4:
+      return v3_by_experts_per_lane<V3Logits16, 4, false>(shape, mode);
+    case 8:
+      return v3_by_experts_per_lane<V3Logits16, 8, false>(shape, mode);
+    case 16:
+      return v3_by_experts_per_lane<V3Logits16, 16, false>(shape, mode);
+    default:
+      return v3_by_experts_per_lane<V3Logits16, kLanes, false>(shape, mode);
+  }
+}
+
+// The environment switches of v3, read once: MOEKIT_GPU_ROUTE_V3_OFF=1 leaves every call to v2 /
+// v1; for measuring v3's variants against each other, MOEKIT_GPU_ROUTE_V3_LANES=32|16|8|4 makes
+// automatic calls use that many lanes per row wherever it fits (and v3 wherever it serves), and
+// MOEKIT_GPU_ROUTE_V3_SORT=full|top their lanes sort all their keys or only the top few.
+struct V3Switches {
+  bool off = false;
+  int row_lanes = 0;  // 0: the measured rule
+  int top_only = -1;  // -1: the measured rule
+};
+
+const V3Switches& v3_switches() {
+  static const V3Switches switches = [] {
+    V3Switches s;
+    const char* off = std::getenv("MOEKIT_GPU_ROUTE_V3_OFF");
+    s.off = off != nullptr && std::string(off) == "1";
+    if (const char* lanes = std::getenv("MOEKIT_GPU_ROUTE_V3_LANES"))
+      s.row_lanes = std::atoi(lanes);
+    if (const char* sort = std::getenv("MOEKIT_GPU_ROUTE_V3_SORT"))
+      s.top_only = std::string(sort) == "top" ? 1 : std::string(sort) == "full" ? 0 : -1;
+    return s;
+  }();
+  return switches;
+}
+
+// The automatic choice, from measurements of every layout and sort at every token count of the
+// model table (H200, 132 SMs; docs/perf/routing.md, v3). Rows below 32 lanes pay once the batch
+// keeps the SMs busy with fewer warps: from 16 rows per SM, rows of 8 lanes or more (at most 4 rows
+// per warp); from 96 rows per SM, the fewest lanes that fit (8 rows per warp for E <= 64). Below
+// 16 rows per SM (decode) whole warps keep the shortest chain, except for tiny rows (E <= 16),
+// where 8 rows per warp won from 64 tokens (Mixtral).
+constexpr int kV3SmallRowsMinRowsPerSm = 16;
+constexpr int kV3FewestLanesMinRowsPerSm = 96;
+constexpr int kV3TinyRowMaxExperts = 16;
+constexpr int64_t kV3TinyRowsMinTokens = 64;
+// Lanes of 12 or 16 experts sort only their top keys (fewer instructions, more registers) from
+// 1024 tokens in whole warps (Qwen3-Next 3.00 vs 3.11 us at 1024 tokens, 2.27 vs 2.34 at 1) and
+// from 48 rows per SM below (Qwen3.5 at 8192 tokens: 5.64 vs 7.24 us; at 4096: 4.69 vs 4.18).
+constexpr int64_t kV3TopOnlyWholeWarpMinTokens = 1024;
+constexpr int kV3TopOnlySmallRowsMinRowsPerSm = 48;
+
+// The fewest lanes per row, at least `min_lanes`, that serve the problem.
+int v3_fewest_row_lanes(const RouteProblem& p, int min_lanes) {
+  for (int lanes : {4, 8, 16})
+    if (lanes >= min_lanes && v3_row_lanes_fit(p, lanes)) return lanes;
+  return kLanes;
+}
+
+int v3_automatic_row_lanes(const RouteProblem& p) {
+  const int forced = v3_switches().row_lanes;
+  if (forced != 0) return v3_row_lanes_fit(p, forced) ? forced : kLanes;
+  const int64_t sm_count = device_properties(p.logits.device().index).sm_count;
+  const int64_t T = p.num_tokens;
+  if (p.num_experts <= kV3TinyRowMaxExperts && T >= kV3TinyRowsMinTokens)
+    return v3_fewest_row_lanes(p, 4);
+  if (T < kV3SmallRowsMinRowsPerSm * sm_count) return kLanes;
+  if (T >= kV3FewestLanesMinRowsPerSm * sm_count) return v3_fewest_row_lanes(p, 4);
+  return v3_fewest_row_lanes(p, 8);
+}
+
+// Whether the automatic choice sorts only the top keys of each lane (where there are 12 or 16).
+bool v3_automatic_top_only(const RouteProblem& p, int row_lanes) {
+  const int forced = v3_switches().top_only;
+  if (forced >= 0) return forced == 1;
+  if (row_lanes == kLanes) return p.num_tokens >= kV3TopOnlyWholeWarpMinTokens;
+  const int64_t sm_count = device_properties(p.logits.device().index).sm_count;
+  return p.num_tokens >= kV3TopOnlySmallRowsMinRowsPerSm * sm_count;
+}
+
+// Wide keys (sigmoid, bias, f32) with 12 or more experts per lane lost to v2 at one token (Kimi-K2:
+// 3.25 vs 3.10 us) and in long batches (8192 tokens: 15.8 vs 14.1 us; at 4096 v3 won, 9.06 vs
+// 9.30): those stay on v2.
+constexpr int64_t kV3WideManyExpertsMaxTokens = 4096;
+
+bool v3_prefers_v2(const RouteProblem& p) {
+  if (v3_switches().row_lanes != 0) return false;  // measuring v3's layouts: v3 wherever it serves
+  const bool lost = p.num_tokens == 1 || p.num_tokens > kV3WideManyExpertsMaxTokens;
+  return !v3_narrow_keys(p) && v3_experts_per_lane(p.num_experts, kLanes) >= 12 && lost &&
+         v2_declines(p).empty() && !v2_switched_off(p);
+}
+
+int v3_row_lanes_of(RouteKernel kernel) {
+  switch (kernel) {
+    case RouteKernel::v3_lanes16:
+    case RouteKernel::v3_full_sort_lanes16:
+      return 16;
+    case RouteKernel::v3_lanes8:
+    case RouteKernel::v3_full_sort_lanes8:
+      return 8;
+    case RouteKernel::v3_lanes4:
+    case RouteKernel::v3_full_sort_lanes4:
+      return 4;
+    default:
+      return kLanes;
+  }
+}
+
+bool is_v3(RouteKernel kernel) {
+  switch (kernel) {
+    case RouteKernel::v3:
+    case RouteKernel::v3_lanes32:
+    case RouteKernel::v3_lanes16:
+    case RouteKernel::v3_lanes8:
+    case RouteKernel::v3_lanes4:
+    case RouteKernel::v3_full_sort_lanes32:
+    case RouteKernel::v3_full_sort_lanes16:
+    case RouteKernel::v3_full_sort_lanes8:
+    case RouteKernel::v3_full_sort_lanes4:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The shape of a v3 launch: `kernel` is v3 (automatic) or one of v3_lanes*, v3_full_sort_lanes*.
+V3Shape v3_shape(const RouteProblem& p, RouteKernel kernel) {
+  const int lanes = kernel == RouteKernel::v3 ? v3_automatic_row_lanes(p) : v3_row_lanes_of(kernel);
+  const int vpl = v3_experts_per_lane(p.num_experts, lanes);
+  bool top_only = kernel == RouteKernel::v3
+                      ? v3_automatic_top_only(p, lanes)
+                      : kernel == RouteKernel::v3_lanes32 || kernel == RouteKernel::v3_lanes16 ||
+                            kernel == RouteKernel::v3_lanes8 || kernel == RouteKernel::v3_lanes4;
+  return {lanes, vpl, !v3_narrow_keys(p), top_only && vpl > 8};
+}
+
+// Blocks of `kernel` resident on one SM with `shared_bytes` of dynamic shared memory, asked once
+// per (kernel, shared bytes, device).
+int resident_blocks_per_sm(KernelFn kernel, size_t shared_bytes, int device) {
+  static std::mutex mutex;
+  static std::vector<std::tuple<KernelFn, size_t, int, int>> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [k, bytes, d, blocks] : known)
+    if (k == kernel && bytes == shared_bytes && d == device) return blocks;
+  int blocks = 0;
+  MOEKIT_GPU_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreadsPerBlock,
+                                                                 shared_bytes));
+  blocks = std::max(blocks, 1);
+  known.emplace_back(kernel, shared_bytes, device, blocks);
+  return blocks;
+}
+
+// v3, for a problem v3_declines() accepts, in a layout v3_row_lanes_fit() accepts. The grid is at
+// most what is resident at once (no partial wave; the rows are a grid-stride loop).
+void route_v3(const RouteProblem& p, V3Shape shape) {
+  const Layout layout = v3_layout(p, shape);
+  const RouteArgs a = common_args(p, layout.v);
+  const int rows_per_warp = kLanes / shape.row_lanes;
+  const size_t scratch_bytes =
+      a.mode == Mode::softmax_by_prob
+          ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * kWarpsPerBlock
+          : 0;
+  const int device = p.logits.device().index;
+  DeviceGuard on_device(device);
+  const int64_t rows_per_block = static_cast<int64_t>(kWarpsPerBlock) * rows_per_warp;
+  const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
+  const int64_t resident = static_cast<int64_t>(device_properties(device).sm_count) *
+                           resident_blocks_per_sm(layout.kernel, scratch_bytes, device);
+  const auto blocks = static_cast<unsigned>(std::min(blocks_needed, resident));
+  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(kThreadsPerBlock),
+                                  scratch_bytes, static_cast<cudaStream_t>(p.stream),
+                                  programmatic_launch_allowed(device), a));
+}
+
 RouteKernel automatic_kernel(const RouteProblem& p) {
+  if (v2_switches().all_v1) return RouteKernel::v1;
+  if (v3_declines(p).empty() && !v3_switches().off && !v3_prefers_v2(p)) return RouteKernel::v3;
   return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
 }
 
@@ -736,24 +1021,57 @@ std::string route_supports(const RouteProblem& p) {
 
 std::string route_v2_declines(const RouteProblem& p) { return route_detail::v2_declines(p); }
 
+std::string route_v3_declines(const RouteProblem& p) { return route_detail::v3_declines(p); }
+
+bool route_v3_row_lanes_fit(const RouteProblem& p, int row_lanes) {
+  return route_detail::v3_declines(p).empty() && route_detail::v3_row_lanes_fit(p, row_lanes);
+}
+
 std::string route_kernel_name(const RouteProblem& p) {
   namespace detail = route_detail;
-  if (detail::automatic_kernel(p) == RouteKernel::v1) {
+  const RouteKernel kernel = detail::automatic_kernel(p);
+  const std::string v3_why = detail::v3_declines(p);
+  const std::string not_v3 = !v3_why.empty() ? "v3: " + v3_why
+                             : route_detail::v3_switches().off
+                                 ? "v3 switched off by the environment"
+                                 : "v3: measured slower here";
+  if (kernel == RouteKernel::v1) {
     const std::string why = detail::v2_declines(p);
-    return "v1 (" + (why.empty() ? std::string("v2 switched off by the environment") : why) + ")";
+    return "v1 (" + (why.empty() ? std::string("v2 switched off by the environment") : why) + "; " +
+           not_v3 + ")";
+  }
+  if (kernel == RouteKernel::v3) {
+    const detail::V3Shape shape = detail::v3_shape(p, RouteKernel::v3);
+    const int rows = kLanes / shape.row_lanes;
+    return "v3 " + std::string(detail::mode_name(detail::mode_of(p))) + ", " +
+           (shape.wide_keys ? "64" : "32") + "-bit keys, " +
+           std::to_string(shape.experts_per_lane) + " experts per lane, " +
+           std::to_string(shape.row_lanes) + " lanes per row (" + std::to_string(rows) +
+           (rows == 1 ? " row" : " rows") + " per warp)" +
+           (shape.top_only ? ", lanes sort their top keys only" : "");
   }
   const detail::V2Shape shape = detail::v2_shape(p, RouteKernel::v2);
   std::string name = "v2 " + std::string(detail::mode_name(detail::mode_of(p))) + ", " +
                      std::to_string(shape.experts_per_lane) + " experts per lane, " +
                      (shape.row_lanes == kLanes ? "1 row" : "2 rows") + " per warp";
   if (p.num_groups > 1) name += ", grouped";
-  return name;
+  return name + " (" + not_v3 + ")";
 }
 
 void route_with_kernel(const RouteProblem& p, RouteKernel kernel) {
   if (p.num_tokens == 0) return;
   if (kernel == RouteKernel::automatic) kernel = route_detail::automatic_kernel(p);
   if (kernel == RouteKernel::v1) return route_detail::route_v1(p);
+  if (route_detail::is_v3(kernel)) {
+    const std::string why = route_detail::v3_declines(p);
+    if (!why.empty()) fail("route", "kernel", "v3", "does not serve this problem: " + why);
+    const route_detail::V3Shape shape = route_detail::v3_shape(p, kernel);
+    if (!route_detail::v3_row_lanes_fit(p, shape.row_lanes))
+      fail("route", "kernel", "v3 with " + std::to_string(shape.row_lanes) + " lanes per row",
+           "does not serve this problem (rows below 32 lanes: 16-bit logits, softmax, no bias, "
+           "E <= 16 per lane, K <= 2 per lane)");
+    return route_detail::route_v3(p, shape);
+  }
   const std::string why = route_detail::v2_declines(p);
   if (!why.empty()) fail("route", "kernel", "v2", "does not serve this problem: " + why);
   if (kernel == RouteKernel::v2_half_warp && !route_detail::half_warp_fits(p))

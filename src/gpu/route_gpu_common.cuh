@@ -1,4 +1,5 @@
-// Shared by the GPU routing kernels (route_gpu.cu: v1, route_gpu_v2.cuh: v2): launch arguments,
+// Shared by the GPU routing kernels (route_gpu.cu: v1, route_gpu_v2.cuh: v2, route_gpu_v3.cuh:
+// v3): launch arguments,
 // scalar math written as the reference writes it, order-preserving keys, loads and stores, and the
 // group helpers. Device code for route_gpu.cu only (one translation unit).
 #pragma once
@@ -213,6 +214,20 @@ __device__ __forceinline__ void store_slot(const RouteArgs& a, int64_t row, int 
     static_cast<int64_t*>(a.ids)[row * a.ids_row_stride + slot] = id;
   else
     static_cast<int32_t*>(a.ids)[row * a.ids_row_stride + slot] = static_cast<int32_t>(id);
+}
+
+// Steps 5-7 of spec/routing.md for one slot, then the store: a fused shared slot (slot >= Kr) gets
+// id E + (slot - Kr) and the weight routed_sum / rsf; then renormalization and scaling. Every
+// kernel finishes its slots here, so their bits agree.
+__device__ __forceinline__ void finish_and_store_slot(const RouteArgs& a, int64_t row, int slot,
+                                                      float weight, int64_t id, float routed_sum) {
+  if (slot >= a.num_routed) {  // fused shared expert
+    id = a.num_experts + (slot - a.num_routed);
+    weight = routed_sum / a.routed_scaling_factor;
+  }
+  if (a.renormalize && routed_sum > 0.0f) weight = weight / routed_sum;
+  if (a.apply_scaling_on_output) weight = __fmul_rn(weight, a.routed_scaling_factor);
+  store_slot(a, row, slot, weight, id);
 }
 
 // ---- Groups.

@@ -1,8 +1,10 @@
-// Which GPU routing kernel serves a problem, for tests and A/B timing. gpu::route picks v2 where it
-// serves and v1 everywhere else; MOEKIT_GPU_ROUTE_V1=1 forces v1 for every call, and
-// MOEKIT_GPU_ROUTE_V2_OFF=<list> (any of logit, prob, sigmoid, grouped, comma separated) turns v2
-// off for those cases only, and halfwarp in that list keeps v2 on one row per warp. Both are read
-// once per process.
+// Which GPU routing kernel serves a problem, for tests and A/B timing. gpu::route picks v3 where it
+// serves (ungrouped) and is measured faster, then v2, then v1. Environment switches, read once per
+// process: MOEKIT_GPU_ROUTE_V1=1 forces v1 for every call; MOEKIT_GPU_ROUTE_V3_OFF=1 turns v3 off
+// (v2 / v1 as before); MOEKIT_GPU_ROUTE_V3_LANES=32|16|8|4 forces v3's lanes per row where that
+// fits and MOEKIT_GPU_ROUTE_V3_SORT=full|top its sort; MOEKIT_GPU_ROUTE_V2_OFF=<list> (any of
+// logit, prob, sigmoid, grouped, comma separated) turns v2 off for those cases only, and halfwarp
+// in that list keeps v2 on one row per warp.
 #pragma once
 
 #include <string>
@@ -12,12 +14,25 @@
 namespace moekit::gpu {
 
 enum class RouteKernel {
-  automatic,      // what gpu::route runs: v2 where it serves (and is not turned off), else v1
+  automatic,      // what gpu::route runs: v3, else v2 where they serve (and are not turned
+                  // off), else v1
   v1,             // one warp per row, every valid call
   v2,             // specialized per scoring mode and experts per lane (E <= 512); rows of a
                   // whole warp, or of half a warp for long batches where that fits
   v2_whole_warp,  // v2 with one row per warp
   v2_half_warp,   // v2 with two rows per warp (E <= 256, K <= 32, whole-lane groups)
+  v3,             // ungrouped (G == 1) softmax without softcap and sigmoid, E <= 512: packed
+                  // unique keys, sorted lanes; rows of 32 lanes, or fewer for long batches
+  v3_lanes32,     // v3 with one row per warp
+  v3_lanes16,     // v3 with rows of 16, 8 or 4 lanes (16-bit logits, softmax, no bias,
+  v3_lanes8,      //   E <= 16 per lane, K <= 2 per lane)
+  v3_lanes4,
+  // v3_lanes* lanes with 12 or 16 experts sort only their top few keys; these sort all of them
+  // (the same kernels as v3_lanes* for fewer experts per lane).
+  v3_full_sort_lanes32,
+  v3_full_sort_lanes16,
+  v3_full_sort_lanes8,
+  v3_full_sort_lanes4,
 };
 
 // Empty when v2 can serve the problem, else why not (environment switches aside).
@@ -26,6 +41,12 @@ std::string route_v2_declines(const RouteProblem& problem);
 // The kernel gpu::route runs for this problem, in words ("v2 sigmoid, 8 experts per lane, 1 row
 // per warp, grouped" or "v1 (why v2 does not serve)").
 std::string route_kernel_name(const RouteProblem& problem);
+
+// Empty when v3 can serve the problem, else why not (environment switches aside).
+std::string route_v3_declines(const RouteProblem& problem);
+
+// Whether v3 serves the problem with rows of `row_lanes` lanes (32, 16, 8 or 4).
+bool route_v3_row_lanes_fit(const RouteProblem& problem, int row_lanes);
 
 // Whether v2's two-rows-per-warp layout can serve the problem (given that v2 serves it).
 bool route_v2_half_warp_fits(const RouteProblem& problem);

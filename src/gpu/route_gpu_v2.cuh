@@ -474,15 +474,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v2_kernel(const R
         store_slot(a, row, slot, 0.0f, -1);
         continue;
       }
-      float w = weight[q];
-      int64_t id = slots[q].id;
-      if (slot >= Kr) {  // fused shared expert
-        id = E + (slot - Kr);
-        w = routed_sum / a.routed_scaling_factor;
-      }
-      if (a.renormalize && routed_sum > 0.0f) w = w / routed_sum;
-      if (a.apply_scaling_on_output) w = __fmul_rn(w, a.routed_scaling_factor);
-      store_slot(a, row, slot, w, id);
+      finish_and_store_slot(a, row, slot, weight[q], slots[q].id, routed_sum);
     }
   }
 }

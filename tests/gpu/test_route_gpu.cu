@@ -1,7 +1,8 @@
 // GPU routing against the reference: the model table and randomized shapes (every scoring, dtype,
 // group shape, shared slots, padding, strided and misaligned rows), bitwise determinism, and CUDA
-// graph capture (which also shows that route never synchronizes with the host); the v2 kernels
-// at every decode size of every model row and against v1 on the same inputs. Every test skips on a
+// graph capture (which also shows that route never synchronizes with the host); the v2 and v3
+// kernels at every decode size of every model row (v3 in every row layout) and against v1 on the
+// same inputs. Every test skips on a
 // machine without a GPU.
 #include <gtest/gtest.h>
 
@@ -434,6 +435,13 @@ bool v2_switched_off_by_environment() {
   return (v1 != nullptr && std::string(v1) == "1") || (off != nullptr && off[0] != '\0');
 }
 
+// Whether the environment turned v3 off (MOEKIT_GPU_ROUTE_V1 / MOEKIT_GPU_ROUTE_V3_OFF).
+bool v3_switched_off_by_environment() {
+  const char* v1 = std::getenv("MOEKIT_GPU_ROUTE_V1");
+  const char* off = std::getenv("MOEKIT_GPU_ROUTE_V3_OFF");
+  return (v1 != nullptr && std::string(v1) == "1") || (off != nullptr && std::string(off) == "1");
+}
+
 // The validated problem of a case whose tensors are on the device.
 RouteProblem device_problem(const RouteCase& c, const DeviceCase& d, cudaStream_t stream) {
   return make_route_problem("route", d.logits, d.bias_view(), c.config, d.weights, d.ids,
@@ -466,6 +474,7 @@ TEST(GpuRouteV2, ServesEveryModelRowAtEveryDecodeSize) {
   std::printf("ServesEveryModelRowAtEveryDecodeSize: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
               static_cast<unsigned long long>(seed));
   const bool insist_on_v2 = !v2_switched_off_by_environment();
+  const bool insist_on_v3 = !v3_switched_off_by_environment();
   uint64_t n = 0;
   int failures = 0;
   for (const harness::ModelRow& model : harness::model_table()) {
@@ -475,9 +484,15 @@ TEST(GpuRouteV2, ServesEveryModelRowAtEveryDecodeSize) {
       const RouteInputs in = harness::make_inputs(c);
       const DeviceCase d = upload(c, in, {});
       const RouteProblem problem = device_problem(c, d, stream.get());
-      if (insist_on_v2 && tokens == 1) {
+      if (tokens == 1) {
+        // v3 serves the ungrouped rows, v2 the grouped ones (and all of them with v3 off).
         const std::string name = gpu::route_kernel_name(problem);
-        EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << " is served by " << name;
+        const bool grouped = model.config.num_groups > 1;
+        if (!grouped && insist_on_v3)  // (or v2 where v3 was measured slower: Kimi-K2)
+          EXPECT_TRUE(name.rfind("v3", 0) == 0 || name.find("measured slower") != std::string::npos)
+              << model.name << " is served by " << name;
+        else if (insist_on_v2)
+          EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << " is served by " << name;
       }
       gpu::route_with_kernel(problem, gpu::RouteKernel::automatic);
       gpu::synchronize(stream.get());
@@ -598,6 +613,7 @@ TEST(GpuRouteV2, TwoRowsPerWarpAtEveryRowCount) {
     const RouteInputs in = harness::make_inputs(c);
     const DeviceCase d = upload(c, in, {});
     const std::string name = gpu::route_kernel_name(device_problem(c, d, stream.get()));
+    if (name.rfind("v2", 0) != 0) continue;  // v3 serves the ungrouped rows (tested below)
     const bool pairs = name.find("2 rows per warp") != std::string::npos;
     EXPECT_EQ(pairs, model.num_experts == 128) << model.name << ": " << name;
   }
@@ -639,12 +655,13 @@ TEST(GpuRouteV2, SigmoidOfVeryNegativeLogits) {
         }
         const RouteOutputs v1 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v1);
         const RouteOutputs ref = harness::run_reference(c, in);
-        for (gpu::RouteKernel kernel :
-             {gpu::RouteKernel::v2_whole_warp, gpu::RouteKernel::v2_half_warp}) {
+        for (gpu::RouteKernel kernel : {gpu::RouteKernel::v2_whole_warp,
+                                        gpu::RouteKernel::v2_half_warp, gpu::RouteKernel::v3}) {
           if (kernel == gpu::RouteKernel::v2_half_warp && num_experts > 256) continue;
-          const RouteOutputs v2 = run_kernel(c, in, {}, stream.get(), kernel);
-          expect_agreement(c, in, ref, v2, "v2 vs reference");
-          expect_agreement(c, in, v1, v2, "v2 vs v1");
+          const char* name = kernel == gpu::RouteKernel::v3 ? "v3" : "v2";
+          const RouteOutputs out = run_kernel(c, in, {}, stream.get(), kernel);
+          expect_agreement(c, in, ref, out, std::string(name) + " vs reference");
+          expect_agreement(c, in, v1, out, std::string(name) + " vs v1");
         }
       }
     }
@@ -679,6 +696,393 @@ TEST(GpuRouteV2, DeclinesWhatItDoesNotServe) {
   const DeviceCase d = upload(capped, in, {});
   EXPECT_THROW(
       gpu::route_with_kernel(device_problem(capped, d, stream.get()), gpu::RouteKernel::v2), Error);
+}
+
+// ---- v3 (src/gpu/route_gpu_v3.cuh): every row layout it can pick, against the reference and v1.
+
+struct V3Layout {
+  gpu::RouteKernel kernel;
+  int row_lanes;
+  bool full_sort;  // lanes of 12 or 16 experts sort all their keys (else the top few)
+};
+constexpr V3Layout kV3Layouts[] = {{gpu::RouteKernel::v3_lanes32, 32, false},
+                                   {gpu::RouteKernel::v3_lanes16, 16, false},
+                                   {gpu::RouteKernel::v3_lanes8, 8, false},
+                                   {gpu::RouteKernel::v3_lanes4, 4, false},
+                                   {gpu::RouteKernel::v3_full_sort_lanes32, 32, true},
+                                   {gpu::RouteKernel::v3_full_sort_lanes16, 16, true},
+                                   {gpu::RouteKernel::v3_full_sort_lanes8, 8, true},
+                                   {gpu::RouteKernel::v3_full_sort_lanes4, 4, true}};
+
+std::string layout_name(const V3Layout& layout) {
+  return "v3 (" + std::to_string(layout.row_lanes) + " lanes per row" +
+         (layout.full_sort ? ", full sort)" : ")");
+}
+
+// A validated problem for the case on the host (for the declines / fits queries).
+RouteProblem host_problem(const RouteCase& c, const RouteInputs& in, const RouteOutputs& out) {
+  return make_route_problem("route", in.logits, in.bias_view(), c.config, out.weights, out.ids, {});
+}
+
+// The v3 layouts that serve the case (none when v3 declines it).
+std::vector<V3Layout> v3_layouts_for(RouteCase c) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs out = harness::make_poisoned_outputs(c);
+  const RouteProblem p = host_problem(c, in, out);
+  std::vector<V3Layout> layouts;
+  if (!gpu::route_v3_declines(p).empty()) return layouts;
+  for (const V3Layout& layout : kV3Layouts) {
+    if (!gpu::route_v3_row_lanes_fit(p, layout.row_lanes)) continue;
+    // The two sorts differ only where lanes hold more than 8 experts.
+    if (layout.full_sort && c.num_experts <= 8 * layout.row_lanes) continue;
+    layouts.push_back(layout);
+  }
+  return layouts;
+}
+
+// v3 in each of `layouts` against the reference and against v1, on the same device inputs.
+bool compare_v3(RouteCase& c, const Placement& place, cudaStream_t stream,
+                const std::vector<V3Layout>& layouts) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs ref = harness::run_reference(c, in);
+  const RouteOutputs v1 = run_kernel(c, in, place, stream, gpu::RouteKernel::v1);
+  bool pass = expect_agreement(c, in, ref, v1, "v1 vs reference, " + describe(place));
+  for (const V3Layout& layout : layouts) {
+    const RouteOutputs v3 = run_kernel(c, in, place, stream, layout.kernel);
+    const std::string name = layout_name(layout);
+    pass = expect_agreement(c, in, ref, v3, name + " vs reference, " + describe(place)) && pass;
+    pass = expect_agreement(c, in, v1, v3, name + " vs v1, " + describe(place)) && pass;
+  }
+  return pass;
+}
+
+TEST(GpuRouteV3, ModelRowsAtEveryDecodeSizeInEveryLayout) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("ModelRowsAtEveryDecodeSizeInEveryLayout: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0, served = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (int64_t tokens = 1; tokens <= 64; ++tokens) {
+      RouteCase c = model_case(model, tokens, kAllKinds[tokens % std::size(kAllKinds)], DType::bf16,
+                               seed + n++);
+      const std::vector<V3Layout> layouts = v3_layouts_for(c);
+      if (layouts.empty()) continue;
+      served += tokens == 1;
+      failures += !compare_v3(c, {}, stream.get(), layouts);
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+  EXPECT_EQ(served, 9);  // every ungrouped row of the model table
+}
+
+TEST(GpuRouteV3, ModelRowsInEveryDtypeAndLayout) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("ModelRowsInEveryDtypeAndLayout: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+      for (int64_t tokens : {1, 7, 64, 1031}) {
+        for (InputKind kind : kAllKinds) {
+          RouteCase c = model_case(model, tokens, kind, dtype, seed + n++);
+          if (tokens == 7) c.ids_dtype = DType::i64;
+          const std::vector<V3Layout> layouts = v3_layouts_for(c);
+          if (!layouts.empty()) failures += !compare_v3(c, {}, stream.get(), layouts);
+        }
+      }
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+}
+
+// More rows than the resident grid has warps: the grid-stride loop must reach every row, in every
+// layout, with padding rows beside valid ones.
+TEST(GpuRouteV3, LargeTokenCountsInEveryLayout) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("LargeTokenCountsInEveryLayout: seed %llu\n", static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (int64_t tokens : {int64_t{8192}, int64_t{16384 + 3}}) {
+      RouteCase c =
+          model_case(model, tokens, tokens == 8192 ? InputKind::random : InputKind::padding,
+                     DType::bf16, seed + n++);
+      const std::vector<V3Layout> layouts = v3_layouts_for(c);
+      if (!layouts.empty()) compare_v3(c, {}, stream.get(), layouts);
+    }
+  }
+}
+
+// Random valid problems that v3 serves: E anywhere in 1..512, K up to min(E, 64), every dtype,
+// bias type, input kind, ids type, padding and placement.
+RouteCase random_v3_case(std::mt19937_64& rng, uint64_t seed) {
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  RouteCase c = random_case(rng, seed);
+  c.label = "random v3";
+  RouterConfig& k = c.config;
+  c.num_experts = chance(0.5) ? 1 + static_cast<int>(rng() % 512)
+                              : std::array{8, 60, 64, 128, 160, 256, 384, 512}[rng() % 8];
+  const int E = c.num_experts;
+  k.num_groups = 1;
+  k.topk_groups = 1;
+  k.softcap = 0.0f;
+  if (k.scoring == Scoring::sqrtsoftplus) k.scoring = Scoring::softmax;
+  if (chance(0.4)) {  // the 32-bit-key instances (and so rows below 32 lanes)
+    k.scoring = Scoring::softmax;
+    c.has_bias = false;
+    if (c.logits_dtype == DType::f32) c.logits_dtype = DType::bf16;
+  }
+  const int max_routed = std::min(64, E);
+  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
+                                 : 1 + static_cast<int>(rng() % max_routed);
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
+  k.topk = routed + k.num_shared_experts;
+  if (!k.renormalize && k.scoring != Scoring::softmax) {  // as random_case: keep sums small
+    k.topk -= k.num_shared_experts;
+    k.num_shared_experts = 0;
+    k.topk = std::min(k.topk, 8);
+    k.apply_scaling_on_output = false;
+  }
+  if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
+  return c;
+}
+
+TEST(GpuRouteV3, RandomShapesInEveryLayout) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("RandomShapesInEveryLayout: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int compared = 0, small_rows = 0, failures = 0;
+  for (int i = 0; i < 2000 && compared < 500 && failures < 20; ++i) {
+    RouteCase c = random_v3_case(rng, rng());
+    if (c.tokens == 0) continue;
+    const std::vector<V3Layout> layouts = v3_layouts_for(c);
+    if (layouts.empty()) {
+      ADD_FAILURE() << describe(c) << ": v3 declines a problem of its range";
+      ++failures;
+      continue;
+    }
+    Placement place;
+    if (rng() % 3 == 0) place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);  // misaligned
+    if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+    if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
+    ++compared;
+    small_rows += layouts.size() > 1;
+    failures += !compare_v3(c, place, stream.get(), layouts);
+  }
+  std::printf("compared %d random problems (%d also in rows below 32 lanes)\n", compared,
+              small_rows);
+  EXPECT_GE(compared, 400);
+  EXPECT_GE(small_rows, 50);
+}
+
+int64_t id_at(const Tensor& ids, int64_t i) {
+  return ids.dtype() == DType::i64 ? ids.data_as<int64_t>()[i] : ids.data_as<int32_t>()[i];
+}
+
+// v3 computes every weight with v2's arithmetic (softmax by logit: exp(z - top); softmax by p: the
+// numerator over the denominator summed in expert order; sigmoid: v2's reciprocal), so wherever
+// the two pick the same ids their weights agree bit for bit.
+TEST(GpuRouteV3, WeightsAreV2sBitForBit) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("WeightsAreV2sBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (DType dtype : {DType::bf16, DType::f32}) {
+      for (int64_t tokens : {1, 64, 1031}) {
+        RouteCase c = model_case(model, tokens, InputKind::random, dtype, seed + n++);
+        const std::vector<V3Layout> layouts = v3_layouts_for(c);
+        if (layouts.empty()) continue;
+        const RouteInputs in = harness::make_inputs(c);
+        const RouteOutputs v2 =
+            run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v2_whole_warp);
+        const int64_t K = c.config.topk;
+        for (const V3Layout& layout : layouts) {
+          const RouteOutputs v3 = run_kernel(c, in, {}, stream.get(), layout.kernel);
+          int64_t same_ids = 0, same_bits = 0;
+          for (int64_t t = 0; t < tokens; ++t) {
+            bool ids_equal = true;
+            for (int64_t k = 0; k < K; ++k)
+              ids_equal = ids_equal && id_at(v2.ids, t * K + k) == id_at(v3.ids, t * K + k);
+            if (!ids_equal) continue;
+            ++same_ids;
+            same_bits += std::memcmp(v2.weights.data_as<float>() + t * K,
+                                     v3.weights.data_as<float>() + t * K, K * sizeof(float)) == 0;
+          }
+          EXPECT_EQ(same_bits, same_ids) << describe(c) << ", " << layout_name(layout);
+          EXPECT_GE(same_ids * 10, tokens * 9) << describe(c) << ", " << layout_name(layout);
+        }
+      }
+    }
+  }
+}
+
+// Rows below 32 lanes: every row count around the warp, block and grid boundaries (a warp's last
+// rows may be past the end), for expert counts that fill the rows partly and wholly.
+TEST(GpuRouteV3, SmallRowsAtEveryRowCount) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("SmallRowsAtEveryRowCount: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0;
+  for (int num_experts : {3, 8, 60, 64, 100, 128, 200, 256}) {
+    for (int64_t tokens : {1, 2, 3, 5, 7, 8, 9, 15, 17, 31, 33, 257, 4099}) {
+      RouteCase c;
+      c.label = "small rows";
+      c.seed = seed + n;
+      c.num_experts = num_experts;
+      c.tokens = tokens;
+      c.kind = kAllKinds[n % std::size(kAllKinds)];
+      c.logits_dtype = n % 3 == 0 ? DType::f16 : DType::bf16;
+      c.config.topk = std::min(num_experts, 1 + static_cast<int>(n % 8));
+      c.config.renormalize = n % 2 == 0;
+      c.config.num_shared_experts = n % 5 == 0 && c.config.topk > 1 ? 1 : 0;
+      ++n;
+      const std::vector<V3Layout> layouts = v3_layouts_for(c);
+      EXPECT_GE(layouts.size(), 2u) << describe(c);
+      failures += !compare_v3(c, {}, stream.get(), layouts);
+    }
+    if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
+  }
+}
+
+TEST(GpuRouteV3, BitwiseDeterministicInEveryLayout) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf}) {
+      RouteCase c = model_case(model, 4099, kind, DType::bf16, 7);
+      for (const V3Layout& layout : v3_layouts_for(c)) {
+        const RouteInputs in = harness::make_inputs(c);
+        const DeviceCase d = upload(c, in, {});
+        const RouteProblem problem = device_problem(c, d, stream.get());
+        gpu::route_with_kernel(problem, layout.kernel);
+        gpu::synchronize(stream.get());
+        const std::vector<char> first = raw_outputs(c, d);
+        for (int run = 0; run < 3; ++run) {
+          gpu::route_with_kernel(problem, layout.kernel);
+          gpu::synchronize(stream.get());
+          EXPECT_TRUE(raw_outputs(c, d) == first)
+              << describe(c) << ", " << layout_name(layout) << ": run " << run + 2 << " differs";
+        }
+      }
+    }
+  }
+}
+
+TEST(GpuRouteV3, CapturesIntoCudaGraphInEveryLayout) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    RouteCase c = model_case(model, 1031, InputKind::padding, DType::bf16, 13);
+    for (const V3Layout& layout : v3_layouts_for(c)) {
+      const RouteInputs in = harness::make_inputs(c);
+      const DeviceCase d = upload(c, in, {});
+      cudaGraph_t graph = nullptr;
+      MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
+      gpu::route_with_kernel(device_problem(c, d, stream.get()), layout.kernel);
+      MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+      cudaGraphExec_t exec = nullptr;
+      MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+      EXPECT_TRUE(std::isnan(download(c, d).weights.data_as<float>()[0])) << describe(c);
+      for (int replay = 0; replay < 3; ++replay)
+        MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+      gpu::synchronize(stream.get());
+      expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
+                       layout_name(layout) + " replayed from a graph");
+      MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
+      MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+    }
+  }
+}
+
+TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  auto problem_for = [&](RouteCase c) {
+    const RouteInputs in = harness::make_inputs(c);
+    const RouteOutputs out = harness::make_poisoned_outputs(c);
+    return host_problem(c, in, out);
+  };
+  RouteCase c = model_case(harness::model_table()[3], 4, InputKind::random, DType::bf16, 1);
+  EXPECT_EQ(gpu::route_v3_declines(problem_for(c)), "");
+  for (int lanes : {32, 16, 8}) EXPECT_TRUE(gpu::route_v3_row_lanes_fit(problem_for(c), lanes));
+  EXPECT_FALSE(gpu::route_v3_row_lanes_fit(problem_for(c), 4));  // 128 experts > 4 x 16
+  RouteCase wide = c;
+  wide.num_experts = 896;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(wide)).find("E=896"), std::string::npos);
+  RouteCase capped = c;
+  capped.config.softcap = 30.0f;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(capped)).find("softcap"), std::string::npos);
+  RouteCase grouped = c;
+  grouped.config.num_groups = 8;
+  grouped.config.topk_groups = 4;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(grouped)).find("grouped"), std::string::npos);
+  RouteCase soft_plus = c;
+  soft_plus.config.scoring = Scoring::sqrtsoftplus;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(soft_plus)).find("sqrtsoftplus"), std::string::npos);
+  // 64-bit keys (sigmoid, a bias, f32 logits) come in whole-warp rows only.
+  RouteCase sigmoid = c;
+  sigmoid.config.scoring = Scoring::sigmoid;
+  RouteCase biased = c;
+  biased.has_bias = true;
+  RouteCase f32 = model_case(harness::model_table()[3], 4, InputKind::random, DType::f32, 1);
+  for (const RouteCase& wide_keys : {sigmoid, biased, f32}) {
+    EXPECT_EQ(gpu::route_v3_declines(problem_for(wide_keys)), "") << describe(wide_keys);
+    EXPECT_TRUE(gpu::route_v3_row_lanes_fit(problem_for(wide_keys), 32));
+    EXPECT_FALSE(gpu::route_v3_row_lanes_fit(problem_for(wide_keys), 16)) << describe(wide_keys);
+  }
+  // Asking for v3 where it does not serve throws rather than running something else.
+  {
+    const RouteInputs in = harness::make_inputs(grouped);
+    const DeviceCase d = upload(grouped, in, {});
+    EXPECT_THROW(
+        gpu::route_with_kernel(device_problem(grouped, d, stream.get()), gpu::RouteKernel::v3),
+        Error);
+  }
+  {
+    const RouteInputs in = harness::make_inputs(sigmoid);
+    const DeviceCase d = upload(sigmoid, in, {});
+    EXPECT_THROW(gpu::route_with_kernel(device_problem(sigmoid, d, stream.get()),
+                                        gpu::RouteKernel::v3_lanes8),
+                 Error);
+  }
+  // The automatic choice: v3 for every ungrouped row (or v2 where v3 was measured slower), whole
+  // warps at decode sizes.
+  if (!v3_switched_off_by_environment() && std::getenv("MOEKIT_GPU_ROUTE_V3_LANES") == nullptr) {
+    for (const harness::ModelRow& model : harness::model_table()) {
+      for (int64_t tokens : {1, 16, 16384}) {
+        RouteCase m = model_case(model, tokens, InputKind::random, DType::bf16, 1);
+        const RouteInputs in = harness::make_inputs(m);
+        const DeviceCase d = upload(m, in, {});
+        const std::string name = gpu::route_kernel_name(device_problem(m, d, stream.get()));
+        if (model.config.num_groups > 1) {
+          EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << ": " << name;
+        } else {
+          const bool v3 = name.rfind("v3", 0) == 0;
+          EXPECT_TRUE(v3 || name.find("measured slower") != std::string::npos)
+              << model.name << ": " << name;
+          if (v3 && tokens <= 16)
+            EXPECT_NE(name.find("32 lanes per row"), std::string::npos)
+                << model.name << ": " << name;
+        }
+      }
+    }
+  }
 }
 
 TEST(GpuRuntime, DescribesDeviceAndTimes) {
