@@ -48,6 +48,7 @@ struct ImplementationChoice {
   Backend backend;
   bool chosen = false;
   std::string reason;  // why it declines (empty when it serves)
+  std::string detail;  // the chosen entry, where it says: how it will run (GPU kernel, layout)
 };
 
 // CPU features found at run time (cpuid), used by dispatch tables.

@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "gpu/route_gpu.h"
 #include "ops/route_problem.h"
 
 namespace moekit::gpu {
@@ -37,10 +38,6 @@ enum class RouteKernel {
 
 // Empty when v2 can serve the problem, else why not (environment switches aside).
 std::string route_v2_declines(const RouteProblem& problem);
-
-// The kernel gpu::route runs for this problem, in words ("v2 sigmoid, 8 experts per lane, 1 row
-// per warp, grouped" or "v1 (why v2 does not serve)").
-std::string route_kernel_name(const RouteProblem& problem);
 
 // Empty when v3 can serve the problem, else why not (environment switches aside).
 std::string route_v3_declines(const RouteProblem& problem);

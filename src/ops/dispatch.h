@@ -21,6 +21,8 @@ struct Implementation {
   Backend backend;
   std::string (*supports)(const Problem& problem);
   void (*run)(const Problem& problem);
+  // Optional: how run() will serve the problem, in words (the kernel and its layout), for explain.
+  std::string (*describe)(const Problem& problem) = nullptr;
 };
 
 // "" when the entry may be considered for a call on `device` with these options.
@@ -47,10 +49,13 @@ std::vector<ImplementationChoice> explain_table(std::span<const Implementation<P
   std::vector<ImplementationChoice> rows;
   bool chosen = false;
   for (const Implementation<Problem>& impl : table) {
-    ImplementationChoice row{impl.name, impl.backend, false,
-                             eligibility(impl.name, impl.backend, device, options)};
+    ImplementationChoice row{
+        impl.name, impl.backend, false, eligibility(impl.name, impl.backend, device, options), {}};
     if (row.reason.empty()) row.reason = impl.supports(problem);
-    if (row.reason.empty() && !chosen) row.chosen = chosen = true;
+    if (row.reason.empty() && !chosen) {
+      row.chosen = chosen = true;
+      if (impl.describe != nullptr) row.detail = impl.describe(problem);
+    }
     rows.push_back(std::move(row));
   }
   return rows;

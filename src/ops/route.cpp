@@ -24,7 +24,7 @@ std::string reference_supports(const RouteProblem& p) {
 // Fastest first. The first entry of the requested backend that serves the problem runs.
 const RouteImplementation kRouteTable[] = {
 #ifdef MOEKIT_HAVE_GPU
-    {"gpu", Backend::gpu, gpu::route_supports, gpu::route},
+    {"gpu", Backend::gpu, gpu::route_supports, gpu::route, gpu::route_kernel_name},
 #endif
     {"cpu.avx512", Backend::cpu, cpu::route_supports_avx512, cpu::route_avx512},
     {"cpu.avx2", Backend::cpu, cpu::route_supports_avx2, cpu::route_avx2},

@@ -391,6 +391,28 @@ TEST(GpuRoute, EmptyBatchDoesNothing) {
   gpu::synchronize(stream.get());
 }
 
+// explain_route names the GPU kernel that will run (what `moekit explain --backend gpu` prints):
+// v3 for ungrouped Qwen rows, v2 for grouped DeepSeek-V3, each as gpu::route_kernel_name says.
+TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.name != "Qwen3-30B-A3B" && model.name != "DeepSeek-V3") continue;
+    RouteCase c = model_case(model, 16, InputKind::random, DType::bf16, 1);
+    const RouteInputs in = harness::make_inputs(c);
+    const DeviceCase d = upload(c, in, {});
+    const std::vector<ImplementationChoice> rows =
+        explain_route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
+    ASSERT_FALSE(rows.empty());
+    EXPECT_EQ(rows.front().name, "gpu");
+    EXPECT_TRUE(rows.front().chosen) << rows.front().reason;
+    const std::string expected_prefix = model.name == "DeepSeek-V3" ? "v2 " : "v3 ";
+    EXPECT_EQ(rows.front().detail.rfind(expected_prefix, 0), 0u)
+        << model.name << ": " << rows.front().detail;
+    std::printf("  %s: %s\n", model.name.c_str(), rows.front().detail.c_str());
+  }
+}
+
 TEST(GpuRoute, DeclinesWhatItCannotServe) {
   SKIP_WITHOUT_GPU();
   // CPU tensors: the gpu entry says why it declines.

@@ -16,7 +16,7 @@ namespace moekit::cli {
 // One dispatch-table verdict as the CLI prints it: "runs", "declines: <reason>", or, for an entry
 // that would serve but comes after the chosen one, "serves too, but an earlier entry runs".
 inline std::string describe_choice(const ImplementationChoice& choice) {
-  if (choice.chosen) return "runs";
+  if (choice.chosen) return choice.detail.empty() ? "runs" : "runs: " + choice.detail;
   if (choice.reason.empty()) return "serves too, but an earlier entry runs";
   return "declines: " + choice.reason;
 }
