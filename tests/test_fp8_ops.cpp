@@ -571,6 +571,7 @@ struct GemmCase {
   DType b_scale_dtype = DType::f32;
   int threads = 0;
   bool strided_out = false;
+  int nan_bytes = 0;  // NaN bytes (0x7f, 0xff) written at random places of A and of B each
 };
 
 std::string describe(const GemmCase& c) {
@@ -579,7 +580,8 @@ std::string describe(const GemmCase& c) {
          (c.bias ? " bias=" + std::string(dtype_name(c.bias_dtype)) : "") +
          " a_scales=" + scale_layout_name(c.layout) +
          " b_scales=" + std::string(dtype_name(c.b_scale_dtype)) +
-         " threads=" + std::to_string(c.threads) + (c.strided_out ? " strided out" : "");
+         " threads=" + std::to_string(c.threads) + (c.strided_out ? " strided out" : "") +
+         (c.nan_bytes ? " nan_bytes=" + std::to_string(c.nan_bytes) : "");
 }
 
 // The tolerance of spec/fp8.md: 1e-3 relative mean error, plus the rounding of half outputs.
@@ -611,11 +613,16 @@ Tensor scale_tensor(const std::vector<float>& logical, int64_t M, int64_t K, Sca
   return t;
 }
 
-void check_gemm(std::mt19937_64& rng, const GemmCase& c) {
+// Every implementation that serves the case (or only the one named `only`, which must serve it)
+// against the reference.
+void check_gemm(std::mt19937_64& rng, const GemmCase& c, const std::string& only = "") {
   SCOPED_TRACE(describe(c));
   const int64_t M = c.m, N = c.n, K = c.k, G = fp8::ceil_div(K, 128);
   Tensor a = random_e4m3(rng, M, K);
   Tensor b = random_e4m3(rng, N, K);
+  for (Tensor* t : {&a, &b})
+    for (int i = 0; i < c.nan_bytes && t->numel() > 0; ++i)
+      t->data_as<uint8_t>()[rng() % static_cast<uint64_t>(t->numel())] = pick(rng, 2) ? 0x7f : 0xff;
   std::vector<float> a_scales(static_cast<size_t>(M * G));
   for (float& v : a_scales)
     v = c.layout == ScaleLayout::packed_ue8m0 ? std::ldexp(1.0f, -5 - pick(rng, 8))
@@ -641,7 +648,12 @@ void check_gemm(std::mt19937_64& rng, const GemmCase& c) {
       make_block_gemm_problem("test", a, as, c.layout, b, bs, bias_view, ref, options));
   const BlockGemmProblem p =
       make_block_gemm_problem("test", a, as, c.layout, b, bs, bias_view, out, options);
-  for (const auto* impl : fast_implementations(block_gemm_implementations(), p)) {
+  auto implementations = fast_implementations(block_gemm_implementations(), p);
+  if (!only.empty()) {
+    std::erase_if(implementations, [&](const auto* impl) { return impl->name != only; });
+    ASSERT_EQ(implementations.size(), 1u) << only << " does not serve the case";
+  }
+  for (const auto* impl : implementations) {
     std::memset(out_storage.data(), kSentinelByte, out_storage.nbytes());
     impl->run(p);
     double error = 0.0, magnitude = 0.0;
@@ -738,6 +750,130 @@ TEST(Fp8Gemm, PublicOpMatchesTheReference) {
     magnitude += std::fabs(ref.data_as<float>()[i]);
   }
   EXPECT_LT(error / magnitude, 1e-3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// cpu.avx512bf16: the packed GEMM (M > 16) on AVX-512 BF16 dot products. Its sums run in another
+// order than the f32 kernels' (pairs of products first), so it is held to the contract's tolerance
+// of the reference, plus NaN placement, and to bitwise determinism across runs and thread counts.
+
+constexpr const char* kBf16Gemm = "cpu.avx512bf16";
+
+bool skip_without_bf16() {
+  if (cpu_features().avx512_bf16) return false;
+  std::printf("this CPU lacks avx512_bf16: %s is not tested here\n", kBf16Gemm);
+  return true;
+}
+
+TEST(Fp8GemmBf16, RandomShapesMatchTheReference) {
+  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
+  std::mt19937_64 rng = rng_for("gemm bf16");
+  const DType outs[] = {DType::f32, DType::bf16, DType::f16};
+  const DType wides[] = {DType::f32, DType::bf16, DType::f16};
+  const int cases = kQuickBuild ? 8 : 36;
+  for (int index = 0; index < cases; ++index) {
+    GemmCase c{17 + pick(rng, 284), 1 + pick(rng, 700), 1 + pick(rng, 1100)};
+    if (index % 4 == 0) c.k = 128 * (1 + pick(rng, 8));  // whole blocks too
+    c.out = outs[index % 3];
+    c.layout = kLayouts[(index / 3) % 4];
+    c.bias = index % 2 == 0;
+    c.bias_dtype = wides[pick(rng, 3)];
+    c.b_scale_dtype = pick(rng, 2) ? DType::f32 : DType::bf16;
+    c.threads = pick(rng, 4);
+    c.strided_out = pick(rng, 4) == 0;
+    check_gemm(rng, c, kBf16Gemm);
+  }
+  // A DeepSeek-like odd shape: N and K past whole blocks (7748 = 60.5 x 128, 3884 = 30.3 x 128).
+  check_gemm(rng, {kQuickBuild ? 17 : 40, 7748, 3884, DType::bf16, true, DType::bf16}, kBf16Gemm);
+}
+
+// Both kernels multiply exactly and sum in f32, per 128-block, so they may differ only by f32
+// rounding (a few ulp of the sums): far tighter than the contract's 1e-3, so that a lost or doubled
+// product (an odd K's last pair, a partial block, an edge column) cannot hide in the tolerance.
+TEST(Fp8GemmBf16, AgreesWithTheF32KernelToF32Rounding) {
+  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
+  std::mt19937_64 rng = rng_for("gemm bf16 vs f32");
+  for (int index = 0; index < (kQuickBuild ? 4 : 16); ++index) {
+    const int64_t M = 17 + pick(rng, 284), N = 1 + pick(rng, 400), K = 1 + pick(rng, 900);
+    const int64_t G = fp8::ceil_div(K, 128);
+    SCOPED_TRACE("M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+    Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
+    Tensor as = Tensor::empty(DType::f32, {M, G});
+    Tensor bs = Tensor::empty(DType::f32, {fp8::ceil_div(N, 128), G});
+    for (Tensor* t : {&as, &bs})
+      for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0, 0.01f);
+    Tensor f32_kernel = filled(DType::f32, {M, N}), bf16_kernel = filled(DType::f32, {M, N});
+    OpOptions options;
+    options.num_threads = 1 + pick(rng, 3);
+    options.implementation = "cpu.avx512";
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, f32_kernel, options);
+    options.implementation = kBf16Gemm;
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, bf16_kernel, options);
+    double difference = 0, magnitude = 0;
+    for (int64_t i = 0; i < M * N; ++i) {
+      difference += std::fabs(static_cast<double>(bf16_kernel.data_as<float>()[i]) -
+                              f32_kernel.data_as<float>()[i]);
+      magnitude += std::fabs(static_cast<double>(f32_kernel.data_as<float>()[i]));
+    }
+    EXPECT_LT(difference, 2e-6 * magnitude);
+  }
+}
+
+TEST(Fp8GemmBf16, NaNBytesGiveNaNWhereTheReferenceDoes) {
+  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
+  std::mt19937_64 rng = rng_for("gemm bf16 nan");
+  for (const int64_t m : {17, 60, 131}) {
+    GemmCase c{m, 200, 300, DType::f32};
+    c.nan_bytes = 3;
+    check_gemm(rng, c, kBf16Gemm);
+    c.out = DType::bf16;
+    c.bias = true;
+    check_gemm(rng, c, kBf16Gemm);
+  }
+}
+
+TEST(Fp8GemmBf16, BitwiseTheSameAcrossRunsAndThreadCounts) {
+  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
+  std::mt19937_64 rng = rng_for("gemm bf16 determinism");
+  const int64_t M = 300, N = 700, K = 1000, G = fp8::ceil_div(K, 128);  // two row tiles
+  Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
+  Tensor as = Tensor::empty(DType::f32, {M, G}), bs = Tensor::empty(DType::f32, {6, G});
+  for (Tensor* t : {&as, &bs})
+    for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0, 0.01f);
+  std::vector<uint8_t> first;  // the first run's output bytes
+  for (const int threads : {1, 2, 3, 1, 2, 3}) {
+    OpOptions options;
+    options.num_threads = threads;
+    options.implementation = kBf16Gemm;
+    Tensor out = filled(DType::f32, {M, N});
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, options);
+    const auto* bytes = out.data_as<const uint8_t>();
+    if (first.empty()) {
+      first.assign(bytes, bytes + out.nbytes());
+      continue;
+    }
+    EXPECT_EQ(std::memcmp(bytes, first.data(), first.size()), 0) << threads << " threads";
+  }
+}
+
+TEST(Fp8GemmBf16, ServesMPast16AndLeavesSmallerMToTheStreamingKernel) {
+  for (const int64_t M : {16, 17}) {
+    Tensor a = Tensor::empty(DType::f8e4m3, {M, 128}), b = Tensor::empty(DType::f8e4m3, {64, 128});
+    Tensor as = Tensor::empty(DType::f32, {M, 1}), bs = Tensor::empty(DType::f32, {1, 1});
+    Tensor out = Tensor::empty(DType::bf16, {M, 64});
+    for (const ImplementationChoice& row :
+         explain_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out)) {
+      if (row.name != kBf16Gemm) continue;
+      if (!cpu_features().avx512_bf16) {
+        EXPECT_EQ(row.reason, "CPU lacks avx512_bf16 (with avx512 f, bw, vl, dq)");
+      } else if (M <= 16) {
+        EXPECT_EQ(row.reason, "M <= 16: the streaming kernel of cpu.avx512 serves it");
+      } else {
+        EXPECT_EQ(row.reason, "");
+        EXPECT_TRUE(row.chosen);
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -885,7 +1021,7 @@ TEST(Fp8Dispatch, ExplainNamesTheChoiceAndEveryReason) {
     if (row.chosen) {
       EXPECT_TRUE(row.reason.empty()) << row.name;
     }
-    std::printf("  %-11s %-8s %s\n", row.name.c_str(),
+    std::printf("  %-14s %-8s %s\n", row.name.c_str(),
                 row.chosen           ? "chosen"
                 : row.reason.empty() ? "serves"
                                      : "declines",

@@ -53,8 +53,9 @@ struct ImplementationChoice {
 
 // CPU features found at run time (cpuid), used by dispatch tables.
 struct CpuFeatures {
-  bool avx2 = false;    // with fma and f16c
-  bool avx512 = false;  // f, bw, vl, dq
+  bool avx2 = false;         // with fma and f16c
+  bool avx512 = false;       // f, bw, vl, dq
+  bool avx512_bf16 = false;  // avx512 and AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16)
 };
 const CpuFeatures& cpu_features();
 

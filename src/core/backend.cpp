@@ -2,6 +2,10 @@
 
 #include <omp.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "core/gpu_hooks.h"
 #include "moekit/error.h"
 #ifdef MOEKIT_HAVE_GPU
@@ -28,6 +32,10 @@ const CpuFeatures& cpu_features() {
              __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
     f.avx512 = f.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    // AVX512_BF16: cpuid leaf 7 subleaf 1, EAX bit 5 (the OS's zmm state is checked by avx512).
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    f.avx512_bf16 =
+        f.avx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0;
 #endif
     return f;
   }();
@@ -51,6 +59,7 @@ std::vector<BackendInfo> backends() {
   out.push_back({Backend::reference, "reference", "scalar definitional code (the oracle)"});
   const CpuFeatures& f = cpu_features();
   std::string isa = f.avx512 ? "avx512 avx2 fma f16c" : f.avx2 ? "avx2 fma f16c" : "scalar";
+  if (f.avx512_bf16) isa = "avx512_bf16 " + isa;
   out.push_back(
       {Backend::cpu, "cpu", isa + ", " + std::to_string(omp_get_max_threads()) + " threads"});
   const int n = gpu_count();

@@ -182,6 +182,8 @@ BlockQuantizeWeightArgs args_of(const BlockQuantizeWeightProblem& p) {
 template <Fp8Isa kIsa>
 std::string isa_declines(Device device) {
   if (!device.is_cpu()) return "tensors are on " + device.str();
+  if (kIsa == Fp8Isa::avx512bf16 && !cpu_features().avx512_bf16)
+    return "CPU lacks avx512_bf16 (with avx512 f, bw, vl, dq)";
   if (kIsa == Fp8Isa::avx512 && !cpu_features().avx512) return "CPU lacks avx512 (f, bw, vl, dq)";
   if (kIsa == Fp8Isa::avx2 && !cpu_features().avx2) return "CPU lacks avx2 (with fma, f16c)";
   return "";
@@ -189,12 +191,13 @@ std::string isa_declines(Device device) {
 
 template <Fp8Isa kIsa>
 void group_quant_kernel(const GroupQuantArgs& a) {
-  if constexpr (kIsa == Fp8Isa::avx512) group_quant_avx512(a);
+  if constexpr (kIsa == Fp8Isa::avx512 || kIsa == Fp8Isa::avx512bf16) group_quant_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) group_quant_avx2(a);
   if constexpr (kIsa == Fp8Isa::portable) group_quant_portable(a);
 }
 template <Fp8Isa kIsa>
 void block_gemm_kernel(const BlockGemmArgs& a) {
+  if constexpr (kIsa == Fp8Isa::avx512bf16) block_gemm_avx512bf16(a);
   if constexpr (kIsa == Fp8Isa::avx512) block_gemm_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) block_gemm_avx2(a);
   if constexpr (kIsa == Fp8Isa::portable) block_gemm_portable(a);
@@ -214,6 +217,7 @@ void divide_to_e4m3_portable(const float* x, int64_t n, float divisor, uint8_t* 
 void divide_to_e4m3(Fp8Isa isa, const float* x, int64_t n, float divisor, uint8_t* q) {
   switch (isa) {
     case Fp8Isa::avx512:
+    case Fp8Isa::avx512bf16:
       return divide_to_e4m3_avx512(x, n, divisor, q);
     case Fp8Isa::avx2:
       return divide_to_e4m3_avx2(x, n, divisor, q);
@@ -226,13 +230,25 @@ template <Fp8Isa kIsa>
 std::string fp8_supports(const GroupQuantProblem& p) {
   return isa_declines<kIsa>(p.x.device());
 }
+namespace {
+// The bf16 kernel is the packed GEMM only: the streaming kernel (avx512) serves small M.
+std::string bf16_declines_small_m(int64_t m) {
+  if (m > kStreamMaxM) return "";
+  return "M <= " + std::to_string(kStreamMaxM) + ": the streaming kernel of cpu.avx512 serves it";
+}
+}  // namespace
+
 template <Fp8Isa kIsa>
 std::string fp8_supports(const BlockGemmProblem& p) {
-  return isa_declines<kIsa>(p.a.device());
+  std::string why = isa_declines<kIsa>(p.a.device());
+  if (kIsa == Fp8Isa::avx512bf16 && why.empty()) why = bf16_declines_small_m(p.m);
+  return why;
 }
 template <Fp8Isa kIsa>
 std::string fp8_supports(const W8a8LinearProblem& p) {
-  return isa_declines<kIsa>(p.quant.x.device());
+  std::string why = isa_declines<kIsa>(p.quant.x.device());
+  if (kIsa == Fp8Isa::avx512bf16 && why.empty()) why = bf16_declines_small_m(p.gemm.m);
+  return why;
 }
 template <Fp8Isa kIsa>
 std::string fp8_supports(const BlockQuantizeWeightProblem& p) {
@@ -273,5 +289,9 @@ MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::portable)
 MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::avx2)
 MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::avx512)
 #undef MOEKIT_FP8_CPU_INSTANTIATE
+template std::string fp8_supports<Fp8Isa::avx512bf16>(const BlockGemmProblem&);
+template std::string fp8_supports<Fp8Isa::avx512bf16>(const W8a8LinearProblem&);
+template void block_fp8_gemm<Fp8Isa::avx512bf16>(const BlockGemmProblem&);
+template void w8a8_block_fp8_linear<Fp8Isa::avx512bf16>(const W8a8LinearProblem&);
 
 }  // namespace moekit::cpu

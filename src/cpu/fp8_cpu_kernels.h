@@ -96,6 +96,9 @@ void group_quant_avx512(const GroupQuantArgs& args);
 void block_gemm_portable(const BlockGemmArgs& args);
 void block_gemm_avx2(const BlockGemmArgs& args);
 void block_gemm_avx512(const BlockGemmArgs& args);
+// The packed GEMM on AVX-512 BF16 dot products (fp8_cpu_avx512bf16.cpp), for any M (dispatch
+// gives it M > kStreamMaxM); only when cpu_features().avx512_bf16.
+void block_gemm_avx512bf16(const BlockGemmArgs& args);
 void block_quantize_weight_portable(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx2(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx512(const BlockQuantizeWeightArgs& args);

@@ -143,6 +143,25 @@ __device__ __forceinline__ float load_one(const void* base, int64_t index, bool 
     return Type::from_bits(__ldg(reinterpret_cast<const unsigned short*>(p)), is_bf16);
 }
 
+// The kBytes bytes at p (aligned to min(kBytes, 16)) as 32-bit words: 16-byte vector loads, or one
+// 8- or 4-byte load for shorter chunks.
+template <int kBytes>
+__device__ __forceinline__ void load_words(const char* p, uint32_t (&words)[kBytes / 4]) {
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
+    }
+  } else if constexpr (kBytes == 8) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    words[0] = v.x, words[1] = v.y;
+  } else {
+    static_assert(kBytes == 4, "chunks are 4, 8 or a multiple of 16 bytes");
+    words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+  }
+}
+
 // Loads kV consecutive elements starting at element `first` of `base` (an element index of a
 // chunk-aligned position) as f32; elements at or past `count` read as 0. One or two vector loads
 // when `vector_ok` and the chunk is whole, else element by element.
@@ -154,19 +173,7 @@ __device__ __forceinline__ void load_chunk(const void* base, int64_t first, int 
   if (vector_ok && count >= kV) {
     const char* p = static_cast<const char*>(base) + first * static_cast<int64_t>(sizeof(S));
     uint32_t words[kBytes / 4];
-    if constexpr (kBytes % 16 == 0) {
-#pragma unroll
-      for (int i = 0; i < kBytes / 16; ++i) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
-        words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
-      }
-    } else if constexpr (kBytes == 8) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-      words[0] = v.x, words[1] = v.y;
-    } else {
-      static_assert(kBytes == 4, "chunks are 4, 8 or a multiple of 16 bytes");
-      words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
-    }
+    load_words<kBytes>(p, words);
     if constexpr (sizeof(S) == 4) {
 #pragma unroll
       for (int j = 0; j < kV; ++j) out[j] = Type::from_bits(words[j], false);

@@ -50,28 +50,18 @@ template <int kV>
 __device__ __forceinline__ void load_bits16(const void* base, int64_t first, int count,
                                             bool vector_ok, uint32_t (&out)[kV]) {
   constexpr int kBytes = kV * 2;
-  if (kBytes >= 4 && vector_ok && count >= kV) {
-    const char* p = static_cast<const char*>(base) + first * 2;
-    uint32_t words[(kBytes + 3) / 4];
-    if constexpr (kBytes % 16 == 0) {
+  if constexpr (kBytes >= 4) {
+    if (vector_ok && count >= kV) {
+      uint32_t words[kBytes / 4];
+      load_words<kBytes>(static_cast<const char*>(base) + first * 2, words);
 #pragma unroll
-      for (int i = 0; i < kBytes / 16; ++i) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
-        words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
-      }
-    } else if constexpr (kBytes == 8) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-      words[0] = v.x, words[1] = v.y;
-    } else if constexpr (kBytes == 4) {
-      words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+      for (int j = 0; j < kV; ++j) out[j] = j % 2 ? words[j / 2] >> 16 : words[j / 2] & 0xffffu;
+      return;
     }
-#pragma unroll
-    for (int j = 0; j < kV; ++j) out[j] = j % 2 ? words[j / 2] >> 16 : words[j / 2] & 0xffffu;
-  } else {
-    const auto* p = static_cast<const unsigned short*>(base) + first;
-#pragma unroll
-    for (int j = 0; j < kV; ++j) out[j] = j < count ? __ldg(p + j) : 0u;
   }
+  const auto* p = static_cast<const unsigned short*>(base) + first;
+#pragma unroll
+  for (int j = 0; j < kV; ++j) out[j] = j < count ? __ldg(p + j) : 0u;
 }
 
 // What distinguishes bf16 from f16 bit patterns, as values uniform over the kernel (one instance

@@ -153,8 +153,10 @@ const BlockGemmImplementation kBlockGemmTable[] = {
         MOEKIT_GPU_ENTRY(
             {"gpu.sm90", Backend::gpu, gpu::block_gemm_sm90_supports, gpu::block_fp8_gemm_sm90})
             MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu::block_gemm_supports, gpu::block_fp8_gemm}){
-                "cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
-                cpu::block_fp8_gemm<Fp8Isa::avx512>},
+                "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
+                cpu::block_fp8_gemm<Fp8Isa::avx512bf16>},
+    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+     cpu::block_fp8_gemm<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>, cpu::block_fp8_gemm<Fp8Isa::avx2>},
     {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,
      cpu::block_fp8_gemm<Fp8Isa::portable>},
@@ -166,8 +168,10 @@ const W8a8LinearImplementation kW8a8LinearTable[] = {
     MOEKIT_GPU_ENTRY(
         {"gpu.cublaslt", Backend::gpu, gpu_linear_cublaslt_supports, gpu_linear_cublaslt})
         MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear}){
-            "cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
-            cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
+            "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
+            cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
+    {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
+     cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
      cpu::w8a8_block_fp8_linear<Fp8Isa::avx2>},
     {"cpu.scalar", Backend::cpu, cpu::fp8_supports<Fp8Isa::portable>,

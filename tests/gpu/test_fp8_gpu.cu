@@ -552,6 +552,26 @@ TEST(GpuFp8Quant, LargeRowsUseEveryUnit) {
   }
 }
 
+// A case for the streaming kernel: m x k in `layout`, `group`, `dtype`, UE8M0 scales where packed
+// (else at random), adversarial groups and eps at random, and 16-byte aligned padded rows or not.
+QuantCase streaming_case(std::mt19937_64& rng, ScaleLayout layout, int group, DType dtype,
+                         int64_t m, int64_t k) {
+  QuantCase c;
+  c.layout = layout;
+  c.group = group;
+  c.dtype = dtype;
+  c.m = m;
+  c.k = k;
+  c.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
+  c.adversarial = chance(rng, 0.6);
+  if (chance(rng, 0.3)) c.eps = pick(rng, {1e-4f, 1e-30f, 3.0f});
+  if (chance(rng, 0.5)) {
+    c.x_row_pad = 64;
+    c.q_row_pad = 16;
+  }
+  return c;
+}
+
 // Rows of whole 1024-element units with 16-byte aligned x and q rows take the streaming kernel:
 // every layout, group size and dtype there, with adversarial groups (inf scales, all-zero and
 // all-NaN groups, huge and tiny scales outside the fast division's range) and padded rows.
@@ -564,21 +584,11 @@ TEST(GpuFp8Quant, WholeUnitRowsMatchTheReferenceExactly) {
   for (ScaleLayout layout : kLayouts) {
     for (int group : kGroupSizes) {
       for (DType dtype : kWideTypes) {
-        QuantCase c;
-        c.layout = layout;
-        c.group = group;
-        c.dtype = dtype;
         // More units than the grid has warps (7 a row: warps cross row ends).
         const bool walk = dtype == DType::bf16 && (group == 16 || group == 128);
-        c.m = walk ? 700 : pick<int64_t>(rng, {1, 3, 64, 333});
-        c.k = walk ? 7168 : 1024 * pick<int64_t>(rng, {1, 3, 7});
-        c.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
-        c.adversarial = chance(rng, 0.6);
-        if (chance(rng, 0.3)) c.eps = pick(rng, {1e-4f, 1e-30f, 3.0f});
-        if (chance(rng, 0.5)) {
-          c.x_row_pad = 64;
-          c.q_row_pad = 16;
-        }
+        const int64_t m = walk ? 700 : pick<int64_t>(rng, {1, 3, 64, 333});
+        const int64_t k = walk ? 7168 : 1024 * pick<int64_t>(rng, {1, 3, 7});
+        const QuantCase c = streaming_case(rng, layout, group, dtype, m, k);
         failures += !check_quant(c, rng(), stream.get());
         if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
       }
@@ -600,21 +610,10 @@ TEST(GpuFp8Quant, SmallerUnitRowsMatchTheReferenceExactly) {
     for (ScaleLayout layout : kLayouts) {
       for (int group : kGroupSizes) {
         for (DType dtype : kWideTypes) {
-          QuantCase c;
-          c.layout = layout;
-          c.group = group;
-          c.dtype = dtype;
           // More units than the grid has warps (warps cross row ends), for two model shapes.
           const bool walk = dtype == DType::bf16 && group == 128 && (k == 768 || k == 1536);
-          c.m = walk ? 3001 : pick<int64_t>(rng, {1, 3, 64, 333});
-          c.k = k;
-          c.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
-          c.adversarial = chance(rng, 0.6);
-          if (chance(rng, 0.3)) c.eps = pick(rng, {1e-4f, 1e-30f, 3.0f});
-          if (chance(rng, 0.5)) {
-            c.x_row_pad = 64;
-            c.q_row_pad = 16;
-          }
+          const int64_t m = walk ? 3001 : pick<int64_t>(rng, {1, 3, 64, 333});
+          const QuantCase c = streaming_case(rng, layout, group, dtype, m, k);
           failures += !check_quant(c, rng(), stream.get());
           if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
         }

@@ -534,23 +534,33 @@ bool half_warp_fits(RouteCase c) {
   return gpu::route_v2_declines(p).empty() && gpu::route_v2_half_warp_fits(p);
 }
 
-// v1 and v2 (one row per warp, and two where that fits) on the same device inputs: each against
-// the reference, and v2 against v1 (the same ids up to near-ties, weights within 1e-6).
-bool compare_v1_v2(RouteCase& c, const Placement& place, cudaStream_t stream) {
+struct NamedKernel {
+  gpu::RouteKernel kernel;
+  std::string name;
+};
+
+// v1 and each of `kernels` on the same device inputs: each against the reference, and each kernel
+// against v1 (the same ids up to near-ties, weights within 1e-6).
+bool compare_with_v1(RouteCase& c, const Placement& place, cudaStream_t stream,
+                     const std::vector<NamedKernel>& kernels) {
   const RouteInputs in = harness::make_inputs(c);
   const RouteOutputs ref = harness::run_reference(c, in);
   const RouteOutputs v1 = run_kernel(c, in, place, stream, gpu::RouteKernel::v1);
   bool pass = expect_agreement(c, in, ref, v1, "v1 vs reference, " + describe(place));
-  std::vector<gpu::RouteKernel> kernels = {gpu::RouteKernel::v2_whole_warp};
-  if (half_warp_fits(c)) kernels.push_back(gpu::RouteKernel::v2_half_warp);
-  for (gpu::RouteKernel kernel : kernels) {
-    const std::string name =
-        kernel == gpu::RouteKernel::v2_whole_warp ? "v2 (1 row per warp)" : "v2 (2 rows per warp)";
-    const RouteOutputs v2 = run_kernel(c, in, place, stream, kernel);
-    pass = expect_agreement(c, in, ref, v2, name + " vs reference, " + describe(place)) && pass;
-    pass = expect_agreement(c, in, v1, v2, name + " vs v1, " + describe(place)) && pass;
+  for (const NamedKernel& k : kernels) {
+    const RouteOutputs out = run_kernel(c, in, place, stream, k.kernel);
+    pass = expect_agreement(c, in, ref, out, k.name + " vs reference, " + describe(place)) && pass;
+    pass = expect_agreement(c, in, v1, out, k.name + " vs v1, " + describe(place)) && pass;
   }
   return pass;
+}
+
+// v2 with one row per warp, and two where that fits.
+bool compare_v1_v2(RouteCase& c, const Placement& place, cudaStream_t stream) {
+  std::vector<NamedKernel> kernels = {{gpu::RouteKernel::v2_whole_warp, "v2 (1 row per warp)"}};
+  if (half_warp_fits(c))
+    kernels.push_back({gpu::RouteKernel::v2_half_warp, "v2 (2 rows per warp)"});
+  return compare_with_v1(c, place, stream, kernels);
 }
 
 TEST(GpuRouteV2, AgreesWithV1OnModelRows) {
@@ -765,17 +775,9 @@ std::vector<V3Layout> v3_layouts_for(RouteCase c) {
 // v3 in each of `layouts` against the reference and against v1, on the same device inputs.
 bool compare_v3(RouteCase& c, const Placement& place, cudaStream_t stream,
                 const std::vector<V3Layout>& layouts) {
-  const RouteInputs in = harness::make_inputs(c);
-  const RouteOutputs ref = harness::run_reference(c, in);
-  const RouteOutputs v1 = run_kernel(c, in, place, stream, gpu::RouteKernel::v1);
-  bool pass = expect_agreement(c, in, ref, v1, "v1 vs reference, " + describe(place));
-  for (const V3Layout& layout : layouts) {
-    const RouteOutputs v3 = run_kernel(c, in, place, stream, layout.kernel);
-    const std::string name = layout_name(layout);
-    pass = expect_agreement(c, in, ref, v3, name + " vs reference, " + describe(place)) && pass;
-    pass = expect_agreement(c, in, v1, v3, name + " vs v1, " + describe(place)) && pass;
-  }
-  return pass;
+  std::vector<NamedKernel> kernels;
+  for (const V3Layout& layout : layouts) kernels.push_back({layout.kernel, layout_name(layout)});
+  return compare_with_v1(c, place, stream, kernels);
 }
 
 TEST(GpuRouteV3, ModelRowsAtEveryDecodeSizeInEveryLayout) {
