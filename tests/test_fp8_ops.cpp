@@ -727,6 +727,10 @@ TEST(Fp8Gemm, EdgeShapes) {
       {8, 200, 5000},
       {16, 130, 300},
       {17, 130, 300},
+      {24, 130, 300},  // the last streamed M where the CPU has AVX-512 BF16, then its first packed
+      {25, 130, 300},
+      {64, 130, 300},  // the last streamed M on AVX-512, then its first f32 packed
+      {65, 130, 300},
       {12, 64, 2700, DType::bf16, true},
       {1, 1, 8200, DType::f32, false},
       {97, 70, 200, DType::f16, true, DType::bf16, ScaleLayout::packed_ue8m0, DType::bf16, 3},
@@ -772,7 +776,7 @@ TEST(Fp8GemmBf16, RandomShapesMatchTheReference) {
   const DType wides[] = {DType::f32, DType::bf16, DType::f16};
   const int cases = kQuickBuild ? 8 : 36;
   for (int index = 0; index < cases; ++index) {
-    GemmCase c{17 + pick(rng, 284), 1 + pick(rng, 700), 1 + pick(rng, 1100)};
+    GemmCase c{25 + pick(rng, 276), 1 + pick(rng, 700), 1 + pick(rng, 1100)};
     if (index % 4 == 0) c.k = 128 * (1 + pick(rng, 8));  // whole blocks too
     c.out = outs[index % 3];
     c.layout = kLayouts[(index / 3) % 4];
@@ -784,7 +788,7 @@ TEST(Fp8GemmBf16, RandomShapesMatchTheReference) {
     check_gemm(rng, c, kBf16Gemm);
   }
   // A DeepSeek-like odd shape: N and K past whole blocks (7748 = 60.5 x 128, 3884 = 30.3 x 128).
-  check_gemm(rng, {kQuickBuild ? 17 : 40, 7748, 3884, DType::bf16, true, DType::bf16}, kBf16Gemm);
+  check_gemm(rng, {kQuickBuild ? 25 : 40, 7748, 3884, DType::bf16, true, DType::bf16}, kBf16Gemm);
 }
 
 // Both kernels multiply exactly and sum in f32, per 128-block, so they may differ only by f32
@@ -794,7 +798,7 @@ TEST(Fp8GemmBf16, AgreesWithTheF32KernelToF32Rounding) {
   if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
   std::mt19937_64 rng = rng_for("gemm bf16 vs f32");
   for (int index = 0; index < (kQuickBuild ? 4 : 16); ++index) {
-    const int64_t M = 17 + pick(rng, 284), N = 1 + pick(rng, 400), K = 1 + pick(rng, 900);
+    const int64_t M = 25 + pick(rng, 276), N = 1 + pick(rng, 400), K = 1 + pick(rng, 900);
     const int64_t G = fp8::ceil_div(K, 128);
     SCOPED_TRACE("M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
     Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
@@ -822,7 +826,7 @@ TEST(Fp8GemmBf16, AgreesWithTheF32KernelToF32Rounding) {
 TEST(Fp8GemmBf16, NaNBytesGiveNaNWhereTheReferenceDoes) {
   if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
   std::mt19937_64 rng = rng_for("gemm bf16 nan");
-  for (const int64_t m : {17, 60, 131}) {
+  for (const int64_t m : {25, 60, 131}) {
     GemmCase c{m, 200, 300, DType::f32};
     c.nan_bytes = 3;
     check_gemm(rng, c, kBf16Gemm);
@@ -856,8 +860,8 @@ TEST(Fp8GemmBf16, BitwiseTheSameAcrossRunsAndThreadCounts) {
   }
 }
 
-TEST(Fp8GemmBf16, ServesMPast16AndLeavesSmallerMToTheStreamingKernel) {
-  for (const int64_t M : {16, 17}) {
+TEST(Fp8GemmBf16, ServesFrom25RowsAndLeavesFewerToTheStreamingKernel) {
+  for (const int64_t M : {24, 25}) {
     Tensor a = Tensor::empty(DType::f8e4m3, {M, 128}), b = Tensor::empty(DType::f8e4m3, {64, 128});
     Tensor as = Tensor::empty(DType::f32, {M, 1}), bs = Tensor::empty(DType::f32, {1, 1});
     Tensor out = Tensor::empty(DType::bf16, {M, 64});
@@ -866,8 +870,8 @@ TEST(Fp8GemmBf16, ServesMPast16AndLeavesSmallerMToTheStreamingKernel) {
       if (row.name != kBf16Gemm) continue;
       if (!cpu_features().avx512_bf16) {
         EXPECT_EQ(row.reason, "CPU lacks avx512_bf16 (with avx512 f, bw, vl, dq)");
-      } else if (M <= 16) {
-        EXPECT_EQ(row.reason, "M <= 16: the streaming kernel of cpu.avx512 serves it");
+      } else if (M < 25) {
+        EXPECT_EQ(row.reason, "M < 25: the streaming kernel of cpu.avx512 is faster");
       } else {
         EXPECT_EQ(row.reason, "");
         EXPECT_TRUE(row.chosen);

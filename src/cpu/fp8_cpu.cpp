@@ -233,8 +233,8 @@ std::string fp8_supports(const GroupQuantProblem& p) {
 namespace {
 // The bf16 kernel is the packed GEMM only: the streaming kernel (avx512) serves small M.
 std::string bf16_declines_small_m(int64_t m) {
-  if (m > kStreamMaxM) return "";
-  return "M <= " + std::to_string(kStreamMaxM) + ": the streaming kernel of cpu.avx512 serves it";
+  if (m >= kBf16MinM) return "";
+  return "M < " + std::to_string(kBf16MinM) + ": the streaming kernel of cpu.avx512 is faster";
 }
 }  // namespace
 

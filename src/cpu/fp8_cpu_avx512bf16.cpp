@@ -1,4 +1,4 @@
-// The packed (M > kStreamMaxM) block-scaled FP8 GEMM on AVX-512 BF16 dot products. Compiled with
+// The packed (M >= kBf16MinM) block-scaled FP8 GEMM on AVX-512 BF16 dot products. Compiled with
 // -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma -mf16c -mbmi2; called only when
 // cpu_features().avx512_bf16 (the dispatch entry cpu.avx512bf16). Smaller M stays on the streaming
 // kernel of fp8_cpu_avx512.cpp, which this file does not compile.

@@ -139,7 +139,7 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
         if (shape.model != model || shape.n != nk.first || shape.k != nk.second) continue;
         if (!selected(options, shape.model, shape.name())) continue;
         found = true;
-        for (int64_t M : {int64_t{1}, int64_t{16}, int64_t{256}}) {
+        for (int64_t M : {int64_t{1}, int64_t{16}, int64_t{32}, int64_t{64}, int64_t{256}}) {
           if (options.tokens > 0 && M != options.tokens) continue;
           rows.push_back(bench_gemm(shape, M, backend, threads, seed++));
         }
