@@ -122,14 +122,6 @@ struct PackedGemmBf16 {
     micro<kRows>(pairs, m, n);
   }
 
-  static void prefetch_ahead(const uint8_t* row_block, int64_t k0, int64_t k) {
-    constexpr int64_t kAhead = kPrefetchBlocks * kBlock;
-    if (k0 + kAhead < k) {
-      __builtin_prefetch(row_block + kAhead, 0, 2);
-      __builtin_prefetch(row_block + kAhead + 64, 0, 2);
-    }
-  }
-
   void decode_weight_tile(int64_t n0, int cols, int64_t k0, int len) {
     const int pairs8 = ceil_div(ceil_div(len, 2), 8) * 8;  // decoded: ceil(len / 32) * 16 pairs
     for (int n8 = 0; n8 < kTileN; n8 += 8) {

@@ -130,6 +130,17 @@ constexpr float kDecodeScale = 256.0f;  // decoders return value * 2^-8
 // value x 2^-8 x 2^120: products are exact x 2^-8 again.
 constexpr float kTinyScale = 0x1p-120f;
 constexpr float kTinyUndo = 0x1p120f;
+
+// The packed GEMMs' weight tiles: a tile's rows sit K bytes apart, 128 bytes of each per block,
+// too many streams for hardware prefetchers, so each row's block kPrefetchBlocks ahead is
+// requested (into L2) by hand.
+inline void prefetch_ahead(const uint8_t* row_block, int64_t k0, int64_t k) {
+  constexpr int64_t kAhead = kPrefetchBlocks * kBlock;
+  if (k0 + kAhead < k) {
+    __builtin_prefetch(row_block + kAhead, 0, 2);
+    __builtin_prefetch(row_block + kAhead + 64, 0, 2);
+  }
+}
 constexpr float kE4m3Max = 448.0f;
 
 template <class T>
@@ -595,16 +606,6 @@ struct PackedGemm {
       if (rows < kRows) return micro_rows<kRows - 1>(rows, len, m, n);
     }
     micro<kRows>(len, m, n);
-  }
-
-  // A tile's rows sit K bytes apart, 128 bytes of each per block: too many streams for hardware
-  // prefetchers, so each row's block kPrefetchBlocks ahead is requested (into L2) by hand.
-  static void prefetch_ahead(const uint8_t* row_block, int64_t k0, int64_t k) {
-    constexpr int64_t kAhead = kPrefetchBlocks * kBlock;
-    if (k0 + kAhead < k) {
-      __builtin_prefetch(row_block + kAhead, 0, 2);
-      __builtin_prefetch(row_block + kAhead + 64, 0, 2);
-    }
   }
 
   void decode_weight_tile(int64_t n0, int cols, int64_t k0, int len) {
