@@ -359,7 +359,10 @@ struct Swap {
   }
   // Threads whose sums go to rank 0 of a split (only warpgroup 0 when alternating).
   static constexpr int kSenders = kRows == 64 ? kWarpgroup : kConsumers * kWarpgroup;
-  // Rank 0's inbox for the other ranks' sums (push_sums): [splits - 1][kSenders][kRegisters].
+  // Rank 0's inbox for the other ranks' sums (push_sums): [splits - 1][kRegisters / 4][kSenders]
+  // float4s, so that a warp's 16-byte stores (and rank 0's loads) of one slot land on 512
+  // consecutive bytes: no bank conflicts. ([sender][kRegisters] put a warp's stores kRegisters * 4
+  // bytes apart: 8-way conflicts at 64 tokens, where pushed sums then lost 0.9 us at M=64.)
   static size_t inbox_bytes(int splits) {
     return static_cast<size_t>(splits - 1) * kSenders * kRegisters * 4;
   }
@@ -561,10 +564,11 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     sm90::cluster_wait();  // rank 0's barrier is initialized
     if (split != 0) {
       if (sums_here) {
-        float* slot = inbox + ((split - 1) * Config::kSenders + sender) * kRegisters;
+        float* slot = inbox + ((split - 1) * kRegisters * Config::kSenders + 4 * sender);
 #pragma unroll
         for (int r = 0; r < kRegisters; r += 4)
-          sm90::store_shared_remote(slot + r, 0, acc[r], acc[r + 1], acc[r + 2], acc[r + 3]);
+          sm90::store_shared_remote(slot + r * Config::kSenders, 0, acc[r], acc[r + 1], acc[r + 2],
+                                    acc[r + 3]);
         sm90::mbarrier_arrive_remote(sums_ready, 0);
       }
       return;
@@ -572,10 +576,10 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     if (stores) {
       sm90::mbarrier_wait_cluster(sums_ready, 0);
       for (int rank = 1; rank < splits; ++rank) {
-        const float* slot = inbox + ((rank - 1) * Config::kSenders + sender) * kRegisters;
+        const float* slot = inbox + ((rank - 1) * kRegisters * Config::kSenders + 4 * sender);
 #pragma unroll
         for (int r = 0; r < kRegisters; r += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(slot + r);
+          const float4 v = *reinterpret_cast<const float4*>(slot + r * Config::kSenders);
           acc[r] += v.x;
           acc[r + 1] += v.y;
           acc[r + 2] += v.z;
@@ -779,13 +783,14 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // to 16 stages (no deeper than the CTA's k-blocks), and for token tiles of 16 or fewer split sums
 // pushed to rank 0 and the two-CTAs-per-SM build where the whole k-range of a CTA fits its ring (so
 // the next call's CTAs load all their weights while this one runs). The environment overrides each,
-// for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH
-// and MOEKIT_SM90_CORESIDENT = 0 or 1.
+// for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH,
+// MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1.
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
   int stages = 0;                                            // 0: the planner's
   int early_weights = -1, push_sums = -1, co_resident = -1;  // -1: the planner's
+  int odd_splits = -1;                                       // -1: the planner's
 };
 
 SwapOverrides swap_overrides() {
@@ -797,12 +802,13 @@ SwapOverrides swap_overrides() {
   read("MOEKIT_SM90_EARLY", o.early_weights);
   read("MOEKIT_SM90_PUSH", o.push_sums);
   read("MOEKIT_SM90_CORESIDENT", o.co_resident);
+  read("MOEKIT_SM90_SPLIT3", o.odd_splits);
   return o;
 }
 
-// The swap layout (64 or 128 weight rows per CTA, 1..8 CTAs per cluster splitting K) with the
-// least estimated time: waves of the clusters the device holds at once (several waves cost much
-// more than they save) x swap_wave_us. Returns false when no layout fits.
+// The swap layout (64 or 128 weight rows per CTA, 1, 2, 3, 4 or 8 CTAs per cluster splitting K)
+// with the least estimated time: waves of the clusters the device holds at once (several waves cost
+// much more than they save) x swap_wave_us. Returns false when no layout fits.
 template <int kTokens>
 bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int device_index,
                Plan& plan) {
@@ -838,9 +844,21 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   double best = 0.0;
   bool found = false;
   const Variant* chosen = nullptr;
+  // Clusters of 3 (measured on an H200, docs/perf/fp8-gpu-sm90.md, v5): for 64-row CTAs with
+  // token tiles of 64 or more, where 3 x N/64 CTAs fit one wave and 2 x N/64 leave SMs idle (M=64
+  // N=2048 K=7168: 64 x 3 11.4 us, the power-of-two pick 128 x 4 13.8 us). 128-row CTAs in
+  // clusters of 3 measured slower than 64 x 2 at N=4096 (15.7 vs 14.7 us), which the cost model
+  // would not predict, so they are left out. MOEKIT_SM90_SPLIT3=0 leaves clusters of 3 out, =1
+  // takes them for both row counts and every width (timing knob); a forced layout
+  // (MOEKIT_SM90_SWAP) may name any split of 1..8.
+  const int odd_splits = overrides.odd_splits;
   for (const Variant& v : variants) {
-    for (int splits = 1; splits <= kMaxSplits; splits *= 2) {
+    for (int splits = 1; splits <= kMaxSplits; ++splits) {
       if (splits > 1 && p.k_blocks < int64_t{4} * splits) break;  // 4+ k-blocks per CTA
+      const bool power_of_two = (splits & (splits - 1)) == 0;
+      const bool three =
+          splits == 3 && (odd_splits >= 0 ? odd_splits != 0 : kTokens >= 64 && v.rows == 64);
+      if (!forced && !power_of_two && !three) continue;
       if (forced && (v.rows != forced_rows || splits != forced_splits)) continue;
       const int per_split = static_cast<int>(fp8::ceil_div(p.k_blocks, splits));
       // Even (warpgroups alternate stages), deep enough for the partial sums, and what fits

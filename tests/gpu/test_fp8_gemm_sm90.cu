@@ -455,8 +455,12 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
       << wide;
   const std::string batch = plan_of(64, 4096, 7168);
   EXPECT_TRUE(has(batch, "early weight loads") && !has(batch, "pushed sums") &&
-              !has(batch, "2 CTAs per SM"))
+              !has(batch, "2 CTAs per SM") && has(batch, "64 weight rows") &&
+              has(batch, "K split 2 ways"))
       << batch;
+  // Clusters of 3 where 64-row CTAs in pairs would leave half the SMs idle (fp8-gpu-sm90.md, v5).
+  const std::string narrow = plan_of(64, 2048, 7168);
+  EXPECT_TRUE(has(narrow, "64 weight rows") && has(narrow, "K split 3 ways")) << narrow;
   for (const auto& [m, n, k] : {std::array<int64_t, 3>{1, 4096, 7168}, {16, 4096, 2048}}) {
     const std::string unpromised = plan_of(m, n, k, /*b_static=*/false);
     EXPECT_TRUE(!has(unpromised, "early weight loads") && has(unpromised, "8 stages") &&
@@ -519,8 +523,8 @@ class ForcedTuning {
   ScopedEnv stages_, early_, co_resident_, push_;
 };
 
-// Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8), whichever it
-// would choose on this device.
+// Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8, 3 and 6 too),
+// whichever it would choose on this device.
 TEST(Sm90BlockFp8Gemm, EverySwapLayoutAgreesWithReference) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -530,7 +534,7 @@ TEST(Sm90BlockFp8Gemm, EverySwapLayoutAgreesWithReference) {
   Stream stream;
   const int64_t ms[] = {1, 16, 50, 100};
   for (const int rows : {64, 128}) {
-    for (const int splits : {1, 2, 4, 8}) {
+    for (const int splits : {1, 2, 3, 4, 6, 8}) {  // 3 and 6: uneven k-ranges per rank
       const GemmCase c = random_case(rng, ms[rng() % 4], 320, 4096);
       const Buffers host = make_host_buffers(c);
       std::future<Tensor> ref =
@@ -711,6 +715,37 @@ TEST(Sm90BlockFp8Gemm, PrintsSwapTuningTimings) {
       const std::string label = "s" + std::to_string(t.stages) + "e" + knob(t.early) + "c" +
                                 knob(t.co_resident) + "p" + knob(t.push);
       time_and_print(in, label.c_str());
+    }
+  }
+}
+
+// The M=64 experiments of issue 4 (docs/perf/fp8-gpu-sm90.md, v5), each setting in turn on the
+// shapes whose plans they change (printed only): clusters of 3 (MOEKIT_SM90_SPLIT3: 0 none, 1 for
+// both row counts), pushed sums through the conflict-free inbox (MOEKIT_SM90_PUSH=1), forced
+// layouts (MOEKIT_SM90_SWAP).
+TEST(Sm90BlockFp8Gemm, PrintsM64ExperimentTimings) {
+  SKIP_WITHOUT_HOPPER();
+  std::mt19937_64 rng(17);
+  const TimedShape shapes[] = {{64, 4096, 7168}, {128, 4096, 7168}, {48, 4096, 7168},
+                               {64, 2048, 7168}, {64, 7168, 2048},  {16, 4096, 7168}};
+  struct Setting {
+    const char* label;
+    const char* split3;
+    const char* push;
+    const char* swap;
+  };
+  const Setting settings[] = {{"auto", "", "", ""},          {"no3", "0", "", ""},
+                              {"all3", "1", "", ""},         {"auto+push", "", "1", ""},
+                              {"no3+push", "0", "1", ""},    {"128,3", "", "", "128,3"},
+                              {"128,3+p", "", "1", "128,3"}, {"64,3", "", "", "64,3"},
+                              {"128,6", "", "", "128,6"},    {"auto", "", "", ""}};
+  for (const TimedShape& s : shapes) {
+    const TimedInputs in = timed_inputs(s, rng());
+    for (const Setting& setting : settings) {
+      ScopedEnv split3("MOEKIT_SM90_SPLIT3", setting.split3);
+      ScopedEnv push("MOEKIT_SM90_PUSH", setting.push);
+      ScopedEnv swap("MOEKIT_SM90_SWAP", setting.swap);
+      time_and_print(in, setting.label);
     }
   }
 }
