@@ -3,10 +3,10 @@
 // with several workspace sizes, then explicit configurations (algorithm ids x tiles x stages x
 // cluster shapes x CTA swizzle x custom options), each checked with cublasLtMatmulAlgoCheck, run
 // once and verified against the reference (sampled rows) and timed as CUDA-graph replays (median).
-// A standalone experiment program (docs/perf/fp8.md, "cuBLASLt configuration sweep"), not part of
-// the build:
-//   nvcc -std=c++17 -O2 -arch=sm_90a bench/fp8_cublaslt_sweep.cu -lcublasLt -o /tmp/sweep
-//   /tmp/sweep [M N K [seconds]]
+// A standalone experiment program (docs/perf/fp8.md, "cuBLASLt configuration sweep"), built with
+// the GPU backend as fp8_cublaslt_sweep (or by hand:
+//   nvcc -std=c++17 -O2 -arch=sm_90a bench/fp8_cublaslt_sweep.cu -lcublasLt -o /tmp/sweep):
+//   fp8_cublaslt_sweep [M N K [seconds]]
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
