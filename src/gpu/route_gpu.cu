@@ -585,6 +585,7 @@ bool vector_loads_ok(const void* data, int64_t row_stride, size_t element_size, 
 // The launch arguments every kernel shares; `chunk` is the kernel's experts per vector load.
 RouteArgs common_args(const RouteProblem& p, int chunk) {
   RouteArgs a{};
+  a.block_warps = kWarpsPerBlock;
   a.logits = p.logits.data();
   a.logits_row_stride = p.logits.stride(0);
   a.bias = p.has_bias() ? p.bias.data() : nullptr;
@@ -921,6 +922,9 @@ struct V3Switches {
   int row_lanes = 0;         // 0: the measured rule
   int top_only = -1;         // -1: the measured rule
   int vote_rounds = -1;      // -1: the measured rule
+  int block_warps = 0;       // 0: kWarpsPerBlock
+  bool tree_denominator = false;
+  int early_terms = -1;  // -1: the measured rule
 };
 
 const V3Switches& v3_switches() {
@@ -933,6 +937,14 @@ const V3Switches& v3_switches() {
       s.row_lanes = std::atoi(lanes);
     if (const char* sort = std::getenv("MOEKIT_GPU_ROUTE_V3_SORT"))
       s.top_only = std::string(sort) == "top" ? 1 : std::string(sort) == "full" ? 0 : -1;
+    const char* denominator = std::getenv("MOEKIT_GPU_ROUTE_V3_DENOMINATOR");
+    s.tree_denominator = denominator != nullptr && std::string(denominator) == "tree";
+    if (const char* early = std::getenv("MOEKIT_GPU_ROUTE_V3_EARLY_TERMS"))
+      s.early_terms = std::string(early) == "1" ? 1 : std::string(early) == "0" ? 0 : -1;
+    if (const char* warps = std::getenv("MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS")) {
+      const int w = std::atoi(warps);
+      s.block_warps = w == 1 || w == 2 || w == 4 ? w : 0;
+    }
     if (const char* rounds = std::getenv("MOEKIT_GPU_ROUTE_V3_ROUNDS"))
       s.vote_rounds = std::string(rounds) == "vote" ? 1 : std::string(rounds) == "reduce" ? 0 : -1;
     return s;
@@ -995,6 +1007,30 @@ bool v3_automatic_vote_rounds(const RouteProblem& p) {
   const int forced = v3_switches().vote_rounds;
   if (forced >= 0) return forced == 1;
   return p.num_tokens <= kV3VoteRoundsMaxTokens;
+}
+
+// Softmax by p: whether the ordered denominator starts beside the sort (RouteArgs::early_terms;
+// MOEKIT_GPU_ROUTE_V3_EARLY_TERMS=1|0 forces it). Measured (H200, docs/perf/routing.md): it pays
+// where the rounds (8 terms each) leave a tail to sum after them, in rows of 8 lanes or more:
+// Qwen1.5 (60 experts, 4 routed) 2.07 -> 1.99 us at 1 token, 2.21 -> 2.12 at 64, 3.85 -> 3.72 at
+// 8192 (8-lane rows), DeepSeek-V2 by 0.03-0.18 at every size; it lost where the rounds take every
+// term (Qwen2, 64 experts, 8 routed: 2.13 -> 2.19 at 1 token) and in 4-lane rows (Qwen1.5 at
+// 16384 tokens: 6.30 -> 6.76).
+constexpr int kV3EarlyTermsMinRowLanes = 8;
+
+bool v3_early_terms(const RouteProblem& p, V3Shape shape) {
+  if (mode_of(p) != Mode::softmax_by_prob || v3_switches().tree_denominator) return false;
+  const int forced = v3_switches().early_terms;
+  if (forced >= 0) return forced == 1;
+  const int terms4 = shape.row_lanes * shape.experts_per_lane / 4;  // float4s of terms per row
+  return terms4 > 2 * p.num_routed && shape.row_lanes >= kV3EarlyTermsMinRowLanes;
+}
+
+// Warps per block of a v3 launch: kWarpsPerBlock, or what MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS=1|2|4
+// says (for measuring whether decode batches gain from more, smaller blocks).
+int v3_block_warps(const RouteProblem& /*p*/) {
+  const int forced = v3_switches().block_warps;
+  return forced != 0 ? forced : kWarpsPerBlock;
 }
 
 // Wide keys (sigmoid, bias, f32) with 12 or more experts per lane lost to v2 at one token (Kimi-K2:
@@ -1063,19 +1099,19 @@ V3Shape v3_shape(const RouteProblem& p, RouteKernel kernel) {
           vote && lanes == kLanes && mode_of(p) == Mode::sigmoid};
 }
 
-// Blocks of `kernel` resident on one SM with `shared_bytes` of dynamic shared memory, asked once
-// per (kernel, shared bytes, device).
-int resident_blocks_per_sm(KernelFn kernel, size_t shared_bytes, int device) {
+// Blocks of `kernel` (of `threads` threads) resident on one SM with `shared_bytes` of dynamic
+// shared memory, asked once per (kernel, threads, shared bytes, device).
+int resident_blocks_per_sm(KernelFn kernel, int threads, size_t shared_bytes, int device) {
   static std::mutex mutex;
-  static std::vector<std::tuple<KernelFn, size_t, int, int>> known;
+  static std::vector<std::tuple<KernelFn, int, size_t, int, int>> known;
   const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, bytes, d, blocks] : known)
-    if (k == kernel && bytes == shared_bytes && d == device) return blocks;
+  for (const auto& [k, t, bytes, d, blocks] : known)
+    if (k == kernel && t == threads && bytes == shared_bytes && d == device) return blocks;
   int blocks = 0;
-  MOEKIT_GPU_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreadsPerBlock,
-                                                                 shared_bytes));
+  MOEKIT_GPU_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
   blocks = std::max(blocks, 1);
-  known.emplace_back(kernel, shared_bytes, device, blocks);
+  known.emplace_back(kernel, threads, shared_bytes, device, blocks);
   return blocks;
 }
 
@@ -1084,6 +1120,9 @@ int resident_blocks_per_sm(KernelFn kernel, size_t shared_bytes, int device) {
 void route_v3(const RouteProblem& p, V3Shape shape) {
   const Layout layout = v3_layout(p, shape);
   RouteArgs a = common_args(p, layout.v);
+  a.block_warps = v3_block_warps(p);
+  a.tree_denominator = v3_switches().tree_denominator;
+  a.early_terms = v3_early_terms(p, shape);
   if (p.num_groups > 1) {
     a.group_register_lanes = a.experts_per_group / shape.experts_per_lane;
     a.group_lanes_log2 = log2_of(a.group_register_lanes);
@@ -1091,17 +1130,18 @@ void route_v3(const RouteProblem& p, V3Shape shape) {
   const int rows_per_warp = kLanes / shape.row_lanes;
   const size_t scratch_bytes =
       a.mode == Mode::softmax_by_prob
-          ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * kWarpsPerBlock
+          ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * a.block_warps
           : 0;
   const int device = p.logits.device().index;
   DeviceGuard on_device(device);
-  const int64_t rows_per_block = static_cast<int64_t>(kWarpsPerBlock) * rows_per_warp;
+  const int threads = a.block_warps * kLanes;
+  const int64_t rows_per_block = static_cast<int64_t>(a.block_warps) * rows_per_warp;
   const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
   const int64_t resident = static_cast<int64_t>(device_properties(device).sm_count) *
-                           resident_blocks_per_sm(layout.kernel, scratch_bytes, device);
+                           resident_blocks_per_sm(layout.kernel, threads, scratch_bytes, device);
   const auto blocks = static_cast<unsigned>(std::min(blocks_needed, resident));
-  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(kThreadsPerBlock),
-                                  scratch_bytes, static_cast<cudaStream_t>(p.stream),
+  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(threads), scratch_bytes,
+                                  static_cast<cudaStream_t>(p.stream),
                                   programmatic_launch_allowed(device), a));
 }
 
@@ -1163,6 +1203,14 @@ std::string route_kernel_name(const RouteProblem& p) {
            (rows == 1 ? " row" : " rows") + " per warp)" +
            (shape.top_only ? ", lanes sort their top keys only" : "") +
            (shape.vote_rounds ? ", rounds reduce the score and vote" : "") +
+           (detail::mode_of(p) == detail::Mode::softmax_by_prob &&
+                    detail::v3_switches().tree_denominator
+                ? ", denominator summed across lanes (tree)"
+                : "") +
+           (detail::v3_early_terms(p, shape) ? ", denominator starts beside the sort" : "") +
+           (detail::v3_block_warps(p) != detail::kWarpsPerBlock
+                ? ", " + std::to_string(detail::v3_block_warps(p)) + " warps per block"
+                : "") +
            (p.num_groups > 1
                 ? ", grouped (" + std::to_string(p.experts_per_group() / shape.experts_per_lane) +
                       " lanes per group)"

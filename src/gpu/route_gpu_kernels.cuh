@@ -4,7 +4,10 @@
 // (v2 / v1 as before), MOEKIT_GPU_ROUTE_V3_OFF=grouped for grouped routing only;
 // MOEKIT_GPU_ROUTE_V3_LANES=32|16|8|4 forces v3's lanes per row where that fits and
 // MOEKIT_GPU_ROUTE_V3_SORT=full|top its sort, MOEKIT_GPU_ROUTE_V3_ROUNDS=vote|reduce the rounds of
-// its sigmoid rows in whole warps; MOEKIT_GPU_ROUTE_V2_OFF=<list> (any of logit, prob,
+// its sigmoid rows in whole warps, MOEKIT_GPU_ROUTE_V3_EARLY_TERMS=1|0 whether softmax by p starts
+// its ordered denominator beside the sort; for measurement only, MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS=
+// 1|2 (smaller blocks) and MOEKIT_GPU_ROUTE_V3_DENOMINATOR=tree (a lane-tree denominator, not the
+// reference's expert-order rounding); MOEKIT_GPU_ROUTE_V2_OFF=<list> (any of logit, prob,
 // sigmoid, grouped, comma separated) turns v2 off for those cases only, and halfwarp in that list
 // keeps v2 on one row per warp.
 #pragma once

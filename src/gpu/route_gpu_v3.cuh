@@ -325,9 +325,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     }
   }
 
-  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock * kRowsPerWarp;
-  for (int64_t first_row =
-           (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * kRowsPerWarp;
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps * kRowsPerWarp;
+  for (int64_t first_row = (static_cast<int64_t>(blockIdx.x) * a.block_warps + warp) * kRowsPerWarp;
        first_row < a.num_tokens; first_row += rows_per_step) {
     const int64_t row = first_row + row_in_warp;
     const bool in_range = row < a.num_tokens;
@@ -438,7 +437,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     // Softmax by p: the numerators, staged in shared memory to be summed in expert order as v2
     // does; the serial sum runs 8 terms per top-k round (hidden in the rounds' latency) and the
     // rest after them.
-    float max_z = 0.0f, inf_count = 0.0f, sum = 0.0f;
+    float max_z = 0.0f, inf_count = 0.0f, sum = 0.0f, tree_sum = 0.0f;
     constexpr int kTerms4 = kRowLanes * kVpl / 4;  // float4s of terms per row
     [[maybe_unused]] const float4* staged = terms + (warp * kRowsPerWarp + row_in_warp) * kTerms4;
     [[maybe_unused]] auto add_terms = [&](int v) {  // the 4 terms of float4 v, in order
@@ -467,6 +466,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
         for (int i = 0; i < kVpl; ++i) lane_count += numerator[i];
         inf_count = row_lanes.sum(lane_count);
       }
+      // RouteArgs::tree_denominator (an experiment, MOEKIT_GPU_ROUTE_V3_DENOMINATOR=tree): each
+      // lane sums its terms in order, then a butterfly over the row (deterministic, every lane the
+      // same bits, within an ulp or two of the expert-order sum, not bit for bit).
+      if (a.tree_denominator) {
+        float lane_sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kVpl; ++i) lane_sum += numerator[i];
+        tree_sum = row_lanes.sum(lane_sum);
+      }
       float* mine =
           reinterpret_cast<float*>(terms + (warp * kRowsPerWarp + row_in_warp) * kTerms4) +
           my_first;
@@ -477,12 +485,32 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
 
     // 2. Sort the lane's keys, descending: all of them, or (12 or 16 per lane) the top kDepth.
     [[maybe_unused]] Key unsorted[kVpl];  // for a refill (rebuilding the keys costs more registers)
-    if constexpr (kDepth < kVpl) {
+    auto sort_keys = [&] {
+      if constexpr (kDepth < kVpl) {
 #pragma unroll
-      for (int i = 0; i < kVpl; ++i) unsorted[i] = key[i];
-      sort_top<kDepth>(key);
+        for (int i = 0; i < kVpl; ++i) unsorted[i] = key[i];
+        sort_top<kDepth>(key);
+      } else {
+        odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
+      }
+    };
+    // Softmax by p with RouteArgs::early_terms (MOEKIT_GPU_ROUTE_V3_EARLY_TERMS=1): the first
+    // kEarlyTerms4 float4s of the denominator are added in the same straight-line block as the
+    // sort, so that the compiler can interleave the two independent chains; the rounds then go on
+    // from there (the order of the terms is unchanged: the same bits).
+    constexpr int kEarlyTerms4 = kTerms4 < 8 ? kTerms4 : 8;
+    int first_term4 = 0;  // of the rounds
+    if constexpr (kMode == Mode::softmax_by_prob) {
+      if (a.early_terms && !a.tree_denominator) {  // warp-uniform
+#pragma unroll
+        for (int v = 0; v < kEarlyTerms4; ++v) add_terms(v);
+        sort_keys();
+        first_term4 = kEarlyTerms4;
+      } else {
+        sort_keys();
+      }
     } else {
-      odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
+      sort_keys();
     }
 
     // 2b. Groups: each run of lanes merges its sorted heads into the group's top two, the group's
@@ -559,7 +587,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
         // non-negative sum), independent of the round: they fill its latency.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int v = 2 * k + h;
+          const int v = first_term4 + 2 * k + h;
           const float4 four = staged[min(v, kTerms4 - 1)];
           const bool in = with_terms && v < kTerms4;
           sum = sum + (in ? four.x : 0.0f);
@@ -582,13 +610,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     };
     Key slots[kSlots] = {0, 0};
     const int first_rounds = min(Kr, kRowLanes);
-    for (int k = 0; k < first_rounds; ++k) round(k, slots[0], true);
-    for (int k = kRowLanes; k < Kr; ++k) round(k, slots[1], true);
+    const bool ordered_sum = !a.tree_denominator;
+    for (int k = 0; k < first_rounds; ++k) round(k, slots[0], ordered_sum);
+    for (int k = kRowLanes; k < Kr; ++k) round(k, slots[1], ordered_sum);
     float denominator = 1.0f;
     if constexpr (kMode == Mode::softmax_by_prob) {
-      for (int v = 2 * Kr; v < kTerms4; ++v) add_terms(v);  // (rounds k < Kr took 8k .. 8Kr - 1)
+      if (ordered_sum)  // (rounds k < Kr took 8k .. 8Kr - 1)
+        for (int v = first_term4 + 2 * Kr; v < kTerms4; ++v) add_terms(v);
       vendor::sync_lanes();  // the scratch is rewritten by the next row
-      denominator = max_z == INFINITY ? inf_count : max_z == -INFINITY ? 1.0f : sum;
+      denominator = max_z == INFINITY    ? inf_count
+                    : max_z == -INFINITY ? 1.0f
+                    : ordered_sum        ? sum
+                                         : tree_sum;
     }
     if constexpr (kGrouped && kMode == Mode::softmax_by_prob) {
       // Groups were ranked by z. The reference ranks them by p, which z orders the same way
