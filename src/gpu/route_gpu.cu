@@ -21,10 +21,11 @@
 // Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 //
-// v3 (route_gpu_v3.cuh) serves ungrouped softmax without softcap and sigmoid, E <= 512, where it
-// was measured faster; v2 (route_gpu_v2.cuh) what it can of the rest (groups of whole lanes), this
-// kernel everything else. route_gpu_kernels.cuh says how to pick or switch off each
-// (MOEKIT_GPU_ROUTE_V1=1, MOEKIT_GPU_ROUTE_V2_OFF, MOEKIT_GPU_ROUTE_V3_OFF=1).
+// v3 (route_gpu_v3.cuh) serves softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256
+// in groups of whole lanes, not softmax with top2_sum), where it was measured faster; v2
+// (route_gpu_v2.cuh) what it can of the rest (groups of whole lanes), this kernel everything else.
+// route_gpu_kernels.cuh says how to pick or switch off each (MOEKIT_GPU_ROUTE_V1=1,
+// MOEKIT_GPU_ROUTE_V2_OFF, MOEKIT_GPU_ROUTE_V3_OFF=1).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -584,6 +585,7 @@ bool vector_loads_ok(const void* data, int64_t row_stride, size_t element_size, 
 // The launch arguments every kernel shares; `chunk` is the kernel's experts per vector load.
 RouteArgs common_args(const RouteProblem& p, int chunk) {
   RouteArgs a{};
+  a.block_warps = kWarpsPerBlock;
   a.logits = p.logits.data();
   a.logits_row_stride = p.logits.stride(0);
   a.bias = p.has_bias() ? p.bias.data() : nullptr;
@@ -709,7 +711,8 @@ struct V3Shape {
   int row_lanes;
   int experts_per_lane;
   bool wide_keys;
-  bool top_only;  // lanes sort only their top few keys (12 or 16 per lane)
+  bool top_only;     // lanes sort only their top few keys (12 or 16 per lane)
+  bool vote_rounds;  // sigmoid, 64-bit keys, whole warps: rounds reduce the score and vote
 };
 
 // 32-bit keys hold the score exactly where it is a 16-bit logit: bf16 / f16 logits, softmax, no
@@ -720,15 +723,37 @@ bool v3_narrow_keys(const RouteProblem& p) {
          !p.has_bias();
 }
 
+int v3_experts_per_lane(int num_experts, int row_lanes);
+
+// Grouped routing in v3: whole-warp rows of at most 8 experts per lane (E <= 256), each group a
+// power-of-two run of whole lanes, sigmoid (either group score) or softmax with group score max
+// (softmax's top2_sum sums p, which z does not order: v2 serves it).
+constexpr int kV3GroupedMaxExpertsPerLane = 8;
+
+std::string v3_declines_groups(const RouteProblem& p) {
+  const std::string grouped = "grouped routing (G=" + std::to_string(p.num_groups) + ")";
+  const int vpl = v3_experts_per_lane(p.num_experts, kLanes);
+  if (vpl == 0 || vpl > kV3GroupedMaxExpertsPerLane)
+    return grouped + " with E=" + std::to_string(p.num_experts) + " > " +
+           std::to_string(kLanes * kV3GroupedMaxExpertsPerLane);
+  const int EPG = p.experts_per_group();
+  if (EPG % vpl != 0 || !is_power_of_two(EPG / vpl))
+    return grouped + ": groups of " + std::to_string(EPG) +
+           " experts are not whole runs of lanes (" + std::to_string(vpl) + " experts per lane)";
+  if (p.scoring == Scoring::softmax && p.group_score == GroupScore::top2_sum)
+    return grouped + ": softmax with top2_sum group scores";
+  return "";
+}
+
 std::string v3_declines(const RouteProblem& p) {
   const DType dtype = p.logits.dtype();
   if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
     return "logits dtype " + std::string(dtype_name(dtype));
   if (p.scoring == Scoring::sqrtsoftplus) return "sqrtsoftplus scoring";
   if (p.softcap > 0.0f) return "softcap";
-  if (p.num_groups > 1) return "grouped routing (G=" + std::to_string(p.num_groups) + ")";
   if (p.num_experts > kV3MaxExperts)
     return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kV3MaxExperts);
+  if (p.num_groups > 1) return v3_declines_groups(p);
   return "";
 }
 
@@ -751,12 +776,13 @@ int v3_experts_per_lane(int num_experts, int row_lanes) {
 bool v3_row_lanes_fit(const RouteProblem& p, int row_lanes) {
   if (row_lanes == kLanes) return true;
   if (row_lanes != 16 && row_lanes != 8 && row_lanes != 4) return false;
+  if (p.num_groups > 1) return false;  // grouped instances: whole warps only
   return v3_narrow_keys(p) && v3_experts_per_lane(p.num_experts, row_lanes) != 0 &&
          p.topk <= 2 * row_lanes;
 }
 
 template <class Logits, int kVpl, int kRowLanes, bool kWide, bool kTopOnly>
-Layout v3_instance(Mode mode) {
+Layout v3_instance(Mode mode, bool vote_rounds) {
   using ChunkLogits =
       std::conditional_t<sizeof(typename Logits::Storage) == 2, LogitsBf16, LogitsF32>;
   constexpr int kV = v2_chunk<ChunkLogits, kVpl>();
@@ -770,6 +796,12 @@ Layout v3_instance(Mode mode) {
           kV, kVpl / kV,
           route_rows_v3_kernel<Logits, kVpl, Mode::softmax_by_prob, kRowLanes, kWide, kTopOnly>};
     default:
+      if constexpr (kWide && kRowLanes == kLanes) {
+        if (vote_rounds)
+          return {kV, kVpl / kV,
+                  route_rows_v3_kernel<Logits, kVpl, Mode::sigmoid, kRowLanes, true, kTopOnly,
+                                       false, true>};
+      }
       if constexpr (kWide)
         return {kV, kVpl / kV,
                 route_rows_v3_kernel<Logits, kVpl, Mode::sigmoid, kRowLanes, true, kTopOnly>};
@@ -778,37 +810,78 @@ Layout v3_instance(Mode mode) {
   fail("route", "mode", mode_name(mode), "has no 32-bit-key v3 kernel");
 }
 
+// Grouped instances: whole warps, full sorts, softmax by p or sigmoid (sigmoid: 64-bit keys).
+template <class Logits, int kVpl, bool kWide>
+Layout v3_grouped_instance(Mode mode, bool vote_rounds) {
+  using ChunkLogits =
+      std::conditional_t<sizeof(typename Logits::Storage) == 2, LogitsBf16, LogitsF32>;
+  constexpr int kV = v2_chunk<ChunkLogits, kVpl>();
+  if (mode == Mode::softmax_by_prob)
+    return {kV, kVpl / kV,
+            route_rows_v3_kernel<Logits, kVpl, Mode::softmax_by_prob, kLanes, kWide, false, true>};
+  if constexpr (kWide) {
+    if (mode == Mode::sigmoid && vote_rounds)
+      return {kV, kVpl / kV,
+              route_rows_v3_kernel<Logits, kVpl, Mode::sigmoid, kLanes, true, false, true, true>};
+    if (mode == Mode::sigmoid)
+      return {kV, kVpl / kV,
+              route_rows_v3_kernel<Logits, kVpl, Mode::sigmoid, kLanes, true, false, true>};
+  }
+  fail("route", "mode", mode_name(mode), "has no grouped v3 kernel with these keys");
+}
+
+template <class Logits, bool kWide>
+Layout v3_grouped_layout(V3Shape shape, Mode mode) {
+  switch (shape.experts_per_lane) {
+    case 1:
+      return v3_grouped_instance<Logits, 1, kWide>(mode, shape.vote_rounds);
+    case 2:
+      return v3_grouped_instance<Logits, 2, kWide>(mode, shape.vote_rounds);
+    case 4:
+      return v3_grouped_instance<Logits, 4, kWide>(mode, shape.vote_rounds);
+    case 5:
+      return v3_grouped_instance<Logits, 5, kWide>(mode, shape.vote_rounds);
+    case 8:
+      return v3_grouped_instance<Logits, 8, kWide>(mode, shape.vote_rounds);
+    default:
+      break;
+  }
+  fail("route", "experts_per_lane", std::to_string(shape.experts_per_lane),
+       "has no grouped v3 kernel");
+}
+
 // 12 or 16 experts per lane come in two sorts (all keys, or only the top few); fewer take all.
 template <class Logits, int kVpl, int kRowLanes, bool kWide>
-Layout v3_sorted(bool top_only, Mode mode) {
+Layout v3_sorted(V3Shape shape, Mode mode) {
   if constexpr (kVpl > 8) {
-    if (top_only) return v3_instance<Logits, kVpl, kRowLanes, kWide, true>(mode);
+    if (shape.top_only)
+      return v3_instance<Logits, kVpl, kRowLanes, kWide, true>(mode, shape.vote_rounds);
   }
-  return v3_instance<Logits, kVpl, kRowLanes, kWide, false>(mode);
+  return v3_instance<Logits, kVpl, kRowLanes, kWide, false>(mode, shape.vote_rounds);
 }
 
 template <class Logits, int kRowLanes, bool kWide>
 Layout v3_by_experts_per_lane(V3Shape shape, Mode mode) {
-  const bool top = shape.top_only;
   switch (shape.experts_per_lane) {
     case 1:
-      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 1, kRowLanes, kWide>(top, mode);
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 1, kRowLanes, kWide>(shape, mode);
       break;
     case 2:
-      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 2, kRowLanes, kWide>(top, mode);
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 2, kRowLanes, kWide>(shape, mode);
       break;
     case 4:
-      return v3_sorted<Logits, 4, kRowLanes, kWide>(top, mode);
+      return v3_sorted<Logits, 4, kRowLanes, kWide>(shape, mode);
     case 5:
-      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 5, kRowLanes, kWide>(top, mode);
+      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 5, kRowLanes, kWide>(shape, mode);
       break;
     case 8:
-      return v3_sorted<Logits, 8, kRowLanes, kWide>(top, mode);
+      return v3_sorted<Logits, 8, kRowLanes, kWide>(shape, mode);
     case 12:
-      if constexpr (kRowLanes == kLanes) return v3_sorted<Logits, 12, kRowLanes, kWide>(top, mode);
+      if constexpr (kRowLanes == kLanes)
+        return v3_sorted<Logits, 12, kRowLanes, kWide>(shape, mode);
       break;
     case 16:
-      return v3_sorted<Logits, 16, kRowLanes, kWide>(top, mode);
+      return v3_sorted<Logits, 16, kRowLanes, kWide>(shape, mode);
     default:
       break;
   }
@@ -817,6 +890,11 @@ Layout v3_by_experts_per_lane(V3Shape shape, Mode mode) {
 
 Layout v3_layout(const RouteProblem& p, V3Shape shape) {
   const Mode mode = mode_of(p);
+  if (p.num_groups > 1) {
+    if (!shape.wide_keys) return v3_grouped_layout<V3Logits16, false>(shape, mode);
+    if (p.logits.dtype() == DType::f32) return v3_grouped_layout<V3LogitsF32, true>(shape, mode);
+    return v3_grouped_layout<V3Logits16, true>(shape, mode);
+  }
   if (shape.wide_keys) {
     if (p.logits.dtype() == DType::f32)
       return v3_by_experts_per_lane<V3LogitsF32, kLanes, true>(shape, mode);
@@ -840,8 +918,13 @@ Layout v3_layout(const RouteProblem& p, V3Shape shape) {
 // MOEKIT_GPU_ROUTE_V3_SORT=full|top their lanes sort all their keys or only the top few.
 struct V3Switches {
   bool off = false;
-  int row_lanes = 0;  // 0: the measured rule
-  int top_only = -1;  // -1: the measured rule
+  bool off_grouped = false;  // MOEKIT_GPU_ROUTE_V3_OFF=grouped: grouped routing stays on v2
+  int row_lanes = 0;         // 0: the measured rule
+  int top_only = -1;         // -1: the measured rule
+  int vote_rounds = -1;      // -1: the measured rule
+  int block_warps = 0;       // 0: kWarpsPerBlock
+  bool tree_denominator = false;
+  int early_terms = -1;  // -1: the measured rule
 };
 
 const V3Switches& v3_switches() {
@@ -849,10 +932,21 @@ const V3Switches& v3_switches() {
     V3Switches s;
     const char* off = std::getenv("MOEKIT_GPU_ROUTE_V3_OFF");
     s.off = off != nullptr && std::string(off) == "1";
+    s.off_grouped = off != nullptr && std::string(off) == "grouped";
     if (const char* lanes = std::getenv("MOEKIT_GPU_ROUTE_V3_LANES"))
       s.row_lanes = std::atoi(lanes);
     if (const char* sort = std::getenv("MOEKIT_GPU_ROUTE_V3_SORT"))
       s.top_only = std::string(sort) == "top" ? 1 : std::string(sort) == "full" ? 0 : -1;
+    const char* denominator = std::getenv("MOEKIT_GPU_ROUTE_V3_DENOMINATOR");
+    s.tree_denominator = denominator != nullptr && std::string(denominator) == "tree";
+    if (const char* early = std::getenv("MOEKIT_GPU_ROUTE_V3_EARLY_TERMS"))
+      s.early_terms = std::string(early) == "1" ? 1 : std::string(early) == "0" ? 0 : -1;
+    if (const char* warps = std::getenv("MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS")) {
+      const int w = std::atoi(warps);
+      s.block_warps = w == 1 || w == 2 || w == 4 ? w : 0;
+    }
+    if (const char* rounds = std::getenv("MOEKIT_GPU_ROUTE_V3_ROUNDS"))
+      s.vote_rounds = std::string(rounds) == "vote" ? 1 : std::string(rounds) == "reduce" ? 0 : -1;
     return s;
   }();
   return switches;
@@ -902,16 +996,58 @@ bool v3_automatic_top_only(const RouteProblem& p, int row_lanes) {
   return p.num_tokens >= kV3TopOnlySmallRowsMinRowsPerSm * sm_count;
 }
 
+// Sigmoid rows in whole warps: rounds by a reduction of the score and a ballot (vote) or by two
+// reductions (reduce). MOEKIT_GPU_ROUTE_V3_ROUNDS=vote|reduce forces one. Measured (H200,
+// docs/perf/routing.md, v3 with groups): vote won below 1024 tokens (DeepSeek-V3 2.56 -> 2.48 us
+// at 1 token, 2.72 -> 2.64 at 64; Kimi-K2 3.51 -> 3.40 at 64; GLM-4.5 by 0.02) and lost from 4096
+// (Kimi-K2 9.10 -> 9.19, DeepSeek-V3 at 8192 13.90 -> 14.45); at 1024 it was mixed.
+constexpr int64_t kV3VoteRoundsMaxTokens = 1023;
+
+bool v3_automatic_vote_rounds(const RouteProblem& p) {
+  const int forced = v3_switches().vote_rounds;
+  if (forced >= 0) return forced == 1;
+  return p.num_tokens <= kV3VoteRoundsMaxTokens;
+}
+
+// Softmax by p: whether the ordered denominator starts beside the sort (RouteArgs::early_terms;
+// MOEKIT_GPU_ROUTE_V3_EARLY_TERMS=1|0 forces it). Measured (H200, docs/perf/routing.md): it pays
+// where the rounds (8 terms each) leave a tail to sum after them, in rows of 8 lanes or more:
+// Qwen1.5 (60 experts, 4 routed) 2.07 -> 1.99 us at 1 token, 2.21 -> 2.12 at 64, 3.85 -> 3.72 at
+// 8192 (8-lane rows), DeepSeek-V2 by 0.03-0.18 at every size; it lost where the rounds take every
+// term (Qwen2, 64 experts, 8 routed: 2.13 -> 2.19 at 1 token) and in 4-lane rows (Qwen1.5 at
+// 16384 tokens: 6.30 -> 6.76).
+constexpr int kV3EarlyTermsMinRowLanes = 8;
+
+bool v3_early_terms(const RouteProblem& p, V3Shape shape) {
+  if (mode_of(p) != Mode::softmax_by_prob || v3_switches().tree_denominator) return false;
+  const int forced = v3_switches().early_terms;
+  if (forced >= 0) return forced == 1;
+  const int terms4 = shape.row_lanes * shape.experts_per_lane / 4;  // float4s of terms per row
+  return terms4 > 2 * p.num_routed && shape.row_lanes >= kV3EarlyTermsMinRowLanes;
+}
+
+// Warps per block of a v3 launch: kWarpsPerBlock, or what MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS=1|2|4
+// says (for measuring whether decode batches gain from more, smaller blocks).
+int v3_block_warps(const RouteProblem& /*p*/) {
+  const int forced = v3_switches().block_warps;
+  return forced != 0 ? forced : kWarpsPerBlock;
+}
+
 // Wide keys (sigmoid, bias, f32) with 12 or more experts per lane lost to v2 at one token (Kimi-K2:
 // 3.25 vs 3.10 us) and in long batches (8192 tokens: 15.8 vs 14.1 us; at 4096 v3 won, 9.06 vs
 // 9.30): those stay on v2.
 constexpr int64_t kV3WideManyExpertsMaxTokens = 4096;
 
+// Grouped rows with wide keys (DeepSeek-V3) lost to v2 past 4096 tokens (8192: 13.90 vs 13.17 us;
+// 16384: 26.74 vs 25.37) and won up to 4096 (7.62 vs 7.84; decode 2.56-2.72 vs 2.72-3.14).
+constexpr int64_t kV3WideGroupedMaxTokens = 4096;
+
 bool v3_prefers_v2(const RouteProblem& p) {
   if (v3_switches().row_lanes != 0) return false;  // measuring v3's layouts: v3 wherever it serves
+  if (!v2_declines(p).empty() || v2_switched_off(p) || v3_narrow_keys(p)) return false;
+  if (p.num_groups > 1) return p.num_tokens > kV3WideGroupedMaxTokens;
   const bool lost = p.num_tokens == 1 || p.num_tokens > kV3WideManyExpertsMaxTokens;
-  return !v3_narrow_keys(p) && v3_experts_per_lane(p.num_experts, kLanes) >= 12 && lost &&
-         v2_declines(p).empty() && !v2_switched_off(p);
+  return v3_experts_per_lane(p.num_experts, kLanes) >= 12 && lost;
 }
 
 int v3_row_lanes_of(RouteKernel kernel) {
@@ -941,6 +1077,7 @@ bool is_v3(RouteKernel kernel) {
     case RouteKernel::v3_full_sort_lanes16:
     case RouteKernel::v3_full_sort_lanes8:
     case RouteKernel::v3_full_sort_lanes4:
+    case RouteKernel::v3_vote_rounds:
       return true;
     default:
       return false;
@@ -954,23 +1091,27 @@ V3Shape v3_shape(const RouteProblem& p, RouteKernel kernel) {
   bool top_only = kernel == RouteKernel::v3
                       ? v3_automatic_top_only(p, lanes)
                       : kernel == RouteKernel::v3_lanes32 || kernel == RouteKernel::v3_lanes16 ||
-                            kernel == RouteKernel::v3_lanes8 || kernel == RouteKernel::v3_lanes4;
-  return {lanes, vpl, !v3_narrow_keys(p), top_only && vpl > 8};
+                            kernel == RouteKernel::v3_lanes8 || kernel == RouteKernel::v3_lanes4 ||
+                            kernel == RouteKernel::v3_vote_rounds;
+  const bool vote = kernel == RouteKernel::v3 ? v3_automatic_vote_rounds(p)
+                                              : kernel == RouteKernel::v3_vote_rounds;
+  return {lanes, vpl, !v3_narrow_keys(p), top_only && vpl > 8,
+          vote && lanes == kLanes && mode_of(p) == Mode::sigmoid};
 }
 
-// Blocks of `kernel` resident on one SM with `shared_bytes` of dynamic shared memory, asked once
-// per (kernel, shared bytes, device).
-int resident_blocks_per_sm(KernelFn kernel, size_t shared_bytes, int device) {
+// Blocks of `kernel` (of `threads` threads) resident on one SM with `shared_bytes` of dynamic
+// shared memory, asked once per (kernel, threads, shared bytes, device).
+int resident_blocks_per_sm(KernelFn kernel, int threads, size_t shared_bytes, int device) {
   static std::mutex mutex;
-  static std::vector<std::tuple<KernelFn, size_t, int, int>> known;
+  static std::vector<std::tuple<KernelFn, int, size_t, int, int>> known;
   const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, bytes, d, blocks] : known)
-    if (k == kernel && bytes == shared_bytes && d == device) return blocks;
+  for (const auto& [k, t, bytes, d, blocks] : known)
+    if (k == kernel && t == threads && bytes == shared_bytes && d == device) return blocks;
   int blocks = 0;
-  MOEKIT_GPU_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreadsPerBlock,
-                                                                 shared_bytes));
+  MOEKIT_GPU_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
   blocks = std::max(blocks, 1);
-  known.emplace_back(kernel, shared_bytes, device, blocks);
+  known.emplace_back(kernel, threads, shared_bytes, device, blocks);
   return blocks;
 }
 
@@ -978,27 +1119,39 @@ int resident_blocks_per_sm(KernelFn kernel, size_t shared_bytes, int device) {
 // most what is resident at once (no partial wave; the rows are a grid-stride loop).
 void route_v3(const RouteProblem& p, V3Shape shape) {
   const Layout layout = v3_layout(p, shape);
-  const RouteArgs a = common_args(p, layout.v);
+  RouteArgs a = common_args(p, layout.v);
+  a.block_warps = v3_block_warps(p);
+  a.tree_denominator = v3_switches().tree_denominator;
+  a.early_terms = v3_early_terms(p, shape);
+  if (p.num_groups > 1) {
+    a.group_register_lanes = a.experts_per_group / shape.experts_per_lane;
+    a.group_lanes_log2 = log2_of(a.group_register_lanes);
+  }
   const int rows_per_warp = kLanes / shape.row_lanes;
   const size_t scratch_bytes =
       a.mode == Mode::softmax_by_prob
-          ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * kWarpsPerBlock
+          ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * a.block_warps
           : 0;
   const int device = p.logits.device().index;
   DeviceGuard on_device(device);
-  const int64_t rows_per_block = static_cast<int64_t>(kWarpsPerBlock) * rows_per_warp;
+  const int threads = a.block_warps * kLanes;
+  const int64_t rows_per_block = static_cast<int64_t>(a.block_warps) * rows_per_warp;
   const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
   const int64_t resident = static_cast<int64_t>(device_properties(device).sm_count) *
-                           resident_blocks_per_sm(layout.kernel, scratch_bytes, device);
+                           resident_blocks_per_sm(layout.kernel, threads, scratch_bytes, device);
   const auto blocks = static_cast<unsigned>(std::min(blocks_needed, resident));
-  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(kThreadsPerBlock),
-                                  scratch_bytes, static_cast<cudaStream_t>(p.stream),
+  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(threads), scratch_bytes,
+                                  static_cast<cudaStream_t>(p.stream),
                                   programmatic_launch_allowed(device), a));
+}
+
+bool v3_switched_off(const RouteProblem& p) {
+  return v3_switches().off || (v3_switches().off_grouped && p.num_groups > 1);
 }
 
 RouteKernel automatic_kernel(const RouteProblem& p) {
   if (v2_switches().all_v1) return RouteKernel::v1;
-  if (v3_declines(p).empty() && !v3_switches().off && !v3_prefers_v2(p)) return RouteKernel::v3;
+  if (v3_declines(p).empty() && !v3_switched_off(p) && !v3_prefers_v2(p)) return RouteKernel::v3;
   return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
 }
 
@@ -1032,7 +1185,7 @@ std::string route_kernel_name(const RouteProblem& p) {
   const RouteKernel kernel = detail::automatic_kernel(p);
   const std::string v3_why = detail::v3_declines(p);
   const std::string not_v3 = !v3_why.empty() ? "v3: " + v3_why
-                             : route_detail::v3_switches().off
+                             : route_detail::v3_switched_off(p)
                                  ? "v3 switched off by the environment"
                                  : "v3: measured slower here";
   if (kernel == RouteKernel::v1) {
@@ -1048,7 +1201,20 @@ std::string route_kernel_name(const RouteProblem& p) {
            std::to_string(shape.experts_per_lane) + " experts per lane, " +
            std::to_string(shape.row_lanes) + " lanes per row (" + std::to_string(rows) +
            (rows == 1 ? " row" : " rows") + " per warp)" +
-           (shape.top_only ? ", lanes sort their top keys only" : "");
+           (shape.top_only ? ", lanes sort their top keys only" : "") +
+           (shape.vote_rounds ? ", rounds reduce the score and vote" : "") +
+           (detail::mode_of(p) == detail::Mode::softmax_by_prob &&
+                    detail::v3_switches().tree_denominator
+                ? ", denominator summed across lanes (tree)"
+                : "") +
+           (detail::v3_early_terms(p, shape) ? ", denominator starts beside the sort" : "") +
+           (detail::v3_block_warps(p) != detail::kWarpsPerBlock
+                ? ", " + std::to_string(detail::v3_block_warps(p)) + " warps per block"
+                : "") +
+           (p.num_groups > 1
+                ? ", grouped (" + std::to_string(p.experts_per_group() / shape.experts_per_lane) +
+                      " lanes per group)"
+                : "");
   }
   const detail::V2Shape shape = detail::v2_shape(p, RouteKernel::v2);
   std::string name = "v2 " + std::string(detail::mode_name(detail::mode_of(p))) + ", " +
@@ -1069,7 +1235,7 @@ void route_with_kernel(const RouteProblem& p, RouteKernel kernel) {
     if (!route_detail::v3_row_lanes_fit(p, shape.row_lanes))
       fail("route", "kernel", "v3 with " + std::to_string(shape.row_lanes) + " lanes per row",
            "does not serve this problem (rows below 32 lanes: 16-bit logits, softmax, no bias, "
-           "E <= 16 per lane, K <= 2 per lane)");
+           "no groups, E <= 16 per lane, K <= 2 per lane)");
     return route_detail::route_v3(p, shape);
   }
   const std::string why = route_detail::v2_declines(p);

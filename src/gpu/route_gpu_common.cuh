@@ -63,6 +63,9 @@ struct RouteArgs {
   bool logits_bf16;          // 16-bit logits: bf16 (else f16)
   bool logits_vector_loads;  // rows (and the pointer) are aligned for the chunk's vector load
   bool bias_vector_loads;
+  int block_warps;        // v3: warps per block of the launch (kWarpsPerBlock or fewer)
+  bool tree_denominator;  // v3 softmax by p: lane sums and a butterfly (an experiment)
+  bool early_terms;       // v3 softmax by p: start the ordered denominator beside the sort
 };
 
 // ---- Scalar math, written as the reference writes it (separate roundings, accurate functions).

@@ -1,10 +1,15 @@
 // Which GPU routing kernel serves a problem, for tests and A/B timing. gpu::route picks v3 where it
-// serves (ungrouped) and is measured faster, then v2, then v1. Environment switches, read once per
+// serves and is measured faster, then v2, then v1. Environment switches, read once per
 // process: MOEKIT_GPU_ROUTE_V1=1 forces v1 for every call; MOEKIT_GPU_ROUTE_V3_OFF=1 turns v3 off
-// (v2 / v1 as before); MOEKIT_GPU_ROUTE_V3_LANES=32|16|8|4 forces v3's lanes per row where that
-// fits and MOEKIT_GPU_ROUTE_V3_SORT=full|top its sort; MOEKIT_GPU_ROUTE_V2_OFF=<list> (any of
-// logit, prob, sigmoid, grouped, comma separated) turns v2 off for those cases only, and halfwarp
-// in that list keeps v2 on one row per warp.
+// (v2 / v1 as before), MOEKIT_GPU_ROUTE_V3_OFF=grouped for grouped routing only;
+// MOEKIT_GPU_ROUTE_V3_LANES=32|16|8|4 forces v3's lanes per row where that fits and
+// MOEKIT_GPU_ROUTE_V3_SORT=full|top its sort, MOEKIT_GPU_ROUTE_V3_ROUNDS=vote|reduce the rounds of
+// its sigmoid rows in whole warps, MOEKIT_GPU_ROUTE_V3_EARLY_TERMS=1|0 whether softmax by p starts
+// its ordered denominator beside the sort; for measurement only, MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS=
+// 1|2 (smaller blocks) and MOEKIT_GPU_ROUTE_V3_DENOMINATOR=tree (a lane-tree denominator, not the
+// reference's expert-order rounding); MOEKIT_GPU_ROUTE_V2_OFF=<list> (any of logit, prob,
+// sigmoid, grouped, comma separated) turns v2 off for those cases only, and halfwarp in that list
+// keeps v2 on one row per warp.
 #pragma once
 
 #include <string>
@@ -22,8 +27,9 @@ enum class RouteKernel {
                   // whole warp, or of half a warp for long batches where that fits
   v2_whole_warp,  // v2 with one row per warp
   v2_half_warp,   // v2 with two rows per warp (E <= 256, K <= 32, whole-lane groups)
-  v3,             // ungrouped (G == 1) softmax without softcap and sigmoid, E <= 512: packed
-                  // unique keys, sorted lanes; rows of 32 lanes, or fewer for long batches
+  v3,             // softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256, groups of
+                  // whole lanes, no softmax top2_sum): packed unique keys, sorted lanes; rows of
+                  // 32 lanes, or fewer for long ungrouped batches
   v3_lanes32,     // v3 with one row per warp
   v3_lanes16,     // v3 with rows of 16, 8 or 4 lanes (16-bit logits, softmax, no bias,
   v3_lanes8,      //   E <= 16 per lane, K <= 2 per lane)
@@ -34,6 +40,9 @@ enum class RouteKernel {
   v3_full_sort_lanes16,
   v3_full_sort_lanes8,
   v3_full_sort_lanes4,
+  // v3_lanes32 whose sigmoid rounds reduce only the score and take the lowest holding lane by a
+  // ballot (the same kernels as v3_lanes32 for other scorings).
+  v3_vote_rounds,
 };
 
 // Empty when v2 can serve the problem, else why not (environment switches aside).

@@ -1,6 +1,7 @@
-// GPU routing v3: ungrouped routing (G == 1) with unique packed keys, lanes that sort their keys
-// once, and rows of 4, 8, 16 or 32 lanes. v2 (route_gpu_v2.cuh) measured instruction-bound at
-// prefill and latency-bound at decode (docs/perf/routing.md); v3 removes, per row:
+// GPU routing v3: routing with unique packed keys, lanes that sort their keys once, and rows of 4,
+// 8, 16 or 32 lanes (grouped routing: 32, groups of whole lanes). v2 (route_gpu_v2.cuh) measured
+// instruction-bound at prefill and latency-bound at decode (docs/perf/routing.md); v3 removes, per
+// row:
 //
 // - The ballot, the lowest-lane search and the id shuffle of every top-k round. A key holds the
 //   expert id below the score, (score order) << bits | (0xffff - id), so keys of a row are unique,
@@ -261,10 +262,27 @@ struct V3Logits16 {
 // [r * kVpl, (r + 1) * kVpl)), E <= kRowLanes * kVpl, K <= 2 * kRowLanes. kWide: 64-bit keys
 // (required unless the logits are 16-bit, softmax, without bias). kTopOnly: sort only the top
 // few keys per lane (fewer instructions, more registers: the host picks by measurement).
-template <class Logits, int kVpl, Mode kMode, int kRowLanes, bool kWide, bool kTopOnly>
+//
+// kGrouped: grouped routing (G > 1) in whole-warp rows, each group a power-of-two run of whole
+// lanes (RouteArgs::group_lanes_log2), with sigmoid (group score: max or top2_sum of the selection
+// scores, from the run's sorted heads) or softmax by p with group score max. Softmax ranks the
+// groups by their top z, which orders them as the reference's p does except where two different z
+// round to the same p: that is detected once the denominator is known (the last kept and the first
+// dropped group have equal p), and only then the row is redone with the groups ranked by p.
+//
+// kVoteRounds (64-bit keys in whole-warp rows): a round reduces only the upper half of the heads
+// (the score) and takes the lowest lane holding it, by a ballot (equal scores: the lowest lane has
+// the lowest id, and a lane's sorted keys put its lower ids first), where the default takes a
+// second reduction of the lower halves among the holders. The winning key comes to the slot's
+// lane by a shuffle, off the chain of rounds.
+template <class Logits, int kVpl, Mode kMode, int kRowLanes, bool kWide, bool kTopOnly,
+          bool kGrouped = false, bool kVoteRounds = false>
 __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const RouteArgs a) {
+  static_assert(!kVoteRounds || (kWide && kRowLanes == kLanes), "vote rounds: 64-bit keys, warps");
   static_assert(kMode == Mode::softmax_by_logit || kMode == Mode::softmax_by_prob ||
                 kMode == Mode::sigmoid);
+  static_assert(!kGrouped || (kRowLanes == kLanes && !kTopOnly && kMode != Mode::softmax_by_logit),
+                "groups: whole-warp rows, full sorts, softmax by p or sigmoid");
   using Key = V3Key<kWide>;
   // Sorted keys a lane keeps for the rounds: all of them, or (kTopOnly, 12 or 16 per lane) the
   // top 4 (8 in rows of 4 lanes, which win twice as often), refilled when used up.
@@ -307,9 +325,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     }
   }
 
-  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock * kRowsPerWarp;
-  for (int64_t first_row =
-           (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * kRowsPerWarp;
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps * kRowsPerWarp;
+  for (int64_t first_row = (static_cast<int64_t>(blockIdx.x) * a.block_warps + warp) * kRowsPerWarp;
        first_row < a.num_tokens; first_row += rows_per_step) {
     const int64_t row = first_row + row_in_warp;
     const bool in_range = row < a.num_tokens;
@@ -420,7 +437,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     // Softmax by p: the numerators, staged in shared memory to be summed in expert order as v2
     // does; the serial sum runs 8 terms per top-k round (hidden in the rounds' latency) and the
     // rest after them.
-    float max_z = 0.0f, inf_count = 0.0f, sum = 0.0f;
+    float max_z = 0.0f, inf_count = 0.0f, sum = 0.0f, tree_sum = 0.0f;
     constexpr int kTerms4 = kRowLanes * kVpl / 4;  // float4s of terms per row
     [[maybe_unused]] const float4* staged = terms + (warp * kRowsPerWarp + row_in_warp) * kTerms4;
     [[maybe_unused]] auto add_terms = [&](int v) {  // the 4 terms of float4 v, in order
@@ -449,6 +466,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
         for (int i = 0; i < kVpl; ++i) lane_count += numerator[i];
         inf_count = row_lanes.sum(lane_count);
       }
+      // RouteArgs::tree_denominator (an experiment, MOEKIT_GPU_ROUTE_V3_DENOMINATOR=tree): each
+      // lane sums its terms in order, then a butterfly over the row (deterministic, every lane the
+      // same bits, within an ulp or two of the expert-order sum, not bit for bit).
+      if (a.tree_denominator) {
+        float lane_sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kVpl; ++i) lane_sum += numerator[i];
+        tree_sum = row_lanes.sum(lane_sum);
+      }
       float* mine =
           reinterpret_cast<float*>(terms + (warp * kRowsPerWarp + row_in_warp) * kTerms4) +
           my_first;
@@ -459,34 +485,117 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
 
     // 2. Sort the lane's keys, descending: all of them, or (12 or 16 per lane) the top kDepth.
     [[maybe_unused]] Key unsorted[kVpl];  // for a refill (rebuilding the keys costs more registers)
-    if constexpr (kDepth < kVpl) {
+    auto sort_keys = [&] {
+      if constexpr (kDepth < kVpl) {
 #pragma unroll
-      for (int i = 0; i < kVpl; ++i) unsorted[i] = key[i];
-      sort_top<kDepth>(key);
+        for (int i = 0; i < kVpl; ++i) unsorted[i] = key[i];
+        sort_top<kDepth>(key);
+      } else {
+        odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
+      }
+    };
+    // Softmax by p with RouteArgs::early_terms (MOEKIT_GPU_ROUTE_V3_EARLY_TERMS=1): the first
+    // kEarlyTerms4 float4s of the denominator are added in the same straight-line block as the
+    // sort, so that the compiler can interleave the two independent chains; the rounds then go on
+    // from there (the order of the terms is unchanged: the same bits).
+    constexpr int kEarlyTerms4 = kTerms4 < 8 ? kTerms4 : 8;
+    int first_term4 = 0;  // of the rounds
+    if constexpr (kMode == Mode::softmax_by_prob) {
+      if (a.early_terms && !a.tree_denominator) {  // warp-uniform
+#pragma unroll
+        for (int v = 0; v < kEarlyTerms4; ++v) add_terms(v);
+        sort_keys();
+        first_term4 = kEarlyTerms4;
+      } else {
+        sort_keys();
+      }
     } else {
-      odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
+      sort_keys();
     }
+
+    // 2b. Groups: each run of lanes merges its sorted heads into the group's top two, the group's
+    // score, its rank among the row's G (G shuffles, issued together; ties: lower group id), and
+    // the lanes of groups ranked TG or worse drop their keys. Softmax scores by z (by_p: by p, the
+    // reference's score, once the denominator is known). The scores of the last kept and the first
+    // dropped group are kept for the softmax check below.
+    [[maybe_unused]] float last_kept = 0.0f, first_dropped = 0.0f;
+    [[maybe_unused]] auto keep_best_groups = [&](bool by_p, float denominator_for_p) {
+      Key first = key[0];
+      Key second = Key{0};
+      if constexpr (kVpl > 1) second = key[1];
+      const int log2_run = a.group_lanes_log2;
+      for (int offset = 1; offset < (1 << log2_run); offset <<= 1) {
+        const Key other_first = vendor::shfl_xor(first, offset);
+        const Key other_second = vendor::shfl_xor(second, offset);
+        const Key low = first < other_first ? first : other_first;
+        const Key high = second > other_second ? second : other_second;
+        second = low > high ? low : high;
+        first = first > other_first ? first : other_first;
+      }
+      float score = score_of(first);
+      if constexpr (kMode == Mode::softmax_by_prob) {
+        if (by_p) score = softmax_numerator(nan_to_neg_inf(score), max_z) / denominator_for_p;
+      } else {
+        if (a.group_top2_sum && a.experts_per_group >= 2) score = score + score_of(second);
+      }
+      score = nan_to_neg_inf(score);
+      const int G = a.num_groups;
+      const int g = r >> log2_run;
+      int rank = 0;
+      for (int h0 = 0; h0 < G; h0 += 8) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int h = h0 + j;
+          const float other = row_lanes.shfl(score, h << log2_run);
+          rank += (h < G) & ((other > score) | ((other == score) & (h < g)));
+        }
+      }
+      if (rank >= a.topk_groups) {
+#pragma unroll
+        for (int i = 0; i < kVpl; ++i) key[i] = Key{0};
+      }
+      if constexpr (kMode == Mode::softmax_by_prob) {
+        if (!by_p && a.topk_groups < G) {
+          last_kept =
+              row_lanes.shfl(score, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups - 1)));
+          first_dropped =
+              row_lanes.shfl(score, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups)));
+        }
+      }
+    };
+    if constexpr (kGrouped) keep_best_groups(false, 1.0f);
 
     // 3. Top-Kr: a round is one row max of the lane heads; the lane whose head it is (keys are
     // unique) shifts its sorted keys up by one, and refills them when it has used up kDepth of
     // them (rare: only that lane runs the branch). Lane k % kRowLanes of the row records slot k.
-    auto round = [&](int k, Key& slot) {
-      const Key best = row_lanes.max(key[0]);
+    // with_terms: softmax by p adds 8 terms of the denominator per round.
+    auto round = [&](int k, Key& slot, bool with_terms) {
+      Key best;
+      bool won;
+      if constexpr (kVoteRounds) {
+        const auto head = static_cast<uint32_t>(key[0] >> 32);
+        const uint32_t best_head = vendor::reduce_max(head);
+        const uint32_t holders = vendor::ballot(head == best_head);
+        won = head == best_head && (holders & ((1u << lane) - 1u)) == 0;
+        best = vendor::shfl(key[0], vendor::lowest_lane(holders));
+      } else {
+        best = row_lanes.max(key[0]);
+        won = key[0] == best;
+      }
       if constexpr (kMode == Mode::softmax_by_prob) {
         // Terms 8k .. 8k + 7 of the denominator (past the end: +0, which changes no bit of the
         // non-negative sum), independent of the round: they fill its latency.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int v = 2 * k + h;
+          const int v = first_term4 + 2 * k + h;
           const float4 four = staged[min(v, kTerms4 - 1)];
-          const bool in = v < kTerms4;
+          const bool in = with_terms && v < kTerms4;
           sum = sum + (in ? four.x : 0.0f);
           sum = sum + (in ? four.y : 0.0f);
           sum = sum + (in ? four.z : 0.0f);
           sum = sum + (in ? four.w : 0.0f);
         }
       }
-      const bool won = key[0] == best;
       slot = r == (k & (kRowLanes - 1)) ? best : slot;
 #pragma unroll
       for (int i = 0; i + 1 < kDepth; ++i) key[i] = won ? key[i + 1] : key[i];
@@ -501,15 +610,36 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     };
     Key slots[kSlots] = {0, 0};
     const int first_rounds = min(Kr, kRowLanes);
-    for (int k = 0; k < first_rounds; ++k) round(k, slots[0]);
-    for (int k = kRowLanes; k < Kr; ++k) round(k, slots[1]);
-    const float top = score_of(row_lanes.shfl(slots[0], 0));  // softmax: the row's max z
+    const bool ordered_sum = !a.tree_denominator;
+    for (int k = 0; k < first_rounds; ++k) round(k, slots[0], ordered_sum);
+    for (int k = kRowLanes; k < Kr; ++k) round(k, slots[1], ordered_sum);
     float denominator = 1.0f;
     if constexpr (kMode == Mode::softmax_by_prob) {
-      for (int v = 2 * Kr; v < kTerms4; ++v) add_terms(v);  // (rounds k < Kr took 8k .. 8Kr - 1)
+      if (ordered_sum)  // (rounds k < Kr took 8k .. 8Kr - 1)
+        for (int v = first_term4 + 2 * Kr; v < kTerms4; ++v) add_terms(v);
       vendor::sync_lanes();  // the scratch is rewritten by the next row
-      denominator = max_z == INFINITY ? inf_count : max_z == -INFINITY ? 1.0f : sum;
+      denominator = max_z == INFINITY    ? inf_count
+                    : max_z == -INFINITY ? 1.0f
+                    : ordered_sum        ? sum
+                                         : tree_sum;
     }
+    if constexpr (kGrouped && kMode == Mode::softmax_by_prob) {
+      // Groups were ranked by z. The reference ranks them by p, which z orders the same way
+      // except where different z round to the same p; then the last kept and the first dropped
+      // group have equal p (p is monotone in z), and the reference may keep another group of
+      // that p (the lowest id). Rare and row-uniform: redo the row with the groups ranked by p.
+      if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
+          softmax_numerator(last_kept, max_z) / denominator ==
+              softmax_numerator(first_dropped, max_z) / denominator) {
+        build_keys(key, z);
+        odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
+        keep_best_groups(true, denominator);
+        slots[0] = slots[1] = Key{0};
+        for (int k = 0; k < first_rounds; ++k) round(k, slots[0], false);
+        for (int k = kRowLanes; k < Kr; ++k) round(k, slots[1], false);
+      }
+    }
+    const float top = score_of(row_lanes.shfl(slots[0], 0));  // softmax: the row's max z
 
     // 4-7. Weights, shared slots, renormalization, scaling. Lane r of the row holds slot r (and
     // r + kRowLanes).

@@ -393,6 +393,9 @@ TEST(GpuRoute, EmptyBatchDoesNothing) {
 
 // explain_route names the GPU kernel that will run (what `moekit explain --backend gpu` prints):
 // v3 for ungrouped Qwen rows, v2 for grouped DeepSeek-V3, each as gpu::route_kernel_name says.
+bool v3_switched_off_by_environment();
+bool v3_grouped_off_by_environment();
+
 TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
   SKIP_WITHOUT_GPU();
   Stream stream;
@@ -406,9 +409,14 @@ TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
     ASSERT_FALSE(rows.empty());
     EXPECT_EQ(rows.front().name, "gpu");
     EXPECT_TRUE(rows.front().chosen) << rows.front().reason;
-    const std::string expected_prefix = model.name == "DeepSeek-V3" ? "v2 " : "v3 ";
+    const bool grouped = model.name == "DeepSeek-V3";
+    const bool v3_on =
+        grouped ? !v3_grouped_off_by_environment() : !v3_switched_off_by_environment();
+    const std::string expected_prefix = v3_on ? "v3 " : "v2 ";
     EXPECT_EQ(rows.front().detail.rfind(expected_prefix, 0), 0u)
         << model.name << ": " << rows.front().detail;
+    if (grouped)
+      EXPECT_NE(rows.front().detail.find("grouped"), std::string::npos) << rows.front().detail;
     std::printf("  %s: %s\n", model.name.c_str(), rows.front().detail.c_str());
   }
 }
@@ -464,6 +472,13 @@ bool v3_switched_off_by_environment() {
   return (v1 != nullptr && std::string(v1) == "1") || (off != nullptr && std::string(off) == "1");
 }
 
+// Whether the environment keeps grouped routing off v3 (MOEKIT_GPU_ROUTE_V3_OFF=grouped, or v3
+// off).
+bool v3_grouped_off_by_environment() {
+  const char* off = std::getenv("MOEKIT_GPU_ROUTE_V3_OFF");
+  return v3_switched_off_by_environment() || (off != nullptr && std::string(off) == "grouped");
+}
+
 // The validated problem of a case whose tensors are on the device.
 RouteProblem device_problem(const RouteCase& c, const DeviceCase& d, cudaStream_t stream) {
   return make_route_problem("route", d.logits, d.bias_view(), c.config, d.weights, d.ids,
@@ -507,10 +522,12 @@ TEST(GpuRouteV2, ServesEveryModelRowAtEveryDecodeSize) {
       const DeviceCase d = upload(c, in, {});
       const RouteProblem problem = device_problem(c, d, stream.get());
       if (tokens == 1) {
-        // v3 serves the ungrouped rows, v2 the grouped ones (and all of them with v3 off).
+        // v3 serves every row (v2 all of them with v3 off, the grouped ones with v3 off for
+        // groups).
         const std::string name = gpu::route_kernel_name(problem);
         const bool grouped = model.config.num_groups > 1;
-        if (!grouped && insist_on_v3)  // (or v2 where v3 was measured slower: Kimi-K2)
+        const bool v3_on = grouped ? !v3_grouped_off_by_environment() : insist_on_v3;
+        if (v3_on)  // (or v2 where v3 was measured slower: Kimi-K2)
           EXPECT_TRUE(name.rfind("v3", 0) == 0 || name.find("measured slower") != std::string::npos)
               << model.name << " is served by " << name;
         else if (insist_on_v2)
@@ -744,9 +761,12 @@ constexpr V3Layout kV3Layouts[] = {{gpu::RouteKernel::v3_lanes32, 32, false},
                                    {gpu::RouteKernel::v3_full_sort_lanes32, 32, true},
                                    {gpu::RouteKernel::v3_full_sort_lanes16, 16, true},
                                    {gpu::RouteKernel::v3_full_sort_lanes8, 8, true},
-                                   {gpu::RouteKernel::v3_full_sort_lanes4, 4, true}};
+                                   {gpu::RouteKernel::v3_full_sort_lanes4, 4, true},
+                                   {gpu::RouteKernel::v3_vote_rounds, 32, false}};
 
 std::string layout_name(const V3Layout& layout) {
+  if (layout.kernel == gpu::RouteKernel::v3_vote_rounds)
+    return "v3 (32 lanes per row, vote rounds)";
   return "v3 (" + std::to_string(layout.row_lanes) + " lanes per row" +
          (layout.full_sort ? ", full sort)" : ")");
 }
@@ -767,6 +787,9 @@ std::vector<V3Layout> v3_layouts_for(RouteCase c) {
     if (!gpu::route_v3_row_lanes_fit(p, layout.row_lanes)) continue;
     // The two sorts differ only where lanes hold more than 8 experts.
     if (layout.full_sort && c.num_experts <= 8 * layout.row_lanes) continue;
+    // Vote rounds differ only for sigmoid.
+    if (layout.kernel == gpu::RouteKernel::v3_vote_rounds && c.config.scoring != Scoring::sigmoid)
+      continue;
     layouts.push_back(layout);
   }
   return layouts;
@@ -799,7 +822,7 @@ TEST(GpuRouteV3, ModelRowsAtEveryDecodeSizeInEveryLayout) {
     }
     if (failures > 20) FAIL() << "stopping after " << failures << " failing cases";
   }
-  EXPECT_EQ(served, 9);  // every ungrouped row of the model table
+  EXPECT_EQ(served, 11);  // every row of the model table (DeepSeek-V2 / V3 grouped)
 }
 
 TEST(GpuRouteV3, ModelRowsInEveryDtypeAndLayout) {
@@ -900,7 +923,8 @@ TEST(GpuRouteV3, RandomShapesInEveryLayout) {
     if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
     if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
     ++compared;
-    small_rows += layouts.size() > 1;
+    small_rows += std::any_of(layouts.begin(), layouts.end(),
+                              [](const V3Layout& l) { return l.row_lanes < 32; });
     failures += !compare_v3(c, place, stream.get(), layouts);
   }
   std::printf("compared %d random problems (%d also in rows below 32 lanes)\n", compared,
@@ -1052,10 +1076,30 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
   RouteCase capped = c;
   capped.config.softcap = 30.0f;
   EXPECT_NE(gpu::route_v3_declines(problem_for(capped)).find("softcap"), std::string::npos);
+  // Groups: whole-warp rows of at most 8 experts per lane, groups of whole lanes, and softmax
+  // only with group score max.
+  RouteCase served_groups = c;  // 128 experts, 4 per lane: groups of 4 lanes
+  served_groups.config.num_groups = 8;
+  served_groups.config.topk_groups = 4;
+  EXPECT_EQ(gpu::route_v3_declines(problem_for(served_groups)), "");
+  EXPECT_TRUE(gpu::route_v3_row_lanes_fit(problem_for(served_groups), 32));
+  EXPECT_FALSE(gpu::route_v3_row_lanes_fit(problem_for(served_groups), 16));
   RouteCase grouped = c;
   grouped.config.num_groups = 8;
   grouped.config.topk_groups = 4;
-  EXPECT_NE(gpu::route_v3_declines(problem_for(grouped)).find("grouped"), std::string::npos);
+  grouped.config.group_score = GroupScore::top2_sum;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(grouped)).find("top2_sum"), std::string::npos);
+  RouteCase straddling = c;  // 160 experts, 5 per lane, groups of 16
+  straddling.num_experts = 160;
+  straddling.config.num_groups = 10;
+  straddling.config.topk_groups = 3;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(straddling)).find("whole runs of lanes"),
+            std::string::npos);
+  RouteCase many = c;  // 12 experts per lane
+  many.num_experts = 384;
+  many.config.num_groups = 8;
+  many.config.topk_groups = 4;
+  EXPECT_NE(gpu::route_v3_declines(problem_for(many)).find("E=384"), std::string::npos);
   RouteCase soft_plus = c;
   soft_plus.config.scoring = Scoring::sqrtsoftplus;
   EXPECT_NE(gpu::route_v3_declines(problem_for(soft_plus)).find("sqrtsoftplus"), std::string::npos);
@@ -1085,8 +1129,8 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
                                         gpu::RouteKernel::v3_lanes8),
                  Error);
   }
-  // The automatic choice: v3 for every ungrouped row (or v2 where v3 was measured slower), whole
-  // warps at decode sizes.
+  // The automatic choice: v3 for every row (or v2 where v3 was measured slower), whole warps at
+  // decode sizes.
   if (!v3_switched_off_by_environment() && std::getenv("MOEKIT_GPU_ROUTE_V3_LANES") == nullptr) {
     for (const harness::ModelRow& model : harness::model_table()) {
       for (int64_t tokens : {1, 16, 16384}) {
@@ -1095,7 +1139,17 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
         const DeviceCase d = upload(m, in, {});
         const std::string name = gpu::route_kernel_name(device_problem(m, d, stream.get()));
         if (model.config.num_groups > 1) {
-          EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << ": " << name;
+          if (v3_grouped_off_by_environment()) {
+            EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << ": " << name;
+          } else if (name.rfind("v3", 0) == 0) {
+            EXPECT_NE(name.find("grouped"), std::string::npos) << model.name << ": " << name;
+            EXPECT_NE(name.find("32 lanes per row"), std::string::npos)
+                << model.name << ": " << name;
+          } else {  // v2 where v3 was measured slower (DeepSeek-V3 past 4096 tokens)
+            EXPECT_NE(name.find("measured slower"), std::string::npos)
+                << model.name << ": " << name;
+            EXPECT_GT(tokens, 4096) << model.name << ": " << name;
+          }
         } else {
           const bool v3 = name.rfind("v3", 0) == 0;
           EXPECT_TRUE(v3 || name.find("measured slower") != std::string::npos)
@@ -1107,6 +1161,211 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
       }
     }
   }
+}
+
+// ---- v3 with groups: against the reference and v1 on random grouped shapes, bit for bit against
+// v2 (the same ranking rules), and the softmax fallback for groups whose p round equal.
+
+// A random grouped problem that v3 serves: 1, 2, 4, 5 or 8 experts per lane, groups of a
+// power-of-two number of lanes (rows partly or wholly filled), sigmoid with either group score or
+// softmax with group score max.
+RouteCase random_grouped_case(std::mt19937_64& rng, uint64_t seed) {
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  RouteCase c = random_case(rng, seed);
+  c.label = "random v3 grouped";
+  RouterConfig& k = c.config;
+  static constexpr int kVpl[] = {1, 2, 4, 5, 8};
+  static constexpr int kFloor[] = {0, 32, 64, 128, 160};  // E above this takes that many per lane
+  for (;;) {
+    const int v = static_cast<int>(rng() % 5);
+    const int lanes = 1 << (rng() % 6);  // lanes per group
+    const int max_groups = 32 / lanes;
+    if (max_groups < 2) continue;
+    const int G = 2 + static_cast<int>(rng() % (max_groups - 1));
+    const int E = G * lanes * kVpl[v];
+    if (E <= kFloor[v]) continue;
+    c.num_experts = E;
+    k.num_groups = G;
+    break;
+  }
+  const int E = c.num_experts, G = k.num_groups, EPG = E / G;
+  k.topk_groups = 1 + static_cast<int>(rng() % G);
+  k.softcap = 0.0f;
+  k.scoring = chance(0.5) ? Scoring::sigmoid : Scoring::softmax;
+  if (k.scoring == Scoring::softmax) {
+    k.group_score = GroupScore::max;
+    if (chance(0.5)) {  // the 32-bit-key instances
+      c.has_bias = false;
+      if (c.logits_dtype == DType::f32) c.logits_dtype = DType::bf16;
+    }
+  } else {
+    k.group_score = chance(0.5) ? GroupScore::max : GroupScore::top2_sum;
+  }
+  const int max_routed = std::min(64, k.topk_groups * EPG);
+  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
+                                 : 1 + static_cast<int>(rng() % max_routed);
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
+  k.topk = routed + k.num_shared_experts;
+  if (!k.renormalize && k.scoring != Scoring::softmax) {  // as random_case: keep sums small
+    k.topk -= k.num_shared_experts;
+    k.num_shared_experts = 0;
+    k.topk = std::min(k.topk, 8);
+    k.apply_scaling_on_output = false;
+  }
+  if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
+  return c;
+}
+
+TEST(GpuRouteV3Grouped, RandomShapesAgreeWithReferenceAndV1) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV3Grouped.RandomShapes: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int compared = 0, failures = 0, narrow = 0;
+  for (int i = 0; i < 1000 && compared < 400 && failures < 20; ++i) {
+    RouteCase c = random_grouped_case(rng, rng());
+    if (c.tokens == 0) continue;
+    const std::vector<V3Layout> layouts = v3_layouts_for(c);
+    const size_t want_layouts = c.config.scoring == Scoring::sigmoid ? 2 : 1;
+    if (layouts.size() != want_layouts || layouts[0].row_lanes != 32) {
+      ADD_FAILURE() << describe(c) << ": v3 should serve it in whole-warp rows only";
+      ++failures;
+      continue;
+    }
+    Placement place;
+    if (rng() % 3 == 0) place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);  // misaligned
+    if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+    if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
+    ++compared;
+    narrow += c.config.scoring == Scoring::softmax && !c.has_bias;
+    failures += !compare_v3(c, place, stream.get(), layouts);
+  }
+  std::printf("compared %d random grouped problems (%d with 32-bit keys)\n", compared, narrow);
+  EXPECT_GE(compared, 300);
+  EXPECT_GE(narrow, 50);
+}
+
+// Outputs of v3 and v2 (one row per warp) are the same bytes: both rank experts by the selection
+// score (softmax: z) with ties to the lower id, and groups by the reference's group score.
+bool expect_same_as_v2(const RouteCase& c, const RouteInputs& in, cudaStream_t stream,
+                       const std::string& what, gpu::RouteKernel kernel = gpu::RouteKernel::v3) {
+  const RouteOutputs v2 = run_kernel(c, in, {}, stream, gpu::RouteKernel::v2_whole_warp);
+  const RouteOutputs v3 = run_kernel(c, in, {}, stream, kernel);
+  const int64_t K = c.config.topk;
+  int64_t rows_differing = 0, first = -1;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    bool same = std::memcmp(v2.weights.data_as<float>() + t * K,
+                            v3.weights.data_as<float>() + t * K, K * sizeof(float)) == 0;
+    for (int64_t k = 0; k < K; ++k)
+      same = same && id_at(v2.ids, t * K + k) == id_at(v3.ids, t * K + k);
+    if (!same && first < 0) first = t;
+    rows_differing += !same;
+  }
+  std::string first_text;
+  if (first >= 0) {
+    for (int64_t k = 0; k < K; ++k)
+      first_text += " " + std::to_string(id_at(v3.ids, first * K + k)) + "/" +
+                    std::to_string(id_at(v2.ids, first * K + k));
+  }
+  EXPECT_EQ(rows_differing, 0) << describe(c) << " [" << what << "]: first row " << first
+                               << ", ids v3/v2:" << first_text;
+  return rows_differing == 0;
+}
+
+TEST(GpuRouteV3Grouped, ModelRowsAreV2sBitForBit) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf(
+      "GpuRouteV3Grouped.ModelRowsAreV2sBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+      static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0, rows = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.config.num_groups <= 1) continue;
+    ++rows;
+    for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+      for (int64_t tokens = 1; tokens <= 64; ++tokens) {
+        RouteCase c = model_case(model, tokens, InputKind::random, dtype, seed + n++);
+        if (tokens % 2 == 0) c.ids_dtype = DType::i64;
+        const RouteInputs in = harness::make_inputs(c);
+        failures += !expect_same_as_v2(c, in, stream.get(), "decode");
+        if (c.config.scoring == Scoring::sigmoid)
+          failures += !expect_same_as_v2(c, in, stream.get(), "decode, vote rounds",
+                                         gpu::RouteKernel::v3_vote_rounds);
+      }
+      for (int64_t tokens : {1031, 8192}) {
+        RouteCase c =
+            model_case(model, tokens, tokens == 1031 ? InputKind::padding : InputKind::random,
+                       dtype, seed + n++);
+        const RouteInputs in = harness::make_inputs(c);
+        failures += !expect_same_as_v2(c, in, stream.get(), "prefill");
+        if (c.config.scoring == Scoring::sigmoid)
+          failures += !expect_same_as_v2(c, in, stream.get(), "prefill, vote rounds",
+                                         gpu::RouteKernel::v3_vote_rounds);
+      }
+      if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+    }
+  }
+  EXPECT_EQ(rows, 2);
+}
+
+// DeepSeek-V2's shape (softmax, group score max, 8 groups of 20, 3 kept, 6 routed) with rows built
+// so that the groups past the first two all have p = 0 (their top z are more than 104 below the
+// row max, so exp underflows) but different z: ranked by z, group 7 would be kept, while the
+// reference (equal p: the lowest group id) keeps group 2. v3 must detect the tie of p at the
+// boundary and redo the row; alternate rows put the best z in group 2 (the same choice either way)
+// or are random. Compared with the reference, v1 and (bytes) v2.
+TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const harness::ModelRow* v2_row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table())
+    if (model.name == "DeepSeek-V2") v2_row = &model;
+  ASSERT_NE(v2_row, nullptr);
+  int fallback_rows = 0;
+  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+    for (int64_t tokens : {1, 2, 7, 64, 1031}) {
+      RouteCase c = model_case(*v2_row, tokens, InputKind::random, dtype, 99 + tokens);
+      ASSERT_EQ(c.num_experts, 160);
+      ASSERT_EQ(c.config.num_groups, 8);
+      ASSERT_EQ(c.config.topk_groups, 3);
+      RouteInputs in = harness::make_inputs(c);
+      const int E = c.num_experts, EPG = 20;
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (t % 3 == 2) continue;  // a random row
+        const bool reversed = t % 3 == 1;
+        for (int e = 0; e < E; ++e) {
+          const int g = e / EPG;
+          float v = -1024.0f;
+          if (e == 0) v = 0.0f;
+          if (e == EPG) v = -1.0f;
+          if (g >= 2 && e % EPG == 0) v = reversed ? -800.0f - 32.0f * g : -1024.0f + 32.0f * g;
+          store_from_f32(in.logits.data(), dtype, t * E + e, v);
+        }
+        fallback_rows += !reversed;
+      }
+      const RouteOutputs v3 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v3);
+      // The built rows route to experts 0, 20, 40 (group 2's best), then the lowest ids of z =
+      // -1024.
+      const int64_t K = c.config.topk;
+      const int64_t want[] = {0, 20, 40, 1, 2, 3};
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (t % 3 == 2) continue;
+        for (int64_t k = 0; k < K; ++k)
+          EXPECT_EQ(id_at(v3.ids, t * K + k), want[k])
+              << describe(c) << ": row " << t << " slot " << k;
+      }
+      expect_same_as_v2(c, in, stream.get(), "ties of p between groups");
+      const RouteOutputs ref = harness::run_reference(c, in);
+      expect_agreement(c, in, ref, v3, "v3 vs reference, ties of p between groups");
+      const RouteOutputs v1 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v1);
+      expect_agreement(c, in, v1, v3, "v3 vs v1, ties of p between groups");
+    }
+  }
+  EXPECT_GT(fallback_rows, 100);
 }
 
 TEST(GpuRuntime, DescribesDeviceAndTimes) {
