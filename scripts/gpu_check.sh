@@ -106,7 +106,7 @@ TESTS=$BUILD/moekit_gpu_tests
 
 step "GPU tests"
 if [[ -x $TESTS ]]; then
-  timeout 300 "$TESTS" > "$OUT/tests.txt" 2>&1
+  timeout 360 "$TESTS" > "$OUT/tests.txt" 2>&1
   grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |seed" "$OUT/tests.txt" | head -40
   grep -A4 "Failure" "$OUT/tests.txt" | head -60
   if grep -q "^\[  PASSED  \]" "$OUT/tests.txt" \
@@ -219,19 +219,18 @@ fi
 
 if [[ ${GPU_CHECK_FP8_AB:-0} == 1 && -x $CLI ]]; then
   step "FP8 A/B: group quant with MOEKIT_GPU_QUANT_HINTS=1, MOEKIT_GPU_PDL=0 and" \
-    "MOEKIT_GPU_QUANT_SMALL_UNITS=0; cuBLASLt's heuristic ranks 0..7 (MOEKIT_CUBLASLT_ALGO)"
+    "MOEKIT_GPU_QUANT_SMALL_UNITS=0; the gate_up GEMMs without early weight loads and with" \
+    "pushed split sums at every token count"
   {
     for variant in "" MOEKIT_GPU_QUANT_HINTS=1 MOEKIT_GPU_PDL=0 MOEKIT_GPU_QUANT_SMALL_UNITS=0 \
       ""; do
       echo "-- quant ${variant:-default}"
       env $variant timeout 60 "$CLI" bench --op quant --backend gpu 2>&1 | grep -E "^x bf16"
     done
-    echo "-- gemm gate_up without early weight loads (MOEKIT_SM90_EARLY=0)"
-    MOEKIT_SM90_EARLY=0 timeout 60 "$CLI" bench --op gemm --backend gpu --model gate_up 2>&1 \
-      | grep -E "gpu.sm90"
-    for rank in 0 1 2 3 4 5 6 7 0; do
-      MOEKIT_CUBLASLT_ALGO=$rank timeout 60 "$CLI" bench --op gemm --backend gpu \
-        --model o_proj 2>&1 | grep -E "cublaslt"
+    for variant in MOEKIT_SM90_EARLY=0 MOEKIT_SM90_PUSH=1 ""; do
+      echo "-- gemm gate_up ${variant:-default}"
+      env $variant timeout 60 "$CLI" bench --op gemm --backend gpu --model gate_up 2>&1 \
+        | grep -E "gpu.sm90"
     done
   } | tee "$OUT/fp8_ab.txt"
 fi
