@@ -266,4 +266,24 @@ __device__ __forceinline__ float group_score(const RouteArgs& a, uint32_t first,
   return nan_to_neg_inf(score);
 }
 
+// The rank of group g among the row's num_groups by score (higher first, ties to the lower group
+// id: the contract's rule), where the lanes of a row hold their group's score in runs of
+// 1 << log2_run lanes: num_groups shuffles, issued 8 at a time. RowLanes: v2's or v3's row of
+// lanes.
+template <class RowLanes>
+__device__ __forceinline__ int group_rank(const RowLanes& row_lanes, float score, int num_groups,
+                                          int g, int log2_run) {
+  int rank = 0;
+  for (int h0 = 0; h0 < num_groups; h0 += 8) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int h = h0 + j;
+      const float other = row_lanes.shfl(score, h << log2_run);
+      // Bitwise, not short-circuit: no branch between the shuffles.
+      rank += (h < num_groups) & ((other > score) | ((other == score) & (h < g)));
+    }
+  }
+  return rank;
+}
+
 }  // namespace moekit::gpu::route_detail

@@ -339,20 +339,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v2_kernel(const R
       } else {
         score = group_score(a, first, second);
       }
-      // Rank of this lane's group among the row's G: G shuffles, issued 8 at a time.
-      const int G = a.num_groups;
-      const int g = r >> log2_run;
-      int rank = 0;
-      for (int h0 = 0; h0 < G; h0 += 8) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int h = h0 + j;
-          const float other = row_lanes.shfl(score, h << log2_run);
-          // Bitwise, not short-circuit: no branch between the shuffles.
-          rank += (h < G) & ((other > score) | ((other == score) & (h < g)));
-        }
-      }
-      if (rank >= a.topk_groups) {
+      if (group_rank(row_lanes, score, a.num_groups, r >> log2_run, log2_run) >= a.topk_groups) {
 #pragma unroll
         for (int i = 0; i < kVpl; ++i) key[i] = kNoKey;
       }

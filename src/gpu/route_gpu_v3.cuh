@@ -539,23 +539,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
         if (a.group_top2_sum && a.experts_per_group >= 2) score = score + score_of(second);
       }
       score = nan_to_neg_inf(score);
-      const int G = a.num_groups;
-      const int g = r >> log2_run;
-      int rank = 0;
-      for (int h0 = 0; h0 < G; h0 += 8) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int h = h0 + j;
-          const float other = row_lanes.shfl(score, h << log2_run);
-          rank += (h < G) & ((other > score) | ((other == score) & (h < g)));
-        }
-      }
+      const int rank = group_rank(row_lanes, score, a.num_groups, r >> log2_run, log2_run);
       if (rank >= a.topk_groups) {
 #pragma unroll
         for (int i = 0; i < kVpl; ++i) key[i] = Key{0};
       }
       if constexpr (kMode == Mode::softmax_by_prob) {
-        if (!by_p && a.topk_groups < G) {
+        if (!by_p && a.topk_groups < a.num_groups) {
           last_kept =
               row_lanes.shfl(score, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups - 1)));
           first_dropped =

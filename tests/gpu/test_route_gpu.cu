@@ -231,6 +231,27 @@ TEST(GpuRoute, LargeTokenCountsUseEveryRow) {
 }
 
 // Random valid problems over the whole served range.
+// Kr routed slots (mostly 1..10, at most max_routed) and, 30 % of the time, 0..3 shared ones.
+void draw_slots(std::mt19937_64& rng, RouterConfig& k, int max_routed) {
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
+                                 : 1 + static_cast<int>(rng() % max_routed);
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
+  k.topk = routed + k.num_shared_experts;
+}
+
+// Unnormalized sigmoid / sqrtsoftplus weights are not bounded by 1, and a shared slot then
+// carries their raw sum: past a few units, 1e-6 absolute is below one ulp, and any libm
+// difference (CUDA's expf vs glibc's, a few ulps apart at most) fails it. Keep those weights
+// small, as in every real model (none of them leaves a non-softmax router unnormalized).
+void keep_unnormalized_weights_small(RouterConfig& k) {
+  if (k.renormalize || k.scoring == Scoring::softmax) return;
+  k.topk -= k.num_shared_experts;
+  k.num_shared_experts = 0;
+  k.topk = std::min(k.topk, 8);
+  k.apply_scaling_on_output = false;
+}
+
 RouteCase random_case(std::mt19937_64& rng, uint64_t seed) {
   auto pick = [&](auto... values) {
     const std::array<std::common_type_t<decltype(values)...>, sizeof...(values)> all{values...};
@@ -257,10 +278,7 @@ RouteCase random_case(std::mt19937_64& rng, uint64_t seed) {
   const int G = k.num_groups, EPG = E / G;
   k.topk_groups = 1 + static_cast<int>(rng() % G);
   const int max_routed = std::min({64, k.topk_groups * EPG});
-  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
-                                 : 1 + static_cast<int>(rng() % max_routed);
-  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
-  k.topk = routed + k.num_shared_experts;
+  draw_slots(rng, k, max_routed);
   k.group_score = pick(GroupScore::automatic, GroupScore::max, GroupScore::top2_sum);
   if (k.scoring == Scoring::softmax && chance(0.3)) k.softcap = pick(5.0f, 30.0f);
   k.renormalize = chance(0.6);
@@ -271,16 +289,7 @@ RouteCase random_case(std::mt19937_64& rng, uint64_t seed) {
   c.logits_dtype = pick(DType::f32, DType::f16, DType::bf16);
   c.ids_dtype = pick(DType::i32, DType::i64);
   c.kind = kAllKinds[rng() % std::size(kAllKinds)];
-  // Unnormalized sigmoid / sqrtsoftplus weights are not bounded by 1, and a shared slot then
-  // carries their raw sum: past a few units, 1e-6 absolute is below one ulp, and any libm
-  // difference (CUDA's expf vs glibc's, a few ulps apart at most) fails it. Keep those weights
-  // small, as in every real model (none of them leaves a non-softmax router unnormalized).
-  if (!k.renormalize && k.scoring != Scoring::softmax) {
-    k.topk -= k.num_shared_experts;
-    k.num_shared_experts = 0;
-    k.topk = std::min(k.topk, 8);
-    k.apply_scaling_on_output = false;
-  }
+  keep_unnormalized_weights_small(k);
   if (c.kind != InputKind::padding && chance(0.1))
     k.num_valid_tokens = static_cast<int64_t>(rng() % (c.tokens + 1));
   return c;
@@ -887,16 +896,8 @@ RouteCase random_v3_case(std::mt19937_64& rng, uint64_t seed) {
     if (c.logits_dtype == DType::f32) c.logits_dtype = DType::bf16;
   }
   const int max_routed = std::min(64, E);
-  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
-                                 : 1 + static_cast<int>(rng() % max_routed);
-  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
-  k.topk = routed + k.num_shared_experts;
-  if (!k.renormalize && k.scoring != Scoring::softmax) {  // as random_case: keep sums small
-    k.topk -= k.num_shared_experts;
-    k.num_shared_experts = 0;
-    k.topk = std::min(k.topk, 8);
-    k.apply_scaling_on_output = false;
-  }
+  draw_slots(rng, k, max_routed);
+  keep_unnormalized_weights_small(k);
   if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
   return c;
 }
@@ -1202,16 +1203,8 @@ RouteCase random_grouped_case(std::mt19937_64& rng, uint64_t seed) {
     k.group_score = chance(0.5) ? GroupScore::max : GroupScore::top2_sum;
   }
   const int max_routed = std::min(64, k.topk_groups * EPG);
-  const int routed = chance(0.7) ? 1 + static_cast<int>(rng() % std::min(max_routed, 10))
-                                 : 1 + static_cast<int>(rng() % max_routed);
-  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % (std::min(64 - routed, 3) + 1)) : 0;
-  k.topk = routed + k.num_shared_experts;
-  if (!k.renormalize && k.scoring != Scoring::softmax) {  // as random_case: keep sums small
-    k.topk -= k.num_shared_experts;
-    k.num_shared_experts = 0;
-    k.topk = std::min(k.topk, 8);
-    k.apply_scaling_on_output = false;
-  }
+  draw_slots(rng, k, max_routed);
+  keep_unnormalized_weights_small(k);
   if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
   return c;
 }
