@@ -360,5 +360,28 @@ TEST_F(CliFp8, BenchGemmJsonFiltered) {
   EXPECT_EQ(run("bench --op gemm --backend cpu --model nope").exit_code, 2);
 }
 
+// `--tokens` times any M on the CPU (3 is not in the table) and `--implementation` one dispatch
+// entry (cpu.scalar, present on every CPU, is never the pick where a vector entry serves).
+TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
+  const Result r =
+      run("bench --op gemm --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 3 "
+          "--implementation cpu.scalar");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const nlohmann::json rows = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(rows.is_array());
+  ASSERT_EQ(rows.size(), 1u) << r.out;
+  EXPECT_EQ(rows[0]["tokens"], 3);
+  EXPECT_EQ(rows[0]["implementation"], "cpu.scalar");
+  EXPECT_TRUE(rows[0]["verified"].get<bool>());
+  // An unknown entry, and --implementation where the bench does not take it: one-line errors.
+  const Result unknown =
+      run("bench --op gemm --backend cpu --model Qwen3-30B-A3B --tokens 1 --implementation nope");
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_NE(unknown.err.find("implementation=nope"), std::string::npos) << unknown.err;
+  const Result route = run("bench --op route --backend cpu --implementation cpu.avx2");
+  EXPECT_EQ(route.exit_code, 2);
+  EXPECT_NE(route.err.find("--implementation"), std::string::npos) << route.err;
+}
+
 }  // namespace
 }  // namespace moekit

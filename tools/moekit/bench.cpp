@@ -135,6 +135,9 @@ int run_bench(const BenchOptions& options) {
   if (!backend_available(backend))
     fail("bench", "--backend", std::string(backend_name(backend)),
          "is not present on this machine");
+  if (!options.implementation.empty() && (options.op != "gemm" || backend != Backend::cpu))
+    fail("bench", "--implementation", options.implementation,
+         "applies to --op gemm --backend cpu only (the GPU bench times every implementation)");
   const int threads = options.threads > 0 ? options.threads : omp_get_max_threads();
   if (options.op != "route") return run_fp8_bench(options, backend, threads);
   double bandwidth = 0.0;  // bytes/s, read + write

@@ -42,6 +42,9 @@ struct BenchOptions {
   bool json = false;
   std::string model;   // empty: every model-table row
   int64_t tokens = 0;  // 0: every token count of the model table
+  // Only this dispatch entry ("cpu.avx2"; see `moekit explain`): the CPU GEMM bench, to compare
+  // implementations (the GPU FP8 bench times every one that serves). Empty: the dispatch's pick.
+  std::string implementation;
 };
 int run_bench(const BenchOptions& options);
 

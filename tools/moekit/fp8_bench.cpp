@@ -65,13 +65,18 @@ bool selected(const BenchOptions& options, const std::string& model, const std::
 // Rows of `shape` that the reference computes when verifying (it is scalar).
 constexpr int64_t kVerifyRows = 4;
 
-Row bench_gemm(const Fp8Shape& shape, int64_t M, Backend backend, int threads, uint64_t seed) {
-  const int64_t N = shape.n, K = shape.k;
-  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
-  Tensor out = Tensor::empty(DType::bf16, {M, N});
+OpOptions bench_op_options(Backend backend, int threads, const std::string& implementation) {
   OpOptions op;
   op.backend = backend;
   op.num_threads = threads;
+  op.implementation = implementation;
+  return op;
+}
+
+Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t seed) {
+  const int64_t N = shape.n, K = shape.k;
+  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
+  Tensor out = Tensor::empty(DType::bf16, {M, N});
   Row row{shape.name(), M, "", 0.0, 0.0, 2.0 * static_cast<double>(M * N * K), false};
   row.implementation = chosen_name(explain_block_fp8_gemm(
       in.a, in.a_scales, ScaleLayout::row_major, in.b, in.b_scales, std::nullopt, out, op));
@@ -139,10 +144,12 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
         if (shape.model != model || shape.n != nk.first || shape.k != nk.second) continue;
         if (!selected(options, shape.model, shape.name())) continue;
         found = true;
-        for (int64_t M : {int64_t{1}, int64_t{16}, int64_t{32}, int64_t{64}, int64_t{256}}) {
-          if (options.tokens > 0 && M != options.tokens) continue;
-          rows.push_back(bench_gemm(shape, M, backend, threads, seed++));
-        }
+        const std::vector<int64_t> token_counts = options.tokens > 0
+                                                      ? std::vector<int64_t>{options.tokens}
+                                                      : std::vector<int64_t>{1, 16, 32, 64, 256};
+        for (int64_t M : token_counts)
+          rows.push_back(bench_gemm(
+              shape, M, bench_op_options(backend, threads, options.implementation), seed++));
       }
     }
   } else {

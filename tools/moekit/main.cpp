@@ -234,7 +234,10 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--threads", bench.threads, "CPU threads (0 = all)");
   bench_cmd->add_flag("--json", bench.json, "print a JSON array instead of a table");
   bench_cmd->add_option("--model", bench.model, "one model-table row");
-  bench_cmd->add_option("--tokens", bench.tokens, "one token count");
+  bench_cmd->add_option("--tokens", bench.tokens,
+                        "one token count (CPU --op gemm: any M, not only the table's)");
+  bench_cmd->add_option("--implementation", bench.implementation,
+                        "CPU --op gemm: only this implementation (see explain)");
 
   CLI::App* explain_cmd =
       app.add_subcommand("explain", "which route implementation runs, and why the others do not");
