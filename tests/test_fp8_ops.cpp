@@ -729,7 +729,7 @@ TEST(Fp8Gemm, EdgeShapes) {
       {17, 130, 300},
       {24, 130, 300},  // the last streamed M where the CPU has AVX-512 BF16, then its first packed
       {25, 130, 300},
-      {64, 130, 300},  // the last streamed M on AVX-512, then its first f32 packed
+      {64, 130, 300},  // the last streamed M on AVX-512 and AVX2, then their first f32 packed
       {65, 130, 300},
       {12, 64, 2700, DType::bf16, true},
       {1, 1, 8200, DType::f32, false},

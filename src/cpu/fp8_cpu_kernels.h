@@ -115,11 +115,11 @@ constexpr int kTileN = 64;   // weight rows per task of the packed GEMM (divides
 constexpr int kTileM = 120;  // activation rows per task of the packed GEMM (micro rows: 4, 6, 12)
 constexpr int kSmallTileN = kBlock;  // weight rows per tile of the small-M GEMM (at most)
 // Up to this many rows the GEMM streams the weights (in passes of kStreamRows): decoding a weight
-// tile into a k-major stack tile only pays off once enough rows reuse it. AVX-512 measured on Zen 4
-// (docs/perf/fp8.md): its streaming passes (~75 GFLOP/s a core, FMA-bound from M = 3) beat its
-// f32 packed GEMM up to M = 64 (56 and 70 GFLOP/s at 32 and 64); AVX2's crossing is unmeasured.
-template <class V>
-constexpr int kStreamMaxM = V::kRegisters >= 32 ? 64 : 16;
+// tile into a k-major stack tile only pays off once enough rows reuse it. Measured on Zen 4
+// (docs/perf/fp8.md), N=4096 K=7168, one core: the streaming passes are FMA-bound from M = 3
+// (AVX-512 ~75 GFLOP/s, AVX2 ~73) and beat the f32 packed GEMMs up to M = 64 (AVX-512: 56 and 70
+// at 32 and 64; AVX2: 33-64 from 17 to 64), from where the two are about equal.
+constexpr int kStreamMaxM = 64;
 // Where the CPU has AVX-512 BF16, its packed GEMM takes over from this many rows instead (Zen 4,
 // N=4096 K=7168: 43 GFLOP/s at M = 17 against ~75 streaming; at M = 32 0.074 vs 0.067-0.075
 // TFLOP/s on 1 thread, 0.134 vs 0.115 on 2; at M = 64 0.095 vs 0.075).
@@ -685,7 +685,7 @@ void small_m_pass(const BlockGemmArgs& g, int64_t m0, int rows) {
 
 template <class V>
 void run_block_gemm(const BlockGemmArgs& g) {
-  if (g.m > kStreamMaxM<V>) return packed_gemm<V>(g);
+  if (g.m > kStreamMaxM) return packed_gemm<V>(g);
   // Passes of equal height (M = 9: 5 + 4, not 8 + 1): a thin pass streams the weights for little
   // work.
   const int64_t passes = ceil_div<int64_t>(g.m, kStreamRows<V>);
