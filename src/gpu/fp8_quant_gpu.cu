@@ -564,6 +564,21 @@ int stream_lane_chunks(int64_t cols, int group_size, bool packed) {
   return 0;
 }
 
+// Blocks per SM the streaming kernel is launched with over units of 1024 elements: 2, fewer than
+// the 4 that fit for 16-bit x (f32 x fits 2). Measured on an H200 (docs/perf/fp8.md, bf16 x
+// [16384, 7168], group 128): 4 blocks 96.1 us, 3 blocks 97.1, 2 blocks 87.0 (row-major scales;
+// packed UE8M0 alike). Half the warps keep half the bytes queued at the memory system, which
+// serves them more efficiently; the ceiling of moving the same bytes with 4-block walks or a plain
+// grid-stride copy was 93-95 us. MOEKIT_GPU_QUANT_BLOCKS_PER_SM=n sets it (an A/B knob; read on
+// every call, so that one process can compare).
+constexpr int kStreamGridBlocksPerSm = 2;
+
+int stream_grid_blocks_per_sm() {
+  const char* env = std::getenv("MOEKIT_GPU_QUANT_BLOCKS_PER_SM");
+  const int n = env != nullptr ? std::atoi(env) : 0;
+  return n > 0 ? n : kStreamGridBlocksPerSm;
+}
+
 // MOEKIT_GPU_QUANT_HINTS=1: the streaming kernel loads x and stores q evict-first (an A/B knob
 // while measuring; off by default).
 bool streaming_hints() {
@@ -727,13 +742,14 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
 
   const int device = p.x.device().index;
   DeviceGuard on_device(device);
-  // As many blocks as fit at once (the streaming kernel's launch bounds set its count; at most
-  // kQuantBlocksPerSm of the general one): each warp then walks its units as a pipeline, and no
-  // second wave leaves SMs idle at the end.
+  // As many blocks as fit at once (the streaming kernel's launch bounds set its count, at most
+  // kStreamGridBlocksPerSm over units of 1024; at most kQuantBlocksPerSm of the general one): each
+  // warp then walks its units as a pipeline, and no second wave leaves SMs idle at the end.
   const int64_t blocks_needed = fp8::ceil_div(a.units, kQuantWarps);
   const int resident =
       resident_blocks(reinterpret_cast<const void*>(kernel), kQuantThreads, device);
-  const int per_sm = whole_units ? resident : std::min(kQuantBlocksPerSm, resident);
+  int per_sm = whole_units ? resident : std::min(kQuantBlocksPerSm, resident);
+  if (lane_chunks == kMaxLaneChunks) per_sm = std::min(per_sm, stream_grid_blocks_per_sm());
   const int64_t block_cap = int64_t{device_properties(device).sm_count} * per_sm;
   int64_t blocks = std::min(blocks_needed, block_cap);
   if (whole_units) {
