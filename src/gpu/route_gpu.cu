@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_kernel(const Rout
 
   // Launched so that it may start while the previous kernel (often the one writing the logits)
   // still runs: wait for it before touching memory, and let the next kernel start early.
-  vendor::wait_for_previous_grid();
+  read_args_then_wait(a);
   vendor::allow_next_grid();
 
   const int r = vendor::lane_id();

@@ -19,6 +19,37 @@ constexpr int kBlocksPerSm = 16;  // grid cap: past it warps take several rows (
 constexpr uint32_t kNoKey = 0;    // removed, dropped or absent: below key(-inf) = 0x007fffff
 constexpr uint32_t kNoId = 0xffffffffu;
 
+// Phase clocks of one row, for development only (compile with -DMOEKIT_ROUTE_TRACE; off, every
+// call compiles away): lane 0 of the first row prints the SM clock cycles between consecutive
+// marks (entry, after the wait, bias, keys, sort, rounds, weights, stores), in one launch of every
+// 256. mark_after(i, v) reads the clock only once v is
+// known (a branch on it), so the mark cannot move above the work that produced v.
+#ifdef MOEKIT_ROUTE_TRACE
+__device__ unsigned int route_trace_launches = 0;
+struct RouteTrace {
+  long long t[8] = {};
+  __device__ __forceinline__ void mark(int i) { t[i] = clock64(); }
+  __device__ __forceinline__ void mark_after(int i, uint32_t v) {
+    if (v != 0x5bd1e995u) t[i] = clock64();
+  }
+  __device__ void print(bool first_row, int experts, int topk) const {
+    if (!first_row || blockIdx.x != 0 || threadIdx.x != 0) return;
+    if (atomicAdd(&route_trace_launches, 1u) % 256 != 128) return;
+    printf(
+        "trace E=%d K=%d cycles: wait %lld bias %lld keys %lld sort %lld rounds %lld "
+        "weights %lld stored %lld\n",
+        experts, topk, t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[5] - t[4], t[6] - t[5],
+        t[7] - t[6]);
+  }
+};
+#else
+struct RouteTrace {
+  __device__ __forceinline__ void mark(int) {}
+  __device__ __forceinline__ void mark_after(int, uint32_t) {}
+  __device__ __forceinline__ void print(bool, int, int) const {}
+};
+#endif
+
 enum class Mode : int {
   softmax_by_logit,  // softmax, renormalize, G == 1: rank by z, one exp per slot
   softmax_by_prob,   // other softmax cases: rank by p (v1; v2 ranks by z, see route_gpu_v2.cuh)
@@ -67,6 +98,29 @@ struct RouteArgs {
   bool tree_denominator;  // v3 softmax by p: lane sums and a butterfly (an experiment)
   bool early_terms;       // v3 softmax by p: start the ordered denominator beside the sort
 };
+
+// Waits for the previous grid (programmatic dependent launch), first reading the launch
+// arguments. They are constant memory, a new copy for every launch, so the first use of each of
+// their cache lines misses; at decode ncu counted ~0.8 stall cycles per issued instruction on these
+// misses (Kimi-K2, 2 tokens), spread over the row's chain. One word of every 16 bytes read here
+// brings the lines in while the previous grid still runs. The branch only orders the reads before
+// the wait: what it guards (letting the next grid start, which follows anyway) is harmless
+// whatever the words are. MOEKIT_ROUTE_NO_ARG_TOUCH (compile time) leaves the reads out, to
+// measure them.
+__device__ __forceinline__ void read_args_then_wait(const RouteArgs& a) {
+#ifndef MOEKIT_ROUTE_NO_ARG_TOUCH
+  static_assert(sizeof(RouteArgs) <= 176, "touch a word of every 16 bytes of the arguments");
+  const auto word = [](auto v) { return static_cast<uint32_t>(v); };
+  const uint32_t mix = word(reinterpret_cast<uintptr_t>(a.logits)) ^ word(a.bias_type) ^
+                       word(a.weights_row_stride) ^ word(a.ids_row_stride) ^ word(a.ids_i64) ^
+                       word(a.num_tokens) ^ word(a.num_experts) ^ word(a.num_groups) ^
+                       word(a.topk_groups) ^ word(a.group_register_lanes) ^
+                       word(a.group_scan_per_lane) ^ word(a.group_lanes_log2) ^ word(a.mode) ^
+                       word(a.renormalize) ^ word(a.block_warps) ^ word(a.early_terms);
+  if (mix == 0x5bd1e995u) vendor::allow_next_grid();
+#endif
+  vendor::wait_for_previous_grid();
+}
 
 // ---- Scalar math, written as the reference writes it (separate roundings, accurate functions).
 

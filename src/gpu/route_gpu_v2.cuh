@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v2_kernel(const R
   // +0), summed in expert order.
   extern __shared__ float4 terms[];
 
-  vendor::wait_for_previous_grid();
+  read_args_then_wait(a);
   vendor::allow_next_grid();
 
   const int lane = vendor::lane_id();

@@ -297,8 +297,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
   constexpr bool kSoftmax = kMode != Mode::sigmoid;
   extern __shared__ float4 terms[];  // softmax by p: kRowLanes * kVpl terms per row
 
-  vendor::wait_for_previous_grid();
+  RouteTrace trace;
+  trace.mark(0);
+  read_args_then_wait(a);
   vendor::allow_next_grid();
+  trace.mark(1);
 
   const int lane = vendor::lane_id();
   const int r = lane % kRowLanes;
@@ -324,6 +327,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       for (int j = 0; j < kV; ++j) bias[c * kV + j] = chunk[j];
     }
   }
+  trace.mark_after(2, __float_as_uint(bias[0] + bias[kVpl - 1]));
 
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps * kRowsPerWarp;
   for (int64_t first_row = (static_cast<int64_t>(blockIdx.x) * a.block_warps + warp) * kRowsPerWarp;
@@ -425,6 +429,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     Key key[kVpl];
     float z[kVpl];  // softmax: the score z of each expert (dead in softmax by logit)
     build_keys(key, z);
+    trace.mark_after(3, static_cast<uint32_t>(key[0] ^ key[kVpl - 1]));
 
     // The score of a key (softmax: z).
     auto score_of = [&](Key k) {
@@ -554,6 +559,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       }
     };
     if constexpr (kGrouped) keep_best_groups(false, 1.0f);
+    trace.mark_after(4, static_cast<uint32_t>(key[0]));
 
     // 3. Top-Kr: a round is one row max of the lane heads; the lane whose head it is (keys are
     // unique) shifts its sorted keys up by one, and refills them when it has used up kDepth of
@@ -629,6 +635,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
         for (int k = kRowLanes; k < Kr; ++k) round(k, slots[1], false);
       }
     }
+    trace.mark_after(5, static_cast<uint32_t>(slots[0] ^ slots[1]));
     const float top = score_of(row_lanes.shfl(slots[0], 0));  // softmax: the row's max z
 
     // 4-7. Weights, shared slots, renormalization, scaling. Lane r of the row holds slot r (and
@@ -671,6 +678,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     float routed_sum = 0.0f;
     add_slots(weight[0], first_rounds, routed_sum);
     if (Kr > kRowLanes) add_slots(weight[1], Kr - kRowLanes, routed_sum);
+    trace.mark_after(6, __float_as_uint(routed_sum));
 #pragma unroll
     for (int q = 0; q < kSlots; ++q) {
       const int slot = r + q * kRowLanes;
@@ -681,6 +689,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       }
       finish_and_store_slot(a, row, slot, weight[q], key_id(slots[q]), routed_sum);
     }
+    trace.mark(7);
+    trace.print(row == 0, E, a.topk);
   }
 }
 
