@@ -569,14 +569,17 @@ int stream_lane_chunks(int64_t cols, int group_size, bool packed) {
 // [16384, 7168], group 128): 4 blocks 96.1 us, 3 blocks 97.1, 2 blocks 87.0 (row-major scales;
 // packed UE8M0 alike). Half the warps keep half the bytes queued at the memory system, which
 // serves them more efficiently; the ceiling of moving the same bytes with 4-block walks or a plain
-// grid-stride copy was 93-95 us. MOEKIT_GPU_QUANT_BLOCKS_PER_SM=n sets it (an A/B knob; read on
-// every call, so that one process can compare).
+// grid-stride copy was 93-95 us. MOEKIT_GPU_QUANT_BLOCKS_PER_SM=n sets it (an A/B knob, read once
+// like the others: no getenv on the decode path).
 constexpr int kStreamGridBlocksPerSm = 2;
 
 int stream_grid_blocks_per_sm() {
-  const char* env = std::getenv("MOEKIT_GPU_QUANT_BLOCKS_PER_SM");
-  const int n = env != nullptr ? std::atoi(env) : 0;
-  return n > 0 ? n : kStreamGridBlocksPerSm;
+  static const int blocks = [] {
+    const char* env = std::getenv("MOEKIT_GPU_QUANT_BLOCKS_PER_SM");
+    const int n = env != nullptr ? std::atoi(env) : 0;
+    return n > 0 ? n : kStreamGridBlocksPerSm;
+  }();
+  return blocks;
 }
 
 // MOEKIT_GPU_QUANT_HINTS=1: the streaming kernel loads x and stores q evict-first (an A/B knob
