@@ -383,5 +383,27 @@ TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
   EXPECT_NE(route.err.find("--implementation"), std::string::npos) << route.err;
 }
 
+// `moekit bench --op linear`: w8a8_block_fp8_linear (bf16 x quantized in the call, then the GEMM)
+// at any token count, verified against the reference's linear layer; an unknown op names the
+// benchmarked ones.
+TEST_F(CliFp8, BenchLinearJsonFiltered) {
+  const Result r =
+      run("bench --op linear --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 5");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const nlohmann::json rows = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(rows.is_array());
+  ASSERT_EQ(rows.size(), 1u) << r.out;
+  const nlohmann::json& row = rows[0];
+  EXPECT_EQ(row["op"], "linear");
+  EXPECT_EQ(row["tokens"], 5);
+  EXPECT_NE(row["model"].get<std::string>().find("Qwen3-30B-A3B"), std::string::npos);
+  EXPECT_FALSE(row["implementation"].get<std::string>().empty()) << r.out;
+  EXPECT_GT(row["median_us"].get<double>(), 0.0);
+  EXPECT_TRUE(row["verified"].get<bool>());
+  const Result unknown = run("bench --op lineer --backend cpu");
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_NE(unknown.err.find("linear"), std::string::npos) << unknown.err;
+}
+
 }  // namespace
 }  // namespace moekit

@@ -1,4 +1,5 @@
-// `moekit bench --op gemm|quant`: block_fp8_gemm (bf16 out) and per_token_group_quant_fp8 on a CPU
+// `moekit bench --op gemm|quant|linear`: block_fp8_gemm (bf16 out), per_token_group_quant_fp8 and
+// w8a8_block_fp8_linear (bf16 x quantized, then the GEMM: a linear layer's whole call) on a CPU
 // backend. Each row is verified against the reference first (on its first rows: the reference is
 // scalar), then timed: median microseconds per call, GB/s, TFLOP/s and the ratio to the one-pass
 // memory roofline (bytes moved once / measured memcpy bandwidth).
@@ -104,6 +105,40 @@ Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t s
   return row;
 }
 
+// The linear layer as a model calls it: bf16 x [M, K], e4m3 weight [N, K] with 128 x 128 scales,
+// bf16 y; the quantized activations in a workspace the caller owns. Verified against the
+// reference's linear layer (its quantization, then its GEMM) on the first rows.
+Row bench_linear(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t seed) {
+  const int64_t N = shape.n, K = shape.k;
+  const Tensor x = random_fp8_activations(seed, M, K);
+  const Fp8GemmInputs w = make_fp8_gemm_inputs(1, N, K, seed + 1);  // its b and b_scales
+  Tensor y = Tensor::empty(DType::bf16, {M, N});
+  const size_t workspace_bytes = w8a8_block_fp8_linear_workspace_size(M, K);
+  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(workspace_bytes)});
+  Row row{shape.name(), M, "", 0.0, 0.0, 2.0 * static_cast<double>(M * N * K), false};
+  row.implementation = chosen_name(explain_w8a8_block_fp8_linear(
+      x, w.b, w.b_scales, std::nullopt, y, workspace.data(), workspace_bytes, op));
+  w8a8_block_fp8_linear(x, w.b, w.b_scales, std::nullopt, y, workspace.data(), workspace_bytes, op);
+  const int64_t rows = std::min(M, kVerifyRows);
+  Tensor ref = Tensor::empty(DType::f32, {rows, N});
+  const size_t ref_bytes = w8a8_block_fp8_linear_workspace_size(rows, K);
+  Tensor ref_workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(ref_bytes)});
+  w8a8_block_fp8_linear(first_rows(x, rows), w.b, w.b_scales, std::nullopt, ref,
+                        ref_workspace.data(), ref_bytes, OpOptions{Backend::reference});
+  row.verified = relative_mean_error(y, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
+  const size_t weight_bytes = w.b.nbytes();                       // rotating as in bench_gemm
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(weight_bytes, 1), 1, 8));
+  std::vector<Tensor> weights;
+  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(w.b, Device::cpu()));
+  row.median_us = median_us([&](int i) {
+    w8a8_block_fp8_linear(x, weights[static_cast<size_t>(i % copies)], w.b_scales, std::nullopt, y,
+                          workspace.data(), workspace_bytes, op);
+  });
+  row.bytes = static_cast<double>(x.nbytes() + w.b.nbytes() + w.b_scales.nbytes() + y.nbytes());
+  return row;
+}
+
 Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layout, Backend backend,
                 int threads, uint64_t seed) {
   const Tensor x = random_fp8_activations(seed, M, K);
@@ -136,7 +171,7 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
   std::vector<Row> rows;
   bool found = false;
   uint64_t seed = 12345;
-  if (options.op == "gemm") {
+  if (options.op == "gemm" || options.op == "linear") {
     const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> wanted = {
         {"DeepSeek-V3", {4096, 7168}}, {"Qwen3-30B-A3B", {4096, 2048}}};
     for (const auto& [model, nk] : wanted) {
@@ -147,9 +182,10 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
         const std::vector<int64_t> token_counts = options.tokens > 0
                                                       ? std::vector<int64_t>{options.tokens}
                                                       : std::vector<int64_t>{1, 16, 32, 64, 256};
+        const OpOptions op = bench_op_options(backend, threads, options.implementation);
         for (int64_t M : token_counts)
-          rows.push_back(bench_gemm(
-              shape, M, bench_op_options(backend, threads, options.implementation), seed++));
+          rows.push_back(options.op == "gemm" ? bench_gemm(shape, M, op, seed++)
+                                              : bench_linear(shape, M, op, seed++));
       }
     }
   } else {
@@ -205,8 +241,9 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
   std::printf(
       "bytes: %s. TFLOP/s counts 2*M*N*K. No ratio to the FMA peak: measuring it portably would "
       "need ISA-specific code built with its own flags, which the CLI does not carry.\n",
-      options.op == "gemm" ? "weight (e4m3) + weight scales + A (e4m3) + A scales + bf16 out"
-                           : "x (bf16) + q (e4m3) + scales");
+      options.op == "gemm"     ? "weight (e4m3) + weight scales + A (e4m3) + A scales + bf16 out"
+      : options.op == "linear" ? "x (bf16) + weight (e4m3) + weight scales + bf16 y"
+                               : "x (bf16) + q (e4m3) + scales");
   return all_verified ? 0 : 1;
 }
 

@@ -1,12 +1,13 @@
-// `moekit bench --op gemm|quant --backend gpu`: every GPU implementation of block_fp8_gemm that
-// serves a shape (cuBLASLt, moekit's Hopper kernel, moekit's portable kernel), each verified
+// `moekit bench --op gemm|quant|linear --backend gpu`: every GPU implementation of block_fp8_gemm
+// that serves a shape (cuBLASLt, moekit's Hopper kernel, moekit's portable kernel), each verified
 // against the reference on its first rows, then timed by CUDA-graph replay with the weights
 // rotating over copies larger than L2 (as in a model, where each layer has its own). Prints us,
 // TFLOP/s, GB/s and the ratio to the HBM floor (bytes moved once / measured copy bandwidth), and
 // marks the implementation the dispatch picks. The GEMMs run with OpOptions::static_weights, as a
 // model runner calls them (each layer's weights are written once, at load): moekit's Hopper kernel
 // then starts loading weights while the previous call finishes (MOEKIT_SM90_EARLY=0 times it
-// without).
+// without). `--op linear` times w8a8_block_fp8_linear as the dispatch picks it: a linear layer's
+// whole call (quantization of bf16 x into a workspace, then the GEMM), at decode sizes.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -93,6 +94,48 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
   return result;
 }
 
+GpuRow bench_linear_gpu(const std::string& name, int64_t M, int64_t N, int64_t K, uint64_t seed) {
+  const Device gpu = Device::gpu();
+  const Tensor x_host = random_fp8_activations(seed, M, K);
+  const Fp8GemmInputs w = make_fp8_gemm_inputs(1, N, K, seed + 1);  // its b and b_scales
+  const Tensor x = Tensor::copy_of(x_host, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
+  const size_t weight_bytes = w.b.nbytes();  // rotating as in bench_gemm_shape
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{256} << 20) / std::max<size_t>(weight_bytes, 1), 1, 16));
+  std::vector<Tensor> weights;
+  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(w.b, gpu));
+  Tensor y = Tensor::empty(DType::bf16, {M, N}, gpu);
+  const size_t workspace_bytes = w8a8_block_fp8_linear_workspace_size(M, K);
+  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(workspace_bytes)}, gpu);
+  const int64_t rows = std::min<int64_t>(M, 4);
+  Tensor ref = Tensor::empty(DType::f32, {rows, N});
+  const size_t ref_bytes = w8a8_block_fp8_linear_workspace_size(rows, K);
+  Tensor ref_workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(ref_bytes)});
+  w8a8_block_fp8_linear(first_rows(x_host, rows), w.b, w.b_scales, std::nullopt, ref,
+                        ref_workspace.data(), ref_bytes, OpOptions{Backend::reference});
+
+  OpOptions op;
+  op.backend = Backend::gpu;
+  GpuRow row{name, M, N, K, "", true};
+  row.implementation = chosen_name(explain_w8a8_block_fp8_linear(
+      x, weights[0], b_scales, std::nullopt, y, workspace.data(), workspace_bytes, op));
+  w8a8_block_fp8_linear(x, weights[0], b_scales, std::nullopt, y, workspace.data(), workspace_bytes,
+                        op);
+  row.verified = relative_mean_error(first_rows(Tensor::copy_of(y.view(), Device::cpu()), rows),
+                                     ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
+  int call = 0;
+  row.median_us = gpu::median_graph_replay_us(
+      [&](void* stream) {
+        op.stream = stream;
+        w8a8_block_fp8_linear(x, weights[static_cast<size_t>(call++ % copies)], b_scales,
+                              std::nullopt, y, workspace.data(), workspace_bytes, op);
+      },
+      /*calls_per_graph=*/std::max(copies, 4), /*replays=*/20);
+  row.bytes = static_cast<double>(x.nbytes() + weight_bytes + w.b_scales.nbytes() + y.nbytes());
+  row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+  return row;
+}
+
 GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayout layout,
                        uint64_t seed) {
   const Device gpu = Device::gpu();
@@ -149,6 +192,21 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
         if (wanted(shape.name, M))
           for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++))
             rows.push_back(std::move(r));
+  } else if (options.op == "linear") {
+    struct Shape {
+      std::string name;
+      int64_t n, k;
+      std::vector<int64_t> tokens;
+    };
+    const std::vector<Shape> shapes = {
+        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64}},
+        {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16}},
+        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16}},
+    };
+    for (const Shape& shape : shapes)
+      for (int64_t M : shape.tokens)
+        if (wanted(shape.name, M))
+          rows.push_back(bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++));
   } else {
     // K=7168: DeepSeek-V3's hidden size (the goal's shape); 1536 and 768: the inputs of the
     // expert down projections of Qwen3-235B and Qwen3-30B (units of 512 and 256 elements).
@@ -192,7 +250,9 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       "(measured copy bandwidth); * = what the dispatch picks (column-major activation scales, as "
       "the linear layer writes them for cuBLASLt)%s\n",
       options.op.c_str(), bandwidth / 1e9,
-      options.op == "gemm" ? "; weights static (OpOptions::static_weights)" : "");
+      options.op == "gemm"     ? "; weights static (OpOptions::static_weights)"
+      : options.op == "linear" ? "; bf16 x quantized in the call, then the GEMM"
+                               : "");
   std::printf("%-38s %5s %-14s %10s %9s %9s %10s %8s\n", "shape", "M", "impl", "median us",
               "TFLOP/s", "GB/s", "floor us", "of floor");
   for (const GpuRow& r : rows) {

@@ -229,13 +229,13 @@ int main(int argc, char** argv) {
   CLI::App* bench_cmd = app.add_subcommand("bench", "verify, then time, with roofline ratios");
   BenchOptions bench;
   std::string bench_backend;
-  bench_cmd->add_option("--op", bench.op, "route | gemm | quant");
+  bench_cmd->add_option("--op", bench.op, "route | gemm | quant | linear");
   bench_cmd->add_option("--backend", bench_backend, "reference | cpu | gpu");
   bench_cmd->add_option("--threads", bench.threads, "CPU threads (0 = all)");
   bench_cmd->add_flag("--json", bench.json, "print a JSON array instead of a table");
   bench_cmd->add_option("--model", bench.model, "one model-table row");
   bench_cmd->add_option("--tokens", bench.tokens,
-                        "one token count (CPU --op gemm: any M, not only the table's)");
+                        "one token count (CPU --op gemm|linear: any M, not only the table's)");
   bench_cmd->add_option("--implementation", bench.implementation,
                         "CPU --op gemm: only this implementation (see explain)");
 
