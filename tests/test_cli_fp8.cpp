@@ -316,7 +316,7 @@ TEST_F(CliFp8, MissingTensorErrorNamesTensorAndFile) {
 }
 
 // `moekit check --op fp8`: FP8 rows only (no routing table), every row PASS, the DeepSeek-V3 shapes
-// among them, the seed printed.
+// among them in both tables (quant + GEMM; linear layer + weight quantization), the seed printed.
 TEST_F(CliFp8, CheckFp8QuickPassesOnCpu) {
   const Result r = run("check --op fp8 --quick --backend cpu --seed 7");
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
@@ -334,7 +334,10 @@ TEST_F(CliFp8, CheckFp8QuickPassesOnCpu) {
       ++deepseek_pass;
     start = end + 1;
   }
-  EXPECT_EQ(deepseek_pass, 4 * 3) << r.out;  // 4 shapes x M in {1, 7, 83}
+  // 4 shapes x (quant + GEMM at M in {1, 7, 83}; linear at M in {1, 7}; the weight).
+  EXPECT_EQ(deepseek_pass, 4 * 3 + 4 * 3) << r.out;
+  EXPECT_NE(r.out.find("w8a8_block_fp8_linear"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("w 324x3884"), std::string::npos) << r.out;  // a partial block row
 }
 
 // `moekit bench --op gemm --json`, filtered to one shape and token count: a JSON array of one

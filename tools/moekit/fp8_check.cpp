@@ -1,8 +1,8 @@
 // The FP8 part of `moekit check`: per_token_group_quant_fp8 (group 128, row-major and packed UE8M0
-// scales) and block_fp8_gemm (bf16 and f32 out) on every tested backend against the reference,
-// over the linear-layer shapes of FP8 checkpoints (spec/fp8.md). The reference GEMM is scalar: on
-// large shapes it runs on the first rows only (the backend still runs every row), and the table
-// says so.
+// scales) and block_fp8_gemm (bf16 and f32 out), then w8a8_block_fp8_linear (bf16 x and y) and
+// block_quantize_weight, on every tested backend against the reference, over the linear-layer
+// shapes of FP8 checkpoints (spec/fp8.md). The reference GEMM is scalar: on large shapes it runs
+// on the first rows only (the backend still runs every row), and the table says so.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -101,6 +101,156 @@ Tensor to_host(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()
 
 // spec/fp8.md: 1e-3 for f32 out, plus bf16's rounding (2^-8 relative, at most) for bf16 out.
 double gemm_tolerance(DType out) { return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : 0.0); }
+
+// A bf16 weight [n, k] as a checkpoint's before quantization: N(0, 0.02), with 1/256 outliers x20
+// so that blocks differ in scale.
+Tensor random_bf16_weight(uint64_t seed, int64_t n, int64_t k) {
+  std::mt19937_64 rng(seed);
+  Tensor w = Tensor::empty(DType::bf16, {n, k});
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    float v = normal(rng);
+    if ((rng() & 255) == 0) v *= 20.0f;
+    store_from_f32(w.data(), DType::bf16, i, v);
+  }
+  return w;
+}
+
+// w8a8_block_fp8_linear of bf16 x on `backend` (the workspace on its device) against the
+// reference's linear layer on the first ref.size(0) rows: the relative mean error, or a negative
+// value when no implementation of `backend` serves. `implementation` receives the chosen entry.
+double linear_error(const TensorView& x, const Fp8GemmInputs& weight, const TensorView& ref,
+                    Backend backend, std::string& implementation) {
+  const int64_t M = x.size(0), N = weight.b.size(0), K = x.size(1);
+  const Tensor x_on = staged(x, backend), b_on = staged(weight.b, backend);
+  const Tensor bs_on = staged(weight.b_scales, backend);
+  Tensor y_on = staged(Tensor::empty(DType::bf16, {M, N}).view(), backend);
+  const size_t bytes = w8a8_block_fp8_linear_workspace_size(M, K);
+  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, device_of(backend));
+  OpOptions op;
+  op.backend = backend;
+  implementation = chosen_name(explain_w8a8_block_fp8_linear(x_on, b_on, bs_on, std::nullopt, y_on,
+                                                             workspace.data(), bytes, op));
+  if (implementation.empty()) return -1.0;
+  w8a8_block_fp8_linear(x_on, b_on, bs_on, std::nullopt, y_on, workspace.data(), bytes, op);
+  return relative_mean_error(first_rows(to_host(y_on), ref.size(0)), ref);
+}
+
+// block_quantize_weight of w on `backend` against the reference: weight bytes that differ, those
+// of them that are rounding near-ties (w / scale within one f32 ulp of the midpoint of the two
+// e4m3 values), and differing scales; `implementation` receives the chosen entry (empty: none).
+struct WeightCheck {
+  std::string implementation;
+  int64_t diffs = 0, near_ties = 0, scale_diffs = 0;
+};
+WeightCheck check_quantize_weight(const TensorView& w, Backend backend) {
+  WeightCheck r;
+  const int64_t N = w.size(0), K = w.size(1);
+  Tensor q_ref = Tensor::empty(DType::f8e4m3, {N, K});
+  Tensor s_ref = Tensor::empty(DType::f32, {ceil_div(N, kBlock), ceil_div(K, kBlock)});
+  const Tensor w_on = staged(w, backend);
+  Tensor q_on = staged(q_ref.view(), backend), s_on = staged(s_ref.view(), backend);
+  OpOptions op;
+  op.backend = backend;
+  r.implementation = chosen_name(explain_block_quantize_weight(w_on, q_on, s_on, op));
+  if (r.implementation.empty()) return r;
+  block_quantize_weight(w, q_ref, s_ref, OpOptions{Backend::reference});
+  block_quantize_weight(w_on, q_on, s_on, op);
+  const Tensor q = to_host(q_on), sc = to_host(s_on);
+  for (int64_t i = 0; i < s_ref.numel(); ++i)
+    r.scale_diffs += std::bit_cast<uint32_t>(s_ref.data_as<float>()[i]) !=
+                     std::bit_cast<uint32_t>(sc.data_as<float>()[i]);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t want = q_ref.data_as<uint8_t>()[n * K + k];
+      const uint8_t got = q.data_as<uint8_t>()[n * K + k];
+      if (want == got) continue;
+      ++r.diffs;
+      const float ratio = load_as_f32(w.data(), w.dtype(), n * w.stride(0) + k) /
+                          s_ref.data_as<float>()[(n / kBlock) * ceil_div(K, kBlock) + k / kBlock];
+      const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
+      const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
+      if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
+    }
+  }
+  return r;
+}
+
+// The second table: the linear layer at each token count and the weight quantization of the
+// shape's first block rows (all of a partial last block row where N has one), every backend.
+int check_linear_and_weights(const CheckOptions& options, uint64_t seed,
+                             const std::vector<Backend>& tested) {
+  std::printf(
+      "\nFP8: w8a8_block_fp8_linear (bf16 x as a model's activations, quantized in the call; "
+      "e4m3 weight; bf16 y) and block_quantize_weight (bf16 N(0, 0.02) weight, its first block "
+      "rows) vs the reference\n");
+  std::printf("%-44s %-11s %-9s %-30s %-22s %s\n", "shape", "M", "backend", "implementation",
+              "linear bf16 rel / w diffs", "result");
+  std::vector<int64_t> token_counts = {1, 7};
+  if (!options.quick) token_counts.push_back(83);
+  int failures = 0;
+  uint64_t case_seed = seed ^ 0x11aea7ULL;
+  for (const Fp8Shape& shape : fp8_shapes()) {
+    const int64_t N = shape.n, K = shape.k;
+    const Fp8GemmInputs weight = make_fp8_gemm_inputs(0, N, K, case_seed++);
+    // Two whole block rows, and the partial one where N has it.
+    const int64_t w_rows = std::min<int64_t>(N, 2 * kBlock + N % kBlock);
+    const Tensor w = random_bf16_weight(case_seed++, w_rows, K);
+    for (int64_t M : token_counts) {
+      const Tensor x = random_fp8_activations(case_seed++, M, K);
+      const int64_t ref_rows = std::clamp<int64_t>(
+          static_cast<int64_t>(kReferenceMacs / static_cast<double>(N * K)), 1, M);
+      Tensor ref = Tensor::empty(DType::f32, {ref_rows, N});
+      const size_t ref_bytes = w8a8_block_fp8_linear_workspace_size(ref_rows, K);
+      Tensor ref_workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(ref_bytes)});
+      w8a8_block_fp8_linear(first_rows(x, ref_rows), weight.b, weight.b_scales, std::nullopt, ref,
+                            ref_workspace.data(), ref_bytes, OpOptions{Backend::reference});
+      for (Backend backend : tested) {
+        std::string implementation;
+        const double error = linear_error(x, weight, ref, backend, implementation);
+        std::string problem;
+        if (error >= 0.0 && !(error < gemm_tolerance(DType::bf16)))
+          problem = fmt::format("linear bf16 rel error {:.3g} >= {:.3g}", error,
+                                gemm_tolerance(DType::bf16));
+        const std::string rows_note =
+            ref_rows < M ? fmt::format("{} (ref {})", M, ref_rows) : std::to_string(M);
+        std::printf("%-44s %-11s %-9s %-30s %-22s %s\n", shape.name().c_str(), rows_note.c_str(),
+                    std::string(backend_name(backend)).c_str(),
+                    error >= 0.0 ? implementation.c_str() : "no implementation",
+                    error >= 0.0 ? fmt::format("{:.3g}", error).c_str() : "-",
+                    error < 0.0       ? "SKIP"
+                    : problem.empty() ? "PASS"
+                                      : "FAIL");
+        if (!problem.empty()) {
+          ++failures;
+          std::printf("    %s\n", problem.c_str());
+        }
+      }
+    }
+    for (Backend backend : tested) {
+      const WeightCheck c = check_quantize_weight(w, backend);
+      std::string problem;
+      if (c.diffs != c.near_ties)
+        problem = fmt::format("weight bytes differ beyond near-ties: {}", c.diffs - c.near_ties);
+      if (c.scale_diffs > 0)
+        problem +=
+            fmt::format("{}weight scales differ: {}", problem.empty() ? "" : "; ", c.scale_diffs);
+      std::printf(
+          "%-44s %-11s %-9s %-30s %-22s %s\n", shape.name().c_str(),
+          fmt::format("w {}x{}", w_rows, K).c_str(), std::string(backend_name(backend)).c_str(),
+          c.implementation.empty() ? "no implementation" : c.implementation.c_str(),
+          c.implementation.empty() ? "-" : fmt::format("{} ({})", c.diffs, c.near_ties).c_str(),
+          c.implementation.empty() ? "SKIP"
+          : problem.empty()        ? "PASS"
+                                   : "FAIL");
+      if (!problem.empty()) {
+        ++failures;
+        std::printf("    %s\n", problem.c_str());
+      }
+    }
+  }
+  return failures;
+}
 
 }  // namespace
 
@@ -323,7 +473,7 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
       "< 1e-3 (f32 out), < 1e-3 + 2^-8 (bf16 out: its rounding, spec/fp8.md). The scalar "
       "reference GEMM runs on at most %.0g multiply-adds per case (first rows, as noted).\n",
       kReferenceMacs);
-  return failures;
+  return failures + check_linear_and_weights(options, seed, tested);
 }
 
 }  // namespace moekit::cli
