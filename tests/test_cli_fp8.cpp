@@ -408,5 +408,19 @@ TEST_F(CliFp8, BenchLinearJsonFiltered) {
   EXPECT_NE(unknown.err.find("linear"), std::string::npos) << unknown.err;
 }
 
+// `moekit bench --op quantize-weight`: block_quantize_weight of a bf16 weight, verified byte for
+// byte against the reference on its first block rows.
+TEST_F(CliFp8, BenchQuantizeWeightJson) {
+  const Result r = run("bench --op quantize-weight --backend cpu --threads 1 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const nlohmann::json rows = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(rows.is_array());
+  ASSERT_EQ(rows.size(), 1u) << r.out;
+  EXPECT_EQ(rows[0]["op"], "quantize-weight");
+  EXPECT_FALSE(rows[0]["implementation"].get<std::string>().empty()) << r.out;
+  EXPECT_GT(rows[0]["median_us"].get<double>(), 0.0);
+  EXPECT_TRUE(rows[0]["verified"].get<bool>());
+}
+
 }  // namespace
 }  // namespace moekit

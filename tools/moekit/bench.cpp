@@ -130,8 +130,9 @@ bool verify(const harness::RouteCase& c, const harness::RouteInputs& in, Backend
 
 int run_bench(const BenchOptions& options) {
   if (options.op != "route" && options.op != "gemm" && options.op != "quant" &&
-      options.op != "linear")
-    fail("bench", "--op", options.op, "is not a benchmarked op (route, gemm, quant, linear)");
+      options.op != "linear" && options.op != "quantize-weight")
+    fail("bench", "--op", options.op,
+         "is not a benchmarked op (route, gemm, quant, linear, quantize-weight)");
   const Backend backend = options.backend ? *options.backend : fastest_backend();
   if (!backend_available(backend))
     fail("bench", "--backend", std::string(backend_name(backend)),

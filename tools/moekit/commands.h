@@ -90,9 +90,21 @@ struct Fp8QuantCheck {
 Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend);
 // Activations as a model's: N(0, 1) with 1/64 outliers x30, bf16 [m, k].
 Tensor random_fp8_activations(uint64_t seed, int64_t m, int64_t k);
+// A bf16 weight [n, k] as a checkpoint's before quantization: N(0, 0.02) with 1/256 outliers x20,
+// so that blocks differ in scale.
+Tensor random_bf16_weight(uint64_t seed, int64_t n, int64_t k);
 
-// `moekit bench --op gemm|quant` (fp8_bench.cpp); returns the exit code. The GPU backend's table
-// (fp8_bench_gpu.cpp) times every GPU implementation that serves each shape.
+// block_quantize_weight of w on `backend` against the reference: weight bytes that differ, those
+// of them that are rounding near-ties (w / scale within one f32 ulp of the midpoint of the two
+// e4m3 values), and differing scales.
+struct Fp8WeightCheck {
+  std::string implementation;  // the one explain_block_quantize_weight chose; empty: none serves
+  int64_t diffs = 0, near_ties = 0, scale_diffs = 0;
+};
+Fp8WeightCheck check_fp8_quantize_weight(const TensorView& w, Backend backend);
+
+// `moekit bench --op gemm|quant|linear|quantize-weight` (fp8_bench.cpp); returns the exit code. The
+// GPU backend's table (fp8_bench_gpu.cpp) times every GPU implementation that serves each shape.
 int run_fp8_bench(const BenchOptions& options, Backend backend, int threads);
 int run_fp8_bench_gpu(const BenchOptions& options);
 

@@ -1,8 +1,9 @@
-// `moekit bench --op gemm|quant|linear`: block_fp8_gemm (bf16 out), per_token_group_quant_fp8 and
-// w8a8_block_fp8_linear (bf16 x quantized, then the GEMM: a linear layer's whole call) on a CPU
-// backend. Each row is verified against the reference first (on its first rows: the reference is
-// scalar), then timed: median microseconds per call, GB/s, TFLOP/s and the ratio to the one-pass
-// memory roofline (bytes moved once / measured memcpy bandwidth).
+// `moekit bench --op gemm|quant|linear|quantize-weight`: block_fp8_gemm (bf16 out),
+// per_token_group_quant_fp8, w8a8_block_fp8_linear (bf16 x quantized, then the GEMM: a linear
+// layer's whole call) and block_quantize_weight (a bf16 weight at load time) on a CPU backend. Each
+// row is verified against the reference first (on its first rows: the reference is scalar), then
+// timed: median microseconds per call, GB/s, TFLOP/s and the ratio to the one-pass memory roofline
+// (bytes moved once / measured memcpy bandwidth).
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -139,6 +140,28 @@ Row bench_linear(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t
   return row;
 }
 
+// block_quantize_weight of a bf16 weight [N, K]; verified against the reference on its first two
+// block rows; "tokens" holds N.
+Row bench_quantize_weight(const std::string& name, int64_t N, int64_t K, Backend backend,
+                          int threads, uint64_t seed) {
+  const Tensor w = random_bf16_weight(seed, N, K);
+  Tensor q = Tensor::empty(DType::f8e4m3, {N, K});
+  Tensor s = Tensor::empty(DType::f32, {(N + kBlock - 1) / kBlock, (K + kBlock - 1) / kBlock});
+  OpOptions op;
+  op.backend = backend;
+  op.num_threads = threads;
+  Row row{name, N, "", 0.0, 0.0, 0.0, false};
+  const Fp8WeightCheck check =
+      check_fp8_quantize_weight(first_rows(w, std::min<int64_t>(N, 2 * kBlock)), backend);
+  row.implementation = check.implementation;
+  row.verified =
+      !check.implementation.empty() && check.diffs == check.near_ties && check.scale_diffs == 0;
+  if (check.implementation.empty()) return row;
+  row.median_us = median_us([&](int) { block_quantize_weight(w, q, s, op); });
+  row.bytes = static_cast<double>(w.nbytes() + q.nbytes() + s.nbytes());
+  return row;
+}
+
 Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layout, Backend backend,
                 int threads, uint64_t seed) {
   const Tensor x = random_fp8_activations(seed, M, K);
@@ -187,6 +210,13 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
           rows.push_back(options.op == "gemm" ? bench_gemm(shape, M, op, seed++)
                                               : bench_linear(shape, M, op, seed++));
       }
+    }
+  } else if (options.op == "quantize-weight") {
+    const int64_t N = 4096, K = 7168;
+    const std::string name = fmt::format("DeepSeek-V3 weight N={} K={}", N, K);
+    if (selected(options, "DeepSeek-V3", name) && (options.tokens == 0 || options.tokens == N)) {
+      found = true;
+      rows.push_back(bench_quantize_weight(name, N, K, backend, threads, seed++));
     }
   } else {
     const int64_t M = 4096, K = 7168;
@@ -243,7 +273,8 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
       "need ISA-specific code built with its own flags, which the CLI does not carry.\n",
       options.op == "gemm"     ? "weight (e4m3) + weight scales + A (e4m3) + A scales + bf16 out"
       : options.op == "linear" ? "x (bf16) + weight (e4m3) + weight scales + bf16 y"
-                               : "x (bf16) + q (e4m3) + scales");
+      : options.op == "quantize-weight" ? "bf16 weight + e4m3 weight + f32 scales (tokens: N)"
+                                        : "x (bf16) + q (e4m3) + scales");
   return all_verified ? 0 : 1;
 }
 

@@ -1,11 +1,11 @@
-// `moekit bench --op gemm|quant|linear --backend gpu`: every GPU implementation of block_fp8_gemm
-// that serves a shape (cuBLASLt, moekit's Hopper kernel, moekit's portable kernel), each verified
-// against the reference on its first rows, then timed by CUDA-graph replay with the weights
-// rotating over copies larger than L2 (as in a model, where each layer has its own). Prints us,
-// TFLOP/s, GB/s and the ratio to the HBM floor (bytes moved once / measured copy bandwidth), and
-// marks the implementation the dispatch picks. The GEMMs run with OpOptions::static_weights, as a
-// model runner calls them (each layer's weights are written once, at load): moekit's Hopper kernel
-// then starts loading weights while the previous call finishes (MOEKIT_SM90_EARLY=0 times it
+// `moekit bench --op gemm|quant|linear|quantize-weight --backend gpu`: every GPU implementation of
+// block_fp8_gemm that serves a shape (cuBLASLt, moekit's Hopper kernel, moekit's portable kernel),
+// each verified against the reference on its first rows, then timed by CUDA-graph replay with the
+// weights rotating over copies larger than L2 (as in a model, where each layer has its own). Prints
+// us, TFLOP/s, GB/s and the ratio to the HBM floor (bytes moved once / measured copy bandwidth),
+// and marks the implementation the dispatch picks. The GEMMs run with OpOptions::static_weights, as
+// a model runner calls them (each layer's weights are written once, at load): moekit's Hopper
+// kernel then starts loading weights while the previous call finishes (MOEKIT_SM90_EARLY=0 times it
 // without). `--op linear` times w8a8_block_fp8_linear as the dispatch picks it: a linear layer's
 // whole call (quantization of bf16 x into a workspace, then the GEMM), at decode sizes.
 #include <fmt/core.h>
@@ -136,6 +136,32 @@ GpuRow bench_linear_gpu(const std::string& name, int64_t M, int64_t N, int64_t K
   return row;
 }
 
+// block_quantize_weight of a bf16 weight [N, K] (verified on its first two block rows).
+GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, uint64_t seed) {
+  const Device gpu = Device::gpu();
+  const Tensor w_host = random_bf16_weight(seed, N, K);
+  const Tensor w = Tensor::copy_of(w_host, gpu);
+  Tensor q = Tensor::empty(DType::f8e4m3, {N, K}, gpu);
+  Tensor s = Tensor::empty(DType::f32, {(N + 127) / 128, (K + 127) / 128}, gpu);
+  GpuRow row{name, N, N, K, "", true};
+  const Fp8WeightCheck check =
+      check_fp8_quantize_weight(first_rows(w_host, std::min<int64_t>(N, 256)), Backend::gpu);
+  row.implementation = check.implementation;
+  row.verified =
+      !check.implementation.empty() && check.diffs == check.near_ties && check.scale_diffs == 0;
+  if (check.implementation.empty()) return row;
+  OpOptions op;
+  op.backend = Backend::gpu;
+  row.median_us = gpu::median_graph_replay_us(
+      [&](void* stream) {
+        op.stream = stream;
+        block_quantize_weight(w, q, s, op);
+      },
+      /*calls_per_graph=*/4, /*replays=*/20);
+  row.bytes = static_cast<double>(w.nbytes() + q.nbytes() + s.nbytes());
+  return row;
+}
+
 GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayout layout,
                        uint64_t seed) {
   const Device gpu = Device::gpu();
@@ -207,6 +233,11 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       for (int64_t M : shape.tokens)
         if (wanted(shape.name, M))
           rows.push_back(bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++));
+  } else if (options.op == "quantize-weight") {
+    for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
+      const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);
+      if (wanted(name, n)) rows.push_back(bench_quantize_weight_gpu(name, n, k, seed++));
+    }
   } else {
     // K=7168: DeepSeek-V3's hidden size (the goal's shape); 1536 and 768: the inputs of the
     // expert down projections of Qwen3-235B and Qwen3-30B (units of 512 and 256 elements).

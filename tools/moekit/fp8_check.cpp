@@ -102,20 +102,6 @@ Tensor to_host(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()
 // spec/fp8.md: 1e-3 for f32 out, plus bf16's rounding (2^-8 relative, at most) for bf16 out.
 double gemm_tolerance(DType out) { return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : 0.0); }
 
-// A bf16 weight [n, k] as a checkpoint's before quantization: N(0, 0.02), with 1/256 outliers x20
-// so that blocks differ in scale.
-Tensor random_bf16_weight(uint64_t seed, int64_t n, int64_t k) {
-  std::mt19937_64 rng(seed);
-  Tensor w = Tensor::empty(DType::bf16, {n, k});
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  for (int64_t i = 0; i < w.numel(); ++i) {
-    float v = normal(rng);
-    if ((rng() & 255) == 0) v *= 20.0f;
-    store_from_f32(w.data(), DType::bf16, i, v);
-  }
-  return w;
-}
-
 // w8a8_block_fp8_linear of bf16 x on `backend` (the workspace on its device) against the
 // reference's linear layer on the first ref.size(0) rows: the relative mean error, or a negative
 // value when no implementation of `backend` serves. `implementation` receives the chosen entry.
@@ -134,46 +120,6 @@ double linear_error(const TensorView& x, const Fp8GemmInputs& weight, const Tens
   if (implementation.empty()) return -1.0;
   w8a8_block_fp8_linear(x_on, b_on, bs_on, std::nullopt, y_on, workspace.data(), bytes, op);
   return relative_mean_error(first_rows(to_host(y_on), ref.size(0)), ref);
-}
-
-// block_quantize_weight of w on `backend` against the reference: weight bytes that differ, those
-// of them that are rounding near-ties (w / scale within one f32 ulp of the midpoint of the two
-// e4m3 values), and differing scales; `implementation` receives the chosen entry (empty: none).
-struct WeightCheck {
-  std::string implementation;
-  int64_t diffs = 0, near_ties = 0, scale_diffs = 0;
-};
-WeightCheck check_quantize_weight(const TensorView& w, Backend backend) {
-  WeightCheck r;
-  const int64_t N = w.size(0), K = w.size(1);
-  Tensor q_ref = Tensor::empty(DType::f8e4m3, {N, K});
-  Tensor s_ref = Tensor::empty(DType::f32, {ceil_div(N, kBlock), ceil_div(K, kBlock)});
-  const Tensor w_on = staged(w, backend);
-  Tensor q_on = staged(q_ref.view(), backend), s_on = staged(s_ref.view(), backend);
-  OpOptions op;
-  op.backend = backend;
-  r.implementation = chosen_name(explain_block_quantize_weight(w_on, q_on, s_on, op));
-  if (r.implementation.empty()) return r;
-  block_quantize_weight(w, q_ref, s_ref, OpOptions{Backend::reference});
-  block_quantize_weight(w_on, q_on, s_on, op);
-  const Tensor q = to_host(q_on), sc = to_host(s_on);
-  for (int64_t i = 0; i < s_ref.numel(); ++i)
-    r.scale_diffs += std::bit_cast<uint32_t>(s_ref.data_as<float>()[i]) !=
-                     std::bit_cast<uint32_t>(sc.data_as<float>()[i]);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) {
-      const uint8_t want = q_ref.data_as<uint8_t>()[n * K + k];
-      const uint8_t got = q.data_as<uint8_t>()[n * K + k];
-      if (want == got) continue;
-      ++r.diffs;
-      const float ratio = load_as_f32(w.data(), w.dtype(), n * w.stride(0) + k) /
-                          s_ref.data_as<float>()[(n / kBlock) * ceil_div(K, kBlock) + k / kBlock];
-      const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
-      const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
-      if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
-    }
-  }
-  return r;
 }
 
 // The second table: the linear layer at each token count and the weight quantization of the
@@ -228,7 +174,7 @@ int check_linear_and_weights(const CheckOptions& options, uint64_t seed,
       }
     }
     for (Backend backend : tested) {
-      const WeightCheck c = check_quantize_weight(w, backend);
+      const Fp8WeightCheck c = check_fp8_quantize_weight(w, backend);
       std::string problem;
       if (c.diffs != c.near_ties)
         problem = fmt::format("weight bytes differ beyond near-ties: {}", c.diffs - c.near_ties);
@@ -292,6 +238,51 @@ Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend b
       ++r.diffs;
       const float ratio = load_as_f32(x.data(), x.dtype(), m * x.stride(0) + k) /
                           scale_at(s_ref, layout, m, k / kBlock);
+      const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
+      const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
+      if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
+    }
+  }
+  return r;
+}
+
+Tensor random_bf16_weight(uint64_t seed, int64_t n, int64_t k) {
+  std::mt19937_64 rng(seed);
+  Tensor w = Tensor::empty(DType::bf16, {n, k});
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    float v = normal(rng);
+    if ((rng() & 255) == 0) v *= 20.0f;
+    store_from_f32(w.data(), DType::bf16, i, v);
+  }
+  return w;
+}
+
+Fp8WeightCheck check_fp8_quantize_weight(const TensorView& w, Backend backend) {
+  Fp8WeightCheck r;
+  const int64_t N = w.size(0), K = w.size(1);
+  Tensor q_ref = Tensor::empty(DType::f8e4m3, {N, K});
+  Tensor s_ref = Tensor::empty(DType::f32, {ceil_div(N, kBlock), ceil_div(K, kBlock)});
+  const Tensor w_on = staged(w, backend);
+  Tensor q_on = staged(q_ref.view(), backend), s_on = staged(s_ref.view(), backend);
+  OpOptions op;
+  op.backend = backend;
+  r.implementation = chosen_name(explain_block_quantize_weight(w_on, q_on, s_on, op));
+  if (r.implementation.empty()) return r;
+  block_quantize_weight(w, q_ref, s_ref, OpOptions{Backend::reference});
+  block_quantize_weight(w_on, q_on, s_on, op);
+  const Tensor q = to_host(q_on), sc = to_host(s_on);
+  for (int64_t i = 0; i < s_ref.numel(); ++i)
+    r.scale_diffs += std::bit_cast<uint32_t>(s_ref.data_as<float>()[i]) !=
+                     std::bit_cast<uint32_t>(sc.data_as<float>()[i]);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t want = q_ref.data_as<uint8_t>()[n * K + k];
+      const uint8_t got = q.data_as<uint8_t>()[n * K + k];
+      if (want == got) continue;
+      ++r.diffs;
+      const float ratio = load_as_f32(w.data(), w.dtype(), n * w.stride(0) + k) /
+                          s_ref.data_as<float>()[(n / kBlock) * ceil_div(K, kBlock) + k / kBlock];
       const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
       const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
       if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
