@@ -99,6 +99,29 @@ Tensor staged(const TensorView& t, Backend backend) {
 }
 Tensor to_host(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()); }
 
+// bf16 [rows, cols] drawn from N(0, sigma), one value in `outlier_every` (a power of two) scaled
+// by `outlier_scale`, so that quantization groups and blocks differ in scale.
+Tensor random_normal_bf16(uint64_t seed, int64_t rows, int64_t cols, float sigma,
+                          uint64_t outlier_every, float outlier_scale) {
+  std::mt19937_64 rng(seed);
+  Tensor t = Tensor::empty(DType::bf16, {rows, cols});
+  std::normal_distribution<float> normal(0.0f, sigma);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    float v = normal(rng);
+    if ((rng() & (outlier_every - 1)) == 0) v *= outlier_scale;
+    store_from_f32(t.data(), DType::bf16, i, v);
+  }
+  return t;
+}
+
+// Whether a differing e4m3 byte is a rounding near-tie: value / scale (`ratio`) within one f32 ulp
+// of the midpoint of the two e4m3 values (spec/fp8.md allows those to round either way).
+bool near_tie(float ratio, uint8_t want, uint8_t got) {
+  const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
+  const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
+  return std::fabs(ratio - mid) <= ulp;
+}
+
 // spec/fp8.md: 1e-3 for f32 out, plus bf16's rounding (2^-8 relative, at most) for bf16 out.
 double gemm_tolerance(DType out) { return 1e-3 + (out == DType::bf16 ? 1.0 / 256 : 0.0); }
 
@@ -238,24 +261,14 @@ Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend b
       ++r.diffs;
       const float ratio = load_as_f32(x.data(), x.dtype(), m * x.stride(0) + k) /
                           scale_at(s_ref, layout, m, k / kBlock);
-      const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
-      const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
-      if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
+      r.near_ties += near_tie(ratio, want, got);
     }
   }
   return r;
 }
 
 Tensor random_bf16_weight(uint64_t seed, int64_t n, int64_t k) {
-  std::mt19937_64 rng(seed);
-  Tensor w = Tensor::empty(DType::bf16, {n, k});
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  for (int64_t i = 0; i < w.numel(); ++i) {
-    float v = normal(rng);
-    if ((rng() & 255) == 0) v *= 20.0f;
-    store_from_f32(w.data(), DType::bf16, i, v);
-  }
-  return w;
+  return random_normal_bf16(seed, n, k, 0.02f, 256, 20.0f);
 }
 
 Fp8WeightCheck check_fp8_quantize_weight(const TensorView& w, Backend backend) {
@@ -283,24 +296,14 @@ Fp8WeightCheck check_fp8_quantize_weight(const TensorView& w, Backend backend) {
       ++r.diffs;
       const float ratio = load_as_f32(w.data(), w.dtype(), n * w.stride(0) + k) /
                           s_ref.data_as<float>()[(n / kBlock) * ceil_div(K, kBlock) + k / kBlock];
-      const float mid = 0.5f * (f8e4m3_to_f32(want) + f8e4m3_to_f32(got));
-      const float ulp = std::nextafter(std::fabs(ratio), INFINITY) - std::fabs(ratio);
-      if (std::fabs(ratio - mid) <= ulp) ++r.near_ties;
+      r.near_ties += near_tie(ratio, want, got);
     }
   }
   return r;
 }
 
 Tensor random_fp8_activations(uint64_t seed, int64_t M, int64_t K) {
-  std::mt19937_64 rng(seed);
-  Tensor x = Tensor::empty(DType::bf16, {M, K});
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (int64_t i = 0; i < x.numel(); ++i) {
-    float v = normal(rng);
-    if ((rng() & 63) == 0) v *= 30.0f;
-    store_from_f32(x.data(), DType::bf16, i, v);
-  }
-  return x;
+  return random_normal_bf16(seed, M, K, 1.0f, 64, 30.0f);
 }
 
 Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed) {
