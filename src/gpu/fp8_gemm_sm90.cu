@@ -489,24 +489,20 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
   // Before the wait, what does not depend on the previous kernel: the weight scales, where the
   // host promises static weights (as for the early weight tiles), and the launch arguments read
-  // after it. Arguments are constant memory, a new copy per launch, so each cache line misses on
-  // first use; touched here, those misses overlap the previous grid's tail instead of adding to
-  // this call's chain (the same measured cure as the routing kernels', route_gpu_common.cuh). The
-  // branch only orders the reads before the wait; what it guards is harmless whatever they are.
+  // after it (vendor::wait_for_previous_grid_after: their constant-cache misses then overlap the
+  // previous grid's tail instead of adding to this call's chain).
   if (args.early_weights) {
     for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
   const auto word = [](auto v) { return static_cast<uint32_t>(v); };
-  const uint32_t mix =
+  vendor::wait_for_previous_grid_after(
       word(reinterpret_cast<uintptr_t>(args.scales.a)) ^ word(args.scales.a_row_stride) ^
       word(args.scales.a_group_stride) ^ word(args.scales.a_packed) ^
       word(reinterpret_cast<uintptr_t>(args.epilogue.out)) ^ word(args.epilogue.out_row_stride) ^
       word(args.epilogue.out_type) ^ word(args.epilogue.out_pairs) ^
       word(reinterpret_cast<uintptr_t>(args.epilogue.bias)) ^ word(args.epilogue.bias_stride) ^
-      word(args.epilogue.bias_type) ^ word(args.m) ^ word(args.n) ^ word(args.push_sums);
-  if (mix == 0x5bd1e995u) vendor::allow_next_grid();
-  vendor::wait_for_previous_grid();
+      word(args.epilogue.bias_type) ^ word(args.m) ^ word(args.n) ^ word(args.push_sums));
 
   // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
   // of independent loads per thread, then the stores (one memory latency, not one per element).

@@ -22,8 +22,8 @@ constexpr uint32_t kNoId = 0xffffffffu;
 // Phase clocks of one row, for development only (compile with -DMOEKIT_ROUTE_TRACE; off, every
 // call compiles away): lane 0 of the first row prints the SM clock cycles between consecutive
 // marks (entry, after the wait, bias, keys, sort, rounds, weights, stores), in one launch of every
-// 256. mark_after(i, v) reads the clock only once v is
-// known (a branch on it), so the mark cannot move above the work that produced v.
+// 256. mark_after(i, v) reads the clock only once v is known (a branch on it), so the mark cannot
+// move above the work that produced v.
 #ifdef MOEKIT_ROUTE_TRACE
 __device__ unsigned int route_trace_launches = 0;
 struct RouteTrace {
@@ -99,27 +99,24 @@ struct RouteArgs {
   bool early_terms;       // v3 softmax by p: start the ordered denominator beside the sort
 };
 
-// Waits for the previous grid (programmatic dependent launch), first reading the launch
-// arguments. They are constant memory, a new copy for every launch, so the first use of each of
-// their cache lines misses; at decode ncu counted ~0.8 stall cycles per issued instruction on these
-// misses (Kimi-K2, 2 tokens), spread over the row's chain. One word of every 16 bytes read here
-// brings the lines in while the previous grid still runs. The branch only orders the reads before
-// the wait: what it guards (letting the next grid start, which follows anyway) is harmless
-// whatever the words are. MOEKIT_ROUTE_NO_ARG_TOUCH (compile time) leaves the reads out, to
+// Waits for the previous grid (programmatic dependent launch) after reading one word of every 16
+// bytes of the launch arguments (vendor::wait_for_previous_grid_after: their constant-cache misses
+// then overlap the previous grid; ncu counted ~0.8 stall cycles per issued instruction on them at
+// decode, Kimi-K2, 2 tokens). MOEKIT_ROUTE_NO_ARG_TOUCH (compile time) leaves the reads out, to
 // measure them.
 __device__ __forceinline__ void read_args_then_wait(const RouteArgs& a) {
 #ifndef MOEKIT_ROUTE_NO_ARG_TOUCH
   static_assert(sizeof(RouteArgs) <= 176, "touch a word of every 16 bytes of the arguments");
   const auto word = [](auto v) { return static_cast<uint32_t>(v); };
-  const uint32_t mix = word(reinterpret_cast<uintptr_t>(a.logits)) ^ word(a.bias_type) ^
-                       word(a.weights_row_stride) ^ word(a.ids_row_stride) ^ word(a.ids_i64) ^
-                       word(a.num_tokens) ^ word(a.num_experts) ^ word(a.num_groups) ^
-                       word(a.topk_groups) ^ word(a.group_register_lanes) ^
-                       word(a.group_scan_per_lane) ^ word(a.group_lanes_log2) ^ word(a.mode) ^
-                       word(a.renormalize) ^ word(a.block_warps) ^ word(a.early_terms);
-  if (mix == 0x5bd1e995u) vendor::allow_next_grid();
-#endif
+  vendor::wait_for_previous_grid_after(
+      word(reinterpret_cast<uintptr_t>(a.logits)) ^ word(a.bias_type) ^ word(a.weights_row_stride) ^
+      word(a.ids_row_stride) ^ word(a.ids_i64) ^ word(a.num_tokens) ^ word(a.num_experts) ^
+      word(a.num_groups) ^ word(a.topk_groups) ^ word(a.group_register_lanes) ^
+      word(a.group_scan_per_lane) ^ word(a.group_lanes_log2) ^ word(a.mode) ^ word(a.renormalize) ^
+      word(a.block_warps) ^ word(a.early_terms));
+#else
   vendor::wait_for_previous_grid();
+#endif
 }
 
 // ---- Scalar math, written as the reference writes it (separate roundings, accurate functions).

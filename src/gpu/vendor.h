@@ -9,7 +9,7 @@
 //   half_bits_to_float(u16)   IEEE binary16 bits to f32
 //   lowest_lane(mask)         index of the lowest set bit of a ballot
 //   wait_for_previous_grid(), allow_next_grid()   programmatic dependent launch (no-ops where the
-//                             vendor has none)
+//                             vendor has none; wait_for_previous_grid_after(touched) below)
 //   launch(kernel, grid, block, shared_bytes, stream, overlap_previous, args...)   host side
 //   e4m3x2_from_floats(lo, hi)   two f32 -> two OCP e4m3fn bytes (lo in the low byte): round to
 //                             nearest even, +-448 saturation (inf too), NaN stays NaN (its sign
@@ -31,4 +31,17 @@
 namespace moekit::gpu {
 // Lanes of the logical warp every kernel is written for.
 inline constexpr int kLanes = 32;
+
+namespace vendor {
+// wait_for_previous_grid(), ordered after the reads that produced `touched`: a kernel combines a
+// word of each cache line of its launch arguments into `touched`, so that those lines (constant
+// memory, a new copy for every launch, a miss on first use) arrive while the previous grid still
+// runs instead of in this one's chain after the wait (docs/perf/routing.md, session 5). The branch
+// is what orders the reads first; what it guards, letting the next grid start, is harmless
+// whatever the words are (every kernel that waits also allows it).
+__device__ __forceinline__ void wait_for_previous_grid_after(uint32_t touched) {
+  if (touched == 0x5bd1e995u) allow_next_grid();
+  wait_for_previous_grid();
+}
+}  // namespace vendor
 }  // namespace moekit::gpu
