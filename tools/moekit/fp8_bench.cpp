@@ -75,6 +75,16 @@ OpOptions bench_op_options(Backend backend, int threads, const std::string& impl
   return op;
 }
 
+// Copies of a weight covering >= 64 MiB (at most 8), for calls to rotate over: the weights then
+// come from memory, as in a model (each layer has its own).
+std::vector<Tensor> weight_copies(const TensorView& w) {
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(w.nbytes(), 1), 1, 8));
+  std::vector<Tensor> weights;
+  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(w, Device::cpu()));
+  return weights;
+}
+
 Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t seed) {
   const int64_t N = shape.n, K = shape.k;
   const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
@@ -90,16 +100,11 @@ Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t s
   block_fp8_gemm(first_rows(in.a, rows), first_rows(in.a_scales, rows), ScaleLayout::row_major,
                  in.b, in.b_scales, std::nullopt, ref, OpOptions{Backend::reference});
   row.verified = relative_mean_error(out, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
-  // Weights rotate over copies covering >= 64 MiB, so that they come from memory as in a model
-  // (each layer has its own).
-  const size_t weight_bytes = in.b.nbytes();
-  const int copies = static_cast<int>(
-      std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(weight_bytes, 1), 1, 8));
-  std::vector<Tensor> weights;
-  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(in.b, Device::cpu()));
+  const std::vector<Tensor> weights = weight_copies(in.b);
   row.median_us = median_us([&](int i) {
     block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major,
-                   weights[static_cast<size_t>(i % copies)], in.b_scales, std::nullopt, out, op);
+                   weights[static_cast<size_t>(i) % weights.size()], in.b_scales, std::nullopt, out,
+                   op);
   });
   row.bytes = static_cast<double>(in.b.nbytes() + in.b_scales.nbytes() + in.a.nbytes() +
                                   in.a_scales.nbytes() + out.nbytes());
@@ -127,14 +132,10 @@ Row bench_linear(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t
   w8a8_block_fp8_linear(first_rows(x, rows), w.b, w.b_scales, std::nullopt, ref,
                         ref_workspace.data(), ref_bytes, OpOptions{Backend::reference});
   row.verified = relative_mean_error(y, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
-  const size_t weight_bytes = w.b.nbytes();                       // rotating as in bench_gemm
-  const int copies = static_cast<int>(
-      std::clamp<size_t>((size_t{64} << 20) / std::max<size_t>(weight_bytes, 1), 1, 8));
-  std::vector<Tensor> weights;
-  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(w.b, Device::cpu()));
+  const std::vector<Tensor> weights = weight_copies(w.b);
   row.median_us = median_us([&](int i) {
-    w8a8_block_fp8_linear(x, weights[static_cast<size_t>(i % copies)], w.b_scales, std::nullopt, y,
-                          workspace.data(), workspace_bytes, op);
+    w8a8_block_fp8_linear(x, weights[static_cast<size_t>(i) % weights.size()], w.b_scales,
+                          std::nullopt, y, workspace.data(), workspace_bytes, op);
   });
   row.bytes = static_cast<double>(x.nbytes() + w.b.nbytes() + w.b_scales.nbytes() + y.nbytes());
   return row;

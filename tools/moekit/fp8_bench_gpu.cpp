@@ -38,6 +38,16 @@ struct GpuRow {
 
 constexpr const char* kGemmImplementations[] = {"gpu.cublaslt", "gpu.sm90", "gpu"};
 
+// Copies of a weight on the GPU covering >= 256 MiB (several times L2; at most 16), for the calls
+// of a graph to rotate over.
+std::vector<Tensor> weight_copies(const TensorView& w) {
+  const int copies = static_cast<int>(
+      std::clamp<size_t>((size_t{256} << 20) / std::max<size_t>(w.nbytes(), 1), 1, 16));
+  std::vector<Tensor> weights;
+  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(w, Device::gpu()));
+  return weights;
+}
+
 std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t N, int64_t K,
                                      uint64_t seed) {
   const Device gpu = Device::gpu();
@@ -45,12 +55,9 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
   const Tensor a = Tensor::copy_of(in.a, gpu), b_scales = Tensor::copy_of(in.b_scales, gpu);
   const Tensor as_row = Tensor::copy_of(in.a_scales, gpu);
   const Tensor as_col = Tensor::copy_of(column_major_scales(in.a_scales), gpu);
-  // Weight copies covering >= 256 MiB (several times L2).
+  const std::vector<Tensor> weights = weight_copies(in.b);
   const size_t weight_bytes = in.b.nbytes();
-  const int copies = static_cast<int>(
-      std::clamp<size_t>((size_t{256} << 20) / std::max<size_t>(weight_bytes, 1), 1, 16));
-  std::vector<Tensor> weights;
-  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(in.b, gpu));
+  const int copies = static_cast<int>(weights.size());
   Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
   const int64_t rows = std::min<int64_t>(M, K > 8192 ? 2 : 4);
   Tensor ref = Tensor::empty(DType::f32, {rows, N});
@@ -99,11 +106,9 @@ GpuRow bench_linear_gpu(const std::string& name, int64_t M, int64_t N, int64_t K
   const Tensor x_host = random_fp8_activations(seed, M, K);
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, N, K, seed + 1);  // its b and b_scales
   const Tensor x = Tensor::copy_of(x_host, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
-  const size_t weight_bytes = w.b.nbytes();  // rotating as in bench_gemm_shape
-  const int copies = static_cast<int>(
-      std::clamp<size_t>((size_t{256} << 20) / std::max<size_t>(weight_bytes, 1), 1, 16));
-  std::vector<Tensor> weights;
-  for (int i = 0; i < copies; ++i) weights.push_back(Tensor::copy_of(w.b, gpu));
+  const std::vector<Tensor> weights = weight_copies(w.b);
+  const size_t weight_bytes = w.b.nbytes();
+  const int copies = static_cast<int>(weights.size());
   Tensor y = Tensor::empty(DType::bf16, {M, N}, gpu);
   const size_t workspace_bytes = w8a8_block_fp8_linear_workspace_size(M, K);
   Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(workspace_bytes)}, gpu);
