@@ -43,6 +43,7 @@
 #include "gpu/route_gpu_kernels.cuh"
 #include "gpu/route_gpu_v2.cuh"
 #include "gpu/route_gpu_v3.cuh"
+#include "gpu/route_gpu_v4.cuh"
 #include "gpu/vendor.h"
 
 namespace moekit::gpu {
@@ -1115,8 +1116,24 @@ int resident_blocks_per_sm(KernelFn kernel, int threads, size_t shared_bytes, in
   return blocks;
 }
 
-// v3, for a problem v3_declines() accepts, in a layout v3_row_lanes_fit() accepts. The grid is at
-// most what is resident at once (no partial wave; the rows are a grid-stride loop).
+// Launches `kernel` over the problem's rows with a grid of at most what is resident at once (no
+// partial wave; the kernel walks the rows in a grid-stride loop).
+void launch_resident_rows(const RouteProblem& p, KernelFn kernel, size_t scratch_bytes,
+                          const RouteArgs& a, int rows_per_warp) {
+  const int device = p.logits.device().index;
+  DeviceGuard on_device(device);
+  const int threads = a.block_warps * kLanes;
+  const int64_t rows_per_block = static_cast<int64_t>(a.block_warps) * rows_per_warp;
+  const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
+  const int64_t resident = static_cast<int64_t>(device_properties(device).sm_count) *
+                           resident_blocks_per_sm(kernel, threads, scratch_bytes, device);
+  const auto blocks = static_cast<unsigned>(std::min(blocks_needed, resident));
+  MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(blocks), dim3(threads), scratch_bytes,
+                                  static_cast<cudaStream_t>(p.stream),
+                                  programmatic_launch_allowed(device), a));
+}
+
+// v3, for a problem v3_declines() accepts, in a layout v3_row_lanes_fit() accepts.
 void route_v3(const RouteProblem& p, V3Shape shape) {
   const Layout layout = v3_layout(p, shape);
   RouteArgs a = common_args(p, layout.v);
@@ -1127,22 +1144,82 @@ void route_v3(const RouteProblem& p, V3Shape shape) {
     a.group_register_lanes = a.experts_per_group / shape.experts_per_lane;
     a.group_lanes_log2 = log2_of(a.group_register_lanes);
   }
-  const int rows_per_warp = kLanes / shape.row_lanes;
   const size_t scratch_bytes =
       a.mode == Mode::softmax_by_prob
           ? sizeof(float) * kLanes * static_cast<size_t>(shape.experts_per_lane) * a.block_warps
           : 0;
-  const int device = p.logits.device().index;
-  DeviceGuard on_device(device);
-  const int threads = a.block_warps * kLanes;
-  const int64_t rows_per_block = static_cast<int64_t>(a.block_warps) * rows_per_warp;
-  const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
-  const int64_t resident = static_cast<int64_t>(device_properties(device).sm_count) *
-                           resident_blocks_per_sm(layout.kernel, threads, scratch_bytes, device);
-  const auto blocks = static_cast<unsigned>(std::min(blocks_needed, resident));
-  MOEKIT_GPU_CHECK(vendor::launch(layout.kernel, dim3(blocks), dim3(threads), scratch_bytes,
-                                  static_cast<cudaStream_t>(p.stream),
-                                  programmatic_launch_allowed(device), a));
+  launch_resident_rows(p, layout.kernel, scratch_bytes, a, kLanes / shape.row_lanes);
+}
+
+// ---- v4 (route_gpu_v4.cuh): grouped sigmoid rows, two lanes per group, 32-bit keys first.
+
+std::string v4_declines(const RouteProblem& p) {
+  const DType dtype = p.logits.dtype();
+  if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
+    return "logits dtype " + std::string(dtype_name(dtype));
+  if (p.scoring != Scoring::sigmoid) return "scoring is not sigmoid";
+  if (p.num_groups <= 1) return "ungrouped routing";
+  if (p.num_groups > kV4MaxGroups)
+    return "G=" + std::to_string(p.num_groups) + " > " + std::to_string(kV4MaxGroups) + " groups";
+  if (p.experts_per_group() > kV4MaxGroupExperts)
+    return "groups of " + std::to_string(p.experts_per_group()) + " experts > " +
+           std::to_string(kV4MaxGroupExperts);
+  if (p.num_routed > kV4SortedKeys)
+    return "Kr=" + std::to_string(p.num_routed) + " > " + std::to_string(kV4SortedKeys) +
+           " routed slots";
+  if (p.topk > kV4MaxSlots)
+    return "K=" + std::to_string(p.topk) + " > " + std::to_string(kV4MaxSlots);
+  return "";
+}
+
+// MOEKIT_GPU_ROUTE_V4=0|1, read once: keep automatic calls off v4, or put them on it wherever it
+// serves (for measuring it against v3 / v2); unset, the measured rule.
+int v4_forced() {
+  static const int forced = [] {
+    const char* v4 = std::getenv("MOEKIT_GPU_ROUTE_V4");
+    if (v4 == nullptr) return -1;
+    return std::string(v4) == "1" ? 1 : std::string(v4) == "0" ? 0 : -1;
+  }();
+  return forced;
+}
+
+// MOEKIT_GPU_ROUTE_V4_KEYS=exact, read once: v4 skips its 32-bit keys and runs only the exact
+// pass (for measuring what the 32-bit keys save).
+bool v4_exact_keys_only() {
+  static const bool exact = [] {
+    const char* keys = std::getenv("MOEKIT_GPU_ROUTE_V4_KEYS");
+    return keys != nullptr && std::string(keys) == "exact";
+  }();
+  return exact;
+}
+
+// Where v4 pays (H200, DeepSeek-V3, docs/perf/routing.md session 6): 16384 tokens 20.9 vs 25.6 us
+// (v2), but 14.4 vs 13.3 at 8192 and 9.5 vs 7.6 at 4096: a warp's chain (two rows) is longer
+// than v3's (one row), its instructions per row fewer, so it pays once the SMs hold several waves.
+// Groups of more than 16 experts (a group always takes two lanes of 16).
+constexpr int64_t kV4MinTokens = 16384;
+constexpr int kV4MinExpertsPerGroup = 17;
+
+bool v4_automatic(const RouteProblem& p) {
+  if (!v4_declines(p).empty() || v4_forced() == 0) return false;
+  return v4_forced() == 1 ||
+         (p.num_tokens >= kV4MinTokens && p.experts_per_group() >= kV4MinExpertsPerGroup);
+}
+
+// v4, for a problem v4_declines() accepts. Vector loads need every group to start on a chunk.
+void route_v4(const RouteProblem& p) {
+  const bool f32 = p.logits.dtype() == DType::f32;
+  const int chunk = f32 ? V4Layout<V3LogitsF32>::kV : V4Layout<V3Logits16>::kV;
+  RouteArgs a = common_args(p, chunk);
+  const bool groups_on_chunks = a.experts_per_group % chunk == 0;
+  a.logits_vector_loads = a.logits_vector_loads && groups_on_chunks;
+  a.bias_vector_loads = a.bias_vector_loads && groups_on_chunks;
+  const bool narrow = !v4_exact_keys_only();
+  const KernelFn kernel = f32 ? (narrow ? route_group_lanes_v4_kernel<V3LogitsF32, true>
+                                        : route_group_lanes_v4_kernel<V3LogitsF32, false>)
+                              : (narrow ? route_group_lanes_v4_kernel<V3Logits16, true>
+                                        : route_group_lanes_v4_kernel<V3Logits16, false>);
+  launch_resident_rows(p, kernel, 0, a, kLanes / kV4RowLanes);
 }
 
 bool v3_switched_off(const RouteProblem& p) {
@@ -1151,6 +1228,8 @@ bool v3_switched_off(const RouteProblem& p) {
 
 RouteKernel automatic_kernel(const RouteProblem& p) {
   if (v2_switches().all_v1) return RouteKernel::v1;
+  // The switches that send calls back to v2 keep them off v4 too.
+  if (v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
   if (v3_declines(p).empty() && !v3_switched_off(p) && !v3_prefers_v2(p)) return RouteKernel::v3;
   return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
 }
@@ -1176,6 +1255,8 @@ std::string route_v2_declines(const RouteProblem& p) { return route_detail::v2_d
 
 std::string route_v3_declines(const RouteProblem& p) { return route_detail::v3_declines(p); }
 
+std::string route_v4_declines(const RouteProblem& p) { return route_detail::v4_declines(p); }
+
 bool route_v3_row_lanes_fit(const RouteProblem& p, int row_lanes) {
   return route_detail::v3_declines(p).empty() && route_detail::v3_row_lanes_fit(p, row_lanes);
 }
@@ -1193,6 +1274,13 @@ std::string route_kernel_name(const RouteProblem& p) {
     return "v1 (" + (why.empty() ? std::string("v2 switched off by the environment") : why) + "; " +
            not_v3 + ")";
   }
+  if (kernel == RouteKernel::v4)
+    return "v4 sigmoid, grouped, " + std::to_string(detail::kV4LanesPerGroup) +
+           " lanes per group (" + std::to_string(detail::kV4RowLanes) + " lanes per row, " +
+           std::to_string(kLanes / detail::kV4RowLanes) + " rows per warp), " +
+           (detail::v4_exact_keys_only() ? "64-bit keys"
+                                         : "32-bit keys (64-bit where truncated scores tie)") +
+           ", lanes sort their top " + std::to_string(detail::kV4SortedKeys) + " keys";
   if (kernel == RouteKernel::v3) {
     const detail::V3Shape shape = detail::v3_shape(p, RouteKernel::v3);
     const int rows = kLanes / shape.row_lanes;
@@ -1228,6 +1316,11 @@ void route_with_kernel(const RouteProblem& p, RouteKernel kernel) {
   if (p.num_tokens == 0) return;
   if (kernel == RouteKernel::automatic) kernel = route_detail::automatic_kernel(p);
   if (kernel == RouteKernel::v1) return route_detail::route_v1(p);
+  if (kernel == RouteKernel::v4) {
+    const std::string why = route_detail::v4_declines(p);
+    if (!why.empty()) fail("route", "kernel", "v4", "does not serve this problem: " + why);
+    return route_detail::route_v4(p);
+  }
   if (route_detail::is_v3(kernel)) {
     const std::string why = route_detail::v3_declines(p);
     if (!why.empty()) fail("route", "kernel", "v3", "does not serve this problem: " + why);

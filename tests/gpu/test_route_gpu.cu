@@ -404,6 +404,7 @@ TEST(GpuRoute, EmptyBatchDoesNothing) {
 // v3 for ungrouped Qwen rows, v2 for grouped DeepSeek-V3, each as gpu::route_kernel_name says.
 bool v3_switched_off_by_environment();
 bool v3_grouped_off_by_environment();
+bool v4_off_by_environment();
 
 TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
   SKIP_WITHOUT_GPU();
@@ -421,7 +422,7 @@ TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
     const bool grouped = model.name == "DeepSeek-V3";
     const bool v3_on =
         grouped ? !v3_grouped_off_by_environment() : !v3_switched_off_by_environment();
-    const std::string expected_prefix = v3_on ? "v3 " : "v2 ";
+    const std::string expected_prefix = v3_on ? "v3 " : "v2 ";  // (16 tokens: not v4)
     EXPECT_EQ(rows.front().detail.rfind(expected_prefix, 0), 0u)
         << model.name << ": " << rows.front().detail;
     if (grouped)
@@ -486,6 +487,13 @@ bool v3_switched_off_by_environment() {
 bool v3_grouped_off_by_environment() {
   const char* off = std::getenv("MOEKIT_GPU_ROUTE_V3_OFF");
   return v3_switched_off_by_environment() || (off != nullptr && std::string(off) == "grouped");
+}
+
+// Whether the environment keeps automatic calls off v4 (MOEKIT_GPU_ROUTE_V4=0, or grouped routing
+// off v3).
+bool v4_off_by_environment() {
+  const char* v4 = std::getenv("MOEKIT_GPU_ROUTE_V4");
+  return v3_grouped_off_by_environment() || (v4 != nullptr && std::string(v4) == "0");
 }
 
 // The validated problem of a case whose tensors are on the device.
@@ -1142,6 +1150,11 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
         if (model.config.num_groups > 1) {
           if (v3_grouped_off_by_environment()) {
             EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << ": " << name;
+          } else if (name.rfind("v4", 0) == 0) {  // DeepSeek-V3's long batches
+            EXPECT_EQ(model.name, "DeepSeek-V3") << name;
+            EXPECT_FALSE(v4_off_by_environment()) << model.name << ": " << name;
+          } else if (model.name == "DeepSeek-V3" && !v4_off_by_environment() && tokens >= 16384) {
+            ADD_FAILURE() << model.name << " at " << tokens << " tokens: " << name;
           } else if (name.rfind("v3", 0) == 0) {
             EXPECT_NE(name.find("grouped"), std::string::npos) << model.name << ": " << name;
             EXPECT_NE(name.find("32 lanes per row"), std::string::npos)
@@ -1359,6 +1372,191 @@ TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
     }
   }
   EXPECT_GT(fallback_rows, 100);
+}
+
+// ---- v4 (src/gpu/route_gpu_v4.cuh): grouped sigmoid rows with one lane per group, against the
+// reference and v1 on random shapes, bit for bit against v2 where v2 serves the same problem
+// (the same keys, sigmoid and slot-order sums), deterministic, graph-capturable, and declining
+// what it does not serve.
+
+// Why v4 and v2 decline a case (empty: they serve it).
+struct Declines {
+  std::string v4, v2;
+};
+Declines declines_of(RouteCase c) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs out = harness::make_poisoned_outputs(c);
+  const RouteProblem p = host_problem(c, in, out);
+  return {gpu::route_v4_declines(p), gpu::route_v2_declines(p)};
+}
+
+// A random problem that v4 serves: sigmoid, 2-8 groups of 1-32 experts, either group score, at
+// most 8 routed slots and 0-3 shared ones, any dtypes, bias or none, every input kind.
+RouteCase random_v4_case(std::mt19937_64& rng, uint64_t seed) {
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  RouteCase c = random_case(rng, seed);
+  c.label = "random v4";
+  RouterConfig& k = c.config;
+  k.scoring = Scoring::sigmoid;
+  k.softcap = 0.0f;
+  k.num_groups = 2 + static_cast<int>(rng() % 7);
+  const int EPG = chance(0.5) ? 32 : 1 + static_cast<int>(rng() % 32);
+  c.num_experts = k.num_groups * EPG;
+  k.topk_groups = 1 + static_cast<int>(rng() % k.num_groups);
+  k.group_score = chance(0.5) ? GroupScore::max : GroupScore::top2_sum;
+  const int routed = 1 + static_cast<int>(rng() % std::min(8, k.topk_groups * EPG));
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % 4) : 0;  // K <= 11 <= 16
+  k.topk = routed + k.num_shared_experts;
+  keep_unnormalized_weights_small(k);
+  if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
+  return c;
+}
+
+TEST(GpuRouteV4, RandomShapesAgreeWithReferenceV1AndV2) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV4.RandomShapes: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int compared = 0, failures = 0, against_v2 = 0;
+  for (int i = 0; i < 600 && compared < 300 && failures < 20; ++i) {
+    RouteCase c = random_v4_case(rng, rng());
+    if (c.tokens == 0) continue;
+    const Declines why = declines_of(c);
+    if (!why.v4.empty()) {
+      ADD_FAILURE() << describe(c) << ": v4 should serve it: " << why.v4;
+      ++failures;
+      continue;
+    }
+    Placement place;
+    if (rng() % 3 == 0) place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);  // misaligned
+    if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+    if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
+    ++compared;
+    bool pass = compare_with_v1(c, place, stream.get(), {{gpu::RouteKernel::v4, "v4"}});
+    if (why.v2.empty()) {
+      ++against_v2;
+      pass = expect_same_as_v2(c, harness::make_inputs(c), stream.get(), "v4 vs v2",
+                               gpu::RouteKernel::v4) &&
+             pass;
+    }
+    failures += !pass;
+  }
+  std::printf("compared %d random v4 problems (%d also byte for byte with v2)\n", compared,
+              against_v2);
+  EXPECT_GE(compared, 250);
+  EXPECT_GE(against_v2, 50);
+}
+
+TEST(GpuRouteV4, DeepSeekV3IsV2sBitForBit) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV4.DeepSeekV3IsV2sBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  const harness::ModelRow* v3_row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table())
+    if (model.name == "DeepSeek-V3") v3_row = &model;
+  ASSERT_NE(v3_row, nullptr);
+  uint64_t n = 0;
+  int failures = 0;
+  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+    for (int64_t tokens : {1, 2, 3, 4, 5, 7, 8, 16, 33, 64, 255, 1031, 8192, 16387}) {
+      const InputKind kind = kAllKinds[n % std::size(kAllKinds)];
+      RouteCase c = model_case(*v3_row, tokens, kind, dtype, seed + n++);
+      if (tokens % 2 == 0) c.ids_dtype = DType::i64;
+      const RouteInputs in = harness::make_inputs(c);
+      failures += !expect_same_as_v2(c, in, stream.get(), "v4 vs v2", gpu::RouteKernel::v4);
+      if (tokens <= 64)
+        failures += !expect_agreement(c, in, harness::run_reference(c, in),
+                                      run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v4),
+                                      "v4 vs reference");
+    }
+    if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+  }
+}
+
+TEST(GpuRouteV4, BitwiseDeterministicAndCapturesIntoCudaGraph) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const harness::ModelRow* v3_row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table())
+    if (model.name == "DeepSeek-V3") v3_row = &model;
+  ASSERT_NE(v3_row, nullptr);
+  for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf}) {
+    RouteCase c = model_case(*v3_row, 4099, kind, DType::bf16, 7);
+    const RouteInputs in = harness::make_inputs(c);
+    const DeviceCase d = upload(c, in, {});
+    const RouteProblem problem = device_problem(c, d, stream.get());
+    gpu::route_with_kernel(problem, gpu::RouteKernel::v4);
+    gpu::synchronize(stream.get());
+    const std::vector<char> first = raw_outputs(c, d);
+    for (int run = 0; run < 3; ++run) {
+      gpu::route_with_kernel(problem, gpu::RouteKernel::v4);
+      gpu::synchronize(stream.get());
+      EXPECT_TRUE(raw_outputs(c, d) == first) << describe(c) << ": run " << run + 2 << " differs";
+    }
+  }
+  RouteCase c = model_case(*v3_row, 1031, InputKind::padding, DType::bf16, 13);
+  const RouteInputs in = harness::make_inputs(c);
+  const DeviceCase d = upload(c, in, {});
+  cudaGraph_t graph = nullptr;
+  MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
+  gpu::route_with_kernel(device_problem(c, d, stream.get()), gpu::RouteKernel::v4);
+  MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+  cudaGraphExec_t exec = nullptr;
+  MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+  EXPECT_TRUE(std::isnan(download(c, d).weights.data_as<float>()[0])) << describe(c);
+  for (int replay = 0; replay < 3; ++replay) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+  gpu::synchronize(stream.get());
+  expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
+                   "v4 replayed from a graph");
+  MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
+  MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+}
+
+TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const harness::ModelRow* v3_row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table())
+    if (model.name == "DeepSeek-V3") v3_row = &model;
+  ASSERT_NE(v3_row, nullptr);
+  const RouteCase c = model_case(*v3_row, 4, InputKind::random, DType::bf16, 5);
+  EXPECT_EQ(declines_of(c).v4, "");
+  auto declines = [&](const RouteCase& changed, const std::string& reason) {
+    const std::string why = declines_of(changed).v4;
+    EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
+  };
+  RouteCase softmax = c;
+  softmax.config.scoring = Scoring::softmax;
+  softmax.config.group_score = GroupScore::max;
+  softmax.has_bias = false;
+  declines(softmax, "not sigmoid");
+  RouteCase ungrouped = c;
+  ungrouped.config.num_groups = ungrouped.config.topk_groups = 1;
+  declines(ungrouped, "ungrouped");
+  RouteCase many_groups = c;
+  many_groups.config.num_groups = 16;
+  many_groups.config.topk_groups = 4;
+  declines(many_groups, "G=16");
+  RouteCase big_groups = c;
+  big_groups.num_experts = 512;
+  declines(big_groups, "groups of 64");
+  RouteCase many_routed = c;
+  many_routed.config.topk = 10;  // 9 routed + 1 shared
+  declines(many_routed, "Kr=9");
+  RouteCase many_slots = c;
+  many_slots.config.topk = 17;
+  many_slots.config.num_shared_experts = 9;
+  declines(many_slots, "K=17");
+  // Asking for v4 where it does not serve throws rather than running something else.
+  const RouteInputs in = harness::make_inputs(softmax);
+  const DeviceCase d = upload(softmax, in, {});
+  EXPECT_THROW(
+      gpu::route_with_kernel(device_problem(softmax, d, stream.get()), gpu::RouteKernel::v4),
+      Error);
 }
 
 TEST(GpuRuntime, DescribesDeviceAndTimes) {
