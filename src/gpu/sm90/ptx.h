@@ -172,6 +172,14 @@ __device__ __forceinline__ void registers_shrink() {
 #endif
 }
 
+// Orders this thread's earlier shared-memory writes (generic proxy) before later reads of the async
+// proxy: wgmma operands written by threads instead of the copy engine.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if MOEKIT_SM90A
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 // A barrier among `threads` threads of the CTA (whole warps) on hardware barrier `id` (1..15;
 // __syncthreads uses 0).
 __device__ __forceinline__ void named_barrier(int id, int threads) {
