@@ -26,6 +26,12 @@
 // where its whole k-range fits the ring it is built for two CTAs per SM, so that the next call's
 // CTAs load all their weights while this call runs.
 //
+// The linear layer at decode sizes (w8a8_linear_sm90_fused, M <= 16) runs the swap kernel built to
+// quantize bf16 x itself: the consumers read the CTA's rows of x (prefetched into L2 ahead of the
+// weights), quantize them with the group quantization's own helpers (fp8_quant_math.cuh) into
+// swizzled token tiles and scales in shared memory, then multiply as usual: no workspace, no
+// second kernel, and the GEMM's layout and split, so the same bits as the two-kernel path.
+//
 // Rows past M, columns past N and k past K are zeros filled in by the copy engine, and the
 // epilogue writes only inside [M, N]. The host builds both tensor maps per call
 // (cuTensorMapEncodeTiled through the runtime's driver entry point: no libcuda link) and passes
@@ -352,6 +358,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 constexpr int kMaxSplits = 8;        // portable cluster size
 constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is built for
+// Tokens up to which the fused linear layer is faster even where the ring does not hold a CTA's
+// k-range (see w8a8_linear_sm90_fused_supports).
+constexpr int kMaxTokensPastTheRing = 4;
 
 // kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
 // consumers into a region of their own, one tile per k-block of the CTA's range.
@@ -407,32 +416,33 @@ struct RingSlot {
   }
 };
 
-// The fused linear layer's token tiles: the consumer threads (`thread` 0..255) quantize tokens
-// t0.. of k-blocks kb_begin + i, i < count, where a group of the quantization (128 elements of a
-// row) is exactly a k-block. 8 lanes take a group, 16 elements each (two chunks), reduce its amax
-// with shuffles and write their 16 bytes into tile i, row `token`, where TMA's 128-byte swizzle
-// would put them (16-byte unit u of row r at unit u ^ r % 8), and the group's scale into
-// a_scales[i][token]. Columns past K are zeros; rows past M are zero bytes with scale 0, as the
-// copy engine fills them for the GEMM (their sums are never stored).
-template <int kTokens>
+// The fused linear layer's token tiles, quantized by the consumer threads (`thread` 0..255) before
+// their main loop: a group of the quantization (128 elements of a row) is exactly a k-block, so
+// group g is token g % tokens of k-block g / tokens of the CTA's range. 8 lanes take a group, 16
+// elements each (two chunks), reduce its amax with shuffles, write their 16 bytes into tile i, row
+// `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of row r at unit u ^ r % 8),
+// and the group's scale into a_scales[i][token] (one lane). Columns past K are zeros. Batches of
+// kBatch passes: every load of a batch is issued before any is quantized (these loads wait behind
+// the weight stream, so one batch for the whole k-range where the registers allow).
+template <int kTokens, int kBatch>
 __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t0, int kb_begin,
                                                      int count, uint8_t* token_tiles,
                                                      float* a_scales, int thread) {
   using Raw = RawChunk<Wide::bf16>;
   constexpr int kGroupLanes = kBlockK / (2 * kChunk);                    // 8
   constexpr int kGroupsPerPass = kConsumers * kWarpgroup / kGroupLanes;  // 32
-  constexpr int kBatch = 4;  // passes whose loads are in flight together
+  constexpr int kGroupsPerBatch = kBatch * kGroupsPerPass;
   const Activations& x = args.activations;
   const int lane = thread % kLanes, part = lane % kGroupLanes;
   const int tokens = min(kTokens, args.m - t0);
   const int groups = count * tokens;
-  // Warp-uniform trip counts: every lane reaches the shuffles.
-  for (int base = thread / kLanes * (kLanes / kGroupLanes); base < groups;
-       base += kBatch * kGroupsPerPass) {
-    Raw raw[kBatch][2];
+  const int first = thread / kGroupLanes;
+  // Passes past the last group are skipped whole (the same in every thread).
+  auto load = [&](int base, Raw(&raw)[kBatch][2]) {
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int group = base + b * kGroupsPerPass + lane / kGroupLanes;
+      if (base + b * kGroupsPerPass >= groups) break;
+      const int group = base + b * kGroupsPerPass + first;
       const int token = group % tokens, i = group / tokens;
       const int col = (kb_begin + i) * kBlockK + part * 2 * kChunk;
       const auto* row = static_cast<const uint16_t*>(x.x) + (t0 + token) * x.row_stride;
@@ -444,9 +454,12 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
         raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
       }
     }
+  };
+  auto quantize = [&](int base, const Raw(&raw)[kBatch][2]) {
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int group = base + b * kGroupsPerPass + lane / kGroupLanes;
+      if (base + b * kGroupsPerPass >= groups) break;
+      const int group = base + b * kGroupsPerPass + first;
       float amax = chunk_amax<Wide::bf16>(raw[b][1], chunk_amax<Wide::bf16>(raw[b][0], 0.0f));
 #pragma unroll
       for (int offset = 1; offset < kGroupLanes; offset <<= 1)
@@ -469,17 +482,29 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
           make_uint4(words[0], words[1], words[2], words[3]);
       if (part == 0) a_scales[i * kTokens + token] = scale;
     }
+  };
+  // Trip counts are the same in every lane of a warp: every lane reaches the shuffles.
+  for (int base = 0; base < groups; base += kGroupsPerBatch) {
+    Raw raw[kBatch][2];
+    load(base, raw);
+    quantize(base, raw);
   }
-  // Rows past M: 16 zero bytes a thread at a time, and their scales.
-  const int padding_units = count * (kTokens - tokens) * (kBlockK / 16);
-  for (int unit = thread; unit < padding_units; unit += kConsumers * kWarpgroup) {
-    const int per_tile = (kTokens - tokens) * (kBlockK / 16);
-    const int i = unit / per_tile, in_tile = unit % per_tile;
-    *reinterpret_cast<uint4*>(token_tiles + i * (kTokens * kBlockK) + tokens * kBlockK +
-                              in_tile * 16) = make_uint4(0, 0, 0, 0);
-  }
-  for (int j = thread; j < count * (kTokens - tokens); j += kConsumers * kWarpgroup)
-    a_scales[j / (kTokens - tokens) * kTokens + tokens + j % (kTokens - tokens)] = 0.0f;
+  sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+}
+
+// Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
+// fills them for the GEMM (their sums are never stored). The consumer threads (`thread` 0..255)
+// write them before waiting for the previous grid: they do not depend on it.
+template <int kTokens>
+__device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t* token_tiles,
+                                                  float* a_scales, int thread) {
+  const int padding = kTokens - tokens;
+  const int per_tile = padding * (kBlockK / 16);  // 16-byte units
+  for (int unit = thread; unit < count * per_tile; unit += kConsumers * kWarpgroup)
+    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * (kTokens * kBlockK) +
+                              tokens * kBlockK + unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
+  for (int j = thread; j < count * padding; j += kConsumers * kWarpgroup)
+    a_scales[j / padding * kTokens + tokens + j % padding] = 0.0f;
 }
 #endif
 
@@ -533,8 +558,19 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
-    if constexpr (!kCoResident) sm90::registers_shrink<kProducerRegisters>();
+    // Measured without register reallocation where the consumers quantize (all keep the launch's).
+    if constexpr (!kCoResident && !kQuantizeX) sm90::registers_shrink<kProducerRegisters>();
     if (threadIdx.x == kConsumers * kWarpgroup) {
+      if constexpr (kQuantizeX) {
+        // This CTA's x rows into L2 ahead of the weights (each row's k-range is contiguous).
+        const Activations& x = args.activations;
+        const int tokens = min(kTokens, args.m - t0);
+        const int col_end = min(kb_end * kBlockK, x.k);
+        for (int r = 0; r < tokens; ++r)
+          sm90::bulk_prefetch_l2(
+              static_cast<const uint16_t*>(x.x) + (t0 + r) * x.row_stride + kb_begin * kBlockK,
+              static_cast<uint32_t>(col_end - kb_begin * kBlockK) * 2);
+      }
       sm90::prefetch_tensor_map(&w_map);
       if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
       const int first = min(count, stage_count);
@@ -581,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     return;
   }
 
-  if constexpr (!kCoResident) sm90::registers_grow<kConsumerRegisters>();
+  if constexpr (!kCoResident && !kQuantizeX) sm90::registers_grow<kConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
@@ -593,14 +629,14 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
+  if constexpr (kQuantizeX) {
+    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), count, token_tiles, a_scales,
+                               consumer_thread);
+    sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+  }
   const auto word = [](auto v) { return static_cast<uint32_t>(v); };
-  const Activations& x = args.activations;
-  const uint32_t x_words = kQuantizeX
-                               ? word(reinterpret_cast<uintptr_t>(x.x)) ^ word(x.row_stride) ^
-                                     word(x.k) ^ __float_as_uint(x.eps) ^ word(x.ue8m0)
-                               : 0u;
   vendor::wait_for_previous_grid_after(
-      x_words ^ word(reinterpret_cast<uintptr_t>(args.scales.a)) ^ word(args.scales.a_row_stride) ^
+      word(reinterpret_cast<uintptr_t>(args.scales.a)) ^ word(args.scales.a_row_stride) ^
       word(args.scales.a_group_stride) ^ word(args.scales.a_packed) ^
       word(reinterpret_cast<uintptr_t>(args.epilogue.out)) ^ word(args.epilogue.out_row_stride) ^
       word(args.epilogue.out_type) ^ word(args.epilogue.out_pairs) ^
@@ -608,10 +644,10 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       word(args.epilogue.bias_type) ^ word(args.m) ^ word(args.n) ^ word(args.push_sums));
 
   if constexpr (kQuantizeX) {
-    // The whole k-range's token tiles and scales, while the weight tiles arrive.
-    quantize_token_tiles<kTokens>(args, t0, kb_begin, count, token_tiles, a_scales,
-                                  consumer_thread);
-    sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+    // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
+    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
+    quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
+                                                       a_scales, consumer_thread);
   } else {
     // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
     // of independent loads per thread, then the stores (one memory latency, not one per element).
@@ -1252,6 +1288,14 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
     return "the GEMM's plan is not a swap plan of 8 or 16 tokens whose token tiles fit shared "
            "memory (" +
            block_gemm_sm90_plan(g) + ")";
+  // Where a CTA's k-range is longer than its ring, the weight tiles past the ring wait until the
+  // consumers, who quantize first, free stages. Measured on an H200 (docs/perf/fp8-gpu-sm90.md,
+  // v8): beyond 4 tokens that costs more than the separate quantization kernel (N=4096 K=7168,
+  // 14 k-blocks per CTA, 12 stages: M=4 10.9 vs 12.0 us, M=8 12.6 vs 12.0, M=16 16.8 vs 13.3).
+  if (!plan.ring_holds_k_range && g.m > kMaxTokensPastTheRing)
+    return "M=" + str(g.m) + " > " + str(kMaxTokensPastTheRing) + " and a CTA's " +
+           str(fp8::ceil_div(g.k_blocks, plan.splits)) + " k-blocks exceed its ring of " +
+           str(plan.stages) + " stages (measured slower than quantizing in a kernel of its own)";
   return "";
 }
 

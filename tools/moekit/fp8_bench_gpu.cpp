@@ -246,9 +246,9 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       std::vector<int64_t> tokens;
     };
     const std::vector<Shape> shapes = {
-        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64}},
-        {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16}},
-        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16}},
+        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 8, 16, 64}},
+        {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 8, 16}},
+        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 4, 8, 16}},
     };
     for (const Shape& shape : shapes)
       for (int64_t M : shape.tokens)

@@ -121,6 +121,17 @@ __device__ __forceinline__ void tma_prefetch_2d(const void* map, int inner, int 
 #endif
 }
 
+// Pulls `bytes` (a multiple of 16, 16-byte aligned) at `global` into L2 only, like
+// tma_prefetch_2d: safe before the previous grid has finished.
+__device__ __forceinline__ void bulk_prefetch_l2(const void* global, uint32_t bytes) {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(global), "r"(bytes) : "memory");
+#else
+  (void)global;
+  (void)bytes;
+#endif
+}
+
 // ---- Warpgroup MMA bookkeeping.
 
 // Shared-memory matrix descriptor of a K-major operand tile stored by TMA with 128-byte swizzle:
