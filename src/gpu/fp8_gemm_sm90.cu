@@ -26,6 +26,12 @@
 // where its whole k-range fits the ring it is built for two CTAs per SM, so that the next call's
 // CTAs load all their weights while this call runs.
 //
+// The linear layer at decode sizes (w8a8_linear_sm90_fused, M <= 16) runs the swap kernel built to
+// quantize bf16 x itself: the consumers read the CTA's rows of x (prefetched into L2 ahead of the
+// weights), quantize them with the group quantization's own helpers (fp8_quant_math.cuh) into
+// swizzled token tiles and scales in shared memory, then multiply as usual: no workspace, no
+// second kernel, and the GEMM's layout and split, so the same bits as the two-kernel path.
+//
 // Rows past M, columns past N and k past K are zeros filled in by the copy engine, and the
 // epilogue writes only inside [M, N]. The host builds both tensor maps per call
 // (cuTensorMapEncodeTiled through the runtime's driver entry point: no libcuda link) and passes
@@ -44,6 +50,7 @@
 
 #include "gpu/fp8_gemm_sm90.h"
 #include "gpu/fp8_gpu.h"
+#include "gpu/fp8_quant_math.cuh"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu/sm90/ptx.h"
@@ -86,9 +93,20 @@ struct Epilogue {
   BiasType bias_type;
 };
 
+// The linear layer's bf16 activations [m, k], quantized inside the swap kernel (kQuantizeX) with
+// the group quantization's rule (group 128, eps, ue8m0 as the layer asks).
+struct Activations {
+  const void* x;
+  int64_t row_stride;  // elements
+  int k;
+  float eps;
+  bool ue8m0;
+};
+
 struct GemmArgs {
   Scales scales;
   Epilogue epilogue;
+  Activations activations;  // swap kernel with kQuantizeX only
   int m, n, k_blocks;
   int tiles_m, tiles_n;  // tiles kernel: out tiles of 128 x 128
   int splits;            // swap kernel: CTAs of one cluster that split K of one weight tile
@@ -338,13 +356,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 // accumulators are small), so that with PDL the next call's CTAs become resident beside this
 // call's and fill their rings while it finishes.
 
-constexpr int kMaxSplits = 8;  // portable cluster size
+constexpr int kMaxSplits = 8;        // portable cluster size
+constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is built for
+// Tokens up to which the fused linear layer is faster even where the ring does not hold a CTA's
+// k-range (see w8a8_linear_sm90_fused_supports).
+constexpr int kMaxTokensPastTheRing = 4;
 
-template <int kTokens, int kRows>
+// kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
+// consumers into a region of their own, one tile per k-block of the CTA's range.
+template <int kTokens, int kRows, bool kQuantizeX>
 struct Swap {
   static constexpr int kWeightBytes = kRows * kBlockK;
   static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
-  static constexpr int kStageBytes = kWeightBytes + kTokenBytes;
+  static constexpr int kStageBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
   static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
   // After the main loop the stages hold each consumer thread's partial sums.
   static constexpr int kPartialBytes = kConsumers * kRegisters * kWarpgroup * 4;
@@ -366,12 +390,15 @@ struct Swap {
   static size_t inbox_bytes(int splits) {
     return static_cast<size_t>(splits - 1) * kSenders * kRegisters * 4;
   }
-  // Shared memory: stages | full, empty barriers, sums barrier | a scales [L][kTokens] |
-  // b scales [L] | inbox (16-byte aligned).
+  // Shared memory: stages | token tiles [L] (kQuantizeX) | full, empty barriers, sums barrier |
+  // a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
+  static size_t token_tile_bytes(int k_blocks_per_split) {
+    return kQuantizeX ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
+  }
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
-           sizeof(uint64_t) + static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 +
-           inbox;
+           token_tile_bytes(k_blocks_per_split) + sizeof(uint64_t) +
+           static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
   }
 };
 
@@ -388,26 +415,121 @@ struct RingSlot {
     }
   }
 };
+
+// The fused linear layer's token tiles, quantized by the consumer threads (`thread` 0..255) before
+// their main loop: a group of the quantization (128 elements of a row) is exactly a k-block, so
+// group g is token g % tokens of k-block g / tokens of the CTA's range. 8 lanes take a group, 16
+// elements each (two chunks), reduce its amax with shuffles, write their 16 bytes into tile i, row
+// `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of row r at unit u ^ r % 8),
+// and the group's scale into a_scales[i][token] (one lane). Columns past K are zeros. Batches of
+// kBatch passes: every load of a batch is issued before any is quantized (these loads wait behind
+// the weight stream, so one batch for the whole k-range where the registers allow).
+template <int kTokens, int kBatch>
+__device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t0, int kb_begin,
+                                                     int count, uint8_t* token_tiles,
+                                                     float* a_scales, int thread) {
+  using Raw = RawChunk<Wide::bf16>;
+  constexpr int kGroupLanes = kBlockK / (2 * kChunk);                    // 8
+  constexpr int kGroupsPerPass = kConsumers * kWarpgroup / kGroupLanes;  // 32
+  constexpr int kGroupsPerBatch = kBatch * kGroupsPerPass;
+  const Activations& x = args.activations;
+  const int lane = thread % kLanes, part = lane % kGroupLanes;
+  const int tokens = min(kTokens, args.m - t0);
+  const int groups = count * tokens;
+  const int first = thread / kGroupLanes;
+  // Passes past the last group are skipped whole (the same in every thread).
+  auto load = [&](int base, Raw(&raw)[kBatch][2]) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * kGroupsPerPass >= groups) break;
+      const int group = base + b * kGroupsPerPass + first;
+      const int token = group % tokens, i = group / tokens;
+      const int col = (kb_begin + i) * kBlockK + part * 2 * kChunk;
+      const auto* row = static_cast<const uint16_t*>(x.x) + (t0 + token) * x.row_stride;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const bool inside = group < groups && col + (c + 1) * kChunk <= x.k;
+        const uint4 v = inside ? __ldg(reinterpret_cast<const uint4*>(row + col + c * kChunk))
+                               : make_uint4(0, 0, 0, 0);
+        raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
+      }
+    }
+  };
+  auto quantize = [&](int base, const Raw(&raw)[kBatch][2]) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * kGroupsPerPass >= groups) break;
+      const int group = base + b * kGroupsPerPass + first;
+      float amax = chunk_amax<Wide::bf16>(raw[b][1], chunk_amax<Wide::bf16>(raw[b][0], 0.0f));
+#pragma unroll
+      for (int offset = 1; offset < kGroupLanes; offset <<= 1)
+        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+      if (group >= groups) continue;
+      const float scale = group_scale(amax, x.eps, x.ue8m0);
+      uint32_t words[4];
+      with_divide(divisor_for(scale), [&](auto divide) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float v[kChunk];
+          decode_raw<Wide::bf16>(raw[b][c], v);
+          words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+          words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+        }
+      });
+      const int token = group % tokens, i = group / tokens;
+      uint8_t* row = token_tiles + i * (kTokens * kBlockK) + token * kBlockK;
+      *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
+          make_uint4(words[0], words[1], words[2], words[3]);
+      if (part == 0) a_scales[i * kTokens + token] = scale;
+    }
+  };
+  // Trip counts are the same in every lane of a warp: every lane reaches the shuffles.
+  for (int base = 0; base < groups; base += kGroupsPerBatch) {
+    Raw raw[kBatch][2];
+    load(base, raw);
+    quantize(base, raw);
+  }
+  sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+}
+
+// Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
+// fills them for the GEMM (their sums are never stored). The consumer threads (`thread` 0..255)
+// write them before waiting for the previous grid: they do not depend on it.
+template <int kTokens>
+__device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t* token_tiles,
+                                                  float* a_scales, int thread) {
+  const int padding = kTokens - tokens;
+  const int per_tile = padding * (kBlockK / 16);  // 16-byte units
+  for (int unit = thread; unit < count * per_tile; unit += kConsumers * kWarpgroup)
+    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * (kTokens * kBlockK) +
+                              tokens * kBlockK + unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
+  for (int j = thread; j < count * padding; j += kConsumers * kWarpgroup)
+    a_scales[j / padding * kTokens + tokens + j % padding] = 0.0f;
+}
 #endif
 
-template <int kTokens, int kRows, bool kCoResident>
+template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX>
 __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap x_map, const GemmArgs args) {
 #if MOEKIT_SM90A
-  using Config = Swap<kTokens, kRows>;
+  using Config = Swap<kTokens, kRows, kQuantizeX>;
   constexpr bool kAlternate = kRows == 64;
   constexpr int kRegisters = Config::kRegisters;
   extern __shared__ uint8_t shared_raw[];
   const int stage_count = args.stages;
+  const int splits = args.splits;
+  // The same offsets in every CTA (the largest count: the first ranks may hold one k-block less).
+  const int max_count = (args.k_blocks + splits - 1) / splits;
   uint8_t* stages = align_shared(shared_raw);
-  auto* full = reinterpret_cast<uint64_t*>(stages + stage_count * Config::kStageBytes);
+  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX
+  auto* full =
+      reinterpret_cast<uint64_t*>(token_tiles + (kQuantizeX ? max_count * Config::kTokenBytes : 0));
   uint64_t* empty = full + stage_count;
   uint64_t* sums_ready = empty + stage_count;                 // push_sums, in rank 0
   auto* a_scales = reinterpret_cast<float*>(sums_ready + 1);  // [L][kTokens]
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
-  const int splits = args.splits;
   const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
   const int n0 = static_cast<int>(blockIdx.x) / splits * kRows;
   const int t0 = static_cast<int>(blockIdx.y) * kTokens;
@@ -415,8 +537,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
   const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
   float* b_scales = a_scales + count * kTokens;
-  // The same offset in every CTA (the largest count: the first ranks may hold one k-block less).
-  const int max_count = (args.k_blocks + splits - 1) / splits;
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(a_scales + max_count * (kTokens + 1)) + 15) / 16 * 16);
   const bool push = splits > 1 && args.push_sums;
@@ -438,10 +558,21 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
-    if constexpr (!kCoResident) sm90::registers_shrink<kProducerRegisters>();
+    // Measured without register reallocation where the consumers quantize (all keep the launch's).
+    if constexpr (!kCoResident && !kQuantizeX) sm90::registers_shrink<kProducerRegisters>();
     if (threadIdx.x == kConsumers * kWarpgroup) {
+      if constexpr (kQuantizeX) {
+        // This CTA's x rows into L2 ahead of the weights (each row's k-range is contiguous).
+        const Activations& x = args.activations;
+        const int tokens = min(kTokens, args.m - t0);
+        const int col_end = min(kb_end * kBlockK, x.k);
+        for (int r = 0; r < tokens; ++r)
+          sm90::bulk_prefetch_l2(
+              static_cast<const uint16_t*>(x.x) + (t0 + r) * x.row_stride + kb_begin * kBlockK,
+              static_cast<uint32_t>(col_end - kb_begin * kBlockK) * 2);
+      }
       sm90::prefetch_tensor_map(&w_map);
-      sm90::prefetch_tensor_map(&x_map);
+      if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
       const int first = min(count, stage_count);
       int i = 0;
       if (args.early_weights) {
@@ -453,9 +584,11 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
                             (kb_begin + j) * kBlockK, n0);
         }
         vendor::wait_for_previous_grid();
-        for (int j = 0; j < first; ++j)
-          sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
-                            &full[j], (kb_begin + j) * kBlockK, t0);
+        if constexpr (!kQuantizeX) {
+          for (int j = 0; j < first; ++j)
+            sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
+                              &full[j], (kb_begin + j) * kBlockK, t0);
+        }
         i = first;
       } else {
         // The first weight tiles into L2 while the previous kernel finishes; then wait for it.
@@ -470,7 +603,8 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         const int k = (kb_begin + i) * kBlockK;
         sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
         sm90::tma_load_2d(stage, &w_map, &full[slot.stage], k, n0);
-        sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
+        if constexpr (!kQuantizeX)
+          sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
       }
     }
     __syncwarp();
@@ -483,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     return;
   }
 
-  if constexpr (!kCoResident) sm90::registers_grow<kConsumerRegisters>();
+  if constexpr (!kCoResident && !kQuantizeX) sm90::registers_grow<kConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
@@ -495,6 +629,11 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
+  if constexpr (kQuantizeX) {
+    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), count, token_tiles, a_scales,
+                               consumer_thread);
+    sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+  }
   const auto word = [](auto v) { return static_cast<uint32_t>(v); };
   vendor::wait_for_previous_grid_after(
       word(reinterpret_cast<uintptr_t>(args.scales.a)) ^ word(args.scales.a_row_stride) ^
@@ -504,23 +643,30 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       word(reinterpret_cast<uintptr_t>(args.epilogue.bias)) ^ word(args.epilogue.bias_stride) ^
       word(args.epilogue.bias_type) ^ word(args.m) ^ word(args.n) ^ word(args.push_sums));
 
-  // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
-  // of independent loads per thread, then the stores (one memory latency, not one per element).
-  constexpr int kScaleBatch = 8;
-  const int scale_count = count * kTokens;
-  for (int base = consumer_thread; base < scale_count;
-       base += kScaleBatch * kConsumers * kWarpgroup) {
-    float value[kScaleBatch];
+  if constexpr (kQuantizeX) {
+    // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
+    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
+    quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
+                                                       a_scales, consumer_thread);
+  } else {
+    // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
+    // of independent loads per thread, then the stores (one memory latency, not one per element).
+    constexpr int kScaleBatch = 8;
+    const int scale_count = count * kTokens;
+    for (int base = consumer_thread; base < scale_count;
+         base += kScaleBatch * kConsumers * kWarpgroup) {
+      float value[kScaleBatch];
 #pragma unroll
-    for (int j = 0; j < kScaleBatch; ++j) {
-      const int i = base + j * kConsumers * kWarpgroup;
-      const int token = min(t0 + i % kTokens, args.m - 1);
-      value[j] = i < scale_count ? a_scale(args.scales, token, kb_begin + i / kTokens) : 0.0f;
-    }
+      for (int j = 0; j < kScaleBatch; ++j) {
+        const int i = base + j * kConsumers * kWarpgroup;
+        const int token = min(t0 + i % kTokens, args.m - 1);
+        value[j] = i < scale_count ? a_scale(args.scales, token, kb_begin + i / kTokens) : 0.0f;
+      }
 #pragma unroll
-    for (int j = 0; j < kScaleBatch; ++j) {
-      const int i = base + j * kConsumers * kWarpgroup;
-      if (i < scale_count) a_scales[i] = value[j];
+      for (int j = 0; j < kScaleBatch; ++j) {
+        const int i = base + j * kConsumers * kWarpgroup;
+        if (i < scale_count) a_scales[i] = value[j];
+      }
     }
   }
   if (!args.early_weights) {
@@ -539,7 +685,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
     sm90::mbarrier_wait(&full[slot.stage], slot.phase);
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
-    multiply_k_block<kTokens>(part, stage + row_offset, stage + Config::kWeightBytes);
+    const uint8_t* token_tile =
+        kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
+    multiply_k_block<kTokens>(part, stage + row_offset, token_tile);
     if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
 
     const float sb = b_scales[i];
@@ -823,12 +971,20 @@ SwapOverrides swap_overrides() {
   return o;
 }
 
+// Weight rows per CTA and CTAs per cluster splitting K: they fix the order of the sums, so the
+// fused linear layer takes the GEMM's to write the same bits.
+struct SwapLayout {
+  int rows = 0;
+  int splits = 0;
+};
+
 // The swap layout (64 or 128 weight rows per CTA, 1, 2, 3, 4 or 8 CTAs per cluster splitting K)
 // with the least estimated time: waves of the clusters the device holds at once (several waves cost
-// much more than they save) x swap_wave_us. Returns false when no layout fits.
-template <int kTokens>
+// much more than they save) x swap_wave_us; or the `required` one. Returns false when no layout
+// fits. kQuantizeX: the kernels that quantize bf16 x themselves.
+template <int kTokens, bool kQuantizeX>
 bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int device_index,
-               Plan& plan) {
+               const SwapLayout* required, Plan& plan) {
   struct Variant {
     KernelFn kernel;
     KernelFn co_resident;  // null where the accumulators need more than half the registers
@@ -841,23 +997,25 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   constexpr bool kSmall = kTokens <= 16;  // the widths measured faster with two CTAs per SM
   KernelFn co_resident_128 = nullptr, co_resident_64 = nullptr;
   if constexpr (kSmall) {
-    co_resident_128 = gemm_swap_kernel<kTokens, 128, true>;
-    co_resident_64 = gemm_swap_kernel<kTokens, 64, true>;
+    co_resident_128 = gemm_swap_kernel<kTokens, 128, true, kQuantizeX>;
+    co_resident_64 = gemm_swap_kernel<kTokens, 64, true, kQuantizeX>;
   }
-  const Variant variants[] = {{gemm_swap_kernel<kTokens, 128, false>, co_resident_128, 128,
-                               Swap<kTokens, 128>::min_stages(), Swap<kTokens, 128>::kLateStages,
-                               Swap<kTokens, 128>::shared_bytes, Swap<kTokens, 128>::inbox_bytes},
-                              {gemm_swap_kernel<kTokens, 64, false>, co_resident_64, 64,
-                               Swap<kTokens, 64>::min_stages(), Swap<kTokens, 64>::kLateStages,
-                               Swap<kTokens, 64>::shared_bytes, Swap<kTokens, 64>::inbox_bytes}};
+  using Rows128 = Swap<kTokens, 128, kQuantizeX>;
+  using Rows64 = Swap<kTokens, 64, kQuantizeX>;
+  const Variant variants[] = {
+      {gemm_swap_kernel<kTokens, 128, false, kQuantizeX>, co_resident_128, 128,
+       Rows128::min_stages(), Rows128::kLateStages, Rows128::shared_bytes, Rows128::inbox_bytes},
+      {gemm_swap_kernel<kTokens, 64, false, kQuantizeX>, co_resident_64, 64, Rows64::min_stages(),
+       Rows64::kLateStages, Rows64::shared_bytes, Rows64::inbox_bytes}};
   const SwapOverrides overrides = swap_overrides();
   // Early weight loads only where the caller promises the previous kernel does not write B
   // (OpOptions::static_weights; the linear layer always can): else a load issued before
   // griddepcontrol.wait could read B before that kernel's last writes land.
   const bool early = overrides.early_weights >= 0 ? overrides.early_weights != 0 : p.b_static;
   const int64_t token_tiles = fp8::ceil_div(p.m, kTokens);
-  int forced_rows = 0, forced_splits = 0;
-  const bool forced = forced_swap(forced_rows, forced_splits);
+  int forced_rows = required != nullptr ? required->rows : 0;
+  int forced_splits = required != nullptr ? required->splits : 0;
+  const bool forced = required != nullptr || forced_swap(forced_rows, forced_splits);
   double best = 0.0;
   bool found = false;
   const Variant* chosen = nullptr;
@@ -941,15 +1099,15 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   if (p.m <= 128) {
     bool found = false;
     if (p.m <= 8)
-      found = plan_swap<8>(p, device, device_index, plan);
+      found = plan_swap<8, false>(p, device, device_index, nullptr, plan);
     else if (p.m <= 16)
-      found = plan_swap<16>(p, device, device_index, plan);
+      found = plan_swap<16, false>(p, device, device_index, nullptr, plan);
     else if (p.m <= 32)
-      found = plan_swap<32>(p, device, device_index, plan);
+      found = plan_swap<32, false>(p, device, device_index, nullptr, plan);
     else if (p.m <= 64)
-      found = plan_swap<64>(p, device, device_index, plan);
+      found = plan_swap<64, false>(p, device, device_index, nullptr, plan);
     else
-      found = plan_swap<128>(p, device, device_index, plan);
+      found = plan_swap<128, false>(p, device, device_index, nullptr, plan);
     if (found) return plan;
   }
   plan = Plan{};  // large M (or a k-range whose scales do not fit shared memory)
@@ -959,6 +1117,55 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
+}
+
+// The fused linear layer's plan: the swap layout the GEMM takes for the problem (the same sums in
+// the same order), built from the kernels that quantize x, with their own ring depth and co-
+// residency. False where the GEMM's plan is not a swap plan of 8 or 16 tokens, or where the token
+// tiles of a CTA's k-range do not fit beside the fewest stages.
+bool fused_linear_plan_for(const BlockGemmProblem& p, int device_index, Plan& plan) {
+  const DeviceProperties& device = device_properties(device_index);
+  const Plan gemm = plan_for(p, device_index);
+  if (!gemm.swap || gemm.tokens > kMaxFusedTokens) return false;
+  const SwapLayout layout{gemm.rows, gemm.splits};
+  plan = Plan{};
+  return gemm.tokens == 8 ? plan_swap<8, true>(p, device, device_index, &layout, plan)
+                          : plan_swap<16, true>(p, device, device_index, &layout, plan);
+}
+
+// Launches the plan's kernel: a cluster where K is split, programmatic dependent launch where the
+// grid is short.
+void launch(const Plan& plan, const CUtensorMap& first, const CUtensorMap& second,
+            const GemmArgs& args, void* stream, int device) {
+  MOEKIT_GPU_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(plan.kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(plan.shared_bytes)));
+  cudaLaunchConfig_t config{};
+  config.gridDim = plan.grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = plan.shared_bytes;
+  config.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attributes[2];
+  unsigned count = 0;
+  if (plan.splits > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = static_cast<unsigned>(plan.splits);
+    attributes[count].val.clusterDim.y = 1;
+    attributes[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  // Overlap helps short kernels (decode: 12.3 -> 10.6 us on an H200) but cost the 13-wave
+  // M=4096 tiles grid ~7 % in two runs: only grids of a few waves use it.
+  const int sm_count = device_properties(device).sm_count;
+  if (programmatic_launch_allowed(device) &&
+      (plan.swap || plan.grid.x <= 4u * static_cast<unsigned>(sm_count))) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  MOEKIT_GPU_CHECK(cudaLaunchKernelEx(&config, plan.kernel, first, second, args));
 }
 
 std::string str(int64_t v) { return std::to_string(v); }
@@ -1055,35 +1262,79 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.splits = 1;
   }
 
-  MOEKIT_GPU_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(plan.kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.shared_bytes)));
-  cudaLaunchConfig_t config{};
-  config.gridDim = plan.grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = plan.shared_bytes;
-  config.stream = static_cast<cudaStream_t>(p.stream);
-  cudaLaunchAttribute attributes[2];
-  unsigned count = 0;
-  if (plan.splits > 1) {
-    attributes[count].id = cudaLaunchAttributeClusterDimension;
-    attributes[count].val.clusterDim.x = static_cast<unsigned>(plan.splits);
-    attributes[count].val.clusterDim.y = 1;
-    attributes[count].val.clusterDim.z = 1;
-    ++count;
-  }
-  // Overlap helps short kernels (decode: 12.3 -> 10.6 us on an H200) but cost the 13-wave
-  // M=4096 tiles grid ~7 % in two runs: only grids of a few waves use it.
-  const int sm_count = device_properties(device).sm_count;
-  if (programmatic_launch_allowed(device) &&
-      (plan.swap || plan.grid.x <= 4u * static_cast<unsigned>(sm_count))) {
-    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attributes[count].val.programmaticStreamSerializationAllowed = 1;
-    ++count;
-  }
-  config.attrs = attributes;
-  config.numAttrs = count;
-  MOEKIT_GPU_CHECK(cudaLaunchKernelEx(&config, plan.kernel, first, second, args));
+  launch(plan, first, second, args, p.stream, device);
+}
+
+std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
+  // The same GEMM kernel the two-kernel path would run, or no bitwise equality with it.
+  if (std::string why = block_gemm_sm90_supports(p.gemm); !why.empty()) return why;
+  const BlockGemmProblem& g = p.gemm;
+  if (g.m > kMaxFusedTokens)
+    return "M=" + str(g.m) + " > " + str(kMaxFusedTokens) +
+           " (the quantization is fused into token tiles of 8 and 16)";
+  const TensorView& x = p.quant.x;
+  if (x.dtype() != DType::bf16) return "x is " + std::string(dtype_name(x.dtype())) + ", not bf16";
+  if (p.quant.group_size != kBlockK)
+    return "group_size=" + str(p.quant.group_size) + " is not the k-block of 128";
+  if (g.k % kChunk != 0)
+    return "K=" + str(g.k) + " is not a multiple of 8 (x rows are read 16 bytes at a time)";
+  if (reinterpret_cast<uintptr_t>(x.data()) % 16 != 0 || (g.m > 1 && x.stride(0) % kChunk != 0))
+    return "x rows are not 16-byte aligned (they are read 16 bytes at a time)";
+  if (g.m == 0 || g.n == 0) return "";
+  const int device = x.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (!fused_linear_plan_for(g, device, plan))
+    return "the GEMM's plan is not a swap plan of 8 or 16 tokens whose token tiles fit shared "
+           "memory (" +
+           block_gemm_sm90_plan(g) + ")";
+  // Where a CTA's k-range is longer than its ring, the weight tiles past the ring wait until the
+  // consumers, who quantize first, free stages. Measured on an H200 (docs/perf/fp8-gpu-sm90.md,
+  // v8): beyond 4 tokens that costs more than the separate quantization kernel (N=4096 K=7168,
+  // 14 k-blocks per CTA, 12 stages: M=4 10.9 vs 12.0 us, M=8 12.6 vs 12.0, M=16 16.8 vs 13.3).
+  if (!plan.ring_holds_k_range && g.m > kMaxTokensPastTheRing)
+    return "M=" + str(g.m) + " > " + str(kMaxTokensPastTheRing) + " and a CTA's " +
+           str(fp8::ceil_div(g.k_blocks, plan.splits)) + " k-blocks exceed its ring of " +
+           str(plan.stages) + " stages (measured slower than quantizing in a kernel of its own)";
+  return "";
+}
+
+std::string w8a8_linear_sm90_fused_plan(const W8a8LinearProblem& p) {
+  const BlockGemmProblem& g = p.gemm;
+  if (g.m == 0 || g.n == 0) return "nothing to do";
+  const int device = g.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (!fused_linear_plan_for(g, device, plan)) return "no fused plan";
+  char text[300];
+  std::snprintf(text, sizeof text,
+                "swap with x quantized in the kernel: %d tokens x %d weight rows per CTA, K split "
+                "%d ways (cluster), grid %u x %u, %d stages, %zu B shared%s%s%s",
+                plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
+                plan.shared_bytes, plan.early_weights ? ", early weight loads" : "",
+                plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
+  return text;
+}
+
+void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
+  const BlockGemmProblem& g = p.gemm;
+  if (g.m == 0 || g.n == 0) return;
+  const int device = g.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (!fused_linear_plan_for(g, device, plan))
+    fail("w8a8_block_fp8_linear", "backend", "gpu.sm90.fused", "has no plan for this shape");
+  GemmArgs args = args_of(g);
+  args.activations = {p.quant.x.data(), p.quant.x.stride(0), static_cast<int>(g.k), p.quant.eps,
+                      p.quant.ue8m0};
+  args.splits = plan.splits;
+  args.stages = plan.stages;
+  args.early_weights = plan.early_weights;
+  args.push_sums = plan.push_sums;
+  const CUtensorMap weight =
+      make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows);
+  const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map
+  launch(plan, weight, unused, args, g.stream, device);
 }
 
 }  // namespace moekit::gpu

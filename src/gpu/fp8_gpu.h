@@ -32,6 +32,14 @@ void block_fp8_gemm_matrix_units(const BlockGemmProblem& problem);
 std::string block_gemm_sm90_supports(const BlockGemmProblem& problem);
 void block_fp8_gemm_sm90(const BlockGemmProblem& problem);
 
+// w8a8_block_fp8_linear as one Hopper kernel (fp8_gemm_sm90.cu): the swap kernel of
+// block_fp8_gemm_sm90, whose consumers quantize bf16 x (group 128) into shared memory themselves
+// instead of reading the workspace the two-kernel path writes; M <= 16 (M <= 4 where a CTA's
+// k-range exceeds its ring: measured slower beyond). Same plan, same sums: the bytes equal
+// per_token_group_quant_fp8 then block_fp8_gemm_sm90's. Writes only y.
+std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& problem);
+void w8a8_linear_sm90_fused(const W8a8LinearProblem& problem);
+
 // block_fp8_gemm through cuBLASLt's block-scaled FP8 (fp8_gemm_cublaslt.cu): A scales VEC128,
 // B scales BLK128x128, compute capability 9.0.
 std::string cublaslt_gemm_supports(const BlockGemmProblem& problem);

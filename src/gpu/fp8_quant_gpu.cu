@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "gpu/fp8_gpu.h"
+#include "gpu/fp8_quant_math.cuh"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu/vendor.h"
@@ -31,9 +32,6 @@
 namespace moekit::gpu {
 namespace {
 
-enum class Wide : int { f32, f16, bf16 };  // the element types x and w may have
-
-constexpr int kChunk = 8;                       // elements per lane per pass
 constexpr int kPassElements = kLanes * kChunk;  // 256
 constexpr int kPasses = 4;                      // passes per unit
 constexpr int kUnitElements = kPasses * kPassElements;
@@ -81,12 +79,6 @@ struct WeightQuantArgs {
 
 // ---- Loads and stores of 8-element chunks.
 
-// The bits of 8 consecutive elements: 8 f32 words, or 4 words of 16-bit pairs (low half first).
-template <Wide kType>
-struct RawChunk {
-  uint32_t w[kType == Wide::f32 ? 8 : 4];
-};
-
 // Elements [first, first + 8) of base; those at or past `count` are 0. Vector loads when allowed
 // (first is a multiple of 8, so the chunk is then 16-byte aligned).
 template <Wide kType>
@@ -122,44 +114,6 @@ __device__ __forceinline__ RawChunk<kType> load_raw(const void* base, int64_t fi
 }
 
 template <Wide kType>
-__device__ __forceinline__ void decode_raw(const RawChunk<kType>& r, float (&v)[kChunk]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if constexpr (kType == Wide::f32) {
-      v[2 * j] = __uint_as_float(r.w[2 * j]);
-      v[2 * j + 1] = __uint_as_float(r.w[2 * j + 1]);
-    } else if constexpr (kType == Wide::bf16) {
-      v[2 * j] = __uint_as_float(r.w[j] << 16);
-      v[2 * j + 1] = __uint_as_float(r.w[j] & 0xffff0000u);
-    } else {
-      v[2 * j] = vendor::half_bits_to_float(static_cast<uint16_t>(r.w[j]));
-      v[2 * j + 1] = vendor::half_bits_to_float(static_cast<uint16_t>(r.w[j] >> 16));
-    }
-  }
-}
-
-// max(amax, |v|) over the chunk's values, each found as decode_raw finds it but by other
-// operations (|v| straight from the bits), so that the compiler does not keep the decoded values
-// for the division that decodes them again.
-template <Wide kType>
-__device__ __forceinline__ float chunk_amax(const RawChunk<kType>& r, float amax) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if constexpr (kType == Wide::f32) {
-      amax = fmaxf(amax, fabsf(__uint_as_float(r.w[2 * j])));
-      amax = fmaxf(amax, fabsf(__uint_as_float(r.w[2 * j + 1])));
-    } else if constexpr (kType == Wide::bf16) {
-      amax = fmaxf(amax, fabsf(__uint_as_float(__byte_perm(r.w[j], 0u, 0x1044))));  // low << 16
-      amax = fmaxf(amax, __uint_as_float(r.w[j] & 0x7fff0000u));
-    } else {
-      amax = fmaxf(amax, vendor::half_bits_to_float(static_cast<uint16_t>(r.w[j] & 0x7fffu)));
-      amax = fmaxf(amax, vendor::half_bits_to_float(static_cast<uint16_t>(r.w[j] >> 16 & 0x7fffu)));
-    }
-  }
-  return amax;
-}
-
-template <Wide kType>
 __device__ __forceinline__ void load_chunk(const void* base, int64_t first, int64_t count,
                                            bool vectors, float (&v)[kChunk]) {
   decode_raw<kType>(load_raw<kType>(base, first, count, vectors), v);
@@ -184,73 +138,6 @@ __device__ __forceinline__ float max_abs(const float (&v)[kChunk]) {
   return amax;
 }
 
-// x / scale, the f32 division rounded to nearest, computed as CUDA's own division (div.rn.f32)
-// computes it: a refined reciprocal r of the divisor, q = x * r, then q -= (scale * q - x) * r.
-// That sequence is exact whenever the operands pass its range check (FCHK, else a slow path);
-// here the divisor's half runs once per group, and the range holds by construction: a scale in
-// [2^-60, 2^60] and |x| >= 2^-80 keep x, scale and the quotient far from overflow and underflow.
-// A smaller |x| makes |x / scale| < 2^-20, whose e4m3 byte is a zero of x's sign; the sequence
-// then returns a value below 2^-18 of x's sign (the residual's rounding error, at most half the
-// least subnormal, times r is at most half of |x| * r), and the negated residual keeps -0 a -0
-// (-0 - r * (+0)). A scale outside the range is brought into it by a power of two, 2^100 or
-// 2^-100, and x with it: x * 2^100 is exact, and x * 2^-100 rounds only where |x / scale| < 2^-86
-// (a zero byte, of x's sign still). A power of two (every ue8m0 scale) multiplies by its
-// reciprocal, which is exact and so is the division; 0, inf and NaN multiply by 1 / scale too.
-// No path calls a division routine, which would spill a unit's values around the call.
-struct GroupDivisor {
-  float scale;
-  bool power_of_two;  // in [2^-126, 2^126]: x * (1 / scale), the reciprocal exact, is x / scale
-  bool fast;          // in [2^-60, 2^60]: divide_fast is exact
-};
-
-__device__ __forceinline__ GroupDivisor divisor_for(float scale) {
-  const uint32_t bits = __float_as_uint(scale);
-  GroupDivisor d;
-  d.scale = scale;
-  d.power_of_two = (bits & 0x7fffffu) == 0 && bits - 0x00800000u <= 0x7e000000u;
-  d.fast = bits - 0x21800000u <= 0x5d800000u - 0x21800000u;  // 2^-60 .. 2^60 (their bits)
-  return d;
-}
-
-// The refined reciprocal of a scale in [2^-60, 2^60] (CUDA's division's own: rcp.approx and one
-// Newton step).
-__device__ __forceinline__ float refined_reciprocal(float scale) {
-  const float approximate = __fdividef(1.0f, scale);
-  return __fmaf_rn(approximate, __fmaf_rn(approximate, -scale, 1.0f), approximate);
-}
-
-// x / scale for a scale in [2^-60, 2^60] and its refined reciprocal.
-__device__ __forceinline__ float divide_fast(float x, float scale, float reciprocal) {
-  const float q = __fmul_rn(x, reciprocal);
-  return __fmaf_rn(-reciprocal, __fmaf_rn(q, scale, -x), q);
-}
-
-// Four quotients as e4m3 bytes of a word, the first in the low byte.
-__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
-  return vendor::e4m3x2_from_floats(a, b) | uint32_t{vendor::e4m3x2_from_floats(c, d)} << 16;
-}
-
-// Calls body(divide) with divide(x) == x / the divisor's scale: the branch on the divisor's kind
-// is taken once for every value the body divides.
-template <class Body>
-__device__ __forceinline__ void with_divide(const GroupDivisor& d, Body&& body) {
-  const float scale = d.scale;
-  if (d.power_of_two) {
-    const float reciprocal = __uint_as_float(0x7f000000u - __float_as_uint(scale));  // exact
-    body([=](float x) { return __fmul_rn(x, reciprocal); });
-  } else if (d.fast) {
-    const float reciprocal = refined_reciprocal(scale);
-    body([=](float x) { return divide_fast(x, scale, reciprocal); });
-  } else if (scale > 0.0f && scale < INFINITY) {  // brought into the range, x with it
-    const float prescale = scale < 0x1p-60f ? 0x1p100f : 0x1p-100f;
-    const float divisor = scale * prescale, reciprocal = refined_reciprocal(divisor);
-    body([=](float x) { return divide_fast(__fmul_rn(x, prescale), divisor, reciprocal); });
-  } else {  // 0, inf or NaN (a scale is never negative): x * (1 / scale) is x / scale
-    const float reciprocal = scale == 0.0f ? INFINITY : scale == INFINITY ? 0.0f : scale;
-    body([=](float x) { return __fmul_rn(x, reciprocal); });
-  }
-}
-
 // e4m3(v / scale) for the 8 values, true divisions, as two words of bytes.
 __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const GroupDivisor& d,
                                                uint32_t& lo, uint32_t& hi) {
@@ -258,30 +145,6 @@ __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const G
     lo = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
     hi = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
   });
-}
-
-// amax / 448 rounded to nearest f32 (amax >= 0), without a division routine: in f64, a * RN(1/448)
-// corrected by its residual is a / 448 rounded to f64 (Markstein: exact for any f32 a, far from
-// f64's limits), and rounding that to f32 gives the f32 quotient (double rounding is innocuous
-// for a quotient of f32 numbers since 53 >= 2 * 24 + 2). The correction of inf would be NaN.
-__device__ __forceinline__ float divide_by_e4m3_max(float amax) {
-  constexpr double kReciprocal = 1.0 / static_cast<double>(kFp8E4m3Max);
-  const double a = amax;
-  const double q = __dmul_rn(a, kReciprocal);
-  const double quotient = __fma_rn(-kReciprocal, __fma_rn(q, kFp8E4m3Max, -a), q);
-  return amax == INFINITY ? amax : __double2float_rn(quotient);
-}
-
-// Steps 1-2 of the contract, exactly as reference::group_scale.
-__device__ __forceinline__ float group_scale(float amax, float eps, bool ue8m0) {
-  const float scale = divide_by_e4m3_max(fmaxf(amax, eps));
-  if (!ue8m0) return scale;
-  const uint32_t bits = __float_as_uint(scale);
-  const uint32_t exponent = bits >> 23, mantissa = bits & 0x7fffffu;
-  if (mantissa == 0) return scale;  // a power of two already (or inf)
-  // A subnormal's power of two above it is its mantissa's: 1 << ceil(log2(mantissa)).
-  if (exponent == 0) return __uint_as_float(1u << (32 - __clz(mantissa - 1)));
-  return __uint_as_float((exponent + 1) << 23);
 }
 
 // ---- per_token_group_quant_fp8

@@ -8,6 +8,7 @@
 
 #include "cpu/fp8_cpu.h"
 #ifdef MOEKIT_HAVE_GPU
+#include "gpu/fp8_gemm_sm90.h"
 #include "gpu/fp8_gpu.h"
 #endif
 #include "moekit/error.h"
@@ -69,8 +70,9 @@ namespace {
 
 // ---- Dispatch tables, fastest first; ops/dispatch.h says which entries a call considers.
 // GPU entries go first: for the GEMM and the linear layer the vendor library path
-// ("gpu.cublaslt"), then our Hopper tensor-core kernel ("gpu.sm90"), then our portable kernel
-// ("gpu"), which serves every call the others decline.
+// ("gpu.cublaslt"), then our Hopper tensor-core kernel ("gpu.sm90"; for the linear layer at decode
+// sizes "gpu.sm90.fused", which quantizes x inside it), then our portable kernel ("gpu"), which
+// serves every call the others decline.
 
 #ifdef MOEKIT_HAVE_GPU
 // The GPU linear layer: quantize on the GPU into the workspace, then the GEMM entry that serves.
@@ -167,9 +169,11 @@ const BlockGemmImplementation kBlockGemmTable[] = {
 const W8a8LinearImplementation kW8a8LinearTable[] = {
     MOEKIT_GPU_ENTRY(
         {"gpu.cublaslt", Backend::gpu, gpu_linear_cublaslt_supports, gpu_linear_cublaslt})
-        MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear}){
-            "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
-            cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
+        MOEKIT_GPU_ENTRY({"gpu.sm90.fused", Backend::gpu, gpu::w8a8_linear_sm90_fused_supports,
+                          gpu::w8a8_linear_sm90_fused, gpu::w8a8_linear_sm90_fused_plan})
+            MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear}){
+                "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
+                cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
     {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
      cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,

@@ -197,7 +197,7 @@ TEST(GpuFp8Dispatch, LinearLayerThroughEveryGpuEntry) {
     w8a8_block_fp8_linear(x, w, ws, std::nullopt, ref, host_ws.data(), bytes, {Backend::reference});
     const Tensor x_d = gpu_copy(x), w_d = gpu_copy(w), ws_d = gpu_copy(ws);
     Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
-    for (const char* name : {"gpu.cublaslt", "gpu"}) {
+    for (const char* name : {"gpu.cublaslt", "gpu.sm90.fused", "gpu"}) {
       OpOptions op;
       op.implementation = name;
       Tensor y = poisoned(DType::f32, c.m, c.n);

@@ -121,6 +121,17 @@ __device__ __forceinline__ void tma_prefetch_2d(const void* map, int inner, int 
 #endif
 }
 
+// Pulls `bytes` (a multiple of 16, 16-byte aligned) at `global` into L2 only, like
+// tma_prefetch_2d: safe before the previous grid has finished.
+__device__ __forceinline__ void bulk_prefetch_l2(const void* global, uint32_t bytes) {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(global), "r"(bytes) : "memory");
+#else
+  (void)global;
+  (void)bytes;
+#endif
+}
+
 // ---- Warpgroup MMA bookkeeping.
 
 // Shared-memory matrix descriptor of a K-major operand tile stored by TMA with 128-byte swizzle:
@@ -169,6 +180,14 @@ template <int kRegisters>
 __device__ __forceinline__ void registers_shrink() {
 #if MOEKIT_SM90A
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+#endif
+}
+
+// Orders this thread's earlier shared-memory writes (generic proxy) before later reads of the async
+// proxy: wgmma operands written by threads instead of the copy engine.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if MOEKIT_SM90A
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
 
