@@ -2,6 +2,9 @@
 # The one script for the GPU machine, run from anywhere in the repo:
 #   scripts/gpu_check.sh [--quick]     build (Release, sm_90a), GPU tests, `moekit check` and
 #                                      `moekit bench` on the GPU, the peer benchmark, a summary
+#   GPU_CHECK_PREBUILT=1 scripts/gpu_check.sh [--quick]   the same with build/gpu/moekit and
+#                                      build/gpu/moekit_gpu_tests built on a dev machine and carried
+#                                      (with build-deps for their shared libraries): no build here
 #   scripts/gpu_check.sh --pack-deps   (on a dev machine) copy gtest, fmt, CLI11 and nlohmann-json
 #                                      from /usr into build-deps/ (git-ignored), a CMake prefix the
 #                                      GPU machine uses when it lacks them: carry build-deps there.
@@ -52,7 +55,12 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 
 step "configure and build (Release, sm_90a)"
 BUILT=0
-if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+if [[ ${GPU_CHECK_PREBUILT:-0} == 1 && -x $BUILD/moekit && -x $BUILD/moekit_gpu_tests ]]; then
+  # Binaries built on a dev machine (same CMake options) and carried: no build time here.
+  export LD_LIBRARY_PATH=$DEPS/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  BUILT=1
+  note "using the carried binaries in $BUILD (GPU_CHECK_PREBUILT=1): not built here"
+elif ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   note "build skipped: cmake or ninja missing"
 else
   PREFIX=()
