@@ -1119,18 +1119,27 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   return plan;
 }
 
-// The fused linear layer's plan: the swap layout the GEMM takes for the problem (the same sums in
-// the same order), built from the kernels that quantize x, with their own ring depth and co-
-// residency. False where the GEMM's plan is not a swap plan of 8 or 16 tokens, or where the token
-// tiles of a CTA's k-range do not fit beside the fewest stages.
-bool fused_linear_plan_for(const BlockGemmProblem& p, int device_index, Plan& plan) {
+// The fused kernel's GEMM: its previous kernel is the caller's, not the layer's quantization, so
+// weights load before the wait only under the caller's promise (OpOptions::static_weights).
+BlockGemmProblem fused_gemm_of(const W8a8LinearProblem& p) {
+  BlockGemmProblem g = p.gemm;
+  g.b_static = p.static_weights;
+  return g;
+}
+
+// The fused linear layer's plan: the swap layout the two-kernel path's GEMM takes (the same sums
+// in the same order), built from the kernels that quantize x, with their own ring depth, co-
+// residency and early weight loads. False where the GEMM's plan is not a swap plan of 8 or 16
+// tokens, or where the token tiles of a CTA's k-range do not fit beside the fewest stages.
+bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& plan) {
   const DeviceProperties& device = device_properties(device_index);
-  const Plan gemm = plan_for(p, device_index);
+  const Plan gemm = plan_for(p.gemm, device_index);
   if (!gemm.swap || gemm.tokens > kMaxFusedTokens) return false;
   const SwapLayout layout{gemm.rows, gemm.splits};
+  const BlockGemmProblem fused = fused_gemm_of(p);
   plan = Plan{};
-  return gemm.tokens == 8 ? plan_swap<8, true>(p, device, device_index, &layout, plan)
-                          : plan_swap<16, true>(p, device, device_index, &layout, plan);
+  return gemm.tokens == 8 ? plan_swap<8, true>(fused, device, device_index, &layout, plan)
+                          : plan_swap<16, true>(fused, device, device_index, &layout, plan);
 }
 
 // Launches the plan's kernel: a cluster where K is split, programmatic dependent launch where the
@@ -1268,7 +1277,7 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
 std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
   // The same GEMM kernel the two-kernel path would run, or no bitwise equality with it.
   if (std::string why = block_gemm_sm90_supports(p.gemm); !why.empty()) return why;
-  const BlockGemmProblem& g = p.gemm;
+  const BlockGemmProblem g = fused_gemm_of(p);
   if (g.m > kMaxFusedTokens)
     return "M=" + str(g.m) + " > " + str(kMaxFusedTokens) +
            " (the quantization is fused into token tiles of 8 and 16)";
@@ -1284,7 +1293,7 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
   const int device = x.device().index;
   DeviceGuard on_device(device);
   Plan plan;
-  if (!fused_linear_plan_for(g, device, plan))
+  if (!fused_linear_plan_for(p, device, plan))
     return "the GEMM's plan is not a swap plan of 8 or 16 tokens whose token tiles fit shared "
            "memory (" +
            block_gemm_sm90_plan(g) + ")";
@@ -1300,12 +1309,12 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
 }
 
 std::string w8a8_linear_sm90_fused_plan(const W8a8LinearProblem& p) {
-  const BlockGemmProblem& g = p.gemm;
+  const BlockGemmProblem g = fused_gemm_of(p);
   if (g.m == 0 || g.n == 0) return "nothing to do";
   const int device = g.a.device().index;
   DeviceGuard on_device(device);
   Plan plan;
-  if (!fused_linear_plan_for(g, device, plan)) return "no fused plan";
+  if (!fused_linear_plan_for(p, device, plan)) return "no fused plan";
   char text[300];
   std::snprintf(text, sizeof text,
                 "swap with x quantized in the kernel: %d tokens x %d weight rows per CTA, K split "
@@ -1317,12 +1326,12 @@ std::string w8a8_linear_sm90_fused_plan(const W8a8LinearProblem& p) {
 }
 
 void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
-  const BlockGemmProblem& g = p.gemm;
+  const BlockGemmProblem g = fused_gemm_of(p);
   if (g.m == 0 || g.n == 0) return;
   const int device = g.a.device().index;
   DeviceGuard on_device(device);
   Plan plan;
-  if (!fused_linear_plan_for(g, device, plan))
+  if (!fused_linear_plan_for(p, device, plan))
     fail("w8a8_block_fp8_linear", "backend", "gpu.sm90.fused", "has no plan for this shape");
   GemmArgs args = args_of(g);
   args.activations = {p.quant.x.data(), p.quant.x.stride(0), static_cast<int>(g.k), p.quant.eps,

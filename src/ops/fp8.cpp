@@ -529,6 +529,7 @@ W8a8LinearProblem make_w8a8_linear_problem(const char* op, const TensorView& x,
   // The kernel just before the GEMM is this layer's quantization, which starts its successor only
   // once everything before it has finished: the weight may be read early whatever the caller says.
   p.gemm.b_static = true;
+  p.static_weights = options.static_weights;
   return p;
 }
 

@@ -90,7 +90,9 @@ struct BlockGemmProblem {
 // GEMM of those against the weight. Both halves are complete problems of their own.
 struct W8a8LinearProblem {
   GroupQuantProblem quant;
-  BlockGemmProblem gemm;
+  BlockGemmProblem gemm;        // gemm.b_static is true: after the layer's own quantization kernel
+  bool static_weights = false;  // the caller's promise (OpOptions): for a kernel that quantizes
+                                // x itself and so follows the caller's previous kernel directly
 };
 
 // block_quantize_weight: per 128 x 128 block of W, scale = max(amax, 1e-4) / 448.

@@ -125,6 +125,7 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
 
   OpOptions any;
   any.backend = Backend::gpu;
+  any.static_weights = true;  // as a model runner calls its layers
   const std::string dispatched = chosen_name(explain_w8a8_block_fp8_linear(
       x, weights[0], b_scales, std::nullopt, y, workspace.data(), workspace_bytes, any));
   // What the dispatch picks, and the entries after it that serve too (the fused entry's
@@ -306,7 +307,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       options.op == "gemm" ? "; weights static (OpOptions::static_weights)"
       : options.op == "linear"
           ? "; bf16 x quantized in the call (gpu.sm90.fused: inside the GEMM kernel; else by a "
-            "kernel of its own before it)"
+            "kernel of its own before it); weights static (OpOptions::static_weights)"
           : "");
   std::printf("%-38s %5s %-16s %10s %9s %9s %10s %8s\n", "shape", "M", "impl", "median us",
               "TFLOP/s", "GB/s", "floor us", "of floor");
