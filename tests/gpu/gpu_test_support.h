@@ -1,7 +1,13 @@
-// What every GPU test file needs: skipping on a machine without a GPU, and a stream per test.
+// What every GPU test file needs: skipping on a machine without a GPU, a stream per test, and a
+// printed seed for random tests.
 #pragma once
 
 #include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
 
 #include "gpu/gpu_check.h"
 #include "moekit/backend.h"
@@ -26,5 +32,14 @@ class Stream {
  private:
   cudaStream_t stream_ = nullptr;
 };
+
+// A random seed for `test`, or MOEKIT_TEST_SEED's, printed so that a failure can be repeated.
+inline uint64_t seed_for(const char* test) {
+  uint64_t seed = std::random_device{}();
+  if (const char* env = std::getenv("MOEKIT_TEST_SEED")) seed = std::strtoull(env, nullptr, 0);
+  std::printf("%s: seed %llu (MOEKIT_TEST_SEED to repeat)\n", test,
+              static_cast<unsigned long long>(seed));
+  return seed;
+}
 
 }  // namespace moekit::gpu_test

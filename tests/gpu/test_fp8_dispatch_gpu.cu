@@ -26,13 +26,7 @@
 namespace moekit {
 namespace {
 
-uint64_t seed_for(const char* test) {
-  uint64_t seed = std::random_device{}();
-  if (const char* env = std::getenv("MOEKIT_TEST_SEED")) seed = std::strtoull(env, nullptr, 0);
-  std::printf("%s: seed %llu (MOEKIT_TEST_SEED to repeat)\n", test,
-              static_cast<unsigned long long>(seed));
-  return seed;
-}
+using gpu_test::seed_for;
 
 Tensor random_e4m3(std::mt19937_64& rng, int64_t rows, int64_t cols) {
   Tensor t = Tensor::empty(DType::f8e4m3, {rows, cols});

@@ -31,13 +31,7 @@ namespace {
 constexpr const char* kFused = "gpu.sm90.fused";
 constexpr const char* kTwoKernels = "gpu";
 
-uint64_t seed_for(const char* test) {
-  uint64_t seed = std::random_device{}();
-  if (const char* env = std::getenv("MOEKIT_TEST_SEED")) seed = std::strtoull(env, nullptr, 0);
-  std::printf("%s: seed %llu (MOEKIT_TEST_SEED to repeat)\n", test,
-              static_cast<unsigned long long>(seed));
-  return seed;
-}
+using gpu_test::seed_for;
 
 Tensor gpu_copy(const Tensor& t) { return Tensor::copy_of(t.view(), Device::gpu()); }
 Tensor host_copy(const Tensor& t) { return Tensor::copy_of(t.view(), Device::cpu()); }
