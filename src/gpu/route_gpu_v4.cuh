@@ -96,8 +96,7 @@ struct V4Row {
   int r;                 // this lane in the row
   int g;                 // its group
   int my_first;          // its first expert
-  int my_count;          // its experts (0 past G)
-  int count;             // experts to load (0 in padding rows)
+  int count;             // its experts to load (0 past G and in padding rows)
 };
 
 template <class Logits>
@@ -324,8 +323,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 6)
       continue;
     }
     const int64_t row_offset = row * a.logits_row_stride;
-    const V4Row lane_row{a, format, row_lanes, my_bias,  row_offset,
-                         r, g,      my_first,  my_count, valid ? my_count : 0};
+    const V4Row lane_row{a, format,   row_lanes,           my_bias, row_offset, r,
+                         g, my_first, valid ? my_count : 0};
 
     // Slot r's expert (lanes r < Kr).
     int slot_id = 0;
