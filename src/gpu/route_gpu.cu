@@ -21,9 +21,10 @@
 // Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 //
-// v3 (route_gpu_v3.cuh) serves softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256
-// in groups of whole lanes, not softmax with top2_sum), where it was measured faster; v2
-// (route_gpu_v2.cuh) what it can of the rest (groups of whole lanes), this kernel everything else.
+// v4 (route_gpu_v4.cuh) serves long batches of grouped sigmoid rows (DeepSeek-V3's shape), v3
+// (route_gpu_v3.cuh) softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256 in groups of
+// whole lanes, not softmax with top2_sum), where it was measured faster; v2 (route_gpu_v2.cuh)
+// what it can of the rest (groups of whole lanes), this kernel everything else.
 // route_gpu_kernels.cuh says how to pick or switch off each (MOEKIT_GPU_ROUTE_V1=1,
 // MOEKIT_GPU_ROUTE_V2_OFF, MOEKIT_GPU_ROUTE_V3_OFF=1).
 #include <algorithm>
@@ -1206,14 +1207,13 @@ bool v4_automatic(const RouteProblem& p) {
          (p.num_tokens >= kV4MinTokens && p.experts_per_group() >= kV4MinExpertsPerGroup);
 }
 
-// v4, for a problem v4_declines() accepts. Vector loads need every group to start on a chunk.
+// v4, for a problem v4_declines() accepts. Vector loads of logits need every group to start on a
+// chunk (the kernel reads the bias element by element, once per block).
 void route_v4(const RouteProblem& p) {
   const bool f32 = p.logits.dtype() == DType::f32;
   const int chunk = f32 ? V4Layout<V3LogitsF32>::kV : V4Layout<V3Logits16>::kV;
   RouteArgs a = common_args(p, chunk);
-  const bool groups_on_chunks = a.experts_per_group % chunk == 0;
-  a.logits_vector_loads = a.logits_vector_loads && groups_on_chunks;
-  a.bias_vector_loads = a.bias_vector_loads && groups_on_chunks;
+  a.logits_vector_loads = a.logits_vector_loads && a.experts_per_group % chunk == 0;
   const bool narrow = !v4_exact_keys_only();
   const KernelFn kernel = f32 ? (narrow ? route_group_lanes_v4_kernel<V3LogitsF32, true>
                                         : route_group_lanes_v4_kernel<V3LogitsF32, false>)
