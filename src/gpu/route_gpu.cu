@@ -21,7 +21,9 @@
 // Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 //
-// v4 (route_gpu_v4.cuh) serves long batches of grouped sigmoid rows (DeepSeek-V3's shape), v3
+// v4 (route_gpu_v4.cuh) serves long batches of grouped sigmoid rows (DeepSeek-V3's shape), v5
+// (route_gpu_v5.cuh) sigmoid rows in whole warps with 32-bit keys (grouped below v4's batches,
+// ungrouped at decode sizes), v3
 // (route_gpu_v3.cuh) softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256 in groups of
 // whole lanes, not softmax with top2_sum), where it was measured faster; v2 (route_gpu_v2.cuh)
 // what it can of the rest (groups of whole lanes), this kernel everything else.
@@ -45,6 +47,7 @@
 #include "gpu/route_gpu_v2.cuh"
 #include "gpu/route_gpu_v3.cuh"
 #include "gpu/route_gpu_v4.cuh"
+#include "gpu/route_gpu_v5.cuh"
 #include "gpu/vendor.h"
 
 namespace moekit::gpu {
@@ -1222,6 +1225,91 @@ void route_v4(const RouteProblem& p) {
   launch_resident_rows(p, kernel, 0, a, kLanes / kV4RowLanes);
 }
 
+// ---- v5 (route_gpu_v5.cuh): sigmoid rows in whole warps, 32-bit keys first.
+
+// Experts per lane of a v5 launch: 8 (E <= 256) or 16 (E <= 512).
+int v5_experts_per_lane(int num_experts) { return num_experts <= kLanes * 8 ? 8 : 16; }
+
+std::string v5_declines(const RouteProblem& p) {
+  const DType dtype = p.logits.dtype();
+  if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
+    return "logits dtype " + std::string(dtype_name(dtype));
+  if (p.scoring != Scoring::sigmoid) return "scoring is not sigmoid";
+  constexpr int kMaxExperts = kLanes * 16;
+  if (p.num_experts > kMaxExperts)
+    return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kMaxExperts);
+  if (p.num_routed > kV5ListKeys)
+    return "Kr=" + std::to_string(p.num_routed) + " > " + std::to_string(kV5ListKeys) +
+           " routed slots";
+  if (p.topk > kV5MaxSlots)
+    return "K=" + std::to_string(p.topk) + " > " + std::to_string(kV5MaxSlots);
+  if (p.num_groups > 1) {
+    const int vpl = v5_experts_per_lane(p.num_experts), EPG = p.experts_per_group();
+    if (EPG % vpl != 0 || !is_power_of_two(EPG / vpl))
+      return "groups of " + std::to_string(EPG) + " experts are not whole runs of lanes (" +
+             std::to_string(vpl) + " experts per lane)";
+  }
+  return "";
+}
+
+// MOEKIT_GPU_ROUTE_V5=0|1, read once: keep automatic calls off v5, or put them on it wherever it
+// serves; unset, the measured rule. MOEKIT_GPU_ROUTE_V5_KEYS=exact: 64-bit keys only (to measure
+// what the 32-bit keys save).
+int v5_forced() {
+  static const int forced = [] {
+    const char* v5 = std::getenv("MOEKIT_GPU_ROUTE_V5");
+    if (v5 == nullptr) return -1;
+    return std::string(v5) == "1" ? 1 : std::string(v5) == "0" ? 0 : -1;
+  }();
+  return forced;
+}
+
+bool v5_exact_keys_only() {
+  static const bool exact = [] {
+    const char* keys = std::getenv("MOEKIT_GPU_ROUTE_V5_KEYS");
+    return keys != nullptr && std::string(keys) == "exact";
+  }();
+  return exact;
+}
+
+// Where v5 pays (H200, CUDA-graph replay, us per call, v5 against the rule without it;
+// docs/perf/routing.md, session 7):
+// - Grouped rows (DeepSeek-V3): 1 token 2.21 vs 2.49, 16 2.32 vs 2.59, 64 2.67 vs 2.64, 256 2.41
+//   vs 2.68, 1024 2.95 vs 3.21, 4096 5.64 vs 7.32, 8192 10.19 vs 12.94; v4 takes 16384 (19.8 both).
+// - Ungrouped, 8 experts per lane (GLM-4.5): 2.11-2.26 vs 2.16-2.28 up to 64 tokens, 2.31 vs 2.35
+//   at 256, then v3 (1024: 3.53 vs 2.65; 8192: 9.95 vs 9.51).
+// - Ungrouped, 16 experts per lane (Kimi-K2): 3.08 vs 3.44 at 1 token (where v2 serves), even or
+//   slower from 2 tokens (256: 3.50 vs 3.21; 16384: 27.6 vs 24.4).
+constexpr int64_t kV5UngroupedMaxTokens = 256;
+
+bool v5_automatic(const RouteProblem& p) {
+  if (!v5_declines(p).empty() || v5_forced() == 0) return false;
+  if (v5_forced() == 1 || p.num_groups > 1) return true;  // (v4 is asked first)
+  if (v5_experts_per_lane(p.num_experts) > 8) return p.num_tokens == 1;
+  return p.num_tokens <= kV5UngroupedMaxTokens;
+}
+
+template <class Logits>
+KernelFn v5_kernel(int experts_per_lane, bool narrow) {
+  if (experts_per_lane == 8)
+    return narrow ? route_rows_v5_kernel<Logits, 1, true> : route_rows_v5_kernel<Logits, 1, false>;
+  return narrow ? route_rows_v5_kernel<Logits, 2, true> : route_rows_v5_kernel<Logits, 2, false>;
+}
+
+// v5, for a problem v5_declines() accepts.
+void route_v5(const RouteProblem& p) {
+  const bool f32 = p.logits.dtype() == DType::f32;
+  const int vpl = v5_experts_per_lane(p.num_experts);
+  RouteArgs a = common_args(p, f32 ? 4 : 8);  // 16-byte pieces
+  a.bias_vector_loads = a.bias != nullptr && vector_loads_ok(a.bias, 0, dtype_size(p.bias.dtype()),
+                                                             kV5RunKeys);  // runs of 8
+  a.group_lanes_log2 = p.num_groups > 1 ? log2_of(p.experts_per_group() / vpl) : 0;
+  const bool narrow = !v5_exact_keys_only();
+  const KernelFn kernel =
+      f32 ? v5_kernel<V3LogitsF32>(vpl, narrow) : v5_kernel<V3Logits16>(vpl, narrow);
+  launch_resident_rows(p, kernel, 0, a, 1);
+}
+
 bool v3_switched_off(const RouteProblem& p) {
   return v3_switches().off || (v3_switches().off_grouped && p.num_groups > 1);
 }
@@ -1230,6 +1318,7 @@ RouteKernel automatic_kernel(const RouteProblem& p) {
   if (v2_switches().all_v1) return RouteKernel::v1;
   // The switches that send calls back to v2 keep them off v4 too.
   if (v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
+  if (v5_automatic(p) && !v3_switched_off(p)) return RouteKernel::v5;
   if (v3_declines(p).empty() && !v3_switched_off(p) && !v3_prefers_v2(p)) return RouteKernel::v3;
   return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
 }
@@ -1257,6 +1346,8 @@ std::string route_v3_declines(const RouteProblem& p) { return route_detail::v3_d
 
 std::string route_v4_declines(const RouteProblem& p) { return route_detail::v4_declines(p); }
 
+std::string route_v5_declines(const RouteProblem& p) { return route_detail::v5_declines(p); }
+
 bool route_v3_row_lanes_fit(const RouteProblem& p, int row_lanes) {
   return route_detail::v3_declines(p).empty() && route_detail::v3_row_lanes_fit(p, row_lanes);
 }
@@ -1281,6 +1372,13 @@ std::string route_kernel_name(const RouteProblem& p) {
            (detail::v4_exact_keys_only() ? "64-bit keys"
                                          : "32-bit keys (64-bit where truncated scores tie)") +
            ", lanes sort their top " + std::to_string(detail::kV4SortedKeys) + " keys";
+  if (kernel == RouteKernel::v5)
+    return "v5 sigmoid" + std::string(p.num_groups > 1 ? ", grouped" : "") + ", " +
+           std::to_string(detail::v5_experts_per_lane(p.num_experts)) +
+           " experts per lane, 1 row per warp, " +
+           (detail::v5_exact_keys_only() ? "64-bit keys"
+                                         : "32-bit keys (64-bit where truncated scores tie)") +
+           ", lanes sort their top 8 keys";
   if (kernel == RouteKernel::v3) {
     const detail::V3Shape shape = detail::v3_shape(p, RouteKernel::v3);
     const int rows = kLanes / shape.row_lanes;
@@ -1320,6 +1418,11 @@ void route_with_kernel(const RouteProblem& p, RouteKernel kernel) {
     const std::string why = route_detail::v4_declines(p);
     if (!why.empty()) fail("route", "kernel", "v4", "does not serve this problem: " + why);
     return route_detail::route_v4(p);
+  }
+  if (kernel == RouteKernel::v5) {
+    const std::string why = route_detail::v5_declines(p);
+    if (!why.empty()) fail("route", "kernel", "v5", "does not serve this problem: " + why);
+    return route_detail::route_v5(p);
   }
   if (route_detail::is_v3(kernel)) {
     const std::string why = route_detail::v3_declines(p);

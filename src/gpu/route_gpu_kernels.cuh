@@ -1,8 +1,10 @@
 // Which GPU routing kernel serves a problem, for tests and A/B timing. gpu::route picks v4 where it
-// serves and pays (grouped sigmoid in groups of 17-32 experts), then v3 where it serves and is
-// measured faster, then v2, then v1. Environment switches, read once per process:
-// MOEKIT_GPU_ROUTE_V1=1 forces v1 for every call; MOEKIT_GPU_ROUTE_V4=0|1 keeps automatic calls off
-// v4 or puts them on it wherever it serves; MOEKIT_GPU_ROUTE_V3_OFF=1 turns v3 and v4 off
+// serves and pays (grouped sigmoid in groups of 17-32 experts, long batches), then v5 where it
+// serves and pays (sigmoid: grouped rows below v4's batches, ungrouped decode batches), then v3
+// where it serves and is measured faster, then v2, then v1. Environment switches, read once per
+// process: MOEKIT_GPU_ROUTE_V1=1 forces v1 for every call; MOEKIT_GPU_ROUTE_V4=0|1 and
+// MOEKIT_GPU_ROUTE_V5=0|1 keep automatic calls off v4 / v5 or put them on it wherever it serves
+// (_KEYS=exact: 64-bit keys only); MOEKIT_GPU_ROUTE_V3_OFF=1 turns v3, v4 and v5 off
 // (v2 / v1 as before), MOEKIT_GPU_ROUTE_V3_OFF=grouped for grouped routing only;
 // MOEKIT_GPU_ROUTE_V3_LANES=32|16|8|4 forces v3's lanes per row where that fits and
 // MOEKIT_GPU_ROUTE_V3_SORT=full|top its sort, MOEKIT_GPU_ROUTE_V3_ROUNDS=vote|reduce the rounds of
@@ -45,8 +47,10 @@ enum class RouteKernel {
   // v3_lanes32 whose sigmoid rounds reduce only the score and take the lowest holding lane by a
   // ballot (the same kernels as v3_lanes32 for other scorings).
   v3_vote_rounds,
-  v4,  // grouped sigmoid, G <= 8, groups of <= 32 experts, Kr <= 8, K <= 16: one lane per group,
-       // 4 rows per warp
+  v4,  // grouped sigmoid, G <= 8, groups of <= 32 experts, Kr <= 8, K <= 16: two lanes per
+       // group, 2 rows per warp
+  v5,  // sigmoid, E <= 512, Kr <= 8, K <= 32, groups of whole lanes: one row per warp, 32-bit
+       // keys first
 };
 
 // Empty when v2 can serve the problem, else why not (environment switches aside).
@@ -57,6 +61,9 @@ std::string route_v3_declines(const RouteProblem& problem);
 
 // Empty when v4 can serve the problem, else why not (environment switches aside).
 std::string route_v4_declines(const RouteProblem& problem);
+
+// Empty when v5 can serve the problem, else why not (environment switches aside).
+std::string route_v5_declines(const RouteProblem& problem);
 
 // Whether v3 serves the problem with rows of `row_lanes` lanes (32, 16, 8 or 4).
 bool route_v3_row_lanes_fit(const RouteProblem& problem, int row_lanes);

@@ -8,6 +8,8 @@
 //   reduce_max(u32), reduce_min(u32)   warp-wide, result in every lane
 //   half_bits_to_float(u16)   IEEE binary16 bits to f32
 //   lowest_lane(mask)         index of the lowest set bit of a ballot
+//   reciprocal_estimate(d)    the hardware's reciprocal estimate, for d in [2^-126, 2^126) only
+//                             (CUDA: the bits of __fdividef(1, d) there)
 //   wait_for_previous_grid(), allow_next_grid()   programmatic dependent launch (no-ops where the
 //                             vendor has none; wait_for_previous_grid_after(touched) below)
 //   launch(kernel, grid, block, shared_bytes, stream, overlap_previous, args...)   host side

@@ -405,6 +405,7 @@ TEST(GpuRoute, EmptyBatchDoesNothing) {
 bool v3_switched_off_by_environment();
 bool v3_grouped_off_by_environment();
 bool v4_off_by_environment();
+bool v5_off_by_environment(bool grouped);
 
 TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
   SKIP_WITHOUT_GPU();
@@ -422,7 +423,10 @@ TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
     const bool grouped = model.name == "DeepSeek-V3";
     const bool v3_on =
         grouped ? !v3_grouped_off_by_environment() : !v3_switched_off_by_environment();
-    const std::string expected_prefix = v3_on ? "v3 " : "v2 ";  // (16 tokens: not v4)
+    // (16 tokens: not v4; v5 serves sigmoid rows)
+    const std::string expected_prefix = grouped && !v5_off_by_environment(grouped) ? "v5 "
+                                        : v3_on                                    ? "v3 "
+                                                                                   : "v2 ";
     EXPECT_EQ(rows.front().detail.rfind(expected_prefix, 0), 0u)
         << model.name << ": " << rows.front().detail;
     if (grouped)
@@ -496,6 +500,14 @@ bool v4_off_by_environment() {
   return v3_grouped_off_by_environment() || (v4 != nullptr && std::string(v4) == "0");
 }
 
+// Whether the environment keeps automatic calls off v5 (MOEKIT_GPU_ROUTE_V5=0, or v3 off for the
+// case: the switches that send calls back to v2 keep them off v5 too).
+bool v5_off_by_environment(bool grouped) {
+  const char* v5 = std::getenv("MOEKIT_GPU_ROUTE_V5");
+  return (grouped ? v3_grouped_off_by_environment() : v3_switched_off_by_environment()) ||
+         (v5 != nullptr && std::string(v5) == "0");
+}
+
 // The validated problem of a case whose tensors are on the device.
 RouteProblem device_problem(const RouteCase& c, const DeviceCase& d, cudaStream_t stream) {
   return make_route_problem("route", d.logits, d.bias_view(), c.config, d.weights, d.ids,
@@ -544,7 +556,11 @@ TEST(GpuRouteV2, ServesEveryModelRowAtEveryDecodeSize) {
         const std::string name = gpu::route_kernel_name(problem);
         const bool grouped = model.config.num_groups > 1;
         const bool v3_on = grouped ? !v3_grouped_off_by_environment() : insist_on_v3;
-        if (v3_on)  // (or v2 where v3 was measured slower: Kimi-K2)
+        const bool v5 = name.rfind("v5", 0) == 0;
+        if (v5)  // sigmoid rows
+          EXPECT_TRUE(model.config.scoring == Scoring::sigmoid && !v5_off_by_environment(grouped))
+              << model.name << " is served by " << name;
+        else if (v3_on)  // (or v2 where v3 was measured slower: Kimi-K2)
           EXPECT_TRUE(name.rfind("v3", 0) == 0 || name.find("measured slower") != std::string::npos)
               << model.name << " is served by " << name;
         else if (insist_on_v2)
@@ -1147,7 +1163,11 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
         const RouteInputs in = harness::make_inputs(m);
         const DeviceCase d = upload(m, in, {});
         const std::string name = gpu::route_kernel_name(device_problem(m, d, stream.get()));
-        if (model.config.num_groups > 1) {
+        if (name.rfind("v5", 0) == 0) {  // sigmoid rows, where measured faster
+          EXPECT_EQ(model.config.scoring, Scoring::sigmoid) << model.name << ": " << name;
+          EXPECT_FALSE(v5_off_by_environment(model.config.num_groups > 1))
+              << model.name << ": " << name;
+        } else if (model.config.num_groups > 1) {
           if (v3_grouped_off_by_environment()) {
             EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << ": " << name;
           } else if (name.rfind("v4", 0) == 0) {  // DeepSeek-V3's long batches
@@ -1556,6 +1576,252 @@ TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
   const DeviceCase d = upload(softmax, in, {});
   EXPECT_THROW(
       gpu::route_with_kernel(device_problem(softmax, d, stream.get()), gpu::RouteKernel::v4),
+      Error);
+}
+
+// ---- v5 (src/gpu/route_gpu_v5.cuh): sigmoid rows in whole warps, top 8 by merging the lanes'
+// sorted lists; against the reference and v1 on random shapes, bit for bit against v2 where v2
+// serves the same problem, rows whose truncated scores tie (the exact pass), deterministic,
+// graph-capturable, and declining what it does not serve.
+
+std::string v5_declines_of(RouteCase c) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs out = harness::make_poisoned_outputs(c);
+  return gpu::route_v5_declines(host_problem(c, in, out));
+}
+
+// A random problem that v5 serves: sigmoid, E <= 512, ungrouped or in groups of whole lanes (8
+// experts per lane up to E = 256, else 16), at most 8 routed slots and 0-5 shared ones, any dtypes,
+// bias or none, every input kind.
+RouteCase random_v5_case(std::mt19937_64& rng, uint64_t seed) {
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  RouteCase c = random_case(rng, seed);
+  c.label = "random v5";
+  RouterConfig& k = c.config;
+  k.scoring = Scoring::sigmoid;
+  k.softcap = 0.0f;
+  if (chance(0.5)) {
+    k.num_groups = k.topk_groups = 1;
+    c.num_experts = 1 + static_cast<int>(rng() % 512);
+  } else {
+    const bool wide = chance(0.3);                       // 16 experts per lane
+    const int lanes_log2 = static_cast<int>(rng() % 6);  // lanes per group: 1..32
+    const int EPG = (wide ? 16 : 8) << lanes_log2;
+    const int max_groups = (wide ? 512 : 256) / EPG;
+    const int min_groups = wide ? 256 / EPG + 1 : 2;  // wide: E > 256
+    if (max_groups < 2 || min_groups > max_groups) {
+      k.num_groups = 8;
+      c.num_experts = 256;  // DeepSeek-V3's groups of 32
+    } else {
+      k.num_groups = std::max(2, min_groups) +
+                     static_cast<int>(rng() % (max_groups - std::max(2, min_groups) + 1));
+      c.num_experts = k.num_groups * EPG;
+    }
+    k.topk_groups = 1 + static_cast<int>(rng() % k.num_groups);
+    k.group_score = chance(0.5) ? GroupScore::max : GroupScore::top2_sum;
+  }
+  const int EPG = c.num_experts / k.num_groups;
+  const int routed = 1 + static_cast<int>(rng() % std::min(8, k.topk_groups * EPG));
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % 6) : 0;
+  k.topk = routed + k.num_shared_experts;
+  keep_unnormalized_weights_small(k);
+  if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
+  return c;
+}
+
+TEST(GpuRouteV5, RandomShapesAgreeWithReferenceV1AndV2) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV5.RandomShapes: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int compared = 0, failures = 0, against_v2 = 0, grouped = 0;
+  for (int i = 0; i < 600 && compared < 300 && failures < 20; ++i) {
+    RouteCase c = random_v5_case(rng, rng());
+    if (c.tokens == 0) continue;
+    const std::string why = v5_declines_of(c);
+    if (!why.empty()) {
+      ADD_FAILURE() << describe(c) << ": v5 should serve it: " << why;
+      ++failures;
+      continue;
+    }
+    Placement place;
+    if (rng() % 3 == 0) place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);  // misaligned
+    if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+    if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
+    ++compared;
+    grouped += c.config.num_groups > 1;
+    if (std::getenv("MOEKIT_TEST_TRACE") != nullptr) {
+      std::printf("case %d: %s, %s\n", i, describe(c).c_str(), describe(place).c_str());
+      std::fflush(stdout);
+    }
+    bool pass = compare_with_v1(c, place, stream.get(), {{gpu::RouteKernel::v5, "v5"}});
+    if (declines_of(c).v2.empty()) {
+      ++against_v2;
+      pass = expect_same_as_v2(c, harness::make_inputs(c), stream.get(), "v5 vs v2",
+                               gpu::RouteKernel::v5) &&
+             pass;
+    }
+    failures += !pass;
+  }
+  std::printf("compared %d random v5 problems (%d grouped, %d also byte for byte with v2)\n",
+              compared, grouped, against_v2);
+  EXPECT_GE(compared, 250);
+  EXPECT_GE(grouped, 80);
+  EXPECT_GE(against_v2, 50);
+}
+
+// The sigmoid rows of the model table (DeepSeek-V3, Kimi-K2, GLM-4.5): v2's bytes at decode and
+// prefill sizes, every logits dtype, both id dtypes; the reference at decode sizes.
+TEST(GpuRouteV5, SigmoidModelRowsAreV2sBitForBit) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf(
+      "GpuRouteV5.SigmoidModelRowsAreV2sBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+      static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0, rows = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.config.scoring != Scoring::sigmoid) continue;
+    ++rows;
+    for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+      for (int64_t tokens : {1, 2, 3, 7, 16, 33, 64, 255, 1031, 8192}) {
+        const InputKind kind = kAllKinds[n % std::size(kAllKinds)];
+        RouteCase c = model_case(model, tokens, kind, dtype, seed + n++);
+        if (tokens % 2 == 0) c.ids_dtype = DType::i64;
+        const RouteInputs in = harness::make_inputs(c);
+        failures += !expect_same_as_v2(c, in, stream.get(), "v5 vs v2", gpu::RouteKernel::v5);
+        if (tokens <= 64)
+          failures += !expect_agreement(c, in, harness::run_reference(c, in),
+                                        run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v5),
+                                        "v5 vs reference");
+      }
+      if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+    }
+  }
+  EXPECT_EQ(rows, 3);
+}
+
+// Rows whose selection scores differ only below the 32-bit keys' truncated bits (f32 logits a few
+// ulps apart, no bias): the 32-bit pass sees ties the exact order does not have, so the rows take
+// the exact pass, and must still be v2's bytes (which rank by the exact score, then the id).
+TEST(GpuRouteV5, TruncatedTiesTakeTheExactPass) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV5.TruncatedTiesTakeTheExactPass: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int cases = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.config.scoring != Scoring::sigmoid) continue;
+    for (int64_t tokens : {1, 5, 64, 1030}) {
+      RouteCase c = model_case(model, tokens, InputKind::random, DType::f32, rng());
+      c.has_bias = false;
+      RouteInputs in = harness::make_inputs(c);
+      float* x = in.logits.data_as<float>();
+      for (int64_t t = 0; t < tokens; ++t) {
+        // Most experts far below; 12 of them (some in each group) within a few ulps of 0.75, in
+        // random order, two of them equal.
+        const float base = 0.75f;
+        for (int e = 0; e < c.num_experts; ++e) x[t * c.num_experts + e] = -4.0f;
+        for (int j = 0; j < 12; ++j) {
+          const int e = static_cast<int>(rng() % static_cast<uint64_t>(c.num_experts));
+          x[t * c.num_experts + e] =
+              std::nextafter(base, 1.0f) + static_cast<float>(j % 11) * 1.2e-7f;
+        }
+      }
+      ++cases;
+      expect_same_as_v2(c, in, stream.get(), "v5 vs v2, truncated ties", gpu::RouteKernel::v5);
+      expect_agreement(c, in, harness::run_reference(c, in),
+                       run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v5),
+                       "v5 vs reference, truncated ties");
+    }
+  }
+  EXPECT_EQ(cases, 12);
+}
+
+TEST(GpuRouteV5, BitwiseDeterministicAndCapturesIntoCudaGraph) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.config.scoring != Scoring::sigmoid) continue;
+    for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf}) {
+      RouteCase c = model_case(model, 4099, kind, DType::bf16, 7);
+      const RouteInputs in = harness::make_inputs(c);
+      const DeviceCase d = upload(c, in, {});
+      const RouteProblem problem = device_problem(c, d, stream.get());
+      gpu::route_with_kernel(problem, gpu::RouteKernel::v5);
+      gpu::synchronize(stream.get());
+      const std::vector<char> first = raw_outputs(c, d);
+      for (int run = 0; run < 3; ++run) {
+        gpu::route_with_kernel(problem, gpu::RouteKernel::v5);
+        gpu::synchronize(stream.get());
+        EXPECT_TRUE(raw_outputs(c, d) == first) << describe(c) << ": run " << run + 2 << " differs";
+      }
+    }
+    RouteCase c = model_case(model, 1031, InputKind::padding, DType::bf16, 13);
+    const RouteInputs in = harness::make_inputs(c);
+    const DeviceCase d = upload(c, in, {});
+    cudaGraph_t graph = nullptr;
+    MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
+    gpu::route_with_kernel(device_problem(c, d, stream.get()), gpu::RouteKernel::v5);
+    MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+    cudaGraphExec_t exec = nullptr;
+    MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+    EXPECT_TRUE(std::isnan(download(c, d).weights.data_as<float>()[0])) << describe(c);
+    for (int replay = 0; replay < 3; ++replay)
+      MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+    gpu::synchronize(stream.get());
+    expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
+                     "v5 replayed from a graph");
+    MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
+    MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+  }
+}
+
+TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const harness::ModelRow* v3_row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table())
+    if (model.name == "DeepSeek-V3") v3_row = &model;
+  ASSERT_NE(v3_row, nullptr);
+  const RouteCase c = model_case(*v3_row, 4, InputKind::random, DType::bf16, 5);
+  EXPECT_EQ(v5_declines_of(c), "");
+  auto declines = [&](const RouteCase& changed, const std::string& reason) {
+    const std::string why = v5_declines_of(changed);
+    EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
+  };
+  RouteCase softmax = c;
+  softmax.config.scoring = Scoring::softmax;
+  softmax.config.group_score = GroupScore::max;
+  softmax.has_bias = false;
+  declines(softmax, "not sigmoid");
+  RouteCase many_experts = c;
+  many_experts.num_experts = 640;
+  many_experts.config.num_groups = many_experts.config.topk_groups = 1;
+  declines(many_experts, "E=640");
+  RouteCase odd_groups = c;
+  odd_groups.num_experts = 240;  // 8 groups of 30
+  declines(odd_groups, "groups of 30");
+  RouteCase three_lanes = c;
+  three_lanes.config.num_groups = 4;
+  three_lanes.num_experts = 96;  // groups of 24: 3 lanes of 8
+  declines(three_lanes, "groups of 24");
+  RouteCase many_routed = c;
+  many_routed.config.topk = 10;  // 9 routed + 1 shared
+  declines(many_routed, "Kr=9");
+  RouteCase many_slots = c;
+  many_slots.config.topk = 40;
+  many_slots.config.num_shared_experts = 33;
+  declines(many_slots, "K=40");
+  const RouteInputs in = harness::make_inputs(softmax);
+  const DeviceCase d = upload(softmax, in, {});
+  EXPECT_THROW(
+      gpu::route_with_kernel(device_problem(softmax, d, stream.get()), gpu::RouteKernel::v5),
       Error);
 }
 

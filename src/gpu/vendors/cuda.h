@@ -61,6 +61,14 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
 
 __device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
 
+// The hardware's reciprocal estimate (MUFU.RCP) of d in [2^-126, 2^126): the bits __fdividef(1, d)
+// gives there, without its range handling (which scales a denormal or huge d: 5 instructions).
+__device__ __forceinline__ float reciprocal_estimate(float d) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  return r;
+}
+
 // 16-byte load and store of data touched once: evict-first in the caches (ld/st.global.cs).
 __device__ __forceinline__ uint4 load_once(const uint4* p) { return __ldcs(p); }
 __device__ __forceinline__ void store_once(uint4* p, uint4 v) { __stcs(p, v); }

@@ -102,6 +102,9 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
 
 __device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
 
+// The hardware's reciprocal estimate of d in [2^-126, 2^126) (v_rcp_f32).
+__device__ __forceinline__ float reciprocal_estimate(float d) { return __builtin_amdgcn_rcpf(d); }
+
 // 16-byte load and store of data touched once (non-temporal where the compiler has it).
 __device__ __forceinline__ uint4 load_once(const uint4* p) {
   return uint4{__builtin_nontemporal_load(&p->x), __builtin_nontemporal_load(&p->y),

@@ -95,6 +95,9 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
 
 __device__ __forceinline__ int lowest_lane(uint32_t mask) { return __ffs(mask) - 1; }
 
+// A reciprocal estimate of d in [2^-126, 2^126): the fast division's.
+__device__ __forceinline__ float reciprocal_estimate(float d) { return __fdividef(1.0f, d); }
+
 // 16-byte load and store of data touched once: plain accesses (no cache hints assumed).
 __device__ __forceinline__ uint4 load_once(const uint4* p) { return *p; }
 __device__ __forceinline__ void store_once(uint4* p, uint4 v) { *p = v; }

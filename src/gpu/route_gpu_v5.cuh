@@ -1,0 +1,340 @@
+// GPU routing v5: sigmoid routing (with or without groups) in whole-warp rows with 32-bit keys.
+// v3 (route_gpu_v3.cuh) serves sigmoid rows with 64-bit keys (score, id): every compare-exchange
+// of its sort is two compares and four selects, every top-k round two warp reductions, ~1160-1250
+// warp instructions per DeepSeek-V3 row. Here, as in v4 but one row per warp (v3's occupancy and
+// chain):
+//
+// - Keys are 32 bits first: the top bits of the order key of s + b above an id field of 8 bits
+//   (E <= 256) or 9 (E <= 512), so a compare-exchange is a max and a min, and a round one
+//   redux.max. A lane sorts its 8 or 16 keys into its top 8 (Batcher's network per run of 8, runs
+//   merged; with 16, the 9th too); a round's winner shifts its sorted keys.
+// - Truncated scores may tie where the exact ones differ, so the rounds run once more (the
+//   (Kr+1)-th key), and where two adjacent keys of those Kr + 1 share their truncated score the
+//   row is redone with 64-bit keys (score, id): the same steps. Otherwise the truncated and the
+//   exact order agree on the top Kr (truncation only reorders keys of equal truncated score,
+//   which are adjacent in both orders).
+// - Groups are runs of whole lanes (a power of two); group scores use the exact scores (each
+//   lane's top two, merged over the group's lanes), so both passes keep the same groups.
+// - The sigmoid of each expert (the weight source) goes to shared memory as the keys are built;
+//   the winners' weights are read back, not computed again.
+//
+// The sigmoid, its NaN and range handling and the slot-order sum are v2's, so the outputs are v2's
+// and v3's bit for bit. Serves sigmoid scoring, E <= 512, Kr <= 8, K <= 32 (one slot per lane),
+// groups of whole lanes.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "gpu/route_gpu_common.cuh"
+#include "gpu/route_gpu_v2.cuh"
+#include "gpu/route_gpu_v3.cuh"
+#include "gpu/route_gpu_v4.cuh"
+#include "gpu/vendor.h"
+
+namespace moekit::gpu::route_detail {
+
+constexpr int kV5ListKeys = 8;       // sorted keys a lane carries into the rounds: Kr <= 8
+constexpr int kV5RunKeys = 8;        // keys are built and sorted in runs of 8
+constexpr int kV5MaxSlots = kLanes;  // K: one slot per lane
+
+// A lane holds kRuns runs of 8 consecutive experts: E <= 256 (kRuns 1) or 512 (kRuns 2).
+template <class Logits, int kRuns>
+struct V5Layout {
+  static constexpr bool k16 = sizeof(typename Logits::Storage) == 2;
+  static constexpr int kVpl = kRuns * kV5RunKeys;            // experts per lane
+  static constexpr int kMaxExperts = kLanes * kVpl;          // 256 or 512
+  static constexpr int kIdBits = kRuns == 1 ? 8 : 9;         // id field of a 32-bit key
+  static constexpr uint32_t kIdMask = (1u << kIdBits) - 1u;  // larger field for lower ids
+  static constexpr int kWords = kVpl * (k16 ? 2 : 4) / 4;    // a lane's logits as 32-bit words
+  static constexpr int kStride = kVpl + 4;  // floats per lane in shared memory: 16-byte pieces of
+                                            // 8 consecutive lanes hit different banks
+  static_assert(kIdMask + 1 >= static_cast<uint32_t>(kMaxExperts));
+};
+
+template <class L, class Key>
+__device__ __forceinline__ int v5_key_id(Key key) {
+  if constexpr (sizeof(Key) == 4)
+    return static_cast<int>(L::kIdMask - (key & L::kIdMask));
+  else
+    return key_id(key);
+}
+
+// The row's logits of this lane (kVpl elements from my_first; 0 past the row's count), as words.
+template <class L>
+__device__ __forceinline__ void v5_load(const RouteArgs& a, int64_t first, int count,
+                                        uint32_t (&words)[L::kWords]) {
+  if (a.logits_vector_loads && count >= L::kVpl) {
+    constexpr int kElement = L::k16 ? 2 : 4;
+    load_words<L::kWords * 4>(static_cast<const char*>(a.logits) + first * kElement, words);
+  } else if constexpr (L::k16) {
+    uint32_t bits[L::kVpl];
+    load_bits16<L::kVpl>(a.logits, first, count, false, bits);
+#pragma unroll
+    for (int w = 0; w < L::kWords; ++w) words[w] = bits[2 * w] | (bits[2 * w + 1] << 16);
+  } else {
+    const auto* p = static_cast<const float*>(a.logits) + first;
+#pragma unroll
+    for (int i = 0; i < L::kVpl; ++i) words[i] = i < count ? __float_as_uint(__ldg(p + i)) : 0u;
+  }
+}
+
+// What the key pass of one row needs besides the keys.
+struct V5Row {
+  const RouteArgs& a;
+  Format16 format;
+  float* my_weights;  // this lane's experts' sigmoid, written by the first pass
+  int my_first;       // this lane's first expert
+  int count;          // its experts
+};
+
+// 1-2. The lane's keys (s + b above the id), sorted into its top 8, and the lane's top two exact
+// order keys (for group scores). `local` gets the sorted top 8 and, with two runs, the 9th (the
+// largest key below them), which the tie check needs. The first pass also writes each expert's
+// sigmoid (the weight source) to shared memory.
+template <class L, class Key>
+__device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&words)[L::kWords],
+                                             const float (&bias)[L::kVpl], bool write_weights,
+                                             Key (&local)[kV5ListKeys + 1], uint32_t& first,
+                                             uint32_t& second) {
+  constexpr bool kNarrow = sizeof(Key) == 4;
+  first = second = 0;
+#pragma unroll
+  for (int i = 0; i <= kV5ListKeys; ++i) local[i] = Key{0};
+#pragma unroll
+  for (int run = 0; run < L::kVpl / kV5RunKeys; ++run) {
+    // v2's sigmoid: the reciprocal's fast path for every element, the scaled one only where the
+    // lane has d >= 2^126 (x < -87.3, -inf or NaN; a branch of this lane alone).
+    float x[kV5RunKeys], s[kV5RunKeys];
+    float largest_d = 1.0f;  // d >= 1 and never NaN (x is not): one max per element, one test
+#pragma unroll
+    for (int j = 0; j < kV5RunKeys; ++j) {
+      const int i = run * kV5RunKeys + j;
+      const uint32_t word = L::k16 ? words[i / 2] : words[i];
+      const uint32_t bits = L::k16 ? (i % 2 ? word >> 16 : word & 0xffffu) : word;
+      x[j] = nan_to_neg_inf(L::k16 ? row.format.to_float(bits) : __uint_as_float(bits));
+      const float d = 1.0f + expf(-x[j]);
+      s[j] = reciprocal_in_range(d);
+      largest_d = fmaxf(largest_d, d);
+    }
+    if (!(largest_d < 0x1p126f)) {
+#pragma unroll
+      for (int j = 0; j < kV5RunKeys; ++j) {
+        const float d = 1.0f + expf(-x[j]);
+        if (!(d < 0x1p126f)) s[j] = reciprocal_of_huge(d);
+      }
+    }
+    if (write_weights) {
+      float4* out = reinterpret_cast<float4*>(row.my_weights + run * kV5RunKeys);
+      out[0] = make_float4(s[0], s[1], s[2], s[3]);
+      out[1] = make_float4(s[4], s[5], s[6], s[7]);
+    }
+    Key k[kV5RunKeys];
+#pragma unroll
+    for (int j = 0; j < kV5RunKeys; ++j) {
+      const int i = run * kV5RunKeys + j;
+      // Past E the bias is -inf: such keys rank below every expert's.
+      const uint32_t order = order_key(nan_to_neg_inf(__fadd_rn(s[j], bias[i])));
+      add_to_top2(order, first, second);
+      const int id = row.my_first + i;
+      if constexpr (kNarrow)
+        k[j] = (order & ~L::kIdMask) | (L::kIdMask - static_cast<uint32_t>(id));
+      else
+        k[j] = (static_cast<uint64_t>(order) << 32) | (id_field(id) << 16);
+    }
+    v4_sort8(k);
+    if (run == 0) {
+#pragma unroll
+      for (int j = 0; j < kV5RunKeys; ++j) local[j] = k[j];
+    } else {  // merge into the top 8; the larger of the smaller ones is the 9th
+#pragma unroll
+      for (int j = 0; j < kV5RunKeys; ++j) {
+        Key high = local[j], low = k[kV5RunKeys - 1 - j];
+        v4_order(high, low);
+        local[j] = high;
+        local[kV5ListKeys] = low > local[kV5ListKeys] ? low : local[kV5ListKeys];
+      }
+#pragma unroll
+      for (int step = kV5RunKeys / 2; step > 0; step /= 2) {
+#pragma unroll
+        for (int j = 0; j < kV5RunKeys; ++j)
+          if ((j & step) == 0) v4_order(local[j], local[j + step]);
+      }
+    }
+  }
+}
+
+// What the truncated keys left open: nothing; the order of slots whose truncated scores tie inside
+// the top Kr (the set is right: the exact order of those slots is restored from their exact
+// keys); or the set itself (the Kr-th and the (Kr+1)-th key tie: the row again, exactly).
+enum class V5Fix { none, reorder, exact };
+
+// 3. The top Kr: groups ranked TG or worse drop their keys, then the rounds: a round is one warp
+// max of the lanes' heads, the lane whose head it is (keys are unique) shifts its sorted keys up
+// by one, lane k keeps slot k. 32-bit keys run one round more (the (Kr+1)-th key) and say in `fix`
+// (every lane the same) what adjacent keys of those Kr + 1 that tie in their truncated scores
+// leave open. Returns lane k's slot key (k < Kr; 0 elsewhere).
+template <class L, class Key>
+__device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5ListKeys + 1],
+                                         bool keep, V5Fix& fix) {
+  constexpr bool kNarrow = sizeof(Key) == 4;
+  const V3Row<kLanes> row_lanes{0};
+  const int lane = vendor::lane_id();
+  const int Kr = a.num_routed;
+#pragma unroll
+  for (int i = 0; i <= kV5ListKeys; ++i) local[i] = keep ? local[i] : Key{0};
+  Key slot = 0;
+  const int rounds = kNarrow ? Kr + 1 : Kr;
+  for (int k = 0; k < rounds; ++k) {
+    const Key best = row_lanes.max(local[0]);
+    const bool won = local[0] == best;
+    slot = lane == k ? best : slot;
+#pragma unroll
+    for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
+    local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
+  }
+  fix = V5Fix::none;
+  if constexpr (kNarrow) {
+    const Key next = vendor::shfl(slot, (lane + 1) & (kLanes - 1));  // lane Kr - 1: the extra key
+    const bool tie = next != 0 && ((slot ^ next) & ~L::kIdMask) == 0;
+    if (vendor::any(tie && lane == Kr - 1))
+      fix = V5Fix::exact;
+    else if (vendor::any(tie && lane < Kr - 1))
+      fix = V5Fix::reorder;
+    slot = lane < Kr ? slot : Key{0};
+  }
+  return slot;
+}
+
+// Where the slots' set is right but truncated scores tied inside it: each slot's exact key
+// (score, id) from the sigmoid and bias in shared memory (the bits the keys were built from), its
+// rank among the Kr, and lane k takes the slot of rank k. Returns lane k's expert.
+template <class L>
+__device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const float* weights,
+                                          const float* bias) {
+  const int lane = vendor::lane_id();
+  const int Kr = a.num_routed;
+  const int at = (slot_id / L::kVpl) * L::kStride + slot_id % L::kVpl;
+  const uint64_t exact =
+      lane < Kr
+          ? (static_cast<uint64_t>(order_key(nan_to_neg_inf(__fadd_rn(weights[at], bias[at]))))
+             << 32) |
+                (id_field(slot_id) << 16)
+          : 0;
+  // Unrolled to the most slots, so that the shuffles issue back to back (a loop to Kr waits for
+  // each one in turn: ~0.35 us on a DeepSeek-V3 row).
+  int rank = 0;
+#pragma unroll
+  for (int j = 0; j < kV5ListKeys; ++j) rank += (j < Kr) & (vendor::shfl(exact, j) > exact);
+  int id = slot_id;
+#pragma unroll
+  for (int j = 0; j < kV5ListKeys; ++j) {
+    const int other_rank = vendor::shfl(rank, j), other_id = vendor::shfl(slot_id, j);
+    id = j < Kr && other_rank == lane ? other_id : id;
+  }
+  return id;
+}
+
+// Logits: V3LogitsF32 or V3Logits16 (bf16 / f16 told apart at run time, as in v3). kRuns: 8 or
+// 16 experts per lane. kNarrowFirst: 32-bit keys with the exact pass as fallback (else the exact
+// pass only: for measuring). One row per warp, grid-stride over the rows.
+template <class Logits, int kRuns, bool kNarrowFirst>
+__global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(const RouteArgs a) {
+  using L = V5Layout<Logits, kRuns>;
+  __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
+  __shared__ __align__(16) float lane_bias[kWarpsPerBlock][kLanes * L::kStride];  // for reorders
+
+  read_args_then_wait(a);
+  vendor::allow_next_grid();
+
+  const int lane = vendor::lane_id();
+  const int warp = static_cast<int>(threadIdx.x) / kLanes;
+  const int E = a.num_experts;
+  const int Kr = a.num_routed;
+  const int my_first = lane * L::kVpl;
+  const int my_count = max(0, min(L::kVpl, E - my_first));
+  const V3Row<kLanes> row_lanes{0};
+
+  // The bias, the same for every row: in registers, its loads overlapping the first row's. Past
+  // E, -inf: those keys then rank below every expert's (score -inf, and a larger id than any), so
+  // no per-element mask is needed.
+  float bias[L::kVpl];
+#pragma unroll
+  for (int c = 0; c < kRuns; ++c) {
+    float chunk[kV5RunKeys];
+    load_bias_chunk<kV5RunKeys>(a, my_first + c * kV5RunKeys, my_count - c * kV5RunKeys, chunk);
+#pragma unroll
+    for (int j = 0; j < kV5RunKeys; ++j)
+      bias[c * kV5RunKeys + j] = c * kV5RunKeys + j < my_count ? chunk[j] : -INFINITY;
+  }
+  float* const weights = lane_weights[warp];
+  {
+    float* mine = lane_bias[warp] + lane * L::kStride;
+#pragma unroll
+    for (int i = 0; i < L::kVpl; i += 4)
+      *reinterpret_cast<float4*>(mine + i) =
+          make_float4(bias[i], bias[i + 1], bias[i + 2], bias[i + 3]);
+  }  // (read after the barrier before each row's weights)
+  const V5Row base{a, Format16(a.logits_bf16), weights + lane * L::kStride, my_first, my_count};
+
+  // Groups: runs of group_lanes lanes.
+  const bool grouped = a.num_groups > 1;
+  const int log2_run = a.group_lanes_log2;
+  const int g = lane >> log2_run;
+
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp; row < a.num_tokens;
+       row += rows_per_step) {
+    if (row >= a.num_valid_tokens) {  // padding: ids -1, weights 0
+      if (lane < a.topk) store_slot(a, row, lane, 0.0f, -1);
+      continue;
+    }
+    const int64_t first = row * a.logits_row_stride + my_first;
+    uint32_t words[L::kWords];
+    v5_load<L>(a, first, my_count, words);
+
+    // Keys, the group ranks (exact scores), the top Kr.
+    using Narrow = std::conditional_t<kNarrowFirst, uint32_t, uint64_t>;
+    Narrow local[kV5ListKeys + 1];
+    uint32_t top_order = 0, second_order = 0;
+    v5_lane_keys<L>(base, words, bias, true, local, top_order, second_order);
+    bool keep = true;
+    if (grouped) {
+      merge_top2(top_order, second_order, 1 << log2_run);
+      const float score = group_score(a, top_order, second_order);
+      // Every lane ranks (the shuffles need the whole warp), then lanes past G drop.
+      const int rank = group_rank(row_lanes, score, a.num_groups, g, log2_run);
+      keep = (rank < a.topk_groups) & (g < a.num_groups);
+    }
+    V5Fix fix = V5Fix::none;
+    int slot_id = v5_key_id<L>(v5_rounds<L>(a, local, keep, fix));
+    if constexpr (kNarrowFirst) {
+      if (fix == V5Fix::exact) {  // every lane (a vote): the row again with 64-bit keys (rare)
+        uint64_t exact[kV5ListKeys + 1];
+        v5_load<L>(a, first, my_count, words);
+        v5_lane_keys<L>(base, words, bias, false, exact, top_order, second_order);
+        slot_id = v5_key_id<L>(v5_rounds<L>(a, exact, keep, fix));
+      }
+    }
+
+    // 4-7. Slot k's sigmoid from shared memory (written by this row's lanes: a barrier first),
+    // the sum in slot order (Kr <= 8; lanes past Kr hold +0, which changes no bit), shared slots,
+    // renormalization, scaling.
+    vendor::sync_lanes();
+    if (fix == V5Fix::reorder) slot_id = v5_reorder<L>(a, slot_id, weights, lane_bias[warp]);
+    const int id = lane < Kr ? slot_id : 0;
+    const float weight = lane < Kr ? weights[(id / L::kVpl) * L::kStride + id % L::kVpl] : 0.0f;
+    float terms[kV5ListKeys];
+#pragma unroll
+    for (int k = 0; k < kV5ListKeys; ++k) terms[k] = vendor::shfl(weight, k);
+    float routed_sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kV5ListKeys; ++k) routed_sum += terms[k];
+    vendor::sync_lanes();  // the next row rewrites the sigmoids
+    if (lane < a.topk) finish_and_store_slot(a, row, lane, weight, slot_id, routed_sum);
+  }
+}
+
+}  // namespace moekit::gpu::route_detail
