@@ -18,6 +18,7 @@
 #include <string>
 #include <tuple>
 
+#include "core/env_switch.h"
 #include "gpu/fp8_gpu.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
@@ -144,10 +145,7 @@ PlanKey plan_key(const BlockGemmProblem& p) {
 // algorithm (0 = its first, the default) where it returns that many, and describe it on stderr.
 constexpr int kMaxAlgorithmRank = 15;
 int algorithm_rank() {
-  static const int rank = [] {
-    const char* env = std::getenv("MOEKIT_CUBLASLT_ALGO");
-    return env == nullptr ? 0 : std::clamp(std::atoi(env), 0, kMaxAlgorithmRank);
-  }();
+  static const int rank = std::clamp(env::integer("MOEKIT_CUBLASLT_ALGO", 0), 0, kMaxAlgorithmRank);
   return rank;
 }
 
@@ -197,7 +195,7 @@ std::optional<cublasLtMatmulAlgo_t> algorithm_for(const BlockGemmProblem& p) {
     if (status == CUBLAS_STATUS_SUCCESS && returned > 0) {
       const int rank = std::min(wanted, returned - 1);
       if (results[rank].state == CUBLAS_STATUS_SUCCESS) algorithm = results[rank].algo;
-      if (algorithm && std::getenv("MOEKIT_CUBLASLT_ALGO") != nullptr)
+      if (algorithm && !env::text("MOEKIT_CUBLASLT_ALGO").empty())
         describe_algorithm(p, *algorithm, rank, returned);
     }
   }

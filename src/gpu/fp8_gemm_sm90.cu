@@ -48,6 +48,7 @@
 #include <string>
 #include <tuple>
 
+#include "core/env_switch.h"
 #include "gpu/fp8_gemm_sm90.h"
 #include "gpu/fp8_gpu.h"
 #include "gpu/fp8_quant_math.cuh"
@@ -924,9 +925,9 @@ int cluster_capacity(KernelFn kernel, int splits, size_t shared_bytes, int devic
 }
 
 // MOEKIT_SM90_SWAP="rows,splits" forces the swap layout (for timing experiments only).
+// Read at every plan, not once: the GPU tests set it per scope.
 bool forced_swap(int& rows, int& splits) {
-  const char* env = std::getenv("MOEKIT_SM90_SWAP");
-  return env != nullptr && std::sscanf(env, "%d,%d", &rows, &splits) == 2;
+  return std::sscanf(env::text("MOEKIT_SM90_SWAP").c_str(), "%d,%d", &rows, &splits) == 2;
 }
 
 // Estimated microseconds of one wave of swap CTAs, each multiplying `k_blocks` k-blocks of `rows`
@@ -958,16 +959,14 @@ struct SwapOverrides {
   int odd_splits = -1;                                       // -1: the planner's
 };
 
+// Read at every plan, not once: the GPU tests set them per scope.
 SwapOverrides swap_overrides() {
   SwapOverrides o;
-  auto read = [](const char* name, int& value) {
-    if (const char* env = std::getenv(name); env != nullptr && *env != '\0') value = std::atoi(env);
-  };
-  read("MOEKIT_SM90_STAGES", o.stages);
-  read("MOEKIT_SM90_EARLY", o.early_weights);
-  read("MOEKIT_SM90_PUSH", o.push_sums);
-  read("MOEKIT_SM90_CORESIDENT", o.co_resident);
-  read("MOEKIT_SM90_SPLIT3", o.odd_splits);
+  o.stages = env::integer("MOEKIT_SM90_STAGES", o.stages);
+  o.early_weights = env::integer("MOEKIT_SM90_EARLY", o.early_weights);
+  o.push_sums = env::integer("MOEKIT_SM90_PUSH", o.push_sums);
+  o.co_resident = env::integer("MOEKIT_SM90_CORESIDENT", o.co_resident);
+  o.odd_splits = env::integer("MOEKIT_SM90_SPLIT3", o.odd_splits);
   return o;
 }
 

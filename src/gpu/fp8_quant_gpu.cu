@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/env_switch.h"
 #include "gpu/fp8_gpu.h"
 #include "gpu/fp8_quant_math.cuh"
 #include "gpu/gpu_check.h"
@@ -415,10 +416,7 @@ GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks) {
 // words of 4 groups (written by one lane, no read-modify-write); 0 when none does.
 // MOEKIT_GPU_QUANT_SMALL_UNITS=0 keeps such rows on the general kernel (an A/B knob).
 int stream_lane_chunks(int64_t cols, int group_size, bool packed) {
-  static const int smallest = [] {
-    const char* env = std::getenv("MOEKIT_GPU_QUANT_SMALL_UNITS");
-    return env != nullptr && std::string(env) == "0" ? kMaxLaneChunks : 1;
-  }();
+  static const int smallest = env::is("MOEKIT_GPU_QUANT_SMALL_UNITS", "0") ? kMaxLaneChunks : 1;
   for (int chunks = kMaxLaneChunks; chunks >= smallest; chunks /= 2) {
     const int64_t unit = int64_t{kLanes} * kChunk * chunks;
     if (cols % unit == 0 && unit >= group_size && (!packed || (unit / group_size) % 4 == 0))
@@ -438,8 +436,7 @@ constexpr int kStreamGridBlocksPerSm = 2;
 
 int stream_grid_blocks_per_sm() {
   static const int blocks = [] {
-    const char* env = std::getenv("MOEKIT_GPU_QUANT_BLOCKS_PER_SM");
-    const int n = env != nullptr ? std::atoi(env) : 0;
+    const int n = env::integer("MOEKIT_GPU_QUANT_BLOCKS_PER_SM", 0);
     return n > 0 ? n : kStreamGridBlocksPerSm;
   }();
   return blocks;
@@ -448,10 +445,7 @@ int stream_grid_blocks_per_sm() {
 // MOEKIT_GPU_QUANT_HINTS=1: the streaming kernel loads x and stores q evict-first (an A/B knob
 // while measuring; off by default).
 bool streaming_hints() {
-  static const bool on = [] {
-    const char* env = std::getenv("MOEKIT_GPU_QUANT_HINTS");
-    return env != nullptr && std::string(env) == "1";
-  }();
+  static const bool on = env::is("MOEKIT_GPU_QUANT_HINTS", "1");
   return on;
 }
 

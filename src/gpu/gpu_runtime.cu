@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/env_switch.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu/vendor.h"
@@ -95,10 +96,7 @@ DeviceProperties device_properties(int device) {
 }
 
 bool programmatic_launch_allowed(int device) {
-  static const bool allowed = [] {
-    const char* env = std::getenv("MOEKIT_GPU_PDL");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool allowed = !env::is("MOEKIT_GPU_PDL", "0");
   return allowed && device_properties(device).major >= 9;
 }
 

@@ -39,6 +39,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/env_switch.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu/route_gpu.h"
@@ -509,16 +510,14 @@ struct V2Switches {
 const V2Switches& v2_switches() {
   static const V2Switches switches = [] {
     V2Switches s;
-    const char* v1 = std::getenv("MOEKIT_GPU_ROUTE_V1");
-    s.all_v1 = v1 != nullptr && std::string(v1) == "1";
-    const char* off = std::getenv("MOEKIT_GPU_ROUTE_V2_OFF");
+    s.all_v1 = env::is("MOEKIT_GPU_ROUTE_V1", "1");
     // Split the comma-separated list into its names.
     std::vector<std::string> names(1);
-    for (const char* c = off != nullptr ? off : ""; *c != '\0'; ++c) {
-      if (*c == ',')
+    for (const char c : env::text("MOEKIT_GPU_ROUTE_V2_OFF")) {
+      if (c == ',')
         names.emplace_back();
       else
-        names.back().push_back(*c);
+        names.back().push_back(c);
     }
     auto listed = [&](const char* name) {
       return std::find(names.begin(), names.end(), name) != names.end();
@@ -935,23 +934,15 @@ struct V3Switches {
 const V3Switches& v3_switches() {
   static const V3Switches switches = [] {
     V3Switches s;
-    const char* off = std::getenv("MOEKIT_GPU_ROUTE_V3_OFF");
-    s.off = off != nullptr && std::string(off) == "1";
-    s.off_grouped = off != nullptr && std::string(off) == "grouped";
-    if (const char* lanes = std::getenv("MOEKIT_GPU_ROUTE_V3_LANES"))
-      s.row_lanes = std::atoi(lanes);
-    if (const char* sort = std::getenv("MOEKIT_GPU_ROUTE_V3_SORT"))
-      s.top_only = std::string(sort) == "top" ? 1 : std::string(sort) == "full" ? 0 : -1;
-    const char* denominator = std::getenv("MOEKIT_GPU_ROUTE_V3_DENOMINATOR");
-    s.tree_denominator = denominator != nullptr && std::string(denominator) == "tree";
-    if (const char* early = std::getenv("MOEKIT_GPU_ROUTE_V3_EARLY_TERMS"))
-      s.early_terms = std::string(early) == "1" ? 1 : std::string(early) == "0" ? 0 : -1;
-    if (const char* warps = std::getenv("MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS")) {
-      const int w = std::atoi(warps);
-      s.block_warps = w == 1 || w == 2 || w == 4 ? w : 0;
-    }
-    if (const char* rounds = std::getenv("MOEKIT_GPU_ROUTE_V3_ROUNDS"))
-      s.vote_rounds = std::string(rounds) == "vote" ? 1 : std::string(rounds) == "reduce" ? 0 : -1;
+    s.off = env::is("MOEKIT_GPU_ROUTE_V3_OFF", "1");
+    s.off_grouped = env::is("MOEKIT_GPU_ROUTE_V3_OFF", "grouped");
+    s.row_lanes = env::integer("MOEKIT_GPU_ROUTE_V3_LANES", 0);
+    s.top_only = env::choice("MOEKIT_GPU_ROUTE_V3_SORT", "top", "full");
+    s.tree_denominator = env::is("MOEKIT_GPU_ROUTE_V3_DENOMINATOR", "tree");
+    s.early_terms = env::choice("MOEKIT_GPU_ROUTE_V3_EARLY_TERMS");
+    const int w = env::integer("MOEKIT_GPU_ROUTE_V3_BLOCK_WARPS", 0);
+    s.block_warps = w == 1 || w == 2 || w == 4 ? w : 0;
+    s.vote_rounds = env::choice("MOEKIT_GPU_ROUTE_V3_ROUNDS", "vote", "reduce");
     return s;
   }();
   return switches;
@@ -1179,21 +1170,14 @@ std::string v4_declines(const RouteProblem& p) {
 // MOEKIT_GPU_ROUTE_V4=0|1, read once: keep automatic calls off v4, or put them on it wherever it
 // serves (for measuring it against v3 / v2); unset, the measured rule.
 int v4_forced() {
-  static const int forced = [] {
-    const char* v4 = std::getenv("MOEKIT_GPU_ROUTE_V4");
-    if (v4 == nullptr) return -1;
-    return std::string(v4) == "1" ? 1 : std::string(v4) == "0" ? 0 : -1;
-  }();
+  static const int forced = env::choice("MOEKIT_GPU_ROUTE_V4");
   return forced;
 }
 
 // MOEKIT_GPU_ROUTE_V4_KEYS=exact, read once: v4 skips its 32-bit keys and runs only the exact
 // pass (for measuring what the 32-bit keys save).
 bool v4_exact_keys_only() {
-  static const bool exact = [] {
-    const char* keys = std::getenv("MOEKIT_GPU_ROUTE_V4_KEYS");
-    return keys != nullptr && std::string(keys) == "exact";
-  }();
+  static const bool exact = env::is("MOEKIT_GPU_ROUTE_V4_KEYS", "exact");
   return exact;
 }
 
@@ -1256,19 +1240,12 @@ std::string v5_declines(const RouteProblem& p) {
 // serves; unset, the measured rule. MOEKIT_GPU_ROUTE_V5_KEYS=exact: 64-bit keys only (to measure
 // what the 32-bit keys save).
 int v5_forced() {
-  static const int forced = [] {
-    const char* v5 = std::getenv("MOEKIT_GPU_ROUTE_V5");
-    if (v5 == nullptr) return -1;
-    return std::string(v5) == "1" ? 1 : std::string(v5) == "0" ? 0 : -1;
-  }();
+  static const int forced = env::choice("MOEKIT_GPU_ROUTE_V5");
   return forced;
 }
 
 bool v5_exact_keys_only() {
-  static const bool exact = [] {
-    const char* keys = std::getenv("MOEKIT_GPU_ROUTE_V5_KEYS");
-    return keys != nullptr && std::string(keys) == "exact";
-  }();
+  static const bool exact = env::is("MOEKIT_GPU_ROUTE_V5_KEYS", "exact");
   return exact;
 }
 
