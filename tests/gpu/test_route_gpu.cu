@@ -1497,6 +1497,43 @@ TEST(GpuRouteV4, DeepSeekV3IsV2sBitForBit) {
   }
 }
 
+// `kernel` on one model row: three more runs give the first run's bytes (random, tie and NaN / inf
+// inputs), and a capture into a CUDA graph writes nothing until replayed, then agrees with the
+// reference (padding rows included).
+void expect_deterministic_and_capturable(const harness::ModelRow& model, gpu::RouteKernel kernel,
+                                         const std::string& name, cudaStream_t stream) {
+  for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf}) {
+    RouteCase c = model_case(model, 4099, kind, DType::bf16, 7);
+    const RouteInputs in = harness::make_inputs(c);
+    const DeviceCase d = upload(c, in, {});
+    const RouteProblem problem = device_problem(c, d, stream);
+    gpu::route_with_kernel(problem, kernel);
+    gpu::synchronize(stream);
+    const std::vector<char> first = raw_outputs(c, d);
+    for (int run = 0; run < 3; ++run) {
+      gpu::route_with_kernel(problem, kernel);
+      gpu::synchronize(stream);
+      EXPECT_TRUE(raw_outputs(c, d) == first) << describe(c) << ": run " << run + 2 << " differs";
+    }
+  }
+  RouteCase c = model_case(model, 1031, InputKind::padding, DType::bf16, 13);
+  const RouteInputs in = harness::make_inputs(c);
+  const DeviceCase d = upload(c, in, {});
+  cudaGraph_t graph = nullptr;
+  MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  gpu::route_with_kernel(device_problem(c, d, stream), kernel);
+  MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+  EXPECT_TRUE(std::isnan(download(c, d).weights.data_as<float>()[0])) << describe(c);
+  for (int replay = 0; replay < 3; ++replay) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream));
+  gpu::synchronize(stream);
+  expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
+                   name + " replayed from a graph");
+  MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
+  MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+}
+
 TEST(GpuRouteV4, BitwiseDeterministicAndCapturesIntoCudaGraph) {
   SKIP_WITHOUT_GPU();
   Stream stream;
@@ -1504,36 +1541,7 @@ TEST(GpuRouteV4, BitwiseDeterministicAndCapturesIntoCudaGraph) {
   for (const harness::ModelRow& model : harness::model_table())
     if (model.name == "DeepSeek-V3") v3_row = &model;
   ASSERT_NE(v3_row, nullptr);
-  for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf}) {
-    RouteCase c = model_case(*v3_row, 4099, kind, DType::bf16, 7);
-    const RouteInputs in = harness::make_inputs(c);
-    const DeviceCase d = upload(c, in, {});
-    const RouteProblem problem = device_problem(c, d, stream.get());
-    gpu::route_with_kernel(problem, gpu::RouteKernel::v4);
-    gpu::synchronize(stream.get());
-    const std::vector<char> first = raw_outputs(c, d);
-    for (int run = 0; run < 3; ++run) {
-      gpu::route_with_kernel(problem, gpu::RouteKernel::v4);
-      gpu::synchronize(stream.get());
-      EXPECT_TRUE(raw_outputs(c, d) == first) << describe(c) << ": run " << run + 2 << " differs";
-    }
-  }
-  RouteCase c = model_case(*v3_row, 1031, InputKind::padding, DType::bf16, 13);
-  const RouteInputs in = harness::make_inputs(c);
-  const DeviceCase d = upload(c, in, {});
-  cudaGraph_t graph = nullptr;
-  MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  gpu::route_with_kernel(device_problem(c, d, stream.get()), gpu::RouteKernel::v4);
-  MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-  EXPECT_TRUE(std::isnan(download(c, d).weights.data_as<float>()[0])) << describe(c);
-  for (int replay = 0; replay < 3; ++replay) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-  gpu::synchronize(stream.get());
-  expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
-                   "v4 replayed from a graph");
-  MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
-  MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+  expect_deterministic_and_capturable(*v3_row, gpu::RouteKernel::v4, "v4", stream.get());
 }
 
 TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
@@ -1746,40 +1754,13 @@ TEST(GpuRouteV5, TruncatedTiesTakeTheExactPass) {
 TEST(GpuRouteV5, BitwiseDeterministicAndCapturesIntoCudaGraph) {
   SKIP_WITHOUT_GPU();
   Stream stream;
+  int rows = 0;
   for (const harness::ModelRow& model : harness::model_table()) {
     if (model.config.scoring != Scoring::sigmoid) continue;
-    for (InputKind kind : {InputKind::random, InputKind::ties, InputKind::nan_inf}) {
-      RouteCase c = model_case(model, 4099, kind, DType::bf16, 7);
-      const RouteInputs in = harness::make_inputs(c);
-      const DeviceCase d = upload(c, in, {});
-      const RouteProblem problem = device_problem(c, d, stream.get());
-      gpu::route_with_kernel(problem, gpu::RouteKernel::v5);
-      gpu::synchronize(stream.get());
-      const std::vector<char> first = raw_outputs(c, d);
-      for (int run = 0; run < 3; ++run) {
-        gpu::route_with_kernel(problem, gpu::RouteKernel::v5);
-        gpu::synchronize(stream.get());
-        EXPECT_TRUE(raw_outputs(c, d) == first) << describe(c) << ": run " << run + 2 << " differs";
-      }
-    }
-    RouteCase c = model_case(model, 1031, InputKind::padding, DType::bf16, 13);
-    const RouteInputs in = harness::make_inputs(c);
-    const DeviceCase d = upload(c, in, {});
-    cudaGraph_t graph = nullptr;
-    MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-    gpu::route_with_kernel(device_problem(c, d, stream.get()), gpu::RouteKernel::v5);
-    MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-    cudaGraphExec_t exec = nullptr;
-    MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-    EXPECT_TRUE(std::isnan(download(c, d).weights.data_as<float>()[0])) << describe(c);
-    for (int replay = 0; replay < 3; ++replay)
-      MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-    gpu::synchronize(stream.get());
-    expect_agreement(c, in, harness::run_reference(c, in), download(c, d),
-                     "v5 replayed from a graph");
-    MOEKIT_GPU_CHECK(cudaGraphExecDestroy(exec));
-    MOEKIT_GPU_CHECK(cudaGraphDestroy(graph));
+    ++rows;
+    expect_deterministic_and_capturable(model, gpu::RouteKernel::v5, "v5", stream.get());
   }
+  EXPECT_EQ(rows, 3);
 }
 
 TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
