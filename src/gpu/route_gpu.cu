@@ -1148,11 +1148,17 @@ void route_v3(const RouteProblem& p, V3Shape shape) {
 
 // ---- v4 (route_gpu_v4.cuh): grouped sigmoid rows, two lanes per group, 32-bit keys first.
 
-std::string v4_declines(const RouteProblem& p) {
+// What v4 and v5 both need: f32 / f16 / bf16 logits and sigmoid scoring (empty when so).
+std::string sigmoid_kernel_declines(const RouteProblem& p) {
   const DType dtype = p.logits.dtype();
   if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
     return "logits dtype " + std::string(dtype_name(dtype));
   if (p.scoring != Scoring::sigmoid) return "scoring is not sigmoid";
+  return "";
+}
+
+std::string v4_declines(const RouteProblem& p) {
+  if (std::string why = sigmoid_kernel_declines(p); !why.empty()) return why;
   if (p.num_groups <= 1) return "ungrouped routing";
   if (p.num_groups > kV4MaxGroups)
     return "G=" + std::to_string(p.num_groups) + " > " + std::to_string(kV4MaxGroups) + " groups";
@@ -1215,10 +1221,7 @@ void route_v4(const RouteProblem& p) {
 int v5_experts_per_lane(int num_experts) { return num_experts <= kLanes * 8 ? 8 : 16; }
 
 std::string v5_declines(const RouteProblem& p) {
-  const DType dtype = p.logits.dtype();
-  if (dtype != DType::f32 && dtype != DType::f16 && dtype != DType::bf16)
-    return "logits dtype " + std::string(dtype_name(dtype));
-  if (p.scoring != Scoring::sigmoid) return "scoring is not sigmoid";
+  if (std::string why = sigmoid_kernel_declines(p); !why.empty()) return why;
   constexpr int kMaxExperts = kLanes * 16;
   if (p.num_experts > kMaxExperts)
     return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kMaxExperts);

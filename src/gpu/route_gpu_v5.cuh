@@ -9,10 +9,10 @@
 //   redux.max. A lane sorts its 8 or 16 keys into its top 8 (Batcher's network per run of 8, runs
 //   merged; with 16, the 9th too); a round's winner shifts its sorted keys.
 // - Truncated scores may tie where the exact ones differ, so the rounds run once more (the
-//   (Kr+1)-th key), and where two adjacent keys of those Kr + 1 share their truncated score the
-//   row is redone with 64-bit keys (score, id): the same steps. Otherwise the truncated and the
-//   exact order agree on the top Kr (truncation only reorders keys of equal truncated score,
-//   which are adjacent in both orders).
+//   (Kr+1)-th key). Truncation only reorders keys of equal truncated score (adjacent in both
+//   orders): where two adjacent keys inside the top Kr tie, the set is right and only their order
+//   is open, restored from the slots' exact keys; where the Kr-th and the (Kr+1)-th tie, the row
+//   is redone with 64-bit keys (score, id), the same steps.
 // - Groups are runs of whole lanes (a power of two); group scores use the exact scores (each
 //   lane's top two, merged over the group's lanes), so both passes keep the same groups.
 // - The sigmoid of each expert (the weight source) goes to shared memory as the keys are built;

@@ -1587,10 +1587,10 @@ TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
       Error);
 }
 
-// ---- v5 (src/gpu/route_gpu_v5.cuh): sigmoid rows in whole warps, top 8 by merging the lanes'
-// sorted lists; against the reference and v1 on random shapes, bit for bit against v2 where v2
-// serves the same problem, rows whose truncated scores tie (the exact pass), deterministic,
-// graph-capturable, and declining what it does not serve.
+// ---- v5 (src/gpu/route_gpu_v5.cuh): sigmoid rows in whole warps with 32-bit keys; against the
+// reference and v1 on random shapes, bit for bit against v2 where v2 serves the same problem, rows
+// whose truncated scores tie (the reorder and the exact pass), deterministic, graph-capturable,
+// and declining what it does not serve.
 
 std::string v5_declines_of(RouteCase c) {
   const RouteInputs in = harness::make_inputs(c);
@@ -1714,13 +1714,15 @@ TEST(GpuRouteV5, SigmoidModelRowsAreV2sBitForBit) {
 
 // Rows whose selection scores differ only below the 32-bit keys' truncated bits (f32 logits a few
 // ulps apart, no bias): the 32-bit pass sees ties the exact order does not have, so the rows take
-// the exact pass, and must still be v2's bytes (which rank by the exact score, then the id).
-TEST(GpuRouteV5, TruncatedTiesTakeTheExactPass) {
+// the reorder (ties inside the top Kr) or the exact pass (a tie at its boundary), and must still
+// be v2's bytes (which rank by the exact score, then the id).
+TEST(GpuRouteV5, TruncatedTiesAreResolvedExactly) {
   SKIP_WITHOUT_GPU();
   Stream stream;
   const uint64_t seed = test_seed();
-  std::printf("GpuRouteV5.TruncatedTiesTakeTheExactPass: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
-              static_cast<unsigned long long>(seed));
+  std::printf(
+      "GpuRouteV5.TruncatedTiesAreResolvedExactly: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+      static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   int cases = 0;
   for (const harness::ModelRow& model : harness::model_table()) {
