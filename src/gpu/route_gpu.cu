@@ -156,8 +156,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_kernel(const Rout
 #pragma unroll
           for (int i = 0; i < kVpl; ++i) value[i] = value[i] == INFINITY ? 1.0f / count : 0.0f;
         } else {
+          // The numerators correctly rounded (through double), as the reference's expf gives them
+          // all but never: with K up to 64 slots a shared slot sums the routed weights, and where
+          // many experts share a logit (saturated inputs) expf's deterministic error of up to
+          // 2 ulp repeats in every one of them and adds up past the contract's 1e-6.
 #pragma unroll
-          for (int i = 0; i < kVpl; ++i) value[i] = key[i] != kNoKey ? expf(value[i] - m) : 0.0f;
+          for (int i = 0; i < kVpl; ++i)
+            value[i] = key[i] != kNoKey ? static_cast<float>(exp(static_cast<double>(value[i] - m)))
+                                        : 0.0f;
           // Summed in expert order, as the reference does: unnormalized weights (scaled by rsf)
           // are then within an ulp or two of its own, not a reordering's several. Through shared
           // memory, every lane reading the same address: a chain of adds, not of shuffles.

@@ -324,6 +324,31 @@ TEST(GpuRoute, RandomShapesAgreeWithReference) {
   }
 }
 
+// The case a random seed once failed (v1, softmax by p, a shared slot summing 60 routed weights):
+// saturated logits are whole numbers 17..60, so ~15 experts share each exp(z - max), and a
+// numerator off by a fixed ulp or two in all of them adds up in the shared slot past the
+// contract's 1e-6. Simulated on the CPU with CUDA-like expf errors, ~1 % of such rows failed;
+// 2048 rows of each dtype leave no chance to pass by luck.
+TEST(GpuRoute, ManySlotsOverSaturatedSoftmaxAgreeWithReference) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (DType dtype : {DType::bf16, DType::f32}) {
+    RouteCase c;
+    c.label = "saturated softmax, 60 routed + 1 shared";
+    c.seed = 3496489879210760423ull;
+    c.tokens = 2048;
+    c.num_experts = 896;
+    c.kind = InputKind::saturated;
+    c.logits_dtype = dtype;
+    c.config.scoring = Scoring::softmax;
+    c.config.renormalize = false;  // softmax by p, the denominator over all 896 experts
+    c.config.num_shared_experts = 1;
+    c.config.topk = 61;
+    c.config.routed_scaling_factor = 1.0f;
+    check_case(c, {}, stream.get());
+  }
+}
+
 // Outputs of one call, as raw bytes.
 std::vector<char> raw_outputs(const RouteCase& c, const DeviceCase& d) {
   const RouteOutputs out = download(c, d);
