@@ -88,8 +88,7 @@ struct Epilogue {
   void* out;
   int64_t out_row_stride;
   OutType out_type;
-  bool out_pairs;    // two neighbouring columns can be stored as one aligned vector
-  bool out_vectors;  // every row starts 16-byte aligned: rows of a tile go out as 16-byte vectors
+  bool out_pairs;  // two neighbouring columns can be stored as one aligned vector
   const void* bias;
   int64_t bias_stride;
   BiasType bias_type;
@@ -116,7 +115,6 @@ struct GemmArgs {
   bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
   bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
   int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
-  bool staged_epilogue;  // swap kernel: the out tile through shared memory, 16-byte row stores
 };
 
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
@@ -171,21 +169,6 @@ __device__ __forceinline__ void store_one(const Epilogue& e, int64_t i, float v)
       break;
     case OutType::f16:
       static_cast<__half*>(e.out)[i] = __float2half_rn(v);
-      break;
-  }
-}
-
-// v in the out dtype at p (shared memory): the bits store_one would write.
-__device__ __forceinline__ void put_out(uint8_t* p, OutType type, float v) {
-  switch (type) {
-    case OutType::f32:
-      *reinterpret_cast<float*>(p) = v;
-      break;
-    case OutType::bf16:
-      *reinterpret_cast<__nv_bfloat16*>(p) = __float2bfloat16_rn(v);
-      break;
-    case OutType::f16:
-      *reinterpret_cast<__half*>(p) = __float2half_rn(v);
       break;
   }
 }
@@ -908,52 +891,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   }
 
   const Epilogue& e = args.epilogue;
-  const int row_in_tile = (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
-  const int row0 = n0 + row_in_tile;
-  // Staged epilogue: the storing threads put the tile (bias added, in the out dtype) into the idle
-  // ring past the partial sums, [token][row] with rows padded by 16 bytes (no bank conflicts),
-  // then write each token's kRows columns as 16-byte vectors: 2 stores per thread at 64 tokens
-  // instead of 32 two-byte ones, each warp's on 4 whole 128-byte lines. Only where the tile is
-  // whole along N, rows start 16-byte aligned and the tile fits the ring (else element stores).
-  constexpr int kStoreThreads = kAlternate ? kWarpgroup : kConsumers * kWarpgroup;
-  const int element = e.out_type == OutType::f32 ? 4 : 2;
-  const int pitch = kRows * element + 16;
-  const int tokens_here = min(kTokens, args.m - t0);
-  if (args.staged_epilogue && e.out_vectors && n0 + kRows <= args.n &&
-      Config::kPartialBytes + kTokens * pitch <= stage_count * Config::kStageBytes) {
-    uint8_t* staging = stages + Config::kPartialBytes;
-    // Alternating, the barrier after the loop saw both warpgroups past their last wgmma; else
-    // the other warpgroup may still read the last stage.
-    if constexpr (!kAlternate) sm90::named_barrier(2, kStoreThreads);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float bias = e.bias_type != BiasType::none ? bias_at(e, row0 + 8 * h) : 0.0f;
-#pragma unroll
-      for (int j = 0; j < kTokens / 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int token = 8 * j + 2 * (lane % 4) + c;
-          if (token < tokens_here)
-            put_out(staging + token * pitch + (row_in_tile + 8 * h) * element, e.out_type,
-                    acc[4 * j + 2 * h + c] + bias);
-        }
-      }
-    }
-    sm90::named_barrier(2, kStoreThreads);
-    const int vectors_per_token = kRows * element / 16;
-    const int thread = kAlternate ? t : consumer_thread;
-    for (int v = thread; v < tokens_here * vectors_per_token; v += kStoreThreads) {
-      const int token = v / vectors_per_token, part = v % vectors_per_token;
-      const uint4 value = *reinterpret_cast<const uint4*>(staging + token * pitch + part * 16);
-      *reinterpret_cast<uint4*>(static_cast<uint8_t*>(e.out) +
-                                ((t0 + token) * e.out_row_stride + n0) * element + part * 16) =
-          value;
-    }
-    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::stores_issued));
-    if (splits > 1 && !push) sm90::cluster_wait();  // completes this thread's arrival above
-    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) trace_leave(trace_cta, trace_ticket_of_cta, split));
-    return;
-  }
+  const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int n = row0 + 8 * h;
@@ -1039,8 +977,6 @@ GemmArgs args_of(const BlockGemmProblem& p) {
   const auto element = static_cast<int64_t>(dtype_size(p.out.dtype()));
   e.out_pairs = reinterpret_cast<uintptr_t>(p.out.data()) % (2 * element) == 0 &&
                 (p.m <= 1 || p.out.stride(0) % 2 == 0);
-  e.out_vectors = reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
-                  (p.m <= 1 || p.out.stride(0) * element % 16 == 0);
   if (p.has_bias()) {
     e.bias = p.bias.data();
     e.bias_stride = p.bias.stride(0);
@@ -1069,7 +1005,6 @@ struct Plan {
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
   int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
-  bool staged_epilogue = false;     // swap: the out tile through shared memory
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   dim3 grid;
   size_t shared_bytes = 0;
@@ -1137,8 +1072,7 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH,
 // MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1,
 // MOEKIT_SM90_EARLY_TILES=n (n > 0: at most n weight tiles before the wait, the rest of the ring
-// after the token tiles; session 8) and MOEKIT_SM90_STAGED_EPILOGUE=0 (element stores, as before
-// session 8).
+// after the token tiles; session 8).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -1146,7 +1080,6 @@ struct SwapOverrides {
   int early_weights = -1, push_sums = -1, co_resident = -1;  // -1: the planner's
   int odd_splits = -1;                                       // -1: the planner's
   int early_tiles = 0;                                       // 0: every stage's
-  int staged_epilogue = -1;                                  // -1: the planner's
 };
 
 // Read at every plan, not once: the GPU tests set them per scope.
@@ -1158,7 +1091,6 @@ SwapOverrides swap_overrides() {
   o.co_resident = env::integer("MOEKIT_SM90_CORESIDENT", o.co_resident);
   o.odd_splits = env::integer("MOEKIT_SM90_SPLIT3", o.odd_splits);
   o.early_tiles = env::integer("MOEKIT_SM90_EARLY_TILES", o.early_tiles);
-  o.staged_epilogue = env::integer("MOEKIT_SM90_STAGED_EPILOGUE", o.staged_epilogue);
   return o;
 }
 
@@ -1270,8 +1202,13 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   }
   if (!found) return false;
   plan.early_weights = early;
-  plan.early_tiles = overrides.early_tiles > 0 ? overrides.early_tiles : plan.stages;
-  plan.staged_epilogue = overrides.staged_epilogue != 0;
+  // 64-token tiles: 8 of the ring's 12 weight tiles before the wait, so that the token tiles
+  // issued after it queue behind fewer weight bytes (H200, M=64 N=4096 K=7168, moekit bench, 3
+  // interleaved rounds: 13.10-13.12 vs 13.15-13.22 us; a small gain, see fp8-gpu-sm90.md v10);
+  // narrower tiles keep every stage (8 of 16 lost 0.3-0.4 us at M = 1..16).
+  plan.early_tiles = overrides.early_tiles > 0 ? overrides.early_tiles
+                     : kTokens == 64           ? 8
+                                               : plan.stages;
   // The same layout built for two CTAs per SM, where two fit: the planner's waves count one per
   // SM, the second slot is for the next call, whose early loads then fill its ring (without early
   // loads it measured no faster: 11.05 vs 10.74 us at M=1, K=7168).
@@ -1427,13 +1364,18 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
   char text[300];
+  char early[40] = "";
+  if (plan.early_weights)
+    std::snprintf(
+        early, sizeof early,
+        plan.early_tiles < plan.stages ? ", early weight loads (%d)" : ", early weight loads",
+        plan.early_tiles);
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
                   "%u, %d stages, %zu B shared, %d clusters resident%s%s%s",
                   plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
-                  plan.shared_bytes, plan.cluster_capacity,
-                  plan.early_weights ? ", early weight loads" : "",
+                  plan.shared_bytes, plan.cluster_capacity, early,
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
@@ -1457,7 +1399,6 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
     args.early_tiles = plan.early_tiles;
-    args.staged_epilogue = plan.staged_epilogue;
   } else {
     first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
     second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);
@@ -1536,7 +1477,6 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.early_weights = plan.early_weights;
   args.push_sums = plan.push_sums;
   args.early_tiles = plan.early_tiles;
-  args.staged_epilogue = plan.staged_epilogue;
   const CUtensorMap weight =
       make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows);
   const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map

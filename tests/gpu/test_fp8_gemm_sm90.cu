@@ -456,7 +456,8 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
               !has(wide, "2 CTAs per SM") && !has(wide, "pushed sums"))
       << wide;
   const std::string batch = plan_of(64, 4096, 7168);
-  EXPECT_TRUE(has(batch, "early weight loads") && !has(batch, "pushed sums") &&
+  // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8).
+  EXPECT_TRUE(has(batch, "early weight loads (8)") && !has(batch, "pushed sums") &&
               !has(batch, "2 CTAs per SM") && has(batch, "64 weight rows") &&
               has(batch, "K split 2 ways"))
       << batch;
@@ -503,12 +504,14 @@ class ForcedSwap {
 };
 
 // The swap kernel's tuning knobs for one scope: ring depth (0: the planner's), early weight loads,
-// two CTAs per SM, pushed split sums (each 0 or 1 forced, -1 the planner's).
+// two CTAs per SM, pushed split sums (each 0 or 1 forced, -1 the planner's), weight tiles before
+// the wait (0: the planner's).
 struct SwapTuning {
   int stages;
   int early;
   int co_resident;
   int push;
+  int early_tiles = 0;
 };
 
 std::string knob(int value) { return value < 0 ? "" : std::to_string(value); }
@@ -519,10 +522,11 @@ class ForcedTuning {
       : stages_("MOEKIT_SM90_STAGES", std::to_string(t.stages)),
         early_("MOEKIT_SM90_EARLY", knob(t.early)),
         co_resident_("MOEKIT_SM90_CORESIDENT", knob(t.co_resident)),
-        push_("MOEKIT_SM90_PUSH", knob(t.push)) {}
+        push_("MOEKIT_SM90_PUSH", knob(t.push)),
+        early_tiles_("MOEKIT_SM90_EARLY_TILES", std::to_string(t.early_tiles)) {}
 
  private:
-  ScopedEnv stages_, early_, co_resident_, push_;
+  ScopedEnv stages_, early_, co_resident_, push_, early_tiles_;
 };
 
 // Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8, 3 and 6 too),
@@ -572,11 +576,11 @@ TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
                                                       {33, 384, 7168},
                                                       {64, 1024, 3000},
                                                       {65, 256, 1024}}};
-  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1}, {8, 1, 1, 1},
-                                {0, 0, 1, 0}, {4, 1, 1, 1},  {0, -1, -1, -1}};
+  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1},    {8, 1, 1, 1},   {0, 0, 1, 0},
+                                {4, 1, 1, 1}, {16, 1, 0, 1, 3}, {0, -1, -1, -1}};
   for (const SwapTuning& tuning : tunings) {
-    std::printf(" stages %d, early %d, co-resident %d, push %d\n", tuning.stages, tuning.early,
-                tuning.co_resident, tuning.push);
+    std::printf(" stages %d, early %d, co-resident %d, push %d, early tiles %d\n", tuning.stages,
+                tuning.early, tuning.co_resident, tuning.push, tuning.early_tiles);
     for (const auto& s : shapes) {
       const GemmCase c = random_case(rng, s[0], s[1], s[2]);
       const Buffers host = make_host_buffers(c);
