@@ -114,6 +114,7 @@ struct GemmArgs {
   int stages;            // swap kernel: depth of the shared-memory ring (even)
   bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
   bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
+  int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
 };
 
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
@@ -509,6 +510,94 @@ __device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t
 }
 #endif
 
+// ---- Phase stamps (builds with MOEKIT_FP8_TRACE only; see Sm90TracePhase in fp8_gemm_sm90.h).
+// Each CTA keeps its stamps in shared memory; thread 0 takes a ticket (a global counter: the
+// order of entry, so ticket / grid size is the call) as it enters and writes the record as it
+// leaves. Without MOEKIT_FP8_TRACE the macros below are empty and the kernels hold none of this.
+#ifdef MOEKIT_FP8_TRACE
+constexpr int kTraceCapacity = 32768;  // records: 256 calls of 128 CTAs
+__device__ Sm90TraceRecord trace_records[kTraceCapacity];
+__device__ uint32_t trace_ticket;
+
+#if MOEKIT_SM90A
+struct TraceCta {
+  uint64_t time_ns[kSm90TracePhases];
+  uint64_t cycles[kSm90TracePhases];
+  float sink;
+};
+
+__device__ __forceinline__ void trace_stamp(TraceCta& cta, Sm90TracePhase phase) {
+  volatile TraceCta& v = cta;
+  const int p = static_cast<int>(phase);
+  v.time_ns[p] = vendor::global_timer_ns();
+  v.cycles[p] = vendor::sm_cycles();
+}
+
+// Stamps `phase` once every value of `values` has arrived: their sum goes to shared memory first
+// (the adds and loads before a stamp may otherwise complete after it).
+template <int N>
+__device__ __forceinline__ void trace_stamp_after(TraceCta& cta, Sm90TracePhase phase,
+                                                  const float (&values)[N]) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) sum += values[i];
+  static_cast<volatile TraceCta&>(cta).sink = sum;
+  trace_stamp(cta, phase);
+}
+
+// Thread 0, first thing: the entry stamp, the other stamps cleared, the ticket requested (kept in
+// a register and only read at the end, so the atomic's round trip delays nothing before that).
+__device__ __forceinline__ uint32_t trace_enter(TraceCta& cta) {
+  trace_stamp(cta, Sm90TracePhase::entry);
+  volatile TraceCta& v = cta;
+  for (int p = 1; p < kSm90TracePhases; ++p) {
+    v.time_ns[p] = 0;
+    v.cycles[p] = 0;
+  }
+  return atomicAdd(&trace_ticket, 1u);
+}
+
+// Thread 0, last thing: the exit stamp and the record.
+__device__ __forceinline__ void trace_leave(TraceCta& cta, uint32_t ticket, uint32_t rank) {
+  trace_stamp(cta, Sm90TracePhase::exit);
+  const volatile TraceCta& v = cta;
+  if (ticket >= kTraceCapacity) return;
+  Sm90TraceRecord& r = trace_records[ticket];
+  for (int p = 0; p < kSm90TracePhases; ++p) {
+    r.time_ns[p] = v.time_ns[p];
+    r.cycles[p] = v.cycles[p];
+  }
+  r.ticket = ticket;
+  r.grid_ctas = gridDim.x * gridDim.y;
+  r.block_x = blockIdx.x;
+  r.block_y = blockIdx.y;
+  r.rank = rank;
+  r.sm = vendor::sm_id();
+}
+
+// One thread of the producer warpgroup's idle warps, where the weights load early: spins (with
+// short sleeps, at most 40 us) until the last 16 bytes of stage 0's weight tile, cleared by
+// thread 0 before the copy was issued, turn nonzero. A diagnosis only: random fp8 weights are
+// nonzero there; all-zero bytes would read as "not seen" (0).
+__device__ __forceinline__ void trace_weights_landed(TraceCta& cta, const uint8_t* tile_end) {
+  const volatile uint4* word = reinterpret_cast<const volatile uint4*>(tile_end - 16);
+  const uint64_t start = vendor::global_timer_ns();
+  while (true) {
+    const uint4 v = make_uint4(word->x, word->y, word->z, word->w);
+    if ((v.x | v.y | v.z | v.w) != 0) {
+      trace_stamp(cta, Sm90TracePhase::first_weights_landed);
+      return;
+    }
+    if (vendor::global_timer_ns() - start > 40000) return;
+    __nanosleep(20);
+  }
+}
+#endif
+#define MOEKIT_SWAP_TRACE(...) __VA_ARGS__
+#else
+#define MOEKIT_SWAP_TRACE(...)
+#endif
+
 template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX>
 __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
@@ -541,8 +630,15 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(a_scales + max_count * (kTokens + 1)) + 15) / 16 * 16);
   const bool push = splits > 1 && args.push_sums;
+  MOEKIT_SWAP_TRACE(__shared__ TraceCta trace_cta; uint32_t trace_ticket_of_cta = 0);
+  MOEKIT_SWAP_TRACE(const auto stamp = [&](Sm90TracePhase p) { trace_stamp(trace_cta, p); });
 
   if (threadIdx.x == 0) {
+    MOEKIT_SWAP_TRACE(trace_ticket_of_cta = trace_enter(trace_cta));
+    MOEKIT_SWAP_TRACE(if (args.early_weights) {
+      *reinterpret_cast<uint4*>(stages + Config::kWeightBytes - 16) = make_uint4(0, 0, 0, 0);
+      sm90::fence_proxy_async_shared();
+    });
     for (int s = 0; s < stage_count; ++s) {
       sm90::mbarrier_init(&full[s], 1);
       // Alternating: local k-block i uses stage i % stages and warpgroup i % 2; the stage count is
@@ -579,22 +675,25 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       if (args.early_weights) {
         // The weights are not the previous kernel's output (the host's promise, b_static): the
         // first tiles go straight into the ring while it finishes; the token tiles only after.
-        for (int j = 0; j < first; ++j) {
+        const int first_early = min(first, args.early_tiles);
+        for (int j = 0; j < first_early; ++j) {
           sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
           sm90::tma_load_2d(stages + j * Config::kStageBytes, &w_map, &full[j],
                             (kb_begin + j) * kBlockK, n0);
         }
         vendor::wait_for_previous_grid();
+        MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
         if constexpr (!kQuantizeX) {
-          for (int j = 0; j < first; ++j)
+          for (int j = 0; j < first_early; ++j)
             sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
                               &full[j], (kb_begin + j) * kBlockK, t0);
         }
-        i = first;
+        i = first_early;
       } else {
         // The first weight tiles into L2 while the previous kernel finishes; then wait for it.
         for (int j = 0; j < first; ++j) sm90::tma_prefetch_2d(&w_map, (kb_begin + j) * kBlockK, n0);
         vendor::wait_for_previous_grid();
+        MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
       }
       RingSlot slot;
       slot.advance(i, stage_count);  // i is 0 or at most one lap
@@ -607,7 +706,11 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         if constexpr (!kQuantizeX)
           sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
       }
+      MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::last_issued));
     }
+    MOEKIT_SWAP_TRACE(else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights) {
+      trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
+    });
     __syncwarp();
     if (push) {
       sm90::cluster_wait();
@@ -643,6 +746,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       word(args.epilogue.out_type) ^ word(args.epilogue.out_pairs) ^
       word(reinterpret_cast<uintptr_t>(args.epilogue.bias)) ^ word(args.epilogue.bias_stride) ^
       word(args.epilogue.bias_type) ^ word(args.m) ^ word(args.n) ^ word(args.push_sums));
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::consumer_waited));
 
   if constexpr (kQuantizeX) {
     // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
@@ -675,6 +779,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
   sm90::named_barrier(1, kConsumers * kWarpgroup);
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::scales_staged));
 
   float acc[kRegisters], part[kRegisters];
 #pragma unroll
@@ -685,6 +790,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   const int step = kAlternate ? kConsumers : 1;
   for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
     sm90::mbarrier_wait(&full[slot.stage], slot.phase);
+    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
     const uint8_t* token_tile =
         kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
@@ -704,6 +810,8 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     }
   }
 
+  MOEKIT_SWAP_TRACE(if (t == 0 && warpgroup == (kAlternate ? (count - 1) % 2 : 0))
+                        trace_stamp_after(trace_cta, Sm90TracePhase::last_consumed, acc));
   // The stages are idle once both warpgroups are past their last k-block (every copy landed,
   // every wgmma finished): they hold partial sums, slot r of thread t at r * 128 + t.
   // Alternating: warpgroup 1's sums into warpgroup 0 (same fragment slots), which goes on alone.
@@ -737,6 +845,10 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
                                     acc[r + 3]);
         sm90::mbarrier_arrive_remote(sums_ready, 0);
       }
+      MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) {
+        trace_stamp_after(trace_cta, Sm90TracePhase::sums_done, acc);
+        trace_leave(trace_cta, trace_ticket_of_cta, split);
+      });
       return;
     }
     if (stores) {
@@ -771,7 +883,12 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::cluster_sync();  // keeps this CTA (its shared memory) alive until read
     }
   }
-  if (!stores) return;
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0)
+                        trace_stamp_after(trace_cta, Sm90TracePhase::sums_done, acc));
+  if (!stores) {
+    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) trace_leave(trace_cta, trace_ticket_of_cta, split));
+    return;
+  }
 
   const Epilogue& e = args.epilogue;
   const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
@@ -790,7 +907,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       }
     }
   }
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::stores_issued));
   if (splits > 1 && !push) sm90::cluster_wait();  // completes this thread's arrival above
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) trace_leave(trace_cta, trace_ticket_of_cta, split));
 #else
   (void)w_map;
   (void)x_map;
@@ -885,6 +1004,7 @@ struct Plan {
   bool early_weights = false;
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
+  int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   dim3 grid;
   size_t shared_bytes = 0;
@@ -950,13 +1070,16 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // pushed to rank 0 and the two-CTAs-per-SM build where the whole k-range of a CTA fits its ring (so
 // the next call's CTAs load all their weights while this one runs). The environment overrides each,
 // for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH,
-// MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1.
+// MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1,
+// MOEKIT_SM90_EARLY_TILES=n (n > 0: at most n weight tiles before the wait, the rest of the ring
+// after the token tiles; session 8).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
   int stages = 0;                                            // 0: the planner's
   int early_weights = -1, push_sums = -1, co_resident = -1;  // -1: the planner's
   int odd_splits = -1;                                       // -1: the planner's
+  int early_tiles = 0;                                       // 0: every stage's
 };
 
 // Read at every plan, not once: the GPU tests set them per scope.
@@ -967,6 +1090,7 @@ SwapOverrides swap_overrides() {
   o.push_sums = env::integer("MOEKIT_SM90_PUSH", o.push_sums);
   o.co_resident = env::integer("MOEKIT_SM90_CORESIDENT", o.co_resident);
   o.odd_splits = env::integer("MOEKIT_SM90_SPLIT3", o.odd_splits);
+  o.early_tiles = env::integer("MOEKIT_SM90_EARLY_TILES", o.early_tiles);
   return o;
 }
 
@@ -1078,6 +1202,13 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   }
   if (!found) return false;
   plan.early_weights = early;
+  // 64-token tiles: 8 of the ring's 12 weight tiles before the wait, so that the token tiles
+  // issued after it queue behind fewer weight bytes (H200, M=64 N=4096 K=7168, moekit bench, 3
+  // interleaved rounds: 13.10-13.12 vs 13.15-13.22 us; a small gain, see fp8-gpu-sm90.md v10);
+  // narrower tiles keep every stage (8 of 16 lost 0.3-0.4 us at M = 1..16).
+  plan.early_tiles = overrides.early_tiles > 0 ? overrides.early_tiles
+                     : kTokens == 64           ? 8
+                                               : plan.stages;
   // The same layout built for two CTAs per SM, where two fit: the planner's waves count one per
   // SM, the second slot is for the next call, whose early loads then fill its ring (without early
   // loads it measured no faster: 11.05 vs 10.74 us at M=1, K=7168).
@@ -1233,13 +1364,18 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
   char text[300];
+  char early[40] = "";
+  if (plan.early_weights)
+    std::snprintf(
+        early, sizeof early,
+        plan.early_tiles < plan.stages ? ", early weight loads (%d)" : ", early weight loads",
+        plan.early_tiles);
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
                   "%u, %d stages, %zu B shared, %d clusters resident%s%s%s",
                   plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
-                  plan.shared_bytes, plan.cluster_capacity,
-                  plan.early_weights ? ", early weight loads" : "",
+                  plan.shared_bytes, plan.cluster_capacity, early,
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
@@ -1262,6 +1398,7 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.stages = plan.stages;
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
+    args.early_tiles = plan.early_tiles;
   } else {
     first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
     second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);
@@ -1339,10 +1476,44 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.stages = plan.stages;
   args.early_weights = plan.early_weights;
   args.push_sums = plan.push_sums;
+  args.early_tiles = plan.early_tiles;
   const CUtensorMap weight =
       make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows);
   const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map
   launch(plan, weight, unused, args, g.stream, device);
 }
+
+// ---- Phase stamps (MOEKIT_FP8_TRACE builds only).
+
+#ifdef MOEKIT_FP8_TRACE
+bool block_gemm_sm90_trace_built() { return true; }
+int block_gemm_sm90_trace_capacity() { return kTraceCapacity; }
+
+void block_gemm_sm90_trace_reset() {
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+  void* records = nullptr;
+  MOEKIT_GPU_CHECK(cudaGetSymbolAddress(&records, trace_records));
+  MOEKIT_GPU_CHECK(cudaMemset(records, 0, sizeof(Sm90TraceRecord) * kTraceCapacity));
+  const uint32_t zero = 0;
+  MOEKIT_GPU_CHECK(cudaMemcpyToSymbol(trace_ticket, &zero, sizeof(zero)));
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+}
+
+std::vector<Sm90TraceRecord> block_gemm_sm90_trace_read() {
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+  uint32_t tickets = 0;
+  MOEKIT_GPU_CHECK(cudaMemcpyFromSymbol(&tickets, trace_ticket, sizeof(tickets)));
+  std::vector<Sm90TraceRecord> records(std::min<uint32_t>(tickets, kTraceCapacity));
+  if (!records.empty())
+    MOEKIT_GPU_CHECK(cudaMemcpyFromSymbol(records.data(), trace_records,
+                                          sizeof(Sm90TraceRecord) * records.size()));
+  return records;
+}
+#else
+bool block_gemm_sm90_trace_built() { return false; }
+int block_gemm_sm90_trace_capacity() { return 0; }
+void block_gemm_sm90_trace_reset() {}
+std::vector<Sm90TraceRecord> block_gemm_sm90_trace_read() { return {}; }
+#endif
 
 }  // namespace moekit::gpu

@@ -2,7 +2,9 @@
 // are in fp8_gpu.h.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "ops/fp8_problem.h"
 
@@ -13,5 +15,41 @@ namespace moekit::gpu {
 std::string block_gemm_sm90_plan(const BlockGemmProblem& problem);
 // The fused linear layer's launch, in words (w8a8_linear_sm90_fused_supports must accept it).
 std::string w8a8_linear_sm90_fused_plan(const W8a8LinearProblem& problem);
+
+// ---- Phase stamps of the swap kernel, for timing diagnosis only: recorded in builds configured
+// with -DMOEKIT_FP8_TRACE=ON (compile definition MOEKIT_FP8_TRACE; off by default, and then the
+// kernels hold none of it). One record per CTA per call, written by its thread 0 as it leaves.
+enum class Sm90TracePhase : int {
+  entry,                 // thread 0's first instruction
+  producer_waited,       // the producer thread's griddepcontrol.wait returned
+  consumer_waited,       // thread 0's (consumers') griddepcontrol.wait returned
+  first_weights_landed,  // stage 0's weight tile seen in shared memory (early weight loads only)
+  scales_staged,         // the consumers' scales are in shared memory (barrier before the loop)
+  first_stage_full,      // thread 0's first k-block (weight and token tile) complete
+  last_issued,           // the producer issued its last tile
+  last_consumed,         // the last k-block multiplied and promoted (its warpgroup's thread 0)
+  sums_done,             // rank 0: the warpgroups' and ranks' sums added; others: theirs sent
+  stores_issued,         // rank 0: thread 0's epilogue stores issued
+  exit,                  // thread 0 done (rank 0: after the last cluster barrier, if any)
+  count
+};
+inline constexpr int kSm90TracePhases = static_cast<int>(Sm90TracePhase::count);
+
+struct Sm90TraceRecord {
+  uint64_t time_ns[kSm90TracePhases];  // %globaltimer (device-wide), 0: phase not reached
+  uint64_t cycles[kSm90TracePhases];   // the SM's cycle counter at the same points
+  uint32_t ticket;                     // order of entry since the last reset, over all calls
+  uint32_t grid_ctas;                  // CTAs of this call's grid (ticket / grid_ctas: the call)
+  uint32_t block_x, block_y, rank, sm;
+};
+
+// Whether this build records stamps (MOEKIT_FP8_TRACE).
+bool block_gemm_sm90_trace_built();
+// Clears the records and the ticket counter (synchronizes the device).
+void block_gemm_sm90_trace_reset();
+// The records written since the last reset, by ticket (synchronizes the device); at most
+// block_gemm_sm90_trace_capacity() records are kept, later CTAs are dropped.
+std::vector<Sm90TraceRecord> block_gemm_sm90_trace_read();
+int block_gemm_sm90_trace_capacity();
 
 }  // namespace moekit::gpu

@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <future>
+#include <map>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <string>
@@ -454,7 +456,8 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
               !has(wide, "2 CTAs per SM") && !has(wide, "pushed sums"))
       << wide;
   const std::string batch = plan_of(64, 4096, 7168);
-  EXPECT_TRUE(has(batch, "early weight loads") && !has(batch, "pushed sums") &&
+  // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8).
+  EXPECT_TRUE(has(batch, "early weight loads (8)") && !has(batch, "pushed sums") &&
               !has(batch, "2 CTAs per SM") && has(batch, "64 weight rows") &&
               has(batch, "K split 2 ways"))
       << batch;
@@ -501,12 +504,14 @@ class ForcedSwap {
 };
 
 // The swap kernel's tuning knobs for one scope: ring depth (0: the planner's), early weight loads,
-// two CTAs per SM, pushed split sums (each 0 or 1 forced, -1 the planner's).
+// two CTAs per SM, pushed split sums (each 0 or 1 forced, -1 the planner's), weight tiles before
+// the wait (0: the planner's).
 struct SwapTuning {
   int stages;
   int early;
   int co_resident;
   int push;
+  int early_tiles = 0;
 };
 
 std::string knob(int value) { return value < 0 ? "" : std::to_string(value); }
@@ -517,10 +522,11 @@ class ForcedTuning {
       : stages_("MOEKIT_SM90_STAGES", std::to_string(t.stages)),
         early_("MOEKIT_SM90_EARLY", knob(t.early)),
         co_resident_("MOEKIT_SM90_CORESIDENT", knob(t.co_resident)),
-        push_("MOEKIT_SM90_PUSH", knob(t.push)) {}
+        push_("MOEKIT_SM90_PUSH", knob(t.push)),
+        early_tiles_("MOEKIT_SM90_EARLY_TILES", std::to_string(t.early_tiles)) {}
 
  private:
-  ScopedEnv stages_, early_, co_resident_, push_;
+  ScopedEnv stages_, early_, co_resident_, push_, early_tiles_;
 };
 
 // Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8, 3 and 6 too),
@@ -570,11 +576,11 @@ TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
                                                       {33, 384, 7168},
                                                       {64, 1024, 3000},
                                                       {65, 256, 1024}}};
-  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1}, {8, 1, 1, 1},
-                                {0, 0, 1, 0}, {4, 1, 1, 1},  {0, -1, -1, -1}};
+  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1},    {8, 1, 1, 1},   {0, 0, 1, 0},
+                                {4, 1, 1, 1}, {16, 1, 0, 1, 3}, {0, -1, -1, -1}};
   for (const SwapTuning& tuning : tunings) {
-    std::printf(" stages %d, early %d, co-resident %d, push %d\n", tuning.stages, tuning.early,
-                tuning.co_resident, tuning.push);
+    std::printf(" stages %d, early %d, co-resident %d, push %d, early tiles %d\n", tuning.stages,
+                tuning.early, tuning.co_resident, tuning.push, tuning.early_tiles);
     for (const auto& s : shapes) {
       const GemmCase c = random_case(rng, s[0], s[1], s[2]);
       const Buffers host = make_host_buffers(c);
@@ -764,6 +770,217 @@ TEST(Sm90BlockFp8Gemm, PrintsSwapLayoutTimings) {
       time_and_print(in, label.c_str());
     }
   }
+}
+
+// ---- Phase stamps (builds configured with -DMOEKIT_FP8_TRACE=ON; skipped otherwise).
+//
+// Where one call's time goes (docs/perf/fp8-gpu-sm90.md, v10): the decode shapes as `moekit bench`
+// runs them (static weights, bf16 out, weights rotating over copies, CUDA-graph replays), a few
+// replays recorded, and for each call inside a replay (its first call follows the previous replay's
+// end, not a kernel, and is left out) the phases of its CTAs in ns from the call's first entry:
+// min / median / max over CTAs, each the median over calls. MOEKIT_TRACE_CSV=path appends every
+// record there.
+
+struct TraceCall {
+  uint64_t first_entry = ~uint64_t{0}, last_exit = 0;
+  std::vector<const gpu::Sm90TraceRecord*> ctas;
+};
+
+double median_of(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void print_trace(const std::vector<gpu::Sm90TraceRecord>& records, int calls_per_graph) {
+  using gpu::Sm90TracePhase;
+  constexpr int kPhases = gpu::kSm90TracePhases;
+  const char* names[kPhases] = {"entry",
+                                "producer waited",
+                                "consumer waited",
+                                "weights landed",
+                                "scales staged",
+                                "first stage full",
+                                "last issued",
+                                "last consumed",
+                                "sums done",
+                                "stores issued",
+                                "exit"};
+  if (records.empty()) {
+    std::printf("  no records\n");
+    return;
+  }
+  const uint32_t grid = records[0].grid_ctas;
+  std::vector<TraceCall> calls(records.size() / grid + 1);
+  for (const gpu::Sm90TraceRecord& r : records) {
+    TraceCall& c = calls[r.ticket / grid];
+    c.ctas.push_back(&r);
+    c.first_entry = std::min(c.first_entry, r.time_ns[0]);
+    c.last_exit = std::max(c.last_exit, r.time_ns[kPhases - 1]);
+  }
+  // Stamp granularity: the gcd of all differences from the first entry.
+  uint64_t step = 0;
+  for (const gpu::Sm90TraceRecord& r : records)
+    for (int p = 0; p < kPhases; ++p)
+      if (r.time_ns[p] != 0)
+        step = std::gcd(step, r.time_ns[p] > calls[0].first_entry
+                                  ? r.time_ns[p] - calls[0].first_entry
+                                  : calls[0].first_entry - r.time_ns[p]);
+  // SM clock: cycles over ns between each SM's first and last stamp of the trace.
+  std::map<uint32_t, std::pair<const gpu::Sm90TraceRecord*, const gpu::Sm90TraceRecord*>> per_sm;
+  for (const gpu::Sm90TraceRecord& r : records) {
+    auto [it, fresh] = per_sm.try_emplace(r.sm, &r, &r);
+    if (!fresh && r.time_ns[0] < it->second.first->time_ns[0]) it->second.first = &r;
+    if (!fresh && r.time_ns[kPhases - 1] > it->second.second->time_ns[kPhases - 1])
+      it->second.second = &r;
+  }
+  std::vector<double> ghz;
+  for (const auto& [sm, ends] : per_sm) {
+    const double ns = static_cast<double>(ends.second->time_ns[kPhases - 1]) -
+                      static_cast<double>(ends.first->time_ns[0]);
+    if (ns > 20000)
+      ghz.push_back((static_cast<double>(ends.second->cycles[kPhases - 1]) -
+                     static_cast<double>(ends.first->cycles[0])) /
+                    ns);
+  }
+  const double clock_ghz = median_of(ghz);
+
+  // Per steady call: min / median / max over CTAs of each phase (globaltimer, from the call's
+  // first entry), the previous call's last exit, the next call's first entry; per CTA: each phase
+  // from its own entry in its SM's cycles.
+  std::vector<double> stat[kPhases][3], own[kPhases], rank0_exit[3], other_exit[3], previous_exit,
+      next_entry, reached[kPhases];
+  int steady = 0;
+  for (size_t i = 1; i + 1 < calls.size(); ++i) {
+    const TraceCall& c = calls[i];
+    if (c.ctas.size() != grid || calls[i - 1].ctas.size() != grid) continue;
+    if (static_cast<int>(i) % calls_per_graph == 0) continue;  // follows a replay's end
+    ++steady;
+    const auto from_entry = [&](uint64_t t) {
+      return static_cast<double>(t) - static_cast<double>(c.first_entry);
+    };
+    previous_exit.push_back(from_entry(calls[i - 1].last_exit));
+    if (calls[i + 1].ctas.size() == grid && static_cast<int>(i + 1) % calls_per_graph != 0)
+      next_entry.push_back(from_entry(calls[i + 1].first_entry));
+    std::vector<double> r0, rn;
+    for (int p = 0; p < kPhases; ++p) {
+      std::vector<double> v;
+      for (const gpu::Sm90TraceRecord* r : c.ctas) {
+        if (r->time_ns[p] == 0) continue;
+        v.push_back(from_entry(r->time_ns[p]));
+        if (clock_ghz > 0)
+          own[p].push_back((static_cast<double>(r->cycles[p]) - static_cast<double>(r->cycles[0])) /
+                           clock_ghz);
+        if (p == kPhases - 1) (r->rank == 0 ? r0 : rn).push_back(v.back());
+      }
+      reached[p].push_back(static_cast<double>(v.size()));
+      if (v.empty()) continue;
+      std::sort(v.begin(), v.end());
+      stat[p][0].push_back(v.front());
+      stat[p][1].push_back(median_of(v));
+      stat[p][2].push_back(v.back());
+    }
+    for (auto [v, into] : {std::pair{&r0, rank0_exit}, std::pair{&rn, other_exit}}) {
+      if (v->empty()) continue;
+      std::sort(v->begin(), v->end());
+      into[0].push_back(v->front());
+      into[1].push_back(median_of(*v));
+      into[2].push_back(v->back());
+    }
+  }
+  std::printf("  %d steady calls of %u CTAs; stamps in steps of %llu ns; SM clock %.3f GHz\n",
+              steady, grid, static_cast<unsigned long long>(step), clock_ghz);
+  std::printf("  %-22s %8s %8s %8s   %8s  (ns from the call's first entry; per CTA from its own)\n",
+              "phase", "min", "median", "max", "own");
+  std::printf("  %-22s %8s %8.0f\n", "previous call last exit", "", median_of(previous_exit));
+  for (int p = 0; p < kPhases; ++p) {
+    if (stat[p][1].empty()) {
+      std::printf("  %-22s (not reached)\n", names[p]);
+      continue;
+    }
+    std::printf("  %-22s %8.0f %8.0f %8.0f   %8.0f  (%.0f CTAs)\n", names[p], median_of(stat[p][0]),
+                median_of(stat[p][1]), median_of(stat[p][2]), median_of(own[p]),
+                median_of(reached[p]));
+  }
+  for (auto [label, v] :
+       {std::pair{"exit, rank 0", rank0_exit}, std::pair{"exit, ranks > 0", other_exit}}) {
+    if (v[1].empty()) continue;
+    std::printf("  %-22s %8.0f %8.0f %8.0f\n", label, median_of(v[0]), median_of(v[1]),
+                median_of(v[2]));
+  }
+  std::printf("  %-22s %8s %8.0f\n", "next call first entry", "", median_of(next_entry));
+}
+
+TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
+  SKIP_WITHOUT_HOPPER();
+  const bool traced = gpu::block_gemm_sm90_trace_built();
+  const gpu::DeviceProperties props = gpu::device_properties(0);
+  std::printf("Phase stamps on %s (%d SMs)%s\n", props.name.c_str(), props.sm_count,
+              traced ? "" : ": built without MOEKIT_FP8_TRACE, times only");
+  std::FILE* csv = nullptr;
+  if (const char* path = std::getenv("MOEKIT_TRACE_CSV")) csv = std::fopen(path, "a");
+  std::mt19937_64 rng(19);
+  const TimedShape shapes[] = {
+      {1, 4096, 7168}, {4, 4096, 7168}, {16, 4096, 7168}, {64, 4096, 7168}, {1, 7168, 2048}};
+  constexpr int kTracedReplays = 4;
+  for (const TimedShape& s : shapes) {
+    TimedInputs in = timed_inputs(s, rng());
+    for (BlockGemmProblem& p : in.problems) p.b_static = true;  // as `moekit bench` calls it
+    const int calls = static_cast<int>(in.problems.size());
+    Stream stream;
+    for (BlockGemmProblem& p : in.problems) p.stream = stream.get();
+    gpu::block_fp8_gemm_sm90(in.problems[0]);  // lazy set-up outside the capture
+    MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+    for (const BlockGemmProblem& p : in.problems) gpu::block_fp8_gemm_sm90(p);
+    MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+    MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+    cudaEvent_t start = nullptr, stop = nullptr;
+    MOEKIT_GPU_CHECK(cudaEventCreate(&start));
+    MOEKIT_GPU_CHECK(cudaEventCreate(&stop));
+    for (int i = 0; i < 3; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+    std::vector<double> us;
+    for (int i = 0; i < 20; ++i) {
+      MOEKIT_GPU_CHECK(cudaEventRecord(start, stream.get()));
+      MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+      MOEKIT_GPU_CHECK(cudaEventRecord(stop, stream.get()));
+      MOEKIT_GPU_CHECK(cudaEventSynchronize(stop));
+      float ms = 0.0f;
+      MOEKIT_GPU_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      us.push_back(1000.0 * ms / calls);
+    }
+    std::printf("M=%lld N=%lld K=%lld: %.2f us per call (graph of %d, %s build) [%s]\n",
+                static_cast<long long>(s.m), static_cast<long long>(s.n),
+                static_cast<long long>(s.k), median_of(us), calls, traced ? "traced" : "plain",
+                gpu::block_gemm_sm90_plan(in.problems[0]).c_str());
+    if (traced) {
+      gpu::block_gemm_sm90_trace_reset();
+      for (int i = 0; i < kTracedReplays; ++i)
+        MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+      const std::vector<gpu::Sm90TraceRecord> records = gpu::block_gemm_sm90_trace_read();
+      print_trace(records, calls);
+      if (csv != nullptr) {
+        for (const gpu::Sm90TraceRecord& r : records) {
+          std::fprintf(csv, "%lld,%lld,%lld,%d,%u,%u,%u,%u,%u,%u", static_cast<long long>(s.m),
+                       static_cast<long long>(s.n), static_cast<long long>(s.k), calls, r.ticket,
+                       r.grid_ctas, r.block_x, r.block_y, r.rank, r.sm);
+          for (uint64_t t : r.time_ns)
+            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
+          for (uint64_t t : r.cycles)
+            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
+          std::fprintf(csv, "\n");
+        }
+      }
+    }
+    (void)cudaEventDestroy(start);
+    (void)cudaEventDestroy(stop);
+    (void)cudaGraphExecDestroy(exec);
+    (void)cudaGraphDestroy(graph);
+  }
+  if (csv != nullptr) std::fclose(csv);
 }
 
 }  // namespace

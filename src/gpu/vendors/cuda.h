@@ -107,6 +107,22 @@ __device__ __forceinline__ uint32_t e4m3x2_to_half2_bits(uint32_t pair) {
 // Matrix-unit fragments and operations (wmma::fragment, load_matrix_sync, mma_sync, ...).
 namespace wmma = nvcuda::wmma;
 
+// Timers for diagnosis builds (MOEKIT_FP8_TRACE): the device-wide clock in nanoseconds
+// (%globaltimer: one clock for every SM, so stamps of different CTAs compare; a compiler barrier,
+// so that a stamp stays between the memory accesses around it), and this SM's cycle counter
+// (finer, but each SM's own).
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns)::"memory");
+  return ns;
+}
+__device__ __forceinline__ uint64_t sm_cycles() { return clock64(); }
+__device__ __forceinline__ uint32_t sm_id() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
 // Programmatic dependent launch (sm_90+): a kernel launched with overlap_previous = true may start
 // while the previous kernel in the stream runs; it must call wait_for_previous_grid() before it
 // touches memory that kernel writes, and allow_next_grid() lets the next one start early.

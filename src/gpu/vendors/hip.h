@@ -134,6 +134,12 @@ __device__ __forceinline__ uint32_t e4m3x2_to_half2_bits(uint32_t pair) {
   return fp8_soft::e4m3x2_to_half2_bits(pair & 0xffffu);
 }
 
+// Timers for diagnosis builds (MOEKIT_FP8_TRACE): wall_clock64() counts at a constant rate
+// (100 MHz on current parts: 10 ns), clock64() this compute unit's cycles; no SM id.
+__device__ __forceinline__ uint64_t global_timer_ns() { return wall_clock64() * 10; }
+__device__ __forceinline__ uint64_t sm_cycles() { return clock64(); }
+__device__ __forceinline__ uint32_t sm_id() { return 0; }
+
 // No programmatic dependent launch: kernels simply run in stream order.
 __device__ __forceinline__ void wait_for_previous_grid() {}
 __device__ __forceinline__ void allow_next_grid() {}
