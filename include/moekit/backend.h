@@ -33,11 +33,12 @@ struct OpOptions {
   // Only the dispatch-table entry of this name may serve ("gpu.cublaslt", "cpu.avx2"; see
   // `moekit explain`): for benchmarks and tests that compare implementations. Empty: any.
   std::string implementation{};
-  // The weight operand (b of block_fp8_gemm) is not written by the kernel enqueued just before
-  // this op on its stream (true of a model's weights, loaded once). GPU kernels may then start
-  // reading it before that kernel has finished (programmatic dependent launch on sm_90), which
-  // hides most of the gap between the two. Wrong if that kernel writes the weight: leave false
-  // then. w8a8_block_fp8_linear needs no promise: its own quantization kernel runs just before.
+  // The weight operand (b of block_fp8_gemm; route's bias) is not written by the kernel enqueued
+  // just before this op on its stream (true of a model's weights, loaded once). GPU kernels may
+  // then start reading it before that kernel has finished (programmatic dependent launch on
+  // sm_90), which hides most of the gap between the two. Wrong if that kernel writes the weight:
+  // leave false then. w8a8_block_fp8_linear needs no promise: its own quantization kernel runs
+  // just before.
   bool static_weights = false;
 };
 

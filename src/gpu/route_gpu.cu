@@ -21,9 +21,9 @@
 // Launches use programmatic dependent launch where the device has it (sm_90+), so a call's launch
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 //
-// v4 (route_gpu_v4.cuh) serves long batches of grouped sigmoid rows (DeepSeek-V3's shape), v5
-// (route_gpu_v5.cuh) sigmoid rows in whole warps with 32-bit keys (grouped below v4's batches,
-// ungrouped at decode sizes), v3
+// v5 (route_gpu_v5.cuh) serves sigmoid rows in whole warps with 32-bit keys (grouped at every batch
+// size, ungrouped at decode sizes), v4 (route_gpu_v4.cuh) long batches of grouped sigmoid rows
+// where v5 is switched off, v3
 // (route_gpu_v3.cuh) softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256 in groups of
 // whole lanes, not softmax with top2_sum), where it was measured faster; v2 (route_gpu_v2.cuh)
 // what it can of the rest (groups of whole lanes), this kernel everything else.
@@ -625,6 +625,7 @@ RouteArgs common_args(const RouteProblem& p, int chunk) {
                                           dtype_size(p.logits.dtype()), chunk);
   a.bias_vector_loads =
       a.bias != nullptr && vector_loads_ok(a.bias, 0, dtype_size(p.bias.dtype()), chunk);
+  a.bias_before_wait = p.static_bias;
   return a;
 }
 
@@ -1196,7 +1197,9 @@ bool v4_exact_keys_only() {
 // Where v4 pays (H200, DeepSeek-V3, docs/perf/routing.md session 6): 16384 tokens 20.9 vs 25.6 us
 // (v2), but 14.4 vs 13.3 at 8192 and 9.5 vs 7.6 at 4096: a warp's chain (two rows) is longer
 // than v3's (one row), its instructions per row fewer, so it pays once the SMs hold several waves.
-// Groups of more than 16 experts (a group always takes two lanes of 16).
+// Groups of more than 16 experts (a group always takes two lanes of 16). Since session 8 v5 is
+// asked first and takes these batches too (16384 tokens: 15.8 vs 20.5 us): v4 runs where v5 is
+// switched off (MOEKIT_GPU_ROUTE_V5=0) or where v4 is forced on.
 constexpr int64_t kV4MinTokens = 16384;
 constexpr int kV4MinExpertsPerGroup = 17;
 
@@ -1266,17 +1269,28 @@ bool v5_exact_keys_only() {
 //   at 256, then v3 (1024: 3.53 vs 2.65; 8192: 9.95 vs 9.51).
 // - Ungrouped, 16 experts per lane (Kimi-K2): 3.08 vs 3.44 at 1 token (where v2 serves), even or
 //   slower from 2 tokens (256: 3.50 vs 3.21; 16384: 27.6 vs 24.4).
+// Session 8 (the bias before the wait under OpOptions::static_weights, in v3 and v5; the group
+// steps of DeepSeek-V3 unrolled): DeepSeek-V3 1.66-1.82 us at 1-64 tokens, 8.59 at 8192, 15.85 at
+// 16384 (v4: 20.54); Kimi-K2 with the promise: v5 2.31-2.69 vs v3 2.59-2.82 at 2-256 tokens, 3.28
+// vs 3.65 at 1024, 8.30 vs 8.36 at 4096, then v3 (8192: 13.76 vs 13.66); GLM-4.5 unchanged in
+// kind (1024: v5 3.34 vs v3 2.44; the boundary-tie rows' exact pass, likely).
 constexpr int64_t kV5UngroupedMaxTokens = 256;
+constexpr int64_t kV5SixteenPerLaneStaticBiasMaxTokens = 4096;
 
 bool v5_automatic(const RouteProblem& p) {
   if (!v5_declines(p).empty() || v5_forced() == 0) return false;
-  if (v5_forced() == 1 || p.num_groups > 1) return true;  // (v4 is asked first)
-  if (v5_experts_per_lane(p.num_experts) > 8) return p.num_tokens == 1;
+  if (v5_forced() == 1 || p.num_groups > 1) return true;
+  if (v5_experts_per_lane(p.num_experts) > 8)
+    return p.num_tokens == 1 ||
+           (p.static_bias && p.num_tokens <= kV5SixteenPerLaneStaticBiasMaxTokens);
   return p.num_tokens <= kV5UngroupedMaxTokens;
 }
 
+// group_lanes_log2: 0 ungrouped. Groups of 4 lanes (DeepSeek-V3) have their own instance.
 template <class Logits>
-KernelFn v5_kernel(int experts_per_lane, bool narrow) {
+KernelFn v5_kernel(int experts_per_lane, bool narrow, bool grouped, int group_lanes_log2) {
+  if (experts_per_lane == 8 && narrow && grouped && group_lanes_log2 == 2)
+    return route_rows_v5_kernel<Logits, 1, true, 2>;
   if (experts_per_lane == 8)
     return narrow ? route_rows_v5_kernel<Logits, 1, true> : route_rows_v5_kernel<Logits, 1, false>;
   return narrow ? route_rows_v5_kernel<Logits, 2, true> : route_rows_v5_kernel<Logits, 2, false>;
@@ -1291,8 +1305,9 @@ void route_v5(const RouteProblem& p) {
                                                              kV5RunKeys);  // runs of 8
   a.group_lanes_log2 = p.num_groups > 1 ? log2_of(p.experts_per_group() / vpl) : 0;
   const bool narrow = !v5_exact_keys_only();
-  const KernelFn kernel =
-      f32 ? v5_kernel<V3LogitsF32>(vpl, narrow) : v5_kernel<V3Logits16>(vpl, narrow);
+  const bool grouped = p.num_groups > 1;
+  const KernelFn kernel = f32 ? v5_kernel<V3LogitsF32>(vpl, narrow, grouped, a.group_lanes_log2)
+                              : v5_kernel<V3Logits16>(vpl, narrow, grouped, a.group_lanes_log2);
   launch_resident_rows(p, kernel, 0, a, 1);
 }
 
@@ -1302,9 +1317,11 @@ bool v3_switched_off(const RouteProblem& p) {
 
 RouteKernel automatic_kernel(const RouteProblem& p) {
   if (v2_switches().all_v1) return RouteKernel::v1;
-  // The switches that send calls back to v2 keep them off v4 too.
-  if (v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
+  // The switches that send calls back to v2 keep them off v4 and v5 too. v4 forced on first; else
+  // v5, then v4 (where v5 is switched off).
+  if (v4_forced() == 1 && v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
   if (v5_automatic(p) && !v3_switched_off(p)) return RouteKernel::v5;
+  if (v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
   if (v3_declines(p).empty() && !v3_switched_off(p) && !v3_prefers_v2(p)) return RouteKernel::v3;
   return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
 }

@@ -21,9 +21,9 @@ constexpr uint32_t kNoId = 0xffffffffu;
 
 // Phase clocks of one row, for development only (compile with -DMOEKIT_ROUTE_TRACE; off, every
 // call compiles away): lane 0 of the first row prints the SM clock cycles between consecutive
-// marks (entry, after the wait, bias, keys, sort, rounds, weights, stores), in one launch of every
-// 256. mark_after(i, v) reads the clock only once v is known (a branch on it), so the mark cannot
-// move above the work that produced v.
+// marks (v3: entry, after the wait, bias, keys, sort, rounds, weights, stores), in one launch of
+// every 256. mark_after(i, v) reads the clock only once v is known (a branch on it), so the mark
+// cannot move above the work that produced v.
 #ifdef MOEKIT_ROUTE_TRACE
 __device__ unsigned int route_trace_launches = 0;
 struct RouteTrace {
@@ -32,21 +32,20 @@ struct RouteTrace {
   __device__ __forceinline__ void mark_after(int i, uint32_t v) {
     if (v != 0x5bd1e995u) t[i] = clock64();
   }
-  __device__ void print(bool first_row, int experts, int topk) const {
+  // phases: the names of the 7 intervals, e.g. v3's "wait bias keys sort rounds weights stored".
+  __device__ void print(bool first_row, int experts, int topk, const char* phases) const {
     if (!first_row || blockIdx.x != 0 || threadIdx.x != 0) return;
     if (atomicAdd(&route_trace_launches, 1u) % 256 != 128) return;
-    printf(
-        "trace E=%d K=%d cycles: wait %lld bias %lld keys %lld sort %lld rounds %lld "
-        "weights %lld stored %lld\n",
-        experts, topk, t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[5] - t[4], t[6] - t[5],
-        t[7] - t[6]);
+    printf("trace E=%d K=%d cycles (%s): %lld %lld %lld %lld %lld %lld %lld\n", experts, topk,
+           phases, t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[5] - t[4], t[6] - t[5],
+           t[7] - t[6]);
   }
 };
 #else
 struct RouteTrace {
   __device__ __forceinline__ void mark(int) {}
   __device__ __forceinline__ void mark_after(int, uint32_t) {}
-  __device__ __forceinline__ void print(bool, int, int) const {}
+  __device__ __forceinline__ void print(bool, int, int, const char*) const {}
 };
 #endif
 
@@ -94,6 +93,7 @@ struct RouteArgs {
   bool logits_bf16;          // 16-bit logits: bf16 (else f16)
   bool logits_vector_loads;  // rows (and the pointer) are aligned for the chunk's vector load
   bool bias_vector_loads;
+  bool bias_before_wait;  // v3, v5: the bias loads before the wait (OpOptions::static_weights)
   int block_warps;        // v3: warps per block of the launch (kWarpsPerBlock or fewer)
   bool tree_denominator;  // v3 softmax by p: lane sums and a butterfly (an experiment)
   bool early_terms;       // v3 softmax by p: start the ordered denominator beside the sort

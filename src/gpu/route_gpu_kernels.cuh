@@ -1,7 +1,8 @@
-// Which GPU routing kernel serves a problem, for tests and A/B timing. gpu::route picks v4 where it
-// serves and pays (grouped sigmoid in groups of 17-32 experts, long batches), then v5 where it
-// serves and pays (sigmoid: grouped rows below v4's batches, ungrouped decode batches), then v3
-// where it serves and is measured faster, then v2, then v1. Environment switches, read once per
+// Which GPU routing kernel serves a problem, for tests and A/B timing. gpu::route picks v5 where it
+// serves and pays (sigmoid: grouped rows at every batch size, ungrouped decode batches, Kimi-K2's
+// 16 experts per lane up to 4096 tokens under OpOptions::static_weights), then v4 (grouped
+// sigmoid in groups of 17-32 experts, long batches: where v5 is switched off), then v3 where it
+// serves and is measured faster, then v2, then v1. Environment switches, read once per
 // process: MOEKIT_GPU_ROUTE_V1=1 forces v1 for every call; MOEKIT_GPU_ROUTE_V4=0|1 and
 // MOEKIT_GPU_ROUTE_V5=0|1 keep automatic calls off v4 / v5 or put them on it wherever it serves
 // (_KEYS=exact: 64-bit keys only); MOEKIT_GPU_ROUTE_V3_OFF=1 turns v3, v4 and v5 off

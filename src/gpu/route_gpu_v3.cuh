@@ -299,6 +299,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
 
   RouteTrace trace;
   trace.mark(0);
+  // The bias (64-bit keys only; the same for every row): before the wait where the caller
+  // promises that the kernel before does not write it (OpOptions::static_weights), as in v5.
+  float bias[kVpl];
+#pragma unroll
+  for (int i = 0; i < kVpl; ++i) bias[i] = 0.0f;
+  auto load_bias = [&] {
+    const int my_first = vendor::lane_id() % kRowLanes * kVpl;
+#pragma unroll
+    for (int c = 0; c < kNv; ++c) {
+      float chunk[kV];
+      v2_load_bias_chunk<kV>(a, my_first + c * kV, a.num_experts - my_first - c * kV, chunk);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) bias[c * kV + j] = chunk[j];
+    }
+  };
+  if constexpr (kWide)
+    if (a.bias_before_wait) load_bias();
   read_args_then_wait(a);
   vendor::allow_next_grid();
   trace.mark(1);
@@ -315,18 +332,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
   const uint32_t my_id_field = id_field(my_first);  // expert my_first + i: my_id_field - i
   const Format16 format(a.logits_bf16);
 
-  float bias[kVpl];  // 64-bit keys only; the same for every row
-#pragma unroll
-  for (int i = 0; i < kVpl; ++i) bias[i] = 0.0f;
-  if constexpr (kWide) {
-#pragma unroll
-    for (int c = 0; c < kNv; ++c) {
-      float chunk[kV];
-      v2_load_bias_chunk<kV>(a, my_first + c * kV, E - my_first - c * kV, chunk);
-#pragma unroll
-      for (int j = 0; j < kV; ++j) bias[c * kV + j] = chunk[j];
-    }
-  }
+  if constexpr (kWide)
+    if (!a.bias_before_wait) load_bias();
   trace.mark_after(2, __float_as_uint(bias[0] + bias[kVpl - 1]));
 
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps * kRowsPerWarp;
@@ -690,7 +697,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       finish_and_store_slot(a, row, slot, weight[q], key_id(slots[q]), routed_sum);
     }
     trace.mark(7);
-    trace.print(row == 0, E, a.topk);
+    trace.print(row == 0, E, a.topk, "wait bias keys sort rounds weights stored");
   }
 }
 

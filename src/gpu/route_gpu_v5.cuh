@@ -8,11 +8,11 @@
 //   (E <= 256) or 9 (E <= 512), so a compare-exchange is a max and a min, and a round one
 //   redux.max. A lane sorts its 8 or 16 keys into its top 8 (Batcher's network per run of 8, runs
 //   merged; with 16, the 9th too); a round's winner shifts its sorted keys.
-// - Truncated scores may tie where the exact ones differ, so the rounds run once more (the
-//   (Kr+1)-th key). Truncation only reorders keys of equal truncated score (adjacent in both
-//   orders): where two adjacent keys inside the top Kr tie, the set is right and only their order
-//   is open, restored from the slots' exact keys; where the Kr-th and the (Kr+1)-th tie, the row
-//   is redone with 64-bit keys (score, id), the same steps.
+// - Truncated scores may tie where the exact ones differ. Truncation only reorders keys of equal
+//   truncated score (adjacent in both orders): where two consecutive winners of the rounds tie,
+//   the set is right and only their order is open, restored from the slots' exact keys; where a
+//   key left after the rounds ties with the Kr-th, the row is redone with 64-bit keys (score, id),
+//   the same steps.
 // - Groups are runs of whole lanes (a power of two); group scores use the exact scores (each
 //   lane's top two, merged over the group's lanes), so both passes keep the same groups.
 // - The sigmoid of each expert (the weight source) goes to shared memory as the keys are built;
@@ -81,6 +81,23 @@ __device__ __forceinline__ void v5_load(const RouteArgs& a, int64_t first, int c
   }
 }
 
+// This lane's bias (kVpl elements from my_first). Past E, -inf: those keys then rank below every
+// expert's (score -inf, and a larger id than any), so no per-element mask is needed. NaN as -inf
+// here, once, instead of on every s + b (the same value: s is finite).
+template <class L>
+__device__ __forceinline__ void v5_load_bias(const RouteArgs& a, int my_first, int my_count,
+                                             float (&bias)[L::kVpl]) {
+#pragma unroll
+  for (int c = 0; c < L::kVpl / kV5RunKeys; ++c) {
+    float chunk[kV5RunKeys];
+    load_bias_chunk<kV5RunKeys>(a, my_first + c * kV5RunKeys, my_count - c * kV5RunKeys, chunk);
+#pragma unroll
+    for (int j = 0; j < kV5RunKeys; ++j)
+      bias[c * kV5RunKeys + j] =
+          c * kV5RunKeys + j < my_count ? nan_to_neg_inf(chunk[j]) : -INFINITY;
+  }
+}
+
 // What the key pass of one row needs besides the logits and the bias.
 struct V5Row {
   Format16 format;
@@ -90,8 +107,8 @@ struct V5Row {
 
 // 1-2. The lane's keys (s + b above the id), sorted into its top 8, and the lane's top two exact
 // order keys (for group scores). `local` gets the sorted top 8 and, with two runs, the 9th (the
-// largest key below them), which the extra round may take. The first pass also writes each
-// expert's sigmoid (the weight source) to shared memory.
+// largest key below them: a lane that wins 8 rounds then shows it to the boundary test). The first
+// pass also writes each expert's sigmoid (the weight source) to shared memory.
 template <class L, class Key>
 __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&words)[L::kWords],
                                              const float (&bias)[L::kVpl], bool write_weights,
@@ -106,13 +123,13 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
     // v2's sigmoid: the reciprocal's fast path for every element, the scaled one only where the
     // lane has d >= 2^126 (x < -87.3, -inf or NaN; a branch of this lane alone).
     float x[kV5RunKeys], s[kV5RunKeys];
-    float largest_d = 1.0f;  // d >= 1 and never NaN (x is not): one max per element, one test
+    float largest_d = 1.0f;  // d >= 1 or NaN, which fmaxf drops: one max per element, one test
 #pragma unroll
     for (int j = 0; j < kV5RunKeys; ++j) {
       const int i = run * kV5RunKeys + j;
       const uint32_t word = L::k16 ? words[i / 2] : words[i];
       const uint32_t bits = L::k16 ? (i % 2 ? word >> 16 : word & 0xffffu) : word;
-      x[j] = nan_to_neg_inf(L::k16 ? row.format.to_float(bits) : __uint_as_float(bits));
+      x[j] = L::k16 ? row.format.to_float(bits) : __uint_as_float(bits);
       const float d = 1.0f + expf(-x[j]);
       s[j] = reciprocal_in_range(d);
       largest_d = fmaxf(largest_d, d);
@@ -124,6 +141,11 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
         if (!(d < 0x1p126f)) s[j] = reciprocal_of_huge(d);
       }
     }
+    // A NaN logit is -inf (the contract), whose sigmoid is +0: here NaN flows through exp and
+    // the reciprocal (never into largest_d: fmaxf drops it) and one max per element turns the
+    // NaN sigmoid into +0, where a test and a select per element would clean the logit.
+#pragma unroll
+    for (int j = 0; j < kV5RunKeys; ++j) s[j] = fmaxf(s[j], 0.0f);
     if (write_weights) {
       float4* out = reinterpret_cast<float4*>(row.my_weights + run * kV5RunKeys);
       out[0] = make_float4(s[0], s[1], s[2], s[3]);
@@ -133,8 +155,9 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
 #pragma unroll
     for (int j = 0; j < kV5RunKeys; ++j) {
       const int i = run * kV5RunKeys + j;
-      // Past E the bias is -inf: such keys rank below every expert's.
-      const uint32_t order = order_key(nan_to_neg_inf(__fadd_rn(s[j], bias[i])));
+      // Past E the bias is -inf: such keys rank below every expert's. s is in [0, 1] and the
+      // bias has no NaN (as -inf since loaded), so s + b is never NaN.
+      const uint32_t order = order_key(__fadd_rn(s[j], bias[i]));
       add_to_top2(order, first, second);
       const int id = row.my_first + i;
       if constexpr (kNarrow)
@@ -164,6 +187,38 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
   }
 }
 
+// The rank of group g among the row's G (higher score first, ties to the lower group id), where
+// groups are runs of 1 << log2_run lanes that hold their group's score. Lane p of a run compares
+// groups p, p + run, p + 2 run, ...; the run's lanes then add their counts. DeepSeek-V3 (runs of
+// 4 lanes, 8 groups): 2 + 2 shuffles and a third of group_rank's instructions, which has every
+// lane compare every group. Every lane runs the same trips (full-warp shuffles). kLog2Run: the
+// run length known at compile time (then no loop is left), or -1 (log2_run).
+template <int kLog2Run>
+__device__ __forceinline__ int v5_group_rank(float score, int num_groups, int g, int log2_run) {
+  if constexpr (kLog2Run >= 0) log2_run = kLog2Run;
+  const int run = 1 << log2_run;
+  const int first = vendor::lane_id() & (run - 1);
+  const int trips = (num_groups + run - 1) >> log2_run;
+  // Two comparisons a trip, so that DeepSeek-V3's two are one trip with no remainder; a trip
+  // past the last group compares nothing (h >= G). With kLog2Run, G <= 32 >> kLog2Run.
+  constexpr int kMaxTrips = kLog2Run >= 0 ? (kLanes >> kLog2Run) >> kLog2Run : kLanes;
+  int beaten_by = 0;
+#pragma unroll 1
+  for (int j = 0; j < (kLog2Run >= 0 ? kMaxTrips : trips); j += 2) {
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+      const int h = ((j + step) << log2_run) + first;
+      const float other = vendor::shfl(score, (h << log2_run) & (kLanes - 1));
+      // Bitwise, not short-circuit: no branch between the shuffles.
+      beaten_by += (h < num_groups) & ((other > score) | ((other == score) & (h < g)));
+    }
+  }
+#pragma unroll
+  for (int offset = 1; offset < kLanes; offset <<= 1)
+    if (offset < run) beaten_by += vendor::shfl_xor(beaten_by, offset);  // (uniform)
+  return beaten_by;
+}
+
 // What the truncated keys left open: nothing; the order of slots whose truncated scores tie inside
 // the top Kr (the set is right: the exact order of those slots is restored from their exact
 // keys); or the set itself (the Kr-th and the (Kr+1)-th key tie: the row again, exactly).
@@ -171,9 +226,11 @@ enum class V5Fix { none, reorder, exact };
 
 // 3. The top Kr: groups ranked TG or worse drop their keys, then the rounds: a round is one warp
 // max of the lanes' heads, the lane whose head it is (keys are unique) shifts its sorted keys up
-// by one, lane k keeps slot k. 32-bit keys run one round more (the (Kr+1)-th key) and say in `fix`
-// (every lane the same) what adjacent keys of those Kr + 1 that tie in their truncated scores
-// leave open. Returns lane k's slot key (k < Kr; 0 elsewhere).
+// by one, lane k keeps slot k. With 32-bit keys `fix` (every lane the same) says what truncated
+// scores that tie leave open: two consecutive winners that tie (a warp-uniform test on the
+// rounds' maxima) leave their order open; a head left after the last round that ties with the
+// Kr-th winner leaves the set open (it is the (Kr+1)-th key or sits between them: one vote, no
+// extra round). Returns lane k's slot key (k < Kr; 0 elsewhere).
 template <class L, class Key>
 __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5ListKeys + 1],
                                          bool keep, V5Fix& fix) {
@@ -183,25 +240,27 @@ __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5Lis
   const int Kr = a.num_routed;
 #pragma unroll
   for (int i = 0; i <= kV5ListKeys; ++i) local[i] = keep ? local[i] : Key{0};
-  Key slot = 0;
-  const int rounds = kNarrow ? Kr + 1 : Kr;
-  for (int k = 0; k < rounds; ++k) {
+  Key slot = 0, previous = 0;
+  bool tie_inside = false;
+  for (int k = 0; k < Kr; ++k) {
     const Key best = row_lanes.max(local[0]);
     const bool won = local[0] == best;
     slot = lane == k ? best : slot;
 #pragma unroll
     for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
     local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
+    if constexpr (kNarrow) {
+      tie_inside |= k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
+      previous = best;
+    }
   }
   fix = V5Fix::none;
   if constexpr (kNarrow) {
-    const Key next = vendor::shfl(slot, (lane + 1) & (kLanes - 1));  // lane Kr - 1: the extra key
-    const bool tie = next != 0 && ((slot ^ next) & ~L::kIdMask) == 0;
-    if (vendor::any(tie && lane == Kr - 1))
+    const bool tie_at_boundary = local[0] != 0 && ((local[0] ^ previous) & ~L::kIdMask) == 0;
+    if (vendor::any(tie_at_boundary))
       fix = V5Fix::exact;
-    else if (vendor::any(tie && lane < Kr - 1))
+    else if (tie_inside)
       fix = V5Fix::reorder;
-    slot = lane < Kr ? slot : Key{0};
   }
   return slot;
 }
@@ -237,82 +296,89 @@ __device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const
 
 // Logits: V3LogitsF32 or V3Logits16 (bf16 / f16 told apart at run time, as in v3). kRuns: 1 or 2
 // runs of 8 experts per lane. kNarrowFirst: 32-bit keys with the exact pass as fallback (else the
-// exact pass only: for measuring). One row per warp, grid-stride over the rows.
-template <class Logits, int kRuns, bool kNarrowFirst>
+// exact pass only: for measuring). kGroupLanesLog2: groups of 1 << kGroupLanesLog2 lanes known at
+// compile time (DeepSeek-V3's 4: its group steps then hold no loop and no branch), or -1 (from
+// the arguments, groups or none). One row per warp, grid-stride over the rows.
+template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1>
 __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(const RouteArgs a) {
   using L = V5Layout<Logits, kRuns>;
   __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
   __shared__ __align__(16) float lane_bias[kWarpsPerBlock][kLanes * L::kStride];  // for reorders
 
-  read_args_then_wait(a);
-  vendor::allow_next_grid();
-
+  RouteTrace trace;  // -DMOEKIT_ROUTE_TRACE only (route_gpu_common.cuh)
+  trace.mark(0);
   const int lane = vendor::lane_id();
   const int warp = static_cast<int>(threadIdx.x) / kLanes;
   const int E = a.num_experts;
   const int Kr = a.num_routed;
   const int my_first = lane * L::kVpl;
   const int my_count = max(0, min(L::kVpl, E - my_first));
-  const V3Row<kLanes> row_lanes{0};
 
-  // The bias, the same for every row: in registers, its loads overlapping the first row's. Past
-  // E, -inf: those keys then rank below every expert's (score -inf, and a larger id than any), so
-  // no per-element mask is needed.
+  // The bias, the same for every row, in registers. A weight the kernel before does not write
+  // (the caller's promise, OpOptions::static_weights) loads before the wait, while that kernel
+  // still runs: its latency leaves the row's chain (DeepSeek-V3 at 1 token 1.92 -> 1.79 us).
   float bias[L::kVpl];
-#pragma unroll
-  for (int c = 0; c < kRuns; ++c) {
-    float chunk[kV5RunKeys];
-    load_bias_chunk<kV5RunKeys>(a, my_first + c * kV5RunKeys, my_count - c * kV5RunKeys, chunk);
-#pragma unroll
-    for (int j = 0; j < kV5RunKeys; ++j)
-      bias[c * kV5RunKeys + j] = c * kV5RunKeys + j < my_count ? chunk[j] : -INFINITY;
-  }
+  if (a.bias_before_wait) v5_load_bias<L>(a, my_first, my_count, bias);
+  read_args_then_wait(a);
+  vendor::allow_next_grid();
+  trace.mark(1);
+
+  // A warp's next row loads while this one is ranked (padding rows, all past the valid ones,
+  // load nothing): with several rows per warp (prefill) its memory latency then overlaps. Not
+  // with 16 experts per lane, whose registers are full (it spills; Kimi-K2 takes v5 at 1 token).
+  constexpr bool kPrefetch = kRuns == 1;
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp;
+  uint32_t words[L::kWords];
+  if (kPrefetch && row < a.num_valid_tokens)
+    v5_load<L>(a, row * a.logits_row_stride + my_first, my_count, words);
+  if (!a.bias_before_wait) v5_load_bias<L>(a, my_first, my_count, bias);  // beside the logits
+
   float* const weights = lane_weights[warp];
-  {
-    float* mine = lane_bias[warp] + lane * L::kStride;
-#pragma unroll
-    for (int i = 0; i < L::kVpl; i += 4)
-      *reinterpret_cast<float4*>(mine + i) =
-          make_float4(bias[i], bias[i + 1], bias[i + 2], bias[i + 3]);
-  }  // (read after the barrier before each row's weights)
   const V5Row base{Format16(a.logits_bf16), weights + lane * L::kStride, my_first};
 
   // Groups: runs of group_lanes lanes.
-  const bool grouped = a.num_groups > 1;
-  const int log2_run = a.group_lanes_log2;
+  constexpr bool kFixedGroups = kGroupLanesLog2 >= 0;
+  const bool grouped = kFixedGroups || a.num_groups > 1;
+  const int log2_run = kFixedGroups ? kGroupLanesLog2 : a.group_lanes_log2;
   const int g = lane >> log2_run;
 
-  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp; row < a.num_tokens;
-       row += rows_per_step) {
+  for (; row < a.num_tokens; row += rows_per_step) {
     if (row >= a.num_valid_tokens) {  // padding: ids -1, weights 0
       if (lane < a.topk) store_slot(a, row, lane, 0.0f, -1);
       continue;
     }
     const int64_t first = row * a.logits_row_stride + my_first;
-    uint32_t words[L::kWords];
-    v5_load<L>(a, first, my_count, words);
+    if (!kPrefetch) v5_load<L>(a, first, my_count, words);
 
     // Keys, the group ranks (exact scores), the top Kr.
     using Narrow = std::conditional_t<kNarrowFirst, uint32_t, uint64_t>;
     Narrow local[kV5ListKeys + 1];
     uint32_t top_order = 0, second_order = 0;
+    trace.mark_after(2, words[0] ^ __float_as_uint(bias[0]));  // logits and bias arrived
     v5_lane_keys<L>(base, words, bias, true, local, top_order, second_order);
+    trace.mark_after(3, static_cast<uint32_t>(local[0] ^ top_order));
+    const int64_t next = row + rows_per_step;
+    if (kPrefetch && next < a.num_valid_tokens)
+      v5_load<L>(a, next * a.logits_row_stride + my_first, my_count, words);
     bool keep = true;
     if (grouped) {
       merge_top2(top_order, second_order, 1 << log2_run);
       const float score = group_score(a, top_order, second_order);
       // Every lane ranks (the shuffles need the whole warp), then lanes past G drop.
-      const int rank = group_rank(row_lanes, score, a.num_groups, g, log2_run);
+      const int rank = v5_group_rank<kGroupLanesLog2>(score, a.num_groups, g, log2_run);
       keep = (rank < a.topk_groups) & (g < a.num_groups);
     }
     V5Fix fix = V5Fix::none;
+    trace.mark_after(4, static_cast<uint32_t>(keep));
     int slot_id = v5_key_id<L>(v5_rounds<L>(a, local, keep, fix));
+    trace.mark_after(5, static_cast<uint32_t>(slot_id));
     if constexpr (kNarrowFirst) {
       if (fix == V5Fix::exact) {  // every lane (a vote): the row again with 64-bit keys (rare)
         uint64_t exact[kV5ListKeys + 1];
-        v5_load<L>(a, first, my_count, words);
-        v5_lane_keys<L>(base, words, bias, false, exact, top_order, second_order);
+        uint32_t again[L::kWords];
+        v5_load<L>(a, first, my_count, again);
+        v5_lane_keys<L>(base, again, bias, false, exact, top_order, second_order);
         slot_id = v5_key_id<L>(v5_rounds<L>(a, exact, keep, fix));
       }
     }
@@ -320,6 +386,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
     // 4-7. Slot k's sigmoid from shared memory (written by this row's lanes: a barrier first),
     // the sum in slot order (Kr <= 8; lanes past Kr hold +0, which changes no bit), shared slots,
     // renormalization, scaling.
+    // A reorder reads other lanes' bias: it goes to shared memory then (rare). Stored up front,
+    // the store would wait for the bias loads, and the first row's logits loads behind it.
+    if (fix == V5Fix::reorder) {
+      float* mine = lane_bias[warp] + lane * L::kStride;
+#pragma unroll
+      for (int i = 0; i < L::kVpl; i += 4)
+        *reinterpret_cast<float4*>(mine + i) =
+            make_float4(bias[i], bias[i + 1], bias[i + 2], bias[i + 3]);
+    }
     vendor::sync_lanes();
     if (fix == V5Fix::reorder) slot_id = v5_reorder<L>(a, slot_id, weights, lane_bias[warp]);
     const int id = lane < Kr ? slot_id : 0;
@@ -330,8 +405,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
     float routed_sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < kV5ListKeys; ++k) routed_sum += terms[k];
+    trace.mark_after(6, __float_as_uint(routed_sum));
     vendor::sync_lanes();  // the next row rewrites the sigmoids
     if (lane < a.topk) finish_and_store_slot(a, row, lane, weight, slot_id, routed_sum);
+    trace.mark(7);
+    trace.print(row == 0, E, a.topk, "wait loads keys+sort groups rounds weights stored");
   }
 }
 

@@ -137,6 +137,7 @@ RouteProblem make_route_problem(const char* op, const TensorView& logits,
   p.num_valid_tokens = c.num_valid_tokens < 0 ? T : c.num_valid_tokens;
   p.num_threads = options.num_threads;
   p.stream = options.stream;
+  p.static_bias = options.static_weights;
   return p;
 }
 

@@ -32,6 +32,7 @@ struct RouteProblem {
   int64_t num_valid_tokens = 0;  // resolved: in [0, T]
   int num_threads = 0;
   void* stream = nullptr;
+  bool static_bias = false;  // the bias is not written by the kernel just before (OpOptions)
 
   bool has_bias() const { return bias.data() != nullptr; }
   int experts_per_group() const { return num_experts / num_groups; }

@@ -415,6 +415,61 @@ TEST(GpuRoute, CapturesIntoCudaGraph) {
   }
 }
 
+// OpOptions::static_weights lets the bias load before the previous kernel finishes (v3, v5).
+// Without the promise, a route call right after the kernel that writes its bias (here another
+// route call, whose 32 x 8 weights are the next call's 256-expert bias, alternating between two
+// inputs) reads the new bias every time; with it (bias written long before), the same bits.
+TEST(GpuRoute, RouteRightAfterItsBiasKernelReadsTheNewBias) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const harness::ModelRow* writer_row = nullptr;
+  const harness::ModelRow* reader_row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.name == std::string("Qwen3-30B-A3B")) writer_row = &model;
+    if (model.name == std::string("DeepSeek-V3")) reader_row = &model;
+  }
+  ASSERT_TRUE(writer_row != nullptr && reader_row != nullptr);
+  RouteCase writer[2] = {model_case(*writer_row, 32, InputKind::random, DType::bf16, 101),
+                         model_case(*writer_row, 32, InputKind::random, DType::bf16, 202)};
+  ASSERT_EQ(writer[0].config.topk * 32, 256);
+  DeviceCase writer_d[2];
+  for (int w = 0; w < 2; ++w) writer_d[w] = upload(writer[w], harness::make_inputs(writer[w]), {});
+  // Both writers write one buffer, the reader's bias.
+  Tensor bias = Tensor::empty(DType::f32, {32, 8}, Device::gpu());
+  const TensorView bias_view(bias.data(), DType::f32, {256}, Device::gpu());
+  RouteCase reader = model_case(*reader_row, 1, InputKind::random, DType::bf16, 303);
+  const DeviceCase reader_d = upload(reader, harness::make_inputs(reader), {});
+  RouteOptions op = on_gpu(stream.get());
+  auto write_bias = [&](int w) {
+    route(writer_d[w].logits, writer_d[w].bias_view(), writer[w].config, bias.view(),
+          writer_d[w].ids, op);
+  };
+  auto read = [&](const RouteOptions& options) {
+    route(reader_d.logits, bias_view, reader.config, reader_d.weights, reader_d.ids, options);
+  };
+  std::vector<char> expected[2];
+  for (int w = 0; w < 2; ++w) {
+    write_bias(w);
+    gpu::synchronize(stream.get());
+    read(op);
+    gpu::synchronize(stream.get());
+    expected[w] = raw_outputs(reader, reader_d);
+  }
+  ASSERT_TRUE(expected[0] != expected[1]) << "the two biases should route differently";
+  for (int round = 0; round < 16; ++round) {
+    write_bias(round % 2);
+    read(op);
+    gpu::synchronize(stream.get());
+    EXPECT_TRUE(raw_outputs(reader, reader_d) == expected[round % 2]) << "round " << round;
+  }
+  // The promise, kept: the bias was written long before (the last round's, synchronized).
+  RouteOptions promised = op;
+  promised.static_weights = true;
+  for (int i = 0; i < 3; ++i) read(promised);
+  gpu::synchronize(stream.get());
+  EXPECT_TRUE(raw_outputs(reader, reader_d) == expected[1]);
+}
+
 TEST(GpuRoute, EmptyBatchDoesNothing) {
   SKIP_WITHOUT_GPU();
   Stream stream;
