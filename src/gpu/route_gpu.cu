@@ -1286,11 +1286,30 @@ bool v5_automatic(const RouteProblem& p) {
   return p.num_tokens <= kV5UngroupedMaxTokens;
 }
 
-// group_lanes_log2: 0 ungrouped. Groups of 4 lanes (DeepSeek-V3) have their own instance.
+// MOEKIT_GPU_ROUTE_V5_ROUNDS=shared|registers, read once: where v5's rounds keep each lane's
+// sorted keys for DeepSeek-V3's groups (for measuring); unset, by batch size.
+std::string v5_rounds_switch() {
+  static const std::string where = env::text("MOEKIT_GPU_ROUTE_V5_ROUNDS");
+  return where;
+}
+
+// The keys in shared memory take the integer pipe's selects off the rounds, at a load in each
+// round's chain: for batches that fill the SMs (measured: docs/perf/routing.md, session 8).
+constexpr int64_t kV5SharedListMinTokens = 2048;
+
+bool v5_list_in_shared(const RouteProblem& p) {
+  if (v5_rounds_switch() == "shared") return true;
+  if (v5_rounds_switch() == "registers") return false;
+  return p.num_tokens >= kV5SharedListMinTokens;
+}
+
+// group_lanes_log2: 0 ungrouped. Groups of 4 lanes (DeepSeek-V3) have their own instances.
 template <class Logits>
-KernelFn v5_kernel(int experts_per_lane, bool narrow, bool grouped, int group_lanes_log2) {
+KernelFn v5_kernel(int experts_per_lane, bool narrow, bool grouped, int group_lanes_log2,
+                   bool list_in_shared) {
   if (experts_per_lane == 8 && narrow && grouped && group_lanes_log2 == 2)
-    return route_rows_v5_kernel<Logits, 1, true, 2>;
+    return list_in_shared ? route_rows_v5_kernel<Logits, 1, true, 2, true>
+                          : route_rows_v5_kernel<Logits, 1, true, 2>;
   if (experts_per_lane == 8)
     return narrow ? route_rows_v5_kernel<Logits, 1, true> : route_rows_v5_kernel<Logits, 1, false>;
   return narrow ? route_rows_v5_kernel<Logits, 2, true> : route_rows_v5_kernel<Logits, 2, false>;
@@ -1306,8 +1325,10 @@ void route_v5(const RouteProblem& p) {
   a.group_lanes_log2 = p.num_groups > 1 ? log2_of(p.experts_per_group() / vpl) : 0;
   const bool narrow = !v5_exact_keys_only();
   const bool grouped = p.num_groups > 1;
-  const KernelFn kernel = f32 ? v5_kernel<V3LogitsF32>(vpl, narrow, grouped, a.group_lanes_log2)
-                              : v5_kernel<V3Logits16>(vpl, narrow, grouped, a.group_lanes_log2);
+  const bool shared_list = v5_list_in_shared(p);
+  const KernelFn kernel =
+      f32 ? v5_kernel<V3LogitsF32>(vpl, narrow, grouped, a.group_lanes_log2, shared_list)
+          : v5_kernel<V3Logits16>(vpl, narrow, grouped, a.group_lanes_log2, shared_list);
   launch_resident_rows(p, kernel, 0, a, 1);
 }
 

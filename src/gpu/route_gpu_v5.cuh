@@ -231,24 +231,43 @@ enum class V5Fix { none, reorder, exact };
 // rounds' maxima) leave their order open; a head left after the last round that ties with the
 // Kr-th winner leaves the set open (it is the (Kr+1)-th key or sits between them: one vote, no
 // extra round). Returns lane k's slot key (k < Kr; 0 elsewhere).
-template <class L, class Key>
+//
+// kListInShared (32-bit keys): the lane's sorted keys go to `list` (12 words of shared memory, its
+// own) and the winner of a round loads its next key from there, where the register list shifts
+// all of its keys (8 selects a round on the integer pipe, which bounds long batches: ~110 of a
+// DeepSeek-V3 row's ~365 integer-pipe instructions), at one shared-memory load more in the
+// chain of every round.
+template <class L, bool kListInShared = false, class Key>
 __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5ListKeys + 1],
-                                         bool keep, V5Fix& fix) {
+                                         bool keep, V5Fix& fix, uint32_t* list = nullptr) {
   constexpr bool kNarrow = sizeof(Key) == 4;
+  static_assert(kNarrow || !kListInShared);
   const V3Row<kLanes> row_lanes{0};
   const int lane = vendor::lane_id();
   const int Kr = a.num_routed;
 #pragma unroll
   for (int i = 0; i <= kV5ListKeys; ++i) local[i] = keep ? local[i] : Key{0};
+  if constexpr (kListInShared) {
+    static_assert(kV5ListKeys + 1 <= 12);
+    uint4* out = reinterpret_cast<uint4*>(list);
+    out[0] = make_uint4(local[0], local[1], local[2], local[3]);
+    out[1] = make_uint4(local[4], local[5], local[6], local[7]);
+    out[2] = make_uint4(local[8], 0u, 0u, 0u);  // a lane past its 9th key shows 0 (none)
+  }
   Key slot = 0, previous = 0;
   bool tie_inside = false;
+  int next = 1;  // kListInShared: the index of the lane's next key
   for (int k = 0; k < Kr; ++k) {
     const Key best = row_lanes.max(local[0]);
     const bool won = local[0] == best;
     slot = lane == k ? best : slot;
+    if constexpr (kListInShared) {
+      if (won) local[0] = list[next++];
+    } else {
 #pragma unroll
-    for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
-    local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
+      for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
+      local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
+    }
     if constexpr (kNarrow) {
       tie_inside |= k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
       previous = best;
@@ -298,8 +317,10 @@ __device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const
 // runs of 8 experts per lane. kNarrowFirst: 32-bit keys with the exact pass as fallback (else the
 // exact pass only: for measuring). kGroupLanesLog2: groups of 1 << kGroupLanesLog2 lanes known at
 // compile time (DeepSeek-V3's 4: its group steps then hold no loop and no branch), or -1 (from
-// the arguments, groups or none). One row per warp, grid-stride over the rows.
-template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1>
+// the arguments, groups or none). kListInShared: the rounds read each lane's sorted keys from
+// shared memory (v5_rounds; long batches). One row per warp, grid-stride over the rows.
+template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1,
+          bool kListInShared = false>
 __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(const RouteArgs a) {
   using L = V5Layout<Logits, kRuns>;
   __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
@@ -371,7 +392,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
     }
     V5Fix fix = V5Fix::none;
     trace.mark_after(4, static_cast<uint32_t>(keep));
-    int slot_id = v5_key_id<L>(v5_rounds<L>(a, local, keep, fix));
+    // (The list, when in shared memory, takes the lane's bias slots: a reorder writes them only
+    // after the rounds.)
+    int slot_id = v5_key_id<L>(
+        v5_rounds < L, kListInShared && kNarrowFirst > (a, local, keep, fix,
+                                                        reinterpret_cast<uint32_t*>(
+                                                            lane_bias[warp] + lane * L::kStride)));
     trace.mark_after(5, static_cast<uint32_t>(slot_id));
     if constexpr (kNarrowFirst) {
       if (fix == V5Fix::exact) {  // every lane (a vote): the row again with 64-bit keys (rare)
