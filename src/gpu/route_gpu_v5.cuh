@@ -236,10 +236,13 @@ enum class V5Fix { none, reorder, exact };
 // own) and the winner of a round loads its next key from there, where the register list shifts
 // all of its keys (8 selects a round on the integer pipe, which bounds long batches: ~110 of a
 // DeepSeek-V3 row's ~365 integer-pipe instructions), at one shared-memory load more in the
-// chain of every round.
+// chain of every round. Lane 0 then also writes each round's winner to `winners` (the warp's
+// Kr words), and after the rounds lane k reads slot k and the tie tests read neighbours there:
+// no per-round select or tie test on the integer pipe.
 template <class L, bool kListInShared = false, class Key>
 __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5ListKeys + 1],
-                                         bool keep, V5Fix& fix, uint32_t* list = nullptr) {
+                                         bool keep, V5Fix& fix, uint32_t* list = nullptr,
+                                         uint32_t* winners = nullptr) {
   constexpr bool kNarrow = sizeof(Key) == 4;
   static_assert(kNarrow || !kListInShared);
   const V3Row<kLanes> row_lanes{0};
@@ -256,21 +259,31 @@ __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5Lis
   }
   Key slot = 0, previous = 0;
   bool tie_inside = false;
-  int next = 1;  // kListInShared: the index of the lane's next key
-  for (int k = 0; k < Kr; ++k) {
-    const Key best = row_lanes.max(local[0]);
-    const bool won = local[0] == best;
-    slot = lane == k ? best : slot;
-    if constexpr (kListInShared) {
-      if (won) local[0] = list[next++];
-    } else {
+  if constexpr (kListInShared) {
+    int next = 1;  // the index of the lane's next key
+    for (int k = 0; k < Kr; ++k) {
+      const Key best = row_lanes.max(local[0]);
+      if (lane == 0) winners[k] = best;
+      if (local[0] == best) local[0] = list[next++];
+    }
+    vendor::sync_lanes();  // the winners, written by lane 0
+    slot = lane < Kr ? winners[lane] : 0u;
+    const Key before = lane >= 1 && lane < Kr ? winners[lane - 1] : 0u;
+    tie_inside = vendor::any(lane >= 1 && lane < Kr && ((slot ^ before) & ~L::kIdMask) == 0);
+    previous = winners[Kr - 1];
+    vendor::sync_lanes();  // read before the next row's rounds rewrite them
+  } else {
+    for (int k = 0; k < Kr; ++k) {
+      const Key best = row_lanes.max(local[0]);
+      const bool won = local[0] == best;
+      slot = lane == k ? best : slot;
 #pragma unroll
       for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
       local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
-    }
-    if constexpr (kNarrow) {
-      tie_inside |= k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
-      previous = best;
+      if constexpr (kNarrow) {
+        tie_inside |= k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
+        previous = best;
+      }
     }
   }
   fix = V5Fix::none;
@@ -325,6 +338,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
   using L = V5Layout<Logits, kRuns>;
   __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
   __shared__ __align__(16) float lane_bias[kWarpsPerBlock][kLanes * L::kStride];  // for reorders
+  __shared__ uint32_t round_winners[kWarpsPerBlock][kListInShared ? kV5ListKeys : 1];
 
   RouteTrace trace;  // -DMOEKIT_ROUTE_TRACE only (route_gpu_common.cuh)
   trace.mark(0);
@@ -394,10 +408,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
     trace.mark_after(4, static_cast<uint32_t>(keep));
     // (The list, when in shared memory, takes the lane's bias slots: a reorder writes them only
     // after the rounds.)
-    int slot_id = v5_key_id<L>(
-        v5_rounds < L, kListInShared && kNarrowFirst > (a, local, keep, fix,
-                                                        reinterpret_cast<uint32_t*>(
-                                                            lane_bias[warp] + lane * L::kStride)));
+    constexpr bool kSharedRounds = kListInShared && kNarrowFirst;
+    int slot_id = v5_key_id<L>(v5_rounds<L, kSharedRounds>(
+        a, local, keep, fix, reinterpret_cast<uint32_t*>(lane_bias[warp] + lane * L::kStride),
+        round_winners[warp]));
     trace.mark_after(5, static_cast<uint32_t>(slot_id));
     if constexpr (kNarrowFirst) {
       if (fix == V5Fix::exact) {  // every lane (a vote): the row again with 64-bit keys (rare)
