@@ -1287,10 +1287,11 @@ bool v5_automatic(const RouteProblem& p) {
 }
 
 // MOEKIT_GPU_ROUTE_V5_ROUNDS=shared|registers, read once: where v5's rounds keep each lane's
-// sorted keys for DeepSeek-V3's groups (for measuring); unset, by batch size.
-std::string v5_rounds_switch() {
-  static const std::string where = env::text("MOEKIT_GPU_ROUTE_V5_ROUNDS");
-  return where;
+// sorted keys for DeepSeek-V3's groups (1 shared, 0 registers: for measuring); unset (-1), by
+// batch size.
+int v5_rounds_in_shared_forced() {
+  static const int forced = env::choice("MOEKIT_GPU_ROUTE_V5_ROUNDS", "shared", "registers");
+  return forced;
 }
 
 // The keys in shared memory take the integer pipe's selects off the rounds, at a load in each
@@ -1298,9 +1299,8 @@ std::string v5_rounds_switch() {
 constexpr int64_t kV5SharedListMinTokens = 2048;
 
 bool v5_list_in_shared(const RouteProblem& p) {
-  if (v5_rounds_switch() == "shared") return true;
-  if (v5_rounds_switch() == "registers") return false;
-  return p.num_tokens >= kV5SharedListMinTokens;
+  const int forced = v5_rounds_in_shared_forced();
+  return forced >= 0 ? forced == 1 : p.num_tokens >= kV5SharedListMinTokens;
 }
 
 // group_lanes_log2: 0 ungrouped. Groups of 4 lanes (DeepSeek-V3) have their own instances.

@@ -17,6 +17,12 @@
 //   lane's top two, merged over the group's lanes), so both passes keep the same groups.
 // - The sigmoid of each expert (the weight source) goes to shared memory as the keys are built;
 //   the winners' weights are read back, not computed again.
+// - Memory latency in series is what a decode row cannot afford: the first row's logits load
+//   before the bias, the bias loads before griddepcontrol.wait under the caller's promise
+//   (RouteArgs::bias_before_wait), and a warp's next row loads while this one is ranked.
+// - DeepSeek-V3's groups (runs of 4 lanes) have their own instance, whose group steps hold no
+//   loop. Long batches are bound by the integer pipe; there the rounds read the lanes' sorted
+//   keys and write their winners through shared memory (kListInShared) instead of selects.
 //
 // The sigmoid, its NaN and range handling and the slot-order sum are v2's, so the outputs are v2's
 // and v3's bit for bit. Serves sigmoid scoring, E <= 512, Kr <= 8, K <= 32 (one slot per lane),
@@ -337,7 +343,8 @@ template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1,
 __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(const RouteArgs a) {
   using L = V5Layout<Logits, kRuns>;
   __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
-  __shared__ __align__(16) float lane_bias[kWarpsPerBlock][kLanes * L::kStride];  // for reorders
+  // Each lane's bias for a reorder, or (kListInShared) its sorted keys during the rounds.
+  __shared__ __align__(16) float lane_bias[kWarpsPerBlock][kLanes * L::kStride];
   __shared__ uint32_t round_winners[kWarpsPerBlock][kListInShared ? kV5ListKeys : 1];
 
   RouteTrace trace;  // -DMOEKIT_ROUTE_TRACE only (route_gpu_common.cuh)
@@ -351,7 +358,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
 
   // The bias, the same for every row, in registers. A weight the kernel before does not write
   // (the caller's promise, OpOptions::static_weights) loads before the wait, while that kernel
-  // still runs: its latency leaves the row's chain (DeepSeek-V3 at 1 token 1.92 -> 1.79 us).
+  // still runs: its latency leaves the row's chain (DeepSeek-V3 at 1 token 1.92 -> 1.66 us, H200).
   float bias[L::kVpl];
   if (a.bias_before_wait) v5_load_bias<L>(a, my_first, my_count, bias);
   read_args_then_wait(a);
@@ -360,7 +367,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
 
   // A warp's next row loads while this one is ranked (padding rows, all past the valid ones,
   // load nothing): with several rows per warp (prefill) its memory latency then overlaps. Not
-  // with 16 experts per lane, whose registers are full (it spills; Kimi-K2 takes v5 at 1 token).
+  // with 16 experts per lane, whose registers are full (it spilled).
   constexpr bool kPrefetch = kRuns == 1;
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
   int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp;
