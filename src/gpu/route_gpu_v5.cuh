@@ -45,6 +45,7 @@ namespace moekit::gpu::route_detail {
 constexpr int kV5ListKeys = 8;       // sorted keys a lane carries into the rounds: Kr <= 8
 constexpr int kV5RunKeys = 8;        // keys are built and sorted in runs of 8
 constexpr int kV5MaxSlots = kLanes;  // K: one slot per lane
+constexpr int kNoGroups = -2;        // route_rows_v5_kernel's kGroupLanesLog2 for ungrouped rows
 
 // A lane holds kRuns runs of 8 consecutive experts: E <= 256 (kRuns 1) or 512 (kRuns 2).
 template <class Logits, int kRuns>
@@ -115,7 +116,7 @@ struct V5Row {
 // order keys (for group scores). `local` gets the sorted top 8 and, with two runs, the 9th (the
 // largest key below them: a lane that wins 8 rounds then shows it to the boundary test). The first
 // pass also writes each expert's sigmoid (the weight source) to shared memory.
-template <class L, class Key>
+template <class L, bool kTopTwo = true, class Key>
 __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&words)[L::kWords],
                                              const float (&bias)[L::kVpl], bool write_weights,
                                              Key (&local)[kV5ListKeys + 1], uint32_t& first,
@@ -164,7 +165,7 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
       // Past E the bias is -inf: such keys rank below every expert's. s is in [0, 1] and the
       // bias has no NaN (as -inf since loaded), so s + b is never NaN.
       const uint32_t order = order_key(__fadd_rn(s[j], bias[i]));
-      add_to_top2(order, first, second);
+      if constexpr (kTopTwo) add_to_top2(order, first, second);  // (group scores)
       const int id = row.my_first + i;
       if constexpr (kNarrow)
         k[j] = (order & ~L::kIdMask) | (L::kIdMask - static_cast<uint32_t>(id));
@@ -336,7 +337,8 @@ __device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const
 // runs of 8 experts per lane. kNarrowFirst: 32-bit keys with the exact pass as fallback (else the
 // exact pass only: for measuring). kGroupLanesLog2: groups of 1 << kGroupLanesLog2 lanes known at
 // compile time (DeepSeek-V3's 4: its group steps then hold no loop and no branch), or -1 (from
-// the arguments, groups or none). kListInShared: the rounds read each lane's sorted keys from
+// the arguments, groups or none), or kNoGroups (ungrouped at compile time: no group scores).
+// kListInShared: the rounds read each lane's sorted keys from
 // shared memory (v5_rounds; long batches). One row per warp, grid-stride over the rows.
 template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1,
           bool kListInShared = false>
@@ -381,8 +383,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
 
   // Groups: runs of group_lanes lanes.
   constexpr bool kFixedGroups = kGroupLanesLog2 >= 0;
-  const bool grouped = kFixedGroups || a.num_groups > 1;
-  const int log2_run = kFixedGroups ? kGroupLanesLog2 : a.group_lanes_log2;
+  constexpr bool kMayGroup = kGroupLanesLog2 != kNoGroups;
+  const bool grouped = kFixedGroups || (kMayGroup && a.num_groups > 1);
+  const int log2_run = kFixedGroups ? kGroupLanesLog2 : kMayGroup ? a.group_lanes_log2 : 0;
   const int g = lane >> log2_run;
 
   for (; row < a.num_tokens; row += rows_per_step) {
@@ -398,7 +401,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
     Narrow local[kV5ListKeys + 1];
     uint32_t top_order = 0, second_order = 0;
     trace.mark_after(2, words[0] ^ __float_as_uint(bias[0]));  // logits and bias arrived
-    v5_lane_keys<L>(base, words, bias, true, local, top_order, second_order);
+    v5_lane_keys<L, kMayGroup>(base, words, bias, true, local, top_order, second_order);
     trace.mark_after(3, static_cast<uint32_t>(local[0] ^ top_order));
     const int64_t next = row + rows_per_step;
     if (kPrefetch && next < a.num_valid_tokens)
@@ -425,7 +428,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
         uint64_t exact[kV5ListKeys + 1];
         uint32_t again[L::kWords];
         v5_load<L>(a, first, my_count, again);
-        v5_lane_keys<L>(base, again, bias, false, exact, top_order, second_order);
+        v5_lane_keys<L, kMayGroup>(base, again, bias, false, exact, top_order, second_order);
         slot_id = v5_key_id<L>(v5_rounds<L>(a, exact, keep, fix));
       }
     }
