@@ -21,8 +21,9 @@
 //   before the bias, the bias loads before griddepcontrol.wait under the caller's promise
 //   (RouteArgs::bias_before_wait), and a warp's next row loads while this one is ranked.
 // - DeepSeek-V3's groups (runs of 4 lanes) have their own instance, whose group steps hold no
-//   loop. Long batches are bound by the integer pipe; there the rounds read the lanes' sorted
-//   keys and write their winners through shared memory (kListInShared) instead of selects.
+//   loop, and so do ungrouped rows (no group scores at all). Long batches are bound by the integer
+//   pipe; there the rounds read the lanes' sorted keys and write their winners through shared
+//   memory (kListInShared) instead of selects.
 //
 // The sigmoid, its NaN and range handling and the slot-order sum are v2's, so the outputs are v2's
 // and v3's bit for bit. Serves sigmoid scoring, E <= 512, Kr <= 8, K <= 32 (one slot per lane),
