@@ -22,8 +22,9 @@
 // overlaps the previous kernel; MOEKIT_GPU_PDL=0 turns that off.
 //
 // v5 (route_gpu_v5.cuh) serves sigmoid rows in whole warps with 32-bit keys (grouped at every batch
-// size, ungrouped at decode sizes), v4 (route_gpu_v4.cuh) long batches of grouped sigmoid rows
-// where v5 is switched off, v3
+// size, ungrouped at decode sizes), v6 (route_gpu_v6.cuh) softmax rows of 16-bit logits without
+// bias in whole warps (up to 1024 tokens; DeepSeek-V2's groups at every batch size), v4
+// (route_gpu_v4.cuh) long batches of grouped sigmoid rows where v5 is switched off, v3
 // (route_gpu_v3.cuh) softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256 in groups of
 // whole lanes, not softmax with top2_sum), where it was measured faster; v2 (route_gpu_v2.cuh)
 // what it can of the rest (groups of whole lanes), this kernel everything else.
@@ -49,6 +50,7 @@
 #include "gpu/route_gpu_v3.cuh"
 #include "gpu/route_gpu_v4.cuh"
 #include "gpu/route_gpu_v5.cuh"
+#include "gpu/route_gpu_v6.cuh"
 #include "gpu/vendor.h"
 
 namespace moekit::gpu {
@@ -1303,17 +1305,28 @@ bool v5_list_in_shared(const RouteProblem& p) {
   return forced >= 0 ? forced == 1 : p.num_tokens >= kV5SharedListMinTokens;
 }
 
+// Ungrouped rows with 16 experts per lane take 128 registers (4 blocks per SM, the next row
+// prefetched, no spill) up to this batch (session 9, Kimi-K2; session 8 measured, H200: 1 token
+// 2.05 -> 1.91 us, 1024 3.02 -> 2.80, but 4096 7.78 -> 8.30).
+constexpr int64_t kV5RoomyRegistersMaxTokens = 1024;
+
+bool v5_roomy_registers(const RouteProblem& p) {
+  return p.num_tokens <= kV5RoomyRegistersMaxTokens;
+}
+
 // group_lanes_log2: 0 ungrouped. Groups of 4 lanes (DeepSeek-V3) and ungrouped rows (no group
 // scores: Kimi-K2 -0.25 us at decode) have their own instances.
 template <class Logits>
 KernelFn v5_kernel(int experts_per_lane, bool narrow, bool grouped, int group_lanes_log2,
-                   bool list_in_shared) {
+                   bool list_in_shared, bool roomy_registers) {
   if (experts_per_lane == 8 && narrow && grouped && group_lanes_log2 == 2)
     return list_in_shared ? route_rows_v5_kernel<Logits, 1, true, 2, true>
                           : route_rows_v5_kernel<Logits, 1, true, 2>;
+  if (narrow && !grouped && experts_per_lane == 8)
+    return route_rows_v5_kernel<Logits, 1, true, kNoGroups>;
   if (narrow && !grouped)
-    return experts_per_lane == 8 ? route_rows_v5_kernel<Logits, 1, true, kNoGroups>
-                                 : route_rows_v5_kernel<Logits, 2, true, kNoGroups>;
+    return roomy_registers ? route_rows_v5_kernel<Logits, 2, true, kNoGroups, false, 4>
+                           : route_rows_v5_kernel<Logits, 2, true, kNoGroups>;
   if (experts_per_lane == 8)
     return narrow ? route_rows_v5_kernel<Logits, 1, true> : route_rows_v5_kernel<Logits, 1, false>;
   return narrow ? route_rows_v5_kernel<Logits, 2, true> : route_rows_v5_kernel<Logits, 2, false>;
@@ -1330,10 +1343,117 @@ void route_v5(const RouteProblem& p) {
   const bool narrow = !v5_exact_keys_only();
   const bool grouped = p.num_groups > 1;
   const bool shared_list = v5_list_in_shared(p);
-  const KernelFn kernel =
-      f32 ? v5_kernel<V3LogitsF32>(vpl, narrow, grouped, a.group_lanes_log2, shared_list)
-          : v5_kernel<V3Logits16>(vpl, narrow, grouped, a.group_lanes_log2, shared_list);
+  const KernelFn kernel = f32 ? v5_kernel<V3LogitsF32>(vpl, narrow, grouped, a.group_lanes_log2,
+                                                       shared_list, v5_roomy_registers(p))
+                              : v5_kernel<V3Logits16>(vpl, narrow, grouped, a.group_lanes_log2,
+                                                      shared_list, v5_roomy_registers(p));
   launch_resident_rows(p, kernel, 0, a, 1);
+}
+
+// ---- v6 (route_gpu_v6.cuh): softmax rows of 16-bit logits in whole warps, unrolled rounds.
+
+// Experts per lane and rounds of the instances: 2 (E <= 64; 4 or 8 rounds), 4 (E <= 128; 8), 8
+// (E <= 256; 8), 16 (E <= 512; 10: Qwen3-Next's K), and DeepSeek-V2's groups (5 per lane, groups
+// of 4 lanes; 8 rounds).
+struct V6Shape {
+  int experts_per_lane = 0;  // 0: none
+  int rounds = 0;
+  bool grouped = false;
+};
+constexpr int kV6GroupedExpertsPerLane = 5;
+constexpr int kV6GroupLanes = 4;
+
+V6Shape v6_shape(const RouteProblem& p) {
+  V6Shape shape;
+  if (p.num_groups > 1) {
+    shape = {kV6GroupedExpertsPerLane, 8, true};
+  } else {
+    for (int vpl : {2, 4, 8, 16}) {
+      if (p.num_experts <= kLanes * vpl) {
+        shape.experts_per_lane = vpl;
+        break;
+      }
+    }
+    shape.rounds = shape.experts_per_lane == 16                       ? 10
+                   : shape.experts_per_lane == 2 && p.num_routed <= 4 ? 4
+                                                                      : 8;
+  }
+  return shape;
+}
+
+std::string v6_declines(const RouteProblem& p) {
+  const DType dtype = p.logits.dtype();
+  if (dtype != DType::bf16 && dtype != DType::f16)
+    return "logits dtype " + std::string(dtype_name(dtype)) + " (16-bit logits only)";
+  if (p.scoring != Scoring::softmax) return "not softmax";
+  if (p.has_bias()) return "bias (the keys hold the 16-bit logit)";
+  if (p.softcap > 0.0f) return "softcap";
+  if (p.num_experts > kLanes * 16)
+    return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kLanes * 16);
+  if (p.topk > kV6MaxSlots)
+    return "K=" + std::to_string(p.topk) + " > " + std::to_string(kV6MaxSlots);
+  if (p.num_groups > 1) {
+    const int EPG = p.experts_per_group();
+    if (EPG != kV6GroupedExpertsPerLane * kV6GroupLanes || p.num_groups > kLanes / kV6GroupLanes)
+      return "groups of " + std::to_string(EPG) + " experts, G=" + std::to_string(p.num_groups) +
+             " (grouped: DeepSeek-V2's shape only, groups of " +
+             std::to_string(kV6GroupedExpertsPerLane * kV6GroupLanes) +
+             ", G <= " + std::to_string(kLanes / kV6GroupLanes) + ")";
+    if (p.group_score != GroupScore::max) return "grouped with top2_sum group scores";
+  }
+  const V6Shape shape = v6_shape(p);
+  if (p.num_routed > shape.rounds)
+    return "Kr=" + std::to_string(p.num_routed) + " > " + std::to_string(shape.rounds) +
+           " rounds (" + std::to_string(shape.experts_per_lane) + " experts per lane)";
+  return "";
+}
+
+// MOEKIT_GPU_ROUTE_V6=0|1, read once: keep automatic calls off v6, or put them on it wherever it
+// serves; unset, the measured rule.
+int v6_forced() {
+  static const int forced = env::choice("MOEKIT_GPU_ROUTE_V6");
+  return forced;
+}
+
+// Where v6 pays (H200, CUDA-graph replay, us per call, v6 against v3; docs/perf/routing.md,
+// session 9): every ungrouped softmax row up to 1024 tokens (Qwen2 1.93 -> 1.45 at 1 token, 2.29
+// -> 1.74 at 1024; Qwen3-Next 2.15 -> 1.90; Qwen3-30B 1.57 -> 1.37; Mixtral 1.32 -> 1.16), then
+// v3's rows of fewer lanes win (4096: Qwen3-30B 3.60 vs 2.95, Mixtral 2.86 vs 1.64); DeepSeek-V2's
+// groups at every batch (1 token 2.78 -> 2.00, 8192 12.92 -> 8.20, 16384 22.35 -> 13.75).
+constexpr int64_t kV6UngroupedMaxTokens = 1024;
+
+bool v6_automatic(const RouteProblem& p) {
+  if (!v6_declines(p).empty() || v6_forced() == 0) return false;
+  if (v6_forced() == 1 || p.num_groups > 1) return true;
+  return p.num_tokens <= kV6UngroupedMaxTokens;
+}
+
+template <int kVpl, int kRounds>
+KernelFn v6_by_mode(bool by_p) {
+  return by_p ? route_rows_v6_kernel<kVpl, kRounds, true>
+              : route_rows_v6_kernel<kVpl, kRounds, false>;
+}
+
+KernelFn v6_kernel(const V6Shape& shape, bool by_p) {
+  if (shape.grouped) return route_rows_v6_kernel<kV6GroupedExpertsPerLane, 8, true, 2>;
+  switch (shape.experts_per_lane) {
+    case 2:
+      return shape.rounds == 4 ? v6_by_mode<2, 4>(by_p) : v6_by_mode<2, 8>(by_p);
+    case 4:
+      return v6_by_mode<4, 8>(by_p);
+    case 8:
+      return v6_by_mode<8, 8>(by_p);
+    default:
+      return v6_by_mode<16, 10>(by_p);
+  }
+}
+
+// v6, for a problem v6_declines() accepts.
+void route_v6(const RouteProblem& p) {
+  const V6Shape shape = v6_shape(p);
+  // Vector loads of a lane's logits: its kVpl elements (odd kVpl: element loads).
+  RouteArgs a = common_args(p, shape.experts_per_lane % 2 == 0 ? shape.experts_per_lane : 1);
+  launch_resident_rows(p, v6_kernel(shape, mode_of(p) == Mode::softmax_by_prob), 0, a, 1);
 }
 
 bool v3_switched_off(const RouteProblem& p) {
@@ -1346,6 +1466,7 @@ RouteKernel automatic_kernel(const RouteProblem& p) {
   // v5, then v4 (where v5 is switched off).
   if (v4_forced() == 1 && v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
   if (v5_automatic(p) && !v3_switched_off(p)) return RouteKernel::v5;
+  if (v6_automatic(p) && !v3_switched_off(p)) return RouteKernel::v6;
   if (v4_automatic(p) && !v3_switched_off(p)) return RouteKernel::v4;
   if (v3_declines(p).empty() && !v3_switched_off(p) && !v3_prefers_v2(p)) return RouteKernel::v3;
   return v2_declines(p).empty() && !v2_switched_off(p) ? RouteKernel::v2 : RouteKernel::v1;
@@ -1375,6 +1496,8 @@ std::string route_v3_declines(const RouteProblem& p) { return route_detail::v3_d
 std::string route_v4_declines(const RouteProblem& p) { return route_detail::v4_declines(p); }
 
 std::string route_v5_declines(const RouteProblem& p) { return route_detail::v5_declines(p); }
+
+std::string route_v6_declines(const RouteProblem& p) { return route_detail::v6_declines(p); }
 
 bool route_v3_row_lanes_fit(const RouteProblem& p, int row_lanes) {
   return route_detail::v3_declines(p).empty() && route_detail::v3_row_lanes_fit(p, row_lanes);
@@ -1407,6 +1530,16 @@ std::string route_kernel_name(const RouteProblem& p) {
            (detail::v5_exact_keys_only() ? "64-bit keys"
                                          : "32-bit keys (64-bit where truncated scores tie)") +
            ", lanes sort their top 8 keys";
+  if (kernel == RouteKernel::v6) {
+    const detail::V6Shape shape = detail::v6_shape(p);
+    return "v6 " + std::string(detail::mode_name(detail::mode_of(p))) +
+           (shape.grouped ? ", grouped (4 lanes per group)" : "") + ", " +
+           std::to_string(shape.experts_per_lane) + " experts per lane, 1 row per warp, " +
+           std::to_string(shape.rounds) + " unrolled rounds" +
+           (detail::mode_of(p) == detail::Mode::softmax_by_prob
+                ? ", denominator summed across lanes (tree)"
+                : "");
+  }
   if (kernel == RouteKernel::v3) {
     const detail::V3Shape shape = detail::v3_shape(p, RouteKernel::v3);
     const int rows = kLanes / shape.row_lanes;
@@ -1451,6 +1584,11 @@ void route_with_kernel(const RouteProblem& p, RouteKernel kernel) {
     const std::string why = route_detail::v5_declines(p);
     if (!why.empty()) fail("route", "kernel", "v5", "does not serve this problem: " + why);
     return route_detail::route_v5(p);
+  }
+  if (kernel == RouteKernel::v6) {
+    const std::string why = route_detail::v6_declines(p);
+    if (!why.empty()) fail("route", "kernel", "v6", "does not serve this problem: " + why);
+    return route_detail::route_v6(p);
   }
   if (route_detail::is_v3(kernel)) {
     const std::string why = route_detail::v3_declines(p);

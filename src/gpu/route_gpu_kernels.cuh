@@ -52,6 +52,8 @@ enum class RouteKernel {
        // group, 2 rows per warp
   v5,  // sigmoid, E <= 512, Kr <= 8, K <= 32, groups of whole lanes: one row per warp, 32-bit
        // keys first
+  v6,  // softmax of 16-bit logits without bias or softcap, E <= 512, Kr <= 8 (10 for E > 256),
+       // K <= 32, ungrouped or DeepSeek-V2's groups: one row per warp, unrolled rounds
 };
 
 // Empty when v2 can serve the problem, else why not (environment switches aside).
@@ -65,6 +67,9 @@ std::string route_v4_declines(const RouteProblem& problem);
 
 // Empty when v5 can serve the problem, else why not (environment switches aside).
 std::string route_v5_declines(const RouteProblem& problem);
+
+// Empty when v6 can serve the problem, else why not (environment switches aside).
+std::string route_v6_declines(const RouteProblem& problem);
 
 // Whether v3 serves the problem with rows of `row_lanes` lanes (32, 16, 8 or 4).
 bool route_v3_row_lanes_fit(const RouteProblem& problem, int row_lanes);

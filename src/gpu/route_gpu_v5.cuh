@@ -340,10 +340,15 @@ __device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const
 // compile time (DeepSeek-V3's 4: its group steps then hold no loop and no branch), or -1 (from
 // the arguments, groups or none), or kNoGroups (ungrouped at compile time: no group scores).
 // kListInShared: the rounds read each lane's sorted keys from
-// shared memory (v5_rounds; long batches). One row per warp, grid-stride over the rows.
+// shared memory (v5_rounds; long batches). kMinBlocks: blocks per SM the registers must allow:
+// 8 (64 registers) everywhere but 16 experts per lane in short batches, where 4 (128 registers)
+// drop the spill and leave room for the next row's prefetch (Kimi-K2 at 1 token 2.05 -> 1.91 us,
+// H200) at the cost of occupancy, which long batches need (4096 tokens: 7.78 -> 8.30). One row
+// per warp, grid-stride over the rows.
 template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1,
-          bool kListInShared = false>
-__global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(const RouteArgs a) {
+          bool kListInShared = false, int kMinBlocks = 8>
+__global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
+    route_rows_v5_kernel(const RouteArgs a) {
   using L = V5Layout<Logits, kRuns>;
   __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
   // Each lane's bias for a reorder, or (kListInShared) its sorted keys during the rounds.
@@ -370,8 +375,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v5_kernel(cons
 
   // A warp's next row loads while this one is ranked (padding rows, all past the valid ones,
   // load nothing): with several rows per warp (prefill) its memory latency then overlaps. Not
-  // with 16 experts per lane, whose registers are full (it spilled).
-  constexpr bool kPrefetch = kRuns == 1;
+  // with 16 experts per lane in 64 registers, which are full (it spilled).
+  constexpr bool kPrefetch = kRuns == 1 || kMinBlocks <= 4;
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
   int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp;
   uint32_t words[L::kWords];

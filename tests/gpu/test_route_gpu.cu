@@ -486,6 +486,8 @@ bool v3_switched_off_by_environment();
 bool v3_grouped_off_by_environment();
 bool v4_off_by_environment();
 bool v5_off_by_environment(bool grouped);
+bool v6_off_by_environment(bool grouped);
+bool v6_may_serve(const harness::ModelRow& model);
 
 TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
   SKIP_WITHOUT_GPU();
@@ -507,7 +509,9 @@ TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
     const std::string expected_prefix = grouped && !v5_off_by_environment(grouped) ? "v5 "
                                         : v3_on                                    ? "v3 "
                                                                                    : "v2 ";
-    EXPECT_EQ(rows.front().detail.rfind(expected_prefix, 0), 0u)
+    // (v6 takes softmax rows of 16-bit logits where measured faster)
+    const bool v6 = !grouped && v6_may_serve(model) && rows.front().detail.rfind("v6 ", 0) == 0;
+    EXPECT_TRUE(v6 || rows.front().detail.rfind(expected_prefix, 0) == 0)
         << model.name << ": " << rows.front().detail;
     if (grouped)
       EXPECT_NE(rows.front().detail.find("grouped"), std::string::npos) << rows.front().detail;
@@ -588,6 +592,19 @@ bool v5_off_by_environment(bool grouped) {
          (v5 != nullptr && std::string(v5) == "0");
 }
 
+bool v6_off_by_environment(bool grouped) {
+  const char* v6 = std::getenv("MOEKIT_GPU_ROUTE_V6");
+  return (grouped ? v3_grouped_off_by_environment() : v3_switched_off_by_environment()) ||
+         (v6 != nullptr && std::string(v6) == "0");
+}
+
+// Whether a model row is one that v6 may take (softmax; the bench and these tests use 16-bit
+// logits without bias).
+bool v6_may_serve(const harness::ModelRow& model) {
+  return model.config.scoring == Scoring::softmax && !model.has_bias &&
+         !v6_off_by_environment(model.config.num_groups > 1);
+}
+
 // The validated problem of a case whose tensors are on the device.
 RouteProblem device_problem(const RouteCase& c, const DeviceCase& d, cudaStream_t stream) {
   return make_route_problem("route", d.logits, d.bias_view(), c.config, d.weights, d.ids,
@@ -637,9 +654,12 @@ TEST(GpuRouteV2, ServesEveryModelRowAtEveryDecodeSize) {
         const bool grouped = model.config.num_groups > 1;
         const bool v3_on = grouped ? !v3_grouped_off_by_environment() : insist_on_v3;
         const bool v5 = name.rfind("v5", 0) == 0;
+        const bool v6 = name.rfind("v6", 0) == 0;
         if (v5)  // sigmoid rows
           EXPECT_TRUE(model.config.scoring == Scoring::sigmoid && !v5_off_by_environment(grouped))
               << model.name << " is served by " << name;
+        else if (v6)  // softmax rows
+          EXPECT_TRUE(v6_may_serve(model)) << model.name << " is served by " << name;
         else if (v3_on)  // (or v2 where v3 was measured slower: Kimi-K2)
           EXPECT_TRUE(name.rfind("v3", 0) == 0 || name.find("measured slower") != std::string::npos)
               << model.name << " is served by " << name;
@@ -1247,6 +1267,8 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
           EXPECT_EQ(model.config.scoring, Scoring::sigmoid) << model.name << ": " << name;
           EXPECT_FALSE(v5_off_by_environment(model.config.num_groups > 1))
               << model.name << ": " << name;
+        } else if (name.rfind("v6", 0) == 0) {  // softmax rows, where measured faster
+          EXPECT_TRUE(v6_may_serve(model)) << model.name << ": " << name;
         } else if (model.config.num_groups > 1) {
           if (v3_grouped_off_by_environment()) {
             EXPECT_EQ(name.rfind("v2", 0), 0u) << model.name << ": " << name;
@@ -1424,20 +1446,23 @@ TEST(GpuRouteV3Grouped, ModelRowsAreV2sBitForBit) {
 // reference (equal p: the lowest group id) keeps group 2. v3 must detect the tie of p at the
 // boundary and redo the row; alternate rows put the best z in group 2 (the same choice either way)
 // or are random. Compared with the reference, v1 and (bytes) v2.
-TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
-  SKIP_WITHOUT_GPU();
-  Stream stream;
+// Runs the constructed rows on `kernel` (v3 or v6) in the given logits dtypes; `same_bytes_as_v2`:
+// also v2's bytes (v3: the same expert-order denominator). Returns the number of fallback rows.
+int expect_groups_of_equal_p_ranked_by_p(gpu::RouteKernel kernel, const std::string& name,
+                                         std::initializer_list<DType> dtypes, bool same_bytes_as_v2,
+                                         cudaStream_t stream) {
   const harness::ModelRow* v2_row = nullptr;
   for (const harness::ModelRow& model : harness::model_table())
     if (model.name == "DeepSeek-V2") v2_row = &model;
-  ASSERT_NE(v2_row, nullptr);
+  EXPECT_NE(v2_row, nullptr);
+  if (v2_row == nullptr) return 0;
   int fallback_rows = 0;
-  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+  for (DType dtype : dtypes) {
     for (int64_t tokens : {1, 2, 7, 64, 1031}) {
       RouteCase c = model_case(*v2_row, tokens, InputKind::random, dtype, 99 + tokens);
-      ASSERT_EQ(c.num_experts, 160);
-      ASSERT_EQ(c.config.num_groups, 8);
-      ASSERT_EQ(c.config.topk_groups, 3);
+      EXPECT_EQ(c.num_experts, 160);
+      EXPECT_EQ(c.config.num_groups, 8);
+      EXPECT_EQ(c.config.topk_groups, 3);
       RouteInputs in = harness::make_inputs(c);
       const int E = c.num_experts, EPG = 20;
       for (int64_t t = 0; t < tokens; ++t) {
@@ -1453,7 +1478,7 @@ TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
         }
         fallback_rows += !reversed;
       }
-      const RouteOutputs v3 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v3);
+      const RouteOutputs out = run_kernel(c, in, {}, stream, kernel);
       // The built rows route to experts 0, 20, 40 (group 2's best), then the lowest ids of z =
       // -1024.
       const int64_t K = c.config.topk;
@@ -1461,17 +1486,32 @@ TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
       for (int64_t t = 0; t < tokens; ++t) {
         if (t % 3 == 2) continue;
         for (int64_t k = 0; k < K; ++k)
-          EXPECT_EQ(id_at(v3.ids, t * K + k), want[k])
-              << describe(c) << ": row " << t << " slot " << k;
+          EXPECT_EQ(id_at(out.ids, t * K + k), want[k])
+              << name << ", " << describe(c) << ": row " << t << " slot " << k;
       }
-      expect_same_as_v2(c, in, stream.get(), "ties of p between groups");
+      if (same_bytes_as_v2) expect_same_as_v2(c, in, stream, "ties of p between groups", kernel);
       const RouteOutputs ref = harness::run_reference(c, in);
-      expect_agreement(c, in, ref, v3, "v3 vs reference, ties of p between groups");
-      const RouteOutputs v1 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v1);
-      expect_agreement(c, in, v1, v3, "v3 vs v1, ties of p between groups");
+      expect_agreement(c, in, ref, out, name + " vs reference, ties of p between groups");
+      const RouteOutputs v1 = run_kernel(c, in, {}, stream, gpu::RouteKernel::v1);
+      expect_agreement(c, in, v1, out, name + " vs v1, ties of p between groups");
     }
   }
-  EXPECT_GT(fallback_rows, 100);
+  return fallback_rows;
+}
+
+// DeepSeek-V2's shape (softmax, group score max, 8 groups of 20, 3 kept, 6 routed) with rows built
+// so that the groups past the first two all have p = 0 (their top z are more than 104 below the
+// row max, so exp underflows) but different z: ranked by z, group 7 would be kept, while the
+// reference (equal p: the lowest group id) keeps group 2. v3 must detect the tie of p at the
+// boundary and redo the row; alternate rows put the best z in group 2 (the same choice either way)
+// or are random. Compared with the reference, v1 and (bytes) v2.
+TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  EXPECT_GT(
+      expect_groups_of_equal_p_ranked_by_p(
+          gpu::RouteKernel::v3, "v3", {DType::bf16, DType::f16, DType::f32}, true, stream.get()),
+      100);
 }
 
 // ---- v4 (src/gpu/route_gpu_v4.cuh): grouped sigmoid rows with one lane per group, against the
@@ -1885,6 +1925,198 @@ TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
   const DeviceCase d = upload(softmax, in, {});
   EXPECT_THROW(
       gpu::route_with_kernel(device_problem(softmax, d, stream.get()), gpu::RouteKernel::v5),
+      Error);
+}
+
+// ---- v6 (src/gpu/route_gpu_v6.cuh): softmax rows of 16-bit logits in whole warps with unrolled
+// rounds; against the reference and v1 on random shapes, the model rows against the reference
+// (and v2's bytes where the weights are by logit), the groups whose p round equal,
+// deterministic, graph-capturable, and declining what it does not serve.
+
+std::string v6_declines_of(RouteCase c) {
+  const RouteInputs in = harness::make_inputs(c);
+  const RouteOutputs out = harness::make_poisoned_outputs(c);
+  return gpu::route_v6_declines(host_problem(c, in, out));
+}
+
+// A random problem that v6 serves: softmax of bf16 / f16 logits without bias or softcap,
+// ungrouped E <= 512 with Kr <= 8 (10 past 256 experts), or DeepSeek-V2's groups (2-8 groups of
+// 20, group score max), 0-5 shared slots, every input kind.
+RouteCase random_v6_case(std::mt19937_64& rng, uint64_t seed) {
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  RouteCase c = random_case(rng, seed);
+  c.label = "random v6";
+  RouterConfig& k = c.config;
+  k.scoring = Scoring::softmax;
+  k.softcap = 0.0f;
+  c.has_bias = false;
+  c.logits_dtype = chance(0.5) ? DType::bf16 : DType::f16;
+  int max_routed = 8;
+  if (chance(0.3)) {
+    k.num_groups = 2 + static_cast<int>(rng() % 7);
+    c.num_experts = 20 * k.num_groups;
+    k.topk_groups = 1 + static_cast<int>(rng() % k.num_groups);
+    k.group_score = GroupScore::max;
+    max_routed = std::min(8, 20 * k.topk_groups);
+  } else {
+    k.num_groups = k.topk_groups = 1;
+    c.num_experts = 1 + static_cast<int>(rng() % 512);
+    max_routed = std::min(c.num_experts > 256 ? 10 : 8, c.num_experts);
+  }
+  const int routed = 1 + static_cast<int>(rng() % max_routed);
+  k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % 6) : 0;
+  k.topk = routed + k.num_shared_experts;
+  if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
+  return c;
+}
+
+TEST(GpuRouteV6, RandomShapesAgreeWithReferenceAndV1) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV6.RandomShapes: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  int compared = 0, failures = 0, grouped = 0, by_logit = 0;
+  for (int i = 0; i < 600 && compared < 300 && failures < 20; ++i) {
+    RouteCase c = random_v6_case(rng, rng());
+    if (c.tokens == 0) continue;
+    const std::string why = v6_declines_of(c);
+    if (!why.empty()) {
+      ADD_FAILURE() << describe(c) << ": v6 should serve it: " << why;
+      ++failures;
+      continue;
+    }
+    Placement place;
+    if (rng() % 3 == 0) place.logits_offset = 1 + static_cast<int64_t>(rng() % 7);  // misaligned
+    if (rng() % 3 == 0) place.logits_row_pad = 1 + static_cast<int64_t>(rng() % 9);
+    if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
+    ++compared;
+    grouped += c.config.num_groups > 1;
+    const bool logit = c.config.renormalize && c.config.num_groups == 1;
+    by_logit += logit;
+    bool pass = compare_with_v1(c, place, stream.get(), {{gpu::RouteKernel::v6, "v6"}});
+    if (logit)  // weights by logit: v2's arithmetic, so v2's bytes
+      pass = expect_same_as_v2(c, harness::make_inputs(c), stream.get(), "v6 vs v2",
+                               gpu::RouteKernel::v6) &&
+             pass;
+    failures += !pass;
+  }
+  std::printf("compared %d random v6 problems (%d grouped, %d by logit)\n", compared, grouped,
+              by_logit);
+  EXPECT_GE(compared, 250);
+  EXPECT_GE(grouped, 50);
+  EXPECT_GE(by_logit, 50);
+}
+
+// The softmax rows of the model table at decode and prefill sizes, bf16 and f16 logits, both id
+// dtypes, every input kind: against the reference, and v2's bytes where the weights are by logit.
+TEST(GpuRouteV6, SoftmaxModelRowsAgreeWithReference) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed();
+  std::printf("GpuRouteV6.SoftmaxModelRows: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  uint64_t n = 0;
+  int failures = 0, rows = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.config.scoring != Scoring::softmax) continue;
+    ++rows;
+    for (DType dtype : {DType::bf16, DType::f16}) {
+      for (int64_t tokens : {1, 2, 3, 7, 16, 33, 64, 255, 1031, 8192}) {
+        const InputKind kind = kAllKinds[n % std::size(kAllKinds)];
+        RouteCase c = model_case(model, tokens, kind, dtype, seed + n++);
+        if (tokens % 2 == 0) c.ids_dtype = DType::i64;
+        const RouteInputs in = harness::make_inputs(c);
+        EXPECT_EQ(v6_declines_of(c), "") << model.name;
+        failures += !expect_agreement(c, in, harness::run_reference(c, in),
+                                      run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v6),
+                                      "v6 vs reference");
+        if (c.config.renormalize && c.config.num_groups == 1)
+          failures += !expect_same_as_v2(c, in, stream.get(), "v6 vs v2", gpu::RouteKernel::v6);
+      }
+      if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+    }
+  }
+  EXPECT_EQ(rows, 8);
+}
+
+TEST(GpuRouteV6, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  EXPECT_GT(expect_groups_of_equal_p_ranked_by_p(gpu::RouteKernel::v6, "v6",
+                                                 {DType::bf16, DType::f16}, false, stream.get()),
+            60);
+}
+
+TEST(GpuRouteV6, BitwiseDeterministicAndCapturesIntoCudaGraph) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  int rows = 0;
+  for (const harness::ModelRow& model : harness::model_table()) {
+    if (model.config.scoring != Scoring::softmax) continue;
+    ++rows;
+    expect_deterministic_and_capturable(model, gpu::RouteKernel::v6, "v6", stream.get());
+  }
+  EXPECT_EQ(rows, 8);
+}
+
+TEST(GpuRouteV6, DeclinesWhatItDoesNotServe) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const harness::ModelRow* row = nullptr;
+  for (const harness::ModelRow& model : harness::model_table())
+    if (model.name == "Qwen3-Next-80B-A3B") row = &model;
+  ASSERT_NE(row, nullptr);
+  const RouteCase c = model_case(*row, 4, InputKind::random, DType::bf16, 5);
+  EXPECT_EQ(v6_declines_of(c), "");
+  auto declines = [&](const RouteCase& changed, const std::string& reason) {
+    const std::string why = v6_declines_of(changed);
+    EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
+  };
+  RouteCase f32 = c;
+  f32.logits_dtype = DType::f32;
+  declines(f32, "logits dtype f32");
+  RouteCase sigmoid = c;
+  sigmoid.config.scoring = Scoring::sigmoid;
+  declines(sigmoid, "not softmax");
+  RouteCase biased = c;
+  biased.has_bias = true;
+  declines(biased, "bias");
+  RouteCase capped = c;
+  capped.config.softcap = 30.0f;
+  declines(capped, "softcap");
+  RouteCase many_experts = c;
+  many_experts.num_experts = 640;
+  declines(many_experts, "E=640");
+  RouteCase many_routed = c;
+  many_routed.config.topk = 11;
+  declines(many_routed, "Kr=11");
+  RouteCase fewer_experts = c;  // 8 per lane: 8 rounds
+  fewer_experts.num_experts = 256;
+  fewer_experts.config.topk = 9;
+  declines(fewer_experts, "Kr=9");
+  RouteCase many_slots = c;
+  many_slots.config.topk = 40;
+  many_slots.config.num_shared_experts = 33;
+  declines(many_slots, "K=40");
+  RouteCase other_groups = c;
+  other_groups.num_experts = 256;
+  other_groups.config.num_groups = 8;  // groups of 32
+  other_groups.config.topk_groups = 4;
+  other_groups.config.topk = 8;
+  declines(other_groups, "groups of 32");
+  RouteCase top2 = c;
+  top2.num_experts = 160;
+  top2.config.num_groups = 8;
+  top2.config.topk_groups = 3;
+  top2.config.topk = 6;
+  top2.config.group_score = GroupScore::top2_sum;
+  declines(top2, "top2_sum");
+  const RouteInputs in = harness::make_inputs(sigmoid);
+  const DeviceCase d = upload(sigmoid, in, {});
+  EXPECT_THROW(
+      gpu::route_with_kernel(device_problem(sigmoid, d, stream.get()), gpu::RouteKernel::v6),
       Error);
 }
 

@@ -1,0 +1,241 @@
+// GPU routing v6: softmax rows of 16-bit logits (no bias, no softcap) in whole warps, one row per
+// warp. v3 (route_gpu_v3.cuh) serves these rows with the same exact 32-bit keys (the logit's
+// order-preserving bits above the id field), but its softmax-by-p rows (no renormalization:
+// Qwen1.5, Qwen2, DeepSeek-V2) sum the denominator in expert order, a chain of E dependent adds
+// that runs through the rounds (Qwen2 1.93-2.06 us against Qwen3-30B's 1.57-1.73 with twice the
+// experts, H200), and its rounds and group steps are runtime loops. Here, with v5's lessons
+// (route_gpu_v5.cuh):
+//
+// - The rounds are unrolled to kRounds (>= Kr; rounds past Kr change nothing), so the row is one
+//   basic block from the keys to the stores and independent chains interleave.
+// - Softmax by p: the row max is round 0's winner; every lane then takes the numerators of its
+//   experts, sums them in expert order and the warp adds the lanes' sums by a butterfly (every
+//   lane the same bits, run after run), beside rounds 1 .. Kr - 1. The denominator is not the
+//   reference's expert-order rounding: it lies within a few ulps of it, and the contract asks for
+//   weights within 1e-6 (spec/routing.md, "Agreement between backends").
+// - Groups (DeepSeek-V2: 8 groups of 20, 4 lanes of 5) are runs of 1 << kGroupLanesLog2 lanes
+//   known at compile time: the run's top key by two shuffles, its rank by v5_group_rank. Groups
+//   rank by their top z, which orders them as the reference's p does except where different z
+//   round to the same p; then (the last kept and the first dropped group have equal p, rare) the
+//   groups are ranked again by p and the rounds run again, as in v3.
+// - The first row's logits load first; a warp's next row loads while this one is ranked.
+//
+// Ties rank the lower id first (the key's id field), NaN is -inf, absent experts (past E, or in a
+// dropped group) have key 0. Softmax by logit (renormalize, no groups): w = exp(z - top) per slot,
+// as v3 computes it, so those bits are v3's.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "gpu/route_gpu_common.cuh"
+#include "gpu/route_gpu_v2.cuh"
+#include "gpu/route_gpu_v3.cuh"
+#include "gpu/route_gpu_v5.cuh"
+#include "gpu/vendor.h"
+
+namespace moekit::gpu::route_detail {
+
+constexpr int kV6MaxSlots = kLanes;  // K: one slot per lane
+
+// A lane's kVpl 16-bit logits as loaded, before any use (so that a prefetch does not wait for
+// them): packed two to a word where kVpl is even, else one per word (16-bit loads).
+template <int kVpl>
+struct V6Raw {
+  static constexpr bool kPacked = kVpl % 2 == 0;
+  static constexpr int kWords = kPacked ? kVpl / 2 : kVpl;
+  uint32_t w[kWords];
+  __device__ __forceinline__ uint32_t bits(int i) const {
+    if constexpr (kPacked)
+      return i % 2 ? w[i / 2] >> 16 : w[i / 2] & 0xffffu;
+    else
+      return w[i];
+  }
+};
+
+// Loads kVpl 16-bit logits from element `first` (+0 at or past `count`): one or two vector loads
+// where the row is whole and aligned, else element by element.
+template <int kVpl>
+__device__ __forceinline__ void v6_load(const RouteArgs& a, int64_t first, int count,
+                                        V6Raw<kVpl>& raw) {
+  const auto* p = static_cast<const unsigned short*>(a.logits) + first;
+  if constexpr (V6Raw<kVpl>::kPacked) {
+    if (a.logits_vector_loads && count >= kVpl) {
+      load_words<kVpl * 2>(reinterpret_cast<const char*>(p), raw.w);
+      return;
+    }
+#pragma unroll
+    for (int w = 0; w < kVpl / 2; ++w) {
+      const uint32_t low = 2 * w < count ? __ldg(p + 2 * w) : 0u;
+      const uint32_t high = 2 * w + 1 < count ? __ldg(p + 2 * w + 1) : 0u;
+      raw.w[w] = low | (high << 16);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVpl; ++i) raw.w[i] = i < count ? __ldg(p + i) : 0u;
+  }
+}
+
+// The top Kr of a row by unrolled rounds: a round is one warp max of the lanes' heads (keys are
+// unique), the lane whose head it is shifts its sorted keys, lane k keeps round k's winner. Rounds
+// past Kr run (no branch) and change nothing. Returns lane k's slot key (0 for k >= Kr).
+template <int kRounds, int kVpl>
+__device__ __forceinline__ uint32_t v6_rounds(uint32_t (&key)[kVpl], int Kr, int lane,
+                                              uint32_t& top) {
+  constexpr int kDepth = kVpl < kRounds ? kVpl : kRounds;  // a lane wins at most kRounds times
+  uint32_t slot = 0;
+#pragma unroll
+  for (int k = 0; k < kRounds; ++k) {
+    const uint32_t best = vendor::reduce_max(key[0]);
+    if (k == 0) top = best;
+    const bool won = (k < Kr) & (key[0] == best);
+    slot = lane == k ? best : slot;
+#pragma unroll
+    for (int i = 0; i + 1 < kDepth; ++i) key[i] = won ? key[i + 1] : key[i];
+    key[kDepth - 1] = won ? 0u : key[kDepth - 1];
+  }
+  return lane < Kr ? slot : 0u;
+}
+
+// kVpl experts per lane (lane r holds [r * kVpl, (r + 1) * kVpl)), E <= 32 * kVpl; kRounds >= Kr;
+// kByP: softmax by p (no renormalization, or groups), else by logit; kGroupLanesLog2: groups of
+// 1 << kGroupLanesLog2 lanes (group score max, softmax by p), or kNoGroups. One row per warp,
+// grid-stride over the rows.
+template <int kVpl, int kRounds, bool kByP, int kGroupLanesLog2 = kNoGroups>
+__global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(const RouteArgs a) {
+  constexpr bool kGrouped = kGroupLanesLog2 >= 0;
+  static_assert(!kGrouped || kByP, "groups rank by p");
+  static_assert(kRounds <= kLanes);
+
+  RouteTrace trace;  // -DMOEKIT_ROUTE_TRACE only (route_gpu_common.cuh)
+  trace.mark(0);
+  read_args_then_wait(a);
+  vendor::allow_next_grid();
+  trace.mark(1);
+
+  const int lane = vendor::lane_id();
+  const int warp = static_cast<int>(threadIdx.x) / kLanes;
+  const int E = a.num_experts;
+  const int Kr = a.num_routed;
+  const int my_first = lane * kVpl;
+  const int my_count = max(0, min(kVpl, E - my_first));
+  const uint32_t my_id_field = id_field(my_first);  // expert my_first + i: my_id_field - i
+  const Format16 format(a.logits_bf16);
+  const int g = lane >> (kGrouped ? kGroupLanesLog2 : 0);
+
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp;
+  V6Raw<kVpl> raw;
+  if (row < a.num_valid_tokens)
+    v6_load<kVpl>(a, row * a.logits_row_stride + my_first, my_count, raw);
+
+  for (; row < a.num_tokens; row += rows_per_step) {
+    if (row >= a.num_valid_tokens) {  // padding: ids -1, weights 0
+      if (lane < a.topk) store_slot(a, row, lane, 0.0f, -1);
+      continue;
+    }
+    trace.mark_after(2, raw.w[0]);  // the logits arrived
+
+    // Keys (NaN as -inf; 0 past E), z in expert order (softmax by p), the lane's sort.
+    uint32_t key[kVpl];
+    [[maybe_unused]] float z[kVpl];
+#pragma unroll
+    for (int i = 0; i < kVpl; ++i) {
+      const uint32_t bits = format.nan_to_neg_inf(raw.bits(i));
+      key[i] = i < my_count ? narrow_key(bits, my_id_field - i) : 0u;
+      if constexpr (kByP) z[i] = format.to_float(bits);
+    }
+    odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
+    const int64_t next = row + rows_per_step;
+    if (next < a.num_valid_tokens)
+      v6_load<kVpl>(a, next * a.logits_row_stride + my_first, my_count, raw);
+    trace.mark_after(3, key[0]);
+
+    // Groups: each run's top key, the groups ranked by their top z; those ranked TG or worse
+    // drop their keys. The z of the last kept and the first dropped group, for the check by p.
+    [[maybe_unused]] uint32_t sorted[kVpl];
+    [[maybe_unused]] float group_z = -INFINITY, last_kept = 0.0f, first_dropped = 0.0f;
+    [[maybe_unused]] auto keep_groups = [&](float score) {
+      int rank = 0;
+      if constexpr (kGrouped) {
+        rank = v5_group_rank<kGroupLanesLog2>(score, a.num_groups, g, kGroupLanesLog2);
+        const bool keep = (rank < a.topk_groups) & (g < a.num_groups);
+#pragma unroll
+        for (int i = 0; i < kVpl; ++i) key[i] = keep ? sorted[i] : 0u;
+      }
+      return rank;
+    };
+    if constexpr (kGrouped) {
+      uint32_t group_top = key[0];
+#pragma unroll
+      for (int offset = 1; offset < (1 << kGroupLanesLog2); offset <<= 1)
+        group_top = ::max(group_top, vendor::shfl_xor(group_top, offset));
+      group_z = group_top != 0 ? format.to_float(narrow_key_bits(group_top)) : -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kVpl; ++i) sorted[i] = key[i];
+      const int rank = keep_groups(group_z);
+      if (a.topk_groups < a.num_groups) {  // (uniform)
+        last_kept =
+            vendor::shfl(group_z, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups - 1)));
+        first_dropped =
+            vendor::shfl(group_z, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups)));
+      }
+    }
+    trace.mark_after(4, key[0]);
+
+    // The top Kr; softmax by p: the denominator from round 0's winner (the row max: the best
+    // group holds it), beside the other rounds.
+    uint32_t top = 0;
+    uint32_t slot = v6_rounds<kRounds>(key, Kr, lane, top);
+    const float top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
+    float denominator = 1.0f;
+    if constexpr (kByP) {
+      float lane_sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kVpl; ++i)
+        lane_sum += i < my_count ? softmax_numerator(z[i], top_z) : 0.0f;
+      // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count (exact
+      // in any order). All -inf: every numerator 0; the weights stay 0.
+      denominator = top_z == -INFINITY ? 1.0f : warp_sum(lane_sum);
+    }
+    if constexpr (kGrouped) {
+      // Different z that round to the same p: the reference may keep another group of that p
+      // (the lowest id). Rank the groups by p and run the rounds again (rare; row-uniform).
+      if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
+          softmax_numerator(last_kept, top_z) / denominator ==
+              softmax_numerator(first_dropped, top_z) / denominator) {
+        keep_groups(nan_to_neg_inf(softmax_numerator(group_z, top_z) / denominator));
+        uint32_t unused = 0;
+        slot = v6_rounds<kRounds>(key, Kr, lane, unused);
+      }
+    }
+    trace.mark_after(5, slot);
+
+    // 4-7. Lane k's weight (k < Kr), their sum in slot order (lanes past Kr hold +0, which changes
+    // no bit), shared slots, renormalization, scaling.
+    float weight = 0.0f;
+    if (lane < Kr) {
+      const float zk = format.to_float(narrow_key_bits(slot));
+      if constexpr (kByP) {
+        weight = softmax_numerator(zk, top_z) / denominator;
+      } else {
+        weight = top_z == -INFINITY  ? 0.0f
+                 : top_z == INFINITY ? (zk == INFINITY ? 1.0f : 0.0f)
+                                     : expf(zk - top_z);
+      }
+    }
+    float terms[kRounds];
+#pragma unroll
+    for (int k = 0; k < kRounds; ++k) terms[k] = vendor::shfl(weight, k);
+    float routed_sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kRounds; ++k) routed_sum += terms[k];
+    trace.mark_after(6, __float_as_uint(routed_sum));
+    if (lane < a.topk) finish_and_store_slot(a, row, lane, weight, key_id(slot), routed_sum);
+    trace.mark(7);
+    trace.print(row == 0, E, a.topk, "wait loads keys+sort groups rounds weights stored");
+  }
+}
+
+}  // namespace moekit::gpu::route_detail
