@@ -23,8 +23,8 @@
 //
 // v5 (route_gpu_v5.cuh) serves sigmoid rows in whole warps with 32-bit keys (grouped at every batch
 // size, ungrouped at decode sizes), v6 (route_gpu_v6.cuh) softmax rows of 16-bit logits without
-// bias in whole warps (up to 1024 tokens; DeepSeek-V2's groups at every batch size), v4
-// (route_gpu_v4.cuh) long batches of grouped sigmoid rows where v5 is switched off, v3
+// bias in whole warps (up to 1024-4096 tokens; 16 experts per lane and DeepSeek-V2 at every size),
+// v4 (route_gpu_v4.cuh) long batches of grouped sigmoid rows where v5 is switched off, v3
 // (route_gpu_v3.cuh) softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256 in groups of
 // whole lanes, not softmax with top2_sum), where it was measured faster; v2 (route_gpu_v2.cuh)
 // what it can of the rest (groups of whole lanes), this kernel everything else.
@@ -1354,7 +1354,7 @@ void route_v5(const RouteProblem& p) {
 
 // Experts per lane and rounds of the instances: 2 (E <= 64; 4 or 8 rounds), 4 (E <= 128; 8), 8
 // (E <= 256; 8), 16 (E <= 512; 10: Qwen3-Next's K), and DeepSeek-V2's groups (5 per lane, groups
-// of 4 lanes; 8 rounds).
+// of 4 lanes; 6 or 8 rounds).
 struct V6Shape {
   int experts_per_lane = 0;  // 0: none
   int rounds = 0;
@@ -1366,7 +1366,7 @@ constexpr int kV6GroupLanes = 4;
 V6Shape v6_shape(const RouteProblem& p) {
   V6Shape shape;
   if (p.num_groups > 1) {
-    shape = {kV6GroupedExpertsPerLane, 8, true};
+    shape = {kV6GroupedExpertsPerLane, p.num_routed <= 6 ? 6 : 8, true};
   } else {
     for (int vpl : {2, 4, 8, 16}) {
       if (p.num_experts <= kLanes * vpl) {
@@ -1416,16 +1416,21 @@ int v6_forced() {
 }
 
 // Where v6 pays (H200, CUDA-graph replay, us per call, v6 against v3; docs/perf/routing.md,
-// session 9): every ungrouped softmax row up to 1024 tokens (Qwen2 1.93 -> 1.45 at 1 token, 2.29
-// -> 1.74 at 1024; Qwen3-Next 2.15 -> 1.90; Qwen3-30B 1.57 -> 1.37; Mixtral 1.32 -> 1.16), then
-// v3's rows of fewer lanes win (4096: Qwen3-30B 3.60 vs 2.95, Mixtral 2.86 vs 1.64); DeepSeek-V2's
-// groups at every batch (1 token 2.78 -> 2.00, 8192 12.92 -> 8.20, 16384 22.35 -> 13.75).
-constexpr int64_t kV6UngroupedMaxTokens = 1024;
+// session 9): every softmax row of the table up to 1024 tokens (1 token: Qwen2 1.93 -> 1.44,
+// Qwen3-30B 1.55 -> 1.25, Qwen3-Next 2.14 -> 1.53, Mixtral 1.31 -> 1.12); up to 4096 the rows by
+// p (Qwen1.5 2.96 -> 2.60, Qwen2 3.16 -> 2.92) and those of 8 experts per lane (Qwen3.5 4.08 ->
+// 3.92), where Qwen3-30B (3.65 vs 2.95) and Mixtral (2.91 vs 1.65) keep v3's rows of fewer lanes;
+// 16 experts per lane (Qwen3-Next: 8192 9.44 -> 9.06, 16384 17.6 -> 16.0) and DeepSeek-V2's
+// groups (1 token 2.77 -> 1.85, 8192 12.90 -> 7.70, 16384 22.3 -> 12.8) at every batch.
+constexpr int64_t kV6MaxTokens = 1024;
+constexpr int64_t kV6ByPOrWideMaxTokens = 4096;
 
 bool v6_automatic(const RouteProblem& p) {
   if (!v6_declines(p).empty() || v6_forced() == 0) return false;
   if (v6_forced() == 1 || p.num_groups > 1) return true;
-  return p.num_tokens <= kV6UngroupedMaxTokens;
+  const int vpl = v6_shape(p).experts_per_lane;
+  if (vpl == 16 || p.num_tokens <= kV6MaxTokens) return true;
+  return p.num_tokens <= kV6ByPOrWideMaxTokens && (mode_of(p) == Mode::softmax_by_prob || vpl == 8);
 }
 
 template <int kVpl, int kRounds>
@@ -1435,7 +1440,9 @@ KernelFn v6_by_mode(bool by_p) {
 }
 
 KernelFn v6_kernel(const V6Shape& shape, bool by_p) {
-  if (shape.grouped) return route_rows_v6_kernel<kV6GroupedExpertsPerLane, 8, true, 2>;
+  if (shape.grouped)
+    return shape.rounds == 6 ? route_rows_v6_kernel<kV6GroupedExpertsPerLane, 6, true, 2>
+                             : route_rows_v6_kernel<kV6GroupedExpertsPerLane, 8, true, 2>;
   switch (shape.experts_per_lane) {
     case 2:
       return shape.rounds == 4 ? v6_by_mode<2, 4>(by_p) : v6_by_mode<2, 8>(by_p);

@@ -123,9 +123,14 @@ template <int kLimit, class Key, int kSize>
 __device__ __forceinline__ void compare_exchange(Key (&k)[kSize], int lo, int hi) {
   if (hi >= kLimit) return;  // a constant after unrolling
   const Key a = k[lo], b = k[hi];
-  const bool swap = b > a;
-  k[lo] = swap ? b : a;
-  k[hi] = swap ? a : b;
+  if constexpr (sizeof(Key) == 4) {  // a max and a min (a compare and two selects otherwise)
+    k[lo] = ::max(a, b);
+    k[hi] = ::min(a, b);
+  } else {
+    const bool swap = b > a;
+    k[lo] = swap ? b : a;
+    k[hi] = swap ? a : b;
+  }
 }
 template <int kLo, int kN, int kR, int kLimit, class Key, int kSize>
 __device__ __forceinline__ void odd_even_merge(Key (&k)[kSize]) {

@@ -77,6 +77,42 @@ __device__ __forceinline__ void v6_load(const RouteArgs& a, int64_t first, int c
   }
 }
 
+// The lane's keys in expert order (the logit's order-preserving bits above the id field; NaN as
+// -inf; 0 past my_count), built two at a time from the packed words without a branch per element:
+// a word's NaN test is one add per word (a half above inf carries into its bit 15), the order
+// transform flips the sign bit of a positive half and every bit of a negative one. A lane with a
+// NaN (rare) takes the element-wise path; only the last lanes of a row mask keys past E.
+template <int kVpl>
+__device__ __forceinline__ void v6_keys(const V6Raw<kVpl>& raw, const Format16& format,
+                                        uint32_t my_id_field, int my_count, uint32_t (&key)[kVpl]) {
+  bool nan_free = false;
+  if constexpr (V6Raw<kVpl>::kPacked) {
+    const uint32_t nan_carry = (0x7fffu - format.inf_bits) * 0x10001u;
+    uint32_t nan_bits = 0;
+#pragma unroll
+    for (int w = 0; w < kVpl / 2; ++w) nan_bits |= (raw.w[w] & 0x7fff7fffu) + nan_carry;
+    nan_free = (nan_bits & 0x80008000u) == 0;
+    if (nan_free) {
+#pragma unroll
+      for (int w = 0; w < kVpl / 2; ++w) {
+        const uint32_t word = raw.w[w];
+        const uint32_t ordered = word ^ (0x80008000u | ((word >> 15) & 0x00010001u) * 0x7fffu);
+        key[2 * w] = (ordered << 16) | (my_id_field - 2 * w);
+        key[2 * w + 1] = (ordered & 0xffff0000u) | (my_id_field - 2 * w - 1);
+      }
+    }
+  }
+  if (!nan_free) {
+#pragma unroll
+    for (int i = 0; i < kVpl; ++i)
+      key[i] = narrow_key(format.nan_to_neg_inf(raw.bits(i)), my_id_field - i);
+  }
+  if (my_count < kVpl) {
+#pragma unroll
+    for (int i = 0; i < kVpl; ++i) key[i] = i < my_count ? key[i] : 0u;
+  }
+}
+
 // The top Kr of a row by unrolled rounds: a round is one warp max of the lanes' heads (keys are
 // unique), the lane whose head it is shifts its sorted keys, lane k keeps round k's winner. Rounds
 // past Kr run (no branch) and change nothing. Returns lane k's slot key (0 for k >= Kr).
@@ -139,12 +175,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
 
     // Keys (NaN as -inf; 0 past E), z in expert order (softmax by p), the lane's sort.
     uint32_t key[kVpl];
-    [[maybe_unused]] float z[kVpl];
+    v6_keys<kVpl>(raw, format, my_id_field, my_count, key);
+    [[maybe_unused]] float z[kVpl];  // (past E: masked in the denominator)
+    if constexpr (kByP) {
 #pragma unroll
-    for (int i = 0; i < kVpl; ++i) {
-      const uint32_t bits = format.nan_to_neg_inf(raw.bits(i));
-      key[i] = i < my_count ? narrow_key(bits, my_id_field - i) : 0u;
-      if constexpr (kByP) z[i] = format.to_float(bits);
+      for (int i = 0; i < kVpl; ++i) z[i] = format.to_float(narrow_key_bits(key[i]));
     }
     odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
     const int64_t next = row + rows_per_step;
@@ -189,23 +224,29 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     uint32_t top = 0;
     uint32_t slot = v6_rounds<kRounds>(key, Kr, lane, top);
     const float top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
-    float denominator = 1.0f;
+    // p = numerator * (1 / denominator): the denominator is at least 1 (the max's numerator is
+    // 1; with a +inf max, their count), so the reciprocal needs no range handling, and a row takes
+    // no division (whose out-of-line slow path splits the row into branches). Within an ulp of
+    // the quotient; the denominator is a tree sum anyway (see the top).
+    float reciprocal = 1.0f;
     if constexpr (kByP) {
       float lane_sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kVpl; ++i)
-        lane_sum += i < my_count ? softmax_numerator(z[i], top_z) : 0.0f;
+      for (int i = 0; i < kVpl; ++i) {
+        const float n = softmax_numerator(z[i], top_z);
+        lane_sum += i < my_count ? n : 0.0f;
+      }
       // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count (exact
       // in any order). All -inf: every numerator 0; the weights stay 0.
-      denominator = top_z == -INFINITY ? 1.0f : warp_sum(lane_sum);
+      reciprocal = top_z == -INFINITY ? 1.0f : reciprocal_in_range(warp_sum(lane_sum));
     }
     if constexpr (kGrouped) {
       // Different z that round to the same p: the reference may keep another group of that p
       // (the lowest id). Rank the groups by p and run the rounds again (rare; row-uniform).
       if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
-          softmax_numerator(last_kept, top_z) / denominator ==
-              softmax_numerator(first_dropped, top_z) / denominator) {
-        keep_groups(nan_to_neg_inf(softmax_numerator(group_z, top_z) / denominator));
+          softmax_numerator(last_kept, top_z) * reciprocal ==
+              softmax_numerator(first_dropped, top_z) * reciprocal) {
+        keep_groups(nan_to_neg_inf(softmax_numerator(group_z, top_z) * reciprocal));
         uint32_t unused = 0;
         slot = v6_rounds<kRounds>(key, Kr, lane, unused);
       }
@@ -218,7 +259,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     if (lane < Kr) {
       const float zk = format.to_float(narrow_key_bits(slot));
       if constexpr (kByP) {
-        weight = softmax_numerator(zk, top_z) / denominator;
+        weight = softmax_numerator(zk, top_z) * reciprocal;
       } else {
         weight = top_z == -INFINITY  ? 0.0f
                  : top_z == INFINITY ? (zk == INFINITY ? 1.0f : 0.0f)
