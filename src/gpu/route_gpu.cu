@@ -1416,21 +1416,21 @@ int v6_forced() {
 }
 
 // Where v6 pays (H200, CUDA-graph replay, us per call, v6 against v3; docs/perf/routing.md,
-// session 9): every softmax row of the table up to 1024 tokens (1 token: Qwen2 1.93 -> 1.44,
-// Qwen3-30B 1.55 -> 1.25, Qwen3-Next 2.14 -> 1.53, Mixtral 1.31 -> 1.12); up to 4096 the rows by
-// p (Qwen1.5 2.96 -> 2.60, Qwen2 3.16 -> 2.92) and those of 8 experts per lane (Qwen3.5 4.08 ->
-// 3.92), where Qwen3-30B (3.65 vs 2.95) and Mixtral (2.91 vs 1.65) keep v3's rows of fewer lanes;
-// 16 experts per lane (Qwen3-Next: 8192 9.44 -> 9.06, 16384 17.6 -> 16.0) and DeepSeek-V2's
-// groups (1 token 2.77 -> 1.85, 8192 12.90 -> 7.70, 16384 22.3 -> 12.8) at every batch.
+// session 9): every softmax row of the table up to 1024 tokens (1 token: Qwen2 1.92 -> 1.25,
+// Qwen3-30B 1.56 -> 1.23, Qwen3-Next 2.16 -> 1.53, Mixtral 1.30 -> 1.11); up to 4096 the rows of 8
+// experts per lane (Qwen3.5 4.10 -> 3.85), where v3's rows of fewer lanes keep the others
+// (Qwen1.5 3.43 vs 2.98, Qwen3-30B 3.65 vs 2.95 in another run); 16 experts per lane (Qwen3-Next:
+// 8192 9.47 -> 9.14, 16384 17.7 -> 15.5) and DeepSeek-V2's groups (1 token 2.79 -> 1.57, 8192
+// 12.95 -> 7.07, 16384 22.4 -> 11.9) at every batch.
 constexpr int64_t kV6MaxTokens = 1024;
-constexpr int64_t kV6ByPOrWideMaxTokens = 4096;
+constexpr int64_t kV6EightPerLaneMaxTokens = 4096;
 
 bool v6_automatic(const RouteProblem& p) {
   if (!v6_declines(p).empty() || v6_forced() == 0) return false;
   if (v6_forced() == 1 || p.num_groups > 1) return true;
   const int vpl = v6_shape(p).experts_per_lane;
   if (vpl == 16 || p.num_tokens <= kV6MaxTokens) return true;
-  return p.num_tokens <= kV6ByPOrWideMaxTokens && (mode_of(p) == Mode::softmax_by_prob || vpl == 8);
+  return p.num_tokens <= kV6EightPerLaneMaxTokens && vpl == 8;
 }
 
 template <int kVpl, int kRounds>

@@ -247,7 +247,7 @@ enum class V5Fix { none, reorder, exact };
 // chain of every round. Lane 0 then also writes each round's winner to `winners` (the warp's
 // Kr words), and after the rounds lane k reads slot k and the tie tests read neighbours there:
 // no per-round select or tie test on the integer pipe.
-template <class L, bool kListInShared = false, class Key>
+template <class L, bool kListInShared = false, bool kUnrolled = false, class Key>
 __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5ListKeys + 1],
                                          bool keep, V5Fix& fix, uint32_t* list = nullptr,
                                          uint32_t* winners = nullptr) {
@@ -280,6 +280,30 @@ __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5Lis
     tie_inside = vendor::any(lane >= 1 && lane < Kr && ((slot ^ before) & ~L::kIdMask) == 0);
     previous = winners[Kr - 1];
     vendor::sync_lanes();  // read before the next row's rounds rewrite them
+  } else if constexpr (kUnrolled) {
+    // Unrolled to the most rounds: a round past Kr moves only slots of lanes k >= Kr (dropped
+    // below) and keys no later round reads; the tie tests take rounds k < Kr only, and the head
+    // left after round Kr - 1 (off the rounds' chain: selects on the side). Kimi-K2 at 16 experts
+    // per lane in 128 registers: 1.93 -> 1.88 us at 1 token; in 64 registers it spilled, and with
+    // 8 per lane it lost (DeepSeek-V3 1.67 -> 1.71, GLM-4.5 +0.01; H200).
+    Key head_after = 0;
+#pragma unroll
+    for (int k = 0; k < kV5ListKeys; ++k) {
+      const Key best = row_lanes.max(local[0]);
+      const bool won = local[0] == best;
+      slot = lane == k ? best : slot;
+#pragma unroll
+      for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
+      local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
+      if constexpr (kNarrow) {
+        const bool counted = k < Kr;
+        tie_inside |= counted && k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
+        previous = counted ? best : previous;
+        head_after = k == Kr - 1 ? local[0] : head_after;
+      }
+    }
+    slot = lane < Kr ? slot : Key{0};
+    if constexpr (kNarrow) local[0] = head_after;  // (read by the boundary test only)
   } else {
     for (int k = 0; k < Kr; ++k) {
       const Key best = row_lanes.max(local[0]);
@@ -425,7 +449,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
     // (The list, when in shared memory, takes the lane's bias slots: a reorder writes them only
     // after the rounds.)
     constexpr bool kSharedRounds = kListInShared && kNarrowFirst;
-    int slot_id = v5_key_id<L>(v5_rounds<L, kSharedRounds>(
+    constexpr bool kUnrolledRounds = kMinBlocks <= 4;  // (the roomy instance: see v5_rounds)
+    int slot_id = v5_key_id<L>(v5_rounds<L, kSharedRounds, kUnrolledRounds>(
         a, local, keep, fix, reinterpret_cast<uint32_t*>(lane_bias[warp] + lane * L::kStride),
         round_winners[warp]));
     trace.mark_after(5, static_cast<uint32_t>(slot_id));

@@ -115,17 +115,32 @@ __device__ __forceinline__ void v6_keys(const V6Raw<kVpl>& raw, const Format16& 
 
 // The top Kr of a row by unrolled rounds: a round is one warp max of the lanes' heads (keys are
 // unique), the lane whose head it is shifts its sorted keys, lane k keeps round k's winner. Rounds
-// past Kr run (no branch) and change nothing. Returns lane k's slot key (0 for k >= Kr).
-template <int kRounds, int kVpl>
+// past Kr run (no branch) and only move slots of lanes k >= Kr, which are dropped; so `won` needs
+// no test of k (one instruction less in each round's chain). side(k - 1) runs in round k >= 1,
+// after its warp max is issued: work independent of the rounds (softmax by p: the denominator's
+// steps) placed where it fills the max's latency. Returns lane k's slot key (0 for k >= Kr).
+// softmax_numerator (route_gpu_v2.cuh) without its branches, which would split the row's one
+// basic block (the rounds around them): the same value, the cases by selects.
+__device__ __forceinline__ float v6_numerator(float z, float max_z) {
+  const float e = expf(z - max_z);
+  const float of_inf_max = z == INFINITY ? 1.0f : 0.0f;
+  return max_z == -INFINITY ? 0.0f : max_z == INFINITY ? of_inf_max : e;
+}
+
+struct V6NoSideWork {
+  __device__ __forceinline__ void operator()(int) const {}
+};
+template <int kRounds, int kVpl, class SideWork = V6NoSideWork>
 __device__ __forceinline__ uint32_t v6_rounds(uint32_t (&key)[kVpl], int Kr, int lane,
-                                              uint32_t& top) {
+                                              uint32_t& top, SideWork&& side = {}) {
   constexpr int kDepth = kVpl < kRounds ? kVpl : kRounds;  // a lane wins at most kRounds times
   uint32_t slot = 0;
 #pragma unroll
   for (int k = 0; k < kRounds; ++k) {
     const uint32_t best = vendor::reduce_max(key[0]);
     if (k == 0) top = best;
-    const bool won = (k < Kr) & (key[0] == best);
+    if (k >= 1) side(k - 1);
+    const bool won = key[0] == best;
     slot = lane == k ? best : slot;
 #pragma unroll
     for (int i = 0; i + 1 < kDepth; ++i) key[i] = won ? key[i + 1] : key[i];
@@ -220,33 +235,45 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     trace.mark_after(4, key[0]);
 
     // The top Kr; softmax by p: the denominator from round 0's winner (the row max: the best
-    // group holds it), beside the other rounds.
+    // group holds it), its steps inside rounds 1 .. kRounds - 1 (the rest after them): step 0 the
+    // lane's numerators and their sum in expert order, steps 1-5 the warp's butterfly (every lane
+    // the same bits), step 6 the reciprocal. p = numerator * (1 / denominator): the denominator
+    // is at least 1 (the max's numerator is 1; with a +inf max, their count), so the reciprocal
+    // needs no range handling, and a row takes no division (whose out-of-line slow path splits
+    // the row into branches). Within an ulp of the quotient; the denominator is a tree sum
+    // anyway (see the top).
+    constexpr int kDenominatorSteps = 7;
     uint32_t top = 0;
-    uint32_t slot = v6_rounds<kRounds>(key, Kr, lane, top);
-    const float top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
-    // p = numerator * (1 / denominator): the denominator is at least 1 (the max's numerator is
-    // 1; with a +inf max, their count), so the reciprocal needs no range handling, and a row takes
-    // no division (whose out-of-line slow path splits the row into branches). Within an ulp of
-    // the quotient; the denominator is a tree sum anyway (see the top).
-    float reciprocal = 1.0f;
-    if constexpr (kByP) {
-      float lane_sum = 0.0f;
+    float top_z = -INFINITY, lane_sum = 0.0f, reciprocal = 1.0f;
+    auto denominator_step = [&](int step) {
+      if constexpr (kByP) {
+        if (step == 0) {
+          top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
 #pragma unroll
-      for (int i = 0; i < kVpl; ++i) {
-        const float n = softmax_numerator(z[i], top_z);
-        lane_sum += i < my_count ? n : 0.0f;
+          for (int i = 0; i < kVpl; ++i) {
+            const float n = v6_numerator(z[i], top_z);
+            lane_sum += i < my_count ? n : 0.0f;
+          }
+        } else if (step < kDenominatorSteps - 1) {
+          lane_sum += vendor::shfl_xor(lane_sum, kLanes >> step);
+        } else if (step == kDenominatorSteps - 1) {
+          // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count
+          // (exact in any order). All -inf: every numerator 0; the weights stay 0.
+          reciprocal = top_z == -INFINITY ? 1.0f : reciprocal_in_range(lane_sum);
+        }
       }
-      // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count (exact
-      // in any order). All -inf: every numerator 0; the weights stay 0.
-      reciprocal = top_z == -INFINITY ? 1.0f : reciprocal_in_range(warp_sum(lane_sum));
-    }
+    };
+    uint32_t slot = v6_rounds<kRounds>(key, Kr, lane, top, denominator_step);
+#pragma unroll
+    for (int step = kRounds - 1; step < kDenominatorSteps; ++step) denominator_step(step);
+    if constexpr (!kByP) top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
     if constexpr (kGrouped) {
       // Different z that round to the same p: the reference may keep another group of that p
       // (the lowest id). Rank the groups by p and run the rounds again (rare; row-uniform).
       if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
-          softmax_numerator(last_kept, top_z) * reciprocal ==
-              softmax_numerator(first_dropped, top_z) * reciprocal) {
-        keep_groups(nan_to_neg_inf(softmax_numerator(group_z, top_z) * reciprocal));
+          v6_numerator(last_kept, top_z) * reciprocal ==
+              v6_numerator(first_dropped, top_z) * reciprocal) {
+        keep_groups(nan_to_neg_inf(v6_numerator(group_z, top_z) * reciprocal));
         uint32_t unused = 0;
         slot = v6_rounds<kRounds>(key, Kr, lane, unused);
       }
@@ -259,7 +286,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     if (lane < Kr) {
       const float zk = format.to_float(narrow_key_bits(slot));
       if constexpr (kByP) {
-        weight = softmax_numerator(zk, top_z) * reciprocal;
+        weight = v6_numerator(zk, top_z) * reciprocal;
       } else {
         weight = top_z == -INFINITY  ? 0.0f
                  : top_z == INFINITY ? (zk == INFINITY ? 1.0f : 0.0f)
