@@ -115,15 +115,7 @@ struct GemmArgs {
   bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
   bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
   int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
-  int prefetch;          // swap kernel: kPrefetch* bits, into L2 before griddepcontrol.wait
 };
-
-// What the swap kernel asks L2 for before griddepcontrol.wait (GemmArgs::prefetch): the token
-// tiles its producer loads first after the wait (the tiles of the stages it fills then), this
-// CTA's activation-scale lines, and (rank 0) the lines of out it will store. Hints only: L2 is
-// the point of coherence, so the previous kernel's later writes to x, its scales or out still land
-// where the loads after the wait read; no bit of the output changes.
-constexpr int kPrefetchTokens = 1, kPrefetchScales = 2, kPrefetchOut = 4;
 
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
 #if MOEKIT_SM90A
@@ -141,16 +133,6 @@ __device__ __forceinline__ float a_scale(const Scales& s, int m, int kb) {
   }
   return __ldg(static_cast<const float*>(s.a) + m * s.a_row_stride +
                static_cast<int64_t>(kb) * s.a_group_stride);
-}
-
-// The address a_scale(s, m, kb) reads (its line, for an L2 prefetch).
-__device__ __forceinline__ const void* a_scale_address(const Scales& s, int m, int kb) {
-  if (s.a_packed) {
-    const int64_t word = m * s.a_row_stride + static_cast<int64_t>(kb >> 2) * s.a_group_stride;
-    return static_cast<const uint8_t*>(s.a) + word * 4 + (kb & 3);
-  }
-  return static_cast<const float*>(s.a) + m * s.a_row_stride +
-         static_cast<int64_t>(kb) * s.a_group_stride;
 }
 
 __device__ __forceinline__ float b_scale(const Scales& s, int nb, int kb) {
@@ -689,14 +671,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::prefetch_tensor_map(&w_map);
       if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
       const int first = min(count, stage_count);
-      if constexpr (!kQuantizeX) {
-        // The token tiles loaded first after the wait, into L2 ahead of this CTA's weights.
-        if (args.prefetch & kPrefetchTokens) {
-          const int tiles = args.early_weights ? min(first, args.early_tiles) : first;
-          for (int j = 0; j < tiles; ++j)
-            sm90::tma_prefetch_2d(&x_map, (kb_begin + j) * kBlockK, t0);
-        }
-      }
       int i = 0;
       if (args.early_weights) {
         // The weights are not the previous kernel's output (the host's promise, b_static): the
@@ -758,26 +732,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   if (args.early_weights) {
     for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
-  }
-  if (args.prefetch & (kPrefetchScales | kPrefetchOut)) {
-    // L2 prefetches (kPrefetch*): what the first accesses after the wait and the epilogue touch.
-    const int tokens = min(kTokens, args.m - t0);
-    if (!kQuantizeX && (args.prefetch & kPrefetchScales)) {
-      for (int i = consumer_thread; i < count * tokens; i += kConsumers * kWarpgroup)
-        vendor::prefetch_l2(a_scale_address(args.scales, t0 + i % tokens, kb_begin + i / tokens));
-    }
-    if (split == 0 && (args.prefetch & kPrefetchOut)) {
-      // Each token's row of out from column n0: 128-byte steps, then its last byte (any offset).
-      const Epilogue& e = args.epilogue;
-      const int element = e.out_type == OutType::f32 ? 4 : 2;
-      const int bytes = min(kRows, args.n - n0) * element;
-      const int steps = (bytes + 127) / 128 + 1;
-      for (int i = consumer_thread; i < tokens * steps; i += kConsumers * kWarpgroup) {
-        const auto* row = static_cast<const uint8_t*>(e.out) +
-                          ((t0 + i / steps) * e.out_row_stride + n0) * element;
-        vendor::prefetch_l2(row + min((i % steps) * 128, bytes - 1));
-      }
-    }
   }
   if constexpr (kQuantizeX) {
     zero_padding_rows<kTokens>(min(kTokens, args.m - t0), count, token_tiles, a_scales,
@@ -1051,7 +1005,6 @@ struct Plan {
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
   int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
-  int prefetch = 0;                 // swap: kPrefetch* bits
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   dim3 grid;
   size_t shared_bytes = 0;
@@ -1119,18 +1072,14 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH,
 // MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1,
 // MOEKIT_SM90_EARLY_TILES=n (n > 0: at most n weight tiles before the wait, the rest of the ring
-// after the token tiles; session 8), MOEKIT_SM90_PREFETCH=bits (kPrefetch*: 1 token tiles, 2
-// activation scales, 4 out rows into L2 before the wait; 0 none; session 9).
+// after the token tiles; session 8).
 constexpr int kMaxSwapStages = 16;
-constexpr int kPrefetchAll = kPrefetchTokens | kPrefetchScales | kPrefetchOut;
-constexpr int kDefaultPrefetch = 0;
 
 struct SwapOverrides {
   int stages = 0;                                            // 0: the planner's
   int early_weights = -1, push_sums = -1, co_resident = -1;  // -1: the planner's
   int odd_splits = -1;                                       // -1: the planner's
   int early_tiles = 0;                                       // 0: every stage's
-  int prefetch = -1;                                         // -1: the planner's
 };
 
 // Read at every plan, not once: the GPU tests set them per scope.
@@ -1142,7 +1091,6 @@ SwapOverrides swap_overrides() {
   o.co_resident = env::integer("MOEKIT_SM90_CORESIDENT", o.co_resident);
   o.odd_splits = env::integer("MOEKIT_SM90_SPLIT3", o.odd_splits);
   o.early_tiles = env::integer("MOEKIT_SM90_EARLY_TILES", o.early_tiles);
-  o.prefetch = env::integer("MOEKIT_SM90_PREFETCH", o.prefetch);
   return o;
 }
 
@@ -1261,7 +1209,6 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   plan.early_tiles = overrides.early_tiles > 0 ? overrides.early_tiles
                      : kTokens == 64           ? 8
                                                : plan.stages;
-  plan.prefetch = overrides.prefetch >= 0 ? overrides.prefetch & kPrefetchAll : kDefaultPrefetch;
   // The same layout built for two CTAs per SM, where two fit: the planner's waves count one per
   // SM, the second slot is for the next call, whose early loads then fill its ring (without early
   // loads it measured no faster: 11.05 vs 10.74 us at M=1, K=7168).
@@ -1423,17 +1370,13 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
         early, sizeof early,
         plan.early_tiles < plan.stages ? ", early weight loads (%d)" : ", early weight loads",
         plan.early_tiles);
-  char prefetch[40] = "";
-  if (plan.prefetch != 0)
-    std::snprintf(prefetch, sizeof prefetch, ", L2 prefetch %d", plan.prefetch);
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
-                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s%s",
+                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s",
                   plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
                   plan.shared_bytes, plan.cluster_capacity, early,
-                  plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
-                  prefetch);
+                  plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
                   plan.shared_bytes);
@@ -1456,7 +1399,6 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
     args.early_tiles = plan.early_tiles;
-    args.prefetch = plan.prefetch;
   } else {
     first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
     second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);
@@ -1535,7 +1477,6 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.early_weights = plan.early_weights;
   args.push_sums = plan.push_sums;
   args.early_tiles = plan.early_tiles;
-  args.prefetch = plan.prefetch;
   const CUtensorMap weight =
       make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows);
   const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map

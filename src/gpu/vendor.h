@@ -13,8 +13,6 @@
 //   wait_for_previous_grid(), allow_next_grid()   programmatic dependent launch (no-ops where the
 //                             vendor has none; wait_for_previous_grid_after(touched) below)
 //   launch(kernel, grid, block, shared_bytes, stream, overlap_previous, args...)   host side
-//   prefetch_l2(p)            a hint: the line holding global address p into L2 (nothing where
-//                             the vendor has no such instruction); safe before the wait above
 //   global_timer_ns(), sm_cycles(), sm_id()   timers for diagnosis builds: a device-wide clock
 //                             in ns, this SM's cycle counter, the SM's index (0 where unknown)
 //   e4m3x2_from_floats(lo, hi)   two f32 -> two OCP e4m3fn bytes (lo in the low byte): round to

@@ -505,15 +505,13 @@ class ForcedSwap {
 
 // The swap kernel's tuning knobs for one scope: ring depth (0: the planner's), early weight loads,
 // two CTAs per SM, pushed split sums (each 0 or 1 forced, -1 the planner's), weight tiles before
-// the wait (0: the planner's), L2 prefetches before the wait (MOEKIT_SM90_PREFETCH bits, -1 the
-// planner's).
+// the wait (0: the planner's).
 struct SwapTuning {
   int stages;
   int early;
   int co_resident;
   int push;
   int early_tiles = 0;
-  int prefetch = -1;
 };
 
 std::string knob(int value) { return value < 0 ? "" : std::to_string(value); }
@@ -525,11 +523,10 @@ class ForcedTuning {
         early_("MOEKIT_SM90_EARLY", knob(t.early)),
         co_resident_("MOEKIT_SM90_CORESIDENT", knob(t.co_resident)),
         push_("MOEKIT_SM90_PUSH", knob(t.push)),
-        early_tiles_("MOEKIT_SM90_EARLY_TILES", std::to_string(t.early_tiles)),
-        prefetch_("MOEKIT_SM90_PREFETCH", knob(t.prefetch)) {}
+        early_tiles_("MOEKIT_SM90_EARLY_TILES", std::to_string(t.early_tiles)) {}
 
  private:
-  ScopedEnv stages_, early_, co_resident_, push_, early_tiles_, prefetch_;
+  ScopedEnv stages_, early_, co_resident_, push_, early_tiles_;
 };
 
 // Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8, 3 and 6 too),
@@ -579,15 +576,11 @@ TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
                                                       {33, 384, 7168},
                                                       {64, 1024, 3000},
                                                       {65, 256, 1024}}};
-  // L2 prefetches (all three kinds) ride on tunings with and without early loads, pushed and
-  // pulled sums.
-  const SwapTuning tunings[] = {{2, 0, 0, 0, 0, 7}, {24, 1, 0, 1, 0, 7}, {8, 1, 1, 1},
-                                {0, 0, 1, 0},       {4, 1, 1, 1},        {16, 1, 0, 1, 3},
-                                {0, -1, -1, -1}};
+  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1},    {8, 1, 1, 1},   {0, 0, 1, 0},
+                                {4, 1, 1, 1}, {16, 1, 0, 1, 3}, {0, -1, -1, -1}};
   for (const SwapTuning& tuning : tunings) {
-    std::printf(" stages %d, early %d, co-resident %d, push %d, early tiles %d, prefetch %d\n",
-                tuning.stages, tuning.early, tuning.co_resident, tuning.push, tuning.early_tiles,
-                tuning.prefetch);
+    std::printf(" stages %d, early %d, co-resident %d, push %d, early tiles %d\n", tuning.stages,
+                tuning.early, tuning.co_resident, tuning.push, tuning.early_tiles);
     for (const auto& s : shapes) {
       const GemmCase c = random_case(rng, s[0], s[1], s[2]);
       const Buffers host = make_host_buffers(c);

@@ -73,17 +73,6 @@ __device__ __forceinline__ float reciprocal_estimate(float d) {
 __device__ __forceinline__ uint4 load_once(const uint4* p) { return __ldcs(p); }
 __device__ __forceinline__ void store_once(uint4* p, uint4 v) { __stcs(p, v); }
 
-// Asks L2 for the line holding p (prefetch.global.L2): nothing comes back to the SM, nothing to
-// wait for. Safe before wait_for_previous_grid(): L2 is the point of coherence, so a later write
-// by the previous grid still lands where this kernel's loads will read.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
-#else
-  (void)p;
-#endif
-}
-
 // ---- FP8 (OCP e4m3fn) conversions, as moekit/dtype.h defines them (see vendor.h).
 
 }  // namespace moekit::gpu::vendor

@@ -117,9 +117,6 @@ __device__ __forceinline__ void store_once(uint4* p, uint4 v) {
   __builtin_nontemporal_store(v.w, &p->w);
 }
 
-// No L2 prefetch assumed: a hint only, so nothing.
-__device__ __forceinline__ void prefetch_l2(const void* /*p*/) {}
-
 // ---- FP8 (OCP e4m3fn) conversions, as moekit/dtype.h defines them (see vendor.h): integer
 // code, no conversion instructions assumed.
 
