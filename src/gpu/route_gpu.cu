@@ -1228,8 +1228,13 @@ void route_v4(const RouteProblem& p) {
 
 // ---- v5 (route_gpu_v5.cuh): sigmoid rows in whole warps, 32-bit keys first.
 
-// Experts per lane of a v5 launch: 8 (E <= 256) or 16 (E <= 512).
-int v5_experts_per_lane(int num_experts) { return num_experts <= kLanes * 8 ? 8 : 16; }
+// Experts per lane of a v5 launch: 8 (E <= 256), 12 or 16 (E <= 512).
+// Ungrouped rows of 257-384 experts take 12 (Kimi-K2: every lane busy, a third fewer keys per
+// lane than 16; groups keep 16, whose runs of lanes hold whole groups).
+int v5_experts_per_lane(const RouteProblem& p) {
+  if (p.num_experts <= kLanes * 8) return 8;
+  return p.num_groups == 1 && p.num_experts <= kLanes * 12 ? 12 : 16;
+}
 
 std::string v5_declines(const RouteProblem& p) {
   if (std::string why = sigmoid_kernel_declines(p); !why.empty()) return why;
@@ -1242,7 +1247,7 @@ std::string v5_declines(const RouteProblem& p) {
   if (p.topk > kV5MaxSlots)
     return "K=" + std::to_string(p.topk) + " > " + std::to_string(kV5MaxSlots);
   if (p.num_groups > 1) {
-    const int vpl = v5_experts_per_lane(p.num_experts), EPG = p.experts_per_group();
+    const int vpl = v5_experts_per_lane(p), EPG = p.experts_per_group();
     if (EPG % vpl != 0 || !is_power_of_two(EPG / vpl))
       return "groups of " + std::to_string(EPG) + " experts are not whole runs of lanes (" +
              std::to_string(vpl) + " experts per lane)";
@@ -1282,7 +1287,7 @@ constexpr int64_t kV5SixteenPerLaneStaticBiasMaxTokens = 4096;
 bool v5_automatic(const RouteProblem& p) {
   if (!v5_declines(p).empty() || v5_forced() == 0) return false;
   if (v5_forced() == 1 || p.num_groups > 1) return true;
-  if (v5_experts_per_lane(p.num_experts) > 8)
+  if (v5_experts_per_lane(p) > 8)
     return p.num_tokens == 1 ||
            (p.static_bias && p.num_tokens <= kV5SixteenPerLaneStaticBiasMaxTokens);
   return p.num_tokens <= kV5UngroupedMaxTokens;
@@ -1320,25 +1325,33 @@ template <class Logits>
 KernelFn v5_kernel(int experts_per_lane, bool narrow, bool grouped, int group_lanes_log2,
                    bool list_in_shared, bool roomy_registers) {
   if (experts_per_lane == 8 && narrow && grouped && group_lanes_log2 == 2)
-    return list_in_shared ? route_rows_v5_kernel<Logits, 1, true, 2, true>
-                          : route_rows_v5_kernel<Logits, 1, true, 2>;
+    return list_in_shared ? route_rows_v5_kernel<Logits, 8, true, 2, true>
+                          : route_rows_v5_kernel<Logits, 8, true, 2>;
   if (narrow && !grouped && experts_per_lane == 8)
-    return route_rows_v5_kernel<Logits, 1, true, kNoGroups>;
+    return route_rows_v5_kernel<Logits, 8, true, kNoGroups>;
+  if (narrow && !grouped && experts_per_lane == 12)
+    return roomy_registers ? route_rows_v5_kernel<Logits, 12, true, kNoGroups, false, 4>
+                           : route_rows_v5_kernel<Logits, 12, true, kNoGroups>;
   if (narrow && !grouped)
-    return roomy_registers ? route_rows_v5_kernel<Logits, 2, true, kNoGroups, false, 4>
-                           : route_rows_v5_kernel<Logits, 2, true, kNoGroups>;
+    return roomy_registers ? route_rows_v5_kernel<Logits, 16, true, kNoGroups, false, 4>
+                           : route_rows_v5_kernel<Logits, 16, true, kNoGroups>;
   if (experts_per_lane == 8)
-    return narrow ? route_rows_v5_kernel<Logits, 1, true> : route_rows_v5_kernel<Logits, 1, false>;
-  return narrow ? route_rows_v5_kernel<Logits, 2, true> : route_rows_v5_kernel<Logits, 2, false>;
+    return narrow ? route_rows_v5_kernel<Logits, 8, true> : route_rows_v5_kernel<Logits, 8, false>;
+  if (experts_per_lane == 12)  // (ungrouped with 64-bit keys only: MOEKIT_GPU_ROUTE_V5_KEYS=exact)
+    return route_rows_v5_kernel<Logits, 12, false, kNoGroups>;
+  return narrow ? route_rows_v5_kernel<Logits, 16, true> : route_rows_v5_kernel<Logits, 16, false>;
 }
 
 // v5, for a problem v5_declines() accepts.
 void route_v5(const RouteProblem& p) {
   const bool f32 = p.logits.dtype() == DType::f32;
-  const int vpl = v5_experts_per_lane(p.num_experts);
+  const int vpl = v5_experts_per_lane(p);
   RouteArgs a = common_args(p, f32 ? 4 : 8);  // 16-byte pieces
-  a.bias_vector_loads = a.bias != nullptr && vector_loads_ok(a.bias, 0, dtype_size(p.bias.dtype()),
-                                                             kV5RunKeys);  // runs of 8
+  // Runs of 8 bias elements; with 12 per lane a 16-bit bias's runs sit 8 bytes apart from
+  // 16-byte boundaries: element loads there (it loads before the wait under the promise anyway).
+  a.bias_vector_loads = a.bias != nullptr &&
+                        vector_loads_ok(a.bias, 0, dtype_size(p.bias.dtype()), kV5RunKeys) &&
+                        (vpl != 12 || dtype_size(p.bias.dtype()) == 4);
   a.group_lanes_log2 = p.num_groups > 1 ? log2_of(p.experts_per_group() / vpl) : 0;
   const bool narrow = !v5_exact_keys_only();
   const bool grouped = p.num_groups > 1;
@@ -1532,8 +1545,7 @@ std::string route_kernel_name(const RouteProblem& p) {
            ", lanes sort their top " + std::to_string(detail::kV4SortedKeys) + " keys";
   if (kernel == RouteKernel::v5)
     return "v5 sigmoid" + std::string(p.num_groups > 1 ? ", grouped" : "") + ", " +
-           std::to_string(detail::v5_experts_per_lane(p.num_experts)) +
-           " experts per lane, 1 row per warp, " +
+           std::to_string(detail::v5_experts_per_lane(p)) + " experts per lane, 1 row per warp, " +
            (detail::v5_exact_keys_only() ? "64-bit keys"
                                          : "32-bit keys (64-bit where truncated scores tie)") +
            ", lanes sort their top 8 keys";
@@ -1544,7 +1556,7 @@ std::string route_kernel_name(const RouteProblem& p) {
            std::to_string(shape.experts_per_lane) + " experts per lane, 1 row per warp, " +
            std::to_string(shape.rounds) + " unrolled rounds" +
            (detail::mode_of(p) == detail::Mode::softmax_by_prob
-                ? ", denominator summed across lanes (tree)"
+                ? ", denominator in expert order beside the rounds"
                 : "");
   }
   if (kernel == RouteKernel::v3) {

@@ -197,8 +197,8 @@ __device__ __forceinline__ float load_one(const void* base, int64_t index, bool 
     return Type::from_bits(__ldg(reinterpret_cast<const unsigned short*>(p)), is_bf16);
 }
 
-// The kBytes bytes at p (aligned to min(kBytes, 16)) as 32-bit words: 16-byte vector loads, or one
-// 8- or 4-byte load for shorter chunks.
+// The kBytes bytes at p (aligned to min(kBytes, 16), or to 8 for 24) as 32-bit words: 16-byte
+// vector loads, 8-byte loads for 8 or 24 bytes, or one 4-byte load.
 template <int kBytes>
 __device__ __forceinline__ void load_words(const char* p, uint32_t (&words)[kBytes / 4]) {
   if constexpr (kBytes % 16 == 0) {
@@ -207,9 +207,12 @@ __device__ __forceinline__ void load_words(const char* p, uint32_t (&words)[kByt
       const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
       words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
     }
-  } else if constexpr (kBytes == 8) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-    words[0] = v.x, words[1] = v.y;
+  } else if constexpr (kBytes % 8 == 0) {  // (24 bytes: a lane of 12 16-bit logits)
+#pragma unroll
+    for (int i = 0; i < kBytes / 8; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      words[2 * i] = v.x, words[2 * i + 1] = v.y;
+    }
   } else {
     static_assert(kBytes == 4, "chunks are 4, 8 or a multiple of 16 bytes");
     words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));

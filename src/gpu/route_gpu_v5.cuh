@@ -48,18 +48,25 @@ constexpr int kV5RunKeys = 8;        // keys are built and sorted in runs of 8
 constexpr int kV5MaxSlots = kLanes;  // K: one slot per lane
 constexpr int kNoGroups = -2;        // route_rows_v5_kernel's kGroupLanesLog2 for ungrouped rows
 
-// A lane holds kRuns runs of 8 consecutive experts: E <= 256 (kRuns 1) or 512 (kRuns 2).
-template <class Logits, int kRuns>
+// A lane holds kExpertsPerLane consecutive experts in runs of 8 (the last one 4 long with 12):
+// E <= 256 (8), 384 (12: Kimi-K2 fills all 32 lanes, where 16 leave 8 idle) or 512 (16).
+template <class Logits, int kExpertsPerLane>
 struct V5Layout {
+  static_assert(kExpertsPerLane == 8 || kExpertsPerLane == 12 || kExpertsPerLane == 16);
   static constexpr bool k16 = sizeof(typename Logits::Storage) == 2;
-  static constexpr int kVpl = kRuns * kV5RunKeys;            // experts per lane
-  static constexpr int kMaxExperts = kLanes * kVpl;          // 256 or 512
-  static constexpr int kIdBits = kRuns == 1 ? 8 : 9;         // id field of a 32-bit key
+  static constexpr int kVpl = kExpertsPerLane;
+  static constexpr int kRuns = (kVpl + kV5RunKeys - 1) / kV5RunKeys;
+  static constexpr int kMaxExperts = kLanes * kVpl;          // 256, 384 or 512
+  static constexpr int kIdBits = kVpl == 8 ? 8 : 9;          // id field of a 32-bit key
   static constexpr uint32_t kIdMask = (1u << kIdBits) - 1u;  // larger field for lower ids
   static constexpr int kWords = kVpl * (k16 ? 2 : 4) / 4;    // a lane's logits as 32-bit words
   static constexpr int kStride = kVpl + 4;  // floats per lane in shared memory: 16-byte pieces of
                                             // 8 consecutive lanes hit different banks
   static_assert(kIdMask + 1 >= static_cast<uint32_t>(kMaxExperts));
+  // Elements of run r (8, or the 4 left at the end with 12).
+  static constexpr int run_length(int r) {
+    return kVpl - r * kV5RunKeys < kV5RunKeys ? kVpl - r * kV5RunKeys : kV5RunKeys;
+  }
 };
 
 template <class L, class Key>
@@ -104,6 +111,14 @@ __device__ __forceinline__ void v5_load_bias(const RouteArgs& a, int my_first, i
       bias[c * kV5RunKeys + j] =
           c * kV5RunKeys + j < my_count ? nan_to_neg_inf(chunk[j]) : -INFINITY;
   }
+  if constexpr (L::kVpl % kV5RunKeys != 0) {  // the last 4 of 12
+    constexpr int kFirst = L::kVpl / kV5RunKeys * kV5RunKeys, kTail = L::kVpl - kFirst;
+    float chunk[kTail];
+    load_bias_chunk<kTail>(a, my_first + kFirst, my_count - kFirst, chunk);
+#pragma unroll
+    for (int j = 0; j < kTail; ++j)
+      bias[kFirst + j] = kFirst + j < my_count ? nan_to_neg_inf(chunk[j]) : -INFINITY;
+  }
 }
 
 // What the key pass of one row needs besides the logits and the bias.
@@ -127,20 +142,21 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
 #pragma unroll
   for (int i = 0; i <= kV5ListKeys; ++i) local[i] = Key{0};
 #pragma unroll
-  for (int run = 0; run < L::kVpl / kV5RunKeys; ++run) {
+  for (int run = 0; run < L::kRuns; ++run) {
+    const int length = L::run_length(run);  // (a constant once unrolled; past it: key 0)
     // v2's sigmoid: the reciprocal's fast path for every element, the scaled one only where the
     // lane has d >= 2^126 (x < -87.3, -inf or NaN; a branch of this lane alone).
     float x[kV5RunKeys], s[kV5RunKeys];
     float largest_d = 1.0f;  // d >= 1 or NaN, which fmaxf drops: one max per element, one test
 #pragma unroll
     for (int j = 0; j < kV5RunKeys; ++j) {
-      const int i = run * kV5RunKeys + j;
+      const int i = run * kV5RunKeys + (j < length ? j : 0);
       const uint32_t word = L::k16 ? words[i / 2] : words[i];
       const uint32_t bits = L::k16 ? (i % 2 ? word >> 16 : word & 0xffffu) : word;
       x[j] = L::k16 ? row.format.to_float(bits) : __uint_as_float(bits);
       const float d = 1.0f + expf(-x[j]);
       s[j] = reciprocal_in_range(d);
-      largest_d = fmaxf(largest_d, d);
+      if (j < length) largest_d = fmaxf(largest_d, d);
     }
     if (!(largest_d < 0x1p126f)) {
 #pragma unroll
@@ -157,12 +173,12 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
     if (write_weights) {
       float4* out = reinterpret_cast<float4*>(row.my_weights + run * kV5RunKeys);
       out[0] = make_float4(s[0], s[1], s[2], s[3]);
-      out[1] = make_float4(s[4], s[5], s[6], s[7]);
+      if (length > 4) out[1] = make_float4(s[4], s[5], s[6], s[7]);
     }
     Key k[kV5RunKeys];
 #pragma unroll
     for (int j = 0; j < kV5RunKeys; ++j) {
-      const int i = run * kV5RunKeys + j;
+      const int i = run * kV5RunKeys + (j < length ? j : 0);
       // Past E the bias is -inf: such keys rank below every expert's. s is in [0, 1] and the
       // bias has no NaN (as -inf since loaded), so s + b is never NaN.
       const uint32_t order = order_key(__fadd_rn(s[j], bias[i]));
@@ -172,6 +188,7 @@ __device__ __forceinline__ void v5_lane_keys(const V5Row& row, const uint32_t (&
         k[j] = (order & ~L::kIdMask) | (L::kIdMask - static_cast<uint32_t>(id));
       else
         k[j] = (static_cast<uint64_t>(order) << 32) | (id_field(id) << 16);
+      if (j >= length) k[j] = Key{0};  // (a run of 4: its sort's comparisons with 0 fold away)
     }
     v4_sort8(k);
     if (run == 0) {
@@ -358,22 +375,22 @@ __device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const
   return id;
 }
 
-// Logits: V3LogitsF32 or V3Logits16 (bf16 / f16 told apart at run time, as in v3). kRuns: 1 or 2
-// runs of 8 experts per lane. kNarrowFirst: 32-bit keys with the exact pass as fallback (else the
-// exact pass only: for measuring). kGroupLanesLog2: groups of 1 << kGroupLanesLog2 lanes known at
-// compile time (DeepSeek-V3's 4: its group steps then hold no loop and no branch), or -1 (from
-// the arguments, groups or none), or kNoGroups (ungrouped at compile time: no group scores).
-// kListInShared: the rounds read each lane's sorted keys from
-// shared memory (v5_rounds; long batches). kMinBlocks: blocks per SM the registers must allow:
-// 8 (64 registers) everywhere but 16 experts per lane in short batches, where 4 (128 registers)
-// drop the spill and leave room for the next row's prefetch (Kimi-K2 at 1 token 2.05 -> 1.91 us,
-// H200) at the cost of occupancy, which long batches need (4096 tokens: 7.78 -> 8.30). One row
-// per warp, grid-stride over the rows.
-template <class Logits, int kRuns, bool kNarrowFirst, int kGroupLanesLog2 = -1,
+// Logits: V3LogitsF32 or V3Logits16 (bf16 / f16 told apart at run time, as in v3).
+// kExpertsPerLane: 8, 12 or 16 (V5Layout). kNarrowFirst: 32-bit keys with the exact pass as
+// fallback (else the exact pass only: for measuring). kGroupLanesLog2: groups of 1 <<
+// kGroupLanesLog2 lanes known at compile time (DeepSeek-V3's 4: its group steps then hold no loop
+// and no branch), or -1 (from the arguments, groups or none), or kNoGroups (ungrouped at compile
+// time: no group scores). kListInShared: the rounds read each lane's sorted keys from shared memory
+// (v5_rounds; long batches). kMinBlocks: blocks per SM the registers must allow: 8 (64 registers)
+// everywhere but 16 experts per lane in short batches, where 4 (128 registers) drop the spill and
+// leave room for the next row's prefetch (Kimi-K2 at 1 token 2.05 -> 1.91 us, H200) at the cost of
+// occupancy, which long batches need (4096 tokens: 7.78 -> 8.30). One row per warp, grid-stride
+// over the rows.
+template <class Logits, int kExpertsPerLane, bool kNarrowFirst, int kGroupLanesLog2 = -1,
           bool kListInShared = false, int kMinBlocks = 8>
 __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
     route_rows_v5_kernel(const RouteArgs a) {
-  using L = V5Layout<Logits, kRuns>;
+  using L = V5Layout<Logits, kExpertsPerLane>;
   __shared__ __align__(16) float lane_weights[kWarpsPerBlock][kLanes * L::kStride];
   // Each lane's bias for a reorder, or (kListInShared) its sorted keys during the rounds.
   __shared__ __align__(16) float lane_bias[kWarpsPerBlock][kLanes * L::kStride];
@@ -400,7 +417,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
   // A warp's next row loads while this one is ranked (padding rows, all past the valid ones,
   // load nothing): with several rows per warp (prefill) its memory latency then overlaps. Not
   // with 16 experts per lane in 64 registers, which are full (it spilled).
-  constexpr bool kPrefetch = kRuns == 1 || kMinBlocks <= 4;
+  constexpr bool kPrefetch = kExpertsPerLane == 8 || kMinBlocks <= 4;
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
   int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp;
   uint32_t words[L::kWords];

@@ -6,13 +6,12 @@
 // experts, H200), and its rounds and group steps are runtime loops. Here, with v5's lessons
 // (route_gpu_v5.cuh):
 //
-// - The rounds are unrolled to kRounds (>= Kr; rounds past Kr change nothing), so the row is one
-//   basic block from the keys to the stores and independent chains interleave.
-// - Softmax by p: the row max is round 0's winner; every lane then takes the numerators of its
-//   experts, sums them in expert order and the warp adds the lanes' sums by a butterfly (every
-//   lane the same bits, run after run), beside rounds 1 .. Kr - 1. The denominator is not the
-//   reference's expert-order rounding: it lies within a few ulps of it, and the contract asks for
-//   weights within 1e-6 (spec/routing.md, "Agreement between backends").
+// - The rounds are unrolled to kRounds (>= Kr; rounds past Kr change nothing), so they are one
+//   basic block (no loop, no branch) and independent chains interleave with them.
+// - Softmax by p: the row max is round 0's winner; the lanes' numerators go to shared memory and
+//   every lane sums them in expert order (the reference's rounding, so p is its bits), a share in
+//   each of rounds 2 .. kRounds - 1 where v3 added 8 terms per round inside runtime loops. (A
+//   tree sum across lanes was 0.2-0.3 us faster but missed the contract's 1e-6: see below.)
 // - Groups (DeepSeek-V2: 8 groups of 20, 4 lanes of 5) are runs of 1 << kGroupLanesLog2 lanes
 //   known at compile time: the run's top key by two shuffles, its rank by v5_group_rank. Groups
 //   rank by their top z, which orders them as the reference's p does except where different z
@@ -159,6 +158,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
   static_assert(!kGrouped || kByP, "groups rank by p");
   static_assert(kRounds <= kLanes);
 
+  // Softmax by p: each warp's row of numerators, summed in expert order.
+  __shared__ __align__(16) float terms[kWarpsPerBlock][kByP ? kLanes * kVpl : 4];
+
   RouteTrace trace;  // -DMOEKIT_ROUTE_TRACE only (route_gpu_common.cuh)
   trace.mark(0);
   read_args_then_wait(a);
@@ -235,16 +237,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     trace.mark_after(4, key[0]);
 
     // The top Kr; softmax by p: the denominator from round 0's winner (the row max: the best
-    // group holds it), its steps inside rounds 1 .. kRounds - 1 (the rest after them): step 0 the
-    // lane's numerators and their sum in expert order, steps 1-5 the warp's butterfly (every lane
-    // the same bits), step 6 the reciprocal. p = numerator * (1 / denominator): the denominator
-    // is at least 1 (the max's numerator is 1; with a +inf max, their count), so the reciprocal
-    // needs no range handling, and a row takes no division (whose out-of-line slow path splits
-    // the row into branches). Within an ulp of the quotient; the denominator is a tree sum
-    // anyway (see the top).
-    constexpr int kDenominatorSteps = 7;
+    // group holds it), its steps inside rounds 1 .. kRounds - 1 (the rest after them). Step 0:
+    // the lane's numerators to shared memory; steps 1 .. kSumSteps: every lane adds a share of
+    // the row's terms in expert order (the reference's rounding: a tree sum missed the contract's
+    // 1e-6 by 7 % on a row of 281 experts, whose expert-order sum is ~18 ulps from the exact
+    // one), reading 16 bytes at a time, all lanes the same words (a broadcast). Absent experts
+    // add +0, which changes no bit of the non-negative sum.
+    constexpr int kTerms4 = kLanes * kVpl / 4;  // float4s of terms per row
+    constexpr int kSumSteps = kRounds > 3 ? kRounds - 2 : 1;
+    constexpr int kTerms4PerStep = (kTerms4 + kSumSteps - 1) / kSumSteps;
+    constexpr int kDenominatorSteps = 1 + kSumSteps;
+    [[maybe_unused]] float* const row_terms = terms[warp];
     uint32_t top = 0;
-    float top_z = -INFINITY, lane_sum = 0.0f, reciprocal = 1.0f;
+    float top_z = -INFINITY, sum = 0.0f;
     auto denominator_step = [&](int step) {
       if constexpr (kByP) {
         if (step == 0) {
@@ -252,28 +257,42 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
 #pragma unroll
           for (int i = 0; i < kVpl; ++i) {
             const float n = v6_numerator(z[i], top_z);
-            lane_sum += i < my_count ? n : 0.0f;
+            row_terms[my_first + i] = i < my_count ? n : 0.0f;
           }
-        } else if (step < kDenominatorSteps - 1) {
-          lane_sum += vendor::shfl_xor(lane_sum, kLanes >> step);
-        } else if (step == kDenominatorSteps - 1) {
-          // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count
-          // (exact in any order). All -inf: every numerator 0; the weights stay 0.
-          reciprocal = top_z == -INFINITY ? 1.0f : reciprocal_in_range(lane_sum);
+          vendor::sync_lanes();
+        } else if (step < kDenominatorSteps) {
+          const float4* four = reinterpret_cast<const float4*>(row_terms);
+#pragma unroll
+          for (int v = (step - 1) * kTerms4PerStep; v < step * kTerms4PerStep; ++v) {
+            if (v < kTerms4) {
+              const float4 t = four[v];
+              sum = sum + t.x;
+              sum = sum + t.y;
+              sum = sum + t.z;
+              sum = sum + t.w;
+            }
+          }
         }
       }
     };
     uint32_t slot = v6_rounds<kRounds>(key, Kr, lane, top, denominator_step);
 #pragma unroll
     for (int step = kRounds - 1; step < kDenominatorSteps; ++step) denominator_step(step);
+    // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count. All -inf:
+    // every numerator 0; the weights stay 0.
+    float denominator = 1.0f;
+    if constexpr (kByP) {
+      denominator = top_z == -INFINITY ? 1.0f : sum;
+      vendor::sync_lanes();  // the terms are rewritten by the next row
+    }
     if constexpr (!kByP) top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
     if constexpr (kGrouped) {
       // Different z that round to the same p: the reference may keep another group of that p
       // (the lowest id). Rank the groups by p and run the rounds again (rare; row-uniform).
       if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
-          v6_numerator(last_kept, top_z) * reciprocal ==
-              v6_numerator(first_dropped, top_z) * reciprocal) {
-        keep_groups(nan_to_neg_inf(v6_numerator(group_z, top_z) * reciprocal));
+          v6_numerator(last_kept, top_z) / denominator ==
+              v6_numerator(first_dropped, top_z) / denominator) {
+        keep_groups(nan_to_neg_inf(v6_numerator(group_z, top_z) / denominator));
         uint32_t unused = 0;
         slot = v6_rounds<kRounds>(key, Kr, lane, unused);
       }
@@ -286,7 +305,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     if (lane < Kr) {
       const float zk = format.to_float(narrow_key_bits(slot));
       if constexpr (kByP) {
-        weight = v6_numerator(zk, top_z) * reciprocal;
+        weight = v6_numerator(zk, top_z) / denominator;
       } else {
         weight = top_z == -INFINITY  ? 0.0f
                  : top_z == INFINITY ? (zk == INFINITY ? 1.0f : 0.0f)
