@@ -244,8 +244,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     // one), reading 16 bytes at a time, all lanes the same words (a broadcast). Absent experts
     // add +0, which changes no bit of the non-negative sum.
     constexpr int kTerms4 = kLanes * kVpl / 4;  // float4s of terms per row
-    constexpr int kSumSteps = kRounds > 3 ? kRounds - 2 : 1;
-    constexpr int kTerms4PerStep = (kTerms4 + kSumSteps - 1) / kSumSteps;
+    // A step adds at most 4 float4s (16 dependent adds: about one warp max's latency), so that
+    // it fills a round instead of lengthening it; what the rounds cannot take follows them.
+    constexpr int kRoundSteps = kRounds > 3 ? kRounds - 2 : 1;
+    constexpr int kEvenShare = (kTerms4 + kRoundSteps - 1) / kRoundSteps;
+    constexpr int kTerms4PerStep = kEvenShare < 4 ? kEvenShare : 4;
+    constexpr int kSumSteps = (kTerms4 + kTerms4PerStep - 1) / kTerms4PerStep;
     constexpr int kDenominatorSteps = 1 + kSumSteps;
     [[maybe_unused]] float* const row_terms = terms[warp];
     uint32_t top = 0;
