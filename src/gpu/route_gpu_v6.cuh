@@ -20,8 +20,8 @@
 // - The first row's logits load first; a warp's next row loads while this one is ranked.
 //
 // Ties rank the lower id first (the key's id field), NaN is -inf, absent experts (past E, or in a
-// dropped group) have key 0. Softmax by logit (renormalize, no groups): w = exp(z - top) per slot,
-// as v3 computes it, so those bits are v3's.
+// dropped group) have key 0. Weights: by logit (renormalize, no groups) w = exp(z - top) per slot,
+// by p numerator / denominator in expert order, as v2 and v3 compute them, so the bytes are theirs.
 #pragma once
 
 #include <cfloat>
@@ -239,10 +239,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     // The top Kr; softmax by p: the denominator from round 0's winner (the row max: the best
     // group holds it), its steps inside rounds 1 .. kRounds - 1 (the rest after them). Step 0:
     // the lane's numerators to shared memory; steps 1 .. kSumSteps: every lane adds a share of
-    // the row's terms in expert order (the reference's rounding: a tree sum missed the contract's
-    // 1e-6 by 7 % on a row of 281 experts, whose expert-order sum is ~18 ulps from the exact
-    // one), reading 16 bytes at a time, all lanes the same words (a broadcast). Absent experts
-    // add +0, which changes no bit of the non-negative sum.
+    // the row's terms in expert order (the reference's rounding: a tree sum across the lanes
+    // rounds differently and missed the contract's 1e-6 by 7 % on a row of 281 experts), reading
+    // 16 bytes at a time, all lanes the same words (a broadcast). Absent experts add +0, which
+    // changes no bit of the non-negative sum.
     constexpr int kTerms4 = kLanes * kVpl / 4;  // float4s of terms per row
     // A step adds at most 4 float4s (16 dependent adds: about one warp max's latency), so that
     // it fills a round instead of lengthening it; what the rounds cannot take follows them.
