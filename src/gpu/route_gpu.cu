@@ -23,8 +23,8 @@
 //
 // v5 (route_gpu_v5.cuh) serves sigmoid rows in whole warps with 32-bit keys (grouped at every batch
 // size, ungrouped at decode sizes), v6 (route_gpu_v6.cuh) softmax rows of 16-bit logits without
-// bias in whole warps (up to 1024-4096 tokens; 16 experts per lane and DeepSeek-V2 at every size),
-// v4 (route_gpu_v4.cuh) long batches of grouped sigmoid rows where v5 is switched off, v3
+// bias in whole warps (up to 1024 or 4096 tokens; 16 experts per lane and DeepSeek-V2 at every
+// size), v4 (route_gpu_v4.cuh) long batches of grouped sigmoid rows where v5 is switched off, v3
 // (route_gpu_v3.cuh) softmax without softcap and sigmoid, E <= 512 (grouped: E <= 256 in groups of
 // whole lanes, not softmax with top2_sum), where it was measured faster; v2 (route_gpu_v2.cuh)
 // what it can of the rest (groups of whole lanes), this kernel everything else.
@@ -1281,15 +1281,16 @@ bool v5_exact_keys_only() {
 // 16384 (v4: 20.54); Kimi-K2 with the promise: v5 2.31-2.69 vs v3 2.59-2.82 at 2-256 tokens, 3.28
 // vs 3.65 at 1024, 8.30 vs 8.36 at 4096, then v3 (8192: 13.76 vs 13.66); GLM-4.5 unchanged in
 // kind (1024: v5 3.34 vs v3 2.44; the boundary-tie rows' exact pass, likely).
+// Session 9: Kimi-K2 at 12 experts per lane: 1.58 us at 1 token, 2.35 at 1024, 5.92 at 4096 (v3:
+// 7.75); 8192 not measured on v5 (v3: 13.6), so the bound stays.
 constexpr int64_t kV5UngroupedMaxTokens = 256;
-constexpr int64_t kV5SixteenPerLaneStaticBiasMaxTokens = 4096;
+constexpr int64_t kV5WideLanesStaticBiasMaxTokens = 4096;
 
 bool v5_automatic(const RouteProblem& p) {
   if (!v5_declines(p).empty() || v5_forced() == 0) return false;
   if (v5_forced() == 1 || p.num_groups > 1) return true;
   if (v5_experts_per_lane(p) > 8)
-    return p.num_tokens == 1 ||
-           (p.static_bias && p.num_tokens <= kV5SixteenPerLaneStaticBiasMaxTokens);
+    return p.num_tokens == 1 || (p.static_bias && p.num_tokens <= kV5WideLanesStaticBiasMaxTokens);
   return p.num_tokens <= kV5UngroupedMaxTokens;
 }
 
@@ -1310,9 +1311,9 @@ bool v5_list_in_shared(const RouteProblem& p) {
   return forced >= 0 ? forced == 1 : p.num_tokens >= kV5SharedListMinTokens;
 }
 
-// Ungrouped rows with 16 experts per lane take 128 registers (4 blocks per SM, the next row
-// prefetched, no spill) up to this batch (session 9, Kimi-K2; session 8 measured, H200: 1 token
-// 2.05 -> 1.91 us, 1024 3.02 -> 2.80, but 4096 7.78 -> 8.30).
+// Ungrouped rows of 12 or 16 experts per lane take up to 128 registers (4 blocks per SM, the next
+// row prefetched, rounds unrolled) up to this batch (H200, Kimi-K2 at 16 per lane: 1 token 2.05 ->
+// 1.91 us, 1024 3.02 -> 2.80, but 4096 7.78 -> 8.30; docs/perf/routing.md, sessions 8-9).
 constexpr int64_t kV5RoomyRegistersMaxTokens = 1024;
 
 bool v5_roomy_registers(const RouteProblem& p) {
@@ -1429,12 +1430,12 @@ int v6_forced() {
 }
 
 // Where v6 pays (H200, CUDA-graph replay, us per call, v6 against v3; docs/perf/routing.md,
-// session 9): every softmax row of the table up to 1024 tokens (1 token: Qwen2 1.92 -> 1.25,
-// Qwen3-30B 1.56 -> 1.23, Qwen3-Next 2.16 -> 1.53, Mixtral 1.30 -> 1.11); up to 4096 the rows of 8
-// experts per lane (Qwen3.5 4.10 -> 3.85), where v3's rows of fewer lanes keep the others
-// (Qwen1.5 3.43 vs 2.98, Qwen3-30B 3.65 vs 2.95 in another run); 16 experts per lane (Qwen3-Next:
-// 8192 9.47 -> 9.14, 16384 17.7 -> 15.5) and DeepSeek-V2's groups (1 token 2.79 -> 1.57, 8192
-// 12.95 -> 7.07, 16384 22.4 -> 11.9) at every batch.
+// session 9): every softmax row of the table up to 1024 tokens (1 token: Qwen2 1.93 -> 1.44,
+// Qwen3-30B 1.56 -> 1.27, Qwen3-Next 2.15 -> 1.54, Mixtral 1.33 -> 1.15, DeepSeek-V2 2.80 ->
+// 1.90); up to 4096 the rows of 8 experts per lane (Qwen3.5 4.10 -> 3.85), where v3's rows of
+// fewer lanes keep the others (Qwen1.5 3.43 vs 2.98, Qwen3-30B 3.65 vs 2.95); 16 experts per lane
+// (Qwen3-Next: 8192 9.44 -> 9.06, 16384 17.6 -> 15.5) and DeepSeek-V2's groups (8192 12.9 ->
+// 8.6, 16384 22.4 -> 15.9) at every batch.
 constexpr int64_t kV6MaxTokens = 1024;
 constexpr int64_t kV6EightPerLaneMaxTokens = 4096;
 

@@ -6,8 +6,8 @@
 //
 // - Keys are 32 bits first: the top bits of the order key of s + b above an id field of 8 bits
 //   (E <= 256) or 9 (E <= 512), so a compare-exchange is a max and a min, and a round one
-//   redux.max. A lane sorts its 8 or 16 keys into its top 8 (Batcher's network per run of 8, runs
-//   merged; with 16, the 9th too); a round's winner shifts its sorted keys.
+//   redux.max. A lane sorts its 8, 12 or 16 keys into its top 8 (Batcher's network per run of 8
+//   or 4, runs merged; with 12 or 16, the 9th too); a round's winner shifts its sorted keys.
 // - Truncated scores may tie where the exact ones differ. Truncation only reorders keys of equal
 //   truncated score (adjacent in both orders): where two consecutive winners of the rounds tie,
 //   the set is right and only their order is open, restored from the slots' exact keys; where a
@@ -382,10 +382,10 @@ __device__ __forceinline__ int v5_reorder(const RouteArgs& a, int slot_id, const
 // and no branch), or -1 (from the arguments, groups or none), or kNoGroups (ungrouped at compile
 // time: no group scores). kListInShared: the rounds read each lane's sorted keys from shared memory
 // (v5_rounds; long batches). kMinBlocks: blocks per SM the registers must allow: 8 (64 registers)
-// everywhere but 16 experts per lane in short batches, where 4 (128 registers) drop the spill and
-// leave room for the next row's prefetch (Kimi-K2 at 1 token 2.05 -> 1.91 us, H200) at the cost of
-// occupancy, which long batches need (4096 tokens: 7.78 -> 8.30). One row per warp, grid-stride
-// over the rows.
+// everywhere but 12 or 16 experts per lane in short batches, where 4 (up to 128 registers) leave
+// room for the next row's prefetch and unrolled rounds (16 per lane, session 8: Kimi-K2 at 1 token
+// 2.05 -> 1.91 us, H200) at the cost of occupancy, which long batches need (4096 tokens: 7.78 ->
+// 8.30). One row per warp, grid-stride over the rows.
 template <class Logits, int kExpertsPerLane, bool kNarrowFirst, int kGroupLanesLog2 = -1,
           bool kListInShared = false, int kMinBlocks = 8>
 __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
 
   // A warp's next row loads while this one is ranked (padding rows, all past the valid ones,
   // load nothing): with several rows per warp (prefill) its memory latency then overlaps. Not
-  // with 16 experts per lane in 64 registers, which are full (it spilled).
+  // with 12 or 16 experts per lane in 64 registers, which are full (16 spilled).
   constexpr bool kPrefetch = kExpertsPerLane == 8 || kMinBlocks <= 4;
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * a.block_warps;
   int64_t row = static_cast<int64_t>(blockIdx.x) * a.block_warps + warp;

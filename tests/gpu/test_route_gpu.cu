@@ -1930,7 +1930,7 @@ TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
 
 // ---- v6 (src/gpu/route_gpu_v6.cuh): softmax rows of 16-bit logits in whole warps with unrolled
 // rounds; against the reference and v1 on random shapes, the model rows against the reference
-// (and v2's bytes where the weights are by logit), the groups whose p round equal,
+// and v2's bytes (wherever v2 serves: the same arithmetic), the groups whose p round equal,
 // deterministic, graph-capturable, and declining what it does not serve.
 
 std::string v6_declines_of(RouteCase c) {
