@@ -269,6 +269,20 @@ __device__ __forceinline__ void load_bias_chunk(const RouteArgs& a, int64_t firs
   }
 }
 
+// The sum of lanes 0 .. kSlots - 1's weights in slot order, the reference's order (every lane the
+// same bits; lanes past the routed slots hold +0, which changes no bit): the shuffles first, then
+// the adds, so that the shuffles issue back to back.
+template <int kSlots>
+__device__ __forceinline__ float slot_order_sum(float weight) {
+  float terms[kSlots];
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) terms[k] = vendor::shfl(weight, k);
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) sum += terms[k];
+  return sum;
+}
+
 // ---- Stores.
 
 __device__ __forceinline__ void store_slot(const RouteArgs& a, int64_t row, int slot, float weight,

@@ -297,15 +297,10 @@ __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5Lis
     tie_inside = vendor::any(lane >= 1 && lane < Kr && ((slot ^ before) & ~L::kIdMask) == 0);
     previous = winners[Kr - 1];
     vendor::sync_lanes();  // read before the next row's rounds rewrite them
-  } else if constexpr (kUnrolled) {
-    // Unrolled to the most rounds: a round past Kr moves only slots of lanes k >= Kr (dropped
-    // below) and keys no later round reads; the tie tests take rounds k < Kr only, and the head
-    // left after round Kr - 1 (off the rounds' chain: selects on the side). Kimi-K2 at 16 experts
-    // per lane in 128 registers: 1.93 -> 1.88 us at 1 token; in 64 registers it spilled, and with
-    // 8 per lane it lost (DeepSeek-V3 1.67 -> 1.71, GLM-4.5 +0.01; H200).
-    Key head_after = 0;
-#pragma unroll
-    for (int k = 0; k < kV5ListKeys; ++k) {
+  } else {
+    // A round; `counted`: a round k < Kr (the tie tests take those only).
+    Key head_after = 0;  // (unrolled: the head left after round Kr - 1)
+    auto round = [&](int k, bool counted) {
       const Key best = row_lanes.max(local[0]);
       const bool won = local[0] == best;
       slot = lane == k ? best : slot;
@@ -313,26 +308,23 @@ __device__ __forceinline__ Key v5_rounds(const RouteArgs& a, Key (&local)[kV5Lis
       for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
       local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
       if constexpr (kNarrow) {
-        const bool counted = k < Kr;
         tie_inside |= counted && k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
         previous = counted ? best : previous;
-        head_after = k == Kr - 1 ? local[0] : head_after;
+        if constexpr (kUnrolled) head_after = k == Kr - 1 ? local[0] : head_after;
       }
-    }
-    slot = lane < Kr ? slot : Key{0};
-    if constexpr (kNarrow) local[0] = head_after;  // (read by the boundary test only)
-  } else {
-    for (int k = 0; k < Kr; ++k) {
-      const Key best = row_lanes.max(local[0]);
-      const bool won = local[0] == best;
-      slot = lane == k ? best : slot;
+    };
+    if constexpr (kUnrolled) {
+      // Unrolled to the most rounds: a round past Kr moves only slots of lanes k >= Kr (dropped
+      // below) and keys no later round reads; the tie tests and the head left for the boundary
+      // test are selects on the side, off the rounds' chain. Kimi-K2 at 16 experts per lane in
+      // 128 registers: 1.93 -> 1.88 us at 1 token; in 64 registers it spilled, and with 8 per
+      // lane it lost (DeepSeek-V3 1.67 -> 1.71, GLM-4.5 +0.01; H200).
 #pragma unroll
-      for (int i = 0; i < kV5ListKeys; ++i) local[i] = won ? local[i + 1] : local[i];
-      local[kV5ListKeys] = won ? Key{0} : local[kV5ListKeys];
-      if constexpr (kNarrow) {
-        tie_inside |= k > 0 && ((best ^ previous) & ~L::kIdMask) == 0;
-        previous = best;
-      }
+      for (int k = 0; k < kV5ListKeys; ++k) round(k, k < Kr);
+      slot = lane < Kr ? slot : Key{0};
+      if constexpr (kNarrow) local[0] = head_after;  // (read by the boundary test only)
+    } else {
+      for (int k = 0; k < Kr; ++k) round(k, true);
     }
   }
   fix = V5Fix::none;
@@ -497,12 +489,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocks)
     if (fix == V5Fix::reorder) slot_id = v5_reorder<L>(a, slot_id, weights, lane_bias[warp]);
     const int id = lane < Kr ? slot_id : 0;
     const float weight = lane < Kr ? weights[(id / L::kVpl) * L::kStride + id % L::kVpl] : 0.0f;
-    float terms[kV5ListKeys];
-#pragma unroll
-    for (int k = 0; k < kV5ListKeys; ++k) terms[k] = vendor::shfl(weight, k);
-    float routed_sum = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kV5ListKeys; ++k) routed_sum += terms[k];
+    const float routed_sum = slot_order_sum<kV5ListKeys>(weight);
     trace.mark_after(6, __float_as_uint(routed_sum));
     vendor::sync_lanes();  // the next row rewrites the sigmoids
     if (lane < a.topk) finish_and_store_slot(a, row, lane, weight, slot_id, routed_sum);

@@ -316,12 +316,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
                                      : expf(zk - top_z);
       }
     }
-    float terms[kRounds];
-#pragma unroll
-    for (int k = 0; k < kRounds; ++k) terms[k] = vendor::shfl(weight, k);
-    float routed_sum = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kRounds; ++k) routed_sum += terms[k];
+    const float routed_sum = slot_order_sum<kRounds>(weight);
     trace.mark_after(6, __float_as_uint(routed_sum));
     if (lane < a.topk) finish_and_store_slot(a, row, lane, weight, key_id(slot), routed_sum);
     trace.mark(7);
