@@ -112,20 +112,20 @@ __device__ __forceinline__ void v6_keys(const V6Raw<kVpl>& raw, const Format16& 
   }
 }
 
-// The top Kr of a row by unrolled rounds: a round is one warp max of the lanes' heads (keys are
-// unique), the lane whose head it is shifts its sorted keys, lane k keeps round k's winner. Rounds
-// past Kr run (no branch) and only move slots of lanes k >= Kr, which are dropped; so `won` needs
-// no test of k (one instruction less in each round's chain). side(k - 1) runs in round k >= 1,
-// after its warp max is issued: work independent of the rounds (softmax by p: the denominator's
-// steps) placed where it fills the max's latency. Returns lane k's slot key (0 for k >= Kr).
-// softmax_numerator (route_gpu_v2.cuh) without its branches, which would split the row's one
-// basic block (the rounds around them): the same value, the cases by selects.
+// softmax_numerator (route_gpu_v2.cuh) without its branches, which would split the rounds'
+// basic block: the same value, the cases by selects.
 __device__ __forceinline__ float v6_numerator(float z, float max_z) {
   const float e = expf(z - max_z);
   const float of_inf_max = z == INFINITY ? 1.0f : 0.0f;
   return max_z == -INFINITY ? 0.0f : max_z == INFINITY ? of_inf_max : e;
 }
 
+// The top Kr of a row by unrolled rounds: a round is one warp max of the lanes' heads (keys are
+// unique), the lane whose head it is shifts its sorted keys, lane k keeps round k's winner. Rounds
+// past Kr run (no branch) and only move slots of lanes k >= Kr, which are dropped; so `won` needs
+// no test of k (one instruction less in each round's chain). side(k - 1) runs in round k >= 1,
+// after its warp max is issued: work independent of the rounds (softmax by p: the denominator's
+// steps) placed where it fills the max's latency. Returns lane k's slot key (0 for k >= Kr).
 struct V6NoSideWork {
   __device__ __forceinline__ void operator()(int) const {}
 };
