@@ -184,23 +184,28 @@ else
 fi
 
 if [[ ${GPU_CHECK_ROUTE_AB:-0} == 1 && -x $CLI && -s $BENCH ]]; then
-  step "routing A/B: default (v3) vs MOEKIT_GPU_ROUTE_V3_OFF=1 (v2) vs + V2_OFF=halfwarp vs V1=1"
+  # Each kernel generation against the rule without it: v6 (softmax rows), v5 (sigmoid rows),
+  # v3 and later (all of them off: v2), v1.
+  step "routing A/B: default vs MOEKIT_GPU_ROUTE_V6=0 vs MOEKIT_GPU_ROUTE_V5=0 vs V3_OFF=1 (v2) vs V1=1"
+  MOEKIT_GPU_ROUTE_V6=0 timeout 120 "$CLI" bench --backend gpu --json > "$OUT/bench_no_v6.json" \
+    2>/dev/null
+  MOEKIT_GPU_ROUTE_V5=0 timeout 120 "$CLI" bench --backend gpu --json > "$OUT/bench_no_v5.json" \
+    2>/dev/null
   MOEKIT_GPU_ROUTE_V3_OFF=1 timeout 120 "$CLI" bench --backend gpu --json > "$OUT/bench_v2.json" \
     2>/dev/null
-  MOEKIT_GPU_ROUTE_V3_OFF=1 MOEKIT_GPU_ROUTE_V2_OFF=halfwarp timeout 120 "$CLI" bench \
-    --backend gpu --json > "$OUT/bench_nohalf.json" 2>/dev/null
   MOEKIT_GPU_ROUTE_V1=1 timeout 120 "$CLI" bench --backend gpu --json > "$OUT/bench_v1.json" \
     2>/dev/null
-  python3 - "$BENCH" "$OUT/bench_v2.json" "$OUT/bench_nohalf.json" "$OUT/bench_v1.json" <<'PY' \
-    | tee "$OUT/route_ab.txt"
+  python3 - "$BENCH" "$OUT/bench_no_v6.json" "$OUT/bench_no_v5.json" "$OUT/bench_v2.json" \
+    "$OUT/bench_v1.json" <<'PY' | tee "$OUT/route_ab.txt"
 import json, sys
 def load(path):
     try:
         return {(r["model"], r["tokens"]): r for r in json.load(open(path))}
     except Exception:
         return {}
-runs = [load(p) for p in sys.argv[1:5]]
-print(f"{'model':20s} {'tokens':>6s} {'default':>8s} {'v2':>8s} {'v2 1row':>8s} {'v1':>8s}  (us)")
+runs = [load(p) for p in sys.argv[1:6]]
+names = ["default", "no v6", "no v5", "v2", "v1"]
+print(f"{'model':20s} {'tokens':>6s} " + " ".join(f"{n:>8s}" for n in names) + "  (us)")
 for key in sorted(runs[0], key=lambda k: (k[0], k[1])):
     cells = [f"{r[key]['median_us']:8.2f}" if key in r else f"{'-':>8s}" for r in runs]
     ok = all(r[key].get("verified") for r in runs if key in r)
