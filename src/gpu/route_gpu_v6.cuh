@@ -8,12 +8,13 @@
 //
 // - The rounds are unrolled to kRounds (>= Kr; rounds past Kr change nothing), so they are one
 //   basic block (no loop, no branch) and independent chains interleave with them.
-// - Softmax by p: the row max is round 0's winner; the lanes' numerators go to shared memory and
-//   every lane sums them in expert order (the reference's rounding, so p is its bits), a share in
-//   each of rounds 2 .. kRounds - 1 where v3 added 8 terms per round inside runtime loops. (A
-//   tree sum across lanes was 0.2-0.3 us faster but missed the contract's 1e-6: see below.)
+// - Softmax by p: the row max is one warp max right after the sort; the lanes' numerators go to
+//   shared memory and every lane sums them in expert order (the reference's rounding, so p is its
+//   bits), in shares placed after each shuffle of the group steps and each round's warp max,
+//   where v3 added 8 terms per round inside runtime loops. (A tree sum across lanes was 0.2-0.3
+//   us faster but missed the contract's 1e-6: see below.)
 // - Groups (DeepSeek-V2: 8 groups of 20, 4 lanes of 5) are runs of 1 << kGroupLanesLog2 lanes
-//   known at compile time: the run's top key by two shuffles, its rank by v5_group_rank. Groups
+//   known at compile time: the run's top key by two shuffles, its rank by v6_group_rank. Groups
 //   rank by their top z, which orders them as the reference's p does except where different z
 //   round to the same p; then (the last kept and the first dropped group have equal p, rare) the
 //   groups are ranked again by p and the rounds run again, as in v3.
@@ -125,20 +126,26 @@ __device__ __forceinline__ float v6_numerator(float z, float max_z) {
 // past Kr run (no branch) and only move slots of lanes k >= Kr, which are dropped; so `won` needs
 // no test of k (one instruction less in each round's chain). side(k - 1) runs in round k >= 1,
 // after its warp max is issued: work independent of the rounds (softmax by p: the denominator's
-// steps) placed where it fills the max's latency. Returns lane k's slot key (0 for k >= Kr).
+// steps) placed where it fills the max's latency. side returns a fence, a word that is 0 but
+// computed from the side work's result, and the next warp max's operand is xor-ed with it: ptxas
+// schedules by dependences, and without one it hoisted every round's warp max above the side work
+// (the rounds ran back to back, then the side work as one block). `fence` is the first one (from
+// side work before the rounds). kTopKnown: `top` is the row's top key already (round 0 needs no
+// warp max); else round 0 sets it. Returns lane k's slot key (0 for k >= Kr).
 struct V6NoSideWork {
-  __device__ __forceinline__ void operator()(int) const {}
+  __device__ __forceinline__ uint32_t operator()(int) const { return 0; }
 };
-template <int kRounds, int kVpl, class SideWork = V6NoSideWork>
+template <int kRounds, bool kTopKnown, int kVpl, class SideWork = V6NoSideWork>
 __device__ __forceinline__ uint32_t v6_rounds(uint32_t (&key)[kVpl], int Kr, int lane,
-                                              uint32_t& top, SideWork&& side = {}) {
+                                              uint32_t& top, SideWork&& side = {},
+                                              uint32_t fence = 0) {
   constexpr int kDepth = kVpl < kRounds ? kVpl : kRounds;  // a lane wins at most kRounds times
   uint32_t slot = 0;
 #pragma unroll
   for (int k = 0; k < kRounds; ++k) {
-    const uint32_t best = vendor::reduce_max(key[0]);
-    if (k == 0) top = best;
-    if (k >= 1) side(k - 1);
+    const uint32_t best = kTopKnown && k == 0 ? top : vendor::reduce_max(key[0] ^ fence);
+    if (!kTopKnown && k == 0) top = best;
+    if (k >= 1) fence = side(k - 1);
     const bool won = key[0] == best;
     slot = lane == k ? best : slot;
 #pragma unroll
@@ -146,6 +153,41 @@ __device__ __forceinline__ uint32_t v6_rounds(uint32_t (&key)[kVpl], int Kr, int
     key[kDepth - 1] = won ? 0u : key[kDepth - 1];
   }
   return lane < Kr ? slot : 0u;
+}
+
+// The groups' ranks (v5_group_rank's comparisons) for runs of 1 << kLog2Run lanes known at compile
+// time, G <= 32 >> kLog2Run: lane `first` of a run compares the groups first, first + run, ...
+// (all its shuffles at once), then the run's lanes add their counts. side(w) runs after each
+// batch of shuffles is issued (w = 0 .. kLog2Run), where it fills their latency; its fence (see
+// v6_rounds) goes into the next batch's operand, and the last one out through `fence`.
+template <int kLog2Run>
+constexpr int kV6RankWindows = 1 + kLog2Run;
+template <int kLog2Run, class SideWork>
+__device__ __forceinline__ int v6_group_rank(float score, int num_groups, int g, SideWork&& side,
+                                             uint32_t& fence) {
+  constexpr int kRun = 1 << kLog2Run;
+  constexpr int kPerLane = ((kLanes >> kLog2Run) + kRun - 1) / kRun;  // groups a lane compares
+  const int first = vendor::lane_id() & (kRun - 1);
+  const float fenced_score = __uint_as_float(__float_as_uint(score) ^ fence);
+  float other[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j)
+    other[j] = vendor::shfl(fenced_score, ((j * kRun + first) << kLog2Run) & (kLanes - 1));
+  fence = side(0);
+  int beaten_by = 0;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int h = j * kRun + first;
+    // Bitwise, not short-circuit: no branch.
+    beaten_by += (h < num_groups) & ((other[j] > score) | ((other[j] == score) & (h < g)));
+  }
+#pragma unroll
+  for (int s = 0; s < kLog2Run; ++s) {
+    const int others = vendor::shfl_xor(beaten_by ^ static_cast<int>(fence), 1 << s);
+    fence = side(1 + s);
+    beaten_by += others;
+  }
+  return beaten_by;
 }
 
 // kVpl experts per lane (lane r holds [r * kVpl, (r + 1) * kVpl)), E <= 32 * kVpl; kRounds >= Kr;
@@ -204,59 +246,33 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
       v6_load<kVpl>(a, next * a.logits_row_stride + my_first, my_count, raw);
     trace.mark_after(3, key[0]);
 
-    // Groups: each run's top key, the groups ranked by their top z; those ranked TG or worse
-    // drop their keys. The z of the last kept and the first dropped group, for the check by p.
-    [[maybe_unused]] uint32_t sorted[kVpl];
-    [[maybe_unused]] float group_z = -INFINITY, last_kept = 0.0f, first_dropped = 0.0f;
-    [[maybe_unused]] auto keep_groups = [&](float score) {
-      int rank = 0;
-      if constexpr (kGrouped) {
-        rank = v5_group_rank<kGroupLanesLog2>(score, a.num_groups, g, kGroupLanesLog2);
-        const bool keep = (rank < a.topk_groups) & (g < a.num_groups);
-#pragma unroll
-        for (int i = 0; i < kVpl; ++i) key[i] = keep ? sorted[i] : 0u;
-      }
-      return rank;
-    };
-    if constexpr (kGrouped) {
-      uint32_t group_top = key[0];
-#pragma unroll
-      for (int offset = 1; offset < (1 << kGroupLanesLog2); offset <<= 1)
-        group_top = ::max(group_top, vendor::shfl_xor(group_top, offset));
-      group_z = group_top != 0 ? format.to_float(narrow_key_bits(group_top)) : -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kVpl; ++i) sorted[i] = key[i];
-      const int rank = keep_groups(group_z);
-      if (a.topk_groups < a.num_groups) {  // (uniform)
-        last_kept =
-            vendor::shfl(group_z, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups - 1)));
-        first_dropped =
-            vendor::shfl(group_z, vendor::lowest_lane(vendor::ballot(rank == a.topk_groups)));
-      }
-    }
-    trace.mark_after(4, key[0]);
-
-    // The top Kr; softmax by p: the denominator from round 0's winner (the row max: the best
-    // group holds it), its steps inside rounds 1 .. kRounds - 1 (the rest after them). Step 0:
-    // the lane's numerators to shared memory; steps 1 .. kSumSteps: every lane adds a share of
-    // the row's terms in expert order (the reference's rounding: a tree sum across the lanes
-    // rounds differently and missed the contract's 1e-6 by 7 % on a row of 281 experts), reading
-    // 16 bytes at a time, all lanes the same words (a broadcast). Absent experts add +0, which
-    // changes no bit of the non-negative sum.
+    // Softmax by p: the denominator, a chain of E dependent adds in expert order, is the row's
+    // longest path. (Expert order is the reference's rounding: a tree sum across the lanes rounds
+    // differently and missed the contract's 1e-6 by 7 % on a row of 281 experts.) It starts as
+    // soon as the row max is known, from one warp max right after the sort (the top key: round
+    // 0's winner, which the best group holds, so round 0 needs no warp max of its own). Its steps
+    // are windows placed after each latency of the group steps and the rounds: the warp issues in
+    // order, so a share of adds placed there fills that latency (one block of adds would not).
+    // Window 0: the lane's numerators to shared memory; windows 1 .. kSumSteps: every lane adds
+    // the next kShare float4s of the row's terms (all lanes the same words: a broadcast). Absent
+    // experts add +0, which changes no bit of the non-negative sum.
     constexpr int kTerms4 = kLanes * kVpl / 4;  // float4s of terms per row
-    // A step adds at most 4 float4s (16 dependent adds: about one warp max's latency), so that
-    // it fills a round instead of lengthening it; what the rounds cannot take follows them.
-    constexpr int kRoundSteps = kRounds > 3 ? kRounds - 2 : 1;
-    constexpr int kEvenShare = (kTerms4 + kRoundSteps - 1) / kRoundSteps;
-    constexpr int kTerms4PerStep = kEvenShare < 4 ? kEvenShare : 4;
-    constexpr int kSumSteps = (kTerms4 + kTerms4PerStep - 1) / kTerms4PerStep;
-    constexpr int kDenominatorSteps = 1 + kSumSteps;
+    // Group steps: the run's top (kGroupLanesLog2 shuffles), the ranks (v6_group_rank), the
+    // ballots for the check by p; ungrouped: window 0 alone, right after the warp max.
+    constexpr int kGroupWindows =
+        kGrouped ? kGroupLanesLog2 + kV6RankWindows<kGroupLanesLog2> + 1 : 1;
+    constexpr int kChainWindows = kGroupWindows - 1 + kRounds - 1;
+    // (At most 8 float4s a window: 16 experts per lane by p would spill; the rest follows the
+    // rounds.)
+    constexpr int kEvenShare = (kTerms4 + kChainWindows - 1) / kChainWindows;
+    constexpr int kShare = kEvenShare < 8 ? kEvenShare : 8;
+    constexpr int kSumSteps = (kTerms4 + kShare - 1) / kShare;
     [[maybe_unused]] float* const row_terms = terms[warp];
-    uint32_t top = 0;
+    uint32_t top = 0, fence = 0;  // (fence: see v6_rounds)
     float top_z = -INFINITY, sum = 0.0f;
-    auto denominator_step = [&](int step) {
+    auto window = [&](int w) -> uint32_t {
       if constexpr (kByP) {
-        if (step == 0) {
+        if (w == 0) {
           top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
 #pragma unroll
           for (int i = 0; i < kVpl; ++i) {
@@ -264,10 +280,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
             row_terms[my_first + i] = i < my_count ? n : 0.0f;
           }
           vendor::sync_lanes();
-        } else if (step < kDenominatorSteps) {
+        } else if (w <= kSumSteps) {
           const float4* four = reinterpret_cast<const float4*>(row_terms);
 #pragma unroll
-          for (int v = (step - 1) * kTerms4PerStep; v < step * kTerms4PerStep; ++v) {
+          for (int v = (w - 1) * kShare; v < w * kShare; ++v) {
             if (v < kTerms4) {
               const float4 t = four[v];
               sum = sum + t.x;
@@ -276,12 +292,56 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
               sum = sum + t.w;
             }
           }
+          return __float_as_uint(sum) & 0x80000000u;  // 0 (see v6_rounds' fence)
         }
       }
+      return 0u;
     };
-    uint32_t slot = v6_rounds<kRounds>(key, Kr, lane, top, denominator_step);
+    if constexpr (kByP) top = vendor::reduce_max(key[0]);
+    if constexpr (kByP && !kGrouped) window(0);
+
+    // Groups: each run's top key, the groups ranked by their top z; those ranked TG or worse
+    // drop their keys. The z of the last kept and the first dropped group, for the check by p.
+    [[maybe_unused]] uint32_t sorted[kVpl];
+    [[maybe_unused]] float group_z = -INFINITY, last_kept = 0.0f, first_dropped = 0.0f;
+    [[maybe_unused]] auto keep_groups = [&](int rank) {
+      const bool keep = (rank < a.topk_groups) & (g < a.num_groups);
 #pragma unroll
-    for (int step = kRounds - 1; step < kDenominatorSteps; ++step) denominator_step(step);
+      for (int i = 0; i < kVpl; ++i) key[i] = keep ? sorted[i] : 0u;
+    };
+    if constexpr (kGrouped) {
+      // (Fences as in v6_rounds: each window's adds before the next shuffle.)
+      uint32_t group_top = key[0];
+#pragma unroll
+      for (int s = 0; s < kGroupLanesLog2; ++s) {
+        const uint32_t other = vendor::shfl_xor(group_top ^ fence, 1 << s);
+        fence = window(s);  // s = 0: the numerators, once the warp max is in
+        group_top = ::max(group_top, other);
+      }
+      // A group past E (all keys 0) gets z = NaN (narrow_key_bits(0) is all ones): the ranks
+      // skip it (h < G) and it is never kept, so no branch tests for it.
+      group_z = format.to_float(narrow_key_bits(group_top));
+#pragma unroll
+      for (int i = 0; i < kVpl; ++i) sorted[i] = key[i];
+      const int rank = v6_group_rank<kGroupLanesLog2>(
+          group_z, a.num_groups, g, [&](int w) { return window(kGroupLanesLog2 + w); }, fence);
+      keep_groups(rank);
+      // (Every group kept: no lane votes, and the check below does not run.)
+      const int fenced_rank = rank ^ static_cast<int>(fence);
+      const uint32_t last_kept_lanes = vendor::ballot(fenced_rank == a.topk_groups - 1);
+      const uint32_t first_dropped_lanes = vendor::ballot(fenced_rank == a.topk_groups);
+      fence = window(kGroupWindows - 1);
+      last_kept = vendor::shfl(group_z, vendor::lowest_lane(last_kept_lanes) & (kLanes - 1));
+      first_dropped =
+          vendor::shfl(group_z, vendor::lowest_lane(first_dropped_lanes) & (kLanes - 1));
+    }
+    trace.mark_after(4, key[0]);
+
+    // The top Kr; softmax by p: the rest of the denominator's windows in rounds 1 .. kRounds - 1.
+    uint32_t slot = v6_rounds<kRounds, kByP>(
+        key, Kr, lane, top, [&](int k) { return window(kGroupWindows + k); }, fence);
+#pragma unroll
+    for (int w = kChainWindows + 1; w <= kSumSteps; ++w) window(w);
     // A +inf max: the numerators are 1 for +inf and 0 else, so the sum is their count. All -inf:
     // every numerator 0; the weights stay 0.
     float denominator = 1.0f;
@@ -292,13 +352,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     if constexpr (!kByP) top_z = top != 0 ? format.to_float(narrow_key_bits(top)) : -INFINITY;
     if constexpr (kGrouped) {
       // Different z that round to the same p: the reference may keep another group of that p
-      // (the lowest id). Rank the groups by p and run the rounds again (rare; row-uniform).
+      // (the lowest id). Rank the groups by p and run the rounds again (rare; row-uniform). The
+      // top key's group may be dropped then, so round 0 takes its warp max again.
       if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
           v6_numerator(last_kept, top_z) / denominator ==
               v6_numerator(first_dropped, top_z) / denominator) {
-        keep_groups(nan_to_neg_inf(v6_numerator(group_z, top_z) / denominator));
+        keep_groups(v6_group_rank<kGroupLanesLog2>(
+            nan_to_neg_inf(v6_numerator(group_z, top_z) / denominator), a.num_groups, g,
+            V6NoSideWork{}, fence));
         uint32_t unused = 0;
-        slot = v6_rounds<kRounds>(key, Kr, lane, unused);
+        slot = v6_rounds<kRounds, false>(key, Kr, lane, unused);
       }
     }
     trace.mark_after(5, slot);
