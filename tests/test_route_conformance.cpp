@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <random>
 
+#include "moekit/error.h"
 #include "moekit/route_harness.h"
 
 namespace moekit {
@@ -130,6 +131,18 @@ TEST(RouteConformance, CpuMatchesReferenceOnModelTable) {
         ASSERT_TRUE(cmp.pass) << row.name << " " << describe(c) << ": " << cmp.first_problem;
       }
     }
+  }
+}
+
+TEST(RouteConformance, ModelRowsAreFoundByNameAndUnknownNamesAreErrors) {
+  EXPECT_EQ(harness::model_row("DeepSeek-V3").num_experts, 256);
+  EXPECT_EQ(harness::model_row("Qwen3-30B-A3B").config.topk, 8);
+  try {
+    harness::model_row("Qwen9");
+    ADD_FAILURE() << "no error for an unknown row";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.argument(), "name");
+    EXPECT_EQ(e.value(), "Qwen9");
   }
 }
 

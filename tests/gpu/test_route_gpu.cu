@@ -422,22 +422,17 @@ TEST(GpuRoute, CapturesIntoCudaGraph) {
 TEST(GpuRoute, RouteRightAfterItsBiasKernelReadsTheNewBias) {
   SKIP_WITHOUT_GPU();
   Stream stream;
-  const harness::ModelRow* writer_row = nullptr;
-  const harness::ModelRow* reader_row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table()) {
-    if (model.name == std::string("Qwen3-30B-A3B")) writer_row = &model;
-    if (model.name == std::string("DeepSeek-V3")) reader_row = &model;
-  }
-  ASSERT_TRUE(writer_row != nullptr && reader_row != nullptr);
-  RouteCase writer[2] = {model_case(*writer_row, 32, InputKind::random, DType::bf16, 101),
-                         model_case(*writer_row, 32, InputKind::random, DType::bf16, 202)};
+  const harness::ModelRow& writer_row = harness::model_row("Qwen3-30B-A3B");
+  const harness::ModelRow& reader_row = harness::model_row("DeepSeek-V3");
+  RouteCase writer[2] = {model_case(writer_row, 32, InputKind::random, DType::bf16, 101),
+                         model_case(writer_row, 32, InputKind::random, DType::bf16, 202)};
   ASSERT_EQ(writer[0].config.topk * 32, 256);
   DeviceCase writer_d[2];
   for (int w = 0; w < 2; ++w) writer_d[w] = upload(writer[w], harness::make_inputs(writer[w]), {});
   // Both writers write one buffer, the reader's bias.
   Tensor bias = Tensor::empty(DType::f32, {32, 8}, Device::gpu());
   const TensorView bias_view(bias.data(), DType::f32, {256}, Device::gpu());
-  RouteCase reader = model_case(*reader_row, 1, InputKind::random, DType::bf16, 303);
+  RouteCase reader = model_case(reader_row, 1, InputKind::random, DType::bf16, 303);
   const DeviceCase reader_d = upload(reader, harness::make_inputs(reader), {});
   RouteOptions op = on_gpu(stream.get());
   auto write_bias = [&](int w) {
@@ -473,7 +468,8 @@ TEST(GpuRoute, RouteRightAfterItsBiasKernelReadsTheNewBias) {
 TEST(GpuRoute, EmptyBatchDoesNothing) {
   SKIP_WITHOUT_GPU();
   Stream stream;
-  RouteCase c = model_case(harness::model_table()[3], 0, InputKind::random, DType::bf16, 1);
+  RouteCase c =
+      model_case(harness::model_row("Qwen3-30B-A3B"), 0, InputKind::random, DType::bf16, 1);
   const RouteInputs in = harness::make_inputs(c);
   const DeviceCase d = upload(c, in, {});
   route(d.logits, d.bias_view(), c.config, d.weights, d.ids, on_gpu(stream.get()));
@@ -522,7 +518,8 @@ TEST(GpuRoute, ExplainNamesTheKernelThatRuns) {
 TEST(GpuRoute, DeclinesWhatItCannotServe) {
   SKIP_WITHOUT_GPU();
   // CPU tensors: the gpu entry says why it declines.
-  RouteCase c = model_case(harness::model_table()[3], 4, InputKind::random, DType::bf16, 3);
+  RouteCase c =
+      model_case(harness::model_row("Qwen3-30B-A3B"), 4, InputKind::random, DType::bf16, 3);
   const RouteInputs in = harness::make_inputs(c);
   RouteOutputs out = harness::make_poisoned_outputs(c);
   RouteOptions options;
@@ -859,7 +856,8 @@ TEST(GpuRouteV2, DeclinesWhatItDoesNotServe) {
     return make_route_problem("route", in.logits, in.bias_view(), c.config, out.weights, out.ids,
                               {});
   };
-  RouteCase c = model_case(harness::model_table()[3], 4, InputKind::random, DType::bf16, 1);
+  RouteCase c =
+      model_case(harness::model_row("Qwen3-30B-A3B"), 4, InputKind::random, DType::bf16, 1);
   EXPECT_EQ(gpu::route_v2_declines(problem_for(c)), "");
   RouteCase wide = c;
   wide.num_experts = 896;
@@ -1191,7 +1189,8 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
     const RouteOutputs out = harness::make_poisoned_outputs(c);
     return host_problem(c, in, out);
   };
-  RouteCase c = model_case(harness::model_table()[3], 4, InputKind::random, DType::bf16, 1);
+  RouteCase c =
+      model_case(harness::model_row("Qwen3-30B-A3B"), 4, InputKind::random, DType::bf16, 1);
   EXPECT_EQ(gpu::route_v3_declines(problem_for(c)), "");
   for (int lanes : {32, 16, 8}) EXPECT_TRUE(gpu::route_v3_row_lanes_fit(problem_for(c), lanes));
   EXPECT_FALSE(gpu::route_v3_row_lanes_fit(problem_for(c), 4));  // 128 experts > 4 x 16
@@ -1233,7 +1232,8 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
   sigmoid.config.scoring = Scoring::sigmoid;
   RouteCase biased = c;
   biased.has_bias = true;
-  RouteCase f32 = model_case(harness::model_table()[3], 4, InputKind::random, DType::f32, 1);
+  RouteCase f32 =
+      model_case(harness::model_row("Qwen3-30B-A3B"), 4, InputKind::random, DType::f32, 1);
   for (const RouteCase& wide_keys : {sigmoid, biased, f32}) {
     EXPECT_EQ(gpu::route_v3_declines(problem_for(wide_keys)), "") << describe(wide_keys);
     EXPECT_TRUE(gpu::route_v3_row_lanes_fit(problem_for(wide_keys), 32));
@@ -1451,15 +1451,11 @@ TEST(GpuRouteV3Grouped, ModelRowsAreV2sBitForBit) {
 int expect_groups_of_equal_p_ranked_by_p(gpu::RouteKernel kernel, const std::string& name,
                                          std::initializer_list<DType> dtypes, bool same_bytes_as_v2,
                                          cudaStream_t stream) {
-  const harness::ModelRow* v2_row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table())
-    if (model.name == "DeepSeek-V2") v2_row = &model;
-  EXPECT_NE(v2_row, nullptr);
-  if (v2_row == nullptr) return 0;
+  const harness::ModelRow& v2_row = harness::model_row("DeepSeek-V2");
   int fallback_rows = 0;
   for (DType dtype : dtypes) {
     for (int64_t tokens : {1, 2, 7, 64, 1031}) {
-      RouteCase c = model_case(*v2_row, tokens, InputKind::random, dtype, 99 + tokens);
+      RouteCase c = model_case(v2_row, tokens, InputKind::random, dtype, 99 + tokens);
       EXPECT_EQ(c.num_experts, 160);
       EXPECT_EQ(c.config.num_groups, 8);
       EXPECT_EQ(c.config.topk_groups, 3);
@@ -1595,16 +1591,13 @@ TEST(GpuRouteV4, DeepSeekV3IsV2sBitForBit) {
   const uint64_t seed = test_seed();
   std::printf("GpuRouteV4.DeepSeekV3IsV2sBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
               static_cast<unsigned long long>(seed));
-  const harness::ModelRow* v3_row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table())
-    if (model.name == "DeepSeek-V3") v3_row = &model;
-  ASSERT_NE(v3_row, nullptr);
+  const harness::ModelRow& v3_row = harness::model_row("DeepSeek-V3");
   uint64_t n = 0;
   int failures = 0;
   for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
     for (int64_t tokens : {1, 2, 3, 4, 5, 7, 8, 16, 33, 64, 255, 1031, 8192, 16387}) {
       const InputKind kind = kAllKinds[n % std::size(kAllKinds)];
-      RouteCase c = model_case(*v3_row, tokens, kind, dtype, seed + n++);
+      RouteCase c = model_case(v3_row, tokens, kind, dtype, seed + n++);
       if (tokens % 2 == 0) c.ids_dtype = DType::i64;
       const RouteInputs in = harness::make_inputs(c);
       failures += !expect_same_as_v2(c, in, stream.get(), "v4 vs v2", gpu::RouteKernel::v4);
@@ -1657,21 +1650,15 @@ void expect_deterministic_and_capturable(const harness::ModelRow& model, gpu::Ro
 TEST(GpuRouteV4, BitwiseDeterministicAndCapturesIntoCudaGraph) {
   SKIP_WITHOUT_GPU();
   Stream stream;
-  const harness::ModelRow* v3_row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table())
-    if (model.name == "DeepSeek-V3") v3_row = &model;
-  ASSERT_NE(v3_row, nullptr);
-  expect_deterministic_and_capturable(*v3_row, gpu::RouteKernel::v4, "v4", stream.get());
+  const harness::ModelRow& v3_row = harness::model_row("DeepSeek-V3");
+  expect_deterministic_and_capturable(v3_row, gpu::RouteKernel::v4, "v4", stream.get());
 }
 
 TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
   SKIP_WITHOUT_GPU();
   Stream stream;
-  const harness::ModelRow* v3_row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table())
-    if (model.name == "DeepSeek-V3") v3_row = &model;
-  ASSERT_NE(v3_row, nullptr);
-  const RouteCase c = model_case(*v3_row, 4, InputKind::random, DType::bf16, 5);
+  const harness::ModelRow& v3_row = harness::model_row("DeepSeek-V3");
+  const RouteCase c = model_case(v3_row, 4, InputKind::random, DType::bf16, 5);
   EXPECT_EQ(declines_of(c).v4, "");
   auto declines = [&](const RouteCase& changed, const std::string& reason) {
     const std::string why = declines_of(changed).v4;
@@ -1888,11 +1875,8 @@ TEST(GpuRouteV5, BitwiseDeterministicAndCapturesIntoCudaGraph) {
 TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
   SKIP_WITHOUT_GPU();
   Stream stream;
-  const harness::ModelRow* v3_row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table())
-    if (model.name == "DeepSeek-V3") v3_row = &model;
-  ASSERT_NE(v3_row, nullptr);
-  const RouteCase c = model_case(*v3_row, 4, InputKind::random, DType::bf16, 5);
+  const harness::ModelRow& v3_row = harness::model_row("DeepSeek-V3");
+  const RouteCase c = model_case(v3_row, 4, InputKind::random, DType::bf16, 5);
   EXPECT_EQ(v5_declines_of(c), "");
   auto declines = [&](const RouteCase& changed, const std::string& reason) {
     const std::string why = v5_declines_of(changed);
@@ -2067,11 +2051,8 @@ TEST(GpuRouteV6, BitwiseDeterministicAndCapturesIntoCudaGraph) {
 TEST(GpuRouteV6, DeclinesWhatItDoesNotServe) {
   SKIP_WITHOUT_GPU();
   Stream stream;
-  const harness::ModelRow* row = nullptr;
-  for (const harness::ModelRow& model : harness::model_table())
-    if (model.name == "Qwen3-Next-80B-A3B") row = &model;
-  ASSERT_NE(row, nullptr);
-  const RouteCase c = model_case(*row, 4, InputKind::random, DType::bf16, 5);
+  const RouteCase c =
+      model_case(harness::model_row("Qwen3-Next-80B-A3B"), 4, InputKind::random, DType::bf16, 5);
   EXPECT_EQ(v6_declines_of(c), "");
   auto declines = [&](const RouteCase& changed, const std::string& reason) {
     const std::string why = v6_declines_of(changed);
@@ -2129,7 +2110,8 @@ TEST(GpuRuntime, DescribesDeviceAndTimes) {
   EXPECT_GT(p.sm_count, 0);
   EXPECT_FALSE(gpu_hooks().describe(0).empty());
   std::printf("GPU: %s\n", gpu_hooks().describe(0).c_str());
-  RouteCase c = model_case(harness::model_table()[3], 64, InputKind::random, DType::bf16, 5);
+  RouteCase c =
+      model_case(harness::model_row("Qwen3-30B-A3B"), 64, InputKind::random, DType::bf16, 5);
   const RouteInputs in = harness::make_inputs(c);
   const DeviceCase d = upload(c, in, {});
   const double us = gpu::median_graph_replay_us(

@@ -52,6 +52,12 @@ const std::vector<ModelRow>& model_table() {
   return rows;
 }
 
+const ModelRow& model_row(const std::string& name) {
+  for (const ModelRow& row : model_table())
+    if (row.name == name) return row;
+  fail("model_row", "name", name, "is not a row of the model table");
+}
+
 const std::vector<int64_t>& token_counts() {
   static const std::vector<int64_t> counts = {1, 2, 7, 16, 64, 256, 1024, 4096, 8192, 16384};
   return counts;

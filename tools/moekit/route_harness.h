@@ -21,6 +21,8 @@ struct ModelRow {
   int hidden;
 };
 const std::vector<ModelRow>& model_table();
+// The row named `name`; throws moekit::Error if the table has none.
+const ModelRow& model_row(const std::string& name);
 const std::vector<int64_t>& token_counts();  // 1, 2, 7, 16, 64, 256, 1024, 4096, 8192, 16384
 
 // What the logits look like.
