@@ -386,6 +386,25 @@ TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
   EXPECT_NE(route.err.find("--implementation"), std::string::npos) << route.err;
 }
 
+// `--data normal`: DeepGEMM's operands (normal values cast per block) instead of uniform ones,
+// still verified against the reference; a different row time is allowed, a failed check is not.
+// Other names and other ops are one-line errors naming --data.
+TEST_F(CliFp8, BenchGemmNormalData) {
+  const Result r = run(
+      "bench --op gemm --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 3 --data "
+      "normal");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const nlohmann::json rows = nlohmann::json::parse(r.out);
+  ASSERT_EQ(rows.size(), 1u) << r.out;
+  EXPECT_TRUE(rows[0]["verified"].get<bool>());
+  for (const char* args : {"bench --op gemm --backend cpu --data weird",
+                           "bench --op route --backend cpu --data normal"}) {
+    const Result bad = run(args);
+    EXPECT_EQ(bad.exit_code, 2) << args;
+    EXPECT_NE(bad.err.find("--data"), std::string::npos) << args << ": " << bad.err;
+  }
+}
+
 // `moekit bench --op linear`: w8a8_block_fp8_linear (bf16 x quantized in the call, then the GEMM)
 // at any token count, verified against the reference's linear layer; an unknown op names the
 // benchmarked ones.

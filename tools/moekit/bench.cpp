@@ -141,6 +141,9 @@ int run_bench(const BenchOptions& options) {
   if (!options.implementation.empty() && (options.op != "gemm" || backend != Backend::cpu))
     fail("bench", "--implementation", options.implementation,
          "applies to --op gemm --backend cpu only (the GPU bench times every implementation)");
+  if (options.data != "uniform" && options.op != "gemm")
+    fail("bench", "--data", options.data, "applies to --op gemm only");
+  parse_fp8_data(options.data);  // (an unknown name fails before any work)
   const int threads = options.threads > 0 ? options.threads : omp_get_max_threads();
   if (options.op != "route") return run_fp8_bench(options, backend, threads);
   double bandwidth = 0.0;  // bytes/s, read + write

@@ -45,6 +45,9 @@ struct BenchOptions {
   // Only this dispatch entry ("cpu.avx2"; see `moekit explain`): the CPU GEMM bench, to compare
   // implementations (the GPU FP8 bench times every one that serves). Empty: the dispatch's pick.
   std::string implementation;
+  // FP8 GEMM operands (--op gemm): "uniform" (SGLang's tests) or "normal" (DeepGEMM's tests and
+  // published figures); see Fp8Data.
+  std::string data = "uniform";
 };
 int run_bench(const BenchOptions& options);
 
@@ -63,12 +66,20 @@ struct Fp8Shape {
 };
 const std::vector<Fp8Shape>& fp8_shapes();
 
-// Random block_fp8_gemm operands as `moekit check` uses them: A [m, k] and B [n, k] uniform in
-// +-448 cast to e4m3, row-major A scales and f32 B scales uniform in [0, 0.01).
+// Random block_fp8_gemm operands. uniform (`moekit check`, SGLang's block FP8 tests): A [m, k] and
+// B [n, k] uniform in +-448 cast to e4m3, row-major A scales and f32 B scales uniform in
+// [0, 0.01). normal (DeepGEMM's tests, behind its published TFLOPS): standard normal values cast
+// as its per_token / per_block casts do, each 1 x 128 group of A and 128 x 128 block of B scaled so
+// that its largest magnitude is 448, the scale amax / 448. The two draw different power from the
+// tensor cores (the bits toggle differently), which moves the clock of a power-capped card.
+enum class Fp8Data { uniform, normal };
 struct Fp8GemmInputs {
   Tensor a, a_scales, b, b_scales;
 };
-Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed);
+Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed,
+                                   Fp8Data data = Fp8Data::uniform);
+// "uniform" | "normal" (--data); throws naming the option otherwise.
+Fp8Data parse_fp8_data(const std::string& name);
 // Row-major f32 scales [M, G] (host) copied into column-major storage ([G, M], M contiguous): the
 // layout cuBLASLt's VEC128 activation scales need.
 Tensor column_major_scales(const TensorView& row_major);

@@ -85,9 +85,9 @@ std::vector<Tensor> weight_copies(const TensorView& w) {
   return weights;
 }
 
-Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t seed) {
+Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t seed, Fp8Data data) {
   const int64_t N = shape.n, K = shape.k;
-  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
+  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed, data);
   Tensor out = Tensor::empty(DType::bf16, {M, N});
   Row row{shape.name(), M, "", 0.0, 0.0, 2.0 * static_cast<double>(M * N * K), false};
   row.implementation = chosen_name(explain_block_fp8_gemm(
@@ -208,8 +208,9 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
                                                       : std::vector<int64_t>{1, 16, 32, 64, 256};
         const OpOptions op = bench_op_options(backend, threads, options.implementation);
         for (int64_t M : token_counts)
-          rows.push_back(options.op == "gemm" ? bench_gemm(shape, M, op, seed++)
-                                              : bench_linear(shape, M, op, seed++));
+          rows.push_back(options.op == "gemm"
+                             ? bench_gemm(shape, M, op, seed++, parse_fp8_data(options.data))
+                             : bench_linear(shape, M, op, seed++));
       }
     }
   } else if (options.op == "quantize-weight") {

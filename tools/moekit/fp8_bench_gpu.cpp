@@ -50,9 +50,9 @@ std::vector<Tensor> weight_copies(const TensorView& w) {
 }
 
 std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t N, int64_t K,
-                                     uint64_t seed) {
+                                     uint64_t seed, Fp8Data data) {
   const Device gpu = Device::gpu();
-  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed);
+  const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed, data);
   const Tensor a = Tensor::copy_of(in.a, gpu), b_scales = Tensor::copy_of(in.b_scales, gpu);
   const Tensor as_row = Tensor::copy_of(in.a_scales, gpu);
   const Tensor as_col = Tensor::copy_of(column_major_scales(in.a_scales), gpu);
@@ -224,6 +224,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
            (options.tokens == 0 || options.tokens == M);
   };
   if (options.op == "gemm") {
+    const Fp8Data data = parse_fp8_data(options.data);
     struct Shape {
       std::string name;
       int64_t n, k;
@@ -238,7 +239,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     for (const Shape& shape : shapes)
       for (int64_t M : shape.tokens)
         if (wanted(shape.name, M))
-          for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++))
+          for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++, data))
             rows.push_back(std::move(r));
   } else if (options.op == "linear") {
     struct Shape {

@@ -12,8 +12,10 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "commands.h"
+#include "moekit/error.h"
 #include "moekit/ops/fp8.h"
 
 namespace moekit::cli {
@@ -77,6 +79,54 @@ void fill_scales(std::mt19937_64& rng, const Tensor& t) {
 
 constexpr int64_t kBlock = 128;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Standard normal quantiles at (i + 0.5) / 2^16 (|x| <= 4.3), by bisection on erfc: 4 normal
+// values per rng draw, as fill_e4m3 draws its uniform ones.
+const std::array<float, 65536>& normal_table() {
+  static const std::array<float, 65536> table = [] {
+    std::array<float, 65536> t{};
+    for (size_t i = 0; i < t.size(); ++i) {
+      const double p = (static_cast<double>(i) + 0.5) / 65536.0;
+      double low = -6.0, high = 6.0;  // Phi(x) = erfc(-x / sqrt 2) / 2 is increasing
+      for (int step = 0; step < 60; ++step) {
+        const double mid = 0.5 * (low + high);
+        (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p ? low : high) = mid;
+      }
+      t[i] = static_cast<float>(0.5 * (low + high));
+    }
+    return t;
+  }();
+  return table;
+}
+
+// t [rows, cols] e4m3 from normal values, cast per block of `block_rows` x 128 (the last ones
+// partial) as DeepGEMM's per_token (block_rows 1) and per_block (128) casts do: x * 448 / amax,
+// scale amax / 448 (amax at least 1e-4), scales row-major [ceil(rows / block_rows), ceil(cols /
+// 128)].
+void fill_normal_blocks(std::mt19937_64& rng, const Tensor& t, const Tensor& scales,
+                        int64_t block_rows) {
+  const auto& table = normal_table();
+  const int64_t rows = t.size(0), cols = t.size(1), G = ceil_div(cols, kBlock);
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (size_t i = 0; i < x.size(); i += 4) {
+    const uint64_t r = rng();
+    for (size_t j = 0; j < 4 && i + j < x.size(); ++j) x[i + j] = table[(r >> (16 * j)) & 0xffff];
+  }
+  auto* q = t.data_as<uint8_t>();
+  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
+    const int64_t r1 = std::min(rows, r0 + block_rows);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t c0 = g * kBlock, c1 = std::min(cols, c0 + kBlock);
+      float amax = 1e-4f;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[r * cols + c]));
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c)
+          q[r * cols + c] = f32_to_f8e4m3(x[r * cols + c] * (448.0f / amax));
+      scales.data_as<float>()[(r0 / block_rows) * G + g] = amax / 448.0f;
+    }
+  }
+}
 
 // Reference GEMM work per case (multiply-adds; the scalar reference does about 0.25e9/s): above
 // it, the reference runs on the first rows (at least one).
@@ -306,17 +356,28 @@ Tensor random_fp8_activations(uint64_t seed, int64_t M, int64_t K) {
   return random_normal_bf16(seed, M, K, 1.0f, 64, 30.0f);
 }
 
-Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed) {
+Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed, Fp8Data data) {
   std::mt19937_64 rng(seed);
   Fp8GemmInputs in{Tensor::empty(DType::f8e4m3, {m, k}),
                    Tensor::empty(DType::f32, {m, ceil_div(k, kBlock)}),
                    Tensor::empty(DType::f8e4m3, {n, k}),
                    Tensor::empty(DType::f32, {ceil_div(n, kBlock), ceil_div(k, kBlock)})};
+  if (data == Fp8Data::normal) {
+    fill_normal_blocks(rng, in.a, in.a_scales, 1);
+    fill_normal_blocks(rng, in.b, in.b_scales, kBlock);
+    return in;
+  }
   fill_e4m3(rng, in.a);
   fill_scales(rng, in.a_scales);
   fill_e4m3(rng, in.b);
   fill_scales(rng, in.b_scales);
   return in;
+}
+
+Fp8Data parse_fp8_data(const std::string& name) {
+  if (name == "uniform") return Fp8Data::uniform;
+  if (name == "normal") return Fp8Data::normal;
+  fail("bench", "--data", name, "is not uniform or normal");
 }
 
 TensorView first_rows(const TensorView& t, int64_t rows) {

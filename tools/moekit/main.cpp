@@ -238,6 +238,9 @@ int main(int argc, char** argv) {
                         "one token count (CPU --op gemm|linear: any M, not only the table's)");
   bench_cmd->add_option("--implementation", bench.implementation,
                         "CPU --op gemm: only this implementation (see explain)");
+  bench_cmd->add_option("--data", bench.data,
+                        "--op gemm operands: uniform (SGLang's tests, default) | normal "
+                        "(DeepGEMM's: normal values, per-block amax cast)");
 
   CLI::App* explain_cmd =
       app.add_subcommand("explain", "which route implementation runs, and why the others do not");
