@@ -15,6 +15,7 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -608,6 +609,13 @@ RouteProblem device_problem(const RouteCase& c, const DeviceCase& d, cudaStream_
                             on_gpu(stream));
 }
 
+// Asking for `kernel` where it does not serve throws rather than running something else.
+void expect_kernel_refuses(RouteCase c, gpu::RouteKernel kernel, cudaStream_t stream) {
+  const RouteInputs in = harness::make_inputs(c);
+  const DeviceCase d = upload(c, in, {});
+  EXPECT_THROW(gpu::route_with_kernel(device_problem(c, d, stream), kernel), Error) << describe(c);
+}
+
 RouteOutputs run_kernel(const RouteCase& c, const RouteInputs& in, const Placement& place,
                         cudaStream_t stream, gpu::RouteKernel kernel) {
   const DeviceCase d = upload(c, in, place);
@@ -871,11 +879,7 @@ TEST(GpuRouteV2, DeclinesWhatItDoesNotServe) {
   odd_groups.config.topk_groups = 4;
   EXPECT_NE(gpu::route_v2_declines(problem_for(odd_groups)).find("whole runs of lanes"),
             std::string::npos);
-  // Asking for v2 where it does not serve throws rather than running something else.
-  const RouteInputs in = harness::make_inputs(capped);
-  const DeviceCase d = upload(capped, in, {});
-  EXPECT_THROW(
-      gpu::route_with_kernel(device_problem(capped, d, stream.get()), gpu::RouteKernel::v2), Error);
+  expect_kernel_refuses(capped, gpu::RouteKernel::v2, stream.get());
 }
 
 // ---- v3 (src/gpu/route_gpu_v3.cuh): every row layout it can pick, against the reference and v1.
@@ -1239,21 +1243,8 @@ TEST(GpuRouteV3, DeclinesWhatItDoesNotServe) {
     EXPECT_TRUE(gpu::route_v3_row_lanes_fit(problem_for(wide_keys), 32));
     EXPECT_FALSE(gpu::route_v3_row_lanes_fit(problem_for(wide_keys), 16)) << describe(wide_keys);
   }
-  // Asking for v3 where it does not serve throws rather than running something else.
-  {
-    const RouteInputs in = harness::make_inputs(grouped);
-    const DeviceCase d = upload(grouped, in, {});
-    EXPECT_THROW(
-        gpu::route_with_kernel(device_problem(grouped, d, stream.get()), gpu::RouteKernel::v3),
-        Error);
-  }
-  {
-    const RouteInputs in = harness::make_inputs(sigmoid);
-    const DeviceCase d = upload(sigmoid, in, {});
-    EXPECT_THROW(gpu::route_with_kernel(device_problem(sigmoid, d, stream.get()),
-                                        gpu::RouteKernel::v3_lanes8),
-                 Error);
-  }
+  expect_kernel_refuses(grouped, gpu::RouteKernel::v3, stream.get());
+  expect_kernel_refuses(sigmoid, gpu::RouteKernel::v3_lanes8, stream.get());
   // The automatic choice: v3 for every row (or v2 where v3 was measured slower), whole warps at
   // decode sizes.
   if (!v3_switched_off_by_environment() && std::getenv("MOEKIT_GPU_ROUTE_V3_LANES") == nullptr) {
@@ -1515,15 +1506,29 @@ TEST(GpuRouteV3Grouped, SoftmaxGroupsOfEqualPFallBackToRankingByP) {
 // (the same keys, sigmoid and slot-order sums), deterministic, graph-capturable, and declining
 // what it does not serve.
 
-// Why v4 and v2 decline a case (empty: they serve it).
-struct Declines {
-  std::string v4, v2;
-};
-Declines declines_of(RouteCase c) {
+// Why `kernel` (v2, v4, v5 or v6) declines a case (empty: it serves it).
+std::string declines_of(gpu::RouteKernel kernel, RouteCase c) {
   const RouteInputs in = harness::make_inputs(c);
   const RouteOutputs out = harness::make_poisoned_outputs(c);
   const RouteProblem p = host_problem(c, in, out);
-  return {gpu::route_v4_declines(p), gpu::route_v2_declines(p)};
+  switch (kernel) {
+    case gpu::RouteKernel::v2:
+      return gpu::route_v2_declines(p);
+    case gpu::RouteKernel::v4:
+      return gpu::route_v4_declines(p);
+    case gpu::RouteKernel::v5:
+      return gpu::route_v5_declines(p);
+    case gpu::RouteKernel::v6:
+      return gpu::route_v6_declines(p);
+    default:
+      throw std::invalid_argument("declines_of: v2, v4, v5 or v6 only");
+  }
+}
+
+// Expects `kernel` to decline `changed` for a reason that says `reason`.
+void expect_declines(gpu::RouteKernel kernel, const RouteCase& changed, const std::string& reason) {
+  const std::string why = declines_of(kernel, changed);
+  EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
 }
 
 // A random problem that v4 serves: sigmoid, 2-8 groups of 1-32 experts, either group score, at
@@ -1559,9 +1564,9 @@ TEST(GpuRouteV4, RandomShapesAgreeWithReferenceV1AndV2) {
   for (int i = 0; i < 600 && compared < 300 && failures < 20; ++i) {
     RouteCase c = random_v4_case(rng, rng());
     if (c.tokens == 0) continue;
-    const Declines why = declines_of(c);
-    if (!why.v4.empty()) {
-      ADD_FAILURE() << describe(c) << ": v4 should serve it: " << why.v4;
+    const std::string why = declines_of(gpu::RouteKernel::v4, c);
+    if (!why.empty()) {
+      ADD_FAILURE() << describe(c) << ": v4 should serve it: " << why;
       ++failures;
       continue;
     }
@@ -1571,7 +1576,7 @@ TEST(GpuRouteV4, RandomShapesAgreeWithReferenceV1AndV2) {
     if (rng() % 4 == 0) place.output_row_pad = 1 + static_cast<int64_t>(rng() % 3);
     ++compared;
     bool pass = compare_with_v1(c, place, stream.get(), {{gpu::RouteKernel::v4, "v4"}});
-    if (why.v2.empty()) {
+    if (declines_of(gpu::RouteKernel::v2, c).empty()) {
       ++against_v2;
       pass = expect_same_as_v2(c, harness::make_inputs(c), stream.get(), "v4 vs v2",
                                gpu::RouteKernel::v4) &&
@@ -1659,10 +1664,9 @@ TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
   Stream stream;
   const harness::ModelRow& v3_row = harness::model_row("DeepSeek-V3");
   const RouteCase c = model_case(v3_row, 4, InputKind::random, DType::bf16, 5);
-  EXPECT_EQ(declines_of(c).v4, "");
-  auto declines = [&](const RouteCase& changed, const std::string& reason) {
-    const std::string why = declines_of(changed).v4;
-    EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
+  EXPECT_EQ(declines_of(gpu::RouteKernel::v4, c), "");
+  auto declines = [](const RouteCase& changed, const std::string& reason) {
+    expect_declines(gpu::RouteKernel::v4, changed, reason);
   };
   RouteCase softmax = c;
   softmax.config.scoring = Scoring::softmax;
@@ -1686,24 +1690,13 @@ TEST(GpuRouteV4, DeclinesWhatItDoesNotServe) {
   many_slots.config.topk = 17;
   many_slots.config.num_shared_experts = 9;
   declines(many_slots, "K=17");
-  // Asking for v4 where it does not serve throws rather than running something else.
-  const RouteInputs in = harness::make_inputs(softmax);
-  const DeviceCase d = upload(softmax, in, {});
-  EXPECT_THROW(
-      gpu::route_with_kernel(device_problem(softmax, d, stream.get()), gpu::RouteKernel::v4),
-      Error);
+  expect_kernel_refuses(softmax, gpu::RouteKernel::v4, stream.get());
 }
 
 // ---- v5 (src/gpu/route_gpu_v5.cuh): sigmoid rows in whole warps with 32-bit keys; against the
 // reference and v1 on random shapes, bit for bit against v2 where v2 serves the same problem, rows
 // whose truncated scores tie (the reorder and the exact pass), deterministic, graph-capturable,
 // and declining what it does not serve.
-
-std::string v5_declines_of(RouteCase c) {
-  const RouteInputs in = harness::make_inputs(c);
-  const RouteOutputs out = harness::make_poisoned_outputs(c);
-  return gpu::route_v5_declines(host_problem(c, in, out));
-}
 
 // A random problem that v5 serves: sigmoid, E <= 512, ungrouped or in groups of whole lanes (8
 // experts per lane up to E = 256, else 16), at most 8 routed slots and 0-5 shared ones, any dtypes,
@@ -1755,7 +1748,7 @@ TEST(GpuRouteV5, RandomShapesAgreeWithReferenceV1AndV2) {
   for (int i = 0; i < 600 && compared < 300 && failures < 20; ++i) {
     RouteCase c = random_v5_case(rng, rng());
     if (c.tokens == 0) continue;
-    const std::string why = v5_declines_of(c);
+    const std::string why = declines_of(gpu::RouteKernel::v5, c);
     if (!why.empty()) {
       ADD_FAILURE() << describe(c) << ": v5 should serve it: " << why;
       ++failures;
@@ -1772,7 +1765,7 @@ TEST(GpuRouteV5, RandomShapesAgreeWithReferenceV1AndV2) {
       std::fflush(stdout);
     }
     bool pass = compare_with_v1(c, place, stream.get(), {{gpu::RouteKernel::v5, "v5"}});
-    if (declines_of(c).v2.empty()) {
+    if (declines_of(gpu::RouteKernel::v2, c).empty()) {
       ++against_v2;
       pass = expect_same_as_v2(c, harness::make_inputs(c), stream.get(), "v5 vs v2",
                                gpu::RouteKernel::v5) &&
@@ -1877,10 +1870,9 @@ TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
   Stream stream;
   const harness::ModelRow& v3_row = harness::model_row("DeepSeek-V3");
   const RouteCase c = model_case(v3_row, 4, InputKind::random, DType::bf16, 5);
-  EXPECT_EQ(v5_declines_of(c), "");
-  auto declines = [&](const RouteCase& changed, const std::string& reason) {
-    const std::string why = v5_declines_of(changed);
-    EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
+  EXPECT_EQ(declines_of(gpu::RouteKernel::v5, c), "");
+  auto declines = [](const RouteCase& changed, const std::string& reason) {
+    expect_declines(gpu::RouteKernel::v5, changed, reason);
   };
   RouteCase softmax = c;
   softmax.config.scoring = Scoring::softmax;
@@ -1905,23 +1897,13 @@ TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
   many_slots.config.topk = 40;
   many_slots.config.num_shared_experts = 33;
   declines(many_slots, "K=40");
-  const RouteInputs in = harness::make_inputs(softmax);
-  const DeviceCase d = upload(softmax, in, {});
-  EXPECT_THROW(
-      gpu::route_with_kernel(device_problem(softmax, d, stream.get()), gpu::RouteKernel::v5),
-      Error);
+  expect_kernel_refuses(softmax, gpu::RouteKernel::v5, stream.get());
 }
 
 // ---- v6 (src/gpu/route_gpu_v6.cuh): softmax rows of 16-bit logits in whole warps with unrolled
 // rounds; against the reference and v1 on random shapes, the model rows against the reference
 // and v2's bytes (wherever v2 serves: the same arithmetic), the groups whose p round equal,
 // deterministic, graph-capturable, and declining what it does not serve.
-
-std::string v6_declines_of(RouteCase c) {
-  const RouteInputs in = harness::make_inputs(c);
-  const RouteOutputs out = harness::make_poisoned_outputs(c);
-  return gpu::route_v6_declines(host_problem(c, in, out));
-}
 
 // A random problem that v6 serves: softmax of bf16 / f16 logits without bias or softcap,
 // ungrouped E <= 512 with Kr <= 8 (10 past 256 experts), or DeepSeek-V2's groups (2-8 groups of
@@ -1965,7 +1947,7 @@ TEST(GpuRouteV6, RandomShapesAgreeWithReferenceAndV1) {
   for (int i = 0; i < 600 && compared < 300 && failures < 20; ++i) {
     RouteCase c = random_v6_case(rng, rng());
     if (c.tokens == 0) continue;
-    const std::string why = v6_declines_of(c);
+    const std::string why = declines_of(gpu::RouteKernel::v6, c);
     if (!why.empty()) {
       ADD_FAILURE() << describe(c) << ": v6 should serve it: " << why;
       ++failures;
@@ -1979,7 +1961,8 @@ TEST(GpuRouteV6, RandomShapesAgreeWithReferenceAndV1) {
     grouped += c.config.num_groups > 1;
     by_logit += c.config.renormalize && c.config.num_groups == 1;
     bool pass = compare_with_v1(c, place, stream.get(), {{gpu::RouteKernel::v6, "v6"}});
-    if (declines_of(c).v2.empty()) {  // v2's arithmetic (by logit, or by p in expert order)
+    if (declines_of(gpu::RouteKernel::v2, c)
+            .empty()) {  // v2's arithmetic (by logit, or by p in expert order)
       ++against_v2;
       pass = expect_same_as_v2(c, harness::make_inputs(c), stream.get(), "v6 vs v2",
                                gpu::RouteKernel::v6) &&
@@ -2015,7 +1998,7 @@ TEST(GpuRouteV6, SoftmaxModelRowsAgreeWithReference) {
         RouteCase c = model_case(model, tokens, kind, dtype, seed + n++);
         if (tokens % 2 == 0) c.ids_dtype = DType::i64;
         const RouteInputs in = harness::make_inputs(c);
-        EXPECT_EQ(v6_declines_of(c), "") << model.name;
+        EXPECT_EQ(declines_of(gpu::RouteKernel::v6, c), "") << model.name;
         if (tokens <= 1031)
           failures += !expect_agreement(c, in, harness::run_reference(c, in),
                                         run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v6),
@@ -2053,10 +2036,9 @@ TEST(GpuRouteV6, DeclinesWhatItDoesNotServe) {
   Stream stream;
   const RouteCase c =
       model_case(harness::model_row("Qwen3-Next-80B-A3B"), 4, InputKind::random, DType::bf16, 5);
-  EXPECT_EQ(v6_declines_of(c), "");
-  auto declines = [&](const RouteCase& changed, const std::string& reason) {
-    const std::string why = v6_declines_of(changed);
-    EXPECT_NE(why.find(reason), std::string::npos) << describe(changed) << ": '" << why << "'";
+  EXPECT_EQ(declines_of(gpu::RouteKernel::v6, c), "");
+  auto declines = [](const RouteCase& changed, const std::string& reason) {
+    expect_declines(gpu::RouteKernel::v6, changed, reason);
   };
   RouteCase f32 = c;
   f32.logits_dtype = DType::f32;
@@ -2097,11 +2079,7 @@ TEST(GpuRouteV6, DeclinesWhatItDoesNotServe) {
   top2.config.topk = 6;
   top2.config.group_score = GroupScore::top2_sum;
   declines(top2, "top2_sum");
-  const RouteInputs in = harness::make_inputs(sigmoid);
-  const DeviceCase d = upload(sigmoid, in, {});
-  EXPECT_THROW(
-      gpu::route_with_kernel(device_problem(sigmoid, d, stream.get()), gpu::RouteKernel::v6),
-      Error);
+  expect_kernel_refuses(sigmoid, gpu::RouteKernel::v6, stream.get());
 }
 
 TEST(GpuRuntime, DescribesDeviceAndTimes) {
