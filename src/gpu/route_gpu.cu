@@ -112,11 +112,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_kernel(const Rout
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < a.num_tokens;
        row += rows_per_step) {
     if (row >= a.num_valid_tokens) {  // padding row: ids -1, weights 0
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        const int slot = r + q * kLanes;
-        if (slot < a.topk) store_slot(a, row, slot, 0.0f, -1);
-      }
+      store_padding_slots<kSlots, kLanes>(a, row, r);
       continue;
     }
     const int64_t row_offset = row * a.logits_row_stride;

@@ -294,6 +294,18 @@ __device__ __forceinline__ void store_slot(const RouteArgs& a, int64_t row, int 
     static_cast<int32_t*>(a.ids)[row * a.ids_row_stride + slot] = static_cast<int32_t>(id);
 }
 
+// A padding row (past num_valid_tokens): ids -1, weights 0 in the slots lane r holds (r,
+// r + kRowLanes, ...: kSlots of them). in_range: the row exists (a warp's last rows may not).
+template <int kSlots, int kRowLanes>
+__device__ __forceinline__ void store_padding_slots(const RouteArgs& a, int64_t row, int r,
+                                                    bool in_range = true) {
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q) {
+    const int slot = r + q * kRowLanes;
+    if (in_range && slot < a.topk) store_slot(a, row, slot, 0.0f, -1);
+  }
+}
+
 // Steps 5-7 of spec/routing.md for one slot, then the store: a fused shared slot (slot >= Kr) gets
 // id E + (slot - Kr) and the weight routed_sum / rsf; then renormalization and scaling. Every
 // kernel finishes its slots here, so their bits agree.

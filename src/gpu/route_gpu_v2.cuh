@@ -231,12 +231,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v2_kernel(const R
     const int64_t row = first_row + row_in_warp;
     const bool in_range = row < a.num_tokens;
     const bool valid = row < a.num_valid_tokens;  // else a padding row (or past the end)
-    if (first_row >= a.num_valid_tokens) {  // every row of the step is padding: ids -1, weights 0
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        const int slot = r + q * kRowLanes;
-        if (in_range && slot < a.topk) store_slot(a, row, slot, 0.0f, -1);
-      }
+    if (first_row >= a.num_valid_tokens) {        // every row of the step is padding
+      store_padding_slots<kSlots, kRowLanes>(a, row, r, in_range);
       continue;
     }
     // A padding row beside a valid one computes on zeros (no loads) and stores padding.

@@ -347,12 +347,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
     const int64_t row = first_row + row_in_warp;
     const bool in_range = row < a.num_tokens;
     const bool valid = row < a.num_valid_tokens;
-    if (first_row >= a.num_valid_tokens) {  // every row of the step is padding: ids -1, weights 0
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        const int slot = r + q * kRowLanes;
-        if (in_range && slot < a.topk) store_slot(a, row, slot, 0.0f, -1);
-      }
+    if (first_row >= a.num_valid_tokens) {  // every row of the step is padding
+      store_padding_slots<kSlots, kRowLanes>(a, row, r, in_range);
       continue;
     }
     const int64_t row_offset = row * a.logits_row_stride;
