@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -598,27 +597,12 @@ GemmArgs args_of(const BlockGemmProblem& p) {
   return g;
 }
 
-// Blocks of `kernel` (threads, dynamic shared bytes) resident on one SM of the current device,
-// cached per device. A host-side query: allowed while a stream is being captured.
-int resident_blocks(const void* kernel, int threads, int shared_bytes, int device) {
-  static std::mutex mutex;
-  static std::vector<std::tuple<const void*, int, int, int>> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, t, d, blocks] : known)
-    if (k == kernel && t == threads && d == device) return blocks;
-  int blocks = 0;
-  MOEKIT_GPU_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
-  blocks = std::max(blocks, 1);
-  known.emplace_back(kernel, threads, device, blocks);
-  return blocks;
-}
-
 // The blocks run at once, at most one per tile: they stay resident and walk their tiles, so no
 // second wave leaves SMs idle at the end.
 unsigned grid_for(int64_t tiles, const void* kernel, int threads, int shared_bytes, int device) {
-  const int64_t resident = int64_t{device_properties(device).sm_count} *
-                           resident_blocks(kernel, threads, shared_bytes, device);
+  const int64_t resident =
+      int64_t{device_properties(device).sm_count} *
+      resident_blocks_per_sm(kernel, threads, static_cast<size_t>(shared_bytes), device);
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, resident)));
 }
 

@@ -18,9 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "core/env_switch.h"
@@ -449,20 +447,6 @@ bool streaming_hints() {
   return on;
 }
 
-// Blocks of `kernel` (with `threads` threads) resident on one SM of `device`, cached.
-int resident_blocks(const void* kernel, int threads, int device) {
-  static std::mutex mutex;
-  static std::vector<std::tuple<const void*, int, int, int>> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, t, d, blocks] : known)
-    if (k == kernel && t == threads && d == device) return blocks;
-  int blocks = 0;
-  MOEKIT_GPU_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
-  blocks = std::max(blocks, 1);
-  known.emplace_back(kernel, threads, device, blocks);
-  return blocks;
-}
-
 // ---- block_quantize_weight: one block of 256 threads per 128 x 128 tile of w. Thread t takes
 // the 8 columns 8 * (t % 16) of rows t / 16 + 16 i, i < 8 (all 64 values stay in registers).
 
@@ -607,7 +591,7 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   // warp then walks its units as a pipeline, and no second wave leaves SMs idle at the end.
   const int64_t blocks_needed = fp8::ceil_div(a.units, kQuantWarps);
   const int resident =
-      resident_blocks(reinterpret_cast<const void*>(kernel), kQuantThreads, device);
+      resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kQuantThreads, 0, device);
   int per_sm = whole_units ? resident : std::min(kQuantBlocksPerSm, resident);
   if (lane_chunks == kMaxLaneChunks) per_sm = std::min(per_sm, stream_grid_blocks_per_sm());
   const int64_t block_cap = int64_t{device_properties(device).sm_count} * per_sm;

@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/env_switch.h"
@@ -93,6 +94,20 @@ DeviceProperties device_properties(int device) {
   p.shared_memory_per_block_optin = prop.sharedMemPerBlockOptin;
   cache.emplace(device, p);
   return p;
+}
+
+int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes, int device) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  const auto key = std::make_tuple(kernel, threads, shared_bytes, device);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  int blocks = 0;
+  MOEKIT_GPU_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
+  blocks = std::max(blocks, 1);
+  cache.emplace(key, blocks);
+  return blocks;
 }
 
 bool programmatic_launch_allowed(int device) {

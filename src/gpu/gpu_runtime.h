@@ -19,6 +19,12 @@ struct DeviceProperties {
 };
 DeviceProperties device_properties(int device);  // cached; throws Error
 
+// Blocks of `kernel` (a __global__ function) with `threads` threads and `shared_bytes` of dynamic
+// shared memory resident at once on one SM of `device` (at least 1), asked once per (kernel,
+// threads, bytes, device). A host-side query: allowed while a stream is being captured. The caller
+// has `device` current.
+int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes, int device);
+
 // Whether kernels on `device` may be launched overlapping the previous kernel of their stream
 // (programmatic dependent launch: compute capability 9.0+), unless MOEKIT_GPU_PDL=0 (A/B timing).
 bool programmatic_launch_allowed(int device);

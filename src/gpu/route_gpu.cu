@@ -35,9 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "core/env_switch.h"
@@ -1100,22 +1098,6 @@ V3Shape v3_shape(const RouteProblem& p, RouteKernel kernel) {
           vote && lanes == kLanes && mode_of(p) == Mode::sigmoid};
 }
 
-// Blocks of `kernel` (of `threads` threads) resident on one SM with `shared_bytes` of dynamic
-// shared memory, asked once per (kernel, threads, shared bytes, device).
-int resident_blocks_per_sm(KernelFn kernel, int threads, size_t shared_bytes, int device) {
-  static std::mutex mutex;
-  static std::vector<std::tuple<KernelFn, int, size_t, int, int>> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, t, bytes, d, blocks] : known)
-    if (k == kernel && t == threads && bytes == shared_bytes && d == device) return blocks;
-  int blocks = 0;
-  MOEKIT_GPU_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
-  blocks = std::max(blocks, 1);
-  known.emplace_back(kernel, threads, shared_bytes, device, blocks);
-  return blocks;
-}
-
 // Launches `kernel` over the problem's rows with a grid of at most what is resident at once (no
 // partial wave; the kernel walks the rows in a grid-stride loop).
 void launch_resident_rows(const RouteProblem& p, KernelFn kernel, size_t scratch_bytes,
@@ -1125,8 +1107,9 @@ void launch_resident_rows(const RouteProblem& p, KernelFn kernel, size_t scratch
   const int threads = a.block_warps * kLanes;
   const int64_t rows_per_block = static_cast<int64_t>(a.block_warps) * rows_per_warp;
   const int64_t blocks_needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
-  const int64_t resident = static_cast<int64_t>(device_properties(device).sm_count) *
-                           resident_blocks_per_sm(kernel, threads, scratch_bytes, device);
+  const int64_t resident =
+      static_cast<int64_t>(device_properties(device).sm_count) *
+      resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), threads, scratch_bytes, device);
   const auto blocks = static_cast<unsigned>(std::min(blocks_needed, resident));
   MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(blocks), dim3(threads), scratch_bytes,
                                   static_cast<cudaStream_t>(p.stream),
