@@ -47,6 +47,27 @@ double measure_cpu_copy_bandwidth(int threads) {
   return best;
 }
 
+double median_cpu_call_us(const std::function<void(int)>& call) {
+  const auto first = Clock::now();
+  call(0);
+  const bool slow = seconds_since(first) > 50e-3;
+  int batch = 1;
+  for (;;) {
+    const auto start = Clock::now();
+    for (int i = 0; i < batch; ++i) call(i);
+    if (seconds_since(start) > 2e-3 || batch > (1 << 20)) break;
+    batch *= 2;
+  }
+  std::vector<double> samples;
+  for (int rep = 0; rep < (slow ? 5 : 15); ++rep) {
+    const auto start = Clock::now();
+    for (int i = 0; i < batch; ++i) call(i);
+    samples.push_back(seconds_since(start) * 1e6 / batch);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
 namespace {
 
 struct Row {
@@ -57,11 +78,6 @@ struct Row {
   double bytes;
   bool verified;
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // Median microseconds per route call on the CPU. Calls rotate over enough copies of the input that
 // the logits do not sit in the caches between calls (as in a model, where they were just written
@@ -77,26 +93,10 @@ double time_cpu(const harness::RouteCase& c, const harness::RouteInputs& in, Bac
   RouteOptions options;
   options.backend = backend;
   options.num_threads = threads;
-  auto call = [&](int i) {
+  return median_cpu_call_us([&](int i) {
     route(logits[static_cast<size_t>(i % copies)], in.bias_view(), c.config, out.weights, out.ids,
           options);
-  };
-  // Calibrate a batch to about 2 ms, then take the median of 15 batches.
-  call(0);
-  int batch = 1;
-  for (;;) {
-    const auto start = Clock::now();
-    for (int i = 0; i < batch; ++i) call(i);
-    if (seconds_since(start) > 2e-3 || batch > (1 << 20)) break;
-    batch *= 2;
-  }
-  std::vector<double> samples;
-  for (int rep = 0; rep < 15; ++rep) {
-    const auto start = Clock::now();
-    for (int i = 0; i < batch; ++i) call(i);
-    samples.push_back(seconds_since(start) * 1e6 / batch);
-  }
-  return median(samples);
+  });
 }
 
 #ifdef MOEKIT_HAVE_GPU

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -50,6 +51,10 @@ struct BenchOptions {
   std::string data = "uniform";
 };
 int run_bench(const BenchOptions& options);
+
+// Median microseconds per call of call(i) on the CPU: batches calibrated to about 2 ms, 15 of them
+// (5 when one call takes over 50 ms). call(i) may rotate over copies of its inputs (bench.cpp).
+double median_cpu_call_us(const std::function<void(int)>& call);
 
 // Copy bandwidth (bytes read + written per second) of `threads` CPU threads over buffers far larger
 // than the caches: the denominator of the CPU roofline (bench.cpp).

@@ -7,9 +7,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -18,35 +16,6 @@
 
 namespace moekit::cli {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-// Median microseconds per call: batches calibrated to about 2 ms, 15 of them (5 when one call
-// takes over 50 ms). call(i) may rotate over copies of its inputs.
-double median_us(const std::function<void(int)>& call) {
-  const auto first = Clock::now();
-  call(0);
-  const bool slow = seconds_since(first) > 50e-3;
-  int batch = 1;
-  for (;;) {
-    const auto start = Clock::now();
-    for (int i = 0; i < batch; ++i) call(i);
-    if (seconds_since(start) > 2e-3 || batch > (1 << 20)) break;
-    batch *= 2;
-  }
-  std::vector<double> samples;
-  for (int rep = 0; rep < (slow ? 5 : 15); ++rep) {
-    const auto start = Clock::now();
-    for (int i = 0; i < batch; ++i) call(i);
-    samples.push_back(seconds_since(start) * 1e6 / batch);
-  }
-  std::sort(samples.begin(), samples.end());
-  return samples[samples.size() / 2];
-}
 
 struct Row {
   std::string model;  // the shape's name
@@ -101,7 +70,7 @@ Row bench_gemm(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t s
                  in.b, in.b_scales, std::nullopt, ref, OpOptions{Backend::reference});
   row.verified = relative_mean_error(out, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
   const std::vector<Tensor> weights = weight_copies(in.b);
-  row.median_us = median_us([&](int i) {
+  row.median_us = median_cpu_call_us([&](int i) {
     block_fp8_gemm(in.a, in.a_scales, ScaleLayout::row_major,
                    weights[static_cast<size_t>(i) % weights.size()], in.b_scales, std::nullopt, out,
                    op);
@@ -133,7 +102,7 @@ Row bench_linear(const Fp8Shape& shape, int64_t M, const OpOptions& op, uint64_t
                         ref_workspace.data(), ref_bytes, OpOptions{Backend::reference});
   row.verified = relative_mean_error(y, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
   const std::vector<Tensor> weights = weight_copies(w.b);
-  row.median_us = median_us([&](int i) {
+  row.median_us = median_cpu_call_us([&](int i) {
     w8a8_block_fp8_linear(x, weights[static_cast<size_t>(i) % weights.size()], w.b_scales,
                           std::nullopt, y, workspace.data(), workspace_bytes, op);
   });
@@ -158,7 +127,7 @@ Row bench_quantize_weight(const std::string& name, int64_t N, int64_t K, Backend
   row.verified =
       !check.implementation.empty() && check.diffs == check.near_ties && check.scale_diffs == 0;
   if (check.implementation.empty()) return row;
-  row.median_us = median_us([&](int) { block_quantize_weight(w, q, s, op); });
+  row.median_us = median_cpu_call_us([&](int) { block_quantize_weight(w, q, s, op); });
   row.bytes = static_cast<double>(w.nbytes() + q.nbytes() + s.nbytes());
   return row;
 }
@@ -182,7 +151,7 @@ Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layou
       check_fp8_quant(first_rows(x, std::min<int64_t>(M, 64)), layout, backend);
   row.implementation = check.implementation;
   row.verified = check.ran && check.diffs == check.near_ties && check.scale_diffs == 0;
-  row.median_us = median_us([&](int) { per_token_group_quant_fp8(x, q, scales, c, op); });
+  row.median_us = median_cpu_call_us([&](int) { per_token_group_quant_fp8(x, q, scales, c, op); });
   row.bytes = static_cast<double>(x.nbytes() + q.nbytes() + scales.nbytes());
   return row;
 }
