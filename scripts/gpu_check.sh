@@ -8,8 +8,10 @@
 #   scripts/gpu_check.sh --pack-deps   (on a dev machine) copy gtest, fmt, CLI11 and nlohmann-json
 #                                      from /usr into build-deps/ (git-ignored), a CMake prefix the
 #                                      GPU machine uses when it lacks them: carry build-deps there.
-# Everything useful lands in $OUT (default /tmp/out): gpu_check.log, tests.txt, bench_gpu.json,
-# peers.txt, summary.txt. Each step has a time limit; the whole run stays well under 9 minutes.
+# Everything useful lands in $OUT (default /tmp/out): gpu_check.log and summary.txt, and the other
+# outputs (tests.txt, bench_gpu.json, peers.txt, the A/B tables and JSON, fp8_*) packed into
+# gpu_check_files.tgz at the end (the device tool returns at most 8 files). Each step has a time
+# limit; the whole run stays well under 9 minutes.
 # A step that cannot run says why and the script goes on with what it can do.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -291,3 +293,16 @@ PY
     cat "$OUT/fp8_bench.txt"
   fi
 } | tee "$OUT/summary.txt"
+
+# Pack the step outputs into one archive (the log and the summary stay beside it).
+(
+  cd "$OUT" || exit 0
+  packed=()
+  for f in tests.txt bench_gpu.json peers.txt bench_no_v6.json bench_no_v5.json bench_v2.json \
+    bench_v1.json route_ab.txt fp8_bench.txt fp8_gemm.json fp8_stderr.txt fp8_ab.txt build.txt; do
+    [[ -e $f ]] && packed+=("$f")
+  done
+  if ((${#packed[@]})) && tar czf gpu_check_files.tgz "${packed[@]}"; then
+    rm -f "${packed[@]}"
+  fi
+)
