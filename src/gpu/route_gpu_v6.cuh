@@ -262,8 +262,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 8) route_rows_v6_kernel(cons
     constexpr int kGroupWindows =
         kGrouped ? kGroupLanesLog2 + kV6RankWindows<kGroupLanesLog2> + 1 : 1;
     constexpr int kChainWindows = kGroupWindows - 1 + kRounds - 1;
-    // (At most 8 float4s a window: 16 experts per lane by p would spill; the rest follows the
-    // rounds.)
+    // (At most 8 float4s a window, the rest after the rounds: the 16-per-lane instance by p, a
+    // shape of no model row, spilled 16 bytes with 15 a window; it keeps 24 bytes of stack at 8,
+    // 8 before these windows.)
     constexpr int kEvenShare = (kTerms4 + kChainWindows - 1) / kChainWindows;
     constexpr int kShare = kEvenShare < 8 ? kEvenShare : 8;
     constexpr int kSumSteps = (kTerms4 + kShare - 1) / kShare;
