@@ -512,6 +512,7 @@ struct SwapTuning {
   int co_resident;
   int push;
   int early_tiles = 0;
+  int in_flight = 0;  // k-blocks' MMAs in flight per warpgroup (0: the planner's)
 };
 
 std::string knob(int value) { return value < 0 ? "" : std::to_string(value); }
@@ -523,10 +524,11 @@ class ForcedTuning {
         early_("MOEKIT_SM90_EARLY", knob(t.early)),
         co_resident_("MOEKIT_SM90_CORESIDENT", knob(t.co_resident)),
         push_("MOEKIT_SM90_PUSH", knob(t.push)),
-        early_tiles_("MOEKIT_SM90_EARLY_TILES", std::to_string(t.early_tiles)) {}
+        early_tiles_("MOEKIT_SM90_EARLY_TILES", std::to_string(t.early_tiles)),
+        in_flight_("MOEKIT_SM90_IN_FLIGHT", std::to_string(t.in_flight)) {}
 
  private:
-  ScopedEnv stages_, early_, co_resident_, push_, early_tiles_;
+  ScopedEnv stages_, early_, co_resident_, push_, early_tiles_, in_flight_;
 };
 
 // Every swap layout the planner may pick (64 or 128 weight rows, clusters of 1..8, 3 and 6 too),
@@ -576,11 +578,14 @@ TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
                                                       {33, 384, 7168},
                                                       {64, 1024, 3000},
                                                       {65, 256, 1024}}};
-  const SwapTuning tunings[] = {{2, 0, 0, 0}, {24, 1, 0, 1},    {8, 1, 1, 1},   {0, 0, 1, 0},
-                                {4, 1, 1, 1}, {16, 1, 0, 1, 3}, {0, -1, -1, -1}};
+  const SwapTuning tunings[] = {{2, 0, 0, 0},          {24, 1, 0, 1},      {8, 1, 1, 1},
+                                {0, 0, 1, 0},          {4, 1, 1, 1},       {16, 1, 0, 1, 3},
+                                {2, 0, 0, 0, 0, 2},    {4, 1, 1, 1, 0, 3}, {16, 1, 0, 0, 0, 3},
+                                {0, -1, -1, -1, 0, 1}, {0, -1, -1, -1}};
   for (const SwapTuning& tuning : tunings) {
-    std::printf(" stages %d, early %d, co-resident %d, push %d, early tiles %d\n", tuning.stages,
-                tuning.early, tuning.co_resident, tuning.push, tuning.early_tiles);
+    std::printf(" stages %d, early %d, co-resident %d, push %d, early tiles %d, in flight %d\n",
+                tuning.stages, tuning.early, tuning.co_resident, tuning.push, tuning.early_tiles,
+                tuning.in_flight);
     for (const auto& s : shapes) {
       const GemmCase c = random_case(rng, s[0], s[1], s[2]);
       const Buffers host = make_host_buffers(c);

@@ -106,6 +106,61 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t
 #endif
 }
 
+// An L2 policy for the copies below: lines they bring in are the first (evict_first) or the last
+// (evict_last) to be replaced.
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t policy = 0;
+#if MOEKIT_SM90A
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+#endif
+  return policy;
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_last() {
+  uint64_t policy = 0;
+#if MOEKIT_SM90A
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+#endif
+  return policy;
+}
+
+// tma_load_2d with an L2 policy from l2_policy_evict_first / _last.
+__device__ __forceinline__ void tma_load_2d_hinted(void* dst, const void* map, uint64_t* bar,
+                                                   int inner, int outer, uint64_t policy) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(inner), "r"(outer),
+      "l"(policy)
+      : "memory");
+#else
+  (void)dst;
+  (void)map;
+  (void)bar;
+  (void)inner;
+  (void)outer;
+  (void)policy;
+#endif
+}
+
+// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) at `global` into shared memory
+// at dst; completes as transaction bytes on bar. The contiguous counterpart of tma_load_2d.
+__device__ __forceinline__ void bulk_load(void* dst, const void* global, uint32_t bytes,
+                                          uint64_t* bar) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(shared_address(dst)),
+      "l"(global), "r"(bytes), "r"(shared_address(bar))
+      : "memory");
+#else
+  (void)dst;
+  (void)global;
+  (void)bytes;
+  (void)bar;
+#endif
+}
+
 // Pulls the box at (inner, outer) into L2 only (no shared memory, no barrier). Safe before the
 // previous grid has finished: L2 is where every SM's writes land, so a later read still sees them.
 __device__ __forceinline__ void tma_prefetch_2d(const void* map, int inner, int outer) {
