@@ -116,7 +116,7 @@ struct RingShape {
 };
 
 template <bool kTiles>
-__global__ void __launch_bounds__(64)
+__global__ void __launch_bounds__(384)
     read_by_ring(const __grid_constant__ CUtensorMap map, const uint8_t* bytes, RingShape shape,
                  uint32_t* sink) {
   extern __shared__ __align__(1024) uint8_t shared[];
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(64)
         issue(i);
       }
     }
-  } else {
+  } else if (warp == 1) {
     // The GEMM's consumers wait for the previous grid (its activations) before their first use.
     vendor::wait_for_previous_grid();
     uint32_t acc = 0;
@@ -179,6 +179,7 @@ __global__ void __launch_bounds__(64)
     }
     if (acc == kNever) sink[blockIdx.x * 32 + lane] = acc;
   }
+  __syncthreads();  // warps past the first two (GEMM-sized blocks) stay until the CTA ends
 }
 
 // ---- Host side.
@@ -259,17 +260,24 @@ double time_calls(Bench& b, Launch launch) {
 
 template <typename... Args>
 void launch_kernel(void (*kernel)(Args...), const Bench& b, unsigned blocks, unsigned threads,
-                   size_t shared, bool overlap, Args... args) {
+                   size_t shared, bool overlap, unsigned cluster, Args... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = shared;
   config.stream = b.stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = overlap ? 1 : 0;
+  cudaLaunchAttribute attributes[2]{};
+  unsigned count = 0;
+  if (overlap) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count++].val.clusterDim = {cluster, 1, 1};
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
   CK(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
@@ -290,7 +298,7 @@ double time_loads(Bench& b, int blocks_per_sm, int threads, bool overlap, bool e
   const unsigned blocks = static_cast<unsigned>(b.sms * blocks_per_sm);
   return time_calls(b, [&](int c) {
     launch_kernel(read_by_loads<kInFlight>, b, blocks, static_cast<unsigned>(threads), 0, overlap,
-                  reinterpret_cast<const uint4*>(b.weights[c]), b.bytes / 16, early ? 1 : 0,
+                  1u, reinterpret_cast<const uint4*>(b.weights[c]), b.bytes / 16, early ? 1 : 0,
                   b.sink);
   });
 }
@@ -299,19 +307,20 @@ template <int kHeld>
 double time_held(Bench& b, int blocks_per_sm, int threads) {
   const unsigned blocks = static_cast<unsigned>(b.sms * blocks_per_sm);
   return time_calls(b, [&](int c) {
-    launch_kernel(read_held<kHeld>, b, blocks, static_cast<unsigned>(threads), 0, true,
+    launch_kernel(read_held<kHeld>, b, blocks, static_cast<unsigned>(threads), 0, true, 1u,
                   reinterpret_cast<const uint4*>(b.weights[c]), b.bytes / 16, b.sink);
   });
 }
 
 double time_ring(Bench& b, bool tiles, unsigned ctas, RingShape shape, bool overlap,
-                 const std::vector<CUtensorMap>& maps) {
+                 const std::vector<CUtensorMap>& maps, unsigned threads = 64,
+                 unsigned cluster = 1) {
   const size_t shared = size_t{shape.chunk_bytes} * shape.stages + 16 * shape.stages + 1024;
   auto kernel = tiles ? read_by_ring<true> : read_by_ring<false>;
   CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           static_cast<int>(shared)));
   return time_calls(b, [&](int c) {
-    launch_kernel(kernel, b, ctas, 64u, shared, overlap, maps[c],
+    launch_kernel(kernel, b, ctas, threads, shared, overlap, cluster, maps[c],
                   static_cast<const uint8_t*>(b.weights[c]), shape, b.sink);
   });
 }
@@ -409,12 +418,30 @@ int main(int argc, char** argv) {
     struct TileCase {
       int rows, splits, stages, early;
       int evict_first = 0, promote = 1;
+      unsigned threads = 64, cluster = 1;
     };
     const TileCase tile_cases[] = {
-        {64, 2, 16, 1},       {64, 2, 16, 0},       {64, 2, 12, 1},        {64, 2, 8, 1},
-        {64, 2, 4, 1},        {64, 2, 24, 1},       {64, 1, 24, 1},        {128, 4, 12, 1},
-        {128, 4, 6, 1},       {32, 1, 32, 1},       {64, 4, 12, 1},        {64, 2, 16, 1, 1, 1},
-        {64, 2, 16, 1, 0, 0}, {64, 2, 16, 1, 1, 0}, {128, 4, 12, 1, 1, 1},
+        {64, 2, 16, 1},
+        {64, 2, 16, 0},
+        {64, 2, 12, 1},
+        {64, 2, 8, 1},
+        {64, 2, 24, 1},
+        {64, 1, 24, 1},
+        {32, 1, 32, 1},
+        {128, 4, 12, 1},
+        {64, 4, 12, 1},
+        {64, 2, 16, 1, 1, 1},
+        {64, 2, 16, 1, 0, 0},
+        {64, 2, 16, 1, 1, 0},
+        // As the swap kernel launches: 384 threads, clusters of `splits`.
+        {64, 2, 16, 1, 0, 0, 384, 1},
+        {64, 2, 16, 1, 0, 0, 64, 2},
+        {64, 2, 16, 1, 0, 0, 384, 2},
+        {128, 4, 12, 1, 0, 0, 384, 1},
+        {128, 4, 12, 1, 0, 0, 64, 4},
+        {128, 4, 12, 1, 0, 0, 384, 4},
+        {64, 4, 12, 1, 0, 0, 384, 1},
+        {64, 4, 12, 1, 0, 0, 384, 4},
     };
     for (const TileCase& t : tile_cases) {
       if (k_blocks % t.splits != 0 || b.n % t.rows != 0) continue;
@@ -431,8 +458,12 @@ int main(int argc, char** argv) {
           std::to_string(ctas) + " CTAs, " + std::to_string(t.rows) + " rows x split " +
           std::to_string(t.splits) + ", " + std::to_string(t.stages) + " stages" +
           (t.early ? ", early" : "") + (t.evict_first ? ", evict-first" : "") +
-          (t.promote ? "" : ", no promotion");
-      print_row(b, floor_us, {"tiles", setting, time_ring(b, true, ctas, shape, true, maps)});
+          (t.promote ? "" : ", no promotion") +
+          (t.threads != 64 ? ", " + std::to_string(t.threads) + " threads" : "") +
+          (t.cluster > 1 ? ", clusters of " + std::to_string(t.cluster) : "");
+      print_row(
+          b, floor_us,
+          {"tiles", setting, time_ring(b, true, ctas, shape, true, maps, t.threads, t.cluster)});
     }
     struct BulkCase {
       int ctas_per_sm_x2;  // CTAs = SMs * this / 2

@@ -109,14 +109,12 @@ struct GemmArgs {
   Epilogue epilogue;
   Activations activations;  // swap kernel with kQuantizeX only
   int m, n, k_blocks;
-  int tiles_m, tiles_n;    // tiles kernel: out tiles of 128 x 128
-  int splits;              // swap kernel: CTAs of one cluster that split K of one weight tile
-  int stages;              // swap kernel: depth of the shared-memory ring (even)
-  bool early_weights;      // swap kernel: weight tiles into the ring before the previous grid ends
-  bool push_sums;          // swap kernel: split CTAs push their sums into rank 0's shared memory
-  int early_tiles;         // swap kernel, early_weights: at most this many tiles before the wait
-  int l2_hints;            // swap kernel: 1 = weight tiles evict-first, 2 = token tiles evict-last
-  int k_blocks_in_flight;  // swap kernel: k-blocks' MMAs in flight per warpgroup (1..3)
+  int tiles_m, tiles_n;  // tiles kernel: out tiles of 128 x 128
+  int splits;            // swap kernel: CTAs of one cluster that split K of one weight tile
+  int stages;            // swap kernel: depth of the shared-memory ring (even)
+  bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
+  bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
+  int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
 };
 
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
@@ -220,24 +218,6 @@ __device__ __forceinline__ void multiply_k_block(float (&part)[N / 2], const uin
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
   sm90::wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
-}
-
-// multiply_k_block's MMAs, issued and committed as one group but not waited for: the caller waits
-// (wgmma_wait) before it reads `part` or frees the tiles.
-template <int N>
-__device__ __forceinline__ void issue_k_block(float (&part)[N / 2], const uint8_t* a_tile,
-                                              const uint8_t* b_tile) {
-  const uint64_t desc_a = sm90::smem_descriptor_sw128(a_tile);
-  const uint64_t desc_b = sm90::smem_descriptor_sw128(b_tile);
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
-  sm90::wgmma_fence();
-#pragma unroll
-  for (int k = 0; k < kBlockK / 32; ++k)
-    sm90::WgmmaFp8<N>::run(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
-  sm90::wgmma_commit();
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
 }
@@ -690,20 +670,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       }
       sm90::prefetch_tensor_map(&w_map);
       if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
-      const uint64_t weight_policy = sm90::l2_policy_evict_first();
-      const uint64_t token_policy = sm90::l2_policy_evict_last();
-      auto load_weights = [&](uint8_t* dst, uint64_t* bar, int k) {
-        if (args.l2_hints & 1)
-          sm90::tma_load_2d_hinted(dst, &w_map, bar, k, n0, weight_policy);
-        else
-          sm90::tma_load_2d(dst, &w_map, bar, k, n0);
-      };
-      auto load_tokens = [&](uint8_t* dst, uint64_t* bar, int k) {
-        if (args.l2_hints & 2)
-          sm90::tma_load_2d_hinted(dst, &x_map, bar, k, t0, token_policy);
-        else
-          sm90::tma_load_2d(dst, &x_map, bar, k, t0);
-      };
       const int first = min(count, stage_count);
       int i = 0;
       if (args.early_weights) {
@@ -712,14 +678,15 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         const int first_early = min(first, args.early_tiles);
         for (int j = 0; j < first_early; ++j) {
           sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
-          load_weights(stages + j * Config::kStageBytes, &full[j], (kb_begin + j) * kBlockK);
+          sm90::tma_load_2d(stages + j * Config::kStageBytes, &w_map, &full[j],
+                            (kb_begin + j) * kBlockK, n0);
         }
         vendor::wait_for_previous_grid();
         MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
         if constexpr (!kQuantizeX) {
           for (int j = 0; j < first_early; ++j)
-            load_tokens(stages + j * Config::kStageBytes + Config::kWeightBytes, &full[j],
-                        (kb_begin + j) * kBlockK);
+            sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
+                              &full[j], (kb_begin + j) * kBlockK, t0);
         }
         i = first_early;
       } else {
@@ -735,8 +702,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         uint8_t* stage = stages + slot.stage * Config::kStageBytes;
         const int k = (kb_begin + i) * kBlockK;
         sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
-        load_weights(stage, &full[slot.stage], k);
-        if constexpr (!kQuantizeX) load_tokens(stage + Config::kWeightBytes, &full[slot.stage], k);
+        sm90::tma_load_2d(stage, &w_map, &full[slot.stage], k, n0);
+        if constexpr (!kQuantizeX)
+          sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
       }
       MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::last_issued));
     }
@@ -820,93 +788,25 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   RingSlot slot;
   if (kAlternate) slot.advance(warpgroup, stage_count);
   const int step = kAlternate ? kConsumers : 1;
-  const auto tiles_of = [&](int i, const RingSlot& at, const uint8_t*& weights,
-                            const uint8_t*& tokens) {
-    const uint8_t* stage = stages + at.stage * Config::kStageBytes;
-    weights = stage + row_offset;
-    tokens = kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
-  };
-  // k-block i's product into acc with its scales (promotion), in k-block order: the same bits
-  // whichever loop below runs.
-  const auto promote = [&](const float(&p)[kRegisters], int i) {
+  for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
+    sm90::mbarrier_wait(&full[slot.stage], slot.phase);
+    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
+    const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
+    const uint8_t* token_tile =
+        kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
+    multiply_k_block<kTokens>(part, stage + row_offset, token_tile);
+    if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
+
     const float sb = b_scales[i];
     const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
 #pragma unroll
     for (int j = 0; j < kTokens / 8; ++j) {
       const float2 a = *reinterpret_cast<const float2*>(sa + 8 * j);
       const float scale0 = sb * a.x, scale1 = sb * a.y;
-      acc[4 * j + 0] += p[4 * j + 0] * scale0;
-      acc[4 * j + 1] += p[4 * j + 1] * scale1;
-      acc[4 * j + 2] += p[4 * j + 2] * scale0;
-      acc[4 * j + 3] += p[4 * j + 3] * scale1;
-    }
-  };
-  const int first_block = kAlternate ? warpgroup : 0;
-  if (args.k_blocks_in_flight > 1) {
-    // Two or three k-blocks' MMAs in flight per warpgroup: k-block i is waited for only after the
-    // next one (or two) is issued, so the MMA latency overlaps (session 11: 64-token tiles).
-    // Which k-blocks are in flight depends on `count` only, so every branch is uniform across the
-    // warpgroup, as wgmma needs; promotion stays in k-block order.
-    const int depth = args.k_blocks_in_flight;
-    float b[kRegisters], c[kRegisters];
-    RingSlot issue_at = slot;  // the slot of the next k-block to issue
-    const auto issue = [&](float(&p)[kRegisters], int i) {
-      sm90::mbarrier_wait(&full[issue_at.stage], issue_at.phase);
-      const uint8_t *weights, *tokens;
-      tiles_of(i, issue_at, weights, tokens);
-      issue_k_block<kTokens>(p, weights, tokens);
-      issue_at.advance(step, stage_count);
-    };
-    // Waits until k-block i is done, `later` k-blocks after it still in flight.
-    const auto wait_for_oldest = [](int later) {
-      if (later >= 2)
-        sm90::wgmma_wait<2>();
-      else if (later == 1)
-        sm90::wgmma_wait<1>();
-      else
-        sm90::wgmma_wait<0>();
-    };
-    const auto retire = [&](float(&p)[kRegisters], int i) {
-#pragma unroll
-      for (int r = 0; r < kRegisters; ++r) sm90::fence_operand(p[r]);
-      if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
-      slot.advance(step, stage_count);
-      promote(p, i);
-    };
-    // k-block i is in `cur`; the one `depth` - 1 after it goes into `spare`.
-    const auto advance = [&](float(&cur)[kRegisters], float(&spare)[kRegisters], int i) {
-      const int newest = i + (depth - 1) * step;
-      if (newest < count) issue(spare, newest);
-      wait_for_oldest(min(depth - 1, (count - 1 - i) / step));
-      retire(cur, i);
-    };
-    if (first_block < count) issue(part, first_block);
-    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::first_stage_full));
-    if (depth == 2) {
-      for (int i = first_block; i < count; i += 2 * step) {
-        advance(part, b, i);
-        if (i + step >= count) break;
-        advance(b, part, i + step);
-      }
-    } else {
-      if (first_block + step < count) issue(b, first_block + step);
-      for (int i = first_block; i < count; i += 3 * step) {
-        advance(part, c, i);
-        if (i + step >= count) break;
-        advance(b, part, i + step);
-        if (i + 2 * step >= count) break;
-        advance(c, b, i + 2 * step);
-      }
-    }
-  } else {
-    for (int i = first_block; i < count; i += step, slot.advance(step, stage_count)) {
-      sm90::mbarrier_wait(&full[slot.stage], slot.phase);
-      MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
-      const uint8_t *weights, *tokens;
-      tiles_of(i, slot, weights, tokens);
-      multiply_k_block<kTokens>(part, weights, tokens);
-      if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
-      promote(part, i);
+      acc[4 * j + 0] += part[4 * j + 0] * scale0;
+      acc[4 * j + 1] += part[4 * j + 1] * scale1;
+      acc[4 * j + 2] += part[4 * j + 2] * scale0;
+      acc[4 * j + 3] += part[4 * j + 3] * scale1;
     }
   }
 
@@ -1039,6 +939,7 @@ EncodeTiled encode_tiled() {
 
 // A [rows, cols] byte matrix (row stride in bytes) read in boxes of box_rows x 128 bytes with
 // 128-byte swizzle; out-of-bounds elements read as zeros.
+// l2_promotion: 0 none, 1..3 64, 128, 256 bytes.
 CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int64_t cols,
                           int64_t row_stride, int box_rows, int l2_promotion = 3) {
   const CUtensorMapL2promotion promotions[4] = {
@@ -1108,9 +1009,7 @@ struct Plan {
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
   int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
-  int l2_hints = 0;                 // swap: GemmArgs::l2_hints
-  int k_blocks_in_flight = 1;       // swap: GemmArgs::k_blocks_in_flight
-  int weight_promotion = 3;         // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
+  int weight_promotion = 0;         // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   dim3 grid;
   size_t shared_bytes = 0;
@@ -1178,9 +1077,8 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // for timing experiments only: MOEKIT_SM90_STAGES=n (n > 0), MOEKIT_SM90_EARLY, MOEKIT_SM90_PUSH,
 // MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1,
 // MOEKIT_SM90_EARLY_TILES=n (n > 0: at most n weight tiles before the wait, the rest of the ring
-// after the token tiles; session 8), MOEKIT_SM90_L2_HINTS (GemmArgs::l2_hints) and
-// MOEKIT_SM90_W_PROMOTION=0..3 (the weight map's L2 promotion: none, 64, 128, 256 bytes; session
-// 11).
+// after the token tiles; session 8), MOEKIT_SM90_W_PROMOTION=0..3 (the weight map's L2
+// promotion: none, 64, 128, 256 bytes; session 11).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -1188,8 +1086,6 @@ struct SwapOverrides {
   int early_weights = -1, push_sums = -1, co_resident = -1;  // -1: the planner's
   int odd_splits = -1;                                       // -1: the planner's
   int early_tiles = 0;                                       // 0: every stage's
-  int l2_hints = 0;                                          // GemmArgs::l2_hints
-  int k_blocks_in_flight = 0;                                // 0: the planner's
   int weight_promotion = -1;                                 // -1: the planner's
 };
 
@@ -1202,8 +1098,6 @@ SwapOverrides swap_overrides() {
   o.co_resident = env::integer("MOEKIT_SM90_CORESIDENT", o.co_resident);
   o.odd_splits = env::integer("MOEKIT_SM90_SPLIT3", o.odd_splits);
   o.early_tiles = env::integer("MOEKIT_SM90_EARLY_TILES", o.early_tiles);
-  o.l2_hints = env::integer("MOEKIT_SM90_L2_HINTS", o.l2_hints);
-  o.k_blocks_in_flight = env::integer("MOEKIT_SM90_IN_FLIGHT", o.k_blocks_in_flight);
   o.weight_promotion = env::integer("MOEKIT_SM90_W_PROMOTION", o.weight_promotion);
   return o;
 }
@@ -1323,10 +1217,9 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   plan.early_tiles = overrides.early_tiles > 0 ? overrides.early_tiles
                      : kTokens == 64           ? 8
                                                : plan.stages;
-  plan.l2_hints = overrides.l2_hints;
-  plan.k_blocks_in_flight = overrides.k_blocks_in_flight >= 1 && overrides.k_blocks_in_flight <= 3
-                                ? overrides.k_blocks_in_flight
-                                : 1;
+  // Weight tiles without L2 promotion: each box row is 128 bytes of a 7 KB-apart row, and 256-byte
+  // promotion (the tile maps' default) cost M = 1..16 0.15-0.4 us per call at N=4096 K=7168 (H200,
+  // moekit bench, three device runs; M=64 unchanged; fp8-gpu-sm90.md, session 11).
   if (overrides.weight_promotion >= 0 && overrides.weight_promotion <= 3)
     plan.weight_promotion = overrides.weight_promotion;
   // The same layout built for two CTAs per SM, where two fit: the planner's waves count one per
@@ -1493,10 +1386,11 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
-                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s",
+                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s%s",
                   plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
                   plan.shared_bytes, plan.cluster_capacity, early,
-                  plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
+                  plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
+                  plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
                   plan.shared_bytes);
@@ -1520,8 +1414,6 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
     args.early_tiles = plan.early_tiles;
-    args.l2_hints = plan.l2_hints;
-    args.k_blocks_in_flight = plan.k_blocks_in_flight;
   } else {
     first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
     second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);
@@ -1600,8 +1492,6 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.early_weights = plan.early_weights;
   args.push_sums = plan.push_sums;
   args.early_tiles = plan.early_tiles;
-  args.l2_hints = plan.l2_hints;
-  args.k_blocks_in_flight = plan.k_blocks_in_flight;
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);
   const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map

@@ -106,8 +106,7 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t
 #endif
 }
 
-// An L2 policy for the copies below: lines they bring in are the first (evict_first) or the last
-// (evict_last) to be replaced.
+// An L2 policy for the copies below: the lines they bring in are the first to be replaced.
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t policy = 0;
 #if MOEKIT_SM90A
@@ -115,15 +114,7 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
 #endif
   return policy;
 }
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy = 0;
-#if MOEKIT_SM90A
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-#endif
-  return policy;
-}
-
-// tma_load_2d with an L2 policy from l2_policy_evict_first / _last.
+// tma_load_2d with an L2 policy (l2_policy_evict_first).
 __device__ __forceinline__ void tma_load_2d_hinted(void* dst, const void* map, uint64_t* bar,
                                                    int inner, int outer, uint64_t policy) {
 #if MOEKIT_SM90A
