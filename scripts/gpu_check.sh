@@ -2,9 +2,10 @@
 # The one script for the GPU machine, run from anywhere in the repo:
 #   scripts/gpu_check.sh [--quick]     build (Release, sm_90a), GPU tests, `moekit check` and
 #                                      `moekit bench` on the GPU, the peer benchmark, a summary
-#   GPU_CHECK_PREBUILT=1 scripts/gpu_check.sh [--quick]   the same with build/gpu/moekit and
-#                                      build/gpu/moekit_gpu_tests built on a dev machine and carried
-#                                      (with build-deps for their shared libraries): no build here
+#   GPU_CHECK_PREBUILT=1 scripts/gpu_check.sh [--quick]   the same with build/gpu/moekit,
+#                                      build/gpu/moekit_gpu_tests and build/gpu/hbm_stream_floor
+#                                      built on a dev machine and carried (with build-deps for
+#                                      their shared libraries): no build here
 #   scripts/gpu_check.sh --pack-deps   (on a dev machine) copy gtest, fmt, CLI11 and nlohmann-json
 #                                      from /usr into build-deps/ (git-ignored), a CMake prefix the
 #                                      GPU machine uses when it lacks them: carry build-deps there.
@@ -75,12 +76,12 @@ else
       -DCMAKE_CUDA_ARCHITECTURES=90a-real -DCMAKE_CUDA_COMPILER="$NVCC" \
       -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "${PREFIX[@]}" "$@" > "$OUT/configure.txt" 2>&1
   }
-  TARGETS=(moekit_gpu_tests moekit_cli)
+  TARGETS=(moekit_gpu_tests moekit_cli hbm_stream_floor)
   if configure -DMOEKIT_BUILD_TESTS=ON; then
     :
   elif rm -rf "$BUILD" && configure -DMOEKIT_BUILD_TESTS=OFF; then
     note "configured WITHOUT tests (GoogleTest not found): no moekit_gpu_tests"
-    TARGETS=(moekit_cli)
+    TARGETS=(moekit_cli hbm_stream_floor)
   else
     tail -30 "$OUT/configure.txt"
     note "configure failed (missing fmt / CLI11 / nlohmann-json / GoogleTest? run" \
@@ -231,6 +232,19 @@ if [[ -x $CLI ]]; then
   if python3 -c 'import torch' 2>/dev/null; then
     PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu_fp8_peers.py "$FP8_JSON" \
       >> "$OUT/fp8_bench.txt" 2>&1 || note "FP8 peers: FAILED or timed out (fp8_bench.txt)"
+  fi
+  # The decode GEMM's stream floor: kernels that only read N=4096 K=7168's weights per call
+  # (docs/perf/fp8-gpu-sm90.md, session 11); the whole table in stream_floor.txt.
+  if [[ -x $BUILD/hbm_stream_floor ]]; then
+    if timeout 120 "$BUILD/hbm_stream_floor" > "$OUT/stream_floor.txt" 2>&1; then
+      {
+        echo "stream floor (hbm_stream_floor; no arithmetic, us per call):"
+        grep -E "copy bandwidth|one call reads|loads  2 blocks/SM x 512, PDL early, 8 deep|384 threads, clusters of 2" \
+          "$OUT/stream_floor.txt"
+      } >> "$OUT/fp8_bench.txt"
+    else
+      note "hbm_stream_floor: exit $? (stream_floor.txt)"
+    fi
   fi
   cat "$OUT/fp8_bench.txt"
 else
