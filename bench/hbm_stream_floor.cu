@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "gpu/sm90/ptx.h"
 #include "gpu/vendor.h"
 
@@ -32,38 +33,56 @@ namespace {
 namespace sm90 = moekit::gpu::sm90;
 namespace vendor = moekit::gpu::vendor;
 
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
 // A value no 16 bytes of the filled weights xor to, so the store that keeps the loads alive never
 // happens (the fill is a constant byte: every xor of four equal words is 0).
 constexpr uint32_t kNever = 0x9e3779b9u;
+
+// kCount words of this thread, blockDim.x apart from `first` (zeros past `end`).
+template <int kCount>
+__device__ __forceinline__ void load_words(uint4 (&v)[kCount], const uint4* words, size_t first,
+                                           size_t end) {
+#pragma unroll
+  for (int u = 0; u < kCount; ++u) {
+    const size_t j = first + size_t{blockDim.x} * u;
+    v[u] = j < end ? vendor::load_once(words + j) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int kCount>
+__device__ __forceinline__ uint32_t xor_of(const uint4 (&v)[kCount]) {
+  uint32_t acc = 0;
+#pragma unroll
+  for (int u = 0; u < kCount; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  return acc;
+}
+
+// The xor of this thread's words from `first` to `end`, kInFlight loads at a time.
+template <int kInFlight>
+__device__ __forceinline__ uint32_t xor_stream(const uint4* words, size_t first, size_t end) {
+  uint32_t acc = 0;
+  for (size_t i = first; i < end; i += size_t{blockDim.x} * kInFlight) {
+    uint4 v[kInFlight];
+    load_words(v, words, i, end);
+    acc ^= xor_of(v);
+  }
+  return acc;
+}
+
+// This block's contiguous share of the words: [begin, end).
+__device__ __forceinline__ void share_of_block(size_t total_words, size_t& begin, size_t& end) {
+  const size_t share = (total_words + gridDim.x - 1) / gridDim.x;
+  begin = blockIdx.x * share;
+  end = std::min(total_words, begin + share);
+}
 
 // ---- loads: every thread streams 16-byte words of its block's contiguous share.
 template <int kInFlight>
 __global__ void read_by_loads(const uint4* words, size_t total_words, int early, uint32_t* sink) {
   vendor::allow_next_grid();
   if (!early) vendor::wait_for_previous_grid();
-  const size_t share = (total_words + gridDim.x - 1) / gridDim.x;
-  const size_t begin = blockIdx.x * share;
-  const size_t end = std::min(total_words, begin + share);
-  uint32_t acc = 0;
-  for (size_t i = begin + threadIdx.x; i < end; i += size_t{blockDim.x} * kInFlight) {
-    uint4 v[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const size_t j = i + size_t{blockDim.x} * u;
-      v[u] = j < end ? vendor::load_once(words + j) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
+  size_t begin, end;
+  share_of_block(total_words, begin, end);
+  const uint32_t acc = xor_stream<kInFlight>(words, begin + threadIdx.x, end);
   if (early) vendor::wait_for_previous_grid();
   if (acc == kNever) sink[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
@@ -75,31 +94,13 @@ template <int kHeld>
 __global__ void __launch_bounds__(512)
     read_held(const uint4* words, size_t total_words, uint32_t* sink) {
   vendor::allow_next_grid();
-  const size_t share = (total_words + gridDim.x - 1) / gridDim.x;
-  const size_t begin = blockIdx.x * share;
-  const size_t end = std::min(total_words, begin + share);
+  size_t begin, end;
+  share_of_block(total_words, begin, end);
   uint4 held[kHeld];
-#pragma unroll
-  for (int u = 0; u < kHeld; ++u) {
-    const size_t j = begin + threadIdx.x + size_t{blockDim.x} * u;
-    held[u] = j < end ? vendor::load_once(words + j) : make_uint4(0, 0, 0, 0);
-  }
+  load_words(held, words, begin + threadIdx.x, end);
   vendor::wait_for_previous_grid();
-  uint32_t acc = 0;
-#pragma unroll
-  for (int u = 0; u < kHeld; ++u) acc ^= held[u].x ^ held[u].y ^ held[u].z ^ held[u].w;
-  constexpr int kInFlight = 4;
-  for (size_t i = begin + threadIdx.x + size_t{blockDim.x} * kHeld; i < end;
-       i += size_t{blockDim.x} * kInFlight) {
-    uint4 v[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const size_t j = i + size_t{blockDim.x} * u;
-      v[u] = j < end ? vendor::load_once(words + j) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
+  const uint32_t acc =
+      xor_of(held) ^ xor_stream<4>(words, begin + threadIdx.x + size_t{blockDim.x} * kHeld, end);
   if (acc == kNever) sink[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
 
