@@ -938,8 +938,8 @@ EncodeTiled encode_tiled() {
 }
 
 // A [rows, cols] byte matrix (row stride in bytes) read in boxes of box_rows x 128 bytes with
-// 128-byte swizzle; out-of-bounds elements read as zeros.
-// l2_promotion: 0 none, 1..3 64, 128, 256 bytes.
+// 128-byte swizzle; out-of-bounds elements read as zeros. l2_promotion: the L2 line size each
+// box row's request is widened to (0 none, 1..3 64, 128, 256 bytes).
 CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int64_t cols,
                           int64_t row_stride, int box_rows, int l2_promotion = 3) {
   const CUtensorMapL2promotion promotions[4] = {

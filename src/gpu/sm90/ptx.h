@@ -1,6 +1,7 @@
 // Hopper (sm_90a) instructions the FP8 GEMM needs, one small named function each: mbarriers, the
 // bulk tensor copy engine (TMA), warpgroup MMA bookkeeping, register reallocation, cluster barriers
-// and distributed shared memory. NVIDIA-only: included by fp8_gemm_sm90.cu alone. Every body is
+// and distributed shared memory. NVIDIA-only: included by fp8_gemm_sm90.cu and by the experiment
+// program bench/hbm_stream_floor.cu (the only user of the L2 policy and bulk_load). Every body is
 // compiled only in the sm_90a device pass (MOEKIT_SM90A); elsewhere the functions are empty, and
 // the host side never launches a kernel built from them (block_gemm_sm90_supports checks).
 #pragma once
