@@ -111,9 +111,10 @@ struct RingShape {
   int chunks;     // slots' worth of bytes each CTA streams
   uint32_t chunk_bytes;
   int stages;
-  int early;         // issue the first `stages` chunks before griddepcontrol.wait
-  size_t cta_bytes;  // bulk: bytes per CTA (contiguous)
-  int evict_first;   // tiles: the boxes' lines first out of L2
+  int early;           // issue the first `stages` chunks before griddepcontrol.wait
+  size_t cta_bytes;    // bulk: bytes per CTA (contiguous)
+  int evict_first;     // tiles: the boxes' lines first out of L2
+  int blocks_per_box;  // tiles: 128-byte k-blocks per box (2: a 3-D map, two tiles in one copy)
 };
 
 template <bool kTiles>
@@ -145,7 +146,9 @@ __global__ void __launch_bounds__(384)
     sm90::mbarrier_arrive_expect_tx(&full[s], shape.chunk_bytes);
     if (kTiles) {
       const int k_block = split * shape.chunks + i;
-      if (shape.evict_first)
+      if (shape.blocks_per_box == 2)
+        sm90::tma_load_3d(slot, &map, &full[s], 0, row_tile * shape.tile_rows, 2 * k_block);
+      else if (shape.evict_first)
         sm90::tma_load_2d_hinted(slot, &map, &full[s], k_block * 128, row_tile * shape.tile_rows,
                                  sm90::l2_policy_evict_first());
       else
@@ -199,7 +202,27 @@ EncodeTiled encode_tiled() {
   return reinterpret_cast<EncodeTiled>(entry);
 }
 
-CUtensorMap tile_map(const void* base, int64_t rows, int64_t cols, int box_rows, bool promote) {
+// blocks_per_box 2: a 3-D view (128 bytes, rows, k-blocks) whose boxes hold two k-blocks' tiles,
+// one after the other, each swizzled as a 2-D box would be.
+CUtensorMap tile_map(const void* base, int64_t rows, int64_t cols, int box_rows, bool promote,
+                     int blocks_per_box = 1) {
+  if (blocks_per_box == 2) {
+    CUtensorMap map{};
+    const cuuint64_t dims[3] = {128, static_cast<cuuint64_t>(rows),
+                                static_cast<cuuint64_t>(cols / 128)};
+    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(cols), 128};
+    const cuuint32_t box[3] = {128, static_cast<cuuint32_t>(box_rows), 2};
+    const cuuint32_t element_strides[3] = {1, 1, 1};
+    static const EncodeTiled encode = encode_tiled();
+    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
+               element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               promote ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_NONE,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+      std::fprintf(stderr, "cuTensorMapEncodeTiled (3-D) failed\n");
+      std::exit(1);
+    }
+    return map;
+  }
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols)};
@@ -420,6 +443,7 @@ int main(int argc, char** argv) {
       int rows, splits, stages, early;
       int evict_first = 0, promote = 1;
       unsigned threads = 64, cluster = 1;
+      int blocks_per_box = 1;
     };
     const TileCase tile_cases[] = {
         {64, 2, 16, 1},
@@ -443,17 +467,23 @@ int main(int argc, char** argv) {
         {128, 4, 12, 1, 0, 0, 384, 4},
         {64, 4, 12, 1, 0, 0, 384, 1},
         {64, 4, 12, 1, 0, 0, 384, 4},
+        // Two k-blocks per copy (16 KB boxes through a 3-D map), the swap kernel's 64 x 2.
+        {64, 2, 8, 1, 0, 0, 64, 1, 2},
+        {64, 2, 12, 1, 0, 0, 64, 1, 2},
+        {64, 2, 8, 1, 0, 0, 384, 2, 2},
+        {64, 2, 12, 1, 0, 0, 384, 2, 2},
     };
     for (const TileCase& t : tile_cases) {
-      if (k_blocks % t.splits != 0 || b.n % t.rows != 0) continue;
-      const uint32_t chunk = static_cast<uint32_t>(t.rows) * 128;
+      if (k_blocks % (t.splits * t.blocks_per_box) != 0 || b.n % t.rows != 0) continue;
+      const uint32_t chunk = static_cast<uint32_t>(t.rows * t.blocks_per_box) * 128;
       if (size_t{chunk} * t.stages + 16 * t.stages + 1024 > size_t{prop.sharedMemPerBlockOptin})
         continue;
       std::vector<CUtensorMap> maps;
       for (int c = 0; c < b.copies; ++c)
-        maps.push_back(tile_map(b.weights[c], b.n, b.k, t.rows, t.promote != 0));
-      RingShape shape{t.rows,  t.splits, k_blocks / t.splits, chunk, t.stages,
-                      t.early, 0,        t.evict_first};
+        maps.push_back(tile_map(b.weights[c], b.n, b.k, t.rows, t.promote != 0, t.blocks_per_box));
+      RingShape shape{t.rows, t.splits,      k_blocks / t.splits / t.blocks_per_box,
+                      chunk,  t.stages,      t.early,
+                      0,      t.evict_first, t.blocks_per_box};
       const unsigned ctas = static_cast<unsigned>(b.n / t.rows * t.splits);
       const std::string setting =
           std::to_string(ctas) + " CTAs, " + std::to_string(t.rows) + " rows x split " +
@@ -461,7 +491,8 @@ int main(int argc, char** argv) {
           (t.early ? ", early" : "") + (t.evict_first ? ", evict-first" : "") +
           (t.promote ? "" : ", no promotion") +
           (t.threads != 64 ? ", " + std::to_string(t.threads) + " threads" : "") +
-          (t.cluster > 1 ? ", clusters of " + std::to_string(t.cluster) : "");
+          (t.cluster > 1 ? ", clusters of " + std::to_string(t.cluster) : "") +
+          (t.blocks_per_box == 2 ? ", 2 k-blocks per copy" : "");
       print_row(
           b, floor_us,
           {"tiles", setting, time_ring(b, true, ctas, shape, true, maps, t.threads, t.cluster)});
@@ -481,7 +512,7 @@ int main(int argc, char** argv) {
       // Whole chunks per CTA; the few bytes past the last whole chunk are left unread.
       const size_t cta_bytes = b.bytes / ctas / c.chunk * c.chunk;
       RingShape shape{
-          0, 1, static_cast<int>(cta_bytes / c.chunk), c.chunk, c.stages, c.early, cta_bytes, 0};
+          0, 1, static_cast<int>(cta_bytes / c.chunk), c.chunk, c.stages, c.early, cta_bytes, 0, 1};
       const std::string setting =
           std::to_string(ctas) + " CTAs, " + std::to_string(c.chunk / 1024) + " KB chunks, " +
           std::to_string(c.stages) + " stages" + (c.early ? ", early" : "") + " (" +

@@ -1,9 +1,10 @@
 // Hopper (sm_90a) instructions the FP8 GEMM needs, one small named function each: mbarriers, the
 // bulk tensor copy engine (TMA), warpgroup MMA bookkeeping, register reallocation, cluster barriers
 // and distributed shared memory. NVIDIA-only: included by fp8_gemm_sm90.cu and by the experiment
-// program bench/hbm_stream_floor.cu (the only user of the L2 policy and bulk_load). Every body is
-// compiled only in the sm_90a device pass (MOEKIT_SM90A); elsewhere the functions are empty, and
-// the host side never launches a kernel built from them (block_gemm_sm90_supports checks).
+// program bench/hbm_stream_floor.cu (the only user of tma_load_3d, the L2 policy and bulk_load).
+// Every body is compiled only in the sm_90a device pass (MOEKIT_SM90A); elsewhere the functions are
+// empty, and the host side never launches a kernel built from them (block_gemm_sm90_supports
+// checks).
 #pragma once
 
 #include <cstdint>
@@ -104,6 +105,25 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t
   (void)bar;
   (void)inner;
   (void)outer;
+#endif
+}
+
+// tma_load_2d for a 3-D tensor map: the box at (c0, c1, c2).
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* map, uint64_t* bar, int c0,
+                                            int c1, int c2) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#else
+  (void)dst;
+  (void)map;
+  (void)bar;
+  (void)c0;
+  (void)c1;
+  (void)c2;
 #endif
 }
 
