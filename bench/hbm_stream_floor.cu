@@ -202,38 +202,25 @@ EncodeTiled encode_tiled() {
   return reinterpret_cast<EncodeTiled>(entry);
 }
 
-// blocks_per_box 2: a 3-D view (128 bytes, rows, k-blocks) whose boxes hold two k-blocks' tiles,
+// A byte matrix [rows, cols] read in boxes of box_rows x 128 bytes, 128-byte swizzle. With
+// blocks_per_box 2, a 3-D view (128 bytes, rows, k-blocks) whose boxes hold two k-blocks' tiles,
 // one after the other, each swizzled as a 2-D box would be.
 CUtensorMap tile_map(const void* base, int64_t rows, int64_t cols, int box_rows, bool promote,
                      int blocks_per_box = 1) {
-  if (blocks_per_box == 2) {
-    CUtensorMap map{};
-    const cuuint64_t dims[3] = {128, static_cast<cuuint64_t>(rows),
-                                static_cast<cuuint64_t>(cols / 128)};
-    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(cols), 128};
-    const cuuint32_t box[3] = {128, static_cast<cuuint32_t>(box_rows), 2};
-    const cuuint32_t element_strides[3] = {1, 1, 1};
-    static const EncodeTiled encode = encode_tiled();
-    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
-               element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-               promote ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_NONE,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
-      std::fprintf(stderr, "cuTensorMapEncodeTiled (3-D) failed\n");
-      std::exit(1);
-    }
-    return map;
-  }
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols)};
-  const cuuint32_t box[2] = {128, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
+  const bool pairs = blocks_per_box == 2;
+  const auto r = static_cast<cuuint64_t>(rows), c = static_cast<cuuint64_t>(cols);
+  const cuuint64_t dims_2d[2] = {c, r}, dims_3d[3] = {128, r, c / 128};
+  const cuuint64_t strides[2] = {c, 128};  // the 2-D view uses the first only
+  const cuuint32_t box[3] = {128, static_cast<cuuint32_t>(box_rows), 2};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
   static const EncodeTiled encode = encode_tiled();
-  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
-             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  CUtensorMap map{};
+  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, pairs ? 3 : 2, const_cast<void*>(base),
+             pairs ? dims_3d : dims_2d, strides, box, element_strides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
              promote ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_NONE,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
-    std::fprintf(stderr, "cuTensorMapEncodeTiled failed\n");
+    std::fprintf(stderr, "cuTensorMapEncodeTiled failed (%d-D)\n", pairs ? 3 : 2);
     std::exit(1);
   }
   return map;
