@@ -1218,7 +1218,7 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
                      : kTokens == 64           ? 8
                                                : plan.stages;
   // Weight tiles without L2 promotion: each box row is 128 bytes of a 7 KB-apart row, and 256-byte
-  // promotion (the tile maps' default) cost M = 1..16 0.15-0.4 us per call at N=4096 K=7168 (H200,
+  // promotion (the tile maps' default) cost M = 1..16 0.1-0.4 us per call at N=4096 K=7168 (H200,
   // moekit bench, three device runs; M=64 unchanged; fp8-gpu-sm90.md, session 11).
   if (overrides.weight_promotion >= 0 && overrides.weight_promotion <= 3)
     plan.weight_promotion = overrides.weight_promotion;
