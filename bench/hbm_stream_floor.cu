@@ -459,6 +459,10 @@ int main(int argc, char** argv) {
         {64, 2, 12, 1, 0, 0, 64, 1, 2},
         {64, 2, 8, 1, 0, 0, 384, 2, 2},
         {64, 2, 12, 1, 0, 0, 384, 2, 2},
+        // 32 rows x split 1 (no clusters, no cross-CTA sums), boxes of two k-blocks (8 KB).
+        {32, 1, 16, 1, 0, 0, 384, 1, 2},
+        {32, 1, 24, 1, 0, 0, 384, 1, 2},
+        {32, 1, 12, 1, 0, 0, 384, 1, 2},
     };
     for (const TileCase& t : tile_cases) {
       if (k_blocks % (t.splits * t.blocks_per_box) != 0 || b.n % t.rows != 0) continue;
