@@ -729,8 +729,13 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   // host promises static weights (as for the early weight tiles), and the launch arguments read
   // after it (vendor::wait_for_previous_grid_after: their constant-cache misses then overlap the
   // previous grid's tail instead of adding to this call's chain).
+  // Each thread's first weight scale stays in a register until the activation scales' loads after
+  // the wait are issued: storing it at once would hold the thread at its load, before the wait.
+  float held_b_scale = 0.0f;
   if (args.early_weights) {
-    for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
+    if (consumer_thread < count)
+      held_b_scale = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + consumer_thread);
+    for (int i = consumer_thread + kConsumers * kWarpgroup; i < count; i += kConsumers * kWarpgroup)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
   if constexpr (kQuantizeX) {
@@ -777,6 +782,8 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   if (!args.early_weights) {
     for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
+  } else if (consumer_thread < count) {
+    b_scales[consumer_thread] = held_b_scale;
   }
   sm90::named_barrier(1, kConsumers * kWarpgroup);
   MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::scales_staged));
