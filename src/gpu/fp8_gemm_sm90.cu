@@ -222,9 +222,41 @@ __device__ __forceinline__ void multiply_k_block(float (&part)[N / 2], const uin
   for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
 }
 
+// The 4 wgmma of one k-block into a fresh fragment, committed as one group and not waited for.
+template <int N>
+__device__ __forceinline__ void issue_k_block(float (&part)[N / 2], const uint8_t* a_tile,
+                                              const uint8_t* b_tile) {
+  const uint64_t desc_a = sm90::smem_descriptor_sw128(a_tile);
+  const uint64_t desc_b = sm90::smem_descriptor_sw128(b_tile);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kBlockK / 32; ++k)
+    sm90::WgmmaFp8<N>::run(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+  sm90::wgmma_commit();
+  // No fence on `part` here: an instruction touching it before the wait serializes the wgmma.
+}
+
+// acc += part * scale for a 128-column fragment: rows lane / 4 (scale0) and + 8 (scale1).
+__device__ __forceinline__ void promote_tile_fragment(float (&acc)[64], const float (&part)[64],
+                                                      float scale0, float scale1) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    acc[4 * j + 0] += part[4 * j + 0] * scale0;
+    acc[4 * j + 1] += part[4 * j + 1] * scale0;
+    acc[4 * j + 2] += part[4 * j + 2] * scale1;
+    acc[4 * j + 3] += part[4 * j + 3] * scale1;
+  }
+}
+
 #endif  // MOEKIT_SM90A
 
 // ---- The tiles kernel (any M; chosen for M > 128).
+//
+// kOverlap: the consumers keep two wgmma fragments, so that k-block i + 1's wgmma run while
+// k-block i's products are scaled into the accumulators (H200, M=4096 N=7168 K=16384: 988 vs
+// 1115-1153 us; docs/perf/fp8-gpu-sm90.md, session 13).
 
 namespace tiles {
 constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
@@ -232,8 +264,14 @@ constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlock
 constexpr int kStageBytes = 2 * kTileBytes;
 constexpr size_t kSharedBytes =
     kSharedAlign + static_cast<size_t>(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t);
+constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
+// kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
+__host__ __device__ constexpr int overlap_slots(int k_blocks) {
+  return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
+}
 }  // namespace tiles
 
+template <bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args) {
@@ -276,10 +314,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0);
       }
       vendor::wait_for_previous_grid();
-      for (int kb = 0; kb < k_blocks; ++kb) {
+      // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past
+      // k_blocks are only barrier arrivals (their stages keep old bytes: the consumers multiply
+      // them, so that every path has the same wgmma in flight, and add nothing).
+      const int slots = kOverlap ? overlap_slots(k_blocks) : k_blocks;
+      for (int kb = 0; kb < slots; ++kb) {
         const int s = kb % kStages;
         sm90::mbarrier_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
         uint8_t* stage = stages + s * kStageBytes;
+        if (kb >= k_blocks) {
+          sm90::mbarrier_arrive(&full[s]);
+          continue;
+        }
         sm90::mbarrier_arrive_expect_tx(&full[s], kStageBytes);
         sm90::tma_load_2d(stage, &a_map, &full[s], kb * kBlockK, m0);
         sm90::tma_load_2d(stage + kTileBytes, &b_map, &full[s], kb * kBlockK, n0);
@@ -301,31 +347,76 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
   float sb = b_scale(args.scales, nb, 0);
+  const uint8_t* a_half = stages + warpgroup * 64 * kBlockK;  // + stage offset
+  const auto release = [&](int kb) {
+    if (lane == 0) sm90::mbarrier_arrive(&empty[kb % kStages]);
+  };
 
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    const int s = kb % kStages;
-    // The next k-block's scales, loaded while this one multiplies.
-    const int next = min(kb + 1, k_blocks - 1);
-    const float next_a0 = a_scale(args.scales, scale_row0, next);
-    const float next_a1 = a_scale(args.scales, scale_row1, next);
-    const float next_b = b_scale(args.scales, nb, next);
-
-    sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
-    const uint8_t* stage = stages + s * kStageBytes;
-    multiply_k_block<kBlockN>(part, stage + warpgroup * 64 * kBlockK, stage + kTileBytes);
-    if (lane == 0) sm90::mbarrier_arrive(&empty[s]);
-
-    const float scale0 = sa0 * sb, scale1 = sa1 * sb;
+  if constexpr (kOverlap) {
+    // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
+    // while i's products are scaled into acc, so the tensor cores wait only for the group's last
+    // promotion. No wgmma is in flight across the loop's back edge: the copies that carry a
+    // fragment around a loop read it, and ptxas then serializes every wgmma of the kernel. Scales
+    // are loaded two k-blocks ahead.
+    float part2[64];
+    float na0 = a_scale(args.scales, scale_row0, min(1, k_blocks - 1));
+    float na1 = a_scale(args.scales, scale_row1, min(1, k_blocks - 1));
+    float nbs = b_scale(args.scales, nb, min(1, k_blocks - 1));
+    const auto issue = [&](float(&fragment)[64], int kb) {
+      const int s = kb % kStages;
+      sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
+      issue_k_block<kBlockN>(fragment, a_half + s * kStageBytes,
+                             stages + s * kStageBytes + kTileBytes);
+    };
+    // After its wgmma are done: releases kb's stage, scales its products into acc (not past
+    // k_blocks), and moves the scales on by one k-block.
+    const auto promote = [&](float(&fragment)[64], int kb) {
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      acc[4 * j + 0] += part[4 * j + 0] * scale0;
-      acc[4 * j + 1] += part[4 * j + 1] * scale0;
-      acc[4 * j + 2] += part[4 * j + 2] * scale1;
-      acc[4 * j + 3] += part[4 * j + 3] * scale1;
+      for (int i = 0; i < 64; ++i) sm90::fence_operand(fragment[i]);  // read after the wait
+      release(kb);
+      if (kb < k_blocks) promote_tile_fragment(acc, fragment, sa0 * sb, sa1 * sb);
+      const int ahead = min(kb + 2, k_blocks - 1);
+      sa0 = na0;
+      sa1 = na1;
+      sb = nbs;
+      na0 = a_scale(args.scales, scale_row0, ahead);
+      na1 = a_scale(args.scales, scale_row1, ahead);
+      nbs = b_scale(args.scales, nb, ahead);
+    };
+    static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
+    const int slots = overlap_slots(k_blocks);
+    for (int kb = 0; kb < slots; kb += kOverlapGroup) {
+      issue(part, kb);
+      issue(part2, kb + 1);
+      sm90::wgmma_wait<1>();
+      promote(part, kb);
+      issue(part, kb + 2);
+      sm90::wgmma_wait<1>();
+      promote(part2, kb + 1);
+      issue(part2, kb + 3);
+      sm90::wgmma_wait<1>();
+      promote(part, kb + 2);
+      sm90::wgmma_wait<0>();
+      promote(part2, kb + 3);
     }
-    sa0 = next_a0;
-    sa1 = next_a1;
-    sb = next_b;
+  } else {
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      const int s = kb % kStages;
+      // The next k-block's scales, loaded while this one multiplies.
+      const int next = min(kb + 1, k_blocks - 1);
+      const float next_a0 = a_scale(args.scales, scale_row0, next);
+      const float next_a1 = a_scale(args.scales, scale_row1, next);
+      const float next_b = b_scale(args.scales, nb, next);
+
+      sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
+      multiply_k_block<kBlockN>(part, a_half + s * kStageBytes,
+                                stages + s * kStageBytes + kTileBytes);
+      release(kb);
+      promote_tile_fragment(acc, part, sa0 * sb, sa1 * sb);
+      sa0 = next_a0;
+      sa1 = next_a1;
+      sb = next_b;
+    }
   }
 
   const Epilogue& e = args.epilogue;
@@ -1018,6 +1109,7 @@ struct Plan {
   int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
   int weight_promotion = 0;         // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
+  bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   dim3 grid;
   size_t shared_bytes = 0;
 };
@@ -1263,7 +1355,13 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   plan = Plan{};  // large M (or a k-range whose scales do not fit shared memory)
   const int64_t tiles_m = fp8::ceil_div(p.m, tiles::kBlockM);
   const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
-  plan.kernel = gemm_tiles_kernel;
+  // Two fragments taking turns (kOverlap) where the padding to groups of 4 k-blocks costs little:
+  // K-block counts that are multiples of 4 (every K of the models' linear layers) or 32 and more.
+  // MOEKIT_SM90_TILES_OVERLAP=0 or 1 forces it off or on (timing knob).
+  const int overlap = env::integer("MOEKIT_SM90_TILES_OVERLAP", -1);
+  plan.overlap =
+      overlap >= 0 ? overlap != 0 : p.k_blocks % tiles::kOverlapGroup == 0 || p.k_blocks >= 32;
+  plan.kernel = plan.overlap ? gemm_tiles_kernel<true> : gemm_tiles_kernel<false>;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
@@ -1354,7 +1452,7 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
     DeviceGuard on_device(device);
     cudaFuncAttributes attributes{};
     const cudaError_t status =
-        cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(gemm_tiles_kernel));
+        cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(gemm_tiles_kernel<false>));
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       return "this build holds no sm_90a code for the kernel (" +
@@ -1399,8 +1497,8 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
-    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared", plan.grid.x,
-                  plan.shared_bytes);
+    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s", plan.grid.x,
+                  plan.shared_bytes, plan.overlap ? ", two fragments take turns" : "");
   return text;
 }
 

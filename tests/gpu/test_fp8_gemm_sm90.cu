@@ -456,6 +456,9 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   EXPECT_TRUE(has(wide, "32 tokens") && has(wide, "early weight loads") &&
               !has(wide, "2 CTAs per SM") && !has(wide, "pushed sums"))
       << wide;
+  // Large M: the tiles kernel with two fragments taking turns (session 13).
+  const std::string large = plan_of(512, 4096, 7168);
+  EXPECT_TRUE(has(large, "tiles: 128 x 128") && has(large, "two fragments take turns")) << large;
   const std::string batch = plan_of(64, 4096, 7168);
   // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8).
   EXPECT_TRUE(has(batch, "early weight loads (8)") && !has(batch, "pushed sums") &&
@@ -553,6 +556,41 @@ TEST(Sm90BlockFp8Gemm, EverySwapLayoutAgreesWithReference) {
       }
       outputs_agree(c, out, ref.get());
     }
+  }
+}
+
+// The tiles kernel with two fragments taking turns (k-blocks in groups of 4, stale slots past K)
+// against the reference and, bit for bit, against one fragment: each output element takes the
+// same products in the same order. K-block counts of 1, 3, 8, 16, 33 and 56; partial tiles.
+TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("TilesTwoFragmentsEqualOneBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  const std::array<std::array<int64_t, 3>, 6> shapes{{{129, 256, 1024},
+                                                      {300, 384, 2000},
+                                                      {256, 200, 4224},
+                                                      {513, 1152, 384},
+                                                      {200, 130, 128},
+                                                      {1024, 640, 7168}}};
+  for (const auto& s : shapes) {
+    const GemmCase c = random_case(rng, s[0], s[1], s[2]);
+    const Buffers host = make_host_buffers(c);
+    std::future<Tensor> ref =
+        std::async(std::launch::async, [&] { return reference_output(c, host); });
+    Tensor one, two;
+    {
+      ScopedEnv overlap("MOEKIT_SM90_TILES_OVERLAP", "0");
+      one = run_sm90(c, host, stream.get());
+    }
+    {
+      ScopedEnv overlap("MOEKIT_SM90_TILES_OVERLAP", "1");
+      two = run_sm90(c, host, stream.get());
+    }
+    outputs_agree(c, two, ref.get());
+    EXPECT_EQ(std::memcmp(one.data(), two.data(), two.nbytes()), 0) << describe(c);
   }
 }
 
