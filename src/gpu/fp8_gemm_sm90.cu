@@ -265,10 +265,12 @@ constexpr int kStageBytes = 2 * kTileBytes;
 constexpr size_t kSharedBytes =
     kSharedAlign + static_cast<size_t>(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t);
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
+#if MOEKIT_SM90A
 // kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
-__host__ __device__ constexpr int overlap_slots(int k_blocks) {
+__device__ constexpr int overlap_slots(int k_blocks) {
   return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
 }
+#endif
 }  // namespace tiles
 
 template <bool kOverlap>
