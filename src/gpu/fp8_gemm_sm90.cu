@@ -202,27 +202,9 @@ __device__ __forceinline__ uint8_t* align_shared(uint8_t* p) {
   return p + ((kSharedAlign - address % kSharedAlign) % kSharedAlign);
 }
 
-// The 4 wgmma of one k-block into a fresh fragment, then waits for them (the stage is free after).
-template <int N>
-__device__ __forceinline__ void multiply_k_block(float (&part)[N / 2], const uint8_t* a_tile,
-                                                 const uint8_t* b_tile) {
-  const uint64_t desc_a = sm90::smem_descriptor_sw128(a_tile);
-  const uint64_t desc_b = sm90::smem_descriptor_sw128(b_tile);
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
-  sm90::wgmma_fence();
-#pragma unroll
-  for (int k = 0; k < kBlockK / 32; ++k)  // 32 bytes of K per wgmma: +2 in 16-byte units
-    sm90::WgmmaFp8<N>::run(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
-  sm90::wgmma_commit();
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
-  sm90::wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
-}
-
 // The 4 wgmma of one k-block into a fresh fragment, committed as one group and not waited for.
+// No fence on `part` after the commit: in the tiles kernel with two fragments, where other work
+// comes between this and the wait, one made ptxas serialize every wgmma (warning C7514).
 template <int N>
 __device__ __forceinline__ void issue_k_block(float (&part)[N / 2], const uint8_t* a_tile,
                                               const uint8_t* b_tile) {
@@ -232,10 +214,21 @@ __device__ __forceinline__ void issue_k_block(float (&part)[N / 2], const uint8_
   for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
   sm90::wgmma_fence();
 #pragma unroll
-  for (int k = 0; k < kBlockK / 32; ++k)
+  for (int k = 0; k < kBlockK / 32; ++k)  // 32 bytes of K per wgmma: +2 in 16-byte units
     sm90::WgmmaFp8<N>::run(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
   sm90::wgmma_commit();
-  // No fence on `part` here: an instruction touching it before the wait serializes the wgmma.
+}
+
+// The 4 wgmma of one k-block into a fresh fragment, then waits for them (the stage is free after).
+template <int N>
+__device__ __forceinline__ void multiply_k_block(float (&part)[N / 2], const uint8_t* a_tile,
+                                                 const uint8_t* b_tile) {
+  issue_k_block<N>(part, a_tile, b_tile);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+  sm90::wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
 }
 
 // acc += part * scale for a 128-column fragment: rows lane / 4 (scale0) and + 8 (scale1).
