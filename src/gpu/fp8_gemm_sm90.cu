@@ -9,7 +9,8 @@
 //
 // - tiles (large M): CTA tile 128 x 128 of out; the consumer warpgroups take 64 rows each. A and B
 //   tiles (128 x 128 bytes, 128-byte swizzle) arrive together, 6 stages deep. CTAs are numbered in
-//   groups of 8 tile rows so that the CTAs resident at once share A and B tiles in L2.
+//   groups of 8 tile rows so that the CTAs resident at once share A and B tiles in L2. Each
+//   consumer keeps two fragments, so one k-block's wgmma run while the previous one is promoted.
 // - swap (M <= 128, decode and small batches): the weight is the wgmma M side and the tokens its
 //   N side (8..128), so no tensor-core rows are wasted on padding tokens. A CTA takes 128 weight
 //   rows (64 per consumer warpgroup) or 64 (the warpgroups take alternate k-blocks), and up to 8
