@@ -256,18 +256,43 @@ namespace tiles {
 constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
 constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlockM)
 constexpr int kStageBytes = 2 * kTileBytes;
-constexpr size_t kSharedBytes =
-    kSharedAlign + static_cast<size_t>(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t);
+constexpr int kScaleBytes = kBlockM * 4;  // kSharedScales: a stage's 128 scale products
+constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
+                                kStages * kScaleBytes + 2 * kStages * sizeof(uint64_t);
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
+constexpr int kScaleWarps = 2;    // kSharedScales: producer warps 1 and 2 write the scales
+// kSharedScales: the scale warps keep 12 loads in flight (40 registers spill).
+constexpr int kScaleProducerRegisters = 56;  // 128 * 56 + 256 * 224 <= 64K registers
+constexpr int kScaleConsumerRegisters = 224;
 #if MOEKIT_SM90A
 // kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
 __device__ constexpr int overlap_slots(int k_blocks) {
   return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
 }
+
+// kSharedScales: where a tile row's scale product sits in its stage's 128 floats: rows r and r + 8
+// of a consumer thread side by side (one 8-byte load).
+__device__ constexpr int scale_slot(int row) { return row / 16 * 16 + row % 8 * 2 + row % 16 / 8; }
+
+// A ring position: slot s of kStages and the parity of its current phase.
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
 #endif
 }  // namespace tiles
 
-template <bool kOverlap>
+// kSharedScales: producer warps 1 and 2 multiply each k-block's activation scales (any layout) by
+// its weight scale and put the 128 products beside the stage's tiles, so that a consumer thread
+// reads its two rows' factors with one shared load instead of computing addresses and loading
+// global scales (the instruction count per k-block was the kernel's limit: ncu, session 14).
+template <bool kOverlap, bool kSharedScales>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args) {
@@ -276,9 +301,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kGroupRows = 8;  // tile rows per rasterization group
   extern __shared__ uint8_t shared_raw[];
   uint8_t* stages = align_shared(shared_raw);
-  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * kStageBytes);
+  auto* scales = reinterpret_cast<float*>(stages + kStages * kStageBytes);
+  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * (kStageBytes + kScaleBytes));
   uint64_t* empty = full + kStages;
-  const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
+  // Warp-uniform, which lets the compiler keep descriptors in uniform registers.
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
   const int k_blocks = args.k_blocks;
 
   // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group.
@@ -289,10 +316,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int in_group = static_cast<int>(blockIdx.x) % per_group;
   const int m0 = (first_row + in_group % group_rows) * kBlockM;
   const int n0 = (in_group / group_rows) * kBlockN;
+  const int nb = n0 / kBlockN;
+  // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past k_blocks
+  // are only barrier arrivals (their stages keep old bytes: the consumers multiply them, so that
+  // every path has the same wgmma in flight, and add nothing).
+  const int slots = kOverlap ? overlap_slots(k_blocks) : k_blocks;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&full[s], kSharedScales ? 1 + kScaleWarps * 32 : 1);
       sm90::mbarrier_init(&empty[s], kConsumers * 4);  // lane 0 of every consumer warp
     }
     sm90::fence_barrier_init();
@@ -301,7 +333,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
-    sm90::registers_shrink<kProducerRegisters>();
+    sm90::registers_shrink<kSharedScales ? kScaleProducerRegisters : kProducerRegisters>();
+    const int producer_warp = static_cast<int>(threadIdx.x) / 32 % 4;
     if (threadIdx.x == kConsumers * kWarpgroup) {
       sm90::prefetch_tensor_map(&a_map);
       sm90::prefetch_tensor_map(&b_map);
@@ -310,50 +343,122 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0);
       }
       vendor::wait_for_previous_grid();
-      // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past
-      // k_blocks are only barrier arrivals (their stages keep old bytes: the consumers multiply
-      // them, so that every path has the same wgmma in flight, and add nothing).
-      const int slots = kOverlap ? overlap_slots(k_blocks) : k_blocks;
-      for (int kb = 0; kb < slots; ++kb) {
-        const int s = kb % kStages;
-        sm90::mbarrier_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
-        uint8_t* stage = stages + s * kStageBytes;
+      RingPosition ring;
+      for (int kb = 0; kb < slots; ++kb, ring.advance()) {
+        sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+        uint64_t* bar = &full[ring.stage];
         if (kb >= k_blocks) {
-          sm90::mbarrier_arrive(&full[s]);
+          sm90::mbarrier_arrive(bar);
           continue;
         }
-        sm90::mbarrier_arrive_expect_tx(&full[s], kStageBytes);
-        sm90::tma_load_2d(stage, &a_map, &full[s], kb * kBlockK, m0);
-        sm90::tma_load_2d(stage + kTileBytes, &b_map, &full[s], kb * kBlockK, n0);
+        uint8_t* stage = stages + ring.stage * kStageBytes;
+        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes);
+        sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+        sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+      }
+    } else if (kSharedScales && producer_warp >= 1 && producer_warp <= kScaleWarps) {
+      // Rows r0 and r0 + 64 of the tile; 4 k-blocks' loads in flight at a time.
+      const int r0 = (producer_warp - 1) * 32 + static_cast<int>(threadIdx.x) % 32;
+      const int rows[2] = {min(m0 + r0, args.m - 1), min(m0 + r0 + 64, args.m - 1)};
+      float product[2][4];
+      const auto load_products = [&](int first_kb) {
+        float a[2][4], b[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int kb = min(first_kb + j, k_blocks - 1);
+          b[j] = b_scale(args.scales, nb, kb);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) a[i][j] = a_scale(args.scales, rows[i], kb);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) product[i][j] = a[i][j] * b[j];
+      };
+      vendor::wait_for_previous_grid();
+      load_products(0);
+      RingPosition ring;
+      for (int first = 0; first < slots; first += 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (first + j >= slots) break;
+          sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+          float* stage_scales = scales + ring.stage * kBlockM;
+          stage_scales[scale_slot(r0)] = product[0][j];
+          stage_scales[scale_slot(r0 + 64)] = product[1][j];
+          sm90::mbarrier_arrive(&full[ring.stage]);
+          ring.advance();
+        }
+        if (first + 4 < slots) load_products(first + 4);
       }
     }
     return;
   }
 
-  sm90::registers_grow<kConsumerRegisters>();
+  sm90::registers_grow<kSharedScales ? kScaleConsumerRegisters : kConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
-  const int row0 = m0 + warpgroup * 64 + warp * 16 + lane / 4;  // and row0 + 8
+  const int tile_row = warpgroup * 64 + warp * 16 + lane / 4;  // and tile_row + 8
+  const int row0 = m0 + tile_row;
   const int scale_row0 = min(row0, args.m - 1), scale_row1 = min(row0 + 8, args.m - 1);
-  const int nb = n0 / kBlockN;
   vendor::wait_for_previous_grid();
 
   float acc[64], part[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
-  float sb = b_scale(args.scales, nb, 0);
   const uint8_t* a_half = stages + warpgroup * 64 * kBlockK;  // + stage offset
-  const auto release = [&](int kb) {
-    if (lane == 0) sm90::mbarrier_arrive(&empty[kb % kStages]);
+  // After every lane's last read of the stage (its scales): the stage goes back to the producer.
+  const auto release = [&](int stage) {
+    if constexpr (kSharedScales) __syncwarp();
+    if (lane == 0) sm90::mbarrier_arrive(&empty[stage]);
+  };
+  const auto stage_factors = [&](int stage) {
+    return *reinterpret_cast<const float2*>(scales + stage * kBlockM + scale_slot(tile_row));
   };
 
-  if constexpr (kOverlap) {
+  if constexpr (kOverlap && kSharedScales) {
     // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
     // while i's products are scaled into acc, so the tensor cores wait only for the group's last
     // promotion. No wgmma is in flight across the loop's back edge: the copies that carry a
-    // fragment around a loop read it, and ptxas then serializes every wgmma of the kernel. Scales
-    // are loaded two k-blocks ahead.
+    // fragment around a loop read it, and ptxas then serializes every wgmma of the kernel.
+    float part2[64];
+    RingPosition ring;
+    int stage1 = 0, stage2 = 0;
+    float2 factors1{}, factors2{};
+    const auto issue = [&](float(&fragment)[64], int& stage, float2& factors) {
+      stage = ring.stage;
+      sm90::mbarrier_wait(&full[stage], ring.phase);
+      factors = stage_factors(stage);
+      issue_k_block<kBlockN>(fragment, a_half + stage * kStageBytes,
+                             stages + stage * kStageBytes + kTileBytes);
+      ring.advance();
+    };
+    // After its wgmma are done: releases the stage and scales the products into acc (not past
+    // k_blocks).
+    const auto promote = [&](float(&fragment)[64], int stage, float2 factors, int kb) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) sm90::fence_operand(fragment[i]);  // read after the wait
+      release(stage);
+      if (kb < k_blocks) promote_tile_fragment(acc, fragment, factors.x, factors.y);
+    };
+    static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
+    for (int kb = 0; kb < slots; kb += kOverlapGroup) {
+      issue(part, stage1, factors1);
+      issue(part2, stage2, factors2);
+      sm90::wgmma_wait<1>();
+      promote(part, stage1, factors1, kb);
+      issue(part, stage1, factors1);
+      sm90::wgmma_wait<1>();
+      promote(part2, stage2, factors2, kb + 1);
+      issue(part2, stage2, factors2);
+      sm90::wgmma_wait<1>();
+      promote(part, stage1, factors1, kb + 2);
+      sm90::wgmma_wait<0>();
+      promote(part2, stage2, factors2, kb + 3);
+    }
+  } else if constexpr (kOverlap) {
+    float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
+    float sb = b_scale(args.scales, nb, 0);
     float part2[64];
     float na0 = a_scale(args.scales, scale_row0, min(1, k_blocks - 1));
     float na1 = a_scale(args.scales, scale_row1, min(1, k_blocks - 1));
@@ -364,12 +469,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_k_block<kBlockN>(fragment, a_half + s * kStageBytes,
                              stages + s * kStageBytes + kTileBytes);
     };
-    // After its wgmma are done: releases kb's stage, scales its products into acc (not past
-    // k_blocks), and moves the scales on by one k-block.
     const auto promote = [&](float(&fragment)[64], int kb) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) sm90::fence_operand(fragment[i]);  // read after the wait
-      release(kb);
+      release(kb % kStages);
       if (kb < k_blocks) promote_tile_fragment(acc, fragment, sa0 * sb, sa1 * sb);
       const int ahead = min(kb + 2, k_blocks - 1);
       sa0 = na0;
@@ -379,8 +482,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       na1 = a_scale(args.scales, scale_row1, ahead);
       nbs = b_scale(args.scales, nb, ahead);
     };
-    static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
-    const int slots = overlap_slots(k_blocks);
     for (int kb = 0; kb < slots; kb += kOverlapGroup) {
       issue(part, kb);
       issue(part2, kb + 1);
@@ -395,7 +496,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::wgmma_wait<0>();
       promote(part2, kb + 3);
     }
+  } else if constexpr (kSharedScales) {
+    RingPosition ring;
+    for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
+      sm90::mbarrier_wait(&full[ring.stage], ring.phase);
+      const float2 factors = stage_factors(ring.stage);
+      multiply_k_block<kBlockN>(part, a_half + ring.stage * kStageBytes,
+                                stages + ring.stage * kStageBytes + kTileBytes);
+      release(ring.stage);
+      promote_tile_fragment(acc, part, factors.x, factors.y);
+    }
   } else {
+    float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
+    float sb = b_scale(args.scales, nb, 0);
     for (int kb = 0; kb < k_blocks; ++kb) {
       const int s = kb % kStages;
       // The next k-block's scales, loaded while this one multiplies.
@@ -407,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
       multiply_k_block<kBlockN>(part, a_half + s * kStageBytes,
                                 stages + s * kStageBytes + kTileBytes);
-      release(kb);
+      release(s);
       promote_tile_fragment(acc, part, sa0 * sb, sa1 * sb);
       sa0 = next_a0;
       sa1 = next_a1;
@@ -1357,7 +1470,12 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int overlap = env::integer("MOEKIT_SM90_TILES_OVERLAP", -1);
   plan.overlap =
       overlap >= 0 ? overlap != 0 : p.k_blocks % tiles::kOverlapGroup == 0 || p.k_blocks >= 32;
-  plan.kernel = plan.overlap ? gemm_tiles_kernel<true> : gemm_tiles_kernel<false>;
+  // MOEKIT_SM90_TILES_SCALES=0: scales loaded by the consumers from global memory (timing knob).
+  const bool shared_scales = env::integer("MOEKIT_SM90_TILES_SCALES", 1) != 0;
+  plan.kernel =
+      plan.overlap
+          ? (shared_scales ? gemm_tiles_kernel<true, true> : gemm_tiles_kernel<true, false>)
+          : (shared_scales ? gemm_tiles_kernel<false, true> : gemm_tiles_kernel<false, false>);
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
@@ -1447,8 +1565,8 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
   {
     DeviceGuard on_device(device);
     cudaFuncAttributes attributes{};
-    const cudaError_t status =
-        cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(gemm_tiles_kernel<false>));
+    const cudaError_t status = cudaFuncGetAttributes(
+        &attributes, reinterpret_cast<const void*>(gemm_tiles_kernel<false, false>));
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       return "this build holds no sm_90a code for the kernel (" +
