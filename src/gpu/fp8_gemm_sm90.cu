@@ -9,8 +9,9 @@
 //
 // - tiles (large M): CTA tile 128 x 128 of out; the consumer warpgroups take 64 rows each. A and B
 //   tiles (128 x 128 bytes, 128-byte swizzle) arrive together, 6 stages deep. CTAs are numbered in
-//   groups of 8 tile rows so that the CTAs resident at once share A and B tiles in L2. Each
-//   consumer keeps two fragments, so one k-block's wgmma run while the previous one is promoted.
+//   groups of 8 tile rows so that the CTAs resident at once share A and B tiles in L2. Two
+//   producer warps put each k-block's scale products beside its tiles. Each consumer keeps two
+//   fragments, so one k-block's wgmma run while the previous one is promoted.
 // - swap (M <= 128, decode and small batches): the weight is the wgmma M side and the tokens its
 //   N side (8..128), so no tensor-core rows are wasted on padding tokens. A CTA takes 128 weight
 //   rows (64 per consumer warpgroup) or 64 (the warpgroups take alternate k-blocks), and up to 8
@@ -256,21 +257,21 @@ namespace tiles {
 constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
 constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlockM)
 constexpr int kStageBytes = 2 * kTileBytes;
-constexpr int kScaleBytes = kBlockM * 4;  // kSharedScales: a stage's 128 scale products
+constexpr int kScaleBytes = kBlockM * 4;  // a stage's 128 scale products
 constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
                                 kStages * kScaleBytes + 2 * kStages * sizeof(uint64_t);
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
-constexpr int kScaleWarps = 2;    // kSharedScales: producer warps 1 and 2 write the scales
-// kSharedScales: the scale warps keep 12 loads in flight (40 registers spill).
+#if MOEKIT_SM90A
+constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale products
+// The scale warps keep 12 loads in flight (with 40 registers they spill).
 constexpr int kScaleProducerRegisters = 56;  // 128 * 56 + 256 * 224 <= 64K registers
 constexpr int kScaleConsumerRegisters = 224;
-#if MOEKIT_SM90A
 // kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
 __device__ constexpr int overlap_slots(int k_blocks) {
   return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
 }
 
-// kSharedScales: where a tile row's scale product sits in its stage's 128 floats: rows r and r + 8
+// Where a tile row's scale product sits in its stage's 128 floats: rows r and r + 8
 // of a consumer thread side by side (one 8-byte load).
 __device__ constexpr int scale_slot(int row) { return row / 16 * 16 + row % 8 * 2 + row % 16 / 8; }
 
@@ -288,11 +289,13 @@ struct RingPosition {
 #endif
 }  // namespace tiles
 
-// kSharedScales: producer warps 1 and 2 multiply each k-block's activation scales (any layout) by
-// its weight scale and put the 128 products beside the stage's tiles, so that a consumer thread
-// reads its two rows' factors with one shared load instead of computing addresses and loading
-// global scales (the instruction count per k-block was the kernel's limit: ncu, session 14).
-template <bool kOverlap, bool kSharedScales>
+// Producer warps 1 and 2 multiply each k-block's activation scales (any layout) by its weight
+// scale and put the 128 products beside the stage's tiles, so that a consumer thread reads its two
+// rows' factors with one shared load instead of computing addresses and loading global scales:
+// the consumers' loop went from ~161 to ~103 SASS instructions per k-block, and the kernel from
+// 974 to 919 us at M=4096 N=7168 K=16384 (H200, ncu at 1.68-1.69 GHz; docs/perf/fp8-gpu-sm90.md,
+// session 14).
+template <bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args) {
@@ -324,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], kSharedScales ? 1 + kScaleWarps * 32 : 1);
+      sm90::mbarrier_init(&full[s], 1 + kScaleWarps * 32);
       sm90::mbarrier_init(&empty[s], kConsumers * 4);  // lane 0 of every consumer warp
     }
     sm90::fence_barrier_init();
@@ -333,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
-    sm90::registers_shrink<kSharedScales ? kScaleProducerRegisters : kProducerRegisters>();
+    sm90::registers_shrink<kScaleProducerRegisters>();
     const int producer_warp = static_cast<int>(threadIdx.x) / 32 % 4;
     if (threadIdx.x == kConsumers * kWarpgroup) {
       sm90::prefetch_tensor_map(&a_map);
@@ -356,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
         sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
       }
-    } else if (kSharedScales && producer_warp >= 1 && producer_warp <= kScaleWarps) {
+    } else if (producer_warp >= 1 && producer_warp <= kScaleWarps) {
       // Rows r0 and r0 + 64 of the tile; 4 k-blocks' loads in flight at a time.
       const int r0 = (producer_warp - 1) * 32 + static_cast<int>(threadIdx.x) % 32;
       const int rows[2] = {min(m0 + r0, args.m - 1), min(m0 + r0 + 64, args.m - 1)};
@@ -395,12 +398,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  sm90::registers_grow<kSharedScales ? kScaleConsumerRegisters : kConsumerRegisters>();
+  sm90::registers_grow<kScaleConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int tile_row = warpgroup * 64 + warp * 16 + lane / 4;  // and tile_row + 8
   const int row0 = m0 + tile_row;
-  const int scale_row0 = min(row0, args.m - 1), scale_row1 = min(row0 + 8, args.m - 1);
   vendor::wait_for_previous_grid();
 
   float acc[64], part[64];
@@ -409,14 +411,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint8_t* a_half = stages + warpgroup * 64 * kBlockK;  // + stage offset
   // After every lane's last read of the stage (its scales): the stage goes back to the producer.
   const auto release = [&](int stage) {
-    if constexpr (kSharedScales) __syncwarp();
+    __syncwarp();
     if (lane == 0) sm90::mbarrier_arrive(&empty[stage]);
   };
   const auto stage_factors = [&](int stage) {
     return *reinterpret_cast<const float2*>(scales + stage * kBlockM + scale_slot(tile_row));
   };
 
-  if constexpr (kOverlap && kSharedScales) {
+  if constexpr (kOverlap) {
     // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
     // while i's products are scaled into acc, so the tensor cores wait only for the group's last
     // promotion. No wgmma is in flight across the loop's back edge: the copies that carry a
@@ -456,47 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::wgmma_wait<0>();
       promote(part2, stage2, factors2, kb + 3);
     }
-  } else if constexpr (kOverlap) {
-    float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
-    float sb = b_scale(args.scales, nb, 0);
-    float part2[64];
-    float na0 = a_scale(args.scales, scale_row0, min(1, k_blocks - 1));
-    float na1 = a_scale(args.scales, scale_row1, min(1, k_blocks - 1));
-    float nbs = b_scale(args.scales, nb, min(1, k_blocks - 1));
-    const auto issue = [&](float(&fragment)[64], int kb) {
-      const int s = kb % kStages;
-      sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
-      issue_k_block<kBlockN>(fragment, a_half + s * kStageBytes,
-                             stages + s * kStageBytes + kTileBytes);
-    };
-    const auto promote = [&](float(&fragment)[64], int kb) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) sm90::fence_operand(fragment[i]);  // read after the wait
-      release(kb % kStages);
-      if (kb < k_blocks) promote_tile_fragment(acc, fragment, sa0 * sb, sa1 * sb);
-      const int ahead = min(kb + 2, k_blocks - 1);
-      sa0 = na0;
-      sa1 = na1;
-      sb = nbs;
-      na0 = a_scale(args.scales, scale_row0, ahead);
-      na1 = a_scale(args.scales, scale_row1, ahead);
-      nbs = b_scale(args.scales, nb, ahead);
-    };
-    for (int kb = 0; kb < slots; kb += kOverlapGroup) {
-      issue(part, kb);
-      issue(part2, kb + 1);
-      sm90::wgmma_wait<1>();
-      promote(part, kb);
-      issue(part, kb + 2);
-      sm90::wgmma_wait<1>();
-      promote(part2, kb + 1);
-      issue(part2, kb + 3);
-      sm90::wgmma_wait<1>();
-      promote(part, kb + 2);
-      sm90::wgmma_wait<0>();
-      promote(part2, kb + 3);
-    }
-  } else if constexpr (kSharedScales) {
+  } else {
     RingPosition ring;
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
       sm90::mbarrier_wait(&full[ring.stage], ring.phase);
@@ -505,26 +467,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 stages + ring.stage * kStageBytes + kTileBytes);
       release(ring.stage);
       promote_tile_fragment(acc, part, factors.x, factors.y);
-    }
-  } else {
-    float sa0 = a_scale(args.scales, scale_row0, 0), sa1 = a_scale(args.scales, scale_row1, 0);
-    float sb = b_scale(args.scales, nb, 0);
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      const int s = kb % kStages;
-      // The next k-block's scales, loaded while this one multiplies.
-      const int next = min(kb + 1, k_blocks - 1);
-      const float next_a0 = a_scale(args.scales, scale_row0, next);
-      const float next_a1 = a_scale(args.scales, scale_row1, next);
-      const float next_b = b_scale(args.scales, nb, next);
-
-      sm90::mbarrier_wait(&full[s], (kb / kStages) & 1);
-      multiply_k_block<kBlockN>(part, a_half + s * kStageBytes,
-                                stages + s * kStageBytes + kTileBytes);
-      release(s);
-      promote_tile_fragment(acc, part, sa0 * sb, sa1 * sb);
-      sa0 = next_a0;
-      sa1 = next_a1;
-      sb = next_b;
     }
   }
 
@@ -1470,12 +1412,7 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int overlap = env::integer("MOEKIT_SM90_TILES_OVERLAP", -1);
   plan.overlap =
       overlap >= 0 ? overlap != 0 : p.k_blocks % tiles::kOverlapGroup == 0 || p.k_blocks >= 32;
-  // MOEKIT_SM90_TILES_SCALES=0: scales loaded by the consumers from global memory (timing knob).
-  const bool shared_scales = env::integer("MOEKIT_SM90_TILES_SCALES", 1) != 0;
-  plan.kernel =
-      plan.overlap
-          ? (shared_scales ? gemm_tiles_kernel<true, true> : gemm_tiles_kernel<true, false>)
-          : (shared_scales ? gemm_tiles_kernel<false, true> : gemm_tiles_kernel<false, false>);
+  plan.kernel = plan.overlap ? gemm_tiles_kernel<true> : gemm_tiles_kernel<false>;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
@@ -1565,8 +1502,8 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
   {
     DeviceGuard on_device(device);
     cudaFuncAttributes attributes{};
-    const cudaError_t status = cudaFuncGetAttributes(
-        &attributes, reinterpret_cast<const void*>(gemm_tiles_kernel<false, false>));
+    const cudaError_t status =
+        cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(gemm_tiles_kernel<false>));
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       return "this build holds no sm_90a code for the kernel (" +
