@@ -462,6 +462,15 @@ Mode mode_of(const RouteProblem& p) {
   return Mode::sqrt_softplus;
 }
 
+// Softmax by p with fused shared slots and no renormalization: each shared slot holds the sum of
+// the Kr routed weights, undivided, and expf's deterministic error (up to 2 ulp, the same in every
+// expert of a tied logit) adds up there. Seen past the contract's 1e-6: E=60, Kr=30, S=2, logits in
+// {-1, 0, 1}, 1.013e-6 (docs/perf/routing.md, session 13). Such calls take correctly rounded
+// numerators; no model of the table routes this way.
+bool needs_exact_numerators(const RouteProblem& p) {
+  return mode_of(p) == Mode::softmax_by_prob && p.num_shared > 0 && !p.renormalize;
+}
+
 bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
 int log2_of(int power_of_two) {
@@ -612,6 +621,7 @@ RouteArgs common_args(const RouteProblem& p, int chunk) {
   a.group_magic = ((uint64_t{1} << 32) + a.experts_per_group - 1) / a.experts_per_group;
   a.group_top2_sum = p.group_score == GroupScore::top2_sum;
   a.mode = mode_of(p);
+  a.exact_numerators = needs_exact_numerators(p);
   a.softcap = p.softcap;
   a.renormalize = p.renormalize;
   a.routed_scaling_factor = p.routed_scaling_factor;
@@ -1398,6 +1408,9 @@ std::string v6_declines(const RouteProblem& p) {
   if (p.num_routed > shape.rounds)
     return "Kr=" + std::to_string(p.num_routed) + " > " + std::to_string(shape.rounds) +
            " rounds (" + std::to_string(shape.experts_per_lane) + " experts per lane)";
+  if (needs_exact_numerators(p))
+    return "softmax by p with fused shared slots, not renormalized (correctly rounded numerators, "
+           "which v3 takes)";
   return "";
 }
 

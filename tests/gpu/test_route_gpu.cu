@@ -1060,6 +1060,38 @@ TEST(GpuRouteV3, RandomShapesInEveryLayout) {
   EXPECT_GE(small_rows, 50);
 }
 
+// The case seed 17082914759565165157 of RandomShapesInEveryLayout failed with expf's numerators
+// (session 13): softmax by p, 30 routed + 2 shared slots, logits in {-1, 0, 1}. Each shared slot
+// sums the 30 routed weights, and expf's error, the same in every tied expert, took it 1.013e-6
+// from the reference. With correctly rounded numerators every v3 layout, v2 and the automatic
+// pick agree with it; bf16 and f32 logits too.
+TEST(GpuRouteV3, SharedSlotsOverTiedSoftmaxByPAgreeWithReference) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
+    RouteCase c;
+    c.label = "tied softmax by p, 30 routed + 2 shared";
+    c.seed = 5056387404170071647ull;
+    c.tokens = 3000;
+    c.num_experts = 60;
+    c.kind = InputKind::ties;
+    c.logits_dtype = dtype;
+    c.config.scoring = Scoring::softmax;
+    c.config.renormalize = false;
+    c.config.topk = 32;
+    c.config.num_shared_experts = 2;
+    const std::vector<V3Layout> layouts = v3_layouts_for(c);
+    ASSERT_FALSE(layouts.empty()) << describe(c);
+    EXPECT_TRUE(compare_v3(c, {}, stream.get(), layouts)) << describe(c);
+    EXPECT_TRUE(check_case(c, {}, stream.get())) << describe(c);
+    const RouteInputs in = harness::make_inputs(c);
+    if (gpu::route_v2_declines(host_problem(c, in, harness::make_poisoned_outputs(c))).empty()) {
+      const RouteOutputs v2 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v2);
+      EXPECT_TRUE(expect_agreement(c, in, harness::run_reference(c, in), v2, "v2"));
+    }
+  }
+}
+
 int64_t id_at(const Tensor& ids, int64_t i) {
   return ids.dtype() == DType::i64 ? ids.data_as<int64_t>()[i] : ids.data_as<int32_t>()[i];
 }
@@ -1907,7 +1939,8 @@ TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
 
 // A random problem that v6 serves: softmax of bf16 / f16 logits without bias or softcap,
 // ungrouped E <= 512 with Kr <= 8 (10 past 256 experts), or DeepSeek-V2's groups (2-8 groups of
-// 20, group score max), 0-5 shared slots, every input kind.
+// 20, group score max), 0-5 shared slots (renormalized: unnormalized ones go to v3), every input
+// kind.
 RouteCase random_v6_case(std::mt19937_64& rng, uint64_t seed) {
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
   RouteCase c = random_case(rng, seed);
@@ -1931,6 +1964,7 @@ RouteCase random_v6_case(std::mt19937_64& rng, uint64_t seed) {
   }
   const int routed = 1 + static_cast<int>(rng() % max_routed);
   k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % 6) : 0;
+  if (k.num_shared_experts > 0) k.renormalize = true;
   k.topk = routed + k.num_shared_experts;
   if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
   return c;
@@ -2079,6 +2113,11 @@ TEST(GpuRouteV6, DeclinesWhatItDoesNotServe) {
   top2.config.topk = 6;
   top2.config.group_score = GroupScore::top2_sum;
   declines(top2, "top2_sum");
+  RouteCase shared_by_p = c;  // softmax by p with a fused shared slot: v3's correct rounding
+  shared_by_p.config.renormalize = false;
+  shared_by_p.config.topk = 11;
+  shared_by_p.config.num_shared_experts = 1;
+  declines(shared_by_p, "fused shared slots");
   expect_kernel_refuses(sigmoid, gpu::RouteKernel::v6, stream.get());
 }
 
