@@ -465,11 +465,15 @@ Mode mode_of(const RouteProblem& p) {
 // Softmax by p with fused shared slots and no renormalization: each shared slot holds the sum of
 // the Kr routed weights, undivided, and expf's deterministic error (up to 2 ulp, the same in every
 // expert of a tied logit) adds up there. Seen past the contract's 1e-6: E=60, Kr=30, S=2, logits in
-// {-1, 0, 1}, 1.013e-6 (docs/perf/routing.md, session 13). Such calls take correctly rounded
-// numerators; no model of the table routes this way.
+// {-1, 0, 1}, 1.013e-6 (docs/perf/routing.md, session 13). v2, v3 and v6 decline such calls, and
+// v1 takes them: it rounds numerators correctly. No model of the table routes this way; a runtime
+// switch in v2 and v3 made the unnormalized softmax rows 4-7 % slower (session 14).
 bool needs_exact_numerators(const RouteProblem& p) {
   return mode_of(p) == Mode::softmax_by_prob && p.num_shared > 0 && !p.renormalize;
 }
+constexpr const char* exact_numerators_why =
+    "softmax by p with fused shared slots, not renormalized (expf's error adds up in the shared "
+    "slots: v1 rounds numerators correctly)";
 
 bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
@@ -494,6 +498,7 @@ std::string v2_declines(const RouteProblem& p) {
   if (p.softcap > 0.0f) return "softcap";
   if (p.num_experts > kV2MaxExperts)
     return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kV2MaxExperts);
+  if (needs_exact_numerators(p)) return exact_numerators_why;
   if (!groups_are_whole_lanes(p, {kLanes, v2_experts_per_lane(p.num_experts, kLanes)}))
     return "groups of " + std::to_string(p.experts_per_group()) +
            " experts are not whole runs of lanes (" +
@@ -621,7 +626,6 @@ RouteArgs common_args(const RouteProblem& p, int chunk) {
   a.group_magic = ((uint64_t{1} << 32) + a.experts_per_group - 1) / a.experts_per_group;
   a.group_top2_sum = p.group_score == GroupScore::top2_sum;
   a.mode = mode_of(p);
-  a.exact_numerators = needs_exact_numerators(p);
   a.softcap = p.softcap;
   a.renormalize = p.renormalize;
   a.routed_scaling_factor = p.routed_scaling_factor;
@@ -770,6 +774,7 @@ std::string v3_declines(const RouteProblem& p) {
   if (p.softcap > 0.0f) return "softcap";
   if (p.num_experts > kV3MaxExperts)
     return "E=" + std::to_string(p.num_experts) + " > " + std::to_string(kV3MaxExperts);
+  if (needs_exact_numerators(p)) return exact_numerators_why;
   if (p.num_groups > 1) return v3_declines_groups(p);
   return "";
 }
@@ -1408,9 +1413,7 @@ std::string v6_declines(const RouteProblem& p) {
   if (p.num_routed > shape.rounds)
     return "Kr=" + std::to_string(p.num_routed) + " > " + std::to_string(shape.rounds) +
            " rounds (" + std::to_string(shape.experts_per_lane) + " experts per lane)";
-  if (needs_exact_numerators(p))
-    return "softmax by p with fused shared slots, not renormalized (correctly rounded numerators, "
-           "which v3 takes)";
+  if (needs_exact_numerators(p)) return exact_numerators_why;
   return "";
 }
 

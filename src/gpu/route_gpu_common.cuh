@@ -97,10 +97,6 @@ struct RouteArgs {
   int block_warps;        // v3: warps per block of the launch (kWarpsPerBlock or fewer)
   bool tree_denominator;  // v3 softmax by p: lane sums and a butterfly (an experiment)
   bool early_terms;       // v3 softmax by p: start the ordered denominator beside the sort
-  // Softmax by p with fused shared slots, not renormalized: numerators correctly rounded (v2, v3;
-  // v6 declines these calls), since a shared slot sums the routed weights and expf's error, the
-  // same in every expert of a tied logit, adds up there past the contract's 1e-6.
-  bool exact_numerators;
 };
 
 // Waits for the previous grid (programmatic dependent launch) after reading one word of every 16

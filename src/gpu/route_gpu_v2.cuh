@@ -141,13 +141,11 @@ __device__ __forceinline__ void v2_load_bias_chunk(const RouteArgs& a, int64_t f
 
 // The numerator of z's softmax probability (p = numerator / denominator), given the row's max z,
 // exactly as the reference computes it in the three cases of spec/routing.md: all -inf (0), some
-// +inf (1 for those, over their count), finite max (exp(z - max), over the sum). exact
-// (RouteArgs::exact_numerators): exp correctly rounded through double, as v1 has it, instead of
-// expf's up to 2 ulp, which repeat in every expert of a tied logit and add up in shared slots.
-__device__ __forceinline__ float softmax_numerator(float z, float max_z, bool exact) {
+// +inf (1 for those, over their count), finite max (exp(z - max), over the sum).
+__device__ __forceinline__ float softmax_numerator(float z, float max_z) {
   if (max_z == -INFINITY) return 0.0f;
   if (max_z == INFINITY) return z == INFINITY ? 1.0f : 0.0f;
-  return exact ? static_cast<float>(exp(static_cast<double>(z - max_z))) : expf(z - max_z);
+  return expf(z - max_z);
 }
 
 // Warp collectives over the kRowLanes lanes of one row (the whole warp, or an aligned half).
@@ -293,8 +291,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v2_kernel(const R
       max_z = key_value(row_lanes.max(lane_max));
 #pragma unroll
       for (int i = 0; i < kVpl; ++i)
-        weight_source[i] =
-            key[i] != kNoKey ? softmax_numerator(x[i], max_z, a.exact_numerators) : 0.0f;
+        weight_source[i] = key[i] != kNoKey ? softmax_numerator(x[i], max_z) : 0.0f;
       // Some +inf: they share the mass equally (the count, exact in any order).
       float lane_count = 0.0f;
 #pragma unroll
@@ -333,10 +330,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v2_kernel(const R
       if constexpr (kMode == Mode::softmax_by_prob) {
         // The reference scores groups by p; p is monotone in z, so the group's two largest p are
         // p of its two largest z, computed here bit for bit as the reference's.
-        score = softmax_numerator(key_value(first), max_z, a.exact_numerators) / denominator;
+        score = softmax_numerator(key_value(first), max_z) / denominator;
         if (a.group_top2_sum && a.experts_per_group >= 2)
-          score =
-              score + softmax_numerator(key_value(second), max_z, a.exact_numerators) / denominator;
+          score = score + softmax_numerator(key_value(second), max_z) / denominator;
         score = nan_to_neg_inf(score);
       } else {
         score = group_score(a, first, second);

@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       float numerator[kVpl];
 #pragma unroll
       for (int i = 0; i < kVpl; ++i)
-        numerator[i] = key[i] != 0 ? softmax_numerator(z[i], max_z, a.exact_numerators) : 0.0f;
+        numerator[i] = key[i] != 0 ? softmax_numerator(z[i], max_z) : 0.0f;
       // With a +inf max: the count of +inf entries (each numerator 1), summed over the row only
       // where some row of the warp needs it (warp-uniform: the sum shuffles).
       bool some_inf = max_z == INFINITY;
@@ -547,9 +547,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       }
       float score = score_of(first);
       if constexpr (kMode == Mode::softmax_by_prob) {
-        if (by_p)
-          score = softmax_numerator(nan_to_neg_inf(score), max_z, a.exact_numerators) /
-                  denominator_for_p;
+        if (by_p) score = softmax_numerator(nan_to_neg_inf(score), max_z) / denominator_for_p;
       } else {
         if (a.group_top2_sum && a.experts_per_group >= 2) score = score + score_of(second);
       }
@@ -635,8 +633,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
       // group have equal p (p is monotone in z), and the reference may keep another group of
       // that p (the lowest id). Rare and row-uniform: redo the row with the groups ranked by p.
       if (a.topk_groups < a.num_groups && last_kept != first_dropped &&
-          softmax_numerator(last_kept, max_z, a.exact_numerators) / denominator ==
-              softmax_numerator(first_dropped, max_z, a.exact_numerators) / denominator) {
+          softmax_numerator(last_kept, max_z) / denominator ==
+              softmax_numerator(first_dropped, max_z) / denominator) {
         build_keys(key, z);
         odd_even_sort<0, power_of_two_at_least(kVpl), kVpl>(key);
         keep_best_groups(true, denominator);
@@ -661,7 +659,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) route_rows_v3_kernel(const R
               : top == INFINITY ? (zk == INFINITY ? 1.0f : 0.0f)
                                 : expf(zk - top);
         } else if constexpr (kMode == Mode::softmax_by_prob) {
-          w = softmax_numerator(score_of(slots[q]), max_z, a.exact_numerators) / denominator;
+          w = softmax_numerator(score_of(slots[q]), max_z) / denominator;
         } else {
           float x = 0.0f;
           if constexpr (k16)

@@ -1063,9 +1063,9 @@ TEST(GpuRouteV3, RandomShapesInEveryLayout) {
 // The case seed 17082914759565165157 of RandomShapesInEveryLayout failed with expf's numerators
 // (session 13): softmax by p, 30 routed + 2 shared slots, logits in {-1, 0, 1}. Each shared slot
 // sums the 30 routed weights, and expf's error, the same in every tied expert, took it 1.013e-6
-// from the reference. With correctly rounded numerators every v3 layout, v2 and the automatic
-// pick agree with it; bf16 and f32 logits too.
-TEST(GpuRouteV3, SharedSlotsOverTiedSoftmaxByPAgreeWithReference) {
+// from the reference. v2, v3 and v6 decline such calls; v1, which rounds numerators correctly,
+// takes them and agrees with the reference in every logits dtype.
+TEST(GpuRouteV3, SharedSlotsOverTiedSoftmaxByPGoToV1) {
   SKIP_WITHOUT_GPU();
   Stream stream;
   for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
@@ -1080,15 +1080,22 @@ TEST(GpuRouteV3, SharedSlotsOverTiedSoftmaxByPAgreeWithReference) {
     c.config.renormalize = false;
     c.config.topk = 32;
     c.config.num_shared_experts = 2;
-    const std::vector<V3Layout> layouts = v3_layouts_for(c);
-    ASSERT_FALSE(layouts.empty()) << describe(c);
-    EXPECT_TRUE(compare_v3(c, {}, stream.get(), layouts)) << describe(c);
-    EXPECT_TRUE(check_case(c, {}, stream.get())) << describe(c);
     const RouteInputs in = harness::make_inputs(c);
-    if (gpu::route_v2_declines(host_problem(c, in, harness::make_poisoned_outputs(c))).empty()) {
-      const RouteOutputs v2 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v2);
-      EXPECT_TRUE(expect_agreement(c, in, harness::run_reference(c, in), v2, "v2"));
-    }
+    const RouteProblem p = host_problem(c, in, harness::make_poisoned_outputs(c));
+    for (const std::string& why : {gpu::route_v2_declines(p), gpu::route_v3_declines(p)})
+      EXPECT_NE(why.find("fused shared slots"), std::string::npos) << describe(c) << ": " << why;
+    EXPECT_NE(gpu::route_v6_declines(p), "") << describe(c);  // Kr=30 is past v6's rounds too
+    const DeviceCase d = upload(c, in, {});
+    const std::string picked = gpu::route_kernel_name(device_problem(c, d, stream.get()));
+    EXPECT_EQ(picked.rfind("v1", 0), 0u) << describe(c) << ": " << picked;
+    EXPECT_TRUE(check_case(c, {}, stream.get())) << describe(c);
+    const RouteOutputs v1 = run_kernel(c, in, {}, stream.get(), gpu::RouteKernel::v1);
+    EXPECT_TRUE(expect_agreement(c, in, harness::run_reference(c, in), v1, "v1"));
+    // Renormalized, the same call stays on the fast kernels.
+    c.config.renormalize = true;
+    const RouteInputs in2 = harness::make_inputs(c);
+    EXPECT_EQ(gpu::route_v3_declines(host_problem(c, in2, harness::make_poisoned_outputs(c))), "")
+        << describe(c);
   }
 }
 
