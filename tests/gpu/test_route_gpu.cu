@@ -241,6 +241,14 @@ void draw_slots(std::mt19937_64& rng, RouterConfig& k, int max_routed) {
   k.topk = routed + k.num_shared_experts;
 }
 
+// Softmax by p, not renormalized, with fused shared slots is v1's alone (its numerators are
+// correctly rounded; see SharedSlotsOverTiedSoftmaxByPGoToV1): random problems for the faster
+// kernels renormalize such calls.
+void keep_in_fast_kernels_range(RouterConfig& k) {
+  if (k.scoring == Scoring::softmax && !k.renormalize && k.num_shared_experts > 0)
+    k.renormalize = true;
+}
+
 // Unnormalized sigmoid / sqrtsoftplus weights are not bounded by 1, and a shared slot then
 // carries their raw sum: past a few units, 1e-6 absolute is below one ulp, and any libm
 // difference (CUDA's expf vs glibc's, a few ulps apart at most) fails it. Keep those weights
@@ -1024,6 +1032,7 @@ RouteCase random_v3_case(std::mt19937_64& rng, uint64_t seed) {
   const int max_routed = std::min(64, E);
   draw_slots(rng, k, max_routed);
   keep_unnormalized_weights_small(k);
+  keep_in_fast_kernels_range(k);
   if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
   return c;
 }
@@ -1165,6 +1174,7 @@ TEST(GpuRouteV3, SmallRowsAtEveryRowCount) {
       c.config.topk = std::min(num_experts, 1 + static_cast<int>(n % 8));
       c.config.renormalize = n % 2 == 0;
       c.config.num_shared_experts = n % 5 == 0 && c.config.topk > 1 ? 1 : 0;
+      keep_in_fast_kernels_range(c.config);
       ++n;
       const std::vector<V3Layout> layouts = v3_layouts_for(c);
       EXPECT_GE(layouts.size(), 2u) << describe(c);
@@ -1370,6 +1380,7 @@ RouteCase random_grouped_case(std::mt19937_64& rng, uint64_t seed) {
   const int max_routed = std::min(64, k.topk_groups * EPG);
   draw_slots(rng, k, max_routed);
   keep_unnormalized_weights_small(k);
+  keep_in_fast_kernels_range(k);
   if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
   return c;
 }
@@ -1946,7 +1957,7 @@ TEST(GpuRouteV5, DeclinesWhatItDoesNotServe) {
 
 // A random problem that v6 serves: softmax of bf16 / f16 logits without bias or softcap,
 // ungrouped E <= 512 with Kr <= 8 (10 past 256 experts), or DeepSeek-V2's groups (2-8 groups of
-// 20, group score max), 0-5 shared slots (renormalized: unnormalized ones go to v3), every input
+// 20, group score max), 0-5 shared slots (renormalized: unnormalized ones go to v1), every input
 // kind.
 RouteCase random_v6_case(std::mt19937_64& rng, uint64_t seed) {
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
@@ -1971,7 +1982,7 @@ RouteCase random_v6_case(std::mt19937_64& rng, uint64_t seed) {
   }
   const int routed = 1 + static_cast<int>(rng() % max_routed);
   k.num_shared_experts = chance(0.3) ? static_cast<int>(rng() % 6) : 0;
-  if (k.num_shared_experts > 0) k.renormalize = true;
+  keep_in_fast_kernels_range(k);
   k.topk = routed + k.num_shared_experts;
   if (c.kind != InputKind::padding && k.num_valid_tokens > c.tokens) k.num_valid_tokens = c.tokens;
   return c;
@@ -2120,7 +2131,7 @@ TEST(GpuRouteV6, DeclinesWhatItDoesNotServe) {
   top2.config.topk = 6;
   top2.config.group_score = GroupScore::top2_sum;
   declines(top2, "top2_sum");
-  RouteCase shared_by_p = c;  // softmax by p with a fused shared slot: v3's correct rounding
+  RouteCase shared_by_p = c;  // softmax by p with a fused shared slot: v1's correct rounding
   shared_by_p.config.renormalize = false;
   shared_by_p.config.topk = 11;
   shared_by_p.config.num_shared_experts = 1;
