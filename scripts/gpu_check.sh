@@ -3,7 +3,7 @@
 #   scripts/gpu_check.sh [--quick]     build (Release, sm_90a), GPU tests, `moekit check` and
 #                                      `moekit bench` on the GPU, the peer benchmark, a summary
 #   GPU_CHECK_PREBUILT=1 scripts/gpu_check.sh [--quick]   the same with build/gpu/moekit,
-#                                      build/gpu/moekit_gpu_tests and build/gpu/hbm_stream_floor
+#                                      build/gpu/moekit_gpu_tests, build/gpu/hbm_stream_floor (and wgmma_rate)
 #                                      built on a dev machine and carried (with build-deps for
 #                                      their shared libraries): no build here
 #   scripts/gpu_check.sh --pack-deps   (on a dev machine) copy gtest, fmt, CLI11 and nlohmann-json
@@ -76,12 +76,12 @@ else
       -DCMAKE_CUDA_ARCHITECTURES=90a-real -DCMAKE_CUDA_COMPILER="$NVCC" \
       -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "${PREFIX[@]}" "$@" > "$OUT/configure.txt" 2>&1
   }
-  TARGETS=(moekit_gpu_tests moekit_cli hbm_stream_floor)
+  TARGETS=(moekit_gpu_tests moekit_cli hbm_stream_floor wgmma_rate)
   if configure -DMOEKIT_BUILD_TESTS=ON; then
     :
   elif rm -rf "$BUILD" && configure -DMOEKIT_BUILD_TESTS=OFF; then
     note "configured WITHOUT tests (GoogleTest not found): no moekit_gpu_tests"
-    TARGETS=(moekit_cli hbm_stream_floor)
+    TARGETS=(moekit_cli hbm_stream_floor wgmma_rate)
   else
     tail -30 "$OUT/configure.txt"
     note "configure failed (missing fmt / CLI11 / nlohmann-json / GoogleTest? run" \
@@ -244,6 +244,17 @@ if [[ -x $CLI ]]; then
       } >> "$OUT/fp8_bench.txt"
     else
       note "hbm_stream_floor: exit $? (stream_floor.txt)"
+    fi
+  fi
+  # The fp8 wgmma rate with nothing else (bench/wgmma_rate.cu): the ceiling of the tiles kernel's
+  # consumers, each row verified.
+  if [[ -x $BUILD/wgmma_rate ]]; then
+    if timeout 60 "$BUILD/wgmma_rate" > "$OUT/wgmma_rate.txt" 2>&1; then
+      { echo "wgmma rate (wgmma_rate; shared-memory operands only):"; cat "$OUT/wgmma_rate.txt"; } \
+        >> "$OUT/fp8_bench.txt"
+      grep -q WRONG "$OUT/wgmma_rate.txt" && note "wgmma_rate: a row failed verification"
+    else
+      note "wgmma_rate: exit $? (wgmma_rate.txt)"
     fi
   fi
   cat "$OUT/fp8_bench.txt"

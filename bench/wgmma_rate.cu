@@ -1,0 +1,229 @@
+// How fast do fp8 wgmma run on their own, with shared-memory operands and nothing else? Session 13
+// (docs/perf/fp8-gpu-sm90.md) ablated the tiles kernel at M=4096, N=7168, K=16384: its tensor work
+// with no copies took 972 us (~990 TFLOP/s), cuBLASLt's whole GEMM 713-737 us. This program tells
+// whether that is the rate of the instruction shape (m64n128k32 from shared memory, two
+// warpgroups per SM) or of the kernel around it. One CTA per SM runs `iterations` k-blocks (4
+// wgmma of k = 32 each) per consumer warpgroup, in three ways:
+//   accumulate  one fragment for every k-block, one commit group in flight behind the next;
+//   promote     a fresh fragment per k-block, waited for, then added into f32 (the tiles kernel
+//               before session 13);
+//   two         two fragments taking turns, k-block i + 1's wgmma during i's promotion (after).
+// Both operands are e4m3 1.0, so every product is 1 and every output element must equal
+// 128 x iterations: each row is verified before it is printed. Constant operands toggle few bits,
+// so the card may clock higher than on real data: read the rates as upper bounds, and the printed
+// clock (SM cycles over the global timer, CTA 0) beside them.
+// A standalone experiment program, built with the GPU backend as wgmma_rate:
+//   wgmma_rate [iterations]      (default 1024)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cuda_check.h"
+#include "gpu/sm90/ptx.h"
+#include "gpu/sm90/wgmma_fp8.h"
+#include "gpu/vendor.h"
+
+namespace {
+
+namespace sm90 = moekit::gpu::sm90;
+namespace vendor = moekit::gpu::vendor;
+
+enum Mode : int { accumulate, promote, two };
+const char* mode_name(int mode) {
+  return mode == accumulate ? "accumulate" : mode == promote ? "promote" : "two";
+}
+
+constexpr int kWarpgroup = 128;
+constexpr int kBlockK = 128;               // bytes of K per k-block
+constexpr int kATileBytes = 64 * kBlockK;  // one warpgroup's 64 rows
+
+constexpr size_t shared_bytes(int n, int groups) {
+  return 1024 + static_cast<size_t>(groups) * kATileBytes + static_cast<size_t>(n) * kBlockK;
+}
+
+#if MOEKIT_SM90A
+constexpr uint32_t kOneE4m3 = 0x38383838u;  // four e4m3 1.0
+
+// The 4 wgmma of one k-block into d (fresh: d starts at 0), committed as one group. fence: a
+// compiler fence on d first, which must not come while a group on d is in flight (ptxas would then
+// serialize every wgmma): the accumulate mode chains its groups without it.
+template <int N>
+__device__ __forceinline__ void issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                      bool fresh, bool fence) {
+  if (fence) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) sm90::fence_operand(d[i]);
+  }
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kBlockK / 32; ++k)
+    sm90::WgmmaFp8<N>::run(d, desc_a + 2 * k, desc_b + 2 * k, !(fresh && k == 0));
+  sm90::wgmma_commit();
+}
+
+template <int N>
+__device__ __forceinline__ void add_into(float (&acc)[N / 2], float (&part)[N / 2], float scale) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] += part[i] * scale;
+}
+#endif
+
+// out[CTA][thread][i]: the thread's accumulators; clock[0..1]: CTA 0's SM cycles and nanoseconds.
+template <int N, int kGroups, int kMode>
+__global__ void __launch_bounds__(kGroups* kWarpgroup, 1)
+    rate_kernel(int iterations, float scale, float* out, unsigned long long* clock) {
+#if MOEKIT_SM90A
+  extern __shared__ uint8_t raw[];
+  uint8_t* base = raw + (1024 - sm90::shared_address(raw) % 1024) % 1024;
+  uint32_t* words = reinterpret_cast<uint32_t*>(base);
+  const int word_count = static_cast<int>((shared_bytes(N, kGroups) - 1024) / 4);
+  for (int i = static_cast<int>(threadIdx.x); i < word_count; i += blockDim.x) words[i] = kOneE4m3;
+  sm90::fence_proxy_async_shared();  // the generic stores, before the wgmma read them
+  __syncthreads();
+
+  const int group = static_cast<int>(threadIdx.x) / kWarpgroup;
+  const uint64_t desc_a = sm90::smem_descriptor_sw128(base + group * kATileBytes);
+  const uint64_t desc_b = sm90::smem_descriptor_sw128(base + kGroups * kATileBytes);
+  const unsigned long long cycles0 = clock64();
+  const unsigned long long ns0 = vendor::global_timer_ns();
+
+  float acc[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  if constexpr (kMode == accumulate) {
+    for (int it = 0; it < iterations; ++it) {
+      issue<N>(acc, desc_a, desc_b, false, false);
+      sm90::wgmma_wait<1>();
+    }
+    sm90::wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) sm90::fence_operand(acc[i]);
+  } else if constexpr (kMode == promote) {
+    float part[N / 2];
+    for (int it = 0; it < iterations; ++it) {
+      issue<N>(part, desc_a, desc_b, true, true);
+      sm90::wgmma_wait<0>();
+      add_into<N>(acc, part, scale);
+    }
+  } else {  // two fragments, in pairs of k-blocks (none in flight across the back edge)
+    float part[N / 2], part2[N / 2];
+    for (int it = 0; it < iterations; it += 2) {
+      issue<N>(part, desc_a, desc_b, true, true);
+      issue<N>(part2, desc_a, desc_b, true, true);
+      sm90::wgmma_wait<1>();
+      add_into<N>(acc, part, scale);
+      sm90::wgmma_wait<0>();
+      add_into<N>(acc, part2, scale);
+    }
+  }
+
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    clock[0] = clock64() - cycles0;
+    clock[1] = vendor::global_timer_ns() - ns0;
+  }
+  float* mine = out + (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) * (N / 2);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) mine[i] = acc[i];
+#else
+  (void)iterations;
+  (void)scale;
+  (void)out;
+  (void)clock;
+#endif
+}
+
+struct Row {
+  int n, groups, mode;
+};
+
+// Runs one row: a launch to verify (every accumulator equal to 128 x iterations), then the median
+// of 5 timed launches. Prints the row.
+void run_row(const Row& row, void (*kernel)(int, float, float*, unsigned long long*), int sms,
+             int iterations, float* out, unsigned long long* clock) {
+  const size_t shared = shared_bytes(row.n, row.groups);
+  CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          static_cast<int>(shared)));
+  const dim3 grid(static_cast<unsigned>(sms)),
+      block(static_cast<unsigned>(row.groups * kWarpgroup));
+  const size_t values = static_cast<size_t>(sms) * block.x * (row.n / 2);
+  CK(cudaMemset(out, 0, values * sizeof(float)));
+  kernel<<<grid, block, shared>>>(iterations, 1.0f, out, clock);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  std::vector<float> host(values);
+  CK(cudaMemcpy(host.data(), out, values * sizeof(float), cudaMemcpyDeviceToHost));
+  const float want = 128.0f * static_cast<float>(iterations);
+  size_t wrong = 0;
+  for (float v : host) wrong += v != want;
+
+  cudaEvent_t start, stop;
+  CK(cudaEventCreate(&start));
+  CK(cudaEventCreate(&stop));
+  std::vector<float> ms(5);
+  for (float& t : ms) {
+    CK(cudaEventRecord(start));
+    kernel<<<grid, block, shared>>>(iterations, 1.0f, out, clock);
+    CK(cudaEventRecord(stop));
+    CK(cudaEventSynchronize(stop));
+    CK(cudaEventElapsedTime(&t, start, stop));
+  }
+  std::sort(ms.begin(), ms.end());
+  unsigned long long cycles_ns[2] = {0, 0};
+  CK(cudaMemcpy(cycles_ns, clock, sizeof cycles_ns, cudaMemcpyDeviceToHost));
+  CK(cudaEventDestroy(start));
+  CK(cudaEventDestroy(stop));
+
+  const double us = ms[2] * 1e3;
+  const double flops =
+      2.0 * 64 * row.n * kBlockK * static_cast<double>(iterations) * row.groups * sms;
+  const double mhz =
+      cycles_ns[1] > 0 ? 1e3 * static_cast<double>(cycles_ns[0]) / static_cast<double>(cycles_ns[1])
+                       : 0.0;
+  const double peak = static_cast<double>(sms) * 8192.0 * mhz * 1e6;  // dense fp8 per SM per clock
+  std::printf(
+      "m64n%-3dk32  %d warpgroups  %-10s  %9.1f us  %7.1f TFLOP/s  %6.0f MHz  %5.1f%%  %s\n", row.n,
+      row.groups, mode_name(row.mode), us, flops / us * 1e-6, mhz,
+      peak > 0 ? 100.0 * flops / (us * 1e-6) / peak : 0.0, wrong == 0 ? "verified" : "WRONG");
+  if (wrong != 0)
+    std::printf("  %zu of %zu accumulators differ from %.0f (first: %.0f)\n", wrong, values,
+                static_cast<double>(want), static_cast<double>(host[0]));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // 128 x 1024 = 2^17: exact where the tensor cores' fp8 accumulation keeps ~14 bits.
+  const int iterations = argc > 1 ? std::max(2, std::atoi(argv[1]) / 2 * 2) : 1024;
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf(
+      "%s, %d SMs; %d k-blocks of 128 per warpgroup; %% = of 8192 fp8 flops per SM per "
+      "clock at the clock shown\n",
+      prop.name, prop.multiProcessorCount, iterations);
+  if (prop.major != 9) {
+    std::printf("needs compute capability 9.x (wgmma)\n");
+    return 0;
+  }
+  const int sms = prop.multiProcessorCount;
+  float* out = nullptr;
+  unsigned long long* clock = nullptr;
+  CK(cudaMalloc(&out, static_cast<size_t>(sms) * 2 * kWarpgroup * 128 * sizeof(float)));
+  CK(cudaMalloc(&clock, 2 * sizeof(unsigned long long)));
+  run_row({128, 1, accumulate}, rate_kernel<128, 1, accumulate>, sms, iterations, out, clock);
+  run_row({128, 2, accumulate}, rate_kernel<128, 2, accumulate>, sms, iterations, out, clock);
+  run_row({128, 2, promote}, rate_kernel<128, 2, promote>, sms, iterations, out, clock);
+  run_row({128, 2, two}, rate_kernel<128, 2, two>, sms, iterations, out, clock);
+  run_row({256, 1, accumulate}, rate_kernel<256, 1, accumulate>, sms, iterations, out, clock);
+  run_row({256, 2, accumulate}, rate_kernel<256, 2, accumulate>, sms, iterations, out, clock);
+  run_row({64, 2, promote}, rate_kernel<64, 2, promote>, sms, iterations, out, clock);
+  run_row({64, 2, two}, rate_kernel<64, 2, two>, sms, iterations, out, clock);
+  CK(cudaFree(out));
+  CK(cudaFree(clock));
+  return 0;
+}
