@@ -117,6 +117,17 @@ struct GemmArgs {
   bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
   bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
   int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
+  // Tiles kernel with scales copied by TMA (kScaleFeed != warps): the weight-scale map's box of
+  // 16 bytes holds b_scale_lanes elements along k-blocks (b_scale_k_inner) or along N blocks.
+  bool b_scale_k_inner;
+  int b_scale_lanes;
+};
+
+// Tiles kernel: tensor maps of the activation and weight scales (used where the kernel copies the
+// scales with TMA; zeros otherwise).
+struct ScaleMaps {
+  CUtensorMap a;
+  CUtensorMap b;
 };
 
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
@@ -252,14 +263,27 @@ __device__ __forceinline__ void promote_tile_fragment(float (&acc)[64], const fl
 // kOverlap: the consumers keep two wgmma fragments, so that k-block i + 1's wgmma run while
 // k-block i's products are scaled into the accumulators (H200, M=4096 N=7168 K=16384: 988 vs
 // 1115-1153 us; docs/perf/fp8-gpu-sm90.md, session 13).
+//
+// kScaleFeed: who puts each k-block's scales beside its tiles (the scale warps, or the copy engine
+// with the tiles). kPair: clusters of two CTAs on neighbouring tile rows, each copying half of
+// the shared B tile into both rings; a stage is refilled once the consumers of both CTAs are done
+// with it (session 15).
 
 namespace tiles {
 constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
 constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlockM)
 constexpr int kStageBytes = 2 * kTileBytes;
-constexpr int kScaleBytes = kBlockM * 4;  // a stage's 128 scale products
+// A stage's scale region: the scale warps' 128 products, or the TMA boxes of the activation
+// scales (up to 128 rows x 16 bytes) and, 128-byte aligned behind them, of the weight scales (16
+// bytes).
+constexpr int kScaleABoxBytes = kBlockM * 16;
+constexpr int kScaleBytes = kScaleABoxBytes + 128;
 constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
                                 kStages * kScaleBytes + 2 * kStages * sizeof(uint64_t);
+// Who puts a stage's scales into shared memory: producer warps 1 and 2 (any layout, products
+// written), or the copy engine with the tiles, as boxes of the activation scales with k-blocks
+// (or packed words) inner, 4 per row (a_k_inner), or rows inner, 128 per k-block (a_m_inner).
+enum class ScaleFeed : int { warps, a_k_inner, a_m_inner };
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 #if MOEKIT_SM90A
 constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale products
@@ -289,19 +313,26 @@ struct RingPosition {
 #endif
 }  // namespace tiles
 
-// Producer warps 1 and 2 multiply each k-block's activation scales (any layout) by its weight
-// scale and put the 128 products beside the stage's tiles, so that a consumer thread reads its two
-// rows' factors with one shared load instead of computing addresses and loading global scales:
-// the consumers' loop went from ~161 to ~103 SASS instructions per k-block, and the kernel from
-// 974 to 919 us at M=4096 N=7168 K=16384 (H200, ncu at 1.68-1.69 GHz; docs/perf/fp8-gpu-sm90.md,
-// session 14).
-template <bool kOverlap>
+// Scales from the scale warps: producer warps 1 and 2 multiply each k-block's activation scales
+// (any layout) by its weight scale and put the 128 products beside the stage's tiles, so that a
+// consumer thread reads its two rows' factors with one shared load instead of computing addresses
+// and loading global scales: the consumers' loop went from ~161 to ~103 SASS instructions per
+// k-block, and the kernel from 974 to 919 us at M=4096 N=7168 K=16384 (H200, ncu at 1.68-1.69
+// GHz; docs/perf/fp8-gpu-sm90.md, session 14). Scales copied with the tiles: the stage's full
+// barrier waits for the copies alone (1,552 k -> 1,439 k cycles at that shape, session 15); the
+// consumers read the two factors and the weight scale and multiply.
+template <bool kOverlap, tiles::ScaleFeed kScaleFeed, bool kPair>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
-                      const __grid_constant__ CUtensorMap b_map, const GemmArgs args) {
+                      const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
+                      const __grid_constant__ ScaleMaps scale_maps) {
 #if MOEKIT_SM90A
   using namespace tiles;
-  constexpr int kGroupRows = 8;  // tile rows per rasterization group
+  constexpr bool kCopiedScales = kScaleFeed != ScaleFeed::warps;
+  constexpr int kScaleCopyBytes =
+      (kScaleFeed == ScaleFeed::a_k_inner ? kScaleABoxBytes : kBlockM * 4) + 16;
+  constexpr int kScaleFloats = kScaleBytes / 4;  // a stage's scale region, in floats
+  constexpr int kGroupRows = 8;                  // tile rows per rasterization group
   extern __shared__ uint8_t shared_raw[];
   uint8_t* stages = align_shared(shared_raw);
   auto* scales = reinterpret_cast<float*>(stages + kStages * kStageBytes);
@@ -320,6 +351,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m0 = (first_row + in_group % group_rows) * kBlockM;
   const int n0 = (in_group / group_rows) * kBlockN;
   const int nb = n0 / kBlockN;
+  // Pairs: the group's row count is even (the host pairs only even tiles_m), so CTAs 2j and
+  // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile.
+  const uint32_t rank = kPair ? sm90::cluster_rank() : 0;
   // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past k_blocks
   // are only barrier arrivals (their stages keep old bytes: the consumers multiply them, so that
   // every path has the same wgmma in flight, and add nothing).
@@ -327,23 +361,40 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], 1 + kScaleWarps * 32);
-      sm90::mbarrier_init(&empty[s], kConsumers * 4);  // lane 0 of every consumer warp
+      sm90::mbarrier_init(&full[s], kCopiedScales ? 1 : 1 + kScaleWarps * 32);
+      // Lane 0 of every consumer warp (of both CTAs in pairs: the stage holds the peer's copy).
+      sm90::mbarrier_init(&empty[s], kConsumers * 4 * (kPair ? 2 : 1));
     }
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  // Pairs: the peer's barriers are initialized before any copy or arrival reaches them.
+  if constexpr (kPair)
+    sm90::cluster_sync();
+  else
+    __syncthreads();
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
     sm90::registers_shrink<kScaleProducerRegisters>();
+    // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
+    const auto leave = [&] {
+      __syncwarp();
+      if constexpr (kPair) {
+        sm90::cluster_arrive();
+        sm90::cluster_wait();
+      }
+    };
     const int producer_warp = static_cast<int>(threadIdx.x) / 32 % 4;
     if (threadIdx.x == kConsumers * kWarpgroup) {
       sm90::prefetch_tensor_map(&a_map);
       sm90::prefetch_tensor_map(&b_map);
+      if constexpr (kCopiedScales) {
+        sm90::prefetch_tensor_map(&scale_maps.a);
+        sm90::prefetch_tensor_map(&scale_maps.b);
+      }
       for (int kb = 0; kb < min(k_blocks, kStages); ++kb) {
         sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
-        sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0);
+        sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0 + static_cast<int>(rank) * (kBlockN / 2));
       }
       vendor::wait_for_previous_grid();
       RingPosition ring;
@@ -355,11 +406,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
         uint8_t* stage = stages + ring.stage * kStageBytes;
-        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes);
+        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes + (kCopiedScales ? kScaleCopyBytes : 0));
         sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
-        sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+        if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
+          const int half = static_cast<int>(rank) * (kBlockN / 2);
+          sm90::tma_load_2d_multicast(stage + kTileBytes + half * kBlockK, &b_map, bar,
+                                      kb * kBlockK, n0 + half, 0x3);
+        } else {
+          sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+        }
+        if constexpr (kCopiedScales) {
+          // The boxes' first element: 16-byte boxes start at a multiple of their element count.
+          float* region = scales + ring.stage * kScaleFloats;
+          const int word = args.scales.a_packed ? kb >> 2 : kb;
+          if constexpr (kScaleFeed == ScaleFeed::a_k_inner)
+            sm90::tma_load_2d(region, &scale_maps.a, bar, word & ~3, m0);
+          else
+            sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+          const int inner = args.b_scale_k_inner ? kb : nb;
+          sm90::tma_load_2d(region + kScaleABoxBytes / 4, &scale_maps.b, bar,
+                            inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
+        }
       }
-    } else if (producer_warp >= 1 && producer_warp <= kScaleWarps) {
+    } else if (!kCopiedScales && producer_warp >= 1 && producer_warp <= kScaleWarps) {
       // Rows r0 and r0 + 64 of the tile; 4 k-blocks' loads in flight at a time.
       const int r0 = (producer_warp - 1) * 32 + static_cast<int>(threadIdx.x) % 32;
       const int rows[2] = {min(m0 + r0, args.m - 1), min(m0 + r0 + 64, args.m - 1)};
@@ -386,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j = 0; j < 4; ++j) {
           if (first + j >= slots) break;
           sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
-          float* stage_scales = scales + ring.stage * kBlockM;
+          float* stage_scales = scales + ring.stage * kScaleFloats;
           stage_scales[scale_slot(r0)] = product[0][j];
           stage_scales[scale_slot(r0 + 64)] = product[1][j];
           sm90::mbarrier_arrive(&full[ring.stage]);
@@ -395,6 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (first + 4 < slots) load_products(first + 4);
       }
     }
+    leave();
     return;
   }
 
@@ -412,10 +482,39 @@ __global__ void __launch_bounds__(kThreads, 1)
   // After every lane's last read of the stage (its scales): the stage goes back to the producer.
   const auto release = [&](int stage) {
     __syncwarp();
-    if (lane == 0) sm90::mbarrier_arrive(&empty[stage]);
+    if (lane == 0) {
+      sm90::mbarrier_arrive(&empty[stage]);
+      if constexpr (kPair) sm90::mbarrier_arrive_peer(&empty[stage], rank ^ 1);
+    }
   };
-  const auto stage_factors = [&](int stage) {
-    return *reinterpret_cast<const float2*>(scales + stage * kBlockM + scale_slot(tile_row));
+  // The scale products of rows tile_row and tile_row + 8 for k-block kb in `stage`.
+  const auto stage_factors = [&](int stage, int kb) {
+    const float* region = scales + stage * kScaleFloats;
+    if constexpr (!kCopiedScales) {
+      return *reinterpret_cast<const float2*>(region + scale_slot(tile_row));
+    } else {
+      const auto* words = reinterpret_cast<const uint32_t*>(region);
+      const bool packed = args.scales.a_packed;
+      uint32_t w0, w1;
+      if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
+        const int column = (packed ? kb >> 2 : kb) & 3;
+        w0 = words[tile_row * 4 + column];
+        w1 = words[(tile_row + 8) * 4 + column];
+      } else {
+        w0 = words[tile_row];
+        w1 = words[tile_row + 8];
+      }
+      if (packed) {  // exponent byte kb % 4 of the word
+        const int shift = (kb & 3) * 8;
+        w0 = (w0 >> shift & 0xffu) << 23;
+        w1 = (w1 >> shift & 0xffu) << 23;
+      }
+      const float* b_box = region + kScaleABoxBytes / 4;
+      const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
+      const uint32_t b_bf16 = reinterpret_cast<const uint16_t*>(b_box)[b_index];
+      const float b = args.scales.b_bf16 ? __uint_as_float(b_bf16 << 16) : b_box[b_index];
+      return make_float2(__uint_as_float(w0) * b, __uint_as_float(w1) * b);
+    }
   };
 
   if constexpr (kOverlap) {
@@ -427,10 +526,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     RingPosition ring;
     int stage1 = 0, stage2 = 0;
     float2 factors1{}, factors2{};
-    const auto issue = [&](float(&fragment)[64], int& stage, float2& factors) {
+    const auto issue = [&](float(&fragment)[64], int& stage, float2& factors, int kb) {
       stage = ring.stage;
       sm90::mbarrier_wait(&full[stage], ring.phase);
-      factors = stage_factors(stage);
+      factors = stage_factors(stage, kb);
       issue_k_block<kBlockN>(fragment, a_half + stage * kStageBytes,
                              stages + stage * kStageBytes + kTileBytes);
       ring.advance();
@@ -445,14 +544,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
     for (int kb = 0; kb < slots; kb += kOverlapGroup) {
-      issue(part, stage1, factors1);
-      issue(part2, stage2, factors2);
+      issue(part, stage1, factors1, kb);
+      issue(part2, stage2, factors2, kb + 1);
       sm90::wgmma_wait<1>();
       promote(part, stage1, factors1, kb);
-      issue(part, stage1, factors1);
+      issue(part, stage1, factors1, kb + 2);
       sm90::wgmma_wait<1>();
       promote(part2, stage2, factors2, kb + 1);
-      issue(part2, stage2, factors2);
+      issue(part2, stage2, factors2, kb + 3);
       sm90::wgmma_wait<1>();
       promote(part, stage1, factors1, kb + 2);
       sm90::wgmma_wait<0>();
@@ -462,13 +561,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     RingPosition ring;
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
       sm90::mbarrier_wait(&full[ring.stage], ring.phase);
-      const float2 factors = stage_factors(ring.stage);
+      const float2 factors = stage_factors(ring.stage, kb);
       multiply_k_block<kBlockN>(part, a_half + ring.stage * kStageBytes,
                                 stages + ring.stage * kStageBytes + kTileBytes);
       release(ring.stage);
       promote_tile_fragment(acc, part, factors.x, factors.y);
     }
   }
+  // Pairs: this thread's last arrival on the peer is done; the peer may leave once all have said
+  // so.
+  if constexpr (kPair) sm90::cluster_arrive();
 
   const Epilogue& e = args.epilogue;
   const bool has_bias = e.bias_type != BiasType::none;
@@ -482,10 +584,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (row0 + 8 < args.m)
       store_pair(e, row0 + 8, col, args.n, acc[4 * j + 2] + bias0, acc[4 * j + 3] + bias1);
   }
+  if constexpr (kPair) sm90::cluster_wait();
 #else
   (void)a_map;
   (void)b_map;
   (void)args;
+  (void)scale_maps;
 #endif
 }
 
@@ -1111,6 +1215,78 @@ CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int6
   return map;
 }
 
+// A [outer, inner] matrix of 2- or 4-byte elements read in unswizzled boxes of box_inner x
+// box_outer (box_inner x element = 16 bytes); out-of-bounds elements read as zeros.
+CUtensorMap make_scale_map(const char* name, const void* base, int element_bytes, int64_t inner,
+                           int64_t outer, int64_t outer_stride_bytes, int box_inner,
+                           int box_outer) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
+  const int64_t stride = outer > 1 ? outer_stride_bytes : (inner * element_bytes + 15) / 16 * 16;
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner),
+                             static_cast<cuuint32_t>(box_outer)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult status = encode_tiled()(
+      &map, element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_UINT32, 2,
+      const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    fail(kOp, std::string(name) + " tensor map", "CUresult " + std::to_string(status),
+         "cuTensorMapEncodeTiled failed");
+  return map;
+}
+
+// How the tiles kernel gets its scales for p: copied with the tiles (TMA) where both scale
+// tensors have a unit-stride dimension, a 16-byte aligned start and other strides of whole 16
+// bytes; else written by the scale warps. b_k_inner: the weight scales' unit stride runs along K.
+tiles::ScaleFeed tiles_scale_feed(const BlockGemmProblem& p, bool& b_k_inner) {
+  using tiles::ScaleFeed;
+  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const auto boxable = [](int64_t count, int64_t stride_bytes) {
+    return count == 1 || (stride_bytes % 16 == 0 && stride_bytes < (int64_t{1} << 40));
+  };
+  if (!aligned(p.a_scales.data()) || !aligned(p.b_scales.data())) return ScaleFeed::warps;
+  const int64_t n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
+  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  if (p.b_scales.stride(1) == 1 && boxable(n_blocks, p.b_scales.stride(0) * b_bytes))
+    b_k_inner = true;
+  else if (p.b_scales.stride(0) == 1 && boxable(p.k_blocks, p.b_scales.stride(1) * b_bytes))
+    b_k_inner = false;
+  else
+    return ScaleFeed::warps;
+  const ScaleAddressing& at = p.a_scale_at;
+  const int64_t words = at.packed() ? fp8::ceil_div(p.k_blocks, 4) : p.k_blocks;
+  if (at.group_stride == 1 && boxable(p.m, at.row_stride * 4)) return ScaleFeed::a_k_inner;
+  if (at.row_stride == 1 && boxable(words, at.group_stride * 4)) return ScaleFeed::a_m_inner;
+  return ScaleFeed::warps;
+}
+
+// The tiles kernel's scale maps for the plan's feed (zeros for the scale warps).
+ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner) {
+  using tiles::ScaleFeed;
+  ScaleMaps maps{};
+  if (feed == ScaleFeed::warps) return maps;
+  const ScaleAddressing& at = p.a_scale_at;
+  const int64_t words = at.packed() ? fp8::ceil_div(p.k_blocks, 4) : p.k_blocks;
+  if (feed == ScaleFeed::a_k_inner)
+    maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, words, p.m, at.row_stride * 4, 4,
+                            tiles::kBlockM);
+  else
+    maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4,
+                            tiles::kBlockM, 1);
+  const int b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  const int64_t n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
+  if (b_k_inner)
+    maps.b = make_scale_map("b_scales", p.b_scales.data(), b_bytes, p.k_blocks, n_blocks,
+                            p.b_scales.stride(0) * b_bytes, 16 / b_bytes, 1);
+  else
+    maps.b = make_scale_map("b_scales", p.b_scales.data(), b_bytes, n_blocks, p.k_blocks,
+                            p.b_scales.stride(1) * b_bytes, 16 / b_bytes, 1);
+  return maps;
+}
+
 GemmArgs args_of(const BlockGemmProblem& p) {
   GemmArgs g{};
   g.scales.a = p.a_scales.data();
@@ -1144,10 +1320,12 @@ GemmArgs args_of(const BlockGemmProblem& p) {
 }
 
 using KernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs);
+using TilesKernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs, ScaleMaps);
 
 // The launch plan for a problem: which kernel, grid, cluster and shared memory.
 struct Plan {
-  KernelFn kernel = nullptr;
+  KernelFn kernel = nullptr;  // swap
+  TilesKernelFn tiles_kernel = nullptr;
   bool swap = false;
   int tokens = 0;  // swap: tokens per CTA (the wgmma N)
   int rows = 0;    // swap: weight rows per CTA
@@ -1161,6 +1339,9 @@ struct Plan {
   int weight_promotion = 0;         // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
+  tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
+  bool pair = false;             // tiles: clusters of two CTAs sharing B tiles (splits = 2)
+  bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
   dim3 grid;
   size_t shared_bytes = 0;
 };
@@ -1386,6 +1567,27 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   return true;
 }
 
+// Tiles plans: the K-block count from which scales are copied and CTAs pair up, and the fewest
+// CTAs for pairs (measured choices, see plan_for).
+constexpr int kTilesLongK = 32;
+constexpr int64_t kTilesPairGrid = 128;
+
+// The tiles kernel built for the plan's fragments and scale feed, in pairs or not.
+template <bool kPair>
+TilesKernelFn tiles_kernel_for(const Plan& plan) {
+  using tiles::ScaleFeed;
+  if (!plan.overlap) return gemm_tiles_kernel<false, ScaleFeed::warps, kPair>;
+  switch (plan.scale_feed) {
+    case ScaleFeed::a_k_inner:
+      return gemm_tiles_kernel<true, ScaleFeed::a_k_inner, kPair>;
+    case ScaleFeed::a_m_inner:
+      return gemm_tiles_kernel<true, ScaleFeed::a_m_inner, kPair>;
+    case ScaleFeed::warps:
+      break;
+  }
+  return gemm_tiles_kernel<true, ScaleFeed::warps, kPair>;
+}
+
 Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const DeviceProperties& device = device_properties(device_index);
   Plan plan;
@@ -1412,7 +1614,20 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int overlap = env::integer("MOEKIT_SM90_TILES_OVERLAP", -1);
   plan.overlap =
       overlap >= 0 ? overlap != 0 : p.k_blocks % tiles::kOverlapGroup == 0 || p.k_blocks >= 32;
-  plan.kernel = plan.overlap ? gemm_tiles_kernel<true> : gemm_tiles_kernel<false>;
+  // Copied scales and pairs where each won on an H200 (fp8-gpu-sm90.md, session 15): long k-ranges
+  // (K = 7168, 16384: -4 to -7 %; K = 2048 lost 12 % with copied scales, 1 % with pairs) and, for
+  // pairs, grids of about one CTA per SM or more (128 and 256 CTAs: -3.5 and -6 %; 64 CTAs lost
+  // 2 %). Copied scales need two fragments and a layout TMA can read; pairs an even tile-row count.
+  // Timing knobs: MOEKIT_SM90_TILES_SCALES=warps | copied, MOEKIT_SM90_TILES_PAIR=0 | 1.
+  const bool long_k = p.k_blocks >= kTilesLongK;
+  const std::string scales = env::text("MOEKIT_SM90_TILES_SCALES");
+  if (plan.overlap && (scales == "copied" || (scales != "warps" && long_k)))
+    plan.scale_feed = tiles_scale_feed(p, plan.b_scale_k_inner);
+  const int pair = env::integer("MOEKIT_SM90_TILES_PAIR", -1);
+  plan.pair =
+      tiles_m % 2 == 0 && (pair >= 0 ? pair != 0 : long_k && tiles_m * tiles_n >= kTilesPairGrid);
+  plan.splits = plan.pair ? 2 : 1;
+  plan.tiles_kernel = plan.pair ? tiles_kernel_for<true>(plan) : tiles_kernel_for<false>(plan);
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
@@ -1443,9 +1658,9 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
 
 // Launches the plan's kernel: a cluster where K is split, programmatic dependent launch where the
 // grid is short.
-void launch(const Plan& plan, const CUtensorMap& first, const CUtensorMap& second,
-            const GemmArgs& args, void* stream, int device) {
-  MOEKIT_GPU_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(plan.kernel),
+template <typename Kernel, typename... Params>
+void launch(const Plan& plan, Kernel kernel, void* stream, int device, const Params&... params) {
+  MOEKIT_GPU_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.shared_bytes)));
   cudaLaunchConfig_t config{};
@@ -1473,7 +1688,7 @@ void launch(const Plan& plan, const CUtensorMap& first, const CUtensorMap& secon
   }
   config.attrs = attributes;
   config.numAttrs = count;
-  MOEKIT_GPU_CHECK(cudaLaunchKernelEx(&config, plan.kernel, first, second, args));
+  MOEKIT_GPU_CHECK(cudaLaunchKernelEx(&config, kernel, params...));
 }
 
 std::string str(int64_t v) { return std::to_string(v); }
@@ -1502,8 +1717,9 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
   {
     DeviceGuard on_device(device);
     cudaFuncAttributes attributes{};
-    const cudaError_t status =
-        cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(gemm_tiles_kernel<false>));
+    const cudaError_t status = cudaFuncGetAttributes(
+        &attributes,
+        reinterpret_cast<const void*>(gemm_tiles_kernel<false, tiles::ScaleFeed::warps, false>));
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       return "this build holds no sm_90a code for the kernel (" +
@@ -1548,8 +1764,11 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
-    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s", plan.grid.x,
-                  plan.shared_bytes, plan.overlap ? ", two fragments take turns" : "");
+    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s", plan.grid.x,
+                  plan.shared_bytes, plan.pair ? ", pairs sharing B tiles (cluster of 2)" : "",
+                  plan.overlap ? ", two fragments take turns" : "",
+                  plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
+                                                             : ", scales copied with the tiles");
   return text;
 }
 
@@ -1570,15 +1789,19 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
     args.early_tiles = plan.early_tiles;
-  } else {
-    first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
-    second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN);
-    args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, tiles::kBlockM));
-    args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, tiles::kBlockN));
-    args.splits = 1;
+    launch(plan, plan.kernel, p.stream, device, first, second, args);
+    return;
   }
-
-  launch(plan, first, second, args, p.stream, device);
+  first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
+  second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0),
+                         plan.pair ? tiles::kBlockN / 2 : tiles::kBlockN);
+  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, tiles::kBlockM));
+  args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, tiles::kBlockN));
+  args.splits = 1;
+  args.b_scale_k_inner = plan.b_scale_k_inner;
+  args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
+  const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner);
+  launch(plan, plan.tiles_kernel, p.stream, device, first, second, args, maps);
 }
 
 std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
@@ -1651,7 +1874,7 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);
   const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map
-  launch(plan, weight, unused, args, g.stream, device);
+  launch(plan, plan.kernel, g.stream, device, weight, unused, args);
 }
 
 // ---- Phase stamps (MOEKIT_FP8_TRACE builds only).

@@ -456,9 +456,17 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   EXPECT_TRUE(has(wide, "32 tokens") && has(wide, "early weight loads") &&
               !has(wide, "2 CTAs per SM") && !has(wide, "pushed sums"))
       << wide;
-  // Large M: the tiles kernel with two fragments taking turns (session 13).
+  // Large M: the tiles kernel with two fragments taking turns (session 13); on long k-ranges with
+  // about a CTA per SM, scales copied with the tiles and pairs sharing B tiles (session 15).
   const std::string large = plan_of(512, 4096, 7168);
-  EXPECT_TRUE(has(large, "tiles: 128 x 128") && has(large, "two fragments take turns")) << large;
+  EXPECT_TRUE(has(large, "tiles: 128 x 128") && has(large, "two fragments take turns") &&
+              has(large, "scales copied") && has(large, "pairs sharing B"))
+      << large;
+  const std::string few = plan_of(256, 4096, 7168);  // 64 CTAs: no pairs
+  EXPECT_TRUE(has(few, "scales copied") && !has(few, "pairs sharing B")) << few;
+  const std::string short_range = plan_of(2048, 7168, 2048);  // 16 k-blocks: neither
+  EXPECT_TRUE(has(short_range, "scales from the scale warps") && !has(short_range, "pairs"))
+      << short_range;
   const std::string batch = plan_of(64, 4096, 7168);
   // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8).
   EXPECT_TRUE(has(batch, "early weight loads (8)") && !has(batch, "pushed sums") &&
@@ -561,8 +569,11 @@ TEST(Sm90BlockFp8Gemm, EverySwapLayoutAgreesWithReference) {
 
 // The tiles kernel with two fragments taking turns (k-blocks in groups of 4, stale slots past K)
 // against the reference and, bit for bit, against one fragment: each output element takes the
-// same products in the same order. K-block counts of 1, 3, 8, 16, 33 and 56; partial tiles; every
-// scale layout at random (the producer's scale warps read them all).
+// same products in the same order. Also bit for bit against two fragments: scales copied with the
+// tiles (TMA) where the layouts allow it, and pairs of CTAs sharing B tiles (multicast) where the
+// tile rows pair up (M = 129, 256, 200 and 1024 here). K-block counts of 1, 3, 8, 16, 33 and 56;
+// partial tiles; every activation-scale layout on every shape (the weight scales' dtype and
+// orientation at random), against the reference on one layout per shape.
 TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -576,23 +587,51 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
                                                       {513, 1152, 384},
                                                       {200, 130, 128},
                                                       {1024, 640, 7168}}};
-  for (const auto& s : shapes) {
-    const GemmCase c = random_case(rng, s[0], s[1], s[2]);
-    const Buffers host = make_host_buffers(c);
-    std::future<Tensor> ref =
-        std::async(std::launch::async, [&] { return reference_output(c, host); });
-    Tensor one, two;
-    {
-      ScopedEnv overlap("MOEKIT_SM90_TILES_OVERLAP", "0");
-      one = run_sm90(c, host, stream.get());
+  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
+                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
+  int copied = 0, paired = 0;
+  for (size_t shape = 0; shape < shapes.size(); ++shape) {
+    const auto& s = shapes[shape];
+    for (size_t l = 0; l < 4; ++l) {
+      GemmCase c = random_case(rng, s[0], s[1], s[2]);
+      c.layout = layouts[l];
+      const Buffers host = make_host_buffers(c);
+      const bool check_reference = l == shape % 4;
+      std::future<Tensor> ref;
+      if (check_reference)
+        ref = std::async(std::launch::async, [&] { return reference_output(c, host); });
+      const auto run = [&](const char* overlap, const char* scales, const char* pair) {
+        ScopedEnv o("MOEKIT_SM90_TILES_OVERLAP", overlap);
+        ScopedEnv f("MOEKIT_SM90_TILES_SCALES", scales);
+        ScopedEnv p("MOEKIT_SM90_TILES_PAIR", pair);
+        return run_sm90(c, host, stream.get());
+      };
+      const Tensor one = run("0", "warps", "0");
+      const Tensor two = run("1", "warps", "0");
+      const Tensor copies = run("1", "copied", "0");
+      const Tensor pairs = run("1", "copied", "1");
+      {
+        ScopedEnv f("MOEKIT_SM90_TILES_SCALES", "copied");
+        ScopedEnv p("MOEKIT_SM90_TILES_PAIR", "1");
+        const Buffers dev = to_device(host);
+        const BlockGemmProblem problem =
+            problem_of(views_of(dev, c, Device::gpu()), c, stream.get());
+        const std::string plan = gpu::block_gemm_sm90_plan(problem);
+        copied += plan.find("scales copied") != std::string::npos;
+        paired += plan.find("pairs sharing B") != std::string::npos;
+      }
+      if (check_reference) outputs_agree(c, two, ref.get());
+      EXPECT_EQ(std::memcmp(one.data(), two.data(), two.nbytes()), 0) << describe(c);
+      EXPECT_EQ(std::memcmp(copies.data(), two.data(), two.nbytes()), 0) << describe(c);
+      EXPECT_EQ(std::memcmp(pairs.data(), two.data(), two.nbytes()), 0) << describe(c);
     }
-    {
-      ScopedEnv overlap("MOEKIT_SM90_TILES_OVERLAP", "1");
-      two = run_sm90(c, host, stream.get());
-    }
-    outputs_agree(c, two, ref.get());
-    EXPECT_EQ(std::memcmp(one.data(), two.data(), two.nbytes()), 0) << describe(c);
   }
+  // Column-major TMA-aligned and packed scales are copied wherever the weight scales allow it;
+  // four of the six shapes pair up.
+  std::printf(" of 24 cases, %d copied their scales with the tiles, %d ran in pairs\n", copied,
+              paired);
+  EXPECT_GE(copied, 6);
+  EXPECT_EQ(paired, 16);
 }
 
 // Every tuning of the swap kernel (shallowest and deepest rings, weight loads before the previous

@@ -108,6 +108,27 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t
 #endif
 }
 
+// tma_load_2d into the same offset of every CTA in `cta_mask` (bit r: cluster rank r), each
+// CTA's barrier at `bar`'s offset taking the bytes that land there.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, uint64_t* bar,
+                                                      int inner, int outer, uint16_t cta_mask) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(inner), "r"(outer),
+      "h"(cta_mask)
+      : "memory");
+#else
+  (void)dst;
+  (void)map;
+  (void)bar;
+  (void)inner;
+  (void)outer;
+  (void)cta_mask;
+#endif
+}
+
 // tma_load_2d for a 3-D tensor map: the box at (c0, c1, c2).
 __device__ __forceinline__ void tma_load_3d(void* dst, const void* map, uint64_t* bar, int c0,
                                             int c1, int c2) {
@@ -340,6 +361,19 @@ __device__ __forceinline__ void mbarrier_arrive_remote(uint64_t* bar, uint32_t r
 #if MOEKIT_SM90A
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
                    map_shared_remote(bar, rank))
+               : "memory");
+#else
+  (void)bar;
+  (void)rank;
+#endif
+}
+
+// One arrival on `bar`'s counterpart in CTA `rank`, with the default CTA-scope release: what a
+// consumer uses to hand a stage back to a peer's producer (a cluster-scope release would wait for
+// the thread's loads in flight: 60 % slower tiles in pairs, session 13).
+__device__ __forceinline__ void mbarrier_arrive_peer(uint64_t* bar, uint32_t rank) {
+#if MOEKIT_SM90A
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(map_shared_remote(bar, rank))
                : "memory");
 #else
   (void)bar;
