@@ -42,7 +42,10 @@ def parse_variant(text, default_bin):
 
 
 def row_key(row):
-    parts = [str(row.get("op", "")), str(row.get("model", "")), f"M={row.get('tokens', '')}"]
+    # CPU rows name "model" and "tokens", GPU rows "shape" and "m".
+    model = row.get("model", row.get("shape", ""))
+    tokens = row.get("tokens", row.get("m", ""))
+    parts = [str(row.get("op", "")), str(model), f"M={tokens}"]
     if "implementation" in row:
         parts.append(str(row["implementation"]))
     return " | ".join(parts)
