@@ -278,8 +278,14 @@ constexpr int kStageBytes = 2 * kTileBytes;
 // bytes).
 constexpr int kScaleABoxBytes = kBlockM * 16;
 constexpr int kScaleBytes = kScaleABoxBytes + 128;
+// Activation-scale boxes of 4 k-blocks (a_k_inner) are copied once, with their first k-block's
+// stage, into a ring of their own: a slot is overwritten 12 k-blocks later, when both consumer
+// warpgroups (of both CTAs in pairs) have read it, since a stage is refilled 6 k-blocks after its
+// last use and each k-block's factors are read before its stage is released.
+constexpr int kScaleBoxSlots = 3;
 constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
-                                kStages * kScaleBytes + 2 * kStages * sizeof(uint64_t);
+                                kStages * kScaleBytes + kScaleBoxSlots * kScaleABoxBytes +
+                                2 * kStages * sizeof(uint64_t);
 // Who puts a stage's scales into shared memory: producer warps 1 and 2 (any layout, products
 // written), or the copy engine with the tiles, as boxes of the activation scales with k-blocks
 // (or packed words) inner, 4 per row (a_k_inner), or rows inner, 128 per k-block (a_m_inner).
@@ -329,14 +335,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if MOEKIT_SM90A
   using namespace tiles;
   constexpr bool kCopiedScales = kScaleFeed != ScaleFeed::warps;
-  constexpr int kScaleCopyBytes =
-      (kScaleFeed == ScaleFeed::a_k_inner ? kScaleABoxBytes : kBlockM * 4) + 16;
+  // Per stage: the weight scales' 16 bytes, and the activation scales' box (a_m_inner) or, with
+  // the first k-block of each box, its 4 k-blocks (a_k_inner).
+  constexpr int kScaleCopyBytes = (kScaleFeed == ScaleFeed::a_m_inner ? kBlockM * 4 : 0) + 16;
   constexpr int kScaleFloats = kScaleBytes / 4;  // a stage's scale region, in floats
   constexpr int kGroupRows = 8;                  // tile rows per rasterization group
   extern __shared__ uint8_t shared_raw[];
   uint8_t* stages = align_shared(shared_raw);
   auto* scales = reinterpret_cast<float*>(stages + kStages * kStageBytes);
-  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * (kStageBytes + kScaleBytes));
+  auto* scale_boxes = reinterpret_cast<float*>(stages + kStages * (kStageBytes + kScaleBytes));
+  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * (kStageBytes + kScaleBytes) +
+                                           kScaleBoxSlots * kScaleABoxBytes);
   uint64_t* empty = full + kStages;
   // Warp-uniform, which lets the compiler keep descriptors in uniform registers.
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
@@ -406,7 +415,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
         uint8_t* stage = stages + ring.stage * kStageBytes;
-        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes + (kCopiedScales ? kScaleCopyBytes : 0));
+        const int word = args.scales.a_packed ? kb >> 2 : kb;  // of the activation scales
+        // a_k_inner: this k-block opens a box of 4 words (16 k-blocks where packed).
+        const bool opens_box = kScaleFeed == ScaleFeed::a_k_inner && (word & 3) == 0 &&
+                               (!args.scales.a_packed || (kb & 3) == 0);
+        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes + (kCopiedScales ? kScaleCopyBytes : 0) +
+                                                 (opens_box ? kScaleABoxBytes : 0));
         sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
         if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
           const int half = static_cast<int>(rank) * (kBlockN / 2);
@@ -418,11 +432,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kCopiedScales) {
           // The boxes' first element: 16-byte boxes start at a multiple of their element count.
           float* region = scales + ring.stage * kScaleFloats;
-          const int word = args.scales.a_packed ? kb >> 2 : kb;
-          if constexpr (kScaleFeed == ScaleFeed::a_k_inner)
-            sm90::tma_load_2d(region, &scale_maps.a, bar, word & ~3, m0);
-          else
+          if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
+            if (opens_box)
+              sm90::tma_load_2d(scale_boxes + (word >> 2) % kScaleBoxSlots * (kScaleABoxBytes / 4),
+                                &scale_maps.a, bar, word, m0);
+          } else {
             sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+          }
           const int inner = args.b_scale_k_inner ? kb : nb;
           sm90::tma_load_2d(region + kScaleABoxBytes / 4, &scale_maps.b, bar,
                             inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
@@ -493,14 +509,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (!kCopiedScales) {
       return *reinterpret_cast<const float2*>(region + scale_slot(tile_row));
     } else {
-      const auto* words = reinterpret_cast<const uint32_t*>(region);
       const bool packed = args.scales.a_packed;
       uint32_t w0, w1;
       if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
-        const int column = (packed ? kb >> 2 : kb) & 3;
-        w0 = words[tile_row * 4 + column];
-        w1 = words[(tile_row + 8) * 4 + column];
+        const int word = packed ? kb >> 2 : kb;
+        const auto* words = reinterpret_cast<const uint32_t*>(
+            scale_boxes + (word >> 2) % kScaleBoxSlots * (kScaleABoxBytes / 4));
+        w0 = words[tile_row * 4 + (word & 3)];
+        w1 = words[(tile_row + 8) * 4 + (word & 3)];
       } else {
+        const auto* words = reinterpret_cast<const uint32_t*>(region);
         w0 = words[tile_row];
         w1 = words[tile_row + 8];
       }
@@ -1567,8 +1585,8 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   return true;
 }
 
-// Tiles plans: the K-block count from which scales are copied and CTAs pair up, and the fewest
-// CTAs for pairs (measured choices, see plan_for).
+// Tiles plans: the K-block count and the CTA count from which CTAs pair up (measured choices, see
+// plan_for).
 constexpr int kTilesLongK = 32;
 constexpr int64_t kTilesPairGrid = 128;
 
@@ -1614,15 +1632,13 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int overlap = env::integer("MOEKIT_SM90_TILES_OVERLAP", -1);
   plan.overlap =
       overlap >= 0 ? overlap != 0 : p.k_blocks % tiles::kOverlapGroup == 0 || p.k_blocks >= 32;
-  // Copied scales and pairs where each won on an H200 (fp8-gpu-sm90.md, session 15): long k-ranges
-  // (K = 7168, 16384: -4 to -7 %; K = 2048 lost 12 % with copied scales, 1 % with pairs) and, for
-  // pairs, grids of about one CTA per SM or more (128 and 256 CTAs: -3.5 and -6 %; 64 CTAs lost
-  // 2 %). Copied scales need two fragments and a layout TMA can read; pairs an even tile-row count.
-  // Timing knobs: MOEKIT_SM90_TILES_SCALES=warps | copied, MOEKIT_SM90_TILES_PAIR=0 | 1.
-  const bool long_k = p.k_blocks >= kTilesLongK;
-  const std::string scales = env::text("MOEKIT_SM90_TILES_SCALES");
-  if (plan.overlap && (scales == "copied" || (scales != "warps" && long_k)))
+  // Copied scales wherever the layouts allow them (two fragments only), and pairs where they won
+  // on an H200 (fp8-gpu-sm90.md, session 15): long k-ranges (K = 2048 lost 1 %) and grids of about
+  // one CTA per SM or more (128 and 256 CTAs: -3.5 and -6 %; 64 CTAs lost 2 %); an even tile-row
+  // count. Timing knobs: MOEKIT_SM90_TILES_SCALES=warps | copied, MOEKIT_SM90_TILES_PAIR=0 | 1.
+  if (plan.overlap && env::text("MOEKIT_SM90_TILES_SCALES") != "warps")
     plan.scale_feed = tiles_scale_feed(p, plan.b_scale_k_inner);
+  const bool long_k = p.k_blocks >= kTilesLongK;
   const int pair = env::integer("MOEKIT_SM90_TILES_PAIR", -1);
   plan.pair =
       tiles_m % 2 == 0 && (pair >= 0 ? pair != 0 : long_k && tiles_m * tiles_n >= kTilesPairGrid);

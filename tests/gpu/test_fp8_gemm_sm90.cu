@@ -456,17 +456,18 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   EXPECT_TRUE(has(wide, "32 tokens") && has(wide, "early weight loads") &&
               !has(wide, "2 CTAs per SM") && !has(wide, "pushed sums"))
       << wide;
-  // Large M: the tiles kernel with two fragments taking turns (session 13); on long k-ranges with
-  // about a CTA per SM, scales copied with the tiles and pairs sharing B tiles (session 15).
+  // Large M: the tiles kernel with two fragments taking turns (session 13), scales copied with the
+  // tiles, and on long k-ranges with about a CTA per SM pairs sharing B tiles (session 15).
   const std::string large = plan_of(512, 4096, 7168);
   EXPECT_TRUE(has(large, "tiles: 128 x 128") && has(large, "two fragments take turns") &&
               has(large, "scales copied") && has(large, "pairs sharing B"))
       << large;
   const std::string few = plan_of(256, 4096, 7168);  // 64 CTAs: no pairs
   EXPECT_TRUE(has(few, "scales copied") && !has(few, "pairs sharing B")) << few;
-  const std::string short_range = plan_of(2048, 7168, 2048);  // 16 k-blocks: neither
-  EXPECT_TRUE(has(short_range, "scales from the scale warps") && !has(short_range, "pairs"))
-      << short_range;
+  const std::string short_range = plan_of(2048, 7168, 2048);  // 16 k-blocks: no pairs
+  EXPECT_TRUE(has(short_range, "scales copied") && !has(short_range, "pairs")) << short_range;
+  const std::string odd = plan_of(300, 4096, 4224);  // 33 k-blocks: 132-byte scale rows
+  EXPECT_TRUE(has(odd, "scales from the scale warps")) << odd;
   const std::string batch = plan_of(64, 4096, 7168);
   // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8).
   EXPECT_TRUE(has(batch, "early weight loads (8)") && !has(batch, "pushed sums") &&
