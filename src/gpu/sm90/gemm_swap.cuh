@@ -1,0 +1,590 @@
+// The Hopper block-FP8 GEMM's swap kernel (M <= 128, decode; included by fp8_gemm_sm90.cu only),
+// with its quantizing build for the linear layer and its phase stamps (MOEKIT_FP8_TRACE).
+#pragma once
+
+#include "gpu/fp8_gemm_sm90.h"
+#include "gpu/fp8_quant_math.cuh"
+#include "gpu/sm90/gemm_common.cuh"
+
+namespace moekit::gpu {
+namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
+
+// ---- The swap kernel (M <= 128): weight rows on the wgmma M side, tokens on its N side.
+//
+// kRows = 128: each consumer warpgroup owns 64 weight rows and multiplies every k-block (a token
+// tile serves 128 rows). kRows = 64: both warpgroups share 64 rows and take alternate k-blocks,
+// adding through shared memory at the end (twice the CTAs per weight: for grids that clusters of
+// 4 or 8 would not fit in one wave).
+//
+// kCoResident: registers for two CTAs per SM (no register reallocation; for kTokens <= 16, whose
+// accumulators are small), so that with PDL the next call's CTAs become resident beside this
+// call's and fill their rings while it finishes.
+
+constexpr int kMaxSplits = 8;        // portable cluster size
+constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is built for
+// Tokens up to which the fused linear layer is faster even where the ring does not hold a CTA's
+// k-range (see w8a8_linear_sm90_fused_supports).
+constexpr int kMaxTokensPastTheRing = 4;
+
+// kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
+// consumers into a region of their own, one tile per k-block of the CTA's range.
+template <int kTokens, int kRows, bool kQuantizeX>
+struct Swap {
+  static constexpr int kWeightBytes = kRows * kBlockK;
+  static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
+  static constexpr int kStageBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
+  static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
+  // After the main loop the stages hold each consumer thread's partial sums.
+  static constexpr int kPartialBytes = kConsumers * kRegisters * kWarpgroup * 4;
+  // The ring depth measured best where the weight loads wait for the previous kernel (v3): deeper
+  // rings only delay the first wgmma then (8 -> 16 stages: 10.7 -> 12.0 us at M=1, K=7168).
+  static constexpr int kLateStages = kTokens >= 128 ? 4 : kTokens >= 64 ? 6 : 8;
+  static_assert(kRows == 64 || kRows == 128);
+  // The fewest stages (even: see the kernel) that hold the partial sums.
+  static int min_stages() {
+    const int stages = std::max(2, (kPartialBytes + kStageBytes - 1) / kStageBytes);
+    return (stages + 1) / 2 * 2;
+  }
+  // Threads whose sums go to rank 0 of a split (only warpgroup 0 when alternating).
+  static constexpr int kSenders = kRows == 64 ? kWarpgroup : kConsumers * kWarpgroup;
+  // Rank 0's inbox for the other ranks' sums (push_sums): [splits - 1][kRegisters / 4][kSenders]
+  // float4s, so that a warp's 16-byte stores (and rank 0's loads) of one slot land on 512
+  // consecutive bytes: no bank conflicts. ([sender][kRegisters] put a warp's stores kRegisters * 4
+  // bytes apart: 8-way conflicts at 64 tokens, where pushed sums then lost 0.9 us at M=64.)
+  static size_t inbox_bytes(int splits) {
+    return static_cast<size_t>(splits - 1) * kSenders * kRegisters * 4;
+  }
+  // Shared memory: stages | token tiles [L] (kQuantizeX) | full, empty barriers, sums barrier |
+  // a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
+  static size_t token_tile_bytes(int k_blocks_per_split) {
+    return kQuantizeX ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
+  }
+  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
+    return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
+           token_tile_bytes(k_blocks_per_split) + sizeof(uint64_t) +
+           static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
+  }
+};
+
+#if MOEKIT_SM90A
+// Ring position of a k-block: stage index and the parity of its use of that stage.
+struct RingSlot {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance(int by, int stages) {
+    stage += by;
+    if (stage >= stages) {
+      stage -= stages;
+      phase ^= 1;
+    }
+  }
+};
+
+// The fused linear layer's token tiles, quantized by the consumer threads (`thread` 0..255) before
+// their main loop: a group of the quantization (128 elements of a row) is exactly a k-block, so
+// group g is token g % tokens of k-block g / tokens of the CTA's range. 8 lanes take a group, 16
+// elements each (two chunks), reduce its amax with shuffles, write their 16 bytes into tile i, row
+// `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of row r at unit u ^ r % 8),
+// and the group's scale into a_scales[i][token] (one lane). Columns past K are zeros. Batches of
+// kBatch passes: every load of a batch is issued before any is quantized (these loads wait behind
+// the weight stream, so one batch for the whole k-range where the registers allow).
+template <int kTokens, int kBatch>
+__device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t0, int kb_begin,
+                                                     int count, uint8_t* token_tiles,
+                                                     float* a_scales, int thread) {
+  using Raw = RawChunk<Wide::bf16>;
+  constexpr int kGroupLanes = kBlockK / (2 * kChunk);                    // 8
+  constexpr int kGroupsPerPass = kConsumers * kWarpgroup / kGroupLanes;  // 32
+  constexpr int kGroupsPerBatch = kBatch * kGroupsPerPass;
+  const Activations& x = args.activations;
+  const int lane = thread % kLanes, part = lane % kGroupLanes;
+  const int tokens = min(kTokens, args.m - t0);
+  const int groups = count * tokens;
+  const int first = thread / kGroupLanes;
+  // Passes past the last group are skipped whole (the same in every thread).
+  auto load = [&](int base, Raw(&raw)[kBatch][2]) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * kGroupsPerPass >= groups) break;
+      const int group = base + b * kGroupsPerPass + first;
+      const int token = group % tokens, i = group / tokens;
+      const int col = (kb_begin + i) * kBlockK + part * 2 * kChunk;
+      const auto* row = static_cast<const uint16_t*>(x.x) + (t0 + token) * x.row_stride;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const bool inside = group < groups && col + (c + 1) * kChunk <= x.k;
+        const uint4 v = inside ? __ldg(reinterpret_cast<const uint4*>(row + col + c * kChunk))
+                               : make_uint4(0, 0, 0, 0);
+        raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
+      }
+    }
+  };
+  auto quantize = [&](int base, const Raw(&raw)[kBatch][2]) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * kGroupsPerPass >= groups) break;
+      const int group = base + b * kGroupsPerPass + first;
+      float amax = chunk_amax<Wide::bf16>(raw[b][1], chunk_amax<Wide::bf16>(raw[b][0], 0.0f));
+#pragma unroll
+      for (int offset = 1; offset < kGroupLanes; offset <<= 1)
+        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+      if (group >= groups) continue;
+      const float scale = group_scale(amax, x.eps, x.ue8m0);
+      uint32_t words[4];
+      with_divide(divisor_for(scale), [&](auto divide) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float v[kChunk];
+          decode_raw<Wide::bf16>(raw[b][c], v);
+          words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+          words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+        }
+      });
+      const int token = group % tokens, i = group / tokens;
+      uint8_t* row = token_tiles + i * (kTokens * kBlockK) + token * kBlockK;
+      *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
+          make_uint4(words[0], words[1], words[2], words[3]);
+      if (part == 0) a_scales[i * kTokens + token] = scale;
+    }
+  };
+  // Trip counts are the same in every lane of a warp: every lane reaches the shuffles.
+  for (int base = 0; base < groups; base += kGroupsPerBatch) {
+    Raw raw[kBatch][2];
+    load(base, raw);
+    quantize(base, raw);
+  }
+  sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+}
+
+// Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
+// fills them for the GEMM (their sums are never stored). The consumer threads (`thread` 0..255)
+// write them before waiting for the previous grid: they do not depend on it.
+template <int kTokens>
+__device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t* token_tiles,
+                                                  float* a_scales, int thread) {
+  const int padding = kTokens - tokens;
+  const int per_tile = padding * (kBlockK / 16);  // 16-byte units
+  for (int unit = thread; unit < count * per_tile; unit += kConsumers * kWarpgroup)
+    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * (kTokens * kBlockK) +
+                              tokens * kBlockK + unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
+  for (int j = thread; j < count * padding; j += kConsumers * kWarpgroup)
+    a_scales[j / padding * kTokens + tokens + j % padding] = 0.0f;
+}
+#endif
+
+// ---- Phase stamps (builds with MOEKIT_FP8_TRACE only; see Sm90TracePhase in fp8_gemm_sm90.h).
+// Each CTA keeps its stamps in shared memory; thread 0 takes a ticket (a global counter: the
+// order of entry, so ticket / grid size is the call) as it enters and writes the record as it
+// leaves. Without MOEKIT_FP8_TRACE the macros below are empty and the kernels hold none of this.
+#ifdef MOEKIT_FP8_TRACE
+constexpr int kTraceCapacity = 32768;  // records: 256 calls of 128 CTAs
+__device__ Sm90TraceRecord trace_records[kTraceCapacity];
+__device__ uint32_t trace_ticket;
+
+#if MOEKIT_SM90A
+struct TraceCta {
+  uint64_t time_ns[kSm90TracePhases];
+  uint64_t cycles[kSm90TracePhases];
+  float sink;
+};
+
+__device__ __forceinline__ void trace_stamp(TraceCta& cta, Sm90TracePhase phase) {
+  volatile TraceCta& v = cta;
+  const int p = static_cast<int>(phase);
+  v.time_ns[p] = vendor::global_timer_ns();
+  v.cycles[p] = vendor::sm_cycles();
+}
+
+// Stamps `phase` once every value of `values` has arrived: their sum goes to shared memory first
+// (the adds and loads before a stamp may otherwise complete after it).
+template <int N>
+__device__ __forceinline__ void trace_stamp_after(TraceCta& cta, Sm90TracePhase phase,
+                                                  const float (&values)[N]) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) sum += values[i];
+  static_cast<volatile TraceCta&>(cta).sink = sum;
+  trace_stamp(cta, phase);
+}
+
+// Thread 0, first thing: the entry stamp, the other stamps cleared, the ticket requested (kept in
+// a register and only read at the end, so the atomic's round trip delays nothing before that).
+__device__ __forceinline__ uint32_t trace_enter(TraceCta& cta) {
+  trace_stamp(cta, Sm90TracePhase::entry);
+  volatile TraceCta& v = cta;
+  for (int p = 1; p < kSm90TracePhases; ++p) {
+    v.time_ns[p] = 0;
+    v.cycles[p] = 0;
+  }
+  return atomicAdd(&trace_ticket, 1u);
+}
+
+// Thread 0, last thing: the exit stamp and the record.
+__device__ __forceinline__ void trace_leave(TraceCta& cta, uint32_t ticket, uint32_t rank) {
+  trace_stamp(cta, Sm90TracePhase::exit);
+  const volatile TraceCta& v = cta;
+  if (ticket >= kTraceCapacity) return;
+  Sm90TraceRecord& r = trace_records[ticket];
+  for (int p = 0; p < kSm90TracePhases; ++p) {
+    r.time_ns[p] = v.time_ns[p];
+    r.cycles[p] = v.cycles[p];
+  }
+  r.ticket = ticket;
+  r.grid_ctas = gridDim.x * gridDim.y;
+  r.block_x = blockIdx.x;
+  r.block_y = blockIdx.y;
+  r.rank = rank;
+  r.sm = vendor::sm_id();
+}
+
+// One thread of the producer warpgroup's idle warps, where the weights load early: spins (with
+// short sleeps, at most 40 us) until the last 16 bytes of stage 0's weight tile, cleared by
+// thread 0 before the copy was issued, turn nonzero. A diagnosis only: random fp8 weights are
+// nonzero there; all-zero bytes would read as "not seen" (0).
+__device__ __forceinline__ void trace_weights_landed(TraceCta& cta, const uint8_t* tile_end) {
+  const volatile uint4* word = reinterpret_cast<const volatile uint4*>(tile_end - 16);
+  const uint64_t start = vendor::global_timer_ns();
+  while (true) {
+    const uint4 v = make_uint4(word->x, word->y, word->z, word->w);
+    if ((v.x | v.y | v.z | v.w) != 0) {
+      trace_stamp(cta, Sm90TracePhase::first_weights_landed);
+      return;
+    }
+    if (vendor::global_timer_ns() - start > 40000) return;
+    __nanosleep(20);
+  }
+}
+#endif
+#define MOEKIT_SWAP_TRACE(...) __VA_ARGS__
+#else
+#define MOEKIT_SWAP_TRACE(...)
+#endif
+
+template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX>
+__global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
+    gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
+                     const __grid_constant__ CUtensorMap x_map, const GemmArgs args) {
+#if MOEKIT_SM90A
+  using Config = Swap<kTokens, kRows, kQuantizeX>;
+  constexpr bool kAlternate = kRows == 64;
+  constexpr int kRegisters = Config::kRegisters;
+  extern __shared__ uint8_t shared_raw[];
+  const int stage_count = args.stages;
+  const int splits = args.splits;
+  // The same offsets in every CTA (the largest count: the first ranks may hold one k-block less).
+  const int max_count = (args.k_blocks + splits - 1) / splits;
+  uint8_t* stages = align_shared(shared_raw);
+  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX
+  auto* full =
+      reinterpret_cast<uint64_t*>(token_tiles + (kQuantizeX ? max_count * Config::kTokenBytes : 0));
+  uint64_t* empty = full + stage_count;
+  uint64_t* sums_ready = empty + stage_count;                 // push_sums, in rank 0
+  auto* a_scales = reinterpret_cast<float*>(sums_ready + 1);  // [L][kTokens]
+
+  const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
+  const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
+  const int n0 = static_cast<int>(blockIdx.x) / splits * kRows;
+  const int t0 = static_cast<int>(blockIdx.y) * kTokens;
+  const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * args.k_blocks / splits);
+  const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
+  const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
+  float* b_scales = a_scales + count * kTokens;
+  auto* inbox = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(a_scales + max_count * (kTokens + 1)) + 15) / 16 * 16);
+  const bool push = splits > 1 && args.push_sums;
+  MOEKIT_SWAP_TRACE(__shared__ TraceCta trace_cta; uint32_t trace_ticket_of_cta = 0);
+  MOEKIT_SWAP_TRACE(const auto stamp = [&](Sm90TracePhase p) { trace_stamp(trace_cta, p); });
+
+  if (threadIdx.x == 0) {
+    MOEKIT_SWAP_TRACE(trace_ticket_of_cta = trace_enter(trace_cta));
+    MOEKIT_SWAP_TRACE(if (args.early_weights) {
+      *reinterpret_cast<uint4*>(stages + Config::kWeightBytes - 16) = make_uint4(0, 0, 0, 0);
+      sm90::fence_proxy_async_shared();
+    });
+    for (int s = 0; s < stage_count; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      // Alternating: local k-block i uses stage i % stages and warpgroup i % 2; the stage count is
+      // even, so a stage always belongs to one warpgroup. Else both warpgroups read every stage.
+      sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
+    }
+    sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  // push_sums: every thread arrives now and waits before its CTA's sums move, so that rank 0's
+  // barrier is initialized before any other rank arrives on it.
+  if (push) sm90::cluster_arrive();
+  vendor::allow_next_grid();  // the next kernel may set up while this one runs
+
+  if (warpgroup == kConsumers) {
+    // Measured without register reallocation where the consumers quantize (all keep the launch's).
+    if constexpr (!kCoResident && !kQuantizeX) sm90::registers_shrink<kProducerRegisters>();
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      if constexpr (kQuantizeX) {
+        // This CTA's x rows into L2 ahead of the weights (each row's k-range is contiguous).
+        const Activations& x = args.activations;
+        const int tokens = min(kTokens, args.m - t0);
+        const int col_end = min(kb_end * kBlockK, x.k);
+        for (int r = 0; r < tokens; ++r)
+          sm90::bulk_prefetch_l2(
+              static_cast<const uint16_t*>(x.x) + (t0 + r) * x.row_stride + kb_begin * kBlockK,
+              static_cast<uint32_t>(col_end - kb_begin * kBlockK) * 2);
+      }
+      sm90::prefetch_tensor_map(&w_map);
+      if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
+      const int first = min(count, stage_count);
+      int i = 0;
+      if (args.early_weights) {
+        // The weights are not the previous kernel's output (the host's promise, b_static): the
+        // first tiles go straight into the ring while it finishes; the token tiles only after.
+        const int first_early = min(first, args.early_tiles);
+        for (int j = 0; j < first_early; ++j) {
+          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
+          sm90::tma_load_2d(stages + j * Config::kStageBytes, &w_map, &full[j],
+                            (kb_begin + j) * kBlockK, n0);
+        }
+        vendor::wait_for_previous_grid();
+        MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
+        if constexpr (!kQuantizeX) {
+          for (int j = 0; j < first_early; ++j)
+            sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
+                              &full[j], (kb_begin + j) * kBlockK, t0);
+        }
+        i = first_early;
+      } else {
+        // The first weight tiles into L2 while the previous kernel finishes; then wait for it.
+        for (int j = 0; j < first; ++j) sm90::tma_prefetch_2d(&w_map, (kb_begin + j) * kBlockK, n0);
+        vendor::wait_for_previous_grid();
+        MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
+      }
+      RingSlot slot;
+      slot.advance(i, stage_count);  // i is 0 or at most one lap
+      for (; i < count; ++i, slot.advance(1, stage_count)) {
+        sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
+        uint8_t* stage = stages + slot.stage * Config::kStageBytes;
+        const int k = (kb_begin + i) * kBlockK;
+        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
+        sm90::tma_load_2d(stage, &w_map, &full[slot.stage], k, n0);
+        if constexpr (!kQuantizeX)
+          sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
+      }
+      MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::last_issued));
+    }
+    MOEKIT_SWAP_TRACE(else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights) {
+      trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
+    });
+    __syncwarp();
+    if (push) {
+      sm90::cluster_wait();
+    } else if (splits > 1) {  // the consumers' two cluster barriers
+      sm90::cluster_sync();
+      sm90::cluster_sync();
+    }
+    return;
+  }
+
+  if constexpr (!kCoResident && !kQuantizeX) sm90::registers_grow<kConsumerRegisters>();
+  const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
+  const int warp = t / 32, lane = t % 32;
+  const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
+  // Before the wait, what does not depend on the previous kernel: the weight scales, where the
+  // host promises static weights (as for the early weight tiles), and the launch arguments read
+  // after it (vendor::wait_for_previous_grid_after: their constant-cache misses then overlap the
+  // previous grid's tail instead of adding to this call's chain).
+  // Each thread's first weight scale stays in a register until the activation scales' loads after
+  // the wait are issued: storing it at once would hold the thread at its load, before the wait.
+  float held_b_scale = 0.0f;
+  if (args.early_weights) {
+    if (consumer_thread < count)
+      held_b_scale = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + consumer_thread);
+    for (int i = consumer_thread + kConsumers * kWarpgroup; i < count; i += kConsumers * kWarpgroup)
+      b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
+  }
+  if constexpr (kQuantizeX) {
+    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), count, token_tiles, a_scales,
+                               consumer_thread);
+    sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+  }
+  const auto word = [](auto v) { return static_cast<uint32_t>(v); };
+  vendor::wait_for_previous_grid_after(
+      word(reinterpret_cast<uintptr_t>(args.scales.a)) ^ word(args.scales.a_row_stride) ^
+      word(args.scales.a_group_stride) ^ word(args.scales.a_packed) ^
+      word(reinterpret_cast<uintptr_t>(args.epilogue.out)) ^ word(args.epilogue.out_row_stride) ^
+      word(args.epilogue.out_type) ^ word(args.epilogue.out_pairs) ^
+      word(reinterpret_cast<uintptr_t>(args.epilogue.bias)) ^ word(args.epilogue.bias_stride) ^
+      word(args.epilogue.bias_type) ^ word(args.m) ^ word(args.n) ^ word(args.push_sums));
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::consumer_waited));
+
+  if constexpr (kQuantizeX) {
+    // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
+    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
+    quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
+                                                       a_scales, consumer_thread);
+  } else {
+    // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
+    // of independent loads per thread, then the stores (one memory latency, not one per element).
+    constexpr int kScaleBatch = 8;
+    const int scale_count = count * kTokens;
+    for (int base = consumer_thread; base < scale_count;
+         base += kScaleBatch * kConsumers * kWarpgroup) {
+      float value[kScaleBatch];
+#pragma unroll
+      for (int j = 0; j < kScaleBatch; ++j) {
+        const int i = base + j * kConsumers * kWarpgroup;
+        const int token = min(t0 + i % kTokens, args.m - 1);
+        value[j] = i < scale_count ? a_scale(args.scales, token, kb_begin + i / kTokens) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kScaleBatch; ++j) {
+        const int i = base + j * kConsumers * kWarpgroup;
+        if (i < scale_count) a_scales[i] = value[j];
+      }
+    }
+  }
+  if (!args.early_weights) {
+    for (int i = consumer_thread; i < count; i += kConsumers * kWarpgroup)
+      b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
+  } else if (consumer_thread < count) {
+    b_scales[consumer_thread] = held_b_scale;
+  }
+  sm90::named_barrier(1, kConsumers * kWarpgroup);
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::scales_staged));
+
+  float acc[kRegisters], part[kRegisters];
+#pragma unroll
+  for (int i = 0; i < kRegisters; ++i) acc[i] = 0.0f;
+  const int row_offset = kAlternate ? 0 : warpgroup * 64 * kBlockK;
+  RingSlot slot;
+  if (kAlternate) slot.advance(warpgroup, stage_count);
+  const int step = kAlternate ? kConsumers : 1;
+  for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
+    sm90::mbarrier_wait(&full[slot.stage], slot.phase);
+    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
+    const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
+    const uint8_t* token_tile =
+        kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
+    multiply_k_block<kTokens>(part, stage + row_offset, token_tile);
+    if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
+
+    const float sb = b_scales[i];
+    const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kTokens / 8; ++j) {
+      const float2 a = *reinterpret_cast<const float2*>(sa + 8 * j);
+      const float scale0 = sb * a.x, scale1 = sb * a.y;
+      acc[4 * j + 0] += part[4 * j + 0] * scale0;
+      acc[4 * j + 1] += part[4 * j + 1] * scale1;
+      acc[4 * j + 2] += part[4 * j + 2] * scale0;
+      acc[4 * j + 3] += part[4 * j + 3] * scale1;
+    }
+  }
+
+  MOEKIT_SWAP_TRACE(if (t == 0 && warpgroup == (kAlternate ? (count - 1) % 2 : 0))
+                        trace_stamp_after(trace_cta, Sm90TracePhase::last_consumed, acc));
+  // The stages are idle once both warpgroups are past their last k-block (every copy landed,
+  // every wgmma finished): they hold partial sums, slot r of thread t at r * 128 + t.
+  // Alternating: warpgroup 1's sums into warpgroup 0 (same fragment slots), which goes on alone.
+  float* partial =
+      reinterpret_cast<float*>(stages) + (kAlternate ? 0 : warpgroup * kRegisters * kWarpgroup);
+  if (kAlternate || (splits > 1 && !push)) sm90::named_barrier(1, kConsumers * kWarpgroup);
+  if constexpr (kAlternate) {
+    if (warpgroup == 1) {
+#pragma unroll
+      for (int r = 0; r < kRegisters; ++r) partial[r * kWarpgroup + t] = acc[r];
+    }
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    if (warpgroup == 0) {
+#pragma unroll
+      for (int r = 0; r < kRegisters; ++r) acc[r] += partial[r * kWarpgroup + t];
+    }
+  }
+  const bool sums_here = !kAlternate || warpgroup == 0;  // this thread holds sums to pass on
+  const bool stores = split == 0 && sums_here;
+  if (push) {
+    // Each other rank stores its sums into rank 0's inbox and arrives on its barrier (release);
+    // rank 0 adds them in rank order: the same order, so the same bits, as the pull below.
+    const int sender = kAlternate ? t : consumer_thread;
+    sm90::cluster_wait();  // rank 0's barrier is initialized
+    if (split != 0) {
+      if (sums_here) {
+        float* slot = inbox + ((split - 1) * kRegisters * Config::kSenders + 4 * sender);
+#pragma unroll
+        for (int r = 0; r < kRegisters; r += 4)
+          sm90::store_shared_remote(slot + r * Config::kSenders, 0, acc[r], acc[r + 1], acc[r + 2],
+                                    acc[r + 3]);
+        sm90::mbarrier_arrive_remote(sums_ready, 0);
+      }
+      MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) {
+        trace_stamp_after(trace_cta, Sm90TracePhase::sums_done, acc);
+        trace_leave(trace_cta, trace_ticket_of_cta, split);
+      });
+      return;
+    }
+    if (stores) {
+      sm90::mbarrier_wait_cluster(sums_ready, 0);
+      for (int rank = 1; rank < splits; ++rank) {
+        const float* slot = inbox + ((rank - 1) * kRegisters * Config::kSenders + 4 * sender);
+#pragma unroll
+        for (int r = 0; r < kRegisters; r += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(slot + r * Config::kSenders);
+          acc[r] += v.x;
+          acc[r + 1] += v.y;
+          acc[r + 2] += v.z;
+          acc[r + 3] += v.w;
+        }
+      }
+    }
+  } else if (splits > 1) {
+    if (split != 0 && sums_here) {
+#pragma unroll
+      for (int r = 0; r < kRegisters; ++r) partial[r * kWarpgroup + t] = acc[r];
+    }
+    sm90::cluster_sync();  // every CTA's sums are in its shared memory
+    if (stores) {
+      for (int rank = 1; rank < splits; ++rank) {
+#pragma unroll
+        for (int r = 0; r < kRegisters; ++r)
+          acc[r] += sm90::load_shared_remote(&partial[r * kWarpgroup + t], rank);
+      }
+      // The other CTAs may leave once these reads are done; the stores need not wait for them.
+      sm90::cluster_arrive();
+    } else {
+      sm90::cluster_sync();  // keeps this CTA (its shared memory) alive until read
+    }
+  }
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0)
+                        trace_stamp_after(trace_cta, Sm90TracePhase::sums_done, acc));
+  if (!stores) {
+    MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) trace_leave(trace_cta, trace_ticket_of_cta, split));
+    return;
+  }
+
+  const Epilogue& e = args.epilogue;
+  const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = row0 + 8 * h;
+    if (n >= args.n) continue;
+    const float bias = e.bias_type != BiasType::none ? bias_at(e, n) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kTokens / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int token = t0 + 8 * j + 2 * (lane % 4) + c;
+        if (token < args.m)
+          store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c] + bias);
+      }
+    }
+  }
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::stores_issued));
+  if (splits > 1 && !push) sm90::cluster_wait();  // completes this thread's arrival above
+  MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) trace_leave(trace_cta, trace_ticket_of_cta, split));
+#else
+  (void)w_map;
+  (void)x_map;
+  (void)args;
+#endif
+}
+
+}  // namespace
+}  // namespace moekit::gpu

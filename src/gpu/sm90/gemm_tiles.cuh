@@ -1,0 +1,364 @@
+// The Hopper block-FP8 GEMM's tiles kernel (large M; included by fp8_gemm_sm90.cu only).
+#pragma once
+
+#include "gpu/sm90/gemm_common.cuh"
+
+namespace moekit::gpu {
+namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
+
+// ---- The tiles kernel (any M; chosen for M > 128).
+//
+// kOverlap: the consumers keep two wgmma fragments, so that k-block i + 1's wgmma run while
+// k-block i's products are scaled into the accumulators (H200, M=4096 N=7168 K=16384: 988 vs
+// 1115-1153 us; docs/perf/fp8-gpu-sm90.md, session 13).
+//
+// kScaleFeed: who puts each k-block's scales beside its tiles (the scale warps, or the copy engine
+// with the tiles). kPair: clusters of two CTAs on neighbouring tile rows, each copying half of
+// the shared B tile into both rings; a stage is refilled once the consumers of both CTAs are done
+// with it (session 15).
+
+namespace tiles {
+constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
+constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlockM)
+constexpr int kStageBytes = 2 * kTileBytes;
+// A stage's scale region: the scale warps' 128 products, or the TMA box of the activation scales
+// with rows inner (512 bytes), and at kScaleABoxBytes the weight scales' box (16 bytes). (The
+// region still has room for a k-inner box, which now goes to the box ring below: shrinking it to
+// 640 bytes is left for a session with a GPU to test it.)
+constexpr int kScaleABoxBytes = kBlockM * 16;  // 128 rows x 16 bytes, the largest box
+constexpr int kScaleBytes = kScaleABoxBytes + 128;
+// Activation-scale boxes of 4 k-blocks (a_k_inner) are copied once, with their first k-block's
+// stage, into a ring of their own: a slot is overwritten 12 k-blocks later, when both consumer
+// warpgroups (of both CTAs in pairs) have read it, since a stage is refilled 6 k-blocks after its
+// last use and each k-block's factors are read before its stage is released.
+constexpr int kScaleBoxSlots = 3;
+constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
+                                kStages * kScaleBytes + kScaleBoxSlots * kScaleABoxBytes +
+                                2 * kStages * sizeof(uint64_t);
+// Who puts a stage's scales into shared memory: producer warps 1 and 2 (any layout, products
+// written), or the copy engine with the tiles, as boxes of the activation scales with k-blocks
+// (or packed words) inner, 4 per row (a_k_inner), or rows inner, 128 per k-block (a_m_inner).
+enum class ScaleFeed : int { warps, a_k_inner, a_m_inner };
+constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
+#if MOEKIT_SM90A
+constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale products
+// The scale warps keep 12 loads in flight (with 40 registers they spill).
+constexpr int kScaleProducerRegisters = 56;  // 128 * 56 + 256 * 224 <= 64K registers
+constexpr int kScaleConsumerRegisters = 224;
+// kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
+__device__ constexpr int overlap_slots(int k_blocks) {
+  return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
+}
+
+// Where a tile row's scale product sits in its stage's 128 floats: rows r and r + 8
+// of a consumer thread side by side (one 8-byte load).
+__device__ constexpr int scale_slot(int row) { return row / 16 * 16 + row % 8 * 2 + row % 16 / 8; }
+
+// A ring position: slot s of kStages and the parity of its current phase.
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+#endif
+}  // namespace tiles
+
+// Scales from the scale warps: producer warps 1 and 2 multiply each k-block's activation scales
+// (any layout) by its weight scale and put the 128 products beside the stage's tiles, so that a
+// consumer thread reads its two rows' factors with one shared load instead of computing addresses
+// and loading global scales: the consumers' loop went from ~161 to ~103 SASS instructions per
+// k-block, and the kernel from 974 to 919 us at M=4096 N=7168 K=16384 (H200, ncu at 1.68-1.69
+// GHz; docs/perf/fp8-gpu-sm90.md, session 14). Scales copied with the tiles: the stage's full
+// barrier waits for the copies alone (1,552 k -> 1,439 k cycles at that shape, session 15); the
+// consumers read the two factors and the weight scale and multiply.
+template <bool kOverlap, tiles::ScaleFeed kScaleFeed, bool kPair>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
+                      const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
+                      const __grid_constant__ ScaleMaps scale_maps) {
+#if MOEKIT_SM90A
+  using namespace tiles;
+  constexpr bool kCopiedScales = kScaleFeed != ScaleFeed::warps;
+  // Per stage: the weight scales' 16 bytes, and the activation scales' box (a_m_inner) or, with
+  // the first k-block of each box, its 4 k-blocks (a_k_inner).
+  constexpr int kScaleCopyBytes = (kScaleFeed == ScaleFeed::a_m_inner ? kBlockM * 4 : 0) + 16;
+  constexpr int kScaleFloats = kScaleBytes / 4;  // a stage's scale region, in floats
+  constexpr int kGroupRows = 8;                  // tile rows per rasterization group
+  extern __shared__ uint8_t shared_raw[];
+  uint8_t* stages = align_shared(shared_raw);
+  auto* scales = reinterpret_cast<float*>(stages + kStages * kStageBytes);
+  auto* scale_boxes = reinterpret_cast<float*>(stages + kStages * (kStageBytes + kScaleBytes));
+  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * (kStageBytes + kScaleBytes) +
+                                           kScaleBoxSlots * kScaleABoxBytes);
+  uint64_t* empty = full + kStages;
+  // Warp-uniform, which lets the compiler keep descriptors in uniform registers.
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
+  const int k_blocks = args.k_blocks;
+
+  // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group.
+  const int per_group = kGroupRows * args.tiles_n;
+  const int group = static_cast<int>(blockIdx.x) / per_group;
+  const int first_row = group * kGroupRows;
+  const int group_rows = min(args.tiles_m - first_row, kGroupRows);
+  const int in_group = static_cast<int>(blockIdx.x) % per_group;
+  const int m0 = (first_row + in_group % group_rows) * kBlockM;
+  const int n0 = (in_group / group_rows) * kBlockN;
+  const int nb = n0 / kBlockN;
+  // Pairs: the group's row count is even (the host pairs only even tiles_m), so CTAs 2j and
+  // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile.
+  const uint32_t rank = kPair ? sm90::cluster_rank() : 0;
+  // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past k_blocks
+  // are only barrier arrivals (their stages keep old bytes: the consumers multiply them, so that
+  // every path has the same wgmma in flight, and add nothing).
+  const int slots = kOverlap ? overlap_slots(k_blocks) : k_blocks;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], kCopiedScales ? 1 : 1 + kScaleWarps * 32);
+      // Lane 0 of every consumer warp (of both CTAs in pairs: the stage holds the peer's copy).
+      sm90::mbarrier_init(&empty[s], kConsumers * 4 * (kPair ? 2 : 1));
+    }
+    sm90::fence_barrier_init();
+  }
+  // Pairs: the peer's barriers are initialized before any copy or arrival reaches them.
+  if constexpr (kPair)
+    sm90::cluster_sync();
+  else
+    __syncthreads();
+  vendor::allow_next_grid();  // the next kernel may set up while this one runs
+
+  if (warpgroup == kConsumers) {
+    sm90::registers_shrink<kScaleProducerRegisters>();
+    // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
+    const auto leave = [&] {
+      __syncwarp();
+      if constexpr (kPair) {
+        sm90::cluster_arrive();
+        sm90::cluster_wait();
+      }
+    };
+    const int producer_warp = static_cast<int>(threadIdx.x) / 32 % 4;
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      sm90::prefetch_tensor_map(&a_map);
+      sm90::prefetch_tensor_map(&b_map);
+      if constexpr (kCopiedScales) {
+        sm90::prefetch_tensor_map(&scale_maps.a);
+        sm90::prefetch_tensor_map(&scale_maps.b);
+      }
+      for (int kb = 0; kb < min(k_blocks, kStages); ++kb) {
+        sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
+        sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0 + static_cast<int>(rank) * (kBlockN / 2));
+      }
+      vendor::wait_for_previous_grid();
+      RingPosition ring;
+      for (int kb = 0; kb < slots; ++kb, ring.advance()) {
+        sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+        uint64_t* bar = &full[ring.stage];
+        if (kb >= k_blocks) {
+          sm90::mbarrier_arrive(bar);
+          continue;
+        }
+        uint8_t* stage = stages + ring.stage * kStageBytes;
+        const int word = args.scales.a_packed ? kb >> 2 : kb;  // of the activation scales
+        // a_k_inner: this k-block opens a box of 4 words (16 k-blocks where packed).
+        const bool opens_box = kScaleFeed == ScaleFeed::a_k_inner && (word & 3) == 0 &&
+                               (!args.scales.a_packed || (kb & 3) == 0);
+        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes + (kCopiedScales ? kScaleCopyBytes : 0) +
+                                                 (opens_box ? kScaleABoxBytes : 0));
+        sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+        if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
+          const int half = static_cast<int>(rank) * (kBlockN / 2);
+          sm90::tma_load_2d_multicast(stage + kTileBytes + half * kBlockK, &b_map, bar,
+                                      kb * kBlockK, n0 + half, 0x3);
+        } else {
+          sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+        }
+        if constexpr (kCopiedScales) {
+          // The boxes' first element: 16-byte boxes start at a multiple of their element count.
+          float* region = scales + ring.stage * kScaleFloats;
+          if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
+            if (opens_box)
+              sm90::tma_load_2d(scale_boxes + (word >> 2) % kScaleBoxSlots * (kScaleABoxBytes / 4),
+                                &scale_maps.a, bar, word, m0);
+          } else {
+            sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+          }
+          const int inner = args.b_scale_k_inner ? kb : nb;
+          sm90::tma_load_2d(region + kScaleABoxBytes / 4, &scale_maps.b, bar,
+                            inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
+        }
+      }
+    } else if (!kCopiedScales && producer_warp >= 1 && producer_warp <= kScaleWarps) {
+      // Rows r0 and r0 + 64 of the tile; 4 k-blocks' loads in flight at a time.
+      const int r0 = (producer_warp - 1) * 32 + static_cast<int>(threadIdx.x) % 32;
+      const int rows[2] = {min(m0 + r0, args.m - 1), min(m0 + r0 + 64, args.m - 1)};
+      float product[2][4];
+      const auto load_products = [&](int first_kb) {
+        float a[2][4], b[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int kb = min(first_kb + j, k_blocks - 1);
+          b[j] = b_scale(args.scales, nb, kb);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) a[i][j] = a_scale(args.scales, rows[i], kb);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) product[i][j] = a[i][j] * b[j];
+      };
+      vendor::wait_for_previous_grid();
+      load_products(0);
+      RingPosition ring;
+      for (int first = 0; first < slots; first += 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (first + j >= slots) break;
+          sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+          float* stage_scales = scales + ring.stage * kScaleFloats;
+          stage_scales[scale_slot(r0)] = product[0][j];
+          stage_scales[scale_slot(r0 + 64)] = product[1][j];
+          sm90::mbarrier_arrive(&full[ring.stage]);
+          ring.advance();
+        }
+        if (first + 4 < slots) load_products(first + 4);
+      }
+    }
+    leave();
+    return;
+  }
+
+  sm90::registers_grow<kScaleConsumerRegisters>();
+  const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
+  const int warp = t / 32, lane = t % 32;
+  const int tile_row = warpgroup * 64 + warp * 16 + lane / 4;  // and tile_row + 8
+  const int row0 = m0 + tile_row;
+  vendor::wait_for_previous_grid();
+
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  const uint8_t* a_half = stages + warpgroup * 64 * kBlockK;  // + stage offset
+  // After every lane's last read of the stage (its scales): the stage goes back to the producer.
+  const auto release = [&](int stage) {
+    __syncwarp();
+    if (lane == 0) {
+      sm90::mbarrier_arrive(&empty[stage]);
+      if constexpr (kPair) sm90::mbarrier_arrive_peer(&empty[stage], rank ^ 1);
+    }
+  };
+  // The scale products of rows tile_row and tile_row + 8 for k-block kb in `stage`.
+  const auto stage_factors = [&](int stage, int kb) {
+    const float* region = scales + stage * kScaleFloats;
+    if constexpr (!kCopiedScales) {
+      return *reinterpret_cast<const float2*>(region + scale_slot(tile_row));
+    } else {
+      const bool packed = args.scales.a_packed;
+      uint32_t w0, w1;
+      if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
+        const int word = packed ? kb >> 2 : kb;
+        const auto* words = reinterpret_cast<const uint32_t*>(
+            scale_boxes + (word >> 2) % kScaleBoxSlots * (kScaleABoxBytes / 4));
+        w0 = words[tile_row * 4 + (word & 3)];
+        w1 = words[(tile_row + 8) * 4 + (word & 3)];
+      } else {
+        const auto* words = reinterpret_cast<const uint32_t*>(region);
+        w0 = words[tile_row];
+        w1 = words[tile_row + 8];
+      }
+      if (packed) {  // exponent byte kb % 4 of the word
+        const int shift = (kb & 3) * 8;
+        w0 = (w0 >> shift & 0xffu) << 23;
+        w1 = (w1 >> shift & 0xffu) << 23;
+      }
+      const float* b_box = region + kScaleABoxBytes / 4;
+      const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
+      const uint32_t b_bf16 = reinterpret_cast<const uint16_t*>(b_box)[b_index];
+      const float b = args.scales.b_bf16 ? __uint_as_float(b_bf16 << 16) : b_box[b_index];
+      return make_float2(__uint_as_float(w0) * b, __uint_as_float(w1) * b);
+    }
+  };
+
+  if constexpr (kOverlap) {
+    // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
+    // while i's products are scaled into acc, so the tensor cores wait only for the group's last
+    // promotion. No wgmma is in flight across the loop's back edge: the copies that carry a
+    // fragment around a loop read it, and ptxas then serializes every wgmma of the kernel.
+    float part2[64];
+    RingPosition ring;
+    int stage1 = 0, stage2 = 0;
+    float2 factors1{}, factors2{};
+    const auto issue = [&](float(&fragment)[64], int& stage, float2& factors, int kb) {
+      stage = ring.stage;
+      sm90::mbarrier_wait(&full[stage], ring.phase);
+      factors = stage_factors(stage, kb);
+      issue_k_block<kBlockN>(fragment, a_half + stage * kStageBytes,
+                             stages + stage * kStageBytes + kTileBytes);
+      ring.advance();
+    };
+    // After its wgmma are done: releases the stage and scales the products into acc (not past
+    // k_blocks).
+    const auto promote = [&](float(&fragment)[64], int stage, float2 factors, int kb) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) sm90::fence_operand(fragment[i]);  // read after the wait
+      release(stage);
+      if (kb < k_blocks) promote_tile_fragment(acc, fragment, factors.x, factors.y);
+    };
+    static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
+    for (int kb = 0; kb < slots; kb += kOverlapGroup) {
+      issue(part, stage1, factors1, kb);
+      issue(part2, stage2, factors2, kb + 1);
+      sm90::wgmma_wait<1>();
+      promote(part, stage1, factors1, kb);
+      issue(part, stage1, factors1, kb + 2);
+      sm90::wgmma_wait<1>();
+      promote(part2, stage2, factors2, kb + 1);
+      issue(part2, stage2, factors2, kb + 3);
+      sm90::wgmma_wait<1>();
+      promote(part, stage1, factors1, kb + 2);
+      sm90::wgmma_wait<0>();
+      promote(part2, stage2, factors2, kb + 3);
+    }
+  } else {
+    RingPosition ring;
+    for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
+      sm90::mbarrier_wait(&full[ring.stage], ring.phase);
+      const float2 factors = stage_factors(ring.stage, kb);
+      multiply_k_block<kBlockN>(part, a_half + ring.stage * kStageBytes,
+                                stages + ring.stage * kStageBytes + kTileBytes);
+      release(ring.stage);
+      promote_tile_fragment(acc, part, factors.x, factors.y);
+    }
+  }
+  // Pairs: this thread's last arrival on the peer is done; the peer may leave once all have said
+  // so.
+  if constexpr (kPair) sm90::cluster_arrive();
+
+  const Epilogue& e = args.epilogue;
+  const bool has_bias = e.bias_type != BiasType::none;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const int col = n0 + 8 * j + 2 * (lane % 4);
+    const float bias0 = has_bias && col < args.n ? bias_at(e, col) : 0.0f;
+    const float bias1 = has_bias && col + 1 < args.n ? bias_at(e, col + 1) : 0.0f;
+    if (row0 < args.m)
+      store_pair(e, row0, col, args.n, acc[4 * j + 0] + bias0, acc[4 * j + 1] + bias1);
+    if (row0 + 8 < args.m)
+      store_pair(e, row0 + 8, col, args.n, acc[4 * j + 2] + bias0, acc[4 * j + 3] + bias1);
+  }
+  if constexpr (kPair) sm90::cluster_wait();
+#else
+  (void)a_map;
+  (void)b_map;
+  (void)args;
+  (void)scale_maps;
+#endif
+}
+
+}  // namespace
+}  // namespace moekit::gpu
