@@ -245,13 +245,15 @@ struct Plan {
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
   bool pair = false;             // tiles: clusters of two CTAs sharing B tiles (splits = 2)
+  int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
   dim3 grid;
   size_t shared_bytes = 0;
 };
 
 // How many clusters of `splits` CTAs of this kernel fit on the device at once (cached).
-int cluster_capacity(KernelFn kernel, int splits, size_t shared_bytes, int device) {
+template <typename Kernel>
+int cluster_capacity(Kernel kernel, int splits, size_t shared_bytes, int device) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
   const auto key =
@@ -475,21 +477,64 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
 // plan_for).
 constexpr int kTilesLongK = 32;
 constexpr int64_t kTilesPairGrid = 128;
+// A split's fixed cost in k-blocks (~0.37 us each): H200, M=256 N=4096, K=7168 and 2048 (session
+// 16) put it at ~4.5 us, ~12 k-blocks of a 128 x 128 tile.
+constexpr int kTilesSplitCost = 12;
 
-// The tiles kernel built for the plan's fragments and scale feed, in pairs or not.
-template <bool kPair>
+// The tiles kernel built for the plan's fragments, scale feed and cluster (the split needs two
+// fragments).
+template <tiles::Cluster kCluster>
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
   using tiles::ScaleFeed;
-  if (!plan.overlap) return gemm_tiles_kernel<false, ScaleFeed::warps, kPair>;
+  if constexpr (kCluster != tiles::Cluster::split)
+    if (!plan.overlap) return gemm_tiles_kernel<false, ScaleFeed::warps, kCluster>;
   switch (plan.scale_feed) {
     case ScaleFeed::a_k_inner:
-      return gemm_tiles_kernel<true, ScaleFeed::a_k_inner, kPair>;
+      return gemm_tiles_kernel<true, ScaleFeed::a_k_inner, kCluster>;
     case ScaleFeed::a_m_inner:
-      return gemm_tiles_kernel<true, ScaleFeed::a_m_inner, kPair>;
+      return gemm_tiles_kernel<true, ScaleFeed::a_m_inner, kCluster>;
     case ScaleFeed::warps:
       break;
   }
-  return gemm_tiles_kernel<true, ScaleFeed::warps, kPair>;
+  return gemm_tiles_kernel<true, ScaleFeed::warps, kCluster>;
+}
+
+TilesKernelFn tiles_kernel_for(const Plan& plan) {
+  if (plan.pair) return tiles_kernel_for<tiles::Cluster::pair>(plan);
+  if (plan.tiles_split > 1) return tiles_kernel_for<tiles::Cluster::split>(plan);
+  return tiles_kernel_for<tiles::Cluster::none>(plan);
+}
+
+// The split of K over a cluster for a tiles grid of `tiles` tiles (1: none): the least estimated
+// time in k-blocks, waves of the clusters the device holds at once x (the k-blocks of a rank, in
+// whole groups of 4, plus 4 for a tile's prologue and epilogue), plus kTilesSplitCost for the
+// exchange of sums and the SMs a split grid keeps from the next call. Each rank takes at least
+// two groups. MOEKIT_SM90_TILES_SPLIT=n forces n (1..4) where K allows
+// (timing knob and tests).
+int tiles_split_for(const BlockGemmProblem& p, int64_t tiles, int device_index) {
+  const int64_t k_groups = fp8::ceil_div(p.k_blocks, tiles::kOverlapGroup);
+  const int forced = env::integer("MOEKIT_SM90_TILES_SPLIT", 0);
+  int best_split = 1;
+  double best = 0.0;
+  bool found = false;
+  for (int split = 1; split <= tiles::kMaxSplit; ++split) {
+    if (split > 1 && k_groups < 2 * split) break;
+    if (forced > 0 && split != forced) continue;
+    const TilesKernelFn kernel =
+        split > 1 ? gemm_tiles_kernel<true, tiles::ScaleFeed::warps, tiles::Cluster::split>
+                  : gemm_tiles_kernel<true, tiles::ScaleFeed::warps, tiles::Cluster::none>;
+    const int capacity = cluster_capacity(kernel, split, tiles::kSharedBytes, device_index);
+    if (capacity < 1) continue;
+    const double waves = static_cast<double>(fp8::ceil_div(tiles, capacity));
+    const double cost =
+        waves * (static_cast<double>(fp8::ceil_div(k_groups, split)) * tiles::kOverlapGroup + 4) +
+        (split > 1 ? kTilesSplitCost : 0);
+    if (found && cost >= best) continue;
+    found = true;
+    best = cost;
+    best_split = split;
+  }
+  return best_split;
 }
 
 Plan plan_for(const BlockGemmProblem& p, int device_index) {
@@ -528,9 +573,13 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int pair = env::integer("MOEKIT_SM90_TILES_PAIR", -1);
   plan.pair =
       tiles_m % 2 == 0 && (pair >= 0 ? pair != 0 : long_k && tiles_m * tiles_n >= kTilesPairGrid);
-  plan.splits = plan.pair ? 2 : 1;
-  plan.tiles_kernel = plan.pair ? tiles_kernel_for<true>(plan) : tiles_kernel_for<false>(plan);
-  plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n));
+  // Grids of fewer tiles than the SMs split K over clusters (two fragments only, not in pairs):
+  // M=256 N=4096 K=7168 has 64 tiles for 132 SMs.
+  if (plan.overlap && !plan.pair)
+    plan.tiles_split = tiles_split_for(p, tiles_m * tiles_n, device_index);
+  plan.splits = plan.pair ? 2 : plan.tiles_split;
+  plan.tiles_kernel = tiles_kernel_for(plan);
+  plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
 }
@@ -620,8 +669,8 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
     DeviceGuard on_device(device);
     cudaFuncAttributes attributes{};
     const cudaError_t status = cudaFuncGetAttributes(
-        &attributes,
-        reinterpret_cast<const void*>(gemm_tiles_kernel<false, tiles::ScaleFeed::warps, false>));
+        &attributes, reinterpret_cast<const void*>(
+                         gemm_tiles_kernel<false, tiles::ScaleFeed::warps, tiles::Cluster::none>));
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       return "this build holds no sm_90a code for the kernel (" +
@@ -645,13 +694,22 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
   return "";
 }
 
+int block_gemm_sm90_tiles_split(const BlockGemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return 1;
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  return plan_for(p, device).tiles_split;
+}
+
 std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   if (p.m == 0 || p.n == 0) return "nothing to do";
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
   char text[300];
-  char early[40] = "";
+  char early[40] = "", split[48] = "";
+  if (plan.tiles_split > 1)
+    std::snprintf(split, sizeof split, ", K split %d ways (cluster)", plan.tiles_split);
   if (plan.early_weights)
     std::snprintf(
         early, sizeof early,
@@ -666,9 +724,9 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
-    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s", plan.grid.x,
+    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s%s", plan.grid.x,
                   plan.shared_bytes, plan.pair ? ", pairs sharing B tiles (cluster of 2)" : "",
-                  plan.overlap ? ", two fragments take turns" : "",
+                  split, plan.overlap ? ", two fragments take turns" : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
                                                              : ", scales copied with the tiles");
   return text;
@@ -699,7 +757,7 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
                          plan.pair ? tiles::kBlockN / 2 : tiles::kBlockN);
   args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, tiles::kBlockM));
   args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, tiles::kBlockN));
-  args.splits = 1;
+  args.splits = plan.tiles_split;
   args.b_scale_k_inner = plan.b_scale_k_inner;
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner);

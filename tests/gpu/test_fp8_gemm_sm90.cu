@@ -462,10 +462,18 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   EXPECT_TRUE(has(large, "tiles: 128 x 128") && has(large, "two fragments take turns") &&
               has(large, "scales copied") && has(large, "pairs sharing B"))
       << large;
-  const std::string few = plan_of(256, 4096, 7168);  // 64 CTAs: no pairs
-  EXPECT_TRUE(has(few, "scales copied") && !has(few, "pairs sharing B")) << few;
+  // 64 tiles: no pairs; K split over clusters of 2 (128 CTAs).
+  const std::string few = plan_of(256, 4096, 7168);
+  EXPECT_TRUE(has(few, "scales copied") && !has(few, "pairs sharing B") &&
+              has(few, "K split 2 ways"))
+      << few;
   const std::string short_range = plan_of(2048, 7168, 2048);  // 16 k-blocks: no pairs
-  EXPECT_TRUE(has(short_range, "scales copied") && !has(short_range, "pairs")) << short_range;
+  EXPECT_TRUE(has(short_range, "scales copied") && !has(short_range, "pairs") &&
+              !has(short_range, "K split"))
+      << short_range;
+  // 112 tiles: a split would take two waves.
+  const std::string near_full = plan_of(256, 7168, 2048);
+  EXPECT_TRUE(!has(near_full, "K split")) << near_full;
   const std::string odd = plan_of(300, 4096, 4224);  // 33 k-blocks: 132-byte scale rows
   EXPECT_TRUE(has(odd, "scales from the scale warps")) << odd;
   const std::string batch = plan_of(64, 4096, 7168);
@@ -602,6 +610,7 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
       if (check_reference)
         ref = std::async(std::launch::async, [&] { return reference_output(c, host); });
       const auto run = [&](const char* overlap, const char* scales, const char* pair) {
+        ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");  // a split adds its sums apart
         ScopedEnv o("MOEKIT_SM90_TILES_OVERLAP", overlap);
         ScopedEnv f("MOEKIT_SM90_TILES_SCALES", scales);
         ScopedEnv p("MOEKIT_SM90_TILES_PAIR", pair);
@@ -612,6 +621,7 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
       const Tensor copies = run("1", "copied", "0");
       const Tensor pairs = run("1", "copied", "1");
       {
+        ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");
         ScopedEnv f("MOEKIT_SM90_TILES_SCALES", "copied");
         ScopedEnv p("MOEKIT_SM90_TILES_PAIR", "1");
         const Buffers dev = to_device(host);
@@ -633,6 +643,62 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
               paired);
   EXPECT_GE(copied, 6);
   EXPECT_EQ(paired, 16);
+}
+
+// The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each
+// rank multiplies its share of the k-blocks (whole groups of 4; a share may begin inside a packed
+// scale box), the ranks exchange their sums through distributed shared memory and each adds and
+// stores its share of the tile's columns. Against the reference on every activation-scale layout;
+// twice in a row on one stream (PDL) bitwise equal to a fresh call; partial tiles and K.
+TEST(Sm90BlockFp8Gemm, TilesSplitKAgreesWithReference) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("TilesSplitKAgreesWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  // k-blocks 32, 56, 16 (partial), 24 (partial), 8: splits allowed up to 4, 4, 2, 3, 1.
+  const std::array<std::array<int64_t, 3>, 5> shapes{
+      {{200, 384, 4096}, {256, 640, 7168}, {300, 130, 2000}, {129, 1152, 3000}, {256, 256, 1024}}};
+  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
+                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
+  int split_runs = 0;
+  for (const auto& s : shapes) {
+    for (const ScaleLayout layout : layouts) {
+      GemmCase c = random_case(rng, s[0], s[1], s[2]);
+      c.layout = layout;
+      const Buffers host = make_host_buffers(c);
+      std::future<Tensor> ref =
+          std::async(std::launch::async, [&] { return reference_output(c, host); });
+      const Tensor expected = ref.get();
+      const int64_t k_groups = (c.k_blocks() + 3) / 4;
+      for (const char* split : {"", "2", "3", "4"}) {
+        ScopedEnv force("MOEKIT_SM90_TILES_SPLIT", split);
+        const Buffers dev = to_device(host);
+        const BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, stream.get());
+        ASSERT_EQ(gpu::block_gemm_sm90_supports(p), "") << describe(c);
+        const std::string plan = gpu::block_gemm_sm90_plan(p);
+        std::printf("  split %s: plan %s\n", *split ? split : "(planner)", plan.c_str());
+        if (*split) {
+          const int n = std::atoi(split);
+          const bool fits = k_groups >= 2 * n;
+          EXPECT_EQ(plan.find("K split " + std::to_string(n) + " ways") != std::string::npos, fits)
+              << plan << ": " << describe(c);
+          split_runs += fits;
+        }
+        gpu::block_fp8_gemm_sm90(p);
+        gpu::block_fp8_gemm_sm90(p);  // same inputs and output: must not change a bit
+        MOEKIT_GPU_CHECK(cudaGetLastError());
+        gpu::synchronize(stream.get());
+        const Tensor twice = Tensor::copy_of(dev.out, Device::cpu());
+        const Tensor once = run_sm90(c, host, stream.get());
+        EXPECT_EQ(std::memcmp(once.data(), twice.data(), once.nbytes()), 0) << describe(c);
+        outputs_agree(c, once, expected);
+      }
+    }
+  }
+  // Per layout: 3 + 3 + 1 + 2 + 0 forced splits run.
+  EXPECT_EQ(split_runs, 4 * 9);
 }
 
 // Every tuning of the swap kernel (shallowest and deepest rings, weight loads before the previous

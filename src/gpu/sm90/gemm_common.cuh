@@ -159,6 +159,48 @@ __device__ __forceinline__ void store_pair(const Epilogue& e, int row, int col, 
   }
 }
 
+// out[row, col .. col + 3] = v where those columns are < n: one vector store where the four are
+// in range and aligned, else pairs.
+__device__ __forceinline__ void store_quad(const Epilogue& e, int row, int col, int n, float4 v) {
+  const int64_t i = row * e.out_row_stride + col;
+  if (col + 3 < n) {
+    switch (e.out_type) {
+      case OutType::f32: {
+        float* p = static_cast<float*>(e.out) + i;
+        if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+          *reinterpret_cast<float4*>(p) = v;
+          return;
+        }
+        break;
+      }
+      case OutType::bf16: {
+        __nv_bfloat16* p = static_cast<__nv_bfloat16*>(e.out) + i;
+        if (reinterpret_cast<uintptr_t>(p) % 8 == 0) {
+          const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
+          const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
+          *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                                                    *reinterpret_cast<const uint32_t*>(&hi));
+          return;
+        }
+        break;
+      }
+      case OutType::f16: {
+        __half* p = static_cast<__half*>(e.out) + i;
+        if (reinterpret_cast<uintptr_t>(p) % 8 == 0) {
+          const __half2 lo = __floats2half2_rn(v.x, v.y);
+          const __half2 hi = __floats2half2_rn(v.z, v.w);
+          *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                                                    *reinterpret_cast<const uint32_t*>(&hi));
+          return;
+        }
+        break;
+      }
+    }
+  }
+  store_pair(e, row, col, n, v.x, v.y);
+  store_pair(e, row, col + 2, n, v.z, v.w);
+}
+
 __device__ __forceinline__ uint8_t* align_shared(uint8_t* p) {
   const uint32_t address = sm90::shared_address(p);
   return p + ((kSharedAlign - address % kSharedAlign) % kSharedAlign);

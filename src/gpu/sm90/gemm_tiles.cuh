@@ -13,9 +13,11 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // 1115-1153 us; docs/perf/fp8-gpu-sm90.md, session 13).
 //
 // kScaleFeed: who puts each k-block's scales beside its tiles (the scale warps, or the copy engine
-// with the tiles). kPair: clusters of two CTAs on neighbouring tile rows, each copying half of
-// the shared B tile into both rings; a stage is refilled once the consumers of both CTAs are done
-// with it (session 15).
+// with the tiles). kCluster: CTAs alone; pairs (clusters of two CTAs on neighbouring tile rows,
+// each copying half of the shared B tile into both rings; a stage is refilled once the consumers
+// of both CTAs are done with it, session 15); or a split of K over the CTAs of a cluster, each
+// rank adding the partial sums of its share of the tile's rows, read from the others' shared
+// memory (grids with fewer tiles than half the SMs).
 
 namespace tiles {
 constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
@@ -39,6 +41,14 @@ constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kS
 // written), or the copy engine with the tiles, as boxes of the activation scales with k-blocks
 // (or packed words) inner, 4 per row (a_k_inner), or rows inner, 128 per k-block (a_m_inner).
 enum class ScaleFeed : int { warps, a_k_inner, a_m_inner };
+// What the CTAs of a cluster share: nothing (no cluster), B tiles (pairs), or K (split).
+enum class Cluster : int { none, pair, split };
+constexpr int kMaxSplit = 4;  // split: CTAs of a cluster splitting K (2..4)
+// The epilogue's staged rows of f32 over the ring: 8 floats of padding make the consumers' 8-byte
+// stores free of bank conflicts (a half-warp's four rows fall on distinct banks).
+constexpr int kStagedStride = kBlockN + 8;
+static_assert(kBlockM * kStagedStride * 4 <= kStages * kStageBytes,
+              "the staged tile fits the ring");
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 #if MOEKIT_SM90A
 constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale products
@@ -76,7 +86,7 @@ struct RingPosition {
 // GHz; docs/perf/fp8-gpu-sm90.md, session 14). Scales copied with the tiles: the stage's full
 // barrier waits for the copies alone (1,552 k -> 1,439 k cycles at that shape, session 15); the
 // consumers read the two factors and the weight scale and multiply.
-template <bool kOverlap, tiles::ScaleFeed kScaleFeed, bool kPair>
+template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
@@ -84,6 +94,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if MOEKIT_SM90A
   using namespace tiles;
   constexpr bool kCopiedScales = kScaleFeed != ScaleFeed::warps;
+  constexpr bool kPair = kCluster == Cluster::pair;
+  constexpr bool kSplit = kCluster == Cluster::split;
+  static_assert(!kSplit || kOverlap, "the split takes k-blocks in the overlap's groups of 4");
   // Per stage: the weight scales' 16 bytes, and the activation scales' box (a_m_inner) or, with
   // the first k-block of each box, its 4 k-blocks (a_k_inner).
   constexpr int kScaleCopyBytes = (kScaleFeed == ScaleFeed::a_m_inner ? kBlockM * 4 : 0) + 16;
@@ -100,22 +113,33 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
   const int k_blocks = args.k_blocks;
 
+  // Split: the CTAs of a cluster share one tile, rank r taking groups of 4 k-blocks from the r-th
+  // share of them.
+  const int splits = kSplit ? args.splits : 1;
+  const int tile = static_cast<int>(blockIdx.x) / splits;
   // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group.
   const int per_group = kGroupRows * args.tiles_n;
-  const int group = static_cast<int>(blockIdx.x) / per_group;
+  const int group = tile / per_group;
   const int first_row = group * kGroupRows;
   const int group_rows = min(args.tiles_m - first_row, kGroupRows);
-  const int in_group = static_cast<int>(blockIdx.x) % per_group;
+  const int in_group = tile % per_group;
   const int m0 = (first_row + in_group % group_rows) * kBlockM;
   const int n0 = (in_group / group_rows) * kBlockN;
   const int nb = n0 / kBlockN;
   // Pairs: the group's row count is even (the host pairs only even tiles_m), so CTAs 2j and
   // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile.
-  const uint32_t rank = kPair ? sm90::cluster_rank() : 0;
-  // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past k_blocks
-  // are only barrier arrivals (their stages keep old bytes: the consumers multiply them, so that
-  // every path has the same wgmma in flight, and add nothing).
-  const int slots = kOverlap ? overlap_slots(k_blocks) : k_blocks;
+  const uint32_t rank = kPair || kSplit ? sm90::cluster_rank() : 0;
+  int kb_begin = 0, kb_count = k_blocks;  // this CTA's k-blocks
+  if constexpr (kSplit) {
+    const int k_groups = (k_blocks + kOverlapGroup - 1) / kOverlapGroup;
+    kb_begin = k_groups * static_cast<int>(rank) / splits * kOverlapGroup;
+    kb_count =
+        min(k_groups * (static_cast<int>(rank) + 1) / splits * kOverlapGroup, k_blocks) - kb_begin;
+  }
+  // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past the CTA's
+  // k-blocks are only barrier arrivals (their stages keep old bytes: the consumers multiply them,
+  // so that every path has the same wgmma in flight, and add nothing).
+  const int slots = kOverlap ? overlap_slots(kb_count) : kb_count;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -135,9 +159,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == kConsumers) {
     sm90::registers_shrink<kScaleProducerRegisters>();
     // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
+    // Split: every thread takes part in both of the exchange's cluster barriers.
     const auto leave = [&] {
       __syncwarp();
-      if constexpr (kPair) {
+      if constexpr (kPair || kSplit) {
+        sm90::cluster_arrive();
+        sm90::cluster_wait();
+      }
+      if constexpr (kSplit) {
         sm90::cluster_arrive();
         sm90::cluster_wait();
       }
@@ -150,24 +179,27 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::prefetch_tensor_map(&scale_maps.a);
         sm90::prefetch_tensor_map(&scale_maps.b);
       }
-      for (int kb = 0; kb < min(k_blocks, kStages); ++kb) {
+      for (int kb = kb_begin; kb < kb_begin + min(kb_count, kStages); ++kb) {
         sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
         sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0 + static_cast<int>(rank) * (kBlockN / 2));
       }
       vendor::wait_for_previous_grid();
       RingPosition ring;
-      for (int kb = 0; kb < slots; ++kb, ring.advance()) {
+      for (int i = 0; i < slots; ++i, ring.advance()) {
         sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
         uint64_t* bar = &full[ring.stage];
-        if (kb >= k_blocks) {
+        if (i >= kb_count) {
           sm90::mbarrier_arrive(bar);
           continue;
         }
+        const int kb = kb_begin + i;
         uint8_t* stage = stages + ring.stage * kStageBytes;
         const int word = args.scales.a_packed ? kb >> 2 : kb;  // of the activation scales
-        // a_k_inner: this k-block opens a box of 4 words (16 k-blocks where packed).
-        const bool opens_box = kScaleFeed == ScaleFeed::a_k_inner && (word & 3) == 0 &&
-                               (!args.scales.a_packed || (kb & 3) == 0);
+        // a_k_inner: this k-block opens a box of 4 words (16 k-blocks where packed), as does the
+        // CTA's first (a split may begin inside a box).
+        const bool opens_box =
+            kScaleFeed == ScaleFeed::a_k_inner &&
+            (((word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0)) || (kSplit && i == 0));
         sm90::mbarrier_arrive_expect_tx(bar, kStageBytes + (kCopiedScales ? kScaleCopyBytes : 0) +
                                                  (opens_box ? kScaleABoxBytes : 0));
         sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
@@ -184,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
             if (opens_box)
               sm90::tma_load_2d(scale_boxes + (word >> 2) % kScaleBoxSlots * (kScaleABoxBytes / 4),
-                                &scale_maps.a, bar, word, m0);
+                                &scale_maps.a, bar, kSplit ? word & ~3 : word, m0);
           } else {
             sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
           }
@@ -202,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float a[2][4], b[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int kb = min(first_kb + j, k_blocks - 1);
+          const int kb = kb_begin + min(first_kb + j, kb_count - 1);
           b[j] = b_scale(args.scales, nb, kb);
 #pragma unroll
           for (int i = 0; i < 2; ++i) a[i][j] = a_scale(args.scales, rows[i], kb);
@@ -237,7 +269,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int tile_row = warpgroup * 64 + warp * 16 + lane / 4;  // and tile_row + 8
-  const int row0 = m0 + tile_row;
   vendor::wait_for_previous_grid();
 
   float acc[64], part[64];
@@ -301,28 +332,29 @@ __global__ void __launch_bounds__(kThreads, 1)
                              stages + stage * kStageBytes + kTileBytes);
       ring.advance();
     };
-    // After its wgmma are done: releases the stage and scales the products into acc (not past
-    // k_blocks).
-    const auto promote = [&](float(&fragment)[64], int stage, float2 factors, int kb) {
+    // After its wgmma are done: releases the stage and scales the products into acc (slot i of
+    // the CTA's k-range; nothing past its end).
+    const auto promote = [&](float(&fragment)[64], int stage, float2 factors, int i) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) sm90::fence_operand(fragment[i]);  // read after the wait
+      for (int r = 0; r < 64; ++r) sm90::fence_operand(fragment[r]);  // read after the wait
       release(stage);
-      if (kb < k_blocks) promote_tile_fragment(acc, fragment, factors.x, factors.y);
+      if (i < kb_count) promote_tile_fragment(acc, fragment, factors.x, factors.y);
     };
     static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
-    for (int kb = 0; kb < slots; kb += kOverlapGroup) {
+    for (int i = 0; i < slots; i += kOverlapGroup) {
+      const int kb = kb_begin + i;
       issue(part, stage1, factors1, kb);
       issue(part2, stage2, factors2, kb + 1);
       sm90::wgmma_wait<1>();
-      promote(part, stage1, factors1, kb);
+      promote(part, stage1, factors1, i);
       issue(part, stage1, factors1, kb + 2);
       sm90::wgmma_wait<1>();
-      promote(part2, stage2, factors2, kb + 1);
+      promote(part2, stage2, factors2, i + 1);
       issue(part2, stage2, factors2, kb + 3);
       sm90::wgmma_wait<1>();
-      promote(part, stage1, factors1, kb + 2);
+      promote(part, stage1, factors1, i + 2);
       sm90::wgmma_wait<0>();
-      promote(part2, stage2, factors2, kb + 3);
+      promote(part2, stage2, factors2, i + 3);
     }
   } else {
     RingPosition ring;
@@ -339,17 +371,82 @@ __global__ void __launch_bounds__(kThreads, 1)
   // so.
   if constexpr (kPair) sm90::cluster_arrive();
 
-  const Epilogue& e = args.epilogue;
-  const bool has_bias = e.bias_type != BiasType::none;
+  // The epilogue goes through shared memory: the fragments are staged as rows of f32 over the
+  // ring (idle once both warpgroups are past their loops), then each thread stores four
+  // neighbouring columns of a row at a time in a loop. Storing from the fragments took 32
+  // unrolled, type-switched stores per thread: straight-line code fetched once per tile, which
+  // stalled on instruction fetch (Nsight Compute, H200, an early split build at M=256 N=4096
+  // K=2048: "no instruction" 44 % of the samples) and took 57 of the kernel's 80 KB of code. Split:
+  // each rank stages its partial tile, then adds the ranks' rows it owns in rank order, reading
+  // the others through distributed shared memory.
+  float* staged = reinterpret_cast<float*>(stages);
+  sm90::named_barrier(1, kConsumers * kWarpgroup);
 #pragma unroll
   for (int j = 0; j < kBlockN / 8; ++j) {
-    const int col = n0 + 8 * j + 2 * (lane % 4);
-    const float bias0 = has_bias && col < args.n ? bias_at(e, col) : 0.0f;
-    const float bias1 = has_bias && col + 1 < args.n ? bias_at(e, col + 1) : 0.0f;
-    if (row0 < args.m)
-      store_pair(e, row0, col, args.n, acc[4 * j + 0] + bias0, acc[4 * j + 1] + bias1);
-    if (row0 + 8 < args.m)
-      store_pair(e, row0 + 8, col, args.n, acc[4 * j + 2] + bias0, acc[4 * j + 3] + bias1);
+    float* at = staged + tile_row * kStagedStride + 8 * j + 2 * (lane % 4);
+    *reinterpret_cast<float2*>(at) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<float2*>(at + 8 * kStagedStride) =
+        make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  // Rows [first, last) of the tile, every `step`-th from this warp's: a warpgroup its own 64 rows,
+  // or in a split the rank's share of the 128, over all consumer warps.
+  int first = warpgroup * 64 + warp, last = warpgroup * 64 + 64, step = 4;
+  if constexpr (kSplit) {
+    sm90::cluster_arrive();
+    sm90::cluster_wait();
+    first = kBlockM * static_cast<int>(rank) / splits + warpgroup * 4 + warp;
+    last = kBlockM * (static_cast<int>(rank) + 1) / splits;
+    step = 4 * kConsumers;
+  } else {
+    sm90::named_barrier(2 + warpgroup, kWarpgroup);
+  }
+  const Epilogue& e = args.epilogue;
+  const int col = n0 + 4 * lane;
+  float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (e.bias_type != BiasType::none) {
+    if (col < args.n) bias.x = bias_at(e, col);
+    if (col + 1 < args.n) bias.y = bias_at(e, col + 1);
+    if (col + 2 < args.n) bias.z = bias_at(e, col + 2);
+    if (col + 3 < args.n) bias.w = bias_at(e, col + 3);
+  }
+  if constexpr (kSplit) {
+    // All of this thread's reads first (at most 8 rows of up to 4 ranks), so that their latencies
+    // overlap; once they are done the other CTAs may leave, while this one stores.
+    constexpr int kMaxRows = kBlockM / 2 / (4 * kConsumers);
+    float4 sums[kMaxRows];
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) {
+      const float* at = staged + (first + i * step) * kStagedStride + 4 * lane;
+      if (first + i * step >= last) break;
+      sums[i] = sm90::load_shared_remote4(at, 0);
+#pragma unroll
+      for (int sender = 1; sender < kMaxSplit; ++sender) {
+        if (sender >= splits) break;
+        const float4 u = sm90::load_shared_remote4(at, sender);
+        sums[i].x += u.x;
+        sums[i].y += u.y;
+        sums[i].z += u.z;
+        sums[i].w += u.w;
+      }
+    }
+    sm90::cluster_arrive();
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) {
+      const int r = first + i * step;
+      if (r >= last || m0 + r >= args.m) break;
+      store_quad(e, m0 + r, col, args.n,
+                 make_float4(sums[i].x + bias.x, sums[i].y + bias.y, sums[i].z + bias.z,
+                             sums[i].w + bias.w));
+    }
+    sm90::cluster_wait();  // no CTA leaves while the others may still read its rows
+  } else {
+#pragma unroll 2
+    for (int r = first; r < last; r += step) {
+      if (m0 + r >= args.m) break;
+      const float4 v = *reinterpret_cast<const float4*>(staged + r * kStagedStride + 4 * lane);
+      store_quad(e, m0 + r, col, args.n,
+                 make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w));
+    }
   }
   if constexpr (kPair) sm90::cluster_wait();
 #else

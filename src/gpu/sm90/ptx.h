@@ -416,4 +416,20 @@ __device__ __forceinline__ float load_shared_remote(const float* local, uint32_t
   return value;
 }
 
+// Reads the four f32 at the same shared-memory offset as `local` (16-byte aligned), in CTA `rank`
+// of the cluster.
+__device__ __forceinline__ float4 load_shared_remote4(const float* local, uint32_t rank) {
+  float4 value = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#if MOEKIT_SM90A
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(value.x), "=f"(value.y), "=f"(value.z), "=f"(value.w)
+               : "r"(map_shared_remote(local, rank))
+               : "memory");
+#else
+  (void)local;
+  (void)rank;
+#endif
+  return value;
+}
+
 }  // namespace moekit::gpu::sm90
