@@ -207,6 +207,7 @@ std::optional<cublasLtMatmulAlgo_t> algorithm_for(const BlockGemmProblem& p) {
 std::string str(int64_t v) { return std::to_string(v); }
 
 constexpr int64_t kSmallM = 128;
+constexpr int64_t kLongK = 32;  // k-blocks
 
 }  // namespace
 
@@ -224,6 +225,17 @@ std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
   // the wgmma M side, split K over a cluster) beats cuBLASLt, which spends ~17-23 us there.
   if (p.m <= kSmallM && block_gemm_sm90_supports(p).empty())
     return "M=" + str(p.m) + " <= " + str(kSmallM) + ": gpu.sm90 is faster for few tokens";
+  // Where moekit's tiles kernel splits a long K over clusters (grids of fewer tiles than half the
+  // SMs) it measured faster on an H200 (fp8-gpu-sm90.md, session 16: M=256 N=4096 K=7168 20.5 vs
+  // 22.7 us). MOEKIT_CUBLASLT_DEFER_SPLIT=0 keeps cuBLASLt there (timing knob).
+  if (p.k_blocks >= kLongK && env::integer("MOEKIT_CUBLASLT_DEFER_SPLIT", 1) != 0 &&
+      block_gemm_sm90_supports(p).empty()) {
+    const int split = block_gemm_sm90_tiles_split(p);
+    if (split > 1)
+      return "gpu.sm90 splits K over clusters of " + str(split) + " CTAs for this grid of " +
+             str(fp8::ceil_div(p.m, kFp8BlockSize) * fp8::ceil_div(p.n, kFp8BlockSize)) +
+             " tiles: faster";
+  }
   if (p.k % kFp8BlockSize != 0) return "K=" + str(p.k) + " is not a multiple of 128";
   if (p.n % 16 != 0) return "N=" + str(p.n) + " is not a multiple of 16";
   if (p.k_blocks % 4 != 0)

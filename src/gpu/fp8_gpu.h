@@ -31,6 +31,9 @@ void block_fp8_gemm_matrix_units(const BlockGemmProblem& problem);
 // compute capability 9.0 only.
 std::string block_gemm_sm90_supports(const BlockGemmProblem& problem);
 void block_fp8_gemm_sm90(const BlockGemmProblem& problem);
+// The CTAs of a cluster that split K in the kernel's plan for a problem it supports (1: none), so
+// that other entries can defer to it where that split is measured faster.
+int block_gemm_sm90_tiles_split(const BlockGemmProblem& problem);
 
 // w8a8_block_fp8_linear as one Hopper kernel (fp8_gemm_sm90.cu): the swap kernel of
 // block_fp8_gemm_sm90, whose consumers quantize bf16 x (group 128) into shared memory themselves

@@ -107,9 +107,10 @@ TEST(GpuFp8Dispatch, CublasLtGemmMatchesTheReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(seed_for("CublasLtGemmMatchesTheReference"));
   const bool hopper = gpu::device_properties(0).major == 9;
-  const GemmCase cases[] = {{256, 4096, 7168, DType::bf16}, {1000, 512, 1024, DType::f32},
-                            {128, 384, 2048, DType::f16},   {64, 4096, 7168, DType::bf16},
-                            {16, 1024, 512, DType::f32},    {1, 4096, 7168, DType::bf16}};
+  const GemmCase cases[] = {{512, 4096, 7168, DType::bf16}, {1000, 512, 1024, DType::f32},
+                            {256, 4096, 7168, DType::bf16}, {128, 384, 2048, DType::f16},
+                            {64, 4096, 7168, DType::bf16},  {16, 1024, 512, DType::f32},
+                            {1, 4096, 7168, DType::bf16}};
   int served = 0;
   for (const GemmCase& c : cases) {
     const Tensor a = random_e4m3(rng, c.m, c.k), b = random_e4m3(rng, c.n, c.k);
@@ -129,7 +130,13 @@ TEST(GpuFp8Dispatch, CublasLtGemmMatchesTheReference) {
                               std::to_string(c.k) + " " + std::string(dtype_name(c.out));
     if (!why.empty()) {
       std::printf("  gpu.cublaslt declines %s: %s\n", shape.c_str(), why.c_str());
-      if (hopper && c.m > 128) ADD_FAILURE() << "cuBLASLt should serve " << shape << ": " << why;
+      // Above 128 tokens it serves all but the grids moekit's kernel splits K for (256 x 4096 x
+      // 7168: 64 tiles, 56 k-blocks).
+      const bool split = why.find("splits K") != std::string::npos;
+      if (hopper && c.m > 128 && !split)
+        ADD_FAILURE() << "cuBLASLt should serve " << shape << ": " << why;
+      if (hopper && c.m == 256 && c.n == 4096 && !split)
+        ADD_FAILURE() << "cuBLASLt should defer to gpu.sm90's split at " << shape << ": " << why;
       continue;
     }
     ++served;

@@ -235,6 +235,9 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
         {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
         {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16, 256}},
         {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16, 256}},
+        // Experts' gate_up at a few hundred tokens per expert (the tiles kernel's K split).
+        {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {256}},
+        {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {256}},
     };
     for (const Shape& shape : shapes)
       for (int64_t M : shape.tokens)
