@@ -265,7 +265,8 @@ fi
 if [[ ${GPU_CHECK_FP8_AB:-0} == 1 && -x $CLI ]]; then
   step "FP8 A/B: group quant with MOEKIT_GPU_QUANT_HINTS=1, MOEKIT_GPU_PDL=0 and" \
     "MOEKIT_GPU_QUANT_SMALL_UNITS=0; the gate_up GEMMs without early weight loads and with" \
-    "pushed split sums at every token count; the tiles kernel with its scale warps and unpaired"
+    "pushed split sums at every token count; the tiles kernel with its scale warps, unpaired" \
+    "and with K whole"
   {
     for variant in "" MOEKIT_GPU_QUANT_HINTS=1 MOEKIT_GPU_PDL=0 MOEKIT_GPU_QUANT_SMALL_UNITS=0 \
       ""; do
@@ -278,11 +279,12 @@ if [[ ${GPU_CHECK_FP8_AB:-0} == 1 && -x $CLI ]]; then
         | grep -E "gpu.sm90"
     done
     for tokens in 256 1024; do
-      echo "-- tiles kernel, N=4096 K=7168 M=$tokens: default, scale warps, unpaired"
-      timeout 120 python3 scripts/bench_ab.py --rounds 3 --bin "$CLI" --variant default="" \
+      echo "-- tiles kernel, N=4096 K=7168 M=$tokens: default, scale warps, unpaired, K whole"
+      timeout 150 python3 scripts/bench_ab.py --rounds 3 --bin "$CLI" --variant default="" \
         --variant warps="MOEKIT_SM90_TILES_SCALES=warps" --variant unpaired="MOEKIT_SM90_TILES_PAIR=0" \
+        --variant whole_k="MOEKIT_SM90_TILES_SPLIT=1 MOEKIT_CUBLASLT_DEFER_SPLIT=0" \
         -- bench --op gemm --backend gpu --model "N=4096 K=7168" --tokens "$tokens" 2>&1 \
-        | grep -A3 "gpu.sm90"
+        | grep -A4 "gpu.sm90"
     done
   } | tee "$OUT/fp8_ab.txt"
 fi
