@@ -308,6 +308,28 @@ GemmCase random_case(std::mt19937_64& rng, int64_t m, int64_t n, int64_t k) {
   return c;
 }
 
+// Runs the case twice in a row on one stream (same inputs and output: the second call overlaps
+// the first through PDL and must not change a bit), then once on fresh buffers: the two outputs
+// bitwise equal, and close to the reference. Returns the plan ("" where the kernel declines).
+std::string check_twice_equals_once(const GemmCase& c, const Buffers& host, const Tensor& expected,
+                                    cudaStream_t stream) {
+  const Buffers dev = to_device(host);
+  const BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, stream);
+  const std::string why = gpu::block_gemm_sm90_supports(p);
+  EXPECT_EQ(why, "") << describe(c);
+  if (!why.empty()) return "";
+  const std::string plan = gpu::block_gemm_sm90_plan(p);
+  gpu::block_fp8_gemm_sm90(p);
+  gpu::block_fp8_gemm_sm90(p);
+  MOEKIT_GPU_CHECK(cudaGetLastError());
+  gpu::synchronize(stream);
+  const Tensor twice = Tensor::copy_of(dev.out, Device::cpu());
+  const Tensor once = run_sm90(c, host, stream);
+  EXPECT_EQ(std::memcmp(once.data(), twice.data(), once.nbytes()), 0) << describe(c);
+  outputs_agree(c, once, expected);
+  return plan;
+}
+
 // Runs the cases on the GPU one by one and their references in parallel on the host.
 void check_cases(const std::vector<GemmCase>& cases) {
   Stream stream;
@@ -647,9 +669,10 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
 
 // The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each
 // rank multiplies its share of the k-blocks (whole groups of 4; a share may begin inside a packed
-// scale box), the ranks exchange their sums through distributed shared memory and each adds and
-// stores its share of the tile's columns. Against the reference on every activation-scale layout;
-// twice in a row on one stream (PDL) bitwise equal to a fresh call; partial tiles and K.
+// scale box) and stages its partial tile; each then adds its share of the tile's rows from every
+// rank, in rank order, through distributed shared memory, and stores them. Against the reference
+// on every activation-scale layout; twice in a row on one stream (PDL) bitwise equal to a fresh
+// call; partial tiles and K.
 TEST(Sm90BlockFp8Gemm, TilesSplitKAgreesWithReference) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -674,11 +697,8 @@ TEST(Sm90BlockFp8Gemm, TilesSplitKAgreesWithReference) {
       const int64_t k_groups = (c.k_blocks() + 3) / 4;
       for (const char* split : {"", "2", "3", "4"}) {
         ScopedEnv force("MOEKIT_SM90_TILES_SPLIT", split);
-        const Buffers dev = to_device(host);
-        const BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, stream.get());
-        ASSERT_EQ(gpu::block_gemm_sm90_supports(p), "") << describe(c);
-        const std::string plan = gpu::block_gemm_sm90_plan(p);
-        std::printf("  split %s: plan %s\n", *split ? split : "(planner)", plan.c_str());
+        std::printf("  split %s\n", *split ? split : "(planner)");
+        const std::string plan = check_twice_equals_once(c, host, expected, stream.get());
         if (*split) {
           const int n = std::atoi(split);
           const bool fits = k_groups >= 2 * n;
@@ -686,14 +706,6 @@ TEST(Sm90BlockFp8Gemm, TilesSplitKAgreesWithReference) {
               << plan << ": " << describe(c);
           split_runs += fits;
         }
-        gpu::block_fp8_gemm_sm90(p);
-        gpu::block_fp8_gemm_sm90(p);  // same inputs and output: must not change a bit
-        MOEKIT_GPU_CHECK(cudaGetLastError());
-        gpu::synchronize(stream.get());
-        const Tensor twice = Tensor::copy_of(dev.out, Device::cpu());
-        const Tensor once = run_sm90(c, host, stream.get());
-        EXPECT_EQ(std::memcmp(once.data(), twice.data(), once.nbytes()), 0) << describe(c);
-        outputs_agree(c, once, expected);
       }
     }
   }
@@ -733,18 +745,7 @@ TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
       std::future<Tensor> ref =
           std::async(std::launch::async, [&] { return reference_output(c, host); });
       ForcedTuning force(tuning);
-      const Buffers dev = to_device(host);
-      const BlockGemmProblem p = problem_of(views_of(dev, c, Device::gpu()), c, stream.get());
-      ASSERT_EQ(gpu::block_gemm_sm90_supports(p), "") << describe(c);
-      std::printf("  plan %s\n", gpu::block_gemm_sm90_plan(p).c_str());
-      gpu::block_fp8_gemm_sm90(p);
-      gpu::block_fp8_gemm_sm90(p);  // same inputs and output: must not change a bit
-      MOEKIT_GPU_CHECK(cudaGetLastError());
-      gpu::synchronize(stream.get());
-      const Tensor twice = Tensor::copy_of(dev.out, Device::cpu());
-      const Tensor once = run_sm90(c, host, stream.get());
-      EXPECT_EQ(std::memcmp(once.data(), twice.data(), once.nbytes()), 0) << describe(c);
-      outputs_agree(c, once, ref.get());
+      check_twice_equals_once(c, host, ref.get(), stream.get());
     }
   }
 }

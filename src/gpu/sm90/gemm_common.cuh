@@ -159,42 +159,32 @@ __device__ __forceinline__ void store_pair(const Epilogue& e, int row, int col, 
   }
 }
 
+// Two pairs of 16-bit values as one 8-byte word.
+template <typename Pair>
+__device__ __forceinline__ uint2 packed_pairs(Pair lo, Pair hi) {
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                    *reinterpret_cast<const uint32_t*>(&hi));
+}
+
 // out[row, col .. col + 3] = v where those columns are < n: one vector store where the four are
 // in range and aligned, else pairs.
 __device__ __forceinline__ void store_quad(const Epilogue& e, int row, int col, int n, float4 v) {
   const int64_t i = row * e.out_row_stride + col;
-  if (col + 3 < n) {
+  const int element = e.out_type == OutType::f32 ? 4 : 2;
+  void* p = static_cast<uint8_t*>(e.out) + i * element;
+  if (col + 3 < n && reinterpret_cast<uintptr_t>(p) % (4 * element) == 0) {
     switch (e.out_type) {
-      case OutType::f32: {
-        float* p = static_cast<float*>(e.out) + i;
-        if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
-          *reinterpret_cast<float4*>(p) = v;
-          return;
-        }
-        break;
-      }
-      case OutType::bf16: {
-        __nv_bfloat16* p = static_cast<__nv_bfloat16*>(e.out) + i;
-        if (reinterpret_cast<uintptr_t>(p) % 8 == 0) {
-          const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
-          const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
-          *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
-                                                    *reinterpret_cast<const uint32_t*>(&hi));
-          return;
-        }
-        break;
-      }
-      case OutType::f16: {
-        __half* p = static_cast<__half*>(e.out) + i;
-        if (reinterpret_cast<uintptr_t>(p) % 8 == 0) {
-          const __half2 lo = __floats2half2_rn(v.x, v.y);
-          const __half2 hi = __floats2half2_rn(v.z, v.w);
-          *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
-                                                    *reinterpret_cast<const uint32_t*>(&hi));
-          return;
-        }
-        break;
-      }
+      case OutType::f32:
+        *static_cast<float4*>(p) = v;
+        return;
+      case OutType::bf16:
+        *static_cast<uint2*>(p) =
+            packed_pairs(__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w));
+        return;
+      case OutType::f16:
+        *static_cast<uint2*>(p) =
+            packed_pairs(__floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w));
+        return;
     }
   }
   store_pair(e, row, col, n, v.x, v.y);
