@@ -286,14 +286,16 @@ bool outputs_agree(const GemmCase& c, const Tensor& out, const Tensor& ref) {
   return pass;
 }
 
+// Every activation-scale layout of the contract.
+constexpr ScaleLayout kLayouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
+                                    ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
+
 GemmCase random_case(std::mt19937_64& rng, int64_t m, int64_t n, int64_t k) {
   GemmCase c;
   c.m = m;
   c.n = n;
   c.k = k;
-  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
-                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
-  c.layout = layouts[rng() % 4];
+  c.layout = kLayouts[rng() % 4];
   c.b_scale_dtype = rng() % 2 ? DType::bf16 : DType::f32;
   c.b_scales_transposed = rng() % 3 == 0;
   const DType outs[] = {DType::f32, DType::bf16, DType::f16};
@@ -618,14 +620,12 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
                                                       {513, 1152, 384},
                                                       {200, 130, 128},
                                                       {1024, 640, 7168}}};
-  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
-                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
   int copied = 0, paired = 0;
   for (size_t shape = 0; shape < shapes.size(); ++shape) {
     const auto& s = shapes[shape];
     for (size_t l = 0; l < 4; ++l) {
       GemmCase c = random_case(rng, s[0], s[1], s[2]);
-      c.layout = layouts[l];
+      c.layout = kLayouts[l];
       const Buffers host = make_host_buffers(c);
       const bool check_reference = l == shape % 4;
       std::future<Tensor> ref;
@@ -683,11 +683,9 @@ TEST(Sm90BlockFp8Gemm, TilesSplitKAgreesWithReference) {
   // k-blocks 32, 56, 16 (partial), 24 (partial), 8: splits allowed up to 4, 4, 2, 3, 1.
   const std::array<std::array<int64_t, 3>, 5> shapes{
       {{200, 384, 4096}, {256, 640, 7168}, {300, 130, 2000}, {129, 1152, 3000}, {256, 256, 1024}}};
-  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
-                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
   int split_runs = 0;
   for (const auto& s : shapes) {
-    for (const ScaleLayout layout : layouts) {
+    for (const ScaleLayout layout : kLayouts) {
       GemmCase c = random_case(rng, s[0], s[1], s[2]);
       c.layout = layout;
       const Buffers host = make_host_buffers(c);
