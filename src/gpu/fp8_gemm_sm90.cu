@@ -247,6 +247,7 @@ struct Plan {
   bool pair = false;             // tiles: clusters of two CTAs sharing B tiles (splits = 2)
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
+  int tile_promotion = 2;        // tiles: the A and B maps' L2 promotion (as weight_promotion)
   dim3 grid;
   size_t shared_bytes = 0;
 };
@@ -579,6 +580,11 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
     plan.tiles_split = tiles_split_for(p, tiles_m * tiles_n, device_index);
   plan.splits = plan.pair ? 2 : plan.tiles_split;
   plan.tiles_kernel = tiles_kernel_for(plan);
+  // A and B tiles with 128-byte L2 promotion: each box row is 128 bytes of a K-byte row, and the
+  // 256-byte default cost 2-7 % at M = 256..1024 (H200, session 17: M=256 N=7168 K=2048 12.3 ->
+  // 11.4 us). MOEKIT_SM90_TILES_PROMOTION=0..3 forces none, 64, 128 or 256 bytes (timing knob).
+  const int promotion = env::integer("MOEKIT_SM90_TILES_PROMOTION", -1);
+  if (promotion >= 0 && promotion <= 3) plan.tile_promotion = promotion;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
   plan.shared_bytes = tiles::kSharedBytes;
   return plan;
@@ -707,7 +713,9 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
   char text[300];
-  char early[40] = "", split[48] = "";
+  char early[40] = "", split[48] = "", promotion[32] = "no L2 promotion";
+  if (plan.tile_promotion > 0)
+    std::snprintf(promotion, sizeof promotion, "%d-byte L2 promotion", 32 << plan.tile_promotion);
   if (plan.tiles_split > 1)
     std::snprintf(split, sizeof split, ", K split %d ways (cluster)", plan.tiles_split);
   if (plan.early_weights)
@@ -724,11 +732,13 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
-    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s%s", plan.grid.x,
-                  plan.shared_bytes, plan.pair ? ", pairs sharing B tiles (cluster of 2)" : "",
-                  split, plan.overlap ? ", two fragments take turns" : "",
+    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s%s, %s",
+                  plan.grid.x, plan.shared_bytes,
+                  plan.pair ? ", pairs sharing B tiles (cluster of 2)" : "", split,
+                  plan.overlap ? ", two fragments take turns" : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
-                                                             : ", scales copied with the tiles");
+                                                             : ", scales copied with the tiles",
+                  promotion);
   return text;
 }
 
@@ -752,9 +762,10 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     launch(plan, plan.kernel, p.stream, device, first, second, args);
     return;
   }
-  first = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM);
+  first =
+      make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM, plan.tile_promotion);
   second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0),
-                         plan.pair ? tiles::kBlockN / 2 : tiles::kBlockN);
+                         plan.pair ? tiles::kBlockN / 2 : tiles::kBlockN, plan.tile_promotion);
   args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, tiles::kBlockM));
   args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, tiles::kBlockN));
   args.splits = plan.tiles_split;

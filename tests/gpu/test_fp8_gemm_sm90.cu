@@ -495,9 +495,9 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   EXPECT_TRUE(has(short_range, "scales copied") && !has(short_range, "pairs") &&
               !has(short_range, "K split"))
       << short_range;
-  // 112 tiles: a split would take two waves.
+  // 112 tiles: a split would take two waves. A and B tiles with 128-byte L2 promotion (session 17).
   const std::string near_full = plan_of(256, 7168, 2048);
-  EXPECT_TRUE(!has(near_full, "K split")) << near_full;
+  EXPECT_TRUE(!has(near_full, "K split") && has(near_full, "128-byte L2 promotion")) << near_full;
   const std::string odd = plan_of(300, 4096, 4224);  // 33 k-blocks: 132-byte scale rows
   EXPECT_TRUE(has(odd, "scales from the scale warps")) << odd;
   const std::string batch = plan_of(64, 4096, 7168);
