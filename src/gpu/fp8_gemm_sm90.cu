@@ -771,6 +771,9 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
   args.splits = plan.tiles_split;
   args.b_scale_k_inner = plan.b_scale_k_inner;
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
+#ifdef MOEKIT_FP8_TRACE
+  args.tiles_ablation = env::integer("MOEKIT_SM90_TILES_ABLATE", 0);
+#endif
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner);
   launch(plan, plan.tiles_kernel, p.stream, device, first, second, args, maps);
 }

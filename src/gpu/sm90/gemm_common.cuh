@@ -70,6 +70,9 @@ struct GemmArgs {
   // 16 bytes holds b_scale_lanes elements along k-blocks (b_scale_k_inner) or along N blocks.
   bool b_scale_k_inner;
   int b_scale_lanes;
+#ifdef MOEKIT_FP8_TRACE
+  int tiles_ablation;  // diagnosis builds: see tiles::ablation
+#endif
 };
 
 // Tiles kernel: tensor maps of the activation and weight scales (used where the kernel copies the

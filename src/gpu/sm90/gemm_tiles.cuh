@@ -50,6 +50,16 @@ constexpr int kStagedStride = kBlockN + 8;
 static_assert(kBlockM * kStagedStride * 4 <= kStages * kStageBytes,
               "the staged tile fits the ring");
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
+// Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
+// the consumers only wait for each stage and release it (no wgmma, no promotion: the output is
+// wrong); 2, as 1 without the B tiles; 3, as 1 without the A tiles. Session 17 (H200): at M=4096
+// N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 712-755.
+enum Ablation : int { kCopiesOnly = 1, kCopiesOfA = 2, kCopiesOfB = 3 };
+#ifdef MOEKIT_FP8_TRACE
+__device__ inline int ablation(const GemmArgs& args) { return args.tiles_ablation; }
+#else
+__device__ constexpr int ablation(const GemmArgs&) { return 0; }
+#endif
 #if MOEKIT_SM90A
 constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale products
 // The scale warps keep 12 loads in flight (with 40 registers they spill).
@@ -200,10 +210,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool opens_box =
             kScaleFeed == ScaleFeed::a_k_inner &&
             (((word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0)) || (kSplit && i == 0));
-        sm90::mbarrier_arrive_expect_tx(bar, kStageBytes + (kCopiedScales ? kScaleCopyBytes : 0) +
-                                                 (opens_box ? kScaleABoxBytes : 0));
-        sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
-        if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
+        const int ablated = ablation(args);
+        sm90::mbarrier_arrive_expect_tx(
+            bar, kStageBytes - (ablated >= kCopiesOfA ? kTileBytes : 0) +
+                     (kCopiedScales ? kScaleCopyBytes : 0) + (opens_box ? kScaleABoxBytes : 0));
+        if (ablated != kCopiesOfB) sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+        if (ablated == kCopiesOfA) {
+        } else if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
           const int half = static_cast<int>(rank) * (kBlockN / 2);
           sm90::tma_load_2d_multicast(stage + kTileBytes + half * kBlockK, &b_map, bar,
                                       kb * kBlockK, n0 + half, 0x3);
@@ -341,7 +354,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (i < kb_count) promote_tile_fragment(acc, fragment, factors.x, factors.y);
     };
     static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
-    for (int i = 0; i < slots; i += kOverlapGroup) {
+    const bool copies_only = ablation(args) != 0;
+    for (int i = 0; copies_only && i < slots; ++i, ring.advance()) {
+      sm90::mbarrier_wait(&full[ring.stage], ring.phase);
+      release(ring.stage);
+    }
+    for (int i = 0; !copies_only && i < slots; i += kOverlapGroup) {
       const int kb = kb_begin + i;
       issue(part, stage1, factors1, kb);
       issue(part2, stage2, factors2, kb + 1);
