@@ -429,8 +429,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if constexpr (kSplit) {
     // All of this thread's reads first (at most 8 rows of up to 4 ranks), so that their latencies
-    // overlap. The sums go back over the thread's own staged rows (no other thread reads them: the
-    // other ranks read only the rows they own), so the stores below are the unsplit loop's.
+    // overlap; once they are done the other CTAs may leave, while this one stores.
     constexpr int kMaxRows = kBlockM / 2 / (4 * kConsumers);
     float4 sums[kMaxRows];
 #pragma unroll
@@ -448,21 +447,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         sums[i].w += u.w;
       }
     }
+    sm90::cluster_arrive();
 #pragma unroll
     for (int i = 0; i < kMaxRows; ++i) {
-      if (first + i * step >= last) break;
-      *reinterpret_cast<float4*>(staged + (first + i * step) * kStagedStride + 4 * lane) = sums[i];
+      const int r = first + i * step;
+      if (r >= last || m0 + r >= args.m) break;
+      store_quad(e, m0 + r, col, args.n,
+                 make_float4(sums[i].x + bias.x, sums[i].y + bias.y, sums[i].z + bias.z,
+                             sums[i].w + bias.w));
     }
-    sm90::cluster_arrive();  // this CTA's reads are done: the others may leave once all say so
-  }
+    sm90::cluster_wait();  // no CTA leaves while the others may still read its rows
+  } else {
 #pragma unroll 2
-  for (int r = first; r < last; r += step) {
-    if (m0 + r >= args.m) break;
-    const float4 v = *reinterpret_cast<const float4*>(staged + r * kStagedStride + 4 * lane);
-    store_quad(e, m0 + r, col, args.n,
-               make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w));
+    for (int r = first; r < last; r += step) {
+      if (m0 + r >= args.m) break;
+      const float4 v = *reinterpret_cast<const float4*>(staged + r * kStagedStride + 4 * lane);
+      store_quad(e, m0 + r, col, args.n,
+                 make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w));
+    }
   }
-  if constexpr (kSplit) sm90::cluster_wait();  // no CTA leaves while the others may still read it
   if constexpr (kPair) sm90::cluster_wait();
 #else
   (void)a_map;
