@@ -53,7 +53,7 @@ constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumer
 // Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
 // the consumers only wait for each stage and release it (no wgmma, no promotion: the output is
 // wrong); 2, as 1 without the B tiles; 3, as 1 without the A tiles. Session 17 (H200): at M=4096
-// N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 712-755.
+// N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 707-790.
 enum Ablation : int { kCopiesOnly = 1, kCopiesOfA = 2, kCopiesOfB = 3 };
 #ifdef MOEKIT_FP8_TRACE
 __device__ inline int ablation(const GemmArgs& args) { return args.tiles_ablation; }
@@ -215,13 +215,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             bar, kStageBytes - (ablated >= kCopiesOfA ? kTileBytes : 0) +
                      (kCopiedScales ? kScaleCopyBytes : 0) + (opens_box ? kScaleABoxBytes : 0));
         if (ablated != kCopiesOfB) sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
-        if (ablated == kCopiesOfA) {
-        } else if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
-          const int half = static_cast<int>(rank) * (kBlockN / 2);
-          sm90::tma_load_2d_multicast(stage + kTileBytes + half * kBlockK, &b_map, bar,
-                                      kb * kBlockK, n0 + half, 0x3);
-        } else {
-          sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+        if (ablated != kCopiesOfA) {
+          if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
+            const int half = static_cast<int>(rank) * (kBlockN / 2);
+            sm90::tma_load_2d_multicast(stage + kTileBytes + half * kBlockK, &b_map, bar,
+                                        kb * kBlockK, n0 + half, 0x3);
+          } else {
+            sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+          }
         }
         if constexpr (kCopiedScales) {
           // The boxes' first element: 16-byte boxes start at a multiple of their element count.
