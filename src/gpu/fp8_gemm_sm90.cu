@@ -119,6 +119,31 @@ CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int6
   return map;
 }
 
+#ifdef MOEKIT_FP8_TRACE
+// Diagnosis builds, MOEKIT_SM90_TILES_ABLATE=5: make_tile_map's matrix as a 3-D view (128 bytes,
+// rows, k-blocks) whose boxes hold two k-blocks' tiles, one after the other.
+CUtensorMap make_pair_tile_map(const void* base, int64_t rows, int64_t cols, int64_t row_stride,
+                               int box_rows, int l2_promotion) {
+  const CUtensorMapL2promotion promotions[4] = {
+      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B};
+  CUtensorMap map{};
+  const cuuint64_t dims[3] = {kBlockK, static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(cols / kBlockK)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_stride), kBlockK};
+  const cuuint32_t box[3] = {kBlockK, static_cast<cuuint32_t>(box_rows), 2};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult status = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      promotions[l2_promotion], CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    fail(kOp, "paired tile map", "CUresult " + std::to_string(status),
+         "cuTensorMapEncodeTiled failed");
+  return map;
+}
+#endif
+
 // A [outer, inner] matrix of 2- or 4-byte elements read in unswizzled boxes of box_inner x
 // box_outer (box_inner x element = 16 bytes); out-of-bounds elements read as zeros.
 CUtensorMap make_scale_map(const char* name, const void* base, int element_bytes, int64_t inner,
@@ -773,6 +798,16 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
 #ifdef MOEKIT_FP8_TRACE
   args.tiles_ablation = env::integer("MOEKIT_SM90_TILES_ABLATE", 0);
+  if (args.tiles_ablation == tiles::kPairedCopies) {
+    if (plan.pair || p.k_blocks % 2 != 0 || p.k % kBlockK != 0)
+      fail(kOp, "MOEKIT_SM90_TILES_ABLATE", "5",
+           "two k-blocks per copy need an even k-block count, K a multiple of 128 and no pairs "
+           "of CTAs (MOEKIT_SM90_TILES_PAIR=0)");
+    first = make_pair_tile_map(p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM,
+                               plan.tile_promotion);
+    second = make_pair_tile_map(p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN,
+                                plan.tile_promotion);
+  }
 #endif
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner);
   launch(plan, plan.tiles_kernel, p.stream, device, first, second, args, maps);

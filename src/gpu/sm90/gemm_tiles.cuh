@@ -52,9 +52,17 @@ static_assert(kBlockM * kStagedStride * 4 <= kStages * kStageBytes,
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 // Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
 // the consumers only wait for each stage and release it (no wgmma, no promotion: the output is
-// wrong); 2, as 1 without the B tiles; 3, as 1 without the A tiles. Session 17 (H200): at M=4096
-// N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 707-790.
-enum Ablation : int { kCopiesOnly = 1, kCopiesOfA = 2, kCopiesOfB = 3 };
+// wrong); 2, as 1 without the B tiles; 3, as 1 without the A tiles; 4, as 1 without the scales;
+// 5, as 4 with two k-blocks per copy (3-D tensor maps: one box of A's two tiles into a stage pair's
+// first stage, one of B's into its second; even k-block counts, no pairs of CTAs). Session 17
+// (H200): at M=4096 N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 707-790.
+enum Ablation : int {
+  kCopiesOnly = 1,
+  kCopiesOfA = 2,
+  kCopiesOfB = 3,
+  kCopiesNoScales = 4,
+  kPairedCopies = 5
+};
 #ifdef MOEKIT_FP8_TRACE
 __device__ inline int ablation(const GemmArgs& args) { return args.tiles_ablation; }
 #else
@@ -189,7 +197,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::prefetch_tensor_map(&scale_maps.a);
         sm90::prefetch_tensor_map(&scale_maps.b);
       }
-      for (int kb = kb_begin; kb < kb_begin + min(kb_count, kStages); ++kb) {
+      for (int kb = kb_begin;
+           ablation(args) != kPairedCopies && kb < kb_begin + min(kb_count, kStages); ++kb) {
         sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
         sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0 + static_cast<int>(rank) * (kBlockN / 2));
       }
@@ -211,9 +220,23 @@ __global__ void __launch_bounds__(kThreads, 1)
             kScaleFeed == ScaleFeed::a_k_inner &&
             (((word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0)) || (kSplit && i == 0));
         const int ablated = ablation(args);
+        if constexpr (!kPair) {
+          if (ablated == kPairedCopies) {  // a stage pair (even, odd): one A and one B copy
+            if (i % 2 == 0) {
+              uint64_t* next = &full[ring.stage + 1];
+              sm90::mbarrier_wait(&empty[ring.stage + 1], ring.phase ^ 1);
+              sm90::mbarrier_arrive_expect_tx(bar, kStageBytes);
+              sm90::tma_load_3d(stage, &a_map, bar, 0, m0, kb);
+              sm90::mbarrier_arrive_expect_tx(next, kStageBytes);
+              sm90::tma_load_3d(stage + kStageBytes, &b_map, next, 0, n0, kb);
+            }
+            continue;
+          }
+        }
+        const bool scales_copied = kCopiedScales && ablated < kCopiesNoScales;
         sm90::mbarrier_arrive_expect_tx(
-            bar, kStageBytes - (ablated >= kCopiesOfA ? kTileBytes : 0) +
-                     (kCopiedScales ? kScaleCopyBytes : 0) + (opens_box ? kScaleABoxBytes : 0));
+            bar, kStageBytes - (ablated == kCopiesOfA || ablated == kCopiesOfB ? kTileBytes : 0) +
+                     (scales_copied ? kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0) : 0));
         if (ablated != kCopiesOfB) sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
         if (ablated != kCopiesOfA) {
           if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
@@ -224,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
           }
         }
-        if constexpr (kCopiedScales) {
+        if (kCopiedScales && scales_copied) {
           // The boxes' first element: 16-byte boxes start at a multiple of their element count.
           float* region = scales + ring.stage * kScaleFloats;
           if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
