@@ -140,7 +140,8 @@ __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup,
       }
       sm90::mbarrier_arrive_expect_tx(&copied[slot], kCopyBytes);
       for (int chunk = 0; chunk < kCopyBytes; chunk += kChunk) {
-        const size_t at = (per_cta + static_cast<size_t>(kb) * kCopyBytes + chunk) % kCopySource;
+        const size_t at = (per_cta + static_cast<size_t>(kb) * kCopyBytes + chunk) / kChunk %
+                          (kCopySource / kChunk) * kChunk;  // whole chunks inside the source
         sm90::bulk_load(ring + slot * kCopyBytes + chunk, source + at, kChunk, &copied[slot]);
       }
     }
