@@ -35,6 +35,6 @@ status=0
 for shape in "N=7168 K=16384:4096" "N=4096 K=7168:1024" "N=4096 K=7168:256" "N=7168 K=2048:256"; do
   python3 scripts/bench_ab.py --rounds "$ROUNDS" --bin "$BIN" "${VARIANTS[@]}" -- \
     bench --op gemm --backend gpu --model "${shape%%:*}" --tokens "${shape##*:}" |
-    grep -A4 "| gpu.sm90" || status=1
+    grep -A4 "| gpu.sm90\|^failed" || status=1
 done
 exit $status
