@@ -51,7 +51,7 @@ constexpr int kWarpgroup = 128;
 constexpr int kBlockK = 128;               // bytes of K per k-block
 constexpr int kATileBytes = 64 * kBlockK;  // one warpgroup's 64 rows
 
-constexpr int kCopySlots = 4;                     // copies rows: the ring the extra warp writes
+constexpr int kCopySlots = 4;                     // copies rows: the producer's ring
 constexpr size_t kCopySource = size_t{32} << 20;  // bytes the copies read (L2-resident)
 
 // The A tiles and the B tile, then (copies rows) the copy ring and its barriers.
@@ -93,7 +93,8 @@ __device__ __forceinline__ void add_into(float (&acc)[N / 2], float (&part)[N / 
 #endif
 
 // out[CTA][thread][i]: the thread's accumulators; clock[0..1]: CTA 0's SM cycles and nanoseconds.
-// kCopyBytes > 0: one more warp copies that many bytes of `source` per k-block (see the top).
+// kCopyBytes > 0: a producer warpgroup copies that many bytes of `source` per k-block (see the
+// top).
 template <int N, int kGroups, int kMode, int kCopyBytes = 0>
 __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup, 1)
     rate_kernel(int iterations, float scale, float* out, unsigned long long* clock,
@@ -123,10 +124,8 @@ __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup,
   // Copies rows: the consumers' registers, the most that fits beside a 24- or 40-register producer
   // warpgroup (the tiles kernel's 232 / 40 for two consumer warpgroups).
   constexpr int kProducerRegisters = kGroups > 2 ? 24 : 40;
-  constexpr int kConsumerRegisters =
-      (65536 / kWarpgroup - kProducerRegisters) / kGroups / 8 * 8 > 232
-          ? 232
-          : (65536 / kWarpgroup - kProducerRegisters) / kGroups / 8 * 8;
+  constexpr int kFitting = (65536 / kWarpgroup - kProducerRegisters) / kGroups / 8 * 8;
+  constexpr int kConsumerRegisters = kFitting < 232 ? kFitting : 232;
   if (kCopyBytes && static_cast<int>(threadIdx.x) >= kGroups * kWarpgroup) {
     sm90::registers_shrink<kProducerRegisters>();
     if (threadIdx.x != kGroups * kWarpgroup) return;
@@ -221,7 +220,7 @@ __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup,
 
 struct Row {
   int n, groups, mode;
-  int copy_bytes = 0;  // per k-block, by the extra warp
+  int copy_bytes = 0;  // per k-block, by the producer warpgroup
 };
 using RateKernel = void (*)(int, float, float*, unsigned long long*, const uint8_t*);
 
@@ -237,7 +236,7 @@ void run_row(const Row& row, RateKernel kernel, int sms, int iterations, float* 
                           static_cast<int>(shared)));
   const dim3 grid(static_cast<unsigned>(sms)),
       block(static_cast<unsigned>((row.groups + (row.copy_bytes ? 1 : 0)) * kWarpgroup));
-  // The consumer threads' accumulators (the copy warp writes none).
+  // The consumer threads' accumulators (the producer writes none).
   const size_t values = static_cast<size_t>(sms) * row.groups * kWarpgroup * (row.n / 2);
   CK(cudaMemset(out, 0, values * sizeof(float)));
   const int checked = row.mode == accumulate ? std::min(iterations, 128) : iterations;

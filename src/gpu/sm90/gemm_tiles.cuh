@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
           }
         }
-        if (kCopiedScales && scales_copied) {
+        if (scales_copied) {
           // The boxes' first element: 16-byte boxes start at a multiple of their element count.
           float* region = scales + ring.stage * kScaleFloats;
           if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
