@@ -10,13 +10,13 @@
 //   two         two fragments taking turns, k-block i + 1's wgmma during i's promotion (after).
 // Rows with "copies" add the tiles kernel's copy pipeline (session 17): a producer warpgroup (one
 // thread of it copying, registers moved to the consumers with setmaxnreg as in the tiles kernel)
-// streams that many bytes per k-block from an L2-resident buffer into a ring of 4 slots of its own
-// (bulk copies of 8 or 16 KB); the consumers wait for k-block kb's copy before its wgmma and arrive
-// on its slot after its promotion, as the tiles kernel's full and empty barriers do. The wgmma
-// still read their fixed tiles. Per k-block the tiles kernel writes 32 KB into shared memory and
-// its wgmma read 48 KB: at 128 bytes per clock that is 640 cycles, 80 % of the fp8 rate, which is
-// where cuBLASLt's kernel of that shape runs. These rows tell whether the copies cost the tensor
-// work that much.
+// streams that many bytes per k-block from an L2-resident buffer into a ring of its own (bulk
+// copies of 8 to 32 KB); the consumers wait for k-block kb's copy before its wgmma and arrive on
+// its slot after its promotion, as the tiles kernel's full and empty barriers do. The wgmma still
+// read their fixed tiles. "copies only" rows (session 18) run the same pipeline with no wgmma: the
+// copies' own rate. Session 18 (H200): 32 KB per k-block stream at 8.5-9.3 TB/s with or without
+// the wgmma beside them, and a k-block with both takes as long as the slower of the two, so the
+// copies do not take shared-memory bandwidth from the tensor work (docs/perf/fp8-gpu-sm90.md).
 // Both operands are e4m3 1.0, so every product is 1 and every output element must equal 128 x
 // the k-blocks run: each row is verified before it is printed (the accumulate mode over 128
 // k-blocks, see run_row). Constant operands toggle few bits,
@@ -42,25 +42,29 @@ namespace {
 namespace sm90 = moekit::gpu::sm90;
 namespace vendor = moekit::gpu::vendor;
 
-enum Mode : int { accumulate, promote, two };
+// none: copies rows only, the consumers wait for each copy and release it with no wgmma (the
+// copies' own rate; each consumer thread counts its k-blocks into its accumulators instead).
+enum Mode : int { accumulate, promote, two, none };
 const char* mode_name(int mode) {
-  return mode == accumulate ? "accumulate" : mode == promote ? "promote" : "two";
+  return mode == accumulate ? "accumulate"
+         : mode == promote  ? "promote"
+         : mode == two      ? "two"
+                            : "copies only";
 }
 
 constexpr int kWarpgroup = 128;
 constexpr int kBlockK = 128;               // bytes of K per k-block
 constexpr int kATileBytes = 64 * kBlockK;  // one warpgroup's 64 rows
 
-constexpr int kCopySlots = 4;                     // copies rows: the producer's ring
 constexpr size_t kCopySource = size_t{32} << 20;  // bytes the copies read (L2-resident)
 
 // The A tiles and the B tile, then (copies rows) the copy ring and its barriers.
 constexpr size_t operand_bytes(int n, int groups) {
   return static_cast<size_t>(groups) * kATileBytes + static_cast<size_t>(n) * kBlockK;
 }
-constexpr size_t shared_bytes(int n, int groups, int copy_bytes = 0) {
+constexpr size_t shared_bytes(int n, int groups, int copy_bytes = 0, int slots = 0) {
   return 1024 + operand_bytes(n, groups) +
-         (copy_bytes ? static_cast<size_t>(kCopySlots) * copy_bytes + 2 * kCopySlots * 8 : 0);
+         (copy_bytes ? static_cast<size_t>(slots) * copy_bytes + 2 * slots * 8 : 0);
 }
 
 #if MOEKIT_SM90A
@@ -94,15 +98,15 @@ __device__ __forceinline__ void add_into(float (&acc)[N / 2], float (&part)[N / 
 
 // out[CTA][thread][i]: the thread's accumulators; clock[0..1]: CTA 0's SM cycles and nanoseconds.
 // kCopyBytes > 0: a producer warpgroup copies that many bytes of `source` per k-block (see the
-// top).
-template <int N, int kGroups, int kMode, int kCopyBytes = 0>
+// top) into a ring of kCopySlots slots, in bulk copies of kChunk bytes.
+template <int N, int kGroups, int kMode, int kCopyBytes = 0, int kCopySlots = 4, int kChunk = 16384>
 __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup, 1)
     rate_kernel(int iterations, float scale, float* out, unsigned long long* clock,
                 const uint8_t* source) {
 #if MOEKIT_SM90A
   static_assert(kCopyBytes == 0 || kMode != accumulate, "copies pace on promoted k-blocks");
-  constexpr int kChunk = kCopyBytes % 16384 == 0 ? 16384 : 8192;  // bytes per bulk copy
-  static_assert(kCopyBytes % 8192 == 0, "copies go in 8 or 16 KB chunks");
+  static_assert(kCopyBytes > 0 || kMode != none, "copies-only rows copy");
+  static_assert(kCopyBytes % kChunk == 0, "copies go in whole chunks");
   extern __shared__ uint8_t raw[];
   uint8_t* base = raw + (1024 - sm90::shared_address(raw) % 1024) % 1024;
   uint32_t* words = reinterpret_cast<uint32_t*>(base);
@@ -185,6 +189,13 @@ __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup,
       add_into<N>(acc, part, scale);
       consumed_k_block(it);
     }
+  } else if constexpr (kMode == none) {
+    for (int it = 0; it < iterations; ++it) {
+      copy_landed(it);
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) acc[i] += 128.0f;
+      consumed_k_block(it);
+    }
   } else {  // two fragments, in pairs of k-blocks (none in flight across the back edge)
     float part[N / 2], part2[N / 2];
     for (int it = 0; it < iterations; it += 2) {
@@ -220,7 +231,8 @@ __global__ void __launch_bounds__((kGroups + (kCopyBytes ? 1 : 0)) * kWarpgroup,
 
 struct Row {
   int n, groups, mode;
-  int copy_bytes = 0;  // per k-block, by the producer warpgroup
+  int copy_bytes = 0;        // per k-block, by the producer warpgroup
+  int slots = 0, chunk = 0;  // its ring and its bulk copies' size
 };
 using RateKernel = void (*)(int, float, float*, unsigned long long*, const uint8_t*);
 
@@ -231,7 +243,7 @@ using RateKernel = void (*)(int, float, float*, unsigned long long*, const uint8
 // promote into f32 registers.
 void run_row(const Row& row, RateKernel kernel, int sms, int iterations, float* out,
              unsigned long long* clock, const uint8_t* source) {
-  const size_t shared = shared_bytes(row.n, row.groups, row.copy_bytes);
+  const size_t shared = shared_bytes(row.n, row.groups, row.copy_bytes, row.slots);
   CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           static_cast<int>(shared)));
   const dim3 grid(static_cast<unsigned>(sms)),
@@ -267,16 +279,17 @@ void run_row(const Row& row, RateKernel kernel, int sms, int iterations, float* 
   CK(cudaEventDestroy(stop));
 
   const double us = ms[2] * 1e3;
-  const double flops =
-      2.0 * 64 * row.n * kBlockK * static_cast<double>(iterations) * row.groups * sms;
+  const double flops = row.mode == none ? 0.0
+                                        : 2.0 * 64 * row.n * kBlockK *
+                                              static_cast<double>(iterations) * row.groups * sms;
   const double mhz =
       cycles_ns[1] > 0 ? 1e3 * static_cast<double>(cycles_ns[0]) / static_cast<double>(cycles_ns[1])
                        : 0.0;
   const double peak = static_cast<double>(sms) * 8192.0 * mhz * 1e6;  // dense fp8 per SM per clock
   char copies[64] = "";
   if (row.copy_bytes)
-    std::snprintf(copies, sizeof copies, "  + %d KB copies/k-block, %.0f GB/s",
-                  row.copy_bytes / 1024,
+    std::snprintf(copies, sizeof copies, "  + %d KB copies/k-block (%d x %d KB), %.0f GB/s",
+                  row.copy_bytes / 1024, row.slots, row.chunk / 1024,
                   static_cast<double>(row.copy_bytes) * iterations * sms / (us * 1e3));
   std::printf(
       "m64n%-3dk32  %d warpgroups  %-10s  %9.1f us  %7.1f TFLOP/s  %6.0f MHz  %5.1f%%  %s%s\n",
@@ -323,10 +336,21 @@ int main(int argc, char** argv) {
   row({64, 2, two}, rate_kernel<64, 2, two>);
   // The tiles kernel's k-block (128 x 128: 32 KB copied), and a 192 x 128 tile's (three warpgroups
   // of 64 rows, one fragment each: 40 KB copied).
-  row({128, 2, promote, 32768}, rate_kernel<128, 2, promote, 32768>);
-  row({128, 2, two, 32768}, rate_kernel<128, 2, two, 32768>);
+  row({128, 2, promote, 32768, 4, 16384}, rate_kernel<128, 2, promote, 32768>);
+  row({128, 2, two, 32768, 4, 16384}, rate_kernel<128, 2, two, 32768>);
   row({128, 3, promote}, rate_kernel<128, 3, promote>);
-  row({128, 3, promote, 40960}, rate_kernel<128, 3, promote, 40960>);
+  row({128, 3, promote, 40960, 4, 8192}, rate_kernel<128, 3, promote, 40960, 4, 8192>);
+  // Session 18: is it the copies' own rate (L2 -> shared memory) or their share of shared memory
+  // that slows the tensor work? The copies alone, a deeper ring, larger bulk copies, half the
+  // bytes.
+  row({128, 2, none, 32768, 4, 16384}, rate_kernel<128, 2, none, 32768>);
+  row({128, 2, none, 32768, 6, 16384}, rate_kernel<128, 2, none, 32768, 6>);
+  row({128, 2, none, 32768, 6, 32768}, rate_kernel<128, 2, none, 32768, 6, 32768>);
+  row({128, 2, two, 32768, 6, 16384}, rate_kernel<128, 2, two, 32768, 6>);
+  row({128, 2, two, 32768, 6, 32768}, rate_kernel<128, 2, two, 32768, 6, 32768>);
+  row({128, 2, none, 16384, 6, 16384}, rate_kernel<128, 2, none, 16384, 6>);
+  row({128, 2, two, 16384, 6, 16384}, rate_kernel<128, 2, two, 16384, 6>);
+  row({128, 3, none, 40960, 4, 8192}, rate_kernel<128, 3, none, 40960, 4, 8192>);
   CK(cudaFree(out));
   CK(cudaFree(clock));
   CK(cudaFree(source));

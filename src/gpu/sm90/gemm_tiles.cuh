@@ -54,14 +54,22 @@ constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumer
 // the consumers only wait for each stage and release it (no wgmma, no promotion: the output is
 // wrong); 2, as 1 without the B tiles; 3, as 1 without the A tiles; 4, as 1 without the scales;
 // 5, as 4 with two k-blocks per copy (3-D tensor maps: one box of A's two tiles into a stage pair's
-// first stage, one of B's into its second; even k-block counts, no pairs of CTAs). Session 17
-// (H200): at M=4096 N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 707-790.
+// first stage, one of B's into its second; even k-block counts, no pairs of CTAs); 6, the tensor
+// work alone: the producer arrives on each stage without copying anything, so the consumers
+// multiply whatever the ring holds (the output is wrong); 7, the whole kernel without the
+// promotion (the consumers neither read the factors nor scale the products into acc); 8, the whole
+// kernel without the scale copies (the consumers read stale factors). Session 17 (H200): at M=4096
+// N=7168 K=16384 the copies alone took 681 us, cuBLASLt's whole GEMM 707-790; session 18: the
+// tensor work alone 697-717 us.
 enum Ablation : int {
   kCopiesOnly = 1,
   kCopiesOfA = 2,
   kCopiesOfB = 3,
   kCopiesNoScales = 4,
-  kPairedCopies = 5
+  kPairedCopies = 5,
+  kNoCopies = 6,
+  kNoPromotion = 7,
+  kNoScaleCopies = 8
 };
 #ifdef MOEKIT_FP8_TRACE
 __device__ inline int ablation(const GemmArgs& args) { return args.tiles_ablation; }
@@ -207,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < slots; ++i, ring.advance()) {
         sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
         uint64_t* bar = &full[ring.stage];
-        if (i >= kb_count) {
+        if (i >= kb_count || ablation(args) == kNoCopies) {
           sm90::mbarrier_arrive(bar);
           continue;
         }
@@ -233,7 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             continue;
           }
         }
-        const bool scales_copied = kCopiedScales && ablated < kCopiesNoScales;
+        const bool scales_copied =
+            kCopiedScales && ablated < kCopiesNoScales && ablated != kNoScaleCopies;
         sm90::mbarrier_arrive_expect_tx(
             bar, kStageBytes - (ablated == kCopiesOfA || ablated == kCopiesOfB ? kTileBytes : 0) +
                      (scales_copied ? kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0) : 0));
@@ -364,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const auto issue = [&](float(&fragment)[64], int& stage, float2& factors, int kb) {
       stage = ring.stage;
       sm90::mbarrier_wait(&full[stage], ring.phase);
-      factors = stage_factors(stage, kb);
+      if (ablation(args) != kNoPromotion) factors = stage_factors(stage, kb);
       issue_k_block<kBlockN>(fragment, a_half + stage * kStageBytes,
                              stages + stage * kStageBytes + kTileBytes);
       ring.advance();
@@ -375,10 +384,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 64; ++r) sm90::fence_operand(fragment[r]);  // read after the wait
       release(stage);
-      if (i < kb_count) promote_tile_fragment(acc, fragment, factors.x, factors.y);
+      if (i < kb_count && ablation(args) != kNoPromotion)
+        promote_tile_fragment(acc, fragment, factors.x, factors.y);
     };
     static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
-    const bool copies_only = ablation(args) != 0;
+    const bool copies_only = ablation(args) >= kCopiesOnly && ablation(args) <= kPairedCopies;
     for (int i = 0; copies_only && i < slots; ++i, ring.advance()) {
       sm90::mbarrier_wait(&full[ring.stage], ring.phase);
       release(ring.stage);
