@@ -386,17 +386,20 @@ TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
   EXPECT_NE(route.err.find("--implementation"), std::string::npos) << route.err;
 }
 
-// `--data normal`: DeepGEMM's operands (normal values cast per block) instead of uniform ones,
-// still verified against the reference; a different row time is allowed, a failed check is not.
-// Other names and other ops are one-line errors naming --data.
+// `--data normal`: DeepGEMM's operands (normal values cast per block) instead of uniform ones, and
+// `--data ones` (every operand 1.0), still verified against the reference; a different row time is
+// allowed, a failed check is not. Other names and other ops are one-line errors naming --data.
 TEST_F(CliFp8, BenchGemmNormalData) {
-  const Result r = run(
-      "bench --op gemm --backend cpu --threads 1 --json --model Qwen3-30B-A3B --tokens 3 --data "
-      "normal");
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  const nlohmann::json rows = nlohmann::json::parse(r.out);
-  ASSERT_EQ(rows.size(), 1u) << r.out;
-  EXPECT_TRUE(rows[0]["verified"].get<bool>());
+  for (const char* data : {"normal", "ones"}) {
+    const Result r =
+        run(std::string("bench --op gemm --backend cpu --threads 1 --json --model Qwen3-30B-A3B "
+                        "--tokens 3 --data ") +
+            data);
+    ASSERT_EQ(r.exit_code, 0) << data << ": " << r.out << r.err;
+    const nlohmann::json rows = nlohmann::json::parse(r.out);
+    ASSERT_EQ(rows.size(), 1u) << r.out;
+    EXPECT_TRUE(rows[0]["verified"].get<bool>()) << data;
+  }
   for (const char* args : {"bench --op gemm --backend cpu --data weird",
                            "bench --op route --backend cpu --data normal"}) {
     const Result bad = run(args);

@@ -77,13 +77,15 @@ const std::vector<Fp8Shape>& fp8_shapes();
 // as its per_token / per_block casts do, each 1 x 128 group of A and 128 x 128 block of B scaled so
 // that its largest magnitude is 448, the scale amax / 448. The two draw different power from the
 // tensor cores (the bits toggle differently), which moves the clock of a power-capped card.
-enum class Fp8Data { uniform, normal };
+// ones: every operand e4m3 1.0 and every scale 1, so few bits toggle and the card draws less power
+// than on real data (a diagnostic: does a kernel's time depend on its power?).
+enum class Fp8Data { uniform, normal, ones };
 struct Fp8GemmInputs {
   Tensor a, a_scales, b, b_scales;
 };
 Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t seed,
                                    Fp8Data data = Fp8Data::uniform);
-// "uniform" | "normal" (--data); throws naming the option otherwise.
+// "uniform" | "normal" | "ones" (--data); throws naming the option otherwise.
 Fp8Data parse_fp8_data(const std::string& name);
 // Row-major f32 scales [M, G] (host) copied into column-major storage ([G, M], M contiguous): the
 // layout cuBLASLt's VEC128 activation scales need.

@@ -362,6 +362,13 @@ Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t see
                    Tensor::empty(DType::f32, {m, ceil_div(k, kBlock)}),
                    Tensor::empty(DType::f8e4m3, {n, k}),
                    Tensor::empty(DType::f32, {ceil_div(n, kBlock), ceil_div(k, kBlock)})};
+  if (data == Fp8Data::ones) {
+    std::memset(in.a.data(), 0x38, in.a.nbytes());  // e4m3 1.0
+    std::memset(in.b.data(), 0x38, in.b.nbytes());
+    std::fill_n(in.a_scales.data_as<float>(), in.a_scales.numel(), 1.0f);
+    std::fill_n(in.b_scales.data_as<float>(), in.b_scales.numel(), 1.0f);
+    return in;
+  }
   if (data == Fp8Data::normal) {
     fill_normal_blocks(rng, in.a, in.a_scales, 1);
     fill_normal_blocks(rng, in.b, in.b_scales, kBlock);
@@ -377,7 +384,8 @@ Fp8GemmInputs make_fp8_gemm_inputs(int64_t m, int64_t n, int64_t k, uint64_t see
 Fp8Data parse_fp8_data(const std::string& name) {
   if (name == "uniform") return Fp8Data::uniform;
   if (name == "normal") return Fp8Data::normal;
-  fail("bench", "--data", name, "is not uniform or normal");
+  if (name == "ones") return Fp8Data::ones;
+  fail("bench", "--data", name, "is not uniform, normal or ones");
 }
 
 TensorView first_rows(const TensorView& t, int64_t rows) {

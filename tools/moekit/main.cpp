@@ -240,7 +240,8 @@ int main(int argc, char** argv) {
                         "CPU --op gemm: only this implementation (see explain)");
   bench_cmd->add_option("--data", bench.data,
                         "--op gemm operands: uniform (SGLang's tests, default) | normal "
-                        "(DeepGEMM's: normal values, per-block amax cast)");
+                        "(DeepGEMM's: normal values, per-block amax cast) | ones (all 1.0: "
+                        "a power diagnostic)");
 
   CLI::App* explain_cmd =
       app.add_subcommand("explain", "which route implementation runs, and why the others do not");
