@@ -1057,6 +1057,61 @@ void print_trace(const std::vector<gpu::Sm90TraceRecord>& records, int calls_per
   std::printf("  %-22s %8s %8.0f\n", "next call first entry", "", median_of(next_entry));
 }
 
+// The tiles kernel's ring waits (diagnosis builds, MOEKIT_FP8_TRACE): per CTA, its time and SM
+// clock (entry to exit stamps), the share of it that consumer thread 0 spent waiting for full
+// stages and that the producer thread spent waiting for empty ones. Honours the timing and
+// ablation knobs of the library (e.g. MOEKIT_SM90_TILES_ABLATE=7), so that runs can be compared.
+// Checks that every CTA left a whole record and that no wait exceeds its CTA's time.
+TEST(Sm90BlockFp8Gemm, PrintsTilesRingWaits) {
+  SKIP_WITHOUT_HOPPER();
+  if (!gpu::block_gemm_sm90_trace_built())
+    GTEST_SKIP() << "built without MOEKIT_FP8_TRACE: the tiles kernel records no waits";
+  const gpu::DeviceProperties props = gpu::device_properties(0);
+  std::printf("Tiles ring waits on %s (%d SMs)\n", props.name.c_str(), props.sm_count);
+  std::mt19937_64 rng(23);
+  constexpr int kCalls = 3;
+  for (const TimedShape& s : {TimedShape{4096, 7168, 16384}, TimedShape{1024, 4096, 7168}}) {
+    TimedInputs in = timed_inputs(s, rng());
+    Stream stream;
+    for (BlockGemmProblem& p : in.problems) p.stream = stream.get();
+    gpu::block_fp8_gemm_sm90(in.problems[0]);  // warm-up
+    MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+    gpu::block_gemm_sm90_trace_reset();
+    for (int i = 0; i < kCalls; ++i)
+      gpu::block_fp8_gemm_sm90(in.problems[static_cast<size_t>(i) % in.problems.size()]);
+    MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+    const std::vector<gpu::Sm90TraceRecord> records = gpu::block_gemm_sm90_trace_read();
+    ASSERT_FALSE(records.empty());
+    const uint32_t grid = records[0].grid_ctas;
+    EXPECT_EQ(records.size(), std::min<size_t>(static_cast<size_t>(grid) * kCalls,
+                                               gpu::block_gemm_sm90_trace_capacity()));
+    const int at_entry = static_cast<int>(gpu::Sm90TracePhase::entry);
+    const int at_exit = static_cast<int>(gpu::Sm90TracePhase::exit);
+    const int full = static_cast<int>(gpu::Sm90TracePhase::first_stage_full);
+    const int empty = static_cast<int>(gpu::Sm90TracePhase::last_issued);
+    std::vector<double> us, ghz, full_share, empty_share;
+    for (const gpu::Sm90TraceRecord& r : records) {
+      ASSERT_TRUE(r.time_ns[at_entry] != 0 && r.time_ns[at_exit] > r.time_ns[at_entry]) << r.ticket;
+      ASSERT_EQ(r.time_ns[empty], 1u) << "the producer's wait count is missing, CTA " << r.ticket;
+      const double cycles = static_cast<double>(r.cycles[at_exit] - r.cycles[at_entry]);
+      const double ns = static_cast<double>(r.time_ns[at_exit] - r.time_ns[at_entry]);
+      EXPECT_LE(static_cast<double>(r.cycles[full]), cycles) << r.ticket;
+      EXPECT_LE(static_cast<double>(r.cycles[empty]), cycles) << r.ticket;
+      us.push_back(ns * 1e-3);
+      ghz.push_back(cycles / ns);
+      full_share.push_back(static_cast<double>(r.cycles[full]) / cycles);
+      empty_share.push_back(static_cast<double>(r.cycles[empty]) / cycles);
+    }
+    std::printf(
+        "M=%lld N=%lld K=%lld, %u CTAs x %d calls [%s]\n  per CTA (median): %.2f us at %.3f GHz; "
+        "consumer thread 0 waiting for full stages %.1f %%, producer waiting for empty stages "
+        "%.1f %%\n",
+        static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k), grid,
+        kCalls, gpu::block_gemm_sm90_plan(in.problems[0]).c_str(), median_of(us), median_of(ghz),
+        100.0 * median_of(full_share), 100.0 * median_of(empty_share));
+  }
+}
+
 TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
   SKIP_WITHOUT_HOPPER();
   const bool traced = gpu::block_gemm_sm90_trace_built();

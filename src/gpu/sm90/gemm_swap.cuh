@@ -219,13 +219,15 @@ __device__ __forceinline__ uint32_t trace_enter(TraceCta& cta) {
   return atomicAdd(&trace_ticket, 1u);
 }
 
-// Thread 0, last thing: the exit stamp and the record.
+// Thread 0, last thing: the exit stamp and the record's reached phases (the others stay as the
+// reset left them, or as another thread wrote them: the tiles kernel's producer wait count).
 __device__ __forceinline__ void trace_leave(TraceCta& cta, uint32_t ticket, uint32_t rank) {
   trace_stamp(cta, Sm90TracePhase::exit);
   const volatile TraceCta& v = cta;
   if (ticket >= kTraceCapacity) return;
   Sm90TraceRecord& r = trace_records[ticket];
   for (int p = 0; p < kSm90TracePhases; ++p) {
+    if (v.time_ns[p] == 0) continue;
     r.time_ns[p] = v.time_ns[p];
     r.cycles[p] = v.cycles[p];
   }

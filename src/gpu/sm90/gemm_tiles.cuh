@@ -104,6 +104,18 @@ struct RingPosition {
 #endif
 }  // namespace tiles
 
+// Diagnosis builds: the cycles the tiles kernel's threads spend waiting on its ring, in slots of
+// the CTA's trace record (Sm90TraceRecord; entry and exit are stamped as in the swap kernel):
+// kTilesFullWaits, consumer thread 0's waits for full stages; kTilesEmptyWaits, the producer
+// thread's waits for empty ones. time_ns of a slot holds 1 where it was written.
+#ifdef MOEKIT_FP8_TRACE
+constexpr Sm90TracePhase kTilesFullWaits = Sm90TracePhase::first_stage_full;
+constexpr Sm90TracePhase kTilesEmptyWaits = Sm90TracePhase::last_issued;
+#define MOEKIT_TILES_TRACE(...) __VA_ARGS__
+#else
+#define MOEKIT_TILES_TRACE(...)
+#endif
+
 // Scales from the scale warps: producer warps 1 and 2 multiply each k-block's activation scales
 // (any layout) by its weight scale and put the 128 products beside the stage's tiles, so that a
 // consumer thread reads its two rows' factors with one shared load instead of computing addresses
@@ -167,7 +179,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // so that every path has the same wgmma in flight, and add nothing).
   const int slots = kOverlap ? overlap_slots(kb_count) : kb_count;
 
+  MOEKIT_TILES_TRACE(__shared__ TraceCta trace_cta; __shared__ uint32_t trace_ticket_of_cta;
+                     uint64_t waited = 0);  // this thread's cycles in ring waits
   if (threadIdx.x == 0) {
+    MOEKIT_TILES_TRACE(trace_ticket_of_cta = trace_enter(trace_cta));
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&full[s], kCopiedScales ? 1 : 1 + kScaleWarps * 32);
       // Lane 0 of every consumer warp (of both CTAs in pairs: the stage holds the peer's copy).
@@ -213,7 +228,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       vendor::wait_for_previous_grid();
       RingPosition ring;
       for (int i = 0; i < slots; ++i, ring.advance()) {
+        MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
         sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+        MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start);
         uint64_t* bar = &full[ring.stage];
         if (i >= kb_count || ablation(args) == kNoCopies) {
           sm90::mbarrier_arrive(bar);
@@ -271,6 +288,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                             inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
         }
       }
+      MOEKIT_TILES_TRACE(if (trace_ticket_of_cta < kTraceCapacity) {
+        Sm90TraceRecord& r = trace_records[trace_ticket_of_cta];
+        r.cycles[static_cast<int>(kTilesEmptyWaits)] = waited;
+        r.time_ns[static_cast<int>(kTilesEmptyWaits)] = 1;
+      });
     } else if (!kCopiedScales && producer_warp >= 1 && producer_warp <= kScaleWarps) {
       // Rows r0 and r0 + 64 of the tile; 4 k-blocks' loads in flight at a time.
       const int r0 = (producer_warp - 1) * 32 + static_cast<int>(threadIdx.x) % 32;
@@ -372,7 +394,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float2 factors1{}, factors2{};
     const auto issue = [&](float(&fragment)[64], int& stage, float2& factors, int kb) {
       stage = ring.stage;
+      MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
       sm90::mbarrier_wait(&full[stage], ring.phase);
+      MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start);
       if (ablation(args) != kNoPromotion) factors = stage_factors(stage, kb);
       issue_k_block<kBlockN>(fragment, a_half + stage * kStageBytes,
                              stages + stage * kStageBytes + kTileBytes);
@@ -501,6 +525,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   if constexpr (kPair) sm90::cluster_wait();
+  MOEKIT_TILES_TRACE(if (threadIdx.x == 0) {
+    volatile TraceCta& v = trace_cta;
+    v.cycles[static_cast<int>(kTilesFullWaits)] = waited;
+    v.time_ns[static_cast<int>(kTilesFullWaits)] = 1;
+    trace_leave(trace_cta, trace_ticket_of_cta, rank);
+  });
 #else
   (void)a_map;
   (void)b_map;
