@@ -34,6 +34,11 @@ enum class Sm90TracePhase : int {
   count
 };
 inline constexpr int kSm90TracePhases = static_cast<int>(Sm90TracePhase::count);
+// The tiles kernel's records (entry and exit stamped as above) keep ring-wait cycle counts in two
+// of these slots, time_ns 1 where written: consumer thread 0's waits for full stages, and the
+// producer thread's waits for empty ones.
+inline constexpr Sm90TracePhase kTilesFullWaits = Sm90TracePhase::first_stage_full;
+inline constexpr Sm90TracePhase kTilesEmptyWaits = Sm90TracePhase::last_issued;
 
 struct Sm90TraceRecord {
   uint64_t time_ns[kSm90TracePhases];  // %globaltimer (device-wide), 0: phase not reached

@@ -1087,8 +1087,8 @@ TEST(Sm90BlockFp8Gemm, PrintsTilesRingWaits) {
                                                gpu::block_gemm_sm90_trace_capacity()));
     const int at_entry = static_cast<int>(gpu::Sm90TracePhase::entry);
     const int at_exit = static_cast<int>(gpu::Sm90TracePhase::exit);
-    const int full = static_cast<int>(gpu::Sm90TracePhase::first_stage_full);
-    const int empty = static_cast<int>(gpu::Sm90TracePhase::last_issued);
+    const int full = static_cast<int>(gpu::kTilesFullWaits);
+    const int empty = static_cast<int>(gpu::kTilesEmptyWaits);
     std::vector<double> us, ghz, full_share, empty_share;
     for (const gpu::Sm90TraceRecord& r : records) {
       ASSERT_TRUE(r.time_ns[at_entry] != 0 && r.time_ns[at_exit] > r.time_ns[at_entry]) << r.ticket;

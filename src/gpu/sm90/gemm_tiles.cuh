@@ -104,13 +104,9 @@ struct RingPosition {
 #endif
 }  // namespace tiles
 
-// Diagnosis builds: the cycles the tiles kernel's threads spend waiting on its ring, in slots of
-// the CTA's trace record (Sm90TraceRecord; entry and exit are stamped as in the swap kernel):
-// kTilesFullWaits, consumer thread 0's waits for full stages; kTilesEmptyWaits, the producer
-// thread's waits for empty ones. time_ns of a slot holds 1 where it was written.
+// Diagnosis builds: the cycles the tiles kernel's threads spend waiting on its ring, in the slots
+// kTilesFullWaits and kTilesEmptyWaits of the CTA's trace record (fp8_gemm_sm90.h).
 #ifdef MOEKIT_FP8_TRACE
-constexpr Sm90TracePhase kTilesFullWaits = Sm90TracePhase::first_stage_full;
-constexpr Sm90TracePhase kTilesEmptyWaits = Sm90TracePhase::last_issued;
 #define MOEKIT_TILES_TRACE(...) __VA_ARGS__
 #else
 #define MOEKIT_TILES_TRACE(...)
