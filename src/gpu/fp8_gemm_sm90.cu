@@ -264,6 +264,7 @@ struct Plan {
   bool early_weights = false;
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
+  bool bulk_stores = false;         // swap: rank 0's out tile through shared memory and bulk copies
   int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
   int weight_promotion = 0;         // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
@@ -341,7 +342,9 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // MOEKIT_SM90_CORESIDENT and MOEKIT_SM90_SPLIT3 (clusters of 3, see plan_swap) = 0 or 1,
 // MOEKIT_SM90_EARLY_TILES=n (n > 0: at most n weight tiles before the wait, the rest of the ring
 // after the token tiles; session 8), MOEKIT_SM90_W_PROMOTION=0..3 (the weight map's L2
-// promotion: none, 64, 128, 256 bytes; session 11).
+// promotion: none, 64, 128, 256 bytes; session 11), MOEKIT_SM90_BULK_STORES = 0 or 1 (rank 0's out
+// tile through shared memory and bulk copies; session 19). Diagnosis builds (MOEKIT_FP8_TRACE) also
+// read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales not loaded, 2 no stores; wrong outputs).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -350,6 +353,7 @@ struct SwapOverrides {
   int odd_splits = -1;                                       // -1: the planner's
   int early_tiles = 0;                                       // 0: every stage's
   int weight_promotion = -1;                                 // -1: the planner's
+  int bulk_stores = -1;                                      // -1: the planner's
 };
 
 // Read at every plan, not once: the GPU tests set them per scope.
@@ -362,6 +366,7 @@ SwapOverrides swap_overrides() {
   o.odd_splits = env::integer("MOEKIT_SM90_SPLIT3", o.odd_splits);
   o.early_tiles = env::integer("MOEKIT_SM90_EARLY_TILES", o.early_tiles);
   o.weight_promotion = env::integer("MOEKIT_SM90_W_PROMOTION", o.weight_promotion);
+  o.bulk_stores = env::integer("MOEKIT_SM90_BULK_STORES", o.bulk_stores);
   return o;
 }
 
@@ -387,6 +392,7 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
     int late_stages;
     size_t (*shared_bytes)(int, int, size_t);
     size_t (*inbox_bytes)(int);
+    bool (*staging_fits)(int, int);
   };
   constexpr bool kSmall = kTokens <= 16;  // the widths measured faster with two CTAs per SM
   KernelFn co_resident_128 = nullptr, co_resident_64 = nullptr;
@@ -398,9 +404,10 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   using Rows64 = Swap<kTokens, 64, kQuantizeX>;
   const Variant variants[] = {
       {gemm_swap_kernel<kTokens, 128, false, kQuantizeX>, co_resident_128, 128,
-       Rows128::min_stages(), Rows128::kLateStages, Rows128::shared_bytes, Rows128::inbox_bytes},
+       Rows128::min_stages(), Rows128::kLateStages, Rows128::shared_bytes, Rows128::inbox_bytes,
+       Rows128::staging_fits},
       {gemm_swap_kernel<kTokens, 64, false, kQuantizeX>, co_resident_64, 64, Rows64::min_stages(),
-       Rows64::kLateStages, Rows64::shared_bytes, Rows64::inbox_bytes}};
+       Rows64::kLateStages, Rows64::shared_bytes, Rows64::inbox_bytes, Rows64::staging_fits}};
   const SwapOverrides overrides = swap_overrides();
   // Early weight loads only where the caller promises the previous kernel does not write B
   // (OpOptions::static_weights; the linear layer always can): else a load issued before
@@ -473,6 +480,16 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   }
   if (!found) return false;
   plan.early_weights = early;
+  // Rank 0's out tile through shared memory and bulk copies, where the rows are 16-byte aligned
+  // and the ring holds the staged tile, for token tiles of 32 or more (H200, moekit bench, three
+  // rounds: M=64 N=4096 K=7168 13.11 -> 12.91 us; M = 1..16 and N=7168 K=2048 M=1 within -0.05 ..
+  // +0.09 us: left out; fp8-gpu-sm90.md, session 19). MOEKIT_SM90_BULK_STORES=0 or 1 forces it.
+  const int element = static_cast<int>(dtype_size(p.out.dtype()));
+  const int bulk = overrides.bulk_stores;
+  plan.bulk_stores = (bulk >= 0 ? bulk != 0 : kTokens >= 32) &&
+                     reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
+                     p.out.stride(0) * element % 16 == 0 && p.n * element % 16 == 0 &&
+                     chosen->staging_fits(plan.stages, element);
   // 64-token tiles: 8 of the ring's 12 weight tiles before the wait, so that the token tiles
   // issued after it queue behind fewer weight bytes (H200, M=64 N=4096 K=7168, moekit bench, 3
   // interleaved rounds: 13.10-13.12 vs 13.15-13.22 us; a small gain, see fp8-gpu-sm90.md v10);
@@ -751,10 +768,11 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
-                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s%s",
+                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s%s%s",
                   plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
                   plan.shared_bytes, plan.cluster_capacity, early,
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
+                  plan.bulk_stores ? ", bulk-copied stores" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s%s, %s",
@@ -783,7 +801,11 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.stages = plan.stages;
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
+    args.bulk_stores = plan.bulk_stores;
     args.early_tiles = plan.early_tiles;
+#ifdef MOEKIT_FP8_TRACE
+    args.tiles_ablation = env::integer("MOEKIT_SM90_SWAP_ABLATE", 0);
+#endif
     launch(plan, plan.kernel, p.stream, device, first, second, args);
     return;
   }
@@ -879,6 +901,7 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.stages = plan.stages;
   args.early_weights = plan.early_weights;
   args.push_sums = plan.push_sums;
+  args.bulk_stores = plan.bulk_stores;
   args.early_tiles = plan.early_tiles;
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);

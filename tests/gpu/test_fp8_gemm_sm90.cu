@@ -472,7 +472,7 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   const std::string long_k = plan_of(1, 4096, 7168);
   EXPECT_TRUE(has(long_k, "16 stages") && has(long_k, "early weight loads") &&
               has(long_k, "pushed sums") && !has(long_k, "2 CTAs per SM") &&
-              has(long_k, "weights unpromoted in L2"))
+              has(long_k, "weights unpromoted in L2") && !has(long_k, "bulk-copied stores"))
       << long_k;
   const std::string short_k = plan_of(16, 4096, 2048);
   EXPECT_TRUE(has(short_k, "2 CTAs per SM") && has(short_k, "pushed sums")) << short_k;
@@ -501,10 +501,11 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   const std::string odd = plan_of(300, 4096, 4224);  // 33 k-blocks: 132-byte scale rows
   EXPECT_TRUE(has(odd, "scales from the scale warps")) << odd;
   const std::string batch = plan_of(64, 4096, 7168);
-  // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8).
+  // 64-token tiles: 8 of the 12 stages' weight tiles before the wait (session 8); the out tile
+  // through shared memory and bulk copies (session 19).
   EXPECT_TRUE(has(batch, "early weight loads (8)") && !has(batch, "pushed sums") &&
               !has(batch, "2 CTAs per SM") && has(batch, "64 weight rows") &&
-              has(batch, "K split 2 ways"))
+              has(batch, "K split 2 ways") && has(batch, "bulk-copied stores"))
       << batch;
   // Clusters of 3 where 64-row CTAs in pairs would leave half the SMs idle (fp8-gpu-sm90.md, v5).
   const std::string narrow = plan_of(64, 2048, 7168);
@@ -746,6 +747,54 @@ TEST(Sm90BlockFp8Gemm, EverySwapTuningAgreesWithReference) {
       check_twice_equals_once(c, host, ref.get(), stream.get());
     }
   }
+}
+
+// The swap kernel's out tile through shared memory and bulk copies (MOEKIT_SM90_BULK_STORES=1,
+// where the out rows are 16-byte aligned and N's last tile ends on 16 bytes) bit for bit against
+// element stores (=0): both row counts, clusters of 1, 2 and 4 (pushed and pulled sums), token
+// widths 8..128 with partial token tiles, partial weight tiles (N = 8 (mod 64) and 16 + 128 i),
+// every out dtype and bias at random; twice in a row on one stream (PDL) bitwise equal to a fresh
+// call, and close to the reference. A row pitch off 16 bytes falls back to element stores, as does
+// a ring too shallow for the staged tile (some 100- and 128-token layouts).
+TEST(Sm90BlockFp8Gemm, BulkCopiedStoresEqualElementStores) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("BulkCopiedStoresEqualElementStores: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  const int64_t ms[] = {1, 9, 16, 33, 64, 100, 128};
+  const char* layouts[] = {"64,1", "64,2", "128,1", "128,2", "128,4"};
+  int bulk = 0, cases = 0;
+  for (const char* layout : layouts) {
+    for (const int64_t m : ms) {
+      GemmCase c = random_case(rng, m, 8 + 64 * static_cast<int64_t>(1 + rng() % 6), 2304);
+      if (rng() % 2) c.n = 16 + 128 * static_cast<int64_t>(1 + rng() % 3);
+      c.out_row_pad = 8 * static_cast<int64_t>(rng() % 3);  // 16-byte row pitch in every dtype
+      const bool aligned = cases % 7 != 6;
+      if (!aligned) c.out_row_pad = 1;  // off 16 bytes: element stores
+      ++cases;
+      const Buffers host = make_host_buffers(c);
+      std::future<Tensor> ref =
+          std::async(std::launch::async, [&] { return reference_output(c, host); });
+      ScopedEnv force("MOEKIT_SM90_SWAP", layout);
+      Tensor elements;
+      {
+        ScopedEnv off("MOEKIT_SM90_BULK_STORES", "0");
+        elements = run_sm90(c, host, stream.get());
+      }
+      ScopedEnv on("MOEKIT_SM90_BULK_STORES", "1");
+      const std::string plan = check_twice_equals_once(c, host, ref.get(), stream.get());
+      const bool bulk_plan = plan.find("bulk-copied stores") != std::string::npos;
+      // Up to 64 tokens the staged tile always fits the ring; wider ones where the ring is deep.
+      if (!aligned || m <= 64) EXPECT_EQ(bulk_plan, aligned) << plan << ": " << describe(c);
+      bulk += bulk_plan;
+      const Tensor out = run_sm90(c, host, stream.get());
+      EXPECT_EQ(std::memcmp(out.data(), elements.data(), out.nbytes()), 0)
+          << describe(c) << ", " << plan;
+    }
+  }
+  std::printf(" %d of %d cases took bulk-copied stores\n", bulk, cases);
 }
 
 // ---- Timings (printed, never asserted): CUDA events around CUDA-graph replays.

@@ -23,6 +23,8 @@ constexpr int kSharedAlign = 1024;  // 128-byte swizzle atoms are 1024 bytes
 enum class OutType : int { f32, bf16, f16 };
 enum class BiasType : int { none, f32, bf16, f16 };
 
+__host__ __device__ constexpr int out_bytes(OutType type) { return type == OutType::f32 ? 4 : 2; }
+
 // Where the scales live (ScaleAddressing, plus the b_scales strides and dtype).
 struct Scales {
   const void* a;
@@ -65,6 +67,7 @@ struct GemmArgs {
   int stages;            // swap kernel: depth of the shared-memory ring (even)
   bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
   bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
+  bool bulk_stores;      // swap kernel: rank 0's out tile through shared memory and bulk copies
   int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
   // Tiles kernel with scales copied by TMA (kScaleFeed != warps): the weight-scale map's box of
   // 16 bytes holds b_scale_lanes elements along k-blocks (b_scale_k_inner) or along N blocks.
@@ -122,6 +125,21 @@ __device__ __forceinline__ float bias_at(const Epilogue& e, int n) {
       break;
   }
   return 0.0f;
+}
+
+// v in the out dtype at p (shared memory: an out tile staged for bulk copies).
+__device__ __forceinline__ void stage_one(OutType type, uint8_t* p, float v) {
+  switch (type) {
+    case OutType::f32:
+      *reinterpret_cast<float*>(p) = v;
+      break;
+    case OutType::bf16:
+      *reinterpret_cast<__nv_bfloat16*>(p) = __float2bfloat16_rn(v);
+      break;
+    case OutType::f16:
+      *reinterpret_cast<__half*>(p) = __float2half_rn(v);
+      break;
+  }
 }
 
 __device__ __forceinline__ void store_one(const Epilogue& e, int64_t i, float v) {

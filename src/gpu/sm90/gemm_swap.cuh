@@ -54,6 +54,15 @@ struct Swap {
   static size_t inbox_bytes(int splits) {
     return static_cast<size_t>(splits - 1) * kSenders * kRegisters * 4;
   }
+  // bulk_stores: rank 0 stages its out tile [token][row] (rows of kStoreRows values, padded by 16
+  // bytes: a warp's stores of 8 rows x 4 tokens fall in different banks) in the idle stages, after
+  // the partial sums' slots, and the copy engine writes each token's row.
+  static constexpr int kStoreRows = kRows == 64 ? 64 : 128;  // rows of the tile a CTA stores
+  static constexpr int store_pitch(int element_bytes) { return kStoreRows * element_bytes + 16; }
+  static constexpr int kStagingOffset = (kPartialBytes + 127) / 128 * 128;
+  static bool staging_fits(int stages, int element_bytes) {
+    return kStagingOffset + kTokens * store_pitch(element_bytes) <= stages * kStageBytes;
+  }
   // Shared memory: stages | token tiles [L] (kQuantizeX) | full, empty barriers, sums barrier |
   // a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
   static size_t token_tile_bytes(int k_blocks_per_split) {
@@ -294,6 +303,13 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(a_scales + max_count * (kTokens + 1)) + 15) / 16 * 16);
   const bool push = splits > 1 && args.push_sums;
+#ifdef MOEKIT_FP8_TRACE
+  // Diagnosis (MOEKIT_SM90_SWAP_ABLATE bits): 1 the activation scales not loaded (1.0), 2 no
+  // stores.
+  const int ablation = args.tiles_ablation;
+#else
+  constexpr int ablation = 0;
+#endif
   MOEKIT_SWAP_TRACE(__shared__ TraceCta trace_cta; uint32_t trace_ticket_of_cta = 0);
   MOEKIT_SWAP_TRACE(const auto stamp = [&](Sm90TracePhase p) { trace_stamp(trace_cta, p); });
 
@@ -434,7 +450,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       for (int j = 0; j < kScaleBatch; ++j) {
         const int i = base + j * kConsumers * kWarpgroup;
         const int token = min(t0 + i % kTokens, args.m - 1);
-        value[j] = i < scale_count ? a_scale(args.scales, token, kb_begin + i / kTokens) : 0.0f;
+        value[j] = i < scale_count && !(ablation & 1)
+                       ? a_scale(args.scales, token, kb_begin + i / kTokens)
+                       : 1.0f;
       }
 #pragma unroll
       for (int j = 0; j < kScaleBatch; ++j) {
@@ -563,18 +581,57 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
 
   const Epilogue& e = args.epilogue;
   const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
+  if (ablation & 2) {
+  } else if (args.bulk_stores) {
+    // The tile, bias added, in the out dtype into shared memory as [token][row], then one bulk copy
+    // per token row (the host checked alignment and that N's last tile ends on 16 bytes): a few
+    // copy-engine requests instead of every thread's element stores, which stall while the next
+    // call's loads fill the memory system (H200: ~1.5 us of a M=64 call).
+    constexpr int kStoringThreads = (kAlternate ? 1 : kConsumers) * kWarpgroup;
+    const int storing_thread = kAlternate ? t : consumer_thread;
+    const int elem = out_bytes(e.out_type), pitch = Config::store_pitch(elem);
+    uint8_t* staging = stages + Config::kStagingOffset;
+    // Both warpgroups store (128 rows): both must be past their last wgmma on the stages.
+    if (!kAlternate) sm90::named_barrier(1, kStoringThreads);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int n = row0 + 8 * h;
-    if (n >= args.n) continue;
-    const float bias = e.bias_type != BiasType::none ? bias_at(e, n) : 0.0f;
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 - n0 + 8 * h;
+      const float bias =
+          e.bias_type != BiasType::none && n0 + row < args.n ? bias_at(e, n0 + row) : 0.0f;
 #pragma unroll
-    for (int j = 0; j < kTokens / 8; ++j) {
+      for (int j = 0; j < kTokens / 8; ++j) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int token = t0 + 8 * j + 2 * (lane % 4) + c;
-        if (token < args.m)
-          store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c] + bias);
+        for (int c = 0; c < 2; ++c) {
+          const int token = 8 * j + 2 * (lane % 4) + c;
+          stage_one(e.out_type, staging + token * pitch + row * elem,
+                    acc[4 * j + 2 * h + c] + bias);
+        }
+      }
+    }
+    sm90::fence_proxy_async_shared();  // the copy engine reads what these threads wrote
+    sm90::named_barrier(2, kStoringThreads);
+    const int tokens = min(kTokens, args.m - t0);
+    if (storing_thread < tokens) {
+      const int row_bytes = min(Config::kStoreRows, args.n - n0) * elem;
+      sm90::bulk_store(
+          static_cast<uint8_t*>(e.out) + ((t0 + storing_thread) * e.out_row_stride + n0) * elem,
+          staging + storing_thread * pitch, static_cast<uint32_t>(row_bytes));
+      sm90::bulk_commit_and_wait_read();
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = row0 + 8 * h;
+      if (n >= args.n) continue;
+      const float bias = e.bias_type != BiasType::none ? bias_at(e, n) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kTokens / 8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int token = t0 + 8 * j + 2 * (lane % 4) + c;
+          if (token < args.m)
+            store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c] + bias);
+        }
       }
     }
   }

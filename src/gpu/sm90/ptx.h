@@ -194,6 +194,31 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* global, uint32_
 #endif
 }
 
+// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) of shared memory at `src` to
+// `global` through the copy engine, in this thread's bulk group: the thread goes on at once, and
+// bulk_wait_read() waits only until the engine has read the source, not for the global writes.
+__device__ __forceinline__ void bulk_store(void* global, const void* src, uint32_t bytes) {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(global),
+               "r"(shared_address(src)), "r"(bytes)
+               : "memory");
+#else
+  (void)global;
+  (void)src;
+  (void)bytes;
+#endif
+}
+
+// Closes this thread's bulk group and waits until every copy in its groups has read its source.
+__device__ __forceinline__ void bulk_commit_and_wait_read() {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.commit_group;\n"
+      "cp.async.bulk.wait_group.read 0;" ::
+          : "memory");
+#endif
+}
+
 // Pulls the box at (inner, outer) into L2 only (no shared memory, no barrier). Safe before the
 // previous grid has finished: L2 is where every SM's writes land, so a later read still sees them.
 __device__ __forceinline__ void tma_prefetch_2d(const void* map, int inner, int outer) {
