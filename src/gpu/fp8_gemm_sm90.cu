@@ -264,9 +264,10 @@ struct Plan {
   bool early_weights = false;
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
-  bool bulk_stores = false;         // swap: rank 0's out tile through shared memory and bulk copies
-  int early_tiles = 0;              // swap, early_weights: weight tiles loaded before the wait
-  int weight_promotion = 0;         // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
+  bool bulk_stores = false;    // swap: rank 0's out tile through shared memory and bulk copies
+  bool loader_scales = false;  // swap: activation scales loaded by producer warps, group by group
+  int early_tiles = 0;         // swap, early_weights: weight tiles loaded before the wait
+  int weight_promotion = 0;    // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
@@ -354,6 +355,7 @@ struct SwapOverrides {
   int early_tiles = 0;                                       // 0: every stage's
   int weight_promotion = -1;                                 // -1: the planner's
   int bulk_stores = -1;                                      // -1: the planner's
+  int loader_scales = -1;                                    // -1: the planner's
 };
 
 // Read at every plan, not once: the GPU tests set them per scope.
@@ -367,6 +369,7 @@ SwapOverrides swap_overrides() {
   o.early_tiles = env::integer("MOEKIT_SM90_EARLY_TILES", o.early_tiles);
   o.weight_promotion = env::integer("MOEKIT_SM90_W_PROMOTION", o.weight_promotion);
   o.bulk_stores = env::integer("MOEKIT_SM90_BULK_STORES", o.bulk_stores);
+  o.loader_scales = env::integer("MOEKIT_SM90_SCALE_LOADER", o.loader_scales);
   return o;
 }
 
@@ -490,6 +493,11 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
                      reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                      p.out.stride(0) * element % 16 == 0 && p.n * element % 16 == 0 &&
                      chosen->staging_fits(plan.stages, element);
+  // The activation scales loaded by two producer warps, a group of k-blocks at a time, instead of
+  // by the consumers before their loop: off (H200, N=4096 K=7168, three rounds: M = 1 / 16 / 64
+  // 9.55 -> 10.08, 9.89 -> 10.49, 12.35 -> 12.97 us; fp8-gpu-sm90.md, session 19). Timing knob
+  // MOEKIT_SM90_SCALE_LOADER=1.
+  plan.loader_scales = !kQuantizeX && overrides.loader_scales > 0;
   // 64-token tiles: 8 of the ring's 12 weight tiles before the wait, so that the token tiles
   // issued after it queue behind fewer weight bytes (H200, M=64 N=4096 K=7168, moekit bench, 3
   // interleaved rounds: 13.10-13.12 vs 13.15-13.22 us; a small gain, see fp8-gpu-sm90.md v10);
@@ -768,11 +776,12 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   if (plan.swap)
     std::snprintf(text, sizeof text,
                   "swap: %d tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x "
-                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s%s%s",
+                  "%u, %d stages, %zu B shared, %d clusters resident%s%s%s%s%s%s",
                   plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
                   plan.shared_bytes, plan.cluster_capacity, early,
                   plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
                   plan.bulk_stores ? ", bulk-copied stores" : "",
+                  plan.loader_scales ? ", scales loaded by producer warps" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
     std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s%s, %s",
@@ -802,6 +811,7 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     args.early_weights = plan.early_weights;
     args.push_sums = plan.push_sums;
     args.bulk_stores = plan.bulk_stores;
+    args.loader_scales = plan.loader_scales;
     args.early_tiles = plan.early_tiles;
 #ifdef MOEKIT_FP8_TRACE
     args.tiles_ablation = env::integer("MOEKIT_SM90_SWAP_ABLATE", 0);
@@ -902,6 +912,7 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.early_weights = plan.early_weights;
   args.push_sums = plan.push_sums;
   args.bulk_stores = plan.bulk_stores;
+  args.loader_scales = plan.loader_scales;
   args.early_tiles = plan.early_tiles;
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);

@@ -797,6 +797,44 @@ TEST(Sm90BlockFp8Gemm, BulkCopiedStoresEqualElementStores) {
   std::printf(" %d of %d cases took bulk-copied stores\n", bulk, cases);
 }
 
+// The swap kernel's activation scales loaded by two producer warps group by group
+// (MOEKIT_SM90_SCALE_LOADER=1; the consumers wait for each group's barrier) bit for bit against
+// the consumers loading them all before their loop: both row counts, clusters of 1-4 (k-ranges
+// not a multiple of the group), token widths 8..128, every scale layout and out dtype at random;
+// twice in a row on one stream (PDL) bitwise equal to a fresh call, and close to the reference.
+TEST(Sm90BlockFp8Gemm, ScaleLoaderWarpsEqualConsumerLoads) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("ScaleLoaderWarpsEqualConsumerLoads: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  const int64_t ms[] = {1, 9, 16, 33, 64, 100, 128};
+  int loaded = 0, cases = 0;
+  for (const char* layout : {"64,1", "64,2", "128,3", "128,4", ""}) {
+    for (const int64_t m : ms) {
+      const GemmCase c = random_case(rng, m, 64 * static_cast<int64_t>(2 + rng() % 5), 2944);
+      const Buffers host = make_host_buffers(c);
+      std::future<Tensor> ref =
+          std::async(std::launch::async, [&] { return reference_output(c, host); });
+      ScopedEnv force("MOEKIT_SM90_SWAP", layout);
+      Tensor consumers;
+      {
+        ScopedEnv off("MOEKIT_SM90_SCALE_LOADER", "0");
+        consumers = run_sm90(c, host, stream.get());
+      }
+      ScopedEnv on("MOEKIT_SM90_SCALE_LOADER", "1");
+      const std::string plan = check_twice_equals_once(c, host, ref.get(), stream.get());
+      loaded += plan.find("scales loaded by producer warps") != std::string::npos;
+      ++cases;
+      const Tensor out = run_sm90(c, host, stream.get());
+      EXPECT_EQ(std::memcmp(out.data(), consumers.data(), out.nbytes()), 0)
+          << describe(c) << ", " << plan;
+    }
+  }
+  EXPECT_EQ(loaded, cases) << "every case loaded its scales in the producer's warps";
+}
+
 // ---- Timings (printed, never asserted): CUDA events around CUDA-graph replays.
 
 struct TimedShape {

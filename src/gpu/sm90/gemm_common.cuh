@@ -68,6 +68,7 @@ struct GemmArgs {
   bool early_weights;    // swap kernel: weight tiles into the ring before the previous grid ends
   bool push_sums;        // swap kernel: split CTAs push their sums into rank 0's shared memory
   bool bulk_stores;      // swap kernel: rank 0's out tile through shared memory and bulk copies
+  bool loader_scales;    // swap kernel: activation scales loaded by producer warps, per group
   int early_tiles;       // swap kernel, early_weights: at most this many tiles before the wait
   // Tiles kernel with scales copied by TMA (kScaleFeed != warps): the weight-scale map's box of
   // 16 bytes holds b_scale_lanes elements along k-blocks (b_scale_k_inner) or along N blocks.

@@ -63,14 +63,22 @@ struct Swap {
   static bool staging_fits(int stages, int element_bytes) {
     return kStagingOffset + kTokens * store_pitch(element_bytes) <= stages * kStageBytes;
   }
+  // loader_scales: the producer warpgroup's warps 2 and 3 load the activation scales in groups of
+  // kScaleGroup k-blocks, each group's barrier completing when its scales are in shared memory.
+  static constexpr int kScaleGroup = 4;
+  static constexpr int kLoaderThreads = 2 * kLanes;
+  __host__ __device__ static int scale_groups(int k_blocks_per_split) {
+    return (k_blocks_per_split + kScaleGroup - 1) / kScaleGroup;
+  }
   // Shared memory: stages | token tiles [L] (kQuantizeX) | full, empty barriers, sums barrier |
-  // a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
+  // scale-group barriers | a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
   static size_t token_tile_bytes(int k_blocks_per_split) {
     return kQuantizeX ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
   }
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
            token_tile_bytes(k_blocks_per_split) + sizeof(uint64_t) +
+           static_cast<size_t>(scale_groups(k_blocks_per_split)) * sizeof(uint64_t) +
            static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
   }
 };
@@ -289,8 +297,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   auto* full =
       reinterpret_cast<uint64_t*>(token_tiles + (kQuantizeX ? max_count * Config::kTokenBytes : 0));
   uint64_t* empty = full + stage_count;
-  uint64_t* sums_ready = empty + stage_count;                 // push_sums, in rank 0
-  auto* a_scales = reinterpret_cast<float*>(sums_ready + 1);  // [L][kTokens]
+  uint64_t* sums_ready = empty + stage_count;  // push_sums, in rank 0
+  uint64_t* scales_ready = sums_ready + 1;     // loader_scales: one per group of k-blocks
+  auto* a_scales = reinterpret_cast<float*>(scales_ready + Config::scale_groups(max_count));
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
   const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
@@ -303,6 +312,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(a_scales + max_count * (kTokens + 1)) + 15) / 16 * 16);
   const bool push = splits > 1 && args.push_sums;
+  const bool loader_scales = !kQuantizeX && args.loader_scales;
 #ifdef MOEKIT_FP8_TRACE
   // Diagnosis (MOEKIT_SM90_SWAP_ABLATE bits): 1 the activation scales not loaded (1.0), 2 no
   // stores.
@@ -326,6 +336,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
     }
     sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
+    if (loader_scales)
+      for (int g = 0; g < Config::scale_groups(count); ++g)
+        sm90::mbarrier_init(&scales_ready[g], Config::kLoaderThreads);
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -391,6 +404,40 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     MOEKIT_SWAP_TRACE(else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights) {
       trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
     });
+    const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 2 * kLanes);
+    if (loader_scales && loader >= 0) {
+      // Warps 2 and 3: the activation scales group by group, the next group's loads in flight
+      // while this one's are stored, so that the consumers wait for the scales of the k-blocks
+      // they reach, not for all of them (H200: the whole range before the loop cost an M=64 call
+      // ~0.9 us).
+      constexpr int kPerThread =
+          (Config::kScaleGroup * kTokens + Config::kLoaderThreads - 1) / Config::kLoaderThreads;
+      const int groups = Config::scale_groups(count);
+      const auto load = [&](int g, float(&v)[kPerThread]) {
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          const int i = g * Config::kScaleGroup * kTokens + j * Config::kLoaderThreads + loader;
+          const int token = min(t0 + i % kTokens, args.m - 1);
+          v[j] = i < count * kTokens && !(ablation & 1)
+                     ? a_scale(args.scales, token, kb_begin + i / kTokens)
+                     : 1.0f;
+        }
+      };
+      vendor::wait_for_previous_grid();  // the scales are the previous kernel's output
+      float current[kPerThread], next[kPerThread];
+      load(0, current);
+      for (int g = 0; g < groups; ++g) {
+        if (g + 1 < groups) load(g + 1, next);
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          const int i = g * Config::kScaleGroup * kTokens + j * Config::kLoaderThreads + loader;
+          if (i < count * kTokens) a_scales[i] = current[j];
+        }
+        sm90::mbarrier_arrive(&scales_ready[g]);  // release: the stores above come first
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) current[j] = next[j];
+      }
+    }
     __syncwarp();
     if (push) {
       sm90::cluster_wait();
@@ -438,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
     quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
                                                        a_scales, consumer_thread);
-  } else {
+  } else if (!loader_scales) {
     // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
     // of independent loads per thread, then the stores (one memory latency, not one per element).
     constexpr int kScaleBatch = 8;
@@ -485,6 +532,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
     multiply_k_block<kTokens>(part, stage + row_offset, token_tile);
     if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
+    if (loader_scales) sm90::mbarrier_wait(&scales_ready[i / Config::kScaleGroup], 0);
 
     const float sb = b_scales[i];
     const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
