@@ -344,7 +344,8 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // MOEKIT_SM90_EARLY_TILES=n (n > 0: at most n weight tiles before the wait, the rest of the ring
 // after the token tiles; session 8), MOEKIT_SM90_W_PROMOTION=0..3 (the weight map's L2
 // promotion: none, 64, 128, 256 bytes; session 11), MOEKIT_SM90_BULK_STORES = 0 or 1 (rank 0's out
-// tile through shared memory and bulk copies; session 19). Diagnosis builds (MOEKIT_FP8_TRACE) also
+// tile through shared memory and bulk copies; session 19), MOEKIT_SM90_SCALE_LOADER = 0 or 1 (the
+// activation scales loaded by producer warps; session 19). Diagnosis builds (MOEKIT_FP8_TRACE) also
 // read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales not loaded, 2 no stores; wrong outputs).
 constexpr int kMaxSwapStages = 16;
 
