@@ -196,7 +196,8 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* global, uint32_
 
 // Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) of shared memory at `src` to
 // `global` through the copy engine, in this thread's bulk group: the thread goes on at once, and
-// bulk_wait_read() waits only until the engine has read the source, not for the global writes.
+// bulk_commit_and_wait_read() waits only until the engine has read the source, not for the global
+// writes.
 __device__ __forceinline__ void bulk_store(void* global, const void* src, uint32_t bytes) {
 #if MOEKIT_SM90A
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(global),
