@@ -192,19 +192,21 @@ tiles::ScaleFeed tiles_scale_feed(const BlockGemmProblem& p, bool& b_k_inner) {
   return ScaleFeed::warps;
 }
 
-// The tiles kernel's scale maps for the plan's feed (zeros for the scale warps).
-ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner) {
+// The tiles kernel's scale maps for the plan's feed (zeros for the scale warps), for tiles of
+// `rows` rows.
+ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner,
+                        int rows) {
   using tiles::ScaleFeed;
   ScaleMaps maps{};
   if (feed == ScaleFeed::warps) return maps;
   const ScaleAddressing& at = p.a_scale_at;
   const int64_t words = at.packed() ? fp8::ceil_div(p.k_blocks, 4) : p.k_blocks;
   if (feed == ScaleFeed::a_k_inner)
-    maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, words, p.m, at.row_stride * 4, 4,
-                            tiles::kBlockM);
+    maps.a =
+        make_scale_map("a_scales", p.a_scales.data(), 4, words, p.m, at.row_stride * 4, 4, rows);
   else
-    maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4,
-                            tiles::kBlockM, 1);
+    maps.a =
+        make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4, rows, 1);
   const int b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
   const int64_t n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
   if (b_k_inner)
@@ -271,6 +273,7 @@ struct Plan {
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
+  int tile_rows = 128;           // tiles: 128, or 256 (wide tiles: copied scales, no split)
   bool pair = false;             // tiles: clusters of two CTAs sharing B tiles (splits = 2)
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
@@ -552,6 +555,16 @@ TilesKernelFn tiles_kernel_for(const Plan& plan) {
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
+  using tiles::Cluster;
+  using tiles::ScaleFeed;
+  if (plan.tile_rows == 256 && plan.pair)
+    return plan.scale_feed == ScaleFeed::a_k_inner
+               ? gemm_tiles_kernel<true, ScaleFeed::a_k_inner, Cluster::pair, 256>
+               : gemm_tiles_kernel<true, ScaleFeed::a_m_inner, Cluster::pair, 256>;
+  if (plan.tile_rows == 256)
+    return plan.scale_feed == ScaleFeed::a_k_inner
+               ? gemm_tiles_kernel<true, ScaleFeed::a_k_inner, Cluster::none, 256>
+               : gemm_tiles_kernel<true, ScaleFeed::a_m_inner, Cluster::none, 256>;
   if (plan.pair) return tiles_kernel_for<tiles::Cluster::pair>(plan);
   if (plan.tiles_split > 1) return tiles_kernel_for<tiles::Cluster::split>(plan);
   return tiles_kernel_for<tiles::Cluster::none>(plan);
@@ -607,8 +620,6 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
     if (found) return plan;
   }
   plan = Plan{};  // large M (or a k-range whose scales do not fit shared memory)
-  const int64_t tiles_m = fp8::ceil_div(p.m, tiles::kBlockM);
-  const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
   // Two fragments taking turns (kOverlap) where the padding to groups of 4 k-blocks costs little:
   // K-block counts that are multiples of 4 (every K of the models' linear layers) or 32 and more.
   // MOEKIT_SM90_TILES_OVERLAP=0 or 1 forces it off or on (timing knob).
@@ -621,13 +632,26 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   // count. Timing knobs: MOEKIT_SM90_TILES_SCALES=warps | copied, MOEKIT_SM90_TILES_PAIR=0 | 1.
   if (plan.overlap && env::text("MOEKIT_SM90_TILES_SCALES") != "warps")
     plan.scale_feed = tiles_scale_feed(p, plan.b_scale_k_inner);
+  // Wide tiles (256 x 128) where the scales are copied, on long k-ranges whose wide grid still has
+  // about a CTA per SM (H200, fp8-gpu-sm90.md, session 20: M=1024 N=4096 K=7168 54.1-54.9 ->
+  // 52.5-53.5 us; M=4096 N=7168 K=16384 878-915 -> 824-870 in pairs sharing A tiles).
+  // MOEKIT_SM90_TILES_ROWS=128 or 256 forces the row count where it can be served (timing knob).
   const bool long_k = p.k_blocks >= kTilesLongK;
+  const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
+  const int rows = env::integer("MOEKIT_SM90_TILES_ROWS", -1);
+  const bool wide_pays = long_k && fp8::ceil_div(p.m, 256) * tiles_n >= kTilesPairGrid;
+  if (plan.scale_feed != tiles::ScaleFeed::warps && (rows == 256 || (rows < 0 && wide_pays)))
+    plan.tile_rows = 256;
+  const bool wide = plan.tile_rows == 256;
+  const int64_t tiles_m = fp8::ceil_div(p.m, plan.tile_rows);
   const int pair = env::integer("MOEKIT_SM90_TILES_PAIR", -1);
-  plan.pair =
-      tiles_m % 2 == 0 && (pair >= 0 ? pair != 0 : long_k && tiles_m * tiles_n >= kTilesPairGrid);
+  // Pairs of 128-row tiles share B (neighbouring tile rows: an even row count); pairs of wide
+  // tiles share A (neighbouring tile columns: an even column count).
+  plan.pair = (wide ? tiles_n : tiles_m) % 2 == 0 &&
+              (pair >= 0 ? pair != 0 : long_k && tiles_m * tiles_n >= kTilesPairGrid);
   // Grids of fewer tiles than the SMs split K over clusters (two fragments only, not in pairs):
   // M=256 N=4096 K=7168 has 64 tiles for 132 SMs.
-  if (plan.overlap && !plan.pair)
+  if (plan.overlap && !plan.pair && !wide)
     plan.tiles_split = tiles_split_for(p, tiles_m * tiles_n, device_index);
   plan.splits = plan.pair ? 2 : plan.tiles_split;
   plan.tiles_kernel = tiles_kernel_for(plan);
@@ -637,7 +661,7 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int promotion = env::integer("MOEKIT_SM90_TILES_PROMOTION", -1);
   if (promotion >= 0 && promotion <= 3) plan.tile_promotion = promotion;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
-  plan.shared_bytes = tiles::kSharedBytes;
+  plan.shared_bytes = wide ? tiles::Shape<256>::kSharedBytes : tiles::kSharedBytes;
   return plan;
 }
 
@@ -785,10 +809,15 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   plan.loader_scales ? ", scales loaded by producer warps" : "",
                   plan.weight_promotion == 0 ? ", weights unpromoted in L2" : "");
   else
-    std::snprintf(text, sizeof text, "tiles: 128 x 128, grid %u, %zu B shared%s%s%s%s, %s",
-                  plan.grid.x, plan.shared_bytes,
-                  plan.pair ? ", pairs sharing B tiles (cluster of 2)" : "", split,
-                  plan.overlap ? ", two fragments take turns" : "",
+    std::snprintf(text, sizeof text, "tiles: %d x 128, grid %u, %zu B shared%s%s%s%s, %s",
+                  plan.tile_rows, plan.grid.x, plan.shared_bytes,
+                  !plan.pair              ? ""
+                  : plan.tile_rows == 256 ? ", pairs sharing A tiles (cluster of 2)"
+                                          : ", pairs sharing B tiles (cluster of 2)",
+                  split,
+                  plan.tile_rows == 256 ? ", two waves per k-block"
+                  : plan.overlap        ? ", two fragments take turns"
+                                        : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
                                                              : ", scales copied with the tiles",
                   promotion);
@@ -820,11 +849,15 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     launch(plan, plan.kernel, p.stream, device, first, second, args);
     return;
   }
+  // Pairs: each CTA copies half of the shared tile (A for wide tiles, else B) into both rings.
+  const bool wide = plan.tile_rows == 256;
   first =
-      make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM, plan.tile_promotion);
-  second = make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0),
-                         plan.pair ? tiles::kBlockN / 2 : tiles::kBlockN, plan.tile_promotion);
-  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, tiles::kBlockM));
+      make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0),
+                    plan.pair && wide ? plan.tile_rows / 2 : plan.tile_rows, plan.tile_promotion);
+  second =
+      make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0),
+                    plan.pair && !wide ? tiles::kBlockN / 2 : tiles::kBlockN, plan.tile_promotion);
+  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, plan.tile_rows));
   args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, tiles::kBlockN));
   args.splits = plan.tiles_split;
   args.b_scale_k_inner = plan.b_scale_k_inner;
@@ -832,17 +865,17 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
 #ifdef MOEKIT_FP8_TRACE
   args.tiles_ablation = env::integer("MOEKIT_SM90_TILES_ABLATE", 0);
   if (args.tiles_ablation == tiles::kPairedCopies) {
-    if (plan.pair || p.k_blocks % 2 != 0 || p.k % kBlockK != 0)
+    if (plan.pair || plan.tile_rows != 128 || p.k_blocks % 2 != 0 || p.k % kBlockK != 0)
       fail(kOp, "MOEKIT_SM90_TILES_ABLATE", "5",
-           "two k-blocks per copy need an even k-block count, K a multiple of 128 and no pairs "
-           "of CTAs (MOEKIT_SM90_TILES_PAIR=0)");
+           "two k-blocks per copy need an even k-block count, K a multiple of 128, no pairs "
+           "of CTAs (MOEKIT_SM90_TILES_PAIR=0) and tiles of 128 rows");
     first = make_pair_tile_map(p.a.data(), p.m, p.k, p.a.stride(0), tiles::kBlockM,
                                plan.tile_promotion);
     second = make_pair_tile_map(p.b.data(), p.n, p.k, p.b.stride(0), tiles::kBlockN,
                                 plan.tile_promotion);
   }
 #endif
-  const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner);
+  const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows);
   launch(plan, plan.tiles_kernel, p.stream, device, first, second, args, maps);
 }
 

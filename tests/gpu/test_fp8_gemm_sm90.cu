@@ -486,6 +486,11 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   EXPECT_TRUE(has(large, "tiles: 128 x 128") && has(large, "two fragments take turns") &&
               has(large, "scales copied") && has(large, "pairs sharing B"))
       << large;
+  // Wide tiles where a wide grid still has a CTA per SM, in pairs sharing A tiles (session 20).
+  const std::string wide_tiles = plan_of(1024, 4096, 7168);
+  EXPECT_TRUE(has(wide_tiles, "tiles: 256 x 128") && has(wide_tiles, "scales copied") &&
+              has(wide_tiles, "pairs sharing A"))
+      << wide_tiles;
   // 64 tiles: no pairs; K split over clusters of 2 (128 CTAs).
   const std::string few = plan_of(256, 4096, 7168);
   EXPECT_TRUE(has(few, "scales copied") && !has(few, "pairs sharing B") &&
@@ -666,6 +671,69 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
               paired);
   EXPECT_GE(copied, 6);
   EXPECT_EQ(paired, 16);
+}
+
+// Wide tiles (256 x 128, MOEKIT_SM90_TILES_ROWS=256: two waves of 64 rows per consumer warpgroup
+// and k-block) bit for bit against 128 x 128 tiles over the whole K without pairs: each output
+// element takes the same products in the same order. Every activation-scale layout on every shape
+// (partial tiles of rows, columns and K; k-block counts 1, 3, 8, 16, 33 and 56), twice in a row on
+// one stream (PDL) bitwise equal to a fresh call and close to the reference; and in pairs of CTAs
+// sharing A tiles (multicast) where the column tiles pair up (N = 130, 200, 256 here). Wide tiles
+// need the scales copied with the tiles; elsewhere the plan keeps 128 rows.
+TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("WideTilesEqualNarrowBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  const std::array<std::array<int64_t, 3>, 6> shapes{{{257, 384, 1024},
+                                                      {513, 1152, 384},
+                                                      {512, 256, 7168},
+                                                      {300, 130, 2000},
+                                                      {200, 256, 128},
+                                                      {600, 200, 4224}}};
+  int wide_runs = 0, paired = 0;
+  for (const auto& s : shapes) {
+    for (const ScaleLayout layout : kLayouts) {
+      GemmCase c = random_case(rng, s[0], s[1], s[2]);
+      c.layout = layout;
+      const Buffers host = make_host_buffers(c);
+      std::future<Tensor> ref =
+          std::async(std::launch::async, [&] { return reference_output(c, host); });
+      ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");
+      Tensor narrow, pairs;
+      {
+        ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "128");
+        ScopedEnv no_pairs("MOEKIT_SM90_TILES_PAIR", "0");
+        narrow = run_sm90(c, host, stream.get());
+      }
+      ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
+      {
+        ScopedEnv with_pairs("MOEKIT_SM90_TILES_PAIR", "1");
+        pairs = run_sm90(c, host, stream.get());
+        const Buffers dev = to_device(host);
+        const std::string plan =
+            gpu::block_gemm_sm90_plan(problem_of(views_of(dev, c, Device::gpu()), c, stream.get()));
+        paired += plan.find("pairs sharing A") != std::string::npos;
+      }
+      ScopedEnv no_pairs("MOEKIT_SM90_TILES_PAIR", "0");
+      const std::string plan = check_twice_equals_once(c, host, ref.get(), stream.get());
+      const Tensor wide = run_sm90(c, host, stream.get());
+      const bool copied = plan.find("scales copied") != std::string::npos;
+      EXPECT_EQ(plan.find("tiles: 256 x 128") != std::string::npos, copied) << plan;
+      wide_runs += copied;
+      EXPECT_EQ(std::memcmp(wide.data(), narrow.data(), wide.nbytes()), 0)
+          << describe(c) << ", " << plan;
+      EXPECT_EQ(std::memcmp(pairs.data(), narrow.data(), wide.nbytes()), 0)
+          << "pairs: " << describe(c) << ", " << plan;
+    }
+  }
+  // Row-major activation scales are copied wherever the weight scales allow it (the odd k-block
+  // counts' rows are not 16-byte multiples), column-major TMA-aligned and packed ones too.
+  std::printf(" of 24 cases, %d ran wide tiles, %d in pairs\n", wide_runs, paired);
+  EXPECT_GE(wide_runs, 6);
+  EXPECT_GE(paired, 4);
 }
 
 // The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each

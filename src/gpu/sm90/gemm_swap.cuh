@@ -525,7 +525,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   if (kAlternate) slot.advance(warpgroup, stage_count);
   const int step = kAlternate ? kConsumers : 1;
   for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
-    sm90::mbarrier_wait(&full[slot.stage], slot.phase);
+    sm90::mbarrier_wait_likely_done(&full[slot.stage], slot.phase);
     MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
     const uint8_t* token_tile =

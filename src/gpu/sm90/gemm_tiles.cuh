@@ -20,23 +20,41 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // memory (grids with fewer tiles than half the SMs).
 
 namespace tiles {
-constexpr int kBlockM = 128, kBlockN = 128, kStages = 6;
-constexpr int kTileBytes = kBlockM * kBlockK;  // A or B tile (kBlockN == kBlockM)
-constexpr int kStageBytes = 2 * kTileBytes;
-// A stage's scale region: the scale warps' 128 products, or the TMA box of the activation scales
-// with rows inner (512 bytes), and at kScaleABoxBytes the weight scales' box (16 bytes). (The
-// region still has room for a k-inner box, which now goes to the box ring below: shrinking it to
-// 640 bytes is left for a session with a GPU to test it.)
-constexpr int kScaleABoxBytes = kBlockM * 16;  // 128 rows x 16 bytes, the largest box
-constexpr int kScaleBytes = kScaleABoxBytes + 128;
-// Activation-scale boxes of 4 k-blocks (a_k_inner) are copied once, with their first k-block's
-// stage, into a ring of their own: a slot is overwritten 12 k-blocks later, when both consumer
-// warpgroups (of both CTAs in pairs) have read it, since a stage is refilled 6 k-blocks after its
-// last use and each k-block's factors are read before its stage is released.
-constexpr int kScaleBoxSlots = 3;
-constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
-                                kStages * kScaleBytes + kScaleBoxSlots * kScaleABoxBytes +
-                                2 * kStages * sizeof(uint64_t);
+constexpr int kBlockN = 128;
+// A tile's shape: 128 x 128 (every scale feed and cluster), or 256 x 128 (wide: scales copied with
+// the tiles, CTAs alone), which copies a quarter fewer bytes from L2 per product (48 KB per k-block
+// for twice the work of 32 KB) and holds two 64-register accumulators per consumer thread, filled
+// in two waves of wgmma per k-block (DeepGEMM's 256 x 128 config made 1405 TFLOP/s at M=4096
+// N=7168 K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19).
+template <int kRows>
+struct Shape {
+  static_assert(kRows == 128 || kRows == 256, "tiles of 128 or 256 rows");
+  static constexpr int kBlockM = kRows;
+  static constexpr int kWaves = kRows / 128;  // 64-row wgmma per consumer warpgroup per k-block
+  static constexpr int kTileBytesA = kRows * kBlockK;
+  static constexpr int kTileBytesB = kBlockN * kBlockK;
+  static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
+  static constexpr int kStages = kRows == 128 ? 6 : 4;
+  // A stage's scale region: the scale warps' 128 products, or the TMA box of the activation
+  // scales with rows inner (4 bytes a row), and at kScaleBOffset the weight scales' box (16
+  // bytes). (128 rows: the region still has room for a k-inner box, which now goes to the box
+  // ring below: shrinking it to 640 bytes is left for a session with a GPU to test it.)
+  static constexpr int kScaleABoxBytes = kRows * 16;  // rows x 16 bytes, the largest box
+  static constexpr int kScaleBOffset = kRows == 128 ? kScaleABoxBytes : kRows * 4;
+  static constexpr int kScaleBytes = kScaleBOffset + 128;
+  // Activation-scale boxes of 4 k-blocks (a_k_inner) are copied once, with their first k-block's
+  // stage, into a ring of their own: a slot is overwritten 12 k-blocks later, when both consumer
+  // warpgroups (of both CTAs in pairs) have read it, since a stage is refilled kStages (at most
+  // 6) k-blocks after its last use and each k-block's factors are read before its stage is
+  // released.
+  static constexpr int kScaleBoxSlots = 3;
+  static constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
+                                         kStages * kScaleBytes + kScaleBoxSlots * kScaleABoxBytes +
+                                         2 * kStages * sizeof(uint64_t);
+};
+using Narrow = Shape<128>;
+constexpr int kBlockM = Narrow::kBlockM, kStages = Narrow::kStages;
+constexpr size_t kSharedBytes = Narrow::kSharedBytes;
 // Who puts a stage's scales into shared memory: producer warps 1 and 2 (any layout, products
 // written), or the copy engine with the tiles, as boxes of the activation scales with k-blocks
 // (or packed words) inner, 4 per row (a_k_inner), or rows inner, 128 per k-block (a_m_inner).
@@ -47,7 +65,11 @@ constexpr int kMaxSplit = 4;  // split: CTAs of a cluster splitting K (2..4)
 // The epilogue's staged rows of f32 over the ring: 8 floats of padding make the consumers' 8-byte
 // stores free of bank conflicts (a half-warp's four rows fall on distinct banks).
 constexpr int kStagedStride = kBlockN + 8;
-static_assert(kBlockM * kStagedStride * 4 <= kStages * kStageBytes,
+static_assert(Shape<128>::kBlockM * kStagedStride * 4 <=
+                  Shape<128>::kStages * Shape<128>::kStageBytes,
+              "the staged tile fits the ring");
+static_assert(Shape<256>::kBlockM * kStagedStride * 4 <=
+                  Shape<256>::kStages * Shape<256>::kStageBytes,
               "the staged tile fits the ring");
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 // Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
@@ -90,12 +112,13 @@ __device__ constexpr int overlap_slots(int k_blocks) {
 // of a consumer thread side by side (one 8-byte load).
 __device__ constexpr int scale_slot(int row) { return row / 16 * 16 + row % 8 * 2 + row % 16 / 8; }
 
-// A ring position: slot s of kStages and the parity of its current phase.
+// A ring position: slot s of kRingStages and the parity of its current phase.
+template <int kRingStages>
 struct RingPosition {
   int stage = 0;
   uint32_t phase = 0;
   __device__ void advance() {
-    if (++stage == kStages) {
+    if (++stage == kRingStages) {
       stage = 0;
       phase ^= 1;
     }
@@ -120,17 +143,30 @@ struct RingPosition {
 // GHz; docs/perf/fp8-gpu-sm90.md, session 14). Scales copied with the tiles: the stage's full
 // barrier waits for the copies alone (1,552 k -> 1,439 k cycles at that shape, session 15); the
 // consumers read the two factors and the weight scale and multiply.
-template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster>
+//
+// kRows 256 (wide tiles): each consumer warpgroup takes 128 rows in two waves of 64 per k-block
+// (the wave's wgmma, then their products scaled into that wave's accumulator); the other
+// warpgroup's wgmma run while one promotes. Each output element takes the same products in the
+// same order as with 128 rows.
+template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, int kRows = 128>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
                       const __grid_constant__ ScaleMaps scale_maps) {
 #if MOEKIT_SM90A
   using namespace tiles;
+  using S = Shape<kRows>;
+  constexpr int kBlockM = S::kBlockM, kStages = S::kStages, kStageBytes = S::kStageBytes;
+  constexpr int kScaleABoxBytes = S::kScaleABoxBytes, kScaleBytes = S::kScaleBytes;
+  constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
   constexpr bool kCopiedScales = kScaleFeed != ScaleFeed::warps;
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kSplit = kCluster == Cluster::split;
+  constexpr bool kWide = S::kWaves > 1;
   static_assert(!kSplit || kOverlap, "the split takes k-blocks in the overlap's groups of 4");
+  static_assert(!kWide || (kOverlap && kCopiedScales && !kSplit),
+                "wide tiles: scales copied with the tiles, no split (kOverlap names the build)");
+  using Ring = RingPosition<kStages>;
   // Per stage: the weight scales' 16 bytes, and the activation scales' box (a_m_inner) or, with
   // the first k-block of each box, its 4 k-blocks (a_k_inner).
   constexpr int kScaleCopyBytes = (kScaleFeed == ScaleFeed::a_m_inner ? kBlockM * 4 : 0) + 16;
@@ -151,17 +187,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   // share of them.
   const int splits = kSplit ? args.splits : 1;
   const int tile = static_cast<int>(blockIdx.x) / splits;
-  // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group.
-  const int per_group = kGroupRows * args.tiles_n;
-  const int group = tile / per_group;
+  // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group. Wide tiles in
+  // pairs: units of two neighbouring column tiles (an even count), ordered as single tiles are.
+  constexpr int kUnitColumns = kWide && kPair ? 2 : 1;
+  const int unit = tile / kUnitColumns;
+  const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
+  const int group = unit / per_group;
   const int first_row = group * kGroupRows;
   const int group_rows = min(args.tiles_m - first_row, kGroupRows);
-  const int in_group = tile % per_group;
+  const int in_group = unit % per_group;
   const int m0 = (first_row + in_group % group_rows) * kBlockM;
-  const int n0 = (in_group / group_rows) * kBlockN;
+  const int n0 = ((in_group / group_rows) * kUnitColumns + tile % kUnitColumns) * kBlockN;
   const int nb = n0 / kBlockN;
   // Pairs: the group's row count is even (the host pairs only even tiles_m), so CTAs 2j and
-  // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile.
+  // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile (which share B tiles); wide
+  // tiles: columns 2i and 2i + 1 of one tile row (which share A tiles).
   const uint32_t rank = kPair || kSplit ? sm90::cluster_rank() : 0;
   int kb_begin = 0, kb_count = k_blocks;  // this CTA's k-blocks
   if constexpr (kSplit) {
@@ -173,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past the CTA's
   // k-blocks are only barrier arrivals (their stages keep old bytes: the consumers multiply them,
   // so that every path has the same wgmma in flight, and add nothing).
-  const int slots = kOverlap ? overlap_slots(kb_count) : kb_count;
+  const int slots = kOverlap && !kWide ? overlap_slots(kb_count) : kb_count;
 
   MOEKIT_TILES_TRACE(__shared__ TraceCta trace_cta; __shared__ uint32_t trace_ticket_of_cta;
                      uint64_t waited = 0);  // this thread's cycles in ring waits
@@ -194,7 +234,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kConsumers) {
-    sm90::registers_shrink<kScaleProducerRegisters>();
+    // Wide tiles: no scale warps, and the consumers hold 128 + 64 accumulator registers.
+    constexpr int kRegisters = kWide ? kProducerRegisters : kScaleProducerRegisters;
+    sm90::registers_shrink<kRegisters>();
     // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
     // Split: every thread takes part in both of the exchange's cluster barriers.
     const auto leave = [&] {
@@ -218,11 +260,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       for (int kb = kb_begin;
            ablation(args) != kPairedCopies && kb < kb_begin + min(kb_count, kStages); ++kb) {
-        sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
-        sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0 + static_cast<int>(rank) * (kBlockN / 2));
+        sm90::tma_prefetch_2d(&a_map, kb * kBlockK,
+                              m0 + kWide * static_cast<int>(rank) * (kBlockM / 2));
+        sm90::tma_prefetch_2d(&b_map, kb * kBlockK,
+                              n0 + !kWide * static_cast<int>(rank) * (kBlockN / 2));
       }
       vendor::wait_for_previous_grid();
-      RingPosition ring;
+      Ring ring;
       for (int i = 0; i < slots; ++i, ring.advance()) {
         MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
         sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
@@ -257,16 +301,27 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool scales_copied =
             kCopiedScales && ablated < kCopiesNoScales && ablated != kNoScaleCopies;
         sm90::mbarrier_arrive_expect_tx(
-            bar, kStageBytes - (ablated == kCopiesOfA || ablated == kCopiesOfB ? kTileBytes : 0) +
+            bar, kStageBytes -
+                     (ablated == kCopiesOfA   ? S::kTileBytesB
+                      : ablated == kCopiesOfB ? S::kTileBytesA
+                                              : 0) +
                      (scales_copied ? kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0) : 0));
-        if (ablated != kCopiesOfB) sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+        if (ablated != kCopiesOfB) {
+          if constexpr (kWide && kPair) {  // this CTA's half of the A tile, into both rings
+            const int half = static_cast<int>(rank) * (kBlockM / 2);
+            sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
+                                        m0 + half, 0x3);
+          } else {
+            sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+          }
+        }
         if (ablated != kCopiesOfA) {
-          if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
+          if constexpr (kPair && !kWide) {  // this CTA's half of the B tile, into both rings
             const int half = static_cast<int>(rank) * (kBlockN / 2);
-            sm90::tma_load_2d_multicast(stage + kTileBytes + half * kBlockK, &b_map, bar,
+            sm90::tma_load_2d_multicast(stage + S::kTileBytesA + half * kBlockK, &b_map, bar,
                                         kb * kBlockK, n0 + half, 0x3);
           } else {
-            sm90::tma_load_2d(stage + kTileBytes, &b_map, bar, kb * kBlockK, n0);
+            sm90::tma_load_2d(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
           }
         }
         if (scales_copied) {
@@ -280,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
           }
           const int inner = args.b_scale_k_inner ? kb : nb;
-          sm90::tma_load_2d(region + kScaleABoxBytes / 4, &scale_maps.b, bar,
+          sm90::tma_load_2d(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
                             inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
         }
       }
@@ -310,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       vendor::wait_for_previous_grid();
       load_products(0);
-      RingPosition ring;
+      Ring ring;
       for (int first = 0; first < slots; first += 4) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -329,16 +384,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  sm90::registers_grow<kScaleConsumerRegisters>();
+  constexpr int kRegisters = kWide ? kConsumerRegisters : kScaleConsumerRegisters;
+  sm90::registers_grow<kRegisters>();
+  constexpr int kWaves = S::kWaves;
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
-  const int tile_row = warpgroup * 64 + warp * 16 + lane / 4;  // and tile_row + 8
+  // This thread's rows: tile_row and tile_row + 8 of each wave (64 rows apart).
+  const int tile_row = warpgroup * (kBlockM / 2) + warp * 16 + lane / 4;
   vendor::wait_for_previous_grid();
 
-  float acc[64], part[64];
+  float acc[kWaves][64], part[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  const uint8_t* a_half = stages + warpgroup * 64 * kBlockK;  // + stage offset
+  for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
+  // The warpgroup's first 64 rows of the A tile (+ stage offset; + 64 rows for a wide tile's
+  // second wave).
+  const uint8_t* a_half = stages + warpgroup * (kBlockM / 2) * kBlockK;
   // After every lane's last read of the stage (its scales): the stage goes back to the producer.
   const auto release = [&](int stage) {
     __syncwarp();
@@ -347,11 +409,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kPair) sm90::mbarrier_arrive_peer(&empty[stage], rank ^ 1);
     }
   };
-  // The scale products of rows tile_row and tile_row + 8 for k-block kb in `stage`.
-  const auto stage_factors = [&](int stage, int kb) {
+  // The scale products of rows row and row + 8 for k-block kb in `stage`.
+  const auto stage_factors = [&](int stage, int kb, int row) {
     const float* region = scales + stage * kScaleFloats;
     if constexpr (!kCopiedScales) {
-      return *reinterpret_cast<const float2*>(region + scale_slot(tile_row));
+      return *reinterpret_cast<const float2*>(region + scale_slot(row));
     } else {
       const bool packed = args.scales.a_packed;
       uint32_t w0, w1;
@@ -359,19 +421,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int word = packed ? kb >> 2 : kb;
         const auto* words = reinterpret_cast<const uint32_t*>(
             scale_boxes + (word >> 2) % kScaleBoxSlots * (kScaleABoxBytes / 4));
-        w0 = words[tile_row * 4 + (word & 3)];
-        w1 = words[(tile_row + 8) * 4 + (word & 3)];
+        w0 = words[row * 4 + (word & 3)];
+        w1 = words[(row + 8) * 4 + (word & 3)];
       } else {
         const auto* words = reinterpret_cast<const uint32_t*>(region);
-        w0 = words[tile_row];
-        w1 = words[tile_row + 8];
+        w0 = words[row];
+        w1 = words[row + 8];
       }
       if (packed) {  // exponent byte kb % 4 of the word
         const int shift = (kb & 3) * 8;
         w0 = (w0 >> shift & 0xffu) << 23;
         w1 = (w1 >> shift & 0xffu) << 23;
       }
-      const float* b_box = region + kScaleABoxBytes / 4;
+      const float* b_box = region + S::kScaleBOffset / 4;
       const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
       const uint32_t b_bf16 = reinterpret_cast<const uint16_t*>(b_box)[b_index];
       const float b = args.scales.b_bf16 ? __uint_as_float(b_bf16 << 16) : b_box[b_index];
@@ -379,13 +441,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  if constexpr (kOverlap) {
+  if constexpr (kWide) {
+    // One fragment, two waves per k-block: the wave's 4 wgmma, wait, scale into acc[wave]. The
+    // stage goes back after the second wave's wgmma; its factors are read before the first. (The
+    // two warpgroups' waves in strict turns, so that one's wgmma run while the other promotes,
+    // changed nothing on an H200: fp8-gpu-sm90.md, session 20.)
+    Ring ring;
+    for (int i = 0; i < kb_count; ++i, ring.advance()) {
+      const int stage = ring.stage;
+      MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
+      sm90::mbarrier_wait(&full[stage], ring.phase);
+      MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start);
+      float2 factors[kWaves];
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w)
+        factors[w] = stage_factors(stage, kb_begin + i, tile_row + 64 * w);
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w) {
+        multiply_k_block<kBlockN>(part, a_half + stage * kStageBytes + 64 * w * kBlockK,
+                                  stages + stage * kStageBytes + S::kTileBytesA);
+        if (w == kWaves - 1) release(stage);
+        if (ablation(args) != kNoPromotion)
+          promote_tile_fragment(acc[w], part, factors[w].x, factors[w].y);
+      }
+    }
+  } else if constexpr (kOverlap) {
     // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
     // while i's products are scaled into acc, so the tensor cores wait only for the group's last
     // promotion. No wgmma is in flight across the loop's back edge: the copies that carry a
     // fragment around a loop read it, and ptxas then serializes every wgmma of the kernel.
     float part2[64];
-    RingPosition ring;
+    Ring ring;
     int stage1 = 0, stage2 = 0;
     float2 factors1{}, factors2{};
     const auto issue = [&](float(&fragment)[64], int& stage, float2& factors, int kb) {
@@ -393,9 +479,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
       sm90::mbarrier_wait(&full[stage], ring.phase);
       MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start);
-      if (ablation(args) != kNoPromotion) factors = stage_factors(stage, kb);
+      if (ablation(args) != kNoPromotion) factors = stage_factors(stage, kb, tile_row);
       issue_k_block<kBlockN>(fragment, a_half + stage * kStageBytes,
-                             stages + stage * kStageBytes + kTileBytes);
+                             stages + stage * kStageBytes + S::kTileBytesA);
       ring.advance();
     };
     // After its wgmma are done: releases the stage and scales the products into acc (slot i of
@@ -405,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int r = 0; r < 64; ++r) sm90::fence_operand(fragment[r]);  // read after the wait
       release(stage);
       if (i < kb_count && ablation(args) != kNoPromotion)
-        promote_tile_fragment(acc, fragment, factors.x, factors.y);
+        promote_tile_fragment(acc[0], fragment, factors.x, factors.y);
     };
     static_assert(kOverlapGroup == 4, "the loop below takes four k-blocks a turn");
     const bool copies_only = ablation(args) >= kCopiesOnly && ablation(args) <= kPairedCopies;
@@ -429,14 +515,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       promote(part2, stage2, factors2, i + 3);
     }
   } else {
-    RingPosition ring;
+    Ring ring;
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
       sm90::mbarrier_wait(&full[ring.stage], ring.phase);
-      const float2 factors = stage_factors(ring.stage, kb);
+      const float2 factors = stage_factors(ring.stage, kb, tile_row);
       multiply_k_block<kBlockN>(part, a_half + ring.stage * kStageBytes,
-                                stages + ring.stage * kStageBytes + kTileBytes);
+                                stages + ring.stage * kStageBytes + S::kTileBytesA);
       release(ring.stage);
-      promote_tile_fragment(acc, part, factors.x, factors.y);
+      promote_tile_fragment(acc[0], part, factors.x, factors.y);
     }
   }
   // Pairs: this thread's last arrival on the peer is done; the peer may leave once all have said
@@ -454,15 +540,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* staged = reinterpret_cast<float*>(stages);
   sm90::named_barrier(1, kConsumers * kWarpgroup);
 #pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    float* at = staged + tile_row * kStagedStride + 8 * j + 2 * (lane % 4);
-    *reinterpret_cast<float2*>(at) = make_float2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(at + 8 * kStagedStride) =
-        make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  for (int w = 0; w < kWaves; ++w) {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      float* at = staged + (tile_row + 64 * w) * kStagedStride + 8 * j + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(at) = make_float2(acc[w][4 * j], acc[w][4 * j + 1]);
+      *reinterpret_cast<float2*>(at + 8 * kStagedStride) =
+          make_float2(acc[w][4 * j + 2], acc[w][4 * j + 3]);
+    }
   }
-  // Rows [first, last) of the tile, every `step`-th from this warp's: a warpgroup its own 64 rows,
-  // or in a split the rank's share of the 128, over all consumer warps.
-  int first = warpgroup * 64 + warp, last = warpgroup * 64 + 64, step = 4;
+  // Rows [first, last) of the tile, every `step`-th from this warp's: a warpgroup its own half of
+  // the rows, or in a split the rank's share of the 128, over all consumer warps.
+  int first = warpgroup * (kBlockM / 2) + warp, last = (warpgroup + 1) * (kBlockM / 2), step = 4;
   if constexpr (kSplit) {
     sm90::cluster_arrive();
     sm90::cluster_wait();

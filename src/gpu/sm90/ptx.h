@@ -79,6 +79,27 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #endif
 }
 
+// mbarrier_wait for a phase that has usually completed already: one try, and the retry loop out
+// of the straight path. In the swap kernel's consumer loop this form (a full stage costs a
+// straight run of instructions) ran M=64 N=4096 K=7168 3.7 % faster than the inline spin on an
+// H200 (fp8-gpu-sm90.md, session 19, item 8).
+__device__ __forceinline__ void mbarrier_wait_likely_done(uint64_t* bar, uint32_t parity) {
+#if MOEKIT_SM90A
+  const uint32_t address = shared_address(bar);
+  uint32_t done = 0;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(address), "r"(parity)
+      : "memory");
+  if (__builtin_expect(!done, 0)) mbarrier_wait(bar, parity);
+#else
+  (void)bar;
+  (void)parity;
+#endif
+}
+
 // ---- Bulk tensor copies (TMA).
 
 __device__ __forceinline__ void prefetch_tensor_map(const void* map) {
