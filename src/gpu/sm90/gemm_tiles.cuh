@@ -443,11 +443,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if constexpr (kWide) {
     // One fragment, two waves per k-block: the wave's 4 wgmma, wait, scale into acc[wave]. The
-    // stage goes back after the second wave's wgmma; its factors are read before the first. (The
-    // two warpgroups' waves in strict turns, so that one's wgmma run while the other promotes,
-    // changed nothing on an H200: fp8-gpu-sm90.md, session 20.)
+    // stage goes back after the second wave's wgmma; its factors are read before the first.
+    // Measured, not kept (H200, fp8-gpu-sm90.md, session 20): the two warpgroups' waves in strict
+    // turns (no change), and 64 x 64 quarters in two 32-register fragments taking turns (M=1024
+    // 3 % slower).
     Ring ring;
-    for (int i = 0; i < kb_count; ++i, ring.advance()) {
+    const bool copies_only = ablation(args) >= kCopiesOnly && ablation(args) <= kCopiesNoScales;
+    for (int i = 0; copies_only && i < kb_count; ++i, ring.advance()) {
+      sm90::mbarrier_wait(&full[ring.stage], ring.phase);
+      release(ring.stage);
+    }
+    for (int i = 0; !copies_only && i < kb_count; ++i, ring.advance()) {
       const int stage = ring.stage;
       MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
       sm90::mbarrier_wait(&full[stage], ring.phase);
