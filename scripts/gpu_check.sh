@@ -117,7 +117,7 @@ TESTS=$BUILD/moekit_gpu_tests
 
 step "GPU tests"
 if [[ -x $TESTS ]]; then
-  timeout 360 "$TESTS" > "$OUT/tests.txt" 2>&1
+  timeout 420 "$TESTS" > "$OUT/tests.txt" 2>&1
   grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |seed" "$OUT/tests.txt" | head -40
   grep -A4 "Failure" "$OUT/tests.txt" | head -60
   if grep -q "^\[  PASSED  \]" "$OUT/tests.txt" \

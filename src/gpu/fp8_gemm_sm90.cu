@@ -13,7 +13,9 @@
 //   k-block's scales arrive with its tiles (TMA boxes) where their layout allows, else two
 //   producer warps put the scale products beside them; on long k-ranges pairs of CTAs share B
 //   tiles (TMA multicast). Each consumer keeps two fragments, so one k-block's wgmma run while
-//   the previous one is promoted.
+//   the previous one is promoted. Wide tiles (256 x 128, where the scales are copied and the grid
+//   is large): each consumer warpgroup takes 128 rows in two waves of 64 per k-block, 4 stages,
+//   and pairs of CTAs share A tiles.
 // - swap (M <= 128, decode and small batches): the weight is the wgmma M side and the tokens its
 //   N side (8..128), so no tensor-core rows are wasted on padding tokens. A CTA takes 128 weight
 //   rows (64 per consumer warpgroup) or 64 (the warpgroups take alternate k-blocks), and up to 8
@@ -634,7 +636,8 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
     plan.scale_feed = tiles_scale_feed(p, plan.b_scale_k_inner);
   // Wide tiles (256 x 128) where the scales are copied, on long k-ranges whose wide grid still has
   // about a CTA per SM (H200, fp8-gpu-sm90.md, session 20: M=1024 N=4096 K=7168 54.1-54.9 ->
-  // 52.5-53.5 us; M=4096 N=7168 K=16384 878-915 -> 824-870 in pairs sharing A tiles).
+  // 52.5-53.5 us; M=4096 N=7168 K=16384 828-916 -> 826-883 in pairs sharing A tiles, within the
+  // power limit's spread).
   // MOEKIT_SM90_TILES_ROWS=128 or 256 forces the row count where it can be served (timing knob).
   const bool long_k = p.k_blocks >= kTilesLongK;
   const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
