@@ -674,13 +674,14 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
 }
 
 // Wide tiles (256 x 128, MOEKIT_SM90_TILES_ROWS=256: two waves of 64 rows per consumer warpgroup
-// and k-block) bit for bit against 128 x 128 tiles over the whole K without pairs: each output
-// element takes the same products in the same order. Every activation-scale layout on every shape
-// (partial tiles of rows, columns and K; k-block counts 1, 3, 8, 16, 33 and 56); on one layout per
-// shape also twice in a row on one stream (PDL) bitwise equal to a fresh call and close to the
-// reference. Also in pairs of CTAs sharing A tiles (multicast) where the column tiles pair up (N =
-// 130, 200, 256 here). Wide tiles need the scales copied with the tiles; elsewhere the plan keeps
-// 128 rows.
+// and k-block) and 192 x 128 tiles (=192: three consumer warpgroups of 64 rows) bit for bit
+// against 128 x 128 tiles over the whole K without pairs: each output element takes the same
+// products in the same order. Every activation-scale layout on every shape (partial tiles of rows,
+// columns and K; k-block counts 1, 3, 8, 16, 33 and 56); on one layout per shape also twice in a
+// row on one stream (PDL) bitwise equal to a fresh call and close to the reference. Also in pairs
+// of CTAs: wide tiles share A tiles (multicast) where the column tiles pair up (N = 130, 200, 256
+// here), 192-row tiles B tiles where the row tiles do (M = 200, 257, 300, 600). Both need the
+// scales copied with the tiles; elsewhere the plan keeps 128 rows.
 TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -698,7 +699,17 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
     const Buffers dev = to_device(host);
     return gpu::block_gemm_sm90_plan(problem_of(views_of(dev, c, Device::gpu()), c, stream.get()));
   };
-  int wide_runs = 0, paired = 0;
+  const auto has = [](const std::string& plan, const char* what) {
+    return plan.find(what) != std::string::npos;
+  };
+  struct Rows {
+    const char* knob;
+    const char* plan;   // the plan's tile
+    const char* pairs;  // the plan's pairs
+    int runs = 0, paired = 0;
+  };
+  Rows rows_of[] = {{"256", "tiles: 256 x 128", "pairs sharing A"},
+                    {"192", "tiles: 192 x 128", "pairs sharing B"}};
   for (size_t shape = 0; shape < shapes.size(); ++shape) {
     const auto& s = shapes[shape];
     for (size_t l = 0; l < 4; ++l) {
@@ -707,40 +718,46 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
       const Buffers host = make_host_buffers(c);
       // The reference (on the host, the slow part) for one layout per shape.
       const bool check_reference = l == shape % 4;
-      std::future<Tensor> ref;
+      std::shared_future<Tensor> ref;
       if (check_reference)
-        ref = std::async(std::launch::async, [&] { return reference_output(c, host); });
+        ref = std::async(std::launch::async, [&] { return reference_output(c, host); }).share();
       ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");
-      Tensor narrow, pairs;
+      Tensor narrow;
       {
         ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "128");
         ScopedEnv no_pairs("MOEKIT_SM90_TILES_PAIR", "0");
         narrow = run_sm90(c, host, stream.get());
       }
-      ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
-      {
-        ScopedEnv with_pairs("MOEKIT_SM90_TILES_PAIR", "1");
-        pairs = run_sm90(c, host, stream.get());
-        paired += plan_of(c, host).find("pairs sharing A") != std::string::npos;
+      for (Rows& r : rows_of) {
+        ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", r.knob);
+        Tensor pairs;
+        {
+          ScopedEnv with_pairs("MOEKIT_SM90_TILES_PAIR", "1");
+          pairs = run_sm90(c, host, stream.get());
+          const std::string plan = plan_of(c, host);
+          r.paired += has(plan, r.plan) && has(plan, r.pairs);
+        }
+        ScopedEnv no_pairs("MOEKIT_SM90_TILES_PAIR", "0");
+        const std::string plan = plan_of(c, host);
+        if (check_reference) check_twice_equals_once(c, host, ref.get(), stream.get());
+        const Tensor alone = run_sm90(c, host, stream.get());
+        const bool copied = has(plan, "scales copied");
+        EXPECT_EQ(has(plan, r.plan), copied) << plan;
+        r.runs += copied;
+        EXPECT_EQ(std::memcmp(alone.data(), narrow.data(), alone.nbytes()), 0)
+            << r.plan << ": " << describe(c) << ", " << plan;
+        EXPECT_EQ(std::memcmp(pairs.data(), narrow.data(), pairs.nbytes()), 0)
+            << r.plan << " in pairs: " << describe(c) << ", " << plan;
       }
-      ScopedEnv no_pairs("MOEKIT_SM90_TILES_PAIR", "0");
-      const std::string plan = plan_of(c, host);
-      if (check_reference) check_twice_equals_once(c, host, ref.get(), stream.get());
-      const Tensor wide = run_sm90(c, host, stream.get());
-      const bool copied = plan.find("scales copied") != std::string::npos;
-      EXPECT_EQ(plan.find("tiles: 256 x 128") != std::string::npos, copied) << plan;
-      wide_runs += copied;
-      EXPECT_EQ(std::memcmp(wide.data(), narrow.data(), wide.nbytes()), 0)
-          << describe(c) << ", " << plan;
-      EXPECT_EQ(std::memcmp(pairs.data(), narrow.data(), wide.nbytes()), 0)
-          << "pairs: " << describe(c) << ", " << plan;
     }
   }
   // Row-major activation scales are copied wherever the weight scales allow it (the odd k-block
   // counts' rows are not 16-byte multiples), column-major TMA-aligned and packed ones too.
-  std::printf(" of 24 cases, %d ran wide tiles, %d in pairs\n", wide_runs, paired);
-  EXPECT_GE(wide_runs, 6);
-  EXPECT_GE(paired, 4);
+  for (const Rows& r : rows_of) {
+    std::printf(" of 24 cases, %d ran %s, %d in %s\n", r.runs, r.plan, r.paired, r.pairs);
+    EXPECT_GE(r.runs, 6) << r.plan;
+    EXPECT_GE(r.paired, 1) << r.plan;
+  }
 }
 
 // The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each

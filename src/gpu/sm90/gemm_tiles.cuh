@@ -21,20 +21,28 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 
 namespace tiles {
 constexpr int kBlockN = 128;
-// A tile's shape: 128 x 128 (every scale feed and cluster), or 256 x 128 (wide: scales copied with
-// the tiles, CTAs alone), which copies a quarter fewer bytes from L2 per product (48 KB per k-block
-// for twice the work of 32 KB) and holds two 64-register accumulators per consumer thread, filled
-// in two waves of wgmma per k-block (DeepGEMM's 256 x 128 config made 1405 TFLOP/s at M=4096
-// N=7168 K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19).
+// A tile's shape: 128 x 128 (every scale feed and cluster); 256 x 128 (wide: scales copied with the
+// tiles, no split), which copies a quarter fewer bytes from L2 per product (48 KB per k-block for
+// twice the work of 32 KB) and holds two 64-register accumulators per consumer thread, filled in
+// two waves of wgmma per k-block (DeepGEMM's 256 x 128 config made 1405 TFLOP/s at M=4096 N=7168
+// K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19); or
+// 192 x 128 with three consumer warpgroups of 64 rows (scales copied, no split), because two
+// warpgroups that each wait for their wgmma before promoting keep the tensor cores at 67 % of
+// their rate and three at 90 % (`wgmma_rate`, H200, session 20). Not timed in a GEMM yet: a
+// timing knob only.
 template <int kRows>
 struct Shape {
-  static_assert(kRows == 128 || kRows == 256, "tiles of 128 or 256 rows");
+  static_assert(kRows == 128 || kRows == 192 || kRows == 256, "tiles of 128, 192 or 256 rows");
   static constexpr int kBlockM = kRows;
-  static constexpr int kWaves = kRows / 128;  // 64-row wgmma per consumer warpgroup per k-block
+  static constexpr int kConsumerGroups = kRows == 192 ? 3 : 2;  // consumer warpgroups
+  static constexpr int kThreads = kWarpgroup * (kConsumerGroups + 1);
+  static constexpr int kRowsPerGroup = kRows / kConsumerGroups;  // per consumer warpgroup
+  // Waves of 64-row wgmma per consumer warpgroup and k-block.
+  static constexpr int kWaves = kRowsPerGroup / 64;
   static constexpr int kTileBytesA = kRows * kBlockK;
   static constexpr int kTileBytesB = kBlockN * kBlockK;
   static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-  static constexpr int kStages = kRows == 128 ? 6 : 4;
+  static constexpr int kStages = kRows == 128 ? 6 : kRows == 192 ? 5 : 4;
   // A stage's scale region: the scale warps' 128 products, or the TMA box of the activation
   // scales with rows inner (4 bytes a row), and at kScaleBOffset the weight scales' box (16
   // bytes). (128 rows: the region still has room for a k-inner box, which now goes to the box
@@ -71,6 +79,9 @@ static_assert(Shape<128>::kBlockM * kStagedStride * 4 <=
 static_assert(Shape<256>::kBlockM * kStagedStride * 4 <=
                   Shape<256>::kStages * Shape<256>::kStageBytes,
               "the staged tile fits the ring");
+static_assert(Shape<192>::kBlockM * kStagedStride * 4 <=
+                  Shape<192>::kStages * Shape<192>::kStageBytes,
+              "the staged tile fits the ring");
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 // Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
 // the consumers only wait for each stage and release it (no wgmma, no promotion: the output is
@@ -103,6 +114,9 @@ constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale produc
 // The scale warps keep 12 loads in flight (with 40 registers they spill).
 constexpr int kScaleProducerRegisters = 56;  // 128 * 56 + 256 * 224 <= 64K registers
 constexpr int kScaleConsumerRegisters = 224;
+// Three consumer warpgroups (192-row tiles): 128 * 24 + 384 * 160 <= 64K registers.
+constexpr int kThreeGroupProducerRegisters = 24;
+constexpr int kThreeGroupConsumerRegisters = 160;
 // kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
 __device__ constexpr int overlap_slots(int k_blocks) {
   return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
@@ -148,8 +162,11 @@ struct RingPosition {
 // (the wave's wgmma, then their products scaled into that wave's accumulator); the other
 // warpgroup's wgmma run while one promotes. Each output element takes the same products in the
 // same order as with 128 rows.
+//
+// kRows 192: three consumer warpgroups of 64 rows, one wave each (the wide tiles' loop), pairs
+// sharing B as with 128 rows.
 template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, int kRows = 128>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
                       const __grid_constant__ ScaleMaps scale_maps) {
@@ -162,7 +179,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kCopiedScales = kScaleFeed != ScaleFeed::warps;
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kSplit = kCluster == Cluster::split;
-  constexpr bool kWide = S::kWaves > 1;
+  // The consumer warpgroups, and the rows each takes.
+  constexpr int kGroups = S::kConsumerGroups, kRowsPerGroup = S::kRowsPerGroup;
+  // Wide tiles (and 192 rows): the consumers' loop of waves, one fragment, no overlap.
+  constexpr bool kWide = kRows != 128;
+  constexpr bool kShareA = kPair && kRows == 256;  // pairs share A tiles, else B
   static_assert(!kSplit || kOverlap, "the split takes k-blocks in the overlap's groups of 4");
   static_assert(!kWide || (kOverlap && kCopiedScales && !kSplit),
                 "wide tiles: scales copied with the tiles, no split (kOverlap names the build)");
@@ -189,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tile = static_cast<int>(blockIdx.x) / splits;
   // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group. Wide tiles in
   // pairs: units of two neighbouring column tiles (an even count), ordered as single tiles are.
-  constexpr int kUnitColumns = kWide && kPair ? 2 : 1;
+  constexpr int kUnitColumns = kShareA ? 2 : 1;
   const int unit = tile / kUnitColumns;
   const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
   const int group = unit / per_group;
@@ -222,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&full[s], kCopiedScales ? 1 : 1 + kScaleWarps * 32);
       // Lane 0 of every consumer warp (of both CTAs in pairs: the stage holds the peer's copy).
-      sm90::mbarrier_init(&empty[s], kConsumers * 4 * (kPair ? 2 : 1));
+      sm90::mbarrier_init(&empty[s], kGroups * 4 * (kPair ? 2 : 1));
     }
     sm90::fence_barrier_init();
   }
@@ -233,9 +254,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
-  if (warpgroup == kConsumers) {
-    // Wide tiles: no scale warps, and the consumers hold 128 + 64 accumulator registers.
-    constexpr int kRegisters = kWide ? kProducerRegisters : kScaleProducerRegisters;
+  if (warpgroup == kGroups) {
+    // Wide tiles: no scale warps, and the consumers hold 128 + 64 accumulator registers; 192
+    // rows: three consumer warpgroups of 64 + 64.
+    constexpr int kRegisters = kGroups == 3 ? kThreeGroupProducerRegisters
+                               : kWide      ? kProducerRegisters
+                                            : kScaleProducerRegisters;
     sm90::registers_shrink<kRegisters>();
     // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
     // Split: every thread takes part in both of the exchange's cluster barriers.
@@ -251,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     const int producer_warp = static_cast<int>(threadIdx.x) / 32 % 4;
-    if (threadIdx.x == kConsumers * kWarpgroup) {
+    if (threadIdx.x == kGroups * kWarpgroup) {
       sm90::prefetch_tensor_map(&a_map);
       sm90::prefetch_tensor_map(&b_map);
       if constexpr (kCopiedScales) {
@@ -261,9 +285,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = kb_begin;
            ablation(args) != kPairedCopies && kb < kb_begin + min(kb_count, kStages); ++kb) {
         sm90::tma_prefetch_2d(&a_map, kb * kBlockK,
-                              m0 + kWide * static_cast<int>(rank) * (kBlockM / 2));
+                              m0 + kShareA * static_cast<int>(rank) * (kBlockM / 2));
         sm90::tma_prefetch_2d(&b_map, kb * kBlockK,
-                              n0 + !kWide * static_cast<int>(rank) * (kBlockN / 2));
+                              n0 + !kShareA * static_cast<int>(rank) * (kBlockN / 2));
       }
       vendor::wait_for_previous_grid();
       Ring ring;
@@ -307,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                               : 0) +
                      (scales_copied ? kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0) : 0));
         if (ablated != kCopiesOfB) {
-          if constexpr (kWide && kPair) {  // this CTA's half of the A tile, into both rings
+          if constexpr (kShareA) {  // this CTA's half of the A tile, into both rings
             const int half = static_cast<int>(rank) * (kBlockM / 2);
             sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
                                         m0 + half, 0x3);
@@ -316,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         if (ablated != kCopiesOfA) {
-          if constexpr (kPair && !kWide) {  // this CTA's half of the B tile, into both rings
+          if constexpr (kPair && !kShareA) {  // this CTA's half of the B tile, into both rings
             const int half = static_cast<int>(rank) * (kBlockN / 2);
             sm90::tma_load_2d_multicast(stage + S::kTileBytesA + half * kBlockK, &b_map, bar,
                                         kb * kBlockK, n0 + half, 0x3);
@@ -384,13 +408,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  constexpr int kRegisters = kWide ? kConsumerRegisters : kScaleConsumerRegisters;
+  constexpr int kRegisters = kGroups == 3 ? kThreeGroupConsumerRegisters
+                             : kWide      ? kConsumerRegisters
+                                          : kScaleConsumerRegisters;
   sm90::registers_grow<kRegisters>();
   constexpr int kWaves = S::kWaves;
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   // This thread's rows: tile_row and tile_row + 8 of each wave (64 rows apart).
-  const int tile_row = warpgroup * (kBlockM / 2) + warp * 16 + lane / 4;
+  const int tile_row = warpgroup * kRowsPerGroup + warp * 16 + lane / 4;
   vendor::wait_for_previous_grid();
 
   float acc[kWaves][64], part[64];
@@ -400,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
   // The warpgroup's first 64 rows of the A tile (+ stage offset; + 64 rows for a wide tile's
   // second wave).
-  const uint8_t* a_half = stages + warpgroup * (kBlockM / 2) * kBlockK;
+  const uint8_t* a_half = stages + warpgroup * kRowsPerGroup * kBlockK;
   // After every lane's last read of the stage (its scales): the stage goes back to the producer.
   const auto release = [&](int stage) {
     __syncwarp();
@@ -442,8 +468,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   if constexpr (kWide) {
-    // One fragment, two waves per k-block: the wave's 4 wgmma, wait, scale into acc[wave]. The
-    // stage goes back after the second wave's wgmma; its factors are read before the first.
+    // One fragment, kWaves waves per k-block (two for wide tiles, one for 192 rows): the wave's 4
+    // wgmma, wait, scale into acc[wave]. The stage goes back after the last wave's wgmma; its
+    // factors are read before the first.
     // Measured, not kept (H200, fp8-gpu-sm90.md, session 20): the two warpgroups' waves in strict
     // turns (no change), and 64 x 64 quarters in two 32-register fragments taking turns (M=1024
     // 3 % slower).
@@ -544,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // each rank stages its partial tile, then adds the ranks' rows it owns in rank order, reading
   // the others through distributed shared memory.
   float* staged = reinterpret_cast<float*>(stages);
-  sm90::named_barrier(1, kConsumers * kWarpgroup);
+  sm90::named_barrier(1, kGroups * kWarpgroup);
 #pragma unroll
   for (int w = 0; w < kWaves; ++w) {
 #pragma unroll
@@ -557,13 +584,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // Rows [first, last) of the tile, every `step`-th from this warp's: a warpgroup its own half of
   // the rows, or in a split the rank's share of the 128, over all consumer warps.
-  int first = warpgroup * (kBlockM / 2) + warp, last = (warpgroup + 1) * (kBlockM / 2), step = 4;
+  int first = warpgroup * kRowsPerGroup + warp, last = (warpgroup + 1) * kRowsPerGroup, step = 4;
   if constexpr (kSplit) {
     sm90::cluster_arrive();
     sm90::cluster_wait();
     first = kBlockM * static_cast<int>(rank) / splits + warpgroup * 4 + warp;
     last = kBlockM * (static_cast<int>(rank) + 1) / splits;
-    step = 4 * kConsumers;
+    step = 4 * kGroups;
   } else {
     sm90::named_barrier(2 + warpgroup, kWarpgroup);
   }
@@ -579,7 +606,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kSplit) {
     // All of this thread's reads first (at most 8 rows of up to 4 ranks), so that their latencies
     // overlap; once they are done the other CTAs may leave, while this one stores.
-    constexpr int kMaxRows = kBlockM / 2 / (4 * kConsumers);
+    constexpr int kMaxRows = kBlockM / 2 / (4 * kGroups);
     float4 sums[kMaxRows];
 #pragma unroll
     for (int i = 0; i < kMaxRows; ++i) {
