@@ -310,6 +310,12 @@ GemmCase random_case(std::mt19937_64& rng, int64_t m, int64_t n, int64_t k) {
   return c;
 }
 
+// The plan the Hopper GEMM takes for the case under the current knobs.
+std::string plan_of_case(const GemmCase& c, const Buffers& host, cudaStream_t stream) {
+  const Buffers dev = to_device(host);
+  return gpu::block_gemm_sm90_plan(problem_of(views_of(dev, c, Device::gpu()), c, stream));
+}
+
 // Runs the case twice in a row on one stream (same inputs and output: the second call overlaps
 // the first through PDL and must not change a bit), then once on fresh buffers: the two outputs
 // bitwise equal, and close to the reference. Returns the plan ("" where the kernel declines).
@@ -652,10 +658,7 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
         ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");
         ScopedEnv f("MOEKIT_SM90_TILES_SCALES", "copied");
         ScopedEnv p("MOEKIT_SM90_TILES_PAIR", "1");
-        const Buffers dev = to_device(host);
-        const BlockGemmProblem problem =
-            problem_of(views_of(dev, c, Device::gpu()), c, stream.get());
-        const std::string plan = gpu::block_gemm_sm90_plan(problem);
+        const std::string plan = plan_of_case(c, host, stream.get());
         copied += plan.find("scales copied") != std::string::npos;
         paired += plan.find("pairs sharing B") != std::string::npos;
       }
@@ -695,10 +698,6 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
                                                       {300, 130, 2000},
                                                       {200, 256, 128},
                                                       {600, 200, 4224}}};
-  const auto plan_of = [&](const GemmCase& c, const Buffers& host) {
-    const Buffers dev = to_device(host);
-    return gpu::block_gemm_sm90_plan(problem_of(views_of(dev, c, Device::gpu()), c, stream.get()));
-  };
   const auto has = [](const std::string& plan, const char* what) {
     return plan.find(what) != std::string::npos;
   };
@@ -734,11 +733,11 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
         {
           ScopedEnv with_pairs("MOEKIT_SM90_TILES_PAIR", "1");
           pairs = run_sm90(c, host, stream.get());
-          const std::string plan = plan_of(c, host);
+          const std::string plan = plan_of_case(c, host, stream.get());
           r.paired += has(plan, r.plan) && has(plan, r.pairs);
         }
         ScopedEnv no_pairs("MOEKIT_SM90_TILES_PAIR", "0");
-        const std::string plan = plan_of(c, host);
+        const std::string plan = plan_of_case(c, host, stream.get());
         if (check_reference) check_twice_equals_once(c, host, ref.get(), stream.get());
         const Tensor alone = run_sm90(c, host, stream.get());
         const bool copied = has(plan, "scales copied");

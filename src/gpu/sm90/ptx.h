@@ -60,19 +60,30 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #endif
 }
 
+// One try: whether the phase of parity `parity` of the barrier at shared address `address` has
+// completed.
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t address, uint32_t parity) {
+  uint32_t done = 0;
+#if MOEKIT_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(address), "r"(parity)
+      : "memory");
+#else
+  (void)address;
+  (void)parity;
+#endif
+  return done != 0;
+}
+
 // Waits until the phase of parity `parity` has completed.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #if MOEKIT_SM90A
   const uint32_t address = shared_address(bar);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(address), "r"(parity)
-        : "memory");
-  } while (!done);
+  while (!mbarrier_try_wait(address, parity)) {
+  }
 #else
   (void)bar;
   (void)parity;
@@ -86,14 +97,9 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void mbarrier_wait_likely_done(uint64_t* bar, uint32_t parity) {
 #if MOEKIT_SM90A
   const uint32_t address = shared_address(bar);
-  uint32_t done = 0;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(address), "r"(parity)
-      : "memory");
-  if (__builtin_expect(!done, 0)) mbarrier_wait(bar, parity);
+  if (__builtin_expect(!mbarrier_try_wait(address, parity), 0))
+    while (!mbarrier_try_wait(address, parity)) {
+    }
 #else
   (void)bar;
   (void)parity;
