@@ -277,7 +277,7 @@ struct Plan {
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
   int tile_rows = 128;           // tiles: 128, 256 (wide) or 192 (copied scales, no split)
   int threads = kThreads;        // per CTA: a producer warpgroup and 2 (3 for 192 rows) consumers
-  bool pair = false;             // tiles: clusters of two CTAs sharing B tiles (splits = 2)
+  bool pair = false;             // tiles: clusters of two CTAs sharing B (wide: A) tiles
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
   int tile_promotion = 2;        // tiles: the A and B maps' L2 promotion (as weight_promotion)

@@ -15,9 +15,11 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // kScaleFeed: who puts each k-block's scales beside its tiles (the scale warps, or the copy engine
 // with the tiles). kCluster: CTAs alone; pairs (clusters of two CTAs on neighbouring tile rows,
 // each copying half of the shared B tile into both rings; a stage is refilled once the consumers
-// of both CTAs are done with it, session 15); or a split of K over the CTAs of a cluster, each
-// rank adding the partial sums of its share of the tile's rows, read from the others' shared
-// memory (grids with fewer tiles than half the SMs).
+// of both CTAs are done with it, session 15; wide tiles: on neighbouring tile columns, sharing A);
+// or a split of K over the CTAs of a cluster, each rank adding the partial sums of its share of
+// the tile's rows, read from the others' shared memory (grids with fewer tiles than half the SMs).
+//
+// kRows: the tile's rows (tiles::Shape): 128; 256 (wide tiles); 192 (three consumer warpgroups).
 
 namespace tiles {
 constexpr int kBlockN = 128;
