@@ -91,9 +91,10 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // mbarrier_wait for a phase that has usually completed already: one try, and the retry loop out
-// of the straight path. In the swap kernel's consumer loop this form (a full stage costs a
-// straight run of instructions) ran M=64 N=4096 K=7168 3.7 % faster than the inline spin on an
-// H200 (fp8-gpu-sm90.md, session 19, item 8).
+// of the straight path, so that a full stage costs a straight run of instructions. In the swap
+// kernel's consumer loop that form of code, which ptxas once produced by accident, ran M=64
+// N=4096 K=7168 3.7 % faster than the inline spin (H200, fp8-gpu-sm90.md, session 19, item 8);
+// written this way it ran as fast as that build (session 20, item 4).
 __device__ __forceinline__ void mbarrier_wait_likely_done(uint64_t* bar, uint32_t parity) {
 #if MOEKIT_SM90A
   const uint32_t address = shared_address(bar);
