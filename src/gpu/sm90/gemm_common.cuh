@@ -235,6 +235,31 @@ __device__ __forceinline__ void issue_k_block(float (&part)[N / 2], const uint8_
   sm90::wgmma_commit();
 }
 
+// issue_k_block from descriptors' low words (sm90::smem_descriptor_sw128_low), which a loop steps
+// with 32-bit adds.
+template <int N>
+__device__ __forceinline__ void issue_k_block_at(float (&part)[N / 2], uint32_t a_low,
+                                                 uint32_t b_low) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kBlockK / 32; ++k)  // 32 bytes of K per wgmma: +2 in 16-byte units
+    sm90::WgmmaFp8<N>::run(part, sm90::sw128_descriptor(a_low + 2 * k),
+                           sm90::sw128_descriptor(b_low + 2 * k), k > 0);
+  sm90::wgmma_commit();
+}
+
+// Waits for the fragment's wgmma (issued by issue_k_block or issue_k_block_at).
+template <int N>
+__device__ __forceinline__ void wait_k_block(float (&part)[N / 2]) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+  sm90::wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) sm90::fence_operand(part[i]);
+}
+
 // The 4 wgmma of one k-block into a fresh fragment, then waits for them (the stage is free after).
 template <int N>
 __device__ __forceinline__ void multiply_k_block(float (&part)[N / 2], const uint8_t* a_tile,

@@ -437,11 +437,18 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
       if constexpr (kPair) sm90::mbarrier_arrive_peer(&empty[stage], rank ^ 1);
     }
   };
-  // The scale products of rows row and row + 8 for k-block kb in `stage`.
-  const auto stage_factors = [&](int stage, int kb, int row) {
-    const float* region = scales + stage * kScaleFloats;
+  // Scales copied with the tiles: the weight scale of k-block kb in `stage`.
+  const auto stage_b_scale = [&](int stage, int kb) {
+    const float* b_box = scales + stage * kScaleFloats + S::kScaleBOffset / 4;
+    const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
+    const uint32_t b_bf16 = reinterpret_cast<const uint16_t*>(b_box)[b_index];
+    return args.scales.b_bf16 ? __uint_as_float(b_bf16 << 16) : b_box[b_index];
+  };
+  // The scale products of rows row and row + 8 for k-block kb in `stage` (weight_scale(): the
+  // weight scale, where the scales are copied; called after the activation scales' reads).
+  const auto stage_products = [&](int stage, int kb, int row, auto weight_scale) {
     if constexpr (!kCopiedScales) {
-      return *reinterpret_cast<const float2*>(region + scale_slot(row));
+      return *reinterpret_cast<const float2*>(scales + stage * kScaleFloats + scale_slot(row));
     } else {
       const bool packed = args.scales.a_packed;
       uint32_t w0, w1;
@@ -452,7 +459,7 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
         w0 = words[row * 4 + (word & 3)];
         w1 = words[(row + 8) * 4 + (word & 3)];
       } else {
-        const auto* words = reinterpret_cast<const uint32_t*>(region);
+        const auto* words = reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats);
         w0 = words[row];
         w1 = words[row + 8];
       }
@@ -461,43 +468,65 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
         w0 = (w0 >> shift & 0xffu) << 23;
         w1 = (w1 >> shift & 0xffu) << 23;
       }
-      const float* b_box = region + S::kScaleBOffset / 4;
-      const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
-      const uint32_t b_bf16 = reinterpret_cast<const uint16_t*>(b_box)[b_index];
-      const float b = args.scales.b_bf16 ? __uint_as_float(b_bf16 << 16) : b_box[b_index];
+      const float b = weight_scale();
       return make_float2(__uint_as_float(w0) * b, __uint_as_float(w1) * b);
     }
+  };
+  const auto stage_factors = [&](int stage, int kb, int row) {
+    return stage_products(stage, kb, row, [&] { return stage_b_scale(stage, kb); });
   };
 
   if constexpr (kWide) {
     // One fragment, kWaves waves per k-block (two for wide tiles, one for 192 rows): the wave's 4
-    // wgmma, wait, scale into acc[wave]. The stage goes back after the last wave's wgmma; its
-    // factors are read before the first.
+    // wgmma, wait, scale into acc[wave]. The stage goes back after the last wave's wgmma. The
+    // first wave's wgmma go out right after the stage's wait, from descriptors stepped by 32-bit
+    // adds, and the k-block's factors are read while they run: a warpgroup's chain of waits,
+    // wgmma and promotions is what sets this loop's pace (item 2 of session 20), and the scale
+    // reads and descriptor rebuilds used to sit on it, ahead of each k-block's first wgmma
+    // (with the ring unrolled below: M=1024 N=4096 K=7168 52.2-52.4 -> 49.7-50.0 us, H200,
+    // fp8-gpu-sm90.md, session 21).
     // Measured, not kept (H200, fp8-gpu-sm90.md, session 20): the two warpgroups' waves in strict
     // turns (no change), and 64 x 64 quarters in two 32-register fragments taking turns (M=1024
     // 3 % slower).
+    // Stage 0's tiles: this warpgroup's first 64 rows of A, and B.
+    const uint32_t a_low = sm90::smem_descriptor_sw128_low(a_half);
+    const uint32_t b_low = sm90::smem_descriptor_sw128_low(stages + S::kTileBytesA);
     Ring ring;
     const bool copies_only = ablation(args) >= kCopiesOnly && ablation(args) <= kCopiesNoScales;
     for (int i = 0; copies_only && i < kb_count; ++i, ring.advance()) {
       sm90::mbarrier_wait(&full[ring.stage], ring.phase);
       release(ring.stage);
     }
-    for (int i = 0; !copies_only && i < kb_count; ++i, ring.advance()) {
-      const int stage = ring.stage;
+    // One k-block in `stage`, the i-th of the CTA's.
+    const auto k_block = [&](int stage, uint32_t phase, int i) {
       MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
-      sm90::mbarrier_wait(&full[stage], ring.phase);
+      sm90::mbarrier_wait(&full[stage], phase);
       MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start);
+      const uint32_t stage_low = stage * (kStageBytes / 16);
       float2 factors[kWaves];
 #pragma unroll
-      for (int w = 0; w < kWaves; ++w)
-        factors[w] = stage_factors(stage, kb_begin + i, tile_row + 64 * w);
-#pragma unroll
       for (int w = 0; w < kWaves; ++w) {
-        multiply_k_block<kBlockN>(part, a_half + stage * kStageBytes + 64 * w * kBlockK,
-                                  stages + stage * kStageBytes + S::kTileBytesA);
+        issue_k_block_at<kBlockN>(part, a_low + stage_low + w * (64 * kBlockK / 16),
+                                  b_low + stage_low);
+        if (w == 0) {
+          const float b = stage_b_scale(stage, kb_begin + i);
+#pragma unroll
+          for (int v = 0; v < kWaves; ++v)
+            factors[v] = stage_products(stage, kb_begin + i, tile_row + 64 * v, [b] { return b; });
+        }
+        wait_k_block<kBlockN>(part);
         if (w == kWaves - 1) release(stage);
         if (ablation(args) != kNoPromotion)
           promote_tile_fragment(acc[w], part, factors[w].x, factors[w].y);
+      }
+    };
+    // A turn of the ring per iteration, unrolled, so that each stage's addresses are constants.
+    uint32_t phase = 0;
+    for (int first = 0; !copies_only && first < kb_count; first += kStages, phase ^= 1) {
+#pragma unroll
+      for (int stage = 0; stage < kStages; ++stage) {
+        if (first + stage >= kb_count) break;
+        k_block(stage, phase, first + stage);
       }
     }
   } else if constexpr (kOverlap) {

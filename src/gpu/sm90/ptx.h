@@ -289,6 +289,18 @@ __device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* tile) {
   return desc;
 }
 
+// The same descriptor as two words: the high word is the same for every such tile, and the low
+// word of a tile `bytes` further on is `bytes / 16` more (the start address field holds shared
+// addresses up to 256 KB, so no carry leaves it). A loop then steps descriptors with 32-bit adds
+// instead of rebuilding them from addresses.
+constexpr uint32_t kSw128DescriptorHigh = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t smem_descriptor_sw128_low(const void* tile) {
+  return static_cast<uint32_t>(smem_descriptor_sw128(tile));
+}
+__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t low) {
+  return static_cast<uint64_t>(kSw128DescriptorHigh) << 32 | low;
+}
+
 // Orders this thread's register accesses before the warpgroup's next wgmma.
 __device__ __forceinline__ void wgmma_fence() {
 #if MOEKIT_SM90A
