@@ -275,8 +275,7 @@ struct Plan {
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
-  int tile_rows = 128;           // tiles: 128, 256 (wide) or 192 (copied scales, no split)
-  int threads = kThreads;        // per CTA: a producer warpgroup and 2 (3 for 192 rows) consumers
+  int tile_rows = 128;                                    // tiles: 128 or 256 (wide)
   bool pair = false;             // tiles: clusters of two CTAs sharing B (wide: A) tiles
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
@@ -557,8 +556,7 @@ TilesKernelFn tiles_kernel_for(const Plan& plan) {
   return gemm_tiles_kernel<true, ScaleFeed::warps, kCluster>;
 }
 
-// Tiles of 192 or 256 rows (scales copied with the tiles): the kernel for the plan's feed and
-// cluster.
+// Wide tiles (scales copied with the tiles): the kernel for the plan's feed and cluster.
 template <int kRows>
 TilesKernelFn rows_kernel_for(const Plan& plan) {
   using tiles::Cluster;
@@ -573,7 +571,6 @@ TilesKernelFn rows_kernel_for(const Plan& plan) {
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
   if (plan.tile_rows == 256) return rows_kernel_for<256>(plan);
-  if (plan.tile_rows == 192) return rows_kernel_for<192>(plan);
   if (plan.pair) return tiles_kernel_for<tiles::Cluster::pair>(plan);
   if (plan.tiles_split > 1) return tiles_kernel_for<tiles::Cluster::split>(plan);
   return tiles_kernel_for<tiles::Cluster::none>(plan);
@@ -645,21 +642,19 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   // about a CTA per SM (H200, fp8-gpu-sm90.md, session 20: M=1024 N=4096 K=7168 54.1-54.9 ->
   // 52.5-53.5 us; M=4096 N=7168 K=16384 828-916 -> 826-883 in pairs sharing A tiles, within the
   // power limit's spread).
-  // MOEKIT_SM90_TILES_ROWS=128, 192 or 256 forces the row count where it can be served (timing
-  // knob; 192 rows, three consumer warpgroups, are not planned until they are timed).
+  // MOEKIT_SM90_TILES_ROWS=128 or 256 forces the row count where it can be served (timing knob).
   const bool long_k = p.k_blocks >= kTilesLongK;
   const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
   const int rows = env::integer("MOEKIT_SM90_TILES_ROWS", -1);
   const bool wide_pays = long_k && fp8::ceil_div(p.m, 256) * tiles_n >= kTilesPairGrid;
   if (plan.scale_feed != tiles::ScaleFeed::warps && (rows == 256 || (rows < 0 && wide_pays)))
     plan.tile_rows = 256;
-  if (plan.scale_feed != tiles::ScaleFeed::warps && rows == 192) plan.tile_rows = 192;
   const bool wide = plan.tile_rows == 256;
   const bool narrow = plan.tile_rows == 128;
   const int64_t tiles_m = fp8::ceil_div(p.m, plan.tile_rows);
   const int pair = env::integer("MOEKIT_SM90_TILES_PAIR", -1);
-  // Pairs of 128- and 192-row tiles share B (neighbouring tile rows: an even row count); pairs of
-  // wide tiles share A (neighbouring tile columns: an even column count).
+  // Pairs of 128-row tiles share B (neighbouring tile rows: an even row count); pairs of wide
+  // tiles share A (neighbouring tile columns: an even column count).
   plan.pair = (wide ? tiles_n : tiles_m) % 2 == 0 &&
               (pair >= 0 ? pair != 0 : long_k && tiles_m * tiles_n >= kTilesPairGrid);
   // Grids of fewer tiles than the SMs split K over clusters (two fragments only, not in pairs):
@@ -674,10 +669,7 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int promotion = env::integer("MOEKIT_SM90_TILES_PROMOTION", -1);
   if (promotion >= 0 && promotion <= 3) plan.tile_promotion = promotion;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
-  plan.shared_bytes = wide     ? tiles::Shape<256>::kSharedBytes
-                      : narrow ? tiles::kSharedBytes
-                               : tiles::Shape<192>::kSharedBytes;
-  plan.threads = plan.tile_rows == 192 ? tiles::Shape<192>::kThreads : kThreads;
+  plan.shared_bytes = wide ? tiles::Shape<256>::kSharedBytes : tiles::kSharedBytes;
   return plan;
 }
 
@@ -713,7 +705,7 @@ void launch(const Plan& plan, Kernel kernel, void* stream, int device, const Par
                                         static_cast<int>(plan.shared_bytes)));
   cudaLaunchConfig_t config{};
   config.gridDim = plan.grid;
-  config.blockDim = dim3(static_cast<unsigned>(plan.threads));
+  config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = plan.shared_bytes;
   config.stream = static_cast<cudaStream_t>(stream);
   cudaLaunchAttribute attributes[2];
@@ -831,10 +823,9 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   : plan.tile_rows == 256 ? ", pairs sharing A tiles (cluster of 2)"
                                           : ", pairs sharing B tiles (cluster of 2)",
                   split,
-                  plan.tile_rows == 256   ? ", two waves per k-block"
-                  : plan.tile_rows == 192 ? ", three consumer warpgroups"
-                  : plan.overlap          ? ", two fragments take turns"
-                                          : "",
+                  plan.tile_rows == 256 ? ", two waves per k-block"
+                  : plan.overlap        ? ", two fragments take turns"
+                                        : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
                                                              : ", scales copied with the tiles",
                   promotion);

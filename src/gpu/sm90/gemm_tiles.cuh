@@ -19,7 +19,7 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // or a split of K over the CTAs of a cluster, each rank adding the partial sums of its share of
 // the tile's rows, read from the others' shared memory (grids with fewer tiles than half the SMs).
 //
-// kRows: the tile's rows (tiles::Shape): 128; 256 (wide tiles); 192 (three consumer warpgroups).
+// kRows: the tile's rows (tiles::Shape): 128, or 256 (wide tiles).
 
 namespace tiles {
 constexpr int kBlockN = 128;
@@ -27,16 +27,15 @@ constexpr int kBlockN = 128;
 // tiles, no split), which copies a quarter fewer bytes from L2 per product (48 KB per k-block for
 // twice the work of 32 KB) and holds two 64-register accumulators per consumer thread, filled in
 // two waves of wgmma per k-block (DeepGEMM's 256 x 128 config made 1405 TFLOP/s at M=4096 N=7168
-// K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19); or
-// 192 x 128 with three consumer warpgroups of 64 rows (scales copied, no split), because two
-// warpgroups that each wait for their wgmma before promoting keep the tensor cores at 67 % of
-// their rate and three at 90 % (`wgmma_rate`, H200, session 20). Not timed in a GEMM yet: a
-// timing knob only.
+// K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19).
+// Measured, not kept (session 21): 192 x 128 with three consumer warpgroups of 64 rows, same bits
+// but slower everywhere (M=1024 N=4096 K=7168 75.8 against 53.4 us, 192 CTAs for 132 SMs; M=4096
+// N=7168 K=16384 901-914 against 811-873 us).
 template <int kRows>
 struct Shape {
-  static_assert(kRows == 128 || kRows == 192 || kRows == 256, "tiles of 128, 192 or 256 rows");
+  static_assert(kRows == 128 || kRows == 256, "tiles of 128 or 256 rows");
   static constexpr int kBlockM = kRows;
-  static constexpr int kConsumerGroups = kRows == 192 ? 3 : 2;  // consumer warpgroups
+  static constexpr int kConsumerGroups = 2;  // consumer warpgroups
   static constexpr int kThreads = kWarpgroup * (kConsumerGroups + 1);
   static constexpr int kRowsPerGroup = kRows / kConsumerGroups;  // per consumer warpgroup
   // Waves of 64-row wgmma per consumer warpgroup and k-block.
@@ -44,7 +43,7 @@ struct Shape {
   static constexpr int kTileBytesA = kRows * kBlockK;
   static constexpr int kTileBytesB = kBlockN * kBlockK;
   static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-  static constexpr int kStages = kRows == 128 ? 6 : kRows == 192 ? 5 : 4;
+  static constexpr int kStages = kRows == 128 ? 6 : 4;
   // A stage's scale region: the scale warps' 128 products, or the TMA box of the activation
   // scales with rows inner (4 bytes a row), and at kScaleBOffset the weight scales' box (16
   // bytes). (128 rows: the region still has room for a k-inner box, which now goes to the box
@@ -81,9 +80,6 @@ static_assert(Shape<128>::kBlockM * kStagedStride * 4 <=
 static_assert(Shape<256>::kBlockM * kStagedStride * 4 <=
                   Shape<256>::kStages * Shape<256>::kStageBytes,
               "the staged tile fits the ring");
-static_assert(Shape<192>::kBlockM * kStagedStride * 4 <=
-                  Shape<192>::kStages * Shape<192>::kStageBytes,
-              "the staged tile fits the ring");
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 // Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
 // the consumers only wait for each stage and release it (no wgmma, no promotion: the output is
@@ -116,9 +112,6 @@ constexpr int kScaleWarps = 2;  // producer warps 1 and 2 write the scale produc
 // The scale warps keep 12 loads in flight (with 40 registers they spill).
 constexpr int kScaleProducerRegisters = 56;  // 128 * 56 + 256 * 224 <= 64K registers
 constexpr int kScaleConsumerRegisters = 224;
-// Three consumer warpgroups (192-row tiles): 128 * 24 + 384 * 160 <= 64K registers.
-constexpr int kThreeGroupProducerRegisters = 24;
-constexpr int kThreeGroupConsumerRegisters = 160;
 // kOverlap: ring slots a CTA goes through (whole groups; past k_blocks a slot holds no copy).
 __device__ constexpr int overlap_slots(int k_blocks) {
   return (k_blocks + kOverlapGroup - 1) / kOverlapGroup * kOverlapGroup;
@@ -164,9 +157,7 @@ struct RingPosition {
 // (the wave's wgmma, then their products scaled into that wave's accumulator); the other
 // warpgroup's wgmma run while one promotes. Each output element takes the same products in the
 // same order as with 128 rows.
-//
-// kRows 192: three consumer warpgroups of 64 rows, one wave each (the wide tiles' loop), pairs
-// sharing B as with 128 rows.
+
 template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, int kRows = 128>
 __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
@@ -183,8 +174,8 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
   constexpr bool kSplit = kCluster == Cluster::split;
   // The consumer warpgroups, and the rows each takes.
   constexpr int kGroups = S::kConsumerGroups, kRowsPerGroup = S::kRowsPerGroup;
-  // Wide tiles (and 192 rows): the consumers' loop of waves, one fragment, no overlap.
-  constexpr bool kWide = kRows != 128;
+  // Wide tiles: the consumers' loop of waves, one fragment, no overlap.
+  constexpr bool kWide = kRows == 256;
   constexpr bool kShareA = kPair && kRows == 256;  // pairs share A tiles, else B
   static_assert(!kSplit || kOverlap, "the split takes k-blocks in the overlap's groups of 4");
   static_assert(!kWide || (kOverlap && kCopiedScales && !kSplit),
@@ -257,11 +248,8 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kGroups) {
-    // Wide tiles: no scale warps, and the consumers hold 128 + 64 accumulator registers; 192
-    // rows: three consumer warpgroups of 64 + 64.
-    constexpr int kRegisters = kGroups == 3 ? kThreeGroupProducerRegisters
-                               : kWide      ? kProducerRegisters
-                                            : kScaleProducerRegisters;
+    // Wide tiles: no scale warps, and the consumers hold 128 + 64 accumulator registers.
+    constexpr int kRegisters = kWide ? kProducerRegisters : kScaleProducerRegisters;
     sm90::registers_shrink<kRegisters>();
     // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
     // Split: every thread takes part in both of the exchange's cluster barriers.
@@ -410,9 +398,7 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
     return;
   }
 
-  constexpr int kRegisters = kGroups == 3 ? kThreeGroupConsumerRegisters
-                             : kWide      ? kConsumerRegisters
-                                          : kScaleConsumerRegisters;
+  constexpr int kRegisters = kWide ? kConsumerRegisters : kScaleConsumerRegisters;
   sm90::registers_grow<kRegisters>();
   constexpr int kWaves = S::kWaves;
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
@@ -477,7 +463,7 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
   };
 
   if constexpr (kWide) {
-    // One fragment, kWaves waves per k-block (two for wide tiles, one for 192 rows): the wave's 4
+    // One fragment, two waves per k-block: the wave's 4
     // wgmma, wait, scale into acc[wave]. The stage goes back after the last wave's wgmma. The
     // first wave's wgmma go out right after the stage's wait, from descriptors stepped by 32-bit
     // adds, and the k-block's factors are read while they run: a warpgroup's chain of waits,
