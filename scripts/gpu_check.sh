@@ -117,7 +117,9 @@ TESTS=$BUILD/moekit_gpu_tests
 
 step "GPU tests"
 if [[ -x $TESTS ]]; then
-  timeout 420 "$TESTS" > "$OUT/tests.txt" 2>&1
+  # The Sm90BlockFp8Gemm.Prints* diagnostics (timings and trace tables, read by hand with their
+  # knobs) assert little and took the suite past its limit in session 20: run them on their own.
+  timeout 420 "$TESTS" --gtest_filter='-*.Prints*' > "$OUT/tests.txt" 2>&1
   grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |seed" "$OUT/tests.txt" | head -40
   grep -A4 "Failure" "$OUT/tests.txt" | head -60
   if grep -q "^\[  PASSED  \]" "$OUT/tests.txt" \
