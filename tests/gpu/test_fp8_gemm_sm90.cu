@@ -1267,7 +1267,18 @@ TEST(Sm90BlockFp8Gemm, PrintsTilesRingWaits) {
     const int full = static_cast<int>(gpu::kTilesFullWaits);
     const int empty = static_cast<int>(gpu::kTilesEmptyWaits);
     std::vector<double> us, ghz, full_share, empty_share;
+    // Consumer thread 0's milestones (wide tiles only), us from the CTA's entry.
+    const gpu::Sm90TracePhase milestones[] = {
+        gpu::Sm90TracePhase::scales_staged, gpu::Sm90TracePhase::last_consumed,
+        gpu::Sm90TracePhase::sums_done, gpu::Sm90TracePhase::stores_issued};
+    std::vector<double> milestone_us[4];
     for (const gpu::Sm90TraceRecord& r : records) {
+      for (int j = 0; j < 4; ++j) {
+        const int at = static_cast<int>(milestones[j]);
+        if (r.time_ns[at] != 0)
+          milestone_us[j].push_back(static_cast<double>(r.time_ns[at] - r.time_ns[at_entry]) *
+                                    1e-3);
+      }
       ASSERT_TRUE(r.time_ns[at_entry] != 0 && r.time_ns[at_exit] > r.time_ns[at_entry]) << r.ticket;
       ASSERT_EQ(r.time_ns[empty], 1u) << "the producer's wait count is missing, CTA " << r.ticket;
       const double cycles = static_cast<double>(r.cycles[at_exit] - r.cycles[at_entry]);
@@ -1286,6 +1297,12 @@ TEST(Sm90BlockFp8Gemm, PrintsTilesRingWaits) {
         static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k), grid,
         kCalls, gpu::block_gemm_sm90_plan(in.problems[0]).c_str(), median_of(us), median_of(ghz),
         100.0 * median_of(full_share), 100.0 * median_of(empty_share));
+    if (!milestone_us[0].empty())
+      std::printf(
+          "  consumer thread 0 (median us from entry): first stage full %.2f, loop done %.2f, "
+          "tile staged %.2f, stores issued %.2f\n",
+          median_of(milestone_us[0]), median_of(milestone_us[1]), median_of(milestone_us[2]),
+          median_of(milestone_us[3]));
   }
 }
 

@@ -487,7 +487,8 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
     const auto k_block = [&](int stage, uint32_t phase, int i) {
       MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
       sm90::mbarrier_wait(&full[stage], phase);
-      MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start);
+      MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start; if (threadIdx.x == 0 && i == 0)
+                             trace_stamp(trace_cta, Sm90TracePhase::scales_staged));
       const uint32_t stage_low = stage * (kStageBytes / 16);
       float2 factors[kWaves];
 #pragma unroll
@@ -575,6 +576,8 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
       promote_tile_fragment(acc[0], part, factors.x, factors.y);
     }
   }
+  MOEKIT_TILES_TRACE(if (threadIdx.x == 0)
+                         trace_stamp_after(trace_cta, Sm90TracePhase::last_consumed, acc[0]));
   // Pairs: this thread's last arrival on the peer is done; the peer may leave once all have said
   // so.
   if constexpr (kPair) sm90::cluster_arrive();
@@ -611,6 +614,7 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
   } else {
     sm90::named_barrier(2 + warpgroup, kWarpgroup);
   }
+  MOEKIT_TILES_TRACE(if (threadIdx.x == 0) trace_stamp(trace_cta, Sm90TracePhase::sums_done));
   const Epilogue& e = args.epilogue;
   const int col = n0 + 4 * lane;
   float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -659,6 +663,7 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
                  make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w));
     }
   }
+  MOEKIT_TILES_TRACE(if (threadIdx.x == 0) trace_stamp(trace_cta, Sm90TracePhase::stores_issued));
   if constexpr (kPair) sm90::cluster_wait();
   MOEKIT_TILES_TRACE(if (threadIdx.x == 0) {
     volatile TraceCta& v = trace_cta;
