@@ -463,14 +463,13 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
   };
 
   if constexpr (kWide) {
-    // One fragment, two waves per k-block: the wave's 4
-    // wgmma, wait, scale into acc[wave]. The stage goes back after the last wave's wgmma. The
-    // first wave's wgmma go out right after the stage's wait, from descriptors stepped by 32-bit
-    // adds, and the k-block's factors are read while they run: a warpgroup's chain of waits,
-    // wgmma and promotions is what sets this loop's pace (item 2 of session 20), and the scale
-    // reads and descriptor rebuilds used to sit on it, ahead of each k-block's first wgmma
-    // (with the ring unrolled below: M=1024 N=4096 K=7168 52.2-52.4 -> 49.7-50.0 us, H200,
-    // fp8-gpu-sm90.md, session 21).
+    // One fragment, two waves per k-block: the wave's 4 wgmma, wait, scale into acc[wave]. The
+    // stage goes back after the last wave's wgmma. The first wave's wgmma go out right after the
+    // stage's wait, from descriptors stepped by 32-bit adds, and the k-block's factors are read
+    // while they run: a warpgroup's chain of waits, wgmma and promotions is what sets this loop's
+    // pace (item 2 of session 20), and the scale reads and descriptor rebuilds used to sit on it,
+    // ahead of each k-block's first wgmma (with the ring unrolled below: M=1024 N=4096 K=7168
+    // 52.2-52.4 -> 49.7-50.0 us, H200, fp8-gpu-sm90.md, session 21).
     // Measured, not kept (H200, fp8-gpu-sm90.md, session 20): the two warpgroups' waves in strict
     // turns (no change), and 64 x 64 quarters in two 32-register fragments taking turns (M=1024
     // 3 % slower).
