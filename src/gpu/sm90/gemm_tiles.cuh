@@ -35,9 +35,7 @@ template <int kRows>
 struct Shape {
   static_assert(kRows == 128 || kRows == 256, "tiles of 128 or 256 rows");
   static constexpr int kBlockM = kRows;
-  static constexpr int kConsumerGroups = 2;  // consumer warpgroups
-  static constexpr int kThreads = kWarpgroup * (kConsumerGroups + 1);
-  static constexpr int kRowsPerGroup = kRows / kConsumerGroups;  // per consumer warpgroup
+  static constexpr int kRowsPerGroup = kRows / kConsumers;  // per consumer warpgroup
   // Waves of 64-row wgmma per consumer warpgroup and k-block.
   static constexpr int kWaves = kRowsPerGroup / 64;
   static constexpr int kTileBytesA = kRows * kBlockK;
@@ -159,7 +157,7 @@ struct RingPosition {
 // same order as with 128 rows.
 
 template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, int kRows = 128>
-__global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
                       const __grid_constant__ ScaleMaps scale_maps) {
@@ -173,7 +171,7 @@ __global__ void __launch_bounds__(tiles::Shape<kRows>::kThreads, 1)
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kSplit = kCluster == Cluster::split;
   // The consumer warpgroups, and the rows each takes.
-  constexpr int kGroups = S::kConsumerGroups, kRowsPerGroup = S::kRowsPerGroup;
+  constexpr int kGroups = kConsumers, kRowsPerGroup = S::kRowsPerGroup;
   // Wide tiles: the consumers' loop of waves, one fragment, no overlap.
   constexpr bool kWide = kRows == 256;
   constexpr bool kShareA = kPair && kRows == 256;  // pairs share A tiles, else B
