@@ -384,6 +384,10 @@ TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
   const Result route = run("bench --op route --backend cpu --implementation cpu.avx2");
   EXPECT_EQ(route.exit_code, 2);
   EXPECT_NE(route.err.find("--implementation"), std::string::npos) << route.err;
+  // --replays outside 1..100000: a one-line error naming it, before any work.
+  const Result replays = run("bench --op gemm --backend cpu --model Qwen3-30B-A3B --replays 0");
+  EXPECT_EQ(replays.exit_code, 2);
+  EXPECT_NE(replays.err.find("replays=0"), std::string::npos) << replays.err;
 }
 
 // `--data normal`: DeepGEMM's operands (normal values cast per block) instead of uniform ones, and

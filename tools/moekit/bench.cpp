@@ -138,9 +138,10 @@ int run_bench(const BenchOptions& options) {
   if (!backend_available(backend))
     fail("bench", "--backend", std::string(backend_name(backend)),
          "is not present on this machine");
-  if (!options.implementation.empty() && (options.op != "gemm" || backend != Backend::cpu))
-    fail("bench", "--implementation", options.implementation,
-         "applies to --op gemm --backend cpu only (the GPU bench times every implementation)");
+  if (!options.implementation.empty() && options.op != "gemm")
+    fail("bench", "--implementation", options.implementation, "applies to --op gemm only");
+  if (options.replays < 1 || options.replays > 100000)
+    fail("bench", "--replays", std::to_string(options.replays), "must be 1..100000");
   if (options.data != "uniform" && options.op != "gemm")
     fail("bench", "--data", options.data, "applies to --op gemm only");
   parse_fp8_data(options.data);  // (an unknown name fails before any work)

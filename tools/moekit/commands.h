@@ -43,9 +43,13 @@ struct BenchOptions {
   bool json = false;
   std::string model;   // empty: every model-table row
   int64_t tokens = 0;  // 0: every token count of the model table
-  // Only this dispatch entry ("cpu.avx2"; see `moekit explain`): the CPU GEMM bench, to compare
-  // implementations (the GPU FP8 bench times every one that serves). Empty: the dispatch's pick.
+  // Only this dispatch entry ("cpu.avx2", "gpu.sm90"; see `moekit explain`), --op gemm: to compare
+  // implementations, or to run one alone (for a clock or power trace). Empty: the CPU bench times
+  // the dispatch's pick, the GPU bench every implementation that serves.
   std::string implementation;
+  // GPU: CUDA-graph replays timed per row (the median is reported). More replays make a row run
+  // long enough to sample the card's clock and power beside it.
+  int replays = 20;
   // FP8 GEMM operands (--op gemm): "uniform" (SGLang's tests) or "normal" (DeepGEMM's tests and
   // published figures); see Fp8Data.
   std::string data = "uniform";

@@ -49,8 +49,10 @@ std::vector<Tensor> weight_copies(const TensorView& w) {
   return weights;
 }
 
+// only: one implementation's row (empty: every implementation that serves).
 std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t N, int64_t K,
-                                     uint64_t seed, Fp8Data data) {
+                                     uint64_t seed, Fp8Data data, const std::string& only,
+                                     int replays) {
   const Device gpu = Device::gpu();
   const Fp8GemmInputs in = make_fp8_gemm_inputs(M, N, K, seed, data);
   const Tensor a = Tensor::copy_of(in.a, gpu), b_scales = Tensor::copy_of(in.b_scales, gpu);
@@ -72,6 +74,7 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
       a, as_col, ScaleLayout::column_major, weights[0], b_scales, std::nullopt, out, any));
   std::vector<GpuRow> result;
   for (const char* implementation : kGemmImplementations) {
+    if (!only.empty() && only != implementation) continue;
     // cuBLASLt reads VEC128 scales M-contiguous; our kernels are timed with SGLang's row-major.
     const bool library = std::string(implementation) == "gpu.cublaslt";
     const TensorView as = library ? as_col.view() : as_row.view();
@@ -93,7 +96,7 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
           block_fp8_gemm(a, as, layout, weights[static_cast<size_t>(call++ % copies)], b_scales,
                          std::nullopt, out, op);
         },
-        /*calls_per_graph=*/std::max(copies, 4), /*replays=*/20);
+        /*calls_per_graph=*/std::max(copies, 4), replays);
     row.bytes = static_cast<double>(weight_bytes + in.b_scales.nbytes() + in.a.nbytes() +
                                     in.a_scales.nbytes() + out.nbytes());
     row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
@@ -105,7 +108,7 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
 constexpr const char* kLinearImplementations[] = {"gpu.cublaslt", "gpu.sm90.fused", "gpu"};
 
 std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t N, int64_t K,
-                                     uint64_t seed) {
+                                     uint64_t seed, int replays) {
   const Device gpu = Device::gpu();
   const Tensor x_host = random_fp8_activations(seed, M, K);
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, N, K, seed + 1);  // its b and b_scales
@@ -150,7 +153,7 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
           w8a8_block_fp8_linear(x, weights[static_cast<size_t>(call++ % copies)], b_scales,
                                 std::nullopt, y, workspace.data(), workspace_bytes, op);
         },
-        /*calls_per_graph=*/std::max(copies, 4), /*replays=*/20);
+        /*calls_per_graph=*/std::max(copies, 4), replays);
     row.bytes = static_cast<double>(x.nbytes() + weight_bytes + w.b_scales.nbytes() + y.nbytes());
     row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
     result.push_back(row);
@@ -159,7 +162,8 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
 }
 
 // block_quantize_weight of a bf16 weight [N, K] (verified on its first two block rows).
-GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, uint64_t seed) {
+GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, uint64_t seed,
+                                 int replays) {
   const Device gpu = Device::gpu();
   const Tensor w_host = random_bf16_weight(seed, N, K);
   const Tensor w = Tensor::copy_of(w_host, gpu);
@@ -179,13 +183,13 @@ GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, 
         op.stream = stream;
         block_quantize_weight(w, q, s, op);
       },
-      /*calls_per_graph=*/4, /*replays=*/20);
+      /*calls_per_graph=*/4, replays);
   row.bytes = static_cast<double>(w.nbytes() + q.nbytes() + s.nbytes());
   return row;
 }
 
 GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayout layout,
-                       uint64_t seed) {
+                       uint64_t seed, int replays) {
   const Device gpu = Device::gpu();
   const Tensor x_host = random_fp8_activations(seed, M, K);
   GroupQuantConfig c;
@@ -208,7 +212,7 @@ GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayou
         op.stream = stream;
         per_token_group_quant_fp8(x, q, scales, c, op);
       },
-      /*calls_per_graph=*/4, /*replays=*/20);
+      /*calls_per_graph=*/4, replays);
   row.bytes = static_cast<double>(x.nbytes() + q.nbytes() + scales.nbytes());
   return row;
 }
@@ -225,6 +229,11 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
   };
   if (options.op == "gemm") {
     const Fp8Data data = parse_fp8_data(options.data);
+    if (!options.implementation.empty() &&
+        std::find(std::begin(kGemmImplementations), std::end(kGemmImplementations),
+                  options.implementation) == std::end(kGemmImplementations))
+      fail("bench", "--implementation", options.implementation,
+           "is not a GPU GEMM implementation (gpu.cublaslt, gpu.sm90, gpu)");
     struct Shape {
       std::string name;
       int64_t n, k;
@@ -242,7 +251,8 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     for (const Shape& shape : shapes)
       for (int64_t M : shape.tokens)
         if (wanted(shape.name, M))
-          for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++, data))
+          for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++, data,
+                                            options.implementation, options.replays))
             rows.push_back(std::move(r));
   } else if (options.op == "linear") {
     struct Shape {
@@ -258,12 +268,14 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     for (const Shape& shape : shapes)
       for (int64_t M : shape.tokens)
         if (wanted(shape.name, M))
-          for (GpuRow& r : bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++))
+          for (GpuRow& r :
+               bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++, options.replays))
             rows.push_back(std::move(r));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);
-      if (wanted(name, n)) rows.push_back(bench_quantize_weight_gpu(name, n, k, seed++));
+      if (wanted(name, n))
+        rows.push_back(bench_quantize_weight_gpu(name, n, k, seed++, options.replays));
     }
   } else {
     // K=7168: DeepSeek-V3's hidden size (the goal's shape); 1536 and 768: the inputs of the
@@ -278,7 +290,8 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       const std::string name = "x bf16 K=" + std::to_string(shape.k) + " g128 " +
                                (shape.layout == ScaleLayout::row_major ? "row" : "ue8m0");
       if (wanted(name, 16384))
-        rows.push_back(bench_quant_gpu(name, 16384, shape.k, shape.layout, seed++));
+        rows.push_back(
+            bench_quant_gpu(name, 16384, shape.k, shape.layout, seed++, options.replays));
     }
   }
   if (rows.empty()) fail("bench", "--model", options.model, "selects no GPU FP8 shape");

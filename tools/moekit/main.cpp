@@ -237,7 +237,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--tokens", bench.tokens,
                         "one token count (CPU --op gemm|linear: any M, not only the table's)");
   bench_cmd->add_option("--implementation", bench.implementation,
-                        "CPU --op gemm: only this implementation (see explain)");
+                        "--op gemm: only this implementation (see explain)");
+  bench_cmd->add_option("--replays", bench.replays,
+                        "GPU: graph replays timed per row (default 20)");
   bench_cmd->add_option("--data", bench.data,
                         "--op gemm operands: uniform (SGLang's tests, default) | normal "
                         "(DeepGEMM's: normal values, per-block amax cast) | ones (all 1.0: "
