@@ -463,11 +463,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kWide) {
     // One fragment, two waves per k-block: the wave's 4 wgmma, wait, scale into acc[wave]. The
     // stage goes back after the last wave's wgmma. The first wave's wgmma go out right after the
-    // stage's wait, from descriptors stepped by 32-bit adds, and the k-block's factors are read
-    // while they run: a warpgroup's chain of waits, wgmma and promotions is what sets this loop's
-    // pace (item 2 of session 20), and the scale reads and descriptor rebuilds used to sit on it,
-    // ahead of each k-block's first wgmma (with the ring unrolled below: M=1024 N=4096 K=7168
-    // 52.2-52.4 -> 49.7-50.0 us, H200, fp8-gpu-sm90.md, session 21).
+    // stage's wait and the scale words' shared loads, from descriptors stepped by 32-bit adds, and
+    // the k-block's factors are computed while they run: a warpgroup's chain of waits, wgmma and
+    // promotions is what sets this loop's pace (item 2 of session 20), and the scale reads and
+    // descriptor rebuilds used to sit on it, ahead of each k-block's first wgmma (with the ring
+    // unrolled below: M=1024 N=4096 K=7168 52.2-52.4 -> 49.7-50.0 us, H200, fp8-gpu-sm90.md,
+    // session 21).
     // Measured, not kept (H200, fp8-gpu-sm90.md, session 20): the two warpgroups' waves in strict
     // turns (no change), and 64 x 64 quarters in two 32-register fragments taking turns (M=1024
     // 3 % slower).
@@ -480,12 +481,67 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbarrier_wait(&full[ring.stage], ring.phase);
       release(ring.stage);
     }
+    // Where k-block kb's scale words sit: the activation scales of this thread's rows (row of
+    // each wave; row + 8 is kRowStep words on) and the weight scale's 32-bit word, with the shift
+    // and mask that make a float of it (a bf16 scale is one half of the word).
+    constexpr int kRowStep = kScaleFeed == ScaleFeed::a_k_inner ? 8 * 4 : 8;
+    struct ScaleAddresses {
+      const uint32_t* a[kWaves];
+      const uint32_t* b;
+      int b_shift;
+      uint32_t b_mask;
+    };
+    const auto scale_addresses = [&](int stage, int kb) {
+      ScaleAddresses at;
+#pragma unroll
+      for (int v = 0; v < kWaves; ++v) {
+        const int row = tile_row + 64 * v;
+        if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
+          const int word = args.scales.a_packed ? kb >> 2 : kb;
+          at.a[v] = reinterpret_cast<const uint32_t*>(scale_boxes + (word >> 2) % kScaleBoxSlots *
+                                                                        (kScaleABoxBytes / 4)) +
+                    row * 4 + (word & 3);
+        } else {
+          at.a[v] = reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats) + row;
+        }
+      }
+      const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
+      const int b_byte = args.scales.b_bf16 ? 2 * b_index : 4 * b_index;
+      at.b =
+          reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats + S::kScaleBOffset / 4) +
+          b_byte / 4;
+      at.b_shift = args.scales.b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
+      at.b_mask = args.scales.b_bf16 ? 0xffff0000u : 0xffffffffu;
+      return at;
+    };
+    // The factors from the words: packed activation scales hold k-block kb's exponent in byte
+    // kb % 4; a bf16 weight scale is the top half of a float.
+    const auto factor_of = [&](uint32_t word, int kb, float b) {
+      if (args.scales.a_packed) word = (word >> ((kb & 3) * 8) & 0xffu) << 23;
+      return __uint_as_float(word) * b;
+    };
     // One k-block in `stage`, the i-th of the CTA's.
     const auto k_block = [&](int stage, uint32_t phase, int i) {
+      const int kb = kb_begin + i;
+      const ScaleAddresses at = scale_addresses(stage, kb);
       MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
       sm90::mbarrier_wait(&full[stage], phase);
       MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start; if (threadIdx.x == 0 && i == 0)
                              trace_stamp(trace_cta, Sm90TracePhase::scales_staged));
+      // The scale words' shared loads go out before the first wave's wgmma, so that their latency
+      // is not between that wave's wgmma: ptxas puts the factors' arithmetic among those wgmma
+      // wherever the source has it (the same SASS with it after the wave's wait), and session 21's
+      // loads, written after the first wgmma, went there too, with their address arithmetic (54
+      // instructions between the wave's first and second wgmma, now 20: M=1024 N=4096 K=7168
+      // 49.7 -> 49.0 us, M=4096 N=7168 K=16384 781-800 -> 730-745, H200; fp8-gpu-sm90.md,
+      // session 22).
+      uint32_t words[kWaves][2];
+#pragma unroll
+      for (int v = 0; v < kWaves; ++v) {
+        words[v][0] = at.a[v][0];
+        words[v][1] = at.a[v][kRowStep];
+      }
+      const uint32_t b_word = *at.b;
       const uint32_t stage_low = stage * (kStageBytes / 16);
       float2 factors[kWaves];
 #pragma unroll
@@ -493,10 +549,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_k_block_at<kBlockN>(part, a_low + stage_low + w * (64 * kBlockK / 16),
                                   b_low + stage_low);
         if (w == 0) {
-          const float b = stage_b_scale(stage, kb_begin + i);
+          const float b = __uint_as_float(b_word << at.b_shift & at.b_mask);
 #pragma unroll
           for (int v = 0; v < kWaves; ++v)
-            factors[v] = stage_products(stage, kb_begin + i, tile_row + 64 * v, [b] { return b; });
+            factors[v] = make_float2(factor_of(words[v][0], kb, b), factor_of(words[v][1], kb, b));
         }
         wait_k_block<kBlockN>(part);
         if (w == kWaves - 1) release(stage);
@@ -504,14 +560,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           promote_tile_fragment(acc[w], part, factors[w].x, factors[w].y);
       }
     };
-    // A turn of the ring per iteration, unrolled, so that each stage's addresses are constants.
+    // A turn of the ring per iteration, unrolled, so that each stage's addresses are constants;
+    // whole turns first, with no test per k-block, then the last turn's k-blocks (M=1024 49.0 ->
+    // 48.7 us).
     uint32_t phase = 0;
-    for (int first = 0; !copies_only && first < kb_count; first += kStages, phase ^= 1) {
+    int first = 0;
+    for (; !copies_only && first + kStages <= kb_count; first += kStages, phase ^= 1) {
 #pragma unroll
-      for (int stage = 0; stage < kStages; ++stage) {
-        if (first + stage >= kb_count) break;
-        k_block(stage, phase, first + stage);
-      }
+      for (int stage = 0; stage < kStages; ++stage) k_block(stage, phase, first + stage);
+    }
+#pragma unroll
+    for (int stage = 0; stage < kStages - 1; ++stage) {
+      if (copies_only || first + stage >= kb_count) break;
+      k_block(stage, phase, first + stage);
     }
   } else if constexpr (kOverlap) {
     // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
