@@ -66,6 +66,7 @@
 #include "gpu/sm90/gemm_common.cuh"
 #include "gpu/sm90/gemm_swap.cuh"
 #include "gpu/sm90/gemm_tiles.cuh"
+#include "gpu/sm90/gemm_wide_persistent.cuh"
 #include "gpu/sm90/ptx.h"
 #include "gpu/sm90/wgmma_fp8.h"
 #include "gpu/vendor.h"
@@ -277,6 +278,7 @@ struct Plan {
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
   int tile_rows = 128;                                    // tiles: 128 or 256 (wide)
   bool pair = false;             // tiles: clusters of two CTAs sharing B (wide: A) tiles
+  bool persistent = false;       // tiles, wide: a CTA (or pair) per SM takes tile after tile
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
   int tile_promotion = 2;        // tiles: the A and B maps' L2 promotion (as weight_promotion)
@@ -569,7 +571,20 @@ TilesKernelFn rows_kernel_for(const Plan& plan) {
                  : gemm_tiles_kernel<true, ScaleFeed::a_m_inner, Cluster::none, kRows>;
 }
 
+// Persistent wide tiles: the kernel for the plan's feed and cluster.
+TilesKernelFn wide_persistent_kernel_for(const Plan& plan) {
+  using tiles::Cluster;
+  using tiles::ScaleFeed;
+  const bool k_inner = plan.scale_feed == ScaleFeed::a_k_inner;
+  if (plan.pair)
+    return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::pair>
+                   : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::pair>;
+  return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none>
+                 : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none>;
+}
+
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
+  if (plan.persistent) return wide_persistent_kernel_for(plan);
   if (plan.tile_rows == 256) return rows_kernel_for<256>(plan);
   if (plan.pair) return tiles_kernel_for<tiles::Cluster::pair>(plan);
   if (plan.tiles_split > 1) return tiles_kernel_for<tiles::Cluster::split>(plan);
@@ -662,6 +677,16 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   if (plan.overlap && !plan.pair && narrow)
     plan.tiles_split = tiles_split_for(p, tiles_m * tiles_n, device_index);
   plan.splits = plan.pair ? 2 : plan.tiles_split;
+  // Persistent wide tiles where their direct bf16 stores serve (no bias, even N, 4-byte aligned
+  // rows) and every tile starts on the ring's first stage (k-blocks a multiple of its 4 stages).
+  // Off unless MOEKIT_SM90_TILES_PERSISTENT=1: same bits, but slower (H200, fp8-gpu-sm90.md,
+  // session 22: M=1024 N=4096 K=7168 49.3 -> 52.5 us, M=4096 N=7168 K=16384 740-800 -> 766-795),
+  // the stores from registers costing more than the overlap gains.
+  plan.persistent = wide && env::integer("MOEKIT_SM90_TILES_PERSISTENT", 0) == 1 &&
+                    p.out.dtype() == DType::bf16 && !p.has_bias() && p.n % 2 == 0 &&
+                    reinterpret_cast<uintptr_t>(p.out.data()) % 4 == 0 &&
+                    (p.m <= 1 || p.out.stride(0) % 2 == 0) &&
+                    p.k_blocks % tiles::Shape<256>::kStages == 0;
   plan.tiles_kernel = tiles_kernel_for(plan);
   // A and B tiles with 128-byte L2 promotion: each box row is 128 bytes of a K-byte row, and the
   // 256-byte default cost 2-7 % at M = 256..1024 (H200, session 17: M=256 N=7168 K=2048 12.3 ->
@@ -670,6 +695,13 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   if (promotion >= 0 && promotion <= 3) plan.tile_promotion = promotion;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
   plan.shared_bytes = wide ? tiles::Shape<256>::kSharedBytes : tiles::kSharedBytes;
+  if (plan.persistent) {  // as many CTAs (pairs) as are resident at once, or as there are units
+    const int64_t units = tiles_m * tiles_n / plan.splits;
+    const int resident =
+        cluster_capacity(plan.tiles_kernel, plan.splits, plan.shared_bytes, device_index);
+    plan.grid =
+        dim3(static_cast<unsigned>(std::min<int64_t>(units, std::max(resident, 1)) * plan.splits));
+  }
   return plan;
 }
 
@@ -823,9 +855,10 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   : plan.tile_rows == 256 ? ", pairs sharing A tiles (cluster of 2)"
                                           : ", pairs sharing B tiles (cluster of 2)",
                   split,
-                  plan.tile_rows == 256 ? ", two waves per k-block"
-                  : plan.overlap        ? ", two fragments take turns"
-                                        : "",
+                  plan.persistent         ? ", two waves per k-block, persistent"
+                  : plan.tile_rows == 256 ? ", two waves per k-block"
+                  : plan.overlap          ? ", two fragments take turns"
+                                          : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
                                                              : ", scales copied with the tiles",
                   promotion);

@@ -713,6 +713,12 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
     for (size_t l = 0; l < 4; ++l) {
       GemmCase c = random_case(rng, s[0], s[1], s[2]);
       c.layout = kLayouts[l];
+      // Row-major and TMA-aligned activation scales with f32 weight scales in rows: copied (so
+      // wide) wherever the k-blocks are a multiple of 4, whatever the seed (3 shapes x 2 layouts).
+      if (l == 0 || l == 2) {
+        c.b_scale_dtype = DType::f32;
+        c.b_scales_transposed = false;
+      }
       const Buffers host = make_host_buffers(c);
       // The reference (on the host, the slow part) for one layout per shape.
       const bool check_reference = l == shape % 4;
@@ -756,6 +762,69 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
     EXPECT_GE(r.runs, 6) << r.plan;
     EXPECT_GE(r.paired, 1) << r.plan;
   }
+}
+
+// Persistent wide tiles (MOEKIT_SM90_TILES_PERSISTENT=1) on grids of more tiles than resident
+// CTAs, so that each CTA (or pair) takes several tiles, its ring and activation-scale box slots
+// running on from one to the next: bitwise equal to the wide tiles kernel (a tile per CTA), out
+// padding included, on every activation-scale layout, both weight-scale dtypes, in pairs and alone,
+// with partial row tiles. Where its direct bf16 stores do not serve (a bias, f32 out) the plan is
+// the wide kernel's.
+TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("PersistentWideTilesEqualWideBitForBit: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  // 256 tiles in pairs; 9 x 33 tiles alone (odd column count), the last row tile partial; 4 x 64
+  // in pairs, the last row tile partial; 16 x 16 with 12 k-blocks.
+  const std::array<std::array<int64_t, 3>, 4> shapes{
+      {{2048, 4096, 1024}, {2100, 4104, 2048}, {1000, 8192, 512}, {4096, 2048, 1536}}};
+  const auto has = [](const std::string& plan, const char* what) {
+    return plan.find(what) != std::string::npos;
+  };
+  ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");
+  ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
+  ScopedEnv pairs("MOEKIT_SM90_TILES_PAIR", "1");  // (where the column tiles are even)
+  int persistent_runs = 0, paired = 0;
+  for (const auto& s : shapes) {
+    for (size_t l = 0; l < 4; ++l) {
+      GemmCase c = random_case(rng, s[0], s[1], s[2]);
+      c.layout = kLayouts[l];
+      c.out_dtype = DType::bf16;
+      c.bias_dtype.reset();
+      c.out_row_pad = 2 * static_cast<int64_t>(rng() % 2);  // even strides: aligned pairs
+      const Buffers host = make_host_buffers(c);
+      Tensor wide, persistent;
+      {
+        ScopedEnv off("MOEKIT_SM90_TILES_PERSISTENT", "0");
+        wide = run_sm90(c, host, stream.get());
+      }
+      ScopedEnv on("MOEKIT_SM90_TILES_PERSISTENT", "1");
+      const std::string plan = plan_of_case(c, host, stream.get());
+      // Every wide plan of these cases is persistent (bf16 out, no bias, even N and strides,
+      // k-blocks a multiple of 4).
+      EXPECT_EQ(has(plan, "persistent"), has(plan, "tiles: 256 x 128")) << plan;
+      persistent_runs += has(plan, "persistent");
+      paired += has(plan, "persistent") && has(plan, "pairs sharing A");
+      persistent = run_sm90(c, host, stream.get());
+      EXPECT_EQ(std::memcmp(persistent.data(), wide.data(), wide.nbytes()), 0)
+          << describe(c) << ", " << plan;
+      // The same case with a bias, or f32 out: the wide kernel's plan, not the persistent one.
+      GemmCase biased = c;
+      biased.bias_dtype = DType::f32;
+      EXPECT_FALSE(
+          has(plan_of_case(biased, make_host_buffers(biased), stream.get()), "persistent"));
+      GemmCase f32_out = c;
+      f32_out.out_dtype = DType::f32;
+      EXPECT_FALSE(
+          has(plan_of_case(f32_out, make_host_buffers(f32_out), stream.get()), "persistent"));
+    }
+  }
+  std::printf(" of 16 cases, %d ran persistent, %d in pairs\n", persistent_runs, paired);
+  EXPECT_GE(persistent_runs, 8);
+  EXPECT_GE(paired, 4);
 }
 
 // The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each

@@ -1,0 +1,280 @@
+// The Hopper block-FP8 GEMM's persistent wide-tiles kernel (included by fp8_gemm_sm90.cu only).
+#pragma once
+
+#include "gpu/sm90/gemm_common.cuh"
+#include "gpu/sm90/gemm_tiles.cuh"
+
+namespace moekit::gpu {
+namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
+
+// ---- Persistent wide tiles (256 x 128): one CTA (or pair) per SM takes tile after tile.
+//
+// The wide tiles kernel's CTA spends 7-8 us of a ~53 us (M=1024) or ~113 us (M=4096 N=7168
+// K=16384) life outside its loop: the first stage's copies, then staging and storing the tile
+// while the tensor cores idle (H200, fp8-gpu-sm90.md, session 21, item 4). Here the producer runs
+// on into the next tile's k-blocks while the consumers store the last one, so only the first
+// tile's copies and the last tile's stores are not overlapped. The k-block loop is the wide
+// kernel's (same products, same order: the same bits). What differs:
+// - the ring and the activation-scale box slots run on across tiles (k_blocks is a multiple of
+//   the ring's 4 stages, so every tile starts on stage 0; box slots count on);
+// - the consumers store their fragments straight from registers as bf16 pairs (no staging: the
+//   ring belongs to the next tile by then), so the plan takes bf16 out without bias, even N and
+//   4-byte aligned rows only.
+// Pairs: the two CTAs of a cluster take the two column tiles of the same units, in the same order.
+//
+// Measured (H200, fp8-gpu-sm90.md, session 22): same bits as the wide tiles kernel, but slower
+// (M=1024 N=4096 K=7168, a tile per CTA: 49.3 -> 52.5 us; M=4096 N=7168 K=16384: 740-800 ->
+// 766-795 us): the 64 bf16-pair stores per thread cost more than the staged, coalesced stores, and
+// more than the overlap with the next tile gains. So the plan takes it only where
+// MOEKIT_SM90_TILES_PERSISTENT=1. Next: stage the tile (bf16) in shared memory of its own and
+// store it with TMA tensor copies, which needs 3 stages (3 x 48 + 64 KB) and tiles that start on
+// any stage.
+template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
+                                const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
+                                const __grid_constant__ ScaleMaps scale_maps) {
+#if MOEKIT_SM90A
+  using namespace tiles;
+  using S = Shape<256>;
+  constexpr int kBlockM = S::kBlockM, kStages = S::kStages, kStageBytes = S::kStageBytes;
+  constexpr int kScaleABoxBytes = S::kScaleABoxBytes, kScaleBytes = S::kScaleBytes;
+  constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
+  constexpr int kWaves = S::kWaves, kRowsPerGroup = S::kRowsPerGroup;
+  constexpr bool kPair = kCluster == Cluster::pair;
+  static_assert(kCluster != Cluster::split, "no K split with wide tiles");
+  constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
+  static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
+  using Ring = RingPosition<kStages>;
+  constexpr int kScaleCopyBytes = (kKInner ? 0 : kBlockM * 4) + 16;
+  constexpr int kScaleFloats = kScaleBytes / 4;
+  constexpr int kGroupRows = 8;  // tile rows per rasterization group, as the wide tiles kernel
+  constexpr int kUnitColumns = kPair ? 2 : 1;
+  extern __shared__ uint8_t shared_raw[];
+  uint8_t* stages = align_shared(shared_raw);
+  float* scales = reinterpret_cast<float*>(stages + kStages * kStageBytes);
+  float* scale_boxes = reinterpret_cast<float*>(stages + kStages * (kStageBytes + kScaleBytes));
+  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * (kStageBytes + kScaleBytes) +
+                                           kScaleBoxSlots * kScaleABoxBytes);
+  uint64_t* empty = full + kStages;
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
+  const int k_blocks = args.k_blocks;  // a multiple of kStages (the plan's condition)
+  const uint32_t rank = kPair ? sm90::cluster_rank() : 0;
+
+  // Units of kUnitColumns neighbouring column tiles, ordered as the wide tiles kernel orders its
+  // tiles; this CTA takes column `rank` of units first_unit, first_unit + unit_step, ...
+  const int units = args.tiles_m * (args.tiles_n / kUnitColumns);
+  const int first_unit = static_cast<int>(blockIdx.x) / kUnitColumns;
+  const int unit_step = static_cast<int>(gridDim.x) / kUnitColumns;
+  const auto origin = [&](int unit, int& m0, int& n0) {
+    const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
+    const int group = unit / per_group;
+    const int first_row = group * kGroupRows;
+    const int group_rows = min(args.tiles_m - first_row, kGroupRows);
+    const int in_group = unit % per_group;
+    m0 = (first_row + in_group % group_rows) * kBlockM;
+    n0 = ((in_group / group_rows) * kUnitColumns + static_cast<int>(rank)) * kBlockN;
+  };
+  // Activation-scale boxes (a_k_inner) a tile opens: one per 4 words (a word: a k-block, or 4
+  // packed ones). Their slots count on across tiles.
+  const int words = args.scales.a_packed ? (k_blocks + 3) / 4 : k_blocks;
+  const int boxes_per_tile = (words + 3) / 4;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&empty[s], kConsumers * 4 * (kPair ? 2 : 1));
+    }
+    sm90::fence_barrier_init();
+  }
+  if constexpr (kPair)
+    sm90::cluster_sync();
+  else
+    __syncthreads();
+  vendor::allow_next_grid();
+
+  if (warpgroup == kConsumers) {
+    sm90::registers_shrink<kProducerRegisters>();
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      sm90::prefetch_tensor_map(&a_map);
+      sm90::prefetch_tensor_map(&b_map);
+      sm90::prefetch_tensor_map(&scale_maps.a);
+      sm90::prefetch_tensor_map(&scale_maps.b);
+      vendor::wait_for_previous_grid();
+      Ring ring;
+      int box_base = 0;  // boxes the CTA's earlier tiles opened
+      for (int unit = first_unit; unit < units; unit += unit_step, box_base += boxes_per_tile) {
+        int m0, n0;
+        origin(unit, m0, n0);
+        const int nb = n0 / kBlockN;
+        for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
+          sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+          uint64_t* bar = &full[ring.stage];
+          uint8_t* stage = stages + ring.stage * kStageBytes;
+          const int word = args.scales.a_packed ? kb >> 2 : kb;
+          const bool opens_box =
+              kKInner && (word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0);
+          sm90::mbarrier_arrive_expect_tx(
+              bar, kStageBytes + kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0));
+          if constexpr (kPair) {  // this CTA's half of the A tile, into both rings
+            const int half = static_cast<int>(rank) * (kBlockM / 2);
+            sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
+                                        m0 + half, 0x3);
+          } else {
+            sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+          }
+          sm90::tma_load_2d(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
+          float* region = scales + ring.stage * kScaleFloats;
+          if constexpr (kKInner) {
+            if (opens_box)
+              sm90::tma_load_2d(
+                  scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4),
+                  &scale_maps.a, bar, word, m0);
+          } else {
+            sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+          }
+          const int inner = args.b_scale_k_inner ? kb : nb;
+          sm90::tma_load_2d(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
+                            inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
+        }
+      }
+    }
+    // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
+    __syncwarp();
+    if constexpr (kPair) {
+      sm90::cluster_arrive();
+      sm90::cluster_wait();
+    }
+    return;
+  }
+
+  sm90::registers_grow<kConsumerRegisters>();
+  const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
+  const int warp = t / 32, lane = t % 32;
+  const int tile_row = warpgroup * kRowsPerGroup + warp * 16 + lane / 4;
+  vendor::wait_for_previous_grid();  // (out may still be read by the previous kernel)
+
+  float acc[kWaves][64], part[64];
+  const uint8_t* a_half = stages + warpgroup * kRowsPerGroup * kBlockK;
+  const uint32_t a_low = sm90::smem_descriptor_sw128_low(a_half);
+  const uint32_t b_low = sm90::smem_descriptor_sw128_low(stages + S::kTileBytesA);
+  const auto release = [&](int stage) {
+    __syncwarp();
+    if (lane == 0) {
+      sm90::mbarrier_arrive(&empty[stage]);
+      if constexpr (kPair) sm90::mbarrier_arrive_peer(&empty[stage], rank ^ 1);
+    }
+  };
+  // The wide tiles kernel's k-block (gemm_tiles.cuh): the scale words loaded right after the
+  // stage's wait, the factors computed while the first wave's wgmma run.
+  constexpr int kRowStep = kKInner ? 8 * 4 : 8;
+  const auto k_block = [&](int stage, uint32_t phase, int kb, int nb, int box_base) {
+    const uint32_t* a_words[kWaves];
+#pragma unroll
+    for (int v = 0; v < kWaves; ++v) {
+      const int row = tile_row + 64 * v;
+      if constexpr (kKInner) {
+        const int word = args.scales.a_packed ? kb >> 2 : kb;
+        a_words[v] =
+            reinterpret_cast<const uint32_t*>(
+                scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4)) +
+            row * 4 + (word & 3);
+      } else {
+        a_words[v] = reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats) + row;
+      }
+    }
+    const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
+    const int b_byte = args.scales.b_bf16 ? 2 * b_index : 4 * b_index;
+    const uint32_t* b_word_at =
+        reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats + S::kScaleBOffset / 4) +
+        b_byte / 4;
+    const int b_shift = args.scales.b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
+    const uint32_t b_mask = args.scales.b_bf16 ? 0xffff0000u : 0xffffffffu;
+    sm90::mbarrier_wait(&full[stage], phase);
+    uint32_t a_word[kWaves][2];
+#pragma unroll
+    for (int v = 0; v < kWaves; ++v) {
+      a_word[v][0] = a_words[v][0];
+      a_word[v][1] = a_words[v][kRowStep];
+    }
+    const uint32_t b_word = *b_word_at;
+    const uint32_t stage_low = stage * (kStageBytes / 16);
+    float2 factors[kWaves];
+#pragma unroll
+    for (int w = 0; w < kWaves; ++w) {
+      issue_k_block_at<kBlockN>(part, a_low + stage_low + w * (64 * kBlockK / 16),
+                                b_low + stage_low);
+      if (w == 0) {
+        const float b = __uint_as_float(b_word << b_shift & b_mask);
+        const auto factor = [&](uint32_t word) {
+          if (args.scales.a_packed) word = (word >> ((kb & 3) * 8) & 0xffu) << 23;
+          return __uint_as_float(word) * b;
+        };
+#pragma unroll
+        for (int v = 0; v < kWaves; ++v)
+          factors[v] = make_float2(factor(a_word[v][0]), factor(a_word[v][1]));
+      }
+      wait_k_block<kBlockN>(part);
+      if (w == kWaves - 1) release(stage);
+      promote_tile_fragment(acc[w], part, factors[w].x, factors[w].y);
+    }
+  };
+
+  uint32_t phase = 0;
+  int box_base = 0;
+  auto* out = static_cast<__nv_bfloat16*>(args.epilogue.out);
+  const int64_t out_stride = args.epilogue.out_row_stride;
+  for (int unit = first_unit; unit < units; unit += unit_step, box_base += boxes_per_tile) {
+    int m0, n0;
+    origin(unit, m0, n0);
+    const int nb = n0 / kBlockN;
+    // The scale regions' addresses are worked out per k-block, not hoisted out of this loop: held
+    // for all four stages they exceeded the consumers' registers (ptxas spilled ~35 of them).
+    asm volatile("" : "+l"(scales), "+l"(scale_boxes));
+#pragma unroll
+    for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
+    // Whole turns of the ring (k_blocks is a multiple of its stages), unrolled so that each
+    // stage's addresses are constants.
+    for (int first = 0; first < k_blocks; first += kStages, phase ^= 1) {
+#pragma unroll
+      for (int stage = 0; stage < kStages; ++stage)
+        k_block(stage, phase, first + stage, nb, box_base);
+    }
+    // The fragments straight to out as bf16 pairs (rows tile_row and + 8 of each wave, columns
+    // 8 j + 2 (lane % 4) and + 1), while the producer fills the ring for the next tile.
+#pragma unroll
+    for (int w = 0; w < kWaves; ++w) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = m0 + tile_row + 64 * w + 8 * half;
+        if (row >= args.m) continue;
+        __nv_bfloat16* out_row = out + row * out_stride;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const int col = n0 + 8 * j + 2 * (lane % 4);
+          // (+ 0: the wide tiles kernel adds a zero bias, which makes -0 +0; n is even, so the
+          // pair's second column is in range too)
+          if (col < args.n)
+            *reinterpret_cast<__nv_bfloat162*>(out_row + col) = __floats2bfloat162_rn(
+                acc[w][4 * j + 2 * half] + 0.0f, acc[w][4 * j + 2 * half + 1] + 0.0f);
+        }
+      }
+    }
+  }
+  // Pairs: this thread's last arrival on the peer is done; neither CTA leaves before both say so.
+  if constexpr (kPair) {
+    sm90::cluster_arrive();
+    sm90::cluster_wait();
+  }
+#else
+  (void)a_map;
+  (void)b_map;
+  (void)args;
+  (void)scale_maps;
+#endif
+}
+
+}  // namespace
+}  // namespace moekit::gpu
