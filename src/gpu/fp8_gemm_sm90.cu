@@ -147,6 +147,25 @@ CUtensorMap make_pair_tile_map(const void* base, int64_t rows, int64_t cols, int
 }
 #endif
 
+// Persistent wide tiles: out [M, N] bf16 written in boxes of 64 columns x 256 rows from shared
+// memory with the 128-byte swizzle (rows on 16 bytes; the box is clipped at the edges).
+CUtensorMap make_out_map(const BlockGemmProblem& p) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.n), static_cast<cuuint64_t>(p.m)};
+  const int64_t stride = p.m > 1 ? p.out.stride(0) * 2 : (p.n * 2 + 15) / 16 * 16;
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {persistent::kOutBoxColumns, tiles::Shape<256>::kBlockM};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult status =
+      encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.out.data(), dims, strides, box,
+                     element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    fail(kOp, "out tensor map", "CUresult " + std::to_string(status),
+         "cuTensorMapEncodeTiled failed");
+  return map;
+}
+
 // A [outer, inner] matrix of 2- or 4-byte elements read in unswizzled boxes of box_inner x
 // box_outer (box_inner x element = 16 bytes); out-of-bounds elements read as zeros.
 CUtensorMap make_scale_map(const char* name, const void* base, int element_bytes, int64_t inner,
@@ -255,11 +274,13 @@ GemmArgs args_of(const BlockGemmProblem& p) {
 
 using KernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs);
 using TilesKernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs, ScaleMaps);
+using PersistentKernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs, ScaleMaps, CUtensorMap);
 
 // The launch plan for a problem: which kernel, grid, cluster and shared memory.
 struct Plan {
   KernelFn kernel = nullptr;  // swap
   TilesKernelFn tiles_kernel = nullptr;
+  PersistentKernelFn persistent_kernel = nullptr;  // tiles, wide, persistent
   bool swap = false;
   int tokens = 0;  // swap: tokens per CTA (the wgmma N)
   int rows = 0;    // swap: weight rows per CTA
@@ -572,7 +593,7 @@ TilesKernelFn rows_kernel_for(const Plan& plan) {
 }
 
 // Persistent wide tiles: the kernel for the plan's feed and cluster.
-TilesKernelFn wide_persistent_kernel_for(const Plan& plan) {
+PersistentKernelFn wide_persistent_kernel_for(const Plan& plan) {
   using tiles::Cluster;
   using tiles::ScaleFeed;
   const bool k_inner = plan.scale_feed == ScaleFeed::a_k_inner;
@@ -584,7 +605,6 @@ TilesKernelFn wide_persistent_kernel_for(const Plan& plan) {
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
-  if (plan.persistent) return wide_persistent_kernel_for(plan);
   if (plan.tile_rows == 256) return rows_kernel_for<256>(plan);
   if (plan.pair) return tiles_kernel_for<tiles::Cluster::pair>(plan);
   if (plan.tiles_split > 1) return tiles_kernel_for<tiles::Cluster::split>(plan);
@@ -677,17 +697,18 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   if (plan.overlap && !plan.pair && narrow)
     plan.tiles_split = tiles_split_for(p, tiles_m * tiles_n, device_index);
   plan.splits = plan.pair ? 2 : plan.tiles_split;
-  // Persistent wide tiles where their direct bf16 stores serve (no bias, even N, 4-byte aligned
-  // rows) and every tile starts on the ring's first stage (k-blocks a multiple of its 4 stages).
-  // Off unless MOEKIT_SM90_TILES_PERSISTENT=1: same bits, but slower (H200, fp8-gpu-sm90.md,
-  // session 22: M=1024 N=4096 K=7168 49.3 -> 52.5 us, M=4096 N=7168 K=16384 740-800 -> 766-795),
-  // the stores from registers costing more than the overlap gains.
+  // Persistent wide tiles where their TMA tensor stores serve: bf16 out, no bias, rows on 16
+  // bytes, and N a multiple of 8 (a store wrote the whole 16 bytes in which a row ends: the out
+  // padding of N=4100 and 8190 changed on an H200). Only where MOEKIT_SM90_TILES_PERSISTENT=1: the
+  // first measurements (fp8-gpu-sm90.md, session 22) want the whole suite before a default.
   plan.persistent = wide && env::integer("MOEKIT_SM90_TILES_PERSISTENT", 0) == 1 &&
-                    p.out.dtype() == DType::bf16 && !p.has_bias() && p.n % 2 == 0 &&
-                    reinterpret_cast<uintptr_t>(p.out.data()) % 4 == 0 &&
-                    (p.m <= 1 || p.out.stride(0) % 2 == 0) &&
-                    p.k_blocks % tiles::Shape<256>::kStages == 0;
-  plan.tiles_kernel = tiles_kernel_for(plan);
+                    p.out.dtype() == DType::bf16 && !p.has_bias() && p.n % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
+                    (p.m <= 1 || p.out.stride(0) % 8 == 0);
+  if (plan.persistent)
+    plan.persistent_kernel = wide_persistent_kernel_for(plan);
+  else
+    plan.tiles_kernel = tiles_kernel_for(plan);
   // A and B tiles with 128-byte L2 promotion: each box row is 128 bytes of a K-byte row, and the
   // 256-byte default cost 2-7 % at M = 256..1024 (H200, session 17: M=256 N=7168 K=2048 12.3 ->
   // 11.4 us). MOEKIT_SM90_TILES_PROMOTION=0..3 forces none, 64, 128 or 256 bytes (timing knob).
@@ -696,9 +717,10 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
   plan.shared_bytes = wide ? tiles::Shape<256>::kSharedBytes : tiles::kSharedBytes;
   if (plan.persistent) {  // as many CTAs (pairs) as are resident at once, or as there are units
+    plan.shared_bytes = persistent::kSharedBytes;
     const int64_t units = tiles_m * tiles_n / plan.splits;
     const int resident =
-        cluster_capacity(plan.tiles_kernel, plan.splits, plan.shared_bytes, device_index);
+        cluster_capacity(plan.persistent_kernel, plan.splits, plan.shared_bytes, device_index);
     plan.grid =
         dim3(static_cast<unsigned>(std::min<int64_t>(units, std::max(resident, 1)) * plan.splits));
   }
@@ -917,6 +939,11 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
   }
 #endif
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows);
+  if (plan.persistent) {
+    const CUtensorMap out_map = make_out_map(p);
+    launch(plan, plan.persistent_kernel, p.stream, device, first, second, args, maps, out_map);
+    return;
+  }
   launch(plan, plan.tiles_kernel, p.stream, device, first, second, args, maps);
 }
 

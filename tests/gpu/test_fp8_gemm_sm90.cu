@@ -766,10 +766,11 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
 
 // Persistent wide tiles (MOEKIT_SM90_TILES_PERSISTENT=1) on grids of more tiles than resident
 // CTAs, so that each CTA (or pair) takes several tiles, its ring and activation-scale box slots
-// running on from one to the next: bitwise equal to the wide tiles kernel (a tile per CTA), out
-// padding included, on every activation-scale layout, both weight-scale dtypes, in pairs and alone,
-// with partial row tiles. Where its direct bf16 stores do not serve (a bias, f32 out) the plan is
-// the wide kernel's.
+// running on from one to the next, each tile padded to whole turns of the ring (k-blocks 8, 16 and
+// 4 are not multiples of its 3 stages, 12 is): bitwise equal to the wide tiles kernel (a tile per
+// CTA), out padding included, on every activation-scale layout, both weight-scale dtypes, in pairs
+// and alone, with partial row and column tiles. Where its TMA stores do not serve (a bias, f32
+// out, N not a multiple of 8) the plan is the wide kernel's.
 TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -777,10 +778,11 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
               static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   Stream stream;
-  // 256 tiles in pairs; 9 x 33 tiles alone (odd column count), the last row tile partial; 4 x 64
-  // in pairs, the last row tile partial; 16 x 16 with 12 k-blocks.
+  // 256 tiles in pairs; 9 x 33 tiles alone (odd column count), the last row and column tiles
+  // partial; 4 x 64 in pairs, the last row and column tiles partial; 9 x 32 in pairs, the last
+  // row tile partial, 12 k-blocks.
   const std::array<std::array<int64_t, 3>, 4> shapes{
-      {{2048, 4096, 1024}, {2100, 4104, 2048}, {1000, 8192, 512}, {4096, 2048, 1536}}};
+      {{2048, 4096, 1024}, {2100, 4104, 2048}, {1000, 8184, 512}, {2100, 4096, 1536}}};
   const auto has = [](const std::string& plan, const char* what) {
     return plan.find(what) != std::string::npos;
   };
@@ -794,7 +796,8 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
       c.layout = kLayouts[l];
       c.out_dtype = DType::bf16;
       c.bias_dtype.reset();
-      c.out_row_pad = 2 * static_cast<int64_t>(rng() % 2);  // even strides: aligned pairs
+      // Out rows on 16 bytes (TMA stores).
+      c.out_row_pad = (8 - c.n % 8) % 8 + 8 * static_cast<int64_t>(rng() % 2);
       const Buffers host = make_host_buffers(c);
       Tensor wide, persistent;
       {
@@ -803,15 +806,20 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
       }
       ScopedEnv on("MOEKIT_SM90_TILES_PERSISTENT", "1");
       const std::string plan = plan_of_case(c, host, stream.get());
-      // Every wide plan of these cases is persistent (bf16 out, no bias, even N and strides,
-      // k-blocks a multiple of 4).
+      // Every wide plan of these cases is persistent (bf16 out, no bias, rows on 16 bytes).
       EXPECT_EQ(has(plan, "persistent"), has(plan, "tiles: 256 x 128")) << plan;
       persistent_runs += has(plan, "persistent");
       paired += has(plan, "persistent") && has(plan, "pairs sharing A");
       persistent = run_sm90(c, host, stream.get());
       EXPECT_EQ(std::memcmp(persistent.data(), wide.data(), wide.nbytes()), 0)
           << describe(c) << ", " << plan;
-      // The same case with a bias, or f32 out: the wide kernel's plan, not the persistent one.
+      // The same case with a bias, f32 out, or N not a multiple of 8 (a TMA store writes the 16
+      // bytes in which a row ends): the wide kernel's plan, not the persistent one.
+      GemmCase ragged = c;
+      ragged.n -= 2;
+      ragged.out_row_pad += 2;
+      EXPECT_FALSE(
+          has(plan_of_case(ragged, make_host_buffers(ragged), stream.get()), "persistent"));
       GemmCase biased = c;
       biased.bias_dtype = DType::f32;
       EXPECT_FALSE(

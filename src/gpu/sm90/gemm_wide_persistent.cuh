@@ -15,29 +15,46 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // on into the next tile's k-blocks while the consumers store the last one, so only the first
 // tile's copies and the last tile's stores are not overlapped. The k-block loop is the wide
 // kernel's (same products, same order: the same bits). What differs:
-// - the ring and the activation-scale box slots run on across tiles (k_blocks is a multiple of
-//   the ring's 4 stages, so every tile starts on stage 0; box slots count on);
-// - the consumers store their fragments straight from registers as bf16 pairs (no staging: the
-//   ring belongs to the next tile by then), so the plan takes bf16 out without bias, even N and
-//   4-byte aligned rows only.
+// - the consumers stage the tile in bf16 in shared memory of its own (64 KB, two boxes of 64
+//   columns with the 128-byte swizzle) and one thread stores it with two TMA tensor copies, which
+//   run on while the next tile's loop starts; so the plan takes bf16 out without bias, and rows
+//   on 16 bytes;
+// - for that memory the ring has 3 stages, not 4; the ring and the activation-scale box slots run
+//   on across tiles, each tile padded to whole turns of the ring (the producer arrives on the
+//   padding slots without copies, the consumers wait for them and release them), so that every
+//   tile starts on stage 0 and the loop's stages stay constants.
 // Pairs: the two CTAs of a cluster take the two column tiles of the same units, in the same order.
 //
-// Measured (H200, fp8-gpu-sm90.md, session 22): same bits as the wide tiles kernel, but slower
-// (M=1024 N=4096 K=7168, a tile per CTA: 49.3 -> 52.5 us; M=4096 N=7168 K=16384: 740-800 ->
-// 766-795 us): the 64 bf16-pair stores per thread cost more than the staged, coalesced stores, and
-// more than the overlap with the next tile gains. So the plan takes it only where
-// MOEKIT_SM90_TILES_PERSISTENT=1. Next: stage the tile (bf16) in shared memory of its own and
-// store it with TMA tensor copies, which needs 3 stages (3 x 48 + 64 KB) and tiles that start on
-// any stage.
+// Measured against the wide tiles kernel (H200, fp8-gpu-sm90.md, session 22): M=1024 N=4096
+// K=7168 48.95-49.39 -> 45.09-45.15 us (one tile per CTA: the TMA stores alone), M=4096 N=7168
+// K=16384 730.8-757.1 -> 677.2-720.9 us. A first version that stored the fragments from registers
+// as bf16 pairs with 4 stages was slower (49.3 -> 52.5 us; 740-800 -> 766-795). The plan takes the
+// kernel only where MOEKIT_SM90_TILES_PERSISTENT=1 until the whole GPU suite has run with it.
+namespace persistent {
+using Wide = tiles::Shape<256>;
+constexpr int kStages = 3;
+constexpr int kStageBytes = Wide::kStageBytes;
+constexpr int kOutBoxColumns = 64;  // bf16: 128 bytes, the swizzle's row
+constexpr int kOutBoxBytes = Wide::kBlockM * kOutBoxColumns * 2;
+constexpr int kOutBytes = tiles::kBlockN / kOutBoxColumns * kOutBoxBytes;
+constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
+                                kOutBytes + kStages * Wide::kScaleBytes +
+                                Wide::kScaleBoxSlots * Wide::kScaleABoxBytes +
+                                2 * kStages * sizeof(uint64_t);
+static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+}  // namespace persistent
+
 template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
                                 const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
-                                const __grid_constant__ ScaleMaps scale_maps) {
+                                const __grid_constant__ ScaleMaps scale_maps,
+                                const __grid_constant__ CUtensorMap out_map) {
 #if MOEKIT_SM90A
   using namespace tiles;
   using S = Shape<256>;
-  constexpr int kBlockM = S::kBlockM, kStages = S::kStages, kStageBytes = S::kStageBytes;
+  constexpr int kBlockM = S::kBlockM, kStages = persistent::kStages;
+  constexpr int kStageBytes = persistent::kStageBytes;
   constexpr int kScaleABoxBytes = S::kScaleABoxBytes, kScaleBytes = S::kScaleBytes;
   constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
   constexpr int kWaves = S::kWaves, kRowsPerGroup = S::kRowsPerGroup;
@@ -52,13 +69,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kUnitColumns = kPair ? 2 : 1;
   extern __shared__ uint8_t shared_raw[];
   uint8_t* stages = align_shared(shared_raw);
-  float* scales = reinterpret_cast<float*>(stages + kStages * kStageBytes);
-  float* scale_boxes = reinterpret_cast<float*>(stages + kStages * (kStageBytes + kScaleBytes));
-  auto* full = reinterpret_cast<uint64_t*>(stages + kStages * (kStageBytes + kScaleBytes) +
-                                           kScaleBoxSlots * kScaleABoxBytes);
+  uint8_t* staged = stages + kStages * kStageBytes;  // the out tile, bf16
+  float* scales = reinterpret_cast<float*>(staged + persistent::kOutBytes);
+  float* scale_boxes = scales + kStages * kScaleBytes / 4;
+  auto* full = reinterpret_cast<uint64_t*>(scale_boxes + kScaleBoxSlots * kScaleABoxBytes / 4);
   uint64_t* empty = full + kStages;
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
-  const int k_blocks = args.k_blocks;  // a multiple of kStages (the plan's condition)
+  const int k_blocks = args.k_blocks;
+  const int slots = (k_blocks + kStages - 1) / kStages * kStages;  // a tile's, whole turns
   const uint32_t rank = kPair ? sm90::cluster_rank() : 0;
 
   // Units of kUnitColumns neighbouring column tiles, ordered as the wide tiles kernel orders its
@@ -100,6 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::prefetch_tensor_map(&b_map);
       sm90::prefetch_tensor_map(&scale_maps.a);
       sm90::prefetch_tensor_map(&scale_maps.b);
+      sm90::prefetch_tensor_map(&out_map);
       vendor::wait_for_previous_grid();
       Ring ring;
       int box_base = 0;  // boxes the CTA's earlier tiles opened
@@ -107,9 +126,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         int m0, n0;
         origin(unit, m0, n0);
         const int nb = n0 / kBlockN;
-        for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
+        for (int kb = 0; kb < slots; ++kb, ring.advance()) {
           sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
           uint64_t* bar = &full[ring.stage];
+          if (kb >= k_blocks) {  // padding to a whole turn: no copies
+            sm90::mbarrier_arrive(bar);
+            continue;
+          }
           uint8_t* stage = stages + ring.stage * kStageBytes;
           const int word = args.scales.a_packed ? kb >> 2 : kb;
           const bool opens_box =
@@ -168,7 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The wide tiles kernel's k-block (gemm_tiles.cuh): the scale words loaded right after the
   // stage's wait, the factors computed while the first wave's wgmma run.
   constexpr int kRowStep = kKInner ? 8 * 4 : 8;
-  const auto k_block = [&](int stage, uint32_t phase, int kb, int nb, int box_base) {
+  // (zero: 0, opaque to the compiler; see the loops below)
+  const auto k_block = [&](int stage, uint32_t phase, int kb, int nb, int box_base, int zero) {
     const uint32_t* a_words[kWaves];
 #pragma unroll
     for (int v = 0; v < kWaves; ++v) {
@@ -180,14 +204,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                 scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4)) +
             row * 4 + (word & 3);
       } else {
-        a_words[v] = reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats) + row;
+        a_words[v] = reinterpret_cast<const uint32_t*>(scales + zero + stage * kScaleFloats) + row;
       }
     }
     const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
     const int b_byte = args.scales.b_bf16 ? 2 * b_index : 4 * b_index;
-    const uint32_t* b_word_at =
-        reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats + S::kScaleBOffset / 4) +
-        b_byte / 4;
+    const uint32_t* b_word_at = reinterpret_cast<const uint32_t*>(
+                                    scales + zero + stage * kScaleFloats + S::kScaleBOffset / 4) +
+                                b_byte / 4;
     const int b_shift = args.scales.b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
     const uint32_t b_mask = args.scales.b_bf16 ? 0xffff0000u : 0xffffffffu;
     sm90::mbarrier_wait(&full[stage], phase);
@@ -198,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       a_word[v][1] = a_words[v][kRowStep];
     }
     const uint32_t b_word = *b_word_at;
-    const uint32_t stage_low = stage * (kStageBytes / 16);
+    const uint32_t stage_low = zero + stage * (kStageBytes / 16);
     float2 factors[kWaves];
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
@@ -222,47 +246,77 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   uint32_t phase = 0;
   int box_base = 0;
-  auto* out = static_cast<__nv_bfloat16*>(args.epilogue.out);
-  const int64_t out_stride = args.epilogue.out_row_stride;
+  const int whole = k_blocks / kStages * kStages;  // k-blocks in whole turns
   for (int unit = first_unit; unit < units; unit += unit_step, box_base += boxes_per_tile) {
     int m0, n0;
     origin(unit, m0, n0);
     const int nb = n0 / kBlockN;
-    // The scale regions' addresses are worked out per k-block, not hoisted out of this loop: held
-    // for all four stages they exceeded the consumers' registers (ptxas spilled ~35 of them).
-    asm volatile("" : "+l"(scales), "+l"(scale_boxes));
 #pragma unroll
     for (int w = 0; w < kWaves; ++w)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
-    // Whole turns of the ring (k_blocks is a multiple of its stages), unrolled so that each
-    // stage's addresses are constants.
-    for (int first = 0; first < k_blocks; first += kStages, phase ^= 1) {
+    // Whole turns of the ring, unrolled so that each stage's addresses are constants; then the
+    // last turn, its slots past the k-blocks only waited for and released.
+    for (int first = 0; first < whole; first += kStages, phase ^= 1) {
+      // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted out
+      // of these loops: held for every stage and wave they exceeded the registers, uniform and
+      // not (ptxas spilled ~40 of them). An opaque zero, not a laundered pointer, so that the
+      // scale reads stay shared-memory loads.
+      int zero = 0;
+      asm volatile("" : "+r"(zero));
 #pragma unroll
       for (int stage = 0; stage < kStages; ++stage)
-        k_block(stage, phase, first + stage, nb, box_base);
+        k_block(stage, phase, first + stage, nb, box_base, zero);
     }
-    // The fragments straight to out as bf16 pairs (rows tile_row and + 8 of each wave, columns
-    // 8 j + 2 (lane % 4) and + 1), while the producer fills the ring for the next tile.
+    if (whole < slots) {
+      int zero = 0;
+      asm volatile("" : "+r"(zero));
+#pragma unroll
+      for (int stage = 0; stage < kStages; ++stage) {
+        if (whole + stage < k_blocks) {
+          k_block(stage, phase, whole + stage, nb, box_base, zero);
+        } else {
+          sm90::mbarrier_wait(&full[stage], phase);
+          release(stage);
+        }
+      }
+      phase ^= 1;
+    }
+    // The tile in bf16 into `staged` (+ 0: the wide tiles kernel adds a zero bias, which makes -0
+    // +0), once the last tile's stores have read it: box j / 8 holds columns 64 (j / 8) .. + 63,
+    // rows of 128 bytes whose 16-byte chunks are swizzled by row % 8 (= lane / 4 here, so a warp's
+    // 32 stores fall on distinct banks). Then consumer thread 0 stores the two boxes.
+    if (threadIdx.x == 0) sm90::bulk_wait_read();
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    // (worked out here, not held across the loop: registers, as above)
+    int swizzle = lane / 4, opaque = 0;
+    asm volatile("" : "+r"(swizzle), "+r"(opaque));
+    uint8_t* staged_at = staged + opaque;  // (an offset, not a laundered pointer: shared stores)
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int row = m0 + tile_row + 64 * w + 8 * half;
-        if (row >= args.m) continue;
-        __nv_bfloat16* out_row = out + row * out_stride;
+        const int row = tile_row + 64 * w + 8 * half;
+        uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          const int col = n0 + 8 * j + 2 * (lane % 4);
-          // (+ 0: the wide tiles kernel adds a zero bias, which makes -0 +0; n is even, so the
-          // pair's second column is in range too)
-          if (col < args.n)
-            *reinterpret_cast<__nv_bfloat162*>(out_row + col) = __floats2bfloat162_rn(
-                acc[w][4 * j + 2 * half] + 0.0f, acc[w][4 * j + 2 * half + 1] + 0.0f);
-        }
+        for (int j = 0; j < kBlockN / 8; ++j)
+          *reinterpret_cast<__nv_bfloat162*>(row_at + j / 8 * persistent::kOutBoxBytes +
+                                             ((j % 8) ^ swizzle) * 16) =
+              __floats2bfloat162_rn(acc[w][4 * j + 2 * half] + 0.0f,
+                                    acc[w][4 * j + 2 * half + 1] + 0.0f);
       }
     }
+    sm90::fence_proxy_async_shared();  // the writes, visible to the copy engine
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
+        sm90::tma_store_2d(&out_map, staged + box * persistent::kOutBoxBytes,
+                           n0 + box * persistent::kOutBoxColumns, m0);
+      sm90::bulk_commit();
+    }
   }
+  if (threadIdx.x == 0) sm90::bulk_wait_read();  // shared memory stays until the copies read it
   // Pairs: this thread's last arrival on the peer is done; neither CTA leaves before both say so.
   if constexpr (kPair) {
     sm90::cluster_arrive();
@@ -273,6 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   (void)b_map;
   (void)args;
   (void)scale_maps;
+  (void)out_map;
 #endif
 }
 

@@ -248,6 +248,38 @@ __device__ __forceinline__ void bulk_commit_and_wait_read() {
 #endif
 }
 
+// Copies the box at (inner, outer) of `map`'s tensor from shared memory at `src` (laid out as the
+// map's swizzle says) to global memory, in this thread's bulk group; elements outside the tensor
+// are not written.
+__device__ __forceinline__ void tma_store_2d(const void* map, const void* src, int inner,
+                                             int outer) {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(shared_address(src)), "r"(inner), "r"(outer)
+               : "memory");
+#else
+  (void)map;
+  (void)src;
+  (void)inner;
+  (void)outer;
+#endif
+}
+
+// Closes this thread's bulk group (its copies go on; bulk_wait_read waits for them).
+__device__ __forceinline__ void bulk_commit() {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until every copy of this thread's closed bulk groups has read its shared-memory source.
+__device__ __forceinline__ void bulk_wait_read() {
+#if MOEKIT_SM90A
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+#endif
+}
+
 // Pulls the box at (inner, outer) into L2 only (no shared memory, no barrier). Safe before the
 // previous grid has finished: L2 is where every SM's writes land, so a later read still sees them.
 __device__ __forceinline__ void tma_prefetch_2d(const void* map, int inner, int outer) {
