@@ -15,7 +15,9 @@
 //   tiles (TMA multicast). Each consumer keeps two fragments, so one k-block's wgmma run while
 //   the previous one is promoted. Wide tiles (256 x 128, where the scales are copied and the grid
 //   is large): each consumer warpgroup takes 128 rows in two waves of 64 per k-block, 4 stages,
-//   and pairs of CTAs share A tiles.
+//   and pairs of CTAs share A tiles. Their persistent build (MOEKIT_SM90_TILES_PERSISTENT=1, bf16
+//   out): a CTA or pair per SM takes tile after tile, storing each by TMA from shared memory while
+//   the next tile's copies run (gemm_wide_persistent.cuh).
 // - swap (M <= 128, decode and small batches): the weight is the wgmma M side and the tokens its
 //   N side (8..128), so no tensor-core rows are wasted on padding tokens. A CTA takes 128 weight
 //   rows (64 per consumer warpgroup) or 64 (the warpgroups take alternate k-blocks), and up to 8
@@ -699,8 +701,9 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   plan.splits = plan.pair ? 2 : plan.tiles_split;
   // Persistent wide tiles where their TMA tensor stores serve: bf16 out, no bias, rows on 16
   // bytes, and N a multiple of 8 (a store wrote the whole 16 bytes in which a row ends: the out
-  // padding of N=4100 and 8190 changed on an H200). Only where MOEKIT_SM90_TILES_PERSISTENT=1: the
-  // first measurements (fp8-gpu-sm90.md, session 22) want the whole suite before a default.
+  // padding of N=4100 and 8190 changed on an H200). Only where MOEKIT_SM90_TILES_PERSISTENT=1,
+  // until the whole GPU suite has run with it (faster in one A/B on an H200: fp8-gpu-sm90.md,
+  // session 22).
   plan.persistent = wide && env::integer("MOEKIT_SM90_TILES_PERSISTENT", 0) == 1 &&
                     p.out.dtype() == DType::bf16 && !p.has_bias() && p.n % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
