@@ -238,19 +238,10 @@ __device__ __forceinline__ void bulk_store(void* global, const void* src, uint32
 #endif
 }
 
-// Closes this thread's bulk group and waits until every copy in its groups has read its source.
-__device__ __forceinline__ void bulk_commit_and_wait_read() {
-#if MOEKIT_SM90A
-  asm volatile(
-      "cp.async.bulk.commit_group;\n"
-      "cp.async.bulk.wait_group.read 0;" ::
-          : "memory");
-#endif
-}
-
 // Copies the box at (inner, outer) of `map`'s tensor from shared memory at `src` (laid out as the
-// map's swizzle says) to global memory, in this thread's bulk group; elements outside the tensor
-// are not written.
+// map's swizzle says) to global memory, in this thread's bulk group. Elements past the tensor's
+// rows are not written; at the end of a row the last 16 bytes are written whole (with N=4100 and
+// 8190 bf16 the padding after column N changed, H200), so keep rows a multiple of 16 bytes.
 __device__ __forceinline__ void tma_store_2d(const void* map, const void* src, int inner,
                                              int outer) {
 #if MOEKIT_SM90A
@@ -278,6 +269,12 @@ __device__ __forceinline__ void bulk_wait_read() {
 #if MOEKIT_SM90A
   asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 #endif
+}
+
+// Closes this thread's bulk group and waits until every copy in its groups has read its source.
+__device__ __forceinline__ void bulk_commit_and_wait_read() {
+  bulk_commit();
+  bulk_wait_read();
 }
 
 // Pulls the box at (inner, outer) into L2 only (no shared memory, no barrier). Safe before the
