@@ -4,13 +4,16 @@
   scripts/bench_ab.py [--rounds N] [--bin PATH] [--out FILE] --variant LABEL=SPEC ... \\
       -- BENCH_ARGS...
 
-Each SPEC is a space-separated list of ENV=VALUE settings and at most one binary path (default
---bin, build/gpu/moekit), for example
+Each SPEC is a space-separated list of ENV=VALUE settings, bench options of its own (items that
+start with --, added to the bench arguments) and at most one binary path (default --bin,
+build/gpu/moekit), for example
 
   scripts/bench_ab.py --variant one="MOEKIT_SM90_TILES_OVERLAP=0" --variant two="" \\
       -- bench --op gemm --backend gpu --model "N=7168 K=16384" --tokens 4096
   scripts/bench_ab.py --variant main=.stage/moekit_main --variant ring=.stage/moekit_ring \\
       -- bench --op gemm --backend gpu --tokens 1024
+  scripts/bench_ab.py --variant sm90="--implementation=gpu.sm90" \\
+      --variant lt="--implementation=gpu.cublaslt" -- bench --op gemm --backend gpu --tokens 2048
 
 Every round runs every variant once, in order (so drift in the card's clock spreads over all of
 them), with --json added. The table gives, per bench row and variant, each round's median us and
@@ -29,16 +32,18 @@ def parse_variant(text, default_bin):
     label, sep, spec = text.partition("=")
     if not sep or not label:
         sys.exit(f"bench_ab.py: --variant {text!r}: expected LABEL=SPEC")
-    env, binary = {}, default_bin
+    env, binary, options = {}, default_bin, []
     for item in shlex.split(spec):
         name, eq, value = item.partition("=")
-        if eq and name and "/" not in name:
+        if item.startswith("--"):
+            options.append(item)
+        elif eq and name and "/" not in name:
             env[name] = value
         elif binary is default_bin:
             binary = item
         else:
             sys.exit(f"bench_ab.py: --variant {text!r}: two binaries")
-    return label, env, binary
+    return label, env, binary, options
 
 
 def row_key(row):
@@ -69,8 +74,8 @@ def main():
     times = {}  # key -> label -> [us per round]
     unverified, failed, raw = set(), [], []
     for round_index in range(args.rounds):
-        for label, env, binary in variants:
-            command = [binary] + bench_args + ["--json"]
+        for label, env, binary, options in variants:
+            command = [binary] + bench_args + options + ["--json"]
             try:
                 run = subprocess.run(command, env={**os.environ, **env}, capture_output=True,
                                      text=True)
@@ -94,11 +99,11 @@ def main():
                     unverified.add(key)
                 raw.append({"variant": label, "round": round_index + 1, **row})
 
-    labels = [label for label, _, _ in variants]
+    labels = [label for label, _, _, _ in variants]
     width = max([len(k) for k in times] + [10])
     print(f"{args.rounds} interleaved rounds; us per call (each round), best")
-    for label, env, binary in variants:
-        settings = " ".join(f"{k}={v}" for k, v in env.items())
+    for label, env, binary, options in variants:
+        settings = " ".join([f"{k}={v}" for k, v in env.items()] + options)
         print(f"  {label}: {binary}{' ' + settings if settings else ''}")
     for key in times:
         print(f"{key:{width}s}" + ("  NOT VERIFIED" if key in unverified else ""))

@@ -9,6 +9,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -208,6 +209,7 @@ std::string str(int64_t v) { return std::to_string(v); }
 
 constexpr int64_t kSmallM = 128;
 constexpr int64_t kLongK = 32;  // k-blocks
+constexpr double kPersistentFill = 0.9;
 
 }  // namespace
 
@@ -235,6 +237,17 @@ std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
       return "gpu.sm90 splits K over clusters of " + str(split) + " CTAs for this grid of " +
              str(fp8::ceil_div(p.m, kFp8BlockSize) * fp8::ceil_div(p.n, kFp8BlockSize)) +
              " tiles: faster";
+  }
+  // Where moekit's persistent wide tiles fill their rounds of tiles (>= 90 %) they measured
+  // faster on an H200 (fp8-gpu-sm90.md, session 23: M=4096 N=7168 K=16384 727 vs 733 us, M=2048
+  // N=4096 K=7168 87.7 vs 90.1; at 85 % fill, M=2048 N=7168 K=16384, 375 vs 355).
+  // MOEKIT_CUBLASLT_DEFER_PERSISTENT=0 keeps cuBLASLt there (timing knob).
+  if (env::integer("MOEKIT_CUBLASLT_DEFER_PERSISTENT", 1) != 0 &&
+      block_gemm_sm90_supports(p).empty()) {
+    const double fill = block_gemm_sm90_persistent_fill(p);
+    if (fill >= kPersistentFill)
+      return "gpu.sm90's persistent wide tiles fill " + std::to_string(std::lround(fill * 100)) +
+             " % of their rounds of tiles: faster";
   }
   if (p.k % kFp8BlockSize != 0) return "K=" + str(p.k) + " is not a multiple of 128";
   if (p.n % 16 != 0) return "N=" + str(p.n) + " is not a multiple of 16";

@@ -149,17 +149,19 @@ CUtensorMap make_pair_tile_map(const void* base, int64_t rows, int64_t cols, int
 }
 #endif
 
-// Persistent wide tiles: out [M, N] bf16 written in boxes of 64 columns x 256 rows from shared
-// memory with the 128-byte swizzle (rows on 16 bytes; the box is clipped at the edges).
+// Persistent wide tiles: out [M, N] bf16 or f16 written in boxes of 64 columns x 256 rows from
+// shared memory with the 128-byte swizzle (rows on 16 bytes; the box is clipped at the edges).
 CUtensorMap make_out_map(const BlockGemmProblem& p) {
   CUtensorMap map{};
+  const CUtensorMapDataType type = p.out.dtype() == DType::f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.n), static_cast<cuuint64_t>(p.m)};
   const int64_t stride = p.m > 1 ? p.out.stride(0) * 2 : (p.n * 2 + 15) / 16 * 16;
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
   const cuuint32_t box[2] = {persistent::kOutBoxColumns, tiles::Shape<256>::kBlockM};
   const cuuint32_t element_strides[2] = {1, 1};
   const CUresult status =
-      encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.out.data(), dims, strides, box,
+      encode_tiled()(&map, type, 2, p.out.data(), dims, strides, box,
                      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (status != CUDA_SUCCESS)
@@ -302,6 +304,8 @@ struct Plan {
   int tile_rows = 128;                                    // tiles: 128 or 256 (wide)
   bool pair = false;             // tiles: clusters of two CTAs sharing B (wide: A) tiles
   bool persistent = false;       // tiles, wide: a CTA (or pair) per SM takes tile after tile
+  bool out_tma = false;          // persistent: 16-bit out stored by TMA from a staged tile
+  double persistent_fill = 0;    // persistent: units / (rounds x resident units)
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
   int tile_promotion = 2;        // tiles: the A and B maps' L2 promotion (as weight_promotion)
@@ -699,15 +703,15 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   if (plan.overlap && !plan.pair && narrow)
     plan.tiles_split = tiles_split_for(p, tiles_m * tiles_n, device_index);
   plan.splits = plan.pair ? 2 : plan.tiles_split;
-  // Persistent wide tiles where their TMA tensor stores serve: bf16 out, no bias, rows on 16
-  // bytes, and N a multiple of 8 (a store wrote the whole 16 bytes in which a row ends: the out
-  // padding of N=4100 and 8190 changed on an H200). Only where MOEKIT_SM90_TILES_PERSISTENT=1,
-  // until the whole GPU suite has run with it (faster in one A/B on an H200: fp8-gpu-sm90.md,
-  // session 22).
-  plan.persistent = wide && env::integer("MOEKIT_SM90_TILES_PERSISTENT", 0) == 1 &&
-                    p.out.dtype() == DType::bf16 && !p.has_bias() && p.n % 8 == 0 &&
-                    reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
-                    (p.m <= 1 || p.out.stride(0) % 8 == 0);
+  // Wide tiles are persistent (fp8-gpu-sm90.md, session 23: 7-12 % faster than a tile per CTA at
+  // M = 1024..4096, H200). Their out tile goes out by TMA tensor stores where the out is 16-bit
+  // with rows on 16 bytes and N a multiple of 8 (a store wrote the whole 16 bytes in which a row
+  // ends: the out padding of N=4100 and 8190 changed on an H200); else the threads store it
+  // (f32, ragged N, unaligned rows). MOEKIT_SM90_TILES_PERSISTENT=0: a tile per CTA (timing knob).
+  plan.persistent = wide && env::integer("MOEKIT_SM90_TILES_PERSISTENT", 1) != 0;
+  plan.out_tma = plan.persistent && p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
+                 reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
+                 (p.m <= 1 || p.out.stride(0) % 8 == 0);
   if (plan.persistent)
     plan.persistent_kernel = wide_persistent_kernel_for(plan);
   else
@@ -724,8 +728,10 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
     const int64_t units = tiles_m * tiles_n / plan.splits;
     const int resident =
         cluster_capacity(plan.persistent_kernel, plan.splits, plan.shared_bytes, device_index);
-    plan.grid =
-        dim3(static_cast<unsigned>(std::min<int64_t>(units, std::max(resident, 1)) * plan.splits));
+    const int64_t slots = std::max(resident, 1);
+    plan.grid = dim3(static_cast<unsigned>(std::min<int64_t>(units, slots) * plan.splits));
+    plan.persistent_fill =
+        static_cast<double>(units) / static_cast<double>(fp8::ceil_div(units, slots) * slots);
   }
   return plan;
 }
@@ -847,6 +853,13 @@ int block_gemm_sm90_tiles_split(const BlockGemmProblem& p) {
   return plan_for(p, device).tiles_split;
 }
 
+double block_gemm_sm90_persistent_fill(const BlockGemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return 0;
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  return plan_for(p, device).persistent_fill;
+}
+
 std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   if (p.m == 0 || p.n == 0) return "nothing to do";
   const int device = p.a.device().index;
@@ -880,7 +893,8 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   : plan.tile_rows == 256 ? ", pairs sharing A tiles (cluster of 2)"
                                           : ", pairs sharing B tiles (cluster of 2)",
                   split,
-                  plan.persistent         ? ", two waves per k-block, persistent"
+                  plan.out_tma            ? ", two waves per k-block, persistent, TMA stores"
+                  : plan.persistent       ? ", two waves per k-block, persistent"
                   : plan.tile_rows == 256 ? ", two waves per k-block"
                   : plan.overlap          ? ", two fragments take turns"
                                           : "",
@@ -943,7 +957,8 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
 #endif
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows);
   if (plan.persistent) {
-    const CUtensorMap out_map = make_out_map(p);
+    args.out_tma = plan.out_tma;
+    const CUtensorMap out_map = plan.out_tma ? make_out_map(p) : CUtensorMap{};
     launch(plan, plan.persistent_kernel, p.stream, device, first, second, args, maps, out_map);
     return;
   }

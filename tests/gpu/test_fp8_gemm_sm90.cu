@@ -769,8 +769,9 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
 // running on from one to the next, each tile padded to whole turns of the ring (k-blocks 8, 16 and
 // 4 are not multiples of its 3 stages, 12 is): bitwise equal to the wide tiles kernel (a tile per
 // CTA), out padding included, on every activation-scale layout, both weight-scale dtypes, in pairs
-// and alone, with partial row and column tiles. Where its TMA stores do not serve (a bias, f32
-// out, N not a multiple of 8) the plan is the wide kernel's.
+// and alone, with partial row and column tiles. Each case runs with both epilogues: TMA stores
+// (bf16 or f16 out, with or without a bias, N a multiple of 8) and the threads' stores (f32 out,
+// or N not a multiple of 8: a TMA store writes the whole 16 bytes in which a row ends).
 TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -786,53 +787,63 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
   const auto has = [](const std::string& plan, const char* what) {
     return plan.find(what) != std::string::npos;
   };
+  const std::array<DType, 3> bias_dtypes{DType::f32, DType::bf16, DType::f16};
   ScopedEnv whole_k("MOEKIT_SM90_TILES_SPLIT", "1");
   ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
   ScopedEnv pairs("MOEKIT_SM90_TILES_PAIR", "1");  // (where the column tiles are even)
-  int persistent_runs = 0, paired = 0;
+  int persistent_runs = 0, paired = 0, tma_runs = 0, thread_runs = 0, biased_runs = 0;
   for (const auto& s : shapes) {
     for (size_t l = 0; l < 4; ++l) {
-      GemmCase c = random_case(rng, s[0], s[1], s[2]);
-      c.layout = kLayouts[l];
-      c.out_dtype = DType::bf16;
-      c.bias_dtype.reset();
+      GemmCase base = random_case(rng, s[0], s[1], s[2]);
+      base.layout = kLayouts[l];
+      base.bias_dtype.reset();
       // Out rows on 16 bytes (TMA stores).
-      c.out_row_pad = (8 - c.n % 8) % 8 + 8 * static_cast<int64_t>(rng() % 2);
-      const Buffers host = make_host_buffers(c);
-      Tensor wide, persistent;
-      {
-        ScopedEnv off("MOEKIT_SM90_TILES_PERSISTENT", "0");
-        wide = run_sm90(c, host, stream.get());
+      base.out_row_pad = (8 - base.n % 8) % 8 + 8 * static_cast<int64_t>(rng() % 2);
+      // bf16 out; f16 out with a bias; f32 out (threads' stores); bf16 out with N not a multiple
+      // of 8 and a bias (threads' stores).
+      std::array<GemmCase, 4> cases{base, base, base, base};
+      cases[0].out_dtype = DType::bf16;
+      cases[1].out_dtype = DType::f16;
+      cases[1].bias_dtype = bias_dtypes[rng() % 3];
+      cases[2].out_dtype = DType::f32;
+      cases[3].out_dtype = DType::bf16;
+      cases[3].n -= 2;
+      cases[3].out_row_pad += 2;
+      cases[3].bias_dtype = bias_dtypes[rng() % 3];
+      for (size_t v = 0; v < cases.size(); ++v) {
+        const GemmCase& c = cases[v];
+        const Buffers host = make_host_buffers(c);
+        Tensor wide, persistent;
+        {
+          ScopedEnv off("MOEKIT_SM90_TILES_PERSISTENT", "0");
+          const std::string plan = plan_of_case(c, host, stream.get());
+          EXPECT_FALSE(has(plan, "persistent")) << plan;
+          wide = run_sm90(c, host, stream.get());
+        }
+        ScopedEnv on("MOEKIT_SM90_TILES_PERSISTENT", "1");
+        const std::string plan = plan_of_case(c, host, stream.get());
+        // Every wide plan is persistent; TMA stores for the first two variants only.
+        EXPECT_EQ(has(plan, "persistent"), has(plan, "tiles: 256 x 128")) << plan;
+        if (has(plan, "persistent")) EXPECT_EQ(has(plan, "TMA stores"), v < 2) << plan;
+        persistent_runs += has(plan, "persistent");
+        paired += has(plan, "persistent") && has(plan, "pairs sharing A");
+        tma_runs += has(plan, "TMA stores");
+        thread_runs += has(plan, "persistent") && !has(plan, "TMA stores");
+        biased_runs += has(plan, "persistent") && c.bias_dtype.has_value();
+        persistent = run_sm90(c, host, stream.get());
+        EXPECT_EQ(std::memcmp(persistent.data(), wide.data(), wide.nbytes()), 0)
+            << describe(c) << ", " << plan;
       }
-      ScopedEnv on("MOEKIT_SM90_TILES_PERSISTENT", "1");
-      const std::string plan = plan_of_case(c, host, stream.get());
-      // Every wide plan of these cases is persistent (bf16 out, no bias, rows on 16 bytes).
-      EXPECT_EQ(has(plan, "persistent"), has(plan, "tiles: 256 x 128")) << plan;
-      persistent_runs += has(plan, "persistent");
-      paired += has(plan, "persistent") && has(plan, "pairs sharing A");
-      persistent = run_sm90(c, host, stream.get());
-      EXPECT_EQ(std::memcmp(persistent.data(), wide.data(), wide.nbytes()), 0)
-          << describe(c) << ", " << plan;
-      // The same case with a bias, f32 out, or N not a multiple of 8 (a TMA store writes the 16
-      // bytes in which a row ends): the wide kernel's plan, not the persistent one.
-      GemmCase ragged = c;
-      ragged.n -= 2;
-      ragged.out_row_pad += 2;
-      EXPECT_FALSE(
-          has(plan_of_case(ragged, make_host_buffers(ragged), stream.get()), "persistent"));
-      GemmCase biased = c;
-      biased.bias_dtype = DType::f32;
-      EXPECT_FALSE(
-          has(plan_of_case(biased, make_host_buffers(biased), stream.get()), "persistent"));
-      GemmCase f32_out = c;
-      f32_out.out_dtype = DType::f32;
-      EXPECT_FALSE(
-          has(plan_of_case(f32_out, make_host_buffers(f32_out), stream.get()), "persistent"));
     }
   }
-  std::printf(" of 16 cases, %d ran persistent, %d in pairs\n", persistent_runs, paired);
-  EXPECT_GE(persistent_runs, 8);
-  EXPECT_GE(paired, 4);
+  std::printf(" of 64 cases, %d ran persistent (%d with TMA stores, %d with the threads' stores, "
+              "%d with a bias), %d in pairs\n",
+              persistent_runs, tma_runs, thread_runs, biased_runs, paired);
+  EXPECT_GE(persistent_runs, 32);
+  EXPECT_GE(tma_runs, 16);
+  EXPECT_GE(thread_runs, 16);
+  EXPECT_GE(biased_runs, 16);
+  EXPECT_GE(paired, 16);
 }
 
 // The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each

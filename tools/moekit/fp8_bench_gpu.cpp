@@ -248,8 +248,9 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
         {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {256}},
         {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {256}},
     };
+    // --tokens M benches any M, not only the table's (a sweep over M for one shape with --model).
     for (const Shape& shape : shapes)
-      for (int64_t M : shape.tokens)
+      for (int64_t M : options.tokens > 0 ? std::vector<int64_t>{options.tokens} : shape.tokens)
         if (wanted(shape.name, M))
           for (GpuRow& r : bench_gemm_shape(shape.name, M, shape.n, shape.k, seed++, data,
                                             options.implementation, options.replays))

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::prefetch_tensor_map(&b_map);
       sm90::prefetch_tensor_map(&scale_maps.a);
       sm90::prefetch_tensor_map(&scale_maps.b);
-      sm90::prefetch_tensor_map(&out_map);
+      if (args.out_tma) sm90::prefetch_tensor_map(&out_map);
       vendor::wait_for_previous_grid();
       Ring ring;
       int box_base = 0;  // boxes the CTA's earlier tiles opened
@@ -244,6 +244,103 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // ---- The epilogue: out = acc (+ bias[col]), rounded once to the out dtype. Each thread holds
+  // columns n0 + 8 j + 2 (lane % 4) + {0, 1} of rows tile_row + 64 w + 8 half. (Without bias the
+  // wide tiles kernel added a zero, which makes -0 +0: the same here.)
+  const Epilogue& e = args.epilogue;
+  const auto bias_pair = [&](int col) {
+    if (e.bias_type == BiasType::none) return make_float2(0.0f, 0.0f);
+    return make_float2(col < args.n ? bias_at(e, col) : 0.0f,
+                       col + 1 < args.n ? bias_at(e, col + 1) : 0.0f);
+  };
+  // 16-bit out (TMA): the tile in `staged`, once the last tile's stores have read it: box j / 8
+  // holds columns 64 (j / 8) .. + 63, rows of 128 bytes whose 16-byte chunks are swizzled by
+  // row % 8 (= lane / 4 here, so a warp's 32 stores fall on distinct banks). Then consumer thread
+  // 0 stores the two boxes, which run on while the next tile's loop starts.
+  const auto stage_and_store_16bit = [&](int m0, int n0) {
+    if (threadIdx.x == 0) sm90::bulk_wait_read();
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    // (worked out here, not held across the loop: registers, as above)
+    int swizzle = lane / 4, opaque = 0;
+    asm volatile("" : "+r"(swizzle), "+r"(opaque));
+    uint8_t* staged_at = staged + opaque;  // (an offset, not a laundered pointer: shared stores)
+    const auto stage = [&](auto pair_bits) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        const float2 bias = bias_pair(n0 + 8 * j + 2 * (lane % 4));
+#pragma unroll
+        for (int w = 0; w < kWaves; ++w) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row = tile_row + 64 * w + 8 * half;
+            uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(row_at + j / 8 * persistent::kOutBoxBytes +
+                                         ((j % 8) ^ swizzle) * 16) =
+                pair_bits(acc[w][4 * j + 2 * half] + bias.x, acc[w][4 * j + 2 * half + 1] + bias.y);
+          }
+        }
+      }
+    };
+    if (e.out_type == OutType::f16)
+      stage([](float x, float y) {
+        const __half2 h = __floats2half2_rn(x, y);
+        return *reinterpret_cast<const uint32_t*>(&h);
+      });
+    else
+      stage([](float x, float y) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+        return *reinterpret_cast<const uint32_t*>(&h);
+      });
+    sm90::fence_proxy_async_shared();  // the writes, visible to the copy engine
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
+        sm90::tma_store_2d(&out_map, staged + box * persistent::kOutBoxBytes,
+                           n0 + box * persistent::kOutBoxColumns, m0);
+      sm90::bulk_commit();
+    }
+  };
+  // Any out (f32, ragged N, unaligned rows): each warpgroup stages a wave (64 rows) at a time in
+  // f32 in its half of `staged` (rows of 512 bytes whose 16-byte chunks are swizzled by row % 8:
+  // a warp's 8-byte stores take the two wavefronts they need), then its warps store rows of four
+  // columns per thread, as the wide tiles kernel did.
+  const auto stage_and_store_f32 = [&](int m0, int n0) {
+    constexpr int kRowBytes = kBlockN * 4;
+    uint8_t* half_at = staged + warpgroup * (64 * kRowBytes);
+    static_assert(kConsumers * 64 * kRowBytes <= persistent::kOutBytes, "a wave per warpgroup");
+    const int col = n0 + 4 * lane;
+    float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (e.bias_type != BiasType::none) {
+      const float2 lo = bias_pair(col), hi = bias_pair(col + 2);
+      bias = make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+#pragma unroll
+    for (int w = 0; w < kWaves; ++w) {
+      sm90::named_barrier(2 + warpgroup, kWarpgroup);  // the last wave's rows are stored
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = warp * 16 + lane / 4 + 8 * half;  // of the wave's 64
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const int chunk = (2 * j + (lane % 4) / 2) ^ (lane / 4);
+          *reinterpret_cast<float2*>(half_at + row * kRowBytes + chunk * 16 + 8 * (lane % 2)) =
+              make_float2(acc[w][4 * j + 2 * half], acc[w][4 * j + 2 * half + 1]);
+        }
+      }
+      sm90::named_barrier(2 + warpgroup, kWarpgroup);
+      const int first_row = m0 + warpgroup * kRowsPerGroup + 64 * w;
+#pragma unroll 2
+      for (int r = warp; r < 64; r += 4) {
+        if (first_row + r >= args.m) break;
+        const float4 v =
+            *reinterpret_cast<const float4*>(half_at + r * kRowBytes + (lane ^ (r % 8)) * 16);
+        store_quad(e, first_row + r, col, args.n,
+                   make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w));
+      }
+    }
+  };
+
   uint32_t phase = 0;
   int box_base = 0;
   const int whole = k_blocks / kStages * kStages;  // k-blocks in whole turns
@@ -282,41 +379,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       phase ^= 1;
     }
-    // The tile in bf16 into `staged` (+ 0: the wide tiles kernel adds a zero bias, which makes -0
-    // +0), once the last tile's stores have read it: box j / 8 holds columns 64 (j / 8) .. + 63,
-    // rows of 128 bytes whose 16-byte chunks are swizzled by row % 8 (= lane / 4 here, so a warp's
-    // 32 stores fall on distinct banks). Then consumer thread 0 stores the two boxes.
-    if (threadIdx.x == 0) sm90::bulk_wait_read();
-    sm90::named_barrier(1, kConsumers * kWarpgroup);
-    // (worked out here, not held across the loop: registers, as above)
-    int swizzle = lane / 4, opaque = 0;
-    asm volatile("" : "+r"(swizzle), "+r"(opaque));
-    uint8_t* staged_at = staged + opaque;  // (an offset, not a laundered pointer: shared stores)
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = tile_row + 64 * w + 8 * half;
-        uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
-          *reinterpret_cast<__nv_bfloat162*>(row_at + j / 8 * persistent::kOutBoxBytes +
-                                             ((j % 8) ^ swizzle) * 16) =
-              __floats2bfloat162_rn(acc[w][4 * j + 2 * half] + 0.0f,
-                                    acc[w][4 * j + 2 * half + 1] + 0.0f);
-      }
-    }
-    sm90::fence_proxy_async_shared();  // the writes, visible to the copy engine
-    sm90::named_barrier(1, kConsumers * kWarpgroup);
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
-        sm90::tma_store_2d(&out_map, staged + box * persistent::kOutBoxBytes,
-                           n0 + box * persistent::kOutBoxColumns, m0);
-      sm90::bulk_commit();
-    }
+    if (args.out_tma)
+      stage_and_store_16bit(m0, n0);
+    else
+      stage_and_store_f32(m0, n0);
   }
-  if (threadIdx.x == 0) sm90::bulk_wait_read();  // shared memory stays until the copies read it
+  if (args.out_tma && threadIdx.x == 0)
+    sm90::bulk_wait_read();  // shared memory stays until the copies read it
   // Pairs: this thread's last arrival on the peer is done; neither CTA leaves before both say so.
   if constexpr (kPair) {
     sm90::cluster_arrive();
