@@ -14,10 +14,10 @@
 //   producer warps put the scale products beside them; on long k-ranges pairs of CTAs share B
 //   tiles (TMA multicast). Each consumer keeps two fragments, so one k-block's wgmma run while
 //   the previous one is promoted. Wide tiles (256 x 128, where the scales are copied and the grid
-//   is large): each consumer warpgroup takes 128 rows in two waves of 64 per k-block, 4 stages,
-//   and pairs of CTAs share A tiles. Their persistent build (MOEKIT_SM90_TILES_PERSISTENT=1, bf16
-//   out): a CTA or pair per SM takes tile after tile, storing each by TMA from shared memory while
-//   the next tile's copies run (gemm_wide_persistent.cuh).
+//   is large) have a persistent kernel of their own (gemm_wide_persistent.cuh): each consumer
+//   warpgroup takes 128 rows in two waves of 64 per k-block, 3 stages, pairs of CTAs share A
+//   tiles, and a CTA or pair per SM takes tile after tile, storing each (by TMA from shared
+//   memory where the out allows) while the next tile's copies run.
 // - swap (M <= 128, decode and small batches): the weight is the wgmma M side and the tokens its
 //   N side (8..128), so no tensor-core rows are wasted on padding tokens. A CTA takes 128 weight
 //   rows (64 per consumer warpgroup) or 64 (the warpgroups take alternate k-blocks), and up to 8
@@ -40,8 +40,9 @@
 // swizzled token tiles and scales in shared memory, then multiply as usual: no workspace, no
 // second kernel, and the GEMM's layout and split, so the same bits as the two-kernel path.
 //
-// This file plans and launches; the kernels are in sm90/gemm_tiles.cuh and sm90/gemm_swap.cuh,
-// what they share in sm90/gemm_common.cuh (headers of this translation unit only).
+// This file plans and launches; the kernels are in sm90/gemm_tiles.cuh,
+// sm90/gemm_wide_persistent.cuh and sm90/gemm_swap.cuh, what they share in sm90/gemm_common.cuh
+// (headers of this translation unit only).
 //
 // Rows past M, columns past N and k past K are zeros filled in by the copy engine, and the
 // epilogue writes only inside [M, N]. The host builds both tensor maps per call
@@ -585,19 +586,6 @@ TilesKernelFn tiles_kernel_for(const Plan& plan) {
   return gemm_tiles_kernel<true, ScaleFeed::warps, kCluster>;
 }
 
-// Wide tiles (scales copied with the tiles): the kernel for the plan's feed and cluster.
-template <int kRows>
-TilesKernelFn rows_kernel_for(const Plan& plan) {
-  using tiles::Cluster;
-  using tiles::ScaleFeed;
-  const bool k_inner = plan.scale_feed == ScaleFeed::a_k_inner;
-  if (plan.pair)
-    return k_inner ? gemm_tiles_kernel<true, ScaleFeed::a_k_inner, Cluster::pair, kRows>
-                   : gemm_tiles_kernel<true, ScaleFeed::a_m_inner, Cluster::pair, kRows>;
-  return k_inner ? gemm_tiles_kernel<true, ScaleFeed::a_k_inner, Cluster::none, kRows>
-                 : gemm_tiles_kernel<true, ScaleFeed::a_m_inner, Cluster::none, kRows>;
-}
-
 // Persistent wide tiles: the kernel for the plan's feed and cluster.
 PersistentKernelFn wide_persistent_kernel_for(const Plan& plan) {
   using tiles::Cluster;
@@ -611,7 +599,6 @@ PersistentKernelFn wide_persistent_kernel_for(const Plan& plan) {
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
-  if (plan.tile_rows == 256) return rows_kernel_for<256>(plan);
   if (plan.pair) return tiles_kernel_for<tiles::Cluster::pair>(plan);
   if (plan.tiles_split > 1) return tiles_kernel_for<tiles::Cluster::split>(plan);
   return tiles_kernel_for<tiles::Cluster::none>(plan);
@@ -707,8 +694,8 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   // M = 1024..4096, H200). Their out tile goes out by TMA tensor stores where the out is 16-bit
   // with rows on 16 bytes and N a multiple of 8 (a store wrote the whole 16 bytes in which a row
   // ends: the out padding of N=4100 and 8190 changed on an H200); else the threads store it
-  // (f32, ragged N, unaligned rows). MOEKIT_SM90_TILES_PERSISTENT=0: a tile per CTA (timing knob).
-  plan.persistent = wide && env::integer("MOEKIT_SM90_TILES_PERSISTENT", 1) != 0;
+  // (f32, ragged N, unaligned rows).
+  plan.persistent = wide;
   plan.out_tma = plan.persistent && p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(0) % 8 == 0);
@@ -722,7 +709,7 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   const int promotion = env::integer("MOEKIT_SM90_TILES_PROMOTION", -1);
   if (promotion >= 0 && promotion <= 3) plan.tile_promotion = promotion;
   plan.grid = dim3(static_cast<unsigned>(tiles_m * tiles_n * plan.tiles_split));
-  plan.shared_bytes = wide ? tiles::Shape<256>::kSharedBytes : tiles::kSharedBytes;
+  plan.shared_bytes = tiles::kSharedBytes;
   if (plan.persistent) {  // as many CTAs (pairs) as are resident at once, or as there are units
     plan.shared_bytes = persistent::kSharedBytes;
     const int64_t units = tiles_m * tiles_n / plan.splits;
@@ -893,10 +880,9 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   : plan.tile_rows == 256 ? ", pairs sharing A tiles (cluster of 2)"
                                           : ", pairs sharing B tiles (cluster of 2)",
                   split,
-                  plan.out_tma            ? ", two waves per k-block, persistent, TMA stores"
-                  : plan.persistent       ? ", two waves per k-block, persistent"
-                  : plan.tile_rows == 256 ? ", two waves per k-block"
-                  : plan.overlap          ? ", two fragments take turns"
+                  plan.out_tma      ? ", two waves per k-block, persistent, TMA stores"
+                  : plan.persistent ? ", two waves per k-block, persistent"
+                  : plan.overlap    ? ", two fragments take turns"
                                           : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
                                                              : ", scales copied with the tiles",
@@ -944,6 +930,10 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
 #ifdef MOEKIT_FP8_TRACE
   args.tiles_ablation = env::integer("MOEKIT_SM90_TILES_ABLATE", 0);
+  if (args.tiles_ablation != 0 && plan.persistent)
+    fail(kOp, "MOEKIT_SM90_TILES_ABLATE", std::to_string(args.tiles_ablation),
+         "the persistent wide tiles take no ablation (MOEKIT_SM90_TILES_ROWS=128 takes tiles of "
+         "128 rows)");
   if (args.tiles_ablation == tiles::kPairedCopies) {
     if (plan.pair || plan.tile_rows != 128 || p.k_blocks % 2 != 0 || p.k % kBlockK != 0)
       fail(kOp, "MOEKIT_SM90_TILES_ABLATE", "5",

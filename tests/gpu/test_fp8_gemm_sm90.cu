@@ -676,11 +676,12 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
   EXPECT_EQ(paired, 16);
 }
 
-// Wide tiles (256 x 128, MOEKIT_SM90_TILES_ROWS=256: two waves of 64 rows per consumer warpgroup
-// and k-block) bit for bit against 128 x 128 tiles over the whole K without pairs: each output
-// element takes the same products in the same order. Every activation-scale layout on every shape
-// (partial tiles of rows, columns and K; k-block counts 1, 3, 6, 8, 16, 33 and 56, so that the
-// wide loop's ring of 4 stages ends on each of them); on one layout per shape also twice in a row
+// Wide tiles (256 x 128, MOEKIT_SM90_TILES_ROWS=256, the persistent kernel: two waves of 64 rows
+// per consumer warpgroup and k-block) bit for bit against 128 x 128 tiles over the whole K without
+// pairs: each output element takes the same products in the same order. Every activation-scale
+// layout on every shape (partial tiles of rows, columns and K; k-block counts 1, 3, 6, 8, 16, 33
+// and 56, so that the wide loop's ring of 3 stages ends on each of them), the cases' random out
+// dtypes and biases; on one layout per shape also twice in a row
 // on one stream (PDL) bitwise equal to a fresh call and close to the reference. Also in pairs of
 // CTAs, which share A tiles (multicast) where the column tiles pair up (N = 130, 200, 256 here).
 // Wide tiles need the scales copied with the tiles; elsewhere the plan keeps 128 rows.
@@ -764,11 +765,10 @@ TEST(Sm90BlockFp8Gemm, WideTilesEqualNarrowBitForBit) {
   }
 }
 
-// Persistent wide tiles (MOEKIT_SM90_TILES_PERSISTENT=1) on grids of more tiles than resident
-// CTAs, so that each CTA (or pair) takes several tiles, its ring and activation-scale box slots
-// running on from one to the next, each tile padded to whole turns of the ring (k-blocks 8, 16 and
-// 4 are not multiples of its 3 stages, 12 is): bitwise equal to the wide tiles kernel (a tile per
-// CTA), out padding included, on every activation-scale layout, both weight-scale dtypes, in pairs
+// Persistent wide tiles on grids of more tiles than resident CTAs, so that each CTA (or pair) takes
+// several tiles, its ring and activation-scale box slots running on from one to the next, each
+// tile padded to whole turns of the ring (k-blocks 8, 16 and 4 are not multiples of its 3 stages,
+// 12 is): bitwise equal to 128 x 128 tiles (a tile per CTA), out padding included, on every activation-scale layout, both weight-scale dtypes, in pairs
 // and alone, with partial row and column tiles. Each case runs with both epilogues: TMA stores
 // (bf16 or f16 out, with or without a bias, N a multiple of 8) and the threads' stores (f32 out,
 // or N not a multiple of 8: a TMA store writes the whole 16 bytes in which a row ends).
@@ -813,14 +813,13 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
       for (size_t v = 0; v < cases.size(); ++v) {
         const GemmCase& c = cases[v];
         const Buffers host = make_host_buffers(c);
-        Tensor wide, persistent;
+        Tensor narrow, persistent;
         {
-          ScopedEnv off("MOEKIT_SM90_TILES_PERSISTENT", "0");
+          ScopedEnv tiles_of_128("MOEKIT_SM90_TILES_ROWS", "128");
           const std::string plan = plan_of_case(c, host, stream.get());
           EXPECT_FALSE(has(plan, "persistent")) << plan;
-          wide = run_sm90(c, host, stream.get());
+          narrow = run_sm90(c, host, stream.get());
         }
-        ScopedEnv on("MOEKIT_SM90_TILES_PERSISTENT", "1");
         const std::string plan = plan_of_case(c, host, stream.get());
         // Every wide plan is persistent; TMA stores for the first two variants only.
         EXPECT_EQ(has(plan, "persistent"), has(plan, "tiles: 256 x 128")) << plan;
@@ -831,7 +830,7 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualWideBitForBit) {
         thread_runs += has(plan, "persistent") && !has(plan, "TMA stores");
         biased_runs += has(plan, "persistent") && c.bias_dtype.has_value();
         persistent = run_sm90(c, host, stream.get());
-        EXPECT_EQ(std::memcmp(persistent.data(), wide.data(), wide.nbytes()), 0)
+        EXPECT_EQ(std::memcmp(persistent.data(), narrow.data(), narrow.nbytes()), 0)
             << describe(c) << ", " << plan;
       }
     }

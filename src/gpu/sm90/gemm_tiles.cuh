@@ -15,16 +15,17 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // kScaleFeed: who puts each k-block's scales beside its tiles (the scale warps, or the copy engine
 // with the tiles). kCluster: CTAs alone; pairs (clusters of two CTAs on neighbouring tile rows,
 // each copying half of the shared B tile into both rings; a stage is refilled once the consumers
-// of both CTAs are done with it, session 15; wide tiles: on neighbouring tile columns, sharing A);
-// or a split of K over the CTAs of a cluster, each rank adding the partial sums of its share of
-// the tile's rows, read from the others' shared memory (grids with fewer tiles than half the SMs).
+// of both CTAs are done with it, session 15); or a split of K over the CTAs of a cluster, each
+// rank adding the partial sums of its share of the tile's rows, read from the others' shared
+// memory (grids with fewer tiles than half the SMs).
 //
-// kRows: the tile's rows (tiles::Shape): 128, or 256 (wide tiles).
+// Its tiles are 128 x 128; wide tiles (256 x 128) have a kernel of their own, persistent
+// (gemm_wide_persistent.cuh).
 
 namespace tiles {
 constexpr int kBlockN = 128;
-// A tile's shape: 128 x 128 (every scale feed and cluster); 256 x 128 (wide: scales copied with the
-// tiles, no split), which copies a quarter fewer bytes from L2 per product (48 KB per k-block for
+// A tile's shape: 128 x 128 (the tiles kernel: every scale feed and cluster); 256 x 128 (wide, the
+// persistent kernel: scales copied with the tiles, no split), which copies a quarter fewer bytes from L2 per product (48 KB per k-block for
 // twice the work of 32 KB) and holds two 64-register accumulators per consumer thread, filled in
 // two waves of wgmma per k-block (DeepGEMM's 256 x 128 config made 1405 TFLOP/s at M=4096 N=7168
 // K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19).
@@ -74,9 +75,6 @@ constexpr int kMaxSplit = 4;  // split: CTAs of a cluster splitting K (2..4)
 constexpr int kStagedStride = kBlockN + 8;
 static_assert(Shape<128>::kBlockM * kStagedStride * 4 <=
                   Shape<128>::kStages * Shape<128>::kStageBytes,
-              "the staged tile fits the ring");
-static_assert(Shape<256>::kBlockM * kStagedStride * 4 <=
-                  Shape<256>::kStages * Shape<256>::kStageBytes,
               "the staged tile fits the ring");
 constexpr int kOverlapGroup = 4;  // kOverlap: k-blocks per turn of the consumers' loop
 // Diagnosis builds (MOEKIT_FP8_TRACE) time the copy pipeline alone: MOEKIT_SM90_TILES_ABLATE=1,
@@ -150,20 +148,15 @@ struct RingPosition {
 // GHz; docs/perf/fp8-gpu-sm90.md, session 14). Scales copied with the tiles: the stage's full
 // barrier waits for the copies alone (1,552 k -> 1,439 k cycles at that shape, session 15); the
 // consumers read the two factors and the weight scale and multiply.
-//
-// kRows 256 (wide tiles): each consumer warpgroup takes 128 rows in two waves of 64 per k-block
-// (the wave's wgmma, then their products scaled into that wave's accumulator); the other
-// warpgroup's wgmma run while one promotes. Each output element takes the same products in the
-// same order as with 128 rows.
 
-template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, int kRows = 128>
+template <bool kOverlap, tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_tiles_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
                       const __grid_constant__ ScaleMaps scale_maps) {
 #if MOEKIT_SM90A
   using namespace tiles;
-  using S = Shape<kRows>;
+  using S = Narrow;
   constexpr int kBlockM = S::kBlockM, kStages = S::kStages, kStageBytes = S::kStageBytes;
   constexpr int kScaleABoxBytes = S::kScaleABoxBytes, kScaleBytes = S::kScaleBytes;
   constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
@@ -172,12 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kSplit = kCluster == Cluster::split;
   // The consumer warpgroups, and the rows each takes.
   constexpr int kGroups = kConsumers, kRowsPerGroup = S::kRowsPerGroup;
-  // Wide tiles: the consumers' loop of waves, one fragment, no overlap.
-  constexpr bool kWide = kRows == 256;
-  constexpr bool kShareA = kPair && kRows == 256;  // pairs share A tiles, else B
   static_assert(!kSplit || kOverlap, "the split takes k-blocks in the overlap's groups of 4");
-  static_assert(!kWide || (kOverlap && kCopiedScales && !kSplit),
-                "wide tiles: scales copied with the tiles, no split (kOverlap names the build)");
   using Ring = RingPosition<kStages>;
   // Per stage: the weight scales' 16 bytes, and the activation scales' box (a_m_inner) or, with
   // the first k-block of each box, its 4 k-blocks (a_k_inner).
@@ -199,21 +187,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // share of them.
   const int splits = kSplit ? args.splits : 1;
   const int tile = static_cast<int>(blockIdx.x) / splits;
-  // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group. Wide tiles in
-  // pairs: units of two neighbouring column tiles (an even count), ordered as single tiles are.
-  constexpr int kUnitColumns = kShareA ? 2 : 1;
-  const int unit = tile / kUnitColumns;
-  const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
-  const int group = unit / per_group;
+  // Tile of this CTA: groups of kGroupRows tile rows, rows fastest inside a group.
+  const int per_group = kGroupRows * args.tiles_n;
+  const int group = tile / per_group;
   const int first_row = group * kGroupRows;
   const int group_rows = min(args.tiles_m - first_row, kGroupRows);
-  const int in_group = unit % per_group;
+  const int in_group = tile % per_group;
   const int m0 = (first_row + in_group % group_rows) * kBlockM;
-  const int n0 = ((in_group / group_rows) * kUnitColumns + tile % kUnitColumns) * kBlockN;
+  const int n0 = (in_group / group_rows) * kBlockN;
   const int nb = n0 / kBlockN;
   // Pairs: the group's row count is even (the host pairs only even tiles_m), so CTAs 2j and
-  // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile (which share B tiles); wide
-  // tiles: columns 2i and 2i + 1 of one tile row (which share A tiles).
+  // 2j + 1 of a cluster hold rows 2i and 2i + 1 of one column tile (which share B tiles).
   const uint32_t rank = kPair || kSplit ? sm90::cluster_rank() : 0;
   int kb_begin = 0, kb_count = k_blocks;  // this CTA's k-blocks
   if constexpr (kSplit) {
@@ -225,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // kOverlap: the consumers take k-blocks in groups of 4; the last group's slots past the CTA's
   // k-blocks are only barrier arrivals (their stages keep old bytes: the consumers multiply them,
   // so that every path has the same wgmma in flight, and add nothing).
-  const int slots = kOverlap && !kWide ? overlap_slots(kb_count) : kb_count;
+  const int slots = kOverlap ? overlap_slots(kb_count) : kb_count;
 
   MOEKIT_TILES_TRACE(__shared__ TraceCta trace_cta; __shared__ uint32_t trace_ticket_of_cta;
                      uint64_t waited = 0);  // this thread's cycles in ring waits
@@ -246,9 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   vendor::allow_next_grid();  // the next kernel may set up while this one runs
 
   if (warpgroup == kGroups) {
-    // Wide tiles: no scale warps, and the consumers hold 128 + 64 accumulator registers.
-    constexpr int kRegisters = kWide ? kProducerRegisters : kScaleProducerRegisters;
-    sm90::registers_shrink<kRegisters>();
+    sm90::registers_shrink<kScaleProducerRegisters>();
     // Pairs: no thread leaves while the peer may still arrive on this CTA's barriers.
     // Split: every thread takes part in both of the exchange's cluster barriers.
     const auto leave = [&] {
@@ -272,10 +254,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       for (int kb = kb_begin;
            ablation(args) != kPairedCopies && kb < kb_begin + min(kb_count, kStages); ++kb) {
-        sm90::tma_prefetch_2d(&a_map, kb * kBlockK,
-                              m0 + kShareA * static_cast<int>(rank) * (kBlockM / 2));
-        sm90::tma_prefetch_2d(&b_map, kb * kBlockK,
-                              n0 + !kShareA * static_cast<int>(rank) * (kBlockN / 2));
+        sm90::tma_prefetch_2d(&a_map, kb * kBlockK, m0);
+        sm90::tma_prefetch_2d(&b_map, kb * kBlockK, n0 + static_cast<int>(rank) * (kBlockN / 2));
       }
       vendor::wait_for_previous_grid();
       Ring ring;
@@ -319,16 +299,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                                               : 0) +
                      (scales_copied ? kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0) : 0));
         if (ablated != kCopiesOfB) {
-          if constexpr (kShareA) {  // this CTA's half of the A tile, into both rings
-            const int half = static_cast<int>(rank) * (kBlockM / 2);
-            sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
-                                        m0 + half, 0x3);
-          } else {
-            sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
-          }
+          sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
         }
         if (ablated != kCopiesOfA) {
-          if constexpr (kPair && !kShareA) {  // this CTA's half of the B tile, into both rings
+          if constexpr (kPair) {  // this CTA's half of the B tile, into both rings
             const int half = static_cast<int>(rank) * (kBlockN / 2);
             sm90::tma_load_2d_multicast(stage + S::kTileBytesA + half * kBlockK, &b_map, bar,
                                         kb * kBlockK, n0 + half, 0x3);
@@ -396,8 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  constexpr int kRegisters = kWide ? kConsumerRegisters : kScaleConsumerRegisters;
-  sm90::registers_grow<kRegisters>();
+  sm90::registers_grow<kScaleConsumerRegisters>();
   constexpr int kWaves = S::kWaves;
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
@@ -410,8 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int w = 0; w < kWaves; ++w)
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
-  // The warpgroup's first 64 rows of the A tile (+ stage offset; + 64 rows for a wide tile's
-  // second wave).
+  // The warpgroup's 64 rows of the A tile (+ stage offset).
   const uint8_t* a_half = stages + warpgroup * kRowsPerGroup * kBlockK;
   // After every lane's last read of the stage (its scales): the stage goes back to the producer.
   const auto release = [&](int stage) {
@@ -460,121 +432,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return stage_products(stage, kb, row, [&] { return stage_b_scale(stage, kb); });
   };
 
-  if constexpr (kWide) {
-    // One fragment, two waves per k-block: the wave's 4 wgmma, wait, scale into acc[wave]. The
-    // stage goes back after the last wave's wgmma. The first wave's wgmma go out right after the
-    // stage's wait and the scale words' shared loads, from descriptors stepped by 32-bit adds, and
-    // the k-block's factors are computed while they run: a warpgroup's chain of waits, wgmma and
-    // promotions is what sets this loop's pace (item 2 of session 20), and the scale reads and
-    // descriptor rebuilds used to sit on it, ahead of each k-block's first wgmma (with the ring
-    // unrolled below: M=1024 N=4096 K=7168 52.2-52.4 -> 49.7-50.0 us, H200, fp8-gpu-sm90.md,
-    // session 21).
-    // Measured, not kept (H200, fp8-gpu-sm90.md, session 20): the two warpgroups' waves in strict
-    // turns (no change), and 64 x 64 quarters in two 32-register fragments taking turns (M=1024
-    // 3 % slower).
-    // Stage 0's tiles: this warpgroup's first 64 rows of A, and B.
-    const uint32_t a_low = sm90::smem_descriptor_sw128_low(a_half);
-    const uint32_t b_low = sm90::smem_descriptor_sw128_low(stages + S::kTileBytesA);
-    Ring ring;
-    const bool copies_only = ablation(args) >= kCopiesOnly && ablation(args) <= kCopiesNoScales;
-    for (int i = 0; copies_only && i < kb_count; ++i, ring.advance()) {
-      sm90::mbarrier_wait(&full[ring.stage], ring.phase);
-      release(ring.stage);
-    }
-    // Where k-block kb's scale words sit: the activation scales of this thread's rows (row of
-    // each wave; row + 8 is kRowStep words on) and the weight scale's 32-bit word, with the shift
-    // and mask that make a float of it (a bf16 scale is one half of the word).
-    constexpr int kRowStep = kScaleFeed == ScaleFeed::a_k_inner ? 8 * 4 : 8;
-    struct ScaleAddresses {
-      const uint32_t* a[kWaves];
-      const uint32_t* b;
-      int b_shift;
-      uint32_t b_mask;
-    };
-    const auto scale_addresses = [&](int stage, int kb) {
-      ScaleAddresses at;
-#pragma unroll
-      for (int v = 0; v < kWaves; ++v) {
-        const int row = tile_row + 64 * v;
-        if constexpr (kScaleFeed == ScaleFeed::a_k_inner) {
-          const int word = args.scales.a_packed ? kb >> 2 : kb;
-          at.a[v] = reinterpret_cast<const uint32_t*>(scale_boxes + (word >> 2) % kScaleBoxSlots *
-                                                                        (kScaleABoxBytes / 4)) +
-                    row * 4 + (word & 3);
-        } else {
-          at.a[v] = reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats) + row;
-        }
-      }
-      const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
-      const int b_byte = args.scales.b_bf16 ? 2 * b_index : 4 * b_index;
-      at.b =
-          reinterpret_cast<const uint32_t*>(scales + stage * kScaleFloats + S::kScaleBOffset / 4) +
-          b_byte / 4;
-      at.b_shift = args.scales.b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
-      at.b_mask = args.scales.b_bf16 ? 0xffff0000u : 0xffffffffu;
-      return at;
-    };
-    // The factors from the words: packed activation scales hold k-block kb's exponent in byte
-    // kb % 4; a bf16 weight scale is the top half of a float.
-    const auto factor_of = [&](uint32_t word, int kb, float b) {
-      if (args.scales.a_packed) word = (word >> ((kb & 3) * 8) & 0xffu) << 23;
-      return __uint_as_float(word) * b;
-    };
-    // One k-block in `stage`, the i-th of the CTA's.
-    const auto k_block = [&](int stage, uint32_t phase, int i) {
-      const int kb = kb_begin + i;
-      const ScaleAddresses at = scale_addresses(stage, kb);
-      MOEKIT_TILES_TRACE(const uint64_t wait_start = vendor::sm_cycles());
-      sm90::mbarrier_wait(&full[stage], phase);
-      MOEKIT_TILES_TRACE(waited += vendor::sm_cycles() - wait_start; if (threadIdx.x == 0 && i == 0)
-                             trace_stamp(trace_cta, Sm90TracePhase::scales_staged));
-      // The scale words' shared loads go out before the first wave's wgmma, so that their latency
-      // is not between that wave's wgmma: ptxas puts the factors' arithmetic among those wgmma
-      // wherever the source has it (the same SASS with it after the wave's wait), and session 21's
-      // loads, written after the first wgmma, went there too, with their address arithmetic (54
-      // instructions between the wave's first and second wgmma, now 20: M=1024 N=4096 K=7168
-      // 49.7 -> 49.0 us, M=4096 N=7168 K=16384 781-800 -> 730-745, H200; fp8-gpu-sm90.md,
-      // session 22).
-      uint32_t words[kWaves][2];
-#pragma unroll
-      for (int v = 0; v < kWaves; ++v) {
-        words[v][0] = at.a[v][0];
-        words[v][1] = at.a[v][kRowStep];
-      }
-      const uint32_t b_word = *at.b;
-      const uint32_t stage_low = stage * (kStageBytes / 16);
-      float2 factors[kWaves];
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
-        issue_k_block_at<kBlockN>(part, a_low + stage_low + w * (64 * kBlockK / 16),
-                                  b_low + stage_low);
-        if (w == 0) {
-          const float b = __uint_as_float(b_word << at.b_shift & at.b_mask);
-#pragma unroll
-          for (int v = 0; v < kWaves; ++v)
-            factors[v] = make_float2(factor_of(words[v][0], kb, b), factor_of(words[v][1], kb, b));
-        }
-        wait_k_block<kBlockN>(part);
-        if (w == kWaves - 1) release(stage);
-        if (ablation(args) != kNoPromotion)
-          promote_tile_fragment(acc[w], part, factors[w].x, factors[w].y);
-      }
-    };
-    // A turn of the ring per iteration, unrolled, so that each stage's addresses are constants;
-    // whole turns first, with no test per k-block, then the last turn's k-blocks (M=1024 49.0 ->
-    // 48.7 us).
-    uint32_t phase = 0;
-    int first = 0;
-    for (; !copies_only && first + kStages <= kb_count; first += kStages, phase ^= 1) {
-#pragma unroll
-      for (int stage = 0; stage < kStages; ++stage) k_block(stage, phase, first + stage);
-    }
-#pragma unroll
-    for (int stage = 0; stage < kStages - 1; ++stage) {
-      if (copies_only || first + stage >= kb_count) break;
-      k_block(stage, phase, first + stage);
-    }
-  } else if constexpr (kOverlap) {
+  if constexpr (kOverlap) {
     // Two fragments take turns over groups of kOverlapGroup k-blocks: k-block i + 1's wgmma run
     // while i's products are scaled into acc, so the tensor cores wait only for the group's last
     // promotion. No wgmma is in flight across the loop's back edge: the copies that carry a

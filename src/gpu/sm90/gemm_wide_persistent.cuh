@@ -9,27 +9,31 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 
 // ---- Persistent wide tiles (256 x 128): one CTA (or pair) per SM takes tile after tile.
 //
-// The wide tiles kernel's CTA spends 7-8 us of a ~53 us (M=1024) or ~113 us (M=4096 N=7168
-// K=16384) life outside its loop: the first stage's copies, then staging and storing the tile
-// while the tensor cores idle (H200, fp8-gpu-sm90.md, session 21, item 4). Here the producer runs
-// on into the next tile's k-blocks while the consumers store the last one, so only the first
-// tile's copies and the last tile's stores are not overlapped. The k-block loop is the wide
-// kernel's (same products, same order: the same bits). What differs:
-// - the consumers stage the tile in bf16 in shared memory of its own (64 KB, two boxes of 64
-//   columns with the 128-byte swizzle) and one thread stores it with two TMA tensor copies, which
-//   run on while the next tile's loop starts; so the plan takes bf16 out without bias, and rows
-//   on 16 bytes;
-// - for that memory the ring has 3 stages, not 4; the ring and the activation-scale box slots run
-//   on across tiles, each tile padded to whole turns of the ring (the producer arrives on the
-//   padding slots without copies, the consumers wait for them and release them), so that every
-//   tile starts on stage 0 and the loop's stages stay constants.
-// Pairs: the two CTAs of a cluster take the two column tiles of the same units, in the same order.
+// A tile per CTA spent 7-8 us of a ~53 us (M=1024) or ~113 us (M=4096 N=7168 K=16384) life
+// outside its loop: the first stage's copies, then staging and storing the tile while the tensor
+// cores idled (H200, fp8-gpu-sm90.md, session 21, item 4). Here the producer runs on into the next
+// tile's k-blocks while the consumers store the last one, so only the first tile's copies and the
+// last tile's stores are not overlapped. Each consumer warpgroup takes 128 rows in two waves of 64
+// per k-block (the wave's wgmma, then their products scaled into that wave's accumulator); the
+// other warpgroup's wgmma run while one promotes. Each output element takes the same products in
+// the same order as with 128-row tiles (gemm_tiles.cuh): the same bits.
+// - The ring has 3 stages, for the out tile's 64 KB of shared memory of its own; the ring and the
+//   activation-scale box slots run on across tiles, each tile padded to whole turns of the ring
+//   (the producer arrives on the padding slots without copies, the consumers wait for them and
+//   release them), so that every tile starts on stage 0 and the loop's stages stay constants.
+// - The epilogue, where the out is 16-bit with rows on 16 bytes and N a multiple of 8: the
+//   consumers stage the tile in the out dtype (two boxes of 64 columns with the 128-byte swizzle)
+//   and one thread stores it with two TMA tensor copies, which run on while the next tile's loop
+//   starts. Elsewhere (f32 out, ragged N, unaligned rows) each warpgroup stages a wave at a time in
+//   f32 and its threads store rows.
+// Pairs: the two CTAs of a cluster take the two column tiles of the same units, in the same order,
+// each copying half of the shared A tile into both rings (TMA multicast).
 //
-// Measured against the wide tiles kernel (H200, fp8-gpu-sm90.md, session 22): M=1024 N=4096
+// Measured against a tile per CTA (H200, fp8-gpu-sm90.md, sessions 22 and 23): M=1024 N=4096
 // K=7168 48.95-49.39 -> 45.09-45.15 us (one tile per CTA: the TMA stores alone), M=4096 N=7168
-// K=16384 730.8-757.1 -> 677.2-720.9 us. A first version that stored the fragments from registers
-// as bf16 pairs with 4 stages was slower (49.3 -> 52.5 us; 740-800 -> 766-795). The plan takes the
-// kernel only where MOEKIT_SM90_TILES_PERSISTENT=1 until the whole GPU suite has run with it.
+// K=16384 730.8-757.1 -> 677.2-720.9 us; 7-12 % at M = 1024..4096 on two shapes (session 23).
+// A first version that stored the fragments from registers as bf16 pairs with 4 stages was
+// slower (49.3 -> 52.5 us; 740-800 -> 766-795).
 namespace persistent {
 using Wide = tiles::Shape<256>;
 constexpr int kStages = 3;
