@@ -155,15 +155,15 @@ CUtensorMap make_pair_tile_map(const void* base, int64_t rows, int64_t cols, int
 CUtensorMap make_out_map(const BlockGemmProblem& p) {
   CUtensorMap map{};
   const CUtensorMapDataType type = p.out.dtype() == DType::f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+                                                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.n), static_cast<cuuint64_t>(p.m)};
   const int64_t stride = p.m > 1 ? p.out.stride(0) * 2 : (p.n * 2 + 15) / 16 * 16;
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
   const cuuint32_t box[2] = {persistent::kOutBoxColumns, tiles::Shape<256>::kBlockM};
   const cuuint32_t element_strides[2] = {1, 1};
   const CUresult status =
-      encode_tiled()(&map, type, 2, p.out.data(), dims, strides, box,
-                     element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      encode_tiled()(&map, type, 2, p.out.data(), dims, strides, box, element_strides,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (status != CUDA_SUCCESS)
     fail(kOp, "out tensor map", "CUresult " + std::to_string(status),
@@ -586,16 +586,24 @@ TilesKernelFn tiles_kernel_for(const Plan& plan) {
   return gemm_tiles_kernel<true, ScaleFeed::warps, kCluster>;
 }
 
-// Persistent wide tiles: the kernel for the plan's feed and cluster.
+// Persistent wide tiles: the kernel for the plan's feed, cluster and out path.
+template <persistent::Out kOut>
 PersistentKernelFn wide_persistent_kernel_for(const Plan& plan) {
   using tiles::Cluster;
   using tiles::ScaleFeed;
   const bool k_inner = plan.scale_feed == ScaleFeed::a_k_inner;
   if (plan.pair)
-    return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::pair>
-                   : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::pair>;
-  return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none>
-                 : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none>;
+    return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::pair, kOut>
+                   : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::pair, kOut>;
+  return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut>
+                 : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut>;
+}
+
+PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
+  using persistent::Out;
+  if (!plan.out_tma) return wide_persistent_kernel_for<Out::threads>(plan);
+  return out == DType::f16 ? wide_persistent_kernel_for<Out::f16_tma>(plan)
+                           : wide_persistent_kernel_for<Out::bf16_tma>(plan);
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
@@ -692,15 +700,15 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   plan.splits = plan.pair ? 2 : plan.tiles_split;
   // Wide tiles are persistent (fp8-gpu-sm90.md, session 23: 7-12 % faster than a tile per CTA at
   // M = 1024..4096, H200). Their out tile goes out by TMA tensor stores where the out is 16-bit
-  // with rows on 16 bytes and N a multiple of 8 (a store wrote the whole 16 bytes in which a row
-  // ends: the out padding of N=4100 and 8190 changed on an H200); else the threads store it
-  // (f32, ragged N, unaligned rows).
+  // without bias, with rows on 16 bytes and N a multiple of 8 (a store wrote the whole 16 bytes in
+  // which a row ends: the out padding of N=4100 and 8190 changed on an H200); else the threads
+  // store it (f32, bias, ragged N, unaligned rows).
   plan.persistent = wide;
-  plan.out_tma = plan.persistent && p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
+  plan.out_tma = plan.persistent && p.out.dtype() != DType::f32 && !p.has_bias() && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(0) % 8 == 0);
   if (plan.persistent)
-    plan.persistent_kernel = wide_persistent_kernel_for(plan);
+    plan.persistent_kernel = wide_persistent_kernel_for(plan, p.out.dtype());
   else
     plan.tiles_kernel = tiles_kernel_for(plan);
   // A and B tiles with 128-byte L2 promotion: each box row is 128 bytes of a K-byte row, and the
@@ -883,7 +891,7 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
                   plan.out_tma      ? ", two waves per k-block, persistent, TMA stores"
                   : plan.persistent ? ", two waves per k-block, persistent"
                   : plan.overlap    ? ", two fragments take turns"
-                                          : "",
+                                    : "",
                   plan.scale_feed == tiles::ScaleFeed::warps ? ", scales from the scale warps"
                                                              : ", scales copied with the tiles",
                   promotion);
@@ -947,7 +955,6 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
 #endif
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows);
   if (plan.persistent) {
-    args.out_tma = plan.out_tma;
     const CUtensorMap out_map = plan.out_tma ? make_out_map(p) : CUtensorMap{};
     launch(plan, plan.persistent_kernel, p.stream, device, first, second, args, maps, out_map);
     return;

@@ -140,8 +140,8 @@ TEST(GpuFp8Dispatch, CublasLtGemmMatchesTheReference) {
       if (hopper && c.m == 256 && c.n == 4096 && !split)
         ADD_FAILURE() << "cuBLASLt should defer to gpu.sm90's split at " << shape << ": " << why;
       if (hopper && c.m == 2048 && !persistent)
-        ADD_FAILURE() << "cuBLASLt should defer to gpu.sm90's persistent tiles at " << shape
-                      << ": " << why;
+        ADD_FAILURE() << "cuBLASLt should defer to gpu.sm90's persistent tiles at " << shape << ": "
+                      << why;
       continue;
     }
     ++served;

@@ -74,9 +74,6 @@ struct GemmArgs {
   // 16 bytes holds b_scale_lanes elements along k-blocks (b_scale_k_inner) or along N blocks.
   bool b_scale_k_inner;
   int b_scale_lanes;
-  // Persistent wide tiles: the out tile staged in its 16-bit dtype and stored by TMA (else
-  // staged in f32 and stored by the threads).
-  bool out_tma;
 #ifdef MOEKIT_FP8_TRACE
   int tiles_ablation;  // diagnosis builds: see tiles::ablation
 #endif

@@ -25,13 +25,13 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 namespace tiles {
 constexpr int kBlockN = 128;
 // A tile's shape: 128 x 128 (the tiles kernel: every scale feed and cluster); 256 x 128 (wide, the
-// persistent kernel: scales copied with the tiles, no split), which copies a quarter fewer bytes from L2 per product (48 KB per k-block for
-// twice the work of 32 KB) and holds two 64-register accumulators per consumer thread, filled in
-// two waves of wgmma per k-block (DeepGEMM's 256 x 128 config made 1405 TFLOP/s at M=4096 N=7168
-// K=16384 on an H200 against 1186-1215 for its 128 x 128 one; fp8-gpu-sm90.md, session 19).
-// Measured, not kept (session 21): 192 x 128 with three consumer warpgroups of 64 rows, same bits
-// but slower everywhere (M=1024 N=4096 K=7168 75.8 against 53.4 us, 192 CTAs for 132 SMs; M=4096
-// N=7168 K=16384 901-914 against 811-873 us).
+// persistent kernel: scales copied with the tiles, no split), which copies a quarter fewer bytes
+// from L2 per product (48 KB per k-block for twice the work of 32 KB) and holds two 64-register
+// accumulators per consumer thread, filled in two waves of wgmma per k-block (DeepGEMM's 256 x 128
+// config made 1405 TFLOP/s at M=4096 N=7168 K=16384 on an H200 against 1186-1215 for its 128 x 128
+// one; fp8-gpu-sm90.md, session 19). Measured, not kept (session 21): 192 x 128 with three consumer
+// warpgroups of 64 rows, same bits but slower everywhere (M=1024 N=4096 K=7168 75.8 against 53.4
+// us, 192 CTAs for 132 SMs; M=4096 N=7168 K=16384 901-914 against 811-873 us).
 template <int kRows>
 struct Shape {
   static_assert(kRows == 128 || kRows == 256, "tiles of 128 or 256 rows");
@@ -42,7 +42,8 @@ struct Shape {
   static constexpr int kTileBytesA = kRows * kBlockK;
   static constexpr int kTileBytesB = kBlockN * kBlockK;
   static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-  static constexpr int kStages = kRows == 128 ? 6 : 4;
+  // (256: the persistent kernel's ring, beside the out tile's shared memory)
+  static constexpr int kStages = kRows == 128 ? 6 : 3;
   // A stage's scale region: the scale warps' 128 products, or the TMA box of the activation
   // scales with rows inner (4 bytes a row), and at kScaleBOffset the weight scales' box (16
   // bytes). (128 rows: the region still has room for a k-inner box, which now goes to the box

@@ -36,7 +36,7 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // slower (49.3 -> 52.5 us; 740-800 -> 766-795).
 namespace persistent {
 using Wide = tiles::Shape<256>;
-constexpr int kStages = 3;
+constexpr int kStages = Wide::kStages;
 constexpr int kStageBytes = Wide::kStageBytes;
 constexpr int kOutBoxColumns = 64;  // bf16: 128 bytes, the swizzle's row
 constexpr int kOutBoxBytes = Wide::kBlockM * kOutBoxColumns * 2;
@@ -46,9 +46,15 @@ constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kS
                                 Wide::kScaleBoxSlots * Wide::kScaleABoxBytes +
                                 2 * kStages * sizeof(uint64_t);
 static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+// How the out tile leaves, a build each: by TMA from a bf16 or f16 tile (16-bit out, no bias,
+// rows on 16 bytes, N a multiple of 8), or by the threads (any out). One epilogue per build: with
+// both in one kernel (and the bias in the TMA one) the code grew from 2.2 k to 5.7 k instructions
+// and the kernel slowed down, its loop unchanged (M=1024 N=4096 K=7168 45.3 -> 46.3 us, M=4096
+// N=7168 K=16384 679-685 -> 727-743; H200, session 23).
+enum class Out : int { bf16_tma, f16_tma, threads };
 }  // namespace persistent
 
-template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster>
+template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
                                 const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
@@ -63,6 +69,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
   constexpr int kWaves = S::kWaves, kRowsPerGroup = S::kRowsPerGroup;
   constexpr bool kPair = kCluster == Cluster::pair;
+  constexpr bool kTma = kOut != persistent::Out::threads;
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
   static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
@@ -122,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::prefetch_tensor_map(&b_map);
       sm90::prefetch_tensor_map(&scale_maps.a);
       sm90::prefetch_tensor_map(&scale_maps.b);
-      if (args.out_tma) sm90::prefetch_tensor_map(&out_map);
+      if constexpr (kTma) sm90::prefetch_tensor_map(&out_map);
       vendor::wait_for_previous_grid();
       Ring ring;
       int box_base = 0;  // boxes the CTA's earlier tiles opened
@@ -249,18 +256,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   // ---- The epilogue: out = acc (+ bias[col]), rounded once to the out dtype. Each thread holds
-  // columns n0 + 8 j + 2 (lane % 4) + {0, 1} of rows tile_row + 64 w + 8 half. (Without bias the
-  // wide tiles kernel added a zero, which makes -0 +0: the same here.)
+  // columns n0 + 8 j + 2 (lane % 4) + {0, 1} of rows tile_row + 64 w + 8 half. (Without bias a
+  // zero is added, which makes -0 +0, as the 128-row tiles kernel does.)
   const Epilogue& e = args.epilogue;
-  const auto bias_pair = [&](int col) {
-    if (e.bias_type == BiasType::none) return make_float2(0.0f, 0.0f);
-    return make_float2(col < args.n ? bias_at(e, col) : 0.0f,
-                       col + 1 < args.n ? bias_at(e, col + 1) : 0.0f);
-  };
-  // 16-bit out (TMA): the tile in `staged`, once the last tile's stores have read it: box j / 8
-  // holds columns 64 (j / 8) .. + 63, rows of 128 bytes whose 16-byte chunks are swizzled by
-  // row % 8 (= lane / 4 here, so a warp's 32 stores fall on distinct banks). Then consumer thread
-  // 0 stores the two boxes, which run on while the next tile's loop starts.
+  // 16-bit out, no bias (TMA builds): the tile in `staged`, once the last tile's stores have read
+  // it: box j / 8 holds columns 64 (j / 8) .. + 63, rows of 128 bytes whose 16-byte chunks are
+  // swizzled by row % 8 (= lane / 4 here, so a warp's 32 stores fall on distinct banks). Then
+  // consumer thread 0 stores the two boxes, which run on while the next tile's loop starts.
   const auto stage_and_store_16bit = [&](int m0, int n0) {
     if (threadIdx.x == 0) sm90::bulk_wait_read();
     sm90::named_barrier(1, kConsumers * kWarpgroup);
@@ -271,7 +273,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const auto stage = [&](auto pair_bits) {
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
-        const float2 bias = bias_pair(n0 + 8 * j + 2 * (lane % 4));
 #pragma unroll
         for (int w = 0; w < kWaves; ++w) {
 #pragma unroll
@@ -280,12 +281,12 @@ __global__ void __launch_bounds__(kThreads, 1)
             uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
             *reinterpret_cast<uint32_t*>(row_at + j / 8 * persistent::kOutBoxBytes +
                                          ((j % 8) ^ swizzle) * 16) =
-                pair_bits(acc[w][4 * j + 2 * half] + bias.x, acc[w][4 * j + 2 * half + 1] + bias.y);
+                pair_bits(acc[w][4 * j + 2 * half] + 0.0f, acc[w][4 * j + 2 * half + 1] + 0.0f);
           }
         }
       }
     };
-    if (e.out_type == OutType::f16)
+    if constexpr (kOut == persistent::Out::f16_tma)
       stage([](float x, float y) {
         const __half2 h = __floats2half2_rn(x, y);
         return *reinterpret_cast<const uint32_t*>(&h);
@@ -316,8 +317,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int col = n0 + 4 * lane;
     float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (e.bias_type != BiasType::none) {
-      const float2 lo = bias_pair(col), hi = bias_pair(col + 2);
-      bias = make_float4(lo.x, lo.y, hi.x, hi.y);
+      if (col < args.n) bias.x = bias_at(e, col);
+      if (col + 1 < args.n) bias.y = bias_at(e, col + 1);
+      if (col + 2 < args.n) bias.z = bias_at(e, col + 2);
+      if (col + 3 < args.n) bias.w = bias_at(e, col + 3);
     }
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
@@ -383,12 +386,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       phase ^= 1;
     }
-    if (args.out_tma)
+    if constexpr (kTma)
       stage_and_store_16bit(m0, n0);
     else
       stage_and_store_f32(m0, n0);
   }
-  if (args.out_tma && threadIdx.x == 0)
+  if (kTma && threadIdx.x == 0)
     sm90::bulk_wait_read();  // shared memory stays until the copies read it
   // Pairs: this thread's last arrival on the peer is done; neither CTA leaves before both say so.
   if constexpr (kPair) {
