@@ -7,7 +7,8 @@
 #   scripts/tiles_copy_floor.sh [--rounds N]      builds build/trace if TRACE_BIN is not set
 #   TRACE_BIN=path/to/moekit scripts/tiles_copy_floor.sh
 # Prints scripts/bench_ab.py's table per shape (us per call; the ablated rows are NOT VERIFIED by
-# design: their outputs are wrong).
+# design: their outputs are wrong). Tiles of 128 rows throughout (MOEKIT_SM90_TILES_ROWS=128): the
+# persistent wide kernel takes no ablation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -29,6 +30,7 @@ fi
 [[ -x $BIN ]] || { echo "tiles_copy_floor.sh: no moekit at $BIN" >&2; exit 2; }
 [[ -d $DEPS ]] && export LD_LIBRARY_PATH=$DEPS/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
+export MOEKIT_SM90_TILES_ROWS=128
 VARIANTS=(--variant whole="" --variant copies="MOEKIT_SM90_TILES_ABLATE=1"
   --variant no_copies="MOEKIT_SM90_TILES_ABLATE=6" --variant no_promotion="MOEKIT_SM90_TILES_ABLATE=7"
   --variant no_scale_copies="MOEKIT_SM90_TILES_ABLATE=8"

@@ -37,8 +37,8 @@ inline constexpr int kSm90TracePhases = static_cast<int>(Sm90TracePhase::count);
 // The tiles kernel's records (entry and exit stamped as above) keep ring-wait cycle counts in two
 // of these slots, time_ns 1 where written: consumer thread 0's waits for full stages, and the
 // producer thread's waits for empty ones. Consumer thread 0 also stamps last_consumed (its loop
-// done), sums_done (the tile staged for the stores) and stores_issued, and with wide tiles
-// scales_staged (its first stage full).
+// done), sums_done (the tile staged for the stores) and stores_issued. The persistent wide
+// kernel records nothing.
 inline constexpr Sm90TracePhase kTilesFullWaits = Sm90TracePhase::first_stage_full;
 inline constexpr Sm90TracePhase kTilesEmptyWaits = Sm90TracePhase::last_issued;
 

@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Any out (f32, ragged N, unaligned rows): each warpgroup stages a wave (64 rows) at a time in
   // f32 in its half of `staged` (rows of 512 bytes whose 16-byte chunks are swizzled by row % 8:
   // a warp's 8-byte stores take the two wavefronts they need), then its warps store rows of four
-  // columns per thread, as the wide tiles kernel did.
+  // columns per thread, as the 128-row tiles kernel does.
   const auto stage_and_store_f32 = [&](int m0, int n0) {
     constexpr int kRowBytes = kBlockN * 4;
     uint8_t* half_at = staged + warpgroup * (64 * kRowBytes);
