@@ -128,6 +128,19 @@ __device__ __forceinline__ float bias_at(const Epilogue& e, int n) {
   return 0.0f;
 }
 
+// The bias of out columns col .. col + 3 (zeros past N, or without a bias).
+__device__ __forceinline__ float4 bias_quad(const GemmArgs& args, int col) {
+  const Epilogue& e = args.epilogue;
+  float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (e.bias_type != BiasType::none) {
+    if (col < args.n) bias.x = bias_at(e, col);
+    if (col + 1 < args.n) bias.y = bias_at(e, col + 1);
+    if (col + 2 < args.n) bias.z = bias_at(e, col + 2);
+    if (col + 3 < args.n) bias.w = bias_at(e, col + 3);
+  }
+  return bias;
+}
+
 // v in the out dtype at p (shared memory: an out tile staged for bulk copies).
 __device__ __forceinline__ void stage_one(OutType type, uint8_t* p, float v) {
   switch (type) {

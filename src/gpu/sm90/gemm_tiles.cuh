@@ -534,13 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   MOEKIT_TILES_TRACE(if (threadIdx.x == 0) trace_stamp(trace_cta, Sm90TracePhase::sums_done));
   const Epilogue& e = args.epilogue;
   const int col = n0 + 4 * lane;
-  float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  if (e.bias_type != BiasType::none) {
-    if (col < args.n) bias.x = bias_at(e, col);
-    if (col + 1 < args.n) bias.y = bias_at(e, col + 1);
-    if (col + 2 < args.n) bias.z = bias_at(e, col + 2);
-    if (col + 3 < args.n) bias.w = bias_at(e, col + 3);
-  }
+  const float4 bias = bias_quad(args, col);
   if constexpr (kSplit) {
     // All of this thread's reads first (at most 8 rows of up to 4 ranks), so that their latencies
     // overlap; once they are done the other CTAs may leave, while this one stores.

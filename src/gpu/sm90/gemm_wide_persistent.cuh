@@ -315,13 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint8_t* half_at = staged + warpgroup * (64 * kRowBytes);
     static_assert(kConsumers * 64 * kRowBytes <= persistent::kOutBytes, "a wave per warpgroup");
     const int col = n0 + 4 * lane;
-    float4 bias = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (e.bias_type != BiasType::none) {
-      if (col < args.n) bias.x = bias_at(e, col);
-      if (col + 1 < args.n) bias.y = bias_at(e, col + 1);
-      if (col + 2 < args.n) bias.z = bias_at(e, col + 2);
-      if (col + 3 < args.n) bias.w = bias_at(e, col + 3);
-    }
+    const float4 bias = bias_quad(args, col);
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
       sm90::named_barrier(2 + warpgroup, kWarpgroup);  // the last wave's rows are stored
