@@ -223,30 +223,30 @@ std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
            "not " +
            std::to_string(props.major) + "." + std::to_string(props.minor);
   if (p.has_bias()) return "bias needs an epilogue cuBLASLt's block-scaled FP8 does not offer";
+  const bool sm90_serves = block_gemm_sm90_supports(p).empty();
   // Measured on an H200 (docs/perf/fp8.md): up to 128 tokens moekit's Hopper kernel (weights as
   // the wgmma M side, split K over a cluster) beats cuBLASLt, which spends ~17-23 us there.
-  if (p.m <= kSmallM && block_gemm_sm90_supports(p).empty())
+  if (p.m <= kSmallM && sm90_serves)
     return "M=" + str(p.m) + " <= " + str(kSmallM) + ": gpu.sm90 is faster for few tokens";
-  // Where moekit's tiles kernel splits a long K over clusters (grids of fewer tiles than half the
-  // SMs) it measured faster on an H200 (fp8-gpu-sm90.md, session 16: M=256 N=4096 K=7168 20.5 vs
-  // 22.7 us). MOEKIT_CUBLASLT_DEFER_SPLIT=0 keeps cuBLASLt there (timing knob).
-  if (p.k_blocks >= kLongK && env::integer("MOEKIT_CUBLASLT_DEFER_SPLIT", 1) != 0 &&
-      block_gemm_sm90_supports(p).empty()) {
-    const int split = block_gemm_sm90_tiles_split(p);
-    if (split > 1)
-      return "gpu.sm90 splits K over clusters of " + str(split) + " CTAs for this grid of " +
+  if (sm90_serves) {
+    const Sm90LargeMPlan sm90 = block_gemm_sm90_large_m_plan(p);
+    // Where moekit's tiles kernel splits a long K over clusters (grids of fewer tiles than half
+    // the SMs) it measured faster on an H200 (fp8-gpu-sm90.md, session 16: M=256 N=4096 K=7168
+    // 20.5 vs 22.7 us). MOEKIT_CUBLASLT_DEFER_SPLIT=0 keeps cuBLASLt there (timing knob).
+    if (p.k_blocks >= kLongK && sm90.tiles_split > 1 &&
+        env::integer("MOEKIT_CUBLASLT_DEFER_SPLIT", 1) != 0)
+      return "gpu.sm90 splits K over clusters of " + str(sm90.tiles_split) +
+             " CTAs for this grid of " +
              str(fp8::ceil_div(p.m, kFp8BlockSize) * fp8::ceil_div(p.n, kFp8BlockSize)) +
              " tiles: faster";
-  }
-  // Where moekit's persistent wide tiles fill their rounds of tiles (>= 90 %) they measured
-  // faster on an H200 (fp8-gpu-sm90.md, session 23: M=4096 N=7168 K=16384 727 vs 733 us, M=2048
-  // N=4096 K=7168 87.7 vs 90.1; at 85 % fill, M=2048 N=7168 K=16384, 375 vs 355).
-  // MOEKIT_CUBLASLT_DEFER_PERSISTENT=0 keeps cuBLASLt there (timing knob).
-  if (env::integer("MOEKIT_CUBLASLT_DEFER_PERSISTENT", 1) != 0 &&
-      block_gemm_sm90_supports(p).empty()) {
-    const double fill = block_gemm_sm90_persistent_fill(p);
-    if (fill >= kPersistentFill)
-      return "gpu.sm90's persistent wide tiles fill " + std::to_string(std::lround(fill * 100)) +
+    // Where moekit's persistent wide tiles fill their rounds of tiles (>= 90 %) they measured
+    // faster on an H200 (fp8-gpu-sm90.md, session 23: M=4096 N=7168 K=16384 727 vs 733 us, M=2048
+    // N=4096 K=7168 87.7 vs 90.1; at 85 % fill, M=2048 N=7168 K=16384, 375 vs 355).
+    // MOEKIT_CUBLASLT_DEFER_PERSISTENT=0 keeps cuBLASLt there (timing knob).
+    if (sm90.persistent_fill >= kPersistentFill &&
+        env::integer("MOEKIT_CUBLASLT_DEFER_PERSISTENT", 1) != 0)
+      return "gpu.sm90's persistent wide tiles fill " +
+             std::to_string(std::lround(sm90.persistent_fill * 100)) +
              " % of their rounds of tiles: faster";
   }
   if (p.k % kFp8BlockSize != 0) return "K=" + str(p.k) + " is not a multiple of 128";

@@ -841,18 +841,12 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
   return "";
 }
 
-int block_gemm_sm90_tiles_split(const BlockGemmProblem& p) {
-  if (p.m == 0 || p.n == 0) return 1;
+Sm90LargeMPlan block_gemm_sm90_large_m_plan(const BlockGemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return {};
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
-  return plan_for(p, device).tiles_split;
-}
-
-double block_gemm_sm90_persistent_fill(const BlockGemmProblem& p) {
-  if (p.m == 0 || p.n == 0) return 0;
-  const int device = p.a.device().index;
-  DeviceGuard on_device(device);
-  return plan_for(p, device).persistent_fill;
+  const Plan plan = plan_for(p, device);
+  return {plan.tiles_split, plan.persistent_fill};
 }
 
 std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {

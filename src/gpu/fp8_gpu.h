@@ -31,13 +31,15 @@ void block_fp8_gemm_matrix_units(const BlockGemmProblem& problem);
 // compute capability 9.0 only.
 std::string block_gemm_sm90_supports(const BlockGemmProblem& problem);
 void block_fp8_gemm_sm90(const BlockGemmProblem& problem);
-// The CTAs of a cluster that split K in the kernel's plan for a problem it supports (1: none), so
-// that other entries can defer to it where that split is measured faster.
-int block_gemm_sm90_tiles_split(const BlockGemmProblem& problem);
-// Where the kernel's plan is persistent (a CTA or pair per SM taking tile after tile), how full
-// its rounds of tiles are: units / (rounds x resident CTAs or pairs), in (0, 1]; 0 where the plan
-// is not persistent. Other entries defer to it where it is measured faster.
-double block_gemm_sm90_persistent_fill(const BlockGemmProblem& problem);
+// What the kernel's plan for a problem it supports does at large M, so that other entries can
+// defer to it where that is measured faster.
+struct Sm90LargeMPlan {
+  int tiles_split = 1;  // the CTAs of a cluster that split K (1: none)
+  // Where the plan is persistent (a CTA or pair per SM taking tile after tile), how full its
+  // rounds of tiles are: units / (rounds x resident CTAs or pairs), in (0, 1]; else 0.
+  double persistent_fill = 0;
+};
+Sm90LargeMPlan block_gemm_sm90_large_m_plan(const BlockGemmProblem& problem);
 
 // w8a8_block_fp8_linear as one Hopper kernel (fp8_gemm_sm90.cu): the swap kernel of
 // block_fp8_gemm_sm90, whose consumers quantize bf16 x (group 128) into shared memory themselves
