@@ -57,6 +57,7 @@ struct Shape {
   // 6) k-blocks after its last use and each k-block's factors are read before its stage is
   // released.
   static constexpr int kScaleBoxSlots = 3;
+  // (the tiles kernel's; the persistent wide kernel adds its out tile: persistent::kSharedBytes)
   static constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
                                          kStages * kScaleBytes + kScaleBoxSlots * kScaleABoxBytes +
                                          2 * kStages * sizeof(uint64_t);

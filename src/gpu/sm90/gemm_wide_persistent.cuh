@@ -49,8 +49,9 @@ static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
 // How the out tile leaves, a build each: by TMA from a bf16 or f16 tile (16-bit out, no bias,
 // rows on 16 bytes, N a multiple of 8), or by the threads (any out). One epilogue per build: with
 // both in one kernel (and the bias in the TMA one) the code grew from 2.2 k to 5.7 k instructions
-// and the kernel slowed down, its loop unchanged (M=1024 N=4096 K=7168 45.3 -> 46.3 us, M=4096
-// N=7168 K=16384 679-685 -> 727-743; H200, session 23).
+// and the kernel slowed down, its loop unchanged (M=1024 N=4096 K=7168 45.0 -> 46.7 us, M=4096
+// N=7168 K=16384 670 -> 733; with the bias read by one switch, 4.8 k instructions, still 45.3 ->
+// 46.3 and 679-685 -> 727-743; H200, session 23, runs 2 and 3).
 enum class Out : int { bf16_tma, f16_tma, threads };
 }  // namespace persistent
 
