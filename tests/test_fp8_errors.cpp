@@ -243,6 +243,32 @@ TEST(Fp8Errors, GemmArguments) {
       kGemm, "b_scales.dtype", "f16", outs);
 }
 
+// block_fp8_gemm with a workspace: the CPU entries want none; a null pointer for a nonzero size and
+// a misaligned one are errors that write nothing; a workspace changes nothing on the CPU.
+TEST(Fp8Errors, GemmWorkspaceArguments) {
+  GemmCall c;
+  EXPECT_EQ(block_fp8_gemm_workspace_size(3, 128, 256, Device::cpu()), 0u);
+  EXPECT_THROW(block_fp8_gemm_workspace_size(-1, 128, 256, Device::cpu()), Error);
+  Tensor ws = sentinel(DType::u8, {64});
+  auto run = [&](void* workspace, size_t bytes) {
+    return [=] {
+      block_fp8_gemm(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, std::nullopt, c.out, workspace,
+                     bytes);
+    };
+  };
+  const std::initializer_list<const Tensor*> outs = {&c.out, &ws};
+  expect_error(run(nullptr, 16), kGemm, "workspace", "null", outs);
+  expect_error(run(ws.data_as<char>() + 4, 16), kGemm, "workspace", "", outs);
+  for (int64_t i = 0; i < c.a.numel(); ++i) c.a.data_as<uint8_t>()[i] = (i * 7) % 0x7e;
+  for (int64_t i = 0; i < c.b.numel(); ++i) c.b.data_as<uint8_t>()[i] = (i * 5 + 3) % 0x7e;
+  for (int64_t i = 0; i < c.as.numel(); ++i) c.as.data_as<float>()[i] = 0.01f;
+  for (int64_t i = 0; i < c.bs.numel(); ++i) c.bs.data_as<float>()[i] = 0.02f;
+  Tensor plain = sentinel(DType::bf16, {3, 128});
+  block_fp8_gemm(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, std::nullopt, plain);
+  block_fp8_gemm(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, std::nullopt, c.out, ws.data(), 64);
+  EXPECT_EQ(std::memcmp(plain.data(), c.out.data(), plain.nbytes()), 0);
+}
+
 // ---- w8a8_block_fp8_linear
 
 constexpr const char* kLinear = "w8a8_block_fp8_linear";

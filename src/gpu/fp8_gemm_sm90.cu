@@ -307,6 +307,8 @@ struct Plan {
   bool persistent = false;       // tiles, wide: a CTA (or pair) per SM takes tile after tile
   bool out_tma = false;          // persistent: 16-bit out stored by TMA from a staged tile
   double persistent_fill = 0;    // persistent: units / (rounds x resident units)
+  int split_units = 0;           // persistent: the last round's units, split over K (0: none)
+  int split_pairs = 0;           // persistent: the pairs (CTAs) that share them
   int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
   bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
   int tile_promotion = 2;        // tiles: the A and B maps' L2 promotion (as weight_promotion)
@@ -586,17 +588,26 @@ TilesKernelFn tiles_kernel_for(const Plan& plan) {
   return gemm_tiles_kernel<true, ScaleFeed::warps, kCluster>;
 }
 
-// Persistent wide tiles: the kernel for the plan's feed, cluster and out path.
-template <persistent::Out kOut>
+// Persistent wide tiles: the kernel for the plan's feed, cluster and out path, and whether it
+// splits the last round (a build of its own: the items of a split round in the loop of every
+// tile cost the whole rounds 3 % at M=1024 N=4096 K=7168, 45.2 -> 46.7 us, H200, session 24,
+// run 2).
+template <persistent::Out kOut, bool kSplit>
 PersistentKernelFn wide_persistent_kernel_for(const Plan& plan) {
   using tiles::Cluster;
   using tiles::ScaleFeed;
   const bool k_inner = plan.scale_feed == ScaleFeed::a_k_inner;
   if (plan.pair)
-    return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::pair, kOut>
-                   : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::pair, kOut>;
-  return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut>
-                 : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut>;
+    return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::pair, kOut, kSplit>
+                   : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::pair, kOut, kSplit>;
+  return k_inner ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut, kSplit>
+                 : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut, kSplit>;
+}
+
+template <persistent::Out kOut>
+PersistentKernelFn wide_persistent_kernel_for(const Plan& plan) {
+  return plan.split_units > 0 ? wide_persistent_kernel_for<kOut, true>(plan)
+                              : wide_persistent_kernel_for<kOut, false>(plan);
 }
 
 PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
@@ -642,6 +653,43 @@ int tiles_split_for(const BlockGemmProblem& p, int64_t tiles, int device_index) 
     best_split = split;
   }
   return best_split;
+}
+
+// The persistent kernel's last round split over K (persistent::split_item_at) where the caller
+// gave a workspace and the last round is at most half full: the last round's units' k-blocks go
+// evenly to all the pairs, each range at least a third of a unit's k-blocks (a unit's last pair
+// adds at most three partners' tiles, ~1 us each from L2). Measured on an H200
+// (docs/perf/fp8-gpu-sm90.md, session 24, run 2; N=7168 K=16384): M=3072 (6 units of 66 in the
+// last round) 581 -> 532 us, M=2048 (26 of 66) 382 -> 352, but M=4096 (52 of 66) 692-748 ->
+// 756-771. The fill then counts the split round as its longest range plus two k-blocks for the
+// tiles' trip through the workspace. MOEKIT_SM90_SPLIT_ROUND=0 turns it off, 2 splits whatever
+// the last round's fill (timing knobs).
+// The workspace: a flag word per SM, then a partial tile per SM. The same layout for every plan on
+// a device, so that the flags stay zero between calls of any shapes.
+constexpr int kSplitFixupBlocks = 2;
+size_t split_flag_bytes(int sm_count) {
+  return (static_cast<size_t>(sm_count) * 4 + 255) / 256 * 256;
+}
+size_t split_workspace_bytes(int sm_count) {
+  return split_flag_bytes(sm_count) + static_cast<size_t>(sm_count) * persistent::kPartialBytes;
+}
+void split_last_round(const BlockGemmProblem& p, int64_t units, int64_t slots, int sm_count,
+                      Plan& plan) {
+  const int64_t knob = env::integer("MOEKIT_SM90_SPLIT_ROUND", 1);
+  if (knob == 0 || p.workspace == nullptr) return;
+  if (units <= slots || units % slots == 0) return;
+  const int64_t rest = units % slots, total = rest * p.k_blocks;
+  if (knob != 2 && 2 * rest > slots) return;
+  const int64_t pairs = std::min<int64_t>(slots, total / std::max<int64_t>(1, p.k_blocks / 3));
+  if (pairs <= rest) return;
+  if (p.workspace_bytes < split_workspace_bytes(sm_count) || pairs * plan.splits > sm_count) return;
+  plan.split_units = static_cast<int>(rest);
+  plan.split_pairs = static_cast<int>(pairs);
+  const int64_t rounds = units / slots;
+  plan.persistent_fill =
+      static_cast<double>(units * p.k_blocks) /
+      static_cast<double>(slots *
+                          (rounds * p.k_blocks + fp8::ceil_div(total, pairs) + kSplitFixupBlocks));
 }
 
 Plan plan_for(const BlockGemmProblem& p, int device_index) {
@@ -727,6 +775,9 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
     plan.grid = dim3(static_cast<unsigned>(std::min<int64_t>(units, slots) * plan.splits));
     plan.persistent_fill =
         static_cast<double>(units) / static_cast<double>(fp8::ceil_div(units, slots) * slots);
+    split_last_round(p, units, slots, device.sm_count, plan);
+    if (plan.split_units > 0)  // (as many resident: the same shared memory and threads)
+      plan.persistent_kernel = wide_persistent_kernel_for(plan, p.out.dtype());
   }
   return plan;
 }
@@ -841,6 +892,13 @@ std::string block_gemm_sm90_supports(const BlockGemmProblem& p) {
   return "";
 }
 
+size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k, int device) {
+  if (m <= 128 || n == 0 || k == 0) return 0;  // the swap kernel, or nothing to do
+  const DeviceProperties& props = device_properties(device);
+  if (props.major != 9) return 0;
+  return split_workspace_bytes(props.sm_count);
+}
+
 Sm90LargeMPlan block_gemm_sm90_large_m_plan(const BlockGemmProblem& p) {
   if (p.m == 0 || p.n == 0) return {};
   const int device = p.a.device().index;
@@ -855,11 +913,14 @@ std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
   char text[300];
-  char early[40] = "", split[48] = "", promotion[32] = "no L2 promotion";
+  char early[40] = "", split[72] = "", promotion[32] = "no L2 promotion";
   if (plan.tile_promotion > 0)
     std::snprintf(promotion, sizeof promotion, "%d-byte L2 promotion", 32 << plan.tile_promotion);
   if (plan.tiles_split > 1)
     std::snprintf(split, sizeof split, ", K split %d ways (cluster)", plan.tiles_split);
+  if (plan.split_units > 0)
+    std::snprintf(split, sizeof split, ", last round of %d units split over K by %d %s",
+                  plan.split_units, plan.split_pairs, plan.pair ? "pairs" : "CTAs");
   if (plan.early_weights)
     std::snprintf(
         early, sizeof early,
@@ -950,6 +1011,13 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
   const ScaleMaps maps = scale_maps_of(p, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows);
   if (plan.persistent) {
     const CUtensorMap out_map = plan.out_tma ? make_out_map(p) : CUtensorMap{};
+    if (plan.split_units > 0) {  // flags first, then a tile per CTA
+      args.sk_units = plan.split_units;
+      args.sk_pairs = plan.split_pairs;
+      args.sk_flags = static_cast<uint32_t*>(p.workspace);
+      args.sk_partials = reinterpret_cast<float*>(
+          static_cast<char*>(p.workspace) + split_flag_bytes(device_properties(device).sm_count));
+    }
     launch(plan, plan.persistent_kernel, p.stream, device, first, second, args, maps, out_map);
     return;
   }

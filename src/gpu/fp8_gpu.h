@@ -40,6 +40,10 @@ struct Sm90LargeMPlan {
   double persistent_fill = 0;
 };
 Sm90LargeMPlan block_gemm_sm90_large_m_plan(const BlockGemmProblem& problem);
+// The scratch the GPU entries can use for block_fp8_gemm (block_fp8_gemm_workspace_size): on
+// Hopper, where M > 128, a 256 x 128 f32 tile per SM and a flag word each, for the persistent
+// kernel's last round split over K; 0 elsewhere.
+size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k, int device);
 
 // w8a8_block_fp8_linear as one Hopper kernel (fp8_gemm_sm90.cu): the swap kernel of
 // block_fp8_gemm_sm90, whose consumers quantize bf16 x (group 128) into shared memory themselves

@@ -152,8 +152,8 @@ const GroupQuantImplementation kGroupQuantTable[] = {
 const BlockGemmImplementation kBlockGemmTable[] = {
     MOEKIT_GPU_ENTRY(
         {"gpu.cublaslt", Backend::gpu, gpu::cublaslt_gemm_supports, gpu::cublaslt_block_fp8_gemm})
-        MOEKIT_GPU_ENTRY(
-            {"gpu.sm90", Backend::gpu, gpu::block_gemm_sm90_supports, gpu::block_fp8_gemm_sm90})
+        MOEKIT_GPU_ENTRY({"gpu.sm90", Backend::gpu, gpu::block_gemm_sm90_supports,
+                          gpu::block_fp8_gemm_sm90, gpu::block_gemm_sm90_plan})
             MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu::block_gemm_supports, gpu::block_fp8_gemm}){
                 "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
                 cpu::block_fp8_gemm<Fp8Isa::avx512bf16>},
@@ -477,6 +477,57 @@ void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout
                                                      b_scales, bias, out, options);
   dispatch<BlockGemmProblem>(kGemmOp, kBlockGemmTable, p, a.device(), options,
                              p.m == 0 || p.n == 0);
+}
+
+size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Device& device) {
+  if (M < 0 || N < 0 || K < 0)
+    fail(kGemmOp, "M, N, K", str(M) + ", " + str(N) + ", " + str(K), "must not be negative");
+#ifdef MOEKIT_HAVE_GPU
+  if (device.is_gpu()) return gpu::block_gemm_workspace_size(M, N, K, device.index);
+#endif
+  (void)device;
+  return 0;
+}
+
+// The problem with its workspace, checked against block_fp8_gemm_workspace_size.
+BlockGemmProblem with_workspace(BlockGemmProblem p, void* workspace, size_t workspace_bytes) {
+  const Device device = p.a.device();
+  const size_t needed = block_fp8_gemm_workspace_size(p.m, p.n, p.k, device);
+  if (workspace_bytes > 0 && workspace_bytes < needed)  // (0: none)
+    fail(kGemmOp, "workspace_bytes", std::to_string(workspace_bytes),
+         "is less than block_fp8_gemm_workspace_size(" + str(p.m) + ", " + str(p.n) + ", " +
+             str(p.k) + ", " + device.str() + ")=" + std::to_string(needed));
+  if (workspace_bytes > 0 && workspace == nullptr)
+    fail(kGemmOp, "workspace", "null",
+         "pointer given for " + std::to_string(workspace_bytes) + " bytes");
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    fail(kGemmOp, "workspace", str(static_cast<const void*>(workspace)), "is not 16-byte aligned");
+  p.workspace = workspace_bytes > 0 ? workspace : nullptr;
+  p.workspace_bytes = workspace_bytes;
+  return p;
+}
+
+void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+                    const TensorView& b, const TensorView& b_scales,
+                    const std::optional<TensorView>& bias, const TensorView& out, void* workspace,
+                    size_t workspace_bytes, const OpOptions& options) {
+  const BlockGemmProblem p =
+      with_workspace(make_block_gemm_problem(kGemmOp, a, a_scales, a_scales_layout, b, b_scales,
+                                             bias, out, options),
+                     workspace, workspace_bytes);
+  dispatch<BlockGemmProblem>(kGemmOp, kBlockGemmTable, p, a.device(), options,
+                             p.m == 0 || p.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_block_fp8_gemm(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,
+    const TensorView& out, void* workspace, size_t workspace_bytes, const OpOptions& options) {
+  const BlockGemmProblem p =
+      with_workspace(make_block_gemm_problem(kGemmOp, a, a_scales, a_scales_layout, b, b_scales,
+                                             bias, out, options),
+                     workspace, workspace_bytes);
+  return explain_table<BlockGemmProblem>(kBlockGemmTable, p, a.device(), options);
 }
 
 std::vector<ImplementationChoice> explain_block_fp8_gemm(

@@ -82,6 +82,10 @@ struct BlockGemmProblem {
   int num_threads = 0;
   void* stream = nullptr;
   bool b_static = false;  // b is not written by the previous kernel (OpOptions::static_weights)
+  // Scratch on the tensors' device (block_fp8_gemm_workspace_size), zero-filled before its first
+  // use; null: none (implementations that want one do without).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 
   bool has_bias() const { return bias.data() != nullptr; }
 };

@@ -184,6 +184,98 @@ TEST(GpuFp8Dispatch, CublasLtDeclinesWhatItCannotTake) {
   }
 }
 
+// block_fp8_gemm with its workspace, through the front end: on Hopper, gpu.sm90 splits its
+// persistent kernel's last round over K (2200 x 2048 x 4096: 72 units for 66 pairs on 132 SMs)
+// and agrees with the reference on sampled rows, twice in a row bitwise; a workspace one byte
+// short is an error that writes nothing; and cuBLASLt then defers at 2048 x 7168 x 16384, whose
+// rounds the split fills (85 % without it).
+TEST(GpuFp8Dispatch, GemmWithWorkspaceSplitsTheLastRound) {
+  SKIP_WITHOUT_GPU();
+  const uint64_t seed = seed_for("GemmWithWorkspaceSplitsTheLastRound");
+  std::mt19937_64 rng(seed);
+  const bool hopper = gpu::device_properties(0).major == 9;
+  const int64_t M = 2200, N = 2048, K = 4096;
+  const size_t bytes = block_fp8_gemm_workspace_size(M, N, K, Device::gpu());
+  EXPECT_EQ(block_fp8_gemm_workspace_size(M, N, K, Device::cpu()), 0u);
+  if (hopper) EXPECT_GT(bytes, 0u);
+  Tensor zeros = Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(bytes, 16))});
+  std::memset(zeros.data(), 0, zeros.nbytes());
+  Tensor workspace = gpu_copy(zeros);
+  const Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
+  const Tensor as = random_f32(rng, M, K / 128, 0.001f, 0.01f);
+  const Tensor bs = random_f32(rng, N / 128, K / 128, 0.001f, 0.01f);
+  const Tensor a_d = gpu_copy(a), b_d = gpu_copy(b), as_d = gpu_copy(as), bs_d = gpu_copy(bs);
+  Tensor out = poisoned(DType::bf16, M, N);
+  const auto row = ScaleLayout::row_major;
+  EXPECT_THROW(
+      block_fp8_gemm(a_d, as_d, row, b_d, bs_d, std::nullopt, out, workspace.data(), bytes - 1),
+      Error);
+  if (bytes > 0) {
+    try {
+      block_fp8_gemm(a_d, as_d, row, b_d, bs_d, std::nullopt, out, workspace.data(), bytes - 1);
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("workspace_bytes"), std::string::npos) << e.what();
+    }
+    int64_t written = 0;
+    const Tensor untouched = host_copy(out);
+    for (int64_t i = 0; i < untouched.numel(); ++i)
+      written += !std::isnan(load_as_f32(untouched.data(), DType::bf16, i));
+    EXPECT_EQ(written, 0);
+  }
+  const auto rows =
+      explain_block_fp8_gemm(a_d, as_d, row, b_d, bs_d, std::nullopt, out, workspace.data(), bytes);
+  for (const ImplementationChoice& r : rows)
+    if (r.chosen) {
+      std::printf("  %s: %s\n", r.name.c_str(), r.detail.c_str());
+      if (hopper) {
+        EXPECT_EQ(r.name, "gpu.sm90");
+        EXPECT_NE(r.detail.find("split over K"), std::string::npos) << r.detail;
+      }
+    }
+  block_fp8_gemm(a_d, as_d, row, b_d, bs_d, std::nullopt, out, workspace.data(), bytes);
+  const Tensor got = host_copy(out);
+  block_fp8_gemm(a_d, as_d, row, b_d, bs_d, std::nullopt, out, workspace.data(), bytes);
+  EXPECT_EQ(std::memcmp(host_copy(out).data(), got.data(), got.nbytes()), 0);
+  const std::vector<int64_t> rows_checked = sample_rows(M);
+  Tensor ref = Tensor::empty(DType::f32, {static_cast<int64_t>(rows_checked.size()), N});
+  block_fp8_gemm(rows_of(a, rows_checked), rows_of(as, rows_checked), row, b, bs, std::nullopt, ref,
+                 {Backend::reference});
+  const double error = relative_mean_error(rows_of(got, rows_checked), ref);
+  std::printf("  seed %llu, rel error %.3g on %zu rows\n", static_cast<unsigned long long>(seed),
+              error, rows_checked.size());
+  EXPECT_LT(error, tolerance(DType::bf16));
+  if (!hopper) return;
+  // Explain only: the operands' contents do not matter.
+  const int64_t M2 = 2048, N2 = 7168, K2 = 16384;
+  const size_t bytes2 = block_fp8_gemm_workspace_size(M2, N2, K2, Device::gpu());
+  Tensor workspace2 = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes2)}, Device::gpu());
+  const Tensor a2 = Tensor::empty(DType::f8e4m3, {M2, K2}, Device::gpu());
+  const Tensor b2 = Tensor::empty(DType::f8e4m3, {N2, K2}, Device::gpu());
+  const Tensor as2 = Tensor::empty(DType::f32, {K2 / 128, M2}, Device::gpu());
+  const Tensor bs2 = Tensor::empty(DType::f32, {N2 / 128, K2 / 128}, Device::gpu());
+  Tensor out2 = Tensor::empty(DType::bf16, {M2, N2}, Device::gpu());
+  OpOptions lt;
+  lt.implementation = "gpu.cublaslt";
+  const auto reason = [&](void* ws, size_t n) {
+    for (const ImplementationChoice& r : explain_block_fp8_gemm(
+             a2, as2, ScaleLayout::column_major, b2, bs2, std::nullopt, out2, ws, n, lt))
+      if (r.name == "gpu.cublaslt") return r.reason;
+    return std::string("(no row)");
+  };
+  OpOptions any;
+  const auto chosen = [&](void* ws, size_t n) {
+    for (const ImplementationChoice& r : explain_block_fp8_gemm(
+             a2, as2, ScaleLayout::column_major, b2, bs2, std::nullopt, out2, ws, n, any))
+      if (r.chosen) return r.name;
+    return std::string("(none)");
+  };
+  EXPECT_EQ(reason(nullptr, 0), "") << "cuBLASLt serves it without a workspace";
+  EXPECT_EQ(chosen(nullptr, 0), "gpu.cublaslt");
+  EXPECT_EQ(chosen(workspace2.data(), bytes2), "gpu.sm90");
+  const std::string why = reason(workspace2.data(), bytes2);
+  EXPECT_NE(why.find("persistent"), std::string::npos) << why;
+}
+
 // The linear layer through each GPU entry that serves, against the reference linear layer.
 TEST(GpuFp8Dispatch, LinearLayerThroughEveryGpuEntry) {
   SKIP_WITHOUT_GPU();

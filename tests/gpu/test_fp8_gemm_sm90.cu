@@ -847,6 +847,90 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualNarrowBitForBit) {
   EXPECT_GE(paired, 16);
 }
 
+// The persistent kernel's last round split over K (a workspace given; wide tiles and pairs forced
+// on 8 k-blocks to keep the reference short): 72 units for 66 pairs and 153 CTAs alone for 132 on
+// a 132-SM card, so ranges of 2 k-blocks that begin inside scale boxes and units summed by four
+// pairs or CTAs. Against the reference on row-major and packed activation scales, with TMA stores
+// (bf16) and the threads' stores (f32 out with a bias); twice in a row on one stream (PDL) bitwise
+// equal to a call on fresh buffers with the same workspace; the flags zero again after the calls.
+TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
+  SKIP_WITHOUT_HOPPER();
+  const uint64_t seed = test_seed();
+  std::printf("SplitLastRoundAgreesWithReference: seed %llu (MOEKIT_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  Stream stream;
+  ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
+  ScopedEnv pairs("MOEKIT_SM90_TILES_PAIR", "1");  // (where the column tiles are even)
+  const std::array<std::array<int64_t, 3>, 2> shapes{{{2200, 2048, 1024}, {2200, 2100, 1000}}};
+  const size_t bytes = gpu::block_gemm_workspace_size(2200, 2100, 1024, 0);
+  ASSERT_GT(bytes, 0u);
+  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+  MOEKIT_GPU_CHECK(cudaMemset(workspace.data(), 0, bytes));
+  const auto with_workspace = [&](BlockGemmProblem p) {
+    p.workspace = workspace.data();
+    p.workspace_bytes = bytes;
+    return p;
+  };
+  std::vector<GemmCase> cases;
+  for (const auto& s : shapes)
+    for (const ScaleLayout layout : {ScaleLayout::row_major, ScaleLayout::packed_ue8m0})
+      for (const bool tma : {true, false}) {
+        GemmCase c = random_case(rng, s[0], s[1], s[2]);
+        c.layout = layout;
+        c.b_scales_transposed = false;  // (a layout the copied scales read: wide tiles)
+        c.out_dtype = tma ? DType::bf16 : DType::f32;
+        c.bias_dtype.reset();
+        if (!tma) c.bias_dtype = DType::bf16;
+        c.out_row_pad = tma ? (8 - c.n % 8) % 8 : 1;
+        cases.push_back(c);
+      }
+  std::vector<Buffers> hosts;
+  for (const GemmCase& c : cases) hosts.push_back(make_host_buffers(c));
+  std::vector<std::future<Tensor>> refs;
+  for (size_t i = 0; i < cases.size(); ++i)
+    refs.push_back(
+        std::async(std::launch::async, [&, i] { return reference_output(cases[i], hosts[i]); }));
+  int split_runs = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const GemmCase& c = cases[i];
+    const bool tma = c.out_dtype == DType::bf16;
+    const Buffers dev = to_device(hosts[i]);
+    const BlockGemmProblem p =
+        with_workspace(problem_of(views_of(dev, c, Device::gpu()), c, stream.get()));
+    ASSERT_EQ(gpu::block_gemm_sm90_supports(p), "") << describe(c);
+    const std::string plan = gpu::block_gemm_sm90_plan(p);
+    std::printf("  plan %s\n", plan.c_str());
+    const size_t at = plan.find("split over K by ");
+    EXPECT_NE(at, std::string::npos) << plan;
+    EXPECT_EQ(plan.find("TMA stores") != std::string::npos, tma) << plan;
+    const int ctas = at == std::string::npos
+                         ? 0
+                         : std::atoi(plan.c_str() + at + 16) *
+                               (plan.find("pairs sharing A") != std::string::npos ? 2 : 1);
+    split_runs += ctas > 0;
+    gpu::block_fp8_gemm_sm90(p);
+    gpu::block_fp8_gemm_sm90(p);
+    MOEKIT_GPU_CHECK(cudaGetLastError());
+    gpu::synchronize(stream.get());
+    const Tensor twice = Tensor::copy_of(dev.out, Device::cpu());
+    const Buffers fresh = to_device(hosts[i]);
+    gpu::block_fp8_gemm_sm90(
+        with_workspace(problem_of(views_of(fresh, c, Device::gpu()), c, stream.get())));
+    MOEKIT_GPU_CHECK(cudaGetLastError());
+    gpu::synchronize(stream.get());
+    const Tensor once = Tensor::copy_of(fresh.out, Device::cpu());
+    EXPECT_EQ(std::memcmp(once.data(), twice.data(), once.nbytes()), 0) << describe(c);
+    std::vector<uint32_t> flags(static_cast<size_t>(gpu::device_properties(0).sm_count));
+    MOEKIT_GPU_CHECK(
+        cudaMemcpy(flags.data(), workspace.data(), flags.size() * 4, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(std::count(flags.begin(), flags.end(), 0u), static_cast<int64_t>(flags.size()))
+        << "flags left set: " << plan;
+    outputs_agree(c, once, refs[i].get());
+  }
+  EXPECT_EQ(split_runs, 8);
+}
+
 // The tiles kernel with K split over clusters of 2, 3 and 4 CTAs (and the planner's choice): each
 // rank multiplies its share of the k-blocks (whole groups of 4; a share may begin inside a packed
 // scale box) and stages its partial tile; each then adds its share of the tile's rows from every

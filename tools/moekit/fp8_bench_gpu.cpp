@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -62,6 +63,13 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
   const size_t weight_bytes = in.b.nbytes();
   const int copies = static_cast<int>(weights.size());
   Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
+  // The op's scratch, zero-filled once (as a caller would keep one per stream).
+  const size_t workspace_bytes = block_fp8_gemm_workspace_size(M, N, K, gpu);
+  Tensor zeros =
+      Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))});
+  std::memset(zeros.data(), 0, zeros.nbytes());
+  Tensor workspace_tensor = Tensor::copy_of(zeros.view(), gpu);
+  void* workspace = workspace_bytes > 0 ? workspace_tensor.data() : nullptr;
   const int64_t rows = std::min<int64_t>(M, K > 8192 ? 2 : 4);
   Tensor ref = Tensor::empty(DType::f32, {rows, N});
   block_fp8_gemm(first_rows(in.a, rows), first_rows(in.a_scales, rows), ScaleLayout::row_major,
@@ -70,8 +78,9 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
   OpOptions any;
   any.backend = Backend::gpu;
   any.static_weights = true;
-  const std::string dispatched = chosen_name(explain_block_fp8_gemm(
-      a, as_col, ScaleLayout::column_major, weights[0], b_scales, std::nullopt, out, any));
+  const std::string dispatched =
+      chosen_name(explain_block_fp8_gemm(a, as_col, ScaleLayout::column_major, weights[0], b_scales,
+                                         std::nullopt, out, workspace, workspace_bytes, any));
   std::vector<GpuRow> result;
   for (const char* implementation : kGemmImplementations) {
     if (!only.empty() && only != implementation) continue;
@@ -81,12 +90,13 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
     const ScaleLayout layout = library ? ScaleLayout::column_major : ScaleLayout::row_major;
     OpOptions op = any;
     op.implementation = implementation;
-    if (chosen_name(
-            explain_block_fp8_gemm(a, as, layout, weights[0], b_scales, std::nullopt, out, op))
+    if (chosen_name(explain_block_fp8_gemm(a, as, layout, weights[0], b_scales, std::nullopt, out,
+                                           workspace, workspace_bytes, op))
             .empty())
       continue;
     GpuRow row{name, M, N, K, implementation, implementation == dispatched};
-    block_fp8_gemm(a, as, layout, weights[0], b_scales, std::nullopt, out, op);
+    block_fp8_gemm(a, as, layout, weights[0], b_scales, std::nullopt, out, workspace,
+                   workspace_bytes, op);
     row.verified = relative_mean_error(first_rows(Tensor::copy_of(out.view(), Device::cpu()), rows),
                                        ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16 out
     int call = 0;
@@ -94,7 +104,7 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
         [&](void* stream) {
           op.stream = stream;
           block_fp8_gemm(a, as, layout, weights[static_cast<size_t>(call++ % copies)], b_scales,
-                         std::nullopt, out, op);
+                         std::nullopt, out, workspace, workspace_bytes, op);
         },
         /*calls_per_graph=*/std::max(copies, 4), replays);
     row.bytes = static_cast<double>(weight_bytes + in.b_scales.nbytes() + in.a.nbytes() +

@@ -56,6 +56,16 @@ void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout
                     const TensorView& b, const TensorView& b_scales,
                     const std::optional<TensorView>& bias, const TensorView& out,
                     const OpOptions& options = {});
+// The same with scratch space: `workspace` holds block_fp8_gemm_workspace_size(M, N, K, device)
+// bytes on the tensors' device, 16-byte aligned, zero-filled before its first use (each call, of
+// any shape, leaves it ready for the next; one workspace per stream); or none (null, 0 bytes).
+// With it, Hopper's large-M kernel splits a last round of tiles that is at most half full over K
+// across the SMs that would otherwise idle.
+size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Device& device);
+void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+                    const TensorView& b, const TensorView& b_scales,
+                    const std::optional<TensorView>& bias, const TensorView& out, void* workspace,
+                    size_t workspace_bytes, const OpOptions& options = {});
 
 // y [M, N] = dynamic per-token-group(128) quantization of x [M, K] (f32/f16/bf16), then
 // block_fp8_gemm with weight [N, K] f8e4m3 and weight_scale_inv [ceil(N/128), ceil(K/128)].
@@ -87,6 +97,10 @@ std::vector<ImplementationChoice> explain_block_fp8_gemm(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,
     const TensorView& out, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_block_fp8_gemm(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,
+    const TensorView& out, void* workspace, size_t workspace_bytes, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_w8a8_block_fp8_linear(
     const TensorView& x, const TensorView& weight, const TensorView& weight_scale_inv,
     const std::optional<TensorView>& bias, const TensorView& y, void* workspace,

@@ -74,6 +74,13 @@ struct GemmArgs {
   // 16 bytes holds b_scale_lanes elements along k-blocks (b_scale_k_inner) or along N blocks.
   bool b_scale_k_inner;
   int b_scale_lanes;
+  // Persistent wide tiles with the last round split over K (stream-K): the last sk_units units'
+  // k-blocks spread evenly over the first sk_pairs pairs (CTAs where there are no pairs). A unit's
+  // k-blocks summed by other pairs reach its last one through sk_partials (a 256 x 128 f32 tile
+  // per CTA) and sk_flags (a word per CTA: zero between calls). sk_units == 0: not split.
+  int sk_units, sk_pairs;
+  float* sk_partials;
+  uint32_t* sk_flags;
 #ifdef MOEKIT_FP8_TRACE
   int tiles_ablation;  // diagnosis builds: see tiles::ablation
 #endif

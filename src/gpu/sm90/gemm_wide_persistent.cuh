@@ -16,11 +16,13 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // last tile's stores are not overlapped. Each consumer warpgroup takes 128 rows in two waves of 64
 // per k-block (the wave's wgmma, then their products scaled into that wave's accumulator); the
 // other warpgroup's wgmma run while one promotes. Each output element takes the same products in
-// the same order as with 128-row tiles (gemm_tiles.cuh): the same bits.
+// the same order as with 128-row tiles (gemm_tiles.cuh): the same bits (but where a workspace
+// lets the last round be split over K: persistent::item_at).
 // - The ring has 3 stages, for the out tile's 64 KB of shared memory of its own; the ring and the
-//   activation-scale box slots run on across tiles, each tile padded to whole turns of the ring
-//   (the producer arrives on the padding slots without copies, the consumers wait for them and
-//   release them), so that every tile starts on stage 0 and the loop's stages stay constants.
+//   activation-scale box slots run on across items (a tile's k-blocks, or a range of them), each
+//   padded to whole turns of the ring (the producer arrives on the padding slots without copies,
+//   the consumers wait for them and release them), so that every item starts on stage 0 and the
+//   loop's stages stay constants.
 // - The epilogue, where the out is 16-bit with rows on 16 bytes and N a multiple of 8: the
 //   consumers stage the tile in the out dtype (two boxes of 64 columns with the 128-byte swizzle)
 //   and one thread stores it with two TMA tensor copies, which run on while the next tile's loop
@@ -53,9 +55,66 @@ static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
 // N=7168 K=16384 670 -> 733; with the bias read by one switch, 4.8 k instructions, still 45.3 ->
 // 46.3 and 679-685 -> 727-743; H200, session 23, runs 2 and 3).
 enum class Out : int { bf16_tma, f16_tma, threads };
+
+// ---- The split last round (stream-K). Where the units do not fill whole rounds, the last
+// round's units would leave some pairs idle for a whole unit's time (M=4096 N=7168 K=16384: 448
+// units for 66 pairs, 52 in the last round). Instead, the last `sk_units` units' k-blocks, in
+// order, are cut into `sk_pairs` equal ranges, one per pair. A range that ends inside a unit
+// leaves that unit's sums of its k-blocks in the pair's workspace tile (a partial item); the pair
+// whose range holds the unit's last k-block adds them to its own sums, in the order of the pairs,
+// and stores the unit (a final item). Each pair takes its partial item first, so the pairs that
+// finish a unit never wait long. The sums are the same for every call of a shape on a device
+// (bitwise), though not the unsplit ones: a unit's k-blocks go into two to four sums.
+struct Item {
+  int unit = -1;    // -1: no more items
+  int k_begin = 0;  // the k-blocks of the unit this item multiplies
+  int k_end = 0;
+  bool partial = false;    // its sums go to this pair's workspace tile
+  int first_partner = -1;  // a final item: the first pair whose partial tile it adds
+};
+constexpr int kPartialBytes = Wide::kBlockM * tiles::kBlockN * 4;  // a CTA's workspace tile
+
+// Item j of pair `pair` of `pairs` in a build that splits the last round: its units of whole
+// rounds (pair, pair + pairs, ... below units - sk_units), then its range of the split round;
+// unit -1 past its last.
+__device__ __forceinline__ Item item_at(const GemmArgs& args, int units, int pair, int pairs,
+                                        int j) {
+  Item item;
+  const int whole_units = units - args.sk_units;
+  const int whole_items = pair < whole_units ? (whole_units - 1 - pair) / pairs + 1 : 0;
+  const int kb = args.k_blocks;
+  if (j < whole_items) {
+    item.unit = pair + j * pairs;
+    item.k_end = kb;
+    return item;
+  }
+  j -= whole_items;
+  if (pair >= args.sk_pairs) return item;
+  const long long total = static_cast<long long>(args.sk_units) * kb;
+  const auto range_begin = [&](long long q) { return static_cast<int>(q * total / args.sk_pairs); };
+  const int begin = range_begin(pair), end = range_begin(pair + 1);
+  const int first = begin / kb, last = (end - 1) / kb;
+  const bool last_partial = end - last * kb < kb;
+  // The partial item (the range's last unit) first, then the others in order.
+  if (j > last - first) return item;
+  const int segment = !last_partial ? j : j == 0 ? last - first : j - 1;
+  const int unit = first + segment;
+  item.unit = whole_units + unit;
+  item.k_begin = max(begin - unit * kb, 0);
+  item.k_end = min(end - unit * kb, kb);
+  item.partial = item.k_end < kb;
+  if (!item.partial && item.k_begin > 0) {  // the pair whose range holds the unit's k-block 0
+    const int at = unit * kb;
+    int q = static_cast<int>(static_cast<long long>(at) * args.sk_pairs / total);
+    while (range_begin(q + 1) <= at) ++q;
+    while (range_begin(q) > at) --q;
+    item.first_partner = q;
+  }
+  return item;
+}
 }  // namespace persistent
 
-template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut>
+template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
                                 const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
@@ -87,15 +146,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto* full = reinterpret_cast<uint64_t*>(scale_boxes + kScaleBoxSlots * kScaleABoxBytes / 4);
   uint64_t* empty = full + kStages;
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
-  const int k_blocks = args.k_blocks;
-  const int slots = (k_blocks + kStages - 1) / kStages * kStages;  // a tile's, whole turns
   const uint32_t rank = kPair ? sm90::cluster_rank() : 0;
 
   // Units of kUnitColumns neighbouring column tiles, ordered as the wide tiles kernel orders its
-  // tiles; this CTA takes column `rank` of units first_unit, first_unit + unit_step, ...
+  // tiles; this CTA takes column `rank` of its pair's units pair, pair + pairs, ... of the whole
+  // rounds, then its items of the split round (persistent::item_at).
   const int units = args.tiles_m * (args.tiles_n / kUnitColumns);
-  const int first_unit = static_cast<int>(blockIdx.x) / kUnitColumns;
-  const int unit_step = static_cast<int>(gridDim.x) / kUnitColumns;
+  const int pair = static_cast<int>(blockIdx.x) / kUnitColumns;  // (a CTA where not in pairs)
+  const int pairs = static_cast<int>(gridDim.x) / kUnitColumns;
   const auto origin = [&](int unit, int& m0, int& n0) {
     const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
     const int group = unit / per_group;
@@ -105,10 +163,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     m0 = (first_row + in_group % group_rows) * kBlockM;
     n0 = ((in_group / group_rows) * kUnitColumns + static_cast<int>(rank)) * kBlockN;
   };
-  // Activation-scale boxes (a_k_inner) a tile opens: one per 4 words (a word: a k-block, or 4
-  // packed ones). Their slots count on across tiles.
+  // Activation-scale boxes (a_k_inner): one per 4 words (a word: a k-block, or 4 packed ones).
+  // Their slots count on across items.
+  const auto word_of = [&](int kb) { return args.scales.a_packed ? kb >> 2 : kb; };
+  const int k_blocks = args.k_blocks;
+  const int slots = (k_blocks + kStages - 1) / kStages * kStages;  // a tile's, whole turns
   const int words = args.scales.a_packed ? (k_blocks + 3) / 4 : k_blocks;
-  const int boxes_per_tile = (words + 3) / 4;
+  const int boxes_per_tile = (words + 3) / 4;  // (a tile's, in a build that does not split)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -133,44 +194,100 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kTma) sm90::prefetch_tensor_map(&out_map);
       vendor::wait_for_previous_grid();
       Ring ring;
-      int box_base = 0;  // boxes the CTA's earlier tiles opened
-      for (int unit = first_unit; unit < units; unit += unit_step, box_base += boxes_per_tile) {
-        int m0, n0;
-        origin(unit, m0, n0);
-        const int nb = n0 / kBlockN;
-        for (int kb = 0; kb < slots; ++kb, ring.advance()) {
-          sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
-          uint64_t* bar = &full[ring.stage];
-          if (kb >= k_blocks) {  // padding to a whole turn: no copies
-            sm90::mbarrier_arrive(bar);
-            continue;
+      if constexpr (kSplit) {
+        int box_base = 0;  // boxes the CTA's earlier items opened
+        // Copies k-blocks k_begin .. k_end - 1 of a unit into the ring, padded to whole turns.
+        const auto produce = [&](int unit, int k_begin, int k_end) {
+          int m0, n0;
+          origin(unit, m0, n0);
+          const int nb = n0 / kBlockN;
+          const int length = k_end - k_begin;
+          const int item_slots = (length + kStages - 1) / kStages * kStages;  // whole turns
+          const int first_box = word_of(k_begin) >> 2;
+          for (int i = 0; i < item_slots; ++i, ring.advance()) {
+            sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+            uint64_t* bar = &full[ring.stage];
+            if (i >= length) {  // padding to a whole turn: no copies
+              sm90::mbarrier_arrive(bar);
+              continue;
+            }
+            const int kb = k_begin + i;
+            uint8_t* stage = stages + ring.stage * kStageBytes;
+            const int word = word_of(kb);
+            // (an item may start inside a box: it opens that box, from the box's first word)
+            const bool opens_box =
+                kKInner &&
+                (i == 0 || ((word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0)));
+            sm90::mbarrier_arrive_expect_tx(
+                bar, kStageBytes + kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0));
+            if constexpr (kPair) {  // this CTA's half of the A tile, into both rings
+              const int half = static_cast<int>(rank) * (kBlockM / 2);
+              sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
+                                          m0 + half, 0x3);
+            } else {
+              sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+            }
+            sm90::tma_load_2d(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
+            float* region = scales + ring.stage * kScaleFloats;
+            if constexpr (kKInner) {
+              if (opens_box)
+                sm90::tma_load_2d(scale_boxes + (box_base + (word >> 2) - first_box) %
+                                                    kScaleBoxSlots * (kScaleABoxBytes / 4),
+                                  &scale_maps.a, bar, word & ~3, m0);
+            } else {
+              sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+            }
+            const int inner = args.b_scale_k_inner ? kb : nb;
+            sm90::tma_load_2d(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
+                              inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
           }
-          uint8_t* stage = stages + ring.stage * kStageBytes;
-          const int word = args.scales.a_packed ? kb >> 2 : kb;
-          const bool opens_box =
-              kKInner && (word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0);
-          sm90::mbarrier_arrive_expect_tx(
-              bar, kStageBytes + kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0));
-          if constexpr (kPair) {  // this CTA's half of the A tile, into both rings
-            const int half = static_cast<int>(rank) * (kBlockM / 2);
-            sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
-                                        m0 + half, 0x3);
-          } else {
-            sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+          box_base += (word_of(k_end - 1) >> 2) - first_box + 1;
+        };
+        for (int j = 0;; ++j) {
+          const persistent::Item item = persistent::item_at(args, units, pair, pairs, j);
+          if (item.unit < 0) break;
+          produce(item.unit, item.k_begin, item.k_end);
+        }
+      } else {             // every unit a whole tile
+        int box_base = 0;  // boxes the CTA's earlier tiles opened
+        for (int unit = pair; unit < units; unit += pairs, box_base += boxes_per_tile) {
+          int m0, n0;
+          origin(unit, m0, n0);
+          const int nb = n0 / kBlockN;
+          for (int kb = 0; kb < slots; ++kb, ring.advance()) {
+            sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+            uint64_t* bar = &full[ring.stage];
+            if (kb >= k_blocks) {  // padding to a whole turn: no copies
+              sm90::mbarrier_arrive(bar);
+              continue;
+            }
+            uint8_t* stage = stages + ring.stage * kStageBytes;
+            const int word = args.scales.a_packed ? kb >> 2 : kb;
+            const bool opens_box =
+                kKInner && (word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0);
+            sm90::mbarrier_arrive_expect_tx(
+                bar, kStageBytes + kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0));
+            if constexpr (kPair) {  // this CTA's half of the A tile, into both rings
+              const int half = static_cast<int>(rank) * (kBlockM / 2);
+              sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
+                                          m0 + half, 0x3);
+            } else {
+              sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+            }
+            sm90::tma_load_2d(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
+            float* region = scales + ring.stage * kScaleFloats;
+            if constexpr (kKInner) {
+              if (opens_box)
+                sm90::tma_load_2d(
+                    scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4),
+                    &scale_maps.a, bar, word, m0);
+            } else {
+              sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+            }
+            const int inner = args.b_scale_k_inner ? kb : nb;
+            sm90::tma_load_2d(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
+                              inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
           }
-          sm90::tma_load_2d(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
-          float* region = scales + ring.stage * kScaleFloats;
-          if constexpr (kKInner) {
-            if (opens_box)
-              sm90::tma_load_2d(
-                  scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4),
-                  &scale_maps.a, bar, word, m0);
-          } else {
-            sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
-          }
-          const int inner = args.b_scale_k_inner ? kb : nb;
-          sm90::tma_load_2d(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
-                            inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
         }
       }
     }
@@ -343,48 +460,157 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  uint32_t phase = 0;
-  int box_base = 0;
-  const int whole = k_blocks / kStages * kStages;  // k-blocks in whole turns
-  for (int unit = first_unit; unit < units; unit += unit_step, box_base += boxes_per_tile) {
-    int m0, n0;
-    origin(unit, m0, n0);
-    const int nb = n0 / kBlockN;
+  if constexpr (kSplit) {
+    // The split round's workspace: the tile of CTA `rank` of pair q, as 32 float4 per consumer
+    // thread in register order (a warp's stores and loads are 512 contiguous bytes).
+    const int consumer = static_cast<int>(threadIdx.x);  // 0..255
+    const auto partial_tile = [&](int q) {
+      return reinterpret_cast<float4*>(args.sk_partials) +
+             static_cast<size_t>(q * kUnitColumns + static_cast<int>(rank)) *
+                 (persistent::kPartialBytes / 16) +
+             consumer;
+    };
+    const auto flag_of = [&](int q) { return args.sk_flags + q * kUnitColumns + rank; };
+    const auto save_partial = [&]() {
+      float4* tile = partial_tile(pair);
 #pragma unroll
-    for (int w = 0; w < kWaves; ++w)
-#pragma unroll
-      for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
-    // Whole turns of the ring, unrolled so that each stage's addresses are constants; then the
-    // last turn, its slots past the k-blocks only waited for and released.
-    for (int first = 0; first < whole; first += kStages, phase ^= 1) {
-      // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted out
-      // of these loops: held for every stage and wave they exceeded the registers, uniform and
-      // not (ptxas spilled ~40 of them). An opaque zero, not a laundered pointer, so that the
-      // scale reads stay shared-memory loads.
-      int zero = 0;
-      asm volatile("" : "+r"(zero));
-#pragma unroll
-      for (int stage = 0; stage < kStages; ++stage)
-        k_block(stage, phase, first + stage, nb, box_base, zero);
-    }
-    if (whole < slots) {
-      int zero = 0;
-      asm volatile("" : "+r"(zero));
-#pragma unroll
-      for (int stage = 0; stage < kStages; ++stage) {
-        if (whole + stage < k_blocks) {
-          k_block(stage, phase, whole + stage, nb, box_base, zero);
-        } else {
-          sm90::mbarrier_wait(&full[stage], phase);
-          release(stage);
+      for (int v = 0; v < 32; ++v)
+        tile[v * kConsumers * kWarpgroup] =
+            make_float4(acc[v / 16][4 * (v % 16)], acc[v / 16][4 * (v % 16) + 1],
+                        acc[v / 16][4 * (v % 16) + 2], acc[v / 16][4 * (v % 16) + 3]);
+      __threadfence();
+      sm90::named_barrier(1, kConsumers * kWarpgroup);
+      if (consumer == 0) sm90::store_release_gpu(flag_of(pair), 1);
+    };
+    // acc = ((acc + partial of first_partner) + ...) + partial of pair - 1: the same order in every
+    // call. The flags go back to zero for the next call.
+    const auto add_partials = [&](int first_partner) {
+      if (consumer == 0) {
+        for (int q = first_partner; q < pair; ++q) {
+          while (sm90::load_acquire_gpu(flag_of(q)) == 0) {
+          }
+          *flag_of(q) = 0;
         }
       }
-      phase ^= 1;
+      sm90::named_barrier(1, kConsumers * kWarpgroup);
+#pragma unroll 1
+      for (int q = first_partner; q < pair; ++q) {
+        const float4* tile = partial_tile(q);
+#pragma unroll
+        for (int v = 0; v < 32; ++v) {
+          const float4 p = __ldcg(tile + v * kConsumers * kWarpgroup);
+          float* a = &acc[v / 16][4 * (v % 16)];
+          a[0] += p.x;
+          a[1] += p.y;
+          a[2] += p.z;
+          a[3] += p.w;
+        }
+      }
+    };
+
+    uint32_t phase = 0;
+    int box_base = 0;
+    // k-blocks k_begin .. k_begin + length - 1 of a unit into acc. Whole turns of the ring,
+    // unrolled so that each stage's addresses are constants; then the last turn, its slots past the
+    // k-blocks only waited for and released.
+    const auto multiply = [&](int k_begin, int length, int nb, int boxes) {
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
+      const int whole = length / kStages * kStages;  // k-blocks in whole turns
+      for (int first = 0; first < whole; first += kStages, phase ^= 1) {
+        // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted
+        // out of these loops: held for every stage and wave they exceeded the registers, uniform
+        // and not (ptxas spilled ~40 of them). An opaque zero, not a laundered pointer, so that the
+        // scale reads stay shared-memory loads.
+        int zero = 0;
+        asm volatile("" : "+r"(zero));
+#pragma unroll
+        for (int stage = 0; stage < kStages; ++stage)
+          k_block(stage, phase, k_begin + first + stage, nb, boxes, zero);
+      }
+      if (whole < length) {
+        int zero = 0;
+        asm volatile("" : "+r"(zero));
+#pragma unroll
+        for (int stage = 0; stage < kStages; ++stage) {
+          if (whole + stage < length) {
+            k_block(stage, phase, k_begin + whole + stage, nb, boxes, zero);
+          } else {
+            sm90::mbarrier_wait(&full[stage], phase);
+            release(stage);
+          }
+        }
+        phase ^= 1;
+      }
+    };
+    const auto store_tile = [&](int m0, int n0) {
+      if constexpr (kTma)
+        stage_and_store_16bit(m0, n0);
+      else
+        stage_and_store_f32(m0, n0);
+    };
+    for (int j = 0;; ++j) {
+      const persistent::Item item = persistent::item_at(args, units, pair, pairs, j);
+      if (item.unit < 0) break;
+      int m0, n0;
+      origin(item.unit, m0, n0);
+      const int first_box = word_of(item.k_begin) >> 2;
+      // (k_block adds the word's box to box_base - first_box)
+      multiply(item.k_begin, item.k_end - item.k_begin, n0 / kBlockN, box_base - first_box);
+      box_base += (word_of(item.k_end - 1) >> 2) - first_box + 1;
+      if (item.partial) {
+        save_partial();
+        continue;
+      }
+      if (item.first_partner >= 0) add_partials(item.first_partner);
+      store_tile(m0, n0);
     }
-    if constexpr (kTma)
-      stage_and_store_16bit(m0, n0);
-    else
-      stage_and_store_f32(m0, n0);
+  } else {  // every unit a whole tile
+    uint32_t phase = 0;
+    int box_base = 0;
+    const int whole = k_blocks / kStages * kStages;  // k-blocks in whole turns
+    for (int unit = pair; unit < units; unit += pairs, box_base += boxes_per_tile) {
+      int m0, n0;
+      origin(unit, m0, n0);
+      const int nb = n0 / kBlockN;
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
+      // Whole turns of the ring, unrolled so that each stage's addresses are constants; then the
+      // last turn, its slots past the k-blocks only waited for and released.
+      for (int first = 0; first < whole; first += kStages, phase ^= 1) {
+        // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted
+        // out of these loops: held for every stage and wave they exceeded the registers, uniform
+        // and not (ptxas spilled ~40 of them). An opaque zero, not a laundered pointer, so that the
+        // scale reads stay shared-memory loads.
+        int zero = 0;
+        asm volatile("" : "+r"(zero));
+#pragma unroll
+        for (int stage = 0; stage < kStages; ++stage)
+          k_block(stage, phase, first + stage, nb, box_base, zero);
+      }
+      if (whole < slots) {
+        int zero = 0;
+        asm volatile("" : "+r"(zero));
+#pragma unroll
+        for (int stage = 0; stage < kStages; ++stage) {
+          if (whole + stage < k_blocks) {
+            k_block(stage, phase, whole + stage, nb, box_base, zero);
+          } else {
+            sm90::mbarrier_wait(&full[stage], phase);
+            release(stage);
+          }
+        }
+        phase ^= 1;
+      }
+      if constexpr (kTma)
+        stage_and_store_16bit(m0, n0);
+      else
+        stage_and_store_f32(m0, n0);
+    }
   }
   if (kTma && threadIdx.x == 0)
     sm90::bulk_wait_read();  // shared memory stays until the copies read it

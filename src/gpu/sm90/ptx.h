@@ -385,6 +385,28 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 #endif
 }
 
+// ---- Flags between CTAs of a grid, through global memory (gpu scope).
+
+// Publishes this thread's earlier global writes (and those other threads ordered before it by a
+// barrier and their own fence) with the flag's store.
+__device__ __forceinline__ void store_release_gpu(uint32_t* flag, uint32_t value) {
+#if MOEKIT_SM90A
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flag), "r"(value) : "memory");
+#else
+  (void)flag;
+  (void)value;
+#endif
+}
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* flag) {
+  uint32_t value = 0;
+#if MOEKIT_SM90A
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(flag) : "memory");
+#else
+  (void)flag;
+#endif
+  return value;
+}
+
 // ---- Clusters and distributed shared memory.
 
 __device__ __forceinline__ uint32_t cluster_rank() {
