@@ -638,6 +638,9 @@ TEST(Sm90BlockFp8Gemm, TilesTwoFragmentsEqualOneBitForBit) {
     for (size_t l = 0; l < 4; ++l) {
       GemmCase c = random_case(rng, s[0], s[1], s[2]);
       c.layout = kLayouts[l];
+      // Weight scales the copies can read for the two TMA-copied activation layouts, so that the
+      // count of copied cases below does not hang on the draw.
+      if (l >= 2) c.b_scales_transposed = false;
       const Buffers host = make_host_buffers(c);
       const bool check_reference = l == shape % 4;
       std::future<Tensor> ref;
@@ -851,7 +854,8 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualNarrowBitForBit) {
 // on 8 k-blocks to keep the reference short): 72 units for 66 pairs and 153 CTAs alone for 132 on
 // a 132-SM card, so ranges of 2 k-blocks that begin inside scale boxes and units summed by four
 // pairs or CTAs. Against the reference on row-major and packed activation scales, with TMA stores
-// (bf16) and the threads' stores (f32 out with a bias); twice in a row on one stream (PDL) bitwise
+// (bf16 out, N a multiple of 8) and the threads' stores (f32 out with a bias, or bf16 out at
+// N=2100); twice in a row on one stream (PDL) bitwise
 // equal to a call on fresh buffers with the same workspace; the flags zero again after the calls.
 TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   SKIP_WITHOUT_HOPPER();
@@ -894,7 +898,7 @@ TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   int split_runs = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const GemmCase& c = cases[i];
-    const bool tma = c.out_dtype == DType::bf16;
+    const bool tma = c.out_dtype == DType::bf16 && c.n % 8 == 0;  // (else the threads store)
     const Buffers dev = to_device(hosts[i]);
     const BlockGemmProblem p =
         with_workspace(problem_of(views_of(dev, c, Device::gpu()), c, stream.get()));

@@ -13,8 +13,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
 #include "commands.h"
@@ -63,8 +65,12 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
   const size_t weight_bytes = in.b.nbytes();
   const int copies = static_cast<int>(weights.size());
   Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
-  // The op's scratch, zero-filled once (as a caller would keep one per stream).
-  const size_t workspace_bytes = block_fp8_gemm_workspace_size(M, N, K, gpu);
+  // The op's scratch, zero-filled once (as a caller would keep one per stream);
+  // MOEKIT_BENCH_NO_WORKSPACE=1 times the calls without one.
+  const char* no_workspace = std::getenv("MOEKIT_BENCH_NO_WORKSPACE");
+  const size_t workspace_bytes = no_workspace != nullptr && std::string(no_workspace) == "1"
+                                     ? 0
+                                     : block_fp8_gemm_workspace_size(M, N, K, gpu);
   Tensor zeros =
       Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))});
   std::memset(zeros.data(), 0, zeros.nbytes());

@@ -3,6 +3,7 @@
 // safetensors file to another. Validation of shapes and dtypes is the library's (spec/fp8.md); the
 // CLI only checks what it needs to size its outputs. Output is written atomically, and only when
 // the op succeeded.
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -116,9 +117,17 @@ int run_gemm(const GemmOptions& flags) {
   std::optional<Staged> bias_in;
   if (bias) bias_in = stage(*bias, options);
   const Output out = output(Tensor::empty(out_dtype, {a.size(0), b.size(0)}), options);
+  // The op's scratch where the implementation on that device wants one, zero-filled.
+  const Device device = a_in.view.device();
+  const size_t workspace_bytes =
+      block_fp8_gemm_workspace_size(a.size(0), b.size(0), a.size(1), device);
+  Tensor zeros =
+      Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))});
+  std::memset(zeros.data(), 0, zeros.nbytes());
+  Tensor workspace = Tensor::copy_of(zeros.view(), device);
   block_fp8_gemm(a_in.view, as_in.view, ScaleLayout::row_major, b_in.view, bs_in.view,
                  bias_in ? std::optional<TensorView>(bias_in->view) : std::nullopt, out.target(),
-                 options);
+                 workspace_bytes > 0 ? workspace.data() : nullptr, workspace_bytes, options);
   const Tensor result = out.result();
   write_safetensors(flags.common.output, {{"out", result.view()}});
   return 0;
