@@ -63,7 +63,8 @@ enum class Out : int { bf16_tma, f16_tma, threads };
 // leaves that unit's sums of its k-blocks in the pair's workspace tile (a partial item); the pair
 // whose range holds the unit's last k-block adds them to its own sums, in the order of the pairs,
 // and stores the unit (a final item). Each pair takes its partial item first, so the pairs that
-// finish a unit never wait long. The sums are the same for every call of a shape on a device
+// finish a unit never wait long; and a pair waits only for pairs of lower index, whose CTAs the
+// grid launches first (the grid is no larger than what is resident at once). The sums are the same for every call of a shape on a device
 // (bitwise), though not the unsplit ones: a unit's k-blocks go into two to four sums.
 struct Item {
   int unit = -1;    // -1: no more items
