@@ -64,8 +64,9 @@ enum class Out : int { bf16_tma, f16_tma, threads };
 // whose range holds the unit's last k-block adds them to its own sums, in the order of the pairs,
 // and stores the unit (a final item). Each pair takes its partial item first, so the pairs that
 // finish a unit never wait long; and a pair waits only for pairs of lower index, whose CTAs the
-// grid launches first (the grid is no larger than what is resident at once). The sums are the same for every call of a shape on a device
-// (bitwise), though not the unsplit ones: a unit's k-blocks go into two to four sums.
+// grid launches first (the grid is no larger than what is resident at once). The sums are the same
+// for every call of a shape on a device (bitwise), though not the unsplit ones: a unit's k-blocks
+// go into two to four sums.
 struct Item {
   int unit = -1;    // -1: no more items
   int k_begin = 0;  // the k-blocks of the unit this item multiplies
@@ -249,7 +250,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (item.unit < 0) break;
           produce(item.unit, item.k_begin, item.k_end);
         }
-      } else {             // every unit a whole tile
+      } else {  // every unit a whole tile: the loop as before the split, not `produce`, whose
+                // use here renamed the consumers' registers (their loop's SASS is kept as it was)
         int box_base = 0;  // boxes the CTA's earlier tiles opened
         for (int unit = pair; unit < units; unit += pairs, box_base += boxes_per_tile) {
           int m0, n0;
@@ -568,7 +570,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (item.first_partner >= 0) add_partials(item.first_partner);
       store_tile(m0, n0);
     }
-  } else {  // every unit a whole tile
+  } else {  // every unit a whole tile: the loop as before the split, so that this build's SASS
+            // stays as it was (the items in this loop cost the whole rounds 3 %: see kSplit)
     uint32_t phase = 0;
     int box_base = 0;
     const int whole = k_blocks / kStages * kStages;  // k-blocks in whole turns
