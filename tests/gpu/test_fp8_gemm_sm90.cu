@@ -854,8 +854,8 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualNarrowBitForBit) {
 // on 8 k-blocks to keep the reference short): 72 units for 66 pairs and 153 CTAs alone for 132 on
 // a 132-SM card, so ranges of 2 k-blocks that begin inside scale boxes and units summed by four
 // pairs or CTAs. Against the reference on row-major and packed activation scales, with TMA stores
-// (bf16 out, N a multiple of 8) and the threads' stores (f32 out with a bias, or bf16 out at
-// N=2100); twice in a row on one stream (PDL) bitwise
+// (bf16 or f16 out, N a multiple of 8) and the threads' stores (f32 out with a bias, or 16-bit out
+// at N=2100); twice in a row on one stream (PDL) bitwise
 // equal to a call on fresh buffers with the same workspace; the flags zero again after the calls.
 TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   SKIP_WITHOUT_HOPPER();
@@ -883,7 +883,10 @@ TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
         GemmCase c = random_case(rng, s[0], s[1], s[2]);
         c.layout = layout;
         c.b_scales_transposed = false;  // (a layout the copied scales read: wide tiles)
-        c.out_dtype = tma ? DType::bf16 : DType::f32;
+        // 16-bit out without bias (f16 on packed scales), or f32 out with a bias.
+        c.out_dtype = !tma                                  ? DType::f32
+                      : layout == ScaleLayout::packed_ue8m0 ? DType::f16
+                                                            : DType::bf16;
         c.bias_dtype.reset();
         if (!tma) c.bias_dtype = DType::bf16;
         c.out_row_pad = tma ? (8 - c.n % 8) % 8 : 1;
@@ -898,7 +901,7 @@ TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   int split_runs = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const GemmCase& c = cases[i];
-    const bool tma = c.out_dtype == DType::bf16 && c.n % 8 == 0;  // (else the threads store)
+    const bool tma = c.out_dtype != DType::f32 && c.n % 8 == 0;  // (else the threads store)
     const Buffers dev = to_device(hosts[i]);
     const BlockGemmProblem p =
         with_workspace(problem_of(views_of(dev, c, Device::gpu()), c, stream.get()));
