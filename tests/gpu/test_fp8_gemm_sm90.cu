@@ -855,8 +855,8 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualNarrowBitForBit) {
 // a 132-SM card, so ranges of 2 k-blocks that begin inside scale boxes and units summed by four
 // pairs or CTAs. Against the reference on row-major and packed activation scales, with TMA stores
 // (bf16 or f16 out, N a multiple of 8) and the threads' stores (f32 out with a bias, or 16-bit out
-// at N=2100); twice in a row on one stream (PDL) bitwise
-// equal to a call on fresh buffers with the same workspace; the flags zero again after the calls.
+// at N=2100); twice in a row on one stream (PDL) bitwise equal to a call on fresh buffers with the
+// same workspace; the flags zero again after the calls.
 TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
