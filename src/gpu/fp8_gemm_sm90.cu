@@ -657,15 +657,16 @@ int tiles_split_for(const BlockGemmProblem& p, int64_t tiles, int device_index) 
 
 // The persistent kernel's last round split over K (persistent::item_at) where the caller gave a
 // workspace and the last round is at most half full: the last round's units' k-blocks go evenly
-// to all the pairs, each range at least a third of a unit's k-blocks (a unit's last pair adds at
-// most three partners' tiles, ~1 us each from L2). Measured on an H200 (docs/perf/fp8-gpu-sm90.md,
-// session 24, runs 2, 3 and 6), split against not: N=7168 K=16384 M=2048 370.5 -> 350.1 us,
-// M=2560 467 -> 436, M=3072 581 -> 530; N=4096 K=7168 M=1280 83.3 -> 71.7, M=2304 126.2 -> 115.6,
-// M=3328 167.1 -> 158.0; but M=4096 N=7168 K=16384 (52 of 66 units in the last round) 692-748 ->
-// 756-771. The fill counts the split round as its longest range plus 16 k-blocks: what the
-// split round cost beyond its range in those six runs (13-18 k-blocks' time: 10-15 us), so that
-// cuBLASLt keeps the N=4096 K=7168 shapes (63.0, 104.3, 145.8 us there). MOEKIT_SM90_SPLIT_ROUND=0
-// turns the split off, 2 splits whatever the last round's fill (timing knobs).
+// to all the pairs, each range at least a third of a unit's k-blocks (so a unit's last pair adds
+// at most three partners' 128 KB tiles, read from L2). Measured on an H200
+// (docs/perf/fp8-gpu-sm90.md, session 24, runs 2, 3 and 6), split against not: N=7168 K=16384
+// M=2048 370.5 -> 350.1 us, M=2560 467 -> 436, M=3072 581 -> 530; N=4096 K=7168 M=1280 83.3
+// -> 71.7, M=2304 126.2 -> 115.6, M=3328 167.1 -> 158.0; but M=4096 N=7168 K=16384 (52 of 66 units
+// in the last round) 692-748 -> 756-771. The fill counts the split round as its longest range plus
+// 16 k-blocks: what the split round cost beyond its range in those six runs (13-18 k-blocks' time:
+// 10-15 us), so that cuBLASLt keeps the N=4096 K=7168 shapes (63.0, 104.3, 145.8 us there).
+// MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last round's fill (timing
+// knobs).
 constexpr int kSplitFixupBlocks = 16;
 
 // The workspace: a flag word per SM, then a partial tile per SM. The same layout for every plan on

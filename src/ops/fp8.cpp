@@ -473,10 +473,7 @@ void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout
                     const TensorView& b, const TensorView& b_scales,
                     const std::optional<TensorView>& bias, const TensorView& out,
                     const OpOptions& options) {
-  const BlockGemmProblem p = make_block_gemm_problem(kGemmOp, a, a_scales, a_scales_layout, b,
-                                                     b_scales, bias, out, options);
-  dispatch<BlockGemmProblem>(kGemmOp, kBlockGemmTable, p, a.device(), options,
-                             p.m == 0 || p.n == 0);
+  block_fp8_gemm(a, a_scales, a_scales_layout, b, b_scales, bias, out, nullptr, 0, options);
 }
 
 size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Device& device) {
@@ -491,9 +488,10 @@ size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Devi
 
 // The problem with its workspace, checked against block_fp8_gemm_workspace_size.
 BlockGemmProblem with_workspace(BlockGemmProblem p, void* workspace, size_t workspace_bytes) {
+  if (workspace_bytes == 0 && workspace == nullptr) return p;  // none
   const Device device = p.a.device();
   const size_t needed = block_fp8_gemm_workspace_size(p.m, p.n, p.k, device);
-  if (workspace_bytes > 0 && workspace_bytes < needed)  // (0: none)
+  if (workspace_bytes > 0 && workspace_bytes < needed)
     fail(kGemmOp, "workspace_bytes", std::to_string(workspace_bytes),
          "is less than block_fp8_gemm_workspace_size(" + str(p.m) + ", " + str(p.n) + ", " +
              str(p.k) + ", " + device.str() + ")=" + std::to_string(needed));
@@ -534,9 +532,8 @@ std::vector<ImplementationChoice> explain_block_fp8_gemm(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,
     const TensorView& out, const OpOptions& options) {
-  const BlockGemmProblem p = make_block_gemm_problem(kGemmOp, a, a_scales, a_scales_layout, b,
-                                                     b_scales, bias, out, options);
-  return explain_table<BlockGemmProblem>(kBlockGemmTable, p, a.device(), options);
+  return explain_block_fp8_gemm(a, a_scales, a_scales_layout, b, b_scales, bias, out, nullptr, 0,
+                                options);
 }
 
 // ---- w8a8_block_fp8_linear

@@ -94,6 +94,9 @@ Fp8Data parse_fp8_data(const std::string& name);
 // Row-major f32 scales [M, G] (host) copied into column-major storage ([G, M], M contiguous): the
 // layout cuBLASLt's VEC128 activation scales need.
 Tensor column_major_scales(const TensorView& row_major);
+// `bytes` zero bytes (at least one) on `device`: an op's workspace, zero-filled once as its
+// contract asks.
+Tensor zero_filled_bytes(size_t bytes, Device device);
 // The first `rows` rows of a (rows contiguous) as a view.
 TensorView first_rows(const TensorView& t, int64_t rows);
 // sum |out - ref| / sum |ref| over the first ref.size(0) rows of out (any float dtypes).

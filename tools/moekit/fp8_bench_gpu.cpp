@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -71,10 +70,7 @@ std::vector<GpuRow> bench_gemm_shape(const std::string& name, int64_t M, int64_t
   const size_t workspace_bytes = no_workspace != nullptr && std::string(no_workspace) == "1"
                                      ? 0
                                      : block_fp8_gemm_workspace_size(M, N, K, gpu);
-  Tensor zeros =
-      Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))});
-  std::memset(zeros.data(), 0, zeros.nbytes());
-  Tensor workspace_tensor = Tensor::copy_of(zeros.view(), gpu);
+  Tensor workspace_tensor = zero_filled_bytes(workspace_bytes, gpu);
   void* workspace = workspace_bytes > 0 ? workspace_tensor.data() : nullptr;
   const int64_t rows = std::min<int64_t>(M, K > 8192 ? 2 : 4);
   Tensor ref = Tensor::empty(DType::f32, {rows, N});

@@ -403,6 +403,12 @@ Tensor column_major_scales(const TensorView& row_major) {
   return t;
 }
 
+Tensor zero_filled_bytes(size_t bytes, Device device) {
+  Tensor zeros = Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(bytes, 1))});
+  std::memset(zeros.data(), 0, zeros.nbytes());
+  return device.is_cpu() ? std::move(zeros) : Tensor::copy_of(zeros.view(), device);
+}
+
 double relative_mean_error(const TensorView& out, const TensorView& ref) {
   double error = 0.0, magnitude = 0.0;
   for (int64_t m = 0; m < ref.size(0); ++m) {

@@ -3,7 +3,6 @@
 // safetensors file to another. Validation of shapes and dtypes is the library's (spec/fp8.md); the
 // CLI only checks what it needs to size its outputs. Output is written atomically, and only when
 // the op succeeded.
-#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -121,10 +120,7 @@ int run_gemm(const GemmOptions& flags) {
   const Device device = a_in.view.device();
   const size_t workspace_bytes =
       block_fp8_gemm_workspace_size(a.size(0), b.size(0), a.size(1), device);
-  Tensor zeros =
-      Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(workspace_bytes, 1))});
-  std::memset(zeros.data(), 0, zeros.nbytes());
-  Tensor workspace = Tensor::copy_of(zeros.view(), device);
+  Tensor workspace = zero_filled_bytes(workspace_bytes, device);
   block_fp8_gemm(a_in.view, as_in.view, ScaleLayout::row_major, b_in.view, bs_in.view,
                  bias_in ? std::optional<TensorView>(bias_in->view) : std::nullopt, out.target(),
                  workspace_bytes > 0 ? workspace.data() : nullptr, workspace_bytes, options);
