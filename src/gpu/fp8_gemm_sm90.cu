@@ -684,7 +684,9 @@ void split_last_round(const BlockGemmProblem& p, int64_t units, int64_t slots, i
   if (units <= slots || units % slots == 0) return;
   const int64_t rest = units % slots, total = rest * p.k_blocks;
   if (knob != 2 && 2 * rest > slots) return;
-  const int64_t pairs = std::min<int64_t>(slots, total / std::max<int64_t>(1, p.k_blocks / 3));
+  // (MOEKIT_SM90_SPLIT_PARTS=n: ranges of at least 1/n of a unit instead, a timing knob)
+  const int64_t parts = std::clamp<int64_t>(env::integer("MOEKIT_SM90_SPLIT_PARTS", 3), 1, 16);
+  const int64_t pairs = std::min<int64_t>(slots, total / std::max<int64_t>(1, p.k_blocks / parts));
   if (pairs <= rest) return;
   if (p.workspace_bytes < split_workspace_bytes(sm_count) || pairs * plan.splits > sm_count) return;
   plan.split_units = static_cast<int>(rest);

@@ -37,10 +37,20 @@ inline constexpr int kSm90TracePhases = static_cast<int>(Sm90TracePhase::count);
 // The tiles kernel's records (entry and exit stamped as above) keep ring-wait cycle counts in two
 // of these slots, time_ns 1 where written: consumer thread 0's waits for full stages, and the
 // producer thread's waits for empty ones. Consumer thread 0 also stamps last_consumed (its loop
-// done), sums_done (the tile staged for the stores) and stores_issued. The persistent wide
-// kernel records nothing.
+// done), sums_done (the tile staged for the stores) and stores_issued.
 inline constexpr Sm90TracePhase kTilesFullWaits = Sm90TracePhase::first_stage_full;
 inline constexpr Sm90TracePhase kTilesEmptyWaits = Sm90TracePhase::last_issued;
+// The persistent wide kernel's build that splits its last round (a workspace given) stamps, by
+// consumer thread 0, entry, consumer_waited, stores_issued (its last split-round tile's) and exit
+// as above, and its split round's steps in these slots; its other builds record nothing.
+namespace persistent_trace {
+inline constexpr Sm90TracePhase whole_done = Sm90TracePhase::first_weights_landed;  // whole units
+inline constexpr Sm90TracePhase partial_multiplied = Sm90TracePhase::scales_staged;
+inline constexpr Sm90TracePhase partial_saved = Sm90TracePhase::first_stage_full;  // flag set
+inline constexpr Sm90TracePhase final_multiplied = Sm90TracePhase::last_issued;
+inline constexpr Sm90TracePhase partners_ready = Sm90TracePhase::last_consumed;  // flags seen
+inline constexpr Sm90TracePhase partials_added = Sm90TracePhase::sums_done;
+}  // namespace persistent_trace
 
 struct Sm90TraceRecord {
   uint64_t time_ns[kSm90TracePhases];  // %globaltimer (device-wide), 0: phase not reached

@@ -1559,5 +1559,114 @@ TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
   if (csv != nullptr) std::fclose(csv);
 }
 
+// Where the split last round's time goes (diagnosis builds, MOEKIT_FP8_TRACE): the persistent
+// kernel with a workspace, calls rotating over weight copies as in the timings above, one graph
+// replay traced. Prints, per step of consumer thread 0 (fp8_gemm_sm90.h, persistent_trace), the
+// min / median / max over CTAs in us from the call's first entry, and the median of each CTA's
+// time from its previous step. Checks that every CTA of a split plan left a whole record in order.
+TEST(Sm90BlockFp8Gemm, PrintsSplitRoundStamps) {
+  SKIP_WITHOUT_HOPPER();
+  if (!gpu::block_gemm_sm90_trace_built())
+    GTEST_SKIP() << "built without MOEKIT_FP8_TRACE: the persistent kernel records nothing";
+  const gpu::DeviceProperties props = gpu::device_properties(0);
+  std::printf("Split round stamps on %s (%d SMs)\n", props.name.c_str(), props.sm_count);
+  std::FILE* csv = nullptr;
+  if (const char* path = std::getenv("MOEKIT_TRACE_CSV")) csv = std::fopen(path, "a");
+  std::mt19937_64 rng(29);
+  namespace pt = gpu::persistent_trace;
+  using Phase = gpu::Sm90TracePhase;
+  // Consumer thread 0's steps, in the order a CTA passes them.
+  const std::pair<Phase, const char*> steps[] = {{Phase::entry, "entry"},
+                                                 {Phase::consumer_waited, "griddepcontrol.wait"},
+                                                 {pt::whole_done, "whole units done"},
+                                                 {pt::partial_multiplied, "partial multiplied"},
+                                                 {pt::partial_saved, "partial saved"},
+                                                 {pt::final_multiplied, "final multiplied"},
+                                                 {pt::partners_ready, "partners' flags seen"},
+                                                 {pt::partials_added, "partials added"},
+                                                 {Phase::stores_issued, "last stores issued"},
+                                                 {Phase::exit, "exit"}};
+  for (const TimedShape& s : {TimedShape{1280, 4096, 7168}, TimedShape{2304, 4096, 7168},
+                              TimedShape{2560, 7168, 16384}}) {
+    TimedInputs in = timed_inputs(s, rng());
+    const size_t bytes = gpu::block_gemm_workspace_size(s.m, s.n, s.k, 0);
+    ASSERT_GT(bytes, 0u);
+    Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+    MOEKIT_GPU_CHECK(cudaMemset(workspace.data(), 0, bytes));
+    for (BlockGemmProblem& p : in.problems) {
+      p.workspace = workspace.data();
+      p.workspace_bytes = bytes;
+    }
+    const std::string plan = gpu::block_gemm_sm90_plan(in.problems[0]);
+    const double us = time_and_print(in, "traced");
+    if (plan.find("split over K") == std::string::npos) {
+      std::printf("  (no split round in this plan: nothing recorded)\n");
+      continue;
+    }
+    const int calls = static_cast<int>(in.problems.size());
+    gpu::block_gemm_sm90_trace_reset();
+    {
+      Stream stream;
+      for (BlockGemmProblem p : in.problems) {
+        p.stream = stream.get();
+        gpu::block_fp8_gemm_sm90(p);
+      }
+      MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+    }
+    const std::vector<gpu::Sm90TraceRecord> records = gpu::block_gemm_sm90_trace_read();
+    ASSERT_FALSE(records.empty());
+    const uint32_t grid = records[0].grid_ctas;
+    ASSERT_EQ(records.size(), std::min<size_t>(static_cast<size_t>(grid) * calls,
+                                               gpu::block_gemm_sm90_trace_capacity()));
+    constexpr int kSteps = 10;
+    std::vector<double> at[kSteps], own[kSteps], reached(kSteps, 0.0);
+    int steady = 0;
+    for (int call = 1; call < calls; ++call) {  // (the first follows set-up, not a call)
+      const size_t first = static_cast<size_t>(call) * grid;
+      if (first + grid > records.size()) break;
+      ++steady;
+      uint64_t t0 = UINT64_MAX;
+      for (size_t i = first; i < first + grid; ++i)
+        t0 = std::min<uint64_t>(t0, records[i].time_ns[static_cast<int>(Phase::entry)]);
+      for (size_t i = first; i < first + grid; ++i) {
+        const gpu::Sm90TraceRecord& r = records[i];
+        ASSERT_NE(r.time_ns[static_cast<int>(Phase::exit)], 0u) << "CTA " << r.ticket;
+        uint64_t previous = 0;
+        for (int j = 0; j < kSteps; ++j) {
+          const uint64_t t = r.time_ns[static_cast<int>(steps[j].first)];
+          if (t == 0) continue;
+          EXPECT_GE(t, previous) << steps[j].second << ", CTA " << r.ticket;
+          at[j].push_back(static_cast<double>(t - t0) * 1e-3);
+          if (previous != 0) own[j].push_back(static_cast<double>(t - previous) * 1e-3);
+          previous = t;
+          reached[j] += 1.0;
+        }
+        if (csv != nullptr) {
+          std::fprintf(csv, "%lld,%lld,%lld,%d,%u,%u,%u,%u,%u,%u", static_cast<long long>(s.m),
+                       static_cast<long long>(s.n), static_cast<long long>(s.k), calls, r.ticket,
+                       r.grid_ctas, r.block_x, r.block_y, r.rank, r.sm);
+          for (uint64_t t : r.time_ns)
+            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
+          for (uint64_t t : r.cycles)
+            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
+          std::fprintf(csv, "\n");
+        }
+      }
+    }
+    std::printf("  %d calls of %u CTAs (untraced graph above: %.2f us per call, traced build)\n",
+                steady, grid, us);
+    std::printf("  %-22s %8s %8s %8s %9s %6s\n", "step (consumer thread 0)", "min", "median", "max",
+                "own", "CTAs");
+    for (int j = 0; j < kSteps; ++j) {
+      if (at[j].empty()) continue;
+      std::sort(at[j].begin(), at[j].end());
+      std::printf("  %-22s %8.2f %8.2f %8.2f %9.2f %6.0f\n", steps[j].second, at[j].front(),
+                  median_of(at[j]), at[j].back(), own[j].empty() ? 0.0 : median_of(own[j]),
+                  reached[j] / std::max(steady, 1));
+    }
+  }
+  if (csv != nullptr) std::fclose(csv);
+}
+
 }  // namespace
 }  // namespace moekit

@@ -116,6 +116,54 @@ __device__ __forceinline__ Item item_at(const GemmArgs& args, int units, int pai
 }
 }  // namespace persistent
 
+// Diagnosis builds (MOEKIT_FP8_TRACE): consumer thread 0 of the build that splits the last round
+// writes its stamps (fp8_gemm_sm90.h, persistent_trace) straight into its record, so that no
+// shared memory or registers are taken from the kernel.
+#ifdef MOEKIT_FP8_TRACE
+#define MOEKIT_PERSISTENT_TRACE(...) __VA_ARGS__
+__device__ float persistent_trace_sink;
+#if MOEKIT_SM90A
+struct PersistentTrace {
+  uint32_t ticket = kTraceCapacity;
+  __device__ __forceinline__ void stamp_at(Sm90TracePhase phase, uint64_t ns, uint64_t cycles) {
+    if (ticket >= kTraceCapacity) return;
+    Sm90TraceRecord& r = trace_records[ticket];
+    r.time_ns[static_cast<int>(phase)] = ns;
+    r.cycles[static_cast<int>(phase)] = cycles;
+  }
+  __device__ __forceinline__ void enter() {
+    const uint64_t ns = vendor::global_timer_ns(), cycles = vendor::sm_cycles();
+    ticket = atomicAdd(&trace_ticket, 1u);
+    stamp_at(Sm90TracePhase::entry, ns, cycles);
+  }
+  __device__ __forceinline__ void stamp(Sm90TracePhase phase) {
+    stamp_at(phase, vendor::global_timer_ns(), vendor::sm_cycles());
+  }
+  // Once `values` have arrived (a store of their sum waits for every load and wgmma behind them).
+  __device__ __forceinline__ void stamp_after(Sm90TracePhase phase, const float (&values)[64]) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sum += values[i];
+    *static_cast<volatile float*>(&persistent_trace_sink) = sum;
+    stamp(phase);
+  }
+  __device__ __forceinline__ void leave(uint32_t rank) {
+    stamp(Sm90TracePhase::exit);
+    if (ticket >= kTraceCapacity) return;
+    Sm90TraceRecord& r = trace_records[ticket];
+    r.ticket = ticket;
+    r.grid_ctas = gridDim.x * gridDim.y;
+    r.block_x = blockIdx.x;
+    r.block_y = blockIdx.y;
+    r.rank = rank;
+    r.sm = vendor::sm_id();
+  }
+};
+#endif
+#else
+#define MOEKIT_PERSISTENT_TRACE(...)
+#endif
+
 template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
@@ -173,6 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int words = args.scales.a_packed ? (k_blocks + 3) / 4 : k_blocks;
   const int boxes_per_tile = (words + 3) / 4;  // (a tile's, in a build that does not split)
 
+  MOEKIT_PERSISTENT_TRACE(PersistentTrace trace; const bool tracing = kSplit && threadIdx.x == 0;
+                          if (tracing) trace.enter());
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&full[s], 1);
@@ -308,6 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = t / 32, lane = t % 32;
   const int tile_row = warpgroup * kRowsPerGroup + warp * 16 + lane / 4;
   vendor::wait_for_previous_grid();  // (out may still be read by the previous kernel)
+  MOEKIT_PERSISTENT_TRACE(if (tracing) trace.stamp(Sm90TracePhase::consumer_waited));
 
   float acc[kWaves][64], part[64];
   const uint8_t* a_half = stages + warpgroup * kRowsPerGroup * kBlockK;
@@ -494,6 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           *flag_of(q) = 0;
         }
+        MOEKIT_PERSISTENT_TRACE(trace.stamp(persistent_trace::partners_ready));
       }
       sm90::named_barrier(1, kConsumers * kWarpgroup);
 #pragma unroll 1
@@ -554,9 +606,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       else
         stage_and_store_f32(m0, n0);
     };
+    MOEKIT_PERSISTENT_TRACE(bool whole_stamped = false);
     for (int j = 0;; ++j) {
       const persistent::Item item = persistent::item_at(args, units, pair, pairs, j);
       if (item.unit < 0) break;
+      MOEKIT_PERSISTENT_TRACE(if (tracing && !whole_stamped && item.unit >= units - args.sk_units) {
+        trace.stamp(persistent_trace::whole_done);
+        whole_stamped = true;
+      });
       int m0, n0;
       origin(item.unit, m0, n0);
       const int first_box = word_of(item.k_begin) >> 2;
@@ -564,11 +621,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       multiply(item.k_begin, item.k_end - item.k_begin, n0 / kBlockN, box_base - first_box);
       box_base += (word_of(item.k_end - 1) >> 2) - first_box + 1;
       if (item.partial) {
+        MOEKIT_PERSISTENT_TRACE(
+            if (tracing) trace.stamp_after(persistent_trace::partial_multiplied, acc[0]));
         save_partial();
+        MOEKIT_PERSISTENT_TRACE(if (tracing) trace.stamp(persistent_trace::partial_saved));
         continue;
       }
-      if (item.first_partner >= 0) add_partials(item.first_partner);
+      if (item.first_partner >= 0) {
+        MOEKIT_PERSISTENT_TRACE(if (tracing)
+                                    trace.stamp_after(persistent_trace::final_multiplied, acc[0]));
+        add_partials(item.first_partner);
+        MOEKIT_PERSISTENT_TRACE(if (tracing)
+                                    trace.stamp_after(persistent_trace::partials_added, acc[0]));
+      }
       store_tile(m0, n0);
+      MOEKIT_PERSISTENT_TRACE(if (tracing && whole_stamped)
+                                  trace.stamp(Sm90TracePhase::stores_issued));
     }
   } else {  // every unit a whole tile: the loop as before the split, so that this build's SASS
             // stays as it was (the items in this loop cost the whole rounds 3 %: see kSplit)
@@ -623,6 +691,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::cluster_arrive();
     sm90::cluster_wait();
   }
+  MOEKIT_PERSISTENT_TRACE(if (tracing) trace.leave(rank));
 #else
   (void)a_map;
   (void)b_map;
