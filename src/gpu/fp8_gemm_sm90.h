@@ -46,9 +46,10 @@ inline constexpr Sm90TracePhase kTilesEmptyWaits = Sm90TracePhase::last_issued;
 namespace persistent_trace {
 inline constexpr Sm90TracePhase whole_done = Sm90TracePhase::first_weights_landed;  // whole units
 inline constexpr Sm90TracePhase partial_multiplied = Sm90TracePhase::scales_staged;
-inline constexpr Sm90TracePhase partial_saved = Sm90TracePhase::first_stage_full;  // flag set
+inline constexpr Sm90TracePhase partial_saved = Sm90TracePhase::first_stage_full;  // stores issued
 inline constexpr Sm90TracePhase final_multiplied = Sm90TracePhase::last_issued;
-inline constexpr Sm90TracePhase partners_ready = Sm90TracePhase::last_consumed;  // flags seen
+inline constexpr Sm90TracePhase partial_published = Sm90TracePhase::producer_waited;  // flag set
+inline constexpr Sm90TracePhase partners_ready = Sm90TracePhase::last_consumed;  // last flag seen
 inline constexpr Sm90TracePhase partials_added = Sm90TracePhase::sums_done;
 }  // namespace persistent_trace
 

@@ -1580,9 +1580,10 @@ TEST(Sm90BlockFp8Gemm, PrintsSplitRoundStamps) {
                                                  {Phase::consumer_waited, "griddepcontrol.wait"},
                                                  {pt::whole_done, "whole units done"},
                                                  {pt::partial_multiplied, "partial multiplied"},
-                                                 {pt::partial_saved, "partial saved"},
+                                                 {pt::partial_saved, "partial stored"},
                                                  {pt::final_multiplied, "final multiplied"},
-                                                 {pt::partners_ready, "partners' flags seen"},
+                                                 {pt::partial_published, "partial published"},
+                                                 {pt::partners_ready, "last flag seen"},
                                                  {pt::partials_added, "partials added"},
                                                  {Phase::stores_issued, "last stores issued"},
                                                  {Phase::exit, "exit"}};
@@ -1618,7 +1619,7 @@ TEST(Sm90BlockFp8Gemm, PrintsSplitRoundStamps) {
     const uint32_t grid = records[0].grid_ctas;
     ASSERT_EQ(records.size(), std::min<size_t>(static_cast<size_t>(grid) * calls,
                                                gpu::block_gemm_sm90_trace_capacity()));
-    constexpr int kSteps = 10;
+    constexpr int kSteps = 11;
     std::vector<double> at[kSteps], own[kSteps], reached(kSteps, 0.0);
     int steady = 0;
     for (int call = 1; call < calls; ++call) {  // (the first follows set-up, not a call)
