@@ -656,18 +656,21 @@ int tiles_split_for(const BlockGemmProblem& p, int64_t tiles, int device_index) 
 }
 
 // The persistent kernel's last round split over K (persistent::item_at) where the caller gave a
-// workspace and the last round is at most half full: the last round's units' k-blocks go evenly
-// to all the pairs, each range at least a third of a unit's k-blocks (so a unit's last pair adds
-// at most three partners' 128 KB tiles, read from L2). Measured on an H200
-// (docs/perf/fp8-gpu-sm90.md, session 24, runs 2, 3 and 6), split against not: N=7168 K=16384
-// M=2048 370.5 -> 350.1 us, M=2560 467 -> 436, M=3072 581 -> 530; N=4096 K=7168 M=1280 83.3
-// -> 71.7, M=2304 126.2 -> 115.6, M=3328 167.1 -> 158.0; but M=4096 N=7168 K=16384 (52 of 66 units
-// in the last round) 692-748 -> 756-771. The fill counts the split round as its longest range plus
-// 16 k-blocks: what the split round cost beyond its range in those six runs (13-18 k-blocks' time:
-// 10-15 us), so that cuBLASLt keeps the N=4096 K=7168 shapes (63.0, 104.3, 145.8 us there).
-// MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last round's fill (timing
-// knobs).
-constexpr int kSplitFixupBlocks = 16;
+// workspace and the last round is at most half full: each of the last round's units is cut into
+// `parts` equal ranges of k-blocks, one per pair, so that no pair's range straddles two units
+// (a pair with two items paid ~1.5 us to switch; H200, fp8-gpu-sm90.md, session 25). A unit's
+// last pair adds the other parts' 128 KB tiles from L2, ~1.2 us each, so the parts trade a
+// shorter range against more tiles to add: the fewest k-blocks of ceil(k_blocks / parts) +
+// kSplitAddBlocks x (parts - 1), at most as many pairs as there are. Measured on an H200
+// (session 25, run 2), 4 parts against the session-24 ranges of a third of a unit that straddled
+// units: M=1280 N=4096 K=7168 71.6 -> 66.8 us, M=2304 116.9 -> 111.3, M=2560 N=7168 K=16384
+// 447.9 -> 443.3 (cuBLASLt 63.4, 106.3, 456.8); without a split 83.3, 127.4, 474.5. The fill
+// counts the split round as its range plus kSplitFixupBlocks + kSplitAddBlocks per added tile:
+// what it cost beyond its range there (10-12 us), so that cuBLASLt keeps the N=4096 K=7168
+// shapes. MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last round's fill;
+// MOEKIT_SM90_SPLIT_PARTS=n forces n parts where they fit (timing knobs).
+constexpr int kSplitFixupBlocks = 10;
+constexpr int kSplitAddBlocks = 2;
 
 // The workspace: a flag word per SM, then a partial tile per SM. The same layout for every plan on
 // a device, so that the flags stay zero between calls of any shapes.
@@ -682,20 +685,27 @@ void split_last_round(const BlockGemmProblem& p, int64_t units, int64_t slots, i
   const int64_t knob = env::integer("MOEKIT_SM90_SPLIT_ROUND", 1);
   if (knob == 0 || p.workspace == nullptr) return;
   if (units <= slots || units % slots == 0) return;
-  const int64_t rest = units % slots, total = rest * p.k_blocks;
+  const int64_t rest = units % slots;
   if (knob != 2 && 2 * rest > slots) return;
-  // (MOEKIT_SM90_SPLIT_PARTS=n: ranges of at least 1/n of a unit instead, a timing knob)
-  const int64_t parts = std::clamp<int64_t>(env::integer("MOEKIT_SM90_SPLIT_PARTS", 3), 1, 16);
-  const int64_t pairs = std::min<int64_t>(slots, total / std::max<int64_t>(1, p.k_blocks / parts));
-  if (pairs <= rest) return;
-  if (p.workspace_bytes < split_workspace_bytes(sm_count) || pairs * plan.splits > sm_count) return;
+  const int64_t most_parts = std::min<int64_t>(slots / rest, p.k_blocks);
+  const auto cost = [&](int64_t parts) {
+    return fp8::ceil_div(p.k_blocks, parts) + kSplitAddBlocks * (parts - 1);
+  };
+  int64_t parts = 1;
+  for (int64_t n = 2; n <= most_parts; ++n)
+    if (parts == 1 || cost(n) < cost(parts)) parts = n;
+  if (const int64_t forced = env::integer("MOEKIT_SM90_SPLIT_PARTS", 0); forced > 0)
+    parts = std::min(forced, most_parts);
+  const int64_t pairs = rest * parts;
+  if (parts < 2 || p.workspace_bytes < split_workspace_bytes(sm_count) ||
+      pairs * plan.splits > sm_count)
+    return;
   plan.split_units = static_cast<int>(rest);
   plan.split_pairs = static_cast<int>(pairs);
   const int64_t rounds = units / slots;
   plan.persistent_fill =
       static_cast<double>(units * p.k_blocks) /
-      static_cast<double>(slots *
-                          (rounds * p.k_blocks + fp8::ceil_div(total, pairs) + kSplitFixupBlocks));
+      static_cast<double>(slots * (rounds * p.k_blocks + cost(parts) + kSplitFixupBlocks));
 }
 
 Plan plan_for(const BlockGemmProblem& p, int device_index) {

@@ -851,12 +851,12 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualNarrowBitForBit) {
 }
 
 // The persistent kernel's last round split over K (a workspace given; wide tiles and pairs forced
-// on 8 k-blocks to keep the reference short): 72 units for 66 pairs and 153 CTAs alone for 132 on
-// a 132-SM card, so ranges of 2 k-blocks that begin inside scale boxes and units summed by four
-// pairs or CTAs. Against the reference on row-major and packed activation scales, with TMA stores
-// (bf16 or f16 out, N a multiple of 8) and the threads' stores (f32 out with a bias, or 16-bit out
-// at N=2100); twice in a row on one stream (PDL) bitwise equal to a call on fresh buffers with the
-// same workspace; the flags zero again after the calls.
+// on 8 k-blocks to keep the reference short, and 3 parts a unit): 72 units for 66 pairs and 153
+// CTAs alone for 132 on a 132-SM card, so ranges of 2 or 3 k-blocks that begin inside scale boxes
+// and units summed by three pairs or CTAs. Against the reference on row-major and packed activation
+// scales, with TMA stores (bf16 or f16 out, N a multiple of 8) and the threads' stores (f32 out
+// with a bias, or 16-bit out at N=2100); twice in a row on one stream (PDL) bitwise equal to a call
+// on fresh buffers with the same workspace; the flags zero again after the calls.
 TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   SKIP_WITHOUT_HOPPER();
   const uint64_t seed = test_seed();
@@ -866,6 +866,7 @@ TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   Stream stream;
   ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
   ScopedEnv pairs("MOEKIT_SM90_TILES_PAIR", "1");  // (where the column tiles are even)
+  ScopedEnv parts("MOEKIT_SM90_SPLIT_PARTS", "3");
   const std::array<std::array<int64_t, 3>, 2> shapes{{{2200, 2048, 1024}, {2200, 2100, 1000}}};
   const size_t bytes = gpu::block_gemm_workspace_size(2200, 2100, 1024, 0);
   ASSERT_GT(bytes, 0u);
