@@ -281,6 +281,12 @@ TEST(Fp8Errors, LinearArguments) {
   Tensor y = sentinel(DType::bf16, {3, 64});
   const size_t bytes = w8a8_block_fp8_linear_workspace_size(3, 300);
   EXPECT_EQ(bytes, 960u + 3 * 3 * 4);  // 900 bytes rounded up to 64, then 3 x 3 f32 scales
+  // With N and the device: the GEMM's workspace besides, none on the CPU.
+  EXPECT_EQ(w8a8_block_fp8_linear_workspace_size(3, 64, 300, Device::cpu()), bytes);
+  EXPECT_EQ(w8a8_block_fp8_linear_workspace_size(4096, 7168, 16384, Device::cpu()),
+            w8a8_block_fp8_linear_workspace_size(4096, 16384));
+  expect_error([] { w8a8_block_fp8_linear_workspace_size(3, -1, 300, Device::cpu()); }, kLinear,
+               "M, N, K", "3, -1, 300", {});
   Tensor ws = sentinel(DType::u8, {static_cast<int64_t>(bytes) + 64});
   const std::initializer_list<const Tensor*> outs = {&y, &ws};
   auto run = [&](const TensorView& x_view, const TensorView& w, const TensorView& s,

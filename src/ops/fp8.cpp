@@ -103,6 +103,11 @@ std::string gpu_linear_supports(const W8a8LinearProblem& p) {
   if (gpu::block_gemm_sm90_supports(p.gemm).empty()) return "";
   return gpu::block_gemm_supports(p.gemm);
 }
+// The layer's GEMM launch, in words, where moekit's Hopper kernel takes it.
+std::string gpu_linear_plan(const W8a8LinearProblem& p) {
+  if (!gpu::block_gemm_sm90_supports(p.gemm).empty()) return "";
+  return "quantization, then " + gpu::block_gemm_sm90_plan(p.gemm);
+}
 void gpu_linear(const W8a8LinearProblem& p) {
   gpu::per_token_group_quant_fp8(p.quant);
   if (gpu::block_gemm_sm90_supports(p.gemm).empty())
@@ -171,9 +176,10 @@ const W8a8LinearImplementation kW8a8LinearTable[] = {
         {"gpu.cublaslt", Backend::gpu, gpu_linear_cublaslt_supports, gpu_linear_cublaslt})
         MOEKIT_GPU_ENTRY({"gpu.sm90.fused", Backend::gpu, gpu::w8a8_linear_sm90_fused_supports,
                           gpu::w8a8_linear_sm90_fused, gpu::w8a8_linear_sm90_fused_plan})
-            MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear}){
-                "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
-                cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
+            MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear,
+                              gpu_linear_plan}){"cpu.avx512bf16", Backend::cpu,
+                                                cpu::fp8_supports<Fp8Isa::avx512bf16>,
+                                                cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
     {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
      cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
@@ -486,6 +492,20 @@ size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Devi
   return 0;
 }
 
+namespace {
+size_t linear_gemm_workspace_offset(int64_t M, int64_t K) {
+  return (w8a8_block_fp8_linear_workspace_size(M, K) + 255) / 256 * 256;
+}
+}  // namespace
+
+size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t N, int64_t K, const Device& device) {
+  if (M < 0 || N < 0 || K < 0)
+    fail(kLinearOp, "M, N, K", str(M) + ", " + str(N) + ", " + str(K), "must not be negative");
+  const size_t gemm = block_fp8_gemm_workspace_size(M, N, K, device);
+  return gemm == 0 ? w8a8_block_fp8_linear_workspace_size(M, K)
+                   : linear_gemm_workspace_offset(M, K) + gemm;
+}
+
 // The problem with its workspace, checked against block_fp8_gemm_workspace_size.
 BlockGemmProblem with_workspace(BlockGemmProblem p, void* workspace, size_t workspace_bytes) {
   if (workspace_bytes == 0 && workspace == nullptr) return p;  // none
@@ -574,6 +594,14 @@ W8a8LinearProblem make_w8a8_linear_problem(const char* op, const TensorView& x,
                                    /*ue8m0=*/false, GroupQuantConfig{}.eps, options);
   p.gemm = block_gemm_problem_of(q, q_scales, ScaleLayout::row_major, weight, weight_scale_inv,
                                  bias, y, options);
+  // The GEMM's own workspace, where the caller's covers it (w8a8_block_fp8_linear_workspace_size
+  // with N and the device).
+  const size_t gemm_bytes = block_fp8_gemm_workspace_size(M, N, K, device);
+  const size_t gemm_offset = linear_gemm_workspace_offset(M, K);
+  if (gemm_bytes > 0 && workspace_bytes >= gemm_offset + gemm_bytes) {
+    p.gemm.workspace = bytes + gemm_offset;
+    p.gemm.workspace_bytes = gemm_bytes;
+  }
   // The kernel just before the GEMM is this layer's quantization, which starts its successor only
   // once everything before it has finished: the weight may be read early whatever the caller says.
   p.gemm.b_static = true;

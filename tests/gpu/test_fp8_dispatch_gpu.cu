@@ -333,6 +333,92 @@ TEST(GpuFp8Dispatch, LinearLayerThroughEveryGpuEntry) {
   }
 }
 
+// The linear layer with a workspace of w8a8_block_fp8_linear_workspace_size(M, N, K, device): on
+// Hopper its GEMM gets the workspace past the quantized activations and splits the last round
+// (2200 x 2048 x 4096, as above), bitwise equal to quantization then block_fp8_gemm with a
+// workspace of its own, twice in a row, its flags zero again after; with the two-argument size it
+// runs unsplit, bitwise equal to the GEMM without a workspace. Both agree with the reference.
+TEST(GpuFp8Dispatch, LinearLayerGivesItsGemmTheWorkspace) {
+  SKIP_WITHOUT_GPU();
+  const uint64_t seed = seed_for("LinearLayerGivesItsGemmTheWorkspace");
+  std::mt19937_64 rng(seed);
+  const bool hopper = gpu::device_properties(0).major == 9;
+  const int64_t M = 2200, N = 2048, K = 4096;
+  const size_t quant_bytes = w8a8_block_fp8_linear_workspace_size(M, K);
+  const size_t bytes = w8a8_block_fp8_linear_workspace_size(M, N, K, Device::gpu());
+  const size_t gemm_bytes = block_fp8_gemm_workspace_size(M, N, K, Device::gpu());
+  if (hopper) EXPECT_EQ(bytes, (quant_bytes + 255) / 256 * 256 + gemm_bytes);
+  if (!hopper) EXPECT_EQ(bytes, quant_bytes);
+  Tensor x = Tensor::empty(DType::bf16, {M, K});
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, normal(rng));
+  const Tensor w = random_e4m3(rng, N, K);
+  const Tensor ws = random_f32(rng, N / 128, K / 128, 0.001f, 0.01f);
+  const Tensor x_d = gpu_copy(x), w_d = gpu_copy(w), ws_d = gpu_copy(ws);
+  const auto zeros_on_gpu = [](size_t n) {
+    Tensor zeros = Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(n, 16))});
+    std::memset(zeros.data(), 0, zeros.nbytes());
+    return gpu_copy(zeros);
+  };
+  Tensor workspace = zeros_on_gpu(bytes);
+  // The same entries for the layer and the two steps below (at this shape cuBLASLt, which reads
+  // the activation scales in another layout, serves the layer by default): the layer's "gpu",
+  // moekit's GEMM kernel.
+  OpOptions layer, gemm;
+  layer.implementation = "gpu";
+  gemm.implementation = hopper ? "gpu.sm90" : "gpu";
+  for (const ImplementationChoice& r :
+       explain_w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, poisoned(DType::bf16, M, N),
+                                     workspace.data(), bytes, layer))
+    if (r.chosen) {
+      std::printf("  %s: %s\n", r.name.c_str(), r.detail.c_str());
+      EXPECT_EQ(r.name, "gpu");
+      if (hopper) EXPECT_NE(r.detail.find("split over K"), std::string::npos) << r.detail;
+    }
+  Tensor y = poisoned(DType::bf16, M, N);
+  w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, y, workspace.data(), bytes, layer);
+  const Tensor split = host_copy(y);
+  w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, y, workspace.data(), bytes, layer);
+  EXPECT_EQ(std::memcmp(host_copy(y).data(), split.data(), split.nbytes()), 0) << "twice in a row";
+  if (hopper) {
+    std::vector<uint32_t> flags(static_cast<size_t>(gpu::device_properties(0).sm_count));
+    const size_t at = (quant_bytes + 255) / 256 * 256;
+    MOEKIT_GPU_CHECK(cudaMemcpy(flags.data(), static_cast<const char*>(workspace.data()) + at,
+                                flags.size() * 4, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(std::count(flags.begin(), flags.end(), 0u), static_cast<int64_t>(flags.size()));
+  }
+  // The two steps by hand: quantization into tensors of its own, then the GEMM with
+  // (or without) a workspace of its own.
+  Tensor q = Tensor::empty(DType::f8e4m3, {M, K}, Device::gpu());
+  Tensor q_scales = Tensor::empty(DType::f32, {M, K / 128}, Device::gpu());
+  per_token_group_quant_fp8(x_d, q, q_scales, GroupQuantConfig{});
+  Tensor gemm_workspace = zeros_on_gpu(gemm_bytes);
+  Tensor two_steps = poisoned(DType::bf16, M, N);
+  block_fp8_gemm(q, q_scales, ScaleLayout::row_major, w_d, ws_d, std::nullopt, two_steps,
+                 gemm_bytes > 0 ? gemm_workspace.data() : nullptr, gemm_bytes, gemm);
+  EXPECT_EQ(std::memcmp(host_copy(two_steps).data(), split.data(), split.nbytes()), 0)
+      << "the layer with the GEMM's workspace against quantization and block_fp8_gemm with one";
+  Tensor quant_only = zeros_on_gpu(quant_bytes);
+  w8a8_block_fp8_linear(x_d, w_d, ws_d, std::nullopt, y, quant_only.data(), quant_bytes, layer);
+  const Tensor unsplit = host_copy(y);
+  block_fp8_gemm(q, q_scales, ScaleLayout::row_major, w_d, ws_d, std::nullopt, two_steps, gemm);
+  EXPECT_EQ(std::memcmp(host_copy(two_steps).data(), unsplit.data(), unsplit.nbytes()), 0)
+      << "the layer with the two-argument size against block_fp8_gemm without a workspace";
+  const std::vector<int64_t> rows_checked = sample_rows(M);
+  const int64_t checked = static_cast<int64_t>(rows_checked.size());
+  Tensor ref = Tensor::empty(DType::f32, {checked, N});
+  const size_t ref_bytes = w8a8_block_fp8_linear_workspace_size(checked, K);
+  Tensor ref_workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(ref_bytes)});
+  w8a8_block_fp8_linear(rows_of(x, rows_checked), w, ws, std::nullopt, ref, ref_workspace.data(),
+                        ref_bytes, {Backend::reference});
+  for (const Tensor* got : {&split, &unsplit}) {
+    const double error = relative_mean_error(rows_of(*got, rows_checked), ref);
+    std::printf("  seed %llu, rel error %.3g on %lld rows\n", static_cast<unsigned long long>(seed),
+                error, static_cast<long long>(checked));
+    EXPECT_LT(error, tolerance(DType::bf16));
+  }
+}
+
 // OpOptions::static_weights is a promise about the kernel just before the GEMM. Without it, a GEMM
 // enqueued right after the kernel that writes its weight (block_quantize_weight, alternating
 // between two weights) reads the new weight every time; with it (weights written long before),

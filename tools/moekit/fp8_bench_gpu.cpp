@@ -129,8 +129,13 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
   const size_t weight_bytes = w.b.nbytes();
   const int copies = static_cast<int>(weights.size());
   Tensor y = Tensor::empty(DType::bf16, {M, N}, gpu);
-  const size_t workspace_bytes = w8a8_block_fp8_linear_workspace_size(M, K);
-  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(workspace_bytes)}, gpu);
+  // The layer's scratch with the GEMM's, zero-filled once (MOEKIT_BENCH_NO_WORKSPACE=1: only the
+  // quantized activations', so the GEMM runs without one).
+  const char* no_workspace = std::getenv("MOEKIT_BENCH_NO_WORKSPACE");
+  const size_t workspace_bytes = no_workspace != nullptr && std::string(no_workspace) == "1"
+                                     ? w8a8_block_fp8_linear_workspace_size(M, K)
+                                     : w8a8_block_fp8_linear_workspace_size(M, N, K, gpu);
+  Tensor workspace = zero_filled_bytes(workspace_bytes, gpu);
   const int64_t rows = std::min<int64_t>(M, 4);
   Tensor ref = Tensor::empty(DType::f32, {rows, N});
   const size_t ref_bytes = w8a8_block_fp8_linear_workspace_size(rows, K);
@@ -277,9 +282,11 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
         {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 8, 16, 64}},
         {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 8, 16}},
         {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 4, 8, 16}},
+        {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {}},  // (with --tokens)
     };
+    // --tokens M benches any M, as for the GEMM.
     for (const Shape& shape : shapes)
-      for (int64_t M : shape.tokens)
+      for (int64_t M : options.tokens > 0 ? std::vector<int64_t>{options.tokens} : shape.tokens)
         if (wanted(shape.name, M))
           for (GpuRow& r :
                bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++, options.replays))

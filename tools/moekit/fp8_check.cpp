@@ -184,8 +184,8 @@ double linear_error(const TensorView& x, const Fp8GemmInputs& weight, const Tens
   const Tensor x_on = staged(x, backend), b_on = staged(weight.b, backend);
   const Tensor bs_on = staged(weight.b_scales, backend);
   Tensor y_on = staged(Tensor::empty(DType::bf16, {M, N}).view(), backend);
-  const size_t bytes = w8a8_block_fp8_linear_workspace_size(M, K);
-  Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, device_of(backend));
+  const size_t bytes = w8a8_block_fp8_linear_workspace_size(M, N, K, device_of(backend));
+  Tensor workspace = zero_filled_bytes(bytes, device_of(backend));  // (with the GEMM's part)
   OpOptions op;
   op.backend = backend;
   implementation = chosen_name(explain_w8a8_block_fp8_linear(x_on, b_on, bs_on, std::nullopt, y_on,

@@ -75,6 +75,11 @@ void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout
 // K need not be a multiple of 128: the last group is partial (its amax covers the elements there
 // are) and the GEMM zero-pads it.
 size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K);
+// The same, then (from the next 256-byte boundary) block_fp8_gemm's workspace for M x N x K on
+// `device`, which the layer's GEMM uses when workspace_bytes covers it: those bytes zero-filled
+// before their first use, as block_fp8_gemm asks (one workspace per stream). Equal to the
+// two-argument size where the GEMM wants none (CPU, M <= 128, a GPU before Hopper).
+size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t N, int64_t K, const Device& device);
 void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
                            const TensorView& weight_scale_inv,
                            const std::optional<TensorView>& bias, const TensorView& y,
