@@ -12,7 +12,9 @@
 # Everything useful lands in $OUT (default /tmp/out): gpu_check.log and summary.txt, and the other
 # outputs (tests.txt, bench_gpu.json, peers.txt, the A/B tables and JSON, fp8_*) packed into
 # gpu_check_files.tgz at the end (the device tool returns at most 8 files). Each step has a time
-# limit; the whole run stays well under 9 minutes.
+# limit. The GPU tests alone took ~410 s on an H200 in session 25, so the whole run no longer fits
+# one 10-minute device command: GPU_CHECK_TESTS_FILTER (a gtest filter, default every test but
+# the Prints* diagnostics) narrows them, e.g. in a second command after a run that passed them.
 # A step that cannot run says why and the script goes on with what it can do.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -119,7 +121,7 @@ step "GPU tests"
 if [[ -x $TESTS ]]; then
   # The Sm90BlockFp8Gemm.Prints* diagnostics (timings and trace tables, read by hand with their
   # knobs) assert little and took the suite past its limit in session 20: run them on their own.
-  timeout 420 "$TESTS" --gtest_filter='-*.Prints*' > "$OUT/tests.txt" 2>&1
+  timeout 420 "$TESTS" --gtest_filter="${GPU_CHECK_TESTS_FILTER:--*.Prints*}" > "$OUT/tests.txt" 2>&1
   grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |seed" "$OUT/tests.txt" | head -40
   grep -A4 "Failure" "$OUT/tests.txt" | head -60
   if grep -q "^\[  PASSED  \]" "$OUT/tests.txt" \
