@@ -56,17 +56,18 @@ static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
 // 46.3 and 679-685 -> 727-743; H200, session 23, runs 2 and 3).
 enum class Out : int { bf16_tma, f16_tma, threads };
 
-// ---- The split last round (stream-K). Where the units do not fill whole rounds, the last
-// round's units would leave some pairs idle for a whole unit's time (M=4096 N=7168 K=16384: 448
-// units for 66 pairs, 52 in the last round). Instead, the last `sk_units` units' k-blocks, in
-// order, are cut into `sk_pairs` equal ranges, one per pair. A range that ends inside a unit
-// leaves that unit's sums of its k-blocks in the pair's workspace tile (a partial item); the pair
-// whose range holds the unit's last k-block adds them to its own sums, in the order of the pairs,
-// and stores the unit (a final item). Each pair takes its partial item first, so the pairs that
-// finish a unit never wait long; and a pair waits only for pairs of lower index, whose CTAs the
-// grid launches first (the grid is no larger than what is resident at once). The sums are the same
-// for every call of a shape on a device (bitwise), though not the unsplit ones: a unit's k-blocks
-// go into two to four sums.
+// ---- The split last round (stream-K). Where the units do not fill whole rounds, the last round's
+// units would leave some pairs idle for a whole unit's time (M=4096 N=7168 K=16384: 448 units for
+// 66 pairs, 52 in the last round). Instead, the last `sk_units` units' k-blocks, in order, are cut
+// into `sk_pairs` equal ranges, one per pair (the planner makes `sk_pairs` a multiple of
+// `sk_units`, so that no range straddles two units: fp8_gemm_sm90.cu). A range that ends inside a
+// unit leaves that unit's sums of its k-blocks in the pair's workspace tile (a partial item); the
+// pair whose range holds the unit's last k-block adds them to its own sums, in the order of the
+// pairs, and stores the unit (a final item). Each pair takes its partial item first, so the pairs
+// that finish a unit never wait long; and a pair waits only for pairs of lower index, whose CTAs
+// the grid launches first (the grid is no larger than what is resident at once). The sums are the
+// same for every call of a shape on a device (bitwise), though not the unsplit ones: a unit's
+// k-blocks go into as many sums as it has ranges.
 struct Item {
   int unit = -1;    // -1: no more items
   int k_begin = 0;  // the k-blocks of the unit this item multiplies
