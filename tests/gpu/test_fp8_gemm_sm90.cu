@@ -1297,6 +1297,18 @@ double median_of(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// One CSV line per trace record (MOEKIT_TRACE_CSV): the shape, the calls per graph, the record's
+// labels, then its stamps in ns and in SM cycles.
+void write_trace_csv(std::FILE* csv, const TimedShape& s, int calls,
+                     const gpu::Sm90TraceRecord& r) {
+  std::fprintf(csv, "%lld,%lld,%lld,%d,%u,%u,%u,%u,%u,%u", static_cast<long long>(s.m),
+               static_cast<long long>(s.n), static_cast<long long>(s.k), calls, r.ticket,
+               r.grid_ctas, r.block_x, r.block_y, r.rank, r.sm);
+  for (uint64_t t : r.time_ns) std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
+  for (uint64_t t : r.cycles) std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
+  std::fprintf(csv, "\n");
+}
+
 void print_trace(const std::vector<gpu::Sm90TraceRecord>& records, int calls_per_graph) {
   using gpu::Sm90TracePhase;
   constexpr int kPhases = gpu::kSm90TracePhases;
@@ -1540,16 +1552,7 @@ TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
       const std::vector<gpu::Sm90TraceRecord> records = gpu::block_gemm_sm90_trace_read();
       print_trace(records, calls);
       if (csv != nullptr) {
-        for (const gpu::Sm90TraceRecord& r : records) {
-          std::fprintf(csv, "%lld,%lld,%lld,%d,%u,%u,%u,%u,%u,%u", static_cast<long long>(s.m),
-                       static_cast<long long>(s.n), static_cast<long long>(s.k), calls, r.ticket,
-                       r.grid_ctas, r.block_x, r.block_y, r.rank, r.sm);
-          for (uint64_t t : r.time_ns)
-            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
-          for (uint64_t t : r.cycles)
-            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
-          std::fprintf(csv, "\n");
-        }
+        for (const gpu::Sm90TraceRecord& r : records) write_trace_csv(csv, s, calls, r);
       }
     }
     (void)cudaEventDestroy(start);
@@ -1643,16 +1646,7 @@ TEST(Sm90BlockFp8Gemm, PrintsSplitRoundStamps) {
           previous = t;
           reached[j] += 1.0;
         }
-        if (csv != nullptr) {
-          std::fprintf(csv, "%lld,%lld,%lld,%d,%u,%u,%u,%u,%u,%u", static_cast<long long>(s.m),
-                       static_cast<long long>(s.n), static_cast<long long>(s.k), calls, r.ticket,
-                       r.grid_ctas, r.block_x, r.block_y, r.rank, r.sm);
-          for (uint64_t t : r.time_ns)
-            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
-          for (uint64_t t : r.cycles)
-            std::fprintf(csv, ",%llu", static_cast<unsigned long long>(t));
-          std::fprintf(csv, "\n");
-        }
+        if (csv != nullptr) write_trace_csv(csv, s, calls, r);
       }
     }
     std::printf("  %d calls of %u CTAs (untraced graph above: %.2f us per call, traced build)\n",

@@ -236,6 +236,16 @@ __device__ __forceinline__ uint32_t trace_enter(TraceCta& cta) {
   return atomicAdd(&trace_ticket, 1u);
 }
 
+// A record's labels: its ticket, the grid, the CTA, its cluster rank and its SM.
+__device__ __forceinline__ void trace_label(Sm90TraceRecord& r, uint32_t ticket, uint32_t rank) {
+  r.ticket = ticket;
+  r.grid_ctas = gridDim.x * gridDim.y;
+  r.block_x = blockIdx.x;
+  r.block_y = blockIdx.y;
+  r.rank = rank;
+  r.sm = vendor::sm_id();
+}
+
 // Thread 0, last thing: the exit stamp and the record's reached phases (the others stay as the
 // reset left them, or as another thread wrote them: the tiles kernel's producer wait count).
 __device__ __forceinline__ void trace_leave(TraceCta& cta, uint32_t ticket, uint32_t rank) {
@@ -248,12 +258,7 @@ __device__ __forceinline__ void trace_leave(TraceCta& cta, uint32_t ticket, uint
     r.time_ns[p] = v.time_ns[p];
     r.cycles[p] = v.cycles[p];
   }
-  r.ticket = ticket;
-  r.grid_ctas = gridDim.x * gridDim.y;
-  r.block_x = blockIdx.x;
-  r.block_y = blockIdx.y;
-  r.rank = rank;
-  r.sm = vendor::sm_id();
+  trace_label(r, ticket, rank);
 }
 
 // One thread of the producer warpgroup's idle warps, where the weights load early: spins (with

@@ -150,14 +150,7 @@ struct PersistentTrace {
   }
   __device__ __forceinline__ void leave(uint32_t rank) {
     stamp(Sm90TracePhase::exit);
-    if (ticket >= kTraceCapacity) return;
-    Sm90TraceRecord& r = trace_records[ticket];
-    r.ticket = ticket;
-    r.grid_ctas = gridDim.x * gridDim.y;
-    r.block_x = blockIdx.x;
-    r.block_y = blockIdx.y;
-    r.rank = rank;
-    r.sm = vendor::sm_id();
+    if (ticket < kTraceCapacity) trace_label(trace_records[ticket], ticket, rank);
   }
 };
 #endif
