@@ -665,9 +665,10 @@ int tiles_split_for(const BlockGemmProblem& p, int64_t tiles, int device_index) 
 // (session 25, run 2), 4 parts against the session-24 ranges of a third of a unit that straddled
 // units: M=1280 N=4096 K=7168 71.6 -> 66.8 us, M=2304 116.9 -> 111.3, M=2560 N=7168 K=16384
 // 447.9 -> 443.3 (cuBLASLt 63.4, 106.3, 456.8); without a split 83.3, 127.4, 474.5. The fill
-// counts the split round as its range plus kSplitFixupBlocks + kSplitAddBlocks per added tile:
-// what it cost beyond its range there (10-12 us), so that cuBLASLt keeps the N=4096 K=7168
-// shapes. MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last round's fill;
+// counts the split round as its range plus kSplitFixupBlocks + kSplitAddBlocks per added tile
+// (16 k-blocks at 4 parts, ~13 us; the stamps put the round at 11-14 us beyond its range, session
+// 25, run 6), which keeps session 24's picks: cuBLASLt keeps the N=4096 K=7168 shapes.
+// MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last round's fill;
 // MOEKIT_SM90_SPLIT_PARTS=n forces n parts where they fit (timing knobs).
 constexpr int kSplitFixupBlocks = 10;
 constexpr int kSplitAddBlocks = 2;
