@@ -12,9 +12,9 @@
 # Everything useful lands in $OUT (default /tmp/out): gpu_check.log and summary.txt, and the other
 # outputs (tests.txt, bench_gpu.json, peers.txt, the A/B tables and JSON, fp8_*) packed into
 # gpu_check_files.tgz at the end (the device tool returns at most 8 files). Each step has a time
-# limit. The GPU tests alone took ~410 s on an H200 in session 25, so the whole run no longer fits
-# one 10-minute device command: GPU_CHECK_TESTS_FILTER (a gtest filter, default every test but
-# the Prints* diagnostics) narrows them, e.g. in a second command after a run that passed them.
+# limit. The GPU tests took ~410 s on an H200 in session 25 as one process; they now run as
+# gtest shards side by side (GPU_CHECK_TEST_SHARDS, default 4). GPU_CHECK_TESTS_FILTER (a gtest
+# filter, default every test but the Prints* diagnostics) narrows them.
 # A step that cannot run says why and the script goes on with what it can do.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -121,14 +121,25 @@ step "GPU tests"
 if [[ -x $TESTS ]]; then
   # The Sm90BlockFp8Gemm.Prints* diagnostics (timings and trace tables, read by hand with their
   # knobs) assert little and took the suite past its limit in session 20: run them on their own.
-  timeout 420 "$TESTS" --gtest_filter="${GPU_CHECK_TESTS_FILTER:--*.Prints*}" > "$OUT/tests.txt" 2>&1
+  # The suite runs as GPU_CHECK_TEST_SHARDS gtest shards at once (default 4): most of its time is
+  # the single-threaded reference on the host, which the shards spread over the cores.
+  SHARDS=${GPU_CHECK_TEST_SHARDS:-4}
+  PIDS=()
+  for ((i = 0; i < SHARDS; ++i)); do
+    GTEST_TOTAL_SHARDS=$SHARDS GTEST_SHARD_INDEX=$i timeout 420 "$TESTS" \
+      --gtest_filter="${GPU_CHECK_TESTS_FILTER:--*.Prints*}" > "$OUT/tests_$i.txt" 2>&1 &
+    PIDS+=($!)
+  done
+  for pid in "${PIDS[@]}"; do wait "$pid"; done
+  for ((i = 0; i < SHARDS; ++i)); do cat "$OUT/tests_$i.txt" && rm -f "$OUT/tests_$i.txt"; done \
+    > "$OUT/tests.txt"
   grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |seed" "$OUT/tests.txt" | head -40
   grep -A4 "Failure" "$OUT/tests.txt" | head -60
-  if grep -q "^\[  PASSED  \]" "$OUT/tests.txt" \
-    && ! grep -q "^\[  FAILED  \]" "$OUT/tests.txt"; then
-    note "GPU tests: $(grep '^\[  PASSED  \]' "$OUT/tests.txt" | head -1)"
+  PASSED_SHARDS=$(grep -c "^\[  PASSED  \]" "$OUT/tests.txt")
+  if [[ $PASSED_SHARDS -eq $SHARDS ]] && ! grep -q "^\[  FAILED  \]" "$OUT/tests.txt"; then
+    note "GPU tests: $(grep '^\[  PASSED  \]' "$OUT/tests.txt" | awk '{n += $4} END {print n}') passed in $SHARDS shards"
   else
-    note "GPU tests FAILED or did not finish (tests.txt)"
+    note "GPU tests FAILED or did not finish ($PASSED_SHARDS of $SHARDS shards passed; tests.txt)"
   fi
 else
   note "GPU tests not run: no moekit_gpu_tests binary"
