@@ -1065,16 +1065,19 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
            "memory (" +
            block_gemm_sm90_plan(g) + ")";
   // Where a CTA's k-range is longer than its ring, the weight tiles past the ring wait until the
-  // consumers, who quantize first, free stages. Measured on an H200 (docs/perf/fp8-gpu-sm90.md,
-  // v8 and session 26): beyond 5 tokens that costs more than the separate quantization kernel
-  // (N=4096 K=7168, 28 k-blocks per CTA, 16 stages, fused against two kernels: M=5 11.35 vs
-  // 11.65-11.79 us, M=6 11.89-11.90 vs 11.67-11.77, M=8 12.42-12.49 vs 11.62-11.75, M=16
-  // 16.77-16.83 vs 12.80-12.83). MOEKIT_SM90_FUSED_PAST_RING=n moves the limit (timing knob).
-  const int past_the_ring = env::integer("MOEKIT_SM90_FUSED_PAST_RING", kMaxTokensPastTheRing);
-  if (!plan.ring_holds_k_range && g.m > past_the_ring)
-    return "M=" + str(g.m) + " > " + str(past_the_ring) + " and a CTA's " +
-           str(fp8::ceil_div(g.k_blocks, plan.splits)) + " k-blocks exceed its ring of " +
-           str(plan.stages) + " stages (measured slower than quantizing in a kernel of its own)";
+  // consumers, who quantize the whole range first, free stages: the more groups (tokens x
+  // k-blocks of the range), the longer. Measured on an H200 against the two kernels (docs/perf/
+  // fp8-gpu-sm90.md, session 26; us): N=4096 K=7168 (28 k-blocks, 16 stages) M=5 (140 groups)
+  // 11.35 vs 11.65-11.79, M=6 (168) 11.89-11.90 vs 11.67-11.77; N=7168 K=16384 (64 k-blocks, 128
+  // rows x 2 by the cost model, worked out by hand) M=1 31.2 vs 32.2, M=2 (128) 32.88-33.22 vs
+  // 33.26-33.57, M=3 (192) 34.04-34.37 vs 33.30-33.46, M=4 35.2 vs 33.8, M=5 36.7 vs 33.2.
+  // MOEKIT_SM90_FUSED_PAST_RING=n moves the limit (timing knob).
+  const int limit = env::integer("MOEKIT_SM90_FUSED_PAST_RING", kMaxGroupsPastTheRing);
+  const int64_t range = fp8::ceil_div(g.k_blocks, plan.splits);
+  if (!plan.ring_holds_k_range && g.m * range > limit)
+    return "M=" + str(g.m) + " x a CTA's " + str(range) + " k-blocks = " + str(g.m * range) +
+           " groups > " + str(limit) + " where they exceed its ring of " + str(plan.stages) +
+           " stages (measured slower than quantizing in a kernel of its own)";
   return "";
 }
 
