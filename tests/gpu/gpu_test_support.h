@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <random>
+#include <string>
 
 #include "gpu/gpu_check.h"
 #include "moekit/backend.h"
@@ -31,6 +33,27 @@ class Stream {
 
  private:
   cudaStream_t stream_ = nullptr;
+};
+
+// Sets an environment variable for one scope (restoring what was there before).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_)
+      setenv(name_, old_->c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
 };
 
 // A random seed for `test`, or MOEKIT_TEST_SEED's, printed so that a failure can be repeated.

@@ -529,26 +529,7 @@ TEST(Sm90BlockFp8Gemm, PlansFollowTheMeasuredChoices) {
   }
 }
 
-// Sets an environment variable for one scope (restoring what was there before).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    setenv(name, value.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (old_)
-      setenv(name_, old_->c_str(), 1);
-    else
-      unsetenv(name_);
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
+using gpu_test::ScopedEnv;
 
 // Sets MOEKIT_SM90_SWAP (the swap kernel's rows per CTA and cluster split) for one scope.
 class ForcedSwap {

@@ -143,65 +143,74 @@ TEST(GpuFp8LinearFused, EqualsTheTwoKernelPathBitForBit) {
   };
   const DType outs[] = {DType::bf16, DType::f32, DType::f16};
   const DType biases[] = {DType::u8, DType::bf16, DType::f32, DType::f16};  // u8: no bias
-  int compared = 0, declined = 0;
-  for (const Shape& s : shapes) {
-    const Tensor w = random_weight(rng, s.n, s.k);
-    const Tensor w_d = gpu_copy(w);
-    const Tensor ws_d =
-        gpu_copy(random_scales(rng, s.n, s.k, s.k == 2048 ? DType::bf16 : DType::f32));
-    const Tensor x_all = random_x(rng, 16, s.k, /*adversarial=*/s.n != 4096);
-    const Tensor x_all_d = gpu_copy(x_all);
-    for (int64_t m = 1; m <= 16; ++m) {
-      const DType out = outs[m % 3];
-      const DType bias_type = biases[(m + s.k) % 4];
-      std::optional<Tensor> bias_d;
-      if (bias_type != DType::u8) {
-        Tensor b = Tensor::empty(bias_type, {s.n});
-        std::normal_distribution<float> normal(0.0f, 1.0f);
-        for (int64_t i = 0; i < s.n; ++i) store_from_f32(b.data(), bias_type, i, normal(rng));
-        bias_d = gpu_copy(b);
+  // Both ways of quantizing x in the kernel: by the consumers before their loop, and by producer
+  // warps beside it (there also past the ring at every M, the dispatch's limit lifted).
+  for (const bool beside : {false, true}) {
+    gpu_test::ScopedEnv quantizers("MOEKIT_SM90_QUANTIZER_WARPS", beside ? "1" : "0");
+    std::optional<gpu_test::ScopedEnv> no_limit;
+    if (beside) no_limit.emplace("MOEKIT_SM90_FUSED_PAST_RING", "1000000");
+    int compared = 0, declined = 0;
+    for (const Shape& s : shapes) {
+      const Tensor w = random_weight(rng, s.n, s.k);
+      const Tensor w_d = gpu_copy(w);
+      const Tensor ws_d =
+          gpu_copy(random_scales(rng, s.n, s.k, s.k == 2048 ? DType::bf16 : DType::f32));
+      const Tensor x_all = random_x(rng, 16, s.k, /*adversarial=*/s.n != 4096);
+      const Tensor x_all_d = gpu_copy(x_all);
+      for (int64_t m = 1; m <= 16; ++m) {
+        const DType out = outs[m % 3];
+        const DType bias_type = biases[(m + s.k) % 4];
+        std::optional<Tensor> bias_d;
+        if (bias_type != DType::u8) {
+          Tensor b = Tensor::empty(bias_type, {s.n});
+          std::normal_distribution<float> normal(0.0f, 1.0f);
+          for (int64_t i = 0; i < s.n; ++i) store_from_f32(b.data(), bias_type, i, normal(rng));
+          bias_d = gpu_copy(b);
+        }
+        std::optional<TensorView> bias;
+        if (bias_d) bias = bias_d->view();
+        const TensorView x = first_rows(x_all_d, m);
+        const size_t bytes = w8a8_block_fp8_linear_workspace_size(m, s.k);
+        Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+        Tensor y_two = Tensor::empty(out, {m, s.n}, Device::gpu());
+        Tensor y_fused = Tensor::empty(out, {m, s.n}, Device::gpu());
+        const std::string what = std::string(s.name) + " M=" + std::to_string(m) +
+                                 (beside ? " (quantized beside the loop)" : "") +
+                                 (m % 2 == 0 ? " (static weights)" : "") + " out " +
+                                 std::string(dtype_name(out)) + " bias " +
+                                 (bias ? std::string(dtype_name(bias_type)) : "none");
+        const Verdict v = verdict_of(kFused, x, w_d, ws_d, bias, y_fused, workspace.data(), bytes);
+        if (!v.reason.empty()) {
+          ++declined;
+          if (fused_expected() && (beside || !past_the_ring(v.reason)))
+            ADD_FAILURE() << kFused << " declines " << what << ": " << v.reason;
+          continue;
+        }
+        EXPECT_TRUE(v.chosen) << what << " picks " << v.picked;
+        OpOptions two;
+        two.implementation = kTwoKernels;
+        w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_two, workspace.data(), bytes, two);
+        // The fused path reads no workspace: poisoned, it must stay so (nothing written there).
+        MOEKIT_GPU_CHECK(cudaMemset(workspace.data(), 0xA5, bytes));
+        OpOptions fused;
+        fused.implementation = kFused;
+        // With the caller's promise the fused kernel loads weights before the wait; without it,
+        // after: the same layout, so the same bytes either way.
+        fused.static_weights = m % 2 == 0;
+        w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_fused, workspace.data(), bytes, fused);
+        gpu::synchronize(nullptr);
+        const Tensor a = host_copy(y_two), b = host_copy(y_fused), ws_after = host_copy(workspace);
+        ++compared;
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0) << what;
+        bool untouched = true;
+        for (int64_t i = 0; i < ws_after.numel(); ++i)
+          untouched &= ws_after.data_as<uint8_t>()[i] == 0xA5;
+        EXPECT_TRUE(untouched) << what << ": the fused path wrote into the workspace";
       }
-      std::optional<TensorView> bias;
-      if (bias_d) bias = bias_d->view();
-      const TensorView x = first_rows(x_all_d, m);
-      const size_t bytes = w8a8_block_fp8_linear_workspace_size(m, s.k);
-      Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
-      Tensor y_two = Tensor::empty(out, {m, s.n}, Device::gpu());
-      Tensor y_fused = Tensor::empty(out, {m, s.n}, Device::gpu());
-      const std::string what = std::string(s.name) + " M=" + std::to_string(m) +
-                               (m % 2 == 0 ? " (static weights)" : "") + " out " +
-                               std::string(dtype_name(out)) + " bias " +
-                               (bias ? std::string(dtype_name(bias_type)) : "none");
-      const Verdict v = verdict_of(kFused, x, w_d, ws_d, bias, y_fused, workspace.data(), bytes);
-      if (!v.reason.empty()) {
-        ++declined;
-        if (fused_expected() && !past_the_ring(v.reason))
-          ADD_FAILURE() << kFused << " declines " << what << ": " << v.reason;
-        continue;
-      }
-      EXPECT_TRUE(v.chosen) << what << " picks " << v.picked;
-      OpOptions two;
-      two.implementation = kTwoKernels;
-      w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_two, workspace.data(), bytes, two);
-      // The fused path reads no workspace: poisoned, it must stay so (nothing written there).
-      MOEKIT_GPU_CHECK(cudaMemset(workspace.data(), 0xA5, bytes));
-      OpOptions fused;
-      fused.implementation = kFused;
-      // With the caller's promise the fused kernel loads weights before the wait; without it,
-      // after: the same layout, so the same bytes either way.
-      fused.static_weights = m % 2 == 0;
-      w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_fused, workspace.data(), bytes, fused);
-      gpu::synchronize(nullptr);
-      const Tensor a = host_copy(y_two), b = host_copy(y_fused), ws_after = host_copy(workspace);
-      ++compared;
-      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0) << what;
-      bool untouched = true;
-      for (int64_t i = 0; i < ws_after.numel(); ++i)
-        untouched &= ws_after.data_as<uint8_t>()[i] == 0xA5;
-      EXPECT_TRUE(untouched) << what << ": the fused path wrote into the workspace";
     }
+    std::printf("  x quantized %s: %d calls compared, %d declined\n",
+                beside ? "beside the loop" : "before the loop", compared, declined);
   }
-  std::printf("  %d calls compared, %d declined\n", compared, declined);
 }
 
 TEST(GpuFp8LinearFused, DispatchPicksItAtDecodeSizesOnly) {

@@ -27,12 +27,18 @@ constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is bu
 constexpr int kMaxGroupsPastTheRing = 150;
 
 // kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
-// consumers into a region of their own, one tile per k-block of the CTA's range.
-template <int kTokens, int kRows, bool kQuantizeX>
+// consumers into a region of their own, one tile per k-block of the CTA's range; with kBeside, by
+// quantizer warps into each stage, from the k-block's x rows copied into the stage beside it.
+template <int kTokens, int kRows, bool kQuantizeX, bool kBeside = false>
 struct Swap {
+  static_assert(kQuantizeX || !kBeside);
   static constexpr int kWeightBytes = kRows * kBlockK;
   static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
-  static constexpr int kStageBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
+  static constexpr int kXRowsBytes = kBeside ? kTokens * kBlockK * 2 : 0;  // bf16 x rows
+  // The bytes the copy engine brings in on a stage's full barrier.
+  static constexpr int kFullBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
+  static constexpr int kStageBytes =
+      kWeightBytes + (kQuantizeX && !kBeside ? 0 : kTokenBytes) + kXRowsBytes;
   static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
   // After the main loop the stages hold each consumer thread's partial sums.
   static constexpr int kPartialBytes = kConsumers * kRegisters * kWarpgroup * 4;
@@ -70,13 +76,15 @@ struct Swap {
   __host__ __device__ static int scale_groups(int k_blocks_per_split) {
     return (k_blocks_per_split + kScaleGroup - 1) / kScaleGroup;
   }
-  // Shared memory: stages | token tiles [L] (kQuantizeX) | full, empty barriers, sums barrier |
-  // scale-group barriers | a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
-  static size_t token_tile_bytes(int k_blocks_per_split) {
-    return kQuantizeX ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
+  // Shared memory: stages | token tiles [L] (kQuantizeX, not kBeside) | full, empty barriers (and
+  // with kBeside the x rows' barriers), sums barrier | scale-group barriers | a scales
+  // [L][kTokens] | b scales [L] | inbox (16-byte aligned).
+  __host__ __device__ static size_t token_tile_bytes(int k_blocks_per_split) {
+    return kQuantizeX && !kBeside ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
   }
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
-    return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
+    return kSharedAlign +
+           static_cast<size_t>(stages) * (kStageBytes + (kBeside ? 3 : 2) * sizeof(uint64_t)) +
            token_tile_bytes(k_blocks_per_split) + sizeof(uint64_t) +
            static_cast<size_t>(scale_groups(k_blocks_per_split)) * sizeof(uint64_t) +
            static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
@@ -97,93 +105,184 @@ struct RingSlot {
   }
 };
 
-// The fused linear layer's token tiles, quantized by the consumer threads (`thread` 0..255) before
-// their main loop: a group of the quantization (128 elements of a row) is exactly a k-block, so
-// group g is token g % tokens of k-block g / tokens of the CTA's range. 8 lanes take a group, 16
-// elements each (two chunks), reduce its amax with shuffles, write their 16 bytes into tile i, row
-// `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of row r at unit u ^ r % 8),
-// and the group's scale into a_scales[i][token] (one lane). Columns past K are zeros. Batches of
-// kBatch passes: every load of a batch is issued before any is quantized (these loads wait behind
-// the weight stream, so one batch for the whole k-range where the registers allow).
+// The fused linear layer's token tiles: a group of the quantization (128 elements of a row) is
+// exactly a k-block, so group g is token g % tokens of k-block g / tokens of the CTA's range. 8
+// lanes take a group, 16 elements each (two chunks), reduce its amax with shuffles, write their 16
+// bytes into tile i, row `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of
+// row r at unit u ^ r % 8), and the group's scale into a_scales[i][token] (one lane). Columns past
+// K are zeros.
+constexpr int kGroupLanes = kBlockK / (2 * kChunk);  // 8
+using RawGroup = RawChunk<Wide::bf16>[2];
+
+// Lane `part` of `group`'s 8 lanes loads its 16 elements (zeros past the last group or past K).
+__device__ __forceinline__ void load_group_part(const Activations& x, int t0, int kb_begin,
+                                                int tokens, int groups, int group, int part,
+                                                RawGroup& raw) {
+  const int token = group % tokens, i = group / tokens;
+  const int col = (kb_begin + i) * kBlockK + part * 2 * kChunk;
+  const auto* row = static_cast<const uint16_t*>(x.x) + (t0 + token) * x.row_stride;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const bool inside = group < groups && col + (c + 1) * kChunk <= x.k;
+    const uint4 v = inside ? __ldg(reinterpret_cast<const uint4*>(row + col + c * kChunk))
+                           : make_uint4(0, 0, 0, 0);
+    raw[c].w[0] = v.x, raw[c].w[1] = v.y, raw[c].w[2] = v.z, raw[c].w[3] = v.w;
+  }
+}
+
+// Quantizes `group` from its 8 lanes' loads. Every lane of the warp calls it (the shuffles); a
+// group past the last writes nothing.
+template <int kTokens>
+__device__ __forceinline__ void quantize_group_part(const Activations& x, int tokens, int groups,
+                                                    int group, int part, const RawGroup& raw,
+                                                    uint8_t* token_tiles, float* a_scales) {
+  float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
+#pragma unroll
+  for (int offset = 1; offset < kGroupLanes; offset <<= 1)
+    amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+  if (group >= groups) return;
+  const float scale = group_scale(amax, x.eps, x.ue8m0);
+  uint32_t words[4];
+  with_divide(divisor_for(scale), [&](auto divide) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float v[kChunk];
+      decode_raw<Wide::bf16>(raw[c], v);
+      words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+      words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+    }
+  });
+  const int token = group % tokens, i = group / tokens;
+  uint8_t* row = token_tiles + i * (kTokens * kBlockK) + token * kBlockK;
+  *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
+      make_uint4(words[0], words[1], words[2], words[3]);
+  if (part == 0) a_scales[i * kTokens + token] = scale;
+}
+
+// The token tiles quantized by the consumer threads (`thread` 0..255) before their main loop, in
+// batches of kBatch passes of 32 groups: every load of a batch is issued before any is quantized
+// (these loads wait behind the weight stream, so one batch for the whole k-range where the
+// registers allow).
 template <int kTokens, int kBatch>
 __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t0, int kb_begin,
                                                      int count, uint8_t* token_tiles,
                                                      float* a_scales, int thread) {
-  using Raw = RawChunk<Wide::bf16>;
-  constexpr int kGroupLanes = kBlockK / (2 * kChunk);                    // 8
   constexpr int kGroupsPerPass = kConsumers * kWarpgroup / kGroupLanes;  // 32
   constexpr int kGroupsPerBatch = kBatch * kGroupsPerPass;
   const Activations& x = args.activations;
-  const int lane = thread % kLanes, part = lane % kGroupLanes;
+  const int part = thread % kGroupLanes;
   const int tokens = min(kTokens, args.m - t0);
   const int groups = count * tokens;
   const int first = thread / kGroupLanes;
-  // Passes past the last group are skipped whole (the same in every thread).
-  auto load = [&](int base, Raw(&raw)[kBatch][2]) {
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      if (base + b * kGroupsPerPass >= groups) break;
-      const int group = base + b * kGroupsPerPass + first;
-      const int token = group % tokens, i = group / tokens;
-      const int col = (kb_begin + i) * kBlockK + part * 2 * kChunk;
-      const auto* row = static_cast<const uint16_t*>(x.x) + (t0 + token) * x.row_stride;
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const bool inside = group < groups && col + (c + 1) * kChunk <= x.k;
-        const uint4 v = inside ? __ldg(reinterpret_cast<const uint4*>(row + col + c * kChunk))
-                               : make_uint4(0, 0, 0, 0);
-        raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
-      }
-    }
-  };
-  auto quantize = [&](int base, const Raw(&raw)[kBatch][2]) {
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      if (base + b * kGroupsPerPass >= groups) break;
-      const int group = base + b * kGroupsPerPass + first;
-      float amax = chunk_amax<Wide::bf16>(raw[b][1], chunk_amax<Wide::bf16>(raw[b][0], 0.0f));
-#pragma unroll
-      for (int offset = 1; offset < kGroupLanes; offset <<= 1)
-        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
-      if (group >= groups) continue;
-      const float scale = group_scale(amax, x.eps, x.ue8m0);
-      uint32_t words[4];
-      with_divide(divisor_for(scale), [&](auto divide) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float v[kChunk];
-          decode_raw<Wide::bf16>(raw[b][c], v);
-          words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
-          words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
-        }
-      });
-      const int token = group % tokens, i = group / tokens;
-      uint8_t* row = token_tiles + i * (kTokens * kBlockK) + token * kBlockK;
-      *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
-          make_uint4(words[0], words[1], words[2], words[3]);
-      if (part == 0) a_scales[i * kTokens + token] = scale;
-    }
-  };
-  // Trip counts are the same in every lane of a warp: every lane reaches the shuffles.
+  // Trip counts are the same in every lane of a warp: every lane reaches the shuffles. Passes
+  // past the last group are skipped whole (the same in every thread).
   for (int base = 0; base < groups; base += kGroupsPerBatch) {
-    Raw raw[kBatch][2];
-    load(base, raw);
-    quantize(base, raw);
+    RawGroup raw[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * kGroupsPerPass >= groups) break;
+      load_group_part(x, t0, kb_begin, tokens, groups, base + b * kGroupsPerPass + first, part,
+                      raw[b]);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * kGroupsPerPass >= groups) break;
+      quantize_group_part<kTokens>(x, tokens, groups, base + b * kGroupsPerPass + first, part,
+                                   raw[b], token_tiles, a_scales);
+    }
   }
   sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
 }
 
+// kBeside: the token tiles quantized beside the main loop by kQuantizerWarps warps of the
+// producer warpgroup (`warp` 0..kQuantizerWarps - 1), so that the ring keeps streaming while they
+// work (quantizing a CTA's whole range before the loop holds the ring full, and past the ring the
+// weight stream stops for as long as that takes). Each stage holds a k-block's weight tile, its
+// token tile and its bf16 x rows ([kTokens][128], copied by the producer with the weights, on
+// x_full). Pass p takes groups 12p..12p+11 in k-block order, 4 per warp; lane by lane, the
+// quantizers write the token tile and scales of a k-block and arrive on its stage's full barrier
+// (every quantizer lane arrives once per k-block, after waiting for that k-block's x rows, so that
+// its arrival counts toward that k-block's phase: the producer copied them after the stage's
+// previous phase completed). The amax shuffles stay within a group's 8 lanes: lanes of other groups
+// may wait for other k-blocks.
+constexpr int kQuantizerWarps = 3;  // warps 1..3 of the producer warpgroup
+
+template <int kTokens, int kStageBytes, int kWeightBytes>
+__device__ __forceinline__ void quantize_into_stages(const GemmArgs& args, int t0, int count,
+                                                     uint8_t* stages, int stage_count,
+                                                     uint64_t* full, uint64_t* x_full,
+                                                     float* a_scales, int warp, int lane) {
+  constexpr int kTokenBytes = kTokens * kBlockK;
+  constexpr int kGroupsPerPass = kQuantizerWarps * kLanes / kGroupLanes;  // 12
+  const Activations& x = args.activations;
+  const int part = lane % kGroupLanes;
+  const unsigned group_mask = 0xffu << (lane / kGroupLanes * kGroupLanes);
+  const int tokens = min(kTokens, args.m - t0);
+  const int groups = count * tokens;
+  int arrived = 0;  // k-blocks this lane has arrived on
+  const auto wait_x = [&](int i) {
+    sm90::mbarrier_wait(&x_full[i % stage_count], static_cast<uint32_t>(i / stage_count) & 1);
+  };
+  const auto arrive_before = [&](int end) {
+    for (; arrived < end; ++arrived) {
+      wait_x(arrived);
+      sm90::mbarrier_arrive(&full[arrived % stage_count]);
+    }
+  };
+  for (int base = 0; base < groups; base += kGroupsPerPass) {
+    const int group = base + warp * (kLanes / kGroupLanes) + lane / kGroupLanes;
+    if (group >= groups) break;  // whole groups of 8 lanes leave together
+    const int token = group % tokens, i = group / tokens;
+    arrive_before(i);
+    wait_x(i);
+    uint8_t* stage = stages + (i % stage_count) * kStageBytes;
+    const uint8_t* x_row = stage + kWeightBytes + kTokenBytes + token * (kBlockK * 2);
+    RawGroup raw;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const uint4 v = *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16);
+      raw[c].w[0] = v.x, raw[c].w[1] = v.y, raw[c].w[2] = v.z, raw[c].w[3] = v.w;
+    }
+    float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
+#pragma unroll
+    for (int offset = 1; offset < kGroupLanes; offset <<= 1)
+      amax = fmaxf(amax, __shfl_xor_sync(group_mask, amax, offset));
+    const float scale = group_scale(amax, x.eps, x.ue8m0);
+    uint32_t words[4];
+    with_divide(divisor_for(scale), [&](auto divide) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float v[kChunk];
+        decode_raw<Wide::bf16>(raw[c], v);
+        words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+        words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+      }
+    });
+    uint8_t* row = stage + kWeightBytes + token * kBlockK;
+    *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
+        make_uint4(words[0], words[1], words[2], words[3]);
+    if (part == 0) a_scales[i * kTokens + token] = scale;
+    sm90::fence_proxy_async_shared();  // the tile is a wgmma operand
+    // This lane's next group is kGroupsPerPass on: every k-block before its k-block is done here.
+    arrive_before(min(count, (group + kGroupsPerPass) / tokens));
+  }
+  arrive_before(count);
+}
+
 // Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
 // fills them for the GEMM (their sums are never stored). The consumer threads (`thread` 0..255)
-// write them before waiting for the previous grid: they do not depend on it.
+// write them before waiting for the previous grid: they do not depend on it. `tiles` tiles,
+// `tile_stride` bytes apart (kBeside: one per stage, which no copy and no quantizer writes there),
+// and the scales of `count` k-blocks.
 template <int kTokens>
-__device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t* token_tiles,
-                                                  float* a_scales, int thread) {
+__device__ __forceinline__ void zero_padding_rows(int tokens, int tiles, int tile_stride, int count,
+                                                  uint8_t* token_tiles, float* a_scales,
+                                                  int thread) {
   const int padding = kTokens - tokens;
   const int per_tile = padding * (kBlockK / 16);  // 16-byte units
-  for (int unit = thread; unit < count * per_tile; unit += kConsumers * kWarpgroup)
-    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * (kTokens * kBlockK) +
-                              tokens * kBlockK + unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
+  for (int unit = thread; unit < tiles * per_tile; unit += kConsumers * kWarpgroup)
+    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * tile_stride + tokens * kBlockK +
+                              unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
   for (int j = thread; j < count * padding; j += kConsumers * kWarpgroup)
     a_scales[j / padding * kTokens + tokens + j % padding] = 0.0f;
 }
@@ -284,12 +383,12 @@ __device__ __forceinline__ void trace_weights_landed(TraceCta& cta, const uint8_
 #define MOEKIT_SWAP_TRACE(...)
 #endif
 
-template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX>
+template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX, bool kBeside = false>
 __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap x_map, const GemmArgs args) {
 #if MOEKIT_SM90A
-  using Config = Swap<kTokens, kRows, kQuantizeX>;
+  using Config = Swap<kTokens, kRows, kQuantizeX, kBeside>;
   constexpr bool kAlternate = kRows == 64;
   constexpr int kRegisters = Config::kRegisters;
   extern __shared__ uint8_t shared_raw[];
@@ -298,12 +397,12 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   // The same offsets in every CTA (the largest count: the first ranks may hold one k-block less).
   const int max_count = (args.k_blocks + splits - 1) / splits;
   uint8_t* stages = align_shared(shared_raw);
-  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX
-  auto* full =
-      reinterpret_cast<uint64_t*>(token_tiles + (kQuantizeX ? max_count * Config::kTokenBytes : 0));
+  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX, not kBeside
+  auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_tile_bytes(max_count));
   uint64_t* empty = full + stage_count;
-  uint64_t* sums_ready = empty + stage_count;  // push_sums, in rank 0
-  uint64_t* scales_ready = sums_ready + 1;     // loader_scales: one per group of k-blocks
+  uint64_t* x_full = empty + stage_count;                       // kBeside: a stage's x rows
+  uint64_t* sums_ready = x_full + (kBeside ? stage_count : 0);  // push_sums, in rank 0
+  uint64_t* scales_ready = sums_ready + 1;  // loader_scales: one per group of k-blocks
   auto* a_scales = reinterpret_cast<float*>(scales_ready + Config::scale_groups(max_count));
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
@@ -335,7 +434,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::fence_proxy_async_shared();
     });
     for (int s = 0; s < stage_count; ++s) {
-      sm90::mbarrier_init(&full[s], 1);
+      // kBeside: the producer's arrival (with the copies' bytes) and every quantizer lane's.
+      sm90::mbarrier_init(&full[s], 1 + (kBeside ? kQuantizerWarps * kLanes : 0));
+      if constexpr (kBeside) sm90::mbarrier_init(&x_full[s], 1);
       // Alternating: local k-block i uses stage i % stages and warpgroup i % 2; the stage count is
       // even, so a stage always belongs to one warpgroup. Else both warpgroups read every stage.
       sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
@@ -367,7 +468,13 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
               static_cast<uint32_t>(col_end - kb_begin * kBlockK) * 2);
       }
       sm90::prefetch_tensor_map(&w_map);
-      if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
+      if constexpr (!kQuantizeX || kBeside) sm90::prefetch_tensor_map(&x_map);
+      // kBeside: k-block j's x rows into its stage, on the stage's x_full barrier.
+      const auto load_x_rows = [&](uint8_t* stage, uint64_t* barrier, int j) {
+        sm90::mbarrier_arrive_expect_tx(barrier, Config::kXRowsBytes);
+        sm90::tma_load_2d(stage + Config::kWeightBytes + Config::kTokenBytes, &x_map, barrier,
+                          (kb_begin + j) * kBlockK, t0);
+      };
       const int first = min(count, stage_count);
       int i = 0;
       if (args.early_weights) {
@@ -375,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         // first tiles go straight into the ring while it finishes; the token tiles only after.
         const int first_early = min(first, args.early_tiles);
         for (int j = 0; j < first_early; ++j) {
-          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
+          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kFullBytes);
           sm90::tma_load_2d(stages + j * Config::kStageBytes, &w_map, &full[j],
                             (kb_begin + j) * kBlockK, n0);
         }
@@ -385,6 +492,10 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
           for (int j = 0; j < first_early; ++j)
             sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
                               &full[j], (kb_begin + j) * kBlockK, t0);
+        }
+        if constexpr (kBeside) {
+          for (int j = 0; j < first_early; ++j)
+            load_x_rows(stages + j * Config::kStageBytes, &x_full[j], j);
         }
         i = first_early;
       } else {
@@ -399,16 +510,25 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
         uint8_t* stage = stages + slot.stage * Config::kStageBytes;
         const int k = (kb_begin + i) * kBlockK;
-        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
+        if constexpr (kBeside) load_x_rows(stage, &x_full[slot.stage], i);
+        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kFullBytes);
         sm90::tma_load_2d(stage, &w_map, &full[slot.stage], k, n0);
         if constexpr (!kQuantizeX)
           sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
       }
       MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::last_issued));
     }
-    MOEKIT_SWAP_TRACE(else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights) {
-      trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
-    });
+    MOEKIT_SWAP_TRACE(
+        else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights && !kBeside) {
+          trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
+        });
+    if constexpr (kBeside) {
+      const int producer_warp = (static_cast<int>(threadIdx.x) - kConsumers * kWarpgroup) / kLanes;
+      if (producer_warp >= 1 && producer_warp <= kQuantizerWarps)
+        quantize_into_stages<kTokens, Config::kStageBytes, Config::kWeightBytes>(
+            args, t0, count, stages, stage_count, full, x_full, a_scales, producer_warp - 1,
+            static_cast<int>(threadIdx.x) % kLanes);
+    }
     const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 2 * kLanes);
     if (loader_scales && loader >= 0) {
       // Warps 2 and 3: the activation scales group by group, the next group's loads in flight
@@ -471,7 +591,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
   if constexpr (kQuantizeX) {
-    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), count, token_tiles, a_scales,
+    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), kBeside ? stage_count : count,
+                               kBeside ? Config::kStageBytes : Config::kTokenBytes, count,
+                               kBeside ? stages + Config::kWeightBytes : token_tiles, a_scales,
                                consumer_thread);
     sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
   }
@@ -487,9 +609,11 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
 
   if constexpr (kQuantizeX) {
     // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
-    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
-    quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
-                                                       a_scales, consumer_thread);
+    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow. Or by the
+    // quantizer warps, k-block by k-block, while this loop runs.
+    if constexpr (!kBeside)
+      quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
+                                                         a_scales, consumer_thread);
   } else if (!loader_scales) {
     // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
     // of independent loads per thread, then the stores (one memory latency, not one per element).
@@ -533,8 +657,8 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     sm90::mbarrier_wait_likely_done(&full[slot.stage], slot.phase);
     MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
-    const uint8_t* token_tile =
-        kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
+    const uint8_t* token_tile = kQuantizeX && !kBeside ? token_tiles + i * Config::kTokenBytes
+                                                       : stage + Config::kWeightBytes;
     issue_k_block<kTokens>(part, stage + row_offset, token_tile);
     // Up to 16 tokens the k-block's scales are read while its wgmma run (H200, session 21: M=1
     // 9.45-9.50 -> 9.40-9.41 us, M=4 9.45-9.50 -> 9.36-9.37, M=16 9.84-9.96 -> 9.70-9.73); at 64
