@@ -850,9 +850,14 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
   // measured shape but one (H200, session 27: N=4096 K=7168 M=1 9.44 -> 17.52 us, M=16 16.78 ->
   // 35.38; N=7168 K=16384 M=4 35.65 -> 32.24; docs/perf/fp8-gpu-sm90.md, session 27).
   const bool beside = swap_overrides().quantizer_warps > 0;
-  if (beside)
-    return gemm.tokens == 8 ? plan_swap<8, true, true>(fused, device, device_index, &layout, plan)
-                            : plan_swap<16, true, true>(fused, device, device_index, &layout, plan);
+  if (beside) {
+    // A quantizer warp's pass spans up to 4 k-blocks, whose stages it needs at once: where the
+    // ring turns, it must be deeper than that.
+    const bool planned =
+        gemm.tokens == 8 ? plan_swap<8, true, true>(fused, device, device_index, &layout, plan)
+                         : plan_swap<16, true, true>(fused, device, device_index, &layout, plan);
+    return planned && (plan.ring_holds_k_range || plan.stages >= 4);
+  }
   return gemm.tokens == 8 ? plan_swap<8, true>(fused, device, device_index, &layout, plan)
                           : plan_swap<16, true>(fused, device, device_index, &layout, plan);
 }

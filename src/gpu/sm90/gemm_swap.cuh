@@ -130,17 +130,11 @@ __device__ __forceinline__ void load_group_part(const Activations& x, int t0, in
   }
 }
 
-// Quantizes `group` from its 8 lanes' loads. Every lane of the warp calls it (the shuffles); a
-// group past the last writes nothing.
-template <int kTokens>
-__device__ __forceinline__ void quantize_group_part(const Activations& x, int tokens, int groups,
-                                                    int group, int part, const RawGroup& raw,
-                                                    uint8_t* token_tiles, float* a_scales) {
-  float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
-#pragma unroll
-  for (int offset = 1; offset < kGroupLanes; offset <<= 1)
-    amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
-  if (group >= groups) return;
+// A lane's share of a group, once the group's amax is known: its 16 bytes into row `token` of
+// `tile` and (lane 0 of the group) the scale.
+__device__ __forceinline__ void store_group_part(const Activations& x, float amax, int part,
+                                                 int token, const RawGroup& raw, uint8_t* tile,
+                                                 float* scale_slot) {
   const float scale = group_scale(amax, x.eps, x.ue8m0);
   uint32_t words[4];
   with_divide(divisor_for(scale), [&](auto divide) {
@@ -152,11 +146,26 @@ __device__ __forceinline__ void quantize_group_part(const Activations& x, int to
       words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
     }
   });
-  const int token = group % tokens, i = group / tokens;
-  uint8_t* row = token_tiles + i * (kTokens * kBlockK) + token * kBlockK;
+  uint8_t* row = tile + token * kBlockK;
   *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
       make_uint4(words[0], words[1], words[2], words[3]);
-  if (part == 0) a_scales[i * kTokens + token] = scale;
+  if (part == 0) *scale_slot = scale;
+}
+
+// Quantizes `group` from its 8 lanes' loads. Every lane of the warp calls it (the shuffles); a
+// group past the last writes nothing.
+template <int kTokens>
+__device__ __forceinline__ void quantize_group_part(const Activations& x, int tokens, int groups,
+                                                    int group, int part, const RawGroup& raw,
+                                                    uint8_t* token_tiles, float* a_scales) {
+  float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
+#pragma unroll
+  for (int offset = 1; offset < kGroupLanes; offset <<= 1)
+    amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+  if (group >= groups) return;
+  const int token = group % tokens, i = group / tokens;
+  store_group_part(x, amax, part, token, raw, token_tiles + i * (kTokens * kBlockK),
+                   &a_scales[i * kTokens + token]);
 }
 
 // The token tiles quantized by the consumer threads (`thread` 0..255) before their main loop, in
@@ -199,12 +208,12 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
 // work (quantizing a CTA's whole range before the loop holds the ring full, and past the ring the
 // weight stream stops for as long as that takes). Each stage holds a k-block's weight tile, its
 // token tile and its bf16 x rows ([kTokens][128], copied by the producer with the weights, on
-// x_full). Pass p takes groups 12p..12p+11 in k-block order, 4 per warp; lane by lane, the
-// quantizers write the token tile and scales of a k-block and arrive on its stage's full barrier
-// (every quantizer lane arrives once per k-block, after waiting for that k-block's x rows, so that
-// its arrival counts toward that k-block's phase: the producer copied them after the stage's
-// previous phase completed). The amax shuffles stay within a group's 8 lanes: lanes of other groups
-// may wait for other k-blocks.
+// x_full). Pass p takes groups 12p..12p+11 in k-block order, 4 per warp (8 lanes each). Every
+// quantizer lane arrives once per k-block on its stage's full barrier: after its writes there,
+// and after waiting for that k-block's x rows, so that the arrival counts toward that k-block's
+// phase (the producer copied them after the stage's previous phase completed). Waits are the whole
+// warp's, never a few lanes': lanes spinning on a barrier while others of their warp work would
+// take turns with them.
 constexpr int kQuantizerWarps = 3;  // warps 1..3 of the producer warpgroup
 
 template <int kTokens, int kStageBytes, int kWeightBytes>
@@ -213,58 +222,54 @@ __device__ __forceinline__ void quantize_into_stages(const GemmArgs& args, int t
                                                      uint64_t* full, uint64_t* x_full,
                                                      float* a_scales, int warp, int lane) {
   constexpr int kTokenBytes = kTokens * kBlockK;
-  constexpr int kGroupsPerPass = kQuantizerWarps * kLanes / kGroupLanes;  // 12
+  constexpr int kWarpGroups = kLanes / kGroupLanes;              // 4
+  constexpr int kGroupsPerPass = kQuantizerWarps * kWarpGroups;  // 12
   const Activations& x = args.activations;
   const int part = lane % kGroupLanes;
-  const unsigned group_mask = 0xffu << (lane / kGroupLanes * kGroupLanes);
   const int tokens = min(kTokens, args.m - t0);
   const int groups = count * tokens;
-  int arrived = 0;  // k-blocks this lane has arrived on
-  const auto wait_x = [&](int i) {
-    sm90::mbarrier_wait(&x_full[i % stage_count], static_cast<uint32_t>(i / stage_count) & 1);
+  int waited = 0, arrived = 0;  // k-blocks whose x rows this warp has seen / arrived on
+  const auto wait_through = [&](int last) {
+    for (; waited <= last; ++waited)
+      sm90::mbarrier_wait(&x_full[waited % stage_count],
+                          static_cast<uint32_t>(waited / stage_count) & 1);
   };
+  // In order, each arrival before the next wait: that wait may need this warp's arrival on the
+  // k-block a ring earlier (a pass's k-blocks span fewer than the ring's stages).
   const auto arrive_before = [&](int end) {
     for (; arrived < end; ++arrived) {
-      wait_x(arrived);
+      wait_through(arrived);
       sm90::mbarrier_arrive(&full[arrived % stage_count]);
     }
   };
-  for (int base = 0; base < groups; base += kGroupsPerPass) {
-    const int group = base + warp * (kLanes / kGroupLanes) + lane / kGroupLanes;
-    if (group >= groups) break;  // whole groups of 8 lanes leave together
+  for (int base = warp * kWarpGroups; base < groups; base += kGroupsPerPass) {
+    const int last = min(base + kWarpGroups, groups) - 1;  // this warp's groups: base..last
+    arrive_before(base / tokens);
+    wait_through(last / tokens);
+    const int group = base + lane / kGroupLanes;
+    const bool inside = group <= last;
     const int token = group % tokens, i = group / tokens;
-    arrive_before(i);
-    wait_x(i);
     uint8_t* stage = stages + (i % stage_count) * kStageBytes;
-    const uint8_t* x_row = stage + kWeightBytes + kTokenBytes + token * (kBlockK * 2);
     RawGroup raw;
+    const uint8_t* x_row = stage + kWeightBytes + kTokenBytes + token * (kBlockK * 2);
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      const uint4 v = *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16);
+      const uint4 v = inside ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
+                             : make_uint4(0, 0, 0, 0);
       raw[c].w[0] = v.x, raw[c].w[1] = v.y, raw[c].w[2] = v.z, raw[c].w[3] = v.w;
     }
     float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
 #pragma unroll
     for (int offset = 1; offset < kGroupLanes; offset <<= 1)
-      amax = fmaxf(amax, __shfl_xor_sync(group_mask, amax, offset));
-    const float scale = group_scale(amax, x.eps, x.ue8m0);
-    uint32_t words[4];
-    with_divide(divisor_for(scale), [&](auto divide) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float v[kChunk];
-        decode_raw<Wide::bf16>(raw[c], v);
-        words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
-        words[2 * c + 1] = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
-      }
-    });
-    uint8_t* row = stage + kWeightBytes + token * kBlockK;
-    *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
-        make_uint4(words[0], words[1], words[2], words[3]);
-    if (part == 0) a_scales[i * kTokens + token] = scale;
-    sm90::fence_proxy_async_shared();  // the tile is a wgmma operand
-    // This lane's next group is kGroupsPerPass on: every k-block before its k-block is done here.
-    arrive_before(min(count, (group + kGroupsPerPass) / tokens));
+      amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+    if (inside) {
+      store_group_part(x, amax, part, token, raw, stage + kWeightBytes,
+                       &a_scales[i * kTokens + token]);
+      sm90::fence_proxy_async_shared();  // the tile is a wgmma operand
+    }
+    __syncwarp();
+    // The warp's next groups start kGroupsPerPass on: every k-block before theirs is done here.
+    arrive_before(min(count, (base + kGroupsPerPass) / tokens));
   }
   arrive_before(count);
 }
