@@ -846,9 +846,9 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
   const BlockGemmProblem fused = fused_gemm_of(p);
   plan = Plan{};
   // x quantized by the consumers before their loop, or (MOEKIT_SM90_QUANTIZER_WARPS=1, a timing
-  // knob) by three producer warps into each stage beside it: bitwise the same, but slower on every
-  // measured shape but one (H200, session 27: N=4096 K=7168 M=1 9.44 -> 17.52 us, M=16 16.78 ->
-  // 35.38; N=7168 K=16384 M=4 35.65 -> 32.24; docs/perf/fp8-gpu-sm90.md, session 27).
+  // knob) by three producer warps into each stage beside it: bitwise the same, but slower (H200,
+  // session 27, run 5: N=4096 K=7168 M=1 9.39 -> 14.95 us, M=16 16.22 -> 41.82; the loop of waits
+  // and arrivals, not the quantization, takes the time: docs/perf/fp8-gpu-sm90.md, session 27).
   const bool beside = swap_overrides().quantizer_warps > 0;
   if (beside) {
     // A quantizer warp's pass spans up to 4 k-blocks, whose stages it needs at once: where the
