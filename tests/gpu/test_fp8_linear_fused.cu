@@ -4,8 +4,8 @@
 // shapes and ragged ones, every output dtype, with and without bias, and rows holding NaN, inf,
 // zero and saturating groups (where the entry declines because a CTA's k-range exceeds its ring,
 // the smaller M of that shape and the other shapes still cover the kernel); the dispatch's choice;
-// graph capture. Skips without a GPU, and where the fused entry does not serve (not Hopper, no
-// sm_90a code) says why.
+// graph capture; and, as a diagnostic, where a fused call's time goes. Skips without a GPU, and
+// where the fused entry does not serve (not Hopper, no sm_90a code) says why.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -18,12 +18,14 @@
 #include <string>
 #include <vector>
 
+#include "gpu/fp8_gemm_sm90.h"
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu_test_support.h"
 #include "moekit/dtype.h"
 #include "moekit/ops/fp8.h"
 #include "moekit/tensor.h"
+#include "sm90_trace_print.h"
 
 namespace moekit {
 namespace {
@@ -305,6 +307,79 @@ TEST(GpuFp8LinearFused, CapturesIntoAGraph) {
         << "call " << i;
   (void)cudaGraphExecDestroy(exec);
   (void)cudaGraphDestroy(graph);
+}
+
+// Where a fused call's time goes (a diagnostic, left out of gpu_check with the other Prints*): the
+// fused layer at N=4096 K=7168 (28 k-blocks per CTA, past a 16-stage ring), M=1 and 16, x quantized
+// before the loop and beside it (MOEKIT_SM90_QUANTIZER_WARPS), replayed as `moekit bench` replays
+// it (static weights, weights rotating over 9 copies, a CUDA graph of one call per copy): the time
+// per call, and in builds with MOEKIT_FP8_TRACE the swap kernel's phase stamps ("x quantized": the
+// quantizer warps' last arrival, where they quantize).
+TEST(GpuFp8LinearFused, PrintsPhaseStamps) {
+  SKIP_WITHOUT_GPU();
+  if (!fused_expected()) GTEST_SKIP() << "not a Hopper GPU";
+  const bool traced = gpu::block_gemm_sm90_trace_built();
+  std::mt19937_64 rng(seed_for("PrintsPhaseStamps"));
+  constexpr int64_t N = 4096, K = 7168;
+  constexpr int kCopies = 9;  // 9 x 29 MB of weights: more than L2 holds
+  std::vector<Tensor> w_d, ws_d;
+  for (int c = 0; c < kCopies; ++c) {
+    w_d.push_back(gpu_copy(random_weight(rng, N, K)));
+    ws_d.push_back(gpu_copy(random_scales(rng, N, K, DType::f32)));
+  }
+  gpu_test::ScopedEnv no_limit("MOEKIT_SM90_FUSED_PAST_RING", "1000000");
+  for (const int64_t m : {int64_t{1}, int64_t{16}}) {
+    const Tensor x_d = gpu_copy(random_x(rng, m, K, false));
+    const size_t bytes = w8a8_block_fp8_linear_workspace_size(m, K);
+    Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+    Tensor y = Tensor::empty(DType::bf16, {m, N}, Device::gpu());
+    for (const bool beside : {false, true}) {
+      gpu_test::ScopedEnv quantizers("MOEKIT_SM90_QUANTIZER_WARPS", beside ? "1" : "0");
+      gpu_test::Stream stream;
+      OpOptions op;
+      op.implementation = kFused;
+      op.static_weights = true;
+      op.stream = stream.get();
+      const auto call = [&](int c) {
+        w8a8_block_fp8_linear(x_d, w_d[c], ws_d[c], std::nullopt, y, workspace.data(), bytes, op);
+      };
+      call(0);  // set-up outside the capture
+      MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+      for (int c = 0; c < kCopies; ++c) call(c);
+      MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+      MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+      cudaEvent_t start = nullptr, stop = nullptr;
+      MOEKIT_GPU_CHECK(cudaEventCreate(&start));
+      MOEKIT_GPU_CHECK(cudaEventCreate(&stop));
+      for (int i = 0; i < 3; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+      std::vector<double> us;
+      for (int i = 0; i < 20; ++i) {
+        MOEKIT_GPU_CHECK(cudaEventRecord(start, stream.get()));
+        MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+        MOEKIT_GPU_CHECK(cudaEventRecord(stop, stream.get()));
+        MOEKIT_GPU_CHECK(cudaEventSynchronize(stop));
+        float ms = 0.0f;
+        MOEKIT_GPU_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        us.push_back(1000.0 * ms / kCopies);
+      }
+      std::printf("N=%lld K=%lld M=%lld, x quantized %s the loop: %.2f us per call (%s build)\n",
+                  static_cast<long long>(N), static_cast<long long>(K), static_cast<long long>(m),
+                  beside ? "beside" : "before", gpu_test::median_of(us),
+                  traced ? "traced" : "plain");
+      if (traced) {
+        gpu::block_gemm_sm90_trace_reset();
+        for (int i = 0; i < 4; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+        gpu_test::print_trace(gpu::block_gemm_sm90_trace_read(), kCopies);
+      }
+      (void)cudaEventDestroy(start);
+      (void)cudaEventDestroy(stop);
+      (void)cudaGraphExecDestroy(exec);
+      (void)cudaGraphDestroy(graph);
+    }
+  }
 }
 
 }  // namespace

@@ -529,10 +529,13 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         });
     if constexpr (kBeside) {
       const int producer_warp = (static_cast<int>(threadIdx.x) - kConsumers * kWarpgroup) / kLanes;
-      if (producer_warp >= 1 && producer_warp <= kQuantizerWarps)
+      if (producer_warp >= 1 && producer_warp <= kQuantizerWarps) {
         quantize_into_stages<kTokens, Config::kStageBytes, Config::kWeightBytes>(
             args, t0, count, stages, stage_count, full, x_full, a_scales, producer_warp - 1,
             static_cast<int>(threadIdx.x) % kLanes);
+        MOEKIT_SWAP_TRACE(if (threadIdx.x == kConsumers * kWarpgroup + kLanes)
+                              stamp(Sm90TracePhase::first_weights_landed));
+      }
     }
     const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 2 * kLanes);
     if (loader_scales && loader >= 0) {
