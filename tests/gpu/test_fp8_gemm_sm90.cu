@@ -1381,23 +1381,10 @@ TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
     for (const BlockGemmProblem& p : in.problems) gpu::block_fp8_gemm_sm90(p);
     MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
     MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-    cudaEvent_t start = nullptr, stop = nullptr;
-    MOEKIT_GPU_CHECK(cudaEventCreate(&start));
-    MOEKIT_GPU_CHECK(cudaEventCreate(&stop));
-    for (int i = 0; i < 3; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-    std::vector<double> us;
-    for (int i = 0; i < 20; ++i) {
-      MOEKIT_GPU_CHECK(cudaEventRecord(start, stream.get()));
-      MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-      MOEKIT_GPU_CHECK(cudaEventRecord(stop, stream.get()));
-      MOEKIT_GPU_CHECK(cudaEventSynchronize(stop));
-      float ms = 0.0f;
-      MOEKIT_GPU_CHECK(cudaEventElapsedTime(&ms, start, stop));
-      us.push_back(1000.0 * ms / calls);
-    }
+    const double us_per_call = gpu_test::replayed_us_per_call(exec, stream.get(), calls);
     std::printf("M=%lld N=%lld K=%lld: %.2f us per call (graph of %d, %s build) [%s]\n",
                 static_cast<long long>(s.m), static_cast<long long>(s.n),
-                static_cast<long long>(s.k), median_of(us), calls, traced ? "traced" : "plain",
+                static_cast<long long>(s.k), us_per_call, calls, traced ? "traced" : "plain",
                 gpu::block_gemm_sm90_plan(in.problems[0]).c_str());
     if (traced) {
       gpu::block_gemm_sm90_trace_reset();
@@ -1409,8 +1396,6 @@ TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
         for (const gpu::Sm90TraceRecord& r : records) write_trace_csv(csv, s, calls, r);
       }
     }
-    (void)cudaEventDestroy(start);
-    (void)cudaEventDestroy(stop);
     (void)cudaGraphExecDestroy(exec);
     (void)cudaGraphDestroy(graph);
   }

@@ -351,31 +351,15 @@ TEST(GpuFp8LinearFused, PrintsPhaseStamps) {
       for (int c = 0; c < kCopies; ++c) call(c);
       MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
       MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-      cudaEvent_t start = nullptr, stop = nullptr;
-      MOEKIT_GPU_CHECK(cudaEventCreate(&start));
-      MOEKIT_GPU_CHECK(cudaEventCreate(&stop));
-      for (int i = 0; i < 3; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-      std::vector<double> us;
-      for (int i = 0; i < 20; ++i) {
-        MOEKIT_GPU_CHECK(cudaEventRecord(start, stream.get()));
-        MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-        MOEKIT_GPU_CHECK(cudaEventRecord(stop, stream.get()));
-        MOEKIT_GPU_CHECK(cudaEventSynchronize(stop));
-        float ms = 0.0f;
-        MOEKIT_GPU_CHECK(cudaEventElapsedTime(&ms, start, stop));
-        us.push_back(1000.0 * ms / kCopies);
-      }
+      const double us_per_call = gpu_test::replayed_us_per_call(exec, stream.get(), kCopies);
       std::printf("N=%lld K=%lld M=%lld, x quantized %s the loop: %.2f us per call (%s build)\n",
                   static_cast<long long>(N), static_cast<long long>(K), static_cast<long long>(m),
-                  beside ? "beside" : "before", gpu_test::median_of(us),
-                  traced ? "traced" : "plain");
+                  beside ? "beside" : "before", us_per_call, traced ? "traced" : "plain");
       if (traced) {
         gpu::block_gemm_sm90_trace_reset();
         for (int i = 0; i < 4; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
         gpu_test::print_trace(gpu::block_gemm_sm90_trace_read(), kCopies);
       }
-      (void)cudaEventDestroy(start);
-      (void)cudaEventDestroy(stop);
       (void)cudaGraphExecDestroy(exec);
       (void)cudaGraphDestroy(graph);
     }
