@@ -405,9 +405,9 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // promotion: none, 64, 128, 256 bytes; session 11), MOEKIT_SM90_BULK_STORES = 0 or 1 (rank 0's out
 // tile through shared memory and bulk copies; session 19), MOEKIT_SM90_SCALE_LOADER = 0 or 1 (the
 // activation scales loaded by producer warps; session 19), MOEKIT_SM90_QUANTIZER_WARPS = 0 or 1
-// (the fused linear layer's x quantized by producer warps into the stages; session 27, slower:
-// off). Diagnosis builds (MOEKIT_FP8_TRACE) also
-// read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales not loaded, 2 no stores; wrong outputs).
+// (the fused linear layer's x quantized by producer warps beside the main loop; session 27: off).
+// Diagnosis builds (MOEKIT_FP8_TRACE) also read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales
+// not loaded, 2 no stores; wrong outputs).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -846,18 +846,14 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
   const BlockGemmProblem fused = fused_gemm_of(p);
   plan = Plan{};
   // x quantized by the consumers before their loop, or (MOEKIT_SM90_QUANTIZER_WARPS=1, a timing
-  // knob) by three producer warps into each stage beside it: bitwise the same, but slower (H200,
-  // session 27, run 5: N=4096 K=7168 M=1 9.39 -> 14.95 us, M=16 16.22 -> 41.82; the loop of waits
-  // and arrivals, not the quantization, takes the time: docs/perf/fp8-gpu-sm90.md, session 27).
+  // knob) by three producer warps beside it, ahead of the consumers, from x rows copied by TMA:
+  // session 27's design C, compiled but not yet run on a GPU. The designs measured before it
+  // were bitwise right but slower (H200: N=4096 K=7168 M=1 9.39 -> 14.95 us at best, M=16 16.22
+  // -> 33.40 at best; docs/perf/fp8-gpu-sm90.md, session 27).
   const bool beside = swap_overrides().quantizer_warps > 0;
-  if (beside) {
-    // A quantizer warp's pass spans up to 4 k-blocks, whose stages it needs at once: where the
-    // ring turns, it must be deeper than that.
-    const bool planned =
-        gemm.tokens == 8 ? plan_swap<8, true, true>(fused, device, device_index, &layout, plan)
-                         : plan_swap<16, true, true>(fused, device, device_index, &layout, plan);
-    return planned && (plan.ring_holds_k_range || plan.stages >= 4);
-  }
+  if (beside)
+    return gemm.tokens == 8 ? plan_swap<8, true, true>(fused, device, device_index, &layout, plan)
+                            : plan_swap<16, true, true>(fused, device, device_index, &layout, plan);
   return gemm.tokens == 8 ? plan_swap<8, true>(fused, device, device_index, &layout, plan)
                           : plan_swap<16, true>(fused, device, device_index, &layout, plan);
 }

@@ -28,17 +28,15 @@ constexpr int kMaxGroupsPastTheRing = 150;
 
 // kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
 // consumers into a region of their own, one tile per k-block of the CTA's range; with kBeside, by
-// quantizer warps into each stage, from the k-block's x rows copied into the stage beside it.
+// quantizer warps beside the main loop, from the k-range's x rows copied into a region of their
+// own.
 template <int kTokens, int kRows, bool kQuantizeX, bool kBeside = false>
 struct Swap {
   static_assert(kQuantizeX || !kBeside);
   static constexpr int kWeightBytes = kRows * kBlockK;
-  static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
-  static constexpr int kXRowsBytes = kBeside ? kTokens * kBlockK * 2 : 0;  // bf16 x rows
-  // The bytes the copy engine brings in on a stage's full barrier.
-  static constexpr int kFullBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
-  static constexpr int kStageBytes =
-      kWeightBytes + (kQuantizeX && !kBeside ? 0 : kTokenBytes) + kXRowsBytes;
+  static constexpr int kTokenBytes = kTokens * kBlockK;      // >= 1024: tiles stay atom-aligned
+  static constexpr int kXRowsBytes = kTokens * kBlockK * 2;  // kBeside: a k-block's bf16 x rows
+  static constexpr int kStageBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
   static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
   // After the main loop the stages hold each consumer thread's partial sums.
   static constexpr int kPartialBytes = kConsumers * kRegisters * kWarpgroup * 4;
@@ -76,16 +74,18 @@ struct Swap {
   __host__ __device__ static int scale_groups(int k_blocks_per_split) {
     return (k_blocks_per_split + kScaleGroup - 1) / kScaleGroup;
   }
-  // Shared memory: stages | token tiles [L] (kQuantizeX, not kBeside) | full, empty barriers (and
-  // with kBeside the x rows' barriers), sums barrier | scale-group barriers | a scales
-  // [L][kTokens] | b scales [L] | inbox (16-byte aligned).
+  // Shared memory: stages | token tiles [L] (kQuantizeX) | x rows [L] (kBeside) | full, empty
+  // barriers | x rows' and token tiles' barriers [L] each (kBeside) | sums barrier | scale-group
+  // barriers | a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
   __host__ __device__ static size_t token_tile_bytes(int k_blocks_per_split) {
-    return kQuantizeX && !kBeside ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
+    return static_cast<size_t>(k_blocks_per_split) *
+           ((kQuantizeX ? kTokenBytes : 0) + (kBeside ? kXRowsBytes : 0));
   }
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
-    return kSharedAlign +
-           static_cast<size_t>(stages) * (kStageBytes + (kBeside ? 3 : 2) * sizeof(uint64_t)) +
-           token_tile_bytes(k_blocks_per_split) + sizeof(uint64_t) +
+    return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
+           token_tile_bytes(k_blocks_per_split) +
+           (kBeside ? static_cast<size_t>(k_blocks_per_split) * 2 * sizeof(uint64_t) : 0) +
+           sizeof(uint64_t) +
            static_cast<size_t>(scale_groups(k_blocks_per_split)) * sizeof(uint64_t) +
            static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
   }
@@ -204,43 +204,36 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
 }
 
 // kBeside: the token tiles quantized beside the main loop by kQuantizerWarps warps of the
-// producer warpgroup (`warp` 0..kQuantizerWarps - 1), so that the ring keeps streaming while they
-// work (quantizing a CTA's whole range before the loop holds the ring full, and past the ring the
-// weight stream stops for as long as that takes). Each stage holds a k-block's weight tile, its
-// token tile and its bf16 x rows ([kTokens][128], copied by the producer with the weights, on
-// x_full). Pass p takes groups 12p..12p+11 in k-block order, 4 per warp (8 lanes each). Every
-// quantizer lane arrives once per k-block on its stage's full barrier: after its writes there,
-// and after waiting for that k-block's x rows, so that the arrival counts toward that k-block's
-// phase (the producer copied them after the stage's previous phase completed). Waits are the whole
-// warp's, never a few lanes': lanes spinning on a barrier while others of their warp work would
-// take turns with them.
+// producer warpgroup (`warp` 0..kQuantizerWarps - 1), ahead of the consumers and apart from the
+// ring: the producer copies the k-range's bf16 x rows ([kTokens][128] per k-block, `x_rows`)
+// right after the wait, each k-block's on x_full[i]; the quantizers write token tile i into the
+// token tiles' region and arrive on tile_ready[i], on which the consumers wait beside their
+// stage's weights. (Quantizing the whole range before the loop holds the ring full, and past the
+// ring the weight stream stops for as long as that takes; token tiles kept in the stages tied
+// each one to its stage being free and lost more: fp8-gpu-sm90.md, session 27.) Pass p takes
+// groups 12p..12p+11 in k-block order, 4 per warp (8 lanes each); every quantizer lane arrives
+// once per k-block, after its warp's writes there. Waits are the whole warp's, never a few
+// lanes': lanes spinning on a barrier while others of their warp work would take turns with them.
 constexpr int kQuantizerWarps = 3;  // warps 1..3 of the producer warpgroup
 
-template <int kTokens, int kStageBytes, int kWeightBytes>
-__device__ __forceinline__ void quantize_into_stages(const GemmArgs& args, int t0, int count,
-                                                     uint8_t* stages, int stage_count,
-                                                     uint64_t* full, uint64_t* x_full,
-                                                     float* a_scales, int warp, int lane) {
-  constexpr int kTokenBytes = kTokens * kBlockK;
+template <int kTokens>
+__device__ __forceinline__ void quantize_ahead(const GemmArgs& args, int t0, int count,
+                                               const uint8_t* x_rows, uint8_t* token_tiles,
+                                               uint64_t* x_full, uint64_t* tile_ready,
+                                               float* a_scales, int warp, int lane) {
+  constexpr int kXRowsBytes = kTokens * kBlockK * 2;
   constexpr int kWarpGroups = kLanes / kGroupLanes;              // 4
   constexpr int kGroupsPerPass = kQuantizerWarps * kWarpGroups;  // 12
   const Activations& x = args.activations;
   const int part = lane % kGroupLanes;
   const int tokens = min(kTokens, args.m - t0);
   const int groups = count * tokens;
-  int waited = 0, arrived = 0;  // k-blocks whose x rows this warp has seen / arrived on
+  int landed = 0, arrived = 0;  // k-blocks whose x rows this warp has seen / it has arrived on
   const auto wait_through = [&](int last) {
-    for (; waited <= last; ++waited)
-      sm90::mbarrier_wait(&x_full[waited % stage_count],
-                          static_cast<uint32_t>(waited / stage_count) & 1);
+    for (; landed <= last; ++landed) sm90::mbarrier_wait(&x_full[landed], 0);
   };
-  // In order, each arrival before the next wait: that wait may need this warp's arrival on the
-  // k-block a ring earlier (a pass's k-blocks span fewer than the ring's stages).
   const auto arrive_before = [&](int end) {
-    for (; arrived < end; ++arrived) {
-      wait_through(arrived);
-      sm90::mbarrier_arrive(&full[arrived % stage_count]);
-    }
+    for (; arrived < end; ++arrived) sm90::mbarrier_arrive(&tile_ready[arrived]);
   };
   for (int base = warp * kWarpGroups; base < groups; base += kGroupsPerPass) {
     const int last = min(base + kWarpGroups, groups) - 1;  // this warp's groups: base..last
@@ -249,9 +242,8 @@ __device__ __forceinline__ void quantize_into_stages(const GemmArgs& args, int t
     const int group = base + lane / kGroupLanes;
     const bool inside = group <= last;
     const int token = group % tokens, i = group / tokens;
-    uint8_t* stage = stages + (i % stage_count) * kStageBytes;
     RawGroup raw;
-    const uint8_t* x_row = stage + kWeightBytes + kTokenBytes + token * (kBlockK * 2);
+    const uint8_t* x_row = x_rows + i * kXRowsBytes + token * (kBlockK * 2);
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const uint4 v = inside ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
@@ -263,7 +255,7 @@ __device__ __forceinline__ void quantize_into_stages(const GemmArgs& args, int t
     for (int offset = 1; offset < kGroupLanes; offset <<= 1)
       amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
     if (inside) {
-      store_group_part(x, amax, part, token, raw, stage + kWeightBytes,
+      store_group_part(x, amax, part, token, raw, token_tiles + i * (kTokens * kBlockK),
                        &a_scales[i * kTokens + token]);
       sm90::fence_proxy_async_shared();  // the tile is a wgmma operand
     }
@@ -276,18 +268,15 @@ __device__ __forceinline__ void quantize_into_stages(const GemmArgs& args, int t
 
 // Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
 // fills them for the GEMM (their sums are never stored). The consumer threads (`thread` 0..255)
-// write them before waiting for the previous grid: they do not depend on it. `tiles` tiles,
-// `tile_stride` bytes apart (kBeside: one per stage, which no copy and no quantizer writes there),
-// and the scales of `count` k-blocks.
+// write them before waiting for the previous grid: they do not depend on it.
 template <int kTokens>
-__device__ __forceinline__ void zero_padding_rows(int tokens, int tiles, int tile_stride, int count,
-                                                  uint8_t* token_tiles, float* a_scales,
-                                                  int thread) {
+__device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t* token_tiles,
+                                                  float* a_scales, int thread) {
   const int padding = kTokens - tokens;
   const int per_tile = padding * (kBlockK / 16);  // 16-byte units
-  for (int unit = thread; unit < tiles * per_tile; unit += kConsumers * kWarpgroup)
-    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * tile_stride + tokens * kBlockK +
-                              unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
+  for (int unit = thread; unit < count * per_tile; unit += kConsumers * kWarpgroup)
+    *reinterpret_cast<uint4*>(token_tiles + unit / per_tile * (kTokens * kBlockK) +
+                              tokens * kBlockK + unit % per_tile * 16) = make_uint4(0, 0, 0, 0);
   for (int j = thread; j < count * padding; j += kConsumers * kWarpgroup)
     a_scales[j / padding * kTokens + tokens + j % padding] = 0.0f;
 }
@@ -402,11 +391,13 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   // The same offsets in every CTA (the largest count: the first ranks may hold one k-block less).
   const int max_count = (args.k_blocks + splits - 1) / splits;
   uint8_t* stages = align_shared(shared_raw);
-  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX, not kBeside
+  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX
+  uint8_t* x_rows = token_tiles + max_count * Config::kTokenBytes;    // kBeside
   auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_tile_bytes(max_count));
   uint64_t* empty = full + stage_count;
-  uint64_t* x_full = empty + stage_count;                       // kBeside: a stage's x rows
-  uint64_t* sums_ready = x_full + (kBeside ? stage_count : 0);  // push_sums, in rank 0
+  uint64_t* x_full = empty + stage_count;                         // kBeside: a k-block's x rows
+  uint64_t* tile_ready = x_full + (kBeside ? max_count : 0);      // kBeside: its token tile
+  uint64_t* sums_ready = tile_ready + (kBeside ? max_count : 0);  // push_sums, in rank 0
   uint64_t* scales_ready = sums_ready + 1;  // loader_scales: one per group of k-blocks
   auto* a_scales = reinterpret_cast<float*>(scales_ready + Config::scale_groups(max_count));
 
@@ -439,14 +430,18 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::fence_proxy_async_shared();
     });
     for (int s = 0; s < stage_count; ++s) {
-      // kBeside: the producer's arrival (with the copies' bytes) and every quantizer lane's.
-      sm90::mbarrier_init(&full[s], 1 + (kBeside ? kQuantizerWarps * kLanes : 0));
-      if constexpr (kBeside) sm90::mbarrier_init(&x_full[s], 1);
+      sm90::mbarrier_init(&full[s], 1);
       // Alternating: local k-block i uses stage i % stages and warpgroup i % 2; the stage count is
       // even, so a stage always belongs to one warpgroup. Else both warpgroups read every stage.
       sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
     }
     sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
+    if constexpr (kBeside) {
+      for (int i = 0; i < count; ++i) {
+        sm90::mbarrier_init(&x_full[i], 1);
+        sm90::mbarrier_init(&tile_ready[i], kQuantizerWarps * kLanes);
+      }
+    }
     if (loader_scales)
       for (int g = 0; g < Config::scale_groups(count); ++g)
         sm90::mbarrier_init(&scales_ready[g], Config::kLoaderThreads);
@@ -474,11 +469,16 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       }
       sm90::prefetch_tensor_map(&w_map);
       if constexpr (!kQuantizeX || kBeside) sm90::prefetch_tensor_map(&x_map);
-      // kBeside: k-block j's x rows into its stage, on the stage's x_full barrier.
-      const auto load_x_rows = [&](uint8_t* stage, uint64_t* barrier, int j) {
-        sm90::mbarrier_arrive_expect_tx(barrier, Config::kXRowsBytes);
-        sm90::tma_load_2d(stage + Config::kWeightBytes + Config::kTokenBytes, &x_map, barrier,
-                          (kb_begin + j) * kBlockK, t0);
+      // kBeside: the k-range's x rows, right after the wait (a few KB, ahead of the weight tiles
+      // issued after it), each k-block's on a barrier of its own.
+      const auto load_x_rows = [&] {
+        if constexpr (kBeside) {
+          for (int j = 0; j < count; ++j) {
+            sm90::mbarrier_arrive_expect_tx(&x_full[j], Config::kXRowsBytes);
+            sm90::tma_load_2d(x_rows + j * Config::kXRowsBytes, &x_map, &x_full[j],
+                              (kb_begin + j) * kBlockK, t0);
+          }
+        }
       };
       const int first = min(count, stage_count);
       int i = 0;
@@ -487,20 +487,17 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         // first tiles go straight into the ring while it finishes; the token tiles only after.
         const int first_early = min(first, args.early_tiles);
         for (int j = 0; j < first_early; ++j) {
-          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kFullBytes);
+          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
           sm90::tma_load_2d(stages + j * Config::kStageBytes, &w_map, &full[j],
                             (kb_begin + j) * kBlockK, n0);
         }
         vendor::wait_for_previous_grid();
         MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
+        load_x_rows();
         if constexpr (!kQuantizeX) {
           for (int j = 0; j < first_early; ++j)
             sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
                               &full[j], (kb_begin + j) * kBlockK, t0);
-        }
-        if constexpr (kBeside) {
-          for (int j = 0; j < first_early; ++j)
-            load_x_rows(stages + j * Config::kStageBytes, &x_full[j], j);
         }
         i = first_early;
       } else {
@@ -508,6 +505,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         for (int j = 0; j < first; ++j) sm90::tma_prefetch_2d(&w_map, (kb_begin + j) * kBlockK, n0);
         vendor::wait_for_previous_grid();
         MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
+        load_x_rows();
       }
       RingSlot slot;
       slot.advance(i, stage_count);  // i is 0 or at most one lap
@@ -515,8 +513,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
         uint8_t* stage = stages + slot.stage * Config::kStageBytes;
         const int k = (kb_begin + i) * kBlockK;
-        if constexpr (kBeside) load_x_rows(stage, &x_full[slot.stage], i);
-        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kFullBytes);
+        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
         sm90::tma_load_2d(stage, &w_map, &full[slot.stage], k, n0);
         if constexpr (!kQuantizeX)
           sm90::tma_load_2d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0);
@@ -530,9 +527,8 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     if constexpr (kBeside) {
       const int producer_warp = (static_cast<int>(threadIdx.x) - kConsumers * kWarpgroup) / kLanes;
       if (producer_warp >= 1 && producer_warp <= kQuantizerWarps) {
-        quantize_into_stages<kTokens, Config::kStageBytes, Config::kWeightBytes>(
-            args, t0, count, stages, stage_count, full, x_full, a_scales, producer_warp - 1,
-            static_cast<int>(threadIdx.x) % kLanes);
+        quantize_ahead<kTokens>(args, t0, count, x_rows, token_tiles, x_full, tile_ready, a_scales,
+                                producer_warp - 1, static_cast<int>(threadIdx.x) % kLanes);
         MOEKIT_SWAP_TRACE(if (threadIdx.x == kConsumers * kWarpgroup + kLanes)
                               stamp(Sm90TracePhase::first_weights_landed));
       }
@@ -599,9 +595,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       b_scales[i] = b_scale(args.scales, n0 / kFp8BlockSize, kb_begin + i);
   }
   if constexpr (kQuantizeX) {
-    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), kBeside ? stage_count : count,
-                               kBeside ? Config::kStageBytes : Config::kTokenBytes, count,
-                               kBeside ? stages + Config::kWeightBytes : token_tiles, a_scales,
+    zero_padding_rows<kTokens>(min(kTokens, args.m - t0), count, token_tiles, a_scales,
                                consumer_thread);
     sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
   }
@@ -665,8 +659,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     sm90::mbarrier_wait_likely_done(&full[slot.stage], slot.phase);
     MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
-    const uint8_t* token_tile = kQuantizeX && !kBeside ? token_tiles + i * Config::kTokenBytes
-                                                       : stage + Config::kWeightBytes;
+    const uint8_t* token_tile =
+        kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
+    if constexpr (kBeside) sm90::mbarrier_wait(&tile_ready[i], 0);
     issue_k_block<kTokens>(part, stage + row_offset, token_tile);
     // Up to 16 tokens the k-block's scales are read while its wgmma run (H200, session 21: M=1
     // 9.45-9.50 -> 9.40-9.41 us, M=4 9.45-9.50 -> 9.36-9.37, M=16 9.84-9.96 -> 9.70-9.73); at 64
