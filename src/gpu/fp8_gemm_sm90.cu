@@ -1155,8 +1155,8 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   args.early_tiles = plan.early_tiles;
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);
-  // Quantized beside the loop: x's rows k-block by k-block, copied into the stages; else the
-  // consumers read x themselves.
+  // Quantized beside the loop: the k-range's x rows, copied by TMA into a region of their own;
+  // else the consumers read x themselves.
   const CUtensorMap x_rows =
       plan.quantizer_warps
           ? make_x_rows_map(p.quant.x.data(), g.m, g.k, p.quant.x.stride(0), plan.tokens)

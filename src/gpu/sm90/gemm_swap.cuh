@@ -77,13 +77,14 @@ struct Swap {
   // Shared memory: stages | token tiles [L] (kQuantizeX) | x rows [L] (kBeside) | full, empty
   // barriers | x rows' and token tiles' barriers [L] each (kBeside) | sums barrier | scale-group
   // barriers | a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
-  __host__ __device__ static size_t token_tile_bytes(int k_blocks_per_split) {
+  // The token tiles' region and, with kBeside, the x rows' after it.
+  __host__ __device__ static size_t token_region_bytes(int k_blocks_per_split) {
     return static_cast<size_t>(k_blocks_per_split) *
            ((kQuantizeX ? kTokenBytes : 0) + (kBeside ? kXRowsBytes : 0));
   }
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
-           token_tile_bytes(k_blocks_per_split) +
+           token_region_bytes(k_blocks_per_split) +
            (kBeside ? static_cast<size_t>(k_blocks_per_split) * 2 * sizeof(uint64_t) : 0) +
            sizeof(uint64_t) +
            static_cast<size_t>(scale_groups(k_blocks_per_split)) * sizeof(uint64_t) +
@@ -393,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   uint8_t* stages = align_shared(shared_raw);
   uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX
   uint8_t* x_rows = token_tiles + max_count * Config::kTokenBytes;    // kBeside
-  auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_tile_bytes(max_count));
+  auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_region_bytes(max_count));
   uint64_t* empty = full + stage_count;
   uint64_t* x_full = empty + stage_count;                         // kBeside: a k-block's x rows
   uint64_t* tile_ready = x_full + (kBeside ? max_count : 0);      // kBeside: its token tile
