@@ -338,6 +338,20 @@ struct Plan {
   size_t shared_bytes = 0;
 };
 
+// The swap kernel's launch arguments from its plan (the GEMM's and the fused linear layer's).
+void set_swap_args(const Plan& plan, GemmArgs& args) {
+  args.splits = plan.splits;
+  args.stages = plan.stages;
+  args.early_weights = plan.early_weights;
+  args.push_sums = plan.push_sums;
+  args.bulk_stores = plan.bulk_stores;
+  args.loader_scales = plan.loader_scales;
+  args.early_tiles = plan.early_tiles;
+#ifdef MOEKIT_FP8_TRACE
+  args.tiles_ablation = env::integer("MOEKIT_SM90_SWAP_ABLATE", 0);
+#endif
+}
+
 // How many clusters of `splits` CTAs of this kernel fit on the device at once (cached).
 template <typename Kernel>
 int cluster_capacity(Kernel kernel, int splits, size_t shared_bytes, int device) {
@@ -407,7 +421,8 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // activation scales loaded by producer warps; session 19), MOEKIT_SM90_QUANTIZER_WARPS = 0 or 1
 // (the fused linear layer's x quantized by producer warps beside the main loop; session 27: off).
 // Diagnosis builds (MOEKIT_FP8_TRACE) also read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales
-// not loaded, 2 no stores; wrong outputs).
+// not loaded, 2 no stores, and for the quantizer warps 4 / 8 / 16: see gemm_swap_kernel; wrong
+// outputs).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -1018,16 +1033,7 @@ void block_fp8_gemm_sm90(const BlockGemmProblem& p) {
     first =
         make_tile_map("b", p.b.data(), p.n, p.k, p.b.stride(0), plan.rows, plan.weight_promotion);
     second = make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), plan.tokens);
-    args.splits = plan.splits;
-    args.stages = plan.stages;
-    args.early_weights = plan.early_weights;
-    args.push_sums = plan.push_sums;
-    args.bulk_stores = plan.bulk_stores;
-    args.loader_scales = plan.loader_scales;
-    args.early_tiles = plan.early_tiles;
-#ifdef MOEKIT_FP8_TRACE
-    args.tiles_ablation = env::integer("MOEKIT_SM90_SWAP_ABLATE", 0);
-#endif
+    set_swap_args(plan, args);
     launch(plan, plan.kernel, p.stream, device, first, second, args);
     return;
   }
@@ -1146,13 +1152,7 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   GemmArgs args = args_of(g);
   args.activations = {p.quant.x.data(), p.quant.x.stride(0), static_cast<int>(g.k), p.quant.eps,
                       p.quant.ue8m0};
-  args.splits = plan.splits;
-  args.stages = plan.stages;
-  args.early_weights = plan.early_weights;
-  args.push_sums = plan.push_sums;
-  args.bulk_stores = plan.bulk_stores;
-  args.loader_scales = plan.loader_scales;
-  args.early_tiles = plan.early_tiles;
+  set_swap_args(plan, args);
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);
   // Quantized beside the loop: the k-range's x rows, copied by TMA into a region of their own;

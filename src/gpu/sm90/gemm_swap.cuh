@@ -211,20 +211,26 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
 // token tiles' region and arrive on tile_ready[i], on which the consumers wait beside their
 // stage's weights. (Quantizing the whole range before the loop holds the ring full, and past the
 // ring the weight stream stops for as long as that takes; token tiles kept in the stages tied
-// each one to its stage being free and lost more: fp8-gpu-sm90.md, session 27.) Pass p takes
-// groups 12p..12p+11 in k-block order, 4 per warp (8 lanes each); every quantizer lane arrives
-// once per k-block, after its warp's writes there. Waits are the whole warp's, never a few
-// lanes': lanes spinning on a barrier while others of their warp work would take turns with them.
+// each one to its stage being free and lost more: fp8-gpu-sm90.md, session 27.) A warp takes
+// kBatch x 4 consecutive groups per pass (8 lanes each), their loads, reductions and stores
+// interleaved so that one warp per scheduler is not held by one group's chain of latencies; the
+// warps' passes follow each other in k-block order. Every quantizer lane arrives once per
+// k-block, after its warp's writes there. Waits are the whole warp's, never a few lanes': lanes
+// spinning on a barrier while others of their warp work would take turns with them. Diagnosis
+// builds: `ablation` bit 4 skips the loads, the quantization and the stores (waits and arrivals
+// only), bit 32 the fence (wrong outputs: timing only).
 constexpr int kQuantizerWarps = 3;  // warps 1..3 of the producer warpgroup
+constexpr int kQuantizerBatch = 4;  // groups per lane and pass
 
-template <int kTokens>
+template <int kTokens, int kBatch>
 __device__ __forceinline__ void quantize_ahead(const GemmArgs& args, int t0, int count,
                                                const uint8_t* x_rows, uint8_t* token_tiles,
                                                uint64_t* x_full, uint64_t* tile_ready,
-                                               float* a_scales, int warp, int lane) {
+                                               float* a_scales, int warp, int lane, int ablation) {
   constexpr int kXRowsBytes = kTokens * kBlockK * 2;
-  constexpr int kWarpGroups = kLanes / kGroupLanes;              // 4
-  constexpr int kGroupsPerPass = kQuantizerWarps * kWarpGroups;  // 12
+  constexpr int kStepGroups = kLanes / kGroupLanes;  // 4: a warp's groups per step
+  constexpr int kWarpGroups = kBatch * kStepGroups;  // a warp's groups per pass
+  constexpr int kGroupsPerPass = kQuantizerWarps * kWarpGroups;
   const Activations& x = args.activations;
   const int part = lane % kGroupLanes;
   const int tokens = min(kTokens, args.m - t0);
@@ -240,25 +246,40 @@ __device__ __forceinline__ void quantize_ahead(const GemmArgs& args, int t0, int
     const int last = min(base + kWarpGroups, groups) - 1;  // this warp's groups: base..last
     arrive_before(base / tokens);
     wait_through(last / tokens);
-    const int group = base + lane / kGroupLanes;
-    const bool inside = group <= last;
-    const int token = group % tokens, i = group / tokens;
-    RawGroup raw;
-    const uint8_t* x_row = x_rows + i * kXRowsBytes + token * (kBlockK * 2);
+    if (!(ablation & 4)) {
+      RawGroup raw[kBatch];
+      float amax[kBatch];
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const uint4 v = inside ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
-                             : make_uint4(0, 0, 0, 0);
-      raw[c].w[0] = v.x, raw[c].w[1] = v.y, raw[c].w[2] = v.z, raw[c].w[3] = v.w;
-    }
-    float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
+      for (int b = 0; b < kBatch; ++b) {
+        const int group = base + b * kStepGroups + lane / kGroupLanes;
+        const int token = group % tokens, i = group / tokens;
+        const uint8_t* x_row = x_rows + i * kXRowsBytes + token * (kBlockK * 2);
 #pragma unroll
-    for (int offset = 1; offset < kGroupLanes; offset <<= 1)
-      amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
-    if (inside) {
-      store_group_part(x, amax, part, token, raw, token_tiles + i * (kTokens * kBlockK),
-                       &a_scales[i * kTokens + token]);
-      sm90::fence_proxy_async_shared();  // the tile is a wgmma operand
+        for (int c = 0; c < 2; ++c) {
+          const uint4 v = group <= last
+                              ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
+                              : make_uint4(0, 0, 0, 0);
+          raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        amax[b] = chunk_amax<Wide::bf16>(raw[b][1], chunk_amax<Wide::bf16>(raw[b][0], 0.0f));
+#pragma unroll
+      for (int offset = 1; offset < kGroupLanes; offset <<= 1) {
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          amax[b] = fmaxf(amax[b], vendor::shfl_xor(amax[b], offset));
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int group = base + b * kStepGroups + lane / kGroupLanes;
+        const int token = group % tokens, i = group / tokens;
+        if (group <= last)
+          store_group_part(x, amax[b], part, token, raw[b], token_tiles + i * (kTokens * kBlockK),
+                           &a_scales[i * kTokens + token]);
+      }
+      if (!(ablation & 32)) sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
     }
     __syncwarp();
     // The warp's next groups start kGroupsPerPass on: every k-block before theirs is done here.
@@ -416,7 +437,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   const bool loader_scales = !kQuantizeX && args.loader_scales;
 #ifdef MOEKIT_FP8_TRACE
   // Diagnosis (MOEKIT_SM90_SWAP_ABLATE bits): 1 the activation scales not loaded (1.0), 2 no
-  // stores.
+  // stores; with quantizer warps, 4 no quantization (waits and arrivals only), 8 the consumers not
+  // waiting for the token tiles, 16 one group per quantizer lane and pass, 32 no fence after
+  // the quantizers' stores.
   const int ablation = args.tiles_ablation;
 #else
   constexpr int ablation = 0;
@@ -528,8 +551,16 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     if constexpr (kBeside) {
       const int producer_warp = (static_cast<int>(threadIdx.x) - kConsumers * kWarpgroup) / kLanes;
       if (producer_warp >= 1 && producer_warp <= kQuantizerWarps) {
-        quantize_ahead<kTokens>(args, t0, count, x_rows, token_tiles, x_full, tile_ready, a_scales,
-                                producer_warp - 1, static_cast<int>(threadIdx.x) % kLanes);
+        // Diagnosis builds: ablation bit 16 takes one group per lane and pass instead of
+        // kQuantizerBatch.
+        if (ablation & 16)
+          quantize_ahead<kTokens, 1>(args, t0, count, x_rows, token_tiles, x_full, tile_ready,
+                                     a_scales, producer_warp - 1,
+                                     static_cast<int>(threadIdx.x) % kLanes, ablation);
+        else
+          quantize_ahead<kTokens, kQuantizerBatch>(
+              args, t0, count, x_rows, token_tiles, x_full, tile_ready, a_scales, producer_warp - 1,
+              static_cast<int>(threadIdx.x) % kLanes, ablation);
         MOEKIT_SWAP_TRACE(if (threadIdx.x == kConsumers * kWarpgroup + kLanes)
                               stamp(Sm90TracePhase::first_weights_landed));
       }
@@ -662,7 +693,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
     const uint8_t* token_tile =
         kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
-    if constexpr (kBeside) sm90::mbarrier_wait(&tile_ready[i], 0);
+    if (kBeside && !(ablation & 8)) sm90::mbarrier_wait(&tile_ready[i], 0);
     issue_k_block<kTokens>(part, stage + row_offset, token_tile);
     // Up to 16 tokens the k-block's scales are read while its wgmma run (H200, session 21: M=1
     // 9.45-9.50 -> 9.40-9.41 us, M=4 9.45-9.50 -> 9.36-9.37, M=16 9.84-9.96 -> 9.70-9.73); at 64
