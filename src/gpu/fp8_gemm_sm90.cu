@@ -318,7 +318,7 @@ struct Plan {
   bool push_sums = false;
   bool bulk_stores = false;      // swap: rank 0's out tile through shared memory and bulk copies
   bool loader_scales = false;    // swap: activation scales loaded by producer warps, group by group
-  bool quantizer_warps = false;  // swap quantizing x: by producer warps beside the main loop
+  bool quantizer_warps = false;  // swap quantizing x: tile by tile inside the main loop
   int early_tiles = 0;           // swap, early_weights: weight tiles loaded before the wait
   int weight_promotion = 0;      // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
@@ -419,10 +419,9 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // promotion: none, 64, 128, 256 bytes; session 11), MOEKIT_SM90_BULK_STORES = 0 or 1 (rank 0's out
 // tile through shared memory and bulk copies; session 19), MOEKIT_SM90_SCALE_LOADER = 0 or 1 (the
 // activation scales loaded by producer warps; session 19), MOEKIT_SM90_QUANTIZER_WARPS = 0 or 1
-// (the fused linear layer's x quantized by producer warps beside the main loop; session 27: off).
-// Diagnosis builds (MOEKIT_FP8_TRACE) also read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales
-// not loaded, 2 no stores, and for the quantizer warps 4 / 8 / 16: see gemm_swap_kernel; wrong
-// outputs).
+// (the fused linear layer's x quantized by the consumers tile by tile inside the main loop;
+// session 28: off). Diagnosis builds (MOEKIT_FP8_TRACE) also read MOEKIT_SM90_SWAP_ABLATE (bits: 1
+// activation scales not loaded, 2 no stores; wrong outputs).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -861,10 +860,10 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
   const BlockGemmProblem fused = fused_gemm_of(p);
   plan = Plan{};
   // x quantized by the consumers before their loop, or (MOEKIT_SM90_QUANTIZER_WARPS=1, a timing
-  // knob) by three producer warps beside it, ahead of the consumers, from x rows copied by TMA:
-  // session 27's design C, compiled but not yet run on a GPU. The designs measured before it
-  // were bitwise right but slower (H200: N=4096 K=7168 M=1 9.39 -> 14.95 us at best, M=16 16.22
-  // -> 33.40 at best; docs/perf/fp8-gpu-sm90.md, session 27).
+  // knob) tile by tile inside it, from x rows copied by TMA (session 28's design D). Producer
+  // warps quantizing beside the loop were bitwise right but slower everywhere (H200: N=4096
+  // K=7168 M=1 9.42 -> 10.66 us at best, M=16 16.26 -> 21.66; docs/perf/fp8-gpu-sm90.md,
+  // sessions 27 and 28).
   const bool beside = swap_overrides().quantizer_warps > 0;
   if (beside)
     return gemm.tokens == 8 ? plan_swap<8, true, true>(fused, device, device_index, &layout, plan)
@@ -1137,7 +1136,7 @@ std::string w8a8_linear_sm90_fused_plan(const W8a8LinearProblem& p) {
                 plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
                 plan.shared_bytes, plan.early_weights ? ", early weight loads" : "",
                 plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
-                plan.quantizer_warps ? ", x quantized by 3 producer warps beside the loop" : "");
+                plan.quantizer_warps ? ", x quantized tile by tile in the loop" : "");
   return text;
 }
 

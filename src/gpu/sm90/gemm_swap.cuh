@@ -85,7 +85,7 @@ struct Swap {
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
            token_region_bytes(k_blocks_per_split) +
-           (kBeside ? static_cast<size_t>(k_blocks_per_split) * 2 * sizeof(uint64_t) : 0) +
+           (kBeside ? static_cast<size_t>(k_blocks_per_split) * sizeof(uint64_t) : 0) +
            sizeof(uint64_t) +
            static_cast<size_t>(scale_groups(k_blocks_per_split)) * sizeof(uint64_t) +
            static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
@@ -204,88 +204,62 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
   sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
 }
 
-// kBeside: the token tiles quantized beside the main loop by kQuantizerWarps warps of the
-// producer warpgroup (`warp` 0..kQuantizerWarps - 1), ahead of the consumers and apart from the
-// ring: the producer copies the k-range's bf16 x rows ([kTokens][128] per k-block, `x_rows`)
-// right after the wait, each k-block's on x_full[i]; the quantizers write token tile i into the
-// token tiles' region and arrive on tile_ready[i], on which the consumers wait beside their
-// stage's weights. (Quantizing the whole range before the loop holds the ring full, and past the
-// ring the weight stream stops for as long as that takes; token tiles kept in the stages tied
-// each one to its stage being free and lost more: fp8-gpu-sm90.md, session 27.) A warp takes
-// kBatch x 4 consecutive groups per pass (8 lanes each), their loads, reductions and stores
-// interleaved so that one warp per scheduler is not held by one group's chain of latencies; the
-// warps' passes follow each other in k-block order. Every quantizer lane arrives once per
-// k-block, after its warp's writes there. Waits are the whole warp's, never a few lanes': lanes
-// spinning on a barrier while others of their warp work would take turns with them. Diagnosis
-// builds: `ablation` bit 4 skips the loads, the quantization and the stores (waits and arrivals
-// only), bit 32 the fence (wrong outputs: timing only).
-constexpr int kQuantizerWarps = 3;  // warps 1..3 of the producer warpgroup
-constexpr int kQuantizerBatch = 4;  // groups per lane and pass
+// kBeside: the consumers quantize the token tiles inside the main loop, kInLoopBatch tiles at a
+// time, while wgmma run: every kInLoopBatch-th k-block of a warpgroup quantizes the next
+// kInLoopBatch tiles it will read (from kInLoopBatch k-blocks on), from the k-range's x rows
+// ([kTokens][128] bf16 per k-block, `x_rows`), which the producer copies by TMA right after the
+// wait, each k-block's on x_full[i]. (Quantizing the whole range before the loop holds the ring
+// full, and past the ring the weight stream stops for as long as that takes; quantizer warps
+// beside the loop were too few for the work, and a tile per k-block put a group's whole chain of
+// latencies on every k-block: fp8-gpu-sm90.md, sessions 27 and 28.)
+constexpr int kInLoopBatch = 4;
 
+// Tiles first, first + step, ... (kBatch of them, those before `count`) by the 128 threads of a
+// warpgroup (`thread`): token thread / 8, 16 elements per lane and tile, the tiles' chains
+// interleaved; warps whose lanes are all past the last token skip. The caller fences and
+// synchronizes before a tile is a wgmma operand.
 template <int kTokens, int kBatch>
-__device__ __forceinline__ void quantize_ahead(const GemmArgs& args, int t0, int count,
-                                               const uint8_t* x_rows, uint8_t* token_tiles,
-                                               uint64_t* x_full, uint64_t* tile_ready,
-                                               float* a_scales, int warp, int lane, int ablation) {
+__device__ __forceinline__ void quantize_tiles_from_rows(const Activations& x, int tokens,
+                                                         int first, int step, int count,
+                                                         const uint8_t* x_rows,
+                                                         uint8_t* token_tiles, float* a_scales,
+                                                         uint64_t* x_full, int thread) {
+  static_assert(kTokens * kGroupLanes <= kWarpgroup);
   constexpr int kXRowsBytes = kTokens * kBlockK * 2;
-  constexpr int kStepGroups = kLanes / kGroupLanes;  // 4: a warp's groups per step
-  constexpr int kWarpGroups = kBatch * kStepGroups;  // a warp's groups per pass
-  constexpr int kGroupsPerPass = kQuantizerWarps * kWarpGroups;
-  const Activations& x = args.activations;
-  const int part = lane % kGroupLanes;
-  const int tokens = min(kTokens, args.m - t0);
-  const int groups = count * tokens;
-  int landed = 0, arrived = 0;  // k-blocks whose x rows this warp has seen / it has arrived on
-  const auto wait_through = [&](int last) {
-    for (; landed <= last; ++landed) sm90::mbarrier_wait(&x_full[landed], 0);
-  };
-  const auto arrive_before = [&](int end) {
-    for (; arrived < end; ++arrived) sm90::mbarrier_arrive(&tile_ready[arrived]);
-  };
-  for (int base = warp * kWarpGroups; base < groups; base += kGroupsPerPass) {
-    const int last = min(base + kWarpGroups, groups) - 1;  // this warp's groups: base..last
-    arrive_before(base / tokens);
-    wait_through(last / tokens);
-    if (!(ablation & 4)) {
-      RawGroup raw[kBatch];
-      float amax[kBatch];
+  if (thread / kLanes * kLanes >= tokens * kGroupLanes) return;  // the whole warp
+  const int token = thread / kGroupLanes, part = thread % kGroupLanes;
+  const bool inside = token < tokens;
+  RawGroup raw[kBatch];
+  float amax[kBatch];
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int group = base + b * kStepGroups + lane / kGroupLanes;
-        const int token = group % tokens, i = group / tokens;
-        const uint8_t* x_row = x_rows + i * kXRowsBytes + token * (kBlockK * 2);
+  for (int b = 0; b < kBatch; ++b) {
+    const int i = first + b * step;
+    if (i < count) sm90::mbarrier_wait(&x_full[i], 0);  // the same in every lane
+    const uint8_t* x_row = x_rows + i * kXRowsBytes + token * (kBlockK * 2);
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const uint4 v = group <= last
-                              ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
-                              : make_uint4(0, 0, 0, 0);
-          raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
-        }
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b)
-        amax[b] = chunk_amax<Wide::bf16>(raw[b][1], chunk_amax<Wide::bf16>(raw[b][0], 0.0f));
-#pragma unroll
-      for (int offset = 1; offset < kGroupLanes; offset <<= 1) {
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b)
-          amax[b] = fmaxf(amax[b], vendor::shfl_xor(amax[b], offset));
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int group = base + b * kStepGroups + lane / kGroupLanes;
-        const int token = group % tokens, i = group / tokens;
-        if (group <= last)
-          store_group_part(x, amax[b], part, token, raw[b], token_tiles + i * (kTokens * kBlockK),
-                           &a_scales[i * kTokens + token]);
-      }
-      if (!(ablation & 32)) sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+    for (int c = 0; c < 2; ++c) {
+      const uint4 v = inside && i < count
+                          ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
+                          : make_uint4(0, 0, 0, 0);
+      raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
     }
-    __syncwarp();
-    // The warp's next groups start kGroupsPerPass on: every k-block before theirs is done here.
-    arrive_before(min(count, (base + kGroupsPerPass) / tokens));
   }
-  arrive_before(count);
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b)  // two chains per group, not one through both chunks
+    amax[b] =
+        fmaxf(chunk_amax<Wide::bf16>(raw[b][0], 0.0f), chunk_amax<Wide::bf16>(raw[b][1], 0.0f));
+#pragma unroll
+  for (int offset = 1; offset < kGroupLanes; offset <<= 1) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) amax[b] = fmaxf(amax[b], vendor::shfl_xor(amax[b], offset));
+  }
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b) {
+    const int i = first + b * step;
+    if (inside && i < count)
+      store_group_part(x, amax[b], part, token, raw[b], token_tiles + i * (kTokens * kBlockK),
+                       &a_scales[i * kTokens + token]);
+  }
 }
 
 // Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
@@ -417,9 +391,8 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   uint8_t* x_rows = token_tiles + max_count * Config::kTokenBytes;    // kBeside
   auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_region_bytes(max_count));
   uint64_t* empty = full + stage_count;
-  uint64_t* x_full = empty + stage_count;                         // kBeside: a k-block's x rows
-  uint64_t* tile_ready = x_full + (kBeside ? max_count : 0);      // kBeside: its token tile
-  uint64_t* sums_ready = tile_ready + (kBeside ? max_count : 0);  // push_sums, in rank 0
+  uint64_t* x_full = empty + stage_count;                     // kBeside: a k-block's x rows
+  uint64_t* sums_ready = x_full + (kBeside ? max_count : 0);  // push_sums, in rank 0
   uint64_t* scales_ready = sums_ready + 1;  // loader_scales: one per group of k-blocks
   auto* a_scales = reinterpret_cast<float*>(scales_ready + Config::scale_groups(max_count));
 
@@ -437,9 +410,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   const bool loader_scales = !kQuantizeX && args.loader_scales;
 #ifdef MOEKIT_FP8_TRACE
   // Diagnosis (MOEKIT_SM90_SWAP_ABLATE bits): 1 the activation scales not loaded (1.0), 2 no
-  // stores; with quantizer warps, 4 no quantization (waits and arrivals only), 8 the consumers not
-  // waiting for the token tiles, 16 one group per quantizer lane and pass, 32 no fence after
-  // the quantizers' stores.
+  // stores.
   const int ablation = args.tiles_ablation;
 #else
   constexpr int ablation = 0;
@@ -461,10 +432,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     }
     sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
     if constexpr (kBeside) {
-      for (int i = 0; i < count; ++i) {
-        sm90::mbarrier_init(&x_full[i], 1);
-        sm90::mbarrier_init(&tile_ready[i], kQuantizerWarps * kLanes);
-      }
+      for (int i = 0; i < count; ++i) sm90::mbarrier_init(&x_full[i], 1);
     }
     if (loader_scales)
       for (int g = 0; g < Config::scale_groups(count); ++g)
@@ -548,23 +516,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights && !kBeside) {
           trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
         });
-    if constexpr (kBeside) {
-      const int producer_warp = (static_cast<int>(threadIdx.x) - kConsumers * kWarpgroup) / kLanes;
-      if (producer_warp >= 1 && producer_warp <= kQuantizerWarps) {
-        // Diagnosis builds: ablation bit 16 takes one group per lane and pass instead of
-        // kQuantizerBatch.
-        if (ablation & 16)
-          quantize_ahead<kTokens, 1>(args, t0, count, x_rows, token_tiles, x_full, tile_ready,
-                                     a_scales, producer_warp - 1,
-                                     static_cast<int>(threadIdx.x) % kLanes, ablation);
-        else
-          quantize_ahead<kTokens, kQuantizerBatch>(
-              args, t0, count, x_rows, token_tiles, x_full, tile_ready, a_scales, producer_warp - 1,
-              static_cast<int>(threadIdx.x) % kLanes, ablation);
-        MOEKIT_SWAP_TRACE(if (threadIdx.x == kConsumers * kWarpgroup + kLanes)
-                              stamp(Sm90TracePhase::first_weights_landed));
-      }
-    }
     const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 2 * kLanes);
     if (loader_scales && loader >= 0) {
       // Warps 2 and 3: the activation scales group by group, the next group's loads in flight
@@ -645,9 +596,18 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
     // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow. Or by the
     // quantizer warps, k-block by k-block, while this loop runs.
-    if constexpr (!kBeside)
+    if constexpr (kBeside) {
+      // This warpgroup's first tiles (warpgroup 0's where both read every k-block).
+      if (kAlternate || warpgroup == 0)
+        quantize_tiles_from_rows<kTokens, kInLoopBatch>(
+            args.activations, min(kTokens, args.m - t0), kAlternate ? warpgroup : 0,
+            kAlternate ? kConsumers : 1, count, x_rows, token_tiles, a_scales, x_full,
+            consumer_thread % kWarpgroup);
+      sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+    } else {
       quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
                                                          a_scales, consumer_thread);
+    }
   } else if (!loader_scales) {
     // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
     // of independent loads per thread, then the stores (one memory latency, not one per element).
@@ -687,13 +647,14 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   RingSlot slot;
   if (kAlternate) slot.advance(warpgroup, stage_count);
   const int step = kAlternate ? kConsumers : 1;
-  for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
+  int turn = 0;  // the warpgroup's k-blocks so far
+  for (int i = kAlternate ? warpgroup : 0; i < count;
+       i += step, ++turn, slot.advance(step, stage_count)) {
     sm90::mbarrier_wait_likely_done(&full[slot.stage], slot.phase);
     MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
     const uint8_t* token_tile =
         kQuantizeX ? token_tiles + i * Config::kTokenBytes : stage + Config::kWeightBytes;
-    if (kBeside && !(ablation & 8)) sm90::mbarrier_wait(&tile_ready[i], 0);
     issue_k_block<kTokens>(part, stage + row_offset, token_tile);
     // Up to 16 tokens the k-block's scales are read while its wgmma run (H200, session 21: M=1
     // 9.45-9.50 -> 9.40-9.41 us, M=4 9.45-9.50 -> 9.36-9.37, M=16 9.84-9.96 -> 9.70-9.73); at 64
@@ -709,6 +670,17 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
 #pragma unroll
       for (int j = 0; j < kTokens / 8; ++j)
         a_pairs[j] = *reinterpret_cast<const float2*>(sa + 8 * j);
+    }
+    // kBeside: every kInLoopBatch-th k-block, the tiles kInLoopBatch k-blocks on, while this
+    // one's wgmma run.
+    const bool quantizes = kBeside && turn % kInLoopBatch == 0 && i + kInLoopBatch * step < count;
+    if constexpr (kBeside) {
+      if (quantizes && (kAlternate || warpgroup == 0)) {
+        quantize_tiles_from_rows<kTokens, kInLoopBatch>(args.activations, min(kTokens, args.m - t0),
+                                                        i + kInLoopBatch * step, step, count,
+                                                        x_rows, token_tiles, a_scales, x_full, t);
+        sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+      }
     }
     wait_k_block<kTokens>(part);
     if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
@@ -726,6 +698,13 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       acc[4 * j + 1] += part[4 * j + 1] * scale1;
       acc[4 * j + 2] += part[4 * j + 2] * scale0;
       acc[4 * j + 3] += part[4 * j + 3] * scale1;
+    }
+    // kBeside: the tiles' writers (this warpgroup, or warpgroup 0 for both) have fenced.
+    if (quantizes) {
+      if constexpr (kAlternate)
+        sm90::named_barrier(3 + warpgroup, kWarpgroup);
+      else
+        sm90::named_barrier(3, kConsumers * kWarpgroup);
     }
   }
 
