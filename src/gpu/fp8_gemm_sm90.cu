@@ -125,27 +125,6 @@ CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int6
   return map;
 }
 
-// bf16 rows [rows, cols] (row_stride elements apart) in boxes of box_rows rows x one k-block of
-// 128 columns, unswizzled: the fused linear layer's x, for quantizer warps that read it from
-// shared memory. Rows past `rows` and columns past `cols` arrive as zeros.
-CUtensorMap make_x_rows_map(const void* base, int64_t rows, int64_t cols, int64_t row_stride,
-                            int box_rows) {
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const int64_t stride_bytes = rows > 1 ? row_stride * 2 : (cols * 2 + 15) / 16 * 16;
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride_bytes)};
-  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult status = encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
-      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS)
-    fail("w8a8_block_fp8_linear", "x tensor map", "CUresult " + std::to_string(status),
-         "cuTensorMapEncodeTiled failed");
-  return map;
-}
-
 #ifdef MOEKIT_FP8_TRACE
 // Diagnosis builds, MOEKIT_SM90_TILES_ABLATE=5: make_tile_map's matrix as a 3-D view (128 bytes,
 // rows, k-blocks) whose boxes hold two k-blocks' tiles, one after the other.
@@ -316,11 +295,10 @@ struct Plan {
   bool early_weights = false;
   bool co_resident = false;  // swap: the kernel built for two CTAs per SM
   bool push_sums = false;
-  bool bulk_stores = false;      // swap: rank 0's out tile through shared memory and bulk copies
-  bool loader_scales = false;    // swap: activation scales loaded by producer warps, group by group
-  bool quantizer_warps = false;  // swap quantizing x: tile by tile inside the main loop
-  int early_tiles = 0;           // swap, early_weights: weight tiles loaded before the wait
-  int weight_promotion = 0;      // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
+  bool bulk_stores = false;    // swap: rank 0's out tile through shared memory and bulk copies
+  bool loader_scales = false;  // swap: activation scales loaded by producer warps, group by group
+  int early_tiles = 0;         // swap, early_weights: weight tiles loaded before the wait
+  int weight_promotion = 0;    // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
@@ -418,10 +396,8 @@ double swap_wave_us(int rows, int tokens, int k_blocks, int64_t active) {
 // after the token tiles; session 8), MOEKIT_SM90_W_PROMOTION=0..3 (the weight map's L2
 // promotion: none, 64, 128, 256 bytes; session 11), MOEKIT_SM90_BULK_STORES = 0 or 1 (rank 0's out
 // tile through shared memory and bulk copies; session 19), MOEKIT_SM90_SCALE_LOADER = 0 or 1 (the
-// activation scales loaded by producer warps; session 19), MOEKIT_SM90_QUANTIZER_WARPS = 0 or 1
-// (the fused linear layer's x quantized by the consumers tile by tile inside the main loop;
-// session 28: off). Diagnosis builds (MOEKIT_FP8_TRACE) also read MOEKIT_SM90_SWAP_ABLATE (bits: 1
-// activation scales not loaded, 2 no stores; wrong outputs).
+// activation scales loaded by producer warps; session 19). Diagnosis builds (MOEKIT_FP8_TRACE) also
+// read MOEKIT_SM90_SWAP_ABLATE (bits: 1 activation scales not loaded, 2 no stores; wrong outputs).
 constexpr int kMaxSwapStages = 16;
 
 struct SwapOverrides {
@@ -432,7 +408,6 @@ struct SwapOverrides {
   int weight_promotion = -1;                                 // -1: the planner's
   int bulk_stores = -1;                                      // -1: the planner's
   int loader_scales = -1;                                    // -1: the planner's
-  int quantizer_warps = -1;                                  // -1: the planner's
 };
 
 // Read at every plan, not once: the GPU tests set them per scope.
@@ -447,7 +422,6 @@ SwapOverrides swap_overrides() {
   o.weight_promotion = env::integer("MOEKIT_SM90_W_PROMOTION", o.weight_promotion);
   o.bulk_stores = env::integer("MOEKIT_SM90_BULK_STORES", o.bulk_stores);
   o.loader_scales = env::integer("MOEKIT_SM90_SCALE_LOADER", o.loader_scales);
-  o.quantizer_warps = env::integer("MOEKIT_SM90_QUANTIZER_WARPS", o.quantizer_warps);
   return o;
 }
 
@@ -462,7 +436,7 @@ struct SwapLayout {
 // with the least estimated time: waves of the clusters the device holds at once (several waves cost
 // much more than they save) x swap_wave_us; or the `required` one. Returns false when no layout
 // fits. kQuantizeX: the kernels that quantize bf16 x themselves.
-template <int kTokens, bool kQuantizeX, bool kBeside = false>
+template <int kTokens, bool kQuantizeX>
 bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int device_index,
                const SwapLayout* required, Plan& plan) {
   struct Variant {
@@ -478,17 +452,17 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   constexpr bool kSmall = kTokens <= 16;  // the widths measured faster with two CTAs per SM
   KernelFn co_resident_128 = nullptr, co_resident_64 = nullptr;
   if constexpr (kSmall) {
-    co_resident_128 = gemm_swap_kernel<kTokens, 128, true, kQuantizeX, kBeside>;
-    co_resident_64 = gemm_swap_kernel<kTokens, 64, true, kQuantizeX, kBeside>;
+    co_resident_128 = gemm_swap_kernel<kTokens, 128, true, kQuantizeX>;
+    co_resident_64 = gemm_swap_kernel<kTokens, 64, true, kQuantizeX>;
   }
-  using Rows128 = Swap<kTokens, 128, kQuantizeX, kBeside>;
-  using Rows64 = Swap<kTokens, 64, kQuantizeX, kBeside>;
-  const Variant variants[] = {{gemm_swap_kernel<kTokens, 128, false, kQuantizeX, kBeside>,
-                               co_resident_128, 128, Rows128::min_stages(), Rows128::kLateStages,
-                               Rows128::shared_bytes, Rows128::inbox_bytes, Rows128::staging_fits},
-                              {gemm_swap_kernel<kTokens, 64, false, kQuantizeX, kBeside>,
-                               co_resident_64, 64, Rows64::min_stages(), Rows64::kLateStages,
-                               Rows64::shared_bytes, Rows64::inbox_bytes, Rows64::staging_fits}};
+  using Rows128 = Swap<kTokens, 128, kQuantizeX>;
+  using Rows64 = Swap<kTokens, 64, kQuantizeX>;
+  const Variant variants[] = {
+      {gemm_swap_kernel<kTokens, 128, false, kQuantizeX>, co_resident_128, 128,
+       Rows128::min_stages(), Rows128::kLateStages, Rows128::shared_bytes, Rows128::inbox_bytes,
+       Rows128::staging_fits},
+      {gemm_swap_kernel<kTokens, 64, false, kQuantizeX>, co_resident_64, 64, Rows64::min_stages(),
+       Rows64::kLateStages, Rows64::shared_bytes, Rows64::inbox_bytes, Rows64::staging_fits}};
   const SwapOverrides overrides = swap_overrides();
   // Early weight loads only where the caller promises the previous kernel does not write B
   // (OpOptions::static_weights; the linear layer always can): else a load issued before
@@ -576,7 +550,6 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
   // 9.55 -> 10.08, 9.89 -> 10.49, 12.35 -> 12.97 us; fp8-gpu-sm90.md, session 19). Timing knob
   // MOEKIT_SM90_SCALE_LOADER=1.
   plan.loader_scales = !kQuantizeX && overrides.loader_scales > 0;
-  plan.quantizer_warps = kBeside;
   // 64-token tiles: 8 of the ring's 12 weight tiles before the wait, so that the token tiles
   // issued after it queue behind fewer weight bytes (H200, M=64 N=4096 K=7168, moekit bench, 3
   // interleaved rounds: 13.10-13.12 vs 13.15-13.22 us; a small gain, see fp8-gpu-sm90.md v10);
@@ -859,15 +832,6 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
   const SwapLayout layout{gemm.rows, gemm.splits};
   const BlockGemmProblem fused = fused_gemm_of(p);
   plan = Plan{};
-  // x quantized by the consumers before their loop, or (MOEKIT_SM90_QUANTIZER_WARPS=1, a timing
-  // knob) tile by tile inside it, from x rows copied by TMA (session 28's design D). Producer
-  // warps quantizing beside the loop were bitwise right but slower everywhere (H200: N=4096
-  // K=7168 M=1 9.42 -> 10.66 us at best, M=16 16.26 -> 21.66; docs/perf/fp8-gpu-sm90.md,
-  // sessions 27 and 28).
-  const bool beside = swap_overrides().quantizer_warps > 0;
-  if (beside)
-    return gemm.tokens == 8 ? plan_swap<8, true, true>(fused, device, device_index, &layout, plan)
-                            : plan_swap<16, true, true>(fused, device, device_index, &layout, plan);
   return gemm.tokens == 8 ? plan_swap<8, true>(fused, device, device_index, &layout, plan)
                           : plan_swap<16, true>(fused, device, device_index, &layout, plan);
 }
@@ -1129,14 +1093,13 @@ std::string w8a8_linear_sm90_fused_plan(const W8a8LinearProblem& p) {
   DeviceGuard on_device(device);
   Plan plan;
   if (!fused_linear_plan_for(p, device, plan)) return "no fused plan";
-  char text[400];
+  char text[300];
   std::snprintf(text, sizeof text,
                 "swap with x quantized in the kernel: %d tokens x %d weight rows per CTA, K split "
-                "%d ways (cluster), grid %u x %u, %d stages, %zu B shared%s%s%s%s",
+                "%d ways (cluster), grid %u x %u, %d stages, %zu B shared%s%s%s",
                 plan.tokens, plan.rows, plan.splits, plan.grid.x, plan.grid.y, plan.stages,
                 plan.shared_bytes, plan.early_weights ? ", early weight loads" : "",
-                plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "",
-                plan.quantizer_warps ? ", x quantized tile by tile in the loop" : "");
+                plan.co_resident ? ", 2 CTAs per SM" : "", plan.push_sums ? ", pushed sums" : "");
   return text;
 }
 
@@ -1154,13 +1117,8 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   set_swap_args(plan, args);
   const CUtensorMap weight = make_tile_map("weight", g.b.data(), g.n, g.k, g.b.stride(0), plan.rows,
                                            plan.weight_promotion);
-  // Quantized beside the loop: the k-range's x rows, copied by TMA into a region of their own;
-  // else the consumers read x themselves.
-  const CUtensorMap x_rows =
-      plan.quantizer_warps
-          ? make_x_rows_map(p.quant.x.data(), g.m, g.k, p.quant.x.stride(0), plan.tokens)
-          : CUtensorMap{};
-  launch(plan, plan.kernel, g.stream, device, weight, x_rows, args);
+  const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map
+  launch(plan, plan.kernel, g.stream, device, weight, unused, args);
 }
 
 // ---- Phase stamps (MOEKIT_FP8_TRACE builds only).

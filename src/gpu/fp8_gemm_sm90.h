@@ -23,8 +23,7 @@ enum class Sm90TracePhase : int {
   entry,                 // thread 0's first instruction
   producer_waited,       // the producer thread's griddepcontrol.wait returned
   consumer_waited,       // thread 0's (consumers') griddepcontrol.wait returned
-  first_weights_landed,  // stage 0's weight tile seen in shared memory (early weight loads
-                         // only); the fused layer's quantizer warps: their last arrival
+  first_weights_landed,  // stage 0's weight tile seen in shared memory (early weight loads only)
   scales_staged,         // the consumers' scales are in shared memory (barrier before the loop)
   first_stage_full,      // thread 0's first k-block (weight and token tile) complete
   last_issued,           // the producer issued its last tile

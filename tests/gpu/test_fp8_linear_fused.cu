@@ -145,79 +145,65 @@ TEST(GpuFp8LinearFused, EqualsTheTwoKernelPathBitForBit) {
   };
   const DType outs[] = {DType::bf16, DType::f32, DType::f16};
   const DType biases[] = {DType::u8, DType::bf16, DType::f32, DType::f16};  // u8: no bias
-  // Both ways of quantizing x in the kernel: by the consumers before their loop, and by producer
-  // warps beside it (there also past the ring at every M, the dispatch's limit lifted, wherever
-  // the k-range's x rows and token tiles fit).
-  for (const bool beside : {false, true}) {
-    gpu_test::ScopedEnv quantizers("MOEKIT_SM90_QUANTIZER_WARPS", beside ? "1" : "0");
-    std::optional<gpu_test::ScopedEnv> no_limit;
-    if (beside) no_limit.emplace("MOEKIT_SM90_FUSED_PAST_RING", "1000000");
-    int compared = 0, declined = 0;
-    for (const Shape& s : shapes) {
-      const Tensor w = random_weight(rng, s.n, s.k);
-      const Tensor w_d = gpu_copy(w);
-      const Tensor ws_d =
-          gpu_copy(random_scales(rng, s.n, s.k, s.k == 2048 ? DType::bf16 : DType::f32));
-      const Tensor x_all = random_x(rng, 16, s.k, /*adversarial=*/s.n != 4096);
-      const Tensor x_all_d = gpu_copy(x_all);
-      for (int64_t m = 1; m <= 16; ++m) {
-        const DType out = outs[m % 3];
-        const DType bias_type = biases[(m + s.k) % 4];
-        std::optional<Tensor> bias_d;
-        if (bias_type != DType::u8) {
-          Tensor b = Tensor::empty(bias_type, {s.n});
-          std::normal_distribution<float> normal(0.0f, 1.0f);
-          for (int64_t i = 0; i < s.n; ++i) store_from_f32(b.data(), bias_type, i, normal(rng));
-          bias_d = gpu_copy(b);
-        }
-        std::optional<TensorView> bias;
-        if (bias_d) bias = bias_d->view();
-        const TensorView x = first_rows(x_all_d, m);
-        const size_t bytes = w8a8_block_fp8_linear_workspace_size(m, s.k);
-        Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
-        Tensor y_two = Tensor::empty(out, {m, s.n}, Device::gpu());
-        Tensor y_fused = Tensor::empty(out, {m, s.n}, Device::gpu());
-        const std::string what = std::string(s.name) + " M=" + std::to_string(m) +
-                                 (beside ? " (quantized beside the loop)" : "") +
-                                 (m % 2 == 0 ? " (static weights)" : "") + " out " +
-                                 std::string(dtype_name(out)) + " bias " +
-                                 (bias ? std::string(dtype_name(bias_type)) : "none");
-        const Verdict v = verdict_of(kFused, x, w_d, ws_d, bias, y_fused, workspace.data(), bytes);
-        if (!v.reason.empty()) {
-          ++declined;
-          // Beside the loop there is no limit past the ring, but the k-range's x rows and token
-          // tiles must fit shared memory.
-          const bool expected = beside ? v.reason.find("token tiles fit") != std::string::npos
-                                       : past_the_ring(v.reason);
-          if (fused_expected() && !expected)
-            ADD_FAILURE() << kFused << " declines " << what << ": " << v.reason;
-          continue;
-        }
-        EXPECT_TRUE(v.chosen) << what << " picks " << v.picked;
-        OpOptions two;
-        two.implementation = kTwoKernels;
-        w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_two, workspace.data(), bytes, two);
-        // The fused path reads no workspace: poisoned, it must stay so (nothing written there).
-        MOEKIT_GPU_CHECK(cudaMemset(workspace.data(), 0xA5, bytes));
-        OpOptions fused;
-        fused.implementation = kFused;
-        // With the caller's promise the fused kernel loads weights before the wait; without it,
-        // after: the same layout, so the same bytes either way.
-        fused.static_weights = m % 2 == 0;
-        w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_fused, workspace.data(), bytes, fused);
-        gpu::synchronize(nullptr);
-        const Tensor a = host_copy(y_two), b = host_copy(y_fused), ws_after = host_copy(workspace);
-        ++compared;
-        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0) << what;
-        bool untouched = true;
-        for (int64_t i = 0; i < ws_after.numel(); ++i)
-          untouched &= ws_after.data_as<uint8_t>()[i] == 0xA5;
-        EXPECT_TRUE(untouched) << what << ": the fused path wrote into the workspace";
+  int compared = 0, declined = 0;
+  for (const Shape& s : shapes) {
+    const Tensor w = random_weight(rng, s.n, s.k);
+    const Tensor w_d = gpu_copy(w);
+    const Tensor ws_d =
+        gpu_copy(random_scales(rng, s.n, s.k, s.k == 2048 ? DType::bf16 : DType::f32));
+    const Tensor x_all = random_x(rng, 16, s.k, /*adversarial=*/s.n != 4096);
+    const Tensor x_all_d = gpu_copy(x_all);
+    for (int64_t m = 1; m <= 16; ++m) {
+      const DType out = outs[m % 3];
+      const DType bias_type = biases[(m + s.k) % 4];
+      std::optional<Tensor> bias_d;
+      if (bias_type != DType::u8) {
+        Tensor b = Tensor::empty(bias_type, {s.n});
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        for (int64_t i = 0; i < s.n; ++i) store_from_f32(b.data(), bias_type, i, normal(rng));
+        bias_d = gpu_copy(b);
       }
+      std::optional<TensorView> bias;
+      if (bias_d) bias = bias_d->view();
+      const TensorView x = first_rows(x_all_d, m);
+      const size_t bytes = w8a8_block_fp8_linear_workspace_size(m, s.k);
+      Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+      Tensor y_two = Tensor::empty(out, {m, s.n}, Device::gpu());
+      Tensor y_fused = Tensor::empty(out, {m, s.n}, Device::gpu());
+      const std::string what = std::string(s.name) + " M=" + std::to_string(m) +
+                               (m % 2 == 0 ? " (static weights)" : "") + " out " +
+                               std::string(dtype_name(out)) + " bias " +
+                               (bias ? std::string(dtype_name(bias_type)) : "none");
+      const Verdict v = verdict_of(kFused, x, w_d, ws_d, bias, y_fused, workspace.data(), bytes);
+      if (!v.reason.empty()) {
+        ++declined;
+        if (fused_expected() && !past_the_ring(v.reason))
+          ADD_FAILURE() << kFused << " declines " << what << ": " << v.reason;
+        continue;
+      }
+      EXPECT_TRUE(v.chosen) << what << " picks " << v.picked;
+      OpOptions two;
+      two.implementation = kTwoKernels;
+      w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_two, workspace.data(), bytes, two);
+      // The fused path reads no workspace: poisoned, it must stay so (nothing written there).
+      MOEKIT_GPU_CHECK(cudaMemset(workspace.data(), 0xA5, bytes));
+      OpOptions fused;
+      fused.implementation = kFused;
+      // With the caller's promise the fused kernel loads weights before the wait; without it,
+      // after: the same layout, so the same bytes either way.
+      fused.static_weights = m % 2 == 0;
+      w8a8_block_fp8_linear(x, w_d, ws_d, bias, y_fused, workspace.data(), bytes, fused);
+      gpu::synchronize(nullptr);
+      const Tensor a = host_copy(y_two), b = host_copy(y_fused), ws_after = host_copy(workspace);
+      ++compared;
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0) << what;
+      bool untouched = true;
+      for (int64_t i = 0; i < ws_after.numel(); ++i)
+        untouched &= ws_after.data_as<uint8_t>()[i] == 0xA5;
+      EXPECT_TRUE(untouched) << what << ": the fused path wrote into the workspace";
     }
-    std::printf("  x quantized %s: %d calls compared, %d declined\n",
-                beside ? "beside the loop" : "before the loop", compared, declined);
   }
+  std::printf("  %d calls compared, %d declined\n", compared, declined);
 }
 
 TEST(GpuFp8LinearFused, DispatchPicksItAtDecodeSizesOnly) {
@@ -315,11 +301,10 @@ TEST(GpuFp8LinearFused, CapturesIntoAGraph) {
 }
 
 // Where a fused call's time goes (a diagnostic, left out of gpu_check with the other Prints*): the
-// fused layer at N=4096 K=7168 (28 k-blocks per CTA, past a 16-stage ring), M=1 and 16, x quantized
-// before the loop and beside it (MOEKIT_SM90_QUANTIZER_WARPS), replayed as `moekit bench` replays
-// it (static weights, weights rotating over 9 copies, a CUDA graph of one call per copy): the time
-// per call, and in builds with MOEKIT_FP8_TRACE the swap kernel's phase stamps ("x quantized": the
-// quantizer warps' last arrival, where they quantize).
+// fused layer at N=4096 K=7168 (28 k-blocks per CTA, past a 16-stage ring), M=1 and 16 (the
+// dispatch's limit past the ring lifted), replayed as `moekit bench` replays it (static weights,
+// weights rotating over 9 copies, a CUDA graph of one call per copy): the time per call, and in
+// builds with MOEKIT_FP8_TRACE the swap kernel's phase stamps.
 TEST(GpuFp8LinearFused, PrintsPhaseStamps) {
   SKIP_WITHOUT_GPU();
   if (!fused_expected()) GTEST_SKIP() << "not a Hopper GPU";
@@ -338,36 +323,33 @@ TEST(GpuFp8LinearFused, PrintsPhaseStamps) {
     const size_t bytes = w8a8_block_fp8_linear_workspace_size(m, K);
     Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
     Tensor y = Tensor::empty(DType::bf16, {m, N}, Device::gpu());
-    for (const bool beside : {false, true}) {
-      gpu_test::ScopedEnv quantizers("MOEKIT_SM90_QUANTIZER_WARPS", beside ? "1" : "0");
-      gpu_test::Stream stream;
-      OpOptions op;
-      op.implementation = kFused;
-      op.static_weights = true;
-      op.stream = stream.get();
-      const auto call = [&](int c) {
-        w8a8_block_fp8_linear(x_d, w_d[c], ws_d[c], std::nullopt, y, workspace.data(), bytes, op);
-      };
-      call(0);  // set-up outside the capture
-      MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
-      for (int c = 0; c < kCopies; ++c) call(c);
-      MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-      MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-      const double us_per_call = gpu_test::replayed_us_per_call(exec, stream.get(), kCopies);
-      std::printf("N=%lld K=%lld M=%lld, x quantized %s the loop: %.2f us per call (%s build)\n",
-                  static_cast<long long>(N), static_cast<long long>(K), static_cast<long long>(m),
-                  beside ? "beside" : "before", us_per_call, traced ? "traced" : "plain");
-      if (traced) {
-        gpu::block_gemm_sm90_trace_reset();
-        for (int i = 0; i < 4; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
-        gpu_test::print_trace(gpu::block_gemm_sm90_trace_read(), kCopies);
-      }
-      (void)cudaGraphExecDestroy(exec);
-      (void)cudaGraphDestroy(graph);
+    gpu_test::Stream stream;
+    OpOptions op;
+    op.implementation = kFused;
+    op.static_weights = true;
+    op.stream = stream.get();
+    const auto call = [&](int c) {
+      w8a8_block_fp8_linear(x_d, w_d[c], ws_d[c], std::nullopt, y, workspace.data(), bytes, op);
+    };
+    call(0);  // set-up outside the capture
+    MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+    for (int c = 0; c < kCopies; ++c) call(c);
+    MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+    MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+    const double us_per_call = gpu_test::replayed_us_per_call(exec, stream.get(), kCopies);
+    std::printf("N=%lld K=%lld M=%lld: %.2f us per call (%s build)\n", static_cast<long long>(N),
+                static_cast<long long>(K), static_cast<long long>(m), us_per_call,
+                traced ? "traced" : "plain");
+    if (traced) {
+      gpu::block_gemm_sm90_trace_reset();
+      for (int i = 0; i < 4; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream.get()));
+      gpu_test::print_trace(gpu::block_gemm_sm90_trace_read(), kCopies);
     }
+    (void)cudaGraphExecDestroy(exec);
+    (void)cudaGraphDestroy(graph);
   }
 }
 

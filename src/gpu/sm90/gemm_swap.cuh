@@ -27,15 +27,11 @@ constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is bu
 constexpr int kMaxGroupsPastTheRing = 150;
 
 // kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
-// consumers into a region of their own, one tile per k-block of the CTA's range; with kBeside, by
-// quantizer warps beside the main loop, from the k-range's x rows copied into a region of their
-// own.
-template <int kTokens, int kRows, bool kQuantizeX, bool kBeside = false>
+// consumers into a region of their own, one tile per k-block of the CTA's range.
+template <int kTokens, int kRows, bool kQuantizeX>
 struct Swap {
-  static_assert(kQuantizeX || !kBeside);
   static constexpr int kWeightBytes = kRows * kBlockK;
-  static constexpr int kTokenBytes = kTokens * kBlockK;      // >= 1024: tiles stay atom-aligned
-  static constexpr int kXRowsBytes = kTokens * kBlockK * 2;  // kBeside: a k-block's bf16 x rows
+  static constexpr int kTokenBytes = kTokens * kBlockK;  // >= 1024: tiles stay atom-aligned
   static constexpr int kStageBytes = kWeightBytes + (kQuantizeX ? 0 : kTokenBytes);
   static constexpr int kRegisters = kTokens / 2;  // accumulator floats per thread
   // After the main loop the stages hold each consumer thread's partial sums.
@@ -74,19 +70,14 @@ struct Swap {
   __host__ __device__ static int scale_groups(int k_blocks_per_split) {
     return (k_blocks_per_split + kScaleGroup - 1) / kScaleGroup;
   }
-  // Shared memory: stages | token tiles [L] (kQuantizeX) | x rows [L] (kBeside) | full, empty
-  // barriers | x rows' and token tiles' barriers [L] each (kBeside) | sums barrier | scale-group
-  // barriers | a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
-  // The token tiles' region and, with kBeside, the x rows' after it.
-  __host__ __device__ static size_t token_region_bytes(int k_blocks_per_split) {
-    return static_cast<size_t>(k_blocks_per_split) *
-           ((kQuantizeX ? kTokenBytes : 0) + (kBeside ? kXRowsBytes : 0));
+  // Shared memory: stages | token tiles [L] (kQuantizeX) | full, empty barriers, sums barrier |
+  // scale-group barriers | a scales [L][kTokens] | b scales [L] | inbox (16-byte aligned).
+  __host__ __device__ static size_t token_tile_bytes(int k_blocks_per_split) {
+    return kQuantizeX ? static_cast<size_t>(k_blocks_per_split) * kTokenBytes : 0;
   }
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign + static_cast<size_t>(stages) * (kStageBytes + 2 * sizeof(uint64_t)) +
-           token_region_bytes(k_blocks_per_split) +
-           (kBeside ? static_cast<size_t>(k_blocks_per_split) * sizeof(uint64_t) : 0) +
-           sizeof(uint64_t) +
+           token_tile_bytes(k_blocks_per_split) + sizeof(uint64_t) +
            static_cast<size_t>(scale_groups(k_blocks_per_split)) * sizeof(uint64_t) +
            static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 + 16 + inbox;
   }
@@ -204,64 +195,6 @@ __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t
   sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
 }
 
-// kBeside: the consumers quantize the token tiles inside the main loop, kInLoopBatch tiles at a
-// time, while wgmma run: every kInLoopBatch-th k-block of a warpgroup quantizes the next
-// kInLoopBatch tiles it will read (from kInLoopBatch k-blocks on), from the k-range's x rows
-// ([kTokens][128] bf16 per k-block, `x_rows`), which the producer copies by TMA right after the
-// wait, each k-block's on x_full[i]. (Quantizing the whole range before the loop holds the ring
-// full, and past the ring the weight stream stops for as long as that takes; quantizer warps
-// beside the loop were too few for the work, and a tile per k-block put a group's whole chain of
-// latencies on every k-block: fp8-gpu-sm90.md, sessions 27 and 28.)
-constexpr int kInLoopBatch = 4;
-
-// Tiles first, first + step, ... (kBatch of them, those before `count`) by the 128 threads of a
-// warpgroup (`thread`): token thread / 8, 16 elements per lane and tile, the tiles' chains
-// interleaved; warps whose lanes are all past the last token skip. The caller fences and
-// synchronizes before a tile is a wgmma operand.
-template <int kTokens, int kBatch>
-__device__ __forceinline__ void quantize_tiles_from_rows(const Activations& x, int tokens,
-                                                         int first, int step, int count,
-                                                         const uint8_t* x_rows,
-                                                         uint8_t* token_tiles, float* a_scales,
-                                                         uint64_t* x_full, int thread) {
-  static_assert(kTokens * kGroupLanes <= kWarpgroup);
-  constexpr int kXRowsBytes = kTokens * kBlockK * 2;
-  if (thread / kLanes * kLanes >= tokens * kGroupLanes) return;  // the whole warp
-  const int token = thread / kGroupLanes, part = thread % kGroupLanes;
-  const bool inside = token < tokens;
-  RawGroup raw[kBatch];
-  float amax[kBatch];
-#pragma unroll
-  for (int b = 0; b < kBatch; ++b) {
-    const int i = first + b * step;
-    if (i < count) sm90::mbarrier_wait(&x_full[i], 0);  // the same in every lane
-    const uint8_t* x_row = x_rows + i * kXRowsBytes + token * (kBlockK * 2);
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const uint4 v = inside && i < count
-                          ? *reinterpret_cast<const uint4*>(x_row + part * 32 + c * 16)
-                          : make_uint4(0, 0, 0, 0);
-      raw[b][c].w[0] = v.x, raw[b][c].w[1] = v.y, raw[b][c].w[2] = v.z, raw[b][c].w[3] = v.w;
-    }
-  }
-#pragma unroll
-  for (int b = 0; b < kBatch; ++b)  // two chains per group, not one through both chunks
-    amax[b] =
-        fmaxf(chunk_amax<Wide::bf16>(raw[b][0], 0.0f), chunk_amax<Wide::bf16>(raw[b][1], 0.0f));
-#pragma unroll
-  for (int offset = 1; offset < kGroupLanes; offset <<= 1) {
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) amax[b] = fmaxf(amax[b], vendor::shfl_xor(amax[b], offset));
-  }
-#pragma unroll
-  for (int b = 0; b < kBatch; ++b) {
-    const int i = first + b * step;
-    if (inside && i < count)
-      store_group_part(x, amax[b], part, token, raw[b], token_tiles + i * (kTokens * kBlockK),
-                       &a_scales[i * kTokens + token]);
-  }
-}
-
 // Rows past M of the fused linear layer's token tiles: zero bytes with scale 0, as the copy engine
 // fills them for the GEMM (their sums are never stored). The consumer threads (`thread` 0..255)
 // write them before waiting for the previous grid: they do not depend on it.
@@ -373,12 +306,12 @@ __device__ __forceinline__ void trace_weights_landed(TraceCta& cta, const uint8_
 #define MOEKIT_SWAP_TRACE(...)
 #endif
 
-template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX, bool kBeside = false>
+template <int kTokens, int kRows, bool kCoResident, bool kQuantizeX>
 __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap x_map, const GemmArgs args) {
 #if MOEKIT_SM90A
-  using Config = Swap<kTokens, kRows, kQuantizeX, kBeside>;
+  using Config = Swap<kTokens, kRows, kQuantizeX>;
   constexpr bool kAlternate = kRows == 64;
   constexpr int kRegisters = Config::kRegisters;
   extern __shared__ uint8_t shared_raw[];
@@ -388,12 +321,10 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   const int max_count = (args.k_blocks + splits - 1) / splits;
   uint8_t* stages = align_shared(shared_raw);
   uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;  // kQuantizeX
-  uint8_t* x_rows = token_tiles + max_count * Config::kTokenBytes;    // kBeside
-  auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_region_bytes(max_count));
+  auto* full = reinterpret_cast<uint64_t*>(token_tiles + Config::token_tile_bytes(max_count));
   uint64_t* empty = full + stage_count;
-  uint64_t* x_full = empty + stage_count;                     // kBeside: a k-block's x rows
-  uint64_t* sums_ready = x_full + (kBeside ? max_count : 0);  // push_sums, in rank 0
-  uint64_t* scales_ready = sums_ready + 1;  // loader_scales: one per group of k-blocks
+  uint64_t* sums_ready = empty + stage_count;  // push_sums, in rank 0
+  uint64_t* scales_ready = sums_ready + 1;     // loader_scales: one per group of k-blocks
   auto* a_scales = reinterpret_cast<float*>(scales_ready + Config::scale_groups(max_count));
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
@@ -431,9 +362,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
     }
     sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
-    if constexpr (kBeside) {
-      for (int i = 0; i < count; ++i) sm90::mbarrier_init(&x_full[i], 1);
-    }
     if (loader_scales)
       for (int g = 0; g < Config::scale_groups(count); ++g)
         sm90::mbarrier_init(&scales_ready[g], Config::kLoaderThreads);
@@ -460,18 +388,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
               static_cast<uint32_t>(col_end - kb_begin * kBlockK) * 2);
       }
       sm90::prefetch_tensor_map(&w_map);
-      if constexpr (!kQuantizeX || kBeside) sm90::prefetch_tensor_map(&x_map);
-      // kBeside: the k-range's x rows, right after the wait (a few KB, ahead of the weight tiles
-      // issued after it), each k-block's on a barrier of its own.
-      const auto load_x_rows = [&] {
-        if constexpr (kBeside) {
-          for (int j = 0; j < count; ++j) {
-            sm90::mbarrier_arrive_expect_tx(&x_full[j], Config::kXRowsBytes);
-            sm90::tma_load_2d(x_rows + j * Config::kXRowsBytes, &x_map, &x_full[j],
-                              (kb_begin + j) * kBlockK, t0);
-          }
-        }
-      };
+      if constexpr (!kQuantizeX) sm90::prefetch_tensor_map(&x_map);
       const int first = min(count, stage_count);
       int i = 0;
       if (args.early_weights) {
@@ -485,7 +402,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         }
         vendor::wait_for_previous_grid();
         MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
-        load_x_rows();
         if constexpr (!kQuantizeX) {
           for (int j = 0; j < first_early; ++j)
             sm90::tma_load_2d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
@@ -497,7 +413,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
         for (int j = 0; j < first; ++j) sm90::tma_prefetch_2d(&w_map, (kb_begin + j) * kBlockK, n0);
         vendor::wait_for_previous_grid();
         MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::producer_waited));
-        load_x_rows();
       }
       RingSlot slot;
       slot.advance(i, stage_count);  // i is 0 or at most one lap
@@ -512,10 +427,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       }
       MOEKIT_SWAP_TRACE(stamp(Sm90TracePhase::last_issued));
     }
-    MOEKIT_SWAP_TRACE(
-        else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights && !kBeside) {
-          trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
-        });
+    MOEKIT_SWAP_TRACE(else if (threadIdx.x == kConsumers * kWarpgroup + 32 && args.early_weights) {
+      trace_weights_landed(trace_cta, stages + Config::kWeightBytes);
+    });
     const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 2 * kLanes);
     if (loader_scales && loader >= 0) {
       // Warps 2 and 3: the activation scales group by group, the next group's loads in flight
@@ -594,20 +508,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
 
   if constexpr (kQuantizeX) {
     // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
-    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow. Or by the
-    // quantizer warps, k-block by k-block, while this loop runs.
-    if constexpr (kBeside) {
-      // This warpgroup's first tiles (warpgroup 0's where both read every k-block).
-      if (kAlternate || warpgroup == 0)
-        quantize_tiles_from_rows<kTokens, kInLoopBatch>(
-            args.activations, min(kTokens, args.m - t0), kAlternate ? warpgroup : 0,
-            kAlternate ? kConsumers : 1, count, x_rows, token_tiles, a_scales, x_full,
-            consumer_thread % kWarpgroup);
-      sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
-    } else {
-      quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
-                                                         a_scales, consumer_thread);
-    }
+    // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
+    quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
+                                                       a_scales, consumer_thread);
   } else if (!loader_scales) {
     // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
     // of independent loads per thread, then the stores (one memory latency, not one per element).
@@ -647,9 +550,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   RingSlot slot;
   if (kAlternate) slot.advance(warpgroup, stage_count);
   const int step = kAlternate ? kConsumers : 1;
-  int turn = 0;  // the warpgroup's k-blocks so far
-  for (int i = kAlternate ? warpgroup : 0; i < count;
-       i += step, ++turn, slot.advance(step, stage_count)) {
+  for (int i = kAlternate ? warpgroup : 0; i < count; i += step, slot.advance(step, stage_count)) {
     sm90::mbarrier_wait_likely_done(&full[slot.stage], slot.phase);
     MOEKIT_SWAP_TRACE(if (threadIdx.x == 0 && i == 0) stamp(Sm90TracePhase::first_stage_full));
     const uint8_t* stage = stages + slot.stage * Config::kStageBytes;
@@ -671,17 +572,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       for (int j = 0; j < kTokens / 8; ++j)
         a_pairs[j] = *reinterpret_cast<const float2*>(sa + 8 * j);
     }
-    // kBeside: every kInLoopBatch-th k-block, the tiles kInLoopBatch k-blocks on, while this
-    // one's wgmma run.
-    const bool quantizes = kBeside && turn % kInLoopBatch == 0 && i + kInLoopBatch * step < count;
-    if constexpr (kBeside) {
-      if (quantizes && (kAlternate || warpgroup == 0)) {
-        quantize_tiles_from_rows<kTokens, kInLoopBatch>(args.activations, min(kTokens, args.m - t0),
-                                                        i + kInLoopBatch * step, step, count,
-                                                        x_rows, token_tiles, a_scales, x_full, t);
-        sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
-      }
-    }
     wait_k_block<kTokens>(part);
     if (lane == 0) sm90::mbarrier_arrive(&empty[slot.stage]);
     if constexpr (!kScalesUnderWgmma) {
@@ -698,13 +588,6 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       acc[4 * j + 1] += part[4 * j + 1] * scale1;
       acc[4 * j + 2] += part[4 * j + 2] * scale0;
       acc[4 * j + 3] += part[4 * j + 3] * scale1;
-    }
-    // kBeside: the tiles' writers (this warpgroup, or warpgroup 0 for both) have fenced.
-    if (quantizes) {
-      if constexpr (kAlternate)
-        sm90::named_barrier(3 + warpgroup, kWarpgroup);
-      else
-        sm90::named_barrier(3, kConsumers * kWarpgroup);
     }
   }
 
