@@ -1072,10 +1072,11 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
   // Where a CTA's k-range is longer than its ring, the weight tiles past the ring wait until the
   // consumers, who quantize the whole range first, free stages: the more groups (tokens x
   // k-blocks of the range), the longer. Measured on an H200 against the two kernels (docs/perf/
-  // fp8-gpu-sm90.md, session 26; us): N=4096 K=7168 (28 k-blocks, 16 stages) M=5 (140 groups)
-  // 11.35 vs 11.65-11.79, M=6 (168) 11.89-11.90 vs 11.67-11.77; N=7168 K=16384 (64 k-blocks, 128
-  // rows x 2 by the cost model, worked out by hand) M=1 31.2 vs 32.2, M=2 (128) 32.88-33.22 vs
-  // 33.26-33.57, M=3 (192) 34.04-34.37 vs 33.30-33.46, M=4 35.2 vs 33.8, M=5 36.7 vs 33.2.
+  // fp8-gpu-sm90.md, session 28, 4 lanes per group; us): N=4096 K=7168 (28 k-blocks, 16 stages)
+  // M=5 (140 groups) 10.96 vs 11.78-11.83, M=6 (168) 11.10 vs 11.82-11.84, M=7 (196) 11.59-11.66
+  // vs 11.75-11.76, M=8 (224) 11.71-11.74 vs 11.74-11.80; N=7168 K=16384 (64 k-blocks) M=2 (128)
+  // 32.80-32.94 vs 33.73-33.76, M=3 (192) 33.90-34.01 vs 33.88-34.06, and in session 26 M=4 35.2
+  // vs 33.8. The limit keeps the clear wins; past it the two are even or the two kernels win.
   // MOEKIT_SM90_FUSED_PAST_RING=n moves the limit (timing knob).
   const int limit = env::integer("MOEKIT_SM90_FUSED_PAST_RING", kMaxGroupsPastTheRing);
   const int64_t range = fp8::ceil_div(g.k_blocks, plan.splits);

@@ -24,7 +24,7 @@ constexpr int kMaxSplits = 8;        // portable cluster size
 constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is built for
 // Groups (tokens x k-blocks of a CTA's range) up to which the fused linear layer is faster even
 // where the ring does not hold the k-range (see w8a8_linear_sm90_fused_supports).
-constexpr int kMaxGroupsPastTheRing = 150;
+constexpr int kMaxGroupsPastTheRing = 168;
 
 // kQuantizeX: the token tiles are not copied into the ring but quantized from bf16 x by the
 // consumers into a region of their own, one tile per k-block of the CTA's range.
@@ -98,23 +98,25 @@ struct RingSlot {
 };
 
 // The fused linear layer's token tiles: a group of the quantization (128 elements of a row) is
-// exactly a k-block, so group g is token g % tokens of k-block g / tokens of the CTA's range. 8
-// lanes take a group, 16 elements each (two chunks), reduce its amax with shuffles, write their 16
-// bytes into tile i, row `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of
-// row r at unit u ^ r % 8), and the group's scale into a_scales[i][token] (one lane). Columns past
-// K are zeros.
-constexpr int kGroupLanes = kBlockK / (2 * kChunk);  // 8
-using RawGroup = RawChunk<Wide::bf16>[2];
+// exactly a k-block, so group g is token g % tokens of k-block g / tokens of the CTA's range. 4
+// lanes take a group, 32 elements each (four chunks: the scale, its divisor and the shuffles
+// serve 32 values, not 16 as with 8 lanes), reduce its amax with shuffles, write their 32 bytes
+// into tile i, row `token`, where TMA's 128-byte swizzle would put them (16-byte unit u of row r
+// at unit u ^ r % 8), and the group's scale into a_scales[i][token] (one lane). Columns past K
+// are zeros.
+constexpr int kGroupLanes = 4;
+constexpr int kPartChunks = kBlockK / (kGroupLanes * kChunk);  // 4
+using RawGroup = RawChunk<Wide::bf16>[kPartChunks];
 
-// Lane `part` of `group`'s 8 lanes loads its 16 elements (zeros past the last group or past K).
+// Lane `part` of `group`'s lanes loads its 32 elements (zeros past the last group or past K).
 __device__ __forceinline__ void load_group_part(const Activations& x, int t0, int kb_begin,
                                                 int tokens, int groups, int group, int part,
                                                 RawGroup& raw) {
   const int token = group % tokens, i = group / tokens;
-  const int col = (kb_begin + i) * kBlockK + part * 2 * kChunk;
+  const int col = (kb_begin + i) * kBlockK + part * kPartChunks * kChunk;
   const auto* row = static_cast<const uint16_t*>(x.x) + (t0 + token) * x.row_stride;
 #pragma unroll
-  for (int c = 0; c < 2; ++c) {
+  for (int c = 0; c < kPartChunks; ++c) {
     const bool inside = group < groups && col + (c + 1) * kChunk <= x.k;
     const uint4 v = inside ? __ldg(reinterpret_cast<const uint4*>(row + col + c * kChunk))
                            : make_uint4(0, 0, 0, 0);
@@ -122,16 +124,37 @@ __device__ __forceinline__ void load_group_part(const Activations& x, int t0, in
   }
 }
 
-// A lane's share of a group, once the group's amax is known: its 16 bytes into row `token` of
+// max(|v|) over a lane's bf16 pairs with NaN ignored, as fmaxf over their f32 values from 0
+// finds it: each pair's sign bits cleared, then a tree of max.bf16x2 (a NaN operand yields the
+// other; bf16 order is f32 order, so the maximum is the same value), then the two halves in f32.
+__device__ __forceinline__ uint32_t max_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ float part_amax(const RawGroup& raw) {
+  static_assert(kPartChunks == 4);
+  uint32_t w[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)  // chunks 0-1 against 2-3, each pair's sign bits cleared
+    w[j] = max_bf16x2(raw[j / 4].w[j % 4] & 0x7fff7fffu, raw[2 + j / 4].w[j % 4] & 0x7fff7fffu);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) w[j] = max_bf16x2(w[j], w[j + 4]);
+  w[0] = max_bf16x2(max_bf16x2(w[0], w[2]), max_bf16x2(w[1], w[3]));
+  return fmaxf(fmaxf(__uint_as_float(w[0] << 16), __uint_as_float(w[0] & 0xffff0000u)), 0.0f);
+}
+
+// A lane's share of a group, once the group's amax is known: its 32 bytes into row `token` of
 // `tile` and (lane 0 of the group) the scale.
 __device__ __forceinline__ void store_group_part(const Activations& x, float amax, int part,
                                                  int token, const RawGroup& raw, uint8_t* tile,
                                                  float* scale_slot) {
   const float scale = group_scale(amax, x.eps, x.ue8m0);
-  uint32_t words[4];
+  uint32_t words[2 * kPartChunks];
   with_divide(divisor_for(scale), [&](auto divide) {
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
+    for (int c = 0; c < kPartChunks; ++c) {
       float v[kChunk];
       decode_raw<Wide::bf16>(raw[c], v);
       words[2 * c] = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
@@ -139,18 +162,22 @@ __device__ __forceinline__ void store_group_part(const Activations& x, float ama
     }
   });
   uint8_t* row = tile + token * kBlockK;
-  *reinterpret_cast<uint4*>(row + (part ^ (token % 8)) * 16) =
-      make_uint4(words[0], words[1], words[2], words[3]);
+#pragma unroll
+  for (int u = 0; u < kPartChunks / 2; ++u) {
+    const int unit = part * (kPartChunks / 2) + u;  // 16 bytes = two chunks
+    *reinterpret_cast<uint4*>(row + (unit ^ (token % 8)) * 16) =
+        make_uint4(words[4 * u], words[4 * u + 1], words[4 * u + 2], words[4 * u + 3]);
+  }
   if (part == 0) *scale_slot = scale;
 }
 
-// Quantizes `group` from its 8 lanes' loads. Every lane of the warp calls it (the shuffles); a
+// Quantizes `group` from its lanes' loads. Every lane of the warp calls it (the shuffles); a
 // group past the last writes nothing.
 template <int kTokens>
 __device__ __forceinline__ void quantize_group_part(const Activations& x, int tokens, int groups,
                                                     int group, int part, const RawGroup& raw,
                                                     uint8_t* token_tiles, float* a_scales) {
-  float amax = chunk_amax<Wide::bf16>(raw[1], chunk_amax<Wide::bf16>(raw[0], 0.0f));
+  float amax = part_amax(raw);
 #pragma unroll
   for (int offset = 1; offset < kGroupLanes; offset <<= 1)
     amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
@@ -161,14 +188,14 @@ __device__ __forceinline__ void quantize_group_part(const Activations& x, int to
 }
 
 // The token tiles quantized by the consumer threads (`thread` 0..255) before their main loop, in
-// batches of kBatch passes of 32 groups: every load of a batch is issued before any is quantized
+// batches of kBatch passes of 64 groups: every load of a batch is issued before any is quantized
 // (these loads wait behind the weight stream, so one batch for the whole k-range where the
 // registers allow).
 template <int kTokens, int kBatch>
 __device__ __forceinline__ void quantize_token_tiles(const GemmArgs& args, int t0, int kb_begin,
                                                      int count, uint8_t* token_tiles,
                                                      float* a_scales, int thread) {
-  constexpr int kGroupsPerPass = kConsumers * kWarpgroup / kGroupLanes;  // 32
+  constexpr int kGroupsPerPass = kConsumers * kWarpgroup / kGroupLanes;  // 64
   constexpr int kGroupsPerBatch = kBatch * kGroupsPerPass;
   const Activations& x = args.activations;
   const int part = thread % kGroupLanes;
@@ -507,9 +534,9 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
   MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::consumer_waited));
 
   if constexpr (kQuantizeX) {
-    // The k-range's token tiles and scales, while the weight tiles arrive; 8 passes of 32 groups
+    // The k-range's token tiles and scales, while the weight tiles arrive; 4 passes of 64 groups
     // (all of a 16-token tile over 14 k-blocks) in one batch where the registers allow.
-    quantize_token_tiles<kTokens, kCoResident ? 4 : 8>(args, t0, kb_begin, count, token_tiles,
+    quantize_token_tiles<kTokens, kCoResident ? 2 : 4>(args, t0, kb_begin, count, token_tiles,
                                                        a_scales, consumer_thread);
   } else if (!loader_scales) {
     // All scales of this CTA's k-range into shared memory, while the first tiles arrive: a batch
