@@ -124,15 +124,16 @@ __device__ __forceinline__ void load_group_part(const Activations& x, int t0, in
   }
 }
 
-// max(|v|) over a lane's bf16 pairs with NaN ignored, as fmaxf over their f32 values from 0
-// finds it: each pair's sign bits cleared, then a tree of max.bf16x2 (a NaN operand yields the
-// other; bf16 order is f32 order, so the maximum is the same value), then the two halves in f32.
+// Two bf16 maxima at once (PTX max.bf16x2: where one operand is NaN, the other).
 __device__ __forceinline__ uint32_t max_bf16x2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
 }
 
+// max(|v|) over a lane's 32 values with NaN ignored, as fmaxf over their f32 values from 0 finds
+// it: each pair's sign bits cleared, then a tree of max.bf16x2 (bf16 order is f32 order, so the
+// maximum is the same value), then the two halves in f32.
 __device__ __forceinline__ float part_amax(const RawGroup& raw) {
   static_assert(kPartChunks == 4);
   uint32_t w[8];
