@@ -125,41 +125,19 @@ int current_device() {
   return device;
 }
 
-double median_graph_replay_us(const std::function<void(void* stream)>& enqueue, int calls_per_graph,
-                              int replays) {
+double median_exec_replay_us(void* exec_handle, void* stream_handle, int calls_per_graph,
+                             int replays) {
   if (calls_per_graph < 1) fail("gpu", "calls_per_graph", std::to_string(calls_per_graph), "< 1");
   if (replays < 1) fail("gpu", "replays", std::to_string(replays), "< 1");
-  cudaStream_t stream = nullptr;
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
+  const auto exec = static_cast<cudaGraphExec_t>(exec_handle);
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
   cudaEvent_t start = nullptr, stop = nullptr;
   Cleanup cleanup{[&] {
-    if (exec) (void)cudaGraphExecDestroy(exec);
-    if (graph) (void)cudaGraphDestroy(graph);
     if (start) (void)cudaEventDestroy(start);
     if (stop) (void)cudaEventDestroy(stop);
-    if (stream) (void)cudaStreamDestroy(stream);
   }};
-  MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   MOEKIT_GPU_CHECK(cudaEventCreate(&start));
   MOEKIT_GPU_CHECK(cudaEventCreate(&stop));
-
-  // One eager call first, so that any lazy set-up (module loading) happens outside the capture.
-  enqueue(stream);
-  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream));
-
-  MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  try {
-    for (int i = 0; i < calls_per_graph; ++i) enqueue(stream);
-  } catch (...) {
-    cudaGraph_t partial = nullptr;
-    (void)cudaStreamEndCapture(stream, &partial);
-    if (partial) (void)cudaGraphDestroy(partial);
-    throw;
-  }
-  MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream, &graph));
-  MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-
   for (int i = 0; i < 3; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream));
   MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream));
 
@@ -177,6 +155,39 @@ double median_graph_replay_us(const std::function<void(void* stream)>& enqueue, 
   std::sort(per_call_us.begin(), per_call_us.end());
   const size_t n = per_call_us.size();
   return n % 2 ? per_call_us[n / 2] : 0.5 * (per_call_us[n / 2 - 1] + per_call_us[n / 2]);
+}
+
+double median_graph_replay_us(const std::function<void(void* stream)>& enqueue, int calls_per_graph,
+                              int replays) {
+  if (calls_per_graph < 1) fail("gpu", "calls_per_graph", std::to_string(calls_per_graph), "< 1");
+  if (replays < 1) fail("gpu", "replays", std::to_string(replays), "< 1");
+  cudaStream_t stream = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  Cleanup cleanup{[&] {
+    if (exec) (void)cudaGraphExecDestroy(exec);
+    if (graph) (void)cudaGraphDestroy(graph);
+    if (stream) (void)cudaStreamDestroy(stream);
+  }};
+  MOEKIT_GPU_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+
+  // One eager call first, so that any lazy set-up (module loading) happens outside the capture.
+  enqueue(stream);
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream));
+
+  MOEKIT_GPU_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  try {
+    for (int i = 0; i < calls_per_graph; ++i) enqueue(stream);
+  } catch (...) {
+    cudaGraph_t partial = nullptr;
+    (void)cudaStreamEndCapture(stream, &partial);
+    if (partial) (void)cudaGraphDestroy(partial);
+    throw;
+  }
+  MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+
+  return median_exec_replay_us(exec, stream, calls_per_graph, replays);
 }
 
 double measure_copy_bandwidth_gbs() {

@@ -42,6 +42,11 @@ int current_device();
 double median_graph_replay_us(const std::function<void(void* stream)>& enqueue, int calls_per_graph,
                               int replays);
 
+// The timing half of median_graph_replay_us, for a caller that keeps the graph (e.g. to replay it
+// again traced): `exec` (a cudaGraphExec_t of calls_per_graph calls) replayed on `stream` a few
+// times to warm up, then `replays` replays timed; the median time per call in microseconds.
+double median_exec_replay_us(void* exec, void* stream, int calls_per_graph, int replays);
+
 // Device-to-device copy rate of a buffer far larger than L2, counting bytes read plus bytes
 // written (the denominator for "fraction of memory bandwidth"), in GB/s (1e9 bytes per second).
 double measure_copy_bandwidth_gbs();

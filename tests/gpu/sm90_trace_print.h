@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "gpu/fp8_gemm_sm90.h"
-#include "gpu/gpu_check.h"
 
 namespace moekit::gpu_test {
 
@@ -145,28 +144,6 @@ inline void print_trace(const std::vector<gpu::Sm90TraceRecord>& records, int ca
                 median_of(v[2]));
   }
   std::printf("  %-28s %8s %8.0f\n", "next call first entry", "", median_of(next_entry));
-}
-
-// A captured graph of `calls` calls replayed on `stream`: 3 replays to warm up, then the median of
-// 20, in us per call.
-inline double replayed_us_per_call(cudaGraphExec_t exec, cudaStream_t stream, int calls) {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  MOEKIT_GPU_CHECK(cudaEventCreate(&start));
-  MOEKIT_GPU_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream));
-  std::vector<double> us;
-  for (int i = 0; i < 20; ++i) {
-    MOEKIT_GPU_CHECK(cudaEventRecord(start, stream));
-    MOEKIT_GPU_CHECK(cudaGraphLaunch(exec, stream));
-    MOEKIT_GPU_CHECK(cudaEventRecord(stop, stream));
-    MOEKIT_GPU_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    MOEKIT_GPU_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    us.push_back(1000.0 * ms / calls);
-  }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
-  return median_of(us);
 }
 
 }  // namespace moekit::gpu_test

@@ -1381,7 +1381,7 @@ TEST(Sm90BlockFp8Gemm, PrintsPhaseStamps) {
     for (const BlockGemmProblem& p : in.problems) gpu::block_fp8_gemm_sm90(p);
     MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
     MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-    const double us_per_call = gpu_test::replayed_us_per_call(exec, stream.get(), calls);
+    const double us_per_call = gpu::median_exec_replay_us(exec, stream.get(), calls, 20);
     std::printf("M=%lld N=%lld K=%lld: %.2f us per call (graph of %d, %s build) [%s]\n",
                 static_cast<long long>(s.m), static_cast<long long>(s.n),
                 static_cast<long long>(s.k), us_per_call, calls, traced ? "traced" : "plain",

@@ -339,7 +339,7 @@ TEST(GpuFp8LinearFused, PrintsPhaseStamps) {
     for (int c = 0; c < kCopies; ++c) call(c);
     MOEKIT_GPU_CHECK(cudaStreamEndCapture(stream.get(), &graph));
     MOEKIT_GPU_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
-    const double us_per_call = gpu_test::replayed_us_per_call(exec, stream.get(), kCopies);
+    const double us_per_call = gpu::median_exec_replay_us(exec, stream.get(), kCopies, 20);
     std::printf("N=%lld K=%lld M=%lld: %.2f us per call (%s build)\n", static_cast<long long>(N),
                 static_cast<long long>(K), static_cast<long long>(m), us_per_call,
                 traced ? "traced" : "plain");
