@@ -243,6 +243,58 @@ TEST(Fp8Errors, GemmArguments) {
       kGemm, "b_scales.dtype", "f16", outs);
 }
 
+// ---- grouped_block_fp8_gemm: its own checks name the 3-D argument; group 0's planes go through
+// block_fp8_gemm's checks (so those name the plane's shape).
+
+struct GroupedCall {
+  Tensor a = Tensor::empty(DType::f8e4m3, {2, 3, 256});
+  Tensor as = Tensor::empty(DType::f32, {2, 3, 2});
+  Tensor b = Tensor::empty(DType::f8e4m3, {2, 128, 256});
+  Tensor bs = Tensor::empty(DType::f32, {2, 1, 2});
+  Tensor out = sentinel(DType::bf16, {2, 3, 128});
+  GroupedCall() {
+    for (Tensor* t : {&a, &as, &b, &bs}) std::memset(t->data(), 0, t->nbytes());
+  }
+};
+
+constexpr const char* kGrouped = "grouped_block_fp8_gemm";
+
+TEST(Fp8Errors, GroupedGemmArguments) {
+  GroupedCall c;
+  const auto row = ScaleLayout::row_major;
+  auto run = [&](const TensorView& a, const TensorView& as, const TensorView& b,
+                 const TensorView& bs, const TensorView& out) {
+    return [=] { grouped_block_fp8_gemm(a, as, row, b, bs, out); };
+  };
+  const std::initializer_list<const Tensor*> outs = {&c.out};
+  {
+    Tensor a = Tensor::empty(DType::f8e4m3, {3, 256});
+    expect_error(run(a, c.as, c.b, c.bs, c.out), kGrouped, "a.shape", "[3, 256]", outs);
+  }
+  {
+    Tensor b = Tensor::empty(DType::f8e4m3, {3, 128, 256});
+    expect_error(run(c.a, c.as, b, c.bs, c.out), kGrouped, "b.shape", "[3, 128, 256]", outs);
+  }
+  {
+    Tensor out = sentinel(DType::bf16, {1, 3, 128});
+    expect_error(run(c.a, c.as, c.b, c.bs, out), kGrouped, "out.shape", "[1, 3, 128]", {&out});
+  }
+  {
+    Tensor bs = Tensor::empty(DType::f32, {2, 1, 3});  // group 0's plane [1, 3]: K has 2 blocks
+    expect_error(run(c.a, c.as, c.b, bs, c.out), kGrouped, "b_scales.shape", "[1, 3]", outs);
+  }
+  expect_error(run(c.a, c.as, c.b, c.bs, with_dtype(c.out, DType::i32)), kGrouped, "out.dtype",
+               "i32", outs);
+  {
+    Tensor out = sentinel(DType::bf16, {3 * 128 + 64});  // the second group overlaps the first
+    const int64_t shape[] = {2, 3, 128}, strides[] = {64, 128, 1};
+    expect_error(run(c.a, c.as, c.b, c.bs, TensorView(out.data(), DType::bf16, shape, strides)),
+                 kGrouped, "out.strides", "", {&out});
+  }
+  expect_error([&] { explain_grouped_block_fp8_gemm(c.a, c.as, row, on_gpu(c.b), c.bs, c.out); },
+               kGrouped, "b.device", "gpu:0", outs);
+}
+
 // block_fp8_gemm with a workspace: the CPU entries want none; a null pointer for a nonzero size and
 // a misaligned one are errors that write nothing; a workspace changes nothing on the CPU.
 TEST(Fp8Errors, GemmWorkspaceArguments) {

@@ -1013,6 +1013,109 @@ TEST(Fp8BlockQuantizeWeight, MatchesTheReferenceExactly) {
 // ---------------------------------------------------------------------------------------------
 // Dispatch.
 
+// ---------------------------------------------------------------------------------------------
+// grouped_block_fp8_gemm: each group's out has the bits block_fp8_gemm writes for it on the same
+// backend; the gaps between groups are not written.
+
+struct GroupedCall {
+  Tensor a, as, b, bs, out;  // out: groups `gap` elements apart beyond M x N
+  int64_t groups, m, n, k, gap;
+  ScaleLayout layout;
+};
+
+GroupedCall grouped_call(std::mt19937_64& rng, int64_t G, int64_t M, int64_t N, int64_t K,
+                         ScaleLayout layout, DType out, DType b_scale_dtype) {
+  GroupedCall c{{}, {}, {}, {}, {}, G, M, N, K, 7, layout};
+  const int64_t KB = fp8::ceil_div(K, 128), NB = fp8::ceil_div(N, 128);
+  c.a = Tensor::empty(DType::f8e4m3, {G, M, K});
+  c.b = Tensor::empty(DType::f8e4m3, {G, N, K});
+  for (Tensor* t : {&c.a, &c.b})
+    for (int64_t i = 0; i < t->numel(); ++i)
+      t->data_as<uint8_t>()[i] = f32_to_f8e4m3(uniform(rng, -448.0f, 448.0f));
+  GroupQuantConfig config;
+  config.layout = layout;
+  const ScaleStorage storage = group_quant_scale_storage(M, K, config);
+  c.as = filled(storage.dtype, {G, storage.shape[0], storage.shape[1]});
+  const int64_t plane = storage.shape[0] * storage.shape[1];
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<float> logical(static_cast<size_t>(M * KB));
+    for (float& v : logical)
+      v = layout == ScaleLayout::packed_ue8m0 ? std::ldexp(1.0f, -5 - pick(rng, 8))
+                                              : uniform(rng, 0.0f, 0.01f);
+    const Tensor t = scale_tensor(logical, M, K, layout);
+    std::memcpy(c.as.data_as<char>() + g * plane * 4, t.data(), t.nbytes());
+  }
+  c.bs = Tensor::empty(b_scale_dtype, {G, NB, KB});
+  for (int64_t i = 0; i < c.bs.numel(); ++i)
+    store_from_f32(c.bs.data(), c.bs.dtype(), i, uniform(rng, 0.0f, 0.01f));
+  c.out = filled(out, {G * (M * N + c.gap)});
+  return c;
+}
+
+TensorView grouped_out(const GroupedCall& c) {
+  const int64_t shape[] = {c.groups, c.m, c.n}, strides[] = {c.m * c.n + c.gap, c.n, 1};
+  return TensorView(c.out.data(), c.out.dtype(), shape, strides);
+}
+
+TEST(Fp8GroupedGemm, EachGroupHasTheBitsOfItsBlockFp8Gemm) {
+  std::mt19937_64 rng = rng_for("grouped gemm");
+  struct Shape {
+    int64_t groups, m, n, k;
+    ScaleLayout layout;
+    DType out, b_scales;
+  };
+  const Shape shapes[] = {
+      {3, 1, 200, 384, ScaleLayout::row_major, DType::bf16, DType::f32},
+      {2, 5, 128, 300, ScaleLayout::column_major_tma, DType::f32, DType::bf16},
+      {4, 16, 64, 256, ScaleLayout::packed_ue8m0, DType::f16, DType::f32},
+      {1, 3, 130, 128, ScaleLayout::column_major, DType::bf16, DType::bf16},
+  };
+  for (const Backend backend : {Backend::reference, Backend::cpu}) {
+    for (const Shape& s : shapes) {
+      SCOPED_TRACE(std::string(backend_name(backend)) + " G=" + std::to_string(s.groups) +
+                   " M=" + std::to_string(s.m) + " N=" + std::to_string(s.n) +
+                   " K=" + std::to_string(s.k) + " " + scale_layout_name(s.layout));
+      GroupedCall c = grouped_call(rng, s.groups, s.m, s.n, s.k, s.layout, s.out, s.b_scales);
+      const OpOptions options{backend};
+      grouped_block_fp8_gemm(c.a, c.as, s.layout, c.b, c.bs, grouped_out(c), options);
+      const size_t element = dtype_size(s.out);
+      for (int64_t g = 0; g < s.groups; ++g) {
+        Tensor single = filled(s.out, {s.m, s.n});
+        block_fp8_gemm(plane_of(c.a, g), plane_of(c.as, g), s.layout, plane_of(c.b, g),
+                       plane_of(c.bs, g), std::nullopt, single, options);
+        const char* group = c.out.data_as<char>() + g * (s.m * s.n + c.gap) * element;
+        EXPECT_EQ(std::memcmp(group, single.data(), single.nbytes()), 0) << "group " << g;
+        for (size_t byte = single.nbytes(); byte < single.nbytes() + c.gap * element; ++byte)
+          ASSERT_EQ(static_cast<uint8_t>(group[byte]), kSentinelByte) << "gap after group " << g;
+      }
+    }
+  }
+}
+
+TEST(Fp8GroupedGemm, ExplainNamesThePerGroupEntry) {
+  std::mt19937_64 rng = rng_for("grouped explain");
+  GroupedCall c = grouped_call(rng, 2, 3, 64, 256, ScaleLayout::row_major, DType::bf16, DType::f32);
+  const auto rows =
+      explain_grouped_block_fp8_gemm(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, grouped_out(c));
+  ASSERT_EQ(rows.size(), grouped_block_gemm_implementations().size());
+  int chosen = 0;
+  for (const ImplementationChoice& row : rows) {
+    chosen += row.chosen;
+    if (row.chosen) {
+      EXPECT_EQ(row.name, "cpu.per_group");
+      EXPECT_EQ(row.detail.rfind("2 calls of cpu.", 0), 0u) << row.detail;
+    }
+    if (row.backend == Backend::gpu) {
+      EXPECT_FALSE(row.reason.empty()) << row.name;
+    }
+  }
+  EXPECT_EQ(chosen, 1);
+  const auto on_reference = explain_grouped_block_fp8_gemm(
+      c.a, c.as, ScaleLayout::row_major, c.b, c.bs, grouped_out(c), {Backend::reference});
+  EXPECT_TRUE(on_reference.back().chosen);
+  EXPECT_EQ(on_reference.back().detail, "2 calls of reference");
+}
+
 TEST(Fp8Dispatch, ExplainNamesTheChoiceAndEveryReason) {
   Tensor a = Tensor::empty(DType::f8e4m3, {2, 128}), b = Tensor::empty(DType::f8e4m3, {64, 128});
   Tensor as = Tensor::empty(DType::f32, {2, 1}), bs = Tensor::empty(DType::f32, {1, 1});

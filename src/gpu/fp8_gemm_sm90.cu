@@ -68,6 +68,7 @@
 #include "gpu/gpu_runtime.h"
 #include "gpu/sm90/gemm_common.cuh"
 #include "gpu/sm90/gemm_swap.cuh"
+#include "gpu/sm90/gemm_swap_grouped.cuh"
 #include "gpu/sm90/gemm_tiles.cuh"
 #include "gpu/sm90/gemm_wide_persistent.cuh"
 #include "gpu/sm90/ptx.h"
@@ -122,6 +123,34 @@ CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int6
   if (status != CUDA_SUCCESS)
     fail(kOp, std::string(name) + " tensor map", "CUresult " + std::to_string(status),
          "cuTensorMapEncodeTiled failed");
+  return map;
+}
+
+// make_tile_map for `groups` such matrices `group_stride` bytes apart: boxes of one group's
+// box_rows x 128 bytes (rows past a group's last read as zeros, as past a matrix's).
+CUtensorMap make_grouped_tile_map(const char* name, const void* base, int64_t groups, int64_t rows,
+                                  int64_t cols, int64_t row_stride, int64_t group_stride,
+                                  int box_rows, int l2_promotion = 3) {
+  const CUtensorMapL2promotion promotions[4] = {
+      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B};
+  CUtensorMap map{};
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(groups)};
+  // Strides of a single row or group are never used: any multiple of 16 past its extent will do.
+  const int64_t rows_apart = rows > 1 ? row_stride : (cols + 15) / 16 * 16;
+  const int64_t groups_apart = groups > 1 ? group_stride : rows * rows_apart;
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(rows_apart),
+                                 static_cast<cuuint64_t>(groups_apart)};
+  const cuuint32_t box[3] = {kBlockK, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult status = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      promotions[l2_promotion], CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    fail("grouped_block_fp8_gemm", std::string(name) + " tensor map",
+         "CUresult " + std::to_string(status), "cuTensorMapEncodeTiled failed");
   return map;
 }
 
@@ -836,6 +865,65 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
                           : plan_swap<16, true>(fused, device, device_index, &layout, plan);
 }
 
+// ---- grouped_block_fp8_gemm at decode sizes (gemm_swap_grouped.cuh).
+
+using GroupedKernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs, GroupStrides);
+constexpr int kMaxGroupedTokens = 16;
+
+struct GroupedPlan {
+  Plan plan;  // group 0's swap plan, with the grouped kernel's ring depth and shared memory
+  GroupedKernelFn kernel = nullptr;
+};
+
+template <int kTokens, int kRows>
+size_t grouped_shared_bytes(int per_split, int stages, int splits) {
+  using Config = Swap<kTokens, kRows, false>;
+  return SwapGrouped<kTokens, kRows>::shared_bytes(per_split, stages,
+                                                   splits > 1 ? Config::inbox_bytes(splits) : 0);
+}
+
+// The grouped kernel's plan: group 0's swap plan (its layout and split, so the same sums), with
+// pushed sums wherever K is split, and as many of that plan's stages as fit beside the grouped
+// kernel's own shared memory. Returns "" or why there is none.
+std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
+                             GroupedPlan& grouped) {
+  const BlockGemmProblem first = p.group(0);
+  Plan& plan = grouped.plan;
+  plan = plan_for(first, device_index);
+  if (!plan.swap || plan.tokens > kMaxGroupedTokens)
+    return "group 0's plan is not a swap plan of 8 or 16 tokens (" + block_gemm_sm90_plan(first) +
+           ")";
+  if (plan.splits > 1 && !plan.push_sums) return "group 0's plan pulls its sums through DSMEM";
+  size_t (*bytes)(int, int, int) = nullptr;
+  if (plan.tokens == 8) {
+    grouped.kernel =
+        plan.rows == 64 ? gemm_swap_grouped_kernel<8, 64> : gemm_swap_grouped_kernel<8, 128>;
+    bytes = plan.rows == 64 ? grouped_shared_bytes<8, 64> : grouped_shared_bytes<8, 128>;
+  } else {
+    grouped.kernel =
+        plan.rows == 64 ? gemm_swap_grouped_kernel<16, 64> : gemm_swap_grouped_kernel<16, 128>;
+    bytes = plan.rows == 64 ? grouped_shared_bytes<16, 64> : grouped_shared_bytes<16, 128>;
+  }
+  const int per_split = static_cast<int>(fp8::ceil_div(first.k_blocks, plan.splits));
+  const size_t limit = device_properties(device_index).shared_memory_per_block_optin;
+  // The ring runs on into the next groups, so it is as deep as the single GEMM's deepest even
+  // where a group's k-range is shorter. MOEKIT_SM90_GROUPED_STAGES=n (even) forces n (timing knob).
+  int stages = env::integer("MOEKIT_SM90_GROUPED_STAGES", std::max(plan.stages, kMaxSwapStages));
+  stages = std::max(2, (stages + 1) / 2 * 2);
+  while (stages > 2 && bytes(per_split, stages, plan.splits) + 1024 > limit) stages -= 2;
+  plan.stages = stages;
+  plan.shared_bytes = bytes(per_split, stages, plan.splits);
+  if (plan.shared_bytes + 1024 > limit) return "the scales of a CTA's k-range do not fit";
+  plan.co_resident = false;
+  plan.bulk_stores = false;
+  plan.loader_scales = false;
+  plan.early_tiles = std::min(plan.early_tiles, plan.stages);
+  plan.cluster_capacity =
+      cluster_capacity(grouped.kernel, plan.splits, plan.shared_bytes, device_index);
+  if (plan.cluster_capacity < 1) return "no cluster of the grouped kernel fits an SM";
+  return "";
+}
+
 // Launches the plan's kernel: a cluster where K is split, programmatic dependent launch where the
 // grid is short.
 template <typename Kernel, typename... Params>
@@ -1120,6 +1208,62 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
                                            plan.weight_promotion);
   const CUtensorMap unused{};  // the kernel reads x itself, not through a tensor map
   launch(plan, plan.kernel, g.stream, device, weight, unused, args);
+}
+
+std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0) return "";
+  const BlockGemmProblem first = p.group(0);
+  if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
+  if (p.m > kMaxGroupedTokens)
+    return "M=" + str(p.m) + " > " + str(kMaxGroupedTokens) +
+           " (the grouped kernel takes decode sizes: token tiles of 8 and 16)";
+  if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
+    return "a's or b's groups are not 16 bytes apart (TMA needs it)";
+  if (p.groups > (int64_t{1} << 20)) return "G=" + str(p.groups) + " > 2^20 groups";
+  if (p.m == 0 || p.n == 0) return "";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  GroupedPlan grouped;
+  return grouped_plan_for(p, device, grouped);
+}
+
+std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return "nothing to do";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  GroupedPlan grouped;
+  if (!grouped_plan_for(p, device, grouped).empty()) return "no grouped plan";
+  const Plan& plan = grouped.plan;
+  char text[300];
+  std::snprintf(text, sizeof text,
+                "grouped swap, %lld groups in one launch: %d tokens x %d weight rows per CTA, K "
+                "split %d ways (cluster), grid %u x %u, %d stages, %zu B shared%s%s",
+                static_cast<long long>(p.groups), plan.tokens, plan.rows, plan.splits, plan.grid.x,
+                plan.grid.y, plan.stages, plan.shared_bytes,
+                plan.early_weights ? ", early weight loads" : "",
+                plan.splits > 1 ? ", pushed sums" : "");
+  return text;
+}
+
+void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return;
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  GroupedPlan grouped;
+  if (std::string why = grouped_plan_for(p, device, grouped); !why.empty())
+    fail("grouped_block_fp8_gemm", "backend", "gpu.sm90.grouped", "has no plan: " + why);
+  const Plan& plan = grouped.plan;
+  const BlockGemmProblem first = p.group(0);
+  GemmArgs args = args_of(first);
+  set_swap_args(plan, args);
+  const CUtensorMap weights =
+      make_grouped_tile_map("b", p.b.data(), p.groups, p.n, p.k, p.b.stride(1), p.b.stride(0),
+                            plan.rows, plan.weight_promotion);
+  const CUtensorMap tokens = make_grouped_tile_map("a", p.a.data(), p.groups, p.m, p.k,
+                                                   p.a.stride(1), p.a.stride(0), plan.tokens);
+  const GroupStrides strides{static_cast<int>(p.groups), p.a_scales.stride(0), p.b_scales.stride(0),
+                             p.out.stride(0)};
+  launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
 }
 
 // ---- Phase stamps (MOEKIT_FP8_TRACE builds only).

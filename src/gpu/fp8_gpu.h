@@ -48,10 +48,17 @@ size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k, int device);
 // w8a8_block_fp8_linear as one Hopper kernel (fp8_gemm_sm90.cu): the swap kernel of
 // block_fp8_gemm_sm90, whose consumers quantize bf16 x (group 128) into shared memory themselves
 // instead of reading the workspace the two-kernel path writes; M <= 16 (where a CTA's k-range
-// exceeds its ring, M x its k-blocks <= 150: measured slower beyond). Same plan, same sums: the
+// exceeds its ring, M x its k-blocks <= 168: measured slower beyond). Same plan, same sums: the
 // bytes equal per_token_group_quant_fp8 then block_fp8_gemm_sm90's. Writes only y.
 std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& problem);
 void w8a8_linear_sm90_fused(const W8a8LinearProblem& problem);
+
+// grouped_block_fp8_gemm on Hopper at decode sizes (fp8_gemm_sm90.cu, M <= 16): group 0's swap
+// plan, every CTA taking its weight tile in group after group within one launch, so that the
+// weight stream runs on from group to group. Each group's out bitwise equals block_fp8_gemm_sm90's.
+std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
+void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
+std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
 // block_fp8_gemm through cuBLASLt's block-scaled FP8 (fp8_gemm_cublaslt.cu): A scales VEC128,
 // B scales BLK128x128, compute capability 9.0.

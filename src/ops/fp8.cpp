@@ -203,6 +203,56 @@ const BlockQuantizeWeightImplementation kBlockQuantizeWeightTable[] = {
      reference::block_quantize_weight},
 };
 
+// grouped_block_fp8_gemm: our Hopper kernel runs every group in one launch; otherwise each group
+// is a block_fp8_gemm served by the first entry of that op's table of the backend named here.
+template <Backend kBackend>
+const BlockGemmImplementation* gemm_entry_of(const BlockGemmProblem& p, std::string& reasons) {
+  for (const BlockGemmImplementation& impl : kBlockGemmTable) {
+    if (impl.backend != kBackend) continue;
+    const std::string why_not = impl.supports(p);
+    if (why_not.empty()) return &impl;
+    reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
+  }
+  return nullptr;
+}
+
+template <Backend kBackend>
+std::string per_group_supports(const GroupedBlockGemmProblem& p) {
+  std::string reasons;
+  if (p.groups == 0 || gemm_entry_of<kBackend>(p.group(0), reasons) != nullptr) return "";
+  return "no block_fp8_gemm entry of this backend serves a group (" + reasons + ")";
+}
+
+template <Backend kBackend>
+void per_group_gemm(const GroupedBlockGemmProblem& p) {
+  std::string reasons;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const BlockGemmProblem group = p.group(g);
+    gemm_entry_of<kBackend>(group, reasons)->run(group);  // same shape: the same entry serves
+  }
+}
+
+template <Backend kBackend>
+std::string per_group_plan(const GroupedBlockGemmProblem& p) {
+  std::string reasons;
+  const BlockGemmProblem group = p.group(0);
+  const BlockGemmImplementation* impl = gemm_entry_of<kBackend>(group, reasons);
+  std::string text = std::to_string(p.groups) + " calls of " + impl->name;
+  if (impl->describe != nullptr) text += " (" + impl->describe(group) + ")";
+  return text;
+}
+
+const GroupedBlockGemmImplementation kGroupedBlockGemmTable[] = {
+    MOEKIT_GPU_ENTRY({"gpu.sm90.grouped", Backend::gpu, gpu::grouped_gemm_sm90_supports,
+                      gpu::grouped_block_fp8_gemm_sm90, gpu::grouped_gemm_sm90_plan})
+        MOEKIT_GPU_ENTRY({"gpu.per_group", Backend::gpu, per_group_supports<Backend::gpu>,
+                          per_group_gemm<Backend::gpu>, per_group_plan<Backend::gpu>}){
+            "cpu.per_group", Backend::cpu, per_group_supports<Backend::cpu>,
+            per_group_gemm<Backend::cpu>, per_group_plan<Backend::cpu>},
+    {"reference.per_group", Backend::reference, per_group_supports<Backend::reference>,
+     per_group_gemm<Backend::reference>, per_group_plan<Backend::reference>},
+};
+
 // ---- Messages.
 
 std::string str(int64_t v) { return std::to_string(v); }
@@ -390,6 +440,7 @@ constexpr const char* kGroupQuantOp = "per_token_group_quant_fp8";
 constexpr const char* kGemmOp = "block_fp8_gemm";
 constexpr const char* kLinearOp = "w8a8_block_fp8_linear";
 constexpr const char* kWeightOp = "block_quantize_weight";
+constexpr const char* kGroupedGemmOp = "grouped_block_fp8_gemm";
 
 }  // namespace
 
@@ -398,6 +449,9 @@ std::span<const BlockGemmImplementation> block_gemm_implementations() { return k
 std::span<const W8a8LinearImplementation> w8a8_linear_implementations() { return kW8a8LinearTable; }
 std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_implementations() {
   return kBlockQuantizeWeightTable;
+}
+std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations() {
+  return kGroupedBlockGemmTable;
 }
 
 // ---- per_token_group_quant_fp8
@@ -678,6 +732,79 @@ std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView
       make_block_quantize_weight_problem(kWeightOp, w, weight, weight_scale_inv, options);
   return explain_table<BlockQuantizeWeightProblem>(kBlockQuantizeWeightTable, p, w.device(),
                                                    options);
+}
+
+// ---- grouped_block_fp8_gemm
+
+GroupedBlockGemmProblem make_grouped_block_gemm_problem(const char* op, const TensorView& a,
+                                                        const TensorView& a_scales,
+                                                        ScaleLayout layout, const TensorView& b,
+                                                        const TensorView& b_scales,
+                                                        const TensorView& out,
+                                                        const OpOptions& options) {
+  const auto check_3d = [&](const char* name, const TensorView& t, const char* dims) {
+    if (t.ndim() != 3) fail(op, std::string(name) + ".shape", t.shape_str(), dims);
+  };
+  check_3d("a", a, "must be [G, M, K]");
+  const int64_t G = a.size(0);
+  const auto check_groups = [&](const char* name, const TensorView& t) {
+    if (t.size(0) != G)
+      fail(op, std::string(name) + ".shape", t.shape_str(),
+           "must have G=" + str(G) + " groups (dimension 0), as a has");
+  };
+  check_3d("a_scales", a_scales, "must be [G, ...] (each group's scale storage)");
+  check_3d("b", b, "must be [G, N, K]");
+  check_3d("b_scales", b_scales, "must be [G, ceil(N/128), ceil(K/128)]");
+  check_3d("out", out, "must be [G, M, N]");
+  check_groups("a_scales", a_scales);
+  check_groups("b", b);
+  check_groups("b_scales", b_scales);
+  check_groups("out", out);
+  // Group 0's planes pass block_fp8_gemm's checks; the others share their shapes and strides.
+  (void)make_block_gemm_problem(op, plane_of(a, 0), plane_of(a_scales, 0), layout, plane_of(b, 0),
+                                plane_of(b_scales, 0), std::nullopt, plane_of(out, 0), options);
+  const int64_t M = a.size(1), N = b.size(1);
+  // Groups of out must not overlap: the last group starts past the first's last element.
+  const int64_t plane_extent = (M - 1) * out.stride(1) + N;
+  if (G > 1 && M > 0 && N > 0 && out.stride(0) < plane_extent)
+    fail(op, "out.strides",
+         out.shape_str() + " strides [" + str(out.stride(0)) + ", " + str(out.stride(1)) + ", " +
+             str(out.stride(2)) + "]",
+         "must keep the groups apart (stride(0) >= " + str(plane_extent) + ")");
+  GroupedBlockGemmProblem p;
+  p.a = a;
+  p.a_scales = a_scales;
+  p.a_scales_layout = layout;
+  p.b = b;
+  p.b_scales = b_scales;
+  p.out = out;
+  p.groups = G;
+  p.m = M;
+  p.n = N;
+  p.k = a.size(2);
+  p.num_threads = options.num_threads;
+  p.stream = options.stream;
+  p.b_static = options.static_weights;
+  return p;
+}
+
+void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
+                            ScaleLayout a_scales_layout, const TensorView& b,
+                            const TensorView& b_scales, const TensorView& out,
+                            const OpOptions& options) {
+  const GroupedBlockGemmProblem p = make_grouped_block_gemm_problem(
+      kGroupedGemmOp, a, a_scales, a_scales_layout, b, b_scales, out, options);
+  dispatch<GroupedBlockGemmProblem>(kGroupedGemmOp, kGroupedBlockGemmTable, p, a.device(), options,
+                                    p.groups == 0 || p.m == 0 || p.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& out,
+    const OpOptions& options) {
+  const GroupedBlockGemmProblem p = make_grouped_block_gemm_problem(
+      kGroupedGemmOp, a, a_scales, a_scales_layout, b, b_scales, out, options);
+  return explain_table<GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p, a.device(), options);
 }
 
 }  // namespace moekit

@@ -90,6 +90,48 @@ struct BlockGemmProblem {
   bool has_bias() const { return bias.data() != nullptr; }
 };
 
+// Plane g of a 3-D tensor [G, R, C] as a 2-D view [R, C] (same strides).
+inline TensorView plane_of(const TensorView& t, int64_t g) {
+  const int64_t shape[2] = {t.size(1), t.size(2)};
+  const int64_t strides[2] = {t.stride(1), t.stride(2)};
+  return TensorView(static_cast<char*>(t.data()) + g * t.stride(0) * dtype_size(t.dtype()),
+                    t.dtype(), shape, strides, t.device());
+}
+
+// grouped_block_fp8_gemm: `groups` independent block_fp8_gemm problems of one shape, stacked along
+// dimension 0 (no bias). group(g) is plane g's problem, as block_fp8_gemm would receive it.
+struct GroupedBlockGemmProblem {
+  TensorView a;         // [G, M, K] f8e4m3, stride(2) == 1
+  TensorView a_scales;  // [G, ...]: each plane the contiguous storage of `a_scales_layout`
+  ScaleLayout a_scales_layout = ScaleLayout::row_major;
+  TensorView b;         // [G, N, K] f8e4m3, stride(2) == 1
+  TensorView b_scales;  // [G, ceil(N/128), ceil(K/128)] f32/bf16, any strides
+  TensorView out;       // [G, M, N] f32/bf16/f16, stride(2) == 1
+  int64_t groups = 0, m = 0, n = 0, k = 0;
+  int num_threads = 0;
+  void* stream = nullptr;
+  bool b_static = false;  // as BlockGemmProblem::b_static
+
+  BlockGemmProblem group(int64_t g) const {
+    BlockGemmProblem p;
+    p.a = plane_of(a, g);
+    p.a_scales = plane_of(a_scales, g);
+    p.b = plane_of(b, g);
+    p.b_scales = plane_of(b_scales, g);
+    p.out = plane_of(out, g);
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.k_blocks = fp8::ceil_div(k, kFp8BlockSize);
+    p.n_blocks = fp8::ceil_div(n, kFp8BlockSize);
+    p.a_scale_at = scale_addressing(a_scales_layout, m, p.k_blocks);
+    p.num_threads = num_threads;
+    p.stream = stream;
+    p.b_static = b_static;
+    return p;
+  }
+};
+
 // w8a8_block_fp8_linear: quantize x into the workspace (row-major f32 scales, group 128), then the
 // GEMM of those against the weight. Both halves are complete problems of their own.
 struct W8a8LinearProblem {
@@ -118,12 +160,14 @@ using GroupQuantImplementation = Fp8Implementation<GroupQuantProblem>;
 using BlockGemmImplementation = Fp8Implementation<BlockGemmProblem>;
 using W8a8LinearImplementation = Fp8Implementation<W8a8LinearProblem>;
 using BlockQuantizeWeightImplementation = Fp8Implementation<BlockQuantizeWeightProblem>;
+using GroupedBlockGemmImplementation = Fp8Implementation<GroupedBlockGemmProblem>;
 
 // The dispatch tables, fastest first (tests run every entry that serves against the reference).
 std::span<const GroupQuantImplementation> group_quant_implementations();
 std::span<const BlockGemmImplementation> block_gemm_implementations();
 std::span<const W8a8LinearImplementation> w8a8_linear_implementations();
 std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_implementations();
+std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations();
 
 // Validation against spec/fp8.md (throws Error naming the argument and value, before anything is
 // written) into problems. `op` names the caller in messages.
@@ -141,6 +185,10 @@ W8a8LinearProblem make_w8a8_linear_problem(const char* op, const TensorView& x,
                                            const std::optional<TensorView>& bias,
                                            const TensorView& y, void* workspace,
                                            size_t workspace_bytes, const OpOptions& options);
+GroupedBlockGemmProblem make_grouped_block_gemm_problem(
+    const char* op, const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& out,
+    const OpOptions& options);
 BlockQuantizeWeightProblem make_block_quantize_weight_problem(const char* op, const TensorView& w,
                                                               const TensorView& weight,
                                                               const TensorView& weight_scale_inv,

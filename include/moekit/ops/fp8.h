@@ -85,6 +85,19 @@ void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
                            const std::optional<TensorView>& bias, const TensorView& y,
                            void* workspace, size_t workspace_bytes, const OpOptions& options = {});
 
+// G independent GEMMs of one shape in one call (DeepGEMM's grouped GEMM with every row used):
+// out[g] = block_fp8_gemm(a[g], a_scales[g], b[g], b_scales[g]) for g < G, without bias, with
+// a [G, M, K] f8e4m3, a_scales [G, ...] (each group's plane the storage block_fp8_gemm takes in
+// a_scales_layout), b [G, N, K] f8e4m3, b_scales [G, ceil(N/128), ceil(K/128)] f32/bf16 and out
+// [G, M, N] f32/bf16/f16 (groups must not overlap). On Hopper, for decode sizes (M <= 16), one
+// launch streams every group's weights back to back ("gpu.sm90.grouped": one grid start and one
+// tail for all G instead of one each), each group's out bitwise equal to block_fp8_gemm's
+// "gpu.sm90" entry; elsewhere each group is a block_fp8_gemm call of the backend's own entries.
+void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
+                            ScaleLayout a_scales_layout, const TensorView& b,
+                            const TensorView& b_scales, const TensorView& out,
+                            const OpOptions& options = {});
+
 // W [N, K] (f32/bf16/f16) -> weight f8e4m3 [N, K] and weight_scale_inv f32
 // [ceil(N/128), ceil(K/128)]: per 128x128 block, scale = max(amax, 1e-4) / 448.
 void block_quantize_weight(const TensorView& w, const TensorView& weight,
@@ -110,6 +123,10 @@ std::vector<ImplementationChoice> explain_w8a8_block_fp8_linear(
     const TensorView& x, const TensorView& weight, const TensorView& weight_scale_inv,
     const std::optional<TensorView>& bias, const TensorView& y, void* workspace,
     size_t workspace_bytes, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& out,
+    const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView& w,
                                                                 const TensorView& weight,
                                                                 const TensorView& weight_scale_inv,

@@ -1,0 +1,285 @@
+// The grouped swap kernel (grouped_block_fp8_gemm at decode sizes; included by fp8_gemm_sm90.cu
+// only): the swap kernel's layout, split and sums for one group's GEMM, with every CTA taking its
+// weight tile in group after group within one launch. Its producer streams the k-blocks of all
+// groups through one ring, so the weight stream does not stop between groups: a decode call's
+// fixed costs (the grid's start after the previous grid, the first touches after the wait, the
+// sums and stores of the tail; docs/perf/fp8-gpu-sm90.md, v10) are paid once per launch, and
+// each group's tail overlaps the next group's weight copies.
+#pragma once
+
+#include "gpu/sm90/gemm_swap.cuh"
+
+namespace moekit::gpu {
+namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
+
+// Where the groups lie, in elements of each tensor (the tensor maps carry a and b's).
+struct GroupStrides {
+  int groups;
+  int64_t a_scales;  // f32 values (i32 words where packed) between groups' activation scales
+  int64_t b_scales;  // weight-scale elements between groups
+  int64_t out;       // out elements between groups
+};
+
+template <int kTokens, int kRows>
+struct SwapGrouped {
+  using Config = Swap<kTokens, kRows, false>;
+  static constexpr bool kAlternate = kRows == 64;
+  // Warpgroup 1's sums on their way to warpgroup 0 (alternating layout): a region of their own,
+  // as the ring is busy with the next group's tiles.
+  static constexpr int kPartialBytes = kAlternate ? Config::kRegisters * kWarpgroup * 4 : 0;
+  // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers | a scales
+  // [L][kTokens] | b scales [L] | warpgroup 1's sums | inbox (16-byte aligned).
+  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
+    return kSharedAlign +
+           static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
+           2 * sizeof(uint64_t) + static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 +
+           kPartialBytes + 16 + inbox;
+  }
+};
+
+template <int kTokens, int kRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_swap_grouped_kernel(const __grid_constant__ CUtensorMap w_map,
+                             const __grid_constant__ CUtensorMap x_map, const GemmArgs args,
+                             const GroupStrides strides) {
+#if MOEKIT_SM90A
+  using Config = Swap<kTokens, kRows, false>;
+  constexpr bool kAlternate = kRows == 64;
+  constexpr int kRegisters = Config::kRegisters;
+  extern __shared__ uint8_t shared_raw[];
+  const int stage_count = args.stages;
+  const int splits = args.splits;
+  const int groups = strides.groups;
+  const int max_count = (args.k_blocks + splits - 1) / splits;
+  uint8_t* stages = align_shared(shared_raw);
+  auto* full = reinterpret_cast<uint64_t*>(stages + stage_count * Config::kStageBytes);
+  uint64_t* empty = full + stage_count;
+  uint64_t* sums_ready = empty + stage_count;  // rank 0: the other ranks' sums of a group are in
+  uint64_t* inbox_free = sums_ready + 1;       // other ranks: rank 0 has read their last sums
+  auto* a_scales = reinterpret_cast<float*>(inbox_free + 1);
+  float* partial = a_scales + max_count * (kTokens + 1);
+  auto* inbox = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(partial) + SwapGrouped<kTokens, kRows>::kPartialBytes + 15) /
+      16 * 16);
+
+  const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
+  const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
+  const int n0 = static_cast<int>(blockIdx.x) / splits * kRows;
+  const int t0 = static_cast<int>(blockIdx.y) * kTokens;
+  const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * args.k_blocks / splits);
+  const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
+  const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
+  const bool push = splits > 1;         // the host plans pushed sums wherever K is split
+  float* b_scales = a_scales + count * kTokens;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stage_count; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
+    }
+    sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
+    sm90::mbarrier_init(inbox_free, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  // Every thread arrives now and waits before its CTA's first remote access, so that the other
+  // ranks' barriers are initialized by then.
+  if (push) sm90::cluster_arrive();
+  vendor::allow_next_grid();
+
+  if (warpgroup == kConsumers) {
+    sm90::registers_shrink<kProducerRegisters>();
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      sm90::prefetch_tensor_map(&w_map);
+      sm90::prefetch_tensor_map(&x_map);
+      // Copy q is k-block q % count of group q / count, in ring slot q % stages.
+      const int total = groups * count;
+      int q = 0;
+      if (args.early_weights) {
+        // The first group's first weight tiles while the previous kernel finishes (static weights,
+        // the host's promise); its token tiles after the wait.
+        const int early = min(min(count, stage_count), args.early_tiles);
+        for (int j = 0; j < early; ++j) {
+          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
+          sm90::tma_load_3d(stages + j * Config::kStageBytes, &w_map, &full[j],
+                            (kb_begin + j) * kBlockK, n0, 0);
+        }
+        vendor::wait_for_previous_grid();
+        for (int j = 0; j < early; ++j)
+          sm90::tma_load_3d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
+                            &full[j], (kb_begin + j) * kBlockK, t0, 0);
+        q = early;
+      } else {
+        vendor::wait_for_previous_grid();
+      }
+      RingSlot slot;
+      slot.advance(q, stage_count);  // q is 0 or at most one lap
+      int group = q / count, i = q % count;
+      for (; q < total; ++q, slot.advance(1, stage_count)) {
+        sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
+        uint8_t* stage = stages + slot.stage * Config::kStageBytes;
+        const int k = (kb_begin + i) * kBlockK;
+        sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
+        sm90::tma_load_3d(stage, &w_map, &full[slot.stage], k, n0, group);
+        sm90::tma_load_3d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0, group);
+        if (++i == count) {
+          i = 0;
+          ++group;
+        }
+      }
+    }
+    __syncwarp();
+    if (push) sm90::cluster_wait();
+    return;
+  }
+
+  sm90::registers_grow<kConsumerRegisters>();
+  const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
+  const int warp = t / 32, lane = t % 32;
+  const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
+  const int sender = kAlternate ? t : consumer_thread;
+  const bool sums_here = !kAlternate || warpgroup == 0;  // this thread holds sums to pass on
+  const bool stores = split == 0 && sums_here;
+  const int row_offset = kAlternate ? 0 : warpgroup * 64 * kBlockK;
+  const int step = kAlternate ? kConsumers : 1;
+  const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
+  const int element = out_bytes(args.epilogue.out_type);
+  vendor::wait_for_previous_grid();  // the activations and their scales are its output
+  if (push) sm90::cluster_wait();
+
+  for (int group = 0; group < groups; ++group) {
+    // The group's scales into shared memory: a batch of independent loads per thread, then the
+    // stores. (Every reader of the previous group's is past the barrier that ended it.)
+    Scales scales = args.scales;
+    scales.a = static_cast<const uint8_t*>(scales.a) + group * strides.a_scales * 4;
+    scales.b =
+        static_cast<const uint8_t*>(scales.b) + group * strides.b_scales * (scales.b_bf16 ? 2 : 4);
+    constexpr int kScaleBatch = 8;
+    const int scale_count = count * kTokens;
+    for (int base = consumer_thread; base < scale_count + count;
+         base += kScaleBatch * kConsumers * kWarpgroup) {
+      float value[kScaleBatch];
+#pragma unroll
+      for (int j = 0; j < kScaleBatch; ++j) {
+        const int i = base + j * kConsumers * kWarpgroup;
+        const int token = min(t0 + i % kTokens, args.m - 1);
+        value[j] = i < scale_count ? a_scale(scales, token, kb_begin + i / kTokens)
+                   : i < scale_count + count
+                       ? b_scale(scales, n0 / kFp8BlockSize, kb_begin + i - scale_count)
+                       : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kScaleBatch; ++j) {
+        const int i = base + j * kConsumers * kWarpgroup;
+        if (i < scale_count + count) a_scales[i] = value[j];  // b scales follow the a scales
+      }
+    }
+    sm90::named_barrier(1, kConsumers * kWarpgroup);
+
+    float acc[kRegisters], part[kRegisters];
+#pragma unroll
+    for (int r = 0; r < kRegisters; ++r) acc[r] = 0.0f;
+    // A k-block's ring slot follows its copy's place q in the stream. Alternating: warpgroup w
+    // takes the copies with q % 2 == w, so that a stage (their count is even) always belongs to
+    // one warpgroup, as the ring's parity waits need; in a group that starts on an odd q the
+    // warpgroups swap the single GEMM's roles, and acc0 + acc1 has the bits of acc1 + acc0.
+    const int first = kAlternate ? (warpgroup + group * count) & 1 : 0;
+    for (int i = first; i < count; i += step) {
+      const int q = group * count + i;
+      const int stage_index = q % stage_count;
+      const auto phase = static_cast<uint32_t>(q / stage_count) & 1u;
+      sm90::mbarrier_wait_likely_done(&full[stage_index], phase);
+      const uint8_t* stage = stages + stage_index * Config::kStageBytes;
+      issue_k_block<kTokens>(part, stage + row_offset, stage + Config::kWeightBytes);
+      const float sb = b_scales[i];
+      float2 a_pairs[kTokens / 8];
+      const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < kTokens / 8; ++j)
+        a_pairs[j] = *reinterpret_cast<const float2*>(sa + 8 * j);
+      wait_k_block<kTokens>(part);
+      if (lane == 0) sm90::mbarrier_arrive(&empty[stage_index]);
+#pragma unroll
+      for (int j = 0; j < kTokens / 8; ++j) {
+        const float scale0 = sb * a_pairs[j].x, scale1 = sb * a_pairs[j].y;
+        acc[4 * j + 0] += part[4 * j + 0] * scale0;
+        acc[4 * j + 1] += part[4 * j + 1] * scale1;
+        acc[4 * j + 2] += part[4 * j + 2] * scale0;
+        acc[4 * j + 3] += part[4 * j + 3] * scale1;
+      }
+    }
+
+    // Alternating: warpgroup 1's sums into warpgroup 0's (same fragment slots).
+    if constexpr (kAlternate) {
+      if (warpgroup == 1) {
+#pragma unroll
+        for (int r = 0; r < kRegisters; ++r) partial[r * kWarpgroup + t] = acc[r];
+      }
+      sm90::named_barrier(1, kConsumers * kWarpgroup);
+      if (warpgroup == 0) {
+#pragma unroll
+        for (int r = 0; r < kRegisters; ++r) acc[r] += partial[r * kWarpgroup + t];
+      }
+    }
+    // The other ranks push their sums into rank 0's inbox (once rank 0 has read the previous
+    // group's); rank 0 adds them in rank order, as the single GEMM does.
+    if (push && sums_here) {
+      if (split != 0) {
+        if (group > 0)
+          sm90::mbarrier_wait_cluster(inbox_free, static_cast<uint32_t>(group - 1) & 1u);
+        float* slot = inbox + ((split - 1) * kRegisters * Config::kSenders + 4 * sender);
+#pragma unroll
+        for (int r = 0; r < kRegisters; r += 4)
+          sm90::store_shared_remote(slot + r * Config::kSenders, 0, acc[r], acc[r + 1], acc[r + 2],
+                                    acc[r + 3]);
+        sm90::mbarrier_arrive_remote(sums_ready, 0);
+      } else {
+        sm90::mbarrier_wait_cluster(sums_ready, static_cast<uint32_t>(group) & 1u);
+        for (int rank = 1; rank < splits; ++rank) {
+          const float* slot = inbox + ((rank - 1) * kRegisters * Config::kSenders + 4 * sender);
+#pragma unroll
+          for (int r = 0; r < kRegisters; r += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(slot + r * Config::kSenders);
+            acc[r] += v.x;
+            acc[r + 1] += v.y;
+            acc[r + 2] += v.z;
+            acc[r + 3] += v.w;
+          }
+        }
+        if (group + 1 < groups) {  // the inbox is free for the next group's sums
+          sm90::named_barrier(2, Config::kSenders);
+          if (sender == 0)
+            for (int rank = 1; rank < splits; ++rank)
+              sm90::mbarrier_arrive_remote(inbox_free, static_cast<uint32_t>(rank));
+        }
+      }
+    }
+    if (stores) {
+      Epilogue e = args.epilogue;
+      e.out = static_cast<uint8_t*>(e.out) + group * strides.out * element;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = row0 + 8 * h;
+        if (n >= args.n) continue;
+#pragma unroll
+        for (int j = 0; j < kTokens / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int token = t0 + 8 * j + 2 * (lane % 4) + c;
+            if (token < args.m) store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c]);
+          }
+        }
+      }
+    }
+    sm90::named_barrier(1, kConsumers * kWarpgroup);  // the group's scales and sums are read
+  }
+#else
+  (void)w_map;
+  (void)x_map;
+  (void)args;
+  (void)strides;
+#endif
+}
+
+}  // namespace
+}  // namespace moekit::gpu
