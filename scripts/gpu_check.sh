@@ -231,7 +231,7 @@ for key in sorted(runs[0], key=lambda k: (k[0], k[1])):
 PY
 fi
 
-step "FP8: moekit bench --op gemm|quant|linear|quantize-weight --backend gpu, and torch peers (bench/gpu_fp8_peers.py)"
+step "FP8: moekit bench --op gemm|quant|linear|quantize-weight|gemm-grouped --backend gpu, and torch peers (bench/gpu_fp8_peers.py)"
 FP8_JSON=$OUT/fp8_gemm.json
 if [[ -x $CLI ]]; then
   timeout 60 "$CLI" bench --op quant --backend gpu > "$OUT/fp8_bench.txt" 2>&1 \
@@ -241,6 +241,8 @@ if [[ -x $CLI ]]; then
     || note "moekit bench --op linear: exit $? (a row failed verification, or it timed out)"
   timeout 60 "$CLI" bench --op quantize-weight --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit bench --op quantize-weight: exit $?"
+  timeout 120 "$CLI" bench --op gemm-grouped --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
+    || note "moekit bench --op gemm-grouped: exit $? (a row failed verification, or it timed out)"
   timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2> "$OUT/fp8_stderr.txt" \
     || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"
   tail -3 "$OUT/fp8_stderr.txt"

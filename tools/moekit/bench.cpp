@@ -131,10 +131,14 @@ bool verify(const harness::RouteCase& c, const harness::RouteInputs& in, Backend
 
 int run_bench(const BenchOptions& options) {
   if (options.op != "route" && options.op != "gemm" && options.op != "quant" &&
-      options.op != "linear" && options.op != "quantize-weight")
+      options.op != "linear" && options.op != "quantize-weight" && options.op != "gemm-grouped")
     fail("bench", "--op", options.op,
-         "is not a benchmarked op (route, gemm, quant, linear, quantize-weight)");
+         "is not a benchmarked op (route, gemm, gemm-grouped, quant, linear, quantize-weight)");
   const Backend backend = options.backend ? *options.backend : fastest_backend();
+  if (options.op == "gemm-grouped" && backend != Backend::gpu)
+    fail(
+        "bench", "--op", options.op,
+        "is benchmarked on the GPU only (elsewhere it is G calls of --op gemm): add --backend gpu");
   if (!backend_available(backend))
     fail("bench", "--backend", std::string(backend_name(backend)),
          "is not present on this machine");

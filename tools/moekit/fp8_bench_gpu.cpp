@@ -23,6 +23,7 @@
 #ifdef MOEKIT_HAVE_GPU
 #include "gpu/gpu_runtime.h"
 #endif
+#include "ops/fp8_problem.h"
 
 namespace moekit::cli {
 
@@ -178,6 +179,84 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
   return result;
 }
 
+constexpr const char* kGroupedImplementations[] = {"gpu.sm90.grouped", "gpu.per_group"};
+constexpr int64_t kBenchGroups = 8;
+
+// A contiguous [rows, cols] tensor as [groups, rows / groups, cols].
+TensorView as_groups(const Tensor& t, int64_t groups) {
+  return TensorView(t.data(), t.dtype(), {groups, t.size(0) / groups, t.size(1)}, t.device());
+}
+
+// grouped_block_fp8_gemm of kBenchGroups GEMMs of one shape (N a multiple of 128), each entry that
+// serves timed per call and reported per GEMM: us / G, and one GEMM's bytes and flops. Verified on
+// the first rows of the first and last groups.
+std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_t N, int64_t K,
+                                      uint64_t seed, int replays) {
+  const Device gpu = Device::gpu();
+  const int64_t G = kBenchGroups;
+  const Fp8GemmInputs x = make_fp8_gemm_inputs(G * M, 1, K, seed);      // its a and a_scales
+  const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);  // its b and b_scales
+  const Tensor a = Tensor::copy_of(x.a, gpu), as = Tensor::copy_of(x.a_scales, gpu);
+  const Tensor b_scales = Tensor::copy_of(w.b_scales, gpu);
+  const std::vector<Tensor> weights = weight_copies(w.b);
+  const int copies = static_cast<int>(weights.size());
+  Tensor out = Tensor::empty(DType::bf16, {G * M, N}, gpu);
+  const int64_t rows = std::min<int64_t>(M, 2);
+  std::vector<Tensor> refs;
+  for (const int64_t g : {int64_t{0}, G - 1}) {
+    refs.push_back(Tensor::empty(DType::f32, {rows, N}));
+    block_fp8_gemm(plane_of(as_groups(x.a, G), g), plane_of(as_groups(x.a_scales, G), g),
+                   ScaleLayout::row_major, plane_of(as_groups(w.b, G), g),
+                   plane_of(as_groups(w.b_scales, G), g), std::nullopt,
+                   TensorView(refs.back().data(), DType::f32, {rows, N}),
+                   OpOptions{Backend::reference});
+  }
+  OpOptions any;
+  any.backend = Backend::gpu;
+  any.static_weights = true;
+  const auto explain = [&](const OpOptions& op) {
+    return chosen_name(explain_grouped_block_fp8_gemm(
+        as_groups(a, G), as_groups(as, G), ScaleLayout::row_major, as_groups(weights[0], G),
+        as_groups(b_scales, G), as_groups(out, G), op));
+  };
+  const std::string dispatched = explain(any);
+  std::vector<GpuRow> result;
+  for (const char* implementation : kGroupedImplementations) {
+    OpOptions op = any;
+    op.implementation = implementation;
+    if (explain(op).empty()) continue;
+    GpuRow row{name + " G=" + std::to_string(G), M, N, K, implementation,
+               implementation == dispatched};
+    const auto call = [&](const Tensor& weight) {
+      grouped_block_fp8_gemm(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                             as_groups(weight, G), as_groups(b_scales, G), as_groups(out, G), op);
+    };
+    call(weights[0]);
+    const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
+    row.verified = true;
+    for (size_t i = 0; i < refs.size(); ++i) {
+      const int64_t g = i == 0 ? 0 : G - 1;
+      const TensorView got(host.data_as<uint16_t>() + g * M * N, DType::bf16, {rows, N});
+      row.verified = row.verified &&
+                     relative_mean_error(got, refs[i]) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16
+    }
+    int next = 0;
+    row.median_us = gpu::median_graph_replay_us(
+                        [&](void* stream) {
+                          op.stream = stream;
+                          call(weights[static_cast<size_t>(next++ % copies)]);
+                        },
+                        /*calls_per_graph=*/std::max(copies, 4), replays) /
+                    static_cast<double>(G);
+    row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes() + x.a.nbytes() +
+                                    x.a_scales.nbytes() + out.nbytes()) /
+                static_cast<double>(G);
+    row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+    result.push_back(row);
+  }
+  return result;
+}
+
 // block_quantize_weight of a bf16 weight [N, K] (verified on its first two block rows).
 GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, uint64_t seed,
                                  int replays) {
@@ -291,6 +370,24 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           for (GpuRow& r :
                bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++, options.replays))
             rows.push_back(std::move(r));
+  } else if (options.op == "gemm-grouped") {
+    struct Shape {
+      std::string name;
+      int64_t n, k;
+      std::vector<int64_t> tokens;
+    };
+    const std::vector<Shape> shapes = {
+        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16}},
+        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16}},
+        {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {1}},
+        {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {1, 4}},
+    };
+    for (const Shape& shape : shapes)
+      for (int64_t M : options.tokens > 0 ? std::vector<int64_t>{options.tokens} : shape.tokens)
+        if (wanted(shape.name, M))
+          for (GpuRow& r :
+               bench_grouped_gpu(shape.name, M, shape.n, shape.k, seed++, options.replays))
+            rows.push_back(std::move(r));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);
@@ -342,6 +439,9 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       "the linear layer writes them for cuBLASLt)%s\n",
       options.op.c_str(), bandwidth / 1e9,
       options.op == "gemm" ? "; weights static (OpOptions::static_weights)"
+      : options.op == "gemm-grouped"
+          ? "; 8 GEMMs of the shape per call, us and bytes per GEMM (gpu.sm90.grouped: one "
+            "launch; gpu.per_group: one gpu.sm90 launch each); weights static"
       : options.op == "linear"
           ? "; bf16 x quantized in the call (gpu.sm90.fused: inside the GEMM kernel; else by a "
             "kernel of its own before it); weights static (OpOptions::static_weights)"

@@ -229,7 +229,8 @@ int main(int argc, char** argv) {
   CLI::App* bench_cmd = app.add_subcommand("bench", "verify, then time, with roofline ratios");
   BenchOptions bench;
   std::string bench_backend;
-  bench_cmd->add_option("--op", bench.op, "route | gemm | quant | linear | quantize-weight");
+  bench_cmd->add_option("--op", bench.op,
+                        "route | gemm | gemm-grouped | quant | linear | quantize-weight");
   bench_cmd->add_option("--backend", bench_backend, "reference | cpu | gpu");
   bench_cmd->add_option("--threads", bench.threads, "CPU threads (0 = all)");
   bench_cmd->add_flag("--json", bench.json, "print a JSON array instead of a table");

@@ -1,0 +1,214 @@
+// grouped_block_fp8_gemm on the GPU: the one-launch Hopper entry ("gpu.sm90.grouped") against
+// block_fp8_gemm's "gpu.sm90" entry called once per group: the same bytes for every group, over
+// model shapes and ragged ones, k-ranges of odd length (where the alternating warpgroups swap
+// roles from group to group), every swap layout it inherits, shallow rings that wrap within a
+// group, every activation-scale layout and output dtype; the gaps between groups stay unwritten;
+// the per-group entry where the grouped one declines. Skips without a GPU; where the grouped
+// entry does not serve (not Hopper, no sm_90a code) it says why.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu/gpu_check.h"
+#include "gpu_test_support.h"
+#include "moekit/dtype.h"
+#include "moekit/ops/fp8.h"
+#include "moekit/tensor.h"
+#include "ops/fp8_problem.h"
+
+namespace moekit {
+namespace {
+
+constexpr const char* kGrouped = "gpu.sm90.grouped";
+constexpr uint8_t kSentinel = 0xA5;
+
+using gpu_test::ScopedEnv;
+
+struct Case {
+  int64_t groups, m, n, k;
+  ScaleLayout layout = ScaleLayout::row_major;
+  DType out = DType::bf16;
+  DType b_scales = DType::f32;
+  bool static_weights = true;
+};
+
+std::string describe(const Case& c) {
+  return "G=" + std::to_string(c.groups) + " M=" + std::to_string(c.m) +
+         " N=" + std::to_string(c.n) + " K=" + std::to_string(c.k) + " " +
+         scale_layout_name(c.layout) + " out=" + std::string(dtype_name(c.out)) +
+         " b_scales=" + std::string(dtype_name(c.b_scales)) + (c.static_weights ? " static" : "");
+}
+
+// The operands on the GPU, a quantized from random activations group by group.
+struct Operands {
+  Tensor a, as, b, bs;
+  int64_t gap = 5;  // out elements between groups beyond M x N
+};
+
+Operands make_operands(std::mt19937_64& rng, const Case& c) {
+  const int64_t G = c.groups, M = c.m, N = c.n, K = c.k;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  GroupQuantConfig config;
+  config.layout = c.layout;
+  config.ue8m0 = c.layout == ScaleLayout::packed_ue8m0;
+  const ScaleStorage storage = group_quant_scale_storage(M, K, config);
+  Tensor a = Tensor::empty(DType::f8e4m3, {G, M, K});
+  Tensor as = Tensor::empty(storage.dtype, {G, storage.shape[0], storage.shape[1]});
+  std::memset(as.data(), 0, as.nbytes());  // (the TMA-aligned layouts' padding rows)
+  for (int64_t g = 0; g < G; ++g) {
+    Tensor x = Tensor::empty(DType::f32, {M, K});
+    for (int64_t i = 0; i < x.numel(); ++i) x.data_as<float>()[i] = normal(rng);
+    per_token_group_quant_fp8(x, plane_of(a, g), plane_of(as, g), config, {Backend::cpu});
+  }
+  Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K});
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    const auto byte = static_cast<uint8_t>(rng());
+    b.data_as<uint8_t>()[i] = (byte & 0x7f) == 0x7f ? static_cast<uint8_t>(byte ^ 1) : byte;
+  }
+  Tensor bs = Tensor::empty(c.b_scales, {G, (N + 127) / 128, (K + 127) / 128});
+  std::uniform_real_distribution<float> u(0.001f, 0.01f);
+  for (int64_t i = 0; i < bs.numel(); ++i) store_from_f32(bs.data(), bs.dtype(), i, u(rng));
+  const Device gpu = Device::gpu();
+  return {Tensor::copy_of(a, gpu), Tensor::copy_of(as, gpu), Tensor::copy_of(b, gpu),
+          Tensor::copy_of(bs, gpu)};
+}
+
+// out [G, M, N] with `gap` elements after each group, filled with the sentinel.
+Tensor sentinel_out(const Case& c, int64_t gap) {
+  Tensor out = Tensor::empty(c.out, {c.groups * (c.m * c.n + gap)}, Device::gpu());
+  MOEKIT_GPU_CHECK(cudaMemset(out.data(), kSentinel, out.nbytes()));
+  return out;
+}
+
+TensorView grouped_view(const Tensor& out, const Case& c, int64_t gap) {
+  const int64_t shape[] = {c.groups, c.m, c.n}, strides[] = {c.m * c.n + gap, c.n, 1};
+  return TensorView(out.data(), c.out, shape, strides, out.device());
+}
+
+// Runs the case through `implementation` of the grouped op and through gpu.sm90 per group;
+// expects the same bytes and untouched gaps. Returns false (with a message) where the grouped
+// entry declines.
+bool check_case(std::mt19937_64& rng, const Case& c, const char* implementation = kGrouped) {
+  SCOPED_TRACE(describe(c));
+  const Operands o = make_operands(rng, c);
+  Tensor grouped = sentinel_out(c, o.gap);
+  OpOptions options;
+  options.backend = Backend::gpu;
+  options.static_weights = c.static_weights;
+  options.implementation = implementation;
+  const TensorView out = grouped_view(grouped, c, o.gap);
+  for (const ImplementationChoice& row :
+       explain_grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options)) {
+    if (row.name != implementation) continue;
+    if (!row.chosen) {
+      std::printf("%s declines %s: %s\n", implementation, describe(c).c_str(), row.reason.c_str());
+      return false;
+    }
+    std::printf("%s: %s\n", describe(c).c_str(), row.detail.c_str());
+  }
+  grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options);
+  OpOptions single = options;
+  single.implementation = "gpu.sm90";
+  const Tensor got = Tensor::copy_of(grouped, Device::cpu());
+  const size_t element = dtype_size(c.out);
+  for (int64_t g = 0; g < c.groups; ++g) {
+    Tensor expected = Tensor::empty(c.out, {c.m, c.n}, Device::gpu());
+    block_fp8_gemm(plane_of(o.a, g), plane_of(o.as, g), c.layout, plane_of(o.b, g),
+                   plane_of(o.bs, g), std::nullopt, expected, single);
+    const Tensor want = Tensor::copy_of(expected, Device::cpu());
+    const char* group = got.data_as<char>() + g * (c.m * c.n + o.gap) * element;
+    EXPECT_EQ(std::memcmp(group, want.data(), want.nbytes()), 0) << "group " << g;
+    for (size_t byte = want.nbytes(); byte < want.nbytes() + o.gap * element; ++byte)
+      EXPECT_EQ(static_cast<uint8_t>(group[byte]), kSentinel) << "gap after group " << g;
+  }
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+  return true;
+}
+
+bool grouped_entry_present() {
+  if (!backend_available(Backend::gpu)) return false;
+  std::mt19937_64 rng(1);
+  const Case probe{2, 1, 128, 256};
+  const Operands o = make_operands(rng, probe);
+  Tensor out = sentinel_out(probe, o.gap);
+  OpOptions options;
+  options.backend = Backend::gpu;
+  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm(
+           o.a, o.as, probe.layout, o.b, o.bs, grouped_view(out, probe, o.gap), options))
+    if (row.name == kGrouped) {
+      if (!row.chosen) std::printf("%s does not serve here: %s\n", kGrouped, row.reason.c_str());
+      return row.chosen;
+    }
+  return false;
+}
+
+#define SKIP_WITHOUT_GROUPED_ENTRY()                                                  \
+  do {                                                                                \
+    SKIP_WITHOUT_GPU();                                                               \
+    if (!grouped_entry_present()) GTEST_SKIP() << kGrouped << " does not serve here"; \
+  } while (0)
+
+TEST(GpuGroupedGemm, OneLaunchEqualsBlockFp8GemmPerGroupBitForBit) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.OneLaunchEquals"));
+  const Case cases[] = {
+      {4, 1, 4096, 7168},  // gate_up of the issue's decode shape
+      {3, 4, 4096, 7168, ScaleLayout::row_major, DType::bf16, DType::f32, false},
+      {3, 16, 4096, 7168},
+      {3, 5, 7168, 2048, ScaleLayout::column_major_tma, DType::f32, DType::bf16},
+      {2, 16, 4096, 3840},  // 30 k-blocks: 15 per rank, odd
+      {5, 9, 200, 384, ScaleLayout::packed_ue8m0, DType::f16},
+      {3, 2, 7748, 3968, ScaleLayout::column_major},  // 31 k-blocks
+      {1, 16, 512, 1024},
+      {6, 3, 1536, 2048},  // an MoE expert's gate_up (Qwen3-30B-A3B)
+  };
+  int served = 0;
+  for (const Case& c : cases) served += check_case(rng, c);
+  EXPECT_GE(served, 7);
+}
+
+TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.EverySwapLayout"));
+  for (const char* layout : {"64,1", "128,1", "64,2", "128,2", "64,4", "128,4", "64,8"}) {
+    ScopedEnv force("MOEKIT_SM90_SWAP", layout);
+    SCOPED_TRACE(std::string("MOEKIT_SM90_SWAP=") + layout);
+    EXPECT_TRUE(check_case(rng, {3, 8, 1024, 4352}));  // 34 k-blocks: some ranks' ranges odd
+    EXPECT_TRUE(check_case(rng, {2, 13, 384, 4224, ScaleLayout::row_major, DType::f32}));
+  }
+  for (const char* stages : {"2", "4", "6"}) {  // the ring wraps within every group
+    ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", stages);
+    SCOPED_TRACE(std::string("MOEKIT_SM90_GROUPED_STAGES=") + stages);
+    EXPECT_TRUE(check_case(rng, {4, 16, 4096, 3840}));
+    EXPECT_TRUE(check_case(
+        rng, {3, 1, 2048, 1152, ScaleLayout::row_major, DType::bf16, DType::f32, false}));
+  }
+}
+
+TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.PerGroup"));
+  // M=40 is past the grouped kernel's token tiles; its groups run as gpu.sm90 calls.
+  const Case wide{3, 40, 256, 512};
+  const Operands o = make_operands(rng, wide);
+  Tensor out = sentinel_out(wide, o.gap);
+  OpOptions options;
+  options.backend = Backend::gpu;
+  std::string chosen;
+  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm(
+           o.a, o.as, wide.layout, o.b, o.bs, grouped_view(out, wide, o.gap), options)) {
+    if (row.chosen) chosen = row.name;
+    if (row.name == kGrouped) std::printf("%s: %s\n", kGrouped, row.reason.c_str());
+  }
+  EXPECT_EQ(chosen, "gpu.per_group");
+  if (grouped_entry_present()) check_case(rng, wide, "gpu.per_group");
+}
+
+}  // namespace
+}  // namespace moekit
