@@ -869,6 +869,7 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
 
 using GroupedKernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs, GroupStrides);
 constexpr int kMaxGroupedTokens = 16;
+constexpr int kGroupedStages = 12;
 
 struct GroupedPlan {
   Plan plan;  // group 0's swap plan, with the grouped kernel's ring depth and shared memory
@@ -906,9 +907,11 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
   }
   const int per_split = static_cast<int>(fp8::ceil_div(first.k_blocks, plan.splits));
   const size_t limit = device_properties(device_index).shared_memory_per_block_optin;
-  // The ring runs on into the next groups, so it is as deep as the single GEMM's deepest even
-  // where a group's k-range is shorter. MOEKIT_SM90_GROUPED_STAGES=n (even) forces n (timing knob).
-  int stages = env::integer("MOEKIT_SM90_GROUPED_STAGES", std::max(plan.stages, kMaxSwapStages));
+  // 12 stages (H200, moekit bench --op gemm-grouped, 8 groups, N=4096 K=7168: M=1 / 4 / 16 8.12 /
+  // 8.23 / 8.47 us per GEMM against 8.18 / 8.32 / 8.59 with 16 and 8.37 / 8.49 / 8.79 with 20;
+  // fp8-gpu-sm90.md, session 29), or fewer where that is what fits. MOEKIT_SM90_GROUPED_STAGES=n
+  // (even) forces n (timing knob).
+  int stages = env::integer("MOEKIT_SM90_GROUPED_STAGES", kGroupedStages);
   stages = std::max(2, (stages + 1) / 2 * 2);
   while (stages > 2 && bytes(per_split, stages, plan.splits) + 1024 > limit) stages -= 2;
   plan.stages = stages;

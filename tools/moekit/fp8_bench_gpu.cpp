@@ -205,10 +205,12 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   std::vector<Tensor> refs;
   for (const int64_t g : {int64_t{0}, G - 1}) {
     refs.push_back(Tensor::empty(DType::f32, {rows, N}));
-    block_fp8_gemm(plane_of(as_groups(x.a, G), g), plane_of(as_groups(x.a_scales, G), g),
-                   ScaleLayout::row_major, plane_of(as_groups(w.b, G), g),
-                   plane_of(as_groups(w.b_scales, G), g), std::nullopt,
-                   TensorView(refs.back().data(), DType::f32, {rows, N}),
+    const auto rows_of = [&](const Tensor& t) {  // group g's first `rows` rows
+      return TensorView(plane_of(as_groups(t, G), g).data(), t.dtype(), {rows, t.size(1)});
+    };
+    block_fp8_gemm(rows_of(x.a), rows_of(x.a_scales), ScaleLayout::row_major,
+                   plane_of(as_groups(w.b, G), g), plane_of(as_groups(w.b_scales, G), g),
+                   std::nullopt, TensorView(refs.back().data(), DType::f32, {rows, N}),
                    OpOptions{Backend::reference});
   }
   OpOptions any;

@@ -27,12 +27,23 @@ struct SwapGrouped {
   // Warpgroup 1's sums on their way to warpgroup 0 (alternating layout): a region of their own,
   // as the ring is busy with the next group's tiles.
   static constexpr int kPartialBytes = kAlternate ? Config::kRegisters * kWarpgroup * 4 : 0;
-  // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers | a scales
-  // [L][kTokens] | b scales [L] | warpgroup 1's sums | inbox (16-byte aligned).
+  // The scale loader (warps 1-3 of the producer warpgroup) fills a ring of kScaleDepth buffers
+  // with each group's scales, as many groups ahead as the ring allows: loads issued under the
+  // weight stream take 1-2 us (v10), longer than a short group's k-loop.
+  static constexpr int kScaleDepth = 4;
+  static constexpr int kScaleLoaders = 3 * 32;
+  // One group's a scales [L][kTokens] then b scales [L], in floats (16-byte multiples: the
+  // consumers read pairs).
+  __host__ __device__ static int scale_buffer_floats(int k_blocks_per_split) {
+    return (k_blocks_per_split * (kTokens + 1) + 3) / 4 * 4;
+  }
+  // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers | scale full,
+  // scale empty barriers | scale buffers | warpgroup 1's sums | inbox (16-byte aligned).
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign +
            static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
-           2 * sizeof(uint64_t) + static_cast<size_t>(k_blocks_per_split) * (kTokens + 1) * 4 +
+           (2 + 2 * kScaleDepth) * sizeof(uint64_t) +
+           static_cast<size_t>(kScaleDepth) * scale_buffer_floats(k_blocks_per_split) * 4 +
            kPartialBytes + 16 + inbox;
   }
 };
@@ -56,8 +67,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = full + stage_count;
   uint64_t* sums_ready = empty + stage_count;  // rank 0: the other ranks' sums of a group are in
   uint64_t* inbox_free = sums_ready + 1;       // other ranks: rank 0 has read their last sums
-  auto* a_scales = reinterpret_cast<float*>(inbox_free + 1);
-  float* partial = a_scales + max_count * (kTokens + 1);
+  using Grouped = SwapGrouped<kTokens, kRows>;
+  constexpr int kScaleDepth = Grouped::kScaleDepth;
+  uint64_t* scale_full = inbox_free + 1;  // the loader has filled buffer g % depth for group g
+  uint64_t* scale_empty = scale_full + kScaleDepth;  // the consumers are done with it
+  const int buffer_floats = Grouped::scale_buffer_floats(max_count);
+  auto* scale_buffers = reinterpret_cast<float*>(scale_empty + kScaleDepth);
+  float* partial = scale_buffers + kScaleDepth * buffer_floats;
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(partial) + SwapGrouped<kTokens, kRows>::kPartialBytes + 15) /
       16 * 16);
@@ -70,7 +86,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
   const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
   const bool push = splits > 1;         // the host plans pushed sums wherever K is split
-  float* b_scales = a_scales + count * kTokens;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < stage_count; ++s) {
@@ -79,6 +94,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
     sm90::mbarrier_init(inbox_free, 1);
+    for (int b = 0; b < kScaleDepth; ++b) {
+      sm90::mbarrier_init(&scale_full[b], Grouped::kScaleLoaders);
+      sm90::mbarrier_init(&scale_empty[b], 1);
+    }
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -128,6 +147,43 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    if (threadIdx.x >= kConsumers * kWarpgroup + 32) {
+      // Warps 1-3: group g's scales into buffer g % depth, a [count][kTokens] (tokens past M read
+      // row M - 1) then b [count], once the consumers are done with group g - depth's.
+      const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 32);
+      const int scale_count = count * kTokens, scale_total = scale_count + count;
+      vendor::wait_for_previous_grid();  // the activation scales are its output
+      for (int group = 0; group < groups; ++group) {
+        const int buffer = group % kScaleDepth;
+        if (group >= kScaleDepth)
+          sm90::mbarrier_wait(&scale_empty[buffer],
+                              static_cast<uint32_t>(group / kScaleDepth - 1) & 1u);
+        Scales scales = args.scales;
+        scales.a = static_cast<const uint8_t*>(scales.a) + group * strides.a_scales * 4;
+        scales.b = static_cast<const uint8_t*>(scales.b) +
+                   group * strides.b_scales * (scales.b_bf16 ? 2 : 4);
+        float* to = scale_buffers + buffer * buffer_floats;
+        constexpr int kBatch = 8;  // loads in flight per thread
+        for (int base = loader; base < scale_total; base += kBatch * Grouped::kScaleLoaders) {
+          float value[kBatch];
+#pragma unroll
+          for (int j = 0; j < kBatch; ++j) {
+            const int i = base + j * Grouped::kScaleLoaders;
+            value[j] =
+                i < scale_count
+                    ? a_scale(scales, min(t0 + i % kTokens, args.m - 1), kb_begin + i / kTokens)
+                : i < scale_total ? b_scale(scales, n0 / kFp8BlockSize, kb_begin + i - scale_count)
+                                  : 0.0f;
+          }
+#pragma unroll
+          for (int j = 0; j < kBatch; ++j) {
+            const int i = base + j * Grouped::kScaleLoaders;
+            if (i < scale_total) to[i] = value[j];
+          }
+        }
+        sm90::mbarrier_arrive(&scale_full[buffer]);  // release: the stores above come first
+      }
+    }
     __syncwarp();
     if (push) sm90::cluster_wait();
     return;
@@ -148,33 +204,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (push) sm90::cluster_wait();
 
   for (int group = 0; group < groups; ++group) {
-    // The group's scales into shared memory: a batch of independent loads per thread, then the
-    // stores. (Every reader of the previous group's is past the barrier that ended it.)
-    Scales scales = args.scales;
-    scales.a = static_cast<const uint8_t*>(scales.a) + group * strides.a_scales * 4;
-    scales.b =
-        static_cast<const uint8_t*>(scales.b) + group * strides.b_scales * (scales.b_bf16 ? 2 : 4);
-    constexpr int kScaleBatch = 8;
-    const int scale_count = count * kTokens;
-    for (int base = consumer_thread; base < scale_count + count;
-         base += kScaleBatch * kConsumers * kWarpgroup) {
-      float value[kScaleBatch];
-#pragma unroll
-      for (int j = 0; j < kScaleBatch; ++j) {
-        const int i = base + j * kConsumers * kWarpgroup;
-        const int token = min(t0 + i % kTokens, args.m - 1);
-        value[j] = i < scale_count ? a_scale(scales, token, kb_begin + i / kTokens)
-                   : i < scale_count + count
-                       ? b_scale(scales, n0 / kFp8BlockSize, kb_begin + i - scale_count)
-                       : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < kScaleBatch; ++j) {
-        const int i = base + j * kConsumers * kWarpgroup;
-        if (i < scale_count + count) a_scales[i] = value[j];  // b scales follow the a scales
-      }
-    }
-    sm90::named_barrier(1, kConsumers * kWarpgroup);
+    const int buffer = group % kScaleDepth;
+    sm90::mbarrier_wait(&scale_full[buffer], static_cast<uint32_t>(group / kScaleDepth) & 1u);
+    const float* a_scales = scale_buffers + buffer * buffer_floats;
+    const float* b_scales = a_scales + count * kTokens;
 
     float acc[kRegisters], part[kRegisters];
 #pragma unroll
@@ -272,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     sm90::named_barrier(1, kConsumers * kWarpgroup);  // the group's scales and sums are read
+    if (consumer_thread == 0) sm90::mbarrier_arrive(&scale_empty[buffer]);
   }
 #else
   (void)w_map;
