@@ -101,29 +101,36 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// A [rows, cols] byte matrix (row stride in bytes) read in boxes of box_rows x 128 bytes with
-// 128-byte swizzle; out-of-bounds elements read as zeros. l2_promotion: the L2 line size each
-// box row's request is widened to (0 none, 1..3 64, 128, 256 bytes).
-CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int64_t cols,
-                          int64_t row_stride, int box_rows, int l2_promotion = 3) {
+// A byte tensor map of `rank` (2 or 3) dimensions read in boxes with the 128-byte swizzle;
+// out-of-bounds elements read as zeros. l2_promotion: the L2 line size each box row's request is
+// widened to (0 none, 1..3 64, 128, 256 bytes). `op` and `name` label a failure.
+CUtensorMap encode_byte_tiles(const char* op, const char* name, const void* base, cuuint32_t rank,
+                              const cuuint64_t* dims, const cuuint64_t* strides,
+                              const cuuint32_t* box, int l2_promotion) {
   const CUtensorMapL2promotion promotions[4] = {
       CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
   CUtensorMap map{};
+  const CUresult status = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      promotions[l2_promotion], CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    fail(op, std::string(name) + " tensor map", "CUresult " + std::to_string(status),
+         "cuTensorMapEncodeTiled failed");
+  return map;
+}
+
+// A [rows, cols] byte matrix (row stride in bytes) read in boxes of box_rows x 128 bytes.
+CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int64_t cols,
+                          int64_t row_stride, int box_rows, int l2_promotion = 3) {
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   // A single row has no meaningful stride: any multiple of 16 past the row will do.
   const int64_t stride = rows > 1 ? row_stride : (cols + 15) / 16 * 16;
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
   const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult status = encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
-      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      promotions[l2_promotion], CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS)
-    fail(kOp, std::string(name) + " tensor map", "CUresult " + std::to_string(status),
-         "cuTensorMapEncodeTiled failed");
-  return map;
+  return encode_byte_tiles(kOp, name, base, 2, dims, strides, box, l2_promotion);
 }
 
 // make_tile_map for `groups` such matrices `group_stride` bytes apart: boxes of one group's
@@ -131,10 +138,6 @@ CUtensorMap make_tile_map(const char* name, const void* base, int64_t rows, int6
 CUtensorMap make_grouped_tile_map(const char* name, const void* base, int64_t groups, int64_t rows,
                                   int64_t cols, int64_t row_stride, int64_t group_stride,
                                   int box_rows, int l2_promotion = 3) {
-  const CUtensorMapL2promotion promotions[4] = {
-      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B};
-  CUtensorMap map{};
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
                               static_cast<cuuint64_t>(groups)};
   // Strides of a single row or group are never used: any multiple of 16 past its extent will do.
@@ -143,15 +146,8 @@ CUtensorMap make_grouped_tile_map(const char* name, const void* base, int64_t gr
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(rows_apart),
                                  static_cast<cuuint64_t>(groups_apart)};
   const cuuint32_t box[3] = {kBlockK, static_cast<cuuint32_t>(box_rows), 1};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult status = encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
-      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      promotions[l2_promotion], CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS)
-    fail("grouped_block_fp8_gemm", std::string(name) + " tensor map",
-         "CUresult " + std::to_string(status), "cuTensorMapEncodeTiled failed");
-  return map;
+  return encode_byte_tiles("grouped_block_fp8_gemm", name, base, 3, dims, strides, box,
+                           l2_promotion);
 }
 
 #ifdef MOEKIT_FP8_TRACE

@@ -237,6 +237,60 @@ __device__ __forceinline__ void zero_padding_rows(int tokens, int count, uint8_t
   for (int j = thread; j < count * padding; j += kConsumers * kWarpgroup)
     a_scales[j / padding * kTokens + tokens + j % padding] = 0.0f;
 }
+
+// Pushed sums (Swap::inbox_bytes): a rank other than 0 stores its thread's sums into rank 0's
+// inbox slot and arrives on rank 0's barrier (release at cluster scope).
+template <int kTokens, int kRows>
+__device__ __forceinline__ void push_sums(float* inbox, uint64_t* sums_ready, int split, int sender,
+                                          const float (&acc)[kTokens / 2]) {
+  using Config = Swap<kTokens, kRows, false>;
+  float* slot = inbox + ((split - 1) * Config::kRegisters * Config::kSenders + 4 * sender);
+#pragma unroll
+  for (int r = 0; r < Config::kRegisters; r += 4)
+    sm90::store_shared_remote(slot + r * Config::kSenders, 0, acc[r], acc[r + 1], acc[r + 2],
+                              acc[r + 3]);
+  sm90::mbarrier_arrive_remote(sums_ready, 0);
+}
+
+// Rank 0, once its barrier says the other ranks' sums are in: adds them in rank order (the order,
+// so the bits, of the pulled sums).
+template <int kTokens, int kRows>
+__device__ __forceinline__ void add_pushed_sums(const float* inbox, int splits, int sender,
+                                                float (&acc)[kTokens / 2]) {
+  using Config = Swap<kTokens, kRows, false>;
+  for (int rank = 1; rank < splits; ++rank) {
+    const float* slot = inbox + ((rank - 1) * Config::kRegisters * Config::kSenders + 4 * sender);
+#pragma unroll
+    for (int r = 0; r < Config::kRegisters; r += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(slot + r * Config::kSenders);
+      acc[r] += v.x;
+      acc[r + 1] += v.y;
+      acc[r + 2] += v.z;
+      acc[r + 3] += v.w;
+    }
+  }
+}
+
+// A consumer thread's sums (rows row0 and row0 + 8, its tokens of the tile at t0), bias added,
+// stored element by element inside [m, n].
+template <int kTokens>
+__device__ __forceinline__ void store_sums(const Epilogue& e, int row0, int t0, int m, int n,
+                                           int lane, const float (&acc)[kTokens / 2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    if (row >= n) continue;
+    const float bias = e.bias_type != BiasType::none ? bias_at(e, row) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kTokens / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int token = t0 + 8 * j + 2 * (lane % 4) + c;
+        if (token < m) store_one(e, token * e.out_row_stride + row, acc[4 * j + 2 * h + c] + bias);
+      }
+    }
+  }
+}
 #endif
 
 // ---- Phase stamps (builds with MOEKIT_FP8_TRACE only; see Sm90TracePhase in fp8_gemm_sm90.h).
@@ -646,14 +700,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     const int sender = kAlternate ? t : consumer_thread;
     sm90::cluster_wait();  // rank 0's barrier is initialized
     if (split != 0) {
-      if (sums_here) {
-        float* slot = inbox + ((split - 1) * kRegisters * Config::kSenders + 4 * sender);
-#pragma unroll
-        for (int r = 0; r < kRegisters; r += 4)
-          sm90::store_shared_remote(slot + r * Config::kSenders, 0, acc[r], acc[r + 1], acc[r + 2],
-                                    acc[r + 3]);
-        sm90::mbarrier_arrive_remote(sums_ready, 0);
-      }
+      if (sums_here) push_sums<kTokens, kRows>(inbox, sums_ready, split, sender, acc);
       MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) {
         trace_stamp_after(trace_cta, Sm90TracePhase::sums_done, acc);
         trace_leave(trace_cta, trace_ticket_of_cta, split);
@@ -662,17 +709,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
     }
     if (stores) {
       sm90::mbarrier_wait_cluster(sums_ready, 0);
-      for (int rank = 1; rank < splits; ++rank) {
-        const float* slot = inbox + ((rank - 1) * kRegisters * Config::kSenders + 4 * sender);
-#pragma unroll
-        for (int r = 0; r < kRegisters; r += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(slot + r * Config::kSenders);
-          acc[r] += v.x;
-          acc[r + 1] += v.y;
-          acc[r + 2] += v.z;
-          acc[r + 3] += v.w;
-        }
-      }
+      add_pushed_sums<kTokens, kRows>(inbox, splits, sender, acc);
     }
   } else if (splits > 1) {
     if (split != 0 && sums_here) {
@@ -739,21 +776,7 @@ __global__ void __launch_bounds__(kThreads, kCoResident ? 2 : 1)
       sm90::bulk_commit_and_wait_read();
     }
   } else {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = row0 + 8 * h;
-      if (n >= args.n) continue;
-      const float bias = e.bias_type != BiasType::none ? bias_at(e, n) : 0.0f;
-#pragma unroll
-      for (int j = 0; j < kTokens / 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int token = t0 + 8 * j + 2 * (lane % 4) + c;
-          if (token < args.m)
-            store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c] + bias);
-        }
-      }
-    }
+    store_sums<kTokens>(e, row0, t0, args.m, args.n, lane, acc);
   }
   MOEKIT_SWAP_TRACE(if (threadIdx.x == 0) stamp(Sm90TracePhase::stores_issued));
   if (splits > 1 && !push) sm90::cluster_wait();  // completes this thread's arrival above

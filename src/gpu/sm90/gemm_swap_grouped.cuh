@@ -260,25 +260,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (split != 0) {
         if (group > 0)
           sm90::mbarrier_wait_cluster(inbox_free, static_cast<uint32_t>(group - 1) & 1u);
-        float* slot = inbox + ((split - 1) * kRegisters * Config::kSenders + 4 * sender);
-#pragma unroll
-        for (int r = 0; r < kRegisters; r += 4)
-          sm90::store_shared_remote(slot + r * Config::kSenders, 0, acc[r], acc[r + 1], acc[r + 2],
-                                    acc[r + 3]);
-        sm90::mbarrier_arrive_remote(sums_ready, 0);
+        push_sums<kTokens, kRows>(inbox, sums_ready, split, sender, acc);
       } else {
         sm90::mbarrier_wait_cluster(sums_ready, static_cast<uint32_t>(group) & 1u);
-        for (int rank = 1; rank < splits; ++rank) {
-          const float* slot = inbox + ((rank - 1) * kRegisters * Config::kSenders + 4 * sender);
-#pragma unroll
-          for (int r = 0; r < kRegisters; r += 4) {
-            const float4 v = *reinterpret_cast<const float4*>(slot + r * Config::kSenders);
-            acc[r] += v.x;
-            acc[r + 1] += v.y;
-            acc[r + 2] += v.z;
-            acc[r + 3] += v.w;
-          }
-        }
+        add_pushed_sums<kTokens, kRows>(inbox, splits, sender, acc);
         if (group + 1 < groups) {  // the inbox is free for the next group's sums
           sm90::named_barrier(2, Config::kSenders);
           if (sender == 0)
@@ -290,19 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (stores) {
       Epilogue e = args.epilogue;
       e.out = static_cast<uint8_t*>(e.out) + group * strides.out * element;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = row0 + 8 * h;
-        if (n >= args.n) continue;
-#pragma unroll
-        for (int j = 0; j < kTokens / 8; ++j) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int token = t0 + 8 * j + 2 * (lane % 4) + c;
-            if (token < args.m) store_one(e, token * e.out_row_stride + n, acc[4 * j + 2 * h + c]);
-          }
-        }
-      }
+      store_sums<kTokens>(e, row0, t0, args.m, args.n, lane, acc);
     }
     sm90::named_barrier(1, kConsumers * kWarpgroup);  // the group's scales and sums are read
     if (consumer_thread == 0) sm90::mbarrier_arrive(&scale_empty[buffer]);
