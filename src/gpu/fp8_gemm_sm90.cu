@@ -1260,8 +1260,10 @@ void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
                             plan.rows, plan.weight_promotion);
   const CUtensorMap tokens = make_grouped_tile_map("a", p.a.data(), p.groups, p.m, p.k,
                                                    p.a.stride(1), p.a.stride(0), plan.tokens);
+  // MOEKIT_SM90_GROUPED_LATE_SUMS=0 stores each group before the next one's k-loop (timing knob).
   const GroupStrides strides{static_cast<int>(p.groups), p.a_scales.stride(0), p.b_scales.stride(0),
-                             p.out.stride(0)};
+                             p.out.stride(0),
+                             env::integer("MOEKIT_SM90_GROUPED_LATE_SUMS", 1) != 0};
   launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
 }
 

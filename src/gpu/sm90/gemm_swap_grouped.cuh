@@ -18,6 +18,9 @@ struct GroupStrides {
   int64_t a_scales;  // f32 values (i32 words where packed) between groups' activation scales
   int64_t b_scales;  // weight-scale elements between groups
   int64_t out;       // out elements between groups
+  // K split: rank 0 adds and stores a group's sums after the next group's k-loop (two inbox
+  // slots), so that no rank waits for the others between groups.
+  bool late_sums;
 };
 
 template <int kTokens, int kRows>
@@ -37,12 +40,13 @@ struct SwapGrouped {
   __host__ __device__ static int scale_buffer_floats(int k_blocks_per_split) {
     return (k_blocks_per_split * (kTokens + 1) + 3) / 4 * 4;
   }
-  // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers | scale full,
-  // scale empty barriers | scale buffers | warpgroup 1's sums | inbox (16-byte aligned).
+  // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers (one per
+  // inbox slot) | scale full, scale empty barriers | scale buffers | warpgroup 1's sums | 2 inbox
+  // slots (16-byte aligned; `inbox` is one slot's bytes).
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
     return kSharedAlign +
            static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
-           (2 + 2 * kScaleDepth) * sizeof(uint64_t) +
+           (4 + 2 * kScaleDepth) * sizeof(uint64_t) + inbox +
            static_cast<size_t>(kScaleDepth) * scale_buffer_floats(k_blocks_per_split) * 4 +
            kPartialBytes + 16 + inbox;
   }
@@ -65,15 +69,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* stages = align_shared(shared_raw);
   auto* full = reinterpret_cast<uint64_t*>(stages + stage_count * Config::kStageBytes);
   uint64_t* empty = full + stage_count;
-  uint64_t* sums_ready = empty + stage_count;  // rank 0: the other ranks' sums of a group are in
-  uint64_t* inbox_free = sums_ready + 1;       // other ranks: rank 0 has read their last sums
+  // Inbox slot g % 2 takes group g's sums: sums_ready[slot] in rank 0 (the other ranks' sums are
+  // in), inbox_free[slot] in the other ranks (rank 0 has read the sums there).
+  uint64_t* sums_ready = empty + stage_count;
+  uint64_t* inbox_free = sums_ready + 2;
   using Grouped = SwapGrouped<kTokens, kRows>;
   constexpr int kScaleDepth = Grouped::kScaleDepth;
-  uint64_t* scale_full = inbox_free + 1;  // the loader has filled buffer g % depth for group g
+  uint64_t* scale_full = inbox_free + 2;  // the loader has filled buffer g % depth for group g
   uint64_t* scale_empty = scale_full + kScaleDepth;  // the consumers are done with it
   const int buffer_floats = Grouped::scale_buffer_floats(max_count);
   auto* scale_buffers = reinterpret_cast<float*>(scale_empty + kScaleDepth);
   float* partial = scale_buffers + kScaleDepth * buffer_floats;
+  const int slot_floats = (splits - 1) * Config::kSenders * kRegisters;  // one inbox slot
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(partial) + SwapGrouped<kTokens, kRows>::kPartialBytes + 15) /
       16 * 16);
@@ -92,8 +99,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbarrier_init(&full[s], 1);
       sm90::mbarrier_init(&empty[s], (kAlternate ? 1 : kConsumers) * 4);  // lane 0 of each warp
     }
-    sm90::mbarrier_init(sums_ready, max(1, (splits - 1) * Config::kSenders));
-    sm90::mbarrier_init(inbox_free, 1);
+    for (int slot = 0; slot < 2; ++slot) {
+      sm90::mbarrier_init(&sums_ready[slot], max(1, (splits - 1) * Config::kSenders));
+      sm90::mbarrier_init(&inbox_free[slot], 1);
+    }
     for (int b = 0; b < kScaleDepth; ++b) {
       sm90::mbarrier_init(&scale_full[b], Grouped::kScaleLoaders);
       sm90::mbarrier_init(&scale_empty[b], 1);
@@ -203,6 +212,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   vendor::wait_for_previous_grid();  // the activations and their scales are its output
   if (push) sm90::cluster_wait();
 
+  const auto store_group = [&](int group, const float(&sums)[kRegisters]) {
+    Epilogue e = args.epilogue;
+    e.out = static_cast<uint8_t*>(e.out) + group * strides.out * element;
+    store_sums<kTokens>(e, row0, t0, args.m, args.n, lane, sums);
+  };
+  // Rank 0: group's sums from the other ranks added, their slot handed back, the group stored.
+  const auto finish_group = [&](int group, float(&sums)[kRegisters]) {
+    const int slot = group & 1;
+    sm90::mbarrier_wait_cluster(&sums_ready[slot], static_cast<uint32_t>(group / 2) & 1u);
+    add_pushed_sums<kTokens, kRows>(inbox + slot * slot_floats, splits, sender, sums);
+    if (group + 2 < groups) {  // the slot takes group + 2's sums next
+      sm90::named_barrier(2, Config::kSenders);
+      if (sender == 0)
+        for (int rank = 1; rank < splits; ++rank)
+          sm90::mbarrier_arrive_remote(&inbox_free[slot], static_cast<uint32_t>(rank));
+    }
+    store_group(group, sums);
+  };
+  float pending[kRegisters];  // late_sums: rank 0's sums of the group before
+
   for (int group = 0; group < groups; ++group) {
     const int buffer = group % kScaleDepth;
     sm90::mbarrier_wait(&scale_full[buffer], static_cast<uint32_t>(group / kScaleDepth) & 1u);
@@ -254,28 +283,26 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int r = 0; r < kRegisters; ++r) acc[r] += partial[r * kWarpgroup + t];
       }
     }
-    // The other ranks push their sums into rank 0's inbox (once rank 0 has read the previous
-    // group's); rank 0 adds them in rank order, as the single GEMM does.
+    // The other ranks push their sums into rank 0's inbox slot group % 2 (once rank 0 has read
+    // group - 2's there); rank 0 adds them in rank order, as the single GEMM does, and stores the
+    // group: at once, or (late_sums) after the next group's k-loop, when they have long arrived.
     if (push && sums_here) {
+      const int slot = group & 1;
       if (split != 0) {
-        if (group > 0)
-          sm90::mbarrier_wait_cluster(inbox_free, static_cast<uint32_t>(group - 1) & 1u);
-        push_sums<kTokens, kRows>(inbox, sums_ready, split, sender, acc);
+        if (group >= 2)
+          sm90::mbarrier_wait_cluster(&inbox_free[slot], static_cast<uint32_t>(group / 2 - 1) & 1u);
+        push_sums<kTokens, kRows>(inbox + slot * slot_floats, &sums_ready[slot], split, sender,
+                                  acc);
+      } else if (!strides.late_sums) {
+        finish_group(group, acc);
       } else {
-        sm90::mbarrier_wait_cluster(sums_ready, static_cast<uint32_t>(group) & 1u);
-        add_pushed_sums<kTokens, kRows>(inbox, splits, sender, acc);
-        if (group + 1 < groups) {  // the inbox is free for the next group's sums
-          sm90::named_barrier(2, Config::kSenders);
-          if (sender == 0)
-            for (int rank = 1; rank < splits; ++rank)
-              sm90::mbarrier_arrive_remote(inbox_free, static_cast<uint32_t>(rank));
-        }
+        if (group > 0) finish_group(group - 1, pending);
+#pragma unroll
+        for (int r = 0; r < kRegisters; ++r) pending[r] = acc[r];
+        if (group + 1 == groups) finish_group(group, pending);
       }
-    }
-    if (stores) {
-      Epilogue e = args.epilogue;
-      e.out = static_cast<uint8_t*>(e.out) + group * strides.out * element;
-      store_sums<kTokens>(e, row0, t0, args.m, args.n, lane, acc);
+    } else if (stores) {
+      store_group(group, acc);
     }
     sm90::named_barrier(1, kConsumers * kWarpgroup);  // the group's scales and sums are read
     if (consumer_thread == 0) sm90::mbarrier_arrive(&scale_empty[buffer]);
