@@ -295,6 +295,27 @@ TEST(Fp8Errors, GroupedGemmArguments) {
                kGrouped, "b.device", "gpu:0", outs);
 }
 
+TEST(Fp8Errors, GroupedGemmMaskedArguments) {
+  GroupedCall c;
+  const auto row = ScaleLayout::row_major;
+  constexpr const char* kMasked = "grouped_block_fp8_gemm_masked";
+  const auto run = [&](const TensorView& masked_m) {
+    return [=] { grouped_block_fp8_gemm_masked(c.a, c.as, row, c.b, c.bs, masked_m, c.out); };
+  };
+  const std::initializer_list<const Tensor*> outs = {&c.out};
+  Tensor three = Tensor::empty(DType::i32, {3}), counts = Tensor::empty(DType::i32, {2});
+  std::memset(counts.data(), 0, counts.nbytes());
+  expect_error(run(three), kMasked, "masked_m.shape", "[3]", outs);
+  expect_error(run(with_dtype(counts, DType::i64)), kMasked, "masked_m.dtype", "i64", outs);
+  expect_error(run(on_gpu(counts)), kMasked, "masked_m.device", "gpu:0", outs);
+  expect_error(run(with_null_data(counts)), kMasked, "masked_m.data", "null", outs);
+  {  // the op's own checks name the masked op
+    Tensor a = Tensor::empty(DType::f8e4m3, {3, 256});
+    expect_error([&] { grouped_block_fp8_gemm_masked(a, c.as, row, c.b, c.bs, counts, c.out); },
+                 kMasked, "a.shape", "[3, 256]", outs);
+  }
+}
+
 // block_fp8_gemm with a workspace: the CPU entries want none; a null pointer for a nonzero size and
 // a misaligned one are errors that write nothing; a workspace changes nothing on the CPU.
 TEST(Fp8Errors, GemmWorkspaceArguments) {

@@ -1092,6 +1092,39 @@ TEST(Fp8GroupedGemm, EachGroupHasTheBitsOfItsBlockFp8Gemm) {
   }
 }
 
+// The masked layout: group g's first min(max(masked_m[g], 0), M) rows have the bits of
+// block_fp8_gemm on those rows; the host backends write nothing else.
+TEST(Fp8GroupedGemm, MaskedGroupsUseTheirRowsOnly) {
+  std::mt19937_64 rng = rng_for("grouped masked");
+  const int64_t G = 5, M = 6, N = 200, K = 384;
+  GroupedCall c = grouped_call(rng, G, M, N, K, ScaleLayout::row_major, DType::bf16, DType::f32);
+  Tensor masked_m = Tensor::empty(DType::i32, {G});
+  const int32_t counts[G] = {0, 6, 2, 9, -1};  // none, all, some, past M (all), negative (none)
+  std::memcpy(masked_m.data(), counts, sizeof counts);
+  for (const Backend backend : {Backend::reference, Backend::cpu}) {
+    SCOPED_TRACE(backend_name(backend));
+    std::memset(c.out.data(), kSentinelByte, c.out.nbytes());
+    const OpOptions options{backend};
+    grouped_block_fp8_gemm_masked(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, masked_m,
+                                  grouped_out(c), options);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t rows = std::clamp<int64_t>(counts[g], 0, M);
+      const char* group = c.out.data_as<char>() + g * (M * N + c.gap) * 2;
+      if (rows > 0) {
+        Tensor single = filled(DType::bf16, {rows, N});
+        const TensorView a = plane_of(c.a, g), as = plane_of(c.as, g);
+        block_fp8_gemm(TensorView(a.data(), a.dtype(), {rows, K}),
+                       TensorView(as.data(), as.dtype(), {rows, as.size(1)}),
+                       ScaleLayout::row_major, plane_of(c.b, g), plane_of(c.bs, g), std::nullopt,
+                       single, options);
+        EXPECT_EQ(std::memcmp(group, single.data(), single.nbytes()), 0) << "group " << g;
+      }
+      for (int64_t byte = rows * N * 2; byte < (M * N + c.gap) * 2; ++byte)
+        ASSERT_EQ(static_cast<uint8_t>(group[byte]), kSentinelByte) << "group " << g;
+    }
+  }
+}
+
 TEST(Fp8GroupedGemm, ExplainNamesThePerGroupEntry) {
   std::mt19937_64 rng = rng_for("grouped explain");
   GroupedCall c = grouped_call(rng, 2, 3, 64, 256, ScaleLayout::row_major, DType::bf16, DType::f32);

@@ -873,10 +873,10 @@ struct GroupedPlan {
 };
 
 template <int kTokens, int kRows>
-size_t grouped_shared_bytes(int per_split, int stages, int splits) {
+size_t grouped_shared_bytes(int per_split, int stages, int splits, int groups) {
   using Config = Swap<kTokens, kRows, false>;
-  return SwapGrouped<kTokens, kRows>::shared_bytes(per_split, stages,
-                                                   splits > 1 ? Config::inbox_bytes(splits) : 0);
+  return SwapGrouped<kTokens, kRows>::shared_bytes(
+      per_split, stages, splits > 1 ? Config::inbox_bytes(splits) : 0, groups);
 }
 
 // The grouped kernel's plan: group 0's swap plan (its layout and split, so the same sums), with
@@ -891,7 +891,7 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
     return "group 0's plan is not a swap plan of 8 or 16 tokens (" + block_gemm_sm90_plan(first) +
            ")";
   if (plan.splits > 1 && !plan.push_sums) return "group 0's plan pulls its sums through DSMEM";
-  size_t (*bytes)(int, int, int) = nullptr;
+  size_t (*bytes)(int, int, int, int) = nullptr;
   if (plan.tokens == 8) {
     grouped.kernel =
         plan.rows == 64 ? gemm_swap_grouped_kernel<8, 64> : gemm_swap_grouped_kernel<8, 128>;
@@ -909,10 +909,15 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
   // (even) forces n (timing knob).
   int stages = env::integer("MOEKIT_SM90_GROUPED_STAGES", kGroupedStages);
   stages = std::max(2, (stages + 1) / 2 * 2);
-  while (stages > 2 && bytes(per_split, stages, plan.splits) + 1024 > limit) stages -= 2;
+  const int groups = static_cast<int>(p.groups);
+  while (stages > 2 && bytes(per_split, stages, plan.splits, groups) + 1024 > limit) stages -= 2;
   plan.stages = stages;
-  plan.shared_bytes = bytes(per_split, stages, plan.splits);
-  if (plan.shared_bytes + 1024 > limit) return "the scales of a CTA's k-range do not fit";
+  plan.shared_bytes = bytes(per_split, stages, plan.splits, groups);
+  if (plan.shared_bytes + 1024 > limit)
+    return "the scales of a CTA's k-range and the list of " + std::to_string(p.groups) +
+           " groups do not fit shared memory";
+  // masked_m is the previous kernel's output: no weights load before its wait.
+  plan.early_weights = plan.early_weights && !p.masked();
   plan.co_resident = false;
   plan.bulk_stores = false;
   plan.loader_scales = false;
@@ -1261,9 +1266,12 @@ void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   const CUtensorMap tokens = make_grouped_tile_map("a", p.a.data(), p.groups, p.m, p.k,
                                                    p.a.stride(1), p.a.stride(0), plan.tokens);
   // MOEKIT_SM90_GROUPED_LATE_SUMS=0 stores each group before the next one's k-loop (timing knob).
-  const GroupStrides strides{static_cast<int>(p.groups), p.a_scales.stride(0), p.b_scales.stride(0),
+  const GroupStrides strides{static_cast<int>(p.groups),
+                             p.a_scales.stride(0),
+                             p.b_scales.stride(0),
                              p.out.stride(0),
-                             env::integer("MOEKIT_SM90_GROUPED_LATE_SUMS", 1) != 0};
+                             env::integer("MOEKIT_SM90_GROUPED_LATE_SUMS", 1) != 0,
+                             p.masked() ? p.masked_m.data_as<const int>() : nullptr};
   launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
 }
 

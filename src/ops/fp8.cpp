@@ -2,6 +2,7 @@
 // they decline.
 #include "moekit/ops/fp8.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -223,12 +224,19 @@ std::string per_group_supports(const GroupedBlockGemmProblem& p) {
   return "no block_fp8_gemm entry of this backend serves a group (" + reasons + ")";
 }
 
+// With masked_m, the host backends read each group's rows and multiply only those; the GPU's
+// calls multiply every row (the rows past masked_m[g] are unspecified; reading the counts on the
+// host would synchronize the stream).
 template <Backend kBackend>
 void per_group_gemm(const GroupedBlockGemmProblem& p) {
   std::string reasons;
+  const BlockGemmImplementation* impl = gemm_entry_of<kBackend>(p.group(0), reasons);
   for (int64_t g = 0; g < p.groups; ++g) {
-    const BlockGemmProblem group = p.group(g);
-    gemm_entry_of<kBackend>(group, reasons)->run(group);  // same shape: the same entry serves
+    int64_t rows = p.m;
+    if (p.masked() && kBackend != Backend::gpu)
+      rows = std::clamp<int64_t>(p.masked_m.data_as<const int32_t>()[g * p.masked_m.stride(0)], 0,
+                                 p.m);
+    if (rows > 0) impl->run(p.group(g, rows));  // same shape: the same entry serves
   }
 }
 
@@ -796,6 +804,49 @@ void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
       kGroupedGemmOp, a, a_scales, a_scales_layout, b, b_scales, out, options);
   dispatch<GroupedBlockGemmProblem>(kGroupedGemmOp, kGroupedBlockGemmTable, p, a.device(), options,
                                     p.groups == 0 || p.m == 0 || p.n == 0);
+}
+
+namespace {
+constexpr const char* kMaskedOp = "grouped_block_fp8_gemm_masked";
+
+GroupedBlockGemmProblem with_masked_m(GroupedBlockGemmProblem p, const TensorView& masked_m) {
+  if (masked_m.ndim() != 1 || masked_m.size(0) != p.groups)
+    fail(kMaskedOp, "masked_m.shape", masked_m.shape_str(),
+         "must be [" + str(p.groups) + "] (one row count per group)");
+  if (masked_m.dtype() != DType::i32)
+    fail(kMaskedOp, "masked_m.dtype", str(masked_m.dtype()), "is not supported (i32)");
+  check_device(kMaskedOp, "masked_m", masked_m, p.a.device(), "a");
+  if (p.groups > 0 && masked_m.data() == nullptr)
+    fail(kMaskedOp, "masked_m.data", "null", "pointer given for a non-empty tensor");
+  check_data(kMaskedOp, "masked_m", masked_m);
+  if (p.groups > 1 && masked_m.stride(0) != 1)
+    fail(kMaskedOp, "masked_m.strides", "[" + str(masked_m.stride(0)) + "]", "must be [1]");
+  p.masked_m = masked_m;
+  return p;
+}
+}  // namespace
+
+void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
+                                   ScaleLayout a_scales_layout, const TensorView& b,
+                                   const TensorView& b_scales, const TensorView& masked_m,
+                                   const TensorView& out, const OpOptions& options) {
+  const GroupedBlockGemmProblem p =
+      with_masked_m(make_grouped_block_gemm_problem(kMaskedOp, a, a_scales, a_scales_layout, b,
+                                                    b_scales, out, options),
+                    masked_m);
+  dispatch<GroupedBlockGemmProblem>(kMaskedOp, kGroupedBlockGemmTable, p, a.device(), options,
+                                    p.groups == 0 || p.m == 0 || p.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
+    const TensorView& out, const OpOptions& options) {
+  const GroupedBlockGemmProblem p =
+      with_masked_m(make_grouped_block_gemm_problem(kMaskedOp, a, a_scales, a_scales_layout, b,
+                                                    b_scales, out, options),
+                    masked_m);
+  return explain_table<GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p, a.device(), options);
 }
 
 std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm(

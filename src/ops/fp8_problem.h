@@ -3,6 +3,7 @@
 // nothing of the front end.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -107,11 +108,25 @@ struct GroupedBlockGemmProblem {
   TensorView b;         // [G, N, K] f8e4m3, stride(2) == 1
   TensorView b_scales;  // [G, ceil(N/128), ceil(K/128)] f32/bf16, any strides
   TensorView out;       // [G, M, N] f32/bf16/f16, stride(2) == 1
+  // [G] i32 on the tensors' device, or none (data() null): group g's rows are its first
+  // min(max(masked_m[g], 0), M); the rest of its out rows are unspecified after the call.
+  TensorView masked_m;
   int64_t groups = 0, m = 0, n = 0, k = 0;
   int num_threads = 0;
   void* stream = nullptr;
   bool b_static = false;  // as BlockGemmProblem::b_static
 
+  bool masked() const { return masked_m.data() != nullptr; }
+  // Group g's problem on its first `rows` rows (the activation scales keep M's addressing).
+  BlockGemmProblem group(int64_t g, int64_t rows) const {
+    BlockGemmProblem p = group(g);
+    p.a = TensorView(p.a.data(), p.a.dtype(), std::array<int64_t, 2>{rows, k},
+                     std::array<int64_t, 2>{p.a.stride(0), p.a.stride(1)}, p.a.device());
+    p.out = TensorView(p.out.data(), p.out.dtype(), std::array<int64_t, 2>{rows, n},
+                       std::array<int64_t, 2>{p.out.stride(0), p.out.stride(1)}, p.out.device());
+    p.m = rows;
+    return p;
+  }
   BlockGemmProblem group(int64_t g) const {
     BlockGemmProblem p;
     p.a = plane_of(a, g);

@@ -191,6 +191,65 @@ TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
   }
 }
 
+// The masked layout through the Hopper entry: group g's first min(max(masked_m[g], 0), M) rows
+// have the bytes of gpu.sm90 on the whole group; every other byte of out stays as it was (the
+// entry skips what has no rows, groups without rows included).
+void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts) {
+  SCOPED_TRACE(describe(c));
+  const Operands o = make_operands(rng, c);
+  Tensor grouped = sentinel_out(c, o.gap);
+  Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
+  std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+  const Tensor masked_m = Tensor::copy_of(counts_host, Device::gpu());
+  OpOptions options;
+  options.backend = Backend::gpu;
+  options.static_weights = c.static_weights;
+  const TensorView out = grouped_view(grouped, c, o.gap);
+  std::string chosen;
+  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
+           o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options))
+    if (row.chosen) chosen = row.name;
+  ASSERT_EQ(chosen, kGrouped);
+  grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options);
+  const Tensor got = Tensor::copy_of(grouped, Device::cpu());
+  OpOptions single = options;
+  single.implementation = "gpu.sm90";
+  const size_t element = dtype_size(c.out);
+  for (int64_t g = 0; g < c.groups; ++g) {
+    const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, c.m);
+    const auto* group =
+        got.data_as<uint8_t>() + g * (c.m * c.n + o.gap) * static_cast<int64_t>(element);
+    const size_t valid = static_cast<size_t>(rows * c.n) * element;
+    if (rows > 0) {
+      Tensor expected = Tensor::empty(c.out, {c.m, c.n}, Device::gpu());
+      block_fp8_gemm(plane_of(o.a, g), plane_of(o.as, g), c.layout, plane_of(o.b, g),
+                     plane_of(o.bs, g), std::nullopt, expected, single);
+      const Tensor want = Tensor::copy_of(expected, Device::cpu());
+      EXPECT_EQ(std::memcmp(group, want.data(), valid), 0)
+          << "group " << g << ", " << rows << " rows";
+    }
+    size_t written = 0;
+    for (size_t byte = valid; byte < (c.m * c.n + o.gap) * element; ++byte)
+      written += group[byte] != kSentinel;
+    EXPECT_EQ(written, 0u) << "bytes written past group " << g << "'s " << rows << " rows";
+  }
+}
+
+TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.Masked"));
+  check_masked(rng, {6, 16, 4096, 7168}, {16, 0, 3, 17, 1, -2});
+  check_masked(rng, {5, 4, 1536, 2048}, {0, 0, 4, 2, 0});  // K split 4, group 0 empty
+  check_masked(rng, {4, 8, 200, 384, ScaleLayout::column_major_tma, DType::f32}, {8, 5, 0, 7});
+  check_masked(rng, {3, 16, 2048, 3840, ScaleLayout::row_major, DType::bf16, DType::f32, false},
+               {9, 16, 2});
+  check_masked(rng, {3, 2, 512, 1024}, {0, 0, 0});  // nothing to do: nothing written
+  {
+    ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "2");
+    check_masked(rng, {7, 16, 4096, 3840}, {1, 0, 16, 0, 0, 5, 16});
+  }
+}
+
 TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.PerGroup"));

@@ -222,21 +222,40 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
         as_groups(b_scales, G), as_groups(out, G), op));
   };
   const std::string dispatched = explain(any);
+  // The masked layout with every other group given no rows (an MoE step where half the experts
+  // get no tokens): timed per group that has rows.
+  Tensor masked_host = Tensor::empty(DType::i32, {G});
+  for (int64_t g = 0; g < G; ++g)
+    masked_host.data_as<int32_t>()[g] = g % 2 == 0 ? static_cast<int32_t>(M) : 0;
+  const Tensor masked_m = Tensor::copy_of(masked_host, gpu);
   std::vector<GpuRow> result;
-  for (const char* implementation : kGroupedImplementations) {
+  for (const auto& [implementation, masked] :
+       {std::pair{kGroupedImplementations[0], false}, std::pair{kGroupedImplementations[1], false},
+        std::pair{kGroupedImplementations[0], true}}) {
     OpOptions op = any;
     op.implementation = implementation;
     if (explain(op).empty()) continue;
-    GpuRow row{name + " G=" + std::to_string(G), M, N, K, implementation,
-               implementation == dispatched};
+    const int64_t active = masked ? G / 2 : G;
+    GpuRow row{name + " G=" + std::to_string(G) +
+                   (masked ? ", " + std::to_string(active) + " with rows" : ""),
+               M,
+               N,
+               K,
+               implementation,
+               implementation == dispatched && !masked};
     const auto call = [&](const Tensor& weight) {
-      grouped_block_fp8_gemm(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
-                             as_groups(weight, G), as_groups(b_scales, G), as_groups(out, G), op);
+      if (masked)
+        grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                                      as_groups(weight, G), as_groups(b_scales, G), masked_m,
+                                      as_groups(out, G), op);
+      else
+        grouped_block_fp8_gemm(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                               as_groups(weight, G), as_groups(b_scales, G), as_groups(out, G), op);
     };
     call(weights[0]);
     const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
     row.verified = true;
-    for (size_t i = 0; i < refs.size(); ++i) {
+    for (size_t i = 0; i < (masked ? 1 : refs.size()); ++i) {  // (group G - 1 has none if masked)
       const int64_t g = i == 0 ? 0 : G - 1;
       const TensorView got(host.data_as<uint16_t>() + g * M * N, DType::bf16, {rows, N});
       row.verified = row.verified &&
@@ -249,7 +268,7 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
                           call(weights[static_cast<size_t>(next++ % copies)]);
                         },
                         /*calls_per_graph=*/std::max(copies, 4), replays) /
-                    static_cast<double>(G);
+                    static_cast<double>(active);
     row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes() + x.a.nbytes() +
                                     x.a_scales.nbytes() + out.nbytes()) /
                 static_cast<double>(G);
@@ -443,7 +462,8 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       options.op == "gemm" ? "; weights static (OpOptions::static_weights)"
       : options.op == "gemm-grouped"
           ? "; 8 GEMMs of the shape per call, us and bytes per GEMM (gpu.sm90.grouped: one "
-            "launch; gpu.per_group: one gpu.sm90 launch each); weights static"
+            "launch; gpu.per_group: one gpu.sm90 launch each; \"4 with rows\": the masked "
+            "layout, every other group without rows, us per group with rows); weights static"
       : options.op == "linear"
           ? "; bf16 x quantized in the call (gpu.sm90.fused: inside the GEMM kernel; else by a "
             "kernel of its own before it); weights static (OpOptions::static_weights)"

@@ -97,6 +97,15 @@ void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
                             ScaleLayout a_scales_layout, const TensorView& b,
                             const TensorView& b_scales, const TensorView& out,
                             const OpOptions& options = {});
+// The same in DeepGEMM's masked layout (MoE decode under CUDA graphs): masked_m i32 [G] on the
+// tensors' device (typically written by the kernel before, e.g. the dispatch of tokens to
+// experts) gives group g's rows: its first min(max(masked_m[g], 0), M). Only those rows of out[g]
+// are defined afterwards (the rest may or may not be written); groups with none cost no weight
+// traffic on Hopper ("gpu.sm90.grouped" skips them and writes nothing for them).
+void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
+                                   ScaleLayout a_scales_layout, const TensorView& b,
+                                   const TensorView& b_scales, const TensorView& masked_m,
+                                   const TensorView& out, const OpOptions& options = {});
 
 // W [N, K] (f32/bf16/f16) -> weight f8e4m3 [N, K] and weight_scale_inv f32
 // [ceil(N/128), ceil(K/128)]: per 128x128 block, scale = max(amax, 1e-4) / 448.
@@ -127,6 +136,10 @@ std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const TensorView& out,
     const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
+    const TensorView& out, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView& w,
                                                                 const TensorView& weight,
                                                                 const TensorView& weight_scale_inv,

@@ -21,6 +21,9 @@ struct GroupStrides {
   // K split: rank 0 adds and stores a group's sums after the next group's k-loop (two inbox
   // slots), so that no rank waits for the others between groups.
   bool late_sums;
+  // [groups] i32 on the device, or null: group g's rows are its first min(max(masked_m[g], 0), m)
+  // (DeepGEMM's masked layout). A CTA skips the groups with no rows in its token tile.
+  const int* masked_m;
 };
 
 template <int kTokens, int kRows>
@@ -42,9 +45,10 @@ struct SwapGrouped {
   }
   // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers (one per
   // inbox slot) | scale full, scale empty barriers | scale buffers | warpgroup 1's sums | 2 inbox
-  // slots (16-byte aligned; `inbox` is one slot's bytes).
-  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox) {
-    return kSharedAlign +
+  // slots (16-byte aligned; `inbox` is one slot's bytes) | the CTA's work: its groups, their rows
+  // and their count.
+  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox, int groups) {
+    return (2 * static_cast<size_t>(groups) + 1) * 4 + kSharedAlign +
            static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
            (4 + 2 * kScaleDepth) * sizeof(uint64_t) + inbox +
            static_cast<size_t>(kScaleDepth) * scale_buffer_floats(k_blocks_per_split) * 4 +
@@ -84,6 +88,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(partial) + SwapGrouped<kTokens, kRows>::kPartialBytes + 15) /
       16 * 16);
+  // The CTA's work: item a is group work_group[a], whose rows (tokens) are work_rows[a].
+  auto* work_group = reinterpret_cast<int*>(inbox + 2 * slot_floats);
+  int* work_rows = work_group + groups;
+  int* work_count = work_rows + groups;
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
   const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
@@ -115,35 +123,63 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (push) sm90::cluster_arrive();
   vendor::allow_next_grid();
 
+  // The first group's first weight tiles while the previous kernel finishes (static weights, the
+  // host's promise; never with masked_m, which that kernel writes); their token tiles after the
+  // wait.
+  const int early = args.early_weights ? min(min(count, stage_count), args.early_tiles) : 0;
+  const bool producer = threadIdx.x == kConsumers * kWarpgroup;
+  if (producer) {
+    sm90::prefetch_tensor_map(&w_map);
+    sm90::prefetch_tensor_map(&x_map);
+    for (int j = 0; j < early; ++j) {
+      sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
+      sm90::tma_load_3d(stages + j * Config::kStageBytes, &w_map, &full[j],
+                        (kb_begin + j) * kBlockK, n0, 0);
+    }
+  }
+  vendor::wait_for_previous_grid();  // the activations, their scales, masked_m and out are its
+  if (static_cast<int>(threadIdx.x) / 32 == kConsumers * 4 + 1) {
+    // Warp 1 of the producer warpgroup: the groups with rows in this CTA's token tile, in order.
+    const int lane = static_cast<int>(threadIdx.x) % 32;
+    int items = 0;
+    for (int base = 0; base < groups; base += 32) {
+      const int group = base + lane;
+      int rows = 0;
+      if (group < groups)
+        rows = strides.masked_m != nullptr ? min(max(__ldg(strides.masked_m + group), 0), args.m)
+                                           : args.m;
+      const bool here = rows > t0;
+      const unsigned active = __ballot_sync(~0u, here);
+      if (here) {
+        const int at = items + __popc(active & ((1u << lane) - 1u));
+        work_group[at] = group;
+        work_rows[at] = rows;
+      }
+      items += __popc(active);
+    }
+    if (lane == 0) *work_count = items;
+  }
+  __syncthreads();
+  const int items = *work_count;
+
   if (warpgroup == kConsumers) {
-    sm90::registers_shrink<kProducerRegisters>();
-    if (threadIdx.x == kConsumers * kWarpgroup) {
-      sm90::prefetch_tensor_map(&w_map);
-      sm90::prefetch_tensor_map(&x_map);
-      // Copy q is k-block q % count of group q / count, in ring slot q % stages.
-      const int total = groups * count;
+    // (No register reallocation: 16 tokens' sums need few registers, and the scale loader in 40
+    // spilled.)
+    if (producer) {
+      // Copy q is k-block q % count of item q / count, in ring slot q % stages.
+      const int total = items * count;
       int q = 0;
-      if (args.early_weights) {
-        // The first group's first weight tiles while the previous kernel finishes (static weights,
-        // the host's promise); its token tiles after the wait.
-        const int early = min(min(count, stage_count), args.early_tiles);
-        for (int j = 0; j < early; ++j) {
-          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
-          sm90::tma_load_3d(stages + j * Config::kStageBytes, &w_map, &full[j],
-                            (kb_begin + j) * kBlockK, n0, 0);
-        }
-        vendor::wait_for_previous_grid();
+      if (early > 0 && items > 0) {  // (item 0 is group 0 without masked_m)
         for (int j = 0; j < early; ++j)
           sm90::tma_load_3d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
                             &full[j], (kb_begin + j) * kBlockK, t0, 0);
         q = early;
-      } else {
-        vendor::wait_for_previous_grid();
       }
       RingSlot slot;
       slot.advance(q, stage_count);  // q is 0 or at most one lap
-      int group = q / count, i = q % count;
+      int item = q / count, i = q % count;
       for (; q < total; ++q, slot.advance(1, stage_count)) {
+        const int group = work_group[item];
         sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
         uint8_t* stage = stages + slot.stage * Config::kStageBytes;
         const int k = (kb_begin + i) * kBlockK;
@@ -152,21 +188,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::tma_load_3d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0, group);
         if (++i == count) {
           i = 0;
-          ++group;
+          ++item;
         }
       }
     }
     if (threadIdx.x >= kConsumers * kWarpgroup + 32) {
-      // Warps 1-3: group g's scales into buffer g % depth, a [count][kTokens] (tokens past M read
-      // row M - 1) then b [count], once the consumers are done with group g - depth's.
+      // Warps 1-3: item a's scales into buffer a % depth, a [count][kTokens] (tokens past the
+      // group's rows read its last row) then b [count], once the consumers are done with item
+      // a - depth's.
       const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 32);
       const int scale_count = count * kTokens, scale_total = scale_count + count;
-      vendor::wait_for_previous_grid();  // the activation scales are its output
-      for (int group = 0; group < groups; ++group) {
-        const int buffer = group % kScaleDepth;
-        if (group >= kScaleDepth)
+      for (int item = 0; item < items; ++item) {
+        const int group = work_group[item], rows = work_rows[item];
+        const int buffer = item % kScaleDepth;
+        if (item >= kScaleDepth)
           sm90::mbarrier_wait(&scale_empty[buffer],
-                              static_cast<uint32_t>(group / kScaleDepth - 1) & 1u);
+                              static_cast<uint32_t>(item / kScaleDepth - 1) & 1u);
         Scales scales = args.scales;
         scales.a = static_cast<const uint8_t*>(scales.a) + group * strides.a_scales * 4;
         scales.b = static_cast<const uint8_t*>(scales.b) +
@@ -180,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int i = base + j * Grouped::kScaleLoaders;
             value[j] =
                 i < scale_count
-                    ? a_scale(scales, min(t0 + i % kTokens, args.m - 1), kb_begin + i / kTokens)
+                    ? a_scale(scales, min(t0 + i % kTokens, rows - 1), kb_begin + i / kTokens)
                 : i < scale_total ? b_scale(scales, n0 / kFp8BlockSize, kb_begin + i - scale_count)
                                   : 0.0f;
           }
@@ -198,7 +235,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  sm90::registers_grow<kConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
@@ -209,32 +245,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int step = kAlternate ? kConsumers : 1;
   const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
   const int element = out_bytes(args.epilogue.out_type);
-  vendor::wait_for_previous_grid();  // the activations and their scales are its output
   if (push) sm90::cluster_wait();
 
-  const auto store_group = [&](int group, const float(&sums)[kRegisters]) {
+  const auto store_item = [&](int item, const float(&sums)[kRegisters]) {
     Epilogue e = args.epilogue;
-    e.out = static_cast<uint8_t*>(e.out) + group * strides.out * element;
-    store_sums<kTokens>(e, row0, t0, args.m, args.n, lane, sums);
+    e.out = static_cast<uint8_t*>(e.out) + work_group[item] * strides.out * element;
+    store_sums<kTokens>(e, row0, t0, work_rows[item], args.n, lane, sums);
   };
-  // Rank 0: group's sums from the other ranks added, their slot handed back, the group stored.
-  const auto finish_group = [&](int group, float(&sums)[kRegisters]) {
-    const int slot = group & 1;
-    sm90::mbarrier_wait_cluster(&sums_ready[slot], static_cast<uint32_t>(group / 2) & 1u);
+  // Rank 0: an item's sums from the other ranks added, their slot handed back, the item stored.
+  const auto finish_item = [&](int item, float(&sums)[kRegisters]) {
+    const int slot = item & 1;
+    sm90::mbarrier_wait_cluster(&sums_ready[slot], static_cast<uint32_t>(item / 2) & 1u);
     add_pushed_sums<kTokens, kRows>(inbox + slot * slot_floats, splits, sender, sums);
-    if (group + 2 < groups) {  // the slot takes group + 2's sums next
+    if (item + 2 < items) {  // the slot takes item + 2's sums next
       sm90::named_barrier(2, Config::kSenders);
       if (sender == 0)
         for (int rank = 1; rank < splits; ++rank)
           sm90::mbarrier_arrive_remote(&inbox_free[slot], static_cast<uint32_t>(rank));
     }
-    store_group(group, sums);
+    store_item(item, sums);
   };
-  float pending[kRegisters];  // late_sums: rank 0's sums of the group before
+  float pending[kRegisters];  // late_sums: rank 0's sums of the item before
 
-  for (int group = 0; group < groups; ++group) {
-    const int buffer = group % kScaleDepth;
-    sm90::mbarrier_wait(&scale_full[buffer], static_cast<uint32_t>(group / kScaleDepth) & 1u);
+  for (int item = 0; item < items; ++item) {
+    const int buffer = item % kScaleDepth;
+    sm90::mbarrier_wait(&scale_full[buffer], static_cast<uint32_t>(item / kScaleDepth) & 1u);
     const float* a_scales = scale_buffers + buffer * buffer_floats;
     const float* b_scales = a_scales + count * kTokens;
 
@@ -243,11 +278,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = 0; r < kRegisters; ++r) acc[r] = 0.0f;
     // A k-block's ring slot follows its copy's place q in the stream. Alternating: warpgroup w
     // takes the copies with q % 2 == w, so that a stage (their count is even) always belongs to
-    // one warpgroup, as the ring's parity waits need; in a group that starts on an odd q the
+    // one warpgroup, as the ring's parity waits need; in an item that starts on an odd q the
     // warpgroups swap the single GEMM's roles, and acc0 + acc1 has the bits of acc1 + acc0.
-    const int first = kAlternate ? (warpgroup + group * count) & 1 : 0;
+    const int first = kAlternate ? (warpgroup + item * count) & 1 : 0;
     for (int i = first; i < count; i += step) {
-      const int q = group * count + i;
+      const int q = item * count + i;
       const int stage_index = q % stage_count;
       const auto phase = static_cast<uint32_t>(q / stage_count) & 1u;
       sm90::mbarrier_wait_likely_done(&full[stage_index], phase);
@@ -283,28 +318,28 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int r = 0; r < kRegisters; ++r) acc[r] += partial[r * kWarpgroup + t];
       }
     }
-    // The other ranks push their sums into rank 0's inbox slot group % 2 (once rank 0 has read
-    // group - 2's there); rank 0 adds them in rank order, as the single GEMM does, and stores the
-    // group: at once, or (late_sums) after the next group's k-loop, when they have long arrived.
+    // The other ranks push their sums into rank 0's inbox slot item % 2 (once rank 0 has read
+    // item - 2's there); rank 0 adds them in rank order, as the single GEMM does, and stores the
+    // item: at once, or (late_sums) after the next item's k-loop, when they have long arrived.
     if (push && sums_here) {
-      const int slot = group & 1;
+      const int slot = item & 1;
       if (split != 0) {
-        if (group >= 2)
-          sm90::mbarrier_wait_cluster(&inbox_free[slot], static_cast<uint32_t>(group / 2 - 1) & 1u);
+        if (item >= 2)
+          sm90::mbarrier_wait_cluster(&inbox_free[slot], static_cast<uint32_t>(item / 2 - 1) & 1u);
         push_sums<kTokens, kRows>(inbox + slot * slot_floats, &sums_ready[slot], split, sender,
                                   acc);
       } else if (!strides.late_sums) {
-        finish_group(group, acc);
+        finish_item(item, acc);
       } else {
-        if (group > 0) finish_group(group - 1, pending);
+        if (item > 0) finish_item(item - 1, pending);
 #pragma unroll
         for (int r = 0; r < kRegisters; ++r) pending[r] = acc[r];
-        if (group + 1 == groups) finish_group(group, pending);
+        if (item + 1 == items) finish_item(item, pending);
       }
     } else if (stores) {
-      store_group(group, acc);
+      store_item(item, acc);
     }
-    sm90::named_barrier(1, kConsumers * kWarpgroup);  // the group's scales and sums are read
+    sm90::named_barrier(1, kConsumers * kWarpgroup);  // the item's scales and sums are read
     if (consumer_thread == 0) sm90::mbarrier_arrive(&scale_empty[buffer]);
   }
 #else
