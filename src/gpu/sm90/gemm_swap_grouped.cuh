@@ -26,6 +26,11 @@ struct GroupStrides {
   const int* masked_m;
 };
 
+// The producer warpgroup's registers after reallocation: its scale loader spilled in the swap
+// kernel's 40 (128 * 56 + 256 * 224 <= 64K).
+constexpr int kGroupedProducerRegisters = 56;
+constexpr int kGroupedConsumerRegisters = 224;
+
 template <int kTokens, int kRows>
 struct SwapGrouped {
   using Config = Swap<kTokens, kRows, false>;
@@ -123,63 +128,65 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (push) sm90::cluster_arrive();
   vendor::allow_next_grid();
 
-  // The first group's first weight tiles while the previous kernel finishes (static weights, the
-  // host's promise; never with masked_m, which that kernel writes); their token tiles after the
-  // wait.
-  const int early = args.early_weights ? min(min(count, stage_count), args.early_tiles) : 0;
-  const bool producer = threadIdx.x == kConsumers * kWarpgroup;
-  if (producer) {
-    sm90::prefetch_tensor_map(&w_map);
-    sm90::prefetch_tensor_map(&x_map);
-    for (int j = 0; j < early; ++j) {
-      sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
-      sm90::tma_load_3d(stages + j * Config::kStageBytes, &w_map, &full[j],
-                        (kb_begin + j) * kBlockK, n0, 0);
-    }
-  }
-  vendor::wait_for_previous_grid();  // the activations, their scales, masked_m and out are its
-  if (static_cast<int>(threadIdx.x) / 32 == kConsumers * 4 + 1) {
-    // Warp 1 of the producer warpgroup: the groups with rows in this CTA's token tile, in order.
-    const int lane = static_cast<int>(threadIdx.x) % 32;
-    int items = 0;
-    for (int base = 0; base < groups; base += 32) {
-      const int group = base + lane;
-      int rows = 0;
-      if (group < groups)
-        rows = strides.masked_m != nullptr ? min(max(__ldg(strides.masked_m + group), 0), args.m)
-                                           : args.m;
-      const bool here = rows > t0;
-      const unsigned active = __ballot_sync(~0u, here);
-      if (here) {
-        const int at = items + __popc(active & ((1u << lane) - 1u));
-        work_group[at] = group;
-        work_rows[at] = rows;
+  // With masked_m (the previous kernel's output), first the groups with rows in this CTA's token
+  // tile, in order, listed by warp 1 of the producer warpgroup after the wait for all to read.
+  // Without, item a is group a with M rows.
+  const bool masked = strides.masked_m != nullptr;
+  if (masked) {
+    vendor::wait_for_previous_grid();
+    if (static_cast<int>(threadIdx.x) / 32 == kConsumers * 4 + 1) {
+      const int lane = static_cast<int>(threadIdx.x) % 32;
+      int listed = 0;
+      for (int base = 0; base < groups; base += 32) {
+        const int group = base + lane;
+        const int rows = group < groups ? min(max(__ldg(strides.masked_m + group), 0), args.m) : 0;
+        const bool here = rows > t0;
+        const unsigned active = __ballot_sync(~0u, here);
+        if (here) {
+          const int at = listed + __popc(active & ((1u << lane) - 1u));
+          work_group[at] = group;
+          work_rows[at] = rows;
+        }
+        listed += __popc(active);
       }
-      items += __popc(active);
+      if (lane == 0) *work_count = listed;
     }
-    if (lane == 0) *work_count = items;
+    __syncthreads();  // (uniform: a launch argument)
   }
-  __syncthreads();
-  const int items = *work_count;
+  const int items = masked ? *work_count : groups;
+  const auto group_of = [&](int item) { return masked ? work_group[item] : item; };
+  const auto rows_of = [&](int item) { return masked ? work_rows[item] : args.m; };
 
   if (warpgroup == kConsumers) {
-    // (No register reallocation: 16 tokens' sums need few registers, and the scale loader in 40
-    // spilled.)
-    if (producer) {
+    sm90::registers_shrink<kGroupedProducerRegisters>();
+    if (threadIdx.x == kConsumers * kWarpgroup) {
+      sm90::prefetch_tensor_map(&w_map);
+      sm90::prefetch_tensor_map(&x_map);
       // Copy q is k-block q % count of item q / count, in ring slot q % stages.
       const int total = items * count;
       int q = 0;
-      if (early > 0 && items > 0) {  // (item 0 is group 0 without masked_m)
+      if (args.early_weights) {
+        // The first group's first weight tiles while the previous kernel finishes (static weights,
+        // the host's promise; never with masked_m); its token tiles after the wait.
+        const int early = min(min(count, stage_count), args.early_tiles);
+        for (int j = 0; j < early; ++j) {
+          sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
+          sm90::tma_load_3d(stages + j * Config::kStageBytes, &w_map, &full[j],
+                            (kb_begin + j) * kBlockK, n0, 0);
+        }
+        vendor::wait_for_previous_grid();
         for (int j = 0; j < early; ++j)
           sm90::tma_load_3d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
                             &full[j], (kb_begin + j) * kBlockK, t0, 0);
         q = early;
+      } else {
+        vendor::wait_for_previous_grid();
       }
       RingSlot slot;
       slot.advance(q, stage_count);  // q is 0 or at most one lap
       int item = q / count, i = q % count;
       for (; q < total; ++q, slot.advance(1, stage_count)) {
-        const int group = work_group[item];
+        const int group = group_of(item);
         sm90::mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);
         uint8_t* stage = stages + slot.stage * Config::kStageBytes;
         const int k = (kb_begin + i) * kBlockK;
@@ -198,8 +205,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // a - depth's.
       const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 32);
       const int scale_count = count * kTokens, scale_total = scale_count + count;
+      vendor::wait_for_previous_grid();  // the activation scales are its output
       for (int item = 0; item < items; ++item) {
-        const int group = work_group[item], rows = work_rows[item];
+        const int group = group_of(item), rows = rows_of(item);
         const int buffer = item % kScaleDepth;
         if (item >= kScaleDepth)
           sm90::mbarrier_wait(&scale_empty[buffer],
@@ -235,6 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
+  sm90::registers_grow<kGroupedConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
@@ -245,12 +254,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int step = kAlternate ? kConsumers : 1;
   const int row0 = n0 + (kAlternate ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
   const int element = out_bytes(args.epilogue.out_type);
+  vendor::wait_for_previous_grid();  // the activations and their scales are its output
   if (push) sm90::cluster_wait();
 
   const auto store_item = [&](int item, const float(&sums)[kRegisters]) {
     Epilogue e = args.epilogue;
-    e.out = static_cast<uint8_t*>(e.out) + work_group[item] * strides.out * element;
-    store_sums<kTokens>(e, row0, t0, work_rows[item], args.n, lane, sums);
+    e.out = static_cast<uint8_t*>(e.out) + group_of(item) * strides.out * element;
+    store_sums<kTokens>(e, row0, t0, rows_of(item), args.n, lane, sums);
   };
   // Rank 0: an item's sums from the other ranks added, their slot handed back, the item stored.
   const auto finish_item = [&](int item, float(&sums)[kRegisters]) {
