@@ -892,13 +892,18 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
            ")";
   if (plan.splits > 1 && !plan.push_sums) return "group 0's plan pulls its sums through DSMEM";
   size_t (*bytes)(int, int, int, int) = nullptr;
+  const bool masked = p.masked();
   if (plan.tokens == 8) {
-    grouped.kernel =
-        plan.rows == 64 ? gemm_swap_grouped_kernel<8, 64> : gemm_swap_grouped_kernel<8, 128>;
+    grouped.kernel = plan.rows == 64 ? (masked ? gemm_swap_grouped_kernel<8, 64, true>
+                                               : gemm_swap_grouped_kernel<8, 64, false>)
+                                     : (masked ? gemm_swap_grouped_kernel<8, 128, true>
+                                               : gemm_swap_grouped_kernel<8, 128, false>);
     bytes = plan.rows == 64 ? grouped_shared_bytes<8, 64> : grouped_shared_bytes<8, 128>;
   } else {
-    grouped.kernel =
-        plan.rows == 64 ? gemm_swap_grouped_kernel<16, 64> : gemm_swap_grouped_kernel<16, 128>;
+    grouped.kernel = plan.rows == 64 ? (masked ? gemm_swap_grouped_kernel<16, 64, true>
+                                               : gemm_swap_grouped_kernel<16, 64, false>)
+                                     : (masked ? gemm_swap_grouped_kernel<16, 128, true>
+                                               : gemm_swap_grouped_kernel<16, 128, false>);
     bytes = plan.rows == 64 ? grouped_shared_bytes<16, 64> : grouped_shared_bytes<16, 128>;
   }
   const int per_split = static_cast<int>(fp8::ceil_div(first.k_blocks, plan.splits));
