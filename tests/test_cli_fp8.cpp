@@ -334,9 +334,11 @@ TEST_F(CliFp8, CheckFp8QuickPassesOnCpu) {
       ++deepseek_pass;
     start = end + 1;
   }
-  // 4 shapes x (quant + GEMM at M in {1, 7, 83}; linear at M in {1, 7}; the weight).
-  EXPECT_EQ(deepseek_pass, 4 * 3 + 4 * 3) << r.out;
+  // 4 shapes x (quant + GEMM at M in {1, 7, 83}; linear at M in {1, 7}; the weight), and the
+  // 2 expert shapes x the grouped GEMM at M in {1, 5}.
+  EXPECT_EQ(deepseek_pass, 4 * 3 + 4 * 3 + 2 * 2) << r.out;
   EXPECT_NE(r.out.find("w8a8_block_fp8_linear"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("grouped_block_fp8_gemm"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("w 324x3884"), std::string::npos) << r.out;  // a partial block row
 }
 

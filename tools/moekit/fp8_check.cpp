@@ -17,6 +17,7 @@
 #include "commands.h"
 #include "moekit/error.h"
 #include "moekit/ops/fp8.h"
+#include "ops/fp8_problem.h"
 
 namespace moekit::cli {
 
@@ -265,6 +266,95 @@ int check_linear_and_weights(const CheckOptions& options, uint64_t seed,
       if (!problem.empty()) {
         ++failures;
         std::printf("    %s\n", problem.c_str());
+      }
+    }
+  }
+  return failures;
+}
+
+// A contiguous [rows, cols] tensor as [groups, rows / groups, cols].
+TensorView as_groups(const Tensor& t, int64_t groups) {
+  return TensorView(t.data(), t.dtype(), {groups, t.size(0) / groups, t.size(1)}, t.device());
+}
+
+// The third table: grouped_block_fp8_gemm over the models' expert layers (kGroups experts of one
+// shape at decode token counts), whole and in the masked layout (groups of M, none, fewer, M
+// rows), every backend against the reference on each group's first rows.
+int check_grouped(const CheckOptions& options, uint64_t seed, const std::vector<Backend>& tested) {
+  constexpr int64_t kGroups = 4;
+  std::printf(
+      "\nFP8: grouped_block_fp8_gemm (%lld experts of a shape, bf16 out), whole and masked "
+      "(rows per group M, 0, M - 1, M) vs the reference per group\n",
+      static_cast<long long>(kGroups));
+  std::printf("%-44s %-11s %-9s %-22s %10s %10s %s\n", "shape", "M", "backend", "implementation",
+              "bf16 rel", "masked rel", "result");
+  std::vector<int64_t> token_counts = {1, 5};
+  if (!options.quick) token_counts.push_back(16);
+  int failures = 0;
+  uint64_t case_seed = seed ^ 0x960c9edULL;
+  for (const Fp8Shape& shape : fp8_shapes()) {
+    if (shape.layer.find("expert") == std::string::npos || shape.n % kBlock != 0) continue;
+    const int64_t N = shape.n, K = shape.k;
+    const Fp8GemmInputs weights = make_fp8_gemm_inputs(0, kGroups * N, K, case_seed++);
+    for (const int64_t M : token_counts) {
+      const Fp8GemmInputs x = make_fp8_gemm_inputs(kGroups * M, 0, K, case_seed++);
+      const int32_t counts[kGroups] = {static_cast<int32_t>(M), 0, static_cast<int32_t>(M - 1),
+                                       static_cast<int32_t>(M)};
+      Tensor masked_host = Tensor::empty(DType::i32, {kGroups});
+      std::memcpy(masked_host.data(), counts, sizeof counts);
+      // The reference on each group's first rows (as many as the reference's budget allows).
+      const int64_t ref_rows = std::clamp<int64_t>(
+          static_cast<int64_t>(kReferenceMacs / static_cast<double>(kGroups * N * K)), 1, M);
+      std::vector<Tensor> refs;
+      for (int64_t g = 0; g < kGroups; ++g) {
+        refs.push_back(Tensor::empty(DType::f32, {ref_rows, N}));
+        block_fp8_gemm(first_rows(plane_of(as_groups(x.a, kGroups), g), ref_rows),
+                       first_rows(plane_of(as_groups(x.a_scales, kGroups), g), ref_rows),
+                       ScaleLayout::row_major, plane_of(as_groups(weights.b, kGroups), g),
+                       plane_of(as_groups(weights.b_scales, kGroups), g), std::nullopt, refs.back(),
+                       OpOptions{Backend::reference});
+      }
+      for (Backend backend : tested) {
+        const Tensor a = staged(x.a, backend), as = staged(x.a_scales, backend);
+        const Tensor b = staged(weights.b, backend), bs = staged(weights.b_scales, backend);
+        const Tensor masked_m = staged(masked_host, backend);
+        Tensor out = Tensor::empty(DType::bf16, {kGroups * M, N}, device_of(backend));
+        OpOptions op;
+        op.backend = backend;
+        const std::string implementation = chosen_name(explain_grouped_block_fp8_gemm(
+            as_groups(a, kGroups), as_groups(as, kGroups), ScaleLayout::row_major,
+            as_groups(b, kGroups), as_groups(bs, kGroups), as_groups(out, kGroups), op));
+        // The largest error over the groups' checked rows (masked: the rows each group has).
+        const auto error_of = [&](bool masked) {
+          if (masked)
+            grouped_block_fp8_gemm_masked(as_groups(a, kGroups), as_groups(as, kGroups),
+                                          ScaleLayout::row_major, as_groups(b, kGroups),
+                                          as_groups(bs, kGroups), masked_m, as_groups(out, kGroups),
+                                          op);
+          else
+            grouped_block_fp8_gemm(as_groups(a, kGroups), as_groups(as, kGroups),
+                                   ScaleLayout::row_major, as_groups(b, kGroups),
+                                   as_groups(bs, kGroups), as_groups(out, kGroups), op);
+          const Tensor host = to_host(out);
+          double worst = 0.0;
+          for (int64_t g = 0; g < kGroups; ++g) {
+            const int64_t rows = masked ? std::min<int64_t>(counts[g], ref_rows) : ref_rows;
+            if (rows <= 0) continue;
+            worst = std::max(
+                worst, relative_mean_error(first_rows(plane_of(as_groups(host, kGroups), g), rows),
+                                           first_rows(refs[static_cast<size_t>(g)], rows)));
+          }
+          return worst;
+        };
+        const double whole = error_of(false), masked = error_of(true);
+        const bool pass =
+            whole < gemm_tolerance(DType::bf16) && masked < gemm_tolerance(DType::bf16);
+        const std::string rows_note =
+            ref_rows < M ? fmt::format("{} (ref {})", M, ref_rows) : std::to_string(M);
+        std::printf("%-44s %-11s %-9s %-22s %10.3g %10.3g %s\n", shape.name().c_str(),
+                    rows_note.c_str(), std::string(backend_name(backend)).c_str(),
+                    implementation.c_str(), whole, masked, pass ? "PASS" : "FAIL");
+        failures += pass ? 0 : 1;
       }
     }
   }
@@ -542,7 +632,8 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
       "< 1e-3 (f32 out), < 1e-3 + 2^-8 (bf16 out: its rounding, spec/fp8.md). The scalar "
       "reference GEMM runs on at most %.0g multiply-adds per case (first rows, as noted).\n",
       kReferenceMacs);
-  return failures + check_linear_and_weights(options, seed, tested);
+  return failures + check_linear_and_weights(options, seed, tested) +
+         check_grouped(options, seed, tested);
 }
 
 }  // namespace moekit::cli
