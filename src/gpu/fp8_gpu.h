@@ -53,9 +53,10 @@ size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k, int device);
 std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& problem);
 void w8a8_linear_sm90_fused(const W8a8LinearProblem& problem);
 
-// grouped_block_fp8_gemm on Hopper at decode sizes (fp8_gemm_sm90.cu, M <= 16): group 0's swap
-// plan, every CTA taking its weight tile in group after group within one launch, so that the
-// weight stream runs on from group to group. Each group's out bitwise equals block_fp8_gemm_sm90's.
+// grouped_block_fp8_gemm (and its masked layout) on Hopper at decode sizes (fp8_gemm_sm90.cu,
+// M <= 16): group 0's swap plan, every CTA taking its weight tile in group after group within one
+// launch, so that the weight stream runs on from group to group. Each group's out (masked: its
+// rows) bitwise equals block_fp8_gemm_sm90's; masked, nothing else of out is written.
 std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
 void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
