@@ -5,6 +5,7 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdio>
@@ -1096,31 +1097,36 @@ TEST(Fp8GroupedGemm, EachGroupHasTheBitsOfItsBlockFp8Gemm) {
 // block_fp8_gemm on those rows; the host backends write nothing else.
 TEST(Fp8GroupedGemm, MaskedGroupsUseTheirRowsOnly) {
   std::mt19937_64 rng = rng_for("grouped masked");
-  const int64_t G = 5, M = 6, N = 200, K = 384;
-  GroupedCall c = grouped_call(rng, G, M, N, K, ScaleLayout::row_major, DType::bf16, DType::f32);
-  Tensor masked_m = Tensor::empty(DType::i32, {G});
-  const int32_t counts[G] = {0, 6, 2, 9, -1};  // none, all, some, past M (all), negative (none)
-  std::memcpy(masked_m.data(), counts, sizeof counts);
-  for (const Backend backend : {Backend::reference, Backend::cpu}) {
-    SCOPED_TRACE(backend_name(backend));
-    std::memset(c.out.data(), kSentinelByte, c.out.nbytes());
-    const OpOptions options{backend};
-    grouped_block_fp8_gemm_masked(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, masked_m,
-                                  grouped_out(c), options);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t rows = std::clamp<int64_t>(counts[g], 0, M);
-      const char* group = c.out.data_as<char>() + g * (M * N + c.gap) * 2;
-      if (rows > 0) {
-        Tensor single = filled(DType::bf16, {rows, N});
-        const TensorView a = plane_of(c.a, g), as = plane_of(c.as, g);
-        block_fp8_gemm(TensorView(a.data(), a.dtype(), {rows, K}),
-                       TensorView(as.data(), as.dtype(), {rows, as.size(1)}),
-                       ScaleLayout::row_major, plane_of(c.b, g), plane_of(c.bs, g), std::nullopt,
-                       single, options);
-        EXPECT_EQ(std::memcmp(group, single.data(), single.nbytes()), 0) << "group " << g;
+  constexpr int64_t G = 5, N = 200, K = 384;
+  // M=6: none, all, some, past M (all), negative (none). M=24: groups of 24 and of 5 or 17 rows,
+  // which the CPU serves with different entries (its packed kernel from 17 rows).
+  const std::vector<std::pair<int64_t, std::array<int32_t, G>>> cases = {{6, {0, 6, 2, 9, -1}},
+                                                                         {24, {24, 5, 0, 17, 3}}};
+  for (const auto& [M, counts] : cases) {
+    GroupedCall c = grouped_call(rng, G, M, N, K, ScaleLayout::row_major, DType::bf16, DType::f32);
+    Tensor masked_m = Tensor::empty(DType::i32, {G});
+    std::memcpy(masked_m.data(), counts.data(), sizeof(int32_t) * G);
+    for (const Backend backend : {Backend::reference, Backend::cpu}) {
+      SCOPED_TRACE(std::string(backend_name(backend)) + " M=" + std::to_string(M));
+      std::memset(c.out.data(), kSentinelByte, c.out.nbytes());
+      const OpOptions options{backend};
+      grouped_block_fp8_gemm_masked(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, masked_m,
+                                    grouped_out(c), options);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
+        const char* group = c.out.data_as<char>() + g * (M * N + c.gap) * 2;
+        if (rows > 0) {
+          Tensor single = filled(DType::bf16, {rows, N});
+          const TensorView a = plane_of(c.a, g), as = plane_of(c.as, g);
+          block_fp8_gemm(TensorView(a.data(), a.dtype(), {rows, K}),
+                         TensorView(as.data(), as.dtype(), {rows, as.size(1)}),
+                         ScaleLayout::row_major, plane_of(c.b, g), plane_of(c.bs, g), std::nullopt,
+                         single, options);
+          EXPECT_EQ(std::memcmp(group, single.data(), single.nbytes()), 0) << "group " << g;
+        }
+        for (int64_t byte = rows * N * 2; byte < (M * N + c.gap) * 2; ++byte)
+          ASSERT_EQ(static_cast<uint8_t>(group[byte]), kSentinelByte) << "group " << g;
       }
-      for (int64_t byte = rows * N * 2; byte < (M * N + c.gap) * 2; ++byte)
-        ASSERT_EQ(static_cast<uint8_t>(group[byte]), kSentinelByte) << "group " << g;
     }
   }
 }

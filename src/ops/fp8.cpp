@@ -227,16 +227,20 @@ std::string per_group_supports(const GroupedBlockGemmProblem& p) {
 // With masked_m, the host backends read each group's rows and multiply only those; the GPU's
 // calls multiply every row (the rows past masked_m[g] are unspecified; reading the counts on the
 // host would synchronize the stream).
+// Groups of M rows share one entry (picked once); a group of fewer rows gets the entry that serves
+// its own row count (the CPU's entries are chosen by M).
 template <Backend kBackend>
 void per_group_gemm(const GroupedBlockGemmProblem& p) {
   std::string reasons;
-  const BlockGemmImplementation* impl = gemm_entry_of<kBackend>(p.group(0), reasons);
+  const BlockGemmImplementation* whole = gemm_entry_of<kBackend>(p.group(0), reasons);
   for (int64_t g = 0; g < p.groups; ++g) {
     int64_t rows = p.m;
     if (p.masked() && kBackend != Backend::gpu)
       rows = std::clamp<int64_t>(p.masked_m.data_as<const int32_t>()[g * p.masked_m.stride(0)], 0,
                                  p.m);
-    if (rows > 0) impl->run(p.group(g, rows));  // same shape: the same entry serves
+    if (rows == 0) continue;
+    const BlockGemmProblem group = p.group(g, rows);
+    (rows == p.m ? whole : gemm_entry_of<kBackend>(group, reasons))->run(group);
   }
 }
 
@@ -816,8 +820,6 @@ GroupedBlockGemmProblem with_masked_m(GroupedBlockGemmProblem p, const TensorVie
   if (masked_m.dtype() != DType::i32)
     fail(kMaskedOp, "masked_m.dtype", str(masked_m.dtype()), "is not supported (i32)");
   check_device(kMaskedOp, "masked_m", masked_m, p.a.device(), "a");
-  if (p.groups > 0 && masked_m.data() == nullptr)
-    fail(kMaskedOp, "masked_m.data", "null", "pointer given for a non-empty tensor");
   check_data(kMaskedOp, "masked_m", masked_m);
   if (p.groups > 1 && masked_m.stride(0) != 1)
     fail(kMaskedOp, "masked_m.strides", "[" + str(masked_m.stride(0)) + "]", "must be [1]");

@@ -99,6 +99,8 @@ Tensor column_major_scales(const TensorView& row_major);
 Tensor zero_filled_bytes(size_t bytes, Device device);
 // The first `rows` rows of a (rows contiguous) as a view.
 TensorView first_rows(const TensorView& t, int64_t rows);
+// A contiguous [rows, cols] tensor as [groups, rows / groups, cols] (grouped_block_fp8_gemm).
+TensorView as_groups(const Tensor& t, int64_t groups);
 // sum |out - ref| / sum |ref| over the first ref.size(0) rows of out (any float dtypes).
 double relative_mean_error(const TensorView& out, const TensorView& ref);
 // The name of the implementation explain_* chose, or empty when none serves.

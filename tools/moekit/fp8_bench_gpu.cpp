@@ -182,11 +182,6 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
 constexpr const char* kGroupedImplementations[] = {"gpu.sm90.grouped", "gpu.per_group"};
 constexpr int64_t kBenchGroups = 8;
 
-// A contiguous [rows, cols] tensor as [groups, rows / groups, cols].
-TensorView as_groups(const Tensor& t, int64_t groups) {
-  return TensorView(t.data(), t.dtype(), {groups, t.size(0) / groups, t.size(1)}, t.device());
-}
-
 // grouped_block_fp8_gemm of kBenchGroups GEMMs of one shape (N a multiple of 128), each entry that
 // serves timed per call and reported per GEMM: us / G, and one GEMM's bytes and flops. Verified on
 // the first rows of the first and last groups.
@@ -205,10 +200,8 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   std::vector<Tensor> refs;
   for (const int64_t g : {int64_t{0}, G - 1}) {
     refs.push_back(Tensor::empty(DType::f32, {rows, N}));
-    const auto rows_of = [&](const Tensor& t) {  // group g's first `rows` rows
-      return TensorView(plane_of(as_groups(t, G), g).data(), t.dtype(), {rows, t.size(1)});
-    };
-    block_fp8_gemm(rows_of(x.a), rows_of(x.a_scales), ScaleLayout::row_major,
+    block_fp8_gemm(first_rows(plane_of(as_groups(x.a, G), g), rows),
+                   first_rows(plane_of(as_groups(x.a_scales, G), g), rows), ScaleLayout::row_major,
                    plane_of(as_groups(w.b, G), g), plane_of(as_groups(w.b_scales, G), g),
                    std::nullopt, TensorView(refs.back().data(), DType::f32, {rows, N}),
                    OpOptions{Backend::reference});

@@ -272,11 +272,6 @@ int check_linear_and_weights(const CheckOptions& options, uint64_t seed,
   return failures;
 }
 
-// A contiguous [rows, cols] tensor as [groups, rows / groups, cols].
-TensorView as_groups(const Tensor& t, int64_t groups) {
-  return TensorView(t.data(), t.dtype(), {groups, t.size(0) / groups, t.size(1)}, t.device());
-}
-
 // The third table: grouped_block_fp8_gemm over the models' expert layers (kGroups experts of one
 // shape at decode token counts), whole and in the masked layout (groups of M, none, fewer, M
 // rows), every backend against the reference on each group's first rows.
@@ -482,6 +477,10 @@ TensorView first_rows(const TensorView& t, int64_t rows) {
   const int64_t shape[] = {rows, t.size(1)};
   const int64_t strides[] = {t.stride(0), t.stride(1)};
   return TensorView(t.data(), t.dtype(), shape, strides, t.device());
+}
+
+TensorView as_groups(const Tensor& t, int64_t groups) {
+  return TensorView(t.data(), t.dtype(), {groups, t.size(0) / groups, t.size(1)}, t.device());
 }
 
 Tensor column_major_scales(const TensorView& row_major) {
