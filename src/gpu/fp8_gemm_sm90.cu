@@ -909,20 +909,20 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
   const int per_split = static_cast<int>(fp8::ceil_div(first.k_blocks, plan.splits));
   const size_t limit = device_properties(device_index).shared_memory_per_block_optin;
   // 12 stages (H200, moekit bench --op gemm-grouped, 8 groups, N=4096 K=7168: M=1 / 4 / 16 8.12 /
-  // 8.23 / 8.47 us per GEMM against 8.18 / 8.32 / 8.59 with 16 and 8.37 / 8.49 / 8.79 with 20;
-  // fp8-gpu-sm90.md, session 29), or fewer where that is what fits. MOEKIT_SM90_GROUPED_STAGES=n
-  // (even) forces n (timing knob).
+  // 8.23 / 8.47 us per GEMM against 8.18 / 8.32 / 8.59 with 16, one run; 20 measured slower with
+  // the build before the scale loader; fp8-gpu-sm90.md, session 29), or fewer where that is what
+  // fits. MOEKIT_SM90_GROUPED_STAGES=n (even) forces n (timing knob).
   int stages = env::integer("MOEKIT_SM90_GROUPED_STAGES", kGroupedStages);
   stages = std::max(2, (stages + 1) / 2 * 2);
-  const int groups = static_cast<int>(p.groups);
-  while (stages > 2 && bytes(per_split, stages, plan.splits, groups) + 1024 > limit) stages -= 2;
+  const int listed = masked ? static_cast<int>(p.groups) : 0;  // the masked build's group list
+  while (stages > 2 && bytes(per_split, stages, plan.splits, listed) + 1024 > limit) stages -= 2;
   plan.stages = stages;
-  plan.shared_bytes = bytes(per_split, stages, plan.splits, groups);
+  plan.shared_bytes = bytes(per_split, stages, plan.splits, listed);
   if (plan.shared_bytes + 1024 > limit)
     return "the scales of a CTA's k-range and the list of " + std::to_string(p.groups) +
            " groups do not fit shared memory";
   // masked_m is the previous kernel's output: no weights load before its wait.
-  plan.early_weights = plan.early_weights && !p.masked();
+  plan.early_weights = plan.early_weights && !masked;
   plan.co_resident = false;
   plan.bulk_stores = false;
   plan.loader_scales = false;

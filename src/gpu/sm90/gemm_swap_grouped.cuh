@@ -50,8 +50,8 @@ struct SwapGrouped {
   }
   // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers (one per
   // inbox slot) | scale full, scale empty barriers | scale buffers | warpgroup 1's sums | 2 inbox
-  // slots (16-byte aligned; `inbox` is one slot's bytes) | the CTA's work: its groups, their rows
-  // and their count.
+  // slots (16-byte aligned; `inbox` is one slot's bytes) | the masked build's work: its groups,
+  // their rows and their count (`groups` 0 for the unmasked build, which lists none).
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox, int groups) {
     return (2 * static_cast<size_t>(groups) + 1) * 4 + kSharedAlign +
            static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
