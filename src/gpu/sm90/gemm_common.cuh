@@ -96,7 +96,7 @@ struct ScaleMaps {
 // ---- Device helpers, compiled only where the kernels have bodies (the sm_90a pass).
 #if MOEKIT_SM90A
 
-constexpr int kProducerRegisters = 40;  // 128 * 40 + 256 * 232 <= 64K registers
+constexpr int kProducerRegisters = 40;  // 128 * 40 + 256 * 232 = 384 * 168, the launch's
 constexpr int kConsumerRegisters = 232;
 
 // ---- Scalar loads and stores (all four activation-scale layouts, both weight-scale dtypes).

@@ -27,9 +27,14 @@ struct GroupStrides {
 };
 
 // The producer warpgroup's registers after reallocation: its scale loader spilled in the swap
-// kernel's 40 (128 * 56 + 256 * 224 <= 64K).
+// kernel's 40. The consumers' growth must fit what the producers give back, or it waits forever
+// (a 64 / 224 build hung on an H200, session 30): at most the 168 per thread of the launch.
 constexpr int kGroupedProducerRegisters = 56;
 constexpr int kGroupedConsumerRegisters = 224;
+static_assert(kWarpgroup * kGroupedProducerRegisters +
+                      kConsumers * kWarpgroup * kGroupedConsumerRegisters <=
+                  kThreads * 168,
+              "register reallocation past the launch's 168 per thread");
 
 template <int kTokens, int kRows>
 struct SwapGrouped {
