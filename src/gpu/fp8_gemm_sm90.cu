@@ -879,14 +879,14 @@ size_t grouped_shared_bytes(int per_split, int stages, int splits, int groups) {
       per_split, stages, splits > 1 ? Config::inbox_bytes(splits) : 0, groups);
 }
 
-// The grouped kernel's plan: group 0's swap plan (its layout and split, so the same sums), with
-// pushed sums wherever K is split, and as many of that plan's stages as fit beside the grouped
-// kernel's own shared memory. Returns "" or why there is none.
-std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
-                             GroupedPlan& grouped) {
+// A grouped plan for group 0's swap plan `plan` (its layout and split fix the order of the sums):
+// the grouped kernel, as many of that plan's stages as fit beside the kernel's own shared memory,
+// and the slices of the groups one wave holds (MOEKIT_SM90_GROUPED_SLICES=s forces s, a timing
+// knob). Returns "" or why there is none.
+std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
+                            GroupedPlan& grouped) {
   const BlockGemmProblem first = p.group(0);
   Plan& plan = grouped.plan;
-  plan = plan_for(first, device_index);
   if (!plan.swap || plan.tokens > kMaxGroupedTokens)
     return "group 0's plan is not a swap plan of 8 or 16 tokens (" + block_gemm_sm90_plan(first) +
            ")";
@@ -930,6 +930,54 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
   plan.cluster_capacity =
       cluster_capacity(grouped.kernel, plan.splits, plan.shared_bytes, device_index);
   if (plan.cluster_capacity < 1) return "no cluster of the grouped kernel fits an SM";
+  const int64_t clusters = int64_t{plan.grid.x} / plan.splits * plan.grid.y;  // one slice's
+  const int forced = env::integer("MOEKIT_SM90_GROUPED_SLICES", 0);
+  const int64_t slices = forced > 0 ? forced : plan.cluster_capacity / clusters;
+  plan.grid.z = static_cast<unsigned>(std::clamp<int64_t>(slices, 1, p.groups));
+  return "";
+}
+
+// Estimated microseconds of a grouped plan: each CTA's groups x (its weight bytes over its share
+// of 4.2 TB/s, at most 50 GB/s per SM, plus 1 us per group where K is split: the cluster's sums
+// and their waits). Fitted on an H200 (fp8-gpu-sm90.md, session 30: at the experts' shapes every
+// layout without a split, its groups spread over the SMs, beat the split plans by 20-55 %).
+double grouped_plan_us(const Plan& plan, int64_t groups, int64_t k_blocks) {
+  const int64_t ctas = int64_t{plan.grid.x} * plan.grid.y * plan.grid.z;
+  const double bytes_per_us = std::min(50e3, 4.2e6 / static_cast<double>(ctas));
+  const int64_t per_split = fp8::ceil_div(k_blocks, plan.splits);
+  const double group_us =
+      static_cast<double>(per_split * plan.rows * kBlockK) / bytes_per_us + (plan.splits > 1);
+  return static_cast<double>(fp8::ceil_div(groups, int64_t{plan.grid.z})) * group_us;
+}
+
+// The grouped kernel's plan: of group 0's swap plan and the layouts of 64 and 128 rows without a
+// K split, each with the slices of the groups one wave holds, the one with the least estimated
+// time (the larger rows where two tie); only group 0's plan where MOEKIT_SM90_SWAP forces a
+// layout. Each group's out has the bits gpu.sm90 writes with the plan's layout. Returns "" or why
+// there is none.
+std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
+                             GroupedPlan& grouped) {
+  const BlockGemmProblem first = p.group(0);
+  grouped.plan = plan_for(first, device_index);
+  std::string why = grouped_plan_of(p, device_index, grouped);
+  int rows = 0, splits = 0;
+  if (!why.empty() || forced_swap(rows, splits)) return why;
+  double best = grouped_plan_us(grouped.plan, p.groups, first.k_blocks);
+  const DeviceProperties& device = device_properties(device_index);
+  for (const int candidate_rows : {128, 64}) {
+    const SwapLayout layout{candidate_rows, 1};
+    GroupedPlan candidate;
+    const bool found =
+        grouped.plan.tokens == 8
+            ? plan_swap<8, false>(first, device, device_index, &layout, candidate.plan)
+            : plan_swap<16, false>(first, device, device_index, &layout, candidate.plan);
+    if (!found || !grouped_plan_of(p, device_index, candidate).empty()) continue;
+    const double us = grouped_plan_us(candidate.plan, p.groups, first.k_blocks);
+    if (us < best * 0.999) {
+      best = us;
+      grouped = candidate;
+    }
+  }
   return "";
 }
 
@@ -1244,13 +1292,14 @@ std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
   if (!grouped_plan_for(p, device, grouped).empty()) return "no grouped plan";
   const Plan& plan = grouped.plan;
   char text[300];
-  std::snprintf(text, sizeof text,
-                "grouped swap, %lld groups in one launch: %d tokens x %d weight rows per CTA, K "
-                "split %d ways (cluster), grid %u x %u, %d stages, %zu B shared%s%s",
-                static_cast<long long>(p.groups), plan.tokens, plan.rows, plan.splits, plan.grid.x,
-                plan.grid.y, plan.stages, plan.shared_bytes,
-                plan.early_weights ? ", early weight loads" : "",
-                plan.splits > 1 ? ", pushed sums" : "");
+  std::snprintf(
+      text, sizeof text,
+      "grouped swap, %lld groups in one launch: %d tokens x %d weight rows per CTA, K "
+      "split %d ways (cluster), grid %u x %u x %u (slices of the groups), %d stages, %zu B "
+      "shared%s%s",
+      static_cast<long long>(p.groups), plan.tokens, plan.rows, plan.splits, plan.grid.x,
+      plan.grid.y, plan.grid.z, plan.stages, plan.shared_bytes,
+      plan.early_weights ? ", early weight loads" : "", plan.splits > 1 ? ", pushed sums" : "");
   return text;
 }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -94,6 +95,18 @@ TensorView grouped_view(const Tensor& out, const Case& c, int64_t gap) {
 // Runs the case through `implementation` of the grouped op and through gpu.sm90 per group;
 // expects the same bytes and untouched gaps. Returns false (with a message) where the grouped
 // entry declines.
+// The swap layout ("rows,splits") a grouped plan's detail names: each group's out has the bits
+// gpu.sm90 writes with that layout (the grouped plan may pick another than group 0's own).
+std::string layout_of(const std::string& detail) {
+  int tokens = 0, rows = 0, splits = 0;
+  const size_t at = detail.find("launch: ");
+  if (at == std::string::npos ||
+      std::sscanf(detail.c_str() + at, "launch: %d tokens x %d weight rows per CTA, K split %d",
+                  &tokens, &rows, &splits) != 3)
+    return "";
+  return std::to_string(rows) + "," + std::to_string(splits);
+}
+
 bool check_case(std::mt19937_64& rng, const Case& c, const char* implementation = kGrouped) {
   SCOPED_TRACE(describe(c));
   const Operands o = make_operands(rng, c);
@@ -103,6 +116,7 @@ bool check_case(std::mt19937_64& rng, const Case& c, const char* implementation 
   options.static_weights = c.static_weights;
   options.implementation = implementation;
   const TensorView out = grouped_view(grouped, c, o.gap);
+  std::string layout;
   for (const ImplementationChoice& row :
        explain_grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options)) {
     if (row.name != implementation) continue;
@@ -111,10 +125,15 @@ bool check_case(std::mt19937_64& rng, const Case& c, const char* implementation 
       return false;
     }
     std::printf("%s: %s\n", describe(c).c_str(), row.detail.c_str());
+    layout = layout_of(row.detail);
+    if (implementation == std::string(kGrouped)) EXPECT_FALSE(layout.empty()) << row.detail;
   }
   grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options);
   OpOptions single = options;
   single.implementation = "gpu.sm90";
+  // The per-group entry runs gpu.sm90's own plan; the grouped one, its layout.
+  std::optional<ScopedEnv> same_layout;
+  if (!layout.empty()) same_layout.emplace("MOEKIT_SM90_SWAP", layout);
   const Tensor got = Tensor::copy_of(grouped, Device::cpu());
   const size_t element = dtype_size(c.out);
   for (int64_t g = 0; g < c.groups; ++g) {
@@ -205,12 +224,17 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
   options.backend = Backend::gpu;
   options.static_weights = c.static_weights;
   const TensorView out = grouped_view(grouped, c, o.gap);
-  std::string chosen;
+  std::string chosen, layout;
   for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
            o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options))
-    if (row.chosen) chosen = row.name;
+    if (row.chosen) {
+      chosen = row.name;
+      layout = layout_of(row.detail);
+    }
   ASSERT_EQ(chosen, kGrouped);
+  ASSERT_FALSE(layout.empty());
   grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options);
+  const ScopedEnv same_layout("MOEKIT_SM90_SWAP", layout);
   const Tensor got = Tensor::copy_of(grouped, Device::cpu());
   OpOptions single = options;
   single.implementation = "gpu.sm90";
@@ -247,6 +271,27 @@ TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
   {
     ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "2");
     check_masked(rng, {7, 16, 4096, 3840}, {1, 0, 16, 0, 0, 5, 16});
+  }
+}
+
+// Slices of the groups over the grid (MOEKIT_SM90_GROUPED_SLICES): the same sums per group, so
+// the bits of gpu.sm90, whole and masked, with early weight loads (slice z's first group is z) and
+// without, and with more slices than groups asked for (clamped).
+TEST(GpuGroupedGemm, SlicesOfTheGroupsKeepEachGroupsBits) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.Slices"));
+  for (const char* slices : {"2", "3", "5", "64"}) {
+    ScopedEnv spread("MOEKIT_SM90_GROUPED_SLICES", slices);
+    SCOPED_TRACE(std::string("MOEKIT_SM90_GROUPED_SLICES=") + slices);
+    EXPECT_TRUE(check_case(rng, {5, 1, 1536, 2048}));  // K split 4
+    EXPECT_TRUE(check_case(
+        rng, {4, 16, 4096, 3840, ScaleLayout::row_major, DType::bf16, DType::f32, false}));
+    {
+      ScopedEnv force("MOEKIT_SM90_SWAP", "64,1");
+      EXPECT_TRUE(check_case(rng, {7, 3, 1536, 2048, ScaleLayout::column_major_tma}));
+    }
+    check_masked(rng, {7, 8, 1536, 2048}, {0, 8, 3, 0, 9, 1, 0});
+    check_masked(rng, {6, 16, 2048, 3840}, {16, 0, 0, 5, 0, 2});
   }
 }
 

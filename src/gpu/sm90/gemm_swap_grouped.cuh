@@ -111,6 +111,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
   const int n0 = static_cast<int>(blockIdx.x) / splits * kRows;
   const int t0 = static_cast<int>(blockIdx.y) * kTokens;
+  // Slice z of the grid takes groups z, z + slices, ...: where one group's tiles leave SMs idle,
+  // the groups spread over them (the host keeps slices <= groups).
+  const int slice = static_cast<int>(blockIdx.z), slices = static_cast<int>(gridDim.z);
   const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * args.k_blocks / splits);
   const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
   const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
@@ -137,9 +140,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (push) sm90::cluster_arrive();
   vendor::allow_next_grid();
 
-  // With masked_m (the previous kernel's output), first the groups with rows in this CTA's token
-  // tile, in order, listed by warp 1 of the producer warpgroup after the wait for all to read.
-  // Without, item a is group a with M rows.
+  // With masked_m (the previous kernel's output), the groups with rows in this CTA's token tile,
+  // in order, are dealt to the slices in turn (so that a slice does not get every group with rows
+  // where they alternate with empty ones); warp 1 of the producer warpgroup lists the slice's
+  // after the wait, for all to read. Without, item a is group slice + a * slices with M rows.
   constexpr bool masked = kMasked;
   if constexpr (masked) {
     vendor::wait_for_previous_grid();
@@ -151,19 +155,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int rows = group < groups ? min(max(__ldg(strides.masked_m + group), 0), args.m) : 0;
         const bool here = rows > t0;
         const unsigned active = __ballot_sync(~0u, here);
-        if (here) {
-          const int at = listed + __popc(active & ((1u << lane) - 1u));
-          work_group[at] = group;
-          work_rows[at] = rows;
+        const int at = listed + __popc(active & ((1u << lane) - 1u));
+        if (here && at % slices == slice) {
+          work_group[at / slices] = group;
+          work_rows[at / slices] = rows;
         }
         listed += __popc(active);
       }
-      if (lane == 0) *work_count = listed;
+      if (lane == 0) *work_count = (listed - slice + slices - 1) / slices;
     }
     __syncthreads();
   }
-  const int items = masked ? *work_count : groups;
-  const auto group_of = [&](int item) { return masked ? work_group[item] : item; };
+  const int items = masked ? *work_count : (groups - slice + slices - 1) / slices;
+  const auto group_of = [&](int item) { return masked ? work_group[item] : slice + item * slices; };
   const auto rows_of = [&](int item) { return masked ? work_rows[item] : args.m; };
 
   if (warpgroup == kConsumers) {
@@ -181,12 +185,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j = 0; j < early; ++j) {
           sm90::mbarrier_arrive_expect_tx(&full[j], Config::kStageBytes);
           sm90::tma_load_3d(stages + j * Config::kStageBytes, &w_map, &full[j],
-                            (kb_begin + j) * kBlockK, n0, 0);
+                            (kb_begin + j) * kBlockK, n0, slice);
         }
         vendor::wait_for_previous_grid();
         for (int j = 0; j < early; ++j)
           sm90::tma_load_3d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
-                            &full[j], (kb_begin + j) * kBlockK, t0, 0);
+                            &full[j], (kb_begin + j) * kBlockK, t0, slice);
         q = early;
       } else {
         vendor::wait_for_previous_grid();
