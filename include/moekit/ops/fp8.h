@@ -91,8 +91,10 @@ void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
 // a_scales_layout), b [G, N, K] f8e4m3, b_scales [G, ceil(N/128), ceil(K/128)] f32/bf16 and out
 // [G, M, N] f32/bf16/f16 (groups must not overlap). On Hopper, for decode sizes (M <= 16), one
 // launch streams every group's weights back to back ("gpu.sm90.grouped": one grid start and one
-// tail for all G instead of one each), each group's out bitwise equal to block_fp8_gemm's
-// "gpu.sm90" entry; elsewhere each group is a block_fp8_gemm call of the backend's own entries.
+// tail for all G instead of one each, the groups spread over the SMs), each group's out bitwise
+// equal to what block_fp8_gemm's "gpu.sm90" entry writes with the same swap layout (the one the
+// explain detail names; the grouped plan may leave K unsplit where the lone GEMM splits it);
+// elsewhere each group is a block_fp8_gemm call of the backend's own entries.
 void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
                             ScaleLayout a_scales_layout, const TensorView& b,
                             const TensorView& b_scales, const TensorView& out,
