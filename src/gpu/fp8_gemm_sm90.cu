@@ -937,12 +937,14 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
   return "";
 }
 
-// Estimated microseconds of a grouped plan: each CTA's groups x (its weight bytes over its share
-// of 4.2 TB/s, at most 50 GB/s per SM, plus 1 us per group where K is split: the cluster's sums
-// and their waits). Fitted on an H200 (fp8-gpu-sm90.md, session 30: at the experts' shapes every
-// layout without a split, its groups spread over the SMs, beat the split plans by 20-55 %).
+// Estimated microseconds of a grouped plan for `groups` groups with rows, dealt to the slices in
+// turn: each busy CTA's groups x (its weight bytes over its share of 4.2 TB/s, at most 50 GB/s
+// per SM, plus 1 us per group where K is split: the cluster's sums and their waits). Fitted on an
+// H200 (fp8-gpu-sm90.md, session 30: at the experts' shapes every layout without a split, its
+// groups spread over the SMs, beat the split plans by 20-55 %).
 double grouped_plan_us(const Plan& plan, int64_t groups, int64_t k_blocks) {
-  const int64_t ctas = int64_t{plan.grid.x} * plan.grid.y * plan.grid.z;
+  const int64_t busy_slices = std::min<int64_t>(plan.grid.z, groups);
+  const int64_t ctas = int64_t{plan.grid.x} * plan.grid.y * busy_slices;
   const double bytes_per_us = std::min(50e3, 4.2e6 / static_cast<double>(ctas));
   const int64_t per_split = fp8::ceil_div(k_blocks, plan.splits);
   const double group_us =
@@ -952,9 +954,12 @@ double grouped_plan_us(const Plan& plan, int64_t groups, int64_t k_blocks) {
 
 // The grouped kernel's plan: of group 0's swap plan and the layouts of 64 and 128 rows without a
 // K split, each with the slices of the groups one wave holds, the one with the least estimated
-// time (the larger rows where two tie); only group 0's plan where MOEKIT_SM90_SWAP forces a
-// layout. Each group's out has the bits gpu.sm90 writes with the plan's layout. Returns "" or why
-// there is none.
+// time; only group 0's plan where MOEKIT_SM90_SWAP forces a layout. Every group has rows, or
+// (masked) half of them, as the masked layout's launch cannot know how many: where two tie, the
+// larger rows, or (masked) the smaller, whose groups each spread over more SMs (H200, session 30,
+// 4 of 8 groups with rows: 64 rows 1.53 / 4.03 / 4.39 us per group against 128 rows' 2.24 / 4.71 /
+// 5.05 at the Qwen3-30B and 235B experts' gate_up and DeepSeek-V3's down). Each group's out has
+// the bits gpu.sm90 writes with the plan's layout. Returns "" or why there is none.
 std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
                              GroupedPlan& grouped) {
   const BlockGemmProblem first = p.group(0);
@@ -962,9 +967,11 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
   std::string why = grouped_plan_of(p, device_index, grouped);
   int rows = 0, splits = 0;
   if (!why.empty() || forced_swap(rows, splits)) return why;
-  double best = grouped_plan_us(grouped.plan, p.groups, first.k_blocks);
+  const bool masked = p.masked();
+  const int64_t with_rows = masked ? (p.groups + 1) / 2 : p.groups;
+  double best = grouped_plan_us(grouped.plan, with_rows, first.k_blocks);
   const DeviceProperties& device = device_properties(device_index);
-  for (const int candidate_rows : {128, 64}) {
+  for (const int candidate_rows : {masked ? 64 : 128, masked ? 128 : 64}) {
     const SwapLayout layout{candidate_rows, 1};
     GroupedPlan candidate;
     const bool found =
@@ -972,7 +979,7 @@ std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
             ? plan_swap<8, false>(first, device, device_index, &layout, candidate.plan)
             : plan_swap<16, false>(first, device, device_index, &layout, candidate.plan);
     if (!found || !grouped_plan_of(p, device_index, candidate).empty()) continue;
-    const double us = grouped_plan_us(candidate.plan, p.groups, first.k_blocks);
+    const double us = grouped_plan_us(candidate.plan, with_rows, first.k_blocks);
     if (us < best * 0.999) {
       best = us;
       grouped = candidate;
