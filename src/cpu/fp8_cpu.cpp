@@ -10,6 +10,8 @@
 #include "cpu/fp8_cpu_kernels.h"
 #include "moekit/backend.h"
 #include "moekit/dtype.h"
+#include "moekit/tensor.h"
+#include "ops/gated_activation.h"
 
 namespace moekit::cpu {
 namespace {
@@ -257,6 +259,11 @@ std::string fp8_supports(const BlockQuantizeWeightProblem& p) {
 
 template <Fp8Isa kIsa>
 void per_token_group_quant_fp8(const GroupQuantProblem& p) {
+  if (p.gated) {  // silu(gate) * up first, as the reference (not fused here yet)
+    Tensor activations;
+    group_quant_kernel<kIsa>(args_of(gated_as_plain(p, activations)));
+    return;
+  }
   group_quant_kernel<kIsa>(args_of(p));
 }
 template <Fp8Isa kIsa>

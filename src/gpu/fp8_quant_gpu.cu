@@ -27,6 +27,7 @@
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu/vendor.h"
+#include "ops/silu_math.h"
 
 namespace moekit::gpu {
 namespace {
@@ -53,6 +54,7 @@ struct GroupQuantArgs {
   float eps;
   bool ue8m0;
   bool x_vectors;        // x rows allow 16-byte loads
+  bool up_vectors;       // gated: the up halves allow 16-byte loads
   bool q_vectors;        // q rows allow 8-byte stores
   bool streaming_hints;  // streaming kernel: evict-first loads of x and stores of q (A/B knob)
   // The streaming kernel's walk: each warp advances `unit_step` units (a whole grid of warps) at
@@ -148,7 +150,10 @@ __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const G
 
 // ---- per_token_group_quant_fp8
 
-template <Wide kType, int kGroupSize>
+// kGated (silu_and_mul_group_quant_fp8): x rows hold gate then up halves of `cols` each, both
+// loaded with the unit (and the next unit's ahead, as for plain x), and the kernel quantizes
+// silu_and_mul_f32(gate, up).
+template <Wide kType, int kGroupSize, bool kGated>
 __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQuantArgs a) {
   constexpr int kGroupLanes = kGroupSize / kChunk;         // 2..32, a power of two
   constexpr int kUnitGroups = kUnitElements / kGroupSize;  // 4..64, a multiple of 4
@@ -163,23 +168,27 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
   const int warp = static_cast<int>(threadIdx.x) / kLanes;
   auto* exponent_bytes = reinterpret_cast<uint8_t*>(exponent_words[warp]);
   const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kQuantWarps;
-  auto load_unit = [&](int64_t unit, RawChunk<kType>(&raw)[kPasses]) {
+  // raw: x's chunks (gated: gate's), up: gated, up's.
+  auto load_unit = [&](int64_t unit, RawChunk<kType>(&raw)[kPasses],
+                       RawChunk<kType>(&up)[kPasses]) {
     const int64_t row = unit / a.units_per_row;
     const int64_t first = (unit % a.units_per_row) * kUnitElements + lane * kChunk;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const int64_t col = first + p * kPassElements;
-      raw[p] = load_raw<kType>(a.x, row * a.x_row_stride + col, a.cols - col, a.x_vectors);
+      const int64_t at = row * a.x_row_stride + col;
+      raw[p] = load_raw<kType>(a.x, at, a.cols - col, a.x_vectors);
+      if constexpr (kGated) up[p] = load_raw<kType>(a.x, at + a.cols, a.cols - col, a.up_vectors);
     }
   };
 
   int64_t unit = static_cast<int64_t>(blockIdx.x) * kQuantWarps + warp;
-  RawChunk<kType> raw[kPasses];
-  if (unit < a.units) load_unit(unit, raw);
+  RawChunk<kType> raw[kPasses], up[kPasses];
+  if (unit < a.units) load_unit(unit, raw, up);
   for (; unit < a.units; unit += warps_in_grid) {
     // The next unit's bytes are on their way while this one is quantized.
-    RawChunk<kType> next[kPasses];  // past the last unit: this unit's bytes again (unused)
-    load_unit(unit + warps_in_grid < a.units ? unit + warps_in_grid : unit, next);
+    RawChunk<kType> next[kPasses], next_up[kPasses];  // past the last unit: this unit's again
+    load_unit(unit + warps_in_grid < a.units ? unit + warps_in_grid : unit, next, next_up);
 
     const int64_t row = unit / a.units_per_row;
     const int64_t unit_start = (unit % a.units_per_row) * kUnitElements;
@@ -188,6 +197,12 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
     for (int p = 0; p < kPasses; ++p) {
       float v[kChunk];
       decode_raw<kType>(raw[p], v);
+      if constexpr (kGated) {
+        float u[kChunk];
+        decode_raw<kType>(up[p], u);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) v[j] = silu_and_mul_f32(v[j], u[j]);
+      }
       float amax = max_abs(v);
 #pragma unroll
       for (int offset = 1; offset < kGroupLanes; offset <<= 1)
@@ -219,7 +234,10 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
       vendor::sync_lanes();  // the words are rewritten by this warp's next unit
     }
 #pragma unroll
-    for (int p = 0; p < kPasses; ++p) raw[p] = next[p];
+    for (int p = 0; p < kPasses; ++p) {
+      raw[p] = next[p];
+      if constexpr (kGated) up[p] = next_up[p];
+    }
   }
 }
 
@@ -380,30 +398,32 @@ __global__ void __launch_bounds__(kQuantThreads, (kStreamBlocksPerSm<kType, kLan
 
 using GroupQuantKernel = void (*)(GroupQuantArgs);
 
-// The streaming kernel with `lane_chunks` chunks a lane (4, 2 or 1), or the general one (0).
+// The streaming kernel with `lane_chunks` chunks a lane (4, 2 or 1), or the general one (0); gated
+// problems take the general one.
 template <Wide kType, int kGroupSize>
-GroupQuantKernel group_quant_kernel_of(int lane_chunks) {
+GroupQuantKernel group_quant_kernel_of(int lane_chunks, bool gated) {
+  if (gated) return group_quant_kernel<kType, kGroupSize, true>;
   if constexpr (kGroupSize <= kLanes * kChunk) {  // units of 256 hold groups up to 256
     if (lane_chunks == 1) return group_quant_stream_kernel<kType, kGroupSize, 1>;
   }
   if (lane_chunks == 2) return group_quant_stream_kernel<kType, kGroupSize, 2>;
   if (lane_chunks == 4) return group_quant_stream_kernel<kType, kGroupSize, 4>;
-  return group_quant_kernel<kType, kGroupSize>;
+  return group_quant_kernel<kType, kGroupSize, false>;
 }
 
 template <Wide kType>
-GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks) {
+GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks, bool gated) {
   switch (group_size) {
     case 16:
-      return group_quant_kernel_of<kType, 16>(lane_chunks);
+      return group_quant_kernel_of<kType, 16>(lane_chunks, gated);
     case 32:
-      return group_quant_kernel_of<kType, 32>(lane_chunks);
+      return group_quant_kernel_of<kType, 32>(lane_chunks, gated);
     case 64:
-      return group_quant_kernel_of<kType, 64>(lane_chunks);
+      return group_quant_kernel_of<kType, 64>(lane_chunks, gated);
     case 128:
-      return group_quant_kernel_of<kType, 128>(lane_chunks);
+      return group_quant_kernel_of<kType, 128>(lane_chunks, gated);
     case 256:
-      return group_quant_kernel_of<kType, 256>(lane_chunks);
+      return group_quant_kernel_of<kType, 256>(lane_chunks, gated);
     default:
       return nullptr;
   }
@@ -553,6 +573,7 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   a.ue8m0 = p.ue8m0;
   const auto x_size = static_cast<int64_t>(dtype_size(p.x.dtype()));
   a.x_vectors = aligned(a.x, a.x_row_stride * x_size, p.rows, 16);
+  a.up_vectors = a.x_vectors && p.cols * x_size % 16 == 0;
   a.q_vectors = aligned(a.q, a.q_row_stride, p.rows, 8);
   // Rows of whole units, 16-byte loads and stores: the streaming kernel.
   int lane_chunks = stream_lane_chunks(p.cols, p.group_size, a.packed);
@@ -560,7 +581,8 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
       lane_chunks > 0 ? int64_t{kLanes} * kChunk * lane_chunks : int64_t{kUnitElements};
   a.units_per_row = fp8::ceil_div(p.cols, unit_elements);
   a.units = p.rows * a.units_per_row;
-  if (a.units_per_row > INT32_MAX || !a.x_vectors || !aligned(a.q, a.q_row_stride, p.rows, 16))
+  if (a.units_per_row > INT32_MAX || !a.x_vectors || !aligned(a.q, a.q_row_stride, p.rows, 16) ||
+      p.gated)
     lane_chunks = 0;
   if (lane_chunks == 0) {  // the general kernel: units of 1024, the last one partial
     a.units_per_row = fp8::ceil_div(p.cols, kUnitElements);
@@ -571,13 +593,13 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   GroupQuantKernel kernel = nullptr;
   switch (wide_of(p.x.dtype())) {
     case Wide::f32:
-      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks);
+      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks, p.gated);
       break;
     case Wide::f16:
-      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks);
+      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks, p.gated);
       break;
     case Wide::bf16:
-      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks);
+      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks, p.gated);
       break;
   }
   if (kernel == nullptr)

@@ -449,6 +449,7 @@ BlockGemmProblem block_gemm_problem_of(const TensorView& a, const TensorView& a_
 }
 
 constexpr const char* kGroupQuantOp = "per_token_group_quant_fp8";
+constexpr const char* kGatedQuantOp = "silu_and_mul_group_quant_fp8";
 constexpr const char* kGemmOp = "block_fp8_gemm";
 constexpr const char* kLinearOp = "w8a8_block_fp8_linear";
 constexpr const char* kWeightOp = "block_quantize_weight";
@@ -470,11 +471,13 @@ std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementatio
 
 GroupQuantProblem make_group_quant_problem(const char* op, const TensorView& x, const TensorView& q,
                                            const TensorView& scales, const GroupQuantConfig& c,
-                                           const OpOptions& options) {
-  check_matrix(op, "x", x, "[M, K]");
+                                           const OpOptions& options, bool gated) {
+  check_matrix(op, "x", x, gated ? "[M, 2K]" : "[M, K]");
   check_wide_dtype(op, "x", x);
   check_rows_contiguous(op, "x", x);
-  const int64_t M = x.size(0), K = x.size(1);
+  if (gated && x.size(1) % 2 != 0)
+    fail(op, "x.shape", x.shape_str(), "has an odd width: it holds gate and up halves [M, 2K]");
+  const int64_t M = x.size(0), K = gated ? x.size(1) / 2 : x.size(1);
   const Device device = x.device();
   if (c.group_size < 16 || c.group_size > 256 || c.group_size % 16 != 0)
     fail(op, "group_size", str(int64_t{c.group_size}),
@@ -486,7 +489,7 @@ GroupQuantProblem make_group_quant_problem(const char* op, const TensorView& x, 
   if (c.layout == ScaleLayout::packed_ue8m0 && !c.ue8m0)
     fail(op, "layout", layout_name(c.layout), "needs ue8m0=true (it stores exponents only)");
   if (!(c.eps > 0.0f) || std::isinf(c.eps)) fail(op, "eps", str(c.eps), "must be finite and > 0");
-  check_shape(op, "q", q, M, K, "(the shape of x)");
+  check_shape(op, "q", q, M, K, gated ? "(x's rows, half its width)" : "(the shape of x)");
   check_fp8_dtype(op, "q", q);
   check_rows_contiguous(op, "q", q);
   check_device(op, "q", q, device, "x");
@@ -495,7 +498,15 @@ GroupQuantProblem make_group_quant_problem(const char* op, const TensorView& x, 
   check_data(op, "x", x);
   check_data(op, "q", q);
   check_data(op, "scales", scales);
-  return group_quant_problem_of(x, q, scales, c.layout, c.group_size, c.ue8m0, c.eps, options);
+  GroupQuantProblem p =
+      group_quant_problem_of(x, q, scales, c.layout, c.group_size, c.ue8m0, c.eps, options);
+  if (gated) {
+    p.gated = true;
+    p.cols = K;
+    p.groups = fp8::ceil_div(K, c.group_size);
+    p.scale_at = scale_addressing(c.layout, M, p.groups);
+  }
+  return p;
 }
 
 void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const TensorView& scales,
@@ -513,6 +524,25 @@ std::vector<ImplementationChoice> explain_per_token_group_quant_fp8(const Tensor
                                                                     const OpOptions& options) {
   const GroupQuantProblem p =
       make_group_quant_problem(kGroupQuantOp, x, q, scales, config, options);
+  return explain_table<GroupQuantProblem>(kGroupQuantTable, p, x.device(), options);
+}
+
+// ---- silu_and_mul_group_quant_fp8: the same table, each entry reading gate and up halves.
+
+void silu_and_mul_group_quant_fp8(const TensorView& x, const TensorView& q,
+                                  const TensorView& scales, const GroupQuantConfig& config,
+                                  const OpOptions& options) {
+  const GroupQuantProblem p =
+      make_group_quant_problem(kGatedQuantOp, x, q, scales, config, options, true);
+  dispatch<GroupQuantProblem>(kGatedQuantOp, kGroupQuantTable, p, x.device(), options,
+                              p.rows == 0 || p.cols == 0);
+}
+
+std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8(
+    const TensorView& x, const TensorView& q, const TensorView& scales,
+    const GroupQuantConfig& config, const OpOptions& options) {
+  const GroupQuantProblem p =
+      make_group_quant_problem(kGatedQuantOp, x, q, scales, config, options, true);
   return explain_table<GroupQuantProblem>(kGroupQuantTable, p, x.device(), options);
 }
 

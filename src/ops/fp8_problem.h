@@ -51,9 +51,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t align4(int64_t v) { return ceil_div(v, 4) * 4; }
 }  // namespace fp8
 
-// per_token_group_quant_fp8 (and the first half of w8a8_block_fp8_linear).
+// per_token_group_quant_fp8 (and the first half of w8a8_block_fp8_linear), and
+// silu_and_mul_group_quant_fp8 (`gated`).
 struct GroupQuantProblem {
-  TensorView x;       // [M, K] f32/f16/bf16, stride(1) == 1
+  TensorView x;       // [M, K] f32/f16/bf16, stride(1) == 1; gated: [M, 2K], gate then up
   TensorView q;       // [M, K] f8e4m3, stride(1) == 1
   TensorView scales;  // contiguous storage of `layout` (f32, or i32 when packed)
   ScaleAddressing scale_at;
@@ -64,6 +65,8 @@ struct GroupQuantProblem {
   int group_size = 128;
   bool ue8m0 = false;
   float eps = 1e-10f;
+  // Quantize silu_and_mul_f32(x[m, k], x[m, K + k]) (silu_math.h) in place of x[m, k].
+  bool gated = false;
   int num_threads = 0;
   void* stream = nullptr;
 };
@@ -185,10 +188,11 @@ std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_impleme
 std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations();
 
 // Validation against spec/fp8.md (throws Error naming the argument and value, before anything is
-// written) into problems. `op` names the caller in messages.
+// written) into problems. `op` names the caller in messages. gated: x is [M, 2K], gate then up
+// halves (silu_and_mul_group_quant_fp8).
 GroupQuantProblem make_group_quant_problem(const char* op, const TensorView& x, const TensorView& q,
                                            const TensorView& scales, const GroupQuantConfig& config,
-                                           const OpOptions& options);
+                                           const OpOptions& options, bool gated = false);
 BlockGemmProblem make_block_gemm_problem(const char* op, const TensorView& a,
                                          const TensorView& a_scales, ScaleLayout a_scales_layout,
                                          const TensorView& b, const TensorView& b_scales,

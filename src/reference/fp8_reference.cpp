@@ -6,6 +6,9 @@
 #include <cmath>
 #include <vector>
 
+#include "moekit/tensor.h"
+#include "ops/gated_activation.h"
+
 namespace moekit::reference {
 namespace {
 
@@ -43,6 +46,11 @@ float group_scale(float amax, float eps, bool ue8m0) {
 }
 
 void per_token_group_quant_fp8(const GroupQuantProblem& p) {
+  if (p.gated) {  // the f32 activations silu(gate) * up, then their plain quantization
+    Tensor activations;
+    per_token_group_quant_fp8(gated_as_plain(p, activations));
+    return;
+  }
   const int64_t G = p.groups;
   std::vector<float> row_scales(static_cast<size_t>(G));
   for (int64_t m = 0; m < p.rows; ++m) {

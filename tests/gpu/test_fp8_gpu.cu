@@ -414,6 +414,74 @@ TEST(GpuFp8Quant, EveryLayoutGroupSizeAndDtypeMatchesTheReferenceExactly) {
         }
 }
 
+// silu_and_mul_group_quant_fp8 on the GPU (the general kernel loading gate and up halves): the
+// reference's bytes and scales exactly (both compute silu_math.h's f32 activations), with x rows
+// of 2K elements, gate then up, at aligned and unaligned places.
+bool check_gated_quant(const QuantCase& c, uint64_t seed, cudaStream_t stream) {
+  std::mt19937_64 rng(seed);
+  std::vector<float> row(static_cast<size_t>(2 * c.k));
+  QuantTwins t;
+  t.x = Twin(c.dtype, dense(c.m, 2 * c.k, c.x_row_pad, c.x_offset));
+  for (int64_t m = 0; m < c.m; ++m) {
+    fill_row(rng, row, c.group, c.adversarial);
+    for (int64_t k = 0; k < 2 * c.k; ++k) t.x.set(m, k, row[static_cast<size_t>(k)]);
+  }
+  t.q = Twin(DType::f8e4m3, dense(c.m, c.k, c.q_row_pad));
+  t.config.group_size = c.group;
+  t.config.ue8m0 = c.ue8m0;
+  t.config.layout = c.layout;
+  t.config.eps = c.eps;
+  const ScaleStorage storage = group_quant_scale_storage(c.m, c.k, t.config);
+  t.scales = Twin(storage.dtype, dense(storage.shape[0], storage.shape[1]));
+  t.x.upload();
+  t.q.upload();
+  t.scales.upload();
+  OpOptions options;
+  reference::per_token_group_quant_fp8(make_group_quant_problem(
+      "test", t.x.host_view(), t.q.host_view(), t.scales.host_view(), t.config, options, true));
+  options.stream = stream;
+  const GroupQuantProblem p =
+      make_group_quant_problem("test", t.x.device_view(), t.q.device_view(), t.scales.device_view(),
+                               t.config, options, true);
+  const std::string why = gpu::group_quant_supports(p);
+  EXPECT_EQ(why, "") << c.describe();
+  if (!why.empty()) return false;
+  gpu::per_token_group_quant_fp8(p);
+  gpu::synchronize(stream);
+  std::string first;
+  const int64_t bad_q = q_mismatches(t.q.host, t.q.download(), first);
+  const Tensor scales = t.scales.download();
+  const bool scales_equal = std::memcmp(scales.data(), t.scales.host.data(), scales.nbytes()) == 0;
+  EXPECT_EQ(bad_q, 0) << "gated " << c.describe() << " seed " << seed << ": " << first;
+  EXPECT_TRUE(scales_equal) << "gated " << c.describe() << " seed " << seed << ": scales differ";
+  return bad_q == 0 && scales_equal;
+}
+
+TEST(GpuFp8Quant, SiluAndMulMatchesTheReferenceExactly) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const uint64_t seed = test_seed("SiluAndMulMatchesTheReferenceExactly");
+  std::mt19937_64 rng(seed);
+  int failures = 0;
+  for (ScaleLayout layout : kLayouts)
+    for (int group : kGroupSizes)
+      for (DType dtype : kWideTypes) {
+        QuantCase c = random_quant_case(rng, layout, group, dtype);
+        c.m = std::min<int64_t>(c.m, 17);
+        failures += !check_gated_quant(c, rng(), stream.get());
+        if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
+      }
+  // The experts' widths: Qwen3-30B (768), Qwen3-235B (1536), DeepSeek-V3 (2048), decode and more.
+  for (int64_t k : {768, 1536, 2048})
+    for (int64_t m : {1, 4, 64}) {
+      QuantCase c;
+      c.m = m;
+      c.k = k;
+      failures += !check_gated_quant(c, rng(), stream.get());
+    }
+  EXPECT_EQ(failures, 0);
+}
+
 TEST(GpuFp8Quant, PartialLastGroupAsTheLinearLayerAsks) {
   SKIP_WITHOUT_GPU();
   Stream stream;

@@ -114,7 +114,8 @@ struct Fp8QuantCheck {
   std::string implementation;  // the one explain_per_token_group_quant_fp8 chose
   int64_t diffs = 0, near_ties = 0, scale_diffs = 0;
 };
-Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend);
+Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend,
+                              bool gated = false);
 // Activations as a model's: N(0, 1) with 1/64 outliers x30, bf16 [m, k].
 Tensor random_fp8_activations(uint64_t seed, int64_t m, int64_t k);
 // A bf16 weight [n, k] as a checkpoint's before quantization: N(0, 0.02) with 1/256 outliers x20,

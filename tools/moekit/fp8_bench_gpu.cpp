@@ -298,10 +298,11 @@ GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, 
   return row;
 }
 
+// gated: silu_and_mul_group_quant_fp8 of x [M, 2K] (an MLP's gate_up output) into q [M, K].
 GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayout layout,
-                       uint64_t seed, int replays) {
+                       uint64_t seed, int replays, bool gated = false) {
   const Device gpu = Device::gpu();
-  const Tensor x_host = random_fp8_activations(seed, M, K);
+  const Tensor x_host = random_fp8_activations(seed, M, gated ? 2 * K : K);
   GroupQuantConfig c;
   c.layout = layout;
   c.ue8m0 = layout == ScaleLayout::packed_ue8m0;
@@ -313,14 +314,17 @@ GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayou
   op.backend = Backend::gpu;
   GpuRow row{name, M, 0, K, "", true};
   const Fp8QuantCheck check =
-      check_fp8_quant(first_rows(x_host, std::min<int64_t>(M, 256)), layout, Backend::gpu);
+      check_fp8_quant(first_rows(x_host, std::min<int64_t>(M, 256)), layout, Backend::gpu, gated);
   row.implementation = check.implementation;
   row.verified = check.ran && check.diffs == check.near_ties && check.scale_diffs == 0;
   if (!check.ran) return row;
   row.median_us = gpu::median_graph_replay_us(
       [&](void* stream) {
         op.stream = stream;
-        per_token_group_quant_fp8(x, q, scales, c, op);
+        if (gated)
+          silu_and_mul_group_quant_fp8(x, q, scales, c, op);
+        else
+          per_token_group_quant_fp8(x, q, scales, c, op);
       },
       /*calls_per_graph=*/4, replays);
   row.bytes = static_cast<double>(x.nbytes() + q.nbytes() + scales.nbytes());
@@ -424,6 +428,15 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
         rows.push_back(
             bench_quant_gpu(name, 16384, shape.k, shape.layout, seed++, options.replays));
     }
+    // silu_and_mul_group_quant_fp8 at the experts' widths (Qwen3-30B 768, Qwen3-235B 1536): x
+    // [M, 2K] bf16, a prefill's 16384 rows and a decode step's 8 (launch-bound).
+    for (const int64_t k : {int64_t{768}, int64_t{1536}})
+      for (const int64_t m : {int64_t{16384}, int64_t{8}}) {
+        const std::string name = "silu_and_mul x bf16 K=" + std::to_string(k) + " g128 row";
+        if (wanted(name, m))
+          rows.push_back(
+              bench_quant_gpu(name, m, k, ScaleLayout::row_major, seed++, options.replays, true));
+      }
   }
   if (rows.empty()) fail("bench", "--model", options.model, "selects no GPU FP8 shape");
   const bool all_verified =

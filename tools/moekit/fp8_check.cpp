@@ -360,13 +360,16 @@ int check_grouped(const CheckOptions& options, uint64_t seed, const std::vector<
 
 // Quantizes x on `backend` and the reference; q bytes must match except where x / scale lies within
 // one f32 ulp of the midpoint between the two e4m3 values (a rounding near-tie); scales exactly.
-Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend) {
+// gated: silu_and_mul_group_quant_fp8 of x [M, 2K], whose implementations all quantize the same
+// f32 activations as the reference: every byte must match (no near-ties are counted).
+Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend backend,
+                              bool gated) {
   Fp8QuantCheck r;
   GroupQuantConfig c;
   c.group_size = static_cast<int>(kBlock);
   c.layout = layout;
   c.ue8m0 = layout == ScaleLayout::packed_ue8m0;
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t M = x.size(0), K = gated ? x.size(1) / 2 : x.size(1);
   const ScaleStorage s = group_quant_scale_storage(M, K, c);
   auto make = [&](DType dtype, int64_t rows, int64_t cols) {
     Tensor t = Tensor::empty(dtype, {rows, cols});
@@ -379,11 +382,18 @@ Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend b
   Tensor s_on = staged(make(s.dtype, s.shape[0], s.shape[1]).view(), backend);
   OpOptions options;
   options.backend = backend;
-  r.implementation = chosen_name(explain_per_token_group_quant_fp8(x_on, q_on, s_on, c, options));
+  r.implementation =
+      chosen_name(gated ? explain_silu_and_mul_group_quant_fp8(x_on, q_on, s_on, c, options)
+                        : explain_per_token_group_quant_fp8(x_on, q_on, s_on, c, options));
   if (r.implementation.empty()) return r;
   r.ran = true;
-  per_token_group_quant_fp8(x, q_ref, s_ref, c, OpOptions{Backend::reference});
-  per_token_group_quant_fp8(x_on, q_on, s_on, c, options);
+  if (gated) {
+    silu_and_mul_group_quant_fp8(x, q_ref, s_ref, c, OpOptions{Backend::reference});
+    silu_and_mul_group_quant_fp8(x_on, q_on, s_on, c, options);
+  } else {
+    per_token_group_quant_fp8(x, q_ref, s_ref, c, OpOptions{Backend::reference});
+    per_token_group_quant_fp8(x_on, q_on, s_on, c, options);
+  }
   const Tensor q = to_host(q_on), sc = to_host(s_on);
   const auto* a = s_ref.data_as<uint8_t>();
   const auto* b = sc.data_as<uint8_t>();
@@ -394,6 +404,7 @@ Fp8QuantCheck check_fp8_quant(const TensorView& x, ScaleLayout layout, Backend b
       const uint8_t got = q.data_as<uint8_t>()[m * K + k];
       if (want == got) continue;
       ++r.diffs;
+      if (gated) continue;
       const float ratio = load_as_f32(x.data(), x.dtype(), m * x.stride(0) + k) /
                           scale_at(s_ref, layout, m, k / kBlock);
       r.near_ties += near_tie(ratio, want, got);

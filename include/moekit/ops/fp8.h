@@ -48,6 +48,15 @@ ScaleStorage group_quant_scale_storage(int64_t M, int64_t K, const GroupQuantCon
 void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const TensorView& scales,
                                const GroupQuantConfig& config, const OpOptions& options = {});
 
+// The activation of a gated MLP quantized for the GEMM after it (SGLang's
+// per_token_group_quant_fp8 with fuse_silu_and_mul): y = silu(x[:, :K]) * x[:, K:] of x [M, 2K]
+// (f32/f16/bf16, rows contiguous), kept in f32 (never rounded to x's dtype), then quantized as
+// per_token_group_quant_fp8(y) into q [M, K] and scales. silu(g) = g / (1 + e^-g) with moekit's
+// own f32 exponential (within 2 ulp of e^x), so every backend writes the same bytes.
+void silu_and_mul_group_quant_fp8(const TensorView& x, const TensorView& q,
+                                  const TensorView& scales, const GroupQuantConfig& config,
+                                  const OpOptions& options = {});
+
 // out [M, N] (f32/bf16/f16) = A [M, K] (f8e4m3) x B [N, K]^T (f8e4m3), scaled per 128-block of K by
 // a_scales (logical [M, ceil(K/128)], stored in a_scales_layout; packed_ue8m0 holds i32 words) and
 // b_scales [ceil(N/128), ceil(K/128)] (f32 or bf16), plus bias [N] (f32/bf16/f16) if given.
@@ -122,6 +131,9 @@ std::vector<ImplementationChoice> explain_per_token_group_quant_fp8(const Tensor
                                                                     const TensorView& scales,
                                                                     const GroupQuantConfig& config,
                                                                     const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8(
+    const TensorView& x, const TensorView& q, const TensorView& scales,
+    const GroupQuantConfig& config, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_block_fp8_gemm(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const std::optional<TensorView>& bias,

@@ -1,0 +1,233 @@
+// silu_and_mul_group_quant_fp8: moekit's f32 exponential and SiLU against libm in double, and the
+// op on every implementation of its table against the plain group quantization of the f32
+// activations silu(gate) * up, bit for bit (seed printed; MOEKIT_TEST_SEED repeats a run).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moekit/dtype.h"
+#include "moekit/error.h"
+#include "moekit/ops/fp8.h"
+#include "ops/fp8_problem.h"
+#include "ops/silu_math.h"
+
+namespace moekit {
+namespace {
+
+std::mt19937_64 rng_for(const std::string& test) {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("MOEKIT_TEST_SEED");
+    const uint64_t s = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+    std::printf("gated quant seed: %llu (set MOEKIT_TEST_SEED to repeat)\n",
+                static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return std::mt19937_64(seed ^ std::hash<std::string>{}(test));
+}
+
+// Distance in f32 units in the last place between a float and an exact value.
+double ulps(float got, double exact) {
+  const double ulp = std::nextafter(static_cast<float>(std::fabs(exact)), INFINITY) -
+                     static_cast<float>(std::fabs(exact));
+  return std::fabs(static_cast<double>(got) - exact) / ulp;
+}
+
+TEST(GatedQuantMath, ExponentialWithinTwoUlpOfLibm) {
+  std::mt19937_64 rng = rng_for("exp");
+  double worst = 0.0;
+  float worst_x = 0.0f;
+  std::vector<float> xs;
+  for (float x = -87.0f; x <= 88.5f; x += 0.01171875f) xs.push_back(x);
+  std::uniform_real_distribution<float> any(-87.3f, 88.7f);
+  for (int i = 0; i < 200000; ++i) xs.push_back(any(rng));
+  for (float x : xs) {
+    const double e = ulps(exp_f32(x), std::exp(static_cast<double>(x)));
+    if (e > worst) worst = e, worst_x = x;
+  }
+  std::printf("exp_f32: worst %.3f ulp at x=%.9g over %zu values\n", worst, worst_x, xs.size());
+  EXPECT_LE(worst, 2.0);
+  EXPECT_EQ(exp_f32(0.0f), 1.0f);
+  EXPECT_EQ(exp_f32(89.0f), INFINITY);
+  EXPECT_EQ(exp_f32(INFINITY), INFINITY);
+  EXPECT_EQ(exp_f32(-88.0f), 0.0f);
+  EXPECT_EQ(exp_f32(-INFINITY), 0.0f);
+  EXPECT_TRUE(std::isnan(exp_f32(std::nanf(""))));
+}
+
+TEST(GatedQuantMath, SiluAndMulFollowsTheFormulaAndItsEdges) {
+  std::mt19937_64 rng = rng_for("silu");
+  std::uniform_real_distribution<float> any(-30.0f, 30.0f);
+  double worst = 0.0;
+  for (int i = 0; i < 100000; ++i) {
+    const float g = any(rng), u = any(rng);
+    const double exact = g / (1.0 + std::exp(-static_cast<double>(g))) * u;
+    if (exact != 0.0) worst = std::max(worst, ulps(silu_and_mul_f32(g, u), exact));
+  }
+  std::printf("silu_and_mul_f32: worst %.3f ulp\n", worst);
+  EXPECT_LE(worst, 4.0);  // the exponential's 2 ulp, the division's and the product's roundings
+  EXPECT_EQ(silu_and_mul_f32(0.0f, 5.0f), 0.0f);
+  EXPECT_EQ(silu_and_mul_f32(100.0f, 2.0f), 200.0f);  // e^-100 is 0: silu(g) = g
+  EXPECT_EQ(silu_and_mul_f32(INFINITY, 1.0f), INFINITY);
+  const float far_negative = silu_and_mul_f32(-100.0f, 1.0f);  // -100 / inf
+  EXPECT_EQ(far_negative, 0.0f);
+  EXPECT_TRUE(std::signbit(far_negative));
+  EXPECT_TRUE(std::isnan(silu_and_mul_f32(-INFINITY, 1.0f)));
+  EXPECT_TRUE(std::isnan(silu_and_mul_f32(std::nanf(""), 1.0f)));
+  EXPECT_TRUE(std::isnan(silu_and_mul_f32(1.0f, std::nanf(""))));
+}
+
+constexpr uint8_t kSentinel = 0xA5;
+
+Tensor filled(DType dtype, std::initializer_list<int64_t> shape) {
+  Tensor t = Tensor::empty(dtype, shape);
+  std::memset(t.data(), kSentinel, t.nbytes());
+  return t;
+}
+
+struct Case {
+  int64_t m, k;  // x is [m, 2k]
+  int group;
+  DType dtype;
+  ScaleLayout layout;
+  bool ue8m0;
+};
+
+std::string describe(const Case& c) {
+  return "M=" + std::to_string(c.m) + " K=" + std::to_string(c.k) +
+         " group=" + std::to_string(c.group) + " " + std::string(dtype_name(c.dtype)) + " " +
+         scale_layout_name(c.layout) + (c.ue8m0 ? " ue8m0" : "");
+}
+
+// Every implementation of the table that serves the gated problem writes the bytes and scales it
+// writes for the plain problem over y = silu_and_mul_f32(gate, up) as an f32 tensor; the public op
+// (default dispatch) too; and nothing past q's row or the scales' storage is written.
+void check_case(std::mt19937_64& rng, const Case& c) {
+  SCOPED_TRACE(describe(c));
+  const int64_t M = c.m, K = c.k;
+  Tensor x = Tensor::empty(c.dtype, {M, 2 * K});
+  Tensor y = Tensor::empty(DType::f32, {M, K});
+  std::uniform_real_distribution<float> value(-12.0f, 12.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    float v = value(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 9) - 4);
+    if (rng() % 997 == 0) v = (rng() % 2) ? std::nanf("") : -INFINITY;
+    store_from_f32(x.data(), c.dtype, i, v);
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      y.data_as<float>()[m * K + k] =
+          silu_and_mul_f32(load_as_f32(x.data(), c.dtype, m * 2 * K + k),
+                           load_as_f32(x.data(), c.dtype, m * 2 * K + K + k));
+  GroupQuantConfig config;
+  config.group_size = c.group;
+  config.layout = c.layout;
+  config.ue8m0 = c.ue8m0;
+  const ScaleStorage s = group_quant_scale_storage(M, K, config);
+  Tensor q_want = filled(DType::f8e4m3, {M, K}), s_want = filled(s.dtype, {s.shape[0], s.shape[1]});
+  Tensor q = filled(DType::f8e4m3, {M, K}), scales = filled(s.dtype, {s.shape[0], s.shape[1]});
+  const GroupQuantProblem gated =
+      make_group_quant_problem("test", x, q, scales, config, OpOptions{}, true);
+  const GroupQuantProblem plain = make_group_quant_problem("test", y, q_want, s_want, config, {});
+  int served = 0;
+  for (const GroupQuantImplementation& impl : group_quant_implementations()) {
+    if (!impl.supports(gated).empty() || impl.backend == Backend::gpu) continue;
+    SCOPED_TRACE(impl.name);
+    std::memset(q_want.data(), kSentinel, q_want.nbytes());
+    std::memset(s_want.data(), kSentinel, s_want.nbytes());
+    std::memset(q.data(), kSentinel, q.nbytes());
+    std::memset(scales.data(), kSentinel, scales.nbytes());
+    impl.run(plain);
+    impl.run(gated);
+    EXPECT_EQ(std::memcmp(q.data(), q_want.data(), q.nbytes()), 0);
+    EXPECT_EQ(std::memcmp(scales.data(), s_want.data(), scales.nbytes()), 0);
+    ++served;
+  }
+  EXPECT_GE(served, 2);  // the reference and at least the portable CPU kernel
+  // The public op: what the dispatch picks for the gated problem writes what it picks for y.
+  std::memset(q.data(), kSentinel, q.nbytes());
+  std::memset(scales.data(), kSentinel, scales.nbytes());
+  per_token_group_quant_fp8(y, q_want, s_want, config);
+  silu_and_mul_group_quant_fp8(x, q, scales, config);
+  EXPECT_EQ(std::memcmp(q.data(), q_want.data(), q.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(scales.data(), s_want.data(), scales.nbytes()), 0);
+}
+
+TEST(GatedQuant, EveryImplementationQuantizesTheF32Activations) {
+  std::mt19937_64 rng = rng_for("gated");
+  const ScaleLayout layouts[] = {ScaleLayout::row_major, ScaleLayout::column_major,
+                                 ScaleLayout::column_major_tma, ScaleLayout::packed_ue8m0};
+  for (ScaleLayout layout : layouts)
+    for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+      const bool ue8m0 = layout == ScaleLayout::packed_ue8m0 || rng() % 2 == 0;
+      check_case(rng, {1 + static_cast<int64_t>(rng() % 9), 768, 128, dtype, layout, ue8m0});
+    }
+  check_case(rng, {5, 48, 16, DType::bf16, ScaleLayout::row_major, false});
+  check_case(rng, {3, 1536, 256, DType::bf16, ScaleLayout::column_major_tma, false});
+  check_case(rng, {0, 128, 128, DType::bf16, ScaleLayout::row_major, false});
+}
+
+TEST(GatedQuant, GateIsTheFirstHalfAndUpTheSecond) {
+  // One row, K = 16: gate 1 and up 2 in the first 8 columns, gate 2 and up 1 in the rest.
+  Tensor x = Tensor::empty(DType::f32, {1, 32});
+  for (int k = 0; k < 16; ++k) {
+    x.data_as<float>()[k] = k < 8 ? 1.0f : 2.0f;       // gate
+    x.data_as<float>()[16 + k] = k < 8 ? 2.0f : 1.0f;  // up
+  }
+  GroupQuantConfig config;
+  config.group_size = 16;
+  Tensor q = filled(DType::f8e4m3, {1, 16}), scales = filled(DType::f32, {1, 1});
+  silu_and_mul_group_quant_fp8(x, q, scales, config);
+  const double first = 2.0 / (1.0 + std::exp(-1.0)), second = 2.0 / (1.0 + std::exp(-2.0));
+  EXPECT_NEAR(scales.data_as<float>()[0], second / 448.0, 1e-6 * second / 448.0);
+  EXPECT_EQ(q.data_as<uint8_t>()[8], 0x7e);  // the group's amax quantizes to 448
+  EXPECT_NEAR(f8e4m3_to_f32(q.data_as<uint8_t>()[0]), first / second * 448.0,
+              16.0);  // steps of 32 there
+}
+
+TEST(GatedQuant, BadArgumentsNameTheArgumentAndWriteNothing) {
+  GroupQuantConfig config;
+  Tensor odd = Tensor::empty(DType::bf16, {2, 255});
+  Tensor x = Tensor::empty(DType::bf16, {2, 512});
+  std::memset(x.data(), 0, x.nbytes());
+  Tensor q = filled(DType::f8e4m3, {2, 256});
+  Tensor q_full = filled(DType::f8e4m3, {2, 512});
+  Tensor scales = filled(DType::f32, {2, 2});
+  const auto message = [&](auto&& call) {
+    try {
+      call();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string odd_width =
+      message([&] { silu_and_mul_group_quant_fp8(odd, q, scales, config); });
+  EXPECT_NE(odd_width.find("x.shape"), std::string::npos) << odd_width;
+  EXPECT_NE(odd_width.find("odd width"), std::string::npos) << odd_width;
+  const std::string wrong_q =
+      message([&] { silu_and_mul_group_quant_fp8(x, q_full, scales, config); });
+  EXPECT_NE(wrong_q.find("q.shape"), std::string::npos) << wrong_q;
+  EXPECT_NE(wrong_q.find("[2, 256]"), std::string::npos) << wrong_q;
+  Tensor wrong_scales = filled(DType::f32, {2, 4});
+  const std::string bad_scales =
+      message([&] { silu_and_mul_group_quant_fp8(x, q, wrong_scales, config); });
+  EXPECT_NE(bad_scales.find("scales"), std::string::npos) << bad_scales;
+  for (const Tensor* t : {&q, &q_full, &scales, &wrong_scales})
+    for (size_t i = 0; i < t->nbytes(); ++i)
+      ASSERT_EQ(static_cast<const uint8_t*>(t->data())[i], kSentinel) << "written on error";
+  // A valid call on the same tensors writes q and scales.
+  silu_and_mul_group_quant_fp8(x, q, scales, config);
+  EXPECT_EQ(q.data_as<uint8_t>()[0], 0);  // silu(0) * 0 = 0
+  EXPECT_EQ(scales.data_as<float>()[0], 1e-10f / kFp8E4m3Max);
+  EXPECT_EQ(explain_silu_and_mul_group_quant_fp8(x, q, scales, config).empty(), false);
+}
+
+}  // namespace
+}  // namespace moekit
