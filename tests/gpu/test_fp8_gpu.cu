@@ -227,13 +227,15 @@ struct QuantCase {
   bool ue8m0 = false;
   float eps = 1e-10f;
   bool adversarial = false;
+  bool gated = false;  // silu_and_mul_group_quant_fp8: x is [M, 2K], gate then up
   int64_t x_row_pad = 0, x_offset = 0, q_row_pad = 0;  // elements
+  int64_t x_cols() const { return gated ? 2 * k : k; }
   std::string describe() const {
     char text[256];
     std::snprintf(text, sizeof text,
-                  "M=%lld K=%lld group=%d x=%s %s%s eps=%g%s x_pad=%lld x_offset=%lld q_pad=%lld",
-                  static_cast<long long>(m), static_cast<long long>(k), group,
-                  std::string(dtype_name(dtype)).c_str(), scale_layout_name(layout),
+                  "%sM=%lld K=%lld group=%d x=%s %s%s eps=%g%s x_pad=%lld x_offset=%lld q_pad=%lld",
+                  gated ? "gated " : "", static_cast<long long>(m), static_cast<long long>(k),
+                  group, std::string(dtype_name(dtype)).c_str(), scale_layout_name(layout),
                   ue8m0 ? " ue8m0" : "", static_cast<double>(eps),
                   adversarial ? " adversarial" : "", static_cast<long long>(x_row_pad),
                   static_cast<long long>(x_offset), static_cast<long long>(q_row_pad));
@@ -306,9 +308,10 @@ struct QuantTwins {
 
 QuantTwins make_quant_twins(const QuantCase& c, const std::vector<float>& values) {
   QuantTwins t;
-  t.x = Twin(c.dtype, dense(c.m, c.k, c.x_row_pad, c.x_offset));
+  const int64_t cols = c.x_cols();
+  t.x = Twin(c.dtype, dense(c.m, cols, c.x_row_pad, c.x_offset));
   for (int64_t m = 0; m < c.m; ++m)
-    for (int64_t k = 0; k < c.k; ++k) t.x.set(m, k, values[static_cast<size_t>(m * c.k + k)]);
+    for (int64_t k = 0; k < cols; ++k) t.x.set(m, k, values[static_cast<size_t>(m * cols + k)]);
   t.q = Twin(DType::f8e4m3, dense(c.m, c.k, c.q_row_pad));
   t.config.group_size = c.group;
   t.config.ue8m0 = c.ue8m0;
@@ -340,19 +343,29 @@ int64_t q_mismatches(const Tensor& expected, const Tensor& got, std::string& fir
 }
 
 // Runs the case on the GPU and compares with the reference; returns whether it passed.
+// Gated cases: silu_and_mul_group_quant_fp8, whose GPU kernel computes the reference's f32
+// activations (silu_math.h), so the same bytes and scales exactly.
 bool check_quant(const QuantCase& c, uint64_t seed, cudaStream_t stream) {
   std::mt19937_64 rng(seed);
-  std::vector<float> values(static_cast<size_t>(c.m * c.k));
-  std::vector<float> row(static_cast<size_t>(c.k));
+  const int64_t cols = c.x_cols();
+  std::vector<float> values(static_cast<size_t>(c.m * cols));
+  std::vector<float> row(static_cast<size_t>(cols));
   for (int64_t m = 0; m < c.m; ++m) {
     fill_row(rng, row, c.group, c.adversarial);
-    std::copy(row.begin(), row.end(), values.begin() + m * c.k);
+    std::copy(row.begin(), row.end(), values.begin() + m * cols);
   }
   QuantTwins t = make_quant_twins(c, values);
+  const auto problem = [&](const TensorView& x, const TensorView& q, const TensorView& scales,
+                           cudaStream_t on) {
+    if (!c.gated) return quant_problem(x, q, scales, t.config, on);
+    OpOptions options;
+    options.stream = on;
+    return make_group_quant_problem("test", x, q, scales, t.config, options, true);
+  };
   reference::per_token_group_quant_fp8(
-      quant_problem(t.x.host_view(), t.q.host_view(), t.scales.host_view(), t.config, nullptr));
+      problem(t.x.host_view(), t.q.host_view(), t.scales.host_view(), nullptr));
   const GroupQuantProblem p =
-      quant_problem(t.x.device_view(), t.q.device_view(), t.scales.device_view(), t.config, stream);
+      problem(t.x.device_view(), t.q.device_view(), t.scales.device_view(), stream);
   const std::string why = gpu::group_quant_supports(p);
   EXPECT_EQ(why, "") << c.describe();
   if (!why.empty()) return false;
@@ -414,49 +427,8 @@ TEST(GpuFp8Quant, EveryLayoutGroupSizeAndDtypeMatchesTheReferenceExactly) {
         }
 }
 
-// silu_and_mul_group_quant_fp8 on the GPU (the general kernel loading gate and up halves): the
-// reference's bytes and scales exactly (both compute silu_math.h's f32 activations), with x rows
-// of 2K elements, gate then up, at aligned and unaligned places.
-bool check_gated_quant(const QuantCase& c, uint64_t seed, cudaStream_t stream) {
-  std::mt19937_64 rng(seed);
-  std::vector<float> row(static_cast<size_t>(2 * c.k));
-  QuantTwins t;
-  t.x = Twin(c.dtype, dense(c.m, 2 * c.k, c.x_row_pad, c.x_offset));
-  for (int64_t m = 0; m < c.m; ++m) {
-    fill_row(rng, row, c.group, c.adversarial);
-    for (int64_t k = 0; k < 2 * c.k; ++k) t.x.set(m, k, row[static_cast<size_t>(k)]);
-  }
-  t.q = Twin(DType::f8e4m3, dense(c.m, c.k, c.q_row_pad));
-  t.config.group_size = c.group;
-  t.config.ue8m0 = c.ue8m0;
-  t.config.layout = c.layout;
-  t.config.eps = c.eps;
-  const ScaleStorage storage = group_quant_scale_storage(c.m, c.k, t.config);
-  t.scales = Twin(storage.dtype, dense(storage.shape[0], storage.shape[1]));
-  t.x.upload();
-  t.q.upload();
-  t.scales.upload();
-  OpOptions options;
-  reference::per_token_group_quant_fp8(make_group_quant_problem(
-      "test", t.x.host_view(), t.q.host_view(), t.scales.host_view(), t.config, options, true));
-  options.stream = stream;
-  const GroupQuantProblem p =
-      make_group_quant_problem("test", t.x.device_view(), t.q.device_view(), t.scales.device_view(),
-                               t.config, options, true);
-  const std::string why = gpu::group_quant_supports(p);
-  EXPECT_EQ(why, "") << c.describe();
-  if (!why.empty()) return false;
-  gpu::per_token_group_quant_fp8(p);
-  gpu::synchronize(stream);
-  std::string first;
-  const int64_t bad_q = q_mismatches(t.q.host, t.q.download(), first);
-  const Tensor scales = t.scales.download();
-  const bool scales_equal = std::memcmp(scales.data(), t.scales.host.data(), scales.nbytes()) == 0;
-  EXPECT_EQ(bad_q, 0) << "gated " << c.describe() << " seed " << seed << ": " << first;
-  EXPECT_TRUE(scales_equal) << "gated " << c.describe() << " seed " << seed << ": scales differ";
-  return bad_q == 0 && scales_equal;
-}
-
+// silu_and_mul_group_quant_fp8 on the GPU (the general kernel loading gate and up halves): x rows
+// of 2K elements at aligned and unaligned places.
 TEST(GpuFp8Quant, SiluAndMulMatchesTheReferenceExactly) {
   SKIP_WITHOUT_GPU();
   Stream stream;
@@ -468,7 +440,8 @@ TEST(GpuFp8Quant, SiluAndMulMatchesTheReferenceExactly) {
       for (DType dtype : kWideTypes) {
         QuantCase c = random_quant_case(rng, layout, group, dtype);
         c.m = std::min<int64_t>(c.m, 17);
-        failures += !check_gated_quant(c, rng(), stream.get());
+        c.gated = true;
+        failures += !check_quant(c, rng(), stream.get());
         if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
       }
   // The experts' widths: Qwen3-30B (768), Qwen3-235B (1536), DeepSeek-V3 (2048), decode and more.
@@ -477,7 +450,8 @@ TEST(GpuFp8Quant, SiluAndMulMatchesTheReferenceExactly) {
       QuantCase c;
       c.m = m;
       c.k = k;
-      failures += !check_gated_quant(c, rng(), stream.get());
+      c.gated = true;
+      failures += !check_quant(c, rng(), stream.get());
     }
   EXPECT_EQ(failures, 0);
 }
