@@ -3,6 +3,7 @@
 // activations silu(gate) * up, bit for bit (seed printed; MOEKIT_TEST_SEED repeats a run).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -227,6 +228,120 @@ TEST(GatedQuant, BadArgumentsNameTheArgumentAndWriteNothing) {
   EXPECT_EQ(q.data_as<uint8_t>()[0], 0);  // silu(0) * 0 = 0
   EXPECT_EQ(scales.data_as<float>()[0], 1e-10f / kFp8E4m3Max);
   EXPECT_EQ(explain_silu_and_mul_group_quant_fp8(x, q, scales, config).empty(), false);
+}
+
+// The masked layout on the host entries: each group's first rows as the gated op quantizes them on
+// their own (logical scales compared, so M's and the group's addressing may differ), every other
+// row of q and scale untouched.
+void check_masked(std::mt19937_64& rng, ScaleLayout layout, const std::vector<int32_t>& counts) {
+  SCOPED_TRACE(scale_layout_name(layout));
+  const auto G = static_cast<int64_t>(counts.size());
+  const int64_t M = 6, K = 256;
+  GroupQuantConfig config;
+  config.layout = layout;
+  config.ue8m0 = layout == ScaleLayout::packed_ue8m0;
+  Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+  std::uniform_real_distribution<float> value(-6.0f, 6.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
+  Tensor masked_m = Tensor::empty(DType::i32, {G});
+  std::memcpy(masked_m.data(), counts.data(), counts.size() * 4);
+  const ScaleStorage s = group_quant_scale_storage(M, K, config);
+  const ScaleAddressing at_m = scale_addressing(layout, M, K / config.group_size);
+  for (const MaskedGatedQuantImplementation& impl : masked_gated_quant_implementations()) {
+    if (impl.backend == Backend::gpu) continue;
+    SCOPED_TRACE(impl.name);
+    Tensor q = filled(DType::f8e4m3, {G, M, K}),
+           scales = filled(s.dtype, {G, s.shape[0], s.shape[1]});
+    OpOptions options;
+    options.implementation = impl.name;
+    silu_and_mul_group_quant_fp8_masked(x, masked_m, q, scales, config, options);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
+      const auto* q_group = q.data_as<uint8_t>() + g * M * K;
+      const auto* s_group =
+          static_cast<const uint8_t*>(scales.data()) + g * s.shape[0] * s.shape[1] * 4;
+      if (rows > 0) {
+        const int64_t x_shape[2] = {rows, 2 * K}, x_strides[2] = {2 * K, 1};
+        const TensorView x_rows(x.data_as<uint16_t>() + g * M * 2 * K, DType::bf16, x_shape,
+                                x_strides);
+        const ScaleStorage own = group_quant_scale_storage(rows, K, config);
+        Tensor want_q = filled(DType::f8e4m3, {rows, K});
+        Tensor want_s = filled(own.dtype, {own.shape[0], own.shape[1]});
+        silu_and_mul_group_quant_fp8(x_rows, want_q, want_s, config, OpOptions{Backend::reference});
+        EXPECT_EQ(std::memcmp(q_group, want_q.data(), want_q.nbytes()), 0) << "group " << g;
+        const ScaleAddressing at_rows = scale_addressing(layout, rows, K / config.group_size);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t grp = 0; grp < K / config.group_size; ++grp)
+            EXPECT_EQ(read_scale(s_group, at_m, m, grp), read_scale(want_s.data(), at_rows, m, grp))
+                << "group " << g << " row " << m;
+      }
+      for (int64_t i = rows * K; i < M * K; ++i)
+        ASSERT_EQ(q_group[i], kSentinel) << "group " << g << ": q written past its rows";
+      if (layout == ScaleLayout::row_major)
+        for (int64_t i = rows * s.shape[1] * 4; i < s.shape[0] * s.shape[1] * 4; ++i)
+          ASSERT_EQ(s_group[i], kSentinel) << "group " << g << ": scales written past its rows";
+    }
+  }
+}
+
+TEST(GatedQuantMasked, EachGroupQuantizesItsRowsOnly) {
+  std::mt19937_64 rng = rng_for("masked");
+  check_masked(rng, ScaleLayout::row_major, {6, 0, 3, 9, -1});
+  check_masked(rng, ScaleLayout::column_major_tma, {2, 6, 0});
+  check_masked(rng, ScaleLayout::packed_ue8m0, {5, 1});
+  check_masked(rng, ScaleLayout::row_major, {0, 0});  // nothing to quantize: nothing written
+}
+
+TEST(GatedQuantMasked, BadArgumentsNameTheArgument) {
+  GroupQuantConfig config;
+  Tensor x = Tensor::empty(DType::bf16, {3, 4, 512});
+  std::memset(x.data(), 0, x.nbytes());
+  Tensor q = filled(DType::f8e4m3, {3, 4, 256}), scales = filled(DType::f32, {3, 4, 2});
+  Tensor counts = Tensor::empty(DType::i32, {3});
+  std::memset(counts.data(), 0, counts.nbytes());
+  const auto message = [&](auto&& call) {
+    try {
+      call();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  Tensor two_counts = Tensor::empty(DType::i32, {2});
+  EXPECT_NE(message([&] {
+              silu_and_mul_group_quant_fp8_masked(x, two_counts, q, scales, config);
+            }).find("masked_m.shape"),
+            std::string::npos);
+  Tensor float_counts = Tensor::empty(DType::f32, {3});
+  EXPECT_NE(message([&] {
+              silu_and_mul_group_quant_fp8_masked(x, float_counts, q, scales, config);
+            }).find("masked_m.dtype"),
+            std::string::npos);
+  Tensor flat = Tensor::empty(DType::bf16, {4, 512});
+  EXPECT_NE(message([&] {
+              silu_and_mul_group_quant_fp8_masked(flat, counts, q, scales, config);
+            }).find("x.shape"),
+            std::string::npos);
+  Tensor q_two = filled(DType::f8e4m3, {2, 4, 256});
+  EXPECT_NE(message([&] {
+              silu_and_mul_group_quant_fp8_masked(x, counts, q_two, scales, config);
+            }).find("q.shape"),
+            std::string::npos);
+  Tensor q_wide = filled(DType::f8e4m3, {3, 4, 512});
+  EXPECT_NE(message([&] {
+              silu_and_mul_group_quant_fp8_masked(x, counts, q_wide, scales, config);
+            }).find("q.shape"),
+            std::string::npos);
+  // Overlapping groups of q: stride(0) of 256 elements for planes of 4 x 256.
+  const int64_t shape[3] = {3, 4, 256}, strides[3] = {256, 256, 1};
+  const TensorView overlapping(q.data(), DType::f8e4m3, shape, strides);
+  EXPECT_NE(message([&] {
+              silu_and_mul_group_quant_fp8_masked(x, counts, overlapping, scales, config);
+            }).find("q.strides"),
+            std::string::npos);
+  for (size_t i = 0; i < q.nbytes(); ++i)
+    ASSERT_EQ(q.data_as<uint8_t>()[i], kSentinel) << "written on error";
+  EXPECT_FALSE(explain_silu_and_mul_group_quant_fp8_masked(x, counts, q, scales, config).empty());
 }
 
 }  // namespace

@@ -265,6 +265,55 @@ const GroupedBlockGemmImplementation kGroupedBlockGemmTable[] = {
      per_group_gemm<Backend::reference>, per_group_plan<Backend::reference>},
 };
 
+// silu_and_mul_group_quant_fp8_masked: each group a call of the gated quantization's first entry
+// of the backend named here (the host backends on the group's rows only, the GPU on all M: reading
+// masked_m on the host would synchronize the stream).
+template <Backend kBackend>
+const GroupQuantImplementation* quant_entry_of(const GroupQuantProblem& p, std::string& reasons) {
+  for (const GroupQuantImplementation& impl : kGroupQuantTable) {
+    if (impl.backend != kBackend) continue;
+    const std::string why_not = impl.supports(p);
+    if (why_not.empty()) return &impl;
+    reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
+  }
+  return nullptr;
+}
+
+template <Backend kBackend>
+std::string masked_quant_supports(const MaskedGatedQuantProblem& p) {
+  std::string reasons;
+  if (p.groups == 0 || quant_entry_of<kBackend>(p.first, reasons) != nullptr) return "";
+  return "no silu_and_mul_group_quant_fp8 entry of this backend serves a group (" + reasons + ")";
+}
+
+template <Backend kBackend>
+void masked_quant(const MaskedGatedQuantProblem& p) {
+  std::string reasons;
+  const GroupQuantImplementation* entry = quant_entry_of<kBackend>(p.first, reasons);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    int64_t rows = p.first.rows;
+    if (kBackend != Backend::gpu)
+      rows = std::clamp<int64_t>(p.masked_m.data_as<const int32_t>()[g * p.masked_m.stride(0)], 0,
+                                 rows);
+    if (rows > 0) entry->run(p.group(g, rows));
+  }
+}
+
+template <Backend kBackend>
+std::string masked_quant_plan(const MaskedGatedQuantProblem& p) {
+  std::string reasons;
+  return std::to_string(p.groups) + " calls of " + quant_entry_of<kBackend>(p.first, reasons)->name;
+}
+
+const MaskedGatedQuantImplementation kMaskedGatedQuantTable[] = {
+    MOEKIT_GPU_ENTRY({"gpu.per_group", Backend::gpu, masked_quant_supports<Backend::gpu>,
+                      masked_quant<Backend::gpu>, masked_quant_plan<Backend::gpu>}){
+        "cpu.per_group", Backend::cpu, masked_quant_supports<Backend::cpu>,
+        masked_quant<Backend::cpu>, masked_quant_plan<Backend::cpu>},
+    {"reference.per_group", Backend::reference, masked_quant_supports<Backend::reference>,
+     masked_quant<Backend::reference>, masked_quant_plan<Backend::reference>},
+};
+
 // ---- Messages.
 
 std::string str(int64_t v) { return std::to_string(v); }
@@ -466,6 +515,9 @@ std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_impleme
 std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations() {
   return kGroupedBlockGemmTable;
 }
+std::span<const MaskedGatedQuantImplementation> masked_gated_quant_implementations() {
+  return kMaskedGatedQuantTable;
+}
 
 // ---- per_token_group_quant_fp8
 
@@ -544,6 +596,75 @@ std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8(
   const GroupQuantProblem p =
       make_group_quant_problem(kGatedQuantOp, x, q, scales, config, options, true);
   return explain_table<GroupQuantProblem>(kGroupQuantTable, p, x.device(), options);
+}
+
+// ---- silu_and_mul_group_quant_fp8_masked
+
+namespace {
+constexpr const char* kMaskedGatedQuantOp = "silu_and_mul_group_quant_fp8_masked";
+
+MaskedGatedQuantProblem make_masked_gated_quant_problem(
+    const TensorView& x, const TensorView& masked_m, const TensorView& q, const TensorView& scales,
+    const GroupQuantConfig& config, const OpOptions& options) {
+  const char* op = kMaskedGatedQuantOp;
+  const auto check_3d = [&](const char* name, const TensorView& t, const char* dims) {
+    if (t.ndim() != 3) fail(op, std::string(name) + ".shape", t.shape_str(), dims);
+  };
+  check_3d("x", x, "must be [G, M, 2K]");
+  check_3d("q", q, "must be [G, M, K]");
+  check_3d("scales", scales, "must be [G, ...] (each group's scale storage)");
+  const int64_t G = x.size(0);
+  for (const auto& [name, t] :
+       {std::pair<const char*, const TensorView*>{"q", &q}, {"scales", &scales}})
+    if (t->size(0) != G)
+      fail(op, std::string(name) + ".shape", t->shape_str(),
+           "must have G=" + str(G) + " groups (dimension 0), as x has");
+  // Group 0's planes pass silu_and_mul_group_quant_fp8's checks; the others share their shapes.
+  MaskedGatedQuantProblem p;
+  p.first = make_group_quant_problem(op, plane_of(x, 0), plane_of(q, 0), plane_of(scales, 0),
+                                     config, options, true);
+  if (masked_m.ndim() != 1 || masked_m.size(0) != G)
+    fail(op, "masked_m.shape", masked_m.shape_str(),
+         "must be [" + str(G) + "] (one row count per group)");
+  if (masked_m.dtype() != DType::i32)
+    fail(op, "masked_m.dtype", str(masked_m.dtype()), "is not supported (i32)");
+  check_device(op, "masked_m", masked_m, x.device(), "x");
+  check_data(op, "masked_m", masked_m);
+  // Groups of q and scales must not overlap (each is written).
+  const int64_t M = x.size(1), K = q.size(2);
+  const int64_t q_extent = (M - 1) * q.stride(1) + K;
+  if (G > 1 && M > 0 && K > 0 && q.stride(0) < q_extent)
+    fail(op, "q.strides", "[" + str(q.stride(0)) + ", " + str(q.stride(1)) + ", 1]",
+         "must keep the groups apart (stride(0) >= " + str(q_extent) + ")");
+  const int64_t scale_extent = scales.size(1) * scales.size(2);
+  if (G > 1 && scales.stride(0) < scale_extent)
+    fail(op, "scales.strides", "[" + str(scales.stride(0)) + ", ...]",
+         "must keep the groups apart (stride(0) >= " + str(scale_extent) + ")");
+  p.groups = G;
+  p.x_stride = x.stride(0);
+  p.q_stride = q.stride(0);
+  p.scale_stride = scales.stride(0);
+  p.masked_m = masked_m;
+  return p;
+}
+}  // namespace
+
+void silu_and_mul_group_quant_fp8_masked(const TensorView& x, const TensorView& masked_m,
+                                         const TensorView& q, const TensorView& scales,
+                                         const GroupQuantConfig& config, const OpOptions& options) {
+  const MaskedGatedQuantProblem p =
+      make_masked_gated_quant_problem(x, masked_m, q, scales, config, options);
+  dispatch<MaskedGatedQuantProblem>(kMaskedGatedQuantOp, kMaskedGatedQuantTable, p, x.device(),
+                                    options,
+                                    p.groups == 0 || p.first.rows == 0 || p.first.cols == 0);
+}
+
+std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8_masked(
+    const TensorView& x, const TensorView& masked_m, const TensorView& q, const TensorView& scales,
+    const GroupQuantConfig& config, const OpOptions& options) {
+  const MaskedGatedQuantProblem p =
+      make_masked_gated_quant_problem(x, masked_m, q, scales, config, options);
+  return explain_table<MaskedGatedQuantProblem>(kMaskedGatedQuantTable, p, x.device(), options);
 }
 
 // ---- block_fp8_gemm

@@ -150,6 +150,32 @@ struct GroupedBlockGemmProblem {
   }
 };
 
+// silu_and_mul_group_quant_fp8_masked: `groups` gated quantizations of one shape stacked along
+// dimension 0 (DeepGEMM's masked layout); group g's rows are its first
+// min(max(masked_m[g], 0), M), the rest of its q and scales unspecified after the call.
+struct MaskedGatedQuantProblem {
+  GroupQuantProblem first;  // group 0's plane (gated, M rows)
+  int64_t groups = 0;
+  int64_t x_stride = 0, q_stride = 0, scale_stride = 0;  // elements between groups' planes
+  TensorView masked_m;                                   // [groups] i32 on x's device
+
+  // Group g's problem on its first `rows` rows (the scales keep M's addressing).
+  GroupQuantProblem group(int64_t g, int64_t rows) const {
+    GroupQuantProblem p = first;
+    const auto shifted = [&](const TensorView& t, int64_t stride, int64_t view_rows) {
+      const int64_t shape[2] = {view_rows, t.size(1)};
+      const int64_t strides[2] = {t.stride(0), t.stride(1)};
+      return TensorView(static_cast<char*>(t.data()) + g * stride * dtype_size(t.dtype()),
+                        t.dtype(), shape, strides, t.device());
+    };
+    p.x = shifted(first.x, x_stride, rows);
+    p.q = shifted(first.q, q_stride, rows);
+    p.scales = shifted(first.scales, scale_stride, first.scales.size(0));
+    p.rows = rows;
+    return p;
+  }
+};
+
 // w8a8_block_fp8_linear: quantize x into the workspace (row-major f32 scales, group 128), then the
 // GEMM of those against the weight. Both halves are complete problems of their own.
 struct W8a8LinearProblem {
@@ -179,6 +205,7 @@ using BlockGemmImplementation = Fp8Implementation<BlockGemmProblem>;
 using W8a8LinearImplementation = Fp8Implementation<W8a8LinearProblem>;
 using BlockQuantizeWeightImplementation = Fp8Implementation<BlockQuantizeWeightProblem>;
 using GroupedBlockGemmImplementation = Fp8Implementation<GroupedBlockGemmProblem>;
+using MaskedGatedQuantImplementation = Fp8Implementation<MaskedGatedQuantProblem>;
 
 // The dispatch tables, fastest first (tests run every entry that serves against the reference).
 std::span<const GroupQuantImplementation> group_quant_implementations();
@@ -186,6 +213,7 @@ std::span<const BlockGemmImplementation> block_gemm_implementations();
 std::span<const W8a8LinearImplementation> w8a8_linear_implementations();
 std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_implementations();
 std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations();
+std::span<const MaskedGatedQuantImplementation> masked_gated_quant_implementations();
 
 // Validation against spec/fp8.md (throws Error naming the argument and value, before anything is
 // written) into problems. `op` names the caller in messages. gated: x is [M, 2K], gate then up

@@ -56,6 +56,17 @@ void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const T
 void silu_and_mul_group_quant_fp8(const TensorView& x, const TensorView& q,
                                   const TensorView& scales, const GroupQuantConfig& config,
                                   const OpOptions& options = {});
+// The same over G groups in DeepGEMM's masked layout (MoE decode, between
+// grouped_block_fp8_gemm_masked's gate_up and down): x [G, M, 2K], masked_m i32 [G] on x's device,
+// q [G, M, K] and scales [G, ...] (each group's plane the contiguous storage
+// group_quant_scale_storage(M, K, config) gives, as grouped_block_fp8_gemm's a_scales). Group g's
+// first min(max(masked_m[g], 0), M) rows are quantized as silu_and_mul_group_quant_fp8 would; the
+// rest of its q and scales are unspecified afterwards (the host backends leave them, the GPU's
+// per-group calls quantize every row: reading the counts would synchronize the stream).
+void silu_and_mul_group_quant_fp8_masked(const TensorView& x, const TensorView& masked_m,
+                                         const TensorView& q, const TensorView& scales,
+                                         const GroupQuantConfig& config,
+                                         const OpOptions& options = {});
 
 // out [M, N] (f32/bf16/f16) = A [M, K] (f8e4m3) x B [N, K]^T (f8e4m3), scaled per 128-block of K by
 // a_scales (logical [M, ceil(K/128)], stored in a_scales_layout; packed_ue8m0 holds i32 words) and
@@ -133,6 +144,9 @@ std::vector<ImplementationChoice> explain_per_token_group_quant_fp8(const Tensor
                                                                     const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8(
     const TensorView& x, const TensorView& q, const TensorView& scales,
+    const GroupQuantConfig& config, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8_masked(
+    const TensorView& x, const TensorView& masked_m, const TensorView& q, const TensorView& scales,
     const GroupQuantConfig& config, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_block_fp8_gemm(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
