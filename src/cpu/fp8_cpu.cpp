@@ -259,9 +259,13 @@ std::string fp8_supports(const BlockQuantizeWeightProblem& p) {
 
 template <Fp8Isa kIsa>
 void per_token_group_quant_fp8(const GroupQuantProblem& p) {
-  if (p.gated) {  // silu(gate) * up first, as the reference (not fused here yet)
+  if (p.gated) {  // silu(gate) * up first, rows over the threads (not fused here yet)
     Tensor activations;
-    group_quant_kernel<kIsa>(args_of(gated_as_plain(p, activations)));
+    const GroupQuantProblem plain = plain_over(p, activations);
+    const int threads = thread_count(p.num_threads, p.rows, 40.0 * p.rows * p.cols);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < p.rows; ++m) gated_row(p, m, activations.data_as<float>() + m * p.cols);
+    group_quant_kernel<kIsa>(args_of(plain));
     return;
   }
   group_quant_kernel<kIsa>(args_of(p));

@@ -132,9 +132,10 @@ Row bench_quantize_weight(const std::string& name, int64_t N, int64_t K, Backend
   return row;
 }
 
+// gated: silu_and_mul_group_quant_fp8 of x [M, 2K] into q [M, K].
 Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layout, Backend backend,
-                int threads, uint64_t seed) {
-  const Tensor x = random_fp8_activations(seed, M, K);
+                int threads, uint64_t seed, bool gated = false) {
+  const Tensor x = random_fp8_activations(seed, M, gated ? 2 * K : K);
   GroupQuantConfig c;
   c.group_size = static_cast<int>(kBlock);
   c.layout = layout;
@@ -148,10 +149,15 @@ Row bench_quant(const std::string& name, int64_t M, int64_t K, ScaleLayout layou
   Row row{name, M, "", 0.0, 0.0, 0.0, false};
   // Verify on the first 64 rows (the reference is scalar).
   const Fp8QuantCheck check =
-      check_fp8_quant(first_rows(x, std::min<int64_t>(M, 64)), layout, backend);
+      check_fp8_quant(first_rows(x, std::min<int64_t>(M, 64)), layout, backend, gated);
   row.implementation = check.implementation;
   row.verified = check.ran && check.diffs == check.near_ties && check.scale_diffs == 0;
-  row.median_us = median_cpu_call_us([&](int) { per_token_group_quant_fp8(x, q, scales, c, op); });
+  row.median_us = median_cpu_call_us([&](int) {
+    if (gated)
+      silu_and_mul_group_quant_fp8(x, q, scales, c, op);
+    else
+      per_token_group_quant_fp8(x, q, scales, c, op);
+  });
   row.bytes = static_cast<double>(x.nbytes() + q.nbytes() + scales.nbytes());
   return row;
 }
@@ -198,6 +204,13 @@ int run_fp8_bench(const BenchOptions& options, Backend backend, int threads) {
       found = true;
       if (options.tokens > 0 && M != options.tokens) continue;
       rows.push_back(bench_quant(name, M, K, layout, backend, threads, seed++));
+    }
+    // silu_and_mul_group_quant_fp8 of a Qwen3-30B-A3B expert's gate_up output (x [M, 2 x 768]).
+    const std::string gated = "Qwen3-30B-A3B expert act silu_and_mul x [4096, 1536] row";
+    if (selected(options, "Qwen3-30B-A3B", gated) && (options.tokens == 0 || options.tokens == M)) {
+      found = true;
+      rows.push_back(
+          bench_quant(gated, M, 768, ScaleLayout::row_major, backend, threads, seed++, true));
     }
   }
   if (!found) fail("bench", "--model", options.model, "is not a shape of bench --op " + options.op);
