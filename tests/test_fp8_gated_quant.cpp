@@ -275,11 +275,14 @@ void check_masked(std::mt19937_64& rng, ScaleLayout layout, const std::vector<in
             EXPECT_EQ(read_scale(s_group, at_m, m, grp), read_scale(want_s.data(), at_rows, m, grp))
                 << "group " << g << " row " << m;
       }
-      for (int64_t i = rows * K; i < M * K; ++i)
+      for (int64_t i = rows * K; i < M * K; ++i) {
         ASSERT_EQ(q_group[i], kSentinel) << "group " << g << ": q written past its rows";
-      if (layout == ScaleLayout::row_major)
-        for (int64_t i = rows * s.shape[1] * 4; i < s.shape[0] * s.shape[1] * 4; ++i)
+      }
+      if (layout == ScaleLayout::row_major) {
+        for (int64_t i = rows * s.shape[1] * 4; i < s.shape[0] * s.shape[1] * 4; ++i) {
           ASSERT_EQ(s_group[i], kSentinel) << "group " << g << ": scales written past its rows";
+        }
+      }
     }
   }
 }
