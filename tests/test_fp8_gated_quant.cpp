@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -80,9 +81,13 @@ TEST(GatedQuantMath, SiluAndMulFollowsTheFormulaAndItsEdges) {
   const float far_negative = silu_and_mul_f32(-100.0f, 1.0f);  // -100 / inf
   EXPECT_EQ(far_negative, 0.0f);
   EXPECT_TRUE(std::signbit(far_negative));
-  EXPECT_TRUE(std::isnan(silu_and_mul_f32(-INFINITY, 1.0f)));
-  EXPECT_TRUE(std::isnan(silu_and_mul_f32(std::nanf(""), 1.0f)));
-  EXPECT_TRUE(std::isnan(silu_and_mul_f32(1.0f, std::nanf(""))));
+  // Every NaN is the one positive quiet NaN, whatever the operands' NaN signs.
+  for (const float y :
+       {silu_and_mul_f32(-INFINITY, 1.0f), silu_and_mul_f32(std::nanf(""), 1.0f),
+        silu_and_mul_f32(-std::nanf(""), 1.0f), silu_and_mul_f32(1.0f, -std::nanf("")),
+        silu_and_mul_f32(-std::nanf(""), std::nanf("")),
+        silu_and_mul_f32(std::nanf(""), -std::nanf(""))})
+    EXPECT_EQ(std::bit_cast<uint32_t>(y), 0x7fc00000u);
 }
 
 constexpr uint8_t kSentinel = 0xA5;
@@ -190,6 +195,11 @@ TEST(GatedQuant, GateIsTheFirstHalfAndUpTheSecond) {
   EXPECT_EQ(q.data_as<uint8_t>()[8], 0x7e);  // the group's amax quantizes to 448
   EXPECT_NEAR(f8e4m3_to_f32(q.data_as<uint8_t>()[0]), first / second * 448.0,
               16.0);  // steps of 32 there
+  // A negative NaN gate quantizes to the positive NaN byte, the group's scale unchanged.
+  x.data_as<float>()[1] = -std::nanf("");
+  silu_and_mul_group_quant_fp8(x, q, scales, config);
+  EXPECT_EQ(q.data_as<uint8_t>()[1], 0x7f);
+  EXPECT_NEAR(scales.data_as<float>()[0], second / 448.0, 1e-6 * second / 448.0);
 }
 
 TEST(GatedQuant, BadArgumentsNameTheArgumentAndWriteNothing) {

@@ -53,9 +53,17 @@ MOEKIT_HOST_DEVICE inline float exp_f32(float x) {
 }
 
 // silu(gate) * up; NaN in either gives NaN, silu(-inf) is NaN (as -inf * sigmoid(-inf) in torch).
+// Every NaN comes out as the one positive quiet NaN: x86 passes an operand's NaN on with its sign
+// (which of two depends on the compiler's operand order), NVIDIA GPUs return this canonical one,
+// so the quantized byte of a NaN is 0x7f on every backend.
 MOEKIT_HOST_DEVICE inline float silu_and_mul_f32(float gate, float up) {
   const float silu = gate / (1.0f + exp_f32(-gate));
-  return silu * up;
+  const float y = silu * up;
+#if defined(__CUDA_ARCH__)
+  return y != y ? __uint_as_float(0x7fc00000u) : y;
+#else
+  return y != y ? std::bit_cast<float>(0x7fc00000u) : y;
+#endif
 }
 
 }  // namespace moekit

@@ -52,7 +52,8 @@ void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const T
 // per_token_group_quant_fp8 with fuse_silu_and_mul): y = silu(x[:, :K]) * x[:, K:] of x [M, 2K]
 // (f32/f16/bf16, rows contiguous), kept in f32 (never rounded to x's dtype), then quantized as
 // per_token_group_quant_fp8(y) into q [M, K] and scales. silu(g) = g / (1 + e^-g) with moekit's
-// own f32 exponential (within 2 ulp of e^x), so every backend writes the same bytes.
+// own f32 exponential (within 2 ulp of e^x) and every NaN made the positive quiet NaN, so every
+// backend writes the same bytes.
 void silu_and_mul_group_quant_fp8(const TensorView& x, const TensorView& q,
                                   const TensorView& scales, const GroupQuantConfig& config,
                                   const OpOptions& options = {});
