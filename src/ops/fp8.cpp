@@ -204,17 +204,25 @@ const BlockQuantizeWeightImplementation kBlockQuantizeWeightTable[] = {
      reference::block_quantize_weight},
 };
 
-// grouped_block_fp8_gemm: our Hopper kernel runs every group in one launch; otherwise each group
-// is a block_fp8_gemm served by the first entry of that op's table of the backend named here.
-template <Backend kBackend>
-const BlockGemmImplementation* gemm_entry_of(const BlockGemmProblem& p, std::string& reasons) {
-  for (const BlockGemmImplementation& impl : kBlockGemmTable) {
+// The first entry of `table` of backend kBackend that serves p, or null with each one's reason
+// appended to `reasons` (the per-group entries below run their groups through it).
+template <Backend kBackend, class Problem>
+const Fp8Implementation<Problem>* entry_of(std::span<const Fp8Implementation<Problem>> table,
+                                           const Problem& p, std::string& reasons) {
+  for (const Fp8Implementation<Problem>& impl : table) {
     if (impl.backend != kBackend) continue;
     const std::string why_not = impl.supports(p);
     if (why_not.empty()) return &impl;
     reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
   }
   return nullptr;
+}
+
+// grouped_block_fp8_gemm: our Hopper kernel runs every group in one launch; otherwise each group
+// is a block_fp8_gemm served by the first entry of that op's table of the backend named here.
+template <Backend kBackend>
+const BlockGemmImplementation* gemm_entry_of(const BlockGemmProblem& p, std::string& reasons) {
+  return entry_of<kBackend, BlockGemmProblem>(kBlockGemmTable, p, reasons);
 }
 
 template <Backend kBackend>
@@ -270,13 +278,7 @@ const GroupedBlockGemmImplementation kGroupedBlockGemmTable[] = {
 // masked_m on the host would synchronize the stream).
 template <Backend kBackend>
 const GroupQuantImplementation* quant_entry_of(const GroupQuantProblem& p, std::string& reasons) {
-  for (const GroupQuantImplementation& impl : kGroupQuantTable) {
-    if (impl.backend != kBackend) continue;
-    const std::string why_not = impl.supports(p);
-    if (why_not.empty()) return &impl;
-    reasons += std::string(reasons.empty() ? "" : "; ") + impl.name + ": " + why_not;
-  }
-  return nullptr;
+  return entry_of<kBackend, GroupQuantProblem>(kGroupQuantTable, p, reasons);
 }
 
 template <Backend kBackend>
@@ -390,6 +392,20 @@ void check_data(const char* op, const std::string& name, const TensorView& t) {
   if (reinterpret_cast<uintptr_t>(t.data()) % element != 0)
     fail(op, name + ".data", str(static_cast<const void*>(t.data())),
          "is not aligned to its " + std::to_string(element) + "-byte elements");
+}
+
+// masked_m of the masked layouts: i32 [groups], contiguous, on the tensors' device.
+void check_masked_m(const char* op, const TensorView& masked_m, int64_t groups, Device device,
+                    const char* first) {
+  if (masked_m.ndim() != 1 || masked_m.size(0) != groups)
+    fail(op, "masked_m.shape", masked_m.shape_str(),
+         "must be [" + str(groups) + "] (one row count per group)");
+  if (masked_m.dtype() != DType::i32)
+    fail(op, "masked_m.dtype", str(masked_m.dtype()), "is not supported (i32)");
+  check_device(op, "masked_m", masked_m, device, first);
+  check_data(op, "masked_m", masked_m);
+  if (groups > 1 && masked_m.stride(0) != 1)
+    fail(op, "masked_m.strides", "[" + str(masked_m.stride(0)) + "]", "must be [1]");
 }
 
 // A contiguous scale tensor of the storage group_quant_scale_storage says.
@@ -623,13 +639,7 @@ MaskedGatedQuantProblem make_masked_gated_quant_problem(
   MaskedGatedQuantProblem p;
   p.first = make_group_quant_problem(op, plane_of(x, 0), plane_of(q, 0), plane_of(scales, 0),
                                      config, options, true);
-  if (masked_m.ndim() != 1 || masked_m.size(0) != G)
-    fail(op, "masked_m.shape", masked_m.shape_str(),
-         "must be [" + str(G) + "] (one row count per group)");
-  if (masked_m.dtype() != DType::i32)
-    fail(op, "masked_m.dtype", str(masked_m.dtype()), "is not supported (i32)");
-  check_device(op, "masked_m", masked_m, x.device(), "x");
-  check_data(op, "masked_m", masked_m);
+  check_masked_m(op, masked_m, G, x.device(), "x");
   // Groups of q and scales must not overlap (each is written).
   const int64_t M = x.size(1), K = q.size(2);
   const int64_t q_extent = (M - 1) * q.stride(1) + K;
@@ -965,15 +975,7 @@ namespace {
 constexpr const char* kMaskedOp = "grouped_block_fp8_gemm_masked";
 
 GroupedBlockGemmProblem with_masked_m(GroupedBlockGemmProblem p, const TensorView& masked_m) {
-  if (masked_m.ndim() != 1 || masked_m.size(0) != p.groups)
-    fail(kMaskedOp, "masked_m.shape", masked_m.shape_str(),
-         "must be [" + str(p.groups) + "] (one row count per group)");
-  if (masked_m.dtype() != DType::i32)
-    fail(kMaskedOp, "masked_m.dtype", str(masked_m.dtype()), "is not supported (i32)");
-  check_device(kMaskedOp, "masked_m", masked_m, p.a.device(), "a");
-  check_data(kMaskedOp, "masked_m", masked_m);
-  if (p.groups > 1 && masked_m.stride(0) != 1)
-    fail(kMaskedOp, "masked_m.strides", "[" + str(masked_m.stride(0)) + "]", "must be [1]");
+  check_masked_m(kMaskedOp, masked_m, p.groups, p.a.device(), "a");
   p.masked_m = masked_m;
   return p;
 }
