@@ -202,6 +202,17 @@ TEST(GatedQuant, GateIsTheFirstHalfAndUpTheSecond) {
   EXPECT_NEAR(scales.data_as<float>()[0], second / 448.0, 1e-6 * second / 448.0);
 }
 
+// The message of the moekit::Error `call` throws, or "no error".
+template <class Call>
+std::string message(Call&& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    return std::string(e.what());
+  }
+  return "no error";
+}
+
 TEST(GatedQuant, BadArgumentsNameTheArgumentAndWriteNothing) {
   GroupQuantConfig config;
   Tensor odd = Tensor::empty(DType::bf16, {2, 255});
@@ -210,14 +221,6 @@ TEST(GatedQuant, BadArgumentsNameTheArgumentAndWriteNothing) {
   Tensor q = filled(DType::f8e4m3, {2, 256});
   Tensor q_full = filled(DType::f8e4m3, {2, 512});
   Tensor scales = filled(DType::f32, {2, 2});
-  const auto message = [&](auto&& call) {
-    try {
-      call();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   const std::string odd_width =
       message([&] { silu_and_mul_group_quant_fp8(odd, q, scales, config); });
   EXPECT_NE(odd_width.find("x.shape"), std::string::npos) << odd_width;
@@ -312,14 +315,6 @@ TEST(GatedQuantMasked, BadArgumentsNameTheArgument) {
   Tensor q = filled(DType::f8e4m3, {3, 4, 256}), scales = filled(DType::f32, {3, 4, 2});
   Tensor counts = Tensor::empty(DType::i32, {3});
   std::memset(counts.data(), 0, counts.nbytes());
-  const auto message = [&](auto&& call) {
-    try {
-      call();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   Tensor two_counts = Tensor::empty(DType::i32, {2});
   EXPECT_NE(message([&] {
               silu_and_mul_group_quant_fp8_masked(x, two_counts, q, scales, config);
