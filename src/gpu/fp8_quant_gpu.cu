@@ -152,14 +152,18 @@ __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const G
 
 // kGated (silu_and_mul_group_quant_fp8): x rows hold gate then up halves of `cols` each, both
 // loaded with the unit (and the next unit's ahead, as for plain x), and the kernel quantizes
-// silu_and_mul_f32(gate, up).
-template <Wide kType, int kGroupSize, bool kGated>
+// silu_and_mul_f32(gate, up). kPasses: passes of 256 elements per unit (4 for plain x; gated rows
+// take the fewest that hold whole packed words, so that small M still spreads over many warps).
+// kWhole: rows of whole units, x (both halves) and q 16-byte aligned: no bounds or alignment
+// checks per element.
+template <Wide kType, int kGroupSize, bool kGated, int kPasses, bool kWhole>
 __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQuantArgs a) {
-  constexpr int kGroupLanes = kGroupSize / kChunk;         // 2..32, a power of two
-  constexpr int kUnitGroups = kUnitElements / kGroupSize;  // 4..64, a multiple of 4
-  constexpr int kPassGroups = kPassElements / kGroupSize;  // 1..16
-  static_assert(kUnitGroups % 4 == 0 && kUnitGroups / 4 <= kLanes, "unit of whole words");
-  __shared__ uint32_t exponent_words[kQuantWarps][kUnitGroups / 4];
+  constexpr int kUnit = kPasses * kPassElements;
+  constexpr int kGroupLanes = kGroupSize / kChunk;  // 2..32, a power of two
+  constexpr int kUnitGroups = kUnit / kGroupSize;   // whole words of 4 where scales are packed
+  constexpr int kPassGroups = kPassElements / kGroupSize;  // 1..16 (0: a group spans passes)
+  static_assert(kGroupSize <= kPassElements, "a pass holds whole groups");
+  __shared__ uint32_t exponent_words[kQuantWarps][kUnitGroups / 4 > 0 ? kUnitGroups / 4 : 1];
 
   // x is the previous kernel's output (launched overlapping it: see per_token_group_quant_fp8).
   vendor::wait_for_previous_grid();
@@ -168,17 +172,33 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
   const int warp = static_cast<int>(threadIdx.x) / kLanes;
   auto* exponent_bytes = reinterpret_cast<uint8_t*>(exponent_words[warp]);
   const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kQuantWarps;
+  // Elements of a row left from col (whole rows: every chunk is whole), and 16-byte loads.
+  auto left = [&](int64_t col) { return kWhole ? int64_t{kChunk} : a.cols - col; };
+  const bool x_vectors = kWhole || a.x_vectors, up_vectors = kWhole || a.up_vectors;
+  const bool q_vectors = kWhole || a.q_vectors;
+  // The unit's row and first column (32-bit division where the host allows it: see the launch).
+  auto place = [&](int64_t unit, int64_t& row, int64_t& first) {
+    if constexpr (kWhole) {
+      const auto u = static_cast<uint32_t>(unit), per_row = static_cast<uint32_t>(a.units_per_row);
+      row = u / per_row;
+      first = int64_t{u - static_cast<uint32_t>(row) * per_row} * kUnit;
+    } else {
+      row = unit / a.units_per_row;
+      first = (unit % a.units_per_row) * kUnit;
+    }
+  };
   // raw: x's chunks (gated: gate's), up: gated, up's.
   auto load_unit = [&](int64_t unit, RawChunk<kType>(&raw)[kPasses],
                        RawChunk<kType>(&up)[kPasses]) {
-    const int64_t row = unit / a.units_per_row;
-    const int64_t first = (unit % a.units_per_row) * kUnitElements + lane * kChunk;
+    int64_t row, first;
+    place(unit, row, first);
+    first += lane * kChunk;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const int64_t col = first + p * kPassElements;
       const int64_t at = row * a.x_row_stride + col;
-      raw[p] = load_raw<kType>(a.x, at, a.cols - col, a.x_vectors);
-      if constexpr (kGated) up[p] = load_raw<kType>(a.x, at + a.cols, a.cols - col, a.up_vectors);
+      raw[p] = load_raw<kType>(a.x, at, left(col), x_vectors);
+      if constexpr (kGated) up[p] = load_raw<kType>(a.x, at + a.cols, left(col), up_vectors);
     }
   };
 
@@ -190,8 +210,8 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
     RawChunk<kType> next[kPasses], next_up[kPasses];  // past the last unit: this unit's again
     load_unit(unit + warps_in_grid < a.units ? unit + warps_in_grid : unit, next, next_up);
 
-    const int64_t row = unit / a.units_per_row;
-    const int64_t unit_start = (unit % a.units_per_row) * kUnitElements;
+    int64_t row, unit_start;
+    place(unit, row, unit_start);
     const int64_t q_row = row * a.q_row_stride;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
@@ -211,15 +231,15 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
       const int64_t col = unit_start + p * kPassElements + lane * kChunk;
       uint32_t lo, hi;
       quantize_chunk(v, divisor_for(scale), lo, hi);
-      store_chunk(a.q, q_row + col, a.cols - col, a.q_vectors, lo, hi);
+      store_chunk(a.q, q_row + col, left(col), q_vectors, lo, hi);
 
       const int64_t group = col / kGroupSize;
       if (lane % kGroupLanes == 0) {  // the group's first lane writes its scale
         if (a.packed) {
           // Exponent byte of the scale (a power of two); groups past the last are 0.
           exponent_bytes[p * kPassGroups + lane / kGroupLanes] =
-              group < a.groups ? static_cast<uint8_t>(__float_as_uint(scale) >> 23) : 0;
-        } else if (group < a.groups) {
+              kWhole || group < a.groups ? static_cast<uint8_t>(__float_as_uint(scale) >> 23) : 0;
+        } else if (kWhole || group < a.groups) {
           static_cast<float*>(a.scales)[row * a.scale_row_stride + group * a.scale_group_stride] =
               scale;
         }
@@ -228,7 +248,7 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
     if (a.packed) {
       vendor::sync_lanes();
       const int64_t word = unit_start / kGroupSize / 4 + lane;
-      if (lane < kUnitGroups / 4 && 4 * word < a.groups)
+      if (lane < kUnitGroups / 4 && (kWhole || 4 * word < a.groups))
         static_cast<uint32_t*>(a.scales)[row * a.scale_row_stride + word * a.scale_group_stride] =
             exponent_words[warp][lane];
       vendor::sync_lanes();  // the words are rewritten by this warp's next unit
@@ -398,32 +418,42 @@ __global__ void __launch_bounds__(kQuantThreads, (kStreamBlocksPerSm<kType, kLan
 
 using GroupQuantKernel = void (*)(GroupQuantArgs);
 
-// The streaming kernel with `lane_chunks` chunks a lane (4, 2 or 1), or the general one (0); gated
-// problems take the general one.
+// The streaming kernel with `lane_chunks` chunks a lane (4, 2 or 1), or the general one (0). Gated
+// problems take the general one with units of `gated_passes` passes, checked per element unless
+// `whole`.
 template <Wide kType, int kGroupSize>
-GroupQuantKernel group_quant_kernel_of(int lane_chunks, bool gated) {
-  if (gated) return group_quant_kernel<kType, kGroupSize, true>;
+GroupQuantKernel group_quant_kernel_of(int lane_chunks, bool gated, int gated_passes, bool whole) {
+  if (gated) {
+    if (!whole) return group_quant_kernel<kType, kGroupSize, true, kPasses, false>;
+    if (gated_passes == 1) return group_quant_kernel<kType, kGroupSize, true, 1, true>;
+    if constexpr (kGroupSize >= 128) {  // packed words of 4 groups need 2 or 4 passes
+      if (gated_passes == 4 * kGroupSize / kPassElements)
+        return group_quant_kernel<kType, kGroupSize, true, 4 * kGroupSize / kPassElements, true>;
+    }
+    return nullptr;
+  }
   if constexpr (kGroupSize <= kLanes * kChunk) {  // units of 256 hold groups up to 256
     if (lane_chunks == 1) return group_quant_stream_kernel<kType, kGroupSize, 1>;
   }
   if (lane_chunks == 2) return group_quant_stream_kernel<kType, kGroupSize, 2>;
   if (lane_chunks == 4) return group_quant_stream_kernel<kType, kGroupSize, 4>;
-  return group_quant_kernel<kType, kGroupSize, false>;
+  return group_quant_kernel<kType, kGroupSize, false, kPasses, false>;
 }
 
 template <Wide kType>
-GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks, bool gated) {
+GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks, bool gated, int gated_passes,
+                                        bool whole) {
   switch (group_size) {
     case 16:
-      return group_quant_kernel_of<kType, 16>(lane_chunks, gated);
+      return group_quant_kernel_of<kType, 16>(lane_chunks, gated, gated_passes, whole);
     case 32:
-      return group_quant_kernel_of<kType, 32>(lane_chunks, gated);
+      return group_quant_kernel_of<kType, 32>(lane_chunks, gated, gated_passes, whole);
     case 64:
-      return group_quant_kernel_of<kType, 64>(lane_chunks, gated);
+      return group_quant_kernel_of<kType, 64>(lane_chunks, gated, gated_passes, whole);
     case 128:
-      return group_quant_kernel_of<kType, 128>(lane_chunks, gated);
+      return group_quant_kernel_of<kType, 128>(lane_chunks, gated, gated_passes, whole);
     case 256:
-      return group_quant_kernel_of<kType, 256>(lane_chunks, gated);
+      return group_quant_kernel_of<kType, 256>(lane_chunks, gated, gated_passes, whole);
     default:
       return nullptr;
   }
@@ -584,7 +614,17 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   if (a.units_per_row > INT32_MAX || !a.x_vectors || !aligned(a.q, a.q_row_stride, p.rows, 16) ||
       p.gated)
     lane_chunks = 0;
-  if (lane_chunks == 0) {  // the general kernel: units of 1024, the last one partial
+  // Gated rows: units of the fewest passes holding whole packed words (one pass of 256 elements
+  // otherwise), unchecked where the rows are whole units and aligned.
+  const int gated_passes =
+      a.packed ? std::max(1, 4 * p.group_size / kPassElements) : 1;
+  const int64_t gated_unit = int64_t{gated_passes} * kPassElements;
+  const bool gated_whole = p.gated && p.cols % gated_unit == 0 && a.x_vectors && a.q_vectors &&
+                           p.rows * (p.cols / gated_unit) <= UINT32_MAX;
+  if (gated_whole) {
+    a.units_per_row = p.cols / gated_unit;
+    a.units = p.rows * a.units_per_row;
+  } else if (lane_chunks == 0) {  // the general kernel: units of 1024, the last one partial
     a.units_per_row = fp8::ceil_div(p.cols, kUnitElements);
     a.units = p.rows * a.units_per_row;
   }
@@ -593,13 +633,16 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   GroupQuantKernel kernel = nullptr;
   switch (wide_of(p.x.dtype())) {
     case Wide::f32:
-      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks, p.gated);
+      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks, p.gated,
+                                                gated_passes, gated_whole);
       break;
     case Wide::f16:
-      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks, p.gated);
+      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks, p.gated,
+                                                gated_passes, gated_whole);
       break;
     case Wide::bf16:
-      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks, p.gated);
+      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks, p.gated,
+                                                 gated_passes, gated_whole);
       break;
   }
   if (kernel == nullptr)

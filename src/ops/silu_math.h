@@ -2,8 +2,9 @@
 // y = silu(gate) * up with silu(g) = g / (1 + e^-g), in f32. One definition for every backend
 // (host C++ and CUDA device code include this), so that the reference, the CPU and the GPU write
 // the same bits: the exponential is moekit's own (libm's expf and CUDA's differ in the last bit),
-// built of fmaf, rintf and products with powers of two, which are correctly rounded or exact on
-// both, and written with no a * b + c that a compiler could contract into an FMA on one side only.
+// built of fmaf, sums, products and bit shifts, which are correctly rounded or exact on both, with
+// every product and sum rounded on its own (mul_rn, add_rn), so that no compiler contracts them into
+// an FMA on one side only.
 #pragma once
 
 #include <bit>
@@ -18,9 +19,16 @@
 
 namespace moekit {
 
-// 2^k for -126 <= k <= 127, from its bits.
-MOEKIT_HOST_DEVICE inline float power_of_two(int k) {
-  const auto bits = static_cast<uint32_t>(k + 127) << 23;
+// The bits of a float, and a float of bits, on the host and the device.
+MOEKIT_HOST_DEVICE inline uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  return std::bit_cast<uint32_t>(x);
+#endif
+}
+
+MOEKIT_HOST_DEVICE inline float float_of(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
@@ -28,42 +36,62 @@ MOEKIT_HOST_DEVICE inline float power_of_two(int k) {
 #endif
 }
 
-// e^x in f32, within 2 ulp of the exact value (Cody-Waite reduction by ln 2, Cephes' degree-5
-// polynomial on [-ln2/2, ln2/2]); +inf past 88.7228, and 0 below -87.3365 (where 1 + e^x is 1).
-MOEKIT_HOST_DEVICE inline float exp_f32(float x) {
-  if (x != x) return x;
-  if (x > 88.7228317f) return INFINITY;
-  if (x < -87.3365479f) return 0.0f;
-  const float k = rintf(x * 1.44269502f);  // log2(e)
-  float r = fmaf(-k, 0.693359375f, x);     // ln 2, high part (exact product)
-  r = fmaf(-k, -2.12194440e-4f, r);        // ln 2, low part
-  const float r2 = r * r;
+// a * b and a + b rounded on their own: nvcc would otherwise contract a product and a later sum
+// into one FMA (the host compiles with contraction off: ISO C++, no -ffp-contract=fast).
+MOEKIT_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MOEKIT_HOST_DEVICE inline float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// e^x in f32 for x <= 0 (SiLU only needs e^-|g|), within 2 ulp of the exact value where that is
+// normal (Cody-Waite reduction by ln 2, Cephes' degree-5 polynomial on [-ln2/2, ln2/2]); 0 below
+// -87.3365 (where the value is subnormal), NaN for NaN. No float-to-int conversion and one scaling
+// product: k = round(x / ln 2) comes out of one fmaf with 1.5 * 2^23, whose bits hold k, so 2^k is
+// a shift of them (k >= -126: 2^k is normal), and e_r * 2^k rounds once (to a subnormal near the
+// end). About 16 instructions on a GPU.
+MOEKIT_HOST_DEVICE inline float exp_nonpositive_f32(float x) {
+  constexpr float kLowest = -87.3365479f;  // log(2^-126): k >= -126
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: j = kShifter + k has k in its low bits
+  const float clamped = x < kLowest ? kLowest : x;     // NaN stays NaN
+  const float j = fmaf(clamped, 1.44269502f, kShifter);  // log2(e); rounds to an integer
+  const float k = add_rn(j, -kShifter);                  // exact, -126..0
+  float r = fmaf(-k, 0.693359375f, clamped);             // ln 2, high part (exact product)
+  r = fmaf(-k, -2.12194440e-4f, r);                      // ln 2, low part
+  const float r2 = mul_rn(r, r);
   float p = 1.9875691500e-4f;
   p = fmaf(p, r, 1.3981999507e-3f);
   p = fmaf(p, r, 8.3334519073e-3f);
   p = fmaf(p, r, 4.1665795894e-2f);
   p = fmaf(p, r, 1.6666665459e-1f);
   p = fmaf(p, r, 5.0000001201e-1f);
-  const float e_r = fmaf(p, r2, r) + 1.0f;
-  // e_r * 2^k as two products by powers of two: the first exact, the second rounded once (to a
-  // subnormal or inf at the ends), as ldexpf would (which costs more on the GPU).
-  const int k_int = static_cast<int>(k);  // -126..128
-  const int k1 = k_int / 2, k2 = k_int - k1;
-  return e_r * power_of_two(k1) * power_of_two(k2);
+  const float e_r = add_rn(fmaf(p, r2, r), 1.0f);
+  // 2^k: k + 127 in the exponent field; bits(j) = bits(kShifter) + k.
+  const float two_to_k = float_of((bits_of(j) + (127u - 0x4B400000u)) << 23);
+  const float e = mul_rn(e_r, two_to_k);
+  return x < kLowest ? 0.0f : e;
 }
 
 // silu(gate) * up; NaN in either gives NaN, silu(-inf) is NaN (as -inf * sigmoid(-inf) in torch).
-// Every NaN comes out as the one positive quiet NaN: x86 passes an operand's NaN on with its sign
-// (which of two depends on the compiler's operand order), NVIDIA GPUs return this canonical one,
-// so the quantized byte of a NaN is 0x7f on every backend.
+// silu(g) = g / (1 + e^-g) for g >= 0 and g * e^g / (1 + e^g) below, so the exponential never
+// overflows: t = e^-|g| in [0, 1]. Every NaN comes out as the one positive quiet NaN: x86 passes an
+// operand's NaN on with its sign (which of two depends on the compiler's operand order), NVIDIA
+// GPUs return this canonical one, so the quantized byte of a NaN is 0x7f on every backend.
 MOEKIT_HOST_DEVICE inline float silu_and_mul_f32(float gate, float up) {
-  const float silu = gate / (1.0f + exp_f32(-gate));
-  const float y = silu * up;
-#if defined(__CUDA_ARCH__)
-  return y != y ? __uint_as_float(0x7fc00000u) : y;
-#else
-  return y != y ? std::bit_cast<float>(0x7fc00000u) : y;
-#endif
+  const float t = exp_nonpositive_f32(-fabsf(gate));
+  const float numerator = gate >= 0.0f ? gate : mul_rn(gate, t);
+  const float y = mul_rn(numerator / add_rn(1.0f, t), up);
+  return y != y ? float_of(0x7fc00000u) : y;
 }
 
 }  // namespace moekit
