@@ -62,6 +62,7 @@ struct GroupQuantArgs {
   // the row's end (column unit >= `wrap_from`) and one more row is crossed. The byte steps of the
   // x, q and scale pointers for either case.
   int64_t unit_step;
+  int64_t row_step;  // the general kernel's walk: unit_step / units_per_row (and column_step)
   int rounds;  // units the first warp quantizes (others as many, or one fewer)
   int column_step, column_step_wrapped, wrap_from;
   int64_t x_step, x_step_wrapped, q_step, q_step_wrapped, scale_step, scale_step_wrapped;
@@ -176,43 +177,34 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
   auto left = [&](int64_t col) { return kWhole ? int64_t{kChunk} : a.cols - col; };
   const bool x_vectors = kWhole || a.x_vectors, up_vectors = kWhole || a.up_vectors;
   const bool q_vectors = kWhole || a.q_vectors;
-  // The unit's row and first column (32-bit division where the host allows it: see the launch).
-  auto place = [&](int64_t unit, int64_t& row, int64_t& first) {
-    if constexpr (kWhole) {
-      const auto u = static_cast<uint32_t>(unit), per_row = static_cast<uint32_t>(a.units_per_row);
-      row = u / per_row;
-      first = int64_t{u - static_cast<uint32_t>(row) * per_row} * kUnit;
-    } else {
-      row = unit / a.units_per_row;
-      first = (unit % a.units_per_row) * kUnit;
-    }
+  // A warp's place: the row and column of its unit, advanced by the grid's step of units without
+  // a division (the host sets row_step and column_step: the step's rows and the rest).
+  struct Place {
+    int64_t row;
+    int column;  // units_per_row < 2^31 (the host checks)
+  };
+  const int units_per_row = static_cast<int>(a.units_per_row);
+  auto advance = [&](Place at) {
+    at.column += a.column_step;
+    at.row += a.row_step;
+    if (at.column >= units_per_row) at.column -= units_per_row, ++at.row;
+    return at;
   };
   // raw: x's chunks (gated: gate's), up: gated, up's.
-  auto load_unit = [&](int64_t unit, RawChunk<kType>(&raw)[kPasses],
-                       RawChunk<kType>(&up)[kPasses]) {
-    int64_t row, first;
-    place(unit, row, first);
-    first += lane * kChunk;
+  auto load_unit = [&](Place at, RawChunk<kType>(&raw)[kPasses], RawChunk<kType>(&up)[kPasses]) {
+    const int64_t first = int64_t{at.column} * kUnit + lane * kChunk;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const int64_t col = first + p * kPassElements;
-      const int64_t at = row * a.x_row_stride + col;
-      raw[p] = load_raw<kType>(a.x, at, left(col), x_vectors);
-      if constexpr (kGated) up[p] = load_raw<kType>(a.x, at + a.cols, left(col), up_vectors);
+      const int64_t x_at = at.row * a.x_row_stride + col;
+      raw[p] = load_raw<kType>(a.x, x_at, left(col), x_vectors);
+      if constexpr (kGated) up[p] = load_raw<kType>(a.x, x_at + a.cols, left(col), up_vectors);
     }
   };
-
-  int64_t unit = static_cast<int64_t>(blockIdx.x) * kQuantWarps + warp;
-  RawChunk<kType> raw[kPasses], up[kPasses];
-  if (unit < a.units) load_unit(unit, raw, up);
-  for (; unit < a.units; unit += warps_in_grid) {
-    // The next unit's bytes are on their way while this one is quantized.
-    RawChunk<kType> next[kPasses], next_up[kPasses];  // past the last unit: this unit's again
-    load_unit(unit + warps_in_grid < a.units ? unit + warps_in_grid : unit, next, next_up);
-
-    int64_t row, unit_start;
-    place(unit, row, unit_start);
-    const int64_t q_row = row * a.q_row_stride;
+  auto quantize_unit = [&](Place at, const RawChunk<kType>(&raw)[kPasses],
+                           const RawChunk<kType>(&up)[kPasses]) {
+    const int64_t unit_start = int64_t{at.column} * kUnit;
+    const int64_t q_row = at.row * a.q_row_stride;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       float v[kChunk];
@@ -240,8 +232,8 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
           exponent_bytes[p * kPassGroups + lane / kGroupLanes] =
               kWhole || group < a.groups ? static_cast<uint8_t>(__float_as_uint(scale) >> 23) : 0;
         } else if (kWhole || group < a.groups) {
-          static_cast<float*>(a.scales)[row * a.scale_row_stride + group * a.scale_group_stride] =
-              scale;
+          static_cast<float*>(a.scales)[at.row * a.scale_row_stride +
+                                        group * a.scale_group_stride] = scale;
         }
       }
     }
@@ -249,10 +241,28 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
       vendor::sync_lanes();
       const int64_t word = unit_start / kGroupSize / 4 + lane;
       if (lane < kUnitGroups / 4 && (kWhole || 4 * word < a.groups))
-        static_cast<uint32_t*>(a.scales)[row * a.scale_row_stride + word * a.scale_group_stride] =
-            exponent_words[warp][lane];
+        static_cast<uint32_t*>(a.scales)[at.row * a.scale_row_stride +
+                                         word * a.scale_group_stride] = exponent_words[warp][lane];
       vendor::sync_lanes();  // the words are rewritten by this warp's next unit
     }
+  };
+
+  int64_t unit = static_cast<int64_t>(blockIdx.x) * kQuantWarps + warp;
+  if (unit >= a.units) return;  // the whole warp
+  Place at{unit / units_per_row, static_cast<int>(unit % units_per_row)};
+  RawChunk<kType> raw[kPasses], up[kPasses];
+  load_unit(at, raw, up);
+  for (;;) {
+    // The next unit's bytes are on their way while this one is quantized (past the warp's last
+    // unit: this unit's again, unused).
+    const bool more = unit + warps_in_grid < a.units;
+    const Place next_at = more ? advance(at) : at;
+    RawChunk<kType> next[kPasses], next_up[kPasses];
+    load_unit(next_at, next, next_up);
+    quantize_unit(at, raw, up);
+    if (!more) return;
+    unit += warps_in_grid;
+    at = next_at;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       raw[p] = next[p];
@@ -490,6 +500,16 @@ int stream_grid_blocks_per_sm() {
   return blocks;
 }
 
+// Blocks per SM of the unchecked gated kernels (A/B knob MOEKIT_GPU_QUANT_GATED_BLOCKS; as many
+// as fit is the default).
+int gated_blocks_per_sm() {
+  static const int blocks = [] {
+    const int n = env::integer("MOEKIT_GPU_QUANT_GATED_BLOCKS", 0);
+    return n > 0 ? n : 64;
+  }();
+  return blocks;
+}
+
 // MOEKIT_GPU_QUANT_HINTS=1: the streaming kernel loads x and stores q evict-first (an A/B knob
 // while measuring; off by default).
 bool streaming_hints() {
@@ -619,8 +639,7 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   const int gated_passes =
       a.packed ? std::max(1, 4 * p.group_size / kPassElements) : 1;
   const int64_t gated_unit = int64_t{gated_passes} * kPassElements;
-  const bool gated_whole = p.gated && p.cols % gated_unit == 0 && a.x_vectors && a.q_vectors &&
-                           p.rows * (p.cols / gated_unit) <= UINT32_MAX;
+  const bool gated_whole = p.gated && p.cols % gated_unit == 0 && a.x_vectors && a.q_vectors;
   if (gated_whole) {
     a.units_per_row = p.cols / gated_unit;
     a.units = p.rows * a.units_per_row;
@@ -658,9 +677,12 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   const int resident =
       resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kQuantThreads, 0, device);
   int per_sm = whole_units ? resident : std::min(kQuantBlocksPerSm, resident);
+  if (gated_whole) per_sm = std::min(gated_blocks_per_sm(), resident);
   if (lane_chunks == kMaxLaneChunks) per_sm = std::min(per_sm, stream_grid_blocks_per_sm());
   const int64_t block_cap = int64_t{device_properties(device).sm_count} * per_sm;
   int64_t blocks = std::min(blocks_needed, block_cap);
+  a.row_step = blocks * kQuantWarps / a.units_per_row;  // the general kernel's walk
+  a.column_step = static_cast<int>(blocks * kQuantWarps % a.units_per_row);
   if (whole_units) {
     // Every warp the same number of units (the fewest blocks that need no more rounds), so no
     // last round runs with a few warps; then the steps of the walk.

@@ -91,7 +91,11 @@ MOEKIT_HOST_DEVICE inline float silu_and_mul_f32(float gate, float up) {
   const float t = exp_nonpositive_f32(-fabsf(gate));
   const float numerator = gate >= 0.0f ? gate : mul_rn(gate, t);
   const float y = mul_rn(numerator / add_rn(1.0f, t), up);
+#if defined(__CUDA_ARCH__)
+  return y;  // a NaN here came out of an NVIDIA GPU's product: the canonical one already
+#else
   return y != y ? float_of(0x7fc00000u) : y;
+#endif
 }
 
 }  // namespace moekit
