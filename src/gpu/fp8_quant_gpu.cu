@@ -63,7 +63,7 @@ struct GroupQuantArgs {
   // x, q and scale pointers for either case.
   int64_t unit_step;
   int64_t row_step;  // the general kernel's walk: unit_step / units_per_row (and column_step)
-  int rounds;  // units the first warp quantizes (others as many, or one fewer)
+  int rounds;        // units the first warp quantizes (others as many, or one fewer)
   int column_step, column_step_wrapped, wrap_from;
   int64_t x_step, x_step_wrapped, q_step, q_step_wrapped, scale_step, scale_step_wrapped;
 };
@@ -149,6 +149,44 @@ __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const G
   });
 }
 
+// Blocks per SM the unchecked gated kernels are compiled for (their registers): as many as fit
+// without spilling (ptxas), fewer for more passes and for f32 x (twice the raw words). Their
+// long dependent chains want many warps, but 5 blocks of the one-pass 16-bit kernel (12-16 bytes
+// of spills) were 4 % slower than 4 on an H200 (docs/perf/fp8.md, session 31).
+template <Wide kType, bool kGatedWhole, int kPasses>
+constexpr int kGatedWholeBlocksPerSm = [] {
+  if (!kGatedWhole) return 1;
+  const int words = kPasses * (kType == Wide::f32 ? 2 : 1);
+  return words == 1 ? 4 : words == 2 ? 3 : words == 4 ? 2 : 1;
+}();
+
+// v[j] = silu_and_mul_f32(v[j], u[j]), the same bits. Each quotient takes the sequence the GPU's
+// IEEE division takes after its range check (divide_fast: one refined reciprocal, one
+// correction), which is exact for a denominator in [1, 2] and a numerator in [2^-80, 2^100]; the
+// check and its branch per value (about 4 of ~35 instructions) become one vote of the warp: where
+// any lane holds another numerator (0, tiny, huge, inf, NaN), the whole warp divides with the
+// operator. Straight-line code also lets the 8 values' chains interleave.
+__device__ __forceinline__ void silu_and_mul_chunk(float (&v)[kChunk], const float (&u)[kChunk]) {
+  float numerator[kChunk], denominator[kChunk];
+  bool usual = true;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    const SiluParts silu = silu_parts(v[j]);
+    numerator[j] = silu.numerator, denominator[j] = silu.denominator;
+    const float magnitude = fabsf(silu.numerator);
+    usual = usual && magnitude >= 0x1p-80f && magnitude <= 0x1p100f;
+  }
+  if (!vendor::any(!usual)) {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      v[j] = __fmul_rn(
+          divide_fast(numerator[j], denominator[j], refined_reciprocal(denominator[j])), u[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = __fmul_rn(numerator[j] / denominator[j], u[j]);
+  }
+}
+
 // ---- per_token_group_quant_fp8
 
 // kGated (silu_and_mul_group_quant_fp8): x rows hold gate then up halves of `cols` each, both
@@ -158,7 +196,9 @@ __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const G
 // kWhole: rows of whole units, x (both halves) and q 16-byte aligned: no bounds or alignment
 // checks per element.
 template <Wide kType, int kGroupSize, bool kGated, int kPasses, bool kWhole>
-__global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQuantArgs a) {
+__global__ void __launch_bounds__(kQuantThreads,
+                                  (kGatedWholeBlocksPerSm<kType, kGated && kWhole, kPasses>))
+    group_quant_kernel(const GroupQuantArgs a) {
   constexpr int kUnit = kPasses * kPassElements;
   constexpr int kGroupLanes = kGroupSize / kChunk;  // 2..32, a power of two
   constexpr int kUnitGroups = kUnit / kGroupSize;   // whole words of 4 where scales are packed
@@ -212,8 +252,7 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
       if constexpr (kGated) {
         float u[kChunk];
         decode_raw<kType>(up[p], u);
-#pragma unroll
-        for (int j = 0; j < kChunk; ++j) v[j] = silu_and_mul_f32(v[j], u[j]);
+        silu_and_mul_chunk(v, u);
       }
       float amax = max_abs(v);
 #pragma unroll
@@ -232,8 +271,8 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
           exponent_bytes[p * kPassGroups + lane / kGroupLanes] =
               kWhole || group < a.groups ? static_cast<uint8_t>(__float_as_uint(scale) >> 23) : 0;
         } else if (kWhole || group < a.groups) {
-          static_cast<float*>(a.scales)[at.row * a.scale_row_stride +
-                                        group * a.scale_group_stride] = scale;
+          static_cast<float*>(
+              a.scales)[at.row * a.scale_row_stride + group * a.scale_group_stride] = scale;
         }
       }
     }
@@ -241,8 +280,9 @@ __global__ void __launch_bounds__(kQuantThreads) group_quant_kernel(const GroupQ
       vendor::sync_lanes();
       const int64_t word = unit_start / kGroupSize / 4 + lane;
       if (lane < kUnitGroups / 4 && (kWhole || 4 * word < a.groups))
-        static_cast<uint32_t*>(a.scales)[at.row * a.scale_row_stride +
-                                         word * a.scale_group_stride] = exponent_words[warp][lane];
+        static_cast<uint32_t*>(
+            a.scales)[at.row * a.scale_row_stride + word * a.scale_group_stride] =
+            exponent_words[warp][lane];
       vendor::sync_lanes();  // the words are rewritten by this warp's next unit
     }
   };
@@ -451,8 +491,8 @@ GroupQuantKernel group_quant_kernel_of(int lane_chunks, bool gated, int gated_pa
 }
 
 template <Wide kType>
-GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks, bool gated, int gated_passes,
-                                        bool whole) {
+GroupQuantKernel group_quant_kernel_for(int group_size, int lane_chunks, bool gated,
+                                        int gated_passes, bool whole) {
   switch (group_size) {
     case 16:
       return group_quant_kernel_of<kType, 16>(lane_chunks, gated, gated_passes, whole);
@@ -636,8 +676,7 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
     lane_chunks = 0;
   // Gated rows: units of the fewest passes holding whole packed words (one pass of 256 elements
   // otherwise), unchecked where the rows are whole units and aligned.
-  const int gated_passes =
-      a.packed ? std::max(1, 4 * p.group_size / kPassElements) : 1;
+  const int gated_passes = a.packed ? std::max(1, 4 * p.group_size / kPassElements) : 1;
   const int64_t gated_unit = int64_t{gated_passes} * kPassElements;
   const bool gated_whole = p.gated && p.cols % gated_unit == 0 && a.x_vectors && a.q_vectors;
   if (gated_whole) {
@@ -652,16 +691,16 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   GroupQuantKernel kernel = nullptr;
   switch (wide_of(p.x.dtype())) {
     case Wide::f32:
-      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks, p.gated,
-                                                gated_passes, gated_whole);
+      kernel = group_quant_kernel_for<Wide::f32>(p.group_size, lane_chunks, p.gated, gated_passes,
+                                                 gated_whole);
       break;
     case Wide::f16:
-      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks, p.gated,
-                                                gated_passes, gated_whole);
+      kernel = group_quant_kernel_for<Wide::f16>(p.group_size, lane_chunks, p.gated, gated_passes,
+                                                 gated_whole);
       break;
     case Wide::bf16:
-      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks, p.gated,
-                                                 gated_passes, gated_whole);
+      kernel = group_quant_kernel_for<Wide::bf16>(p.group_size, lane_chunks, p.gated, gated_passes,
+                                                  gated_whole);
       break;
   }
   if (kernel == nullptr)

@@ -89,9 +89,9 @@ __device__ __forceinline__ GroupDivisor divisor_for(float scale) {
 }
 
 // The refined reciprocal of a scale in [2^-60, 2^60] (CUDA's division's own: rcp.approx and one
-// Newton step).
+// Newton step). The estimate is the hardware's in this range, without __fdividef's subnormal guard.
 __device__ __forceinline__ float refined_reciprocal(float scale) {
-  const float approximate = __fdividef(1.0f, scale);
+  const float approximate = vendor::reciprocal_estimate(scale);
   return __fmaf_rn(approximate, __fmaf_rn(approximate, -scale, 1.0f), approximate);
 }
 
