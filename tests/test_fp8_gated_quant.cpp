@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/fp8_cpu.h"
 #include "moekit/dtype.h"
 #include "moekit/error.h"
 #include "moekit/ops/fp8.h"
@@ -102,6 +103,45 @@ TEST(GatedQuantMath, SiluAndMulFollowsTheFormulaAndItsEdges) {
         silu_and_mul_f32(-std::nanf(""), std::nanf("")),
         silu_and_mul_f32(std::nanf(""), -std::nanf(""))})
     EXPECT_EQ(std::bit_cast<uint32_t>(y), 0x7fc00000u);
+}
+
+// The CPU's vector SiLU (fp8_cpu_kernels.h) has the scalar function's bits in every lane: random
+// gates over the whole f32 range and the edges (zeros, subnormals, the exponential's ends near
+// -87.3 and -104, huge, inf, NaN of both signs), rows with a partial last vector.
+TEST(GatedQuantMath, VectorSiluHasTheScalarBits) {
+  std::mt19937_64 rng = rng_for("vector silu");
+  const std::vector<float> edges = {
+      0.0f,     -0.0f,     1e-45f,        -1e-45f,        1e-39f,  -1e-39f,  87.3365f, -87.3365f,
+      -87.5f,   87.7f,     -87.7f,        -103.9f,        -104.0f, -104.1f,  -1e30f,   1e30f,
+      INFINITY, -INFINITY, std::nanf(""), -std::nanf(""), 3.4e38f, -3.4e38f, 1.0f,     -1.0f};
+  for (const int64_t cols : {int64_t{1}, int64_t{7}, int64_t{16}, int64_t{1013}}) {
+    const int64_t rows = 3;
+    std::vector<float> x(static_cast<size_t>(rows * 2 * cols));
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (rng() % 4 == 0) {
+        x[i] = edges[rng() % edges.size()];
+      } else {  // any finite bits of either sign
+        uint32_t bits = static_cast<uint32_t>(rng());
+        if ((bits & 0x7f800000u) == 0x7f800000u) bits &= 0xbfffffffu;
+        x[i] = std::bit_cast<float>(bits);
+      }
+    }
+    std::vector<float> want(static_cast<size_t>(rows * cols));
+    cpu::silu_and_mul_rows(cpu::Fp8Isa::portable, x.data(), rows, cols, want.data());
+    for (cpu::Fp8Isa isa : {cpu::Fp8Isa::avx2, cpu::Fp8Isa::avx512}) {
+      if (isa == cpu::Fp8Isa::avx2 && !cpu_features().avx2) continue;
+      if (isa == cpu::Fp8Isa::avx512 && !cpu_features().avx512) continue;
+      std::vector<float> got(want.size(), -1.0f);
+      cpu::silu_and_mul_rows(isa, x.data(), rows, cols, got.data());
+      for (size_t i = 0; i < want.size(); ++i) {
+        const size_t gate = i / static_cast<size_t>(cols) * static_cast<size_t>(2 * cols) +
+                            i % static_cast<size_t>(cols);
+        ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+            << "isa " << static_cast<int>(isa) << " gate " << x[gate] << " up "
+            << x[gate + static_cast<size_t>(cols)];
+      }
+    }
+  }
 }
 
 constexpr uint8_t kSentinel = 0xA5;

@@ -228,6 +228,27 @@ void divide_to_e4m3(Fp8Isa isa, const float* x, int64_t n, float divisor, uint8_
   }
 }
 
+void silu_and_mul_rows(Fp8Isa isa, const float* x, int64_t rows, int64_t cols, float* y) {
+  GatedRowsArgs a;
+  a.x = x;
+  a.x_row_stride = 2 * cols;
+  a.x_format = Fp8Float::f32;
+  a.y = y;
+  a.rows = rows;
+  a.cols = cols;
+  switch (isa) {
+    case Fp8Isa::avx512:
+    case Fp8Isa::avx512bf16:
+      return gated_rows_avx512(a);
+    case Fp8Isa::avx2:
+      return gated_rows_avx2(a);
+    case Fp8Isa::portable:
+      for (int64_t i = 0; i < rows * cols; ++i)
+        y[i] = silu_and_mul_f32(x[i / cols * 2 * cols + i % cols],
+                                x[i / cols * 2 * cols + cols + i % cols]);
+  }
+}
+
 template <Fp8Isa kIsa>
 std::string fp8_supports(const GroupQuantProblem& p) {
   return isa_declines<kIsa>(p.x.device());
@@ -262,9 +283,21 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   if (p.gated) {  // silu(gate) * up first, rows over the threads (not fused here yet)
     Tensor activations;
     const GroupQuantProblem plain = plain_over(p, activations);
-    const int threads = thread_count(p.num_threads, p.rows, 40.0 * p.rows * p.cols);
+    GatedRowsArgs rows;
+    rows.x = p.x.data();
+    rows.x_row_stride = p.x.stride(0);
+    rows.x_format = wide_format(p.x.dtype());
+    rows.y = activations.data_as<float>();
+    rows.rows = p.rows;
+    rows.cols = p.cols;
+    rows.num_threads = p.num_threads;
+    if constexpr (kIsa == Fp8Isa::avx512 || kIsa == Fp8Isa::avx512bf16) gated_rows_avx512(rows);
+    if constexpr (kIsa == Fp8Isa::avx2) gated_rows_avx2(rows);
+    if constexpr (kIsa == Fp8Isa::portable) {
+      const int threads = thread_count(p.num_threads, p.rows, 40.0 * p.rows * p.cols);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < p.rows; ++m) gated_row(p, m, activations.data_as<float>() + m * p.cols);
+      for (int64_t m = 0; m < p.rows; ++m) gated_row(p, m, rows.y + m * p.cols);
+    }
     group_quant_kernel<kIsa>(args_of(plain));
     return;
   }

@@ -34,5 +34,8 @@ void block_quantize_weight(const BlockQuantizeWeightProblem& problem);
 // For tests: q[i] = e4m3(x[i] / divisor) through one build's vector encoder (the ISA must be
 // present: cpu_features()).
 void divide_to_e4m3(Fp8Isa isa, const float* x, int64_t n, float divisor, uint8_t* q);
+// For tests: y [rows, cols] = silu_and_mul_f32(gate, up) of x [rows, 2 cols] f32 (gate, then up)
+// through one build's vector code (portable: the scalar function).
+void silu_and_mul_rows(Fp8Isa isa, const float* x, int64_t rows, int64_t cols, float* y);
 
 }  // namespace moekit::cpu

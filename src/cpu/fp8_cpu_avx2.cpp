@@ -11,6 +11,7 @@ void block_gemm_avx2(const BlockGemmArgs& args) { run_block_gemm<Avx2>(args); }
 void block_quantize_weight_avx2(const BlockQuantizeWeightArgs& args) {
   run_block_quantize_weight<Avx2>(args);
 }
+void gated_rows_avx2(const GatedRowsArgs& args) { run_gated_rows<Avx2>(args); }
 void divide_to_e4m3_avx2(const float* x, int64_t n, float divisor, uint8_t* q) {
   WideRun<Avx2, Fp8Float::f32>::quantize(x, n, divisor, q);
 }

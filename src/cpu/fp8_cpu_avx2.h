@@ -86,6 +86,23 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
   static F abs(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+  static F neg(F v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+  // g >= 0 ? a : b per lane (b where g is NaN).
+  static F select_nonnegative(F g, F a, F b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
+  }
+  // 2^k from j = 1.5 * 2^23 + k: k + 127 in the exponent field, 0 where that is <= 0.
+  static F power_of_two_of_shifted(F j) {
+    const __m256i field =
+        _mm256_add_epi32(_mm256_castps_si256(j), _mm256_set1_epi32(127 - 0x4B400000));
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_max_epi32(field, _mm256_setzero_si256()), 23));
+  }
+  // Every NaN lane as the positive quiet NaN 0x7fc00000.
+  static F canonical_nan(F v) {
+    return _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   // maxps returns its second operand when either is NaN: a NaN v leaves acc as it was.
   static F max_ignoring_nan(F acc, F v) { return _mm256_max_ps(v, acc); }
   static void store_e4m3(uint8_t* dst, F v) {

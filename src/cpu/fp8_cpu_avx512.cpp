@@ -57,6 +57,20 @@ struct Avx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
   static F abs(F v) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), v); }
+  static F neg(F v) { return _mm512_xor_ps(v, _mm512_set1_ps(-0.0f)); }
+  static F select_nonnegative(F g, F a, F b) {  // as Avx2's
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+  }
+  static F power_of_two_of_shifted(F j) {  // as Avx2's
+    const __m512i field =
+        _mm512_add_epi32(_mm512_castps_si512(j), _mm512_set1_epi32(127 - 0x4B400000));
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_max_epi32(field, _mm512_setzero_si512()), 23));
+  }
+  static F canonical_nan(F v) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v,
+                                _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
+  }
   // As with AVX2, vmaxps returns its second operand when either is NaN.
   static F max_ignoring_nan(F acc, F v) { return _mm512_max_ps(v, acc); }
   static void store_e4m3(uint8_t* dst, F v) {
@@ -103,6 +117,7 @@ void block_gemm_avx512(const BlockGemmArgs& args) { run_block_gemm<Avx512>(args)
 void block_quantize_weight_avx512(const BlockQuantizeWeightArgs& args) {
   run_block_quantize_weight<Avx512>(args);
 }
+void gated_rows_avx512(const GatedRowsArgs& args) { run_gated_rows<Avx512>(args); }
 void divide_to_e4m3_avx512(const float* x, int64_t n, float divisor, uint8_t* q) {
   WideRun<Avx512, Fp8Float::f32>::quantize(x, n, divisor, q);
 }

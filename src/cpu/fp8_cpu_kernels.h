@@ -88,6 +88,17 @@ struct BlockQuantizeWeightArgs {
   int num_threads = 0;
 };
 
+// silu_and_mul_group_quant_fp8's activations: y[m, k] = silu_and_mul_f32(x[m, k], x[m, cols + k])
+// (ops/silu_math.h), the same bits, into y [rows, cols] f32 (contiguous).
+struct GatedRowsArgs {
+  const void* x = nullptr;   // [rows, 2 cols]: gate then up, unit stride along cols
+  int64_t x_row_stride = 0;  // elements
+  Fp8Float x_format = Fp8Float::f32;
+  float* y = nullptr;
+  int64_t rows = 0, cols = 0;
+  int num_threads = 0;
+};
+
 // Per-ISA entry points (fp8_cpu.cpp, fp8_cpu_avx2.cpp, fp8_cpu_avx512.cpp). The AVX2 and AVX-512
 // ones may only be called when cpu_features() says so.
 void group_quant_portable(const GroupQuantArgs& args);
@@ -102,6 +113,8 @@ void block_gemm_avx512bf16(const BlockGemmArgs& args);
 void block_quantize_weight_portable(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx2(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx512(const BlockQuantizeWeightArgs& args);
+void gated_rows_avx2(const GatedRowsArgs& args);
+void gated_rows_avx512(const GatedRowsArgs& args);
 // q[i] = e4m3(x[i] / divisor) through each build's encoder (for tests; cpu::divide_to_e4m3).
 void divide_to_e4m3_portable(const float* x, int64_t n, float divisor, uint8_t* q);
 void divide_to_e4m3_avx2(const float* x, int64_t n, float divisor, uint8_t* q);
@@ -310,6 +323,73 @@ void run_group_quant(const GroupQuantArgs& g) {
       return group_quant_typed<V, Fp8Float::f16>(g);
     case Fp8Float::bf16:
       return group_quant_typed<V, Fp8Float::bf16>(g);
+  }
+}
+
+// ops/silu_math.h's exp_nonpositive_f32 and silu_and_mul_f32 on kLanes values, operation for
+// operation (fma is a true fused multiply-add, every other step rounded on its own), so every
+// lane has the scalar function's bits. V needs, besides the arithmetic: neg, abs,
+// max_ignoring_nan (fmaxf's NaN rule), select_nonnegative(g, a, b) = g >= 0 ? a : b,
+// power_of_two_of_shifted(j) (2^k from j = 1.5 * 2^23 + k, 0 where k < -126) and canonical_nan.
+template <class V>
+typename V::F exp_nonpositive_lanes(typename V::F x) {
+  using F = typename V::F;
+  constexpr float kShifter = 12582912.0f;
+  const F clamped = V::max_ignoring_nan(V::set1(-104.0f), x);
+  const F j = V::fma(clamped, V::set1(1.44269502f), V::set1(kShifter));
+  const F minus_k = V::neg(V::add(j, V::set1(-kShifter)));
+  F r = V::fma(minus_k, V::set1(0.693359375f), clamped);
+  r = V::fma(minus_k, V::set1(-2.12194440e-4f), r);
+  const F r2 = V::mul(r, r);
+  F p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  const F e_r = V::add(V::fma(p, r2, r), V::set1(1.0f));
+  return V::mul(e_r, V::power_of_two_of_shifted(j));
+}
+
+template <class V>
+typename V::F silu_and_mul_lanes(typename V::F gate, typename V::F up) {
+  using F = typename V::F;
+  const F t = exp_nonpositive_lanes<V>(V::neg(V::abs(gate)));
+  const F numerator = V::select_nonnegative(gate, gate, V::mul(gate, t));
+  return V::canonical_nan(V::mul(V::div(numerator, V::add(V::set1(1.0f), t)), up));
+}
+
+template <class V, Fp8Float kFormat>
+void gated_rows_typed(const GatedRowsArgs& g) {
+  using Run = WideRun<V, kFormat>;
+  constexpr int L = V::kLanes;
+  const int threads =
+      thread_count(g.num_threads, g.rows, 20.0 * static_cast<double>(g.rows) * g.cols);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t m = 0; m < g.rows; ++m) {
+    const int64_t gate = m * g.x_row_stride, up = gate + g.cols;
+    float* y = g.y + m * g.cols;
+    int64_t k = 0;
+    for (; k + L <= g.cols; k += L)
+      V::store(y + k, silu_and_mul_lanes<V>(Run::load(g.x, gate + k), Run::load(g.x, up + k)));
+    if (k < g.cols) {  // the tail through zero-padded lanes
+      alignas(64) float out[L];
+      V::store(out, silu_and_mul_lanes<V>(Run::load_tail(g.x, gate + k, g.cols - k),
+                                          Run::load_tail(g.x, up + k, g.cols - k)));
+      std::memcpy(y + k, out, static_cast<size_t>(g.cols - k) * sizeof(float));
+    }
+  }
+}
+
+template <class V>
+void run_gated_rows(const GatedRowsArgs& g) {
+  switch (g.x_format) {
+    case Fp8Float::f32:
+      return gated_rows_typed<V, Fp8Float::f32>(g);
+    case Fp8Float::f16:
+      return gated_rows_typed<V, Fp8Float::f16>(g);
+    case Fp8Float::bf16:
+      return gated_rows_typed<V, Fp8Float::bf16>(g);
   }
 }
 
