@@ -271,6 +271,68 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   return result;
 }
 
+// An MoE decode step's grouped GEMM in the masked layout: G experts, `active` of them given M rows
+// (Qwen3-30B-A3B at one token: 8 of 128), gpu.sm90.grouped, us per expert with rows. Each call
+// of the replayed graph picks another set of experts (16 sets, each expert in at most one), so
+// their weights come from HBM as in a model, not from L2. Verified on the first set's first
+// expert.
+GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t N, int64_t K, int64_t G,
+                               int64_t active, uint64_t seed, int replays) {
+  const Device gpu = Device::gpu();
+  const Fp8GemmInputs x = make_fp8_gemm_inputs(G * M, 1, K, seed);
+  const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);
+  const Tensor a = Tensor::copy_of(x.a, gpu), as = Tensor::copy_of(x.a_scales, gpu);
+  const Tensor b = Tensor::copy_of(w.b, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
+  Tensor out = Tensor::empty(DType::bf16, {G * M, N}, gpu);
+  const int64_t sets = std::min<int64_t>(16, G / active), stride = G / active;
+  std::vector<Tensor> counts;
+  for (int64_t set = 0; set < sets; ++set) {
+    Tensor host = Tensor::empty(DType::i32, {G});
+    for (int64_t g = 0; g < G; ++g)
+      host.data_as<int32_t>()[g] = g % stride == set ? static_cast<int32_t>(M) : 0;
+    counts.push_back(Tensor::copy_of(host, gpu));
+  }
+  OpOptions op;
+  op.backend = Backend::gpu;
+  op.static_weights = true;
+  op.implementation = kGroupedImplementations[0];
+  GpuRow row{name + " G=" + std::to_string(G) + ", " + std::to_string(active) + " with rows",
+             M,
+             N,
+             K,
+             op.implementation,
+             false};
+  const auto call = [&](const Tensor& masked_m) {
+    grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                                  as_groups(b, G), as_groups(b_scales, G), masked_m,
+                                  as_groups(out, G), op);
+  };
+  call(counts[0]);
+  const int64_t rows = std::min<int64_t>(M, 2);
+  Tensor ref = Tensor::empty(DType::f32, {rows, N});
+  block_fp8_gemm(first_rows(plane_of(as_groups(x.a, G), 0), rows),
+                 first_rows(plane_of(as_groups(x.a_scales, G), 0), rows), ScaleLayout::row_major,
+                 plane_of(as_groups(w.b, G), 0), plane_of(as_groups(w.b_scales, G), 0),
+                 std::nullopt, TensorView(ref.data(), DType::f32, {rows, N}),
+                 OpOptions{Backend::reference});
+  const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
+  row.verified = relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {rows, N}),
+                                     ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16
+  int next = 0;
+  row.median_us = gpu::median_graph_replay_us(
+                      [&](void* stream) {
+                        op.stream = stream;
+                        call(counts[static_cast<size_t>(next++ % sets)]);
+                      },
+                      /*calls_per_graph=*/static_cast<int>(sets), replays) /
+                  static_cast<double>(active);
+  row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes()) / static_cast<double>(G) +
+              static_cast<double>(x.a.nbytes() + x.a_scales.nbytes() + out.nbytes()) /
+                  static_cast<double>(G);
+  row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+  return row;
+}
+
 // block_quantize_weight of a bf16 weight [N, K] (verified on its first two block rows).
 GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, uint64_t seed,
                                  int replays) {
@@ -406,6 +468,12 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           for (GpuRow& r :
                bench_grouped_gpu(shape.name, M, shape.n, shape.k, seed++, options.replays))
             rows.push_back(std::move(r));
+    // Qwen3-30B-A3B's experts at one decode token: 8 of its 128 experts get the token.
+    for (const Shape& shape : {Shape{"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {1}},
+                               Shape{"N=2048 K=768 (Qwen3-30B expert down)", 2048, 768, {1}}})
+      if (wanted(shape.name, 1))
+        rows.push_back(bench_masked_decode_gpu(shape.name, 1, shape.n, shape.k, 128, 8, seed++,
+                                               options.replays));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);
@@ -469,7 +537,8 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       : options.op == "gemm-grouped"
           ? "; 8 GEMMs of the shape per call, us and bytes per GEMM (gpu.sm90.grouped: one "
             "launch; gpu.per_group: one gpu.sm90 launch each; \"4 with rows\": the masked "
-            "layout, every other group without rows, us per group with rows); weights static"
+            "layout, every other group without rows, us per group with rows; \"G=128, 8 with "
+            "rows\": an MoE decode step, another 8 experts each call); weights static"
       : options.op == "linear"
           ? "; bf16 x quantized in the call (gpu.sm90.fused: inside the GEMM kernel; else by a "
             "kernel of its own before it); weights static (OpOptions::static_weights)"
