@@ -4,9 +4,11 @@
 // the vector width).
 //
 // GCC 12 reports the intentionally undefined pass-through operands of AVX-512 intrinsics
-// (_mm512_undefined_ps) as maybe-uninitialized once they are inlined here.
+// (_mm512_undefined_ps) as maybe-uninitialized, or (-O2 with the sanitizers) uninitialized, once
+// they are inlined here.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include <immintrin.h>
