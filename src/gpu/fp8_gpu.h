@@ -14,6 +14,11 @@ namespace moekit::gpu {
 // partial last group the linear layer asks for. Bytes equal to the reference's.
 std::string group_quant_supports(const GroupQuantProblem& problem);
 void per_token_group_quant_fp8(const GroupQuantProblem& problem);
+// silu_and_mul_group_quant_fp8_masked in one launch over the G x M rows (fp8_quant_gpu.cu): each
+// group's rows past its count (read on the device) are skipped and nothing of them is written.
+// Needs each group's x and q rows right after the previous group's.
+std::string masked_gated_quant_supports(const MaskedGatedQuantProblem& problem);
+void silu_and_mul_group_quant_fp8_masked(const MaskedGatedQuantProblem& problem);
 
 // block_quantize_weight (fp8_quant_gpu.cu). Bytes equal to the reference's.
 std::string block_quantize_weight_supports(const BlockQuantizeWeightProblem& problem);

@@ -63,7 +63,15 @@ struct GroupQuantArgs {
   // x, q and scale pointers for either case.
   int64_t unit_step;
   int64_t row_step;  // the general kernel's walk: unit_step / units_per_row (and column_step)
-  int rounds;        // units the first warp quantizes (others as many, or one fewer)
+  // The masked layout in one launch (general kernel): rows are G planes of plane_rows; plane g's
+  // rows from min(max(masked_m[g], 0), plane_rows) on are skipped (nothing read into the result,
+  // nothing written), and its scales start scale_plane_stride elements (words) after plane g - 1's.
+  // masked_m null: one plane.
+  const int32_t* masked_m;
+  int64_t masked_m_stride;
+  int plane_rows;
+  int64_t scale_plane_stride;
+  int rounds;  // units the first warp quantizes (others as many, or one fewer)
   int column_step, column_step_wrapped, wrap_from;
   int64_t x_step, x_step_wrapped, q_step, q_step_wrapped, scale_step, scale_step_wrapped;
 };
@@ -241,8 +249,20 @@ __global__ void __launch_bounds__(kQuantThreads,
       if constexpr (kGated) up[p] = load_raw<kType>(a.x, x_at + a.cols, left(col), up_vectors);
     }
   };
+  // The row's first scale (its plane's storage, then the row in it), and whether it is skipped.
+  auto scale_row_of = [&](int64_t row, bool& skipped) {
+    skipped = false;
+    if (a.masked_m == nullptr) return row * a.scale_row_stride;
+    const int plane = static_cast<int>(row) / a.plane_rows,
+              m = static_cast<int>(row) % a.plane_rows;
+    skipped = m >= __ldg(a.masked_m + plane * a.masked_m_stride);  // a negative count: 0 rows
+    return plane * a.scale_plane_stride + m * a.scale_row_stride;
+  };
   auto quantize_unit = [&](Place at, const RawChunk<kType>(&raw)[kPasses],
                            const RawChunk<kType>(&up)[kPasses]) {
+    bool skipped;
+    const int64_t scale_row = scale_row_of(at.row, skipped);
+    if (skipped) return;  // the whole warp: a unit lies in one row
     const int64_t unit_start = int64_t{at.column} * kUnit;
     const int64_t q_row = at.row * a.q_row_stride;
 #pragma unroll
@@ -271,8 +291,7 @@ __global__ void __launch_bounds__(kQuantThreads,
           exponent_bytes[p * kPassGroups + lane / kGroupLanes] =
               kWhole || group < a.groups ? static_cast<uint8_t>(__float_as_uint(scale) >> 23) : 0;
         } else if (kWhole || group < a.groups) {
-          static_cast<float*>(
-              a.scales)[at.row * a.scale_row_stride + group * a.scale_group_stride] = scale;
+          static_cast<float*>(a.scales)[scale_row + group * a.scale_group_stride] = scale;
         }
       }
     }
@@ -280,8 +299,7 @@ __global__ void __launch_bounds__(kQuantThreads,
       vendor::sync_lanes();
       const int64_t word = unit_start / kGroupSize / 4 + lane;
       if (lane < kUnitGroups / 4 && (kWhole || 4 * word < a.groups))
-        static_cast<uint32_t*>(
-            a.scales)[at.row * a.scale_row_stride + word * a.scale_group_stride] =
+        static_cast<uint32_t*>(a.scales)[scale_row + word * a.scale_group_stride] =
             exponent_words[warp][lane];
       vendor::sync_lanes();  // the words are rewritten by this warp's next unit
     }
@@ -645,9 +663,25 @@ std::string group_quant_supports(const GroupQuantProblem& p) {
   return "";
 }
 
-void per_token_group_quant_fp8(const GroupQuantProblem& p) {
+namespace {
+
+// The masked layout's planes, for a launch over all of them (see GroupQuantArgs::masked_m).
+struct MaskedPlanes {
+  const int32_t* counts;
+  int64_t counts_stride;
+  int plane_rows;
+  int64_t scale_plane_stride;
+};
+
+void launch_group_quant(const GroupQuantProblem& p, const MaskedPlanes* masked) {
   if (p.rows == 0 || p.cols == 0) return;
   GroupQuantArgs a{};
+  if (masked != nullptr) {
+    a.masked_m = masked->counts;
+    a.masked_m_stride = masked->counts_stride;
+    a.plane_rows = masked->plane_rows;
+    a.scale_plane_stride = masked->scale_plane_stride;
+  }
   a.x = p.x.data();
   a.x_row_stride = p.x.stride(0);
   a.q = static_cast<uint8_t*>(p.q.data());
@@ -752,6 +786,42 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
   MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kQuantThreads),
                                   0, static_cast<cudaStream_t>(p.stream),
                                   programmatic_launch_allowed(device), a));
+}
+
+// A view of `rows` rows from t's first, with t's strides.
+TensorView with_rows(const TensorView& t, int64_t rows) {
+  const int64_t shape[2] = {rows, t.size(1)};
+  const int64_t strides[2] = {t.stride(0), t.stride(1)};
+  return TensorView(t.data(), t.dtype(), shape, strides, t.device());
+}
+
+}  // namespace
+
+void per_token_group_quant_fp8(const GroupQuantProblem& p) { launch_group_quant(p, nullptr); }
+
+std::string masked_gated_quant_supports(const MaskedGatedQuantProblem& p) {
+  const GroupQuantProblem& first = p.first;
+  if (std::string why = group_quant_supports(first); !why.empty()) return why;
+  if (p.groups * first.rows > INT32_MAX)
+    return "G x M = " + std::to_string(p.groups * first.rows) + " rows is more than 2^31 - 1";
+  if (p.groups > 1 && p.x_stride != first.rows * first.x.stride(0))
+    return "x's groups are not one after another (group stride " + std::to_string(p.x_stride) +
+           " elements, M x row stride " + std::to_string(first.rows * first.x.stride(0)) + ")";
+  if (p.groups > 1 && p.q_stride != first.rows * first.q.stride(0))
+    return "q's groups are not one after another (group stride " + std::to_string(p.q_stride) +
+           " elements, M x row stride " + std::to_string(first.rows * first.q.stride(0)) + ")";
+  return "";
+}
+
+void silu_and_mul_group_quant_fp8_masked(const MaskedGatedQuantProblem& p) {
+  if (p.groups == 0 || p.first.rows == 0) return;
+  GroupQuantProblem all = p.first;  // the G planes' rows one after another
+  all.rows = p.groups * p.first.rows;
+  all.x = with_rows(p.first.x, all.rows);
+  all.q = with_rows(p.first.q, all.rows);
+  const MaskedPlanes planes{p.masked_m.data_as<const int32_t>(), p.masked_m.stride(0),
+                            static_cast<int>(p.first.rows), p.scale_stride};
+  launch_group_quant(all, &planes);
 }
 
 std::string block_quantize_weight_supports(const BlockQuantizeWeightProblem& p) {

@@ -307,11 +307,22 @@ std::string masked_quant_plan(const MaskedGatedQuantProblem& p) {
   return std::to_string(p.groups) + " calls of " + quant_entry_of<kBackend>(p.first, reasons)->name;
 }
 
+#ifdef MOEKIT_HAVE_GPU
+std::string gpu_masked_quant_plan(const MaskedGatedQuantProblem& p) {
+  return "one launch over the " + std::to_string(p.groups) + " x " + std::to_string(p.first.rows) +
+         " rows, each group's rows past its count skipped on the device";
+}
+#endif
+
+// gpu.masked first (one launch, the counts read on the device); gpu.per_group where a group's rows
+// do not follow the previous group's.
 const MaskedGatedQuantImplementation kMaskedGatedQuantTable[] = {
-    MOEKIT_GPU_ENTRY({"gpu.per_group", Backend::gpu, masked_quant_supports<Backend::gpu>,
-                      masked_quant<Backend::gpu>, masked_quant_plan<Backend::gpu>}){
-        "cpu.per_group", Backend::cpu, masked_quant_supports<Backend::cpu>,
-        masked_quant<Backend::cpu>, masked_quant_plan<Backend::cpu>},
+    MOEKIT_GPU_ENTRY({"gpu.masked", Backend::gpu, gpu::masked_gated_quant_supports,
+                      gpu::silu_and_mul_group_quant_fp8_masked, gpu_masked_quant_plan})
+        MOEKIT_GPU_ENTRY({"gpu.per_group", Backend::gpu, masked_quant_supports<Backend::gpu>,
+                          masked_quant<Backend::gpu>, masked_quant_plan<Backend::gpu>}){
+            "cpu.per_group", Backend::cpu, masked_quant_supports<Backend::cpu>,
+            masked_quant<Backend::cpu>, masked_quant_plan<Backend::cpu>},
     {"reference.per_group", Backend::reference, masked_quant_supports<Backend::reference>,
      masked_quant<Backend::reference>, masked_quant_plan<Backend::reference>},
 };

@@ -475,61 +475,83 @@ TEST(GpuFp8Quant, SiluAndMulMatchesTheReferenceExactly) {
   EXPECT_EQ(failures, 0);
 }
 
-// The masked layout through gpu.per_group (one gated call per group, every row): each group's
-// rows below its count have the reference's bytes and logical scales (added in session 30, not
-// yet run on a GPU when written).
+// The masked layout through gpu.masked (one launch, the counts read on the device) and
+// gpu.per_group (one gated call per group, every row): each group's rows below its count have the
+// reference's bytes and logical scales, e4m3 NaNs of either sign alike (a group with an inf: inf /
+// inf); gpu.masked writes nothing of the other rows (q and scales keep their poison). Every scale
+// layout; K = 768 (the unchecked kernels) and 384 (rows of partial units: the checked one).
 TEST(GpuFp8Quant, SiluAndMulMaskedMatchesTheReferenceOnEachGroupsRows) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(test_seed("SiluAndMulMaskedMatchesTheReferenceOnEachGroupsRows"));
-  const std::vector<int32_t> counts = {4, 0, 1, 7, -3};
-  const int64_t G = static_cast<int64_t>(counts.size()), M = 4, K = 768;
-  for (ScaleLayout layout : {ScaleLayout::row_major, ScaleLayout::packed_ue8m0}) {
-    GroupQuantConfig config;
-    config.layout = layout;
-    config.ue8m0 = layout == ScaleLayout::packed_ue8m0;
-    const ScaleStorage s = group_quant_scale_storage(M, K, config);
-    Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
-    std::vector<float> row(static_cast<size_t>(2 * K));
-    for (int64_t r = 0; r < G * M; ++r) {
-      fill_row(rng, row, 128, false);
-      for (int64_t k = 0; k < 2 * K; ++k)
-        store_from_f32(x.data(), DType::bf16, r * 2 * K + k, row[static_cast<size_t>(k)]);
-    }
-    Tensor counts_host = Tensor::empty(DType::i32, {G});
-    std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
-    Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
-    Tensor s_ref = Tensor::empty(s.dtype, {G, s.shape[0], s.shape[1]});
-    silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
-                                        OpOptions{Backend::reference});
-    const Tensor x_gpu = Tensor::copy_of(x, Device::gpu());
-    const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
-    Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
-    Tensor s_gpu = Tensor::empty(s.dtype, {G, s.shape[0], s.shape[1]}, Device::gpu());
-    silu_and_mul_group_quant_fp8_masked(x_gpu, counts_gpu, q_gpu, s_gpu, config,
-                                        OpOptions{Backend::gpu});
-    const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
-                 sc = Tensor::copy_of(s_gpu, Device::cpu());
-    const ScaleAddressing at = scale_addressing(layout, M, K / 128);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
-      // Bytes equal, e4m3 NaNs of either sign alike (a group with an inf: inf / inf).
-      const uint8_t *got = q.data_as<uint8_t>() + g * M * K,
-                    *want = q_ref.data_as<uint8_t>() + g * M * K;
-      for (int64_t i = 0; i < rows * K; ++i)
-        if (!same_e4m3(got[i], want[i])) {
-          ADD_FAILURE() << scale_layout_name(layout) << " group " << g << " row " << i / K
-                        << " column " << i % K << ": byte " << int{got[i]} << ", reference "
-                        << int{want[i]};
-          break;
+  const std::vector<int32_t> counts = {4, 0, 1, 7, -3, 2};
+  const int64_t G = static_cast<int64_t>(counts.size()), M = 4;
+  constexpr uint8_t kPoison = 0xA5;
+  for (const char* implementation : {"gpu.masked", "gpu.per_group"})
+    for (ScaleLayout layout : kLayouts)
+      for (const int64_t K : {int64_t{768}, int64_t{384}}) {
+        SCOPED_TRACE(std::string(implementation) + " " + scale_layout_name(layout) +
+                     " K=" + std::to_string(K));
+        GroupQuantConfig config;
+        config.layout = layout;
+        config.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
+        const ScaleStorage s = group_quant_scale_storage(M, K, config);
+        Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+        std::vector<float> row(static_cast<size_t>(2 * K));
+        for (int64_t r = 0; r < G * M; ++r) {
+          fill_row(rng, row, 128, chance(rng, 0.3));
+          for (int64_t k = 0; k < 2 * K; ++k)
+            store_from_f32(x.data(), DType::bf16, r * 2 * K + k, row[static_cast<size_t>(k)]);
         }
-      const size_t plane = static_cast<size_t>(s.shape[0] * s.shape[1]) * 4;
-      for (int64_t m = 0; m < rows; ++m)
-        for (int64_t grp = 0; grp < K / 128; ++grp)
-          EXPECT_EQ(read_scale(sc.data_as<uint8_t>() + g * plane, at, m, grp),
-                    read_scale(s_ref.data_as<uint8_t>() + g * plane, at, m, grp))
-              << scale_layout_name(layout) << " group " << g << " row " << m;
-    }
-  }
+        Tensor counts_host = Tensor::empty(DType::i32, {G});
+        std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+        Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
+        Tensor s_ref = Tensor::empty(s.dtype, {G, s.shape[0], s.shape[1]});
+        silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
+                                            OpOptions{Backend::reference});
+        Tensor q_poison = Tensor::empty(DType::f8e4m3, {G, M, K});
+        Tensor s_poison = Tensor::empty(s.dtype, {G, s.shape[0], s.shape[1]});
+        std::memset(q_poison.data(), kPoison, q_poison.nbytes());
+        std::memset(s_poison.data(), kPoison, s_poison.nbytes());
+        const Tensor x_gpu = Tensor::copy_of(x, Device::gpu());
+        const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
+        Tensor q_gpu = Tensor::copy_of(q_poison, Device::gpu());
+        Tensor s_gpu = Tensor::copy_of(s_poison, Device::gpu());
+        OpOptions options{Backend::gpu};
+        options.implementation = implementation;
+        silu_and_mul_group_quant_fp8_masked(x_gpu, counts_gpu, q_gpu, s_gpu, config, options);
+        const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
+                     sc = Tensor::copy_of(s_gpu, Device::cpu());
+        const ScaleAddressing at = scale_addressing(layout, M, K / 128);
+        const size_t plane = static_cast<size_t>(s.shape[0] * s.shape[1]) * 4;
+        const bool untouched = std::string(implementation) == "gpu.masked";
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
+          const uint8_t *got = q.data_as<uint8_t>() + g * M * K,
+                        *want = q_ref.data_as<uint8_t>() + g * M * K;
+          for (int64_t i = 0; i < (untouched ? M : rows) * K; ++i) {
+            const bool ok = i < rows * K ? same_e4m3(got[i], want[i]) : got[i] == kPoison;
+            if (!ok) {
+              ADD_FAILURE() << "group " << g << " row " << i / K << " column " << i % K << ": byte "
+                            << int{got[i]} << ", expected "
+                            << int{i < rows * K ? want[i] : kPoison};
+              break;
+            }
+          }
+          const uint8_t* got_scales = sc.data_as<uint8_t>() + g * plane;
+          for (int64_t m = 0; m < (untouched ? M : rows); ++m)
+            for (int64_t grp = 0; grp < K / 128; ++grp) {
+              if (m < rows) {
+                EXPECT_EQ(read_scale(got_scales, at, m, grp),
+                          read_scale(s_ref.data_as<uint8_t>() + g * plane, at, m, grp))
+                    << "group " << g << " row " << m;
+              } else {
+                uint32_t word;
+                std::memcpy(&word, got_scales + at.offset(m, grp) * 4, 4);
+                EXPECT_EQ(word, 0xA5A5A5A5u) << "group " << g << " row " << m << " written";
+              }
+            }
+        }
+      }
 }
 
 TEST(GpuFp8Quant, PartialLastGroupAsTheLinearLayerAsks) {

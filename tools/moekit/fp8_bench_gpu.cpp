@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -393,6 +394,46 @@ GpuRow bench_quant_gpu(const std::string& name, int64_t M, int64_t K, ScaleLayou
   return row;
 }
 
+// silu_and_mul_group_quant_fp8_masked between an MoE decode step's grouped GEMMs: x [G, M, 2K]
+// bf16, `active` groups (evenly spaced) given one row each, through one implementation. Verified
+// against the reference on those rows; bytes counted for them only (the work a step needs).
+GpuRow bench_masked_gated_quant_gpu(const std::string& name, int64_t G, int64_t M, int64_t K,
+                                    int64_t active, const char* implementation, uint64_t seed,
+                                    int replays) {
+  const Device gpu = Device::gpu();
+  const Tensor x_host = random_fp8_activations(seed, G * M, 2 * K);
+  const TensorView x_planes(const_cast<void*>(x_host.data()), DType::bf16, {G, M, 2 * K});
+  Tensor counts_host = Tensor::empty(DType::i32, {G});
+  for (int64_t g = 0; g < G; ++g) counts_host.data_as<int32_t>()[g] = g % (G / active) == 0 ? 1 : 0;
+  GroupQuantConfig c;
+  const ScaleStorage s = group_quant_scale_storage(M, K, c);
+  Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
+  Tensor s_ref = Tensor::empty(s.dtype, {G, s.shape[0], s.shape[1]});
+  silu_and_mul_group_quant_fp8_masked(x_planes, counts_host, q_ref, s_ref, c,
+                                      OpOptions{Backend::reference});
+  const Tensor x = Tensor::copy_of(x_planes, gpu), counts = Tensor::copy_of(counts_host, gpu);
+  Tensor q = Tensor::empty(DType::f8e4m3, {G, M, K}, gpu);
+  Tensor scales = Tensor::empty(s.dtype, {G, s.shape[0], s.shape[1]}, gpu);
+  OpOptions op;
+  op.backend = Backend::gpu;
+  op.implementation = implementation;
+  GpuRow row{name, G * M, 0, K, implementation, false};
+  silu_and_mul_group_quant_fp8_masked(x, counts, q, scales, c, op);
+  const Tensor q_host = Tensor::copy_of(q.view(), Device::cpu());
+  row.verified = true;
+  for (int64_t g = 0; g < G; g += G / active)  // each active group's one row
+    row.verified = row.verified && std::memcmp(q_host.data_as<uint8_t>() + g * M * K,
+                                               q_ref.data_as<uint8_t>() + g * M * K, K) == 0;
+  row.median_us = gpu::median_graph_replay_us(
+      [&](void* stream) {
+        op.stream = stream;
+        silu_and_mul_group_quant_fp8_masked(x, counts, q, scales, c, op);
+      },
+      /*calls_per_graph=*/4, replays);
+  row.bytes = static_cast<double>(active * (2 * K * 2 + K + K / 128 * 4));
+  return row;
+}
+
 }  // namespace
 
 int run_fp8_bench_gpu(const BenchOptions& options) {
@@ -505,6 +546,12 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           rows.push_back(
               bench_quant_gpu(name, m, k, ScaleLayout::row_major, seed++, options.replays, true));
       }
+    // Its masked form at a Qwen3-30B-A3B decode step: 8 of 128 experts with a token, 16 rows each.
+    const std::string masked = "silu_and_mul masked G=128 M=16 K=768, 8 rows";
+    if (wanted(masked, 128 * 16))
+      for (const char* implementation : {"gpu.masked", "gpu.per_group"})
+        rows.push_back(bench_masked_gated_quant_gpu(masked, 128, 16, 768, 8, implementation, seed++,
+                                                    options.replays));
   }
   if (rows.empty()) fail("bench", "--model", options.model, "selects no GPU FP8 shape");
   const bool all_verified =
