@@ -62,8 +62,9 @@ void silu_and_mul_group_quant_fp8(const TensorView& x, const TensorView& q,
 // q [G, M, K] and scales [G, ...] (each group's plane the contiguous storage
 // group_quant_scale_storage(M, K, config) gives, as grouped_block_fp8_gemm's a_scales). Group g's
 // first min(max(masked_m[g], 0), M) rows are quantized as silu_and_mul_group_quant_fp8 would; the
-// rest of its q and scales are unspecified afterwards (the host backends leave them, the GPU's
-// per-group calls quantize every row: reading the counts would synchronize the stream).
+// rest of its q and scales are unspecified afterwards (the host backends and the GPU's one launch,
+// which reads the counts on the device, leave them; the GPU's per-group fallback, taken where a
+// group's rows do not follow the previous group's, quantizes every row).
 void silu_and_mul_group_quant_fp8_masked(const TensorView& x, const TensorView& masked_m,
                                          const TensorView& q, const TensorView& scales,
                                          const GroupQuantConfig& config,
