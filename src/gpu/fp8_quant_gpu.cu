@@ -15,6 +15,13 @@
 // else takes the general kernel: a lane takes 8 consecutive elements a pass (one 16-byte load for
 // 16-bit x, two for f32), the group_size / 8 lanes of a group (2..32) reduce their amax with
 // shuffles, bounds are checked per element, packed words are assembled in shared memory.
+//
+// silu_and_mul_group_quant_fp8 (gated) takes the general kernel, which then also computes
+// y = silu(gate) * up from both halves (ops/silu_math.h's bits). It is bound by its ~50
+// instructions per element, not by memory, so its units are one pass (256 elements; 2 or 4 for
+// packed words of groups of 128 / 256) to spread small M over many warps, and rows of whole
+// units run without per-element checks. Its masked form runs the same kernel once over all G x M
+// rows and skips, on the device, each group's rows past its count.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -64,9 +71,9 @@ struct GroupQuantArgs {
   int64_t unit_step;
   int64_t row_step;  // the general kernel's walk: unit_step / units_per_row (and column_step)
   // The masked layout in one launch (general kernel): rows are G planes of plane_rows; plane g's
-  // rows from min(max(masked_m[g], 0), plane_rows) on are skipped (nothing read into the result,
-  // nothing written), and its scales start scale_plane_stride elements (words) after plane g - 1's.
-  // masked_m null: one plane.
+  // rows from min(max(masked_m[g], 0), plane_rows) on are skipped (loaded with the others, but
+  // nothing is computed or written), and its scales start scale_plane_stride elements (words)
+  // after plane g - 1's. masked_m null: one plane.
   const int32_t* masked_m;
   int64_t masked_m_stride;
   int plane_rows;
@@ -210,7 +217,7 @@ __global__ void __launch_bounds__(kQuantThreads,
   constexpr int kUnit = kPasses * kPassElements;
   constexpr int kGroupLanes = kGroupSize / kChunk;  // 2..32, a power of two
   constexpr int kUnitGroups = kUnit / kGroupSize;   // whole words of 4 where scales are packed
-  constexpr int kPassGroups = kPassElements / kGroupSize;  // 1..16 (0: a group spans passes)
+  constexpr int kPassGroups = kPassElements / kGroupSize;  // 1..16
   static_assert(kGroupSize <= kPassElements, "a pass holds whole groups");
   __shared__ uint32_t exponent_words[kQuantWarps][kUnitGroups / 4 > 0 ? kUnitGroups / 4 : 1];
 
@@ -229,7 +236,7 @@ __global__ void __launch_bounds__(kQuantThreads,
   // a division (the host sets row_step and column_step: the step's rows and the rest).
   struct Place {
     int64_t row;
-    int column;  // units_per_row < 2^31 (the host checks)
+    int column;  // units_per_row < 2^31: rows of fewer than 2^39 elements
   };
   const int units_per_row = static_cast<int>(a.units_per_row);
   auto advance = [&](Place at) {
