@@ -435,31 +435,27 @@ TEST(GpuFp8Quant, SiluAndMulMatchesTheReferenceExactly) {
   const uint64_t seed = test_seed("SiluAndMulMatchesTheReferenceExactly");
   std::mt19937_64 rng(seed);
   int failures = 0;
+  // Every layout, group size and dtype twice: a random case (aligned or not, partial units), and
+  // rows of whole units, aligned, with adversarial values (the unchecked kernels: one pass, or 2
+  // and 4 for packed words of groups of 128 and 256).
   for (ScaleLayout layout : kLayouts)
     for (int group : kGroupSizes)
       for (DType dtype : kWideTypes) {
-        QuantCase c = random_quant_case(rng, layout, group, dtype);
-        c.m = std::min<int64_t>(c.m, 17);
-        c.gated = true;
-        failures += !check_quant(c, rng(), stream.get());
-        if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
-      }
-  // Rows of whole units, aligned (the unchecked kernels: one pass, or 2 and 4 for packed words of
-  // groups of 128 and 256), adversarial values, every layout, group size and dtype.
-  for (ScaleLayout layout : kLayouts)
-    for (int group : kGroupSizes)
-      for (DType dtype : kWideTypes) {
-        QuantCase c;
-        c.layout = layout;
-        c.group = group;
-        c.dtype = dtype;
-        c.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
-        c.m = pick<int64_t>(rng, {1, 3, 17, 64});
-        c.k = pick<int64_t>(rng, {1024, 2048});
-        c.x_row_pad = pick<int64_t>(rng, {0, 8});
-        c.adversarial = true;
-        c.gated = true;
-        failures += !check_quant(c, rng(), stream.get());
+        QuantCase random = random_quant_case(rng, layout, group, dtype);
+        random.m = std::min<int64_t>(random.m, 17);
+        QuantCase whole;
+        whole.layout = layout;
+        whole.group = group;
+        whole.dtype = dtype;
+        whole.ue8m0 = layout == ScaleLayout::packed_ue8m0 || chance(rng, 0.5);
+        whole.m = pick<int64_t>(rng, {1, 3, 17, 64});
+        whole.k = pick<int64_t>(rng, {1024, 2048});
+        whole.x_row_pad = pick<int64_t>(rng, {0, 8});
+        whole.adversarial = true;
+        for (QuantCase& c : {std::ref(random), std::ref(whole)}) {
+          c.gated = true;
+          failures += !check_quant(c, rng(), stream.get());
+        }
         if (failures > 10) FAIL() << "stopping after " << failures << " failing cases";
       }
   // The experts' widths: Qwen3-30B (768), Qwen3-235B (1536), DeepSeek-V3 (2048), decode and more
