@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "gpu/gpu_check.h"
+#include "gpu/vendor.h"
 #include "gpu_test_support.h"
 #include "moekit/dtype.h"
 #include "moekit/ops/fp8.h"
@@ -210,19 +211,38 @@ TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
   }
 }
 
+// Writes counts into masked_m late: it lets the next kernel start at once (programmatic dependent
+// launch), then spins for `cycles` first, so that the next kernel reads the old counts before its
+// wait for this one and the new ones after it.
+__global__ void write_counts_late(int32_t* masked_m, const int32_t* counts, int groups,
+                                  long long cycles) {
+  gpu::vendor::allow_next_grid();
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+  for (int g = static_cast<int>(threadIdx.x); g < groups; g += static_cast<int>(blockDim.x))
+    masked_m[g] = counts[g];
+}
+
 // The masked layout through the Hopper entry: group g's first min(max(masked_m[g], 0), M) rows
 // have the bytes of gpu.sm90 on the whole group; every other byte of out stays as it was (the
-// entry skips what has no rows, groups without rows included).
-void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts) {
-  SCOPED_TRACE(describe(c));
+// entry skips what has no rows, groups without rows included). With `stale` counts, masked_m
+// holds those until the kernel before the GEMM (in its stream) writes `counts` late.
+void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
+                  const std::vector<int32_t>& stale = {}) {
+  SCOPED_TRACE(describe(c) + (stale.empty() ? "" : ", counts written late"));
   const Operands o = make_operands(rng, c);
   Tensor grouped = sentinel_out(c, o.gap);
   Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
   std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+  const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
+  if (!stale.empty()) std::memcpy(counts_host.data(), stale.data(), stale.size() * 4);
   const Tensor masked_m = Tensor::copy_of(counts_host, Device::gpu());
+  const gpu_test::Stream stream;
   OpOptions options;
   options.backend = Backend::gpu;
   options.static_weights = c.static_weights;
+  options.stream = stream.get();
   const TensorView out = grouped_view(grouped, c, o.gap);
   std::string chosen, layout;
   for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
@@ -233,7 +253,14 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
     }
   ASSERT_EQ(chosen, kGrouped);
   ASSERT_FALSE(layout.empty());
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
+  if (!stale.empty())
+    write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
+                                                   counts_gpu.data_as<const int32_t>(),
+                                                   static_cast<int>(c.groups), 200000);
   grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options);
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+  options.stream = nullptr;
   const ScopedEnv same_layout("MOEKIT_SM90_SWAP", layout);
   const Tensor got = Tensor::copy_of(grouped, Device::cpu());
   OpOptions single = options;
@@ -272,6 +299,29 @@ TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
     ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "2");
     check_masked(rng, {7, 16, 4096, 3840}, {1, 0, 16, 0, 0, 5, 16});
   }
+}
+
+// The counts are the previous kernel's output: the kernel before the GEMM (in its stream) writes
+// them late, while the GEMM's CTAs already run (programmatic dependent launch), and the GEMM uses
+// the new counts, never the old ones. Groups over several load batches of the list (150 > 128),
+// and one slice taking every group with rows, many ring laps.
+TEST(GpuGroupedGemm, MaskedCountsWrittenByTheKernelBeforeAreTheOnesUsed) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedLate"));
+  const std::vector<int32_t> counts = {0, 1, 0, 0, 3, 0, 2, 0, 0, 1, 0, 0};
+  const std::vector<int32_t> other = {1, 0, 0, 2, 0, 0, 0, 1, 0, 0, 4, 0};
+  check_masked(rng, {12, 4, 1536, 2048}, counts, other);
+  check_masked(rng, {12, 16, 384, 1152, ScaleLayout::column_major_tma}, other, counts);
+  std::vector<int32_t> many(150, 0), before(150, 0);
+  for (size_t g = 0; g < many.size(); ++g) {
+    many[g] = g % 7 == 3 || g > 140 ? static_cast<int32_t>(g % 5 + 1) : 0;
+    before[g] = g % 11 == 0 ? 2 : 0;
+  }
+  check_masked(rng, {150, 5, 256, 512}, many, before);
+  ScopedEnv one_slice("MOEKIT_SM90_GROUPED_SLICES", "1");
+  ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "4");
+  check_masked(rng, {12, 4, 1024, 768}, counts, other);
+  check_masked(rng, {150, 5, 256, 512}, before, many);
 }
 
 // Slices of the groups over the grid (MOEKIT_SM90_GROUPED_SLICES): the same sums per group, so

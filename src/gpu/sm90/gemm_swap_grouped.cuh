@@ -148,19 +148,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (masked) {
     vendor::wait_for_previous_grid();
     if (static_cast<int>(threadIdx.x) / 32 == kConsumers * 4 + 1) {
+      // Every count's load in flight at once: each round trip after the wait takes 1-2 us under
+      // the other SMs' weight streams (v10), and 4 in a row (128 groups, one per lane at a time)
+      // cost the MoE decode step 0.6-1 us (fp8-gpu-sm90.md, session 32).
+      constexpr int kLoads = 4;
       const int lane = static_cast<int>(threadIdx.x) % 32;
       int listed = 0;
-      for (int base = 0; base < groups; base += 32) {
-        const int group = base + lane;
-        const int rows = group < groups ? min(max(__ldg(strides.masked_m + group), 0), args.m) : 0;
-        const bool here = rows > t0;
-        const unsigned active = __ballot_sync(~0u, here);
-        const int at = listed + __popc(active & ((1u << lane) - 1u));
-        if (here && at % slices == slice) {
-          work_group[at / slices] = group;
-          work_rows[at / slices] = rows;
+      for (int base = 0; base < groups; base += kLoads * 32) {
+        int counts[kLoads];
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) {
+          const int group = base + j * 32 + lane;
+          counts[j] = group < groups ? __ldg(strides.masked_m + group) : 0;
         }
-        listed += __popc(active);
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) {
+          const int group = base + j * 32 + lane;
+          const int rows = min(max(counts[j], 0), args.m);
+          const bool here = group < groups && rows > t0;
+          const unsigned active = __ballot_sync(~0u, here);
+          const int at = listed + __popc(active & ((1u << lane) - 1u));
+          if (here && at % slices == slice) {
+            work_group[at / slices] = group;
+            work_rows[at / slices] = rows;
+          }
+          listed += __popc(active);
+        }
       }
       if (lane == 0) *work_count = (listed - slice + slices - 1) / slices;
     }
