@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -864,12 +865,17 @@ bool fused_linear_plan_for(const W8a8LinearProblem& p, int device_index, Plan& p
 // ---- grouped_block_fp8_gemm at decode sizes (gemm_swap_grouped.cuh).
 
 using GroupedKernelFn = void (*)(CUtensorMap, CUtensorMap, GemmArgs, GroupStrides);
-constexpr int kMaxGroupedTokens = 16;
+using GroupedBytesFn = size_t (*)(int, int, int, int);
+// Token tiles of 8 to 64 rows, as the swap kernel's: whole groups up to M=64; the masked layout at
+// any M up to 2048 token tiles (its capacity; the counts at decode are a few rows), whose token
+// tiles with rows are the items the CTAs take (grouped_planned_problem).
+constexpr int kMaxGroupedTokens = 64;
 constexpr int kGroupedStages = 12;
 
 struct GroupedPlan {
   Plan plan;  // group 0's swap plan, with the grouped kernel's ring depth and shared memory
   GroupedKernelFn kernel = nullptr;
+  int max_items = 0;  // masked: the items (token tiles with rows) a CTA can list
 };
 
 template <int kTokens, int kRows>
@@ -879,33 +885,98 @@ size_t grouped_shared_bytes(int per_split, int stages, int splits, int groups) {
       per_split, stages, splits > 1 ? Config::inbox_bytes(splits) : 0, groups);
 }
 
+template <int kTokens, int kRows>
+GroupedKernelFn grouped_kernel_of(GroupedBuild build) {
+  switch (build) {
+    case GroupedBuild::whole:
+      return gemm_swap_grouped_kernel<kTokens, kRows, GroupedBuild::whole>;
+    case GroupedBuild::masked:
+      return gemm_swap_grouped_kernel<kTokens, kRows, GroupedBuild::masked>;
+    default:
+      return gemm_swap_grouped_kernel<kTokens, kRows, GroupedBuild::masked_tiles>;
+  }
+}
+
+template <int kTokens>
+void grouped_kernel_of(int rows, GroupedBuild build, GroupedKernelFn& kernel,
+                       GroupedBytesFn& bytes) {
+  kernel =
+      rows == 64 ? grouped_kernel_of<kTokens, 64>(build) : grouped_kernel_of<kTokens, 128>(build);
+  bytes = rows == 64 ? grouped_shared_bytes<kTokens, 64> : grouped_shared_bytes<kTokens, 128>;
+}
+
+// The problem a grouped plan is made for: group 0, on at most 16 rows where masked: a capacity's
+// token tiles with rows are the items, and at decode the counts are a few rows (H200, a Qwen3-30B
+// MoE step at capacity 128, one row per expert: planned for 8 / 16 / 32 / 64 rows 1.46 / 1.53 /
+// 1.67 / 2.25 us per gate_up; fp8-gpu-sm90.md, session 32), while 16 halves the weight passes of
+// 8 where an expert has many rows. MOEKIT_SM90_GROUPED_MASKED_ROWS=r plans for r (timing knob).
+BlockGemmProblem grouped_planned_problem(const GroupedBlockGemmProblem& p) {
+  const int64_t rows = std::clamp<int64_t>(env::integer("MOEKIT_SM90_GROUPED_MASKED_ROWS", 16), 1,
+                                           kMaxGroupedTokens);
+  return p.masked() && p.m > rows ? p.group(0, rows) : p.group(0);
+}
+
+// The swap plan of `problem` with layout {rows, splits} (null: the planner's), for its token width.
+bool grouped_swap_plan(const BlockGemmProblem& problem, int device_index, const SwapLayout* layout,
+                       Plan& plan) {
+  const DeviceProperties& device = device_properties(device_index);
+  if (problem.m <= 8) return plan_swap<8, false>(problem, device, device_index, layout, plan);
+  if (problem.m <= 16) return plan_swap<16, false>(problem, device, device_index, layout, plan);
+  if (problem.m <= 32) return plan_swap<32, false>(problem, device, device_index, layout, plan);
+  return plan_swap<64, false>(problem, device, device_index, layout, plan);
+}
+
 // A grouped plan for group 0's swap plan `plan` (its layout and split fix the order of the sums):
 // the grouped kernel, as many of that plan's stages as fit beside the kernel's own shared memory,
 // and the slices of the groups one wave holds (MOEKIT_SM90_GROUPED_SLICES=s forces s, a timing
 // knob). Returns "" or why there is none.
 std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
                             GroupedPlan& grouped) {
-  const BlockGemmProblem first = p.group(0);
+  const BlockGemmProblem first = grouped_planned_problem(p);
   Plan& plan = grouped.plan;
   if (!plan.swap || plan.tokens > kMaxGroupedTokens)
-    return "group 0's plan is not a swap plan of 8 or 16 tokens (" + block_gemm_sm90_plan(first) +
-           ")";
-  if (plan.splits > 1 && !plan.push_sums) return "group 0's plan pulls its sums through DSMEM";
-  size_t (*bytes)(int, int, int, int) = nullptr;
+    return "the plan of group 0 is not a swap plan of 8 to 64 tokens (" +
+           block_gemm_sm90_plan(first) + ")";
+  if (plan.splits > 1 && !plan.push_sums) return "the plan of group 0 pulls its sums through DSMEM";
+  GroupedBytesFn bytes = nullptr;
   const bool masked = p.masked();
-  if (plan.tokens == 8) {
-    grouped.kernel = plan.rows == 64 ? (masked ? gemm_swap_grouped_kernel<8, 64, true>
-                                               : gemm_swap_grouped_kernel<8, 64, false>)
-                                     : (masked ? gemm_swap_grouped_kernel<8, 128, true>
-                                               : gemm_swap_grouped_kernel<8, 128, false>);
-    bytes = plan.rows == 64 ? grouped_shared_bytes<8, 64> : grouped_shared_bytes<8, 128>;
-  } else {
-    grouped.kernel = plan.rows == 64 ? (masked ? gemm_swap_grouped_kernel<16, 64, true>
-                                               : gemm_swap_grouped_kernel<16, 64, false>)
-                                     : (masked ? gemm_swap_grouped_kernel<16, 128, true>
-                                               : gemm_swap_grouped_kernel<16, 128, false>);
-    bytes = plan.rows == 64 ? grouped_shared_bytes<16, 64> : grouped_shared_bytes<16, 128>;
+  const int64_t token_tiles = fp8::ceil_div(p.m, int64_t{plan.tokens});
+  const GroupedBuild build = !masked            ? GroupedBuild::whole
+                             : token_tiles == 1 ? GroupedBuild::masked
+                                                : GroupedBuild::masked_tiles;
+  switch (plan.tokens) {
+    case 8:
+      grouped_kernel_of<8>(plan.rows, build, grouped.kernel, bytes);
+      break;
+    case 16:
+      grouped_kernel_of<16>(plan.rows, build, grouped.kernel, bytes);
+      break;
+    case 32:
+      grouped_kernel_of<32>(plan.rows, build, grouped.kernel, bytes);
+      break;
+    default:
+      grouped_kernel_of<64>(plan.rows, build, grouped.kernel, bytes);
+      break;
   }
+  // The grid: x the row tiles (times the split), y the slices of the groups; the masked layout's
+  // token tiles (of its capacity M) are items within them.
+  if (masked && token_tiles > kMaxItemTiles)
+    return "M=" + std::to_string(p.m) + " makes over " + std::to_string(kMaxItemTiles) +
+           " token tiles";
+  if (!masked && token_tiles > 1) return "M is past the plan's token tile";
+  plan.grid.z = 1;
+  // Slices: as many as one wave holds beside the row tiles (MOEKIT_SM90_GROUPED_SLICES=s forces
+  // s); two CTAs per SM where the ring leaves room (8-token tiles). The masked build's item list
+  // is sized before the shared memory is known: for the slices of one CTA per SM, at least as many
+  // as the wave holds later, so that the list is never short.
+  const int64_t clusters = int64_t{plan.grid.x} / plan.splits;  // one slice's
+  const int forced = env::integer("MOEKIT_SM90_GROUPED_SLICES", 0);
+  const int64_t most_items = masked ? p.groups * token_tiles : p.groups;
+  const auto slices_of = [&](int64_t wave) {
+    return std::clamp<int64_t>(forced > 0 ? forced : wave / clusters, 1, most_items);
+  };
+  const int64_t fewest_slices = slices_of(device_properties(device_index).sm_count / plan.splits);
+  grouped.max_items = masked ? static_cast<int>(fp8::ceil_div(most_items, fewest_slices)) : 0;
   const int per_split = static_cast<int>(fp8::ceil_div(first.k_blocks, plan.splits));
   const size_t limit = device_properties(device_index).shared_memory_per_block_optin;
   // 12 stages (H200, moekit bench --op gemm-grouped, 8 groups, N=4096 K=7168: M=1 / 4 / 16 8.12 /
@@ -914,13 +985,14 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
   // fits. MOEKIT_SM90_GROUPED_STAGES=n (even) forces n (timing knob).
   int stages = env::integer("MOEKIT_SM90_GROUPED_STAGES", kGroupedStages);
   stages = std::max(2, (stages + 1) / 2 * 2);
-  const int listed = masked ? static_cast<int>(p.groups) : 0;  // the masked build's group list
+  // The masked build's list: each group's rows, the CTA's items, their count.
+  const int listed = masked ? static_cast<int>(p.groups) + grouped.max_items + 1 : 0;
   while (stages > 2 && bytes(per_split, stages, plan.splits, listed) + 1024 > limit) stages -= 2;
   plan.stages = stages;
   plan.shared_bytes = bytes(per_split, stages, plan.splits, listed);
   if (plan.shared_bytes + 1024 > limit)
     return "the scales of a CTA's k-range and the list of " + std::to_string(p.groups) +
-           " groups do not fit shared memory";
+           " groups' token tiles do not fit shared memory";
   // masked_m is the previous kernel's output: no weights load before its wait.
   plan.early_weights = plan.early_weights && !masked;
   plan.co_resident = false;
@@ -930,10 +1002,8 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
   plan.cluster_capacity =
       cluster_capacity(grouped.kernel, plan.splits, plan.shared_bytes, device_index);
   if (plan.cluster_capacity < 1) return "no cluster of the grouped kernel fits an SM";
-  const int64_t clusters = int64_t{plan.grid.x} / plan.splits * plan.grid.y;  // one slice's
-  const int forced = env::integer("MOEKIT_SM90_GROUPED_SLICES", 0);
-  const int64_t slices = forced > 0 ? forced : plan.cluster_capacity / clusters;
-  plan.grid.z = static_cast<unsigned>(std::clamp<int64_t>(slices, 1, p.groups));
+  const int64_t wave_slices = slices_of(plan.cluster_capacity);
+  plan.grid.y = static_cast<unsigned>(masked ? std::max(fewest_slices, wave_slices) : wave_slices);
   return "";
 }
 
@@ -943,13 +1013,13 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
 // H200 (fp8-gpu-sm90.md, session 30: at the experts' shapes every layout without a split, its
 // groups spread over the SMs, beat the split plans by 20-55 %).
 double grouped_plan_us(const Plan& plan, int64_t groups, int64_t k_blocks) {
-  const int64_t busy_slices = std::min<int64_t>(plan.grid.z, groups);
-  const int64_t ctas = int64_t{plan.grid.x} * plan.grid.y * busy_slices;
+  const int64_t busy_slices = std::min<int64_t>(plan.grid.y, groups);
+  const int64_t ctas = int64_t{plan.grid.x} * busy_slices;
   const double bytes_per_us = std::min(50e3, 4.2e6 / static_cast<double>(ctas));
   const int64_t per_split = fp8::ceil_div(k_blocks, plan.splits);
   const double group_us =
       static_cast<double>(per_split * plan.rows * kBlockK) / bytes_per_us + (plan.splits > 1);
-  return static_cast<double>(fp8::ceil_div(groups, int64_t{plan.grid.z})) * group_us;
+  return static_cast<double>(fp8::ceil_div(groups, int64_t{plan.grid.y})) * group_us;
 }
 
 // The grouped kernel's plan: of group 0's swap plan and the layouts of 64 and 128 rows without a
@@ -962,30 +1032,29 @@ double grouped_plan_us(const Plan& plan, int64_t groups, int64_t k_blocks) {
 // the bits gpu.sm90 writes with the plan's layout. Returns "" or why there is none.
 std::string grouped_plan_for(const GroupedBlockGemmProblem& p, int device_index,
                              GroupedPlan& grouped) {
-  const BlockGemmProblem first = p.group(0);
-  grouped.plan = plan_for(first, device_index);
-  std::string why = grouped_plan_of(p, device_index, grouped);
+  const BlockGemmProblem first = grouped_planned_problem(p);
+  std::string why = grouped_swap_plan(first, device_index, nullptr, grouped.plan)
+                        ? grouped_plan_of(p, device_index, grouped)
+                        : "no swap layout fits group 0 (" + block_gemm_sm90_plan(first) + ")";
   int rows = 0, splits = 0;
-  if (!why.empty() || forced_swap(rows, splits)) return why;
+  if (forced_swap(rows, splits)) return why;
   const bool masked = p.masked();
   const int64_t with_rows = masked ? (p.groups + 1) / 2 : p.groups;
-  double best = grouped_plan_us(grouped.plan, with_rows, first.k_blocks);
-  const DeviceProperties& device = device_properties(device_index);
+  double best = why.empty() ? grouped_plan_us(grouped.plan, with_rows, first.k_blocks)
+                            : std::numeric_limits<double>::infinity();
   for (const int candidate_rows : {masked ? 64 : 128, masked ? 128 : 64}) {
     const SwapLayout layout{candidate_rows, 1};
     GroupedPlan candidate;
-    const bool found =
-        grouped.plan.tokens == 8
-            ? plan_swap<8, false>(first, device, device_index, &layout, candidate.plan)
-            : plan_swap<16, false>(first, device, device_index, &layout, candidate.plan);
+    const bool found = grouped_swap_plan(first, device_index, &layout, candidate.plan);
     if (!found || !grouped_plan_of(p, device_index, candidate).empty()) continue;
     const double us = grouped_plan_us(candidate.plan, with_rows, first.k_blocks);
     if (us < best * 0.999) {
       best = us;
       grouped = candidate;
+      why.clear();
     }
   }
-  return "";
+  return why;
 }
 
 // Launches the plan's kernel: a cluster where K is split, programmatic dependent launch where the
@@ -1278,9 +1347,9 @@ std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
   if (p.groups == 0) return "";
   const BlockGemmProblem first = p.group(0);
   if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
-  if (p.m > kMaxGroupedTokens)
+  if (p.m > kMaxGroupedTokens && !p.masked())
     return "M=" + str(p.m) + " > " + str(kMaxGroupedTokens) +
-           " (the grouped kernel takes decode sizes: token tiles of 8 and 16)";
+           " (the grouped kernel takes decode sizes, token tiles of 8 to 64, or the masked layout)";
   if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
     return "a's or b's groups are not 16 bytes apart (TMA needs it)";
   if (p.groups > (int64_t{1} << 20)) return "G=" + str(p.groups) + " > 2^20 groups";
@@ -1302,10 +1371,10 @@ std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
   std::snprintf(
       text, sizeof text,
       "grouped swap, %lld groups in one launch: %d tokens x %d weight rows per CTA, K "
-      "split %d ways (cluster), grid %u x %u x %u (slices of the groups), %d stages, %zu B "
+      "split %d ways (cluster), grid %u x %u (row tiles, slices of the %s), %d stages, %zu B "
       "shared%s%s",
       static_cast<long long>(p.groups), plan.tokens, plan.rows, plan.splits, plan.grid.x,
-      plan.grid.y, plan.grid.z, plan.stages, plan.shared_bytes,
+      plan.grid.y, p.masked() ? "token tiles with rows" : "groups", plan.stages, plan.shared_bytes,
       plan.early_weights ? ", early weight loads" : "", plan.splits > 1 ? ", pushed sums" : "");
   return text;
 }
@@ -1332,7 +1401,8 @@ void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
                              p.b_scales.stride(0),
                              p.out.stride(0),
                              env::integer("MOEKIT_SM90_GROUPED_LATE_SUMS", 1) != 0,
-                             p.masked() ? p.masked_m.data_as<const int>() : nullptr};
+                             p.masked() ? p.masked_m.data_as<const int>() : nullptr,
+                             grouped.max_items};
   launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
 }
 

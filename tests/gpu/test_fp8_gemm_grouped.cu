@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -187,10 +188,15 @@ TEST(GpuGroupedGemm, OneLaunchEqualsBlockFp8GemmPerGroupBitForBit) {
       {3, 2, 7748, 3968, ScaleLayout::column_major},  // 31 k-blocks
       {1, 16, 512, 1024},
       {6, 3, 1536, 2048},  // an MoE expert's gate_up (Qwen3-30B-A3B)
+      // Token tiles of 32 and 64 rows
+      {3, 24, 4096, 7168},
+      {2, 64, 1536, 2048, ScaleLayout::row_major, DType::f32},
+      {3, 33, 2048, 768, ScaleLayout::column_major},
+      {4, 50, 200, 3840, ScaleLayout::column_major_tma, DType::f16},
   };
   int served = 0;
   for (const Case& c : cases) served += check_case(rng, c);
-  EXPECT_GE(served, 7);
+  EXPECT_GE(served, 11);
 }
 
 TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
@@ -271,13 +277,27 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
     const auto* group =
         got.data_as<uint8_t>() + g * (c.m * c.n + o.gap) * static_cast<int64_t>(element);
     const size_t valid = static_cast<size_t>(rows * c.n) * element;
-    if (rows > 0) {
-      Tensor expected = Tensor::empty(c.out, {c.m, c.n}, Device::gpu());
-      block_fp8_gemm(plane_of(o.a, g), plane_of(o.as, g), c.layout, plane_of(o.b, g),
+    // Past 64 rows (the masked layout's capacity; row-major scales) gpu.sm90 multiplies each
+    // 64-row token tile of the group's rows alone: on all M it would take the tiles kernel.
+    const int64_t chunk = c.m > 64 ? 64 : c.m;
+    for (int64_t t0 = 0; t0 < rows; t0 += chunk) {
+      const int64_t m = c.m > 64 ? std::min(chunk, rows - t0) : c.m;
+      const TensorView a = plane_of(o.a, g), as = plane_of(o.as, g);
+      const TensorView a_rows(static_cast<uint8_t*>(a.data()) + t0 * a.stride(0), a.dtype(),
+                              std::array<int64_t, 2>{m, c.k},
+                              std::array<int64_t, 2>{a.stride(0), 1}, a.device());
+      const TensorView as_rows(static_cast<uint8_t*>(as.data()) +
+                                   t0 * as.stride(0) * static_cast<int64_t>(dtype_size(as.dtype())),
+                               as.dtype(), std::array<int64_t, 2>{m, as.size(1)},
+                               std::array<int64_t, 2>{as.stride(0), as.stride(1)}, as.device());
+      Tensor expected = Tensor::empty(c.out, {m, c.n}, Device::gpu());
+      block_fp8_gemm(c.m > 64 ? a_rows : a, c.m > 64 ? as_rows : as, c.layout, plane_of(o.b, g),
                      plane_of(o.bs, g), std::nullopt, expected, single);
       const Tensor want = Tensor::copy_of(expected, Device::cpu());
-      EXPECT_EQ(std::memcmp(group, want.data(), valid), 0)
-          << "group " << g << ", " << rows << " rows";
+      const size_t bytes = static_cast<size_t>(std::min(m, rows - t0) * c.n) * element;
+      EXPECT_EQ(std::memcmp(group + t0 * c.n * static_cast<int64_t>(element), want.data(), bytes),
+                0)
+          << "group " << g << ", " << rows << " rows, from row " << t0;
     }
     size_t written = 0;
     for (size_t byte = valid; byte < (c.m * c.n + o.gap) * element; ++byte)
@@ -295,6 +315,11 @@ TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
   check_masked(rng, {3, 16, 2048, 3840, ScaleLayout::row_major, DType::bf16, DType::f32, false},
                {9, 16, 2});
   check_masked(rng, {3, 2, 512, 1024}, {0, 0, 0});  // nothing to do: nothing written
+  check_masked(rng, {4, 40, 1536, 2048, ScaleLayout::column_major}, {0, 40, 17, 1});  // 64 tokens
+  // The capacities of DeepEP's low-latency dispatch: M past the kernel's 64-row token tiles, one
+  // CTA row of the grid per tile, the counts a few rows or many.
+  check_masked(rng, {5, 256, 1536, 2048}, {0, 3, 70, 256, 1});
+  check_masked(rng, {6, 200, 2048, 768, ScaleLayout::row_major, DType::f32}, {1, 0, 0, 199, 2, 0});
   {
     ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "2");
     check_masked(rng, {7, 16, 4096, 3840}, {1, 0, 16, 0, 0, 5, 16});
@@ -322,6 +347,8 @@ TEST(GpuGroupedGemm, MaskedCountsWrittenByTheKernelBeforeAreTheOnesUsed) {
   ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "4");
   check_masked(rng, {12, 4, 1024, 768}, counts, other);
   check_masked(rng, {150, 5, 256, 512}, before, many);
+  // One CTA row taking every token tile with rows, several of them per group.
+  check_masked(rng, {5, 200, 256, 512}, {0, 199, 3, 64, 65}, {7, 0, 0, 130, 0});
 }
 
 // Slices of the groups over the grid (MOEKIT_SM90_GROUPED_SLICES): the same sums per group, so
@@ -348,8 +375,8 @@ TEST(GpuGroupedGemm, SlicesOfTheGroupsKeepEachGroupsBits) {
 TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.PerGroup"));
-  // M=40 is past the grouped kernel's token tiles; its groups run as gpu.sm90 calls.
-  const Case wide{3, 40, 256, 512};
+  // M=65 is past the grouped kernel's token tiles; its groups run as gpu.sm90 calls.
+  const Case wide{3, 65, 256, 512};
   const Operands o = make_operands(rng, wide);
   Tensor out = sentinel_out(wide, o.gap);
   OpOptions options;

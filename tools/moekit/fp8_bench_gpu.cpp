@@ -272,13 +272,13 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   return result;
 }
 
-// An MoE decode step's grouped GEMM in the masked layout: G experts, `active` of them given M rows
-// (Qwen3-30B-A3B at one token: 8 of 128), gpu.sm90.grouped, us per expert with rows. Each call
-// of the replayed graph picks another set of experts (16 sets, each expert in at most one), so
-// their weights come from HBM as in a model, not from L2. Verified on the first set's first
-// expert.
-GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t N, int64_t K, int64_t G,
-                               int64_t active, uint64_t seed, int replays) {
+// An MoE decode step's grouped GEMM in the masked layout: G experts of capacity M, `active` of them
+// given `rows` rows (Qwen3-30B-A3B at one token: 8 of 128, one row each), gpu.sm90.grouped, us per
+// expert with rows. Each call of the replayed graph picks another set of experts (16 sets, each
+// expert in at most one), so their weights come from HBM as in a model, not from L2. Verified on
+// the first set's first expert.
+GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows, int64_t N,
+                               int64_t K, int64_t G, int64_t active, uint64_t seed, int replays) {
   const Device gpu = Device::gpu();
   const Fp8GemmInputs x = make_fp8_gemm_inputs(G * M, 1, K, seed);
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);
@@ -290,15 +290,17 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t N, in
   for (int64_t set = 0; set < sets; ++set) {
     Tensor host = Tensor::empty(DType::i32, {G});
     for (int64_t g = 0; g < G; ++g)
-      host.data_as<int32_t>()[g] = g % stride == set ? static_cast<int32_t>(M) : 0;
+      host.data_as<int32_t>()[g] = g % stride == set ? static_cast<int32_t>(rows) : 0;
     counts.push_back(Tensor::copy_of(host, gpu));
   }
   OpOptions op;
   op.backend = Backend::gpu;
   op.static_weights = true;
   op.implementation = kGroupedImplementations[0];
-  GpuRow row{name + " G=" + std::to_string(G) + ", " + std::to_string(active) + " with rows",
-             M,
+  GpuRow row{name + " G=" + std::to_string(G) +
+                 (rows < M ? " capacity " + std::to_string(M) : std::string()) + ", " +
+                 std::to_string(active) + " with rows",
+             rows,
              N,
              K,
              op.implementation,
@@ -309,16 +311,17 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t N, in
                                   as_groups(out, G), op);
   };
   call(counts[0]);
-  const int64_t rows = std::min<int64_t>(M, 2);
-  Tensor ref = Tensor::empty(DType::f32, {rows, N});
-  block_fp8_gemm(first_rows(plane_of(as_groups(x.a, G), 0), rows),
-                 first_rows(plane_of(as_groups(x.a_scales, G), 0), rows), ScaleLayout::row_major,
+  const int64_t checked = std::min<int64_t>(rows, 2);
+  Tensor ref = Tensor::empty(DType::f32, {checked, N});
+  block_fp8_gemm(first_rows(plane_of(as_groups(x.a, G), 0), checked),
+                 first_rows(plane_of(as_groups(x.a_scales, G), 0), checked), ScaleLayout::row_major,
                  plane_of(as_groups(w.b, G), 0), plane_of(as_groups(w.b_scales, G), 0),
-                 std::nullopt, TensorView(ref.data(), DType::f32, {rows, N}),
+                 std::nullopt, TensorView(ref.data(), DType::f32, {checked, N}),
                  OpOptions{Backend::reference});
   const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
-  row.verified = relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {rows, N}),
-                                     ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16
+  row.verified =
+      relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {checked, N}), ref) <
+      1e-3 + 1.0 / 256;  // spec/fp8.md, bf16
   int next = 0;
   row.median_us = gpu::median_graph_replay_us(
                       [&](void* stream) {
@@ -327,10 +330,11 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t N, in
                       },
                       /*calls_per_graph=*/static_cast<int>(sets), replays) /
                   static_cast<double>(active);
+  // Bytes per expert with rows: its weights, and its rows of a, a_scales and out (not capacity's).
   row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes()) / static_cast<double>(G) +
               static_cast<double>(x.a.nbytes() + x.a_scales.nbytes() + out.nbytes()) /
-                  static_cast<double>(G);
-  row.flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+                  static_cast<double>(G * M) * static_cast<double>(rows);
+  row.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(N) * static_cast<double>(K);
   return row;
 }
 
@@ -513,8 +517,10 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     for (const Shape& shape : {Shape{"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {1}},
                                Shape{"N=2048 K=768 (Qwen3-30B expert down)", 2048, 768, {1}}})
       if (wanted(shape.name, 1))
-        rows.push_back(bench_masked_decode_gpu(shape.name, 1, shape.n, shape.k, 128, 8, seed++,
-                                               options.replays));
+        // Capacity 1, and 128 as DeepEP's low-latency dispatch leaves it (the counts still 1).
+        for (const int64_t capacity : {1, 128})
+          rows.push_back(bench_masked_decode_gpu(shape.name, capacity, 1, shape.n, shape.k, 128, 8,
+                                                 seed++, options.replays));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);

@@ -22,9 +22,15 @@ struct GroupStrides {
   // slots), so that no rank waits for the others between groups.
   bool late_sums;
   // [groups] i32 on the device, or null: group g's rows are its first min(max(masked_m[g], 0), m)
-  // (DeepGEMM's masked layout). A CTA skips the groups with no rows in its token tile.
+  // (DeepGEMM's masked layout). The items are then the token tiles with rows, (group, tile), and
+  // a CTA holds at most max_items of them (shared memory).
   const int* masked_m;
+  int max_items;
 };
+
+// The masked build's item: group and token tile in one word.
+constexpr int kItemTileBits = 11;
+constexpr int kMaxItemTiles = 1 << kItemTileBits;
 
 // The producer warpgroup's registers after reallocation: its scale loader spilled in the swap
 // kernel's 40. The consumers' growth must fit what the producers give back, or it waits forever
@@ -55,10 +61,11 @@ struct SwapGrouped {
   }
   // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers (one per
   // inbox slot) | scale full, scale empty barriers | scale buffers | warpgroup 1's sums | 2 inbox
-  // slots (16-byte aligned; `inbox` is one slot's bytes) | the masked build's work: its groups,
-  // their rows and their count (`groups` 0 for the unmasked build, which lists none).
-  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox, int groups) {
-    return (2 * static_cast<size_t>(groups) + 1) * 4 + kSharedAlign +
+  // slots (16-byte aligned; `inbox` is one slot's bytes) | the masked build's work: each group's
+  // rows, the CTA's items and their count (`list_words` = groups + max_items + 1; 0 for the
+  // unmasked build, which lists none).
+  static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox, int list_words) {
+    return static_cast<size_t>(list_words + 1) * 4 + kSharedAlign +
            static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
            (4 + 2 * kScaleDepth) * sizeof(uint64_t) + inbox +
            static_cast<size_t>(kScaleDepth) * scale_buffer_floats(k_blocks_per_split) * 4 +
@@ -66,11 +73,14 @@ struct SwapGrouped {
   }
 };
 
-// kMasked: strides.masked_m is given. A build of its own, so that the unmasked one keeps group a
-// as item a at compile time: with the lookups decided at run time, the unmasked launch measured
-// 3-6 % slower than before the masked layout at the expert and down shapes (H200, session 29),
-// which this build is meant to recover (not yet measured).
-template <int kTokens, int kRows, bool kMasked>
+// The builds: whole groups; masked (strides.masked_m given) with M within one token tile; masked
+// with a capacity of several. Each a build of its own, so that the lighter ones keep their items
+// simple at compile time: with the lookups decided at run time, the unmasked launch measured 3-6 %
+// slower at the expert and down shapes (H200, session 29), and the several tiles' listing made a
+// one-tile launch 3-5 % slower (session 32).
+enum class GroupedBuild { whole, masked, masked_tiles };
+
+template <int kTokens, int kRows, GroupedBuild kBuild>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_swap_grouped_kernel(const __grid_constant__ CUtensorMap w_map,
                              const __grid_constant__ CUtensorMap x_map, const GemmArgs args,
@@ -102,18 +112,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto* inbox = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(partial) + SwapGrouped<kTokens, kRows>::kPartialBytes + 15) /
       16 * 16);
-  // The CTA's work: item a is group work_group[a], whose rows (tokens) are work_rows[a].
-  auto* work_group = reinterpret_cast<int*>(inbox + 2 * slot_floats);
-  int* work_rows = work_group + groups;
-  int* work_count = work_rows + groups;
+  // The masked build's work: group g has group_rows[g] rows; the CTA's item a is token tile
+  // work_item[a] & (kMaxItemTiles - 1) of group work_item[a] >> kItemTileBits.
+  auto* group_rows = reinterpret_cast<int*>(inbox + 2 * slot_floats);
+  int* work_item = group_rows + groups;
+  int* work_count = work_item + strides.max_items;
 
   const int warpgroup = static_cast<int>(threadIdx.x) / kWarpgroup;
   const int split = splits > 1 ? static_cast<int>(sm90::cluster_rank()) : 0;
   const int n0 = static_cast<int>(blockIdx.x) / splits * kRows;
-  const int t0 = static_cast<int>(blockIdx.y) * kTokens;
-  // Slice z of the grid takes groups z, z + slices, ...: where one group's tiles leave SMs idle,
+  // Slice y of the grid takes groups y, y + slices, ...: where one group's tiles leave SMs idle,
   // the groups spread over them (the host keeps slices <= groups).
-  const int slice = static_cast<int>(blockIdx.z), slices = static_cast<int>(gridDim.z);
+  const int slice = static_cast<int>(blockIdx.y), slices = static_cast<int>(gridDim.y);
   const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * args.k_blocks / splits);
   const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * args.k_blocks / splits);
   const int count = kb_end - kb_begin;  // >= 1: the host keeps splits <= k_blocks
@@ -140,11 +150,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (push) sm90::cluster_arrive();
   vendor::allow_next_grid();
 
-  // With masked_m (the previous kernel's output), the groups with rows in this CTA's token tile,
-  // in order, are dealt to the slices in turn (so that a slice does not get every group with rows
-  // where they alternate with empty ones); warp 1 of the producer warpgroup lists the slice's
-  // after the wait, for all to read. Without, item a is group slice + a * slices with M rows.
-  constexpr bool masked = kMasked;
+  // With masked_m (the previous kernel's output), the token tiles with rows, group by group, are
+  // the items, dealt to the slices in turn (so that a slice does not get every group with rows
+  // where they alternate with empty ones); a capacity of many token tiles costs no CTAs, only the
+  // tiles with rows. Without, item a is group slice + a * slices, its M rows one token tile.
+  constexpr bool masked = kBuild != GroupedBuild::whole;
+  constexpr bool several_tiles = kBuild == GroupedBuild::masked_tiles;
   if constexpr (masked) {
     vendor::wait_for_previous_grid();
     if (static_cast<int>(threadIdx.x) / 32 == kConsumers * 4 + 1) {
@@ -164,15 +175,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int j = 0; j < kLoads; ++j) {
           const int group = base + j * 32 + lane;
-          const int rows = min(max(counts[j], 0), args.m);
-          const bool here = group < groups && rows > t0;
-          const unsigned active = __ballot_sync(~0u, here);
-          const int at = listed + __popc(active & ((1u << lane) - 1u));
-          if (here && at % slices == slice) {
-            work_group[at / slices] = group;
-            work_rows[at / slices] = rows;
+          const int rows = group < groups ? min(max(counts[j], 0), args.m) : 0;
+          if (group < groups) group_rows[group] = rows;
+          const int tiles = (rows + kTokens - 1) / kTokens;
+          if (!several_tiles || !__any_sync(~0u, tiles > 1)) {
+            // At most one tile per group (decode): a ballot places them. The scan below cost a
+            // Qwen3-30B MoE decode step 1 us per launch (fp8-gpu-sm90.md, session 32).
+            const unsigned active = __ballot_sync(~0u, tiles > 0);
+            const int at = listed + __popc(active & ((1u << lane) - 1u));
+            if (tiles > 0 && at % slices == slice) work_item[at / slices] = group << kItemTileBits;
+            listed += __popc(active);
+            continue;
           }
-          listed += __popc(active);
+          int scan = tiles;  // inclusive prefix sum over the lanes
+#pragma unroll
+          for (int offset = 1; offset < 32; offset *= 2) {
+            const int before = __shfl_up_sync(~0u, scan, offset);
+            if (lane >= offset) scan += before;
+          }
+          for (int tile = 0, at = listed + scan - tiles; tile < tiles; ++tile, ++at)
+            if (at % slices == slice) work_item[at / slices] = group << kItemTileBits | tile;
+          listed += __shfl_sync(~0u, scan, 31);
         }
       }
       if (lane == 0) *work_count = (listed - slice + slices - 1) / slices;
@@ -180,8 +203,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
   const int items = masked ? *work_count : (groups - slice + slices - 1) / slices;
-  const auto group_of = [&](int item) { return masked ? work_group[item] : slice + item * slices; };
-  const auto rows_of = [&](int item) { return masked ? work_rows[item] : args.m; };
+  const auto group_of = [&](int item) {
+    return masked ? work_item[item] >> kItemTileBits : slice + item * slices;
+  };
+  const auto t0_of = [&](int item) {
+    return several_tiles ? (work_item[item] & (kMaxItemTiles - 1)) * kTokens : 0;
+  };
+  const auto rows_of = [&](int item) { return masked ? group_rows[group_of(item)] : args.m; };
 
   if (warpgroup == kConsumers) {
     sm90::registers_shrink<kGroupedProducerRegisters>();
@@ -203,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         vendor::wait_for_previous_grid();
         for (int j = 0; j < early; ++j)
           sm90::tma_load_3d(stages + j * Config::kStageBytes + Config::kWeightBytes, &x_map,
-                            &full[j], (kb_begin + j) * kBlockK, t0, slice);
+                            &full[j], (kb_begin + j) * kBlockK, 0, slice);
         q = early;
       } else {
         vendor::wait_for_previous_grid();
@@ -218,7 +246,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int k = (kb_begin + i) * kBlockK;
         sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
         sm90::tma_load_3d(stage, &w_map, &full[slot.stage], k, n0, group);
-        sm90::tma_load_3d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0, group);
+        sm90::tma_load_3d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0_of(item),
+                          group);
         if (++i == count) {
           i = 0;
           ++item;
@@ -233,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int scale_count = count * kTokens, scale_total = scale_count + count;
       vendor::wait_for_previous_grid();  // the activation scales are its output
       for (int item = 0; item < items; ++item) {
-        const int group = group_of(item), rows = rows_of(item);
+        const int group = group_of(item), rows = rows_of(item), t0 = t0_of(item);
         const int buffer = item % kScaleDepth;
         if (item >= kScaleDepth)
           sm90::mbarrier_wait(&scale_empty[buffer],
@@ -286,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto store_item = [&](int item, const float(&sums)[kRegisters]) {
     Epilogue e = args.epilogue;
     e.out = static_cast<uint8_t*>(e.out) + group_of(item) * strides.out * element;
-    store_sums<kTokens>(e, row0, t0, rows_of(item), args.n, lane, sums);
+    store_sums<kTokens>(e, row0, t0_of(item), rows_of(item), args.n, lane, sums);
   };
   // Rank 0: an item's sums from the other ranks added, their slot handed back, the item stored.
   const auto finish_item = [&](int item, float(&sums)[kRegisters]) {
