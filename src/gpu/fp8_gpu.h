@@ -59,9 +59,10 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& problem);
 void w8a8_linear_sm90_fused(const W8a8LinearProblem& problem);
 
 // grouped_block_fp8_gemm (and its masked layout) on Hopper at decode sizes (fp8_gemm_sm90.cu,
-// M <= 16): group 0's swap plan, every CTA taking its weight tile in group after group within one
-// launch, so that the weight stream runs on from group to group. Each group's out (masked: its
-// rows) bitwise equals block_fp8_gemm_sm90's; masked, nothing else of out is written.
+// M <= 64; masked, any capacity M, the token tiles with rows taken as items): group 0's swap plan,
+// every CTA taking its weight tile in group after group within one launch, so that the weight
+// stream runs on from group to group. Each group's out (masked: its rows) bitwise equals
+// block_fp8_gemm_sm90's on those rows; masked, nothing else of out is written.
 std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
 void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);

@@ -111,7 +111,7 @@ void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
 // out[g] = block_fp8_gemm(a[g], a_scales[g], b[g], b_scales[g]) for g < G, without bias, with
 // a [G, M, K] f8e4m3, a_scales [G, ...] (each group's plane the storage block_fp8_gemm takes in
 // a_scales_layout), b [G, N, K] f8e4m3, b_scales [G, ceil(N/128), ceil(K/128)] f32/bf16 and out
-// [G, M, N] f32/bf16/f16 (groups must not overlap). On Hopper, for decode sizes (M <= 16), one
+// [G, M, N] f32/bf16/f16 (groups must not overlap). On Hopper, for decode sizes (M <= 64), one
 // launch streams every group's weights back to back ("gpu.sm90.grouped": one grid start and one
 // tail for all G instead of one each, the groups spread over the SMs), each group's out bitwise
 // equal to what block_fp8_gemm's "gpu.sm90" entry writes with the same swap layout (the one the
@@ -125,7 +125,10 @@ void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
 // tensors' device (typically written by the kernel before, e.g. the dispatch of tokens to
 // experts) gives group g's rows: its first min(max(masked_m[g], 0), M). Only those rows of out[g]
 // are defined afterwards (the rest may or may not be written); groups with none cost no weight
-// traffic on Hopper ("gpu.sm90.grouped" skips them and writes nothing for them).
+// traffic on Hopper ("gpu.sm90.grouped" skips them and writes nothing for them). M is the
+// experts' capacity: on Hopper one launch at any M up to 2048 token tiles of 16, whose CTAs take
+// only the token tiles with rows (each group's rows have the bits of "gpu.sm90" on them, 64 rows
+// at a time).
 void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
                                    ScaleLayout a_scales_layout, const TensorView& b,
                                    const TensorView& b_scales, const TensorView& masked_m,
