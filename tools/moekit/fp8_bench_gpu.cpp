@@ -502,7 +502,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       std::vector<int64_t> tokens;
     };
     const std::vector<Shape> shapes = {
-        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16}},
+        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64}},
         {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16}},
         {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {1}},
         {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {1, 4}},
