@@ -976,7 +976,11 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
     return std::clamp<int64_t>(forced > 0 ? forced : wave / clusters, 1, most_items);
   };
   const int64_t fewest_slices = slices_of(device_properties(device_index).sm_count / plan.splits);
-  grouped.max_items = masked ? static_cast<int>(fp8::ceil_div(most_items, fewest_slices)) : 0;
+  const int64_t max_items = masked ? fp8::ceil_div(most_items, fewest_slices) : 0;
+  if (masked && max_items + p.groups > (int64_t{1} << 16))  // (shared memory: a few thousand)
+    return "the list of " + std::to_string(p.groups) + " groups' " + std::to_string(token_tiles) +
+           " token tiles does not fit shared memory";
+  grouped.max_items = static_cast<int>(max_items);
   const int per_split = static_cast<int>(fp8::ceil_div(first.k_blocks, plan.splits));
   const size_t limit = device_properties(device_index).shared_memory_per_block_optin;
   // 12 stages (H200, moekit bench --op gemm-grouped, 8 groups, N=4096 K=7168: M=1 / 4 / 16 8.12 /
