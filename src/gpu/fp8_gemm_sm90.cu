@@ -965,10 +965,10 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
            " token tiles";
   if (!masked && token_tiles > 1) return "M is past the plan's token tile";
   plan.grid.z = 1;
-  // Slices: as many as one wave holds beside the row tiles (MOEKIT_SM90_GROUPED_SLICES=s forces
-  // s); two CTAs per SM where the ring leaves room (8-token tiles). The masked build's item list
-  // is sized before the shared memory is known: for the slices of one CTA per SM, at least as many
-  // as the wave holds later, so that the list is never short.
+  // Slices: as many as the clusters that fit at once hold beside the row tiles
+  // (MOEKIT_SM90_GROUPED_SLICES=s forces s). The masked build's item list is sized before the
+  // shared memory is known, for the slices of one CTA per SM; its grid takes at least as many
+  // slices, so that the list is never short.
   const int64_t clusters = int64_t{plan.grid.x} / plan.splits;  // one slice's
   const int forced = env::integer("MOEKIT_SM90_GROUPED_SLICES", 0);
   const int64_t most_items = masked ? p.groups * token_tiles : p.groups;
