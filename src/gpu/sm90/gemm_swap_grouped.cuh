@@ -77,7 +77,7 @@ struct SwapGrouped {
 // with a capacity of several. Each a build of its own, so that the lighter ones keep their items
 // simple at compile time: with the lookups decided at run time, the unmasked launch measured 3-6 %
 // slower at the expert and down shapes (H200, session 29), and the several tiles' listing made a
-// one-tile launch 3-5 % slower (session 32).
+// one-tile launch 3-9 % slower (session 32).
 enum class GroupedBuild { whole, masked, masked_tiles };
 
 template <int kTokens, int kRows, GroupedBuild kBuild>
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (static_cast<int>(threadIdx.x) / 32 == kConsumers * 4 + 1) {
       // Every count's load in flight at once: each round trip after the wait takes 1-2 us under
       // the other SMs' weight streams (v10), and 4 in a row (128 groups, one per lane at a time)
-      // cost the MoE decode step 0.6-1 us (fp8-gpu-sm90.md, session 32).
+      // cost the MoE decode step's launches 0.7-1 us (fp8-gpu-sm90.md, session 32).
       constexpr int kLoads = 4;
       const int lane = static_cast<int>(threadIdx.x) % 32;
       int listed = 0;
