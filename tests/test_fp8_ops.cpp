@@ -1106,12 +1106,20 @@ TEST(Fp8GroupedGemm, MaskedGroupsUseTheirRowsOnly) {
     GroupedCall c = grouped_call(rng, G, M, N, K, ScaleLayout::row_major, DType::bf16, DType::f32);
     Tensor masked_m = Tensor::empty(DType::i32, {G});
     std::memcpy(masked_m.data(), counts.data(), sizeof(int32_t) * G);
-    for (const Backend backend : {Backend::reference, Backend::cpu}) {
-      SCOPED_TRACE(std::string(backend_name(backend)) + " M=" + std::to_string(M));
+    // (The hint of expected rows changes no byte.)
+    for (const auto& [backend, expected] :
+         {std::pair{Backend::reference, int64_t{0}}, std::pair{Backend::cpu, int64_t{0}},
+          std::pair{Backend::cpu, int64_t{3}}}) {
+      SCOPED_TRACE(std::string(backend_name(backend)) + " M=" + std::to_string(M) +
+                   " expected rows " + std::to_string(expected));
       std::memset(c.out.data(), kSentinelByte, c.out.nbytes());
       const OpOptions options{backend};
-      grouped_block_fp8_gemm_masked(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, masked_m,
-                                    grouped_out(c), options);
+      if (expected > 0)
+        grouped_block_fp8_gemm_masked(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, masked_m,
+                                      grouped_out(c), expected, options);
+      else
+        grouped_block_fp8_gemm_masked(c.a, c.as, ScaleLayout::row_major, c.b, c.bs, masked_m,
+                                      grouped_out(c), options);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
         const char* group = c.out.data_as<char>() + g * (M * N + c.gap) * 2;

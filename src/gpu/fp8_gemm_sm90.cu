@@ -905,13 +905,16 @@ void grouped_kernel_of(int rows, GroupedBuild build, GroupedKernelFn& kernel,
   bytes = rows == 64 ? grouped_shared_bytes<kTokens, 64> : grouped_shared_bytes<kTokens, 128>;
 }
 
-// The problem a grouped plan is made for: group 0, on at most 16 rows where masked: a capacity's
-// token tiles with rows are the items, and at decode the counts are a few rows (H200, a Qwen3-30B
+// The problem a grouped plan is made for: group 0, where masked on the caller's expected rows,
+// else on at most 16: a capacity's token tiles with rows are the items, and every token tile of a
+// group streams the group's weights once. At decode the counts are a few rows (H200, a Qwen3-30B
 // MoE step at capacity 128, one row per expert: planned for 8 / 16 / 32 / 64 rows 1.46 / 1.53 /
 // 1.67 / 2.25 us per gate_up; fp8-gpu-sm90.md, session 32), while 16 halves the weight passes of
-// 8 where an expert has many rows. MOEKIT_SM90_GROUPED_MASKED_ROWS=r plans for r (timing knob).
+// 8 where an expert has many rows. MOEKIT_SM90_GROUPED_MASKED_ROWS=r plans for r where the caller
+// gave no hint (timing knob).
 BlockGemmProblem grouped_planned_problem(const GroupedBlockGemmProblem& p) {
-  const int64_t rows = std::clamp<int64_t>(env::integer("MOEKIT_SM90_GROUPED_MASKED_ROWS", 16), 1,
+  const int64_t unhinted = env::integer("MOEKIT_SM90_GROUPED_MASKED_ROWS", 16);
+  const int64_t rows = std::clamp<int64_t>(p.expected_rows > 0 ? p.expected_rows : unhinted, 1,
                                            kMaxGroupedTokens);
   return p.masked() && p.m > rows ? p.group(0, rows) : p.group(0);
 }

@@ -985,10 +985,18 @@ void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
 namespace {
 constexpr const char* kMaskedOp = "grouped_block_fp8_gemm_masked";
 
-GroupedBlockGemmProblem with_masked_m(GroupedBlockGemmProblem p, const TensorView& masked_m) {
+GroupedBlockGemmProblem with_masked_m(GroupedBlockGemmProblem p, const TensorView& masked_m,
+                                      int64_t expected_rows = 0) {
   check_masked_m(kMaskedOp, masked_m, p.groups, p.a.device(), "a");
   p.masked_m = masked_m;
+  p.expected_rows = std::min(expected_rows, p.m);
   return p;
+}
+
+int64_t checked_expected_rows(int64_t expected_rows) {
+  if (expected_rows < 1)
+    fail(kMaskedOp, "expected_rows", std::to_string(expected_rows), "must be at least 1");
+  return expected_rows;
 }
 }  // namespace
 
@@ -1002,6 +1010,30 @@ void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scal
                     masked_m);
   dispatch<GroupedBlockGemmProblem>(kMaskedOp, kGroupedBlockGemmTable, p, a.device(), options,
                                     p.groups == 0 || p.m == 0 || p.n == 0);
+}
+
+void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
+                                   ScaleLayout a_scales_layout, const TensorView& b,
+                                   const TensorView& b_scales, const TensorView& masked_m,
+                                   const TensorView& out, int64_t expected_rows,
+                                   const OpOptions& options) {
+  const GroupedBlockGemmProblem p =
+      with_masked_m(make_grouped_block_gemm_problem(kMaskedOp, a, a_scales, a_scales_layout, b,
+                                                    b_scales, out, options),
+                    masked_m, checked_expected_rows(expected_rows));
+  dispatch<GroupedBlockGemmProblem>(kMaskedOp, kGroupedBlockGemmTable, p, a.device(), options,
+                                    p.groups == 0 || p.m == 0 || p.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
+    const TensorView& out, int64_t expected_rows, const OpOptions& options) {
+  const GroupedBlockGemmProblem p =
+      with_masked_m(make_grouped_block_gemm_problem(kMaskedOp, a, a_scales, a_scales_layout, b,
+                                                    b_scales, out, options),
+                    masked_m, checked_expected_rows(expected_rows));
+  return explain_table<GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p, a.device(), options);
 }
 
 std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(

@@ -114,6 +114,9 @@ struct GroupedBlockGemmProblem {
   // [G] i32 on the tensors' device, or none (data() null): group g's rows are its first
   // min(max(masked_m[g], 0), M); the rest of its out rows are unspecified after the call.
   TensorView masked_m;
+  // Masked only: the rows most groups are expected to have (DeepGEMM's expected_m), 1..M; 0 when
+  // the caller gave none. A timing hint: the GPU plans its token tile for it; no bits depend on it.
+  int64_t expected_rows = 0;
   int64_t groups = 0, m = 0, n = 0, k = 0;
   int num_threads = 0;
   void* stream = nullptr;

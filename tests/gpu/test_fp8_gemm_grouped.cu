@@ -233,10 +233,14 @@ __global__ void write_counts_late(int32_t* masked_m, const int32_t* counts, int 
 // The masked layout through the Hopper entry: group g's first min(max(masked_m[g], 0), M) rows
 // have the bytes of gpu.sm90 on the whole group; every other byte of out stays as it was (the
 // entry skips what has no rows, groups without rows included). With `stale` counts, masked_m
-// holds those until the kernel before the GEMM (in its stream) writes `counts` late.
+// holds those until the kernel before the GEMM (in its stream) writes `counts` late. With
+// `expected_rows` (> 0) the call passes that hint, and the plan must take `planned_tokens` tokens
+// per token tile.
 void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
-                  const std::vector<int32_t>& stale = {}) {
-  SCOPED_TRACE(describe(c) + (stale.empty() ? "" : ", counts written late"));
+                  const std::vector<int32_t>& stale = {}, int64_t expected_rows = 0,
+                  int planned_tokens = 0) {
+  SCOPED_TRACE(describe(c) + (stale.empty() ? "" : ", counts written late") +
+               (expected_rows > 0 ? ", expected rows " + std::to_string(expected_rows) : ""));
   const Operands o = make_operands(rng, c);
   Tensor grouped = sentinel_out(c, o.gap);
   Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
@@ -250,21 +254,34 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
   options.static_weights = c.static_weights;
   options.stream = stream.get();
   const TensorView out = grouped_view(grouped, c, o.gap);
-  std::string chosen, layout;
-  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
-           o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options))
+  std::string chosen, layout, detail;
+  for (const ImplementationChoice& row :
+       expected_rows > 0 ? explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs,
+                                                                 masked_m, out, expected_rows,
+                                                                 options)
+                         : explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs,
+                                                                 masked_m, out, options))
     if (row.chosen) {
       chosen = row.name;
       layout = layout_of(row.detail);
+      detail = row.detail;
     }
   ASSERT_EQ(chosen, kGrouped);
   ASSERT_FALSE(layout.empty());
+  if (planned_tokens > 0)
+    EXPECT_NE(detail.find("launch: " + std::to_string(planned_tokens) + " tokens"),
+              std::string::npos)
+        << detail;
   MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
   if (!stale.empty())
     write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
                                                    counts_gpu.data_as<const int32_t>(),
                                                    static_cast<int>(c.groups), 200000);
-  grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options);
+  if (expected_rows > 0)
+    grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows,
+                                  options);
+  else
+    grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options);
   MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
   options.stream = nullptr;
   const ScopedEnv same_layout("MOEKIT_SM90_SWAP", layout);
@@ -324,6 +341,20 @@ TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
     ScopedEnv ring("MOEKIT_SM90_GROUPED_STAGES", "2");
     check_masked(rng, {7, 16, 4096, 3840}, {1, 0, 16, 0, 0, 5, 16});
   }
+}
+
+// The hint of the rows most groups have (DeepGEMM's expected_m) plans the token tile for them
+// (without it: 16) and changes no bit: each group's rows still have gpu.sm90's.
+TEST(GpuGroupedGemm, MaskedExpectedRowsPlanTheTokenTile) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedExpectedRows"));
+  check_masked(rng, {4, 64, 4096, 7168}, {64, 0, 64, 33}, {}, 64, 64);
+  check_masked(rng, {5, 256, 1536, 2048}, {0, 3, 70, 256, 1}, {}, 64, 64);
+  check_masked(rng, {5, 256, 1536, 2048}, {0, 3, 70, 256, 1}, {}, 30, 32);
+  check_masked(rng, {6, 128, 2048, 768}, {1, 0, 0, 1, 2, 0}, {}, 1, 8);
+  check_masked(rng, {3, 16, 512, 1024, ScaleLayout::column_major_tma}, {16, 2, 9}, {}, 500, 16);
+  // The same counts written late by the kernel before, with a hint.
+  check_masked(rng, {5, 200, 1024, 768}, {0, 199, 3, 64, 65}, {7, 0, 0, 130, 0}, 48, 64);
 }
 
 // The counts are the previous kernel's output: the kernel before the GEMM (in its stream) writes

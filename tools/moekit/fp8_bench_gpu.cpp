@@ -223,22 +223,36 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
     masked_host.data_as<int32_t>()[g] = g % 2 == 0 ? static_cast<int32_t>(M) : 0;
   const Tensor masked_m = Tensor::copy_of(masked_host, gpu);
   std::vector<GpuRow> result;
-  for (const auto& [implementation, masked] :
-       {std::pair{kGroupedImplementations[0], false}, std::pair{kGroupedImplementations[1], false},
-        std::pair{kGroupedImplementations[0], true}}) {
+  // Past 16 rows the masked layout also runs with the hint of M expected rows (unhinted, it plans
+  // for 16 and streams a group's weights once per 16 rows).
+  struct Variant {
+    const char* implementation;
+    bool masked;
+    int64_t expected_rows;  // 0: no hint
+  };
+  std::vector<Variant> variants = {{kGroupedImplementations[0], false, 0},
+                                   {kGroupedImplementations[1], false, 0},
+                                   {kGroupedImplementations[0], true, 0}};
+  if (M > 16) variants.push_back({kGroupedImplementations[0], true, M});
+  for (const auto& [implementation, masked, expected_rows] : variants) {
     OpOptions op = any;
     op.implementation = implementation;
     if (explain(op).empty()) continue;
     const int64_t active = masked ? G / 2 : G;
     GpuRow row{name + " G=" + std::to_string(G) +
-                   (masked ? ", " + std::to_string(active) + " with rows" : ""),
+                   (masked ? ", " + std::to_string(active) + " with rows" : "") +
+                   (expected_rows > 0 ? ", expected " + std::to_string(expected_rows) : ""),
                M,
                N,
                K,
                implementation,
                implementation == dispatched && !masked};
     const auto call = [&](const Tensor& weight) {
-      if (masked)
+      if (masked && expected_rows > 0)
+        grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                                      as_groups(weight, G), as_groups(b_scales, G), masked_m,
+                                      as_groups(out, G), expected_rows, op);
+      else if (masked)
         grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
                                       as_groups(weight, G), as_groups(b_scales, G), masked_m,
                                       as_groups(out, G), op);
@@ -278,7 +292,8 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
 // expert in at most one), so their weights come from HBM as in a model, not from L2. Verified on
 // the first set's first expert.
 GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows, int64_t N,
-                               int64_t K, int64_t G, int64_t active, uint64_t seed, int replays) {
+                               int64_t K, int64_t G, int64_t active, int64_t expected_rows,
+                               uint64_t seed, int replays) {
   const Device gpu = Device::gpu();
   const Fp8GemmInputs x = make_fp8_gemm_inputs(G * M, 1, K, seed);
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);
@@ -299,16 +314,22 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
   op.implementation = kGroupedImplementations[0];
   GpuRow row{name + " G=" + std::to_string(G) +
                  (rows < M ? " capacity " + std::to_string(M) : std::string()) + ", " +
-                 std::to_string(active) + " with rows",
+                 std::to_string(active) + " with rows" +
+                 (expected_rows > 0 ? ", expected " + std::to_string(expected_rows) : ""),
              rows,
              N,
              K,
              op.implementation,
              false};
   const auto call = [&](const Tensor& masked_m) {
-    grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
-                                  as_groups(b, G), as_groups(b_scales, G), masked_m,
-                                  as_groups(out, G), op);
+    if (expected_rows > 0)
+      grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                                    as_groups(b, G), as_groups(b_scales, G), masked_m,
+                                    as_groups(out, G), expected_rows, op);
+    else
+      grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
+                                    as_groups(b, G), as_groups(b_scales, G), masked_m,
+                                    as_groups(out, G), op);
   };
   call(counts[0]);
   const int64_t checked = std::min<int64_t>(rows, 2);
@@ -517,10 +538,12 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     for (const Shape& shape : {Shape{"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {1}},
                                Shape{"N=2048 K=768 (Qwen3-30B expert down)", 2048, 768, {1}}})
       if (wanted(shape.name, 1))
-        // Capacity 1, and 128 as DeepEP's low-latency dispatch leaves it (the counts still 1).
-        for (const int64_t capacity : {1, 128})
+        // Capacity 1, and 128 as DeepEP's low-latency dispatch leaves it (the counts still 1),
+        // there also with the hint of 1 expected row.
+        for (const auto& [capacity, expected] :
+             {std::pair<int64_t, int64_t>{1, 0}, {128, 0}, {128, 1}})
           rows.push_back(bench_masked_decode_gpu(shape.name, capacity, 1, shape.n, shape.k, 128, 8,
-                                                 seed++, options.replays));
+                                                 expected, seed++, options.replays));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);

@@ -133,6 +133,16 @@ void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scal
                                    ScaleLayout a_scales_layout, const TensorView& b,
                                    const TensorView& b_scales, const TensorView& masked_m,
                                    const TensorView& out, const OpOptions& options = {});
+// The same with a hint, DeepGEMM's expected_m: most groups have about `expected_rows` rows (>= 1;
+// above M it counts as M). Hopper plans its token tile for that many rows instead of 16: 1..8 for
+// one-token decode steps, up to 64 where experts take tens of rows (each token tile of a group
+// streams the group's weights once). The hint changes the speed only: each group's rows still have
+// the bits of "gpu.sm90" with the plan's layout.
+void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
+                                   ScaleLayout a_scales_layout, const TensorView& b,
+                                   const TensorView& b_scales, const TensorView& masked_m,
+                                   const TensorView& out, int64_t expected_rows,
+                                   const OpOptions& options = {});
 
 // W [N, K] (f32/bf16/f16) -> weight f8e4m3 [N, K] and weight_scale_inv f32
 // [ceil(N/128), ceil(K/128)]: per 128x128 block, scale = max(amax, 1e-4) / 448.
@@ -173,6 +183,10 @@ std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
     const TensorView& out, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
+    const TensorView& out, int64_t expected_rows, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView& w,
                                                                 const TensorView& weight,
                                                                 const TensorView& weight_scale_inv,
