@@ -914,8 +914,8 @@ void grouped_kernel_of(int rows, GroupedBuild build, GroupedKernelFn& kernel,
 // gave no hint (timing knob).
 BlockGemmProblem grouped_planned_problem(const GroupedBlockGemmProblem& p) {
   const int64_t unhinted = env::integer("MOEKIT_SM90_GROUPED_MASKED_ROWS", 16);
-  const int64_t rows = std::clamp<int64_t>(p.expected_rows > 0 ? p.expected_rows : unhinted, 1,
-                                           kMaxGroupedTokens);
+  const int64_t rows =
+      std::clamp<int64_t>(p.expected_rows > 0 ? p.expected_rows : unhinted, 1, kMaxGroupedTokens);
   return p.masked() && p.m > rows ? p.group(0, rows) : p.group(0);
 }
 
