@@ -317,9 +317,7 @@ TEST(Fp8Errors, GroupedGemmMaskedArguments) {
   // The hint of expected rows: at least 1 (above M it counts as M).
   for (const int64_t expected : {int64_t{0}, int64_t{-3}})
     expect_error(
-        [&] {
-          grouped_block_fp8_gemm_masked(c.a, c.as, row, c.b, c.bs, counts, c.out, expected);
-        },
+        [&] { grouped_block_fp8_gemm_masked(c.a, c.as, row, c.b, c.bs, counts, c.out, expected); },
         kMasked, "expected_rows", std::to_string(expected), outs);
   EXPECT_THROW(explain_grouped_block_fp8_gemm_masked(c.a, c.as, row, c.b, c.bs, counts, c.out, 0),
                Error);

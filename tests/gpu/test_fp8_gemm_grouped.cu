@@ -256,11 +256,11 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
   const TensorView out = grouped_view(grouped, c, o.gap);
   std::string chosen, layout, detail;
   for (const ImplementationChoice& row :
-       expected_rows > 0 ? explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs,
-                                                                 masked_m, out, expected_rows,
-                                                                 options)
-                         : explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs,
-                                                                 masked_m, out, options))
+       expected_rows > 0
+           ? explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out,
+                                                   expected_rows, options)
+           : explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out,
+                                                   options))
     if (row.chosen) {
       chosen = row.name;
       layout = layout_of(row.detail);
