@@ -323,6 +323,66 @@ TEST(Fp8Errors, GroupedGemmMaskedArguments) {
                Error);
 }
 
+// silu_and_mul_grouped_block_fp8_gemm_masked: its own checks (x [G, M, 2K], b against x, the
+// quantization's group and layout, the hint, the workspace) and its halves' name the op; nothing is
+// written to out or the workspace on error.
+TEST(Fp8Errors, SiluGroupedGemmMaskedArguments) {
+  constexpr const char* kOp = "silu_and_mul_grouped_block_fp8_gemm_masked";
+  Tensor x = Tensor::empty(DType::bf16, {2, 3, 512});
+  std::memset(x.data(), 0, x.nbytes());
+  Tensor b = Tensor::empty(DType::f8e4m3, {2, 128, 256});
+  std::memset(b.data(), 0, b.nbytes());
+  Tensor bs = Tensor::empty(DType::f32, {2, 1, 2});
+  std::memset(bs.data(), 0, bs.nbytes());
+  Tensor counts = Tensor::empty(DType::i32, {2});
+  std::memset(counts.data(), 0, counts.nbytes());
+  Tensor out = sentinel(DType::bf16, {2, 3, 128});
+  const size_t bytes = silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(2, 3, 256);
+  EXPECT_EQ(bytes, 1536u + 2 * 3 * 2 * 4);  // q [2, 3, 256], then f32 scales [2, 3, 2]
+  EXPECT_EQ(silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(0, 3, 256), 0u);
+  Tensor space = sentinel(DType::u8, {static_cast<int64_t>(bytes) + 16});
+  void* ws = space.data_as<uint8_t>() + (16 - reinterpret_cast<uintptr_t>(space.data()) % 16) % 16;
+  const std::initializer_list<const Tensor*> outs = {&out, &space};
+  const auto run = [&](const TensorView& x_, const TensorView& b_, const GroupQuantConfig& config,
+                       int64_t expected, void* workspace, size_t workspace_bytes) {
+    return [=] {
+      silu_and_mul_grouped_block_fp8_gemm_masked(x_, counts, b_, bs, out, config, expected,
+                                                 workspace, workspace_bytes, {Backend::cpu});
+    };
+  };
+  const GroupQuantConfig plain;
+  expect_error(run(TensorView(x.data(), DType::bf16, {3, 512}), b, plain, 0, ws, bytes), kOp,
+               "x.shape", "[3, 512]", outs);
+  expect_error(run(TensorView(x.data(), DType::bf16, {2, 3, 511}), b, plain, 0, ws, bytes), kOp,
+               "x.shape", "[2, 3, 511]", outs);
+  expect_error(run(x, TensorView(b.data(), DType::f8e4m3, {2, 128, 128}), plain, 0, ws, bytes), kOp,
+               "b.shape", "[2, 128, 128]", outs);
+  expect_error(run(x, TensorView(b.data(), DType::f8e4m3, {128, 256}), plain, 0, ws, bytes), kOp,
+               "b.shape", "[128, 256]", outs);
+  GroupQuantConfig group64;
+  group64.group_size = 64;
+  expect_error(run(x, b, group64, 0, ws, bytes), kOp, "group_size", "64", outs);
+  GroupQuantConfig columns;
+  columns.layout = ScaleLayout::column_major;
+  expect_error(run(x, b, columns, 0, ws, bytes), kOp, "layout", "column_major", outs);
+  expect_error(run(x, b, plain, -1, ws, bytes), kOp, "expected_rows", "-1", outs);
+  expect_error(run(x, b, plain, 0, ws, bytes - 1), kOp, "workspace_bytes",
+               std::to_string(bytes - 1), outs);
+  expect_error(run(x, b, plain, 0, nullptr, bytes), kOp, "workspace", "null", outs);
+  expect_error(run(x, b, plain, 0, static_cast<uint8_t*>(ws) + 4, bytes), kOp, "workspace", "",
+               outs);
+  // The halves' checks name the op too: x's dtype, masked_m's shape.
+  expect_error(run(with_dtype(x, DType::i32), b, plain, 0, ws, bytes), kOp, "x.dtype", "i32", outs);
+  expect_error(
+      [&] {
+        silu_and_mul_grouped_block_fp8_gemm_masked(x, TensorView(counts.data(), DType::i32, {1}), b,
+                                                   bs, out, plain, 0, ws, bytes, {Backend::cpu});
+      },
+      kOp, "masked_m.shape", "[1]", outs);
+  // Without a workspace no host entry serves: an error naming the backend.
+  expect_error(run(x, b, plain, 0, nullptr, 0), kOp, "backend", "cpu", outs);
+}
+
 // block_fp8_gemm with a workspace: the CPU entries want none; a null pointer for a nonzero size and
 // a misaligned one are errors that write nothing; a workspace changes nothing on the CPU.
 TEST(Fp8Errors, GemmWorkspaceArguments) {

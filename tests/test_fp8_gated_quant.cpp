@@ -406,5 +406,79 @@ TEST(GatedQuantMasked, BadArgumentsNameTheArgument) {
   EXPECT_FALSE(explain_silu_and_mul_group_quant_fp8_masked(x, counts, q, scales, config).empty());
 }
 
+// silu_and_mul_grouped_block_fp8_gemm_masked on every host entry: each group's rows with the bytes
+// of the gated quantization then the masked grouped GEMM called apart on the same backend, nothing
+// else of out written; the CPU's within the contract's tolerance of the reference's.
+TEST(SiluGroupedGemm, HostEntriesEqualTheTwoOpsApart) {
+  std::mt19937_64 rng = rng_for("silu grouped gemm");
+  const std::vector<int32_t> counts = {3, 0, 7, -1, 1};
+  const auto G = static_cast<int64_t>(counts.size());
+  const int64_t M = 7, N = 200, K = 384;
+  for (const bool ue8m0 : {false, true}) {
+    SCOPED_TRACE(ue8m0 ? "ue8m0" : "f32 scales");
+    GroupQuantConfig config;
+    config.ue8m0 = ue8m0;
+    Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+    std::normal_distribution<float> value(0.0f, 2.0f);
+    for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
+    Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K});
+    for (int64_t i = 0; i < b.numel(); ++i) {
+      const auto byte = static_cast<uint8_t>(rng());
+      b.data_as<uint8_t>()[i] = (byte & 0x7f) == 0x7f ? static_cast<uint8_t>(byte ^ 1) : byte;
+    }
+    Tensor bs = Tensor::empty(DType::f32, {G, 2, 3});
+    std::uniform_real_distribution<float> scale(0.001f, 0.01f);
+    for (int64_t i = 0; i < bs.numel(); ++i) bs.data_as<float>()[i] = scale(rng);
+    Tensor masked_m = Tensor::empty(DType::i32, {G});
+    std::memcpy(masked_m.data(), counts.data(), counts.size() * 4);
+    const size_t bytes = silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(G, M, K);
+    std::vector<Tensor> outs;
+    for (const Backend backend : {Backend::reference, Backend::cpu}) {
+      SCOPED_TRACE(backend_name(backend));
+      const OpOptions options{backend};
+      Tensor space = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)});
+      Tensor out = filled(DType::f32, {G, M, N});
+      silu_and_mul_grouped_block_fp8_gemm_masked(x, masked_m, b, bs, out, config, 2, space.data(),
+                                                 bytes, options);
+      // Apart: the gated quantization into q and row-major scales, then the GEMM.
+      Tensor q = filled(DType::f8e4m3, {G, M, K}), q_scales = filled(DType::f32, {G, M, 3});
+      silu_and_mul_group_quant_fp8_masked(x, masked_m, q, q_scales, config, options);
+      Tensor want = filled(DType::f32, {G, M, N});
+      grouped_block_fp8_gemm_masked(q, q_scales, ScaleLayout::row_major, b, bs, masked_m, want,
+                                    options);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
+        const auto* got = out.data_as<uint8_t>() + g * M * N * 4;
+        EXPECT_EQ(std::memcmp(got, want.data_as<uint8_t>() + g * M * N * 4,
+                              static_cast<size_t>(rows * N * 4)),
+                  0)
+            << "group " << g;
+        for (int64_t i = rows * N * 4; i < M * N * 4; ++i)
+          ASSERT_EQ(got[i], kSentinel) << "group " << g << " byte " << i;
+      }
+      outs.push_back(std::move(out));
+    }
+    double error = 0, magnitude = 0;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M) * N; ++i) {
+        const float ref = outs[0].data_as<float>()[g * M * N + i];
+        error += std::fabs(static_cast<double>(outs[1].data_as<float>()[g * M * N + i]) - ref);
+        magnitude += std::fabs(static_cast<double>(ref));
+      }
+    EXPECT_LT(error / magnitude, 1e-3);  // spec/fp8.md, f32 out
+    // Without a workspace no host entry serves; explain says why each declines.
+    Tensor out = filled(DType::f32, {G, M, N});
+    EXPECT_THROW(silu_and_mul_grouped_block_fp8_gemm_masked(x, masked_m, b, bs, out, config, 0,
+                                                            nullptr, 0, OpOptions{Backend::cpu}),
+                 Error);
+    for (const ImplementationChoice& row : explain_silu_and_mul_grouped_block_fp8_gemm_masked(
+             x, masked_m, b, bs, out, config, 0, nullptr, 0, OpOptions{Backend::cpu}))
+      if (row.backend == Backend::cpu) {
+        EXPECT_FALSE(row.chosen);
+        EXPECT_NE(row.reason.find("no workspace"), std::string::npos) << row.reason;
+      }
+  }
+}
+
 }  // namespace
 }  // namespace moekit

@@ -878,15 +878,29 @@ struct GroupedPlan {
   int max_items = 0;  // masked: the items (token tiles with rows) a CTA can list
 };
 
-template <int kTokens, int kRows>
+template <int kTokens, int kRows, bool kGated>
 size_t grouped_shared_bytes(int per_split, int stages, int splits, int groups) {
   using Config = Swap<kTokens, kRows, false>;
-  return SwapGrouped<kTokens, kRows>::shared_bytes(
+  return SwapGrouped<kTokens, kRows, kGated>::shared_bytes(
       per_split, stages, splits > 1 ? Config::inbox_bytes(splits) : 0, groups);
 }
 
+// The gated builds (silu_and_mul_grouped_block_fp8_gemm_masked) exist for token tiles of up to
+// kMaxGatedTokens: their token tiles sit in shared memory beside the ring, 4 items deep.
+constexpr int kMaxGatedTokens = 32;
+
+// The grouped kernel of a build, or null where there is none (gated past kMaxGatedTokens or whole).
 template <int kTokens, int kRows>
-GroupedKernelFn grouped_kernel_of(GroupedBuild build) {
+GroupedKernelFn grouped_kernel_of(GroupedBuild build, bool gated) {
+  if (gated) {
+    if constexpr (kTokens <= kMaxGatedTokens) {
+      if (build == GroupedBuild::masked)
+        return gemm_swap_grouped_kernel<kTokens, kRows, GroupedBuild::masked, true>;
+      if (build == GroupedBuild::masked_tiles)
+        return gemm_swap_grouped_kernel<kTokens, kRows, GroupedBuild::masked_tiles, true>;
+    }
+    return nullptr;
+  }
   switch (build) {
     case GroupedBuild::whole:
       return gemm_swap_grouped_kernel<kTokens, kRows, GroupedBuild::whole>;
@@ -898,11 +912,16 @@ GroupedKernelFn grouped_kernel_of(GroupedBuild build) {
 }
 
 template <int kTokens>
-void grouped_kernel_of(int rows, GroupedBuild build, GroupedKernelFn& kernel,
+void grouped_kernel_of(int rows, GroupedBuild build, bool gated, GroupedKernelFn& kernel,
                        GroupedBytesFn& bytes) {
-  kernel =
-      rows == 64 ? grouped_kernel_of<kTokens, 64>(build) : grouped_kernel_of<kTokens, 128>(build);
-  bytes = rows == 64 ? grouped_shared_bytes<kTokens, 64> : grouped_shared_bytes<kTokens, 128>;
+  kernel = rows == 64 ? grouped_kernel_of<kTokens, 64>(build, gated)
+                      : grouped_kernel_of<kTokens, 128>(build, gated);
+  if (gated)
+    bytes = rows == 64 ? grouped_shared_bytes<kTokens, 64, true>
+                       : grouped_shared_bytes<kTokens, 128, true>;
+  else
+    bytes = rows == 64 ? grouped_shared_bytes<kTokens, 64, false>
+                       : grouped_shared_bytes<kTokens, 128, false>;
 }
 
 // The problem a grouped plan is made for: group 0, where masked on the caller's expected rows,
@@ -932,9 +951,9 @@ bool grouped_swap_plan(const BlockGemmProblem& problem, int device_index, const 
 // A grouped plan for group 0's swap plan `plan` (its layout and split fix the order of the sums):
 // the grouped kernel, as many of that plan's stages as fit beside the kernel's own shared memory,
 // and the slices of the groups one wave holds (MOEKIT_SM90_GROUPED_SLICES=s forces s, a timing
-// knob). Returns "" or why there is none.
+// knob). `gated`: the build that quantizes silu(gate) * up itself. Returns "" or why there is none.
 std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
-                            GroupedPlan& grouped) {
+                            GroupedPlan& grouped, bool gated = false) {
   const BlockGemmProblem first = grouped_planned_problem(p);
   Plan& plan = grouped.plan;
   if (!plan.swap || plan.tokens > kMaxGroupedTokens)
@@ -949,18 +968,21 @@ std::string grouped_plan_of(const GroupedBlockGemmProblem& p, int device_index,
                                                 : GroupedBuild::masked_tiles;
   switch (plan.tokens) {
     case 8:
-      grouped_kernel_of<8>(plan.rows, build, grouped.kernel, bytes);
+      grouped_kernel_of<8>(plan.rows, build, gated, grouped.kernel, bytes);
       break;
     case 16:
-      grouped_kernel_of<16>(plan.rows, build, grouped.kernel, bytes);
+      grouped_kernel_of<16>(plan.rows, build, gated, grouped.kernel, bytes);
       break;
     case 32:
-      grouped_kernel_of<32>(plan.rows, build, grouped.kernel, bytes);
+      grouped_kernel_of<32>(plan.rows, build, gated, grouped.kernel, bytes);
       break;
     default:
-      grouped_kernel_of<64>(plan.rows, build, grouped.kernel, bytes);
+      grouped_kernel_of<64>(plan.rows, build, gated, grouped.kernel, bytes);
       break;
   }
+  if (grouped.kernel == nullptr)
+    return "no build quantizing silu(gate) * up for " + std::to_string(plan.tokens) +
+           "-token tiles (at most " + std::to_string(kMaxGatedTokens) + ")";
   // The grid: x the row tiles (times the split), y the slices of the groups; the masked layout's
   // token tiles (of its capacity M) are items within them.
   if (masked && token_tiles > kMaxItemTiles)
@@ -1409,8 +1431,88 @@ void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
                              p.out.stride(0),
                              env::integer("MOEKIT_SM90_GROUPED_LATE_SUMS", 1) != 0,
                              p.masked() ? p.masked_m.data_as<const int>() : nullptr,
-                             grouped.max_items};
+                             grouped.max_items,
+                             0};
   launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
+}
+
+// ---- silu_and_mul_grouped_block_fp8_gemm_masked in one launch.
+
+namespace {
+// The gated build's plan: the layout (rows, split) and token tile the GEMM half alone would take,
+// so that the sums, hence the bytes, are those of the two ops apart; "" or why there is none.
+std::string silu_grouped_plan_for(const MaskedSiluGemmProblem& p, int device,
+                                  GroupedPlan& grouped) {
+  GroupedPlan apart;
+  if (std::string why = grouped_plan_for(p.gemm, device, apart); !why.empty()) return why;
+  const SwapLayout layout{apart.plan.rows, apart.plan.splits};
+  if (!grouped_swap_plan(grouped_planned_problem(p.gemm), device, &layout, grouped.plan))
+    return "the GEMM's layout has no swap plan";
+  return grouped_plan_of(p.gemm, device, grouped, /*gated=*/true);
+}
+}  // namespace
+
+std::string silu_grouped_gemm_sm90_supports(const MaskedSiluGemmProblem& p) {
+  const GroupQuantProblem& quant = p.quant.first;
+  if (quant.x.dtype() != DType::bf16)
+    return "x is " + std::string(dtype_name(quant.x.dtype())) + " (the kernel quantizes bf16)";
+  if (p.gemm.k % kFp8BlockSize != 0) return "K=" + str(p.gemm.k) + " is not a multiple of 128";
+  if (reinterpret_cast<uintptr_t>(quant.x.data()) % 16 != 0 || quant.x.stride(0) % 8 != 0 ||
+      (p.quant.groups > 1 && p.quant.x_stride % 8 != 0))
+    return "x's rows or groups do not start on 16 bytes (its loads are 16 bytes wide)";
+  if (std::string why = grouped_gemm_sm90_supports(p.gemm); !why.empty()) return why;
+  if (p.gemm.groups == 0 || p.gemm.m == 0 || p.gemm.n == 0) return "";
+  const int device = p.gemm.b.device().index;
+  DeviceGuard on_device(device);
+  GroupedPlan grouped;
+  return silu_grouped_plan_for(p, device, grouped);
+}
+
+std::string silu_grouped_gemm_sm90_plan(const MaskedSiluGemmProblem& p) {
+  if (p.gemm.groups == 0 || p.gemm.m == 0 || p.gemm.n == 0) return "nothing to do";
+  const int device = p.gemm.b.device().index;
+  DeviceGuard on_device(device);
+  GroupedPlan grouped;
+  if (!silu_grouped_plan_for(p, device, grouped).empty()) return "no grouped plan";
+  const Plan& plan = grouped.plan;
+  char text[300];
+  std::snprintf(text, sizeof text,
+                "grouped swap quantizing silu(gate) * up itself, %lld groups in one launch: %d "
+                "tokens x %d weight rows per CTA, K split %d ways (cluster), grid %u x %u (row "
+                "tiles, slices of the token tiles with rows), %d stages, %zu B shared",
+                static_cast<long long>(p.gemm.groups), plan.tokens, plan.rows, plan.splits,
+                plan.grid.x, plan.grid.y, plan.stages, plan.shared_bytes);
+  return text;
+}
+
+void silu_and_mul_grouped_block_fp8_gemm_sm90(const MaskedSiluGemmProblem& p) {
+  const GroupedBlockGemmProblem& g = p.gemm;
+  if (g.groups == 0 || g.m == 0 || g.n == 0) return;
+  const int device = g.b.device().index;
+  DeviceGuard on_device(device);
+  GroupedPlan grouped;
+  if (std::string why = silu_grouped_plan_for(p, device, grouped); !why.empty())
+    fail("silu_and_mul_grouped_block_fp8_gemm_masked", "backend", "gpu.sm90.fused",
+         "has no plan: " + why);
+  const Plan& plan = grouped.plan;
+  GemmArgs args = args_of(g.group(0));
+  set_swap_args(plan, args);
+  const GroupQuantProblem& quant = p.quant.first;
+  args.activations = {quant.x.data(), quant.x.stride(0), static_cast<int>(g.k), quant.eps,
+                      quant.ue8m0};
+  const CUtensorMap weights =
+      make_grouped_tile_map("b", g.b.data(), g.groups, g.n, g.k, g.b.stride(1), g.b.stride(0),
+                            plan.rows, plan.weight_promotion);
+  const CUtensorMap unused{};  // the kernel quantizes its token tiles from x itself
+  const GroupStrides strides{static_cast<int>(g.groups),
+                             g.a_scales.stride(0),
+                             g.b_scales.stride(0),
+                             g.out.stride(0),
+                             env::integer("MOEKIT_SM90_GROUPED_LATE_SUMS", 1) != 0,
+                             g.masked_m.data_as<const int>(),
+                             grouped.max_items,
+                             p.quant.x_stride};
+  launch(plan, grouped.kernel, g.stream, device, weights, unused, args, strides);
 }
 
 // ---- Phase stamps (MOEKIT_FP8_TRACE builds only).

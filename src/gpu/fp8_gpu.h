@@ -67,6 +67,15 @@ std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
 void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
+// silu_and_mul_grouped_block_fp8_gemm_masked in one Hopper launch (fp8_gemm_sm90.cu): the masked
+// grouped kernel, whose producer warps quantize silu(gate) * up of each item's token tiles (bf16 x,
+// group 128) into shared memory instead of the tiles being copied from a workspace. Same plan,
+// same sums: each group's rows bitwise equal silu_and_mul_group_quant_fp8_masked's GPU launch then
+// grouped_block_fp8_gemm_sm90's. Writes only out (the groups' rows).
+std::string silu_grouped_gemm_sm90_supports(const MaskedSiluGemmProblem& problem);
+void silu_and_mul_grouped_block_fp8_gemm_sm90(const MaskedSiluGemmProblem& problem);
+std::string silu_grouped_gemm_sm90_plan(const MaskedSiluGemmProblem& problem);
+
 // block_fp8_gemm through cuBLASLt's block-scaled FP8 (fp8_gemm_cublaslt.cu): A scales VEC128,
 // B scales BLK128x128, compute capability 9.0.
 std::string cublaslt_gemm_supports(const BlockGemmProblem& problem);

@@ -148,22 +148,6 @@ __device__ __forceinline__ void store_chunk(uint8_t* base, int64_t first, int64_
     if (j < count) base[first + j] = static_cast<uint8_t>((j < 4 ? lo : hi) >> (8 * (j % 4)));
 }
 
-__device__ __forceinline__ float max_abs(const float (&v)[kChunk]) {
-  float amax = 0.0f;  // fmaxf ignores a NaN operand, as std::max(amax, |x|) does
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) amax = fmaxf(amax, fabsf(v[j]));
-  return amax;
-}
-
-// e4m3(v / scale) for the 8 values, true divisions, as two words of bytes.
-__device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const GroupDivisor& d,
-                                               uint32_t& lo, uint32_t& hi) {
-  with_divide(d, [&](auto divide) {
-    lo = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
-    hi = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
-  });
-}
-
 // Blocks per SM the unchecked gated kernels are compiled for (their registers): as many as fit
 // without spilling (ptxas), fewer for more passes and for f32 x (twice the raw words). Their
 // long dependent chains want many warps, but 5 blocks of the one-pass 16-bit kernel (12-16 bytes
@@ -174,33 +158,6 @@ constexpr int kGatedWholeBlocksPerSm = [] {
   const int words = kPasses * (kType == Wide::f32 ? 2 : 1);
   return words == 1 ? 4 : words == 2 ? 3 : words == 4 ? 2 : 1;
 }();
-
-// v[j] = silu_and_mul_f32(v[j], u[j]), the same bits. Each quotient takes the sequence the GPU's
-// IEEE division takes after its range check (divide_fast: one refined reciprocal, one
-// correction), which is exact for a denominator in [1, 2] and a numerator in [2^-80, 2^100]; the
-// check and its branch per value (about 4 of ~35 instructions) become one vote of the warp: where
-// any lane holds another numerator (0, tiny, huge, inf, NaN), the whole warp divides with the
-// operator. Straight-line code also lets the 8 values' chains interleave.
-__device__ __forceinline__ void silu_and_mul_chunk(float (&v)[kChunk], const float (&u)[kChunk]) {
-  float numerator[kChunk], denominator[kChunk];
-  bool usual = true;
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    const SiluParts silu = silu_parts(v[j]);
-    numerator[j] = silu.numerator, denominator[j] = silu.denominator;
-    const float magnitude = fabsf(silu.numerator);
-    usual = usual && magnitude >= 0x1p-80f && magnitude <= 0x1p100f;
-  }
-  if (!vendor::any(!usual)) {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      v[j] = __fmul_rn(
-          divide_fast(numerator[j], denominator[j], refined_reciprocal(denominator[j])), u[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) v[j] = __fmul_rn(numerator[j] / denominator[j], u[j]);
-  }
-}
 
 // ---- per_token_group_quant_fp8
 

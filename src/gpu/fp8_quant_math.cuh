@@ -1,7 +1,7 @@
-// The scalar steps of group quantization (spec/fp8.md, per_token_group_quant_fp8), shared by the
-// quantization kernels (fp8_quant_gpu.cu) and the Hopper linear layer that quantizes its
-// activations inside the GEMM (fp8_gemm_sm90.cu), so that both write the same bytes and scales as
-// the reference: amax in f32 with NaN ignored (fmaxf), the scale by a true f32 division, q =
+// The scalar steps of group quantization (spec/fp8.md, per_token_group_quant_fp8) and of SiLU-and-mul
+// before it, shared by the quantization kernels (fp8_quant_gpu.cu) and the Hopper kernels that
+// quantize their activations inside the GEMM (fp8_gemm_sm90.cu: the linear layer, the MoE down
+// projection), so that all write the same bytes and scales as the reference: amax in f32 with NaN ignored (fmaxf), the scale by a true f32 division, q =
 // e4m3(x / scale) from the correctly rounded f32 quotient.
 #pragma once
 
@@ -9,6 +9,7 @@
 
 #include "gpu/vendor.h"
 #include "moekit/ops/fp8.h"
+#include "ops/silu_math.h"
 
 namespace moekit::gpu {
 
@@ -149,6 +150,49 @@ __device__ __forceinline__ float group_scale(float amax, float eps, bool ue8m0) 
   // A subnormal's power of two above it is its mantissa's: 1 << ceil(log2(mantissa)).
   if (exponent == 0) return __uint_as_float(1u << (32 - __clz(mantissa - 1)));
   return __uint_as_float((exponent + 1) << 23);
+}
+
+__device__ __forceinline__ float max_abs(const float (&v)[kChunk]) {
+  float amax = 0.0f;  // fmaxf ignores a NaN operand, as std::max(amax, |x|) does
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  return amax;
+}
+
+// e4m3(v / scale) for the 8 values, true divisions, as two words of bytes.
+__device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const GroupDivisor& d,
+                                               uint32_t& lo, uint32_t& hi) {
+  with_divide(d, [&](auto divide) {
+    lo = e4m3x4(divide(v[0]), divide(v[1]), divide(v[2]), divide(v[3]));
+    hi = e4m3x4(divide(v[4]), divide(v[5]), divide(v[6]), divide(v[7]));
+  });
+}
+
+// v[j] = silu_and_mul_f32(v[j], u[j]), the same bits. Each quotient takes the sequence the GPU's
+// IEEE division takes after its range check (divide_fast: one refined reciprocal, one
+// correction), which is exact for a denominator in [1, 2] and a numerator in [2^-80, 2^100]; the
+// check and its branch per value (about 4 of ~35 instructions) become one vote of the warp: where
+// any lane holds another numerator (0, tiny, huge, inf, NaN), the whole warp divides with the
+// operator. Straight-line code also lets the 8 values' chains interleave.
+__device__ __forceinline__ void silu_and_mul_chunk(float (&v)[kChunk], const float (&u)[kChunk]) {
+  float numerator[kChunk], denominator[kChunk];
+  bool usual = true;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    const SiluParts silu = silu_parts(v[j]);
+    numerator[j] = silu.numerator, denominator[j] = silu.denominator;
+    const float magnitude = fabsf(silu.numerator);
+    usual = usual && magnitude >= 0x1p-80f && magnitude <= 0x1p100f;
+  }
+  if (!vendor::any(!usual)) {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      v[j] = __fmul_rn(
+          divide_fast(numerator[j], denominator[j], refined_reciprocal(denominator[j])), u[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = __fmul_rn(numerator[j] / denominator[j], u[j]);
+  }
 }
 
 }  // namespace moekit::gpu

@@ -67,6 +67,13 @@ size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K) {
   return q_bytes + static_cast<size_t>(M * fp8::ceil_div(K, kFp8BlockSize)) * sizeof(float);
 }
 
+size_t silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(int64_t G, int64_t M, int64_t K) {
+  if (G <= 0 || M <= 0 || K <= 0) return 0;
+  // q (e4m3 [G, M, K]), then the f32 scales [G, M, ceil(K/128)] from a 64-byte boundary.
+  const auto q_bytes = static_cast<size_t>((G * M * K + 63) / 64 * 64);
+  return q_bytes + static_cast<size_t>(G * M * fp8::ceil_div(K, kFp8BlockSize)) * sizeof(float);
+}
+
 namespace {
 
 // ---- Dispatch tables, fastest first; ops/dispatch.h says which entries a call considers.
@@ -327,6 +334,58 @@ const MaskedGatedQuantImplementation kMaskedGatedQuantTable[] = {
      masked_quant<Backend::reference>, masked_quant_plan<Backend::reference>},
 };
 
+// silu_and_mul_grouped_block_fp8_gemm_masked apart: the first entry of the backend named here of
+// silu_and_mul_group_quant_fp8_masked's table into the workspace, then of
+// grouped_block_fp8_gemm_masked's (two launches on the GPU).
+template <Backend kBackend>
+std::string silu_gemm_apart_supports(const MaskedSiluGemmProblem& p) {
+  if (!p.workspace)
+    return "no workspace for the quantized activations (silu_and_mul_grouped_block_fp8_gemm_"
+           "masked_workspace_size)";
+  std::string reasons;
+  if (entry_of<kBackend, MaskedGatedQuantProblem>(kMaskedGatedQuantTable, p.quant, reasons) ==
+      nullptr)
+    return "no silu_and_mul_group_quant_fp8_masked entry serves (" + reasons + ")";
+  if (entry_of<kBackend, GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p.gemm, reasons) ==
+      nullptr)
+    return "no grouped_block_fp8_gemm_masked entry serves (" + reasons + ")";
+  return "";
+}
+
+template <Backend kBackend>
+void silu_gemm_apart(const MaskedSiluGemmProblem& p) {
+  std::string reasons;
+  entry_of<kBackend, MaskedGatedQuantProblem>(kMaskedGatedQuantTable, p.quant, reasons)
+      ->run(p.quant);
+  entry_of<kBackend, GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p.gemm, reasons)->run(p.gemm);
+}
+
+template <Backend kBackend>
+std::string silu_gemm_apart_plan(const MaskedSiluGemmProblem& p) {
+  std::string reasons;
+  const MaskedGatedQuantImplementation* quant =
+      entry_of<kBackend, MaskedGatedQuantProblem>(kMaskedGatedQuantTable, p.quant, reasons);
+  const GroupedBlockGemmImplementation* gemm =
+      entry_of<kBackend, GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p.gemm, reasons);
+  std::string text = std::string(quant->name) + ", then " + gemm->name;
+  if (gemm->describe != nullptr) text += " (" + gemm->describe(p.gemm) + ")";
+  return text;
+}
+
+// gpu.sm90.fused first (one launch: the GEMM's kernel quantizes silu(gate) * up itself); each
+// backend's two steps apart where a workspace is given.
+const MaskedSiluGemmImplementation kMaskedSiluGemmTable[] = {
+    MOEKIT_GPU_ENTRY({"gpu.sm90.fused", Backend::gpu, gpu::silu_grouped_gemm_sm90_supports,
+                      gpu::silu_and_mul_grouped_block_fp8_gemm_sm90,
+                      gpu::silu_grouped_gemm_sm90_plan})
+        MOEKIT_GPU_ENTRY({"gpu.apart", Backend::gpu, silu_gemm_apart_supports<Backend::gpu>,
+                          silu_gemm_apart<Backend::gpu>, silu_gemm_apart_plan<Backend::gpu>}){
+            "cpu.apart", Backend::cpu, silu_gemm_apart_supports<Backend::cpu>,
+            silu_gemm_apart<Backend::cpu>, silu_gemm_apart_plan<Backend::cpu>},
+    {"reference.apart", Backend::reference, silu_gemm_apart_supports<Backend::reference>,
+     silu_gemm_apart<Backend::reference>, silu_gemm_apart_plan<Backend::reference>},
+};
+
 // ---- Messages.
 
 std::string str(int64_t v) { return std::to_string(v); }
@@ -545,6 +604,9 @@ std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementatio
 std::span<const MaskedGatedQuantImplementation> masked_gated_quant_implementations() {
   return kMaskedGatedQuantTable;
 }
+std::span<const MaskedSiluGemmImplementation> masked_silu_gemm_implementations() {
+  return kMaskedSiluGemmTable;
+}
 
 // ---- per_token_group_quant_fp8
 
@@ -630,10 +692,11 @@ std::vector<ImplementationChoice> explain_silu_and_mul_group_quant_fp8(
 namespace {
 constexpr const char* kMaskedGatedQuantOp = "silu_and_mul_group_quant_fp8_masked";
 
+// `op` names the caller in messages.
 MaskedGatedQuantProblem make_masked_gated_quant_problem(
     const TensorView& x, const TensorView& masked_m, const TensorView& q, const TensorView& scales,
-    const GroupQuantConfig& config, const OpOptions& options) {
-  const char* op = kMaskedGatedQuantOp;
+    const GroupQuantConfig& config, const OpOptions& options,
+    const char* op = kMaskedGatedQuantOp) {
   const auto check_3d = [&](const char* name, const TensorView& t, const char* dims) {
     if (t.ndim() != 3) fail(op, std::string(name) + ".shape", t.shape_str(), dims);
   };
@@ -1054,6 +1117,91 @@ std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm(
   const GroupedBlockGemmProblem p = make_grouped_block_gemm_problem(
       kGroupedGemmOp, a, a_scales, a_scales_layout, b, b_scales, out, options);
   return explain_table<GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p, a.device(), options);
+}
+
+// ---- silu_and_mul_grouped_block_fp8_gemm_masked
+
+namespace {
+constexpr const char* kSiluGemmOp = "silu_and_mul_grouped_block_fp8_gemm_masked";
+
+// Never read: the views of the quantized activations point here where the caller gave no
+// workspace, so that both halves validate as complete problems (only entries that need the
+// workspace would read them, and those decline without it).
+alignas(256) char workspace_placeholder[256];
+
+MaskedSiluGemmProblem make_masked_silu_gemm_problem(
+    const TensorView& x, const TensorView& masked_m, const TensorView& b,
+    const TensorView& b_scales, const TensorView& out, const GroupQuantConfig& config,
+    int64_t expected_rows, void* workspace, size_t workspace_bytes, const OpOptions& options) {
+  const char* op = kSiluGemmOp;
+  if (x.ndim() != 3) fail(op, "x.shape", x.shape_str(), "must be [G, M, 2K]");
+  if (b.ndim() != 3) fail(op, "b.shape", b.shape_str(), "must be [G, N, K]");
+  const int64_t G = x.size(0), M = x.size(1), K = x.size(2) / 2;
+  if (x.size(2) % 2 != 0)
+    fail(op, "x.shape", x.shape_str(), "must be [G, M, 2K] (gate then up): odd last dimension");
+  if (b.size(0) != G || b.size(2) != K)
+    fail(op, "b.shape", b.shape_str(),
+         "must be [G=" + str(G) + ", N, K=" + str(K) + "] (x is " + x.shape_str() + ")");
+  if (config.group_size != kFp8BlockSize)
+    fail(op, "group_size", str(int64_t{config.group_size}),
+         "must be 128 (the GEMM's activation blocks)");
+  if (config.layout != ScaleLayout::row_major)
+    fail(op, "layout", layout_name(config.layout),
+         "must be row_major (the scales stay inside the op)");
+  if (expected_rows < 0)
+    fail(op, "expected_rows", str(expected_rows), "must be at least 1, or 0 for no hint");
+  const size_t needed = silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(G, M, K);
+  if (workspace == nullptr && workspace_bytes > 0)
+    fail(op, "workspace", "null",
+         "pointer given for " + std::to_string(workspace_bytes) + " bytes");
+  if (workspace != nullptr && workspace_bytes < needed)
+    fail(op, "workspace_bytes", std::to_string(workspace_bytes),
+         "is less than silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(" + str(G) + ", " +
+             str(M) + ", " + str(K) + ")=" + std::to_string(needed));
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    fail(op, "workspace", str(static_cast<const void*>(workspace)), "is not 16-byte aligned");
+
+  // The quantized activations [G, M, K] and their row-major f32 scales [G, M, K / 128], carved
+  // from the workspace (or the placeholder).
+  auto* bytes = workspace != nullptr ? static_cast<char*>(workspace) : workspace_placeholder;
+  const int64_t blocks = fp8::ceil_div(K, kFp8BlockSize);
+  const TensorView q(bytes, DType::f8e4m3, {G, M, K}, x.device());
+  const TensorView q_scales(bytes + (G * M * K + 63) / 64 * 64, DType::f32, {G, M, blocks},
+                            x.device());
+  MaskedSiluGemmProblem p;
+  p.quant = make_masked_gated_quant_problem(x, masked_m, q, q_scales, config, options, op);
+  p.gemm = make_grouped_block_gemm_problem(op, q, q_scales, ScaleLayout::row_major, b, b_scales,
+                                           out, options);
+  p.gemm.masked_m = masked_m;
+  p.gemm.expected_rows = std::min(expected_rows, M);
+  // The GEMM's kernel follows the op's own quantization, which starts its successor only once
+  // everything before it has finished: the weights may be read early whatever the caller says.
+  p.gemm.b_static = true;
+  p.workspace = workspace != nullptr;
+  p.static_weights = options.static_weights;
+  return p;
+}
+}  // namespace
+
+void silu_and_mul_grouped_block_fp8_gemm_masked(const TensorView& x, const TensorView& masked_m,
+                                                const TensorView& b, const TensorView& b_scales,
+                                                const TensorView& out,
+                                                const GroupQuantConfig& config,
+                                                int64_t expected_rows, void* workspace,
+                                                size_t workspace_bytes, const OpOptions& options) {
+  const MaskedSiluGemmProblem p = make_masked_silu_gemm_problem(
+      x, masked_m, b, b_scales, out, config, expected_rows, workspace, workspace_bytes, options);
+  dispatch<MaskedSiluGemmProblem>(kSiluGemmOp, kMaskedSiluGemmTable, p, x.device(), options,
+                                  p.gemm.groups == 0 || p.gemm.m == 0 || p.gemm.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_silu_and_mul_grouped_block_fp8_gemm_masked(
+    const TensorView& x, const TensorView& masked_m, const TensorView& b,
+    const TensorView& b_scales, const TensorView& out, const GroupQuantConfig& config,
+    int64_t expected_rows, void* workspace, size_t workspace_bytes, const OpOptions& options) {
+  const MaskedSiluGemmProblem p = make_masked_silu_gemm_problem(
+      x, masked_m, b, b_scales, out, config, expected_rows, workspace, workspace_bytes, options);
+  return explain_table<MaskedSiluGemmProblem>(kMaskedSiluGemmTable, p, x.device(), options);
 }
 
 }  // namespace moekit

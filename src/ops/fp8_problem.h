@@ -188,6 +188,18 @@ struct W8a8LinearProblem {
                                 // x itself and so follows the caller's previous kernel directly
 };
 
+// silu_and_mul_grouped_block_fp8_gemm_masked (an MoE down projection in DeepGEMM's masked layout):
+// the gated quantization of x into the workspace (row-major f32 scales, group 128), then the
+// masked grouped GEMM of those against b. Both halves are complete problems of their own, sharing
+// masked_m. Without a workspace their q and scales point at a placeholder address that no entry
+// reads: the entries that run the halves apart need `workspace`, the fused one does not.
+struct MaskedSiluGemmProblem {
+  MaskedGatedQuantProblem quant;
+  GroupedBlockGemmProblem gemm;  // gemm.b_static is true: after the op's own quantization
+  bool workspace = false;        // quant.q and quant.scales are the caller's workspace
+  bool static_weights = false;   // the caller's promise (OpOptions), for the fused entry
+};
+
 // block_quantize_weight: per 128 x 128 block of W, scale = max(amax, 1e-4) / 448.
 struct BlockQuantizeWeightProblem {
   TensorView w;                 // [N, K] f32/bf16/f16, stride(1) == 1
@@ -209,6 +221,7 @@ using W8a8LinearImplementation = Fp8Implementation<W8a8LinearProblem>;
 using BlockQuantizeWeightImplementation = Fp8Implementation<BlockQuantizeWeightProblem>;
 using GroupedBlockGemmImplementation = Fp8Implementation<GroupedBlockGemmProblem>;
 using MaskedGatedQuantImplementation = Fp8Implementation<MaskedGatedQuantProblem>;
+using MaskedSiluGemmImplementation = Fp8Implementation<MaskedSiluGemmProblem>;
 
 // The dispatch tables, fastest first (tests run every entry that serves against the reference).
 std::span<const GroupQuantImplementation> group_quant_implementations();
@@ -217,6 +230,7 @@ std::span<const W8a8LinearImplementation> w8a8_linear_implementations();
 std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_implementations();
 std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations();
 std::span<const MaskedGatedQuantImplementation> masked_gated_quant_implementations();
+std::span<const MaskedSiluGemmImplementation> masked_silu_gemm_implementations();
 
 // Validation against spec/fp8.md (throws Error naming the argument and value, before anything is
 // written) into problems. `op` names the caller in messages. gated: x is [M, 2K], gate then up

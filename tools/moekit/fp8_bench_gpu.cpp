@@ -359,6 +359,89 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
   return row;
 }
 
+// An MoE decode step's down projection with its activation quantized inside
+// (silu_and_mul_grouped_block_fp8_gemm_masked): x [G, M, 2K] bf16 (the gate_up GEMM's out), G
+// experts of capacity M, `active` of them with one row, through `implementation` (gpu.sm90.fused:
+// one launch; gpu.apart: the masked gated quantization's launch, then the grouped GEMM's), us per
+// expert with rows. The counts rotate over sets of experts as in bench_masked_decode_gpu. Verified
+// against the reference on the first set.
+GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N, int64_t K,
+                                  int64_t G, int64_t active, int64_t expected_rows,
+                                  const char* implementation, uint64_t seed, int replays) {
+  const Device gpu = Device::gpu();
+  const Tensor x_host = random_fp8_activations(seed, G * M, 2 * K);  // bf16 [G * M, 2K]
+  const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);
+  const Tensor x = Tensor::copy_of(x_host, gpu);
+  const Tensor b = Tensor::copy_of(w.b, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
+  Tensor out = Tensor::empty(DType::bf16, {G * M, N}, gpu);
+  const int64_t sets = std::min<int64_t>(16, G / active), stride = G / active;
+  std::vector<Tensor> counts, counts_host;
+  for (int64_t set = 0; set < sets; ++set) {
+    Tensor host = Tensor::empty(DType::i32, {G});
+    for (int64_t g = 0; g < G; ++g) host.data_as<int32_t>()[g] = g % stride == set ? 1 : 0;
+    counts.push_back(Tensor::copy_of(host, gpu));
+    counts_host.push_back(std::move(host));
+  }
+  const size_t bytes = std::string(implementation) == "gpu.apart"
+                           ? silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(G, M, K)
+                           : 0;
+  const Tensor workspace = zero_filled_bytes(bytes, gpu);
+  void* ws = bytes > 0 ? workspace.data() : nullptr;
+  OpOptions op;
+  op.backend = Backend::gpu;
+  op.static_weights = true;
+  op.implementation = implementation;
+  GpuRow row{name + " G=" + std::to_string(G) +
+                 (M > 1 ? " capacity " + std::to_string(M) : std::string()) + ", " +
+                 std::to_string(active) + " with rows" +
+                 (expected_rows > 0 ? ", expected " + std::to_string(expected_rows) : ""),
+             1,
+             N,
+             K,
+             implementation,
+             false};
+  const auto call = [&](const Tensor& masked_m) {
+    silu_and_mul_grouped_block_fp8_gemm_masked(as_groups(x, G), masked_m, as_groups(b, G),
+                                               as_groups(b_scales, G), as_groups(out, G),
+                                               GroupQuantConfig{}, expected_rows, ws, bytes, op);
+  };
+  if (chosen_name(explain_silu_and_mul_grouped_block_fp8_gemm_masked(
+                      as_groups(x, G), counts[0], as_groups(b, G), as_groups(b_scales, G),
+                      as_groups(out, G), GroupQuantConfig{}, expected_rows, ws, bytes, op))
+          .empty())
+    return row;  // (not verified: the entry does not serve here)
+  call(counts[0]);
+  // The reference on group 0 (in the first set): its one row.
+  const int64_t one[] = {1, M, 2 * K}, one_strides[] = {M * 2 * K, 2 * K, 1};
+  const TensorView x0(x_host.data(), DType::bf16, one, one_strides);
+  Tensor ref = Tensor::empty(DType::f32, {1, M, N});
+  Tensor one_count = Tensor::empty(DType::i32, {1});
+  one_count.data_as<int32_t>()[0] = 1;
+  const size_t ref_bytes = silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(1, M, K);
+  const Tensor ref_space = zero_filled_bytes(ref_bytes, Device::cpu());
+  const TensorView b0 = as_groups(w.b, G), bs0 = as_groups(w.b_scales, G);  // group 0 first
+  silu_and_mul_grouped_block_fp8_gemm_masked(
+      x0, one_count, TensorView(b0.data(), b0.dtype(), {1, N, K}),
+      TensorView(bs0.data(), bs0.dtype(), {1, bs0.size(1), bs0.size(2)}), ref, GroupQuantConfig{},
+      0, ref_space.data(), ref_bytes, OpOptions{Backend::reference});
+  const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
+  row.verified = relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {1, N}),
+                                     TensorView(ref.data(), DType::f32, {1, N})) < 1e-3 + 1.0 / 256;
+  int next = 0;
+  row.median_us = gpu::median_graph_replay_us(
+                      [&](void* stream) {
+                        op.stream = stream;
+                        call(counts[static_cast<size_t>(next++ % sets)]);
+                      },
+                      /*calls_per_graph=*/static_cast<int>(sets), replays) /
+                  static_cast<double>(active);
+  // Bytes per expert with rows: its weights, its row of x and of out.
+  row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes()) / static_cast<double>(G) +
+              static_cast<double>(2 * K * 2 + N * 2);
+  row.flops = 2.0 * static_cast<double>(N) * static_cast<double>(K);
+  return row;
+}
+
 // block_quantize_weight of a bf16 weight [N, K] (verified on its first two block rows).
 GpuRow bench_quantize_weight_gpu(const std::string& name, int64_t N, int64_t K, uint64_t seed,
                                  int replays) {
@@ -544,6 +627,13 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
              {std::pair<int64_t, int64_t>{1, 0}, {128, 0}, {128, 1}})
           rows.push_back(bench_masked_decode_gpu(shape.name, capacity, 1, shape.n, shape.k, 128, 8,
                                                  expected, seed++, options.replays));
+    // Its down projection with silu_and_mul's quantization inside (one launch) and apart (two).
+    const std::string down = "N=2048 K=768 (Qwen3-30B expert down, silu_and_mul in)";
+    if (wanted(down, 1))
+      for (const auto& [capacity, expected] : {std::pair<int64_t, int64_t>{1, 0}, {128, 1}})
+        for (const char* implementation : {"gpu.sm90.fused", "gpu.apart"})
+          rows.push_back(bench_masked_silu_down_gpu(down, capacity, 2048, 768, 128, 8, expected,
+                                                    implementation, seed++, options.replays));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);

@@ -144,6 +144,25 @@ void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scal
                                    const TensorView& out, int64_t expected_rows,
                                    const OpOptions& options = {});
 
+// An MoE down projection in DeepGEMM's masked layout, its activation quantized inside:
+// out[g] = grouped_block_fp8_gemm_masked of silu_and_mul_group_quant_fp8_masked(x)[g] and b[g],
+// with x [G, M, 2K] (the gate_up projection's out: gate then up halves; f32/f16/bf16), masked_m
+// i32 [G] on x's device, b [G, N, K] f8e4m3, b_scales [G, ceil(N/128), ceil(K/128)] f32/bf16, out
+// [G, M, N] f32/bf16/f16. config: group_size 128 and the row_major layout (the scales never leave
+// the op); eps and ue8m0 as for the quantization. expected_rows: 0, or the hint
+// grouped_block_fp8_gemm_masked takes. Only group g's first min(max(masked_m[g], 0), M) rows of out
+// are defined afterwards, with the bytes of the two ops in a row on the same backend. On Hopper
+// (bf16 x, K a multiple of 128) one launch: the GEMM's kernel quantizes silu(gate) * up of its
+// token tiles itself ("gpu.sm90.fused": no workspace, one grid start fewer than the two ops). The
+// other entries run the two ops apart through a workspace of
+// silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(G, M, K) bytes (16-byte aligned, on
+// x's device), or decline without one (workspace null, 0 bytes).
+size_t silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(int64_t G, int64_t M, int64_t K);
+void silu_and_mul_grouped_block_fp8_gemm_masked(
+    const TensorView& x, const TensorView& masked_m, const TensorView& b,
+    const TensorView& b_scales, const TensorView& out, const GroupQuantConfig& config,
+    int64_t expected_rows, void* workspace, size_t workspace_bytes, const OpOptions& options = {});
+
 // W [N, K] (f32/bf16/f16) -> weight f8e4m3 [N, K] and weight_scale_inv f32
 // [ceil(N/128), ceil(K/128)]: per 128x128 block, scale = max(amax, 1e-4) / 448.
 void block_quantize_weight(const TensorView& w, const TensorView& weight,
@@ -187,6 +206,10 @@ std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
     const TensorView& out, int64_t expected_rows, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_silu_and_mul_grouped_block_fp8_gemm_masked(
+    const TensorView& x, const TensorView& masked_m, const TensorView& b,
+    const TensorView& b_scales, const TensorView& out, const GroupQuantConfig& config,
+    int64_t expected_rows, void* workspace, size_t workspace_bytes, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_block_quantize_weight(const TensorView& w,
                                                                 const TensorView& weight,
                                                                 const TensorView& weight_scale_inv,

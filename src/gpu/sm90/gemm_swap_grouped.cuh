@@ -26,6 +26,7 @@ struct GroupStrides {
   // a CTA holds at most max_items of them (shared memory).
   const int* masked_m;
   int max_items;
+  int64_t x;  // gated build: bf16 elements between groups' x planes (args.activations.x)
 };
 
 // The masked build's item: group and token tile in one word.
@@ -42,9 +43,12 @@ static_assert(kWarpgroup * kGroupedProducerRegisters +
                   kThreads * 168,
               "register reallocation past the launch's 168 per thread");
 
-template <int kTokens, int kRows>
+// kGated (silu_and_mul_grouped_block_fp8_gemm_masked): the stages carry weight tiles only; each
+// scale buffer also holds the item's token tiles, which the scale loaders quantize from bf16 x,
+// silu(gate) * up, instead of the producer copying them.
+template <int kTokens, int kRows, bool kGated = false>
 struct SwapGrouped {
-  using Config = Swap<kTokens, kRows, false>;
+  using Config = Swap<kTokens, kRows, kGated>;
   static constexpr bool kAlternate = kRows == 64;
   // Warpgroup 1's sums on their way to warpgroup 0 (alternating layout): a region of their own,
   // as the ring is busy with the next group's tiles.
@@ -59,14 +63,19 @@ struct SwapGrouped {
   __host__ __device__ static int scale_buffer_floats(int k_blocks_per_split) {
     return (k_blocks_per_split * (kTokens + 1) + 3) / 4 * 4;
   }
-  // Shared memory: stages | full, empty barriers | sums-ready, inbox-free barriers (one per
-  // inbox slot) | scale full, scale empty barriers | scale buffers | warpgroup 1's sums | 2 inbox
-  // slots (16-byte aligned; `inbox` is one slot's bytes) | the masked build's work: each group's
-  // rows, the CTA's items and their count (`list_words` = groups + max_items + 1; 0 for the
-  // unmasked build, which lists none).
+  // The gated build's token tiles of one scale buffer (one per k-block of the CTA's range).
+  __host__ __device__ static int token_tile_bytes(int k_blocks_per_split) {
+    return kGated ? k_blocks_per_split * Config::kTokenBytes : 0;
+  }
+  // Shared memory: stages | the gated build's token tiles (kScaleDepth buffers) | full, empty
+  // barriers | sums-ready, inbox-free barriers (one per inbox slot) | scale full, scale empty
+  // barriers | scale buffers | warpgroup 1's sums | 2 inbox slots (16-byte aligned; `inbox` is one
+  // slot's bytes) | the masked build's work: each group's rows, the CTA's items and their count
+  // (`list_words` = groups + max_items + 1; 0 for the unmasked build, which lists none).
   static size_t shared_bytes(int k_blocks_per_split, int stages, size_t inbox, int list_words) {
     return static_cast<size_t>(list_words + 1) * 4 + kSharedAlign +
            static_cast<size_t>(stages) * (Config::kStageBytes + 2 * sizeof(uint64_t)) +
+           static_cast<size_t>(kScaleDepth) * token_tile_bytes(k_blocks_per_split) +
            (4 + 2 * kScaleDepth) * sizeof(uint64_t) + inbox +
            static_cast<size_t>(kScaleDepth) * scale_buffer_floats(k_blocks_per_split) * 4 +
            kPartialBytes + 16 + inbox;
@@ -80,28 +89,99 @@ struct SwapGrouped {
 // one-tile launch 3-9 % slower (session 32).
 enum class GroupedBuild { whole, masked, masked_tiles };
 
-template <int kTokens, int kRows, GroupedBuild kBuild>
+// The gated build's token tiles of one item: each 128-element group of silu(gate) * up of its rows
+// (a k-block of a token) is quantized by 16 lanes of a loader warp, 8 elements each (a loader
+// warp takes two groups a pass, the 3 warps six), as silu_and_mul_group_quant_fp8's GPU kernel
+// does it: the same chunks, the same amax shuffles over 16 lanes, so the same bytes and scales.
+// The bytes go where TMA's 128-byte swizzle would put them (16-byte unit u of row r at unit
+// u ^ r % 8), the scales into the item's a-scale slots [k-block][token].
+constexpr int kGatedGroupLanes = kBlockK / kChunk;                              // 16
+constexpr int kGatedGroupsPerPass = 3 * kLanes / kGatedGroupLanes;             // 6
+constexpr int kGatedBatch = 4;  // passes whose loads are in flight at once
+// `between()` runs once the first batch's loads are issued (the b scales' loads: one round trip
+// for both). Passes past the last group are skipped whole (the same in every loader); the halves
+// of a warp past it work on ones (any zero would send the warp's quotients down the slow division
+// path of silu_and_mul_chunk) and write nothing.
+template <class Between>
+__device__ __forceinline__ void quantize_gated_tiles(const Activations& x, const int64_t x_plane,
+                                                     int t0, int tokens, int kb_begin, int count,
+                                                     int token_bytes, uint8_t* tiles,
+                                                     float* a_scales, int a_stride, int loader,
+                                                     Between&& between) {
+  const int part = loader % kGatedGroupLanes, first = loader / kGatedGroupLanes;
+  const int groups = count * tokens;
+  const auto* base = static_cast<const uint16_t*>(x.x) + x_plane;
+  for (int batch = 0; batch < groups; batch += kGatedBatch * kGatedGroupsPerPass) {
+    RawChunk<Wide::bf16> gate[kGatedBatch], up[kGatedBatch];
+#pragma unroll
+    for (int b = 0; b < kGatedBatch; ++b) {
+      if (batch + b * kGatedGroupsPerPass >= groups) break;
+      const int group = batch + b * kGatedGroupsPerPass + first;
+      const int token = group % tokens, i = group / tokens;
+      constexpr uint32_t kOnes = 0x3f803f80u;  // two bf16 ones
+      uint4 g = make_uint4(kOnes, kOnes, kOnes, kOnes), u = g;
+      if (group < groups) {
+        const uint16_t* at = base + (t0 + token) * x.row_stride + (kb_begin + i) * kBlockK +
+                             part * kChunk;
+        g = __ldg(reinterpret_cast<const uint4*>(at));
+        u = __ldg(reinterpret_cast<const uint4*>(at + x.k));
+      }
+      gate[b].w[0] = g.x, gate[b].w[1] = g.y, gate[b].w[2] = g.z, gate[b].w[3] = g.w;
+      up[b].w[0] = u.x, up[b].w[1] = u.y, up[b].w[2] = u.z, up[b].w[3] = u.w;
+    }
+    if (batch == 0) between();
+#pragma unroll
+    for (int b = 0; b < kGatedBatch; ++b) {
+      if (batch + b * kGatedGroupsPerPass >= groups) break;
+      const int group = batch + b * kGatedGroupsPerPass + first;
+      // Every lane of the warp takes the vote in silu_and_mul_chunk and the shuffles.
+      float v[kChunk], w[kChunk];
+      decode_raw<Wide::bf16>(gate[b], v);
+      decode_raw<Wide::bf16>(up[b], w);
+      silu_and_mul_chunk(v, w);
+      float amax = max_abs(v);
+#pragma unroll
+      for (int offset = 1; offset < kGatedGroupLanes; offset <<= 1)
+        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+      const float scale = group_scale(amax, x.eps, x.ue8m0);
+      uint32_t lo, hi;
+      quantize_chunk(v, divisor_for(scale), lo, hi);
+      if (group >= groups) continue;
+      const int token = group % tokens, i = group / tokens;
+      uint8_t* row = tiles + i * token_bytes + token * kBlockK;
+      *reinterpret_cast<uint2*>(row + ((part / 2) ^ (token % 8)) * 16 + (part % 2) * 8) =
+          make_uint2(lo, hi);
+      if (part == 0) a_scales[i * a_stride + token] = scale;
+    }
+  }
+}
+
+template <int kTokens, int kRows, GroupedBuild kBuild, bool kGated = false>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_swap_grouped_kernel(const __grid_constant__ CUtensorMap w_map,
                              const __grid_constant__ CUtensorMap x_map, const GemmArgs args,
                              const GroupStrides strides) {
 #if MOEKIT_SM90A
-  using Config = Swap<kTokens, kRows, false>;
+  using Config = Swap<kTokens, kRows, kGated>;
   constexpr bool kAlternate = kRows == 64;
   constexpr int kRegisters = Config::kRegisters;
+  static_assert(!kGated || kBuild != GroupedBuild::whole, "the gated build is masked");
   extern __shared__ uint8_t shared_raw[];
   const int stage_count = args.stages;
   const int splits = args.splits;
   const int groups = strides.groups;
   const int max_count = (args.k_blocks + splits - 1) / splits;
   uint8_t* stages = align_shared(shared_raw);
-  auto* full = reinterpret_cast<uint64_t*>(stages + stage_count * Config::kStageBytes);
+  using Grouped = SwapGrouped<kTokens, kRows, kGated>;
+  // Gated: buffer b's token tiles (1024-byte aligned: the stages' bytes are multiples of 1024).
+  uint8_t* token_tiles = stages + stage_count * Config::kStageBytes;
+  const int tile_buffer_bytes = Grouped::token_tile_bytes(max_count);
+  auto* full = reinterpret_cast<uint64_t*>(token_tiles + Grouped::kScaleDepth * tile_buffer_bytes);
   uint64_t* empty = full + stage_count;
   // Inbox slot g % 2 takes group g's sums: sums_ready[slot] in rank 0 (the other ranks' sums are
   // in), inbox_free[slot] in the other ranks (rank 0 has read the sums there).
   uint64_t* sums_ready = empty + stage_count;
   uint64_t* inbox_free = sums_ready + 2;
-  using Grouped = SwapGrouped<kTokens, kRows>;
   constexpr int kScaleDepth = Grouped::kScaleDepth;
   uint64_t* scale_full = inbox_free + 2;  // the loader has filled buffer g % depth for group g
   uint64_t* scale_empty = scale_full + kScaleDepth;  // the consumers are done with it
@@ -110,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* partial = scale_buffers + kScaleDepth * buffer_floats;
   const int slot_floats = (splits - 1) * Config::kSenders * kRegisters;  // one inbox slot
   auto* inbox = reinterpret_cast<float*>(
-      (reinterpret_cast<uintptr_t>(partial) + SwapGrouped<kTokens, kRows>::kPartialBytes + 15) /
+      (reinterpret_cast<uintptr_t>(partial) + Grouped::kPartialBytes + 15) /
       16 * 16);
   // The masked build's work: group g has group_rows[g] rows; the CTA's item a is token tile
   // work_item[a] & (kMaxItemTiles - 1) of group work_item[a] >> kItemTileBits.
@@ -212,10 +292,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto rows_of = [&](int item) { return masked ? group_rows[group_of(item)] : args.m; };
 
   if (warpgroup == kConsumers) {
-    sm90::registers_shrink<kGroupedProducerRegisters>();
+    // The gated build keeps the launch's registers: its loaders quantize (and the consumers'
+    // growth would take what they need).
+    if constexpr (!kGated) sm90::registers_shrink<kGroupedProducerRegisters>();
     if (threadIdx.x == kConsumers * kWarpgroup) {
       sm90::prefetch_tensor_map(&w_map);
-      sm90::prefetch_tensor_map(&x_map);
+      if constexpr (!kGated) sm90::prefetch_tensor_map(&x_map);
       // Copy q is k-block q % count of item q / count, in ring slot q % stages.
       const int total = items * count;
       int q = 0;
@@ -246,8 +328,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int k = (kb_begin + i) * kBlockK;
         sm90::mbarrier_arrive_expect_tx(&full[slot.stage], Config::kStageBytes);
         sm90::tma_load_3d(stage, &w_map, &full[slot.stage], k, n0, group);
-        sm90::tma_load_3d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k, t0_of(item),
-                          group);
+        if constexpr (!kGated)
+          sm90::tma_load_3d(stage + Config::kWeightBytes, &x_map, &full[slot.stage], k,
+                            t0_of(item), group);
         if (++i == count) {
           i = 0;
           ++item;
@@ -259,7 +342,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // group's rows read its last row) then b [count], once the consumers are done with item
       // a - depth's.
       const int loader = static_cast<int>(threadIdx.x) - (kConsumers * kWarpgroup + 32);
+      // Gated: only the b scales are loaded; the a scales come with the quantized tiles.
       const int scale_count = count * kTokens, scale_total = scale_count + count;
+      const int load_first = kGated ? scale_count : 0;
       vendor::wait_for_previous_grid();  // the activation scales are its output
       for (int item = 0; item < items; ++item) {
         const int group = group_of(item), rows = rows_of(item), t0 = t0_of(item);
@@ -272,23 +357,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         scales.b = static_cast<const uint8_t*>(scales.b) +
                    group * strides.b_scales * (scales.b_bf16 ? 2 : 4);
         float* to = scale_buffers + buffer * buffer_floats;
-        constexpr int kBatch = 8;  // loads in flight per thread
-        for (int base = loader; base < scale_total; base += kBatch * Grouped::kScaleLoaders) {
-          float value[kBatch];
+        const auto load_scales = [&] {
+          constexpr int kBatch = 8;  // loads in flight per thread
+          for (int base = load_first + loader; base < scale_total;
+               base += kBatch * Grouped::kScaleLoaders) {
+            float value[kBatch];
 #pragma unroll
-          for (int j = 0; j < kBatch; ++j) {
-            const int i = base + j * Grouped::kScaleLoaders;
-            value[j] =
-                i < scale_count
-                    ? a_scale(scales, min(t0 + i % kTokens, rows - 1), kb_begin + i / kTokens)
-                : i < scale_total ? b_scale(scales, n0 / kFp8BlockSize, kb_begin + i - scale_count)
-                                  : 0.0f;
-          }
+            for (int j = 0; j < kBatch; ++j) {
+              const int i = base + j * Grouped::kScaleLoaders;
+              value[j] = i < scale_count ? a_scale(scales, min(t0 + i % kTokens, rows - 1),
+                                                   kb_begin + i / kTokens)
+                         : i < scale_total
+                             ? b_scale(scales, n0 / kFp8BlockSize, kb_begin + i - scale_count)
+                             : 0.0f;
+            }
 #pragma unroll
-          for (int j = 0; j < kBatch; ++j) {
-            const int i = base + j * Grouped::kScaleLoaders;
-            if (i < scale_total) to[i] = value[j];
+            for (int j = 0; j < kBatch; ++j) {
+              const int i = base + j * Grouped::kScaleLoaders;
+              if (i < scale_total) to[i] = value[j];
+            }
           }
+        };
+        if constexpr (kGated) {
+          // The b scales' loads go out beside the first x loads.
+          quantize_gated_tiles(args.activations, group * strides.x, t0, min(kTokens, rows - t0),
+                               kb_begin, count, Config::kTokenBytes,
+                               token_tiles + buffer * tile_buffer_bytes, to, kTokens, loader,
+                               load_scales);
+          sm90::fence_proxy_async_shared();  // the tiles are wgmma operands
+        } else {
+          load_scales();
         }
         sm90::mbarrier_arrive(&scale_full[buffer]);  // release: the stores above come first
       }
@@ -298,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  sm90::registers_grow<kGroupedConsumerRegisters>();
+  if constexpr (!kGated) sm90::registers_grow<kGroupedConsumerRegisters>();
   const int t = static_cast<int>(threadIdx.x) % kWarpgroup;
   const int warp = t / 32, lane = t % 32;
   const int consumer_thread = static_cast<int>(threadIdx.x);  // 0..255
@@ -352,7 +450,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       const auto phase = static_cast<uint32_t>(q / stage_count) & 1u;
       sm90::mbarrier_wait_likely_done(&full[stage_index], phase);
       const uint8_t* stage = stages + stage_index * Config::kStageBytes;
-      issue_k_block<kTokens>(part, stage + row_offset, stage + Config::kWeightBytes);
+      const uint8_t* tokens = kGated ? token_tiles + buffer * tile_buffer_bytes +
+                                           i * Config::kTokenBytes
+                                     : stage + Config::kWeightBytes;
+      issue_k_block<kTokens>(part, stage + row_offset, tokens);
       const float sb = b_scales[i];
       float2 a_pairs[kTokens / 8];
       const float* sa = a_scales + i * kTokens + 2 * (lane % 4);
