@@ -335,12 +335,14 @@ TEST_F(CliFp8, CheckFp8QuickPassesOnCpu) {
     start = end + 1;
   }
   // 4 shapes x (quant + GEMM at M in {1, 7, 83}; linear at M in {1, 7}; the weight), the
-  // 2 expert shapes x the grouped GEMM at M in {1, 5}, and the expert activation (I=2048) x the
-  // gated quantization at M in {1, 7}.
-  EXPECT_EQ(deepseek_pass, 4 * 3 + 4 * 3 + 2 * 2 + 2) << r.out;
+  // 2 expert shapes x the grouped GEMM at M in {1, 5}, the expert activation (I=2048) x the
+  // gated quantization at M in {1, 7}, and the expert down shape x the down projection with its
+  // activation quantized inside at M in {1, 5}.
+  EXPECT_EQ(deepseek_pass, 4 * 3 + 4 * 3 + 2 * 2 + 2 + 2) << r.out;
   EXPECT_NE(r.out.find("w8a8_block_fp8_linear"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("grouped_block_fp8_gemm"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("silu_and_mul_group_quant_fp8"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("silu_and_mul_grouped_block_fp8_gemm_masked"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("w 324x3884"), std::string::npos) << r.out;  // a partial block row
 }
 

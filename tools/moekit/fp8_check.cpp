@@ -398,6 +398,83 @@ int check_gated(const CheckOptions& options, uint64_t seed, const std::vector<Ba
   return failures;
 }
 
+// The fifth table: silu_and_mul_grouped_block_fp8_gemm_masked, the experts' down projections with
+// their activation quantized inside (x [G, M, 2I] bf16, I the down projection's K; rows per group
+// M, 0, M - 1, M), every backend (given a workspace: on Hopper the fused launch serves anyway)
+// against the reference on each group's first rows.
+int check_silu_grouped(const CheckOptions& options, uint64_t seed,
+                       const std::vector<Backend>& tested) {
+  constexpr int64_t kGroups = 4;
+  std::printf(
+      "\nFP8: silu_and_mul_grouped_block_fp8_gemm_masked (%lld experts' down projections, "
+      "silu_and_mul quantized inside, bf16 out; rows per group M, 0, M - 1, M) vs the reference\n",
+      static_cast<long long>(kGroups));
+  std::printf("%-44s %-11s %-9s %-22s %10s %s\n", "shape", "M", "backend", "implementation",
+              "bf16 rel", "result");
+  std::vector<int64_t> token_counts = {1, 5};
+  if (!options.quick) token_counts.push_back(16);
+  int failures = 0;
+  uint64_t case_seed = seed ^ 0x5d0eULL;
+  for (const Fp8Shape& shape : fp8_shapes()) {
+    if (shape.layer.find("expert down") == std::string::npos || shape.k % kBlock != 0) continue;
+    const int64_t N = shape.n, K = shape.k;
+    const Fp8GemmInputs weights = make_fp8_gemm_inputs(0, kGroups * N, K, case_seed++);
+    for (const int64_t M : token_counts) {
+      const Tensor x = random_fp8_activations(case_seed++, kGroups * M, 2 * K);
+      const int32_t counts[kGroups] = {static_cast<int32_t>(M), 0, static_cast<int32_t>(M - 1),
+                                       static_cast<int32_t>(M)};
+      Tensor masked_host = Tensor::empty(DType::i32, {kGroups});
+      std::memcpy(masked_host.data(), counts, sizeof counts);
+      const size_t bytes = silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(kGroups, M, K);
+      // The reference on each group's first rows (as many as its budget allows).
+      const int64_t ref_rows = std::clamp<int64_t>(
+          static_cast<int64_t>(kReferenceMacs / static_cast<double>(kGroups * N * K)), 1, M);
+      Tensor ref_counts = Tensor::empty(DType::i32, {kGroups});
+      for (int64_t g = 0; g < kGroups; ++g)
+        ref_counts.data_as<int32_t>()[g] = std::min<int32_t>(counts[g], ref_rows);
+      Tensor ref = Tensor::empty(DType::f32, {kGroups * M, N});
+      const Tensor ref_space = zero_filled_bytes(bytes, Device::cpu());
+      silu_and_mul_grouped_block_fp8_gemm_masked(
+          as_groups(x, kGroups), ref_counts, as_groups(weights.b, kGroups),
+          as_groups(weights.b_scales, kGroups), as_groups(ref, kGroups), GroupQuantConfig{}, 0,
+          ref_space.data(), bytes, OpOptions{Backend::reference});
+      for (Backend backend : tested) {
+        const Tensor x_on = staged(x, backend), masked_m = staged(masked_host, backend);
+        const Tensor b = staged(weights.b, backend), bs = staged(weights.b_scales, backend);
+        const Tensor space = zero_filled_bytes(bytes, device_of(backend));
+        Tensor out = Tensor::empty(DType::bf16, {kGroups * M, N}, device_of(backend));
+        OpOptions op;
+        op.backend = backend;
+        const auto call_args = [&](auto&& f) {
+          return f(as_groups(x_on, kGroups), masked_m, as_groups(b, kGroups),
+                   as_groups(bs, kGroups), as_groups(out, kGroups), GroupQuantConfig{},
+                   int64_t{0}, space.data(), bytes, op);
+        };
+        const std::string implementation = chosen_name(call_args(
+            [](auto&&... a) { return explain_silu_and_mul_grouped_block_fp8_gemm_masked(a...); }));
+        call_args([](auto&&... a) { silu_and_mul_grouped_block_fp8_gemm_masked(a...); });
+        const Tensor host = to_host(out);
+        double worst = 0.0;
+        for (int64_t g = 0; g < kGroups; ++g) {
+          const int64_t rows = std::min<int64_t>(counts[g], ref_rows);
+          if (rows <= 0) continue;
+          worst = std::max(
+              worst, relative_mean_error(first_rows(plane_of(as_groups(host, kGroups), g), rows),
+                                         first_rows(plane_of(as_groups(ref, kGroups), g), rows)));
+        }
+        const bool pass = worst < gemm_tolerance(DType::bf16);
+        const std::string rows_note =
+            ref_rows < M ? fmt::format("{} (ref {})", M, ref_rows) : std::to_string(M);
+        std::printf("%-44s %-11s %-9s %-22s %10.3g %s\n", shape.name().c_str(), rows_note.c_str(),
+                    std::string(backend_name(backend)).c_str(), implementation.c_str(), worst,
+                    pass ? "PASS" : "FAIL");
+        failures += pass ? 0 : 1;
+      }
+    }
+  }
+  return failures;
+}
+
 }  // namespace
 
 // Quantizes x on `backend` and the reference; q bytes must match except where x / scale lies within
@@ -687,7 +764,8 @@ int run_fp8_check(const CheckOptions& options, uint64_t seed, const std::vector<
       "reference GEMM runs on at most %.0g multiply-adds per case (first rows, as noted).\n",
       kReferenceMacs);
   return failures + check_linear_and_weights(options, seed, tested) +
-         check_grouped(options, seed, tested) + check_gated(options, seed, tested);
+         check_grouped(options, seed, tested) + check_gated(options, seed, tested) +
+         check_silu_grouped(options, seed, tested);
 }
 
 }  // namespace moekit::cli
