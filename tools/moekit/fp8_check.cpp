@@ -447,8 +447,8 @@ int check_silu_grouped(const CheckOptions& options, uint64_t seed,
         op.backend = backend;
         const auto call_args = [&](auto&& f) {
           return f(as_groups(x_on, kGroups), masked_m, as_groups(b, kGroups),
-                   as_groups(bs, kGroups), as_groups(out, kGroups), GroupQuantConfig{},
-                   int64_t{0}, space.data(), bytes, op);
+                   as_groups(bs, kGroups), as_groups(out, kGroups), GroupQuantConfig{}, int64_t{0},
+                   space.data(), bytes, op);
         };
         const std::string implementation = chosen_name(call_args(
             [](auto&&... a) { return explain_silu_and_mul_grouped_block_fp8_gemm_masked(a...); }));
