@@ -550,6 +550,55 @@ TEST(GpuFp8Quant, SiluAndMulMaskedMatchesTheReferenceOnEachGroupsRows) {
       }
 }
 
+// Many groups (a thousand experts' planes of 2 rows, counts 0 to 3): gpu.masked against the
+// reference on each group's rows, nothing else written (row-major scales).
+TEST(GpuFp8Quant, SiluAndMulMaskedOverManyGroups) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test_seed("SiluAndMulMaskedOverManyGroups"));
+  for (const int64_t G : {int64_t{1024}, int64_t{1030}}) {
+    SCOPED_TRACE("G=" + std::to_string(G));
+    const int64_t M = 2, K = 768;
+    constexpr uint8_t kPoison = 0xA5;
+    Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+    std::normal_distribution<float> value(0.0f, 2.0f);
+    for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
+    Tensor counts = Tensor::empty(DType::i32, {G});
+    for (int64_t g = 0; g < G; ++g) counts.data_as<int32_t>()[g] = static_cast<int32_t>(rng() % 4);
+    GroupQuantConfig config;
+    Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
+    Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
+    silu_and_mul_group_quant_fp8_masked(x, counts, q_ref, s_ref, config,
+                                        OpOptions{Backend::reference});
+    Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
+    Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
+    MOEKIT_GPU_CHECK(cudaMemset(q_gpu.data(), kPoison, q_gpu.nbytes()));
+    MOEKIT_GPU_CHECK(cudaMemset(s_gpu.data(), kPoison, s_gpu.nbytes()));
+    OpOptions options{Backend::gpu};
+    options.implementation = "gpu.masked";
+    silu_and_mul_group_quant_fp8_masked(Tensor::copy_of(x, Device::gpu()),
+                                        Tensor::copy_of(counts, Device::gpu()), q_gpu, s_gpu,
+                                        config, options);
+    const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
+                 sc = Tensor::copy_of(s_gpu, Device::cpu());
+    int64_t wrong = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t rows = std::min<int64_t>(counts.data_as<int32_t>()[g], M);
+      for (int64_t i = 0; i < M * K; ++i) {
+        const uint8_t got = q.data_as<uint8_t>()[g * M * K + i];
+        wrong += i < rows * K ? !same_e4m3(got, q_ref.data_as<uint8_t>()[g * M * K + i])
+                              : got != kPoison;
+      }
+      for (int64_t i = 0; i < M * K / 128; ++i) {
+        uint32_t got, want;
+        std::memcpy(&got, sc.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
+        std::memcpy(&want, s_ref.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
+        wrong += i < rows * K / 128 ? got != want : got != 0xA5A5A5A5u;
+      }
+    }
+    EXPECT_EQ(wrong, 0);
+  }
+}
+
 TEST(GpuFp8Quant, PartialLastGroupAsTheLinearLayerAsks) {
   SKIP_WITHOUT_GPU();
   Stream stream;

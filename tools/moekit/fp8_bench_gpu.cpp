@@ -665,12 +665,17 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           rows.push_back(
               bench_quant_gpu(name, m, k, ScaleLayout::row_major, seed++, options.replays, true));
       }
-    // Its masked form at a Qwen3-30B-A3B decode step: 8 of 128 experts with a token, 16 rows each.
+    // Its masked form at a Qwen3-30B-A3B decode step: 8 of 128 experts with a token, 16 rows each
+    // (and 128, as DeepEP's low-latency dispatch leaves them: one launch only).
     const std::string masked = "silu_and_mul masked G=128 M=16 K=768, 8 rows";
     if (wanted(masked, 128 * 16))
       for (const char* implementation : {"gpu.masked", "gpu.per_group"})
         rows.push_back(bench_masked_gated_quant_gpu(masked, 128, 16, 768, 8, implementation, seed++,
                                                     options.replays));
+    const std::string capacity = "silu_and_mul masked G=128 M=128 K=768, 8 rows";
+    if (wanted(capacity, 128 * 128))
+      rows.push_back(bench_masked_gated_quant_gpu(capacity, 128, 128, 768, 8, "gpu.masked", seed++,
+                                                  options.replays));
   }
   if (rows.empty()) fail("bench", "--model", options.model, "selects no GPU FP8 shape");
   const bool all_verified =
