@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "gpu/gpu_check.h"
+#include "gpu/vendor.h"
 #include "gpu_test_support.h"
 #include "moekit/dtype.h"
 #include "moekit/ops/fp8.h"
@@ -89,11 +90,14 @@ GroupQuantConfig config_of(const Case& c) {
 }
 
 // Writes counts into masked_m late: it lets the next kernel start at once (programmatic dependent
-// launch), then spins ~`delay_ns` before writing, so that the GEMM's CTAs run meanwhile.
+// launch), then spins for `cycles` first, so that the next kernel reads the old counts before its
+// wait for this one and the new ones after it.
 __global__ void write_counts_late(int32_t* masked_m, const int32_t* counts, int groups,
-                                  unsigned delay_ns) {
-  cudaTriggerProgrammaticLaunchCompletion();
-  for (unsigned spent = 0; spent < delay_ns; spent += 1000) __nanosleep(1000);
+                                  long long cycles) {
+  gpu::vendor::allow_next_grid();
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
   for (int g = static_cast<int>(threadIdx.x); g < groups; g += static_cast<int>(blockDim.x))
     masked_m[g] = counts[g];
 }
