@@ -238,14 +238,9 @@ __global__ void __launch_bounds__(kQuantThreads,
         decode_raw<kType>(up[p], u);
         silu_and_mul_chunk(v, u);
       }
-      float amax = max_abs(v);
-#pragma unroll
-      for (int offset = 1; offset < kGroupLanes; offset <<= 1)
-        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
-      const float scale = group_scale(amax, a.eps, a.ue8m0);
-      const int64_t col = unit_start + p * kPassElements + lane * kChunk;
       uint32_t lo, hi;
-      quantize_chunk(v, divisor_for(scale), lo, hi);
+      const float scale = quantize_group_chunk<kGroupLanes>(v, a.eps, a.ue8m0, lo, hi);
+      const int64_t col = unit_start + p * kPassElements + lane * kChunk;
       store_chunk(a.q, q_row + col, left(col), q_vectors, lo, hi);
 
       const int64_t group = col / kGroupSize;

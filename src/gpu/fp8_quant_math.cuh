@@ -168,6 +168,21 @@ __device__ __forceinline__ void quantize_chunk(const float (&v)[kChunk], const G
   });
 }
 
+// A lane's 8 values of a group whose kGroupLanes lanes (consecutive, a power of two) hold its
+// values in turn: the group's amax (NaN ignored) by shuffles, its scale (returned), and the lane's
+// 8 bytes in lo, hi. Every lane of the warp calls it (the shuffles).
+template <int kGroupLanes>
+__device__ __forceinline__ float quantize_group_chunk(const float (&v)[kChunk], float eps,
+                                                      bool ue8m0, uint32_t& lo, uint32_t& hi) {
+  float amax = max_abs(v);
+#pragma unroll
+  for (int offset = 1; offset < kGroupLanes; offset <<= 1)
+    amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
+  const float scale = group_scale(amax, eps, ue8m0);
+  quantize_chunk(v, divisor_for(scale), lo, hi);
+  return scale;
+}
+
 // v[j] = silu_and_mul_f32(v[j], u[j]), the same bits. Each quotient takes the sequence the GPU's
 // IEEE division takes after its range check (divide_fast: one refined reciprocal, one
 // correction), which is exact for a denominator in [1, 2] and a numerator in [2^-80, 2^100]; the

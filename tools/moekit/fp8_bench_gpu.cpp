@@ -286,6 +286,32 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   return result;
 }
 
+// The counts an MoE decode step's rows rotate over, on the GPU: set s gives `rows` rows to each
+// expert g with g % (G / active) == s (at most 16 sets, each expert in at most one), so that the
+// weights of a graph's calls come from HBM as in a model, not from L2.
+std::vector<Tensor> decode_count_sets(int64_t G, int64_t active, int64_t rows) {
+  const int64_t sets = std::min<int64_t>(16, G / active), stride = G / active;
+  std::vector<Tensor> counts;
+  for (int64_t set = 0; set < sets; ++set) {
+    Tensor host = Tensor::empty(DType::i32, {G});
+    for (int64_t g = 0; g < G; ++g)
+      host.data_as<int32_t>()[g] = g % stride == set ? static_cast<int32_t>(rows) : 0;
+    counts.push_back(Tensor::copy_of(host, Device::gpu()));
+  }
+  return counts;
+}
+
+// Median us per expert with rows of `call(counts, stream)` replayed over the sets in turn.
+template <class Call>
+double us_per_active_expert(const Call& call, const std::vector<Tensor>& counts, int64_t active,
+                            int replays) {
+  size_t next = 0;
+  return gpu::median_graph_replay_us(
+             [&](void* stream) { call(counts[next++ % counts.size()], stream); },
+             /*calls_per_graph=*/static_cast<int>(counts.size()), replays) /
+         static_cast<double>(active);
+}
+
 // An MoE decode step's grouped GEMM in the masked layout: G experts of capacity M, `active` of them
 // given `rows` rows (Qwen3-30B-A3B at one token: 8 of 128, one row each), gpu.sm90.grouped, us per
 // expert with rows. Each call of the replayed graph picks another set of experts (16 sets, each
@@ -300,14 +326,7 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
   const Tensor a = Tensor::copy_of(x.a, gpu), as = Tensor::copy_of(x.a_scales, gpu);
   const Tensor b = Tensor::copy_of(w.b, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
   Tensor out = Tensor::empty(DType::bf16, {G * M, N}, gpu);
-  const int64_t sets = std::min<int64_t>(16, G / active), stride = G / active;
-  std::vector<Tensor> counts;
-  for (int64_t set = 0; set < sets; ++set) {
-    Tensor host = Tensor::empty(DType::i32, {G});
-    for (int64_t g = 0; g < G; ++g)
-      host.data_as<int32_t>()[g] = g % stride == set ? static_cast<int32_t>(rows) : 0;
-    counts.push_back(Tensor::copy_of(host, gpu));
-  }
+  const std::vector<Tensor> counts = decode_count_sets(G, active, rows);
   OpOptions op;
   op.backend = Backend::gpu;
   op.static_weights = true;
@@ -321,7 +340,8 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
              K,
              op.implementation,
              false};
-  const auto call = [&](const Tensor& masked_m) {
+  const auto call = [&](const Tensor& masked_m, void* stream) {
+    op.stream = stream;
     if (expected_rows > 0)
       grouped_block_fp8_gemm_masked(as_groups(a, G), as_groups(as, G), ScaleLayout::row_major,
                                     as_groups(b, G), as_groups(b_scales, G), masked_m,
@@ -331,7 +351,7 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
                                     as_groups(b, G), as_groups(b_scales, G), masked_m,
                                     as_groups(out, G), op);
   };
-  call(counts[0]);
+  call(counts[0], nullptr);
   const int64_t checked = std::min<int64_t>(rows, 2);
   Tensor ref = Tensor::empty(DType::f32, {checked, N});
   block_fp8_gemm(first_rows(plane_of(as_groups(x.a, G), 0), checked),
@@ -343,14 +363,7 @@ GpuRow bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
   row.verified =
       relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {checked, N}), ref) <
       1e-3 + 1.0 / 256;  // spec/fp8.md, bf16
-  int next = 0;
-  row.median_us = gpu::median_graph_replay_us(
-                      [&](void* stream) {
-                        op.stream = stream;
-                        call(counts[static_cast<size_t>(next++ % sets)]);
-                      },
-                      /*calls_per_graph=*/static_cast<int>(sets), replays) /
-                  static_cast<double>(active);
+  row.median_us = us_per_active_expert(call, counts, active, replays);
   // Bytes per expert with rows: its weights, and its rows of a, a_scales and out (not capacity's).
   row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes()) / static_cast<double>(G) +
               static_cast<double>(x.a.nbytes() + x.a_scales.nbytes() + out.nbytes()) /
@@ -374,14 +387,7 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
   const Tensor x = Tensor::copy_of(x_host, gpu);
   const Tensor b = Tensor::copy_of(w.b, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
   Tensor out = Tensor::empty(DType::bf16, {G * M, N}, gpu);
-  const int64_t sets = std::min<int64_t>(16, G / active), stride = G / active;
-  std::vector<Tensor> counts, counts_host;
-  for (int64_t set = 0; set < sets; ++set) {
-    Tensor host = Tensor::empty(DType::i32, {G});
-    for (int64_t g = 0; g < G; ++g) host.data_as<int32_t>()[g] = g % stride == set ? 1 : 0;
-    counts.push_back(Tensor::copy_of(host, gpu));
-    counts_host.push_back(std::move(host));
-  }
+  const std::vector<Tensor> counts = decode_count_sets(G, active, 1);
   const size_t bytes = std::string(implementation) == "gpu.apart"
                            ? silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(G, M, K)
                            : 0;
@@ -400,7 +406,8 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
              K,
              implementation,
              false};
-  const auto call = [&](const Tensor& masked_m) {
+  const auto call = [&](const Tensor& masked_m, void* stream) {
+    op.stream = stream;
     silu_and_mul_grouped_block_fp8_gemm_masked(as_groups(x, G), masked_m, as_groups(b, G),
                                                as_groups(b_scales, G), as_groups(out, G),
                                                GroupQuantConfig{}, expected_rows, ws, bytes, op);
@@ -410,7 +417,7 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
                       as_groups(out, G), GroupQuantConfig{}, expected_rows, ws, bytes, op))
           .empty())
     return row;  // (not verified: the entry does not serve here)
-  call(counts[0]);
+  call(counts[0], nullptr);
   // The reference on group 0 (in the first set): its one row.
   const int64_t one[] = {1, M, 2 * K}, one_strides[] = {M * 2 * K, 2 * K, 1};
   const TensorView x0(x_host.data(), DType::bf16, one, one_strides);
@@ -427,14 +434,7 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
   const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
   row.verified = relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {1, N}),
                                      TensorView(ref.data(), DType::f32, {1, N})) < 1e-3 + 1.0 / 256;
-  int next = 0;
-  row.median_us = gpu::median_graph_replay_us(
-                      [&](void* stream) {
-                        op.stream = stream;
-                        call(counts[static_cast<size_t>(next++ % sets)]);
-                      },
-                      /*calls_per_graph=*/static_cast<int>(sets), replays) /
-                  static_cast<double>(active);
+  row.median_us = us_per_active_expert(call, counts, active, replays);
   // Bytes per expert with rows: its weights, its row of x and of out.
   row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes()) / static_cast<double>(G) +
               static_cast<double>(2 * K * 2 + N * 2);

@@ -139,13 +139,8 @@ __device__ __forceinline__ void quantize_gated_tiles(const Activations& x, const
       decode_raw<Wide::bf16>(gate[b], v);
       decode_raw<Wide::bf16>(up[b], w);
       silu_and_mul_chunk(v, w);
-      float amax = max_abs(v);
-#pragma unroll
-      for (int offset = 1; offset < kGatedGroupLanes; offset <<= 1)
-        amax = fmaxf(amax, vendor::shfl_xor(amax, offset));
-      const float scale = group_scale(amax, x.eps, x.ue8m0);
       uint32_t lo, hi;
-      quantize_chunk(v, divisor_for(scale), lo, hi);
+      const float scale = quantize_group_chunk<kGatedGroupLanes>(v, x.eps, x.ue8m0, lo, hi);
       if (group >= groups) continue;
       const int token = group % tokens, i = group / tokens;
       uint8_t* row = tiles + i * token_bytes + token * kBlockK;
