@@ -870,6 +870,9 @@ using GroupedBytesFn = size_t (*)(int, int, int, int);
 // any M up to 2048 token tiles (its capacity; the counts at decode are a few rows), whose token
 // tiles with rows are the items the CTAs take (grouped_planned_problem).
 constexpr int kMaxGroupedTokens = 64;
+// Groups up to which a masked call whose groups are expected to hold many rows goes to one GEMM
+// per group (measured at 4; each group is a launch of its own there).
+constexpr int64_t kMaxGroupsPerGroupGemm = 8;
 constexpr int kGroupedStages = 12;
 
 struct GroupedPlan {
@@ -1382,6 +1385,16 @@ std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
   if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
     return "a's or b's groups are not 16 bytes apart (TMA needs it)";
   if (p.groups > (int64_t{1} << 20)) return "G=" + str(p.groups) + " > 2^20 groups";
+  // Experts expected to hold more rows than a token tile, few of them, at a capacity of at most
+  // twice that: each token tile would stream its group's weights again, and one block_fp8_gemm per
+  // group (all M rows, the tiles kernel) is faster. H200, N=4096 K=7168, G=4, us per group with
+  // rows (fp8-gpu-sm90.md, session 33): 256 rows at capacity 256 39.5 here against 20.4 per group;
+  // 128 at 256 21.3 against 20.3; 256 at 1024 39.5 against 46.4 (this entry kept).
+  if (p.masked() && p.expected_rows > kMaxGroupedTokens && p.groups <= kMaxGroupsPerGroupGemm &&
+      p.m <= 2 * p.expected_rows)
+    return str(p.groups) + " groups expected to hold " + str(p.expected_rows) +
+           " rows each, past the " + str(kMaxGroupedTokens) +
+           "-row token tiles, at a capacity of at most twice that: one GEMM per group is faster";
   if (p.m == 0 || p.n == 0) return "";
   const int device = p.a.device().index;
   DeviceGuard on_device(device);

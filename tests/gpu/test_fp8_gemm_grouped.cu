@@ -422,5 +422,36 @@ TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
   if (grouped_entry_present()) check_case(rng, wide, "gpu.per_group");
 }
 
+// Masked, with few groups expected to hold more rows than a token tile (64) at a capacity of at
+// most twice that, one GEMM per group serves (measured faster); at a larger capacity, or with
+// more groups, the grouped launch still does.
+TEST(GpuGroupedGemm, ManyExpectedRowsInFewGroupsGoPerGroup) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  const auto chosen_for = [](int64_t G, int64_t M, int64_t expected) {
+    const Device gpu = Device::gpu();
+    const int64_t N = 256, K = 256;
+    const Tensor a = Tensor::empty(DType::f8e4m3, {G, M, K}, gpu);
+    const Tensor as = Tensor::empty(DType::f32, {G, M, K / 128}, gpu);
+    const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
+    const Tensor bs = Tensor::empty(DType::f32, {G, N / 128, K / 128}, gpu);
+    const Tensor counts = Tensor::empty(DType::i32, {G}, gpu);
+    const Tensor out = Tensor::empty(DType::bf16, {G, M, N}, gpu);
+    OpOptions options;
+    options.backend = Backend::gpu;
+    std::string chosen;
+    for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
+             a, as, ScaleLayout::row_major, b, bs, counts, out, expected, options))
+      if (row.chosen) chosen = row.name;
+    return chosen;
+  };
+  EXPECT_EQ(chosen_for(4, 256, 256), "gpu.per_group");
+  EXPECT_EQ(chosen_for(4, 256, 128), "gpu.per_group");
+  EXPECT_EQ(chosen_for(8, 200, 100), "gpu.per_group");
+  EXPECT_EQ(chosen_for(4, 1024, 256), kGrouped);         // capacity past twice the expected rows
+  EXPECT_EQ(chosen_for(9, 256, 256), kGrouped);          // more groups
+  EXPECT_EQ(chosen_for(4, 256, 64), kGrouped);           // the rows fit a token tile
+  EXPECT_EQ(chosen_for(4, 256, 1000), "gpu.per_group");  // (a hint past M counts as M)
+}
+
 }  // namespace
 }  // namespace moekit
