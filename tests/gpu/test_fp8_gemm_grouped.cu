@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "gpu/gpu_check.h"
-#include "gpu/vendor.h"
 #include "gpu_test_support.h"
+#include "late_counts.cuh"
 #include "moekit/dtype.h"
 #include "moekit/ops/fp8.h"
 #include "moekit/tensor.h"
@@ -217,19 +217,6 @@ TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
   }
 }
 
-// Writes counts into masked_m late: it lets the next kernel start at once (programmatic dependent
-// launch), then spins for `cycles` first, so that the next kernel reads the old counts before its
-// wait for this one and the new ones after it.
-__global__ void write_counts_late(int32_t* masked_m, const int32_t* counts, int groups,
-                                  long long cycles) {
-  gpu::vendor::allow_next_grid();
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-  for (int g = static_cast<int>(threadIdx.x); g < groups; g += static_cast<int>(blockDim.x))
-    masked_m[g] = counts[g];
-}
-
 // The masked layout through the Hopper entry: group g's first min(max(masked_m[g], 0), M) rows
 // have the bytes of gpu.sm90 on the whole group; every other byte of out stays as it was (the
 // entry skips what has no rows, groups without rows included). With `stale` counts, masked_m
@@ -274,9 +261,9 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
         << detail;
   MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
   if (!stale.empty())
-    write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
-                                                   counts_gpu.data_as<const int32_t>(),
-                                                   static_cast<int>(c.groups), 200000);
+    gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
+                                                             counts_gpu.data_as<const int32_t>(),
+                                                             static_cast<int>(c.groups), 200000);
   if (expected_rows > 0)
     grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows,
                                   options);

@@ -17,8 +17,8 @@
 #include <vector>
 
 #include "gpu/gpu_check.h"
-#include "gpu/vendor.h"
 #include "gpu_test_support.h"
+#include "late_counts.cuh"
 #include "moekit/dtype.h"
 #include "moekit/ops/fp8.h"
 #include "moekit/tensor.h"
@@ -89,19 +89,6 @@ GroupQuantConfig config_of(const Case& c) {
   return config;
 }
 
-// Writes counts into masked_m late: it lets the next kernel start at once (programmatic dependent
-// launch), then spins for `cycles` first, so that the next kernel reads the old counts before its
-// wait for this one and the new ones after it.
-__global__ void write_counts_late(int32_t* masked_m, const int32_t* counts, int groups,
-                                  long long cycles) {
-  gpu::vendor::allow_next_grid();
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-  for (int g = static_cast<int>(threadIdx.x); g < groups; g += static_cast<int>(blockDim.x))
-    masked_m[g] = counts[g];
-}
-
 // The op through `implementation` into a sentinel-filled out on the GPU (with a workspace where
 // `workspace`), the counts in masked_m written late where `stale` is given; the chosen entry's
 // name in `chosen` (else every entry's reason). Returns out on the host.
@@ -139,9 +126,9 @@ Tensor run_on_gpu(const Case& c, const Operands& o, const char* implementation, 
   }
   MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
   if (!stale.empty())
-    write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
-                                                   counts_gpu.data_as<const int32_t>(),
-                                                   static_cast<int>(c.groups), 200000);
+    gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
+                                                             counts_gpu.data_as<const int32_t>(),
+                                                             static_cast<int>(c.groups), 200000);
   silu_and_mul_grouped_block_fp8_gemm_masked(x, masked_m, b, bs, out, config_of(c), c.expected_rows,
                                              ws, bytes, options);
   MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
