@@ -149,6 +149,7 @@ __device__ __forceinline__ void quantize_gated_tiles(const Activations& x, const
       if (part == 0) a_scales[i * a_stride + token] = scale;
     }
   }
+  if (groups == 0) between();  // (a listed item has rows: not reached)
 }
 
 template <int kTokens, int kRows, GroupedBuild kBuild, bool kGated = false>
