@@ -1375,7 +1375,9 @@ void w8a8_linear_sm90_fused(const W8a8LinearProblem& p) {
   launch(plan, plan.kernel, g.stream, device, weight, unused, args);
 }
 
-std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
+namespace {
+// What the grouped kernel needs of a call before any plan is made ("" where it may serve).
+std::string grouped_gemm_sm90_checks(const GroupedBlockGemmProblem& p) {
   if (p.groups == 0) return "";
   const BlockGemmProblem first = p.group(0);
   if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
@@ -1395,7 +1397,13 @@ std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
     return str(p.groups) + " groups expected to hold " + str(p.expected_rows) +
            " rows each, past the " + str(kMaxGroupedTokens) +
            "-row token tiles, at a capacity of at most twice that: one GEMM per group is faster";
-  if (p.m == 0 || p.n == 0) return "";
+  return "";
+}
+}  // namespace
+
+std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
+  if (std::string why = grouped_gemm_sm90_checks(p); !why.empty()) return why;
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return "";
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   GroupedPlan grouped;
@@ -1473,7 +1481,8 @@ std::string silu_grouped_gemm_sm90_supports(const MaskedSiluGemmProblem& p) {
   if (reinterpret_cast<uintptr_t>(quant.x.data()) % 16 != 0 || quant.x.stride(0) % 8 != 0 ||
       (p.quant.groups > 1 && p.quant.x_stride % 8 != 0))
     return "x's rows or groups do not start on 16 bytes (its loads are 16 bytes wide)";
-  if (std::string why = grouped_gemm_sm90_supports(p.gemm); !why.empty()) return why;
+  // (The GEMM half's own plan is made once, inside silu_grouped_plan_for.)
+  if (std::string why = grouped_gemm_sm90_checks(p.gemm); !why.empty()) return why;
   if (p.gemm.groups == 0 || p.gemm.m == 0 || p.gemm.n == 0) return "";
   const int device = p.gemm.b.device().index;
   DeviceGuard on_device(device);
