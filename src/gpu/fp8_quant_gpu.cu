@@ -20,8 +20,9 @@
 // y = silu(gate) * up from both halves (ops/silu_math.h's bits). It is bound by its ~50
 // instructions per element, not by memory, so its units are one pass (256 elements; 2 or 4 for
 // packed words of groups of 128 / 256) to spread small M over many warps, and rows of whole
-// units run without per-element checks. Its masked form runs the same kernel once over all G x M
-// rows and skips, on the device, each group's rows past its count.
+// units run without per-element checks. Its masked form runs the same kernel once for all G
+// groups, the counts read on the device; where the groups' capacity is large, its warps walk only
+// the rows under the counts, so that the capacity costs no loads (GroupQuantArgs::live_walk).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -71,13 +72,19 @@ struct GroupQuantArgs {
   int64_t unit_step;
   int64_t row_step;  // the general kernel's walk: unit_step / units_per_row (and column_step)
   // The masked layout in one launch (general kernel): rows are G planes of plane_rows; plane g's
-  // rows from min(max(masked_m[g], 0), plane_rows) on are skipped (loaded with the others, but
-  // nothing is computed or written), and its scales start scale_plane_stride elements (words)
-  // after plane g - 1's. masked_m null: one plane.
+  // rows from min(max(masked_m[g], 0), plane_rows) on are neither quantized nor written, and its
+  // scales start scale_plane_stride elements (words) after plane g - 1's. masked_m null: one
+  // plane.
   const int32_t* masked_m;
   int64_t masked_m_stride;
   int plane_rows;
   int64_t scale_plane_stride;
+  // Masked: the warps walk only the rows under the counts ("live" rows, looked up from the
+  // counts: see live_rows), or all G x plane_rows rows, each row's x loaded beside its count and
+  // skipped past it. The second takes one round trip after the wait where the first takes two
+  // (the counts, then x), but loads every row's x: the host walks the live rows where that is
+  // more than kMaskedLoadAllBytes.
+  bool live_walk;
   int rounds;  // units the first warp quantizes (others as many, or one fewer)
   int column_step, column_step_wrapped, wrap_from;
   int64_t x_step, x_step_wrapped, q_step, q_step_wrapped, scale_step, scale_step_wrapped;
@@ -159,6 +166,45 @@ constexpr int kGatedWholeBlocksPerSm = [] {
   return words == 1 ? 4 : words == 2 ? 3 : words == 4 ? 2 : 1;
 }();
 
+// The masked layout's "live" rows: the rows under the counts, plane after plane. Warp-collective
+// (every lane the same `live`): returns the number of live rows and sets `row` to x's row of live
+// row `live` (unchanged where live >= that number). Each plane's count is clamped to [0,
+// plane_rows]. A warp reads the counts 128 at a time, every load of a batch in flight at once
+// (after the wait each round trip is a first touch); the sum stays below 2^31 (host: G x M does).
+__device__ __forceinline__ int live_rows(const GroupQuantArgs& a, int64_t live, int64_t& row) {
+  constexpr int kLoads = 4;
+  const int lane = vendor::lane_id();
+  const int planes = static_cast<int>(a.rows / a.plane_rows);
+  int before = 0;  // live rows of the planes before the batch's current 32
+  for (int base = 0; base < planes; base += kLoads * kLanes) {
+    int counts[kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int plane = base + j * kLanes + lane;
+      counts[j] = plane < planes ? __ldg(a.masked_m + plane * a.masked_m_stride) : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int rows = min(max(counts[j], 0), a.plane_rows);
+      int through = rows;  // live rows of this lane's plane and the lanes' before it
+#pragma unroll
+      for (int offset = 1; offset < kLanes; offset <<= 1) {
+        const int below = vendor::shfl(through, max(lane - offset, 0));
+        if (lane >= offset) through += below;
+      }
+      const int total = vendor::shfl(through, kLanes - 1);
+      if (live >= before && live < before + total) {
+        // The first lane whose planes reach past `live` holds it.
+        const int at = __ffs(vendor::ballot(live < before + through)) - 1;
+        const int start = vendor::shfl(through - rows, at);
+        row = int64_t{base + j * kLanes + at} * a.plane_rows + (live - before - start);
+      }
+      before += total;
+    }
+  }
+  return before;
+}
+
 // ---- per_token_group_quant_fp8
 
 // kGated (silu_and_mul_group_quant_fp8): x rows hold gate then up halves of `cols` each, both
@@ -213,13 +259,15 @@ __global__ void __launch_bounds__(kQuantThreads,
       if constexpr (kGated) up[p] = load_raw<kType>(a.x, x_at + a.cols, left(col), up_vectors);
     }
   };
-  // The row's first scale (its plane's storage, then the row in it), and whether it is skipped.
+  // The row's first scale (its plane's storage, then the row in it), and whether it is skipped:
+  // past its plane's count where the warps walk the capacity's rows (see live_walk).
   auto scale_row_of = [&](int64_t row, bool& skipped) {
     skipped = false;
     if (a.masked_m == nullptr) return row * a.scale_row_stride;
     const int plane = static_cast<int>(row) / a.plane_rows,
               m = static_cast<int>(row) % a.plane_rows;
-    skipped = m >= __ldg(a.masked_m + plane * a.masked_m_stride);  // a negative count: 0 rows
+    if (!a.live_walk)  // a negative count: 0 rows
+      skipped = m >= __ldg(a.masked_m + plane * a.masked_m_stride);
     return plane * a.scale_plane_stride + m * a.scale_row_stride;
   };
   auto quantize_unit = [&](Place at, const RawChunk<kType>(&raw)[kPasses],
@@ -264,16 +312,26 @@ __global__ void __launch_bounds__(kQuantThreads,
     }
   };
 
+  // Walking the live rows: units are numbered over them only, and each unit's row is looked up
+  // (a capacity of many rows per plane then costs nothing but the grid's idle warps).
+  auto live_place = [&](int64_t live_unit, int64_t& units) {
+    int64_t row = 0;
+    units = int64_t{live_rows(a, live_unit / units_per_row, row)} * units_per_row;
+    return Place{row, static_cast<int>(live_unit % units_per_row)};
+  };
   int64_t unit = static_cast<int64_t>(blockIdx.x) * kQuantWarps + warp;
-  if (unit >= a.units) return;  // the whole warp
+  int64_t units = a.units;
   Place at{unit / units_per_row, static_cast<int>(unit % units_per_row)};
+  if (a.live_walk) at = live_place(unit, units);
+  if (unit >= units) return;  // the whole warp
   RawChunk<kType> raw[kPasses], up[kPasses];
   load_unit(at, raw, up);
   for (;;) {
     // The next unit's bytes are on their way while this one is quantized (past the warp's last
     // unit: this unit's again, unused).
-    const bool more = unit + warps_in_grid < a.units;
-    const Place next_at = more ? advance(at) : at;
+    const bool more = unit + warps_in_grid < units;
+    Place next_at = at;
+    if (more) next_at = a.live_walk ? live_place(unit + warps_in_grid, units) : advance(at);
     RawChunk<kType> next[kPasses], next_up[kPasses];
     load_unit(next_at, next, next_up);
     quantize_unit(at, raw, up);
@@ -632,6 +690,13 @@ struct MaskedPlanes {
   int64_t scale_plane_stride;
 };
 
+// Masked calls whose every row's x is at most this many bytes load it all (one round trip, see
+// GroupQuantArgs::live_walk). On an H200 (fp8.md, session 34), at a Qwen3-30B decode step's 8
+// rows in 128 groups (K = 768, bf16), loading all rows against walking the live rows: capacity 1
+// (0.4 MB) 0.7 us faster, capacity 16 (6.3 MB) 0.1-0.4 us faster, capacity 128 (50 MB) 9.4 us
+// slower. Where between 6.3 and 50 MB the two cross was not measured.
+constexpr int64_t kMaskedLoadAllBytes = int64_t{8} << 20;
+
 void launch_group_quant(const GroupQuantProblem& p, const MaskedPlanes* masked) {
   if (p.rows == 0 || p.cols == 0) return;
   GroupQuantArgs a{};
@@ -640,6 +705,9 @@ void launch_group_quant(const GroupQuantProblem& p, const MaskedPlanes* masked) 
     a.masked_m_stride = masked->counts_stride;
     a.plane_rows = masked->plane_rows;
     a.scale_plane_stride = masked->scale_plane_stride;
+    const int64_t x_row_bytes =
+        (p.gated ? 2 : 1) * p.cols * static_cast<int64_t>(dtype_size(p.x.dtype()));
+    a.live_walk = p.rows * x_row_bytes > kMaskedLoadAllBytes;
   }
   a.x = p.x.data();
   a.x_row_stride = p.x.stride(0);

@@ -316,8 +316,8 @@ std::string masked_quant_plan(const MaskedGatedQuantProblem& p) {
 
 #ifdef MOEKIT_HAVE_GPU
 std::string gpu_masked_quant_plan(const MaskedGatedQuantProblem& p) {
-  return "one launch over the " + std::to_string(p.groups) + " x " + std::to_string(p.first.rows) +
-         " rows, each group's rows past its count skipped on the device";
+  return "one launch for the " + std::to_string(p.groups) + " groups of up to " +
+         std::to_string(p.first.rows) + " rows, the counts read on the device";
 }
 #endif
 

@@ -28,6 +28,7 @@
 #include "gpu/gpu_check.h"
 #include "gpu/gpu_runtime.h"
 #include "gpu_test_support.h"
+#include "late_counts.cuh"
 #include "moekit/backend.h"
 #include "moekit/error.h"
 #include "moekit/ops/fp8.h"
@@ -548,6 +549,115 @@ TEST(GpuFp8Quant, SiluAndMulMaskedMatchesTheReferenceOnEachGroupsRows) {
             }
         }
       }
+}
+
+// Groups of many rows: more live units than the grid has warps, so each warp walks several,
+// looking up each one's row past empty and partly filled groups (counts at, over and under the
+// capacity). gpu.masked against the reference on each group's rows; K = 768 (unchecked kernel) and
+// 384 (checked).
+TEST(GpuFp8Quant, SiluAndMulMaskedWarpsWalkSeveralRows) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test_seed("SiluAndMulMaskedWarpsWalkSeveralRows"));
+  const std::vector<int32_t> counts = {1200, 0, 999, 1, 5000, -1, 517};
+  const int64_t G = static_cast<int64_t>(counts.size()), M = 1200;
+  for (const int64_t K : {int64_t{768}, int64_t{384}}) {
+    SCOPED_TRACE("K=" + std::to_string(K));
+    Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+    std::normal_distribution<float> value(0.0f, 2.0f);
+    for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
+    Tensor counts_host = Tensor::empty(DType::i32, {G});
+    std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+    GroupQuantConfig config;
+    Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
+    Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
+    silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
+                                        OpOptions{Backend::reference});
+    Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
+    Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
+    OpOptions options{Backend::gpu};
+    options.implementation = "gpu.masked";
+    silu_and_mul_group_quant_fp8_masked(Tensor::copy_of(x, Device::gpu()),
+                                        Tensor::copy_of(counts_host, Device::gpu()), q_gpu, s_gpu,
+                                        config, options);
+    const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
+                 sc = Tensor::copy_of(s_gpu, Device::cpu());
+    int64_t wrong = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
+      for (int64_t i = 0; i < rows * K; ++i)
+        wrong += !same_e4m3(q.data_as<uint8_t>()[g * M * K + i],
+                            q_ref.data_as<uint8_t>()[g * M * K + i]);
+      wrong += std::memcmp(sc.data_as<uint8_t>() + g * M * K / 128 * 4,
+                           s_ref.data_as<uint8_t>() + g * M * K / 128 * 4, rows * K / 128 * 4) != 0;
+    }
+    EXPECT_EQ(wrong, 0);
+  }
+}
+
+// The counts are the previous kernel's output: the kernel before writes them late, after letting
+// the quantization start, whose warps first guess their rows from what masked_m held. The rows
+// under the new counts have the reference's bytes and scales, and nothing else is written (the
+// stale counts name other groups and more rows). Three stale sets: other groups, more rows in the
+// same groups, and none. Capacities of 8 (every row's x loaded) and 200 (the live rows walked).
+TEST(GpuFp8Quant, SiluAndMulMaskedUsesTheCountsTheKernelBeforeWrites) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test_seed("SiluAndMulMaskedUsesTheCountsTheKernelBeforeWrites"));
+  const std::vector<int32_t> counts = {1, 0, 0, 3, 0, 1, 0, 0, 2, 0, 0, 1};
+  const int64_t G = static_cast<int64_t>(counts.size()), K = 768;
+  const std::vector<std::vector<int32_t>> stale_sets = {
+      {0, 8, 1, 0, 2, 0, 0, 8, 0, 1, 5, 0}, {8, 0, 0, 8, 0, 8, 0, 0, 8, 0, 0, 8}, {}};
+  for (const int64_t M : {int64_t{8}, int64_t{200}})
+    for (const std::vector<int32_t>& stale : stale_sets) {
+      SCOPED_TRACE("M=" + std::to_string(M) + ", stale counts set " +
+                   std::to_string(&stale - stale_sets.data()));
+      Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+      std::normal_distribution<float> value(0.0f, 2.0f);
+      for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
+      Tensor counts_host = Tensor::empty(DType::i32, {G}),
+             stale_host = Tensor::empty(DType::i32, {G});
+      std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+      std::memcpy(stale_host.data(), (stale.empty() ? counts : stale).data(), counts.size() * 4);
+      GroupQuantConfig config;
+      Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
+      Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
+      silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
+                                          OpOptions{Backend::reference});
+      const Tensor x_gpu = Tensor::copy_of(x, Device::gpu());
+      const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
+      Tensor masked_m = Tensor::copy_of(stale_host, Device::gpu());
+      Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
+      Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
+      MOEKIT_GPU_CHECK(cudaMemset(q_gpu.data(), kPoison, q_gpu.nbytes()));
+      MOEKIT_GPU_CHECK(cudaMemset(s_gpu.data(), kPoison, s_gpu.nbytes()));
+      MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+      const Stream stream;
+      OpOptions options{Backend::gpu};
+      options.implementation = "gpu.masked";
+      options.stream = stream.get();
+      gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
+                                                               counts_gpu.data_as<const int32_t>(),
+                                                               static_cast<int>(G), 200000);
+      silu_and_mul_group_quant_fp8_masked(x_gpu, masked_m, q_gpu, s_gpu, config, options);
+      MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+      const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
+                   sc = Tensor::copy_of(s_gpu, Device::cpu());
+      int64_t wrong = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = counts[static_cast<size_t>(g)];
+        for (int64_t i = 0; i < M * K; ++i) {
+          const uint8_t got = q.data_as<uint8_t>()[g * M * K + i];
+          wrong += i < rows * K ? !same_e4m3(got, q_ref.data_as<uint8_t>()[g * M * K + i])
+                                : got != kPoison;
+        }
+        for (int64_t i = 0; i < M * K / 128; ++i) {
+          uint32_t got, want;
+          std::memcpy(&got, sc.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
+          std::memcpy(&want, s_ref.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
+          wrong += i < rows * K / 128 ? got != want : got != 0xA5A5A5A5u;
+        }
+      }
+      EXPECT_EQ(wrong, 0);
+    }
 }
 
 // Many groups (a thousand experts' planes of 2 rows, counts 0 to 3): gpu.masked against the
