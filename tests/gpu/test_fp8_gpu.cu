@@ -551,6 +551,83 @@ TEST(GpuFp8Quant, SiluAndMulMaskedMatchesTheReferenceOnEachGroupsRows) {
       }
 }
 
+// x [G, M, 2K] bf16 of N(0, 2) values, for the masked layout's tests.
+Tensor random_masked_x(std::mt19937_64& rng, int64_t G, int64_t M, int64_t K) {
+  Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
+  std::normal_distribution<float> value(0.0f, 2.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
+  return x;
+}
+
+// The masked layout's bytes q and row-major f32 scales sc (copied back from the GPU, poisoned with
+// kPoison before the call) against the reference's: on group g's first rows[g] rows every byte
+// (e4m3 NaNs of either sign alike) and scale that differs, past them every byte and scale word
+// that is not the poison (written).
+int64_t masked_mismatches(const Tensor& q, const Tensor& sc, const Tensor& q_ref,
+                          const Tensor& s_ref, const std::vector<int64_t>& rows, int64_t M,
+                          int64_t K) {
+  int64_t wrong = 0;
+  for (int64_t g = 0; g < static_cast<int64_t>(rows.size()); ++g) {
+    const int64_t used = rows[static_cast<size_t>(g)];
+    for (int64_t i = 0; i < M * K; ++i) {
+      const uint8_t got = q.data_as<uint8_t>()[g * M * K + i];
+      wrong +=
+          i < used * K ? !same_e4m3(got, q_ref.data_as<uint8_t>()[g * M * K + i]) : got != kPoison;
+    }
+    for (int64_t i = 0; i < M * K / 128; ++i) {
+      uint32_t got, want;
+      std::memcpy(&got, sc.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
+      std::memcpy(&want, s_ref.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
+      wrong += i < used * K / 128 ? got != want : got != 0xA5A5A5A5u;
+    }
+  }
+  return wrong;
+}
+
+// Each group's rows under `counts`: min(max(count, 0), M).
+std::vector<int64_t> rows_under(const std::vector<int32_t>& counts, int64_t M) {
+  std::vector<int64_t> rows;
+  for (const int32_t c : counts) rows.push_back(std::clamp<int64_t>(c, 0, M));
+  return rows;
+}
+
+// silu_and_mul_group_quant_fp8_masked of x [G, M, 2K] through gpu.masked (row-major scales) against
+// the reference: masked_mismatches of the result. With `stale`, masked_m holds those counts until
+// the kernel before (let overlap the quantization) writes `counts`.
+int64_t gpu_masked_quant_mismatches(const Tensor& x, const std::vector<int32_t>& counts,
+                                    const std::vector<int32_t>& stale = {}) {
+  const int64_t G = x.size(0), M = x.size(1), K = x.size(2) / 2;
+  Tensor counts_host = Tensor::empty(DType::i32, {G}), stale_host = Tensor::empty(DType::i32, {G});
+  std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+  std::memcpy(stale_host.data(), (stale.empty() ? counts : stale).data(), counts.size() * 4);
+  GroupQuantConfig config;
+  Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
+  Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
+  silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
+                                      OpOptions{Backend::reference});
+  const Tensor x_gpu = Tensor::copy_of(x, Device::gpu());
+  const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
+  Tensor masked_m = Tensor::copy_of(stale_host, Device::gpu());
+  Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
+  Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
+  MOEKIT_GPU_CHECK(cudaMemset(q_gpu.data(), kPoison, q_gpu.nbytes()));
+  MOEKIT_GPU_CHECK(cudaMemset(s_gpu.data(), kPoison, s_gpu.nbytes()));
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+  const Stream stream;
+  OpOptions options{Backend::gpu};
+  options.implementation = "gpu.masked";
+  options.stream = stream.get();
+  if (!stale.empty())
+    gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
+                                                             counts_gpu.data_as<const int32_t>(),
+                                                             static_cast<int>(G), 200000);
+  silu_and_mul_group_quant_fp8_masked(x_gpu, masked_m, q_gpu, s_gpu, config, options);
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+  return masked_mismatches(Tensor::copy_of(q_gpu, Device::cpu()),
+                           Tensor::copy_of(s_gpu, Device::cpu()), q_ref, s_ref,
+                           rows_under(counts, M), M, K);
+}
+
 // Groups of many rows: more live units than the grid has warps, so each warp walks several,
 // looking up each one's row past empty and partly filled groups (counts at, over and under the
 // capacity). gpu.masked against the reference on each group's rows; K = 768 (unchecked kernel) and
@@ -559,104 +636,31 @@ TEST(GpuFp8Quant, SiluAndMulMaskedWarpsWalkSeveralRows) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(test_seed("SiluAndMulMaskedWarpsWalkSeveralRows"));
   const std::vector<int32_t> counts = {1200, 0, 999, 1, 5000, -1, 517};
-  const int64_t G = static_cast<int64_t>(counts.size()), M = 1200;
   for (const int64_t K : {int64_t{768}, int64_t{384}}) {
     SCOPED_TRACE("K=" + std::to_string(K));
-    Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
-    std::normal_distribution<float> value(0.0f, 2.0f);
-    for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
-    Tensor counts_host = Tensor::empty(DType::i32, {G});
-    std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
-    GroupQuantConfig config;
-    Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
-    Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
-    silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
-                                        OpOptions{Backend::reference});
-    Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
-    Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
-    OpOptions options{Backend::gpu};
-    options.implementation = "gpu.masked";
-    silu_and_mul_group_quant_fp8_masked(Tensor::copy_of(x, Device::gpu()),
-                                        Tensor::copy_of(counts_host, Device::gpu()), q_gpu, s_gpu,
-                                        config, options);
-    const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
-                 sc = Tensor::copy_of(s_gpu, Device::cpu());
-    int64_t wrong = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
-      for (int64_t i = 0; i < rows * K; ++i)
-        wrong += !same_e4m3(q.data_as<uint8_t>()[g * M * K + i],
-                            q_ref.data_as<uint8_t>()[g * M * K + i]);
-      wrong += std::memcmp(sc.data_as<uint8_t>() + g * M * K / 128 * 4,
-                           s_ref.data_as<uint8_t>() + g * M * K / 128 * 4, rows * K / 128 * 4) != 0;
-    }
-    EXPECT_EQ(wrong, 0);
+    const Tensor x = random_masked_x(rng, static_cast<int64_t>(counts.size()), 1200, K);
+    EXPECT_EQ(gpu_masked_quant_mismatches(x, counts), 0);
   }
 }
 
 // The counts are the previous kernel's output: the kernel before writes them late, after letting
-// the quantization start, whose warps first guess their rows from what masked_m held. The rows
-// under the new counts have the reference's bytes and scales, and nothing else is written (the
-// stale counts name other groups and more rows). Three stale sets: other groups, more rows in the
-// same groups, and none. Capacities of 8 (every row's x loaded) and 200 (the live rows walked).
+// the quantization start while masked_m still holds stale counts. The rows under the new counts
+// have the reference's bytes and scales, and nothing else is written (the stale counts name other
+// groups and more rows). Three stale sets: other groups, more rows in the same groups, and the new
+// counts themselves (written late all the same). Capacities of 8 (every row's x loaded) and 200
+// (the live rows walked).
 TEST(GpuFp8Quant, SiluAndMulMaskedUsesTheCountsTheKernelBeforeWrites) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(test_seed("SiluAndMulMaskedUsesTheCountsTheKernelBeforeWrites"));
   const std::vector<int32_t> counts = {1, 0, 0, 3, 0, 1, 0, 0, 2, 0, 0, 1};
-  const int64_t G = static_cast<int64_t>(counts.size()), K = 768;
   const std::vector<std::vector<int32_t>> stale_sets = {
-      {0, 8, 1, 0, 2, 0, 0, 8, 0, 1, 5, 0}, {8, 0, 0, 8, 0, 8, 0, 0, 8, 0, 0, 8}, {}};
+      {0, 8, 1, 0, 2, 0, 0, 8, 0, 1, 5, 0}, {8, 0, 0, 8, 0, 8, 0, 0, 8, 0, 0, 8}, counts};
   for (const int64_t M : {int64_t{8}, int64_t{200}})
     for (const std::vector<int32_t>& stale : stale_sets) {
       SCOPED_TRACE("M=" + std::to_string(M) + ", stale counts set " +
                    std::to_string(&stale - stale_sets.data()));
-      Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
-      std::normal_distribution<float> value(0.0f, 2.0f);
-      for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
-      Tensor counts_host = Tensor::empty(DType::i32, {G}),
-             stale_host = Tensor::empty(DType::i32, {G});
-      std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
-      std::memcpy(stale_host.data(), (stale.empty() ? counts : stale).data(), counts.size() * 4);
-      GroupQuantConfig config;
-      Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
-      Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
-      silu_and_mul_group_quant_fp8_masked(x, counts_host, q_ref, s_ref, config,
-                                          OpOptions{Backend::reference});
-      const Tensor x_gpu = Tensor::copy_of(x, Device::gpu());
-      const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
-      Tensor masked_m = Tensor::copy_of(stale_host, Device::gpu());
-      Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
-      Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
-      MOEKIT_GPU_CHECK(cudaMemset(q_gpu.data(), kPoison, q_gpu.nbytes()));
-      MOEKIT_GPU_CHECK(cudaMemset(s_gpu.data(), kPoison, s_gpu.nbytes()));
-      MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
-      const Stream stream;
-      OpOptions options{Backend::gpu};
-      options.implementation = "gpu.masked";
-      options.stream = stream.get();
-      gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
-                                                               counts_gpu.data_as<const int32_t>(),
-                                                               static_cast<int>(G), 200000);
-      silu_and_mul_group_quant_fp8_masked(x_gpu, masked_m, q_gpu, s_gpu, config, options);
-      MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
-      const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
-                   sc = Tensor::copy_of(s_gpu, Device::cpu());
-      int64_t wrong = 0;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t rows = counts[static_cast<size_t>(g)];
-        for (int64_t i = 0; i < M * K; ++i) {
-          const uint8_t got = q.data_as<uint8_t>()[g * M * K + i];
-          wrong += i < rows * K ? !same_e4m3(got, q_ref.data_as<uint8_t>()[g * M * K + i])
-                                : got != kPoison;
-        }
-        for (int64_t i = 0; i < M * K / 128; ++i) {
-          uint32_t got, want;
-          std::memcpy(&got, sc.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
-          std::memcpy(&want, s_ref.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
-          wrong += i < rows * K / 128 ? got != want : got != 0xA5A5A5A5u;
-        }
-      }
-      EXPECT_EQ(wrong, 0);
+      const Tensor x = random_masked_x(rng, static_cast<int64_t>(counts.size()), M, 768);
+      EXPECT_EQ(gpu_masked_quant_mismatches(x, counts, stale), 0);
     }
 }
 
@@ -667,45 +671,9 @@ TEST(GpuFp8Quant, SiluAndMulMaskedOverManyGroups) {
   std::mt19937_64 rng(test_seed("SiluAndMulMaskedOverManyGroups"));
   for (const int64_t G : {int64_t{1024}, int64_t{1030}}) {
     SCOPED_TRACE("G=" + std::to_string(G));
-    const int64_t M = 2, K = 768;
-    constexpr uint8_t kPoison = 0xA5;
-    Tensor x = Tensor::empty(DType::bf16, {G, M, 2 * K});
-    std::normal_distribution<float> value(0.0f, 2.0f);
-    for (int64_t i = 0; i < x.numel(); ++i) store_from_f32(x.data(), DType::bf16, i, value(rng));
-    Tensor counts = Tensor::empty(DType::i32, {G});
-    for (int64_t g = 0; g < G; ++g) counts.data_as<int32_t>()[g] = static_cast<int32_t>(rng() % 4);
-    GroupQuantConfig config;
-    Tensor q_ref = Tensor::empty(DType::f8e4m3, {G, M, K});
-    Tensor s_ref = Tensor::empty(DType::f32, {G, M, K / 128});
-    silu_and_mul_group_quant_fp8_masked(x, counts, q_ref, s_ref, config,
-                                        OpOptions{Backend::reference});
-    Tensor q_gpu = Tensor::empty(DType::f8e4m3, {G, M, K}, Device::gpu());
-    Tensor s_gpu = Tensor::empty(DType::f32, {G, M, K / 128}, Device::gpu());
-    MOEKIT_GPU_CHECK(cudaMemset(q_gpu.data(), kPoison, q_gpu.nbytes()));
-    MOEKIT_GPU_CHECK(cudaMemset(s_gpu.data(), kPoison, s_gpu.nbytes()));
-    OpOptions options{Backend::gpu};
-    options.implementation = "gpu.masked";
-    silu_and_mul_group_quant_fp8_masked(Tensor::copy_of(x, Device::gpu()),
-                                        Tensor::copy_of(counts, Device::gpu()), q_gpu, s_gpu,
-                                        config, options);
-    const Tensor q = Tensor::copy_of(q_gpu, Device::cpu()),
-                 sc = Tensor::copy_of(s_gpu, Device::cpu());
-    int64_t wrong = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t rows = std::min<int64_t>(counts.data_as<int32_t>()[g], M);
-      for (int64_t i = 0; i < M * K; ++i) {
-        const uint8_t got = q.data_as<uint8_t>()[g * M * K + i];
-        wrong += i < rows * K ? !same_e4m3(got, q_ref.data_as<uint8_t>()[g * M * K + i])
-                              : got != kPoison;
-      }
-      for (int64_t i = 0; i < M * K / 128; ++i) {
-        uint32_t got, want;
-        std::memcpy(&got, sc.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
-        std::memcpy(&want, s_ref.data_as<uint8_t>() + (g * M * K / 128 + i) * 4, 4);
-        wrong += i < rows * K / 128 ? got != want : got != 0xA5A5A5A5u;
-      }
-    }
-    EXPECT_EQ(wrong, 0);
+    std::vector<int32_t> counts(static_cast<size_t>(G));
+    for (int32_t& c : counts) c = static_cast<int32_t>(rng() % 4);
+    EXPECT_EQ(gpu_masked_quant_mismatches(random_masked_x(rng, G, 2, 768), counts), 0);
   }
 }
 
