@@ -12,6 +12,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -394,6 +395,40 @@ TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
   const Result replays = run("bench --op gemm --backend cpu --model Qwen3-30B-A3B --replays 0");
   EXPECT_EQ(replays.exit_code, 2);
   EXPECT_NE(replays.err.find("replays=0"), std::string::npos) << replays.err;
+}
+
+// `moekit explain --op gemm | linear`: every entry of the op's table with its answer at the shape
+// (M from --tokens, --n, --k), exactly one of them running (the reference where it is asked for);
+// a bad op or a size below 1 is a one-line error naming the flag.
+TEST_F(CliFp8, ExplainGemmAndLinearSayWhichImplementationRuns) {
+  for (const char* op : {"gemm", "linear"}) {
+    const Result r = run(std::string("explain --op ") + op +
+                         " --backend reference --tokens 5 --n 256 --k 384 --static-weights");
+    ASSERT_EQ(r.exit_code, 0) << op << ": " << r.err;
+    EXPECT_NE(r.out.find(std::string(op) + " M=5 N=256 K=384, backend reference, static weights"),
+              std::string::npos)
+        << r.out;
+    EXPECT_NE(r.out.find("reference            runs"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("cpu.scalar           declines: backend reference was requested"),
+              std::string::npos)
+        << r.out;
+  }
+  const Result cpu = run("explain --op gemm --backend cpu");
+  ASSERT_EQ(cpu.exit_code, 0) << cpu.err;
+  EXPECT_NE(cpu.out.find("gemm M=1 N=4096 K=7168, backend cpu:"), std::string::npos) << cpu.out;
+  size_t running = 0;  // lines "  <name padded to 20> runs..."
+  std::istringstream lines(cpu.out);
+  for (std::string line; std::getline(lines, line);)
+    running += line.size() >= 27 && line.compare(23, 4, "runs") == 0;
+  EXPECT_EQ(running, 1u) << cpu.out;
+  for (const auto& [args, flag] :
+       {std::pair<const char*, const char*>{"explain --op gemv", "--op=gemv"},
+        {"explain --op gemm --k 0", "--k=0"},
+        {"explain --op linear --tokens 0", "--tokens=0"}}) {
+    const Result bad = run(args);
+    EXPECT_EQ(bad.exit_code, 2) << args;
+    EXPECT_NE(bad.err.find(flag), std::string::npos) << args << ": " << bad.err;
+  }
 }
 
 // `--data normal`: DeepGEMM's operands (normal values cast per block) instead of uniform ones, and

@@ -1,11 +1,15 @@
 // The FP8 subcommands of the moekit CLI: quant (per-token-group activation quantization), gemm
 // (block-scaled FP8 GEMM) and quantize-weight (128x128 block weight quantization), each from one
-// safetensors file to another. Validation of shapes and dtypes is the library's (spec/fp8.md); the
-// CLI only checks what it needs to size its outputs. Output is written atomically, and only when
-// the op succeeded.
+// safetensors file to another; and explain --op gemm | linear (the dispatch at a shape). Validation
+// of shapes and dtypes is the library's (spec/fp8.md); the CLI only checks what it needs to size
+// its outputs. Output is written atomically, and only when the op succeeded.
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "commands.h"
 #include "moekit/error.h"
@@ -144,6 +148,48 @@ int run_quantize_weight(const Fp8CommonFlags& flags) {
   const Tensor weight_out = weight.result(), scale_inv_out = scale_inv.result();
   write_safetensors(flags.output,
                     {{"weight", weight_out.view()}, {"weight_scale_inv", scale_inv_out.view()}});
+  return 0;
+}
+
+int run_explain_fp8(const ExplainFp8Options& flags) {
+  if (flags.op != "gemm" && flags.op != "linear")
+    fail("explain", "--op", flags.op, "is not one of route, gemm, linear");
+  for (const auto& [name, value] :
+       {std::pair<const char*, int64_t>{"--tokens", flags.m}, {"--n", flags.n}, {"--k", flags.k}})
+    if (value < 1) fail("explain", name, std::to_string(value), "must be at least 1");
+  OpOptions options;
+  options.backend = flags.backend.empty() ? fastest_backend() : parse_backend(flags.backend);
+  options.static_weights = flags.static_weights;
+  if (!backend_available(*options.backend))
+    fail("explain", "--backend", flags.backend, "is not present on this machine");
+  const Device device = options.backend == Backend::gpu ? Device::gpu() : Device::cpu();
+  const int64_t M = flags.m, N = flags.n, K = flags.k;
+  const int64_t k_blocks = (K + 127) / 128;
+  const Tensor b = Tensor::empty(DType::f8e4m3, {N, K}, device);
+  const Tensor b_scales = Tensor::empty(DType::f32, {(N + 127) / 128, k_blocks}, device);
+  const Tensor out = Tensor::empty(DType::bf16, {M, N}, device);
+  std::vector<ImplementationChoice> choices;
+  if (flags.op == "gemm") {
+    const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, device);
+    const Tensor a_scales = Tensor::empty(DType::f32, {M, k_blocks}, device);
+    const size_t bytes = block_fp8_gemm_workspace_size(M, N, K, device);
+    const Tensor workspace =
+        Tensor::empty(DType::u8, {static_cast<int64_t>(std::max<size_t>(bytes, 1))}, device);
+    choices = explain_block_fp8_gemm(a, a_scales, ScaleLayout::row_major, b, b_scales, std::nullopt,
+                                     out, bytes > 0 ? workspace.data() : nullptr, bytes, options);
+  } else {
+    const Tensor x = Tensor::empty(DType::bf16, {M, K}, device);
+    const size_t bytes = w8a8_block_fp8_linear_workspace_size(M, N, K, device);
+    const Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, device);
+    choices = explain_w8a8_block_fp8_linear(x, b, b_scales, std::nullopt, out, workspace.data(),
+                                            bytes, options);
+  }
+  std::printf("%s M=%lld N=%lld K=%lld, backend %s%s:\n", flags.op.c_str(),
+              static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K),
+              std::string(backend_name(*options.backend)).c_str(),
+              flags.static_weights ? ", static weights" : "");
+  for (const ImplementationChoice& c : choices)
+    std::printf("  %-20s %s\n", c.name.c_str(), describe_choice(c).c_str());
   return 0;
 }
 

@@ -246,12 +246,19 @@ int main(int argc, char** argv) {
                         "(DeepGEMM's: normal values, per-block amax cast) | ones (all 1.0: "
                         "a power diagnostic)");
 
-  CLI::App* explain_cmd =
-      app.add_subcommand("explain", "which route implementation runs, and why the others do not");
-  std::string explain_model, explain_backend;
-  int64_t explain_tokens = 4096;
-  explain_cmd->add_option("--model", explain_model, "one model-table row (default: all)");
-  explain_cmd->add_option("--tokens", explain_tokens, "token count");
+  CLI::App* explain_cmd = app.add_subcommand(
+      "explain", "which implementation of an op runs at a shape, and why the others do not");
+  std::string explain_op = "route", explain_model, explain_backend;
+  std::optional<int64_t> explain_tokens;
+  ExplainFp8Options explain_fp8;
+  explain_cmd->add_option("--op", explain_op, "route (default) | gemm | linear");
+  explain_cmd->add_option("--model", explain_model, "route: one model-table row (default: all)");
+  explain_cmd->add_option("--tokens", explain_tokens,
+                          "token count, M of gemm and linear (default: route 4096, else 1)");
+  explain_cmd->add_option("--n", explain_fp8.n, "gemm, linear: N, the weight's rows (4096)");
+  explain_cmd->add_option("--k", explain_fp8.k, "gemm, linear: K (7168)");
+  explain_cmd->add_flag("--static-weights", explain_fp8.static_weights,
+                        "gemm, linear: promise static weights (OpOptions::static_weights)");
   explain_cmd->add_option("--backend", explain_backend, "reference | cpu | gpu");
 
   CLI::App* backends_cmd = app.add_subcommand("backends", "the backends of this build and machine");
@@ -282,7 +289,14 @@ int main(int argc, char** argv) {
       if (!bench_backend.empty()) bench.backend = parse_backend(bench_backend);
       return run_bench(bench);
     }
-    if (explain_cmd->parsed()) return run_explain(explain_model, explain_tokens, explain_backend);
+    if (explain_cmd->parsed()) {
+      if (explain_op == "route")
+        return run_explain(explain_model, explain_tokens.value_or(4096), explain_backend);
+      explain_fp8.op = explain_op;
+      explain_fp8.m = explain_tokens.value_or(1);
+      explain_fp8.backend = explain_backend;
+      return run_explain_fp8(explain_fp8);
+    }
     if (backends_cmd->parsed()) {
       for (const BackendInfo& b : backends())
         std::printf("%-10s %s\n", b.name.c_str(), b.detail.c_str());
