@@ -195,7 +195,7 @@ __device__ __forceinline__ int live_rows(const GroupQuantArgs& a, int64_t live, 
       const int total = vendor::shfl(through, kLanes - 1);
       if (live >= before && live < before + total) {
         // The first lane whose planes reach past `live` holds it.
-        const int at = __ffs(vendor::ballot(live < before + through)) - 1;
+        const int at = vendor::lowest_lane(vendor::ballot(live < before + through));
         const int start = vendor::shfl(through - rows, at);
         row = int64_t{base + j * kLanes + at} * a.plane_rows + (live - before - start);
       }
