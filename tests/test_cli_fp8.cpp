@@ -399,7 +399,8 @@ TEST_F(CliFp8, BenchGemmAnyTokenCountOneImplementation) {
 
 // `moekit explain --op gemm | linear`: every entry of the op's table with its answer at the shape
 // (M from --tokens, --n, --k), exactly one of them running (the reference where it is asked for);
-// a bad op or a size below 1 is a one-line error naming the flag.
+// a bad op, a size below 1 or a flag of the other kind of op (route's --model, gemm's --k) is a
+// one-line error naming the flag.
 TEST_F(CliFp8, ExplainGemmAndLinearSayWhichImplementationRuns) {
   for (const char* op : {"gemm", "linear"}) {
     const Result r = run(std::string("explain --op ") + op +
@@ -424,7 +425,9 @@ TEST_F(CliFp8, ExplainGemmAndLinearSayWhichImplementationRuns) {
   for (const auto& [args, flag] :
        {std::pair<const char*, const char*>{"explain --op gemv", "--op=gemv"},
         {"explain --op gemm --k 0", "--k=0"},
-        {"explain --op linear --tokens 0", "--tokens=0"}}) {
+        {"explain --op linear --tokens 0", "--tokens=0"},
+        {"explain --op gemm --model Qwen3-30B-A3B", "--model=Qwen3-30B-A3B"},
+        {"explain --k 2048", "--k=2048"}}) {
     const Result bad = run(args);
     EXPECT_EQ(bad.exit_code, 2) << args;
     EXPECT_NE(bad.err.find(flag), std::string::npos) << args << ": " << bad.err;
