@@ -241,7 +241,7 @@ if [[ -x $CLI ]]; then
     || note "moekit bench --op linear: exit $? (a row failed verification, or it timed out)"
   timeout 60 "$CLI" bench --op quantize-weight --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit bench --op quantize-weight: exit $?"
-  timeout 120 "$CLI" bench --op gemm-grouped --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
+  timeout 180 "$CLI" bench --op gemm-grouped --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit bench --op gemm-grouped: exit $? (a row failed verification, or it timed out)"
   timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2> "$OUT/fp8_stderr.txt" \
     || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"

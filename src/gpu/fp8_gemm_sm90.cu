@@ -178,18 +178,23 @@ CUtensorMap make_pair_tile_map(const void* base, int64_t rows, int64_t cols, int
 
 // Persistent wide tiles: out [M, N] bf16 or f16 written in boxes of 64 columns x 256 rows from
 // shared memory with the 128-byte swizzle (rows on 16 bytes; the box is clipped at the edges).
-CUtensorMap make_out_map(const BlockGemmProblem& p) {
+// groups > 0: `groups` such matrices `group_stride` elements apart, the group the third dimension.
+CUtensorMap make_out_map(const BlockGemmProblem& p, int64_t groups = 0, int64_t group_stride = 0) {
   CUtensorMap map{};
   const CUtensorMapDataType type = p.out.dtype() == DType::f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.n), static_cast<cuuint64_t>(p.m)};
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(p.n), static_cast<cuuint64_t>(p.m),
+                              static_cast<cuuint64_t>(groups)};
+  // Strides of a single row or group are never used: any multiple of 16 past its extent will do.
   const int64_t stride = p.m > 1 ? p.out.stride(0) * 2 : (p.n * 2 + 15) / 16 * 16;
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
-  const cuuint32_t box[2] = {persistent::kOutBoxColumns, tiles::Shape<256>::kBlockM};
-  const cuuint32_t element_strides[2] = {1, 1};
+  const int64_t groups_apart = groups > 1 ? group_stride * 2 : p.m * stride;
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(stride),
+                                 static_cast<cuuint64_t>(groups_apart)};
+  const cuuint32_t box[3] = {persistent::kOutBoxColumns, tiles::Shape<256>::kBlockM, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
   const CUresult status =
-      encode_tiled()(&map, type, 2, p.out.data(), dims, strides, box, element_strides,
-                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      encode_tiled()(&map, type, groups > 0 ? 3 : 2, p.out.data(), dims, strides, box,
+                     element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (status != CUDA_SUCCESS)
     fail(kOp, "out tensor map", "CUresult " + std::to_string(status),
@@ -198,21 +203,25 @@ CUtensorMap make_out_map(const BlockGemmProblem& p) {
 }
 
 // A [outer, inner] matrix of 2- or 4-byte elements read in unswizzled boxes of box_inner x
-// box_outer (box_inner x element = 16 bytes); out-of-bounds elements read as zeros.
+// box_outer (box_inner x element = 16 bytes); out-of-bounds elements read as zeros. groups > 0:
+// `groups` such matrices group_stride_bytes apart, the group the third dimension (boxes of one).
 CUtensorMap make_scale_map(const char* name, const void* base, int element_bytes, int64_t inner,
-                           int64_t outer, int64_t outer_stride_bytes, int box_inner,
-                           int box_outer) {
+                           int64_t outer, int64_t outer_stride_bytes, int box_inner, int box_outer,
+                           int64_t groups = 0, int64_t group_stride_bytes = 0) {
   CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer),
+                              static_cast<cuuint64_t>(groups)};
   const int64_t stride = outer > 1 ? outer_stride_bytes : (inner * element_bytes + 15) / 16 * 16;
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner),
-                             static_cast<cuuint32_t>(box_outer)};
-  const cuuint32_t element_strides[2] = {1, 1};
+  const int64_t groups_apart = groups > 1 ? group_stride_bytes : outer * stride;
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(stride),
+                                 static_cast<cuuint64_t>(groups_apart)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(box_outer),
+                             1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
   const CUresult status = encode_tiled()(
-      &map, element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_UINT32, 2,
-      const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+      &map, element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_UINT32,
+      groups > 0 ? 3 : 2, const_cast<void*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (status != CUDA_SUCCESS)
     fail(kOp, std::string(name) + " tensor map", "CUresult " + std::to_string(status),
@@ -246,28 +255,29 @@ tiles::ScaleFeed tiles_scale_feed(const BlockGemmProblem& p, bool& b_k_inner) {
 }
 
 // The tiles kernel's scale maps for the plan's feed (zeros for the scale warps), for tiles of
-// `rows` rows.
-ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner,
-                        int rows) {
+// `rows` rows. groups > 0: of that many groups (p is group 0's problem), the scale tensors' planes
+// a_group_bytes and b_group_bytes apart.
+ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner, int rows,
+                        int64_t groups = 0, int64_t a_group_bytes = 0, int64_t b_group_bytes = 0) {
   using tiles::ScaleFeed;
   ScaleMaps maps{};
   if (feed == ScaleFeed::warps) return maps;
   const ScaleAddressing& at = p.a_scale_at;
   const int64_t words = at.packed() ? fp8::ceil_div(p.k_blocks, 4) : p.k_blocks;
   if (feed == ScaleFeed::a_k_inner)
-    maps.a =
-        make_scale_map("a_scales", p.a_scales.data(), 4, words, p.m, at.row_stride * 4, 4, rows);
+    maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, words, p.m, at.row_stride * 4, 4,
+                            rows, groups, a_group_bytes);
   else
-    maps.a =
-        make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4, rows, 1);
+    maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4, rows,
+                            1, groups, a_group_bytes);
   const int b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
   const int64_t n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
   if (b_k_inner)
     maps.b = make_scale_map("b_scales", p.b_scales.data(), b_bytes, p.k_blocks, n_blocks,
-                            p.b_scales.stride(0) * b_bytes, 16 / b_bytes, 1);
+                            p.b_scales.stride(0) * b_bytes, 16 / b_bytes, 1, groups, b_group_bytes);
   else
     maps.b = make_scale_map("b_scales", p.b_scales.data(), b_bytes, n_blocks, p.k_blocks,
-                            p.b_scales.stride(1) * b_bytes, 16 / b_bytes, 1);
+                            p.b_scales.stride(1) * b_bytes, 16 / b_bytes, 1, groups, b_group_bytes);
   return maps;
 }
 
@@ -655,6 +665,23 @@ PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
   if (!plan.out_tma) return wide_persistent_kernel_for<Out::threads>(plan);
   return out == DType::f16 ? wide_persistent_kernel_for<Out::f16_tma>(plan)
                            : wide_persistent_kernel_for<Out::bf16_tma>(plan);
+}
+
+// The masked groups' build of the persistent wide kernel (CTAs alone, no split round).
+template <persistent::Out kOut>
+PersistentKernelFn masked_wide_kernel_for(const Plan& plan) {
+  using tiles::Cluster;
+  using tiles::ScaleFeed;
+  return plan.scale_feed == ScaleFeed::a_k_inner
+             ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut, false, true>
+             : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut, false, true>;
+}
+
+PersistentKernelFn masked_wide_kernel_for(const Plan& plan, DType out) {
+  using persistent::Out;
+  if (!plan.out_tma) return masked_wide_kernel_for<Out::threads>(plan);
+  return out == DType::f16 ? masked_wide_kernel_for<Out::f16_tma>(plan)
+                           : masked_wide_kernel_for<Out::bf16_tma>(plan);
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
@@ -1455,6 +1482,123 @@ void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
                              grouped.max_items,
                              0};
   launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
+}
+
+// ---- grouped_block_fp8_gemm_masked with many rows per group: persistent wide tiles.
+//
+// Where the caller expects the groups to hold more rows than the grouped kernel's 64-row token
+// tiles, each token tile of a group would stream its weights again; instead the persistent wide
+// kernel (gemm_wide_persistent.cuh, masked build) takes 256 x 128 tiles of every group's rows in
+// one launch. Its CTAs read the counts after the wait, number the tiles of the groups' rows group
+// after group, and take them in turn: no tile past a group's rows is multiplied, and a group's
+// rows get the sums block_fp8_gemm's wide tiles give them (the same products in the same order).
+
+// Groups whose first tiles the CTAs list in shared memory, past the kernel's own.
+constexpr int64_t kMaxMaskedWideGroups = 256;
+constexpr size_t kMaskedWideSharedBytes =
+    persistent::kSharedBytes + (kMaxMaskedWideGroups + 1) * sizeof(int);
+static_assert(kMaskedWideSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+
+namespace {
+// Why the masked wide tiles do not serve p ("" where they do); the plan in `plan`.
+std::string masked_wide_plan_for(const GroupedBlockGemmProblem& p, int device_index, Plan& plan) {
+  if (!p.masked()) return "not the masked layout (whole groups: gpu.sm90.grouped or one GEMM each)";
+  if (p.expected_rows <= kMaxGroupedTokens)
+    return p.expected_rows == 0
+               ? std::string("no expected rows given (the grouped kernel plans for decode)")
+               : "expected rows " + str(p.expected_rows) + " <= " + str(kMaxGroupedTokens) +
+                     " (the grouped kernel's token tiles take them)";
+  if (p.groups > kMaxMaskedWideGroups)
+    return "G=" + str(p.groups) + " > " + str(kMaxMaskedWideGroups) + " groups";
+  const BlockGemmProblem first = p.group(0);
+  if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
+  if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
+    return "a's or b's groups are not 16 bytes apart (TMA needs it)";
+  if (fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN}) * p.groups >
+      std::numeric_limits<int>::max())
+    return "more tiles than an int counts";
+  plan.scale_feed = tiles_scale_feed(first, plan.b_scale_k_inner);
+  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  if (plan.scale_feed == tiles::ScaleFeed::warps ||
+      (p.groups > 1 &&
+       ((p.a_scales.stride(0) * 4) % 16 != 0 || (p.b_scales.stride(0) * b_bytes) % 16 != 0)))
+    return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
+  plan.overlap = true;
+  plan.tile_rows = 256;
+  plan.persistent = true;
+  plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
+                 reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
+                 (p.m <= 1 || p.out.stride(1) % 8 == 0) &&
+                 (p.groups <= 1 || p.out.stride(0) % 8 == 0);
+  plan.persistent_kernel = masked_wide_kernel_for(plan, p.out.dtype());
+  plan.shared_bytes = persistent::kSharedBytes + static_cast<size_t>(p.groups + 1) * sizeof(int);
+  const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
+  if (resident < 1) return "no CTA of the masked wide kernel fits an SM";
+  // Every group's rows are at most M: as many CTAs as are resident, or as all tiles of capacity.
+  const int64_t most_units =
+      p.groups * fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  plan.grid =
+      dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(most_units, resident))));
+  return "";
+}
+}  // namespace
+
+std::string masked_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return p.masked() ? "" : "not the masked layout";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  return masked_wide_plan_for(p, device, plan);
+}
+
+std::string masked_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return "nothing to do";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (!masked_wide_plan_for(p, device, plan).empty()) return "no masked wide plan";
+  char text[300];
+  std::snprintf(text, sizeof text,
+                "masked wide tiles, %lld groups in one launch: 256 x 128 tiles of the groups' "
+                "rows, %u persistent CTAs, activation scales %s, %s",
+                static_cast<long long>(p.groups), plan.grid.x,
+                plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
+                plan.out_tma ? "TMA stores" : "the threads store");
+  return text;
+}
+
+void masked_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return;
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (std::string why = masked_wide_plan_for(p, device, plan); !why.empty())
+    fail("grouped_block_fp8_gemm_masked", "backend", "gpu.sm90.masked_wide", "has no plan: " + why);
+  const BlockGemmProblem first = p.group(0);
+  GemmArgs args = args_of(first);
+  const CUtensorMap a_map =
+      make_grouped_tile_map("a", p.a.data(), p.groups, p.m, p.k, p.a.stride(1), p.a.stride(0),
+                            plan.tile_rows, plan.tile_promotion);
+  const CUtensorMap b_map =
+      make_grouped_tile_map("b", p.b.data(), p.groups, p.n, p.k, p.b.stride(1), p.b.stride(0),
+                            tiles::kBlockN, plan.tile_promotion);
+  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, int64_t{256}));
+  args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, int64_t{tiles::kBlockN}));
+  args.splits = 1;
+  args.b_scale_k_inner = plan.b_scale_k_inner;
+  args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
+  args.masked_m = p.masked_m.data_as<const int>();
+  args.groups = static_cast<int>(p.groups);
+  args.out_group_stride = p.out.stride(0);
+  // (pairs of columns stored as one vector: in every group's plane, not only group 0's)
+  if (p.groups > 1 && p.out.stride(0) % 2 != 0) args.epilogue.out_pairs = false;
+  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  const ScaleMaps maps =
+      scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows, p.groups,
+                    p.a_scales.stride(0) * 4, p.b_scales.stride(0) * b_bytes);
+  const CUtensorMap out_map =
+      plan.out_tma ? make_out_map(first, p.groups, p.out.stride(0)) : CUtensorMap{};
+  launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
 }
 
 // ---- silu_and_mul_grouped_block_fp8_gemm_masked in one launch.

@@ -29,6 +29,7 @@ namespace moekit {
 namespace {
 
 constexpr const char* kGrouped = "gpu.sm90.grouped";
+constexpr const char* kMaskedWide = "gpu.sm90.masked_wide";
 constexpr uint8_t kSentinel = 0xA5;
 
 using gpu_test::ScopedEnv;
@@ -409,14 +410,16 @@ TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
   if (grouped_entry_present()) check_case(rng, wide, "gpu.per_group");
 }
 
-// Masked, with few groups expected to hold more rows than a token tile (64) at a capacity of at
-// most twice that, one GEMM per group serves (measured faster); at a larger capacity, or with
-// more groups, the grouped launch still does.
-TEST(GpuGroupedGemm, ManyExpectedRowsInFewGroupsGoPerGroup) {
+// Masked, with the groups expected to hold more rows than a token tile (64), the persistent wide
+// tiles serve where their scales can be copied with the tiles (K = 512: rows of 16 bytes); where
+// they cannot (K = 256: rows of 8 bytes) and few groups sit at a capacity of at most twice the
+// expected rows, one GEMM per group does (measured faster than the grouped launch), else the
+// grouped launch.
+TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
   SKIP_WITHOUT_GROUPED_ENTRY();
-  const auto chosen_for = [](int64_t G, int64_t M, int64_t expected) {
+  const auto chosen_for = [](int64_t G, int64_t M, int64_t expected, int64_t K) {
     const Device gpu = Device::gpu();
-    const int64_t N = 256, K = 256;
+    const int64_t N = 256;
     const Tensor a = Tensor::empty(DType::f8e4m3, {G, M, K}, gpu);
     const Tensor as = Tensor::empty(DType::f32, {G, M, K / 128}, gpu);
     const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
@@ -427,17 +430,130 @@ TEST(GpuGroupedGemm, ManyExpectedRowsInFewGroupsGoPerGroup) {
     options.backend = Backend::gpu;
     std::string chosen;
     for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
-             a, as, ScaleLayout::row_major, b, bs, counts, out, expected, options))
+             a, as, ScaleLayout::row_major, b, bs, counts, out, expected, options)) {
       if (row.chosen) chosen = row.name;
+      if (row.name == kMaskedWide && !row.chosen)
+        std::printf("G=%lld M=%lld expected %lld K=%lld: %s declines: %s\n",
+                    static_cast<long long>(G), static_cast<long long>(M),
+                    static_cast<long long>(expected), static_cast<long long>(K), kMaskedWide,
+                    row.reason.c_str());
+    }
     return chosen;
   };
-  EXPECT_EQ(chosen_for(4, 256, 256), "gpu.per_group");
-  EXPECT_EQ(chosen_for(4, 256, 128), "gpu.per_group");
-  EXPECT_EQ(chosen_for(8, 200, 100), "gpu.per_group");
-  EXPECT_EQ(chosen_for(4, 1024, 256), kGrouped);         // capacity past twice the expected rows
-  EXPECT_EQ(chosen_for(9, 256, 256), kGrouped);          // more groups
-  EXPECT_EQ(chosen_for(4, 256, 64), kGrouped);           // the rows fit a token tile
-  EXPECT_EQ(chosen_for(4, 256, 1000), "gpu.per_group");  // (a hint past M counts as M)
+  EXPECT_EQ(chosen_for(4, 256, 256, 512), kMaskedWide);
+  EXPECT_EQ(chosen_for(4, 256, 128, 512), kMaskedWide);
+  EXPECT_EQ(chosen_for(4, 1024, 256, 512), kMaskedWide);
+  EXPECT_EQ(chosen_for(40, 256, 65, 512), kMaskedWide);
+  EXPECT_EQ(chosen_for(4, 256, 1000, 512), kMaskedWide);  // (a hint past M counts as M)
+  EXPECT_EQ(chosen_for(4, 256, 64, 512), kGrouped);       // the rows fit a token tile
+  EXPECT_EQ(chosen_for(300, 256, 256, 512), kGrouped);    // more groups than the list holds
+  EXPECT_EQ(chosen_for(4, 256, 256, 256), "gpu.per_group");
+  EXPECT_EQ(chosen_for(8, 200, 100, 256), "gpu.per_group");
+  EXPECT_EQ(chosen_for(4, 1024, 256, 256), kGrouped);  // capacity past twice the expected rows
+  EXPECT_EQ(chosen_for(9, 256, 256, 256), kGrouped);   // more groups
+}
+
+// The masked layout through the persistent wide tiles (expected rows past 64): group g's first
+// min(max(masked_m[g], 0), M) rows have the bytes of gpu.sm90's wide tiles on the whole group
+// (MOEKIT_SM90_TILES_ROWS=256; M > 128, so that it takes tiles, not the swap kernel); nothing is
+// written past the group's last 256-row tile with rows, in the gaps, or for a group without rows.
+// With `stale` counts, masked_m holds those until the kernel before the GEMM writes `counts` late.
+// `gap`: out elements between groups (a multiple of 8 keeps 16-bit planes on 16 bytes: TMA stores).
+void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
+                       int64_t expected_rows, const std::vector<int32_t>& stale = {},
+                       int64_t gap = 8) {
+  SCOPED_TRACE(describe(c) + ", expected rows " + std::to_string(expected_rows) +
+               (stale.empty() ? "" : ", counts written late") + ", gap " + std::to_string(gap));
+  ASSERT_GT(c.m, 128);
+  Operands o = make_operands(rng, c);
+  o.gap = gap;
+  Tensor grouped = sentinel_out(c, o.gap);
+  Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
+  std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+  const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
+  if (!stale.empty()) std::memcpy(counts_host.data(), stale.data(), stale.size() * 4);
+  const Tensor masked_m = Tensor::copy_of(counts_host, Device::gpu());
+  const gpu_test::Stream stream;
+  OpOptions options;
+  options.backend = Backend::gpu;
+  options.static_weights = c.static_weights;
+  options.stream = stream.get();
+  const TensorView out = grouped_view(grouped, c, o.gap);
+  std::string chosen;
+  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
+           o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows, options))
+    if (row.chosen) {
+      chosen = row.name;
+      std::printf("%s: %s: %s\n", describe(c).c_str(), row.name.c_str(), row.detail.c_str());
+    } else if (row.name == kMaskedWide) {
+      std::printf("%s: %s declines: %s\n", describe(c).c_str(), kMaskedWide, row.reason.c_str());
+    }
+  ASSERT_EQ(chosen, kMaskedWide);
+  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
+  if (!stale.empty())
+    gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
+                                                             counts_gpu.data_as<const int32_t>(),
+                                                             static_cast<int>(c.groups), 200000);
+  grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows,
+                                options);
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+  const Tensor got = Tensor::copy_of(grouped, Device::cpu());
+  // Twice: the same bytes (the counts are final by now).
+  options.stream = nullptr;
+  grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, counts_gpu, out, expected_rows,
+                                options);
+  const Tensor again = Tensor::copy_of(grouped, Device::cpu());
+  EXPECT_EQ(std::memcmp(got.data(), again.data(), got.nbytes()), 0) << "a second call differs";
+  const ScopedEnv wide_tiles("MOEKIT_SM90_TILES_ROWS", "256");
+  OpOptions single = options;
+  single.implementation = "gpu.sm90";
+  const size_t element = dtype_size(c.out);
+  for (int64_t g = 0; g < c.groups; ++g) {
+    const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, c.m);
+    const auto* group =
+        got.data_as<uint8_t>() + g * (c.m * c.n + o.gap) * static_cast<int64_t>(element);
+    if (rows > 0) {
+      Tensor expected = Tensor::empty(c.out, {c.m, c.n}, Device::gpu());
+      block_fp8_gemm(plane_of(o.a, g), plane_of(o.as, g), c.layout, plane_of(o.b, g),
+                     plane_of(o.bs, g), std::nullopt, expected, single);
+      const Tensor want = Tensor::copy_of(expected, Device::cpu());
+      EXPECT_EQ(std::memcmp(group, want.data(), static_cast<size_t>(rows * c.n) * element), 0)
+          << "group " << g << ", " << rows << " rows";
+    }
+    const int64_t tiled = std::min((rows + 255) / 256 * 256, c.m);  // rows its tiles may write
+    size_t written = 0;
+    for (size_t byte = static_cast<size_t>(tiled * c.n) * element;
+         byte < static_cast<size_t>(c.m * c.n + o.gap) * element; ++byte)
+      written += group[byte] != kSentinel;
+    EXPECT_EQ(written, 0u) << "bytes written past group " << g << "'s tiles of " << rows << " rows";
+  }
+}
+
+TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedWide"));
+  // DeepGEMM's masked case, bf16 out stored by TMA, row-major scales (k-inner boxes); then with
+  // planes 5 elements apart (the threads store, two columns at a time only where aligned).
+  check_masked_wide(rng, {4, 256, 4096, 7168}, {256, 0, 130, 1}, 256);
+  check_masked_wide(rng, {3, 384, 512, 1024}, {384, 200, 0}, 256, {}, 5);
+  // Column-major TMA-aligned scales (m-inner boxes), f32 out stored by the threads, a ragged N.
+  check_masked_wide(rng, {3, 300, 200, 512, ScaleLayout::column_major_tma, DType::f32},
+                    {300, 299, -1}, 200);
+  // 40 groups (two batches of the count scan), f16 out, bf16 weight scales, counts past M.
+  std::vector<int32_t> forty(40);
+  for (size_t g = 0; g < forty.size(); ++g)
+    forty[g] = g % 5 == 0 ? 0 : g % 5 == 1 ? 136 : g % 5 == 2 ? 500 : static_cast<int32_t>(g + 1);
+  check_masked_wide(rng, {40, 136, 256, 1024, ScaleLayout::row_major, DType::f16, DType::bf16},
+                    forty, 100);
+  // Packed UE8M0 scales; the weights not promised static.
+  check_masked_wide(rng,
+                    {2, 512, 384, 1024, ScaleLayout::packed_ue8m0, DType::bf16, DType::f32, false},
+                    {512, 257}, 300);
+  // 32 k-blocks (the last turn of the 3-stage ring padded), counts written late by the kernel
+  // before.
+  check_masked_wide(rng, {5, 260, 512, 4096}, {0, 259, 3, 260, 65}, 128, {7, 0, 0, 130, 0});
+  // No rows anywhere: nothing written.
+  check_masked_wide(rng, {3, 200, 256, 512}, {0, -4, 0}, 150);
 }
 
 }  // namespace

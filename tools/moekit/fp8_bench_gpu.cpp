@@ -385,20 +385,22 @@ std::optional<GpuRow> bench_masked_decode_gpu(
 
 // An MoE decode step's down projection with its activation quantized inside
 // (silu_and_mul_grouped_block_fp8_gemm_masked): x [G, M, 2K] bf16 (the gate_up GEMM's out), G
-// experts of capacity M, `active` of them with one row, through `implementation` (gpu.sm90.fused:
-// one launch; gpu.apart: the masked gated quantization's launch, then the grouped GEMM's), us per
-// expert with rows. The counts rotate over sets of experts as in bench_masked_decode_gpu. Verified
-// against the reference on the first set.
-GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N, int64_t K,
-                                  int64_t G, int64_t active, int64_t expected_rows,
-                                  const char* implementation, uint64_t seed, int replays) {
+// experts of capacity M, `active` of them with `rows` rows, through `implementation`
+// (gpu.sm90.fused: one launch; gpu.apart: the masked gated quantization's launch, then the grouped
+// GEMM's), us per expert with rows. The counts rotate over sets of experts as in
+// bench_masked_decode_gpu. Verified against the reference on the first set's first row; none where
+// that entry declines.
+std::optional<GpuRow> bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
+                                                 int64_t K, int64_t G, int64_t active, int64_t rows,
+                                                 int64_t expected_rows, const char* implementation,
+                                                 uint64_t seed, int replays) {
   const Device gpu = Device::gpu();
   const Tensor x_host = random_fp8_activations(seed, G * M, 2 * K);  // bf16 [G * M, 2K]
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);
   const Tensor x = Tensor::copy_of(x_host, gpu);
   const Tensor b = Tensor::copy_of(w.b, gpu), b_scales = Tensor::copy_of(w.b_scales, gpu);
   Tensor out = Tensor::empty(DType::bf16, {G * M, N}, gpu);
-  const std::vector<Tensor> counts = decode_count_sets(G, active, 1);
+  const std::vector<Tensor> counts = decode_count_sets(G, active, rows);
   const size_t bytes = std::string(implementation) == "gpu.apart"
                            ? silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(G, M, K)
                            : 0;
@@ -412,7 +414,7 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
                  (M > 1 ? " capacity " + std::to_string(M) : std::string()) + ", " +
                  std::to_string(active) + " with rows" +
                  (expected_rows > 0 ? ", expected " + std::to_string(expected_rows) : ""),
-             1,
+             rows,
              N,
              K,
              implementation,
@@ -427,7 +429,7 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
                       as_groups(x, G), counts[0], as_groups(b, G), as_groups(b_scales, G),
                       as_groups(out, G), GroupQuantConfig{}, expected_rows, ws, bytes, op))
           .empty())
-    return row;  // (not verified: the entry does not serve here)
+    return std::nullopt;
   call(counts[0], nullptr);
   // The reference on group 0 (in the first set): its one row.
   const int64_t one[] = {1, M, 2 * K}, one_strides[] = {M * 2 * K, 2 * K, 1};
@@ -446,10 +448,10 @@ GpuRow bench_masked_silu_down_gpu(const std::string& name, int64_t M, int64_t N,
   row.verified = relative_mean_error(TensorView(host.data_as<uint16_t>(), DType::bf16, {1, N}),
                                      TensorView(ref.data(), DType::f32, {1, N})) < 1e-3 + 1.0 / 256;
   row.median_us = us_per_active_expert(call, counts, active, replays);
-  // Bytes per expert with rows: its weights, its row of x and of out.
+  // Bytes per expert with rows: its weights, its rows of x and of out.
   row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes()) / static_cast<double>(G) +
-              static_cast<double>(2 * K * 2 + N * 2);
-  row.flops = 2.0 * static_cast<double>(N) * static_cast<double>(K);
+              static_cast<double>(rows * (2 * K * 2 + N * 2));
+  row.flops = 2.0 * static_cast<double>(rows * N) * static_cast<double>(K);
   return row;
 }
 
@@ -644,20 +646,39 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     if (wanted(down, 1))
       for (const auto& [capacity, expected] : {std::pair<int64_t, int64_t>{1, 0}, {128, 1}})
         for (const char* implementation : {"gpu.sm90.fused", "gpu.apart"})
-          rows.push_back(bench_masked_silu_down_gpu(down, capacity, 2048, 768, 128, 8, expected,
-                                                    implementation, seed++, options.replays));
+          if (auto row = bench_masked_silu_down_gpu(down, capacity, 2048, 768, 128, 8, 1, expected,
+                                                    implementation, seed++, options.replays))
+            rows.push_back(std::move(*row));
     // DeepGEMM's published masked case (4 groups of 256 rows; H800: 932 TFLOP/s), with the hint,
-    // and beside it 128 rows at capacity 256 and 256 at capacity 1024. The grouped kernel's token
-    // tiles stop at 64 rows (each group's weights stream once per tile), so it declines the first
-    // two for one GEMM per group (a row of its own only where it serves).
+    // and beside it 128 rows at capacity 256 and 256 at capacity 1024: the persistent wide tiles
+    // (the pick past 64 expected rows), the grouped kernel (its token tiles stop at 64 rows, so
+    // each group's weights stream once per tile; it declines the first two for one GEMM per
+    // group) and one GEMM per group, each a row where it serves.
+    constexpr const char* kManyRowsImplementations[] = {"gpu.sm90.masked_wide", "gpu.sm90.grouped",
+                                                        "gpu.per_group"};
     const std::string deepgemm = "N=4096 K=7168 (DeepGEMM masked case)";
     for (const auto& [capacity, used] :
          {std::pair<int64_t, int64_t>{256, 256}, {256, 128}, {1024, 256}})
       if (wanted(deepgemm, used))
-        for (const char* implementation : kGroupedImplementations)
+        for (const char* implementation : kManyRowsImplementations)
           if (auto row = bench_masked_decode_gpu(deepgemm, capacity, used, 4096, 7168, 4, 4, used,
                                                  seed++, options.replays, implementation))
             rows.push_back(std::move(*row));
+    // Qwen3-30B-A3B's experts under a large batch in DeepEP's low-latency layout: 128 experts of
+    // capacity 256, each with 128 rows.
+    const std::string batch = "N=1536 K=2048 (Qwen3-30B expert gate_up, large batch)";
+    if (wanted(batch, 128))
+      for (const char* implementation : kManyRowsImplementations)
+        if (auto row = bench_masked_decode_gpu(batch, 256, 128, 1536, 2048, 128, 128, 128, seed++,
+                                               options.replays, implementation))
+          rows.push_back(std::move(*row));
+    const std::string batch_down =
+        "N=2048 K=768 (Qwen3-30B expert down, silu_and_mul in, large batch)";
+    if (wanted(batch_down, 128))
+      for (const char* implementation : {"gpu.sm90.fused", "gpu.apart"})
+        if (auto row = bench_masked_silu_down_gpu(batch_down, 256, 2048, 768, 128, 128, 128, 128,
+                                                  implementation, seed++, options.replays))
+          rows.push_back(std::move(*row));
   } else if (options.op == "quantize-weight") {
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
       const std::string name = "weight bf16 N=" + std::to_string(n) + " K=" + std::to_string(k);

@@ -81,6 +81,13 @@ struct GemmArgs {
   int sk_units, sk_pairs;
   float* sk_partials;
   uint32_t* sk_flags;
+  // Persistent wide tiles over the groups of DeepGEMM's masked layout
+  // (grouped_block_fp8_gemm_masked): masked_m [groups] i32 on the device, group g's rows its first
+  // min(max(masked_m[g], 0), m); the tensor maps then take the group as their third coordinate,
+  // and out_group_stride is the out elements between groups. Null: one GEMM.
+  const int* masked_m;
+  int groups;
+  int64_t out_group_stride;
 #ifdef MOEKIT_FP8_TRACE
   int tiles_ablation;  // diagnosis builds: see tiles::ablation
 #endif

@@ -158,7 +158,8 @@ struct PersistentTrace {
 #define MOEKIT_PERSISTENT_TRACE(...)
 #endif
 
-template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut, bool kSplit>
+template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut, bool kSplit,
+          bool kMasked = false>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
                                 const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
@@ -175,6 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kTma = kOut != persistent::Out::threads;
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
+  static_assert(!kMasked || (!kPair && !kSplit), "the masked groups' tiles: CTAs alone, unsplit");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
   static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
   using Ring = RingPosition<kStages>;
@@ -195,14 +197,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Units of kUnitColumns neighbouring column tiles, ordered as the wide tiles kernel orders its
   // tiles; this CTA takes column `rank` of its pair's units pair, pair + pairs, ... of the whole
   // rounds, then its items of the split round (persistent::item_at).
-  const int units = args.tiles_m * (args.tiles_n / kUnitColumns);
+  // Masked: the units are the tiles of the groups' rows, group after group; group g's first is
+  // first_unit[g] (groups + 1 words past the barriers, listed below once the counts are final).
+  [[maybe_unused]] int* first_unit = reinterpret_cast<int*>(empty + kStages);
+  int units = args.tiles_m * (args.tiles_n / kUnitColumns);
   const int pair = static_cast<int>(blockIdx.x) / kUnitColumns;  // (a CTA where not in pairs)
   const int pairs = static_cast<int>(gridDim.x) / kUnitColumns;
+  // Masked: the group of the unit origin() found last (a thread's units only grow).
+  [[maybe_unused]] int unit_group = 0;
   const auto origin = [&](int unit, int& m0, int& n0) {
+    int tiles_m = args.tiles_m;
+    if constexpr (kMasked) {
+      while (first_unit[unit_group + 1] <= unit) ++unit_group;
+      unit -= first_unit[unit_group];
+      tiles_m = (first_unit[unit_group + 1] - first_unit[unit_group]) / args.tiles_n;
+    }
     const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
     const int group = unit / per_group;
     const int first_row = group * kGroupRows;
-    const int group_rows = min(args.tiles_m - first_row, kGroupRows);
+    const int group_rows = min(tiles_m - first_row, kGroupRows);
     const int in_group = unit % per_group;
     m0 = (first_row + in_group % group_rows) * kBlockM;
     n0 = ((in_group / group_rows) * kUnitColumns + static_cast<int>(rank)) * kBlockN;
@@ -229,6 +242,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   else
     __syncthreads();
   vendor::allow_next_grid();
+  if constexpr (kMasked) {
+    // The counts are the previous kernel's output: every thread waits for it, warp 0 lists each
+    // group's first unit (a warp scan of their tile counts), and the CTA meets before any unit.
+    vendor::wait_for_previous_grid();
+    if (threadIdx.x < 32) {
+      const int lane = static_cast<int>(threadIdx.x);
+      int before = 0;
+      for (int g0 = 0; g0 < args.groups; g0 += 32) {
+        const int g = g0 + lane;
+        const int rows = g < args.groups ? min(max(args.masked_m[g], 0), args.m) : 0;
+        const int own = (rows + kBlockM - 1) / kBlockM * args.tiles_n;
+        int inclusive = own;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+          const int below = __shfl_up_sync(0xffffffffu, inclusive, d);
+          if (lane >= d) inclusive += below;
+        }
+        if (g < args.groups) first_unit[g] = before + inclusive - own;
+        before += __shfl_sync(0xffffffffu, inclusive, 31);
+      }
+      if (lane == 0) first_unit[args.groups] = before;
+    }
+    __syncthreads();
+    units = first_unit[args.groups];
+  }
 
   if (warpgroup == kConsumers) {
     sm90::registers_shrink<kProducerRegisters>();
@@ -297,6 +335,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {  // every unit a whole tile: the loop as before the split, not `produce`, whose
                 // use here renamed the consumers' registers (their loop's SASS is kept as it was)
         int box_base = 0;  // boxes the CTA's earlier tiles opened
+        // (masked: the unit's group is every map's third coordinate)
+        const auto copy = [&](void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+          if constexpr (kMasked)
+            sm90::tma_load_3d(dst, map, bar, c0, c1, unit_group);
+          else
+            sm90::tma_load_2d(dst, map, bar, c0, c1);
+        };
         for (int unit = pair; unit < units; unit += pairs, box_base += boxes_per_tile) {
           int m0, n0;
           origin(unit, m0, n0);
@@ -319,21 +364,21 @@ __global__ void __launch_bounds__(kThreads, 1)
               sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
                                           m0 + half, 0x3);
             } else {
-              sm90::tma_load_2d(stage, &a_map, bar, kb * kBlockK, m0);
+              copy(stage, &a_map, bar, kb * kBlockK, m0);
             }
-            sm90::tma_load_2d(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
+            copy(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
             float* region = scales + ring.stage * kScaleFloats;
             if constexpr (kKInner) {
               if (opens_box)
-                sm90::tma_load_2d(
+                copy(
                     scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4),
                     &scale_maps.a, bar, word, m0);
             } else {
-              sm90::tma_load_2d(region, &scale_maps.a, bar, m0, word);
+              copy(region, &scale_maps.a, bar, m0, word);
             }
             const int inner = args.b_scale_k_inner ? kb : nb;
-            sm90::tma_load_2d(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
-                              inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
+            copy(region + S::kScaleBOffset / 4, &scale_maps.b, bar, inner & -args.b_scale_lanes,
+                 args.b_scale_k_inner ? nb : kb);
           }
         }
       }
@@ -467,8 +512,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
-        sm90::tma_store_2d(&out_map, staged + box * persistent::kOutBoxBytes,
-                           n0 + box * persistent::kOutBoxColumns, m0);
+        if constexpr (kMasked)
+          sm90::tma_store_3d(&out_map, staged + box * persistent::kOutBoxBytes,
+                             n0 + box * persistent::kOutBoxColumns, m0, unit_group);
+        else
+          sm90::tma_store_2d(&out_map, staged + box * persistent::kOutBoxBytes,
+                             n0 + box * persistent::kOutBoxColumns, m0);
       sm90::bulk_commit();
     }
   };
@@ -502,8 +551,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (first_row + r >= args.m) break;
         const float4 v =
             *reinterpret_cast<const float4*>(half_at + r * kRowBytes + (lane ^ (r % 8)) * 16);
-        store_quad(e, first_row + r, col, args.n,
-                   make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w));
+        const float4 sum = make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w);
+        if constexpr (kMasked) {  // the unit's group's out
+          Epilogue in_group = e;
+          in_group.out = static_cast<uint8_t*>(e.out) +
+                         unit_group * args.out_group_stride * out_bytes(e.out_type);
+          store_quad(in_group, first_row + r, col, args.n, sum);
+        } else {
+          store_quad(e, first_row + r, col, args.n, sum);
+        }
       }
     }
   };

@@ -257,6 +257,24 @@ __device__ __forceinline__ void tma_store_2d(const void* map, const void* src, i
 #endif
 }
 
+// tma_store_2d for a 3-D tensor map: the box at (c0, c1, c2).
+__device__ __forceinline__ void tma_store_3d(const void* map, const void* src, int c0, int c1,
+                                             int c2) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(shared_address(src)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#else
+  (void)map;
+  (void)src;
+  (void)c0;
+  (void)c1;
+  (void)c2;
+#endif
+}
+
 // Closes this thread's bulk group (its copies go on; bulk_wait_read waits for them).
 __device__ __forceinline__ void bulk_commit() {
 #if MOEKIT_SM90A
