@@ -667,9 +667,9 @@ PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
                            : wide_persistent_kernel_for<Out::bf16_tma>(plan);
 }
 
-// The masked groups' build of the persistent wide kernel (CTAs alone, no split round).
+// The groups' build of the persistent wide kernel (CTAs alone, no split round).
 template <persistent::Out kOut>
-PersistentKernelFn masked_wide_kernel_for(const Plan& plan) {
+PersistentKernelFn grouped_wide_kernel_for(const Plan& plan) {
   using tiles::Cluster;
   using tiles::ScaleFeed;
   return plan.scale_feed == ScaleFeed::a_k_inner
@@ -677,11 +677,11 @@ PersistentKernelFn masked_wide_kernel_for(const Plan& plan) {
              : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut, false, true>;
 }
 
-PersistentKernelFn masked_wide_kernel_for(const Plan& plan, DType out) {
+PersistentKernelFn grouped_wide_kernel_for(const Plan& plan, DType out) {
   using persistent::Out;
-  if (!plan.out_tma) return masked_wide_kernel_for<Out::threads>(plan);
-  return out == DType::f16 ? masked_wide_kernel_for<Out::f16_tma>(plan)
-                           : masked_wide_kernel_for<Out::bf16_tma>(plan);
+  if (!plan.out_tma) return grouped_wide_kernel_for<Out::threads>(plan);
+  return out == DType::f16 ? grouped_wide_kernel_for<Out::f16_tma>(plan)
+                           : grouped_wide_kernel_for<Out::bf16_tma>(plan);
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
@@ -1484,32 +1484,46 @@ void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   launch(plan, grouped.kernel, p.stream, device, weights, tokens, args, strides);
 }
 
-// ---- grouped_block_fp8_gemm_masked with many rows per group: persistent wide tiles.
+// ---- grouped_block_fp8_gemm with many rows per group: persistent wide tiles.
 //
-// Where the caller expects the groups to hold more rows than the grouped kernel's 64-row token
-// tiles, each token tile of a group would stream its weights again; instead the persistent wide
-// kernel (gemm_wide_persistent.cuh, masked build) takes 256 x 128 tiles of every group's rows in
-// one launch. Its CTAs read the counts after the wait, number the tiles of the groups' rows group
-// after group, and take them in turn: no tile past a group's rows is multiplied, and a group's
-// rows get the sums block_fp8_gemm's wide tiles give them (the same products in the same order).
+// Past the grouped kernel's 64-row token tiles (whole groups of M > 64, or the masked layout with
+// more than 64 rows expected per group), each token tile of a group would stream its weights
+// again, and one GEMM per group pays a launch and a tail each; instead the persistent wide kernel
+// (gemm_wide_persistent.cuh, grouped build) takes 256 x 128 tiles of every group's rows in one
+// launch. Its CTAs read the counts (masked) after the wait, number the tiles of the groups' rows
+// group after group, and take them in turn: no tile past a group's rows is multiplied, and a
+// group's rows get the sums block_fp8_gemm's wide tiles give them (the same products in the same
+// order).
 
 // Groups whose first tiles the CTAs list in shared memory, past the kernel's own.
-constexpr int64_t kMaxMaskedWideGroups = 256;
-constexpr size_t kMaskedWideSharedBytes =
-    persistent::kSharedBytes + (kMaxMaskedWideGroups + 1) * sizeof(int);
-static_assert(kMaskedWideSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+constexpr int64_t kMaxGroupedWideGroups = 256;
+// Whole groups up to which (M x k-blocks per group) one launch beats one GEMM per group, whose
+// launches get pairs of CTAs sharing A tiles and a split last round but pay a tail each. H200,
+// session 35, 8 groups, us per GEMM, one launch against one each: N=4096 K=7168 M=256 12.46 /
+// 19.25, M=1024 43.90 / 45.69, M=2048 87.59 / 92.18, M=4096 202.47 / 184.85 (lost); N=7168 K=2048
+// M=512 12.74 / 22.49, M=4096 93.81 / 153.31.
+constexpr int64_t kMostGroupedWideWork = int64_t{1} << 17;
+constexpr size_t kGroupedWideSharedBytes =
+    persistent::kSharedBytes + (kMaxGroupedWideGroups + 1) * sizeof(int);
+static_assert(kGroupedWideSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
 
 namespace {
-// Why the masked wide tiles do not serve p ("" where they do); the plan in `plan`.
-std::string masked_wide_plan_for(const GroupedBlockGemmProblem& p, int device_index, Plan& plan) {
-  if (!p.masked()) return "not the masked layout (whole groups: gpu.sm90.grouped or one GEMM each)";
-  if (p.expected_rows <= kMaxGroupedTokens)
+// Why the grouped wide tiles do not serve p ("" where they do); the plan in `plan`.
+std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_index, Plan& plan) {
+  if (!p.masked() && p.m <= kMaxGroupedTokens)
+    return "M=" + str(p.m) + " <= " + str(kMaxGroupedTokens) +
+           " (the grouped kernel's token tiles take whole groups)";
+  const int64_t k_blocks = fp8::ceil_div(p.k, int64_t{kFp8BlockSize});
+  if (!p.masked() && p.m * k_blocks > kMostGroupedWideWork)
+    return "whole groups of M x k-blocks = " + str(p.m * k_blocks) + " > " +
+           str(kMostGroupedWideWork) + ": one GEMM per group is faster";
+  if (p.masked() && p.expected_rows <= kMaxGroupedTokens)
     return p.expected_rows == 0
                ? std::string("no expected rows given (the grouped kernel plans for decode)")
                : "expected rows " + str(p.expected_rows) + " <= " + str(kMaxGroupedTokens) +
                      " (the grouped kernel's token tiles take them)";
-  if (p.groups > kMaxMaskedWideGroups)
-    return "G=" + str(p.groups) + " > " + str(kMaxMaskedWideGroups) + " groups";
+  if (p.groups > kMaxGroupedWideGroups)
+    return "G=" + str(p.groups) + " > " + str(kMaxGroupedWideGroups) + " groups";
   const BlockGemmProblem first = p.group(0);
   if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
   if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
@@ -1530,10 +1544,10 @@ std::string masked_wide_plan_for(const GroupedBlockGemmProblem& p, int device_in
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(1) % 8 == 0) &&
                  (p.groups <= 1 || p.out.stride(0) % 8 == 0);
-  plan.persistent_kernel = masked_wide_kernel_for(plan, p.out.dtype());
+  plan.persistent_kernel = grouped_wide_kernel_for(plan, p.out.dtype());
   plan.shared_bytes = persistent::kSharedBytes + static_cast<size_t>(p.groups + 1) * sizeof(int);
   const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
-  if (resident < 1) return "no CTA of the masked wide kernel fits an SM";
+  if (resident < 1) return "no CTA of the grouped wide kernel fits an SM";
   // Every group's rows are at most M: as many CTAs as are resident, or as all tiles of capacity.
   const int64_t most_units =
       p.groups * fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
@@ -1543,37 +1557,37 @@ std::string masked_wide_plan_for(const GroupedBlockGemmProblem& p, int device_in
 }
 }  // namespace
 
-std::string masked_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
-  if (p.groups == 0 || p.m == 0 || p.n == 0) return p.masked() ? "" : "not the masked layout";
+std::string grouped_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return "";
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   Plan plan;
-  return masked_wide_plan_for(p, device, plan);
+  return grouped_wide_plan_for(p, device, plan);
 }
 
-std::string masked_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
+std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
   if (p.groups == 0 || p.m == 0 || p.n == 0) return "nothing to do";
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   Plan plan;
-  if (!masked_wide_plan_for(p, device, plan).empty()) return "no masked wide plan";
+  if (!grouped_wide_plan_for(p, device, plan).empty()) return "no grouped wide plan";
   char text[300];
   std::snprintf(text, sizeof text,
-                "masked wide tiles, %lld groups in one launch: 256 x 128 tiles of the groups' "
-                "rows, %u persistent CTAs, activation scales %s, %s",
-                static_cast<long long>(p.groups), plan.grid.x,
+                "grouped wide tiles, %lld groups in one launch: 256 x 128 tiles of the groups' "
+                "rows%s, %u persistent CTAs, activation scales %s, %s",
+                static_cast<long long>(p.groups), p.masked() ? " (the counts')" : "", plan.grid.x,
                 plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
                 plan.out_tma ? "TMA stores" : "the threads store");
   return text;
 }
 
-void masked_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
+void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   if (p.groups == 0 || p.m == 0 || p.n == 0) return;
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   Plan plan;
-  if (std::string why = masked_wide_plan_for(p, device, plan); !why.empty())
-    fail("grouped_block_fp8_gemm_masked", "backend", "gpu.sm90.masked_wide", "has no plan: " + why);
+  if (std::string why = grouped_wide_plan_for(p, device, plan); !why.empty())
+    fail("grouped_block_fp8_gemm", "backend", "gpu.sm90.grouped_wide", "has no plan: " + why);
   const BlockGemmProblem first = p.group(0);
   GemmArgs args = args_of(first);
   const CUtensorMap a_map =
@@ -1587,7 +1601,7 @@ void masked_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   args.splits = 1;
   args.b_scale_k_inner = plan.b_scale_k_inner;
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
-  args.masked_m = p.masked_m.data_as<const int>();
+  args.masked_m = p.masked() ? p.masked_m.data_as<const int>() : nullptr;
   args.groups = static_cast<int>(p.groups);
   args.out_group_stride = p.out.stride(0);
   // (pairs of columns stored as one vector: in every group's plane, not only group 0's)

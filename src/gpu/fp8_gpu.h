@@ -67,15 +67,15 @@ std::string grouped_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
 void grouped_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
-// grouped_block_fp8_gemm_masked on Hopper where the groups are expected to hold more rows than the
-// grouped kernel's token tiles (expected rows > 64; fp8_gemm_sm90.cu): the persistent wide-tiles
-// kernel over every group's rows in one launch (256 x 128 tiles, the counts read on the device,
-// no tile past a group's rows multiplied). Each group's rows get the bits block_fp8_gemm_sm90's
-// wide tiles give them; out rows past a group's count but inside its last 256-row tile may be
-// written, nothing else.
-std::string masked_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
-void masked_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
-std::string masked_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
+// grouped_block_fp8_gemm on Hopper past the grouped kernel's token tiles (fp8_gemm_sm90.cu):
+// whole groups of M > 64 rows, or the masked layout with more than 64 rows expected per group. The
+// persistent wide-tiles kernel takes every group's rows in one launch (256 x 128 tiles, the counts
+// read on the device, no tile past a group's rows multiplied). Each group's rows get the bits
+// block_fp8_gemm_sm90's wide tiles give them; masked, out rows past a group's count but inside its
+// last 256-row tile may be written, nothing else.
+std::string grouped_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
+void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
+std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
 // silu_and_mul_grouped_block_fp8_gemm_masked in one Hopper launch (fp8_gemm_sm90.cu): the masked
 // grouped kernel, whose producer warps quantize silu(gate) * up of each item's token tiles (bf16 x,

@@ -270,8 +270,8 @@ std::string per_group_plan(const GroupedBlockGemmProblem& p) {
 }
 
 const GroupedBlockGemmImplementation kGroupedBlockGemmTable[] = {
-    MOEKIT_GPU_ENTRY({"gpu.sm90.masked_wide", Backend::gpu, gpu::masked_wide_gemm_sm90_supports,
-                      gpu::masked_wide_block_fp8_gemm_sm90, gpu::masked_wide_gemm_sm90_plan})
+    MOEKIT_GPU_ENTRY({"gpu.sm90.grouped_wide", Backend::gpu, gpu::grouped_wide_gemm_sm90_supports,
+                      gpu::grouped_wide_block_fp8_gemm_sm90, gpu::grouped_wide_gemm_sm90_plan})
         MOEKIT_GPU_ENTRY({"gpu.sm90.grouped", Backend::gpu, gpu::grouped_gemm_sm90_supports,
                           gpu::grouped_block_fp8_gemm_sm90, gpu::grouped_gemm_sm90_plan})
             MOEKIT_GPU_ENTRY({"gpu.per_group", Backend::gpu, per_group_supports<Backend::gpu>,

@@ -29,7 +29,7 @@ namespace moekit {
 namespace {
 
 constexpr const char* kGrouped = "gpu.sm90.grouped";
-constexpr const char* kMaskedWide = "gpu.sm90.masked_wide";
+constexpr const char* kGroupedWide = "gpu.sm90.grouped_wide";
 constexpr uint8_t kSentinel = 0xA5;
 
 using gpu_test::ScopedEnv;
@@ -394,8 +394,9 @@ TEST(GpuGroupedGemm, SlicesOfTheGroupsKeepEachGroupsBits) {
 TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.PerGroup"));
-  // M=65 is past the grouped kernel's token tiles; its groups run as gpu.sm90 calls.
-  const Case wide{3, 65, 256, 512};
+  // M=65 is past the grouped kernel's token tiles, and K=256's activation-scale rows (8 bytes)
+  // cannot be copied with the wide tiles; its groups run as gpu.sm90 calls.
+  const Case wide{3, 65, 256, 256};
   const Operands o = make_operands(rng, wide);
   Tensor out = sentinel_out(wide, o.gap);
   OpOptions options;
@@ -404,7 +405,8 @@ TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
   for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm(
            o.a, o.as, wide.layout, o.b, o.bs, grouped_view(out, wide, o.gap), options)) {
     if (row.chosen) chosen = row.name;
-    if (row.name == kGrouped) std::printf("%s: %s\n", kGrouped, row.reason.c_str());
+    if (row.name == kGrouped || row.name == kGroupedWide)
+      std::printf("%s: %s\n", row.name.c_str(), row.reason.c_str());
   }
   EXPECT_EQ(chosen, "gpu.per_group");
   if (grouped_entry_present()) check_case(rng, wide, "gpu.per_group");
@@ -432,44 +434,71 @@ TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
     for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
              a, as, ScaleLayout::row_major, b, bs, counts, out, expected, options)) {
       if (row.chosen) chosen = row.name;
-      if (row.name == kMaskedWide && !row.chosen)
+      if (row.name == kGroupedWide && !row.chosen)
         std::printf("G=%lld M=%lld expected %lld K=%lld: %s declines: %s\n",
                     static_cast<long long>(G), static_cast<long long>(M),
-                    static_cast<long long>(expected), static_cast<long long>(K), kMaskedWide,
+                    static_cast<long long>(expected), static_cast<long long>(K), kGroupedWide,
                     row.reason.c_str());
     }
     return chosen;
   };
-  EXPECT_EQ(chosen_for(4, 256, 256, 512), kMaskedWide);
-  EXPECT_EQ(chosen_for(4, 256, 128, 512), kMaskedWide);
-  EXPECT_EQ(chosen_for(4, 1024, 256, 512), kMaskedWide);
-  EXPECT_EQ(chosen_for(40, 256, 65, 512), kMaskedWide);
-  EXPECT_EQ(chosen_for(4, 256, 1000, 512), kMaskedWide);  // (a hint past M counts as M)
-  EXPECT_EQ(chosen_for(4, 256, 64, 512), kGrouped);       // the rows fit a token tile
-  EXPECT_EQ(chosen_for(300, 256, 256, 512), kGrouped);    // more groups than the list holds
+  EXPECT_EQ(chosen_for(4, 256, 256, 512), kGroupedWide);
+  EXPECT_EQ(chosen_for(4, 256, 128, 512), kGroupedWide);
+  EXPECT_EQ(chosen_for(4, 1024, 256, 512), kGroupedWide);
+  EXPECT_EQ(chosen_for(40, 256, 65, 512), kGroupedWide);
+  EXPECT_EQ(chosen_for(4, 256, 1000, 512), kGroupedWide);  // (a hint past M counts as M)
+  EXPECT_EQ(chosen_for(4, 256, 64, 512), kGrouped);        // the rows fit a token tile
+  EXPECT_EQ(chosen_for(300, 256, 256, 512), kGrouped);     // more groups than the list holds
   EXPECT_EQ(chosen_for(4, 256, 256, 256), "gpu.per_group");
   EXPECT_EQ(chosen_for(8, 200, 100, 256), "gpu.per_group");
   EXPECT_EQ(chosen_for(4, 1024, 256, 256), kGrouped);  // capacity past twice the expected rows
   EXPECT_EQ(chosen_for(9, 256, 256, 256), kGrouped);   // more groups
+  // Whole groups: the wide tiles past 64 rows, up to 2^17 rows x k-blocks per group (measured
+  // faster than one GEMM per group), else one GEMM per group.
+  const auto whole_chosen_for = [](int64_t G, int64_t M, int64_t K) {
+    const Device gpu = Device::gpu();
+    const int64_t N = 256;
+    const Tensor a = Tensor::empty(DType::f8e4m3, {G, M, K}, gpu);
+    const Tensor as = Tensor::empty(DType::f32, {G, M, K / 128}, gpu);
+    const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
+    const Tensor bs = Tensor::empty(DType::f32, {G, N / 128, K / 128}, gpu);
+    const Tensor out = Tensor::empty(DType::bf16, {G, M, N}, gpu);
+    OpOptions options;
+    options.backend = Backend::gpu;
+    std::string chosen;
+    for (const ImplementationChoice& row :
+         explain_grouped_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, out, options))
+      if (row.chosen) chosen = row.name;
+    return chosen;
+  };
+  EXPECT_EQ(whole_chosen_for(4, 64, 512), kGrouped);
+  EXPECT_EQ(whole_chosen_for(4, 65, 512), kGroupedWide);
+  EXPECT_EQ(whole_chosen_for(2, 2048, 7168), kGroupedWide);  // 2048 x 56 k-blocks
+  EXPECT_EQ(whole_chosen_for(2, 4096, 2048), kGroupedWide);  // 4096 x 16
+  EXPECT_EQ(whole_chosen_for(2, 4096, 7168), "gpu.per_group");
 }
 
-// The masked layout through the persistent wide tiles (expected rows past 64): group g's first
-// min(max(masked_m[g], 0), M) rows have the bytes of gpu.sm90's wide tiles on the whole group
-// (MOEKIT_SM90_TILES_ROWS=256; M > 128, so that it takes tiles, not the swap kernel); nothing is
-// written past the group's last 256-row tile with rows, in the gaps, or for a group without rows.
-// With `stale` counts, masked_m holds those until the kernel before the GEMM writes `counts` late.
-// `gap`: out elements between groups (a multiple of 8 keeps 16-bit planes on 16 bytes: TMA stores).
+// The persistent wide tiles (the masked layout with expected rows past 64; with `counts` empty,
+// whole groups of M > 64 rows): group g's first min(max(masked_m[g], 0), M) rows (whole: all M)
+// have the bytes of gpu.sm90's wide tiles on the whole group (MOEKIT_SM90_TILES_ROWS=256; M > 128,
+// so that it takes tiles, not the swap kernel); nothing is written past the group's last 256-row
+// tile with rows, in the gaps, or for a group without rows. With `stale` counts, masked_m holds
+// those until the kernel before the GEMM writes `counts` late. `gap`: out elements between groups
+// (a multiple of 8 keeps 16-bit planes on 16 bytes: TMA stores).
 void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
                        int64_t expected_rows, const std::vector<int32_t>& stale = {},
                        int64_t gap = 8) {
-  SCOPED_TRACE(describe(c) + ", expected rows " + std::to_string(expected_rows) +
+  const bool whole = counts.empty();
+  SCOPED_TRACE(describe(c) +
+               (whole ? ", whole groups" : ", expected rows " + std::to_string(expected_rows)) +
                (stale.empty() ? "" : ", counts written late") + ", gap " + std::to_string(gap));
   ASSERT_GT(c.m, 128);
   Operands o = make_operands(rng, c);
   o.gap = gap;
   Tensor grouped = sentinel_out(c, o.gap);
   Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
-  std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
+  std::memset(counts_host.data(), 0, counts_host.nbytes());
+  if (!whole) std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
   const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
   if (!stale.empty()) std::memcpy(counts_host.data(), stale.data(), stale.size() * 4);
   const Tensor masked_m = Tensor::copy_of(counts_host, Device::gpu());
@@ -480,28 +509,35 @@ void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<in
   options.stream = stream.get();
   const TensorView out = grouped_view(grouped, c, o.gap);
   std::string chosen;
-  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
-           o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows, options))
+  for (const ImplementationChoice& row :
+       whole ? explain_grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options)
+             : explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out,
+                                                     expected_rows, options))
     if (row.chosen) {
       chosen = row.name;
       std::printf("%s: %s: %s\n", describe(c).c_str(), row.name.c_str(), row.detail.c_str());
-    } else if (row.name == kMaskedWide) {
-      std::printf("%s: %s declines: %s\n", describe(c).c_str(), kMaskedWide, row.reason.c_str());
+    } else if (row.name == kGroupedWide) {
+      std::printf("%s: %s declines: %s\n", describe(c).c_str(), kGroupedWide, row.reason.c_str());
     }
-  ASSERT_EQ(chosen, kMaskedWide);
+  ASSERT_EQ(chosen, kGroupedWide);
   MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
   if (!stale.empty())
     gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
                                                              counts_gpu.data_as<const int32_t>(),
                                                              static_cast<int>(c.groups), 200000);
-  grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows,
-                                options);
+  const auto call = [&](const Tensor& groups_rows) {
+    if (whole)
+      grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options);
+    else
+      grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, groups_rows, out, expected_rows,
+                                    options);
+  };
+  call(masked_m);
   MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
   const Tensor got = Tensor::copy_of(grouped, Device::cpu());
   // Twice: the same bytes (the counts are final by now).
   options.stream = nullptr;
-  grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, counts_gpu, out, expected_rows,
-                                options);
+  call(counts_gpu);
   const Tensor again = Tensor::copy_of(grouped, Device::cpu());
   EXPECT_EQ(std::memcmp(got.data(), again.data(), got.nbytes()), 0) << "a second call differs";
   const ScopedEnv wide_tiles("MOEKIT_SM90_TILES_ROWS", "256");
@@ -509,7 +545,7 @@ void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<in
   single.implementation = "gpu.sm90";
   const size_t element = dtype_size(c.out);
   for (int64_t g = 0; g < c.groups; ++g) {
-    const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, c.m);
+    const int64_t rows = whole ? c.m : std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, c.m);
     const auto* group =
         got.data_as<uint8_t>() + g * (c.m * c.n + o.gap) * static_cast<int64_t>(element);
     if (rows > 0) {
@@ -554,6 +590,17 @@ TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
   check_masked_wide(rng, {5, 260, 512, 4096}, {0, 259, 3, 260, 65}, 128, {7, 0, 0, 130, 0});
   // No rows anywhere: nothing written.
   check_masked_wide(rng, {3, 200, 256, 512}, {0, -4, 0}, 150);
+}
+
+// Whole groups past the grouped kernel's 64-row token tiles take the wide tiles too, every row of
+// every group (one launch instead of one GEMM per group).
+TEST(GpuGroupedGemm, WholeGroupsPast64RowsTakeTheWideTiles) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.WholeWide"));
+  check_masked_wide(rng, {3, 256, 1024, 2048}, {}, 0);
+  check_masked_wide(rng, {5, 300, 384, 1024, ScaleLayout::column_major_tma, DType::f32}, {}, 0);
+  check_masked_wide(rng, {2, 520, 256, 4096, ScaleLayout::row_major, DType::bf16, DType::bf16}, {},
+                    0, {}, 5);
 }
 
 }  // namespace

@@ -181,7 +181,11 @@ std::vector<GpuRow> bench_linear_gpu(const std::string& name, int64_t M, int64_t
   return result;
 }
 
-constexpr const char* kGroupedImplementations[] = {"gpu.sm90.grouped", "gpu.per_group"};
+// The grouped GEMM's GPU entries: the decode-size kernel, the persistent wide tiles (past 64 rows
+// per group), one gpu.sm90 launch per group.
+constexpr const char* kGroupedKernel = "gpu.sm90.grouped";
+constexpr const char* kGroupedWide = "gpu.sm90.grouped_wide";
+constexpr const char* kPerGroup = "gpu.per_group";
 constexpr int64_t kBenchGroups = 8;
 
 // grouped_block_fp8_gemm of kBenchGroups GEMMs of one shape (N a multiple of 128), each entry that
@@ -225,16 +229,18 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   const Tensor masked_m = Tensor::copy_of(masked_host, gpu);
   std::vector<GpuRow> result;
   // Past 16 rows the masked layout also runs with the hint of M expected rows (unhinted, it plans
-  // for 16 and streams a group's weights once per 16 rows).
+  // for 16 and streams a group's weights once per 16 rows); past 64, the wide tiles take it.
   struct Variant {
     const char* implementation;
     bool masked;
     int64_t expected_rows;  // 0: no hint
   };
-  std::vector<Variant> variants = {{kGroupedImplementations[0], false, 0},
-                                   {kGroupedImplementations[1], false, 0},
-                                   {kGroupedImplementations[0], true, 0}};
-  if (M > 16) variants.push_back({kGroupedImplementations[0], true, M});
+  std::vector<Variant> variants = {{kGroupedWide, false, 0},
+                                   {kGroupedKernel, false, 0},
+                                   {kPerGroup, false, 0},
+                                   {kGroupedKernel, true, 0}};
+  if (M > 16) variants.push_back({kGroupedKernel, true, M});
+  if (M > 64) variants.push_back({kGroupedWide, true, M});
   for (const auto& [implementation, masked, expected_rows] : variants) {
     OpOptions op = any;
     op.implementation = implementation;
@@ -318,10 +324,10 @@ double us_per_active_expert(const Call& call, const std::vector<Tensor>& counts,
 // (gpu.sm90.grouped unless named), us per expert with rows; none where that entry declines. Each
 // call of the replayed graph picks another set of experts (16 sets, each expert in at most one), so
 // their weights come from HBM as in a model, not from L2. Verified on the first set's first expert.
-std::optional<GpuRow> bench_masked_decode_gpu(
-    const std::string& name, int64_t M, int64_t rows, int64_t N, int64_t K, int64_t G,
-    int64_t active, int64_t expected_rows, uint64_t seed, int replays,
-    const char* implementation = kGroupedImplementations[0]) {
+std::optional<GpuRow> bench_masked_decode_gpu(const std::string& name, int64_t M, int64_t rows,
+                                              int64_t N, int64_t K, int64_t G, int64_t active,
+                                              int64_t expected_rows, uint64_t seed, int replays,
+                                              const char* implementation = kGroupedKernel) {
   const Device gpu = Device::gpu();
   const Fp8GemmInputs x = make_fp8_gemm_inputs(G * M, 1, K, seed);
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, G * N, K, seed + 1);
@@ -619,7 +625,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       std::vector<int64_t> tokens;
     };
     const std::vector<Shape> shapes = {
-        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64}},
+        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
         {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16}},
         {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {1}},
         {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {1, 4}},
@@ -654,8 +660,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     // (the pick past 64 expected rows), the grouped kernel (its token tiles stop at 64 rows, so
     // each group's weights stream once per tile; it declines the first two for one GEMM per
     // group) and one GEMM per group, each a row where it serves.
-    constexpr const char* kManyRowsImplementations[] = {"gpu.sm90.masked_wide", "gpu.sm90.grouped",
-                                                        "gpu.per_group"};
+    constexpr const char* kManyRowsImplementations[] = {kGroupedWide, kGroupedKernel, kPerGroup};
     const std::string deepgemm = "N=4096 K=7168 (DeepGEMM masked case)";
     for (const auto& [capacity, used] :
          {std::pair<int64_t, int64_t>{256, 256}, {256, 128}, {1024, 256}})
@@ -752,7 +757,8 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       options.op == "gemm" ? "; weights static (OpOptions::static_weights)"
       : options.op == "gemm-grouped"
           ? "; 8 GEMMs of the shape per call, us and bytes per GEMM (gpu.sm90.grouped: one "
-            "launch; gpu.per_group: one gpu.sm90 launch each; \"4 with rows\": the masked "
+            "launch; gpu.sm90.grouped_wide: one launch of 256-row tiles, past 64 rows a group; "
+            "gpu.per_group: one gpu.sm90 launch each; \"4 with rows\": the masked "
             "layout, every other group without rows, us per group with rows; \"G=128, 8 with "
             "rows\": an MoE decode step, another 8 experts each call, one row each, \"capacity "
             "128\" in planes of 128 rows as DeepEP's low-latency dispatch leaves them); weights "

@@ -115,7 +115,10 @@ void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
 // launch streams every group's weights back to back ("gpu.sm90.grouped": one grid start and one
 // tail for all G instead of one each, the groups spread over the SMs), each group's out bitwise
 // equal to what block_fp8_gemm's "gpu.sm90" entry writes with the same swap layout (the one the
-// explain detail names; the grouped plan may leave K unsplit where the lone GEMM splits it);
+// explain detail names; the grouped plan may leave K unsplit where the lone GEMM splits it). Past
+// 64 rows ("gpu.sm90.grouped_wide", up to 2^17 rows x k-blocks per group, where the scales can be
+// copied with TMA) one launch of persistent 256 x 128 tiles takes every group's rows, each group's
+// out bitwise equal to what "gpu.sm90" writes with its wide tiles (MOEKIT_SM90_TILES_ROWS=256);
 // elsewhere each group is a block_fp8_gemm call of the backend's own entries.
 void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
                             ScaleLayout a_scales_layout, const TensorView& b,
@@ -128,7 +131,9 @@ void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
 // traffic on Hopper ("gpu.sm90.grouped" skips them and writes nothing for them). M is the
 // experts' capacity: on Hopper one launch at any M up to 2048 token tiles of 16, whose CTAs take
 // only the token tiles with rows (each group's rows have the bits of "gpu.sm90" on them, 64 rows
-// at a time).
+// at a time). Where the caller expects more than 64 rows per group (the overload below), the wide
+// tiles take the groups' rows instead ("gpu.sm90.grouped_wide": the counts read on the device; out
+// rows past a group's count inside its last 256-row tile may be written too).
 void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
                                    ScaleLayout a_scales_layout, const TensorView& b,
                                    const TensorView& b_scales, const TensorView& masked_m,

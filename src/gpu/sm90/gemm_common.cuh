@@ -81,10 +81,10 @@ struct GemmArgs {
   int sk_units, sk_pairs;
   float* sk_partials;
   uint32_t* sk_flags;
-  // Persistent wide tiles over the groups of DeepGEMM's masked layout
-  // (grouped_block_fp8_gemm_masked): masked_m [groups] i32 on the device, group g's rows its first
-  // min(max(masked_m[g], 0), m); the tensor maps then take the group as their third coordinate,
-  // and out_group_stride is the out elements between groups. Null: one GEMM.
+  // Persistent wide tiles over `groups` GEMMs (grouped_block_fp8_gemm, whole or in DeepGEMM's
+  // masked layout; the kernel's kGrouped build): the tensor maps take the group as their third
+  // coordinate, out_group_stride is the out elements between groups, and masked_m [groups] i32 on
+  // the device gives group g's rows, its first min(max(masked_m[g], 0), m) (null: all m).
   const int* masked_m;
   int groups;
   int64_t out_group_stride;

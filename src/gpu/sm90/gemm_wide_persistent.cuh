@@ -159,7 +159,7 @@ struct PersistentTrace {
 #endif
 
 template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut, bool kSplit,
-          bool kMasked = false>
+          bool kGrouped = false>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
                                 const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kTma = kOut != persistent::Out::threads;
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
-  static_assert(!kMasked || (!kPair && !kSplit), "the masked groups' tiles: CTAs alone, unsplit");
+  static_assert(!kGrouped || (!kPair && !kSplit), "the groups' tiles: CTAs alone, unsplit");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
   static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
   using Ring = RingPosition<kStages>;
@@ -197,17 +197,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Units of kUnitColumns neighbouring column tiles, ordered as the wide tiles kernel orders its
   // tiles; this CTA takes column `rank` of its pair's units pair, pair + pairs, ... of the whole
   // rounds, then its items of the split round (persistent::item_at).
-  // Masked: the units are the tiles of the groups' rows, group after group; group g's first is
+  // Grouped: the units are the tiles of the groups' rows, group after group; group g's first is
   // first_unit[g] (groups + 1 words past the barriers, listed below once the counts are final).
   [[maybe_unused]] int* first_unit = reinterpret_cast<int*>(empty + kStages);
   int units = args.tiles_m * (args.tiles_n / kUnitColumns);
   const int pair = static_cast<int>(blockIdx.x) / kUnitColumns;  // (a CTA where not in pairs)
   const int pairs = static_cast<int>(gridDim.x) / kUnitColumns;
-  // Masked: the group of the unit origin() found last (a thread's units only grow).
+  // Grouped: the group of the unit origin() found last (a thread's units only grow).
   [[maybe_unused]] int unit_group = 0;
   const auto origin = [&](int unit, int& m0, int& n0) {
     int tiles_m = args.tiles_m;
-    if constexpr (kMasked) {
+    if constexpr (kGrouped) {
       while (first_unit[unit_group + 1] <= unit) ++unit_group;
       unit -= first_unit[unit_group];
       tiles_m = (first_unit[unit_group + 1] - first_unit[unit_group]) / args.tiles_n;
@@ -242,16 +242,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   else
     __syncthreads();
   vendor::allow_next_grid();
-  if constexpr (kMasked) {
+  if constexpr (kGrouped) {
     // The counts are the previous kernel's output: every thread waits for it, warp 0 lists each
     // group's first unit (a warp scan of their tile counts), and the CTA meets before any unit.
+    // Without counts every group has all m rows.
     vendor::wait_for_previous_grid();
     if (threadIdx.x < 32) {
       const int lane = static_cast<int>(threadIdx.x);
       int before = 0;
       for (int g0 = 0; g0 < args.groups; g0 += 32) {
         const int g = g0 + lane;
-        const int rows = g < args.groups ? min(max(args.masked_m[g], 0), args.m) : 0;
+        const int rows = g >= args.groups ? 0
+                         : args.masked_m  ? min(max(args.masked_m[g], 0), args.m)
+                                          : args.m;
         const int own = (rows + kBlockM - 1) / kBlockM * args.tiles_n;
         int inclusive = own;
 #pragma unroll
@@ -335,9 +338,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {  // every unit a whole tile: the loop as before the split, not `produce`, whose
                 // use here renamed the consumers' registers (their loop's SASS is kept as it was)
         int box_base = 0;  // boxes the CTA's earlier tiles opened
-        // (masked: the unit's group is every map's third coordinate)
+        // (grouped: the unit's group is every map's third coordinate)
         const auto copy = [&](void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
-          if constexpr (kMasked)
+          if constexpr (kGrouped)
             sm90::tma_load_3d(dst, map, bar, c0, c1, unit_group);
           else
             sm90::tma_load_2d(dst, map, bar, c0, c1);
@@ -512,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
-        if constexpr (kMasked)
+        if constexpr (kGrouped)
           sm90::tma_store_3d(&out_map, staged + box * persistent::kOutBoxBytes,
                              n0 + box * persistent::kOutBoxColumns, m0, unit_group);
         else
@@ -552,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float4 v =
             *reinterpret_cast<const float4*>(half_at + r * kRowBytes + (lane ^ (r % 8)) * 16);
         const float4 sum = make_float4(v.x + bias.x, v.y + bias.y, v.z + bias.z, v.w + bias.w);
-        if constexpr (kMasked) {  // the unit's group's out
+        if constexpr (kGrouped) {  // the unit's group's out
           Epilogue in_group = e;
           in_group.out = static_cast<uint8_t*>(e.out) +
                          unit_group * args.out_group_stride * out_bytes(e.out_type);
