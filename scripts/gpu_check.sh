@@ -245,12 +245,17 @@ if [[ -x $CLI ]]; then
     || note "moekit bench --op gemm-grouped: exit $? (a row failed verification, or it timed out)"
   timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2> "$OUT/fp8_stderr.txt" \
     || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"
-  # The plans of the decode GEMM and of the large shape (M N K), as the bench runs them.
+  # The plans of the decode GEMM and of the large shape (M N K), as the bench runs them, and of
+  # DeepGEMM's masked case (4 groups of 256 rows).
   for shape in "1 4096 7168" "4096 7168 16384"; do
     read -r m n k <<< "$shape"
     timeout 30 "$CLI" explain --op gemm --backend gpu --tokens "$m" --n "$n" --k "$k" \
       --static-weights >> "$OUT/fp8_bench.txt" 2>&1 || note "moekit explain --op gemm: exit $?"
   done
+  timeout 30 "$CLI" explain --op gemm-grouped --backend gpu --groups 4 --tokens 256 \
+    --expected-rows 256 --static-weights >> "$OUT/fp8_bench.txt" 2>&1 \
+    || note "moekit explain --op gemm-grouped: exit $?"
+
   tail -3 "$OUT/fp8_stderr.txt"
   if python3 -c 'import torch' 2>/dev/null; then
     PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu_fp8_peers.py "$FP8_JSON" \

@@ -434,6 +434,59 @@ TEST_F(CliFp8, ExplainGemmAndLinearSayWhichImplementationRuns) {
   }
 }
 
+// `moekit explain --op gemm-grouped`: grouped_block_fp8_gemm's entries at G x M x N x K, whole
+// groups or (with --expected-rows) the masked layout with that hint; on the host the per-group
+// entries run (the GPU's say why they decline where asked for). The grouped flags are errors for
+// the other ops, and bad values name the flag.
+TEST_F(CliFp8, ExplainGroupedGemmSaysWhichImplementationRuns) {
+  // The line of entry `name` ("  <name> <verdict>", the names' column as wide as the longest).
+  const auto verdict_of = [](const std::string& out, const std::string& name) {
+    std::istringstream lines(out);
+    for (std::string line; std::getline(lines, line);) {
+      std::istringstream words(line);
+      std::string first;
+      words >> first;
+      if (first == name) {
+        std::string rest;
+        std::getline(words >> std::ws, rest);
+        return rest;
+      }
+    }
+    return std::string("(no line for ") + name + ")";
+  };
+  const Result whole =
+      run("explain --op gemm-grouped --backend cpu --groups 3 --tokens 5 --n 256 --k 384");
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  EXPECT_NE(whole.out.find("gemm-grouped G=3 M=5 N=256 K=384, backend cpu:"), std::string::npos)
+      << whole.out;
+  EXPECT_EQ(verdict_of(whole.out, "cpu.per_group").rfind("runs: 3 calls of cpu.", 0), 0u)
+      << whole.out;
+  if (whole.out.find("gpu.sm90.grouped_wide") != std::string::npos)  // (builds with the GPU)
+    EXPECT_EQ(verdict_of(whole.out, "gpu.sm90.grouped_wide"), "declines: backend cpu was requested")
+        << whole.out;
+  const Result masked =
+      run("explain --op gemm-grouped --backend reference --tokens 200 --expected-rows 100 "
+          "--static-weights");
+  ASSERT_EQ(masked.exit_code, 0) << masked.err;
+  EXPECT_NE(masked.out.find("gemm-grouped G=8 M=200 N=4096 K=7168, masked, expected rows 100, "
+                            "backend reference, static weights:"),
+            std::string::npos)
+      << masked.out;
+  EXPECT_EQ(verdict_of(masked.out, "reference.per_group").rfind("runs: 8 calls of reference", 0),
+            0u)
+      << masked.out;
+  for (const auto& [args, flag] :
+       {std::pair<const char*, const char*>{"explain --op gemm-grouped --groups 0", "--groups=0"},
+        {"explain --op gemm-grouped --expected-rows 0", "--expected-rows=0"},
+        {"explain --op gemm --groups 4", "--groups=4"},
+        {"explain --op linear --expected-rows 7", "--expected-rows=7"},
+        {"explain --groups 4", "--groups=4"}}) {
+    const Result bad = run(args);
+    EXPECT_EQ(bad.exit_code, 2) << args;
+    EXPECT_NE(bad.err.find(flag), std::string::npos) << args << ": " << bad.err;
+  }
+}
+
 // `--data normal`: DeepGEMM's operands (normal values cast per block) instead of uniform ones, and
 // `--data ones` (every operand 1.0), still verified against the reference; a different row time is
 // allowed, a failed check is not. Other names and other ops are one-line errors naming --data.

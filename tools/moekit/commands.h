@@ -163,13 +163,16 @@ int run_gemm(const GemmOptions& options);
 // quantize-weight: "weight" [N, K] -> "weight" f8e4m3 and "weight_scale_inv" f32.
 int run_quantize_weight(const Fp8CommonFlags& options);
 
-// explain --op gemm | linear: the dispatch of block_fp8_gemm (a_scales row-major, as `gemm` reads
-// them) or w8a8_block_fp8_linear (bf16 x) at M x N x K with bf16 out, every entry's answer and
-// the chosen one's plan (GPU kernel, layout). Operands are allocated, never read.
+// explain --op gemm | linear | gemm-grouped: the dispatch of block_fp8_gemm (a_scales row-major,
+// as `gemm` reads them), w8a8_block_fp8_linear (bf16 x) or grouped_block_fp8_gemm (G GEMMs; with
+// expected_rows, its masked layout with that hint) at M x N x K with bf16 out, every entry's
+// answer and the chosen one's plan (GPU kernel, layout). Operands are allocated, never read.
 struct ExplainFp8Options {
   std::string op = "gemm";
   int64_t m = 1, n = 4096, k = 7168;
-  std::string backend;  // empty: the fastest present
+  int64_t groups = 8;                    // gemm-grouped
+  std::optional<int64_t> expected_rows;  // gemm-grouped: the masked layout, with this hint
+  std::string backend;                   // empty: the fastest present
   bool static_weights = false;
 };
 int run_explain_fp8(const ExplainFp8Options& options);

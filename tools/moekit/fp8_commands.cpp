@@ -1,8 +1,8 @@
 // The FP8 subcommands of the moekit CLI: quant (per-token-group activation quantization), gemm
 // (block-scaled FP8 GEMM) and quantize-weight (128x128 block weight quantization), each from one
-// safetensors file to another; and explain --op gemm | linear (the dispatch at a shape). Validation
-// of shapes and dtypes is the library's (spec/fp8.md); the CLI only checks what it needs to size
-// its outputs. Output is written atomically, and only when the op succeeded.
+// safetensors file to another; and explain --op gemm | linear | gemm-grouped (the dispatch at a
+// shape). Validation of shapes and dtypes is the library's (spec/fp8.md); the CLI only checks what
+// it needs to size its outputs. Output is written atomically, and only when the op succeeded.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -151,11 +151,56 @@ int run_quantize_weight(const Fp8CommonFlags& flags) {
   return 0;
 }
 
+namespace {
+void print_explained(const std::string& title, const OpOptions& options, bool static_weights,
+                     const std::vector<ImplementationChoice>& choices) {
+  std::printf("%s, backend %s%s:\n", title.c_str(),
+              std::string(backend_name(*options.backend)).c_str(),
+              static_weights ? ", static weights" : "");
+  int width = 20;  // the names' column (wider where a name is longer)
+  for (const ImplementationChoice& c : choices)
+    width = std::max(width, static_cast<int>(c.name.size()));
+  for (const ImplementationChoice& c : choices)
+    std::printf("  %-*s %s\n", width, c.name.c_str(), describe_choice(c).c_str());
+}
+
+// explain --op gemm-grouped: G GEMMs [G, M, K] x [G, N, K], whole or masked (the counts, zeros,
+// are never read: the GPU reads them on the device, the host entries when they run).
+int explain_grouped_gemm(const ExplainFp8Options& flags, const OpOptions& options,
+                         const Device& device) {
+  const int64_t G = flags.groups, M = flags.m, N = flags.n, K = flags.k;
+  const int64_t k_blocks = (K + 127) / 128;
+  const Tensor a = Tensor::empty(DType::f8e4m3, {G, M, K}, device);
+  const Tensor a_scales = Tensor::empty(DType::f32, {G, M, k_blocks}, device);
+  const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, device);
+  const Tensor b_scales = Tensor::empty(DType::f32, {G, (N + 127) / 128, k_blocks}, device);
+  const Tensor out = Tensor::empty(DType::bf16, {G, M, N}, device);
+  std::string title = "gemm-grouped G=" + std::to_string(G) + " M=" + std::to_string(M) +
+                      " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  std::vector<ImplementationChoice> choices;
+  if (flags.expected_rows) {
+    Tensor counts = Tensor::empty(DType::i32, {G}, device);
+    choices =
+        explain_grouped_block_fp8_gemm_masked(a, a_scales, ScaleLayout::row_major, b, b_scales,
+                                              counts, out, *flags.expected_rows, options);
+    title += ", masked, expected rows " + std::to_string(*flags.expected_rows);
+  } else {
+    choices = explain_grouped_block_fp8_gemm(a, a_scales, ScaleLayout::row_major, b, b_scales, out,
+                                             options);
+  }
+  print_explained(title, options, flags.static_weights, choices);
+  return 0;
+}
+}  // namespace
+
 int run_explain_fp8(const ExplainFp8Options& flags) {
-  if (flags.op != "gemm" && flags.op != "linear")
-    fail("explain", "--op", flags.op, "is not one of route, gemm, linear");
-  for (const auto& [name, value] :
-       {std::pair<const char*, int64_t>{"--tokens", flags.m}, {"--n", flags.n}, {"--k", flags.k}})
+  if (flags.op != "gemm" && flags.op != "linear" && flags.op != "gemm-grouped")
+    fail("explain", "--op", flags.op, "is not one of route, gemm, linear, gemm-grouped");
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"--tokens", flags.m},
+                                    {"--n", flags.n},
+                                    {"--k", flags.k},
+                                    {"--groups", flags.groups},
+                                    {"--expected-rows", flags.expected_rows.value_or(1)}})
     if (value < 1) fail("explain", name, std::to_string(value), "must be at least 1");
   OpOptions options;
   options.backend = flags.backend.empty() ? fastest_backend() : parse_backend(flags.backend);
@@ -165,6 +210,7 @@ int run_explain_fp8(const ExplainFp8Options& flags) {
   const Device device = options.backend == Backend::gpu ? Device::gpu() : Device::cpu();
   const int64_t M = flags.m, N = flags.n, K = flags.k;
   const int64_t k_blocks = (K + 127) / 128;
+  if (flags.op == "gemm-grouped") return explain_grouped_gemm(flags, options, device);
   const Tensor b = Tensor::empty(DType::f8e4m3, {N, K}, device);
   const Tensor b_scales = Tensor::empty(DType::f32, {(N + 127) / 128, k_blocks}, device);
   const Tensor out = Tensor::empty(DType::bf16, {M, N}, device);
@@ -184,12 +230,9 @@ int run_explain_fp8(const ExplainFp8Options& flags) {
     choices = explain_w8a8_block_fp8_linear(x, b, b_scales, std::nullopt, out, workspace.data(),
                                             bytes, options);
   }
-  std::printf("%s M=%lld N=%lld K=%lld, backend %s%s:\n", flags.op.c_str(),
-              static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K),
-              std::string(backend_name(*options.backend)).c_str(),
-              flags.static_weights ? ", static weights" : "");
-  for (const ImplementationChoice& c : choices)
-    std::printf("  %-20s %s\n", c.name.c_str(), describe_choice(c).c_str());
+  print_explained(
+      flags.op + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K),
+      options, flags.static_weights, choices);
   return 0;
 }
 

@@ -251,16 +251,22 @@ int main(int argc, char** argv) {
   std::string explain_op = "route", explain_model, explain_backend;
   std::optional<int64_t> explain_tokens;
   ExplainFp8Options explain_fp8;
-  explain_cmd->add_option("--op", explain_op, "route (default) | gemm | linear");
+  explain_cmd->add_option("--op", explain_op, "route (default) | gemm | linear | gemm-grouped");
   CLI::Option* explain_model_opt = explain_cmd->add_option(
       "--model", explain_model, "route: one model-table row (default: all)");
   explain_cmd->add_option("--tokens", explain_tokens,
-                          "token count, M of gemm and linear (default: route 4096, else 1)");
+                          "token count, M of the FP8 ops (default: route 4096, else 1)");
+  const CLI::Option* explain_grouped_opts[] = {
+      explain_cmd->add_option("--groups", explain_fp8.groups, "gemm-grouped: G, the GEMMs (8)"),
+      explain_cmd->add_option("--expected-rows", explain_fp8.expected_rows,
+                              "gemm-grouped: the masked layout, most groups holding this many "
+                              "rows (default: whole groups)")};
   const CLI::Option* explain_fp8_opts[] = {
-      explain_cmd->add_option("--n", explain_fp8.n, "gemm, linear: N, the weight's rows (4096)"),
-      explain_cmd->add_option("--k", explain_fp8.k, "gemm, linear: K (7168)"),
+      explain_cmd->add_option("--n", explain_fp8.n, "FP8 ops: N, the weight's rows (4096)"),
+      explain_cmd->add_option("--k", explain_fp8.k, "FP8 ops: K (7168)"),
       explain_cmd->add_flag("--static-weights", explain_fp8.static_weights,
-                            "gemm, linear: promise static weights (OpOptions::static_weights)")};
+                            "FP8 ops: promise static weights (OpOptions::static_weights)"),
+      explain_grouped_opts[0], explain_grouped_opts[1]};
   explain_cmd->add_option("--backend", explain_backend, "reference | cpu | gpu");
 
   CLI::App* backends_cmd = app.add_subcommand("backends", "the backends of this build and machine");
@@ -296,11 +302,16 @@ int main(int argc, char** argv) {
       if (explain_op == "route") {
         for (const CLI::Option* o : explain_fp8_opts)
           if (o->count() > 0)
-            fail("explain", o->get_name(), o->as<std::string>(), "is for --op gemm or linear");
+            fail("explain", o->get_name(), o->as<std::string>(),
+                 "is for --op gemm, linear or gemm-grouped");
         return run_explain(explain_model, explain_tokens.value_or(4096), explain_backend);
       }
       if (explain_model_opt->count() > 0)
         fail("explain", "--model", explain_model, "is for --op route");
+      if (explain_op != "gemm-grouped")
+        for (const CLI::Option* o : explain_grouped_opts)
+          if (o->count() > 0)
+            fail("explain", o->get_name(), o->as<std::string>(), "is for --op gemm-grouped");
       explain_fp8.op = explain_op;
       explain_fp8.m = explain_tokens.value_or(1);
       explain_fp8.backend = explain_backend;
