@@ -218,6 +218,36 @@ TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
   }
 }
 
+// A masked call's counts on the GPU: `counts` (zeros where empty), and masked_m holding `stale`
+// (or the counts) until write_late() has the kernel before the GEMM, on the call's own stream,
+// write the counts; options for the GPU on that stream.
+struct MaskedCounts {
+  Tensor counts_gpu, masked_m;
+  gpu_test::Stream stream;
+  OpOptions options;
+  bool late;
+  int groups;
+  MaskedCounts(const Case& c, const std::vector<int32_t>& counts, const std::vector<int32_t>& stale)
+      : late(!stale.empty()), groups(static_cast<int>(c.groups)) {
+    Tensor host = Tensor::empty(DType::i32, {c.groups});
+    std::memset(host.data(), 0, host.nbytes());
+    if (!counts.empty()) std::memcpy(host.data(), counts.data(), counts.size() * 4);
+    counts_gpu = Tensor::copy_of(host, Device::gpu());
+    if (late) std::memcpy(host.data(), stale.data(), stale.size() * 4);
+    masked_m = Tensor::copy_of(host, Device::gpu());
+    options.backend = Backend::gpu;
+    options.static_weights = c.static_weights;
+    options.stream = stream.get();
+  }
+  // After the operands and sentinels (other streams) are written: the late counts, if any.
+  void write_late() const {
+    MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
+    if (late)
+      gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(
+          masked_m.data_as<int32_t>(), counts_gpu.data_as<const int32_t>(), groups, 200000);
+  }
+};
+
 // The masked layout through the Hopper entry: group g's first min(max(masked_m[g], 0), M) rows
 // have the bytes of gpu.sm90 on the whole group; every other byte of out stays as it was (the
 // entry skips what has no rows, groups without rows included). With `stale` counts, masked_m
@@ -231,16 +261,9 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
                (expected_rows > 0 ? ", expected rows " + std::to_string(expected_rows) : ""));
   const Operands o = make_operands(rng, c);
   Tensor grouped = sentinel_out(c, o.gap);
-  Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
-  std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
-  const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
-  if (!stale.empty()) std::memcpy(counts_host.data(), stale.data(), stale.size() * 4);
-  const Tensor masked_m = Tensor::copy_of(counts_host, Device::gpu());
-  const gpu_test::Stream stream;
-  OpOptions options;
-  options.backend = Backend::gpu;
-  options.static_weights = c.static_weights;
-  options.stream = stream.get();
+  MaskedCounts call(c, counts, stale);
+  const Tensor& masked_m = call.masked_m;
+  OpOptions& options = call.options;
   const TensorView out = grouped_view(grouped, c, o.gap);
   std::string chosen, layout, detail;
   for (const ImplementationChoice& row :
@@ -260,17 +283,13 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
     EXPECT_NE(detail.find("launch: " + std::to_string(planned_tokens) + " tokens"),
               std::string::npos)
         << detail;
-  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
-  if (!stale.empty())
-    gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
-                                                             counts_gpu.data_as<const int32_t>(),
-                                                             static_cast<int>(c.groups), 200000);
+  call.write_late();
   if (expected_rows > 0)
     grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, expected_rows,
                                   options);
   else
     grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out, options);
-  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(call.stream.get()));
   options.stream = nullptr;
   const ScopedEnv same_layout("MOEKIT_SM90_SWAP", layout);
   const Tensor got = Tensor::copy_of(grouped, Device::cpu());
@@ -419,6 +438,7 @@ TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
 // grouped launch.
 TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
   SKIP_WITHOUT_GROUPED_ENTRY();
+  // The entry chosen for G groups of M x N=256 x K: masked with the hint `expected`, or (0) whole.
   const auto chosen_for = [](int64_t G, int64_t M, int64_t expected, int64_t K) {
     const Device gpu = Device::gpu();
     const int64_t N = 256;
@@ -431,8 +451,11 @@ TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
     OpOptions options;
     options.backend = Backend::gpu;
     std::string chosen;
-    for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_masked(
-             a, as, ScaleLayout::row_major, b, bs, counts, out, expected, options)) {
+    for (const ImplementationChoice& row :
+         expected > 0
+             ? explain_grouped_block_fp8_gemm_masked(a, as, ScaleLayout::row_major, b, bs, counts,
+                                                     out, expected, options)
+             : explain_grouped_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, out, options)) {
       if (row.chosen) chosen = row.name;
       if (row.name == kGroupedWide && !row.chosen)
         std::printf("G=%lld M=%lld expected %lld K=%lld: %s declines: %s\n",
@@ -455,27 +478,11 @@ TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
   EXPECT_EQ(chosen_for(9, 256, 256, 256), kGrouped);   // more groups
   // Whole groups: the wide tiles past 64 rows, up to 2^17 rows x k-blocks per group (measured
   // faster than one GEMM per group), else one GEMM per group.
-  const auto whole_chosen_for = [](int64_t G, int64_t M, int64_t K) {
-    const Device gpu = Device::gpu();
-    const int64_t N = 256;
-    const Tensor a = Tensor::empty(DType::f8e4m3, {G, M, K}, gpu);
-    const Tensor as = Tensor::empty(DType::f32, {G, M, K / 128}, gpu);
-    const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
-    const Tensor bs = Tensor::empty(DType::f32, {G, N / 128, K / 128}, gpu);
-    const Tensor out = Tensor::empty(DType::bf16, {G, M, N}, gpu);
-    OpOptions options;
-    options.backend = Backend::gpu;
-    std::string chosen;
-    for (const ImplementationChoice& row :
-         explain_grouped_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, out, options))
-      if (row.chosen) chosen = row.name;
-    return chosen;
-  };
-  EXPECT_EQ(whole_chosen_for(4, 64, 512), kGrouped);
-  EXPECT_EQ(whole_chosen_for(4, 65, 512), kGroupedWide);
-  EXPECT_EQ(whole_chosen_for(2, 2048, 7168), kGroupedWide);  // 2048 x 56 k-blocks
-  EXPECT_EQ(whole_chosen_for(2, 4096, 2048), kGroupedWide);  // 4096 x 16
-  EXPECT_EQ(whole_chosen_for(2, 4096, 7168), "gpu.per_group");
+  EXPECT_EQ(chosen_for(4, 64, 0, 512), kGrouped);
+  EXPECT_EQ(chosen_for(4, 65, 0, 512), kGroupedWide);
+  EXPECT_EQ(chosen_for(2, 2048, 0, 7168), kGroupedWide);  // 2048 x 56 k-blocks
+  EXPECT_EQ(chosen_for(2, 4096, 0, 2048), kGroupedWide);  // 4096 x 16
+  EXPECT_EQ(chosen_for(2, 4096, 0, 7168), "gpu.per_group");
 }
 
 // The persistent wide tiles (the masked layout with expected rows past 64; with `counts` empty,
@@ -496,17 +503,9 @@ void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<in
   Operands o = make_operands(rng, c);
   o.gap = gap;
   Tensor grouped = sentinel_out(c, o.gap);
-  Tensor counts_host = Tensor::empty(DType::i32, {c.groups});
-  std::memset(counts_host.data(), 0, counts_host.nbytes());
-  if (!whole) std::memcpy(counts_host.data(), counts.data(), counts.size() * 4);
-  const Tensor counts_gpu = Tensor::copy_of(counts_host, Device::gpu());
-  if (!stale.empty()) std::memcpy(counts_host.data(), stale.data(), stale.size() * 4);
-  const Tensor masked_m = Tensor::copy_of(counts_host, Device::gpu());
-  const gpu_test::Stream stream;
-  OpOptions options;
-  options.backend = Backend::gpu;
-  options.static_weights = c.static_weights;
-  options.stream = stream.get();
+  MaskedCounts counted(c, counts, stale);
+  const Tensor &masked_m = counted.masked_m, &counts_gpu = counted.counts_gpu;
+  OpOptions& options = counted.options;
   const TensorView out = grouped_view(grouped, c, o.gap);
   std::string chosen;
   for (const ImplementationChoice& row :
@@ -520,11 +519,7 @@ void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<in
       std::printf("%s: %s declines: %s\n", describe(c).c_str(), kGroupedWide, row.reason.c_str());
     }
   ASSERT_EQ(chosen, kGroupedWide);
-  MOEKIT_GPU_CHECK(cudaDeviceSynchronize());  // the operands and sentinels, on other streams
-  if (!stale.empty())
-    gpu_test::write_counts_late<<<1, 128, 0, stream.get()>>>(masked_m.data_as<int32_t>(),
-                                                             counts_gpu.data_as<const int32_t>(),
-                                                             static_cast<int>(c.groups), 200000);
+  counted.write_late();
   const auto call = [&](const Tensor& groups_rows) {
     if (whole)
       grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options);
@@ -533,7 +528,7 @@ void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<in
                                     options);
   };
   call(masked_m);
-  MOEKIT_GPU_CHECK(cudaStreamSynchronize(stream.get()));
+  MOEKIT_GPU_CHECK(cudaStreamSynchronize(counted.stream.get()));
   const Tensor got = Tensor::copy_of(grouped, Device::cpu());
   // Twice: the same bytes (the counts are final by now).
   options.stream = nullptr;
