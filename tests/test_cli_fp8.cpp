@@ -461,9 +461,10 @@ TEST_F(CliFp8, ExplainGroupedGemmSaysWhichImplementationRuns) {
       << whole.out;
   EXPECT_EQ(verdict_of(whole.out, "cpu.per_group").rfind("runs: 3 calls of cpu.", 0), 0u)
       << whole.out;
-  if (whole.out.find("gpu.sm90.grouped_wide") != std::string::npos)  // (builds with the GPU)
+  if (whole.out.find("gpu.sm90.grouped_wide") != std::string::npos) {  // (builds with the GPU)
     EXPECT_EQ(verdict_of(whole.out, "gpu.sm90.grouped_wide"), "declines: backend cpu was requested")
         << whole.out;
+  }
   const Result masked =
       run("explain --op gemm-grouped --backend reference --tokens 200 --expected-rows 100 "
           "--static-weights");
