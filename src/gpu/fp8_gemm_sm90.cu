@@ -1537,7 +1537,6 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
       (p.groups > 1 &&
        ((p.a_scales.stride(0) * 4) % 16 != 0 || (p.b_scales.stride(0) * b_bytes) % 16 != 0)))
     return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
-  plan.overlap = true;
   plan.tile_rows = 256;
   plan.persistent = true;
   plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
