@@ -1528,9 +1528,10 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
   if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
   if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
     return "a's or b's groups are not 16 bytes apart (TMA needs it)";
-  if (fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN}) * p.groups >
-      std::numeric_limits<int>::max())
-    return "more tiles than an int counts";
+  // Every group's rows are at most M: at most this many tiles, which the kernel counts in ints.
+  const int64_t most_units =
+      p.groups * fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  if (most_units > std::numeric_limits<int>::max()) return "more tiles than an int counts";
   plan.scale_feed = tiles_scale_feed(first, plan.b_scale_k_inner);
   const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
   if (plan.scale_feed == tiles::ScaleFeed::warps ||
@@ -1547,9 +1548,7 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
   plan.shared_bytes = persistent::kSharedBytes + static_cast<size_t>(p.groups + 1) * sizeof(int);
   const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
   if (resident < 1) return "no CTA of the grouped wide kernel fits an SM";
-  // Every group's rows are at most M: as many CTAs as are resident, or as all tiles of capacity.
-  const int64_t most_units =
-      p.groups * fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  // As many CTAs as are resident, or as the capacity has tiles.
   plan.grid =
       dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(most_units, resident))));
   return "";

@@ -492,9 +492,8 @@ TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
 // tile with rows, in the gaps, or for a group without rows. With `stale` counts, masked_m holds
 // those until the kernel before the GEMM writes `counts` late. `gap`: out elements between groups
 // (a multiple of 8 keeps 16-bit planes on 16 bytes: TMA stores).
-void check_masked_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
-                       int64_t expected_rows, const std::vector<int32_t>& stale = {},
-                       int64_t gap = 8) {
+void check_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
+                int64_t expected_rows, const std::vector<int32_t>& stale = {}, int64_t gap = 8) {
   const bool whole = counts.empty();
   SCOPED_TRACE(describe(c) +
                (whole ? ", whole groups" : ", expected rows " + std::to_string(expected_rows)) +
@@ -565,26 +564,25 @@ TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedWide"));
   // DeepGEMM's masked case, bf16 out stored by TMA, row-major scales (k-inner boxes); then with
   // planes 5 elements apart (the threads store, two columns at a time only where aligned).
-  check_masked_wide(rng, {4, 256, 4096, 7168}, {256, 0, 130, 1}, 256);
-  check_masked_wide(rng, {3, 384, 512, 1024}, {384, 200, 0}, 256, {}, 5);
+  check_wide(rng, {4, 256, 4096, 7168}, {256, 0, 130, 1}, 256);
+  check_wide(rng, {3, 384, 512, 1024}, {384, 200, 0}, 256, {}, 5);
   // Column-major TMA-aligned scales (m-inner boxes), f32 out stored by the threads, a ragged N.
-  check_masked_wide(rng, {3, 300, 200, 512, ScaleLayout::column_major_tma, DType::f32},
-                    {300, 299, -1}, 200);
+  check_wide(rng, {3, 300, 200, 512, ScaleLayout::column_major_tma, DType::f32}, {300, 299, -1},
+             200);
   // 40 groups (two batches of the count scan), f16 out, bf16 weight scales, counts past M.
   std::vector<int32_t> forty(40);
   for (size_t g = 0; g < forty.size(); ++g)
     forty[g] = g % 5 == 0 ? 0 : g % 5 == 1 ? 136 : g % 5 == 2 ? 500 : static_cast<int32_t>(g + 1);
-  check_masked_wide(rng, {40, 136, 256, 1024, ScaleLayout::row_major, DType::f16, DType::bf16},
-                    forty, 100);
+  check_wide(rng, {40, 136, 256, 1024, ScaleLayout::row_major, DType::f16, DType::bf16}, forty,
+             100);
   // Packed UE8M0 scales; the weights not promised static.
-  check_masked_wide(rng,
-                    {2, 512, 384, 1024, ScaleLayout::packed_ue8m0, DType::bf16, DType::f32, false},
-                    {512, 257}, 300);
+  check_wide(rng, {2, 512, 384, 1024, ScaleLayout::packed_ue8m0, DType::bf16, DType::f32, false},
+             {512, 257}, 300);
   // 32 k-blocks (the last turn of the 3-stage ring padded), counts written late by the kernel
   // before.
-  check_masked_wide(rng, {5, 260, 512, 4096}, {0, 259, 3, 260, 65}, 128, {7, 0, 0, 130, 0});
+  check_wide(rng, {5, 260, 512, 4096}, {0, 259, 3, 260, 65}, 128, {7, 0, 0, 130, 0});
   // No rows anywhere: nothing written.
-  check_masked_wide(rng, {3, 200, 256, 512}, {0, -4, 0}, 150);
+  check_wide(rng, {3, 200, 256, 512}, {0, -4, 0}, 150);
 }
 
 // Whole groups past the grouped kernel's 64-row token tiles take the wide tiles too, every row of
@@ -592,10 +590,10 @@ TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
 TEST(GpuGroupedGemm, WholeGroupsPast64RowsTakeTheWideTiles) {
   SKIP_WITHOUT_GROUPED_ENTRY();
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.WholeWide"));
-  check_masked_wide(rng, {3, 256, 1024, 2048}, {}, 0);
-  check_masked_wide(rng, {5, 300, 384, 1024, ScaleLayout::column_major_tma, DType::f32}, {}, 0);
-  check_masked_wide(rng, {2, 520, 256, 4096, ScaleLayout::row_major, DType::bf16, DType::bf16}, {},
-                    0, {}, 5);
+  check_wide(rng, {3, 256, 1024, 2048}, {}, 0);
+  check_wide(rng, {5, 300, 384, 1024, ScaleLayout::column_major_tma, DType::f32}, {}, 0);
+  check_wide(rng, {2, 520, 256, 4096, ScaleLayout::row_major, DType::bf16, DType::bf16}, {}, 0, {},
+             5);
 }
 
 }  // namespace
