@@ -176,10 +176,12 @@ CUtensorMap make_pair_tile_map(const void* base, int64_t rows, int64_t cols, int
 }
 #endif
 
-// Persistent wide tiles: out [M, N] bf16 or f16 written in boxes of 64 columns x 256 rows from
-// shared memory with the 128-byte swizzle (rows on 16 bytes; the box is clipped at the edges).
-// groups > 0: `groups` such matrices `group_stride` elements apart, the group the third dimension.
-CUtensorMap make_out_map(const BlockGemmProblem& p, int64_t groups = 0, int64_t group_stride = 0) {
+// Persistent tiles: out [M, N] bf16 or f16 written in boxes of 64 columns x `rows` rows (the
+// tile's, 256 or 128) from shared memory with the 128-byte swizzle (rows on 16 bytes; the box is
+// clipped at the edges). groups > 0: `groups` such matrices `group_stride` elements apart, the
+// group the third dimension.
+CUtensorMap make_out_map(const BlockGemmProblem& p, int rows = 256, int64_t groups = 0,
+                         int64_t group_stride = 0) {
   CUtensorMap map{};
   const CUtensorMapDataType type = p.out.dtype() == DType::f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
@@ -190,7 +192,7 @@ CUtensorMap make_out_map(const BlockGemmProblem& p, int64_t groups = 0, int64_t 
   const int64_t groups_apart = groups > 1 ? group_stride * 2 : p.m * stride;
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(stride),
                                  static_cast<cuuint64_t>(groups_apart)};
-  const cuuint32_t box[3] = {persistent::kOutBoxColumns, tiles::Shape<256>::kBlockM, 1};
+  const cuuint32_t box[3] = {persistent::kOutBoxColumns, static_cast<cuuint32_t>(rows), 1};
   const cuuint32_t element_strides[3] = {1, 1, 1};
   const CUresult status =
       encode_tiled()(&map, type, groups > 0 ? 3 : 2, p.out.data(), dims, strides, box,
@@ -256,20 +258,23 @@ tiles::ScaleFeed tiles_scale_feed(const BlockGemmProblem& p, bool& b_k_inner) {
 
 // The tiles kernel's scale maps for the plan's feed (zeros for the scale warps), for tiles of
 // `rows` rows. groups > 0: of that many groups (p is group 0's problem), the scale tensors' planes
-// a_group_bytes and b_group_bytes apart.
+// a_group_bytes and b_group_bytes apart; a_groups false: the activation scales are one matrix
+// (the contiguous layout), only the weight scales have planes.
 ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner, int rows,
-                        int64_t groups = 0, int64_t a_group_bytes = 0, int64_t b_group_bytes = 0) {
+                        int64_t groups = 0, int64_t a_group_bytes = 0, int64_t b_group_bytes = 0,
+                        bool a_groups = true) {
   using tiles::ScaleFeed;
   ScaleMaps maps{};
   if (feed == ScaleFeed::warps) return maps;
   const ScaleAddressing& at = p.a_scale_at;
   const int64_t words = at.packed() ? fp8::ceil_div(p.k_blocks, 4) : p.k_blocks;
+  const int64_t a_planes = a_groups ? groups : 0;
   if (feed == ScaleFeed::a_k_inner)
     maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, words, p.m, at.row_stride * 4, 4,
-                            rows, groups, a_group_bytes);
+                            rows, a_planes, a_group_bytes);
   else
     maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4, rows,
-                            1, groups, a_group_bytes);
+                            1, a_planes, a_group_bytes);
   const int b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
   const int64_t n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
   if (b_k_inner)
@@ -667,21 +672,25 @@ PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
                            : wide_persistent_kernel_for<Out::bf16_tma>(plan);
 }
 
-// The groups' build of the persistent wide kernel (CTAs alone, no split round).
-template <persistent::Out kOut>
-PersistentKernelFn grouped_wide_kernel_for(const Plan& plan) {
+// The groups' builds of the persistent kernel (CTAs alone, no split round): the plan's feed and
+// out path, tiles of kRows rows.
+template <persistent::Groups kGroups, int kRows, persistent::Out kOut>
+PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
   using tiles::Cluster;
   using tiles::ScaleFeed;
   return plan.scale_feed == ScaleFeed::a_k_inner
-             ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut, false, true>
-             : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut, false, true>;
+             ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut, false,
+                                           kGroups, kRows>
+             : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut, false,
+                                           kGroups, kRows>;
 }
 
-PersistentKernelFn grouped_wide_kernel_for(const Plan& plan, DType out) {
+template <persistent::Groups kGroups, int kRows>
+PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan, DType out) {
   using persistent::Out;
-  if (!plan.out_tma) return grouped_wide_kernel_for<Out::threads>(plan);
-  return out == DType::f16 ? grouped_wide_kernel_for<Out::f16_tma>(plan)
-                           : grouped_wide_kernel_for<Out::bf16_tma>(plan);
+  if (!plan.out_tma) return grouped_persistent_kernel_for<kGroups, kRows, Out::threads>(plan);
+  return out == DType::f16 ? grouped_persistent_kernel_for<kGroups, kRows, Out::f16_tma>(plan)
+                           : grouped_persistent_kernel_for<kGroups, kRows, Out::bf16_tma>(plan);
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
@@ -1503,9 +1512,17 @@ constexpr int64_t kMaxGroupedWideGroups = 256;
 // 19.25, M=1024 43.90 / 45.69, M=2048 87.59 / 92.18, M=4096 202.47 / 184.85 (lost); N=7168 K=2048
 // M=512 12.74 / 22.49, M=4096 93.81 / 153.31.
 constexpr int64_t kMostGroupedWideWork = int64_t{1} << 17;
-constexpr size_t kGroupedWideSharedBytes =
-    persistent::kSharedBytes + (kMaxGroupedWideGroups + 1) * sizeof(int);
-static_assert(kGroupedWideSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+static_assert(persistent::SharedLayout<256>::kSharedBytes +
+                      (kMaxGroupedWideGroups + 1) * sizeof(int) <=
+                  232448,
+              "fits the opt-in shared memory of sm_90");
+static_assert(persistent::SharedLayout<128>::kSharedBytes +
+                      (kMaxGroupedWideGroups + 1) * sizeof(int) <=
+                  232448,
+              "fits the opt-in shared memory of sm_90");
+// Groups of at most this many rows (masked: expected) take tiles of 128 rows: a 256-row tile
+// would multiply as many padding rows again.
+constexpr int64_t kMostRowsOfNarrowTiles = 128;
 
 namespace {
 // Why the grouped wide tiles do not serve p ("" where they do); the plan in `plan`.
@@ -1528,9 +1545,10 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
   if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
   if (p.groups > 1 && (p.a.stride(0) % 16 != 0 || p.b.stride(0) % 16 != 0))
     return "a's or b's groups are not 16 bytes apart (TMA needs it)";
+  plan.tile_rows = (p.masked() ? p.expected_rows : p.m) <= kMostRowsOfNarrowTiles ? 128 : 256;
   // Every group's rows are at most M: at most this many tiles, which the kernel counts in ints.
-  const int64_t most_units =
-      p.groups * fp8::ceil_div(p.m, int64_t{256}) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  const int64_t most_units = p.groups * fp8::ceil_div(p.m, int64_t{plan.tile_rows}) *
+                             fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
   if (most_units > std::numeric_limits<int>::max()) return "more tiles than an int counts";
   plan.scale_feed = tiles_scale_feed(first, plan.b_scale_k_inner);
   const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
@@ -1538,14 +1556,19 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
       (p.groups > 1 &&
        ((p.a_scales.stride(0) * 4) % 16 != 0 || (p.b_scales.stride(0) * b_bytes) % 16 != 0)))
     return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
-  plan.tile_rows = 256;
   plan.persistent = true;
   plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(1) % 8 == 0) &&
                  (p.groups <= 1 || p.out.stride(0) % 8 == 0);
-  plan.persistent_kernel = grouped_wide_kernel_for(plan, p.out.dtype());
-  plan.shared_bytes = persistent::kSharedBytes + static_cast<size_t>(p.groups + 1) * sizeof(int);
+  using persistent::Groups;
+  plan.persistent_kernel =
+      plan.tile_rows == 128
+          ? grouped_persistent_kernel_for<Groups::planes, 128>(plan, p.out.dtype())
+          : grouped_persistent_kernel_for<Groups::planes, 256>(plan, p.out.dtype());
+  plan.shared_bytes = (plan.tile_rows == 128 ? persistent::SharedLayout<128>::kSharedBytes
+                                             : persistent::SharedLayout<256>::kSharedBytes) +
+                      static_cast<size_t>(p.groups + 1) * sizeof(int);
   const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
   if (resident < 1) return "no CTA of the grouped wide kernel fits an SM";
   // As many CTAs as are resident, or as the capacity has tiles.
@@ -1571,9 +1594,10 @@ std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
   if (!grouped_wide_plan_for(p, device, plan).empty()) return "no grouped wide plan";
   char text[300];
   std::snprintf(text, sizeof text,
-                "grouped wide tiles, %lld groups in one launch: 256 x 128 tiles of the groups' "
+                "grouped wide tiles, %lld groups in one launch: %d x 128 tiles of the groups' "
                 "rows%s, %u persistent CTAs, activation scales %s, %s",
-                static_cast<long long>(p.groups), p.masked() ? " (the counts')" : "", plan.grid.x,
+                static_cast<long long>(p.groups), plan.tile_rows,
+                p.masked() ? " (the counts')" : "", plan.grid.x,
                 plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
                 plan.out_tma ? "TMA stores" : "the threads store");
   return text;
@@ -1594,7 +1618,7 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   const CUtensorMap b_map =
       make_grouped_tile_map("b", p.b.data(), p.groups, p.n, p.k, p.b.stride(1), p.b.stride(0),
                             tiles::kBlockN, plan.tile_promotion);
-  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, int64_t{256}));
+  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, int64_t{plan.tile_rows}));
   args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, int64_t{tiles::kBlockN}));
   args.splits = 1;
   args.b_scale_k_inner = plan.b_scale_k_inner;
@@ -1609,7 +1633,103 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
       scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows, p.groups,
                     p.a_scales.stride(0) * 4, p.b_scales.stride(0) * b_bytes);
   const CUtensorMap out_map =
-      plan.out_tma ? make_out_map(first, p.groups, p.out.stride(0)) : CUtensorMap{};
+      plan.out_tma ? make_out_map(first, plan.tile_rows, p.groups, p.out.stride(0)) : CUtensorMap{};
+  launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
+}
+
+// ---- grouped_block_fp8_gemm_contiguous: persistent 128-row tiles of a's blocks.
+//
+// DeepGEMM's contiguous layout (MoE prefill): the experts' rows one after another in one [M, K]
+// a, each expert's rows starting on a 128-row block. The persistent kernel's contiguous build
+// takes the 128 x 128 tiles of the whole a; a tile's CTA reads its block's index after the wait
+// and multiplies that expert's weights (the weight maps' third coordinate), or skips a padding
+// block on both sides of the ring. Each row gets the products of block_fp8_gemm's wide tiles in
+// their order: the same bits.
+
+namespace {
+// Why the contiguous build does not serve p ("" where it does); the plan in `plan`.
+std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_index, Plan& plan) {
+  const BlockGemmProblem first = p.rows_of(0, 0, p.m);
+  if (std::string why = block_gemm_sm90_supports(first); !why.empty()) return why;
+  if (p.groups > 1 && p.b.stride(0) % 16 != 0)
+    return "b's groups are not 16 bytes apart (TMA needs it)";
+  if (p.groups > std::numeric_limits<int>::max()) return "G=" + str(p.groups) + " groups";
+  const int64_t units =
+      fp8::ceil_div(p.m, kContiguousBlockRows) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  if (units > std::numeric_limits<int>::max()) return "more tiles than an int counts";
+  plan.scale_feed = tiles_scale_feed(first, plan.b_scale_k_inner);
+  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  if (plan.scale_feed == tiles::ScaleFeed::warps ||
+      (p.groups > 1 && (p.b_scales.stride(0) * b_bytes) % 16 != 0))
+    return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
+  plan.tile_rows = static_cast<int>(kContiguousBlockRows);
+  plan.persistent = true;
+  plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
+                 reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
+                 (p.m <= 1 || p.out.stride(0) % 8 == 0);
+  plan.persistent_kernel =
+      grouped_persistent_kernel_for<persistent::Groups::contiguous, 128>(plan, p.out.dtype());
+  plan.shared_bytes = persistent::SharedLayout<128>::kSharedBytes;
+  const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
+  if (resident < 1) return "no CTA of the contiguous build fits an SM";
+  plan.grid = dim3(static_cast<unsigned>(std::min<int64_t>(units, resident)));
+  return "";
+}
+}  // namespace
+
+std::string contiguous_gemm_sm90_supports(const ContiguousBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return "";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  return contiguous_plan_for(p, device, plan);
+}
+
+std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return "nothing to do";
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (!contiguous_plan_for(p, device, plan).empty()) return "no contiguous plan";
+  char text[300];
+  std::snprintf(text, sizeof text,
+                "persistent 128 x 128 tiles of a's blocks, each with its index's weights, %lld "
+                "experts in one launch, %u CTAs, activation scales %s, %s",
+                static_cast<long long>(p.groups), plan.grid.x,
+                plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
+                plan.out_tma ? "TMA stores" : "the threads store");
+  return text;
+}
+
+void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& p) {
+  if (p.groups == 0 || p.m == 0 || p.n == 0) return;
+  const int device = p.a.device().index;
+  DeviceGuard on_device(device);
+  Plan plan;
+  if (std::string why = contiguous_plan_for(p, device, plan); !why.empty())
+    fail("grouped_block_fp8_gemm_contiguous", "backend", "gpu.sm90.contiguous",
+         "has no plan: " + why);
+  const BlockGemmProblem first = p.rows_of(0, 0, p.m);
+  GemmArgs args = args_of(first);
+  const CUtensorMap a_map =
+      make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), plan.tile_rows, plan.tile_promotion);
+  const CUtensorMap b_map =
+      make_grouped_tile_map("b", p.b.data(), p.groups, p.n, p.k, p.b.stride(1), p.b.stride(0),
+                            tiles::kBlockN, plan.tile_promotion);
+  args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, kContiguousBlockRows));
+  args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, int64_t{tiles::kBlockN}));
+  args.splits = 1;
+  args.b_scale_k_inner = plan.b_scale_k_inner;
+  args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
+  args.groups = static_cast<int>(p.groups);
+  args.m_indices = p.m_indices.data_as<const int>();
+  args.m_index_stride = p.m_indices.stride(0);
+  // a and its scales are one matrix (2-D maps), the weights and theirs G planes (3-D).
+  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  const ScaleMaps maps =
+      scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows, p.groups, 0,
+                    p.b_scales.stride(0) * b_bytes, /*a_groups=*/false);
+  const CUtensorMap out_map = plan.out_tma ? make_out_map(first, plan.tile_rows) : CUtensorMap{};
   launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
 }
 

@@ -77,6 +77,14 @@ std::string grouped_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& probl
 void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
+// grouped_block_fp8_gemm_contiguous on Hopper (fp8_gemm_sm90.cu): the persistent tiles kernel's
+// contiguous build, 128 x 128 tiles of a's rows, each tile multiplying the weights of its block's
+// index (read on the device after the previous kernel; padding blocks skipped, their out rows not
+// written). Each row gets the bits block_fp8_gemm_sm90's wide tiles give it.
+std::string contiguous_gemm_sm90_supports(const ContiguousBlockGemmProblem& problem);
+void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& problem);
+std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& problem);
+
 // silu_and_mul_grouped_block_fp8_gemm_masked in one Hopper launch (fp8_gemm_sm90.cu): the masked
 // grouped kernel, whose producer warps quantize silu(gate) * up of each item's token tiles (bf16 x,
 // group 128) into shared memory instead of the tiles being copied from a workspace. Same plan,

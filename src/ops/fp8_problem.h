@@ -153,6 +153,54 @@ struct GroupedBlockGemmProblem {
   }
 };
 
+// grouped_block_fp8_gemm_contiguous (DeepGEMM's contiguous layout, MoE prefill): the rows of a
+// are cut into blocks of kContiguousBlockRows (the last may be partial); every row of block i
+// multiplies b[e] with e = m_indices[i * kContiguousBlockRows] (the block's first row's index;
+// DeepGEMM aligns each expert's rows to 128, so this is each row's own index). A block whose e is
+// outside [0, G) is padding: nothing is multiplied for it and its out rows are not written.
+inline constexpr int64_t kContiguousBlockRows = 128;
+struct ContiguousBlockGemmProblem {
+  TensorView a;         // [M, K] f8e4m3, stride(1) == 1
+  TensorView a_scales;  // logical [M, k_blocks] in `a_scale_at.layout`, contiguous storage
+  ScaleAddressing a_scale_at;
+  TensorView b;          // [G, N, K] f8e4m3, stride(2) == 1
+  TensorView b_scales;   // [G, ceil(N/128), ceil(K/128)] f32/bf16, any strides
+  TensorView m_indices;  // [M] i32 on a's device (any stride)
+  TensorView out;        // [M, N] f32/bf16/f16, stride(1) == 1
+  int64_t groups = 0, m = 0, n = 0, k = 0;
+  int num_threads = 0;
+  void* stream = nullptr;
+  bool b_static = false;  // as BlockGemmProblem::b_static
+
+  // Rows first .. first + rows - 1 times b[g], as block_fp8_gemm would receive them (the
+  // activation scales keep M's addressing, from row `first`).
+  BlockGemmProblem rows_of(int64_t g, int64_t first, int64_t rows) const {
+    BlockGemmProblem p;
+    const auto row_view = [&](const TensorView& t, int64_t cols) {
+      return TensorView(static_cast<char*>(t.data()) + first * t.stride(0) * dtype_size(t.dtype()),
+                        t.dtype(), std::array<int64_t, 2>{rows, cols},
+                        std::array<int64_t, 2>{t.stride(0), t.stride(1)}, t.device());
+    };
+    p.a = row_view(a, k);
+    p.out = row_view(out, n);
+    p.a_scale_at = a_scale_at;
+    p.a_scales =
+        TensorView(static_cast<char*>(a_scales.data()) + a_scale_at.offset(first, 0) * 4,
+                   a_scales.dtype(), a_scales.shape(), a_scales.strides(), a_scales.device());
+    p.b = plane_of(b, g);
+    p.b_scales = plane_of(b_scales, g);
+    p.m = rows;
+    p.n = n;
+    p.k = k;
+    p.k_blocks = fp8::ceil_div(k, kFp8BlockSize);
+    p.n_blocks = fp8::ceil_div(n, kFp8BlockSize);
+    p.num_threads = num_threads;
+    p.stream = stream;
+    p.b_static = b_static;
+    return p;
+  }
+};
+
 // silu_and_mul_group_quant_fp8_masked: `groups` gated quantizations of one shape stacked along
 // dimension 0 (DeepGEMM's masked layout); group g's rows are its first
 // min(max(masked_m[g], 0), M), the rest of its q and scales unspecified after the call.
@@ -222,6 +270,7 @@ using BlockQuantizeWeightImplementation = Fp8Implementation<BlockQuantizeWeightP
 using GroupedBlockGemmImplementation = Fp8Implementation<GroupedBlockGemmProblem>;
 using MaskedGatedQuantImplementation = Fp8Implementation<MaskedGatedQuantProblem>;
 using MaskedSiluGemmImplementation = Fp8Implementation<MaskedSiluGemmProblem>;
+using ContiguousBlockGemmImplementation = Fp8Implementation<ContiguousBlockGemmProblem>;
 
 // The dispatch tables, fastest first (tests run every entry that serves against the reference).
 std::span<const GroupQuantImplementation> group_quant_implementations();
@@ -231,6 +280,7 @@ std::span<const BlockQuantizeWeightImplementation> block_quantize_weight_impleme
 std::span<const GroupedBlockGemmImplementation> grouped_block_gemm_implementations();
 std::span<const MaskedGatedQuantImplementation> masked_gated_quant_implementations();
 std::span<const MaskedSiluGemmImplementation> masked_silu_gemm_implementations();
+std::span<const ContiguousBlockGemmImplementation> contiguous_block_gemm_implementations();
 
 // Validation against spec/fp8.md (throws Error naming the argument and value, before anything is
 // written) into problems. `op` names the caller in messages. gated: x is [M, 2K], gate then up
@@ -253,6 +303,10 @@ GroupedBlockGemmProblem make_grouped_block_gemm_problem(
     const char* op, const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const TensorView& out,
     const OpOptions& options);
+ContiguousBlockGemmProblem make_contiguous_block_gemm_problem(
+    const char* op, const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& m_indices,
+    const TensorView& out, const OpOptions& options);
 BlockQuantizeWeightProblem make_block_quantize_weight_problem(const char* op, const TensorView& w,
                                                               const TensorView& weight,
                                                               const TensorView& weight_scale_inv,

@@ -88,6 +88,11 @@ struct GemmArgs {
   const int* masked_m;
   int groups;
   int64_t out_group_stride;
+  // Persistent tiles of DeepGEMM's contiguous layout (the kernel's Groups::contiguous build): the
+  // 128-row block at row m multiplies weights m_indices[m * m_index_stride] (i32 on the device;
+  // outside [0, groups): padding, skipped).
+  const int* m_indices;
+  int64_t m_index_stride;
 #ifdef MOEKIT_FP8_TRACE
   int tiles_ablation;  // diagnosis builds: see tiles::ablation
 #endif

@@ -37,17 +37,32 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // A first version that stored the fragments from registers as bf16 pairs with 4 stages was
 // slower (49.3 -> 52.5 us; 740-800 -> 766-795).
 namespace persistent {
-using Wide = tiles::Shape<256>;
-constexpr int kStages = Wide::kStages;
-constexpr int kStageBytes = Wide::kStageBytes;
 constexpr int kOutBoxColumns = 64;  // bf16: 128 bytes, the swizzle's row
-constexpr int kOutBoxBytes = Wide::kBlockM * kOutBoxColumns * 2;
-constexpr int kOutBytes = tiles::kBlockN / kOutBoxColumns * kOutBoxBytes;
-constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
-                                kOutBytes + kStages * Wide::kScaleBytes +
-                                Wide::kScaleBoxSlots * Wide::kScaleABoxBytes +
-                                2 * kStages * sizeof(uint64_t);
-static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+// The shared memory of the build for tiles of kRows x 128: 256 rows (the wide tiles, 3 stages),
+// or 128 (grouped builds for groups of at most 128 rows and the contiguous layout's 128-row
+// blocks, 4 stages). The out tile's region holds the 16-bit tile, or a wave of 64 f32 rows per
+// consumer warpgroup.
+template <int kRows>
+struct SharedLayout {
+  using S = tiles::Shape<kRows>;
+  static constexpr int kStages = kRows == 256 ? 3 : 4;
+  static constexpr int kStageBytes = S::kStageBytes;
+  static constexpr int kOutBoxBytes = kRows * kOutBoxColumns * 2;
+  static constexpr int kTileOutBytes = tiles::kBlockN / kOutBoxColumns * kOutBoxBytes;
+  static constexpr int kWaveOutBytes = kConsumers * 64 * tiles::kBlockN * 4;
+  static constexpr int kOutBytes = kTileOutBytes > kWaveOutBytes ? kTileOutBytes : kWaveOutBytes;
+  static constexpr size_t kSharedBytes = kSharedAlign + static_cast<size_t>(kStages) * kStageBytes +
+                                         kOutBytes + kStages * S::kScaleBytes +
+                                         S::kScaleBoxSlots * S::kScaleABoxBytes +
+                                         2 * kStages * sizeof(uint64_t);
+  static_assert(kSharedBytes <= 232448, "fits the opt-in shared memory of sm_90");
+};
+using Wide = SharedLayout<256>;
+constexpr size_t kSharedBytes = Wide::kSharedBytes;
+// Which GEMMs a build multiplies: one; `groups` stacked along the maps' third coordinate (whole
+// or masked, grouped_block_fp8_gemm); or one [M, K] a whose 128-row blocks each multiply the
+// weights of their index (m_indices, DeepGEMM's contiguous layout).
+enum class Groups : int { none, planes, contiguous };
 // How the out tile leaves, a build each: by TMA from a bf16 or f16 tile (16-bit out, no bias,
 // rows on 16 bytes, N a multiple of 8), or by the threads (any out). One epilogue per build: with
 // both in one kernel (and the bias in the TMA one) the code grew from 2.2 k to 5.7 k instructions
@@ -75,7 +90,7 @@ struct Item {
   bool partial = false;    // its sums go to this pair's workspace tile
   int first_partner = -1;  // a final item: the first pair whose partial tile it adds
 };
-constexpr int kPartialBytes = Wide::kBlockM * tiles::kBlockN * 4;  // a CTA's workspace tile
+constexpr int kPartialBytes = 256 * tiles::kBlockN * 4;  // a CTA's workspace tile
 
 // Item j of pair `pair` of `pairs` in a build that splits the last round: its units of whole
 // rounds (pair, pair + pairs, ... below units - sk_units), then its range of the split round;
@@ -159,7 +174,7 @@ struct PersistentTrace {
 #endif
 
 template <tiles::ScaleFeed kScaleFeed, tiles::Cluster kCluster, persistent::Out kOut, bool kSplit,
-          bool kGrouped = false>
+          persistent::Groups kGroups = persistent::Groups::none, int kRows = 256>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_wide_persistent_kernel(const __grid_constant__ CUtensorMap a_map,
                                 const __grid_constant__ CUtensorMap b_map, const GemmArgs args,
@@ -167,16 +182,22 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 const __grid_constant__ CUtensorMap out_map) {
 #if MOEKIT_SM90A
   using namespace tiles;
-  using S = Shape<256>;
-  constexpr int kBlockM = S::kBlockM, kStages = persistent::kStages;
-  constexpr int kStageBytes = persistent::kStageBytes;
+  using S = Shape<kRows>;
+  using Layout = persistent::SharedLayout<kRows>;
+  constexpr int kBlockM = S::kBlockM, kStages = Layout::kStages;
+  constexpr int kStageBytes = Layout::kStageBytes;
+  constexpr bool kGrouped = kGroups == persistent::Groups::planes;
+  constexpr bool kContiguous = kGroups == persistent::Groups::contiguous;
   constexpr int kScaleABoxBytes = S::kScaleABoxBytes, kScaleBytes = S::kScaleBytes;
   constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
   constexpr int kWaves = S::kWaves, kRowsPerGroup = S::kRowsPerGroup;
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kTma = kOut != persistent::Out::threads;
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
-  static_assert(!kGrouped || (!kPair && !kSplit), "the groups' tiles: CTAs alone, unsplit");
+  static_assert(kGroups == persistent::Groups::none || (!kPair && !kSplit),
+                "the groups' tiles: CTAs alone, unsplit");
+  static_assert(kRows == 256 || kGroups != persistent::Groups::none, "128 rows: grouped builds");
+  static_assert(!kContiguous || kRows == kContiguousBlockRows, "a tile per block of one index");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
   static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
   using Ring = RingPosition<kStages>;
@@ -187,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t shared_raw[];
   uint8_t* stages = align_shared(shared_raw);
   uint8_t* staged = stages + kStages * kStageBytes;  // the out tile, bf16
-  float* scales = reinterpret_cast<float*>(staged + persistent::kOutBytes);
+  float* scales = reinterpret_cast<float*>(staged + Layout::kOutBytes);
   float* scale_boxes = scales + kStages * kScaleBytes / 4;
   auto* full = reinterpret_cast<uint64_t*>(scale_boxes + kScaleBoxSlots * kScaleABoxBytes / 4);
   uint64_t* empty = full + kStages;
@@ -205,6 +226,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int pairs = static_cast<int>(gridDim.x) / kUnitColumns;
   // Grouped: the group of the unit origin() found last (a thread's units only grow).
   [[maybe_unused]] int unit_group = 0;
+  // Contiguous: the index of the block at row m0, -1 for padding (read after the wait: the indices
+  // are the previous kernel's output).
+  [[maybe_unused]] const auto block_index = [&](int m0) {
+    const int index = args.m_indices[static_cast<int64_t>(m0) * args.m_index_stride];
+    return index >= 0 && index < args.groups ? index : -1;
+  };
   const auto origin = [&](int unit, int& m0, int& n0) {
     int tiles_m = args.tiles_m;
     if constexpr (kGrouped) {
@@ -338,16 +365,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {  // every unit a whole tile: the loop as before the split, not `produce`, whose
                 // use here renamed the consumers' registers (their loop's SASS is kept as it was)
         int box_base = 0;  // boxes the CTA's earlier tiles opened
-        // (grouped: the unit's group is every map's third coordinate)
-        const auto copy = [&](void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+        // Grouped: the unit's group is every map's third coordinate. Contiguous: the block's index
+        // is the weights' maps' third coordinate (a and its scales are one matrix).
+        int weights_group = 0;
+        const auto copy_rows = [&](void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                   int c1) {
           if constexpr (kGrouped)
             sm90::tma_load_3d(dst, map, bar, c0, c1, unit_group);
+          else
+            sm90::tma_load_2d(dst, map, bar, c0, c1);
+        };
+        const auto copy_weights = [&](void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                      int c1) {
+          if constexpr (kGroups != persistent::Groups::none)
+            sm90::tma_load_3d(dst, map, bar, c0, c1, weights_group);
           else
             sm90::tma_load_2d(dst, map, bar, c0, c1);
         };
         for (int unit = pair; unit < units; unit += pairs, box_base += boxes_per_tile) {
           int m0, n0;
           origin(unit, m0, n0);
+          if constexpr (kContiguous) {
+            weights_group = block_index(m0);
+            if (weights_group < 0) continue;  // padding (the consumers skip it too)
+          } else {
+            weights_group = unit_group;
+          }
           const int nb = n0 / kBlockN;
           for (int kb = 0; kb < slots; ++kb, ring.advance()) {
             sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
@@ -367,21 +410,21 @@ __global__ void __launch_bounds__(kThreads, 1)
               sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
                                           m0 + half, 0x3);
             } else {
-              copy(stage, &a_map, bar, kb * kBlockK, m0);
+              copy_rows(stage, &a_map, bar, kb * kBlockK, m0);
             }
-            copy(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
+            copy_weights(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
             float* region = scales + ring.stage * kScaleFloats;
             if constexpr (kKInner) {
               if (opens_box)
-                copy(
+                copy_rows(
                     scale_boxes + (box_base + (word >> 2)) % kScaleBoxSlots * (kScaleABoxBytes / 4),
                     &scale_maps.a, bar, word, m0);
             } else {
-              copy(region, &scale_maps.a, bar, m0, word);
+              copy_rows(region, &scale_maps.a, bar, m0, word);
             }
             const int inner = args.b_scale_k_inner ? kb : nb;
-            copy(region + S::kScaleBOffset / 4, &scale_maps.b, bar, inner & -args.b_scale_lanes,
-                 args.b_scale_k_inner ? nb : kb);
+            copy_weights(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
+                         inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
           }
         }
       }
@@ -493,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int half = 0; half < 2; ++half) {
             const int row = tile_row + 64 * w + 8 * half;
             uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
-            *reinterpret_cast<uint32_t*>(row_at + j / 8 * persistent::kOutBoxBytes +
+            *reinterpret_cast<uint32_t*>(row_at + j / 8 * Layout::kOutBoxBytes +
                                          ((j % 8) ^ swizzle) * 16) =
                 pair_bits(acc[w][4 * j + 2 * half] + 0.0f, acc[w][4 * j + 2 * half + 1] + 0.0f);
           }
@@ -516,10 +559,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
         if constexpr (kGrouped)
-          sm90::tma_store_3d(&out_map, staged + box * persistent::kOutBoxBytes,
+          sm90::tma_store_3d(&out_map, staged + box * Layout::kOutBoxBytes,
                              n0 + box * persistent::kOutBoxColumns, m0, unit_group);
         else
-          sm90::tma_store_2d(&out_map, staged + box * persistent::kOutBoxBytes,
+          sm90::tma_store_2d(&out_map, staged + box * Layout::kOutBoxBytes,
                              n0 + box * persistent::kOutBoxColumns, m0);
       sm90::bulk_commit();
     }
@@ -531,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto stage_and_store_f32 = [&](int m0, int n0) {
     constexpr int kRowBytes = kBlockN * 4;
     uint8_t* half_at = staged + warpgroup * (64 * kRowBytes);
-    static_assert(kConsumers * 64 * kRowBytes <= persistent::kOutBytes, "a wave per warpgroup");
+    static_assert(kConsumers * 64 * kRowBytes <= Layout::kOutBytes, "a wave per warpgroup");
     const int col = n0 + 4 * lane;
     const float4 bias = bias_quad(args, col);
 #pragma unroll
@@ -568,6 +611,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   if constexpr (kSplit) {
+    static_assert(kRows == 256, "the workspace tiles hold two waves");
     // The split round's workspace: the tile of CTA `rank` of pair q, as 32 float4 per consumer
     // thread in register order (a warp's stores and loads are 512 contiguous bytes).
     const int consumer = static_cast<int>(threadIdx.x);  // 0..255
@@ -711,6 +755,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int unit = pair; unit < units; unit += pairs, box_base += boxes_per_tile) {
       int m0, n0;
       origin(unit, m0, n0);
+      if constexpr (kContiguous)
+        if (block_index(m0) < 0) continue;  // padding: nothing multiplied, nothing stored
       const int nb = n0 / kBlockN;
 #pragma unroll
       for (int w = 0; w < kWaves; ++w)
