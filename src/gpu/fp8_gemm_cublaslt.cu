@@ -256,6 +256,11 @@ std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
   if (p.a_scale_at.layout != ScaleLayout::column_major &&
       !(p.a_scale_at.layout == ScaleLayout::column_major_tma && p.m % 4 == 0))
     return "a_scales must be column-major (VEC128 stores them M-contiguous)";
+  // VEC128 scales have no leading dimension: the k-blocks' scales must lie M apart, which they do
+  // not where the rows are a part of a larger call's (grouped_block_fp8_gemm_contiguous's runs).
+  if (p.k_blocks > 1 && p.a_scale_at.group_stride != p.m)
+    return "a_scales' k-blocks lie " + str(p.a_scale_at.group_stride) +
+           " apart, not M=" + str(p.m) + " (VEC128 scales have no leading dimension)";
   if (p.b_scales.dtype() != DType::f32) return "b_scales must be f32";
   if (p.b_scales.stride(1) != 1 || (p.n_blocks > 1 && p.b_scales.stride(0) != p.k_blocks))
     return "b_scales must be contiguous row-major";
