@@ -323,6 +323,51 @@ TEST(Fp8Errors, GroupedGemmMaskedArguments) {
                Error);
 }
 
+// grouped_block_fp8_gemm_contiguous: m_indices i32 [M] on a's device; b and b_scales [G, ...] of
+// one G; a, its scales, out [M, N] and b's plane 0 through block_fp8_gemm's checks.
+TEST(Fp8Errors, GroupedGemmContiguousArguments) {
+  constexpr const char* kContiguous = "grouped_block_fp8_gemm_contiguous";
+  const auto row = ScaleLayout::row_major;
+  Tensor a = Tensor::empty(DType::f8e4m3, {3, 256}), as = Tensor::empty(DType::f32, {3, 2});
+  Tensor b = Tensor::empty(DType::f8e4m3, {2, 128, 256}), bs = Tensor::empty(DType::f32, {2, 1, 2});
+  Tensor indices = Tensor::empty(DType::i32, {3});
+  for (Tensor* t : {&a, &as, &b, &bs, &indices}) std::memset(t->data(), 0, t->nbytes());
+  Tensor out = sentinel(DType::bf16, {3, 128});
+  const auto run = [&](const TensorView& m_indices) {
+    return [=] { grouped_block_fp8_gemm_contiguous(a, as, row, b, bs, m_indices, out); };
+  };
+  const std::initializer_list<const Tensor*> outs = {&out};
+  {
+    Tensor four = Tensor::empty(DType::i32, {4}), column = Tensor::empty(DType::i32, {3, 1});
+    expect_error(run(four), kContiguous, "m_indices.shape", "[4]", outs);
+    expect_error(run(column), kContiguous, "m_indices.shape", "[3, 1]", outs);
+  }
+  expect_error(run(with_dtype(indices, DType::i64)), kContiguous, "m_indices.dtype", "i64", outs);
+  expect_error(run(on_gpu(indices)), kContiguous, "m_indices.device", "gpu:0", outs);
+  expect_error(run(with_null_data(indices)), kContiguous, "m_indices.data", "null", outs);
+  {
+    Tensor bs3 = Tensor::empty(DType::f32, {3, 1, 2});  // b has G=2
+    expect_error([&] { grouped_block_fp8_gemm_contiguous(a, as, row, b, bs3, indices, out); },
+                 kContiguous, "b_scales.shape", "[3, 1, 2]", outs);
+  }
+  {
+    const TensorView b2(b.data(), DType::f8e4m3, {128, 256});  // one expert's [N, K]
+    expect_error([&] { grouped_block_fp8_gemm_contiguous(a, as, row, b2, bs, indices, out); },
+                 kContiguous, "b.shape", "[128, 256]", outs);
+  }
+  {
+    Tensor out4 = sentinel(DType::bf16, {4, 128});
+    expect_error([&] { grouped_block_fp8_gemm_contiguous(a, as, row, b, bs, indices, out4); },
+                 kContiguous, "out.shape", "[4, 128]", {&out4, &out});
+  }
+  expect_error(
+      [&] { explain_grouped_block_fp8_gemm_contiguous(a, as, row, b, bs, on_gpu(indices), out); },
+      kContiguous, "m_indices.device", "gpu:0", outs);
+  // The valid call runs (every row's index 0) and writes out.
+  grouped_block_fp8_gemm_contiguous(a, as, row, b, bs, indices, out);
+  EXPECT_FALSE(untouched(out));
+}
+
 // silu_and_mul_grouped_block_fp8_gemm_masked: its own checks (x [G, M, 2K], b against x, the
 // quantization's group and layout, the hint, the workspace) and its halves' name the op; nothing is
 // written to out or the workspace on error.

@@ -1163,6 +1163,174 @@ TEST(Fp8GroupedGemm, ExplainNamesThePerGroupEntry) {
   EXPECT_EQ(on_reference.back().detail, "2 calls of reference");
 }
 
+// ---------------------------------------------------------------------------------------------
+// grouped_block_fp8_gemm_contiguous: the rows of each run of consecutive 128-row blocks with one
+// in-range index have the bits block_fp8_gemm writes for those rows on the same backend; the rows
+// of padding blocks (index outside [0, G)) are not written.
+
+struct ContiguousCase {
+  int64_t groups, n, k;
+  std::vector<int32_t> blocks;  // each block's index (its first row's)
+  int64_t last_rows;            // rows of the last block (1..128)
+  DType out, b_scales;
+  int64_t index_stride;  // of m_indices
+};
+
+struct BlockRun {
+  int32_t group;
+  int64_t first, rows;
+};
+
+// The maximal runs of consecutive blocks with one index in [0, G).
+std::vector<BlockRun> block_runs(const ContiguousCase& c, int64_t M) {
+  std::vector<BlockRun> runs;
+  for (size_t i = 0; i < c.blocks.size(); ++i) {
+    const int32_t g = c.blocks[i];
+    const int64_t first = static_cast<int64_t>(i) * 128, rows = std::min<int64_t>(128, M - first);
+    if (g < 0 || g >= c.groups) continue;
+    if (!runs.empty() && runs.back().group == g && runs.back().first + runs.back().rows == first)
+      runs.back().rows += rows;
+    else
+      runs.push_back({g, first, rows});
+  }
+  return runs;
+}
+
+void check_contiguous(std::mt19937_64& rng, const ContiguousCase& c, ScaleLayout layout) {
+  const int64_t G = c.groups, N = c.n, K = c.k, KB = fp8::ceil_div(K, 128);
+  const int64_t M = static_cast<int64_t>(c.blocks.size() - 1) * 128 + c.last_rows;
+  Tensor a = random_e4m3(rng, M, K);
+  std::vector<float> scales(static_cast<size_t>(M * KB));
+  for (float& v : scales)
+    v = layout == ScaleLayout::packed_ue8m0 ? std::ldexp(1.0f, -5 - pick(rng, 8))
+                                            : uniform(rng, 0.0f, 0.01f);
+  const Tensor as = scale_tensor(scales, M, K, layout);
+  Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K});
+  for (int64_t i = 0; i < b.numel(); ++i)
+    b.data_as<uint8_t>()[i] = f32_to_f8e4m3(uniform(rng, -448.0f, 448.0f));
+  Tensor bs = Tensor::empty(c.b_scales, {G, fp8::ceil_div(N, 128), KB});
+  for (int64_t i = 0; i < bs.numel(); ++i)
+    store_from_f32(bs.data(), bs.dtype(), i, uniform(rng, 0.0f, 0.01f));
+  // Every row but a block's first carries some other index, in range or not: none is read.
+  Tensor index_storage = Tensor::empty(DType::i32, {M * c.index_stride});
+  auto* index = index_storage.data_as<int32_t>();
+  for (int64_t i = 0; i < M * c.index_stride; ++i)
+    index[i] = static_cast<int32_t>(pick(rng, static_cast<int>(G) + 4)) - 2;
+  for (size_t i = 0; i < c.blocks.size(); ++i)
+    index[static_cast<int64_t>(i) * 128 * c.index_stride] = c.blocks[i];
+  const int64_t index_shape[] = {M}, index_strides[] = {c.index_stride};
+  const TensorView m_indices(index, DType::i32, index_shape, index_strides);
+
+  const std::vector<BlockRun> runs = block_runs(c, M);
+  const size_t row_bytes = static_cast<size_t>(N) * dtype_size(c.out);
+  for (const Backend backend : {Backend::reference, Backend::cpu}) {
+    SCOPED_TRACE(std::string(backend_name(backend)) + " G=" + std::to_string(G) +
+                 " M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                 " " + scale_layout_name(layout) + " out=" + std::string(dtype_name(c.out)));
+    const OpOptions options{backend};
+    Tensor out = filled(c.out, {M, N});
+    grouped_block_fp8_gemm_contiguous(a, as, layout, b, bs, m_indices, out, options);
+    std::vector<bool> written(static_cast<size_t>(M), false);
+    for (const BlockRun& run : runs) {
+      std::vector<float> run_scales(scales.begin() + run.first * KB,
+                                    scales.begin() + (run.first + run.rows) * KB);
+      const Tensor run_as = scale_tensor(run_scales, run.rows, K, layout);
+      Tensor want = filled(c.out, {run.rows, N});
+      block_fp8_gemm(TensorView(a.data_as<uint8_t>() + run.first * K, DType::f8e4m3, {run.rows, K}),
+                     run_as, layout, plane_of(b, run.group), plane_of(bs, run.group), std::nullopt,
+                     want, options);
+      EXPECT_EQ(
+          std::memcmp(out.data_as<char>() + run.first * row_bytes, want.data(), want.nbytes()), 0)
+          << "rows " << run.first << ".." << run.first + run.rows - 1 << " of expert " << run.group;
+      for (int64_t m = run.first; m < run.first + run.rows; ++m)
+        written[static_cast<size_t>(m)] = true;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      if (written[static_cast<size_t>(m)]) continue;
+      const auto* row = out.data_as<uint8_t>() + m * row_bytes;
+      ASSERT_TRUE(std::all_of(row, row + row_bytes, [](uint8_t v) { return v == kSentinelByte; }))
+          << "padding row " << m << " was written";
+    }
+  }
+}
+
+TEST(Fp8ContiguousGemm, EachRunOfBlocksHasTheBitsOfItsBlockFp8Gemm) {
+  std::mt19937_64 rng = rng_for("contiguous gemm");
+  const ContiguousCase cases[] = {
+      // Runs of one expert (2, 2 and 0 ... 0 split by padding), expert 1 without blocks, a padding
+      // block of -1 and one of G in the middle, a partial last block; K and N not multiples of 128.
+      {4, 200, 300, {2, 2, -1, 0, 4, 0, 3}, 37, DType::f32, DType::f32, 1},
+      // Strided indices, bf16 out and b_scales, a padding block first and a run to the end.
+      {3, 256, 384, {3, 0, 1, 1}, 100, DType::bf16, DType::bf16, 2},
+      // Five experts, one block each in reverse, the last of 1 row; an index far out of range.
+      {5, 136, 128, {4, 3, -7, 2, 1, 0}, 1, DType::bf16, DType::f32, 1},
+  };
+  for (const ContiguousCase& c : cases)
+    for (const ScaleLayout layout : kLayouts) check_contiguous(rng, c, layout);
+}
+
+TEST(Fp8ContiguousGemm, EmptyCallsWriteNothing) {
+  std::mt19937_64 rng = rng_for("contiguous empty");
+  const int64_t K = 256;
+  Tensor b = random_e4m3(rng, 2 * 64, K);
+  const TensorView b3(b.data(), DType::f8e4m3, {2, 64, K});
+  Tensor bs = Tensor::empty(DType::f32, {2, 1, 2});
+  for (int64_t i = 0; i < bs.numel(); ++i) bs.data_as<float>()[i] = 0.01f;
+  for (const Backend backend : {Backend::reference, Backend::cpu}) {
+    // M = 0.
+    Tensor a0 = Tensor::empty(DType::f8e4m3, {0, K}), as0 = Tensor::empty(DType::f32, {0, 2});
+    Tensor idx0 = Tensor::empty(DType::i32, {0}), out0 = filled(DType::f32, {0, 64});
+    grouped_block_fp8_gemm_contiguous(a0, as0, ScaleLayout::row_major, b3, bs, idx0, out0,
+                                      {backend});
+    // G = 0: every block is padding.
+    Tensor a = random_e4m3(rng, 3, K), as = Tensor::empty(DType::f32, {3, 2});
+    for (int64_t i = 0; i < as.numel(); ++i) as.data_as<float>()[i] = 0.01f;
+    Tensor idx = Tensor::empty(DType::i32, {3}), out = filled(DType::f32, {3, 64});
+    std::memset(idx.data(), 0, idx.nbytes());
+    grouped_block_fp8_gemm_contiguous(
+        a, as, ScaleLayout::row_major, TensorView(b.data(), DType::f8e4m3, {0, 64, K}),
+        TensorView(bs.data(), DType::f32, {0, 1, 2}), idx, out, {backend});
+    const auto* bytes = out.data_as<uint8_t>();
+    EXPECT_TRUE(std::all_of(bytes, bytes + out.nbytes(), [](uint8_t v) {
+      return v == kSentinelByte;
+    })) << backend_name(backend);
+  }
+}
+
+TEST(Fp8ContiguousGemm, ExplainNamesThePerSegmentEntry) {
+  std::mt19937_64 rng = rng_for("contiguous explain");
+  const int64_t M = 200, N = 64, K = 256;
+  Tensor a = random_e4m3(rng, M, K), as = Tensor::empty(DType::f32, {M, 2});
+  Tensor b = Tensor::empty(DType::f8e4m3, {2, N, K}), bs = Tensor::empty(DType::f32, {2, 1, 2});
+  Tensor idx = Tensor::empty(DType::i32, {M}), out = filled(DType::bf16, {M, N});
+  std::memset(idx.data(), 0, idx.nbytes());
+  const auto rows =
+      explain_grouped_block_fp8_gemm_contiguous(a, as, ScaleLayout::row_major, b, bs, idx, out);
+  ASSERT_EQ(rows.size(), contiguous_block_gemm_implementations().size());
+  int chosen = 0;
+  for (const ImplementationChoice& row : rows) {
+    chosen += row.chosen;
+    if (row.chosen) {
+      EXPECT_EQ(row.name, "cpu.per_segment");
+      EXPECT_EQ(row.detail.rfind("block_fp8_gemm (cpu.", 0), 0u) << row.detail;
+      EXPECT_NE(row.detail.find(" at 128 rows) per run of blocks with one index"),
+                std::string::npos)
+          << row.detail;
+    }
+    if (row.backend == Backend::gpu) {
+      EXPECT_FALSE(row.reason.empty()) << row.name;
+    }
+  }
+  EXPECT_EQ(chosen, 1);
+  const auto on_reference = explain_grouped_block_fp8_gemm_contiguous(
+      a, as, ScaleLayout::row_major, b, bs, idx, out, {Backend::reference});
+  ASSERT_EQ(on_reference.size(), rows.size());
+  EXPECT_EQ(on_reference.back().name, "reference.per_segment");
+  EXPECT_TRUE(on_reference.back().chosen);
+  EXPECT_EQ(on_reference.back().detail,
+            "block_fp8_gemm (reference at 128 rows) per run of blocks with one index");
+}
+
 TEST(Fp8Dispatch, ExplainNamesTheChoiceAndEveryReason) {
   Tensor a = Tensor::empty(DType::f8e4m3, {2, 128}), b = Tensor::empty(DType::f8e4m3, {64, 128});
   Tensor as = Tensor::empty(DType::f32, {2, 1}), bs = Tensor::empty(DType::f32, {1, 1});

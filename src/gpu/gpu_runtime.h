@@ -29,7 +29,9 @@ int resident_blocks_per_sm(const void* kernel, int threads, size_t shared_bytes,
 // (programmatic dependent launch: compute capability 9.0+), unless MOEKIT_GPU_PDL=0 (A/B timing).
 bool programmatic_launch_allowed(int device);
 
-void synchronize(void* stream);  // for tests and the CLI, never called inside an op
+// For tests and the CLI; inside an op only where its plan says so
+// (grouped_block_fp8_gemm_contiguous's "gpu.per_segment", which reads the indices on the host).
+void synchronize(void* stream);
 
 // ---- Benchmark helpers (the CLI's bench and the GPU tests; never inside an op).
 

@@ -6,11 +6,13 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "cpu/fp8_cpu.h"
 #ifdef MOEKIT_HAVE_GPU
 #include "gpu/fp8_gemm_sm90.h"
 #include "gpu/fp8_gpu.h"
+#include "gpu/gpu_runtime.h"
 #endif
 #include "moekit/error.h"
 #include "ops/fp8_problem.h"
@@ -280,6 +282,100 @@ const GroupedBlockGemmImplementation kGroupedBlockGemmTable[] = {
                 per_group_gemm<Backend::cpu>, per_group_plan<Backend::cpu>},
     {"reference.per_group", Backend::reference, per_group_supports<Backend::reference>,
      per_group_gemm<Backend::reference>, per_group_plan<Backend::reference>},
+};
+
+// grouped_block_fp8_gemm_contiguous apart: each maximal run of consecutive blocks with one
+// in-range index is a block_fp8_gemm of its rows, served by the first entry of that op's table of
+// the backend named here that takes it (the CPU's entries are chosen by M).
+struct BlockRun {
+  int64_t group, first_row, rows;
+};
+
+// The runs of p's blocks, block i's index read at indices[i * kContiguousBlockRows * stride].
+std::vector<BlockRun> block_runs(const ContiguousBlockGemmProblem& p, const int32_t* indices,
+                                 int64_t stride) {
+  std::vector<BlockRun> runs;
+  for (int64_t first = 0; first < p.m; first += kContiguousBlockRows) {
+    const int64_t g = indices[first * stride];
+    const int64_t rows = std::min(kContiguousBlockRows, p.m - first);
+    if (g < 0 || g >= p.groups) continue;  // padding
+    if (!runs.empty() && runs.back().group == g &&
+        runs.back().first_row + runs.back().rows == first)
+      runs.back().rows += rows;
+    else
+      runs.push_back({g, first, rows});
+  }
+  return runs;
+}
+
+#ifdef MOEKIT_HAVE_GPU
+// The indices are on the device, maybe written by the previous kernel: wait for the stream, then
+// copy the span of them to the host.
+std::vector<BlockRun> gpu_block_runs(const ContiguousBlockGemmProblem& p) {
+  const int64_t last = (p.m - 1) * p.m_indices.stride(0), low = std::min<int64_t>(0, last);
+  std::vector<int32_t> host(static_cast<size_t>(std::max<int64_t>(0, last) - low + 1));
+  gpu::synchronize(p.stream);
+  gpu_hooks().memcpy(host.data(), false, p.m_indices.data_as<const int32_t>() + low, true,
+                     host.size() * sizeof(int32_t));
+  return block_runs(p, host.data() - low, p.m_indices.stride(0));
+}
+#endif
+
+template <Backend kBackend>
+std::vector<BlockRun> block_runs_of(const ContiguousBlockGemmProblem& p) {
+#ifdef MOEKIT_HAVE_GPU
+  if constexpr (kBackend == Backend::gpu) return gpu_block_runs(p);
+#endif
+  return block_runs(p, p.m_indices.data_as<const int32_t>(), p.m_indices.stride(0));
+}
+
+// The problem of a first block of rows, which supports() and the plan ask about.
+BlockGemmProblem first_block_of(const ContiguousBlockGemmProblem& p) {
+  return p.rows_of(0, 0, std::min(p.m, kContiguousBlockRows));
+}
+
+template <Backend kBackend>
+std::string per_segment_supports(const ContiguousBlockGemmProblem& p) {
+  std::string reasons;
+  if (p.groups == 0 || p.m == 0 || gemm_entry_of<kBackend>(first_block_of(p), reasons) != nullptr)
+    return "";
+  return "no block_fp8_gemm entry of this backend serves a block of rows (" + reasons + ")";
+}
+
+template <Backend kBackend>
+void per_segment_gemm(const ContiguousBlockGemmProblem& p) {
+  std::string reasons;
+  for (const BlockRun& run : block_runs_of<kBackend>(p)) {
+    const BlockGemmProblem rows = p.rows_of(run.group, run.first_row, run.rows);
+    gemm_entry_of<kBackend>(rows, reasons)->run(rows);
+  }
+}
+
+template <Backend kBackend>
+std::string per_segment_plan(const ContiguousBlockGemmProblem& p) {
+  std::string reasons;
+  const BlockGemmProblem block = first_block_of(p);
+  const BlockGemmImplementation* impl = gemm_entry_of<kBackend>(block, reasons);
+  if (impl == nullptr) return "";
+  std::string text =
+      "block_fp8_gemm (" + std::string(impl->name) + " at " + std::to_string(block.m) + " rows";
+  if (impl->describe != nullptr) text += ": " + impl->describe(block);
+  text += ") per run of blocks with one index";
+  if (kBackend == Backend::gpu) text += ", the stream synchronized to read the indices on the host";
+  return text;
+}
+
+// gpu.sm90.contiguous first (one launch, the indices read on the device); then each backend's runs
+// of blocks apart.
+const ContiguousBlockGemmImplementation kContiguousBlockGemmTable[] = {
+    MOEKIT_GPU_ENTRY({"gpu.sm90.contiguous", Backend::gpu, gpu::contiguous_gemm_sm90_supports,
+                      gpu::contiguous_block_fp8_gemm_sm90, gpu::contiguous_gemm_sm90_plan})
+        MOEKIT_GPU_ENTRY({"gpu.per_segment", Backend::gpu, per_segment_supports<Backend::gpu>,
+                          per_segment_gemm<Backend::gpu>, per_segment_plan<Backend::gpu>}){
+            "cpu.per_segment", Backend::cpu, per_segment_supports<Backend::cpu>,
+            per_segment_gemm<Backend::cpu>, per_segment_plan<Backend::cpu>},
+    {"reference.per_segment", Backend::reference, per_segment_supports<Backend::reference>,
+     per_segment_gemm<Backend::reference>, per_segment_plan<Backend::reference>},
 };
 
 // silu_and_mul_group_quant_fp8_masked: each group a call of the gated quantization's first entry
@@ -591,6 +687,7 @@ constexpr const char* kGemmOp = "block_fp8_gemm";
 constexpr const char* kLinearOp = "w8a8_block_fp8_linear";
 constexpr const char* kWeightOp = "block_quantize_weight";
 constexpr const char* kGroupedGemmOp = "grouped_block_fp8_gemm";
+constexpr const char* kContiguousOp = "grouped_block_fp8_gemm_contiguous";
 
 }  // namespace
 
@@ -608,6 +705,9 @@ std::span<const MaskedGatedQuantImplementation> masked_gated_quant_implementatio
 }
 std::span<const MaskedSiluGemmImplementation> masked_silu_gemm_implementations() {
   return kMaskedSiluGemmTable;
+}
+std::span<const ContiguousBlockGemmImplementation> contiguous_block_gemm_implementations() {
+  return kContiguousBlockGemmTable;
 }
 
 // ---- per_token_group_quant_fp8
@@ -1119,6 +1219,68 @@ std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm(
   const GroupedBlockGemmProblem p = make_grouped_block_gemm_problem(
       kGroupedGemmOp, a, a_scales, a_scales_layout, b, b_scales, out, options);
   return explain_table<GroupedBlockGemmProblem>(kGroupedBlockGemmTable, p, a.device(), options);
+}
+
+// ---- grouped_block_fp8_gemm_contiguous
+
+ContiguousBlockGemmProblem make_contiguous_block_gemm_problem(
+    const char* op, const TensorView& a, const TensorView& a_scales, ScaleLayout layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& m_indices,
+    const TensorView& out, const OpOptions& options) {
+  if (b.ndim() != 3) fail(op, "b.shape", b.shape_str(), "must be [G, N, K]");
+  if (b_scales.ndim() != 3)
+    fail(op, "b_scales.shape", b_scales.shape_str(), "must be [G, ceil(N/128), ceil(K/128)]");
+  const int64_t G = b.size(0);
+  if (b_scales.size(0) != G)
+    fail(op, "b_scales.shape", b_scales.shape_str(),
+         "must have G=" + str(G) + " groups (dimension 0), as b has");
+  // a, its scales, out and group 0's weight pass block_fp8_gemm's checks; the other groups share
+  // the weight's shapes and strides.
+  const BlockGemmProblem rows = make_block_gemm_problem(
+      op, a, a_scales, layout, plane_of(b, 0), plane_of(b_scales, 0), std::nullopt, out, options);
+  if (m_indices.ndim() != 1 || m_indices.size(0) != rows.m)
+    fail(op, "m_indices.shape", m_indices.shape_str(),
+         "must be [" + str(rows.m) + "] (one expert index per row of a)");
+  if (m_indices.dtype() != DType::i32)
+    fail(op, "m_indices.dtype", str(m_indices.dtype()), "is not supported (i32)");
+  check_device(op, "m_indices", m_indices, a.device(), "a");
+  check_data(op, "m_indices", m_indices);
+  ContiguousBlockGemmProblem p;
+  p.a = a;
+  p.a_scales = a_scales;
+  p.a_scale_at = rows.a_scale_at;
+  p.b = b;
+  p.b_scales = b_scales;
+  p.m_indices = m_indices;
+  p.out = out;
+  p.groups = G;
+  p.m = rows.m;
+  p.n = rows.n;
+  p.k = rows.k;
+  p.num_threads = options.num_threads;
+  p.stream = options.stream;
+  p.b_static = options.static_weights;
+  return p;
+}
+
+void grouped_block_fp8_gemm_contiguous(const TensorView& a, const TensorView& a_scales,
+                                       ScaleLayout a_scales_layout, const TensorView& b,
+                                       const TensorView& b_scales, const TensorView& m_indices,
+                                       const TensorView& out, const OpOptions& options) {
+  const ContiguousBlockGemmProblem p = make_contiguous_block_gemm_problem(
+      kContiguousOp, a, a_scales, a_scales_layout, b, b_scales, m_indices, out, options);
+  dispatch<ContiguousBlockGemmProblem>(kContiguousOp, kContiguousBlockGemmTable, p, a.device(),
+                                       options, p.groups == 0 || p.m == 0 || p.n == 0);
+}
+
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_contiguous(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& m_indices,
+    const TensorView& out, const OpOptions& options) {
+  const ContiguousBlockGemmProblem p = make_contiguous_block_gemm_problem(
+      kContiguousOp, a, a_scales, a_scales_layout, b, b_scales, m_indices, out, options);
+  return explain_table<ContiguousBlockGemmProblem>(kContiguousBlockGemmTable, p, a.device(),
+                                                   options);
 }
 
 // ---- silu_and_mul_grouped_block_fp8_gemm_masked

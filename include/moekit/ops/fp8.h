@@ -149,6 +149,24 @@ void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scal
                                    const TensorView& out, int64_t expected_rows,
                                    const OpOptions& options = {});
 
+// MoE prefill in DeepGEMM's contiguous layout (m_grouped_fp8_gemm_nt_contiguous): every expert's
+// rows stacked in one a [M, K] f8e4m3 with its a_scales (the storage block_fp8_gemm takes for a in
+// a_scales_layout), the experts' weights b [G, N, K] f8e4m3 and b_scales [G, ceil(N/128),
+// ceil(K/128)] f32/bf16, m_indices i32 [M] on a's device (any stride) and out [M, N]
+// f32/bf16/f16. The rows are taken in blocks of 128 (the last may be partial); every row of block
+// i is multiplied by expert e = m_indices[128 i], the block's first row's index (DeepGEMM aligns
+// each expert's rows to 128; the other rows' indices are not read): its out rows are
+// block_fp8_gemm's of those rows with b[e] and b_scales[e], without bias. A block whose index is
+// outside [0, G) is padding: nothing is multiplied for it and its out rows are not written. Hopper
+// takes every block in one launch that reads the indices on the device ("gpu.sm90.contiguous",
+// the bits of "gpu.sm90"'s wide tiles); the other entries run each run of consecutive blocks with
+// one index as a block_fp8_gemm call of their backend's entries, with that call's bits (the GPU's,
+// "gpu.per_segment", synchronizes the stream to read the indices on the host).
+void grouped_block_fp8_gemm_contiguous(const TensorView& a, const TensorView& a_scales,
+                                       ScaleLayout a_scales_layout, const TensorView& b,
+                                       const TensorView& b_scales, const TensorView& m_indices,
+                                       const TensorView& out, const OpOptions& options = {});
+
 // An MoE down projection in DeepGEMM's masked layout, its activation quantized inside:
 // out[g] = grouped_block_fp8_gemm_masked of silu_and_mul_group_quant_fp8_masked(x)[g] and b[g],
 // with x [G, M, 2K] (the gate_up projection's out: gate then up halves; f32/f16/bf16), masked_m
@@ -211,6 +229,10 @@ std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_masked(
     const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
     const TensorView& b, const TensorView& b_scales, const TensorView& masked_m,
     const TensorView& out, int64_t expected_rows, const OpOptions& options = {});
+std::vector<ImplementationChoice> explain_grouped_block_fp8_gemm_contiguous(
+    const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
+    const TensorView& b, const TensorView& b_scales, const TensorView& m_indices,
+    const TensorView& out, const OpOptions& options = {});
 std::vector<ImplementationChoice> explain_silu_and_mul_grouped_block_fp8_gemm_masked(
     const TensorView& x, const TensorView& masked_m, const TensorView& b,
     const TensorView& b_scales, const TensorView& out, const GroupQuantConfig& config,
