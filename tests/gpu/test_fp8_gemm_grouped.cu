@@ -488,10 +488,10 @@ TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
 // The persistent wide tiles (the masked layout with expected rows past 64; with `counts` empty,
 // whole groups of M > 64 rows): group g's first min(max(masked_m[g], 0), M) rows (whole: all M)
 // have the bytes of gpu.sm90's wide tiles on the whole group (MOEKIT_SM90_TILES_ROWS=256; M > 128,
-// so that it takes tiles, not the swap kernel); nothing is written past the group's last 256-row
-// tile with rows, in the gaps, or for a group without rows. With `stale` counts, masked_m holds
-// those until the kernel before the GEMM writes `counts` late. `gap`: out elements between groups
-// (a multiple of 8 keeps 16-bit planes on 16 bytes: TMA stores).
+// so that it takes tiles, not the swap kernel); nothing is written past the group's last tile
+// with rows (128 or 256 rows, as the plan says), in the gaps, or for a group without rows. With
+// `stale` counts, masked_m holds those until the kernel before the GEMM writes `counts` late.
+// `gap`: out elements between groups (a multiple of 8 keeps 16-bit planes on 16 bytes: TMA stores).
 void check_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>& counts,
                 int64_t expected_rows, const std::vector<int32_t>& stale = {}, int64_t gap = 8) {
   const bool whole = counts.empty();
@@ -507,6 +507,7 @@ void check_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>&
   OpOptions& options = counted.options;
   const TensorView out = grouped_view(grouped, c, o.gap);
   std::string chosen;
+  int tile_rows = 0;  // the plan's, from its detail
   for (const ImplementationChoice& row :
        whole ? explain_grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options)
              : explain_grouped_block_fp8_gemm_masked(o.a, o.as, c.layout, o.b, o.bs, masked_m, out,
@@ -514,10 +515,14 @@ void check_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>&
     if (row.chosen) {
       chosen = row.name;
       std::printf("%s: %s: %s\n", describe(c).c_str(), row.name.c_str(), row.detail.c_str());
+      const size_t at = row.detail.find("launch: ");
+      if (at != std::string::npos) std::sscanf(row.detail.c_str() + at, "launch: %d x", &tile_rows);
     } else if (row.name == kGroupedWide) {
       std::printf("%s: %s declines: %s\n", describe(c).c_str(), kGroupedWide, row.reason.c_str());
     }
   ASSERT_EQ(chosen, kGroupedWide);
+  // Tiles of 128 rows where the groups hold (are expected to hold) at most 128, else 256.
+  EXPECT_EQ(tile_rows, (whole ? c.m : expected_rows) <= 128 ? 128 : 256);
   counted.write_late();
   const auto call = [&](const Tensor& groups_rows) {
     if (whole)
@@ -550,7 +555,8 @@ void check_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>&
       EXPECT_EQ(std::memcmp(group, want.data(), static_cast<size_t>(rows * c.n) * element), 0)
           << "group " << g << ", " << rows << " rows";
     }
-    const int64_t tiled = std::min((rows + 255) / 256 * 256, c.m);  // rows its tiles may write
+    const int64_t tiled =  // rows its tiles may write
+        std::min((rows + tile_rows - 1) / tile_rows * tile_rows, c.m);
     size_t written = 0;
     for (size_t byte = static_cast<size_t>(tiled * c.n) * element;
          byte < static_cast<size_t>(c.m * c.n + o.gap) * element; ++byte)
@@ -594,6 +600,60 @@ TEST(GpuGroupedGemm, WholeGroupsPast64RowsTakeTheWideTiles) {
   check_wide(rng, {5, 300, 384, 1024, ScaleLayout::column_major_tma, DType::f32}, {}, 0);
   check_wide(rng, {2, 520, 256, 4096, ScaleLayout::row_major, DType::bf16, DType::bf16}, {}, 0, {},
              5);
+}
+
+// Whole groups of 65 to 128 rows take 128-row tiles (half the wide tiles' padding): each group's
+// rows have the bytes of gpu.sm90's wide tiles, computed here on the group's rows padded with
+// zeros to 256 (gpu.sm90 takes the swap kernel at 128 rows and fewer).
+TEST(GpuGroupedGemm, WholeGroupsOf128RowsOrFewerTakeNarrowTiles) {
+  SKIP_WITHOUT_GROUPED_ENTRY();
+  std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.WholeNarrow"));
+  for (const Case& c : {Case{3, 100, 384, 1024},
+                        Case{2, 128, 200, 2048, ScaleLayout::row_major, DType::f32, DType::bf16}}) {
+    SCOPED_TRACE(describe(c));
+    const Operands o = make_operands(rng, c);
+    Tensor grouped = sentinel_out(c, o.gap);
+    OpOptions options;
+    options.backend = Backend::gpu;
+    options.static_weights = true;
+    const TensorView out = grouped_view(grouped, c, o.gap);
+    std::string detail;
+    for (const ImplementationChoice& row :
+         explain_grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options))
+      if (row.chosen) {
+        EXPECT_EQ(row.name, kGroupedWide);
+        detail = row.detail;
+      }
+    std::printf("%s: %s\n", describe(c).c_str(), detail.c_str());
+    EXPECT_NE(detail.find("128 x 128 tiles"), std::string::npos) << detail;
+    grouped_block_fp8_gemm(o.a, o.as, c.layout, o.b, o.bs, out, options);
+    const Tensor got = Tensor::copy_of(grouped, Device::cpu());
+    const ScopedEnv wide_tiles("MOEKIT_SM90_TILES_ROWS", "256");
+    OpOptions single = options;
+    single.implementation = "gpu.sm90";
+    const Tensor a = Tensor::copy_of(o.a, Device::cpu()), as = Tensor::copy_of(o.as, Device::cpu());
+    const int64_t padded = 256, k_blocks = (c.k + 127) / 128;
+    const size_t element = dtype_size(c.out);
+    for (int64_t g = 0; g < c.groups; ++g) {
+      Tensor a_rows = Tensor::empty(DType::f8e4m3, {padded, c.k});
+      Tensor as_rows = Tensor::empty(DType::f32, {padded, k_blocks});
+      std::memset(a_rows.data(), 0, a_rows.nbytes());
+      std::memset(as_rows.data(), 0, as_rows.nbytes());
+      std::memcpy(a_rows.data(), plane_of(a, g).data(), static_cast<size_t>(c.m * c.k));
+      std::memcpy(as_rows.data(), plane_of(as, g).data(), static_cast<size_t>(c.m * k_blocks) * 4);
+      Tensor expected = Tensor::empty(c.out, {padded, c.n}, Device::gpu());
+      block_fp8_gemm(Tensor::copy_of(a_rows, Device::gpu()),
+                     Tensor::copy_of(as_rows, Device::gpu()), c.layout, plane_of(o.b, g),
+                     plane_of(o.bs, g), std::nullopt, expected, single);
+      const Tensor want = Tensor::copy_of(expected, Device::cpu());
+      const char* group = got.data_as<char>() + g * (c.m * c.n + o.gap) * element;
+      EXPECT_EQ(std::memcmp(group, want.data(), static_cast<size_t>(c.m * c.n) * element), 0)
+          << "group " << g;
+      for (size_t byte = static_cast<size_t>(c.m * c.n) * element;
+           byte < static_cast<size_t>(c.m * c.n + o.gap) * element; ++byte)
+        EXPECT_EQ(static_cast<uint8_t>(group[byte]), kSentinel) << "gap after group " << g;
+    }
+  }
 }
 
 }  // namespace

@@ -293,6 +293,85 @@ std::vector<GpuRow> bench_grouped_gpu(const std::string& name, int64_t M, int64_
   return result;
 }
 
+// grouped_block_fp8_gemm_contiguous as an MoE prefill lays it out (DeepGEMM's contiguous layout):
+// expert e's rows_of_expert[e] rows from block to block, each expert's padded to 128 (padding
+// rows indexed -1), timed per call through what the dispatch picks, reported per expert: us / E,
+// and an expert's share of the bytes and flops (its rows only). Verified on the first rows of the
+// first and last experts.
+std::optional<GpuRow> bench_contiguous_gpu(const std::string& name,
+                                           const std::vector<int64_t>& rows_of_expert, int64_t N,
+                                           int64_t K, uint64_t seed, int replays) {
+  const Device gpu = Device::gpu();
+  const auto E = static_cast<int64_t>(rows_of_expert.size());
+  std::vector<int32_t> indices;
+  std::vector<int64_t> first_row;  // each expert's
+  int64_t live = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = rows_of_expert[static_cast<size_t>(e)];
+    first_row.push_back(static_cast<int64_t>(indices.size()));
+    live += rows;
+    for (int64_t r = 0;
+         r < (rows + kContiguousBlockRows - 1) / kContiguousBlockRows * kContiguousBlockRows; ++r)
+      indices.push_back(r < rows ? static_cast<int32_t>(e) : -1);
+  }
+  const auto M = static_cast<int64_t>(indices.size());
+  const Fp8GemmInputs x = make_fp8_gemm_inputs(M, 1, K, seed);          // its a and a_scales
+  const Fp8GemmInputs w = make_fp8_gemm_inputs(1, E * N, K, seed + 1);  // its b and b_scales
+  const Tensor a = Tensor::copy_of(x.a, gpu), as = Tensor::copy_of(x.a_scales, gpu);
+  const Tensor b_scales = Tensor::copy_of(w.b_scales, gpu);
+  const std::vector<Tensor> weights = weight_copies(w.b);
+  const int copies = static_cast<int>(weights.size());
+  Tensor host_indices = Tensor::empty(DType::i32, {M});
+  std::memcpy(host_indices.data(), indices.data(), indices.size() * 4);
+  const Tensor m_indices = Tensor::copy_of(host_indices, gpu);
+  Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
+  OpOptions op;
+  op.backend = Backend::gpu;
+  op.static_weights = true;
+  const std::string chosen = chosen_name(explain_grouped_block_fp8_gemm_contiguous(
+      a, as, ScaleLayout::row_major, as_groups(weights[0], E), as_groups(b_scales, E), m_indices,
+      out, op));
+  if (chosen.empty()) return std::nullopt;
+  GpuRow row{name + " E=" + std::to_string(E) + ", contiguous", live / E, N, K, chosen, true};
+  const auto call = [&](const Tensor& weight) {
+    grouped_block_fp8_gemm_contiguous(a, as, ScaleLayout::row_major, as_groups(weight, E),
+                                      as_groups(b_scales, E), m_indices, out, op);
+  };
+  call(weights[0]);
+  const Tensor host = Tensor::copy_of(out.view(), Device::cpu());
+  row.verified = true;
+  for (const int64_t e : {int64_t{0}, E - 1}) {
+    const int64_t first = first_row[static_cast<size_t>(e)];
+    const int64_t rows = std::min<int64_t>(rows_of_expert[static_cast<size_t>(e)], 2);
+    if (rows == 0) continue;
+    Tensor ref = Tensor::empty(DType::f32, {rows, N});
+    const auto from = [&](const TensorView& t) {
+      return TensorView(static_cast<char*>(t.data()) + first * t.stride(0) * dtype_size(t.dtype()),
+                        t.dtype(), {rows, t.size(1)});
+    };
+    block_fp8_gemm(from(x.a), from(x.a_scales), ScaleLayout::row_major,
+                   plane_of(as_groups(w.b, E), e), plane_of(as_groups(w.b_scales, E), e),
+                   std::nullopt, ref, OpOptions{Backend::reference});
+    const TensorView got(host.data_as<uint16_t>() + first * N, DType::bf16, {rows, N});
+    row.verified =
+        row.verified && relative_mean_error(got, ref) < 1e-3 + 1.0 / 256;  // spec/fp8.md, bf16
+  }
+  int next = 0;
+  row.median_us = gpu::median_graph_replay_us(
+                      [&](void* stream) {
+                        op.stream = stream;
+                        call(weights[static_cast<size_t>(next++ % copies)]);
+                      },
+                      /*calls_per_graph=*/std::max(copies, 4), replays) /
+                  static_cast<double>(E);
+  row.bytes = static_cast<double>(w.b.nbytes() + w.b_scales.nbytes() + x.a.nbytes() +
+                                  x.a_scales.nbytes() + out.nbytes()) /
+              static_cast<double>(E);
+  row.flops = 2.0 * static_cast<double>(live) * static_cast<double>(N) * static_cast<double>(K) /
+              static_cast<double>(E);
+  return row;
+}
+
 // The counts an MoE decode step's rows rotate over, on the GPU: set s gives `rows` rows to each
 // expert g with g % (G / active) == s (at most 16 sets, each expert in at most one), so that the
 // weights of a graph's calls come from HBM as in a model, not from L2.
@@ -669,6 +748,23 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           if (auto row = bench_masked_decode_gpu(deepgemm, capacity, used, 4096, 7168, 4, 4, used,
                                                  seed++, options.replays, implementation))
             rows.push_back(std::move(*row));
+    // MoE prefill in DeepGEMM's contiguous layout: 8 DeepSeek-V3 experts of 256 and 1024 rows (the
+    // whole groups above, laid out one after another), and Qwen3-30B-A3B's 128 experts taking a
+    // 4096-token prefill's 32768 rows unevenly (rows 64..448, each expert padded to 128).
+    for (const int64_t M : {int64_t{256}, int64_t{1024}}) {
+      const std::string gate_up = "N=4096 K=7168 (DeepSeek-V3 gate_up)";
+      if (wanted(gate_up, M))
+        if (auto row = bench_contiguous_gpu(gate_up, std::vector<int64_t>(kBenchGroups, M), 4096,
+                                            7168, seed++, options.replays))
+          rows.push_back(std::move(*row));
+    }
+    const std::string prefill = "N=1536 K=2048 (Qwen3-30B expert gate_up, prefill)";
+    if (wanted(prefill, 256)) {
+      std::vector<int64_t> uneven;
+      for (int64_t e = 0; e < 128; ++e) uneven.push_back(64 + (e * 37) % 385);
+      if (auto row = bench_contiguous_gpu(prefill, uneven, 1536, 2048, seed++, options.replays))
+        rows.push_back(std::move(*row));
+    }
     // Qwen3-30B-A3B's experts under a large batch in DeepEP's low-latency layout: 128 experts of
     // capacity 256, each with 128 rows.
     const std::string batch = "N=1536 K=2048 (Qwen3-30B expert gate_up, large batch)";
@@ -757,7 +853,9 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
       options.op == "gemm" ? "; weights static (OpOptions::static_weights)"
       : options.op == "gemm-grouped"
           ? "; 8 GEMMs of the shape per call, us and bytes per GEMM (gpu.sm90.grouped: one "
-            "launch; gpu.sm90.grouped_wide: one launch of 256-row tiles, past 64 rows a group; "
+            "launch; gpu.sm90.grouped_wide: one launch of 128- or 256-row tiles, past 64 rows a "
+            "group; "
+            "gpu.sm90.contiguous: DeepGEMM's contiguous layout, one launch of 128-row tiles; "
             "gpu.per_group: one gpu.sm90 launch each; \"4 with rows\": the masked "
             "layout, every other group without rows, us per group with rows; \"G=128, 8 with "
             "rows\": an MoE decode step, another 8 experts each call, one row each, \"capacity "
