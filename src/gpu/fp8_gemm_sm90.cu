@@ -672,17 +672,24 @@ PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
                            : wide_persistent_kernel_for<Out::bf16_tma>(plan);
 }
 
-// The groups' builds of the persistent kernel (CTAs alone, no split round): the plan's feed and
-// out path, tiles of kRows rows.
-template <persistent::Groups kGroups, int kRows, persistent::Out kOut>
+// The groups' builds of the persistent kernel (no split round): the plan's feed and out path,
+// tiles of kRows rows, CTAs alone or (contiguous) in pairs sharing A tiles.
+template <persistent::Groups kGroups, int kRows, persistent::Out kOut, tiles::Cluster kCluster>
 PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
-  using tiles::Cluster;
   using tiles::ScaleFeed;
   return plan.scale_feed == ScaleFeed::a_k_inner
-             ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, Cluster::none, kOut, false,
-                                           kGroups, kRows>
-             : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, Cluster::none, kOut, false,
-                                           kGroups, kRows>;
+             ? gemm_wide_persistent_kernel<ScaleFeed::a_k_inner, kCluster, kOut, false, kGroups,
+                                           kRows>
+             : gemm_wide_persistent_kernel<ScaleFeed::a_m_inner, kCluster, kOut, false, kGroups,
+                                           kRows>;
+}
+
+template <persistent::Groups kGroups, int kRows, persistent::Out kOut>
+PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
+  if constexpr (kGroups == persistent::Groups::contiguous)
+    if (plan.pair)
+      return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
+  return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::none>(plan);
 }
 
 template <persistent::Groups kGroups, int kRows>
@@ -1664,15 +1671,24 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
     return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
   plan.tile_rows = static_cast<int>(kContiguousBlockRows);
   plan.persistent = true;
+  // Pairs of CTAs take the two column tiles of a block (one expert), each copying half of the A
+  // tile into both rings, where the column tiles pair up. MOEKIT_SM90_CONTIGUOUS_PAIR=0 or 1
+  // forces them off or on (timing knob).
+  const int64_t tiles_n = fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  const int pair = env::integer("MOEKIT_SM90_CONTIGUOUS_PAIR", -1);
+  plan.pair = tiles_n % 2 == 0 && pair != 0;
+  plan.splits = plan.pair ? 2 : 1;
   plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(0) % 8 == 0);
   plan.persistent_kernel =
       grouped_persistent_kernel_for<persistent::Groups::contiguous, 128>(plan, p.out.dtype());
   plan.shared_bytes = persistent::SharedLayout<128>::kSharedBytes;
-  const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
-  if (resident < 1) return "no CTA of the contiguous build fits an SM";
-  plan.grid = dim3(static_cast<unsigned>(std::min<int64_t>(units, resident)));
+  const int resident =
+      cluster_capacity(plan.persistent_kernel, plan.splits, plan.shared_bytes, device_index);
+  if (resident < 1) return "no CTA (pair) of the contiguous build fits the device";
+  plan.grid =
+      dim3(static_cast<unsigned>(std::min<int64_t>(units / plan.splits, resident) * plan.splits));
   return "";
 }
 }  // namespace
@@ -1694,8 +1710,9 @@ std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& p) {
   char text[300];
   std::snprintf(text, sizeof text,
                 "persistent 128 x 128 tiles of a's blocks, each with its index's weights, %lld "
-                "experts in one launch, %u CTAs, activation scales %s, %s",
+                "experts in one launch, %u CTAs%s, activation scales %s, %s",
                 static_cast<long long>(p.groups), plan.grid.x,
+                plan.pair ? " in pairs sharing A tiles" : "",
                 plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
                 plan.out_tma ? "TMA stores" : "the threads store");
   return text;
@@ -1711,14 +1728,15 @@ void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& p) {
          "has no plan: " + why);
   const BlockGemmProblem first = p.rows_of(0, 0, p.m);
   GemmArgs args = args_of(first);
-  const CUtensorMap a_map =
-      make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0), plan.tile_rows, plan.tile_promotion);
+  const CUtensorMap a_map =  // (pairs: each CTA copies half of the A tile)
+      make_tile_map("a", p.a.data(), p.m, p.k, p.a.stride(0),
+                    plan.pair ? plan.tile_rows / 2 : plan.tile_rows, plan.tile_promotion);
   const CUtensorMap b_map =
       make_grouped_tile_map("b", p.b.data(), p.groups, p.n, p.k, p.b.stride(1), p.b.stride(0),
                             tiles::kBlockN, plan.tile_promotion);
   args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, kContiguousBlockRows));
   args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, int64_t{tiles::kBlockN}));
-  args.splits = 1;
+  args.splits = plan.splits;
   args.b_scale_k_inner = plan.b_scale_k_inner;
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
   args.groups = static_cast<int>(p.groups);

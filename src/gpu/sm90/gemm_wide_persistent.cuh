@@ -194,8 +194,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kTma = kOut != persistent::Out::threads;
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
-  static_assert(kGroups == persistent::Groups::none || (!kPair && !kSplit),
-                "the groups' tiles: CTAs alone, unsplit");
+  static_assert(kGroups == persistent::Groups::none ||
+                    (!kSplit && (!kPair || kGroups == persistent::Groups::contiguous)),
+                "the groups' tiles: unsplit, CTAs alone (contiguous: or in pairs)");
   static_assert(kRows == 256 || kGroups != persistent::Groups::none, "128 rows: grouped builds");
   static_assert(!kContiguous || kRows == kContiguousBlockRows, "a tile per block of one index");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
