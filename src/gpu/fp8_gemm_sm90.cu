@@ -256,13 +256,29 @@ tiles::ScaleFeed tiles_scale_feed(const BlockGemmProblem& p, bool& b_k_inner) {
   return ScaleFeed::warps;
 }
 
+// How the persistent kernel's groups' builds get the activation scales (their weight scales are
+// stored by a loader warp, any layout): copied with the tiles where tiles_scale_feed would copy
+// them; else the scale warps (which those builds do not have: they decline).
+tiles::ScaleFeed activation_scale_feed(const BlockGemmProblem& p) {
+  using tiles::ScaleFeed;
+  const auto boxable = [](int64_t count, int64_t stride_bytes) {
+    return count == 1 || (stride_bytes % 16 == 0 && stride_bytes < (int64_t{1} << 40));
+  };
+  if (reinterpret_cast<uintptr_t>(p.a_scales.data()) % 16 != 0) return ScaleFeed::warps;
+  const ScaleAddressing& at = p.a_scale_at;
+  const int64_t words = at.packed() ? fp8::ceil_div(p.k_blocks, 4) : p.k_blocks;
+  if (at.group_stride == 1 && boxable(p.m, at.row_stride * 4)) return ScaleFeed::a_k_inner;
+  if (at.row_stride == 1 && boxable(words, at.group_stride * 4)) return ScaleFeed::a_m_inner;
+  return ScaleFeed::warps;
+}
+
 // The tiles kernel's scale maps for the plan's feed (zeros for the scale warps), for tiles of
 // `rows` rows. groups > 0: of that many groups (p is group 0's problem), the scale tensors' planes
 // a_group_bytes and b_group_bytes apart; a_groups false: the activation scales are one matrix
 // (the contiguous layout), only the weight scales have planes.
 ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b_k_inner, int rows,
                         int64_t groups = 0, int64_t a_group_bytes = 0, int64_t b_group_bytes = 0,
-                        bool a_groups = true) {
+                        bool a_groups = true, bool b_map = true) {
   using tiles::ScaleFeed;
   ScaleMaps maps{};
   if (feed == ScaleFeed::warps) return maps;
@@ -275,6 +291,7 @@ ScaleMaps scale_maps_of(const BlockGemmProblem& p, tiles::ScaleFeed feed, bool b
   else
     maps.a = make_scale_map("a_scales", p.a_scales.data(), 4, p.m, words, at.group_stride * 4, rows,
                             1, a_planes, a_group_bytes);
+  if (!b_map) return maps;  // (the groups' builds: their loader warp reads the weight scales)
   const int b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
   const int64_t n_blocks = fp8::ceil_div(p.n, kFp8BlockSize);
   if (b_k_inner)
@@ -1557,12 +1574,11 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
   const int64_t most_units = p.groups * fp8::ceil_div(p.m, int64_t{plan.tile_rows}) *
                              fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
   if (most_units > std::numeric_limits<int>::max()) return "more tiles than an int counts";
-  plan.scale_feed = tiles_scale_feed(first, plan.b_scale_k_inner);
-  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  plan.scale_feed = activation_scale_feed(first);
   if (plan.scale_feed == tiles::ScaleFeed::warps ||
-      (p.groups > 1 &&
-       ((p.a_scales.stride(0) * 4) % 16 != 0 || (p.b_scales.stride(0) * b_bytes) % 16 != 0)))
-    return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
+      (p.groups > 1 && (p.a_scales.stride(0) * 4) % 16 != 0))
+    return "the activation scales cannot be copied with the tiles (TMA: 16-byte aligned planes "
+           "and rows)";
   plan.persistent = true;
   plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
@@ -1635,10 +1651,10 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   args.out_group_stride = p.out.stride(0);
   // (pairs of columns stored as one vector: in every group's plane, not only group 0's)
   if (p.groups > 1 && p.out.stride(0) % 2 != 0) args.epilogue.out_pairs = false;
-  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
+  args.b_scale_group_stride = p.b_scales.stride(0);
   const ScaleMaps maps =
       scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows, p.groups,
-                    p.a_scales.stride(0) * 4, p.b_scales.stride(0) * b_bytes);
+                    p.a_scales.stride(0) * 4, 0, /*a_groups=*/true, /*b_map=*/false);
   const CUtensorMap out_map =
       plan.out_tma ? make_out_map(first, plan.tile_rows, p.groups, p.out.stride(0)) : CUtensorMap{};
   launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
@@ -1664,11 +1680,10 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   const int64_t units =
       fp8::ceil_div(p.m, kContiguousBlockRows) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
   if (units > std::numeric_limits<int>::max()) return "more tiles than an int counts";
-  plan.scale_feed = tiles_scale_feed(first, plan.b_scale_k_inner);
-  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
-  if (plan.scale_feed == tiles::ScaleFeed::warps ||
-      (p.groups > 1 && (p.b_scales.stride(0) * b_bytes) % 16 != 0))
-    return "the scales cannot be copied with the tiles (TMA: 16-byte aligned planes and rows)";
+  plan.scale_feed = activation_scale_feed(first);
+  if (plan.scale_feed == tiles::ScaleFeed::warps)
+    return "the activation scales cannot be copied with the tiles (TMA: rows on 16 bytes; "
+           "DeepGEMM's column-major TMA-aligned layout always is)";
   plan.tile_rows = static_cast<int>(kContiguousBlockRows);
   plan.persistent = true;
   // Pairs of CTAs take the two column tiles of a block (one expert), each copying half of the A
@@ -1742,11 +1757,11 @@ void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& p) {
   args.groups = static_cast<int>(p.groups);
   args.m_indices = p.m_indices.data_as<const int>();
   args.m_index_stride = p.m_indices.stride(0);
-  // a and its scales are one matrix (2-D maps), the weights and theirs G planes (3-D).
-  const int64_t b_bytes = p.b_scales.dtype() == DType::bf16 ? 2 : 4;
-  const ScaleMaps maps =
-      scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows, p.groups, 0,
-                    p.b_scales.stride(0) * b_bytes, /*a_groups=*/false);
+  // a and its scales are one matrix (2-D maps), the weights G planes (a 3-D map; their scales
+  // read by the loader warp).
+  args.b_scale_group_stride = p.b_scales.stride(0);
+  const ScaleMaps maps = scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows,
+                                       0, 0, 0, false, /*b_map=*/false);
   const CUtensorMap out_map = plan.out_tma ? make_out_map(first, plan.tile_rows) : CUtensorMap{};
   launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
 }

@@ -587,6 +587,12 @@ TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
   // 32 k-blocks (the last turn of the 3-stage ring padded), counts written late by the kernel
   // before.
   check_wide(rng, {5, 260, 512, 4096}, {0, 259, 3, 260, 65}, 128, {7, 0, 0, 130, 0});
+  // Qwen3-30B's down projection (K=768: 6 k-blocks, weight-scale rows of 24 bytes, or 12 in
+  // bf16, which only the loader warp reads), 256- and 128-row tiles.
+  check_wide(rng, {6, 200, 256, 768, ScaleLayout::column_major_tma}, {200, 0, 77, 129, 1, 200},
+             150);
+  check_wide(rng, {4, 136, 384, 768, ScaleLayout::column_major_tma, DType::f32, DType::bf16},
+             {136, 5, 0, 100}, 100);
   // No rows anywhere: nothing written.
   check_wide(rng, {3, 200, 256, 512}, {0, -4, 0}, 150);
 }

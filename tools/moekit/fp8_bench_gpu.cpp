@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "commands.h"
@@ -317,7 +318,9 @@ std::optional<GpuRow> bench_contiguous_gpu(const std::string& name,
   const auto M = static_cast<int64_t>(indices.size());
   const Fp8GemmInputs x = make_fp8_gemm_inputs(M, 1, K, seed);          // its a and a_scales
   const Fp8GemmInputs w = make_fp8_gemm_inputs(1, E * N, K, seed + 1);  // its b and b_scales
-  const Tensor a = Tensor::copy_of(x.a, gpu), as = Tensor::copy_of(x.a_scales, gpu);
+  // (column-major activation scales, as DeepGEMM takes them: M-inner, any K)
+  const Tensor a = Tensor::copy_of(x.a, gpu);
+  const Tensor as = Tensor::copy_of(column_major_scales(x.a_scales), gpu);
   const Tensor b_scales = Tensor::copy_of(w.b_scales, gpu);
   const std::vector<Tensor> weights = weight_copies(w.b);
   const int copies = static_cast<int>(weights.size());
@@ -329,12 +332,13 @@ std::optional<GpuRow> bench_contiguous_gpu(const std::string& name,
   op.backend = Backend::gpu;
   op.static_weights = true;
   const std::string chosen = chosen_name(explain_grouped_block_fp8_gemm_contiguous(
-      a, as, ScaleLayout::row_major, as_groups(weights[0], E), as_groups(b_scales, E), m_indices,
+      a, as, ScaleLayout::column_major, as_groups(weights[0], E), as_groups(b_scales, E), m_indices,
       out, op));
-  if (chosen.empty()) return std::nullopt;
+  // (gpu.per_segment reads the indices on the host: no CUDA graph can hold it)
+  if (chosen != "gpu.sm90.contiguous") return std::nullopt;
   GpuRow row{name + " E=" + std::to_string(E) + ", contiguous", live / E, N, K, chosen, true};
   const auto call = [&](const Tensor& weight) {
-    grouped_block_fp8_gemm_contiguous(a, as, ScaleLayout::row_major, as_groups(weight, E),
+    grouped_block_fp8_gemm_contiguous(a, as, ScaleLayout::column_major, as_groups(weight, E),
                                       as_groups(b_scales, E), m_indices, out, op);
   };
   call(weights[0]);
@@ -758,13 +762,16 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
                                             7168, seed++, options.replays))
           rows.push_back(std::move(*row));
     }
-    const std::string prefill = "N=1536 K=2048 (Qwen3-30B expert gate_up, prefill)";
-    if (wanted(prefill, 256)) {
-      std::vector<int64_t> uneven;
-      for (int64_t e = 0; e < 128; ++e) uneven.push_back(64 + (e * 37) % 385);
-      if (auto row = bench_contiguous_gpu(prefill, uneven, 1536, 2048, seed++, options.replays))
-        rows.push_back(std::move(*row));
-    }
+    // (and its down projection: K=768, 6 k-blocks, weight-scale rows TMA cannot copy)
+    std::vector<int64_t> uneven;
+    for (int64_t e = 0; e < 128; ++e) uneven.push_back(64 + (e * 37) % 385);
+    for (const auto& [prefill, n, k] :
+         {std::tuple<std::string, int64_t, int64_t>{
+              "N=1536 K=2048 (Qwen3-30B expert gate_up, prefill)", 1536, 2048},
+          {"N=2048 K=768 (Qwen3-30B expert down, prefill)", 2048, 768}})
+      if (wanted(prefill, 256))
+        if (auto row = bench_contiguous_gpu(prefill, uneven, n, k, seed++, options.replays))
+          rows.push_back(std::move(*row));
     // Qwen3-30B-A3B's experts under a large batch in DeepEP's low-latency layout: 128 experts of
     // capacity 256, each with 128 rows.
     const std::string batch = "N=1536 K=2048 (Qwen3-30B expert gate_up, large batch)";

@@ -93,6 +93,9 @@ struct GemmArgs {
   // outside [0, groups): padding, skipped).
   const int* m_indices;
   int64_t m_index_stride;
+  // The groups' builds: elements between the weight scales of consecutive groups (their loader
+  // warp reads scales.b, b_row_stride and b_col_stride from group 0's).
+  int64_t b_scale_group_stride;
 #ifdef MOEKIT_FP8_TRACE
   int tiles_ablation;  // diagnosis builds: see tiles::ablation
 #endif

@@ -202,7 +202,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
   static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
   using Ring = RingPosition<kStages>;
-  constexpr int kScaleCopyBytes = (kKInner ? 0 : kBlockM * 4) + 16;
+  // The groups' builds: the weight scales are not copied by TMA but stored into each stage by
+  // producer warp 1 as f32 (any strides and dtype: Qwen3-30B's down projection has K=768, 6
+  // k-blocks, rows of 24 bytes that TMA cannot copy); each stage's full barrier then waits for
+  // its arrival too.
+  constexpr bool kScaleLoader = kGroups != persistent::Groups::none;
+  constexpr int kScaleCopyBytes = (kKInner ? 0 : kBlockM * 4) + (kScaleLoader ? 0 : 16);
   constexpr int kScaleFloats = kScaleBytes / 4;
   constexpr int kGroupRows = 8;  // tile rows per rasterization group, as the wide tiles kernel
   constexpr int kUnitColumns = kPair ? 2 : 1;
@@ -260,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           if (tracing) trace.enter());
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&full[s], kScaleLoader ? 2 : 1);
       sm90::mbarrier_init(&empty[s], kConsumers * 4 * (kPair ? 2 : 1));
     }
     sm90::fence_barrier_init();
@@ -423,9 +428,50 @@ __global__ void __launch_bounds__(kThreads, 1)
             } else {
               copy_rows(region, &scale_maps.a, bar, m0, word);
             }
-            const int inner = args.b_scale_k_inner ? kb : nb;
-            copy_weights(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
-                         inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
+            if constexpr (!kScaleLoader) {
+              const int inner = args.b_scale_k_inner ? kb : nb;
+              copy_weights(region + S::kScaleBOffset / 4, &scale_maps.b, bar,
+                           inner & -args.b_scale_lanes, args.b_scale_k_inner ? nb : kb);
+            }
+          }
+        }
+      }
+    }
+    if constexpr (kScaleLoader) {
+      if (threadIdx.x / 32 == kConsumers * 4 + 1) {
+        // The weight scales of each unit's k-blocks, 32 at a time (a load per lane), into the
+        // ring's stages in the producer's order (padding slots only arrived on).
+        const int lane = static_cast<int>(threadIdx.x) % 32;
+        vendor::wait_for_previous_grid();
+        Ring ring;
+        for (int unit = pair; unit < units; unit += pairs) {
+          int m0, n0;
+          origin(unit, m0, n0);
+          int group = unit_group;
+          if constexpr (kContiguous) {
+            group = block_index(m0);
+            if (group < 0) continue;  // padding (as the producer and the consumers)
+          }
+          const int64_t row = static_cast<int64_t>(group) * args.b_scale_group_stride +
+                              static_cast<int64_t>(n0 / kBlockN) * args.scales.b_row_stride;
+          for (int kb0 = 0; kb0 < slots; kb0 += 32) {
+            float mine = 0.0f;
+            if (kb0 + lane < k_blocks) {
+              const int64_t at = row + static_cast<int64_t>(kb0 + lane) * args.scales.b_col_stride;
+              mine = args.scales.b_bf16
+                         ? __uint_as_float(static_cast<uint32_t>(__ldg(
+                                               static_cast<const uint16_t*>(args.scales.b) + at))
+                                           << 16)
+                         : __ldg(static_cast<const float*>(args.scales.b) + at);
+            }
+            for (int i = 0; i < 32 && kb0 + i < slots; ++i, ring.advance()) {
+              const float value = __shfl_sync(0xffffffffu, mine, i);
+              if (lane == 0) {
+                sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
+                scales[ring.stage * kScaleFloats + S::kScaleBOffset / 4] = value;
+                sm90::mbarrier_arrive(&full[ring.stage]);  // (a release: the store is seen)
+              }
+            }
           }
         }
       }
@@ -476,13 +522,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         a_words[v] = reinterpret_cast<const uint32_t*>(scales + zero + stage * kScaleFloats) + row;
       }
     }
-    const int b_index = (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
-    const int b_byte = args.scales.b_bf16 ? 2 * b_index : 4 * b_index;
+    const int b_index =
+        kScaleLoader ? 0 : (args.b_scale_k_inner ? kb : nb) & (args.b_scale_lanes - 1);
+    const bool b_bf16 = !kScaleLoader && args.scales.b_bf16;  // (the loader stores f32)
+    const int b_byte = b_bf16 ? 2 * b_index : 4 * b_index;
     const uint32_t* b_word_at = reinterpret_cast<const uint32_t*>(
                                     scales + zero + stage * kScaleFloats + S::kScaleBOffset / 4) +
                                 b_byte / 4;
-    const int b_shift = args.scales.b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
-    const uint32_t b_mask = args.scales.b_bf16 ? 0xffff0000u : 0xffffffffu;
+    const int b_shift = b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
+    const uint32_t b_mask = b_bf16 ? 0xffff0000u : 0xffffffffu;
     sm90::mbarrier_wait(&full[stage], phase);
     uint32_t a_word[kWaves][2];
 #pragma unroll
