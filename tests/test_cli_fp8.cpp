@@ -437,7 +437,8 @@ TEST_F(CliFp8, ExplainGemmAndLinearSayWhichImplementationRuns) {
 // `moekit explain --op gemm-grouped`: grouped_block_fp8_gemm's entries at G x M x N x K, whole
 // groups or (with --expected-rows) the masked layout with that hint; on the host the per-group
 // entries run (the GPU's say why they decline where asked for). The grouped flags are errors for
-// the other ops, and bad values name the flag.
+// the other ops, and bad values name the flag. `--op gemm-contiguous` the same for
+// grouped_block_fp8_gemm_contiguous (its --groups: the experts).
 TEST_F(CliFp8, ExplainGroupedGemmSaysWhichImplementationRuns) {
   // The line of entry `name` ("  <name> <verdict>", the names' column as wide as the longest).
   const auto verdict_of = [](const std::string& out, const std::string& name) {
@@ -481,10 +482,29 @@ TEST_F(CliFp8, ExplainGroupedGemmSaysWhichImplementationRuns) {
         {"explain --op gemm-grouped --expected-rows 0", "--expected-rows=0"},
         {"explain --op gemm --groups 4", "--groups=4"},
         {"explain --op linear --expected-rows 7", "--expected-rows=7"},
-        {"explain --groups 4", "--groups=4"}}) {
+        {"explain --groups 4", "--groups=4"},
+        {"explain --op gemm-contiguous --expected-rows 7", "--expected-rows=7"},
+        {"explain --op gemm-contiguous --groups 0", "--groups=0"}}) {
     const Result bad = run(args);
     EXPECT_EQ(bad.exit_code, 2) << args;
     EXPECT_NE(bad.err.find(flag), std::string::npos) << args << ": " << bad.err;
+  }
+  // The contiguous layout: M rows in 128-row blocks against G experts; on the host each run of
+  // blocks with one index is a block_fp8_gemm call.
+  const Result contiguous =
+      run("explain --op gemm-contiguous --backend cpu --groups 4 --tokens 300 --n 256 --k 512");
+  ASSERT_EQ(contiguous.exit_code, 0) << contiguous.err;
+  EXPECT_NE(contiguous.out.find("gemm-contiguous M=300 N=256 K=512, 4 experts, column-major "
+                                "activation scales, backend cpu:"),
+            std::string::npos)
+      << contiguous.out;
+  EXPECT_EQ(verdict_of(contiguous.out, "cpu.per_segment").rfind("runs: block_fp8_gemm (cpu.", 0),
+            0u)
+      << contiguous.out;
+  if (contiguous.out.find("gpu.sm90.contiguous") != std::string::npos) {  // (builds with the GPU)
+    EXPECT_EQ(verdict_of(contiguous.out, "gpu.sm90.contiguous"),
+              "declines: backend cpu was requested")
+        << contiguous.out;
   }
 }
 

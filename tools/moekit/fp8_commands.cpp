@@ -1,8 +1,9 @@
 // The FP8 subcommands of the moekit CLI: quant (per-token-group activation quantization), gemm
 // (block-scaled FP8 GEMM) and quantize-weight (128x128 block weight quantization), each from one
-// safetensors file to another; and explain --op gemm | linear | gemm-grouped (the dispatch at a
-// shape). Validation of shapes and dtypes is the library's (spec/fp8.md); the CLI only checks what
-// it needs to size its outputs. Output is written atomically, and only when the op succeeded.
+// safetensors file to another; and explain --op gemm | linear | gemm-grouped | gemm-contiguous
+// (the dispatch at a shape). Validation of shapes and dtypes is the library's (spec/fp8.md); the
+// CLI only checks what it needs to size its outputs. Output is written atomically, and only when
+// the op succeeded.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -191,11 +192,35 @@ int explain_grouped_gemm(const ExplainFp8Options& flags, const OpOptions& option
   print_explained(title, options, flags.static_weights, choices);
   return 0;
 }
+
+// explain --op gemm-contiguous: DeepGEMM's contiguous layout, M rows of a [M, K] in 128-row
+// blocks against G experts' [G, N, K], the activation scales column-major as DeepGEMM takes them
+// (the indices are never read: the GPU reads them on the device, the host entries when they run).
+int explain_contiguous_gemm(const ExplainFp8Options& flags, const OpOptions& options,
+                            const Device& device) {
+  const int64_t G = flags.groups, M = flags.m, N = flags.n, K = flags.k;
+  const int64_t k_blocks = (K + 127) / 128;
+  const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, device);
+  const Tensor a_scales = Tensor::empty(DType::f32, {k_blocks, M}, device);
+  const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, device);
+  const Tensor b_scales = Tensor::empty(DType::f32, {G, (N + 127) / 128, k_blocks}, device);
+  const Tensor m_indices = Tensor::empty(DType::i32, {M}, device);
+  const Tensor out = Tensor::empty(DType::bf16, {M, N}, device);
+  print_explained("gemm-contiguous M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                      " K=" + std::to_string(K) + ", " + std::to_string(G) +
+                      " experts, column-major activation scales",
+                  options, flags.static_weights,
+                  explain_grouped_block_fp8_gemm_contiguous(a, a_scales, ScaleLayout::column_major,
+                                                            b, b_scales, m_indices, out, options));
+  return 0;
+}
 }  // namespace
 
 int run_explain_fp8(const ExplainFp8Options& flags) {
-  if (flags.op != "gemm" && flags.op != "linear" && flags.op != "gemm-grouped")
-    fail("explain", "--op", flags.op, "is not one of route, gemm, linear, gemm-grouped");
+  if (flags.op != "gemm" && flags.op != "linear" && flags.op != "gemm-grouped" &&
+      flags.op != "gemm-contiguous")
+    fail("explain", "--op", flags.op,
+         "is not one of route, gemm, linear, gemm-grouped, gemm-contiguous");
   for (const auto& [name, value] : {std::pair<const char*, int64_t>{"--tokens", flags.m},
                                     {"--n", flags.n},
                                     {"--k", flags.k},
@@ -211,6 +236,7 @@ int run_explain_fp8(const ExplainFp8Options& flags) {
   const int64_t M = flags.m, N = flags.n, K = flags.k;
   const int64_t k_blocks = (K + 127) / 128;
   if (flags.op == "gemm-grouped") return explain_grouped_gemm(flags, options, device);
+  if (flags.op == "gemm-contiguous") return explain_contiguous_gemm(flags, options, device);
   const Tensor b = Tensor::empty(DType::f8e4m3, {N, K}, device);
   const Tensor b_scales = Tensor::empty(DType::f32, {(N + 127) / 128, k_blocks}, device);
   const Tensor out = Tensor::empty(DType::bf16, {M, N}, device);

@@ -251,13 +251,15 @@ int main(int argc, char** argv) {
   std::string explain_op = "route", explain_model, explain_backend;
   std::optional<int64_t> explain_tokens;
   ExplainFp8Options explain_fp8;
-  explain_cmd->add_option("--op", explain_op, "route (default) | gemm | linear | gemm-grouped");
+  explain_cmd->add_option("--op", explain_op,
+                          "route (default) | gemm | linear | gemm-grouped | gemm-contiguous");
   CLI::Option* explain_model_opt = explain_cmd->add_option(
       "--model", explain_model, "route: one model-table row (default: all)");
   explain_cmd->add_option("--tokens", explain_tokens,
                           "token count, M of the FP8 ops (default: route 4096, else 1)");
   const CLI::Option* explain_grouped_opts[] = {
-      explain_cmd->add_option("--groups", explain_fp8.groups, "gemm-grouped: G, the GEMMs (8)"),
+      explain_cmd->add_option("--groups", explain_fp8.groups,
+                              "gemm-grouped: G, the GEMMs; gemm-contiguous: the experts (8)"),
       explain_cmd->add_option("--expected-rows", explain_fp8.expected_rows,
                               "gemm-grouped: the masked layout, most groups holding this many "
                               "rows (default: whole groups)")};
@@ -303,15 +305,19 @@ int main(int argc, char** argv) {
         for (const CLI::Option* o : explain_fp8_opts)
           if (o->count() > 0)
             fail("explain", o->get_name(), o->as<std::string>(),
-                 "is for --op gemm, linear or gemm-grouped");
+                 "is for --op gemm, linear, gemm-grouped or gemm-contiguous");
         return run_explain(explain_model, explain_tokens.value_or(4096), explain_backend);
       }
       if (explain_model_opt->count() > 0)
         fail("explain", "--model", explain_model, "is for --op route");
-      if (explain_op != "gemm-grouped")
-        for (const CLI::Option* o : explain_grouped_opts)
-          if (o->count() > 0)
-            fail("explain", o->get_name(), o->as<std::string>(), "is for --op gemm-grouped");
+      for (const CLI::Option* o : explain_grouped_opts) {
+        const bool groups = o == explain_grouped_opts[0];  // (--groups: the experts, contiguous)
+        if (o->count() == 0 || explain_op == "gemm-grouped" ||
+            (groups && explain_op == "gemm-contiguous"))
+          continue;
+        fail("explain", o->get_name(), o->as<std::string>(),
+             groups ? "is for --op gemm-grouped or gemm-contiguous" : "is for --op gemm-grouped");
+      }
       explain_fp8.op = explain_op;
       explain_fp8.m = explain_tokens.value_or(1);
       explain_fp8.backend = explain_backend;
