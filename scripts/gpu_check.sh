@@ -241,12 +241,12 @@ if [[ -x $CLI ]]; then
     || note "moekit bench --op linear: exit $? (a row failed verification, or it timed out)"
   timeout 60 "$CLI" bench --op quantize-weight --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit bench --op quantize-weight: exit $?"
-  timeout 180 "$CLI" bench --op gemm-grouped --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
+  timeout 240 "$CLI" bench --op gemm-grouped --backend gpu >> "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit bench --op gemm-grouped: exit $? (a row failed verification, or it timed out)"
   timeout 240 "$CLI" bench --op gemm --backend gpu --json > "$FP8_JSON" 2> "$OUT/fp8_stderr.txt" \
     || note "moekit bench --op gemm: exit $? (a row failed verification, or it timed out)"
-  # The plans of the decode GEMM and of the large shape (M N K), as the bench runs them, and of
-  # DeepGEMM's masked case (4 groups of 256 rows).
+  # The plans of the decode GEMM and of the large shape (M N K), as the bench runs them, of
+  # DeepGEMM's masked case (4 groups of 256 rows) ...
   for shape in "1 4096 7168" "4096 7168 16384"; do
     read -r m n k <<< "$shape"
     timeout 30 "$CLI" explain --op gemm --backend gpu --tokens "$m" --n "$n" --k "$k" \
@@ -255,6 +255,10 @@ if [[ -x $CLI ]]; then
   timeout 30 "$CLI" explain --op gemm-grouped --backend gpu --groups 4 --tokens 256 \
     --expected-rows 256 --static-weights >> "$OUT/fp8_bench.txt" 2>&1 \
     || note "moekit explain --op gemm-grouped: exit $?"
+  # ... and of a MoE prefill in DeepGEMM's contiguous layout (8 experts, 2048 rows).
+  timeout 30 "$CLI" explain --op gemm-contiguous --backend gpu --groups 8 --tokens 2048 \
+    --static-weights >> "$OUT/fp8_bench.txt" 2>&1 \
+    || note "moekit explain --op gemm-contiguous: exit $?"
 
   tail -3 "$OUT/fp8_stderr.txt"
   if python3 -c 'import torch' 2>/dev/null; then
