@@ -69,18 +69,20 @@ std::string grouped_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
 // grouped_block_fp8_gemm on Hopper past the grouped kernel's token tiles (fp8_gemm_sm90.cu):
 // whole groups of M > 64 rows, or the masked layout with more than 64 rows expected per group. The
-// persistent wide-tiles kernel takes every group's rows in one launch (256 x 128 tiles, the counts
-// read on the device, no tile past a group's rows multiplied). Each group's rows get the bits
+// persistent tiles kernel takes every group's rows in one launch (128 x 128 tiles for groups of at
+// most 128 rows, else 256 x 128; the counts read on the device, no tile past a group's rows
+// multiplied; the weight scales read by a loader warp, any layout). Each group's rows get the bits
 // block_fp8_gemm_sm90's wide tiles give them; masked, out rows past a group's count but inside its
-// last 256-row tile may be written, nothing else.
+// last tile may be written, nothing else.
 std::string grouped_wide_gemm_sm90_supports(const GroupedBlockGemmProblem& problem);
 void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
 // grouped_block_fp8_gemm_contiguous on Hopper (fp8_gemm_sm90.cu): the persistent tiles kernel's
-// contiguous build, 128 x 128 tiles of a's rows, each tile multiplying the weights of its block's
-// index (read on the device after the previous kernel; padding blocks skipped, their out rows not
-// written). Each row gets the bits block_fp8_gemm_sm90's wide tiles give it.
+// contiguous build, 128 x 128 tiles of a's rows (in pairs of CTAs sharing A tiles where the column
+// tiles pair up), each tile multiplying the weights of its block's index (read on the device after
+// the previous kernel; padding blocks skipped, their out rows not written). Each row gets the bits
+// block_fp8_gemm_sm90's wide tiles give it.
 std::string contiguous_gemm_sm90_supports(const ContiguousBlockGemmProblem& problem);
 void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& problem);
 std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& problem);

@@ -116,10 +116,11 @@ void w8a8_block_fp8_linear(const TensorView& x, const TensorView& weight,
 // tail for all G instead of one each, the groups spread over the SMs), each group's out bitwise
 // equal to what block_fp8_gemm's "gpu.sm90" entry writes with the same swap layout (the one the
 // explain detail names; the grouped plan may leave K unsplit where the lone GEMM splits it). Past
-// 64 rows ("gpu.sm90.grouped_wide", up to 2^17 rows x k-blocks per group, where the scales can be
-// copied with TMA) one launch of persistent 256 x 128 tiles takes every group's rows, each group's
-// out bitwise equal to what "gpu.sm90" writes with its wide tiles (MOEKIT_SM90_TILES_ROWS=256);
-// elsewhere each group is a block_fp8_gemm call of the backend's own entries.
+// 64 rows ("gpu.sm90.grouped_wide", up to 2^17 rows x k-blocks per group, where TMA can copy the
+// activation scales: rows on 16 bytes) one launch of persistent tiles (128 x 128 for groups of at
+// most 128 rows, else 256 x 128) takes every group's rows, each group's out bitwise equal to what
+// "gpu.sm90" writes with its wide tiles (MOEKIT_SM90_TILES_ROWS=256); elsewhere each group is a
+// block_fp8_gemm call of the backend's own entries.
 void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
                             ScaleLayout a_scales_layout, const TensorView& b,
                             const TensorView& b_scales, const TensorView& out,
@@ -132,8 +133,9 @@ void grouped_block_fp8_gemm(const TensorView& a, const TensorView& a_scales,
 // experts' capacity: on Hopper one launch at any M up to 2048 token tiles of 16, whose CTAs take
 // only the token tiles with rows (each group's rows have the bits of "gpu.sm90" on them, 64 rows
 // at a time). Where the caller expects more than 64 rows per group (the overload below), the wide
-// tiles take the groups' rows instead ("gpu.sm90.grouped_wide": the counts read on the device; out
-// rows past a group's count inside its last 256-row tile may be written too).
+// tiles take the groups' rows instead ("gpu.sm90.grouped_wide": the counts read on the device,
+// tiles of 128 rows for a hint of at most 128, else 256; out rows past a group's count inside its
+// last tile may be written too).
 void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scales,
                                    ScaleLayout a_scales_layout, const TensorView& b,
                                    const TensorView& b_scales, const TensorView& masked_m,
@@ -159,9 +161,11 @@ void grouped_block_fp8_gemm_masked(const TensorView& a, const TensorView& a_scal
 // block_fp8_gemm's of those rows with b[e] and b_scales[e], without bias. A block whose index is
 // outside [0, G) is padding: nothing is multiplied for it and its out rows are not written. Hopper
 // takes every block in one launch that reads the indices on the device ("gpu.sm90.contiguous",
-// the bits of "gpu.sm90"'s wide tiles); the other entries run each run of consecutive blocks with
-// one index as a block_fp8_gemm call of their backend's entries, with that call's bits (the GPU's,
-// "gpu.per_segment", synchronizes the stream to read the indices on the host).
+// where TMA can copy the activation scales, i.e. rows on 16 bytes, as DeepGEMM's column-major
+// TMA-aligned layout always has; the bits of "gpu.sm90"'s wide tiles); the other entries run each
+// run of consecutive blocks with one index as a block_fp8_gemm call of their backend's entries,
+// with that call's bits (the GPU's, "gpu.per_segment", synchronizes the stream to read the indices
+// on the host).
 void grouped_block_fp8_gemm_contiguous(const TensorView& a, const TensorView& a_scales,
                                        ScaleLayout a_scales_layout, const TensorView& b,
                                        const TensorView& b_scales, const TensorView& m_indices,
