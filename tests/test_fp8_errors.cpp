@@ -383,7 +383,7 @@ TEST(Fp8Errors, SiluGroupedGemmMaskedArguments) {
   std::memset(counts.data(), 0, counts.nbytes());
   Tensor out = sentinel(DType::bf16, {2, 3, 128});
   const size_t bytes = silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(2, 3, 256);
-  EXPECT_EQ(bytes, 1536u + 2 * 3 * 2 * 4);  // q [2, 3, 256], then f32 scales [2, 3, 2]
+  EXPECT_EQ(bytes, 1536u + 2 * 2 * 4 * 4);  // q [2, 3, 256], then f32 scales [2, 2, align4(3)]
   EXPECT_EQ(silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(0, 3, 256), 0u);
   Tensor space = sentinel(DType::u8, {static_cast<int64_t>(bytes) + 16});
   void* ws = space.data_as<uint8_t>() + (16 - reinterpret_cast<uintptr_t>(space.data()) % 16) % 16;

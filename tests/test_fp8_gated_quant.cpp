@@ -440,12 +440,15 @@ TEST(SiluGroupedGemm, HostEntriesEqualTheTwoOpsApart) {
       Tensor out = filled(DType::f32, {G, M, N});
       silu_and_mul_grouped_block_fp8_gemm_masked(x, masked_m, b, bs, out, config, 2, space.data(),
                                                  bytes, options);
-      // Apart: the gated quantization into q and row-major scales, then the GEMM.
-      Tensor q = filled(DType::f8e4m3, {G, M, K}), q_scales = filled(DType::f32, {G, M, 3});
-      silu_and_mul_group_quant_fp8_masked(x, masked_m, q, q_scales, config, options);
+      // Apart: the gated quantization into q and column-major TMA-aligned scales (the op's own
+      // layout), then the GEMM.
+      GroupQuantConfig inside = config;
+      inside.layout = ScaleLayout::column_major_tma;
+      Tensor q = filled(DType::f8e4m3, {G, M, K}), q_scales = filled(DType::f32, {G, 3, 8});
+      silu_and_mul_group_quant_fp8_masked(x, masked_m, q, q_scales, inside, options);
       Tensor want = filled(DType::f32, {G, M, N});
-      grouped_block_fp8_gemm_masked(q, q_scales, ScaleLayout::row_major, b, bs, masked_m, want,
-                                    options);
+      grouped_block_fp8_gemm_masked(q, q_scales, ScaleLayout::column_major_tma, b, bs, masked_m,
+                                    want, options);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t rows = std::clamp<int64_t>(counts[static_cast<size_t>(g)], 0, M);
         const auto* got = out.data_as<uint8_t>() + g * M * N * 4;

@@ -71,9 +71,11 @@ size_t w8a8_block_fp8_linear_workspace_size(int64_t M, int64_t K) {
 
 size_t silu_and_mul_grouped_block_fp8_gemm_masked_workspace_size(int64_t G, int64_t M, int64_t K) {
   if (G <= 0 || M <= 0 || K <= 0) return 0;
-  // q (e4m3 [G, M, K]), then the f32 scales [G, M, ceil(K/128)] from a 64-byte boundary.
+  // q (e4m3 [G, M, K]), then from a 64-byte boundary the f32 scales, column-major TMA-aligned
+  // per group ([G, ceil(K/128), align4(M)]).
   const auto q_bytes = static_cast<size_t>((G * M * K + 63) / 64 * 64);
-  return q_bytes + static_cast<size_t>(G * M * fp8::ceil_div(K, kFp8BlockSize)) * sizeof(float);
+  return q_bytes +
+         static_cast<size_t>(G * fp8::align4(M) * fp8::ceil_div(K, kFp8BlockSize)) * sizeof(float);
 }
 
 namespace {
@@ -1325,17 +1327,21 @@ MaskedSiluGemmProblem make_masked_silu_gemm_problem(
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     fail(op, "workspace", str(static_cast<const void*>(workspace)), "is not 16-byte aligned");
 
-  // The quantized activations [G, M, K] and their row-major f32 scales [G, M, K / 128], carved
-  // from the workspace (or the placeholder).
+  // The quantized activations [G, M, K] and their f32 scales, carved from the workspace (or the
+  // placeholder). The scales column-major TMA-aligned per group ([G, K / 128, align4(M)]): TMA
+  // copies them at any K, so that past 64 expected rows the wide tiles take the GEMM (row-major
+  // rows of K=768's 6 scales are 24 bytes, which TMA cannot copy). The same values either way.
   auto* bytes = workspace != nullptr ? static_cast<char*>(workspace) : workspace_placeholder;
   const int64_t blocks = fp8::ceil_div(K, kFp8BlockSize);
   const TensorView q(bytes, DType::f8e4m3, {G, M, K}, x.device());
-  const TensorView q_scales(bytes + (G * M * K + 63) / 64 * 64, DType::f32, {G, M, blocks},
-                            x.device());
+  const TensorView q_scales(bytes + (G * M * K + 63) / 64 * 64, DType::f32,
+                            {G, blocks, fp8::align4(M)}, x.device());
+  GroupQuantConfig inside = config;
+  inside.layout = ScaleLayout::column_major_tma;
   MaskedSiluGemmProblem p;
-  p.quant = make_masked_gated_quant_problem(x, masked_m, q, q_scales, config, options, op);
-  p.gemm = make_grouped_block_gemm_problem(op, q, q_scales, ScaleLayout::row_major, b, b_scales,
-                                           out, options);
+  p.quant = make_masked_gated_quant_problem(x, masked_m, q, q_scales, inside, options, op);
+  p.gemm = make_grouped_block_gemm_problem(op, q, q_scales, ScaleLayout::column_major_tma, b,
+                                           b_scales, out, options);
   p.gemm.masked_m = masked_m;
   p.gemm.expected_rows = std::min(expected_rows, M);
   // The GEMM's kernel follows the op's own quantization, which starts its successor only once

@@ -237,7 +237,8 @@ struct W8a8LinearProblem {
 };
 
 // silu_and_mul_grouped_block_fp8_gemm_masked (an MoE down projection in DeepGEMM's masked layout):
-// the gated quantization of x into the workspace (row-major f32 scales, group 128), then the
+// the gated quantization of x into the workspace (f32 scales column-major TMA-aligned per group,
+// group 128), then the
 // masked grouped GEMM of those against b. Both halves are complete problems of their own, sharing
 // masked_m. Without a workspace their q and scales point at a placeholder address that no entry
 // reads: the entries that run the halves apart need `workspace`, the fused one does not.

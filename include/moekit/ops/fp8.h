@@ -176,9 +176,11 @@ void grouped_block_fp8_gemm_contiguous(const TensorView& a, const TensorView& a_
 // with x [G, M, 2K] (the gate_up projection's out: gate then up halves; f32/f16/bf16), masked_m
 // i32 [G] on x's device, b [G, N, K] f8e4m3, b_scales [G, ceil(N/128), ceil(K/128)] f32/bf16, out
 // [G, M, N] f32/bf16/f16. config: group_size 128 and the row_major layout (the scales never leave
-// the op); eps and ue8m0 as for the quantization. expected_rows: 0, or the hint
-// grouped_block_fp8_gemm_masked takes. Only group g's first min(max(masked_m[g], 0), M) rows of out
-// are defined afterwards, with the bytes of the two ops in a row on the same backend. On Hopper
+// the op: inside it they are column-major TMA-aligned, which TMA copies at any K); eps and ue8m0
+// as for the quantization. expected_rows: 0, or the hint grouped_block_fp8_gemm_masked takes. Only
+// group g's first min(max(masked_m[g], 0), M) rows of out are defined afterwards, with the bytes of
+// the two ops in a row on the same backend (the quantization's scales column-major TMA-aligned).
+// On Hopper
 // (bf16 x, K a multiple of 128) one launch: the GEMM's kernel quantizes silu(gate) * up of its
 // token tiles itself ("gpu.sm90.fused": no workspace, one grid start fewer than the two ops). The
 // other entries run the two ops apart through a workspace of
