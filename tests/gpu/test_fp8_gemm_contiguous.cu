@@ -164,20 +164,27 @@ void check_case(std::mt19937_64& rng, const Case& c, const char* implementation,
   }
 }
 
-bool contiguous_entry_present() {
-  if (!backend_available(Backend::gpu)) return false;
+// The GPU dispatch's verdicts at 256 rows x N x K and 2 experts, row-major activation scales
+// (the operands' bytes are never read: explain only plans).
+std::vector<ImplementationChoice> explain_on_gpu(int64_t N, int64_t K) {
   const Device gpu = Device::gpu();
-  // (4 k-blocks: rows of row-major scales on 16 bytes, as TMA copies them)
-  const Tensor a = Tensor::empty(DType::f8e4m3, {256, 512}, gpu);
-  const Tensor as = Tensor::empty(DType::f32, {256, 4}, gpu);
-  const Tensor b = Tensor::empty(DType::f8e4m3, {2, 128, 512}, gpu);
-  const Tensor bs = Tensor::empty(DType::f32, {2, 1, 4}, gpu);
-  const Tensor indices = Tensor::empty(DType::i32, {256}, gpu);
-  const Tensor out = Tensor::empty(DType::bf16, {256, 128}, gpu);
+  const int64_t M = 256, k_blocks = (K + 127) / 128;
+  const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, gpu);
+  const Tensor as = Tensor::empty(DType::f32, {M, k_blocks}, gpu);
+  const Tensor b = Tensor::empty(DType::f8e4m3, {2, N, K}, gpu);
+  const Tensor bs = Tensor::empty(DType::f32, {2, (N + 127) / 128, k_blocks}, gpu);
+  const Tensor indices = Tensor::empty(DType::i32, {M}, gpu);
+  const Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
   OpOptions options;
   options.backend = Backend::gpu;
-  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_contiguous(
-           a, as, ScaleLayout::row_major, b, bs, indices, out, options))
+  return explain_grouped_block_fp8_gemm_contiguous(a, as, ScaleLayout::row_major, b, bs, indices,
+                                                   out, options);
+}
+
+bool contiguous_entry_present() {
+  if (!backend_available(Backend::gpu)) return false;
+  // (4 k-blocks: rows of row-major scales on 16 bytes, as TMA copies them)
+  for (const ImplementationChoice& row : explain_on_gpu(128, 512))
     if (row.name == kContiguous) {
       if (!row.chosen) std::printf("%s does not serve here: %s\n", kContiguous, row.reason.c_str());
       return row.chosen;
@@ -233,18 +240,8 @@ TEST(GpuContiguousGemm, PerSegmentFallbackGivesTheSameRows) {
 // dispatch takes the per-segment fallback and says why.
 TEST(GpuContiguousGemm, DeclinedShapesFallBackToPerSegment) {
   SKIP_WITHOUT_CONTIGUOUS_ENTRY();
-  const Device gpu = Device::gpu();
-  const Tensor a = Tensor::empty(DType::f8e4m3, {256, 768}, gpu);
-  const Tensor as = Tensor::empty(DType::f32, {256, 6}, gpu);
-  const Tensor b = Tensor::empty(DType::f8e4m3, {2, 256, 768}, gpu);
-  const Tensor bs = Tensor::empty(DType::f32, {2, 2, 6}, gpu);
-  const Tensor indices = Tensor::empty(DType::i32, {256}, gpu);
-  const Tensor out = Tensor::empty(DType::bf16, {256, 256}, gpu);
-  OpOptions options;
-  options.backend = Backend::gpu;
   std::string chosen, reason;
-  for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_contiguous(
-           a, as, ScaleLayout::row_major, b, bs, indices, out, options)) {
+  for (const ImplementationChoice& row : explain_on_gpu(256, 768)) {  // (6 k-blocks: 24-byte rows)
     if (row.chosen) chosen = row.name;
     if (row.name == kContiguous) reason = row.reason;
   }
