@@ -690,7 +690,7 @@ PersistentKernelFn wide_persistent_kernel_for(const Plan& plan, DType out) {
 }
 
 // The groups' builds of the persistent kernel (no split round): the plan's feed and out path,
-// tiles of kRows rows, CTAs alone or (contiguous) in pairs sharing A tiles.
+// tiles of kRows rows, CTAs alone or in pairs sharing A tiles.
 template <persistent::Groups kGroups, int kRows, persistent::Out kOut, tiles::Cluster kCluster>
 PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
   using tiles::ScaleFeed;
@@ -703,9 +703,8 @@ PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
 
 template <persistent::Groups kGroups, int kRows, persistent::Out kOut>
 PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
-  if constexpr (kGroups == persistent::Groups::contiguous)
-    if (plan.pair)
-      return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
+  if (plan.pair)
+    return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
   return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::none>(plan);
 }
 
@@ -1544,6 +1543,9 @@ static_assert(persistent::SharedLayout<128>::kSharedBytes +
                       (kMaxGroupedWideGroups + 1) * sizeof(int) <=
                   232448,
               "fits the opt-in shared memory of sm_90");
+// Pairs of CTAs sharing A tiles in the grouped wide build up to this many k-blocks (measured
+// below, grouped_wide_plan_for).
+constexpr int64_t kMostPairedGroupedKBlocks = 16;
 // Groups of at most this many rows (masked: expected) take tiles of 128 rows: a 256-row tile
 // would multiply as many padding rows again.
 constexpr int64_t kMostRowsOfNarrowTiles = 128;
@@ -1555,9 +1557,12 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
     return "M=" + str(p.m) + " <= " + str(kMaxGroupedTokens) +
            " (the grouped kernel's token tiles take whole groups)";
   const int64_t k_blocks = fp8::ceil_div(p.k, int64_t{kFp8BlockSize});
-  if (!p.masked() && p.m * k_blocks > kMostGroupedWideWork)
-    return "whole groups of M x k-blocks = " + str(p.m * k_blocks) + " > " +
-           str(kMostGroupedWideWork) + ": one GEMM per group is faster";
+  // (MOEKIT_SM90_GROUPED_WIDE_MOST=n moves the bound: timing knob)
+  const int64_t most_work =
+      env::integer("MOEKIT_SM90_GROUPED_WIDE_MOST", static_cast<int>(kMostGroupedWideWork));
+  if (!p.masked() && p.m * k_blocks > most_work)
+    return "whole groups of M x k-blocks = " + str(p.m * k_blocks) + " > " + str(most_work) +
+           ": one GEMM per group is faster";
   if (p.masked() && p.expected_rows <= kMaxGroupedTokens)
     return p.expected_rows == 0
                ? std::string("no expected rows given (the grouped kernel plans for decode)")
@@ -1584,6 +1589,16 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(1) % 8 == 0) &&
                  (p.groups <= 1 || p.out.stride(0) % 8 == 0);
+  // Pairs of CTAs take the two column tiles of a unit, each copying half of the A tile into both
+  // rings, where the column tiles pair up and K is short. H200, session 36, run 8, us per GEMM,
+  // pairs against CTAs alone: 8 DeepSeek-V3 down GEMMs (K=2048) of 4096 rows 90.85 / 97.32; at
+  // K=7168 they lost: gate_up M=4096 181.11 / 170.58, M=1024 43.33 / 42.71, DeepGEMM's masked
+  // case 13.40 / 13.16; Qwen3-30B gate_up (K=2048) at 128 rows 1.00 / 0.99.
+  // MOEKIT_SM90_GROUPED_PAIR=0 or 1 forces them off or on (timing knob).
+  const int pair = env::integer("MOEKIT_SM90_GROUPED_PAIR", -1);
+  plan.pair = fp8::ceil_div(p.n, int64_t{tiles::kBlockN}) % 2 == 0 &&
+              (pair >= 0 ? pair != 0 : k_blocks <= kMostPairedGroupedKBlocks);
+  plan.splits = plan.pair ? 2 : 1;
   using persistent::Groups;
   plan.persistent_kernel =
       plan.tile_rows == 128
@@ -1592,11 +1607,12 @@ std::string grouped_wide_plan_for(const GroupedBlockGemmProblem& p, int device_i
   plan.shared_bytes = (plan.tile_rows == 128 ? persistent::SharedLayout<128>::kSharedBytes
                                              : persistent::SharedLayout<256>::kSharedBytes) +
                       static_cast<size_t>(p.groups + 1) * sizeof(int);
-  const int resident = cluster_capacity(plan.persistent_kernel, 1, plan.shared_bytes, device_index);
-  if (resident < 1) return "no CTA of the grouped wide kernel fits an SM";
-  // As many CTAs as are resident, or as the capacity has tiles.
-  plan.grid =
-      dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(most_units, resident))));
+  const int resident =
+      cluster_capacity(plan.persistent_kernel, plan.splits, plan.shared_bytes, device_index);
+  if (resident < 1) return "no CTA (pair) of the grouped wide kernel fits the device";
+  // As many CTAs (pairs) as are resident, or as the capacity has tiles (pairs of them).
+  plan.grid = dim3(static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(most_units / plan.splits, resident)) * plan.splits));
   return "";
 }
 }  // namespace
@@ -1618,9 +1634,10 @@ std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& p) {
   char text[300];
   std::snprintf(text, sizeof text,
                 "grouped wide tiles, %lld groups in one launch: %d x 128 tiles of the groups' "
-                "rows%s, %u persistent CTAs, activation scales %s, %s",
+                "rows%s, %u persistent CTAs%s, activation scales %s, %s",
                 static_cast<long long>(p.groups), plan.tile_rows,
                 p.masked() ? " (the counts')" : "", plan.grid.x,
+                plan.pair ? " in pairs sharing A tiles" : "",
                 plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
                 plan.out_tma ? "TMA stores" : "the threads store");
   return text;
@@ -1635,15 +1652,15 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
     fail("grouped_block_fp8_gemm", "backend", "gpu.sm90.grouped_wide", "has no plan: " + why);
   const BlockGemmProblem first = p.group(0);
   GemmArgs args = args_of(first);
-  const CUtensorMap a_map =
+  const CUtensorMap a_map =  // (pairs: each CTA copies half of the A tile)
       make_grouped_tile_map("a", p.a.data(), p.groups, p.m, p.k, p.a.stride(1), p.a.stride(0),
-                            plan.tile_rows, plan.tile_promotion);
+                            plan.pair ? plan.tile_rows / 2 : plan.tile_rows, plan.tile_promotion);
   const CUtensorMap b_map =
       make_grouped_tile_map("b", p.b.data(), p.groups, p.n, p.k, p.b.stride(1), p.b.stride(0),
                             tiles::kBlockN, plan.tile_promotion);
   args.tiles_m = static_cast<int>(fp8::ceil_div(p.m, int64_t{plan.tile_rows}));
   args.tiles_n = static_cast<int>(fp8::ceil_div(p.n, int64_t{tiles::kBlockN}));
-  args.splits = 1;
+  args.splits = plan.splits;
   args.b_scale_k_inner = plan.b_scale_k_inner;
   args.b_scale_lanes = p.b_scales.dtype() == DType::bf16 ? 8 : 4;
   args.masked_m = p.masked() ? p.masked_m.data_as<const int>() : nullptr;

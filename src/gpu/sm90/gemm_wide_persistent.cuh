@@ -194,9 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kPair = kCluster == Cluster::pair;
   constexpr bool kTma = kOut != persistent::Out::threads;
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
-  static_assert(kGroups == persistent::Groups::none ||
-                    (!kSplit && (!kPair || kGroups == persistent::Groups::contiguous)),
-                "the groups' tiles: unsplit, CTAs alone (contiguous: or in pairs)");
+  static_assert(kGroups == persistent::Groups::none || !kSplit, "the groups' tiles: unsplit");
   static_assert(kRows == 256 || kGroups != persistent::Groups::none, "128 rows: grouped builds");
   static_assert(!kContiguous || kRows == kContiguousBlockRows, "a tile per block of one index");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
@@ -243,7 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kGrouped) {
       while (first_unit[unit_group + 1] <= unit) ++unit_group;
       unit -= first_unit[unit_group];
-      tiles_m = (first_unit[unit_group + 1] - first_unit[unit_group]) / args.tiles_n;
+      tiles_m =
+          (first_unit[unit_group + 1] - first_unit[unit_group]) / (args.tiles_n / kUnitColumns);
     }
     const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
     const int group = unit / per_group;
@@ -288,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int rows = g >= args.groups ? 0
                          : args.masked_m  ? min(max(args.masked_m[g], 0), args.m)
                                           : args.m;
-        const int own = (rows + kBlockM - 1) / kBlockM * args.tiles_n;
+        const int own = (rows + kBlockM - 1) / kBlockM * (args.tiles_n / kUnitColumns);
         int inclusive = own;
 #pragma unroll
         for (int d = 1; d < 32; d *= 2) {
@@ -413,8 +412,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                 bar, kStageBytes + kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0));
             if constexpr (kPair) {  // this CTA's half of the A tile, into both rings
               const int half = static_cast<int>(rank) * (kBlockM / 2);
-              sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
-                                          m0 + half, 0x3);
+              if constexpr (kGrouped)
+                sm90::tma_load_3d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
+                                            m0 + half, unit_group, 0x3);
+              else
+                sm90::tma_load_2d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
+                                            m0 + half, 0x3);
             } else {
               copy_rows(stage, &a_map, bar, kb * kBlockK, m0);
             }

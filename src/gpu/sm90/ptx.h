@@ -157,6 +157,27 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map
 #endif
 }
 
+// tma_load_2d_multicast for a 3-D tensor map: the box at (c0, c1, c2) into every CTA of the mask.
+__device__ __forceinline__ void tma_load_3d_multicast(void* dst, const void* map, uint64_t* bar,
+                                                      int c0, int c1, int c2, uint16_t cta_mask) {
+#if MOEKIT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4, %5}], [%2], %6;" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(c0), "r"(c1), "r"(c2),
+      "h"(cta_mask)
+      : "memory");
+#else
+  (void)dst;
+  (void)map;
+  (void)bar;
+  (void)c0;
+  (void)c1;
+  (void)c2;
+  (void)cta_mask;
+#endif
+}
+
 // tma_load_2d for a 3-D tensor map: the box at (c0, c1, c2).
 __device__ __forceinline__ void tma_load_3d(void* dst, const void* map, uint64_t* bar, int c0,
                                             int c1, int c2) {
