@@ -593,6 +593,17 @@ TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
              150);
   check_wide(rng, {4, 136, 384, 768, ScaleLayout::column_major_tma, DType::f32, DType::bf16},
              {136, 5, 0, 100}, 100);
+  // Pairs of CTAs sharing A tiles forced where K is long, and CTAs alone where it is short (the
+  // plan's other choice each time): the same bits.
+  {
+    const ScopedEnv paired("MOEKIT_SM90_GROUPED_PAIR", "1");
+    check_wide(rng, {4, 300, 256, 4096}, {300, 1, 0, 257}, 200);
+    check_wide(rng, {3, 200, 512, 3072, ScaleLayout::row_major, DType::bf16}, {130, 0, 64}, 100);
+  }
+  {
+    const ScopedEnv alone("MOEKIT_SM90_GROUPED_PAIR", "0");
+    check_wide(rng, {3, 384, 512, 1024}, {384, 200, 0}, 256);
+  }
   // No rows anywhere: nothing written.
   check_wide(rng, {3, 200, 256, 512}, {0, -4, 0}, 150);
 }
