@@ -1533,7 +1533,9 @@ constexpr int64_t kMaxGroupedWideGroups = 256;
 // launches get pairs of CTAs sharing A tiles and a split last round but pay a tail each. H200,
 // session 35, 8 groups, us per GEMM, one launch against one each: N=4096 K=7168 M=256 12.46 /
 // 19.25, M=1024 43.90 / 45.69, M=2048 87.59 / 92.18, M=4096 202.47 / 184.85 (lost); N=7168 K=2048
-// M=512 12.74 / 22.49, M=4096 93.81 / 153.31.
+// M=512 12.74 / 22.49, M=4096 93.81 / 153.31. Session 36 (loader warp, pairs at K <= 2048), run
+// 9: K=7168 M=2048 93.53 / 87.85, M=4096 197.38 / 199.51 (run 8: 170.58 / 202.74), M=8192 404.81 /
+// 405.50; K=2048 M=4096 103.86 / 156.74, M=8192 208.63 / 314.49: the bound stays.
 constexpr int64_t kMostGroupedWideWork = int64_t{1} << 17;
 static_assert(persistent::SharedLayout<256>::kSharedBytes +
                       (kMaxGroupedWideGroups + 1) * sizeof(int) <=
