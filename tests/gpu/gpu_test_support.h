@@ -20,6 +20,14 @@
       GTEST_SKIP() << "no GPU on this machine";               \
   } while (0)
 
+// Skips a test without a GPU, or where `present` (evaluated after the GPU check) says that the
+// entry `name` under test does not serve on this one.
+#define SKIP_WITHOUT_ENTRY(present, name)                             \
+  do {                                                                \
+    SKIP_WITHOUT_GPU();                                               \
+    if (!(present)) GTEST_SKIP() << (name) << " does not serve here"; \
+  } while (0)
+
 namespace moekit::gpu_test {
 
 // A non-blocking stream for one test.

@@ -192,14 +192,8 @@ bool contiguous_entry_present() {
   return false;
 }
 
-#define SKIP_WITHOUT_CONTIGUOUS_ENTRY()                                                     \
-  do {                                                                                      \
-    SKIP_WITHOUT_GPU();                                                                     \
-    if (!contiguous_entry_present()) GTEST_SKIP() << kContiguous << " does not serve here"; \
-  } while (0)
-
 TEST(GpuContiguousGemm, EachBlockTakesItsExpertsWeights) {
-  SKIP_WITHOUT_CONTIGUOUS_ENTRY();
+  SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
   std::mt19937_64 rng(gpu_test::seed_for("GpuContiguousGemm.EachBlock"));
   // A DeepSeek-V3 gate_up slice: 4 experts of 1, 3, 0 and 2 blocks, a padding block between them,
   // one at the end; bf16 out stored by TMA, row-major scales (k-inner boxes).
@@ -222,7 +216,7 @@ TEST(GpuContiguousGemm, EachBlockTakesItsExpertsWeights) {
 }
 
 TEST(GpuContiguousGemm, IndicesWrittenByTheKernelBeforeAreTheOnesUsed) {
-  SKIP_WITHOUT_CONTIGUOUS_ENTRY();
+  SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
   std::mt19937_64 rng(gpu_test::seed_for("GpuContiguousGemm.Late"));
   check_case(rng, {3, 512, 1024, {1, 1, 0, -1, 2}}, kContiguous, /*late=*/true);
 }
@@ -239,7 +233,7 @@ TEST(GpuContiguousGemm, PerSegmentFallbackGivesTheSameRows) {
 // Where the Hopper build declines (here: row-major scales whose rows TMA cannot copy), the
 // dispatch takes the per-segment fallback and says why.
 TEST(GpuContiguousGemm, DeclinedShapesFallBackToPerSegment) {
-  SKIP_WITHOUT_CONTIGUOUS_ENTRY();
+  SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
   std::string chosen, reason;
   for (const ImplementationChoice& row : explain_on_gpu(256, 768)) {  // (6 k-blocks: 24-byte rows)
     if (row.chosen) chosen = row.name;

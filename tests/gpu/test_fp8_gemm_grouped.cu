@@ -170,14 +170,8 @@ bool grouped_entry_present() {
   return false;
 }
 
-#define SKIP_WITHOUT_GROUPED_ENTRY()                                                  \
-  do {                                                                                \
-    SKIP_WITHOUT_GPU();                                                               \
-    if (!grouped_entry_present()) GTEST_SKIP() << kGrouped << " does not serve here"; \
-  } while (0)
-
 TEST(GpuGroupedGemm, OneLaunchEqualsBlockFp8GemmPerGroupBitForBit) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.OneLaunchEquals"));
   const Case cases[] = {
       {4, 1, 4096, 7168},  // gate_up of the issue's decode shape
@@ -201,7 +195,7 @@ TEST(GpuGroupedGemm, OneLaunchEqualsBlockFp8GemmPerGroupBitForBit) {
 }
 
 TEST(GpuGroupedGemm, EverySwapLayoutAndShallowRings) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.EverySwapLayout"));
   for (const char* layout : {"64,1", "128,1", "64,2", "128,2", "64,4", "128,4", "64,8"}) {
     ScopedEnv force("MOEKIT_SM90_SWAP", layout);
@@ -331,7 +325,7 @@ void check_masked(std::mt19937_64& rng, const Case& c, const std::vector<int32_t
 }
 
 TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.Masked"));
   check_masked(rng, {6, 16, 4096, 7168}, {16, 0, 3, 17, 1, -2});
   check_masked(rng, {5, 4, 1536, 2048}, {0, 0, 4, 2, 0});  // K split 4, group 0 empty
@@ -353,7 +347,7 @@ TEST(GpuGroupedGemm, MaskedGroupsUseTheirRowsOnly) {
 // The hint of the rows most groups have (DeepGEMM's expected_m) plans the token tile for them
 // (without it: 16) and changes no bit: each group's rows still have gpu.sm90's.
 TEST(GpuGroupedGemm, MaskedExpectedRowsPlanTheTokenTile) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedExpectedRows"));
   check_masked(rng, {4, 64, 4096, 7168}, {64, 0, 64, 33}, {}, 64, 64);
   check_masked(rng, {5, 256, 1536, 2048}, {0, 3, 70, 256, 1}, {}, 64, 64);
@@ -369,7 +363,7 @@ TEST(GpuGroupedGemm, MaskedExpectedRowsPlanTheTokenTile) {
 // the new counts, never the old ones. Groups over several load batches of the list (150 > 128),
 // and one slice taking every group with rows, many ring laps.
 TEST(GpuGroupedGemm, MaskedCountsWrittenByTheKernelBeforeAreTheOnesUsed) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedLate"));
   const std::vector<int32_t> counts = {0, 1, 0, 0, 3, 0, 2, 0, 0, 1, 0, 0};
   const std::vector<int32_t> other = {1, 0, 0, 2, 0, 0, 0, 1, 0, 0, 4, 0};
@@ -393,7 +387,7 @@ TEST(GpuGroupedGemm, MaskedCountsWrittenByTheKernelBeforeAreTheOnesUsed) {
 // the bits of gpu.sm90, whole and masked, with early weight loads (slice z's first group is z) and
 // without, and with more slices than groups asked for (clamped).
 TEST(GpuGroupedGemm, SlicesOfTheGroupsKeepEachGroupsBits) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.Slices"));
   for (const char* slices : {"2", "3", "5", "64"}) {
     ScopedEnv spread("MOEKIT_SM90_GROUPED_SLICES", slices);
@@ -437,7 +431,7 @@ TEST(GpuGroupedGemm, PerGroupEntryServesWhatTheGroupedOneDeclines) {
 // expected rows, one GEMM per group does (measured faster than the grouped launch), else the
 // grouped launch.
 TEST(GpuGroupedGemm, ManyExpectedRowsGoToTheWideTiles) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   // The entry chosen for G groups of M x N=256 x K: masked with the hint `expected`, or (0) whole.
   const auto chosen_for = [](int64_t G, int64_t M, int64_t expected, int64_t K) {
     const Device gpu = Device::gpu();
@@ -566,7 +560,7 @@ void check_wide(std::mt19937_64& rng, const Case& c, const std::vector<int32_t>&
 }
 
 TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.MaskedWide"));
   // DeepGEMM's masked case, bf16 out stored by TMA, row-major scales (k-inner boxes); then with
   // planes 5 elements apart (the threads store, two columns at a time only where aligned).
@@ -611,7 +605,7 @@ TEST(GpuGroupedGemm, MaskedWideTilesTakeEachGroupsRows) {
 // Whole groups past the grouped kernel's 64-row token tiles take the wide tiles too, every row of
 // every group (one launch instead of one GEMM per group).
 TEST(GpuGroupedGemm, WholeGroupsPast64RowsTakeTheWideTiles) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.WholeWide"));
   check_wide(rng, {3, 256, 1024, 2048}, {}, 0);
   check_wide(rng, {5, 300, 384, 1024, ScaleLayout::column_major_tma, DType::f32}, {}, 0);
@@ -623,7 +617,7 @@ TEST(GpuGroupedGemm, WholeGroupsPast64RowsTakeTheWideTiles) {
 // rows have the bytes of gpu.sm90's wide tiles, computed here on the group's rows padded with
 // zeros to 256 (gpu.sm90 takes the swap kernel at 128 rows and fewer).
 TEST(GpuGroupedGemm, WholeGroupsOf128RowsOrFewerTakeNarrowTiles) {
-  SKIP_WITHOUT_GROUPED_ENTRY();
+  SKIP_WITHOUT_ENTRY(grouped_entry_present(), kGrouped);
   std::mt19937_64 rng(gpu_test::seed_for("GpuGroupedGemm.WholeNarrow"));
   for (const Case& c : {Case{3, 100, 384, 1024},
                         Case{2, 128, 200, 2048, ScaleLayout::row_major, DType::f32, DType::bf16}}) {

@@ -156,12 +156,6 @@ bool fused_entry_present() {
   return false;
 }
 
-#define SKIP_WITHOUT_FUSED_ENTRY()                                                \
-  do {                                                                            \
-    SKIP_WITHOUT_GPU();                                                           \
-    if (!fused_entry_present()) GTEST_SKIP() << kFused << " does not serve here"; \
-  } while (0)
-
 // The fused launch (no workspace) against the two launches apart: each group's rows the same
 // bytes, every other byte of out untouched (the sentinel). With `stale`, masked_m holds those
 // counts until the kernel before writes the case's.
@@ -189,7 +183,7 @@ void check_fused_equals_apart(std::mt19937_64& rng, const Case& c,
 }
 
 TEST(GpuSiluGroupedGemm, OneLaunchEqualsTheTwoOpsApartBitForBit) {
-  SKIP_WITHOUT_FUSED_ENTRY();
+  SKIP_WITHOUT_ENTRY(fused_entry_present(), kFused);
   std::mt19937_64 rng(gpu_test::seed_for("GpuSiluGroupedGemm.OneLaunchEquals"));
   // Qwen3-30B-A3B's down projection at a decode step (capacity 8 and 128, hint 1).
   check_fused_equals_apart(rng,
@@ -212,7 +206,7 @@ TEST(GpuSiluGroupedGemm, OneLaunchEqualsTheTwoOpsApartBitForBit) {
 // The counts are the previous kernel's output: the kernel before writes them late, while the
 // fused launch's CTAs already run, and the launch uses the new counts.
 TEST(GpuSiluGroupedGemm, CountsWrittenByTheKernelBeforeAreTheOnesUsed) {
-  SKIP_WITHOUT_FUSED_ENTRY();
+  SKIP_WITHOUT_ENTRY(fused_entry_present(), kFused);
   std::mt19937_64 rng(gpu_test::seed_for("GpuSiluGroupedGemm.CountsLate"));
   check_fused_equals_apart(rng, {8, 16, 2048, 768, {1, 0, 16, 0, 3, 0, 0, 2}, 0},
                            {0, 16, 0, 5, 0, 0, 9, 0});
@@ -222,7 +216,7 @@ TEST(GpuSiluGroupedGemm, CountsWrittenByTheKernelBeforeAreTheOnesUsed) {
 // The fused launch against the reference (the two ops apart on the host) within the contract's
 // tolerance for bf16 out: the bytes equal to the GPU's apart are also right.
 TEST(GpuSiluGroupedGemm, AgreesWithTheReference) {
-  SKIP_WITHOUT_FUSED_ENTRY();
+  SKIP_WITHOUT_ENTRY(fused_entry_present(), kFused);
   std::mt19937_64 rng(gpu_test::seed_for("GpuSiluGroupedGemm.Reference"));
   const Case c{4, 8, 1024, 768, {8, 0, 3, 1}, 8};
   const Operands o = make_operands(rng, c);
@@ -255,7 +249,7 @@ TEST(GpuSiluGroupedGemm, AgreesWithTheReference) {
 // The dispatch: without a workspace only the fused entry serves (an f32 x then has none, a clear
 // error); with one, gpu.apart takes what the fused entry declines.
 TEST(GpuSiluGroupedGemm, EntriesDeclineWithTheirReasons) {
-  SKIP_WITHOUT_FUSED_ENTRY();
+  SKIP_WITHOUT_ENTRY(fused_entry_present(), kFused);
   const Device gpu = Device::gpu();
   const int64_t G = 2, M = 4, N = 256, K = 768;
   const Tensor x = Tensor::empty(DType::f32, {G, M, 2 * K}, gpu);
