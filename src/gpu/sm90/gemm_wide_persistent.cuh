@@ -7,7 +7,8 @@
 namespace moekit::gpu {
 namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 
-// ---- Persistent wide tiles (256 x 128): one CTA (or pair) per SM takes tile after tile.
+// ---- Persistent tiles (256 x 128, or 128 x 128 in the groups' builds): one CTA (or pair) per SM
+// takes tile after tile.
 //
 // A tile per CTA spent 7-8 us of a ~53 us (M=1024) or ~113 us (M=4096 N=7168 K=16384) life
 // outside its loop: the first stage's copies, then staging and storing the tile while the tensor
@@ -30,6 +31,11 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 //   f32 and its threads store rows.
 // Pairs: the two CTAs of a cluster take the two column tiles of the same units, in the same order,
 // each copying half of the shared A tile into both rings (TMA multicast).
+// The groups' builds (persistent::Groups): planes, G GEMMs along the maps' third coordinate (the
+// counts read after the wait, each group's first tile listed in shared memory), or contiguous,
+// one a whose 128-row blocks each take their index's weights (a padding block skipped by every
+// role alike). They may take 128-row tiles (one wave per warpgroup, 4 stages: SharedLayout), and
+// producer warp 1 stores their weight scales into the stages (any layout; see kScaleLoader).
 //
 // Measured against a tile per CTA (H200, fp8-gpu-sm90.md, sessions 22 and 23): M=1024 N=4096
 // K=7168 48.95-49.39 -> 45.09-45.15 us (one tile per CTA: the TMA stores alone), M=4096 N=7168
