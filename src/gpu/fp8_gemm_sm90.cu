@@ -1688,6 +1688,17 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
 // block on both sides of the ring. Each row gets the products of block_fp8_gemm's wide tiles in
 // their order: the same bits.
 
+// The 256-row build follows each run of blocks with one index (two blocks a tile, a run of odd
+// length ending on a tile of one block); its CTAs list the tiles in shared memory, 2 bytes each,
+// for at most this many blocks. Where the experts average at least kLeastBlocksPerRunTiles blocks
+// it takes the place of the 128-row build (measured below, contiguous_plan_for).
+constexpr int64_t kMostRunTileBlocks = 1024;
+constexpr int64_t kLeastBlocksPerRunTiles = 2;
+static_assert(persistent::SharedLayout<256>::kSharedBytes + sizeof(int) +
+                      kMostRunTileBlocks * sizeof(uint16_t) <=
+                  232448,
+              "fits the opt-in shared memory of sm_90");
+
 namespace {
 // Why the contiguous build does not serve p ("" where it does); the plan in `plan`.
 std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_index, Plan& plan) {
@@ -1703,7 +1714,13 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   if (plan.scale_feed == tiles::ScaleFeed::warps)
     return "the activation scales cannot be copied with the tiles (TMA: rows on 16 bytes; "
            "DeepGEMM's column-major TMA-aligned layout always is)";
-  plan.tile_rows = static_cast<int>(kContiguousBlockRows);
+  // MOEKIT_SM90_CONTIGUOUS_ROWS=128 or 256 forces the build (timing knob and tests).
+  const int64_t blocks = fp8::ceil_div(p.m, kContiguousBlockRows);
+  const int rows = env::integer("MOEKIT_SM90_CONTIGUOUS_ROWS", 0);
+  plan.tile_rows = blocks <= kMostRunTileBlocks &&
+                           (rows > 0 ? rows == 256 : blocks >= kLeastBlocksPerRunTiles * p.groups)
+                       ? 256
+                       : static_cast<int>(kContiguousBlockRows);
   plan.persistent = true;
   // Pairs of CTAs take the two column tiles of a block (one expert), each copying half of the A
   // tile into both rings, where the column tiles pair up. MOEKIT_SM90_CONTIGUOUS_PAIR=0 or 1
@@ -1715,9 +1732,15 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(0) % 8 == 0);
+  using persistent::Groups;
   plan.persistent_kernel =
-      grouped_persistent_kernel_for<persistent::Groups::contiguous, 128>(plan, p.out.dtype());
-  plan.shared_bytes = persistent::SharedLayout<128>::kSharedBytes;
+      plan.tile_rows == 256
+          ? grouped_persistent_kernel_for<Groups::contiguous, 256>(plan, p.out.dtype())
+          : grouped_persistent_kernel_for<Groups::contiguous, 128>(plan, p.out.dtype());
+  plan.shared_bytes = plan.tile_rows == 256
+                          ? persistent::SharedLayout<256>::kSharedBytes + sizeof(int) +
+                                static_cast<size_t>(blocks) * sizeof(uint16_t)
+                          : persistent::SharedLayout<128>::kSharedBytes;
   const int resident =
       cluster_capacity(plan.persistent_kernel, plan.splits, plan.shared_bytes, device_index);
   if (resident < 1) return "no CTA (pair) of the contiguous build fits the device";
@@ -1743,8 +1766,12 @@ std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& p) {
   if (!contiguous_plan_for(p, device, plan).empty()) return "no contiguous plan";
   char text[300];
   std::snprintf(text, sizeof text,
-                "persistent 128 x 128 tiles of a's blocks, each with its index's weights, %lld "
-                "experts in one launch, %u CTAs%s, activation scales %s, %s",
+                "persistent %s, each with its index's weights, %lld experts in one launch, %u "
+                "CTAs%s, activation scales %s, %s",
+                plan.tile_rows == 256
+                    ? "256 x 128 tiles of each run of a's blocks with one index (a run of odd "
+                      "length ending on 128 rows)"
+                    : "128 x 128 tiles of a's blocks",
                 static_cast<long long>(p.groups), plan.grid.x,
                 plan.pair ? " in pairs sharing A tiles" : "",
                 plan.scale_feed == tiles::ScaleFeed::a_k_inner ? "k-inner" : "m-inner",
@@ -1781,7 +1808,9 @@ void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& p) {
   args.b_scale_group_stride = p.b_scales.stride(0);
   const ScaleMaps maps = scale_maps_of(first, plan.scale_feed, plan.b_scale_k_inner, plan.tile_rows,
                                        0, 0, 0, false, /*b_map=*/false);
-  const CUtensorMap out_map = plan.out_tma ? make_out_map(first, plan.tile_rows) : CUtensorMap{};
+  // (boxes of a block's rows: the 256-row build stores a tile of one block or of two)
+  const CUtensorMap out_map =
+      plan.out_tma ? make_out_map(first, static_cast<int>(kContiguousBlockRows)) : CUtensorMap{};
   launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
 }
 

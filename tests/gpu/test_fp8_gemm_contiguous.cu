@@ -95,8 +95,8 @@ Operands make_operands(std::mt19937_64& rng, const Case& c) {
 // bytes gpu.sm90's wide tiles write for those rows with that expert, padding blocks untouched,
 // the same bytes from a second call. `late`: the indices are written by the kernel before the GEMM
 // (in its stream), while m_indices still holds stale ones (all -1) as the GEMM starts.
-void check_case(std::mt19937_64& rng, const Case& c, const char* implementation,
-                bool late = false) {
+void check_case(std::mt19937_64& rng, const Case& c, const char* implementation, bool late = false,
+                const char* plan_has = "") {
   SCOPED_TRACE(describe(c) + " through " + implementation + (late ? ", indices written late" : ""));
   ASSERT_GT(c.rows(), 128);  // (so that gpu.sm90 takes tiles, not the swap kernel)
   const Operands o = make_operands(rng, c);
@@ -120,6 +120,7 @@ void check_case(std::mt19937_64& rng, const Case& c, const char* implementation,
     if (row.name == implementation) {
       ASSERT_TRUE(row.chosen) << row.reason;
       std::printf("%s: %s\n", describe(c).c_str(), row.detail.c_str());
+      ASSERT_NE(row.detail.find(plan_has), std::string::npos) << row.detail;
     }
   MOEKIT_GPU_CHECK(cudaDeviceSynchronize());
   if (late)
@@ -195,6 +196,7 @@ bool contiguous_entry_present() {
 TEST(GpuContiguousGemm, EachBlockTakesItsExpertsWeights) {
   SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
   std::mt19937_64 rng(gpu_test::seed_for("GpuContiguousGemm.EachBlock"));
+  const ScopedEnv rows("MOEKIT_SM90_CONTIGUOUS_ROWS", "128");  // (the 256-row build: below)
   // A DeepSeek-V3 gate_up slice: 4 experts of 1, 3, 0 and 2 blocks, a padding block between them,
   // one at the end; bf16 out stored by TMA, row-major scales (k-inner boxes).
   check_case(rng, {4, 4096, 7168, {0, 1, 1, 1, -1, 3, 3, -1}}, kContiguous);
@@ -215,9 +217,72 @@ TEST(GpuContiguousGemm, EachBlockTakesItsExpertsWeights) {
   check_case(rng, {40, 2048, 768, many, kBlock, ScaleLayout::column_major_tma}, kContiguous);
 }
 
+// The 256-row build (forced): each run of blocks with one index in tiles of two blocks from the
+// run's first, a run of odd length ending on a tile of one block, whose rows past the block are
+// not stored (they are the next run's, padding, or past M).
+TEST(GpuContiguousGemm, RunTilesOfTwoBlocksEqualTheBlocks) {
+  SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
+  std::mt19937_64 rng(gpu_test::seed_for("GpuContiguousGemm.RunTiles"));
+  const ScopedEnv rows("MOEKIT_SM90_CONTIGUOUS_ROWS", "256");
+  // Runs of 1, 3 (a tile of two, then one) and 2 blocks between padding; TMA stores.
+  check_case(rng, {4, 4096, 7168, {0, 1, 1, 1, -1, 3, 3, -1}}, kContiguous, false, "256 x 128");
+  // f32 out stored by the threads, a tile of two whose second block is the partial last one, an
+  // index past the experts.
+  check_case(rng, {3, 200, 512, {2, 0, 3, 1, 1}, 77, ScaleLayout::column_major_tma, DType::f32},
+             kContiguous, false, "256 x 128");
+  // A tile of one block that is the partial last one; packed UE8M0 scales, f16 out, bf16 weight
+  // scales.
+  check_case(
+      rng,
+      {5, 384, 2304, {4, 4, 0, 2, 2, 2}, 100, ScaleLayout::packed_ue8m0, DType::f16, DType::bf16},
+      kContiguous, false, "256 x 128");
+  // Random runs of 1-5 blocks (neighbours with one index make longer runs), padding among them,
+  // CTAs alone, then in pairs.
+  std::vector<int32_t> runs;
+  while (runs.size() < 60) {
+    const int32_t e = rng() % 7 == 0 ? -1 : static_cast<int32_t>(rng() % 16);
+    for (uint64_t i = 0, n = 1 + rng() % 5; i < n; ++i) runs.push_back(e);
+  }
+  {
+    const ScopedEnv alone("MOEKIT_SM90_CONTIGUOUS_PAIR", "0");
+    check_case(rng, {16, 512, 1024, runs, 33, ScaleLayout::column_major_tma}, kContiguous, false,
+               "256 x 128");
+  }
+  check_case(rng, {16, 512, 1024, runs, 128, ScaleLayout::column_major_tma}, kContiguous, false,
+             "256 x 128");
+  // Indices written late: the tiles are listed from the ones the kernel before wrote.
+  check_case(rng, {3, 512, 1024, {1, 1, 0, -1, 2, 2, 2}}, kContiguous, /*late=*/true, "256 x 128");
+}
+
+// The plan: 256-row tiles where the experts average two blocks or more, 128-row ones below.
+TEST(GpuContiguousGemm, RunTilesWhereExpertsAverageTwoBlocks) {
+  SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
+  const Device gpu = Device::gpu();
+  const auto detail = [&](int64_t M, int64_t G) {
+    const int64_t N = 256, K = 512;
+    const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, gpu);
+    const Tensor as = Tensor::empty(DType::f32, {M, K / 128}, gpu);
+    const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
+    const Tensor bs = Tensor::empty(DType::f32, {G, N / 128, K / 128}, gpu);
+    const Tensor indices = Tensor::empty(DType::i32, {M}, gpu);
+    const Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
+    OpOptions options;
+    options.backend = Backend::gpu;
+    for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_contiguous(
+             a, as, ScaleLayout::row_major, b, bs, indices, out, options))
+      if (row.name == kContiguous) return row.detail;
+    return std::string();
+  };
+  EXPECT_NE(detail(8 * 256, 8).find("256 x 128"), std::string::npos) << detail(8 * 256, 8);
+  EXPECT_NE(detail(8 * 256 - 128, 8).find("128 x 128"), std::string::npos)
+      << detail(8 * 256 - 128, 8);  // (15 blocks for 8 experts)
+  EXPECT_NE(detail(128 * 200, 128).find("128 x 128"), std::string::npos);
+}
+
 TEST(GpuContiguousGemm, IndicesWrittenByTheKernelBeforeAreTheOnesUsed) {
   SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
   std::mt19937_64 rng(gpu_test::seed_for("GpuContiguousGemm.Late"));
+  const ScopedEnv rows("MOEKIT_SM90_CONTIGUOUS_ROWS", "128");
   check_case(rng, {3, 512, 1024, {1, 1, 0, -1, 2}}, kContiguous, /*late=*/true);
 }
 

@@ -1,6 +1,8 @@
 // The Hopper block-FP8 GEMM's persistent wide-tiles kernel (included by fp8_gemm_sm90.cu only).
 #pragma once
 
+#include <type_traits>  // std::integral_constant
+
 #include "gpu/sm90/gemm_common.cuh"
 #include "gpu/sm90/gemm_tiles.cuh"
 
@@ -202,7 +204,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(kCluster != Cluster::split, "no K split with wide tiles");
   static_assert(kGroups == persistent::Groups::none || !kSplit, "the groups' tiles: unsplit");
   static_assert(kRows == 256 || kGroups != persistent::Groups::none, "128 rows: grouped builds");
-  static_assert(!kContiguous || kRows == kContiguousBlockRows, "a tile per block of one index");
+  // Contiguous in 256-row tiles: the tiles follow each run of blocks with one index, two blocks a
+  // tile from the run's first; a run of odd length ends on a tile of one block, whose 128 rows the
+  // two consumer warpgroups take a wave (64 rows) each, as in 128-row tiles (the A tile's other
+  // rows are copied but not multiplied, and nothing past the block is stored). Warp 0 lists the
+  // tiles after the wait (run_tiles, below).
+  constexpr bool kRunTiles = kContiguous && kRows == 256;
+  constexpr int kIndexRows = static_cast<int>(kContiguousBlockRows);  // rows per index
+  static_assert(!kContiguous || kRows == kContiguousBlockRows || kRunTiles,
+                "a tile of one index: a block, or two of one run");
   constexpr bool kKInner = kScaleFeed == ScaleFeed::a_k_inner;
   static_assert(kKInner || kScaleFeed == ScaleFeed::a_m_inner, "scales copied with the tiles");
   using Ring = RingPosition<kStages>;
@@ -231,6 +241,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Grouped: the units are the tiles of the groups' rows, group after group; group g's first is
   // first_unit[g] (groups + 1 words past the barriers, listed below once the counts are final).
   [[maybe_unused]] int* first_unit = reinterpret_cast<int*>(empty + kStages);
+  // Contiguous in 256-row tiles: the tile count, then each tile's first block << 1 | (one block
+  // only), in the order of a's rows (past the barriers, as first_unit).
+  [[maybe_unused]] int* run_tile_count = first_unit;
+  [[maybe_unused]] uint16_t* run_tiles = reinterpret_cast<uint16_t*>(first_unit + 1);
+  [[maybe_unused]] bool single_block = false;  // of the tile origin() found last (kRunTiles)
   int units = args.tiles_m * (args.tiles_n / kUnitColumns);
   const int pair = static_cast<int>(blockIdx.x) / kUnitColumns;  // (a CTA where not in pairs)
   const int pairs = static_cast<int>(gridDim.x) / kUnitColumns;
@@ -250,12 +265,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       tiles_m =
           (first_unit[unit_group + 1] - first_unit[unit_group]) / (args.tiles_n / kUnitColumns);
     }
+    if constexpr (kRunTiles) tiles_m = *run_tile_count;
     const int per_group = kGroupRows * (args.tiles_n / kUnitColumns);
     const int group = unit / per_group;
     const int first_row = group * kGroupRows;
     const int group_rows = min(tiles_m - first_row, kGroupRows);
     const int in_group = unit % per_group;
-    m0 = (first_row + in_group % group_rows) * kBlockM;
+    const int tile_m = first_row + in_group % group_rows;
+    if constexpr (kRunTiles) {
+      const int tile = run_tiles[tile_m];
+      m0 = (tile >> 1) * kIndexRows;
+      single_block = (tile & 1) != 0;
+    } else {
+      m0 = tile_m * kBlockM;
+    }
     n0 = ((in_group / group_rows) * kUnitColumns + static_cast<int>(rank)) * kBlockN;
   };
   // Activation-scale boxes (a_k_inner): one per 4 words (a word: a k-block, or 4 packed ones).
@@ -307,6 +330,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     units = first_unit[args.groups];
+  }
+  if constexpr (kRunTiles) {
+    // The indices are the previous kernel's output: every thread waits for it; warp 0 lists the
+    // tiles of each run of blocks with one index in range (args.tiles_m blocks, 32 at a time: a
+    // block opens a tile where it lies an even number of blocks into its run), and the CTA meets
+    // before any unit.
+    vendor::wait_for_previous_grid();
+    if (threadIdx.x < 32) {
+      const int lane = static_cast<int>(threadIdx.x);
+      const int blocks = args.tiles_m;
+      int run_start = 0, listed = 0;  // (of the blocks before this pass)
+      for (int b0 = 0; b0 < blocks; b0 += 32) {
+        const int b = b0 + lane;
+        const int index = b < blocks ? block_index(b * kIndexRows) : -1;
+        const bool opens_run = b < blocks && (b == 0 || block_index((b - 1) * kIndexRows) != index);
+        int start = opens_run ? b : run_start;  // this block's run's first block
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) start = max(start, __shfl_up_sync(0xffffffffu, start, d));
+        run_start = __shfl_sync(0xffffffffu, start, 31);
+        const bool opens = index >= 0 && ((b - start) & 1) == 0;
+        const bool alone = b + 1 >= blocks || block_index((b + 1) * kIndexRows) != index;
+        const unsigned openers = __ballot_sync(0xffffffffu, opens);
+        if (opens)
+          run_tiles[listed + __popc(openers & ((1u << lane) - 1u))] =
+              static_cast<uint16_t>(b << 1 | (alone ? 1 : 0));
+        listed += __popc(openers);
+      }
+      if (lane == 0) *run_tile_count = listed;
+    }
+    __syncthreads();
+    units = *run_tile_count * (args.tiles_n / kUnitColumns);
   }
 
   if (warpgroup == kConsumers) {
@@ -403,6 +457,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             weights_group = unit_group;
           }
           const int nb = n0 / kBlockN;
+          // A tile of one block in pairs (kRunTiles): rank 0's half of the A tile is the block;
+          // rank 1 copies none, and both rings expect that half less.
+          const bool half_only = kPair && kRunTiles && single_block;
+          const int a_bytes_less = half_only ? kBlockM / 2 * kBlockK : 0;
           for (int kb = 0; kb < slots; ++kb, ring.advance()) {
             sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
             uint64_t* bar = &full[ring.stage];
@@ -414,11 +472,13 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int word = args.scales.a_packed ? kb >> 2 : kb;
             const bool opens_box =
                 kKInner && (word & 3) == 0 && (!args.scales.a_packed || (kb & 3) == 0);
-            sm90::mbarrier_arrive_expect_tx(
-                bar, kStageBytes + kScaleCopyBytes + (opens_box ? kScaleABoxBytes : 0));
+            sm90::mbarrier_arrive_expect_tx(bar, kStageBytes - a_bytes_less + kScaleCopyBytes +
+                                                     (opens_box ? kScaleABoxBytes : 0));
             if constexpr (kPair) {  // this CTA's half of the A tile, into both rings
               const int half = static_cast<int>(rank) * (kBlockM / 2);
-              if constexpr (kGrouped)
+              if (half_only && rank == 1) {
+                // (no copy: the block is rank 0's half)
+              } else if constexpr (kGrouped)
                 sm90::tma_load_3d_multicast(stage + half * kBlockK, &a_map, bar, kb * kBlockK,
                                             m0 + half, unit_group, 0x3);
               else
@@ -515,12 +575,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The wide tiles kernel's k-block (gemm_tiles.cuh): the scale words loaded right after the
   // stage's wait, the factors computed while the first wave's wgmma run.
   constexpr int kRowStep = kKInner ? 8 * 4 : 8;
-  // (zero: 0, opaque to the compiler; see the loops below)
-  const auto k_block = [&](int stage, uint32_t phase, int kb, int nb, int box_base, int zero) {
-    const uint32_t* a_words[kWaves];
+  // (zero: 0, opaque to the compiler; see the loops below.) waves: kWaves, or 1 for a tile of one
+  // block (kRunTiles), whose 128 rows the two warpgroups take a wave each.
+  constexpr int kWaveDescriptor = 64 * kBlockK / 16;  // a wave's rows in a descriptor's units
+  const auto k_block = [&](int stage, uint32_t phase, int kb, int nb, int box_base, int zero,
+                           auto waves) {
+    constexpr int kTileWaves = decltype(waves)::value;
+    const int row_shift = kTileWaves < kWaves ? 64 * warpgroup : 0;  // (a tile of one block)
+    const uint32_t* a_words[kTileWaves];
 #pragma unroll
-    for (int v = 0; v < kWaves; ++v) {
-      const int row = tile_row + 64 * v;
+    for (int v = 0; v < kTileWaves; ++v) {
+      const int row = tile_row - row_shift + 64 * v;
       if constexpr (kKInner) {
         const int word = args.scales.a_packed ? kb >> 2 : kb;
         a_words[v] =
@@ -541,19 +606,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int b_shift = b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
     const uint32_t b_mask = b_bf16 ? 0xffff0000u : 0xffffffffu;
     sm90::mbarrier_wait(&full[stage], phase);
-    uint32_t a_word[kWaves][2];
+    uint32_t a_word[kTileWaves][2];
 #pragma unroll
-    for (int v = 0; v < kWaves; ++v) {
+    for (int v = 0; v < kTileWaves; ++v) {
       a_word[v][0] = a_words[v][0];
       a_word[v][1] = a_words[v][kRowStep];
     }
     const uint32_t b_word = *b_word_at;
     const uint32_t stage_low = zero + stage * (kStageBytes / 16);
-    float2 factors[kWaves];
+    const uint32_t a_stage_low = stage_low - (row_shift / 64) * kWaveDescriptor;
+    float2 factors[kTileWaves];
 #pragma unroll
-    for (int w = 0; w < kWaves; ++w) {
-      issue_k_block_at<kBlockN>(part, a_low + stage_low + w * (64 * kBlockK / 16),
-                                b_low + stage_low);
+    for (int w = 0; w < kTileWaves; ++w) {
+      issue_k_block_at<kBlockN>(part, a_low + a_stage_low + w * kWaveDescriptor, b_low + stage_low);
       if (w == 0) {
         const float b = __uint_as_float(b_word << b_shift & b_mask);
         const auto factor = [&](uint32_t word) {
@@ -561,11 +626,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           return __uint_as_float(word) * b;
         };
 #pragma unroll
-        for (int v = 0; v < kWaves; ++v)
+        for (int v = 0; v < kTileWaves; ++v)
           factors[v] = make_float2(factor(a_word[v][0]), factor(a_word[v][1]));
       }
       wait_k_block<kBlockN>(part);
-      if (w == kWaves - 1) release(stage);
+      if (w == kTileWaves - 1) release(stage);
       promote_tile_fragment(acc[w], part, factors[w].x, factors[w].y);
     }
   };
@@ -585,14 +650,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int swizzle = lane / 4, opaque = 0;
     asm volatile("" : "+r"(swizzle), "+r"(opaque));
     uint8_t* staged_at = staged + opaque;  // (an offset, not a laundered pointer: shared stores)
+    // (a tile of one block: a wave per warpgroup, rows 64 x warpgroup ..)
+    const bool one_wave = kRunTiles && single_block;
+    const int row_shift = one_wave ? 64 * warpgroup : 0;
     const auto stage = [&](auto pair_bits) {
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int w = 0; w < kWaves; ++w) {
+          if (one_wave && w > 0) continue;
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int row = tile_row + 64 * w + 8 * half;
+            const int row = tile_row - row_shift + 64 * w + 8 * half;
             uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
             *reinterpret_cast<uint32_t*>(row_at + j / 8 * Layout::kOutBoxBytes +
                                          ((j % 8) ^ swizzle) * 16) =
@@ -616,7 +685,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
-        if constexpr (kGrouped)
+        if constexpr (kRunTiles) {  // boxes of a block's rows (out_map's): one block or two
+          for (int block = 0; block < (single_block ? 1 : 2); ++block)
+            sm90::tma_store_2d(&out_map,
+                               staged + box * Layout::kOutBoxBytes +
+                                   block * kIndexRows * persistent::kOutBoxColumns * 2,
+                               n0 + box * persistent::kOutBoxColumns, m0 + block * kIndexRows);
+        } else if constexpr (kGrouped)
           sm90::tma_store_3d(&out_map, staged + box * Layout::kOutBoxBytes,
                              n0 + box * persistent::kOutBoxColumns, m0, unit_group);
         else
@@ -635,8 +710,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     static_assert(kConsumers * 64 * kRowBytes <= Layout::kOutBytes, "a wave per warpgroup");
     const int col = n0 + 4 * lane;
     const float4 bias = bias_quad(args, col);
+    const bool one_wave = kRunTiles && single_block;  // (a tile of one block: a wave each)
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
+      if (one_wave && w > 0) break;
       sm90::named_barrier(2 + warpgroup, kWarpgroup);  // the last wave's rows are stored
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -649,7 +726,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       sm90::named_barrier(2 + warpgroup, kWarpgroup);
-      const int first_row = m0 + warpgroup * kRowsPerGroup + 64 * w;
+      const int first_row = m0 + (one_wave ? 64 : kRowsPerGroup) * warpgroup + 64 * w;
 #pragma unroll 2
       for (int r = warp; r < 64; r += 4) {
         if (first_row + r >= args.m) break;
@@ -748,7 +825,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         asm volatile("" : "+r"(zero));
 #pragma unroll
         for (int stage = 0; stage < kStages; ++stage)
-          k_block(stage, phase, k_begin + first + stage, nb, boxes, zero);
+          k_block(stage, phase, k_begin + first + stage, nb, boxes, zero,
+                  std::integral_constant<int, kWaves>{});
       }
       if (whole < length) {
         int zero = 0;
@@ -756,7 +834,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int stage = 0; stage < kStages; ++stage) {
           if (whole + stage < length) {
-            k_block(stage, phase, k_begin + whole + stage, nb, boxes, zero);
+            k_block(stage, phase, k_begin + whole + stage, nb, boxes, zero,
+                    std::integral_constant<int, kWaves>{});
           } else {
             sm90::mbarrier_wait(&full[stage], phase);
             release(stage);
@@ -822,31 +901,37 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
       // Whole turns of the ring, unrolled so that each stage's addresses are constants; then the
       // last turn, its slots past the k-blocks only waited for and released.
-      for (int first = 0; first < whole; first += kStages, phase ^= 1) {
-        // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted
-        // out of these loops: held for every stage and wave they exceeded the registers, uniform
-        // and not (ptxas spilled ~40 of them). An opaque zero, not a laundered pointer, so that the
-        // scale reads stay shared-memory loads.
-        int zero = 0;
-        asm volatile("" : "+r"(zero));
+      const auto multiply = [&](auto waves) {
+        for (int first = 0; first < whole; first += kStages, phase ^= 1) {
+          // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted
+          // out of these loops: held for every stage and wave they exceeded the registers, uniform
+          // and not (ptxas spilled ~40 of them). An opaque zero, not a laundered pointer, so that
+          // the scale reads stay shared-memory loads.
+          int zero = 0;
+          asm volatile("" : "+r"(zero));
 #pragma unroll
-        for (int stage = 0; stage < kStages; ++stage)
-          k_block(stage, phase, first + stage, nb, box_base, zero);
-      }
-      if (whole < slots) {
-        int zero = 0;
-        asm volatile("" : "+r"(zero));
-#pragma unroll
-        for (int stage = 0; stage < kStages; ++stage) {
-          if (whole + stage < k_blocks) {
-            k_block(stage, phase, whole + stage, nb, box_base, zero);
-          } else {
-            sm90::mbarrier_wait(&full[stage], phase);
-            release(stage);
-          }
+          for (int stage = 0; stage < kStages; ++stage)
+            k_block(stage, phase, first + stage, nb, box_base, zero, waves);
         }
-        phase ^= 1;
-      }
+        if (whole < slots) {
+          int zero = 0;
+          asm volatile("" : "+r"(zero));
+#pragma unroll
+          for (int stage = 0; stage < kStages; ++stage) {
+            if (whole + stage < k_blocks) {
+              k_block(stage, phase, whole + stage, nb, box_base, zero, waves);
+            } else {
+              sm90::mbarrier_wait(&full[stage], phase);
+              release(stage);
+            }
+          }
+          phase ^= 1;
+        }
+      };
+      if (kRunTiles && single_block)
+        multiply(std::integral_constant<int, 1>{});
+      else
+        multiply(std::integral_constant<int, kWaves>{});
       if constexpr (kTma)
         stage_and_store_16bit(m0, n0);
       else
