@@ -1690,10 +1690,19 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
 
 // The 256-row build follows each run of blocks with one index (two blocks a tile, a run of odd
 // length ending on a tile of one block); its CTAs list the tiles in shared memory, 2 bytes each,
-// for at most this many blocks. Where the experts average at least kLeastBlocksPerRunTiles blocks
-// it takes the place of the 128-row build (measured below, contiguous_plan_for).
+// for at most this many blocks. It takes the place of the 128-row build where the experts average
+// at least kLeastBlocksPerRunTiles blocks, or kLeastBlocksPerShortRunTiles where K has at most
+// kMostShortRunTileKBlocks k-blocks. A tile of one block has a 3-stage ring for half a tile's
+// work, and loses to a 128-row tile (4 stages) where K is long: H200, session 37, run 4a, us per
+// expert, 128 / 256 rows: DeepSeek-V3 gate_up (N=4096 K=7168) 8 experts x 1024 rows 46.06 / 43.03,
+// x 256 rows (every run two blocks) 13.80 / 12.61; Qwen3-30B-A3B prefill, 128 experts of 64-448
+// rows (2.4 blocks on average, half the runs odd), gate_up (K=2048) 1.86 / 1.98, down (K=768)
+// 1.19 / 1.13. Where the runs' lengths are unknown, the plan expects few tiles of one block only
+// from long runs or short K.
 constexpr int64_t kMostRunTileBlocks = 1024;
-constexpr int64_t kLeastBlocksPerRunTiles = 2;
+constexpr int64_t kLeastBlocksPerRunTiles = 4;
+constexpr int64_t kLeastBlocksPerShortRunTiles = 2;
+constexpr int64_t kMostShortRunTileKBlocks = 8;
 static_assert(persistent::SharedLayout<256>::kSharedBytes + sizeof(int) +
                       kMostRunTileBlocks * sizeof(uint16_t) <=
                   232448,
@@ -1717,10 +1726,14 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   // MOEKIT_SM90_CONTIGUOUS_ROWS=128 or 256 forces the build (timing knob and tests).
   const int64_t blocks = fp8::ceil_div(p.m, kContiguousBlockRows);
   const int rows = env::integer("MOEKIT_SM90_CONTIGUOUS_ROWS", 0);
-  plan.tile_rows = blocks <= kMostRunTileBlocks &&
-                           (rows > 0 ? rows == 256 : blocks >= kLeastBlocksPerRunTiles * p.groups)
-                       ? 256
-                       : static_cast<int>(kContiguousBlockRows);
+  const int64_t least_blocks =
+      fp8::ceil_div(p.k, int64_t{kFp8BlockSize}) <= kMostShortRunTileKBlocks
+          ? kLeastBlocksPerShortRunTiles
+          : kLeastBlocksPerRunTiles;
+  plan.tile_rows =
+      blocks <= kMostRunTileBlocks && (rows > 0 ? rows == 256 : blocks >= least_blocks * p.groups)
+          ? 256
+          : static_cast<int>(kContiguousBlockRows);
   plan.persistent = true;
   // Pairs of CTAs take the two column tiles of a block (one expert), each copying half of the A
   // tile into both rings, where the column tiles pair up. MOEKIT_SM90_CONTIGUOUS_PAIR=0 or 1

@@ -65,6 +65,7 @@ struct GroupQuantArgs {
   bool up_vectors;       // gated: the up halves allow 16-byte loads
   bool q_vectors;        // q rows allow 8-byte stores
   bool streaming_hints;  // streaming kernel: evict-first loads of x and stores of q (A/B knob)
+  bool allow_first;      // the next kernel may launch before this one's wait (quant_allow_first)
   // The streaming kernel's walk: each warp advances `unit_step` units (a whole grid of warps) at
   // a time, `column_step` units along the row, or `column_step_wrapped` (< 0) when that passes
   // the row's end (column unit >= `wrap_from`) and one more row is crossed. The byte steps of the
@@ -225,8 +226,11 @@ __global__ void __launch_bounds__(kQuantThreads,
   __shared__ uint32_t exponent_words[kQuantWarps][kUnitGroups / 4 > 0 ? kUnitGroups / 4 : 1];
 
   // x is the previous kernel's output (launched overlapping it: see per_token_group_quant_fp8).
+  // The next kernel may launch first (quant_allow_first): it waits for this one's end before it
+  // touches memory, and meanwhile its CTAs take the SMs the previous kernel leaves.
+  if (a.allow_first) vendor::allow_next_grid();
   vendor::wait_for_previous_grid();
-  vendor::allow_next_grid();
+  if (!a.allow_first) vendor::allow_next_grid();
   const int lane = vendor::lane_id();
   const int warp = static_cast<int>(threadIdx.x) / kLanes;
   auto* exponent_bytes = reinterpret_cast<uint8_t*>(exponent_words[warp]);
@@ -402,8 +406,9 @@ __global__ void __launch_bounds__(kQuantThreads, (kStreamBlocksPerSm<kType, kLan
   constexpr int kElementBytes = kType == Wide::f32 ? 4 : 2;
   using Raw = RawChunk<kType>;
 
-  vendor::wait_for_previous_grid();  // as in group_quant_kernel
-  vendor::allow_next_grid();
+  if (a.allow_first) vendor::allow_next_grid();  // as in group_quant_kernel
+  vendor::wait_for_previous_grid();
+  if (!a.allow_first) vendor::allow_next_grid();
   const int lane = vendor::lane_id();
   const int span = lane / kSpanLanes;
   const int first_group = span * kLaneGroups;  // in the unit
@@ -589,6 +594,17 @@ int gated_blocks_per_sm() {
 // while measuring; off by default).
 bool streaming_hints() {
   static const bool on = env::is("MOEKIT_GPU_QUANT_HINTS", "1");
+  return on;
+}
+
+// The quantization kernels let the next kernel launch before they wait for the previous one,
+// not after: every kernel launched behind them (the GEMMs of the linear layer) waits for them
+// before it touches memory, so nothing changes but when the next kernel's CTAs take the SMs the
+// previous one leaves (and, with static weights, start loading them) instead of after this one's
+// wait. A dependent grid launches only once every CTA of this one has allowed it, so those CTAs
+// are all resident first. MOEKIT_GPU_QUANT_ALLOW_FIRST=0 allows it after the wait (A/B knob).
+bool quant_allow_first() {
+  static const bool on = !env::is("MOEKIT_GPU_QUANT_ALLOW_FIRST", "0");
   return on;
 }
 
@@ -809,6 +825,7 @@ void launch_group_quant(const GroupQuantProblem& p, const MaskedPlanes* masked) 
         (a.scale_row_stride - a.units_per_row * unit_slots * a.scale_group_stride) * scale_bytes;
   }
   a.streaming_hints = streaming_hints();
+  a.allow_first = quant_allow_first();
   // Overlapping the previous kernel hides the launch gap (about 1% of a 100 us call).
   MOEKIT_GPU_CHECK(vendor::launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kQuantThreads),
                                   0, static_cast<cudaStream_t>(p.stream),
