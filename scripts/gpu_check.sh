@@ -122,7 +122,8 @@ if [[ -x $TESTS ]]; then
   # The Sm90BlockFp8Gemm.Prints* diagnostics (timings and trace tables, read by hand with their
   # knobs) assert little and took the suite past its limit in session 20: run them on their own.
   # The suite runs as GPU_CHECK_TEST_SHARDS gtest shards at once (default 4): most of its time is
-  # the single-threaded reference on the host, which the shards spread over the cores.
+  # the reference on the host (each sm90 test computes it on cores / 4 threads), which the shards
+  # spread over the cores.
   SHARDS=${GPU_CHECK_TEST_SHARDS:-4}
   PIDS=()
   for ((i = 0; i < SHARDS; ++i)); do

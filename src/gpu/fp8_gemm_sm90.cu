@@ -1679,21 +1679,22 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
   launch(plan, plan.persistent_kernel, p.stream, device, a_map, b_map, args, maps, out_map);
 }
 
-// ---- grouped_block_fp8_gemm_contiguous: persistent 128-row tiles of a's blocks.
+// ---- grouped_block_fp8_gemm_contiguous: persistent tiles of a's blocks.
 //
 // DeepGEMM's contiguous layout (MoE prefill): the experts' rows one after another in one [M, K]
-// a, each expert's rows starting on a 128-row block. The persistent kernel's contiguous build
-// takes the 128 x 128 tiles of the whole a; a tile's CTA reads its block's index after the wait
-// and multiplies that expert's weights (the weight maps' third coordinate), or skips a padding
-// block on both sides of the ring. Each row gets the products of block_fp8_gemm's wide tiles in
-// their order: the same bits.
+// a, each expert's rows starting on a 128-row block. The persistent kernel's contiguous builds
+// take the 128 x 128 tiles of the whole a (a tile's CTA reads its block's index after the wait
+// and multiplies that expert's weights, the weight maps' third coordinate, or skips a padding
+// block on both sides of the ring), or 256 x 128 tiles over each run of blocks with one index,
+// listed by the CTAs after the wait (gemm_wide_persistent.cuh, kRunTiles). Each row gets the
+// products of block_fp8_gemm's wide tiles in their order: the same bits.
 
 // The 256-row build follows each run of blocks with one index (two blocks a tile, a run of odd
 // length ending on a tile of one block); its CTAs list the tiles in shared memory, 2 bytes each,
 // for at most this many blocks. It takes the place of the 128-row build where the experts average
 // at least kLeastBlocksPerRunTiles blocks, or kLeastBlocksPerShortRunTiles where K has at most
 // kMostShortRunTileKBlocks k-blocks. A tile of one block has a 3-stage ring for half a tile's
-// work, and loses to a 128-row tile (4 stages) where K is long: H200, session 37, run 4a, us per
+// work, and loses to a 128-row tile (4 stages) where K is long: H200, session 37, run 4, us per
 // expert, 128 / 256 rows: DeepSeek-V3 gate_up (N=4096 K=7168) 8 experts x 1024 rows 46.06 / 43.03,
 // x 256 rows (every run two blocks) 13.80 / 12.61; Qwen3-30B-A3B prefill, 128 experts of 64-448
 // rows (2.4 blocks on average, half the runs odd), gate_up (K=2048) 1.86 / 1.98, down (K=768)

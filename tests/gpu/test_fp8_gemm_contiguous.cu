@@ -254,12 +254,13 @@ TEST(GpuContiguousGemm, RunTilesOfTwoBlocksEqualTheBlocks) {
   check_case(rng, {3, 512, 1024, {1, 1, 0, -1, 2, 2, 2}}, kContiguous, /*late=*/true, "256 x 128");
 }
 
-// The plan: 256-row tiles where the experts average two blocks or more, 128-row ones below.
-TEST(GpuContiguousGemm, RunTilesWhereExpertsAverageTwoBlocks) {
+// The plan: 256-row tiles where the experts average four blocks or more, or two where K has at
+// most 8 k-blocks; 128-row ones below.
+TEST(GpuContiguousGemm, RunTilesWhereRunsAreLongOrKShort) {
   SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
   const Device gpu = Device::gpu();
-  const auto detail = [&](int64_t M, int64_t G) {
-    const int64_t N = 256, K = 512;
+  const auto detail = [&](int64_t M, int64_t G, int64_t K) {
+    const int64_t N = 256;
     const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, gpu);
     const Tensor as = Tensor::empty(DType::f32, {M, K / 128}, gpu);
     const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
@@ -273,10 +274,16 @@ TEST(GpuContiguousGemm, RunTilesWhereExpertsAverageTwoBlocks) {
       if (row.name == kContiguous) return row.detail;
     return std::string();
   };
-  EXPECT_NE(detail(8 * 256, 8).find("256 x 128"), std::string::npos) << detail(8 * 256, 8);
-  EXPECT_NE(detail(8 * 256 - 128, 8).find("128 x 128"), std::string::npos)
-      << detail(8 * 256 - 128, 8);  // (15 blocks for 8 experts)
-  EXPECT_NE(detail(128 * 200, 128).find("128 x 128"), std::string::npos);
+  const auto expect_rows = [&](int64_t M, int64_t G, int64_t K, const char* tiles) {
+    const std::string plan = detail(M, G, K);
+    EXPECT_NE(plan.find(tiles), std::string::npos)
+        << "M=" << M << " G=" << G << " K=" << K << ": " << plan;
+  };
+  expect_rows(8 * 512, 8, 2048, "256 x 128");        // 4 blocks an expert
+  expect_rows(8 * 512 - 128, 8, 2048, "128 x 128");  // 31 blocks for 8 experts
+  expect_rows(8 * 256, 8, 1024, "256 x 128");        // 2 blocks an expert, 8 k-blocks
+  expect_rows(8 * 256 - 128, 8, 1024, "128 x 128");
+  expect_rows(8 * 256, 8, 1536, "128 x 128");  // 12 k-blocks
 }
 
 TEST(GpuContiguousGemm, IndicesWrittenByTheKernelBeforeAreTheOnesUsed) {

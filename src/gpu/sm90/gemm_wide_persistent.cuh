@@ -36,7 +36,8 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 // The groups' builds (persistent::Groups): planes, G GEMMs along the maps' third coordinate (the
 // counts read after the wait, each group's first tile listed in shared memory), or contiguous,
 // one a whose 128-row blocks each take their index's weights (a padding block skipped by every
-// role alike). They may take 128-row tiles (one wave per warpgroup, 4 stages: SharedLayout), and
+// role alike; in 256-row tiles, two blocks of a run with one index, listed after the wait: see
+// kRunTiles). They may take 128-row tiles (one wave per warpgroup, 4 stages: SharedLayout), and
 // producer warp 1 stores their weight scales into the stages (any layout; see kScaleLoader).
 //
 // Measured against a tile per CTA (H200, fp8-gpu-sm90.md, sessions 22 and 23): M=1024 N=4096
