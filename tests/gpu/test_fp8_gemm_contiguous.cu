@@ -165,15 +165,16 @@ void check_case(std::mt19937_64& rng, const Case& c, const char* implementation,
   }
 }
 
-// The GPU dispatch's verdicts at 256 rows x N x K and 2 experts, row-major activation scales
+// The GPU dispatch's verdicts at M rows x N x K and G experts, row-major activation scales
 // (the operands' bytes are never read: explain only plans).
-std::vector<ImplementationChoice> explain_on_gpu(int64_t N, int64_t K) {
+std::vector<ImplementationChoice> explain_on_gpu(int64_t N, int64_t K, int64_t M = 256,
+                                                 int64_t G = 2) {
   const Device gpu = Device::gpu();
-  const int64_t M = 256, k_blocks = (K + 127) / 128;
+  const int64_t k_blocks = (K + 127) / 128;
   const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, gpu);
   const Tensor as = Tensor::empty(DType::f32, {M, k_blocks}, gpu);
-  const Tensor b = Tensor::empty(DType::f8e4m3, {2, N, K}, gpu);
-  const Tensor bs = Tensor::empty(DType::f32, {2, (N + 127) / 128, k_blocks}, gpu);
+  const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
+  const Tensor bs = Tensor::empty(DType::f32, {G, (N + 127) / 128, k_blocks}, gpu);
   const Tensor indices = Tensor::empty(DType::i32, {M}, gpu);
   const Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
   OpOptions options;
@@ -258,19 +259,8 @@ TEST(GpuContiguousGemm, RunTilesOfTwoBlocksEqualTheBlocks) {
 // most 8 k-blocks; 128-row ones below.
 TEST(GpuContiguousGemm, RunTilesWhereRunsAreLongOrKShort) {
   SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
-  const Device gpu = Device::gpu();
   const auto detail = [&](int64_t M, int64_t G, int64_t K) {
-    const int64_t N = 256;
-    const Tensor a = Tensor::empty(DType::f8e4m3, {M, K}, gpu);
-    const Tensor as = Tensor::empty(DType::f32, {M, K / 128}, gpu);
-    const Tensor b = Tensor::empty(DType::f8e4m3, {G, N, K}, gpu);
-    const Tensor bs = Tensor::empty(DType::f32, {G, N / 128, K / 128}, gpu);
-    const Tensor indices = Tensor::empty(DType::i32, {M}, gpu);
-    const Tensor out = Tensor::empty(DType::bf16, {M, N}, gpu);
-    OpOptions options;
-    options.backend = Backend::gpu;
-    for (const ImplementationChoice& row : explain_grouped_block_fp8_gemm_contiguous(
-             a, as, ScaleLayout::row_major, b, bs, indices, out, options))
+    for (const ImplementationChoice& row : explain_on_gpu(256, K, M, G))
       if (row.name == kContiguous) return row.detail;
     return std::string();
   };
