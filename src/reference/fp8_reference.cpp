@@ -82,20 +82,34 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
 
 void block_fp8_gemm(const BlockGemmProblem& p) {
   const TensorView& bs = p.b_scales;
-  for (int64_t m = 0; m < p.m; ++m) {
+  // The operands' rows are decoded to f32 (x_at's values) once per pass of up to kPassRows rows
+  // of a, not once per product: only the time changes. Each output element still sums its
+  // k-blocks, and each block its products, in order.
+  constexpr int64_t kPassRows = 64;
+  const auto K = static_cast<size_t>(p.k);
+  std::vector<float> a_rows(static_cast<size_t>(std::min(p.m, kPassRows)) * K), b_row(K);
+  for (int64_t m0 = 0; m0 < p.m; m0 += kPassRows) {
+    const int64_t rows = std::min(kPassRows, p.m - m0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < p.k; ++k) a_rows[r * p.k + k] = x_at(p.a, m0 + r, k);
     for (int64_t n = 0; n < p.n; ++n) {
-      float total = 0.0f;
-      for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
-        const int64_t begin = kb * kFp8BlockSize;
-        const int64_t end = std::min(begin + kFp8BlockSize, p.k);
-        float partial = 0.0f;  // a missing tail of a partial block contributes zeros
-        for (int64_t k = begin; k < end; ++k) partial += x_at(p.a, m, k) * x_at(p.b, n, k);
-        const float a_scale = read_scale(p.a_scales.data(), p.a_scale_at, m, kb);
-        const float b_scale = x_at(bs, n / kFp8BlockSize, kb);
-        total += partial * a_scale * b_scale;
+      for (int64_t k = 0; k < p.k; ++k) b_row[k] = x_at(p.b, n, k);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t m = m0 + r;
+        const float* a_row = a_rows.data() + r * p.k;
+        float total = 0.0f;
+        for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+          const int64_t begin = kb * kFp8BlockSize;
+          const int64_t end = std::min(begin + kFp8BlockSize, p.k);
+          float partial = 0.0f;  // a missing tail of a partial block contributes zeros
+          for (int64_t k = begin; k < end; ++k) partial += a_row[k] * b_row[k];
+          const float a_scale = read_scale(p.a_scales.data(), p.a_scale_at, m, kb);
+          const float b_scale = x_at(bs, n / kFp8BlockSize, kb);
+          total += partial * a_scale * b_scale;
+        }
+        if (p.has_bias()) total += load_as_f32(p.bias.data(), p.bias.dtype(), n * p.bias.stride(0));
+        store_at(p.out, m, n, total);  // the one rounding to the out dtype
       }
-      if (p.has_bias()) total += load_as_f32(p.bias.data(), p.bias.dtype(), n * p.bias.stride(0));
-      store_at(p.out, m, n, total);  // the one rounding to the out dtype
     }
   }
 }
