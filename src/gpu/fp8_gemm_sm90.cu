@@ -1693,13 +1693,13 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& p) {
 // length ending on a tile of one block); its CTAs list the tiles in shared memory, 2 bytes each,
 // for at most this many blocks. It takes the place of the 128-row build where the experts average
 // at least kLeastBlocksPerRunTiles blocks, or kLeastBlocksPerShortRunTiles where K has at most
-// kMostShortRunTileKBlocks k-blocks. A tile of one block has a 3-stage ring for half a tile's
-// work, and loses to a 128-row tile (4 stages) where K is long: H200, session 37, run 4, us per
-// expert, 128 / 256 rows: DeepSeek-V3 gate_up (N=4096 K=7168) 8 experts x 1024 rows 46.06 / 43.03,
-// x 256 rows (every run two blocks) 13.80 / 12.61; Qwen3-30B-A3B prefill, 128 experts of 64-448
-// rows (2.4 blocks on average, half the runs odd), gate_up (K=2048) 1.86 / 1.98, down (K=768)
-// 1.19 / 1.13. Where the runs' lengths are unknown, the plan expects few tiles of one block only
-// from long runs or short K.
+// kMostShortRunTileKBlocks k-blocks. Tiles of one block (odd runs) lose where K is long (the
+// guess, not measured: half a tile's work per stage of a 3-stage ring, against 4 stages in the
+// 128-row build). H200, session 37, run 4, us per expert, 128 / 256 rows: DeepSeek-V3 gate_up
+// (N=4096 K=7168) 8 experts x 1024 rows 46.06 / 43.03, x 256 rows (every run two blocks) 13.80
+// / 12.61; Qwen3-30B-A3B prefill, 128 experts of 64-448 rows (2.4 blocks on average, half the runs
+// odd), gate_up (K=2048) 1.86 / 1.98, down (K=768) 1.19 / 1.13. Where the runs' lengths are
+// unknown, the plan expects few tiles of one block only from long runs or short K.
 constexpr int64_t kMostRunTileBlocks = 1024;
 constexpr int64_t kLeastBlocksPerRunTiles = 4;
 constexpr int64_t kLeastBlocksPerShortRunTiles = 2;
@@ -1717,15 +1717,15 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   if (p.groups > 1 && p.b.stride(0) % 16 != 0)
     return "b's groups are not 16 bytes apart (TMA needs it)";
   if (p.groups > std::numeric_limits<int>::max()) return "G=" + str(p.groups) + " groups";
-  const int64_t units =
-      fp8::ceil_div(p.m, kContiguousBlockRows) * fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  const int64_t blocks = fp8::ceil_div(p.m, kContiguousBlockRows);
+  const int64_t tiles_n = fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
+  const int64_t units = blocks * tiles_n;  // (128-row tiles: at least as many as 256-row ones)
   if (units > std::numeric_limits<int>::max()) return "more tiles than an int counts";
   plan.scale_feed = activation_scale_feed(first);
   if (plan.scale_feed == tiles::ScaleFeed::warps)
     return "the activation scales cannot be copied with the tiles (TMA: rows on 16 bytes; "
            "DeepGEMM's column-major TMA-aligned layout always is)";
   // MOEKIT_SM90_CONTIGUOUS_ROWS=128 or 256 forces the build (timing knob and tests).
-  const int64_t blocks = fp8::ceil_div(p.m, kContiguousBlockRows);
   const int rows = env::integer("MOEKIT_SM90_CONTIGUOUS_ROWS", 0);
   const int64_t least_blocks =
       fp8::ceil_div(p.k, int64_t{kFp8BlockSize}) <= kMostShortRunTileKBlocks
@@ -1739,7 +1739,6 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   // Pairs of CTAs take the two column tiles of a block (one expert), each copying half of the A
   // tile into both rings, where the column tiles pair up. MOEKIT_SM90_CONTIGUOUS_PAIR=0 or 1
   // forces them off or on (timing knob).
-  const int64_t tiles_n = fp8::ceil_div(p.n, int64_t{tiles::kBlockN});
   const int pair = env::integer("MOEKIT_SM90_CONTIGUOUS_PAIR", -1);
   plan.pair = tiles_n % 2 == 0 && pair != 0;
   plan.splits = plan.pair ? 2 : 1;

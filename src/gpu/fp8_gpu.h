@@ -79,10 +79,11 @@ void grouped_wide_block_fp8_gemm_sm90(const GroupedBlockGemmProblem& problem);
 std::string grouped_wide_gemm_sm90_plan(const GroupedBlockGemmProblem& problem);
 
 // grouped_block_fp8_gemm_contiguous on Hopper (fp8_gemm_sm90.cu): the persistent tiles kernel's
-// contiguous build, 128 x 128 tiles of a's rows (in pairs of CTAs sharing A tiles where the column
-// tiles pair up), each tile multiplying the weights of its block's index (read on the device after
-// the previous kernel; padding blocks skipped, their out rows not written). Each row gets the bits
-// block_fp8_gemm_sm90's wide tiles give it.
+// contiguous builds (in pairs of CTAs sharing A tiles where the column tiles pair up): 128 x 128
+// tiles of a's blocks, or 256 x 128 tiles over each run of blocks with one index, each tile
+// multiplying the weights of its index (read on the device after the previous kernel; padding
+// blocks skipped, their out rows not written). Each row gets the bits block_fp8_gemm_sm90's wide
+// tiles give it.
 std::string contiguous_gemm_sm90_supports(const ContiguousBlockGemmProblem& problem);
 void contiguous_block_fp8_gemm_sm90(const ContiguousBlockGemmProblem& problem);
 std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& problem);

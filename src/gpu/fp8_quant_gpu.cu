@@ -208,6 +208,15 @@ __device__ __forceinline__ int live_rows(const GroupQuantArgs& a, int64_t live, 
 
 // ---- per_token_group_quant_fp8
 
+// Waits for the kernel before (x is its output). allow_first (quant_allow_first): the next kernel
+// may launch before that wait, not after it; it waits for this one's end before it touches
+// memory, and meanwhile its CTAs take the SMs the previous kernel leaves.
+__device__ __forceinline__ void wait_for_previous_kernel(bool allow_first) {
+  if (allow_first) vendor::allow_next_grid();
+  vendor::wait_for_previous_grid();
+  if (!allow_first) vendor::allow_next_grid();
+}
+
 // kGated (silu_and_mul_group_quant_fp8): x rows hold gate then up halves of `cols` each, both
 // loaded with the unit (and the next unit's ahead, as for plain x), and the kernel quantizes
 // silu_and_mul_f32(gate, up). kPasses: passes of 256 elements per unit (4 for plain x; gated rows
@@ -226,11 +235,7 @@ __global__ void __launch_bounds__(kQuantThreads,
   __shared__ uint32_t exponent_words[kQuantWarps][kUnitGroups / 4 > 0 ? kUnitGroups / 4 : 1];
 
   // x is the previous kernel's output (launched overlapping it: see per_token_group_quant_fp8).
-  // The next kernel may launch first (quant_allow_first): it waits for this one's end before it
-  // touches memory, and meanwhile its CTAs take the SMs the previous kernel leaves.
-  if (a.allow_first) vendor::allow_next_grid();
-  vendor::wait_for_previous_grid();
-  if (!a.allow_first) vendor::allow_next_grid();
+  wait_for_previous_kernel(a.allow_first);
   const int lane = vendor::lane_id();
   const int warp = static_cast<int>(threadIdx.x) / kLanes;
   auto* exponent_bytes = reinterpret_cast<uint8_t*>(exponent_words[warp]);
@@ -406,9 +411,7 @@ __global__ void __launch_bounds__(kQuantThreads, (kStreamBlocksPerSm<kType, kLan
   constexpr int kElementBytes = kType == Wide::f32 ? 4 : 2;
   using Raw = RawChunk<kType>;
 
-  if (a.allow_first) vendor::allow_next_grid();  // as in group_quant_kernel
-  vendor::wait_for_previous_grid();
-  if (!a.allow_first) vendor::allow_next_grid();
+  wait_for_previous_kernel(a.allow_first);  // as in group_quant_kernel
   const int lane = vendor::lane_id();
   const int span = lane / kSpanLanes;
   const int first_group = span * kLaneGroups;  // in the unit

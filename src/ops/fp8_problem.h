@@ -94,6 +94,24 @@ struct BlockGemmProblem {
   bool has_bias() const { return bias.data() != nullptr; }
 };
 
+// Rows first .. first + rows - 1 of p, as block_fp8_gemm would receive them (the activation
+// scales keep M's addressing, from row `first`). Rows are independent in every implementation.
+inline BlockGemmProblem row_band(const BlockGemmProblem& p, int64_t first, int64_t rows) {
+  const auto band_of = [&](const TensorView& t) {
+    return TensorView(static_cast<char*>(t.data()) + first * t.stride(0) * dtype_size(t.dtype()),
+                      t.dtype(), std::array<int64_t, 2>{rows, t.size(1)},
+                      std::array<int64_t, 2>{t.stride(0), t.stride(1)}, t.device());
+  };
+  BlockGemmProblem band = p;
+  band.a = band_of(p.a);
+  band.out = band_of(p.out);
+  band.a_scales =
+      TensorView(static_cast<char*>(p.a_scales.data()) + p.a_scale_at.offset(first, 0) * 4,
+                 p.a_scales.dtype(), p.a_scales.shape(), p.a_scales.strides(), p.a_scales.device());
+  band.m = rows;
+  return band;
+}
+
 // Plane g of a 3-D tensor [G, R, C] as a 2-D view [R, C] (same strides).
 inline TensorView plane_of(const TensorView& t, int64_t g) {
   const int64_t shape[2] = {t.size(1), t.size(2)};
@@ -124,15 +142,7 @@ struct GroupedBlockGemmProblem {
 
   bool masked() const { return masked_m.data() != nullptr; }
   // Group g's problem on its first `rows` rows (the activation scales keep M's addressing).
-  BlockGemmProblem group(int64_t g, int64_t rows) const {
-    BlockGemmProblem p = group(g);
-    p.a = TensorView(p.a.data(), p.a.dtype(), std::array<int64_t, 2>{rows, k},
-                     std::array<int64_t, 2>{p.a.stride(0), p.a.stride(1)}, p.a.device());
-    p.out = TensorView(p.out.data(), p.out.dtype(), std::array<int64_t, 2>{rows, n},
-                       std::array<int64_t, 2>{p.out.stride(0), p.out.stride(1)}, p.out.device());
-    p.m = rows;
-    return p;
-  }
+  BlockGemmProblem group(int64_t g, int64_t rows) const { return row_band(group(g), 0, rows); }
   BlockGemmProblem group(int64_t g) const {
     BlockGemmProblem p;
     p.a = plane_of(a, g);
@@ -176,20 +186,13 @@ struct ContiguousBlockGemmProblem {
   // activation scales keep M's addressing, from row `first`).
   BlockGemmProblem rows_of(int64_t g, int64_t first, int64_t rows) const {
     BlockGemmProblem p;
-    const auto row_view = [&](const TensorView& t, int64_t cols) {
-      return TensorView(static_cast<char*>(t.data()) + first * t.stride(0) * dtype_size(t.dtype()),
-                        t.dtype(), std::array<int64_t, 2>{rows, cols},
-                        std::array<int64_t, 2>{t.stride(0), t.stride(1)}, t.device());
-    };
-    p.a = row_view(a, k);
-    p.out = row_view(out, n);
+    p.a = a;
+    p.out = out;
     p.a_scale_at = a_scale_at;
-    p.a_scales =
-        TensorView(static_cast<char*>(a_scales.data()) + a_scale_at.offset(first, 0) * 4,
-                   a_scales.dtype(), a_scales.shape(), a_scales.strides(), a_scales.device());
+    p.a_scales = a_scales;
     p.b = plane_of(b, g);
     p.b_scales = plane_of(b_scales, g);
-    p.m = rows;
+    p.m = m;
     p.n = n;
     p.k = k;
     p.k_blocks = fp8::ceil_div(k, kFp8BlockSize);
@@ -197,7 +200,7 @@ struct ContiguousBlockGemmProblem {
     p.num_threads = num_threads;
     p.stream = stream;
     p.b_static = b_static;
-    return p;
+    return row_band(p, first, rows);
   }
 };
 
@@ -238,10 +241,10 @@ struct W8a8LinearProblem {
 
 // silu_and_mul_grouped_block_fp8_gemm_masked (an MoE down projection in DeepGEMM's masked layout):
 // the gated quantization of x into the workspace (f32 scales column-major TMA-aligned per group,
-// group 128), then the
-// masked grouped GEMM of those against b. Both halves are complete problems of their own, sharing
-// masked_m. Without a workspace their q and scales point at a placeholder address that no entry
-// reads: the entries that run the halves apart need `workspace`, the fused one does not.
+// group 128), then the masked grouped GEMM of those against b. Both halves are complete problems of
+// their own, sharing masked_m. Without a workspace their q and scales point at a placeholder
+// address that no entry reads: the entries that run the halves apart need `workspace`, the fused
+// one does not.
 struct MaskedSiluGemmProblem {
   MaskedGatedQuantProblem quant;
   GroupedBlockGemmProblem gemm;  // gemm.b_static is true: after the op's own quantization

@@ -208,23 +208,6 @@ BlockGemmProblem problem_of(const Views& v, const GemmCase& c, void* stream) {
                                  options);
 }
 
-// Rows first .. first + rows - 1 of p (the activation scales keep M's addressing).
-BlockGemmProblem rows_of_problem(const BlockGemmProblem& p, int64_t first, int64_t rows) {
-  const auto band_of = [&](const TensorView& t) {
-    return TensorView(static_cast<char*>(t.data()) + first * t.stride(0) * dtype_size(t.dtype()),
-                      t.dtype(), std::array<int64_t, 2>{rows, t.size(1)},
-                      std::array<int64_t, 2>{t.stride(0), t.stride(1)}, t.device());
-  };
-  BlockGemmProblem band = p;
-  band.a = band_of(p.a);
-  band.out = band_of(p.out);
-  band.a_scales =
-      TensorView(static_cast<char*>(p.a_scales.data()) + p.a_scale_at.offset(first, 0) * 4,
-                 p.a_scales.dtype(), p.a_scales.shape(), p.a_scales.strides(), p.a_scales.device());
-  band.m = rows;
-  return band;
-}
-
 // The reference's output for the case (computed on the host, in the case's out dtype).
 Tensor reference_output(const GemmCase& c, const Buffers& host) {
   const Views hv = views_of(host, c, Device::cpu());
@@ -242,7 +225,7 @@ Tensor reference_output(const GemmCase& c, const Buffers& host) {
   std::vector<std::thread> workers;
   for (int64_t first = 0; first < c.m; first += band)
     workers.emplace_back([&p, first, rows = std::min(band, c.m - first)] {
-      reference::block_fp8_gemm(rows_of_problem(p, first, rows));
+      reference::block_fp8_gemm(row_band(p, first, rows));
     });
   for (std::thread& worker : workers) worker.join();
   return out;

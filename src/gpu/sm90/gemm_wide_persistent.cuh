@@ -929,10 +929,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           phase ^= 1;
         }
       };
-      if (kRunTiles && single_block)
-        multiply(std::integral_constant<int, 1>{});
-      else
+      if constexpr (kRunTiles) {
+        if (single_block)
+          multiply(std::integral_constant<int, 1>{});
+        else
+          multiply(std::integral_constant<int, kWaves>{});
+      } else {
         multiply(std::integral_constant<int, kWaves>{});
+      }
       if constexpr (kTma)
         stage_and_store_16bit(m0, n0);
       else
