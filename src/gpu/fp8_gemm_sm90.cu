@@ -1381,20 +1381,28 @@ std::string w8a8_linear_sm90_fused_supports(const W8a8LinearProblem& p) {
     return "the GEMM's plan is not a swap plan of 8 or 16 tokens whose token tiles fit shared "
            "memory (" +
            block_gemm_sm90_plan(g) + ")";
-  // Where a CTA's k-range is longer than its ring, the weight tiles past the ring wait until the
-  // consumers, who quantize the whole range first, free stages: the more groups (tokens x
-  // k-blocks of the range), the longer. Measured on an H200 against the two kernels (docs/perf/
-  // fp8-gpu-sm90.md, session 28, 4 lanes per group; us): N=4096 K=7168 (28 k-blocks, 16 stages)
-  // M=5 (140 groups) 10.96 vs 11.78-11.83, M=6 (168) 11.10 vs 11.82-11.84, M=7 (196) 11.59-11.66
-  // vs 11.75-11.76, M=8 (224) 11.71-11.74 vs 11.74-11.80; N=7168 K=16384 (64 k-blocks) M=2 (128)
-  // 32.80-32.94 vs 33.73-33.76, M=3 (192) 33.90-34.01 vs 33.88-34.06, and in session 26 M=4 35.2
-  // vs 33.8. The limit keeps the clear wins; past it the two are even or the two kernels win.
-  // MOEKIT_SM90_FUSED_PAST_RING=n moves the limit (timing knob).
-  const int limit = env::integer("MOEKIT_SM90_FUSED_PAST_RING", kMaxGroupsPastTheRing);
+  // The consumers quantize the CTA's whole k-range before their first product, so where the range
+  // is longer than the ring the weight tiles past it wait, and the fewer stages beside the token
+  // tiles (8 here, 12-16 in the two-kernel GEMM) start the stream later: the more groups (tokens x
+  // k-blocks of the range), the more the second kernel's ~1 us is outweighed. Measured on an H200
+  // against the two kernels (docs/perf/fp8-gpu-sm90.md, session 38: 12 shapes, M = 1..16; us,
+  // fused vs two): 128-row CTAs past the ring win at <= 96 groups (N=24576 K=1536 M=8 15.15 vs
+  // 15.89) and lose from 128 (N=9216 K=4096 M=4 13.1 vs 12.8, N=7168 K=16384 M=2 32.4 vs 31.0);
+  // 64-row CTAs with 8-token tiles win at 128 (N=4096 K=8192 M=4 11.3 vs 11.7) and lose at 168
+  // (N=4096 K=7168 M=6 11.1 vs 10.8); with 16-token tiles they lose at 128 even where the ring
+  // holds the range (N=4096 K=2048 M=16 7.1 vs 6.7; M=12, 96 groups, 6.4 vs 6.8); 128-row CTAs
+  // whose ring holds the range win or tie up to M=16. MOEKIT_SM90_FUSED_GROUPS=n sets one limit for
+  // every plan (timing knob).
+  const int forced_limit = env::integer("MOEKIT_SM90_FUSED_GROUPS", -1);
   const int64_t range = fp8::ceil_div(g.k_blocks, plan.splits);
-  if (!plan.ring_holds_k_range && g.m * range > limit)
+  const bool limited = forced_limit >= 0 || plan.rows != 128 || !plan.ring_holds_k_range;
+  const int limit = forced_limit >= 0                     ? forced_limit
+                    : plan.rows == 64 && plan.tokens == 8 ? kMostFusedGroupsOf64RowsBy8
+                                                          : kMostFusedGroups;
+  if (limited && g.m * range > limit)
     return "M=" + str(g.m) + " x a CTA's " + str(range) + " k-blocks = " + str(g.m * range) +
-           " groups > " + str(limit) + " where they exceed its ring of " + str(plan.stages) +
+           " groups > " + str(limit) + " for " + str(plan.rows) + "-row CTAs with " +
+           str(plan.tokens) + "-token tiles and a ring of " + str(plan.stages) +
            " stages (measured slower than quantizing in a kernel of its own)";
   return "";
 }

@@ -644,6 +644,18 @@ GpuRow bench_masked_gated_quant_gpu(const std::string& name, int64_t G, int64_t 
   return row;
 }
 
+// "N=<n> K=<k>" (the table's names start so) as {n, k}; none for anything else.
+std::optional<std::pair<int64_t, int64_t>> custom_shape(const std::string& model) {
+  long long n = 0, k = 0;
+  int used = 0;
+  if (std::sscanf(model.c_str(), "N=%lld K=%lld%n", &n, &k, &used) != 2 ||
+      used != static_cast<int>(model.size()))
+    return std::nullopt;
+  if (n < 1 || k < 1 || n > (1 << 20) || k > (1 << 20))
+    fail("bench", "--model", model, "has N or K outside 1..1048576");
+  return std::pair<int64_t, int64_t>{n, k};
+}
+
 }  // namespace
 
 int run_fp8_bench_gpu(const BenchOptions& options) {
@@ -654,6 +666,21 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
     return (options.model.empty() || name.find(options.model) != std::string::npos) &&
            (options.tokens == 0 || options.tokens == M);
   };
+  // --model "N=<n> K=<k>" (--op gemm and linear): that shape at the sweep's token counts (or
+  // --tokens), a table row's or not, so that a sweep can reach any layer.
+  struct Shape {
+    std::string name;
+    int64_t n, k;
+    std::vector<int64_t> tokens;
+  };
+  auto with_custom = [&](std::vector<Shape> shapes, std::vector<int64_t> sweep) {
+    const auto nk = custom_shape(options.model);
+    if (!nk) return shapes;
+    std::string name = options.model + " (given)";
+    for (const Shape& shape : shapes)
+      if (shape.n == nk->first && shape.k == nk->second) name = shape.name;
+    return std::vector<Shape>{{name, nk->first, nk->second, std::move(sweep)}};
+  };
   if (options.op == "gemm") {
     const Fp8Data data = parse_fp8_data(options.data);
     if (!options.implementation.empty() &&
@@ -661,20 +688,17 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
                   options.implementation) == std::end(kGemmImplementations))
       fail("bench", "--implementation", options.implementation,
            "is not a GPU GEMM implementation (gpu.cublaslt, gpu.sm90, gpu)");
-    struct Shape {
-      std::string name;
-      int64_t n, k;
-      std::vector<int64_t> tokens;
-    };
-    const std::vector<Shape> shapes = {
-        {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {4096}},
-        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
-        {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16, 256}},
-        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16, 256}},
-        // Experts' gate_up at a few hundred tokens per expert (the tiles kernel's K split).
-        {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {256}},
-        {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {256}},
-    };
+    const std::vector<Shape> shapes = with_custom(
+        {
+            {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {4096}},
+            {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
+            {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16, 256}},
+            {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16, 256}},
+            // Experts' gate_up at a few hundred tokens per expert (the tiles kernel's K split).
+            {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {256}},
+            {"N=1536 K=2048 (Qwen3-30B expert gate_up)", 1536, 2048, {256}},
+        },
+        {1, 4, 16, 64, 256, 1024});
     // --tokens M benches any M, not only the table's (a sweep over M for one shape with --model).
     for (const Shape& shape : shapes)
       for (int64_t M : options.tokens > 0 ? std::vector<int64_t>{options.tokens} : shape.tokens)
@@ -683,17 +707,16 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
                                             options.implementation, options.replays))
             rows.push_back(std::move(r));
   } else if (options.op == "linear") {
-    struct Shape {
-      std::string name;
-      int64_t n, k;
-      std::vector<int64_t> tokens;
-    };
-    const std::vector<Shape> shapes = {
-        {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 8, 16, 64}},
-        {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 8, 16}},
-        {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 4, 8, 16}},
-        {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {}},  // (with --tokens)
-    };
+    const std::vector<Shape> shapes = with_custom(
+        {
+            {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 8, 16, 64}},
+            {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 8, 16}},
+            {"N=2048 K=4096 (Qwen3-30B o_proj)", 2048, 4096, {1, 16}},
+            {"N=9216 K=4096 (Qwen3-235B qkv_proj)", 9216, 4096, {1, 16}},
+            {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 4, 8, 16}},
+            {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {2}},
+        },
+        {1, 2, 4, 6, 8, 10, 12, 16});
     // --tokens M benches any M, as for the GEMM.
     for (const Shape& shape : shapes)
       for (int64_t M : options.tokens > 0 ? std::vector<int64_t>{options.tokens} : shape.tokens)
@@ -702,11 +725,6 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
                bench_linear_gpu(shape.name, M, shape.n, shape.k, seed++, options.replays))
             rows.push_back(std::move(r));
   } else if (options.op == "gemm-grouped") {
-    struct Shape {
-      std::string name;
-      int64_t n, k;
-      std::vector<int64_t> tokens;
-    };
     const std::vector<Shape> shapes = {
         {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
         {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16}},

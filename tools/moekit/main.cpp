@@ -234,7 +234,8 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--backend", bench_backend, "reference | cpu | gpu");
   bench_cmd->add_option("--threads", bench.threads, "CPU threads (0 = all)");
   bench_cmd->add_flag("--json", bench.json, "print a JSON array instead of a table");
-  bench_cmd->add_option("--model", bench.model, "one model-table row");
+  bench_cmd->add_option("--model", bench.model,
+                        "one model-table row (GPU --op gemm and linear: also any \"N=<n> K=<k>\")");
   bench_cmd->add_option("--tokens", bench.tokens,
                         "one token count (--op gemm and --op linear: any M, not only the table's)");
   bench_cmd->add_option("--implementation", bench.implementation,
