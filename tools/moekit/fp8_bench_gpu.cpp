@@ -770,10 +770,11 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
           if (auto row = bench_masked_decode_gpu(deepgemm, capacity, used, 4096, 7168, 4, 4, used,
                                                  seed++, options.replays, implementation))
             rows.push_back(std::move(*row));
-    // MoE prefill in DeepGEMM's contiguous layout: 8 DeepSeek-V3 experts of 256 and 1024 rows (the
-    // whole groups above, laid out one after another), and Qwen3-30B-A3B's 128 experts taking a
-    // 4096-token prefill's 32768 rows unevenly (rows 64..448, each expert padded to 128).
-    for (const int64_t M : {int64_t{256}, int64_t{1024}}) {
+    // MoE prefill in DeepGEMM's contiguous layout: 8 DeepSeek-V3 experts of 128 (every run of
+    // blocks one block long), 256 and 1024 rows (the whole groups above, laid out one after
+    // another), and Qwen3-30B-A3B's 128 experts taking a 4096-token prefill's 32768 rows unevenly
+    // (rows 64..448, each expert padded to 128).
+    for (const int64_t M : {int64_t{128}, int64_t{256}, int64_t{1024}}) {
       const std::string gate_up = "N=4096 K=7168 (DeepSeek-V3 gate_up)";
       if (wanted(gate_up, M))
         if (auto row = bench_contiguous_gpu(gate_up, std::vector<int64_t>(kBenchGroups, M), 4096,
