@@ -123,9 +123,9 @@ Verdict verdict_of(const char* name, const TensorView& x, const TensorView& w, c
 }
 
 // Hopper with sm_90a code: the fused entry must serve M <= 16 (elsewhere it declines, said why),
-// but for the measured exception: too many groups where a CTA's k-range exceeds its ring.
+// but for the measured exception: too many groups (tokens x a CTA's k-blocks) for its plan.
 bool fused_expected() { return gpu::device_properties(0).major == 9; }
-bool past_the_ring(const std::string& reason) {
+bool too_many_groups(const std::string& reason) {
   return reason.find(" groups > ") != std::string::npos;
 }
 
@@ -179,7 +179,7 @@ TEST(GpuFp8LinearFused, EqualsTheTwoKernelPathBitForBit) {
       const Verdict v = verdict_of(kFused, x, w_d, ws_d, bias, y_fused, workspace.data(), bytes);
       if (!v.reason.empty()) {
         ++declined;
-        if (fused_expected() && !past_the_ring(v.reason))
+        if (fused_expected() && !too_many_groups(v.reason))
           ADD_FAILURE() << kFused << " declines " << what << ": " << v.reason;
         continue;
       }
@@ -240,7 +240,7 @@ TEST(GpuFp8LinearFused, DispatchPicksItAtDecodeSizesOnly) {
                   static_cast<long long>(K), static_cast<long long>(m), v.picked.c_str(), kFused,
                   v.reason.empty() ? "serves" : v.reason.c_str());
       const bool declined_by_rule =
-          past_the_ring(v.reason) ||
+          too_many_groups(v.reason) ||
           (long_range && v.reason.find("token tiles fit") != std::string::npos);
       if (m > 16) {
         EXPECT_EQ(v.reason, "M=" + std::to_string(m) +

@@ -23,8 +23,8 @@ namespace {  // one translation unit includes this: fp8_gemm_sm90.cu
 constexpr int kMaxSplits = 8;        // portable cluster size
 constexpr int kMaxFusedTokens = 16;  // token tiles the fused linear layer is built for
 // Groups (tokens x k-blocks of a CTA's range) up to which the fused linear layer was measured
-// faster than its two kernels (see w8a8_linear_sm90_fused_supports): 64-row CTAs with 8-token
-// tiles, and every other plan but 128-row CTAs whose ring holds the range (no limit).
+// faster than its two kernels (see w8a8_linear_sm90_fused_supports): the first for 64-row CTAs
+// with 8-token tiles, the second for other plans; none for 128-row CTAs whose ring holds the range.
 constexpr int kMostFusedGroupsOf64RowsBy8 = 128;
 constexpr int kMostFusedGroups = 96;
 
