@@ -680,22 +680,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   b_low + stage_low);
       if (w == 0) {
         const float b = __uint_as_float(b_word << b_shift & b_mask);
-        const auto factor = [&](uint32_t word) {
+        const auto factor = [&](uint32_t word, float weight_scale) {
           if (args.scales.a_packed) word = (word >> ((kb & 3) * 8) & 0xffu) << 23;
-          return __uint_as_float(word) * b;
+          return __uint_as_float(word) * weight_scale;
         };
-        if constexpr (kWide) {
-          const float b2 = __uint_as_float(b_word2);
-          const auto factor2 = [&](uint32_t word) {
-            if (args.scales.a_packed) word = (word >> ((kb & 3) * 8) & 0xffu) << 23;
-            return __uint_as_float(word) * b2;
-          };
-          factors[0] = make_float2(factor(a_word[0][0]), factor(a_word[0][1]));
-          factors[1] = make_float2(factor2(a_word[0][0]), factor2(a_word[0][1]));
-        } else {
+        // (wide: wave v takes the block's rows against column tile v's weight scale)
 #pragma unroll
-          for (int v = 0; v < kTileWaves; ++v)
-            factors[v] = make_float2(factor(a_word[v][0]), factor(a_word[v][1]));
+        for (int v = 0; v < kTileWaves; ++v) {
+          const uint32_t(&words)[2] = a_word[kWide ? 0 : v];
+          const float scale = kWide && v == 1 ? __uint_as_float(b_word2) : b;
+          factors[v] = make_float2(factor(words[0], scale), factor(words[1], scale));
         }
       }
       wait_k_block<kBlockN>(part);
