@@ -704,9 +704,10 @@ PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
 
 template <persistent::Groups kGroups, int kRows, persistent::Out kOut>
 PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
-  if (plan.pair)
-    return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
-  return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::none>(plan);
+  if constexpr (kGroups != persistent::Groups::contiguous_wide)  // (wide singles: pairs only)
+    if (!plan.pair)
+      return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::none>(plan);
+  return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
 }
 
 template <persistent::Groups kGroups, int kRows>
@@ -715,20 +716,6 @@ PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan, DType out) {
   if (!plan.out_tma) return grouped_persistent_kernel_for<kGroups, kRows, Out::threads>(plan);
   return out == DType::f16 ? grouped_persistent_kernel_for<kGroups, kRows, Out::f16_tma>(plan)
                            : grouped_persistent_kernel_for<kGroups, kRows, Out::bf16_tma>(plan);
-}
-
-// The contiguous 256-row build with wide singles: pairs only.
-PersistentKernelFn wide_singles_kernel_for(const Plan& plan, DType out) {
-  using persistent::Groups;
-  using persistent::Out;
-  constexpr auto kPair = tiles::Cluster::pair;
-  if (!plan.out_tma)
-    return grouped_persistent_kernel_for<Groups::contiguous_wide, 256, Out::threads, kPair>(plan);
-  return out == DType::f16
-             ? grouped_persistent_kernel_for<Groups::contiguous_wide, 256, Out::f16_tma, kPair>(
-                   plan)
-             : grouped_persistent_kernel_for<Groups::contiguous_wide, 256, Out::bf16_tma, kPair>(
-                   plan);
 }
 
 TilesKernelFn tiles_kernel_for(const Plan& plan) {
@@ -1775,7 +1762,8 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
       plan.tile_rows == 256 && plan.pair && env::integer("MOEKIT_SM90_WIDE_SINGLES", 0) == 1;
   using persistent::Groups;
   plan.persistent_kernel =
-      plan.wide_singles ? wide_singles_kernel_for(plan, p.out.dtype())
+      plan.wide_singles
+          ? grouped_persistent_kernel_for<Groups::contiguous_wide, 256>(plan, p.out.dtype())
       : plan.tile_rows == 256
           ? grouped_persistent_kernel_for<Groups::contiguous, 256>(plan, p.out.dtype())
           : grouped_persistent_kernel_for<Groups::contiguous, 128>(plan, p.out.dtype());
