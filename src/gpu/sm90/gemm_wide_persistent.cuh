@@ -220,9 +220,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Wide singles (pairs only, where a's map copies 128-row halves): a tile of one block takes two
   // column tiles, so that a stage holds a tile's whole work as for two blocks: the block's rows in
   // the A tile's first half, the second column tile's B tile in its second half. In a row of
-  // units, such a tile takes the units of even column index for twice their columns (rank r: the
-  // column tiles 2 r and 2 r + 1 of the unit's and the next unit's four) and skips the odd ones
-  // (origin() gives n0 = -1 there). Built, not yet run on a GPU (session 38).
+  // units, such a tile's unit c < ceil(U / 2) of U takes units 2 c and 2 c + 1's four column tiles
+  // (rank r: 4 c + 2 r and the next) and its later units are skipped (origin() gives n0 = -1).
+  // The skipped units come last in a rasterization group: taking the even units and skipping the
+  // odd ones left whole pairs of CTAs without work under the static stride (run 1, session 39).
   constexpr bool kWideSingles = kGroups == persistent::Groups::contiguous_wide;
   static_assert(!kWideSingles || (kRunTiles && kPair), "wide singles: the run tiles of pairs");
   constexpr int kIndexRows = static_cast<int>(kContiguousBlockRows);  // rows per index
@@ -298,9 +299,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     n0 = (column_unit * kUnitColumns + static_cast<int>(rank)) * kBlockN;
     if constexpr (kWideSingles)
       if (single_block)
-        n0 = column_unit % 2 != 0
+        n0 = column_unit >= (args.tiles_n / kUnitColumns + 1) / 2
                  ? -1
-                 : (column_unit * kUnitColumns + 2 * static_cast<int>(rank)) * kBlockN;
+                 : (column_unit * 2 * kUnitColumns + 2 * static_cast<int>(rank)) * kBlockN;
   };
   // Activation-scale boxes (a_k_inner): one per 4 words (a word: a k-block, or 4 packed ones).
   // Their slots count on across items.
