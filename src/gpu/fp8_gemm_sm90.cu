@@ -358,8 +358,7 @@ struct Plan {
   int early_tiles = 0;         // swap, early_weights: weight tiles loaded before the wait
   int weight_promotion = 0;    // swap: the weight map's L2 promotion (0 none, 1..3 64..256 B)
   bool ring_holds_k_range = false;  // swap: every k-block of a CTA has its own stage
-  bool wide_singles = false;  // contiguous, 256 rows in pairs: a tile of one block, two columns
-  bool overlap = false;       // tiles: k-block i + 1's wgmma run during i's promotion
+  bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
   int tile_rows = 128;                                    // tiles: 128 or 256 (wide)
   bool pair = false;             // tiles: clusters of two CTAs sharing B (wide: A) tiles
@@ -704,10 +703,9 @@ PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
 
 template <persistent::Groups kGroups, int kRows, persistent::Out kOut>
 PersistentKernelFn grouped_persistent_kernel_for(const Plan& plan) {
-  if constexpr (kGroups != persistent::Groups::contiguous_wide)  // (wide singles: pairs only)
-    if (!plan.pair)
-      return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::none>(plan);
-  return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
+  if (plan.pair)
+    return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::pair>(plan);
+  return grouped_persistent_kernel_for<kGroups, kRows, kOut, tiles::Cluster::none>(plan);
 }
 
 template <persistent::Groups kGroups, int kRows>
@@ -1755,16 +1753,9 @@ std::string contiguous_plan_for(const ContiguousBlockGemmProblem& p, int device_
   plan.out_tma = p.out.dtype() != DType::f32 && p.n % 8 == 0 &&
                  reinterpret_cast<uintptr_t>(p.out.data()) % 16 == 0 &&
                  (p.m <= 1 || p.out.stride(0) % 8 == 0);
-  // MOEKIT_SM90_WIDE_SINGLES=1: in the 256-row build of pairs, a tile of one block spans two
-  // column tiles (a stage then holds a whole tile's work, as for two blocks). Built in session 38
-  // and not yet run on a GPU: off unless asked for.
-  plan.wide_singles =
-      plan.tile_rows == 256 && plan.pair && env::integer("MOEKIT_SM90_WIDE_SINGLES", 0) == 1;
   using persistent::Groups;
   plan.persistent_kernel =
-      plan.wide_singles
-          ? grouped_persistent_kernel_for<Groups::contiguous_wide, 256>(plan, p.out.dtype())
-      : plan.tile_rows == 256
+      plan.tile_rows == 256
           ? grouped_persistent_kernel_for<Groups::contiguous, 256>(plan, p.out.dtype())
           : grouped_persistent_kernel_for<Groups::contiguous, 128>(plan, p.out.dtype());
   plan.shared_bytes = plan.tile_rows == 256
@@ -1798,9 +1789,7 @@ std::string contiguous_gemm_sm90_plan(const ContiguousBlockGemmProblem& p) {
   std::snprintf(text, sizeof text,
                 "persistent %s, each with its index's weights, %lld experts in one launch, %u "
                 "CTAs%s, activation scales %s, %s",
-                plan.wide_singles ? "256 x 128 tiles of each run of a's blocks with one index (a "
-                                    "run of odd length ending on 128 x 256)"
-                : plan.tile_rows == 256
+                plan.tile_rows == 256
                     ? "256 x 128 tiles of each run of a's blocks with one index (a run of odd "
                       "length ending on 128 rows)"
                     : "128 x 128 tiles of a's blocks",

@@ -255,42 +255,6 @@ TEST(GpuContiguousGemm, RunTilesOfTwoBlocksEqualTheBlocks) {
   check_case(rng, {3, 512, 1024, {1, 1, 0, -1, 2, 2, 2}}, kContiguous, /*late=*/true, "256 x 128");
 }
 
-// The 256-row build in pairs with wide singles (MOEKIT_SM90_WIDE_SINGLES=1, forced): a tile of one
-// block spans two column tiles (rank r of a pair the unit's column tiles 2 r, 2 r + 1), the units
-// of odd column index skipped; every block still equals gpu.sm90's wide tiles.
-TEST(GpuContiguousGemm, WideSinglesEqualTheBlocks) {
-  SKIP_WITHOUT_ENTRY(contiguous_entry_present(), kContiguous);
-  std::mt19937_64 rng(gpu_test::seed_for("GpuContiguousGemm.WideSingles"));
-  const ScopedEnv rows("MOEKIT_SM90_CONTIGUOUS_ROWS", "256");
-  const ScopedEnv wide("MOEKIT_SM90_WIDE_SINGLES", "1");
-  const char* plan = "ending on 128 x 256";
-  // Runs of 1, 3 and 2 blocks between padding; TMA stores.
-  check_case(rng, {4, 4096, 7168, {0, 1, 1, 1, -1, 3, 3, -1}}, kContiguous, false, plan);
-  // 6 column tiles (3 units a row): the last wide single's second pair of tiles lies past N; f32
-  // out stored by the threads.
-  check_case(rng,
-             {3, 768, 1024, {2, 0, 0, 0, 1}, kBlock, ScaleLayout::column_major_tma, DType::f32},
-             kContiguous, false, plan);
-  // A ragged N inside the first column pair (rank 1's tiles all past N), the partial last block.
-  check_case(rng, {3, 200, 512, {2, 0, 3, 1, 1}, 77, ScaleLayout::column_major_tma, DType::f32},
-             kContiguous, false, plan);
-  // Packed UE8M0 scales, f16 out, bf16 weight scales (the loader's second column's scale).
-  check_case(
-      rng,
-      {5, 512, 2304, {4, 4, 0, 2, 2, 2}, 100, ScaleLayout::packed_ue8m0, DType::f16, DType::bf16},
-      kContiguous, false, plan);
-  // Random runs of 1-5 blocks, padding among them.
-  std::vector<int32_t> runs;
-  while (runs.size() < 60) {
-    const int32_t e = rng() % 7 == 0 ? -1 : static_cast<int32_t>(rng() % 16);
-    for (uint64_t i = 0, n = 1 + rng() % 5; i < n; ++i) runs.push_back(e);
-  }
-  check_case(rng, {16, 512, 1024, runs, 128, ScaleLayout::column_major_tma}, kContiguous, false,
-             plan);
-  // Indices written late.
-  check_case(rng, {3, 512, 1024, {1, 1, 0, -1, 2, 2, 2}}, kContiguous, /*late=*/true, plan);
-}
-
 // The plan: 256-row tiles where the experts average four blocks or more, or two where K has at
 // most 8 k-blocks; 128-row ones below.
 TEST(GpuContiguousGemm, RunTilesWhereRunsAreLongOrKShort) {

@@ -70,13 +70,8 @@ using Wide = SharedLayout<256>;
 constexpr size_t kSharedBytes = Wide::kSharedBytes;
 // Which GEMMs a build multiplies: one; `groups` stacked along the maps' third coordinate (whole
 // or masked, grouped_block_fp8_gemm); or one [M, K] a whose 128-row blocks each multiply the
-// weights of their index (m_indices, DeepGEMM's contiguous layout); contiguous_wide: the same in
-// 256-row tiles where a tile of one block spans two column tiles (kWideSingles, below).
-enum class Groups : int { none, planes, contiguous, contiguous_wide };
-// What a contiguous run tile holds: two blocks of one run (kWaves waves per warpgroup), one block
-// (a wave per warpgroup), or one block over two column tiles (a wave per column tile and
-// warpgroup, kWideSingles).
-enum TileKind : int { kTwoBlocks, kOneBlock, kOneBlockWide };
+// weights of their index (m_indices, DeepGEMM's contiguous layout).
+enum class Groups : int { none, planes, contiguous };
 // How the out tile leaves, a build each: by TMA from a bf16 or f16 tile (16-bit out, no bias,
 // rows on 16 bytes, N a multiple of 8), or by the threads (any out). One epilogue per build: with
 // both in one kernel (and the bias in the TMA one) the code grew from 2.2 k to 5.7 k instructions
@@ -201,8 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kBlockM = S::kBlockM, kStages = Layout::kStages;
   constexpr int kStageBytes = Layout::kStageBytes;
   constexpr bool kGrouped = kGroups == persistent::Groups::planes;
-  constexpr bool kContiguous =
-      kGroups == persistent::Groups::contiguous || kGroups == persistent::Groups::contiguous_wide;
+  constexpr bool kContiguous = kGroups == persistent::Groups::contiguous;
   constexpr int kScaleABoxBytes = S::kScaleABoxBytes, kScaleBytes = S::kScaleBytes;
   constexpr int kScaleBoxSlots = S::kScaleBoxSlots;
   constexpr int kWaves = S::kWaves, kRowsPerGroup = S::kRowsPerGroup;
@@ -217,15 +211,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // rows are copied but not multiplied, and nothing past the block is stored). Warp 0 lists the
   // tiles after the wait (run_tiles, below).
   constexpr bool kRunTiles = kContiguous && kRows == 256;
-  // Wide singles (pairs only, where a's map copies 128-row halves): a tile of one block takes two
-  // column tiles, so that a stage holds a tile's whole work as for two blocks: the block's rows in
-  // the A tile's first half, the second column tile's B tile in its second half. In a row of
-  // units, such a tile's unit c < ceil(U / 2) of U takes units 2 c and 2 c + 1's four column tiles
-  // (rank r: 4 c + 2 r and the next) and its later units are skipped (origin() gives n0 = -1).
-  // The skipped units come last in a rasterization group: taking the even units and skipping the
-  // odd ones left whole pairs of CTAs without work under the static stride (run 1, session 39).
-  constexpr bool kWideSingles = kGroups == persistent::Groups::contiguous_wide;
-  static_assert(!kWideSingles || (kRunTiles && kPair), "wide singles: the run tiles of pairs");
   constexpr int kIndexRows = static_cast<int>(kContiguousBlockRows);  // rows per index
   static_assert(!kContiguous || kRows == kContiguousBlockRows || kRunTiles,
                 "a tile of one index: a block, or two of one run");
@@ -295,13 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       m0 = tile_m * kBlockM;
     }
-    const int column_unit = in_group / group_rows;
-    n0 = (column_unit * kUnitColumns + static_cast<int>(rank)) * kBlockN;
-    if constexpr (kWideSingles)
-      if (single_block)
-        n0 = column_unit >= (args.tiles_n / kUnitColumns + 1) / 2
-                 ? -1
-                 : (column_unit * 2 * kUnitColumns + 2 * static_cast<int>(rank)) * kBlockN;
+    n0 = ((in_group / group_rows) * kUnitColumns + static_cast<int>(rank)) * kBlockN;
   };
   // Activation-scale boxes (a_k_inner): one per 4 words (a word: a k-block, or 4 packed ones).
   // Their slots count on across items.
@@ -474,18 +453,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           origin(unit, m0, n0);
           if constexpr (kContiguous) {
             weights_group = block_index(m0);
-            if (weights_group < 0) continue;       // padding (the consumers skip it too)
-            if (kWideSingles && n0 < 0) continue;  // (a wide single's other unit: every role)
+            if (weights_group < 0) continue;  // padding (the consumers skip it too)
           } else {
             weights_group = unit_group;
           }
           const int nb = n0 / kBlockN;
           // A tile of one block in pairs (kRunTiles): rank 0's half of the A tile is the block;
-          // rank 1 copies none, and both rings expect that half less (wide singles: the second
-          // column tile's B tile fills it).
+          // rank 1 copies none, and both rings expect that half less.
           const bool half_only = kPair && kRunTiles && single_block;
-          const bool wide = kWideSingles && single_block;
-          const int a_bytes_less = half_only && !wide ? kBlockM / 2 * kBlockK : 0;
+          const int a_bytes_less = half_only ? kBlockM / 2 * kBlockK : 0;
           for (int kb = 0; kb < slots; ++kb, ring.advance()) {
             sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
             uint64_t* bar = &full[ring.stage];
@@ -513,9 +489,6 @@ __global__ void __launch_bounds__(kThreads, 1)
               copy_rows(stage, &a_map, bar, kb * kBlockK, m0);
             }
             copy_weights(stage + S::kTileBytesA, &b_map, bar, kb * kBlockK, n0);
-            if constexpr (kWideSingles)
-              if (wide)
-                copy_weights(stage + S::kTileBytesA / 2, &b_map, bar, kb * kBlockK, n0 + kBlockN);
             float* region = scales + ring.stage * kScaleFloats;
             if constexpr (kKInner) {
               if (opens_box)
@@ -548,40 +521,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kContiguous) {
             group = block_index(m0);
             if (group < 0) continue;  // padding (as the producer and the consumers)
-            if (kWideSingles && n0 < 0) continue;
           }
           const int64_t row = static_cast<int64_t>(group) * args.b_scale_group_stride +
                               static_cast<int64_t>(n0 / kBlockN) * args.scales.b_row_stride;
-          const auto weight_scale = [&](int64_t at) {
-            return args.scales.b_bf16
-                       ? __uint_as_float(static_cast<uint32_t>(__ldg(
-                                             static_cast<const uint16_t*>(args.scales.b) + at))
-                                         << 16)
-                       : __ldg(static_cast<const float*>(args.scales.b) + at);
-          };
-          // (wide singles: the second column tile's too; either only where it lies inside N, as
-          // rank 1's tiles may not)
-          [[maybe_unused]] const bool inside = !kWideSingles || n0 / kBlockN < args.tiles_n;
-          [[maybe_unused]] const bool wide =
-              kWideSingles && single_block && n0 / kBlockN + 1 < args.tiles_n;
           for (int kb0 = 0; kb0 < slots; kb0 += 32) {
             float mine = 0.0f;
-            [[maybe_unused]] float mine2 = 0.0f;
-            if (kb0 + lane < k_blocks && inside) {
+            if (kb0 + lane < k_blocks) {
               const int64_t at = row + static_cast<int64_t>(kb0 + lane) * args.scales.b_col_stride;
-              mine = weight_scale(at);
-              if constexpr (kWideSingles)
-                if (wide) mine2 = weight_scale(at + args.scales.b_row_stride);
+              mine = args.scales.b_bf16
+                         ? __uint_as_float(static_cast<uint32_t>(__ldg(
+                                               static_cast<const uint16_t*>(args.scales.b) + at))
+                                           << 16)
+                         : __ldg(static_cast<const float*>(args.scales.b) + at);
             }
             for (int i = 0; i < 32 && kb0 + i < slots; ++i, ring.advance()) {
               const float value = __shfl_sync(0xffffffffu, mine, i);
-              [[maybe_unused]] float value2 = 0.0f;
-              if constexpr (kWideSingles) value2 = __shfl_sync(0xffffffffu, mine2, i);
               if (lane == 0) {
                 sm90::mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
                 scales[ring.stage * kScaleFloats + S::kScaleBOffset / 4] = value;
-                if constexpr (kWideSingles)
-                  scales[ring.stage * kScaleFloats + S::kScaleBOffset / 4 + 1] = value2;
                 sm90::mbarrier_arrive(&full[ring.stage]);  // (a release: the store is seen)
               }
             }
@@ -609,9 +566,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint8_t* a_half = stages + warpgroup * kRowsPerGroup * kBlockK;
   const uint32_t a_low = sm90::smem_descriptor_sw128_low(a_half);
   const uint32_t b_low = sm90::smem_descriptor_sw128_low(stages + S::kTileBytesA);
-  // (wide singles: the second column tile's B tile, in the A tile's second half)
-  [[maybe_unused]] const uint32_t b2_low =
-      sm90::smem_descriptor_sw128_low(stages + S::kTileBytesA / 2);
   const auto release = [&](int stage) {
     __syncwarp();
     if (lane == 0) {
@@ -622,23 +576,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The wide tiles kernel's k-block (gemm_tiles.cuh): the scale words loaded right after the
   // stage's wait, the factors computed while the first wave's wgmma run.
   constexpr int kRowStep = kKInner ? 8 * 4 : 8;
-  // (zero: 0, opaque to the compiler; see the loops below.) kind: persistent::TileKind, a tile's
-  // waves: kWaves (the build's whole tile, kTwoBlocks), or for a run tile of one block 1 (its 128
-  // rows, a wave per warpgroup) or 2 (kOneBlockWide: each warpgroup's 64 rows against the two
-  // column tiles' B tiles).
+  // (zero: 0, opaque to the compiler; see the loops below.) waves: kWaves, or 1 for a tile of one
+  // block (kRunTiles), whose 128 rows the two warpgroups take a wave each.
   constexpr int kWaveDescriptor = 64 * kBlockK / 16;  // a wave's rows in a descriptor's units
   const auto k_block = [&](int stage, uint32_t phase, int kb, int nb, int box_base, int zero,
-                           auto kind) {
-    constexpr int kKind = decltype(kind)::value;
-    constexpr int kTileWaves = kKind == persistent::kOneBlock ? 1 : kWaves;
-    constexpr bool kWide = kKind == persistent::kOneBlockWide;
-    static_assert(!kWide || (kWideSingles && kScaleLoader), "wide singles' weight scales: f32");
-    constexpr int kWordRows = kWide ? 1 : kTileWaves;  // (wide: both waves take the same rows)
-    // (a tile of one block: warpgroup w takes its rows 64 w ..)
-    const int row_shift = kKind != persistent::kTwoBlocks ? 64 * warpgroup : 0;
-    const uint32_t* a_words[kWordRows];
+                           auto waves) {
+    constexpr int kTileWaves = decltype(waves)::value;
+    const int row_shift = kTileWaves < kWaves ? 64 * warpgroup : 0;  // (a tile of one block)
+    const uint32_t* a_words[kTileWaves];
 #pragma unroll
-    for (int v = 0; v < kWordRows; ++v) {
+    for (int v = 0; v < kTileWaves; ++v) {
       const int row = tile_row - row_shift + 64 * v;
       if constexpr (kKInner) {
         const int word = args.scales.a_packed ? kb >> 2 : kb;
@@ -660,38 +607,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int b_shift = b_bf16 ? 16 - 8 * (b_byte & 2) : 0;
     const uint32_t b_mask = b_bf16 ? 0xffff0000u : 0xffffffffu;
     sm90::mbarrier_wait(&full[stage], phase);
-    uint32_t a_word[kWordRows][2];
+    uint32_t a_word[kTileWaves][2];
 #pragma unroll
-    for (int v = 0; v < kWordRows; ++v) {
+    for (int v = 0; v < kTileWaves; ++v) {
       a_word[v][0] = a_words[v][0];
       a_word[v][1] = a_words[v][kRowStep];
     }
     const uint32_t b_word = *b_word_at;
-    [[maybe_unused]] uint32_t b_word2 = 0;  // (wide: the second column tile's, f32)
-    if constexpr (kWide) b_word2 = b_word_at[1];
     const uint32_t stage_low = zero + stage * (kStageBytes / 16);
     const uint32_t a_stage_low = stage_low - (row_shift / 64) * kWaveDescriptor;
     float2 factors[kTileWaves];
 #pragma unroll
     for (int w = 0; w < kTileWaves; ++w) {
-      if constexpr (kWide)
-        issue_k_block_at<kBlockN>(part, a_low + a_stage_low, (w == 0 ? b_low : b2_low) + stage_low);
-      else
-        issue_k_block_at<kBlockN>(part, a_low + a_stage_low + w * kWaveDescriptor,
-                                  b_low + stage_low);
+      issue_k_block_at<kBlockN>(part, a_low + a_stage_low + w * kWaveDescriptor, b_low + stage_low);
       if (w == 0) {
         const float b = __uint_as_float(b_word << b_shift & b_mask);
-        const auto factor = [&](uint32_t word, float weight_scale) {
+        const auto factor = [&](uint32_t word) {
           if (args.scales.a_packed) word = (word >> ((kb & 3) * 8) & 0xffu) << 23;
-          return __uint_as_float(word) * weight_scale;
+          return __uint_as_float(word) * b;
         };
-        // (wide: wave v takes the block's rows against column tile v's weight scale)
 #pragma unroll
-        for (int v = 0; v < kTileWaves; ++v) {
-          const uint32_t(&words)[2] = a_word[kWide ? 0 : v];
-          const float scale = kWide && v == 1 ? __uint_as_float(b_word2) : b;
-          factors[v] = make_float2(factor(words[0], scale), factor(words[1], scale));
-        }
+        for (int v = 0; v < kTileWaves; ++v)
+          factors[v] = make_float2(factor(a_word[v][0]), factor(a_word[v][1]));
       }
       wait_k_block<kBlockN>(part);
       if (w == kTileWaves - 1) release(stage);
@@ -714,25 +651,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     int swizzle = lane / 4, opaque = 0;
     asm volatile("" : "+r"(swizzle), "+r"(opaque));
     uint8_t* staged_at = staged + opaque;  // (an offset, not a laundered pointer: shared stores)
-    // (a tile of one block: a wave per warpgroup, rows 64 x warpgroup ..; wide singles: its two
-    // waves are the two column tiles, staged as four boxes of the block's 128 rows, 16 KB each)
+    // (a tile of one block: a wave per warpgroup, rows 64 x warpgroup ..)
     const bool one_wave = kRunTiles && single_block;
-    const bool wide = kWideSingles && single_block;
     const int row_shift = one_wave ? 64 * warpgroup : 0;
-    constexpr int kBlockBoxBytes = kIndexRows * persistent::kOutBoxColumns * 2;
     const auto stage = [&](auto pair_bits) {
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int w = 0; w < kWaves; ++w) {
-          if (one_wave && !wide && w > 0) continue;
+          if (one_wave && w > 0) continue;
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int row = tile_row - row_shift + (wide ? 0 : 64 * w) + 8 * half;
+            const int row = tile_row - row_shift + 64 * w + 8 * half;
             uint8_t* row_at = staged_at + row * (persistent::kOutBoxColumns * 2) + 4 * (lane % 4);
-            const int box_at =
-                wide ? (2 * w + j / 8) * kBlockBoxBytes : j / 8 * Layout::kOutBoxBytes;
-            *reinterpret_cast<uint32_t*>(row_at + box_at + ((j % 8) ^ swizzle) * 16) =
+            *reinterpret_cast<uint32_t*>(row_at + j / 8 * Layout::kOutBoxBytes +
+                                         ((j % 8) ^ swizzle) * 16) =
                 pair_bits(acc[w][4 * j + 2 * half] + 0.0f, acc[w][4 * j + 2 * half + 1] + 0.0f);
           }
         }
@@ -751,16 +684,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::fence_proxy_async_shared();  // the writes, visible to the copy engine
     sm90::named_barrier(1, kConsumers * kWarpgroup);
     if (threadIdx.x == 0) {
-      if constexpr (kWideSingles) {
-        if (wide) {  // the block's rows, four boxes of 64 columns (none past N)
-          for (int box = 0; box < 2 * kBlockN / persistent::kOutBoxColumns; ++box)
-            if (n0 + box * persistent::kOutBoxColumns < args.n)
-              sm90::tma_store_2d(&out_map, staged + box * kBlockBoxBytes,
-                                 n0 + box * persistent::kOutBoxColumns, m0);
-          sm90::bulk_commit();
-          return;
-        }
-      }
 #pragma unroll
       for (int box = 0; box < kBlockN / persistent::kOutBoxColumns; ++box)
         if constexpr (kRunTiles) {  // boxes of a block's rows (out_map's): one block or two
@@ -786,16 +709,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr int kRowBytes = kBlockN * 4;
     uint8_t* half_at = staged + warpgroup * (64 * kRowBytes);
     static_assert(kConsumers * 64 * kRowBytes <= Layout::kOutBytes, "a wave per warpgroup");
-    const int col0 = n0 + 4 * lane;
-    const float4 bias0 = bias_quad(args, col0);
+    const int col = n0 + 4 * lane;
+    const float4 bias = bias_quad(args, col);
     const bool one_wave = kRunTiles && single_block;  // (a tile of one block: a wave each)
-    // (wide singles: a tile of one block whose two waves are its two column tiles)
-    const bool wide = kWideSingles && single_block;
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
-      if (one_wave && !wide && w > 0) break;
-      const int col = wide ? col0 + w * kBlockN : col0;
-      const float4 bias = wide && w > 0 ? bias_quad(args, col) : bias0;
+      if (one_wave && w > 0) break;
       sm90::named_barrier(2 + warpgroup, kWarpgroup);  // the last wave's rows are stored
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -808,7 +727,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       sm90::named_barrier(2 + warpgroup, kWarpgroup);
-      const int first_row = m0 + (one_wave ? 64 : kRowsPerGroup) * warpgroup + (wide ? 0 : 64 * w);
+      const int first_row = m0 + (one_wave ? 64 : kRowsPerGroup) * warpgroup + 64 * w;
 #pragma unroll 2
       for (int r = warp; r < 64; r += 4) {
         if (first_row + r >= args.m) break;
@@ -908,7 +827,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int stage = 0; stage < kStages; ++stage)
           k_block(stage, phase, k_begin + first + stage, nb, boxes, zero,
-                  std::integral_constant<int, persistent::kTwoBlocks>{});
+                  std::integral_constant<int, kWaves>{});
       }
       if (whole < length) {
         int zero = 0;
@@ -917,7 +836,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int stage = 0; stage < kStages; ++stage) {
           if (whole + stage < length) {
             k_block(stage, phase, k_begin + whole + stage, nb, boxes, zero,
-                    std::integral_constant<int, persistent::kTwoBlocks>{});
+                    std::integral_constant<int, kWaves>{});
           } else {
             sm90::mbarrier_wait(&full[stage], phase);
             release(stage);
@@ -976,8 +895,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       origin(unit, m0, n0);
       if constexpr (kContiguous)
         if (block_index(m0) < 0) continue;  // padding: nothing multiplied, nothing stored
-      if constexpr (kWideSingles)
-        if (n0 < 0) continue;  // a wide single's other unit (every role skips it)
       const int nb = n0 / kBlockN;
 #pragma unroll
       for (int w = 0; w < kWaves; ++w)
@@ -985,7 +902,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < 64; ++i) acc[w][i] = 0.0f;
       // Whole turns of the ring, unrolled so that each stage's addresses are constants; then the
       // last turn, its slots past the k-blocks only waited for and released.
-      const auto multiply = [&](auto kind) {
+      const auto multiply = [&](auto waves) {
         for (int first = 0; first < whole; first += kStages, phase ^= 1) {
           // The stages' scale addresses and wgmma descriptors are worked out per turn, not hoisted
           // out of these loops: held for every stage and wave they exceeded the registers, uniform
@@ -995,7 +912,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           asm volatile("" : "+r"(zero));
 #pragma unroll
           for (int stage = 0; stage < kStages; ++stage)
-            k_block(stage, phase, first + stage, nb, box_base, zero, kind);
+            k_block(stage, phase, first + stage, nb, box_base, zero, waves);
         }
         if (whole < slots) {
           int zero = 0;
@@ -1003,7 +920,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int stage = 0; stage < kStages; ++stage) {
             if (whole + stage < k_blocks) {
-              k_block(stage, phase, whole + stage, nb, box_base, zero, kind);
+              k_block(stage, phase, whole + stage, nb, box_base, zero, waves);
             } else {
               sm90::mbarrier_wait(&full[stage], phase);
               release(stage);
@@ -1012,18 +929,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           phase ^= 1;
         }
       };
-      if constexpr (kWideSingles) {
+      if constexpr (kRunTiles) {
         if (single_block)
-          multiply(std::integral_constant<int, persistent::kOneBlockWide>{});
+          multiply(std::integral_constant<int, 1>{});
         else
-          multiply(std::integral_constant<int, persistent::kTwoBlocks>{});
-      } else if constexpr (kRunTiles) {
-        if (single_block)
-          multiply(std::integral_constant<int, persistent::kOneBlock>{});
-        else
-          multiply(std::integral_constant<int, persistent::kTwoBlocks>{});
+          multiply(std::integral_constant<int, kWaves>{});
       } else {
-        multiply(std::integral_constant<int, persistent::kTwoBlocks>{});
+        multiply(std::integral_constant<int, kWaves>{});
       }
       if constexpr (kTma)
         stage_and_store_16bit(m0, n0);
