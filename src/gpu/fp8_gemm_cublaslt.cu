@@ -241,13 +241,18 @@ std::string cublaslt_gemm_supports(const BlockGemmProblem& p) {
              " tiles: faster";
     // Where moekit's persistent wide tiles fill their rounds of tiles (>= 90 %) they measured
     // faster on an H200 (fp8-gpu-sm90.md, session 23: M=4096 N=7168 K=16384 727 vs 733 us, M=2048
-    // N=4096 K=7168 87.7 vs 90.1; at 85 % fill, M=2048 N=7168 K=16384, 375 vs 355).
+    // N=4096 K=7168 87.7 vs 90.1; at 85 % fill, M=2048 N=7168 K=16384, 375 vs 355), and in one
+    // round, which the plan takes only with more tiles than half the SMs, at any fill measured
+    // (session 39: 55 %, M=256 N=9216 K=4096, 26.53 vs 27.55; 73 %, M=1024 N=3072 K=4096, 25.66
+    // vs 26.53; 85 %, M=512 N=7168 K=2048, 15.78 vs 16.09).
     // MOEKIT_CUBLASLT_DEFER_PERSISTENT=0 keeps cuBLASLt there (timing knob).
-    if (sm90.persistent_fill >= kPersistentFill &&
+    if ((sm90.persistent_fill >= kPersistentFill || sm90.persistent_rounds == 1) &&
         env::integer("MOEKIT_CUBLASLT_DEFER_PERSISTENT", 1) != 0)
-      return "gpu.sm90's persistent wide tiles fill " +
-             std::to_string(std::lround(sm90.persistent_fill * 100)) +
-             " % of their rounds of tiles: faster";
+      return sm90.persistent_rounds == 1
+                 ? "gpu.sm90's persistent wide tiles take one round of tiles: faster"
+                 : "gpu.sm90's persistent wide tiles fill " +
+                       std::to_string(std::lround(sm90.persistent_fill * 100)) +
+                       " % of their rounds of tiles: faster";
   }
   if (p.k % kFp8BlockSize != 0) return "K=" + str(p.k) + " is not a multiple of 128";
   if (p.n % 16 != 0) return "N=" + str(p.n) + " is not a multiple of 16";

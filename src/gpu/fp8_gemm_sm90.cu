@@ -361,15 +361,16 @@ struct Plan {
   bool overlap = false;             // tiles: k-block i + 1's wgmma run during i's promotion
   tiles::ScaleFeed scale_feed = tiles::ScaleFeed::warps;  // tiles
   int tile_rows = 128;                                    // tiles: 128 or 256 (wide)
-  bool pair = false;             // tiles: clusters of two CTAs sharing B (wide: A) tiles
-  bool persistent = false;       // tiles, wide: a CTA (or pair) per SM takes tile after tile
-  bool out_tma = false;          // persistent: 16-bit out stored by TMA from a staged tile
-  double persistent_fill = 0;    // persistent: units / (rounds x resident units)
-  int split_units = 0;           // persistent: the last round's units, split over K (0: none)
-  int split_pairs = 0;           // persistent: the pairs (CTAs) that share them
-  int tiles_split = 1;           // tiles: CTAs of a cluster splitting K (splits = tiles_split)
-  bool b_scale_k_inner = false;  // tiles, copied scales: the weight-scale map's inner dimension
-  int tile_promotion = 2;        // tiles: the A and B maps' L2 promotion (as weight_promotion)
+  bool pair = false;              // tiles: clusters of two CTAs sharing B (wide: A) tiles
+  bool persistent = false;        // tiles, wide: a CTA (or pair) per SM takes tile after tile
+  bool out_tma = false;           // persistent: 16-bit out stored by TMA from a staged tile
+  double persistent_fill = 0;     // persistent: units / (rounds x resident units)
+  int64_t persistent_rounds = 0;  // persistent: rounds of resident units
+  int split_units = 0;            // persistent: the last round's units, split over K (0: none)
+  int split_pairs = 0;            // persistent: the pairs (CTAs) that share them
+  int tiles_split = 1;            // tiles: CTAs of a cluster splitting K (splits = tiles_split)
+  bool b_scale_k_inner = false;   // tiles, copied scales: the weight-scale map's inner dimension
+  int tile_promotion = 2;         // tiles: the A and B maps' L2 promotion (as weight_promotion)
   dim3 grid;
   size_t shared_bytes = 0;
 };
@@ -637,6 +638,7 @@ bool plan_swap(const BlockGemmProblem& p, const DeviceProperties& device, int de
 // Tiles plans: the K-block count and the CTA count from which CTAs pair up (measured choices, see
 // plan_for).
 constexpr int kTilesLongK = 32;
+constexpr int kTilesWideLeastK = 16;
 constexpr int64_t kTilesPairGrid = 128;
 // A split's fixed cost in k-blocks (~0.37 us each): H200, M=256 N=4096, K=7168 and 2048 (session
 // 16) put it at ~4.5 us, ~12 k-blocks of a 128 x 128 tile.
@@ -767,8 +769,12 @@ int tiles_split_for(const BlockGemmProblem& p, int64_t tiles, int device_index) 
 // counts the split round as its range plus kSplitFixupBlocks + kSplitAddBlocks per added tile
 // (16 k-blocks at 4 parts, ~13 us; the stamps put the round at 11-14 us beyond its range, session
 // 25, run 6), which keeps session 24's picks: cuBLASLt keeps the N=4096 K=7168 shapes.
-// MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last round's fill;
-// MOEKIT_SM90_SPLIT_PARTS=n forces n parts where they fit (timing knobs).
+// Only on long k-ranges (kTilesLongK): at 16 k-blocks the split round lost (H200, session 39:
+// M=2048 N=7168 K=2048 57.15 against 53.95 us without it, M=4096 N=1536 K=2048 30.30 against
+// 27.54), at 32 it won (M=512 N=9216 K=4096 45.54 against 50.41, M=2048 N=3072 K=4096 46.84
+// against 49.37). MOEKIT_SM90_SPLIT_ROUND=0 turns the split off, 2 splits whatever the last
+// round's fill and k-range; MOEKIT_SM90_SPLIT_PARTS=n forces n parts where they fit (timing
+// knobs).
 constexpr int kSplitFixupBlocks = 10;
 constexpr int kSplitAddBlocks = 2;
 
@@ -785,6 +791,7 @@ void split_last_round(const BlockGemmProblem& p, int64_t units, int64_t slots, i
   const int64_t knob = env::integer("MOEKIT_SM90_SPLIT_ROUND", 1);
   if (knob == 0 || p.workspace == nullptr) return;
   if (units <= slots || units % slots == 0) return;
+  if (knob != 2 && p.k_blocks < kTilesLongK) return;
   const int64_t rest = units % slots;
   if (knob != 2 && 2 * rest > slots) return;
   const int64_t most_parts = std::min<int64_t>(slots / rest, p.k_blocks);
@@ -838,15 +845,19 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
   // count. Timing knobs: MOEKIT_SM90_TILES_SCALES=warps | copied, MOEKIT_SM90_TILES_PAIR=0 | 1.
   if (plan.overlap && env::text("MOEKIT_SM90_TILES_SCALES") != "warps")
     plan.scale_feed = tiles_scale_feed(p, plan.b_scale_k_inner);
-  // Wide tiles (256 x 128) where the scales are copied, on long k-ranges whose wide grid still has
-  // about a CTA per SM (H200, fp8-gpu-sm90.md, session 20: M=1024 N=4096 K=7168 54.1-54.9 ->
-  // 52.5-53.5 us; M=4096 N=7168 K=16384 828-916 -> 826-883 in pairs sharing A tiles, within the
-  // power limit's spread).
+  // Wide tiles (256 x 128, persistent) where the scales are copied, on k-ranges of 16 k-blocks or
+  // more, where their grid has more tiles than half the SMs: 128-row tiles would then need more
+  // rounds of CTAs than the wide ones (H200, fp8-gpu-sm90.md, session 39: M=1024 N=4096 K=2048
+  // 23.12 -> 16.01 us, M=512 N=7168 K=2048 22.06 -> 15.78, M=256 N=9216 K=4096 33.46 -> 26.53,
+  // M=1024 N=3072 K=4096 33.01 -> 25.66; at 64 tiles for 132 SMs they lost, M=512 N=4096 K=2048
+  // 14.73 against 11.73). Session 20 had taken them on long k-ranges with a CTA per SM (M=1024
+  // N=4096 K=7168 54.1-54.9 -> 52.5-53.5 us).
   // MOEKIT_SM90_TILES_ROWS=128 or 256 forces the row count where it can be served (timing knob).
   const bool long_k = p.k_blocks >= kTilesLongK;
   const int64_t tiles_n = fp8::ceil_div(p.n, tiles::kBlockN);
   const int rows = env::integer("MOEKIT_SM90_TILES_ROWS", -1);
-  const bool wide_pays = long_k && fp8::ceil_div(p.m, 256) * tiles_n >= kTilesPairGrid;
+  const bool wide_pays =
+      p.k_blocks >= kTilesWideLeastK && 2 * fp8::ceil_div(p.m, 256) * tiles_n > device.sm_count;
   if (plan.scale_feed != tiles::ScaleFeed::warps && (rows == 256 || (rows < 0 && wide_pays)))
     plan.tile_rows = 256;
   const bool wide = plan.tile_rows == 256;
@@ -889,8 +900,9 @@ Plan plan_for(const BlockGemmProblem& p, int device_index) {
         cluster_capacity(plan.persistent_kernel, plan.splits, plan.shared_bytes, device_index);
     const int64_t slots = std::max(resident, 1);
     plan.grid = dim3(static_cast<unsigned>(std::min<int64_t>(units, slots) * plan.splits));
+    plan.persistent_rounds = fp8::ceil_div(units, slots);
     plan.persistent_fill =
-        static_cast<double>(units) / static_cast<double>(fp8::ceil_div(units, slots) * slots);
+        static_cast<double>(units) / static_cast<double>(plan.persistent_rounds * slots);
     split_last_round(p, units, slots, device.sm_count, plan);
     if (plan.split_units > 0)  // (as many resident: the same shared memory and threads)
       plan.persistent_kernel = wide_persistent_kernel_for(plan, p.out.dtype());
@@ -1247,7 +1259,7 @@ Sm90LargeMPlan block_gemm_sm90_large_m_plan(const BlockGemmProblem& p) {
   const int device = p.a.device().index;
   DeviceGuard on_device(device);
   const Plan plan = plan_for(p, device);
-  return {plan.tiles_split, plan.persistent_fill};
+  return {plan.tiles_split, plan.persistent_fill, plan.persistent_rounds};
 }
 
 std::string block_gemm_sm90_plan(const BlockGemmProblem& p) {

@@ -43,6 +43,7 @@ struct Sm90LargeMPlan {
   // Where the plan is persistent (a CTA or pair per SM taking tile after tile), how full its
   // rounds of tiles are: units / (rounds x resident CTAs or pairs), in (0, 1]; else 0.
   double persistent_fill = 0;
+  int64_t persistent_rounds = 0;  // (0 where the plan is not persistent)
 };
 Sm90LargeMPlan block_gemm_sm90_large_m_plan(const BlockGemmProblem& problem);
 // The scratch the GPU entries can use for block_fp8_gemm (block_fp8_gemm_workspace_size): on

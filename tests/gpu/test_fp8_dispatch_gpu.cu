@@ -289,6 +289,59 @@ TEST(GpuFp8Dispatch, GemmWithWorkspaceSplitsTheLastRound) {
   EXPECT_NE(why.find("persistent"), std::string::npos) << why;
 }
 
+// Shorter k-ranges (16 k-blocks) on a 132-SM Hopper (explain only): the persistent wide tiles take
+// a grid of more tiles than half the SMs, and cuBLASLt defers where they take one round (1024 x
+// 4096 x 2048: 128 tiles), not where 128-row tiles fit one round themselves (512 x 4096 x 2048: 64)
+// nor where four rounds are 85 % full (2048 x 7168 x 2048: 448), whose last round is not split
+// over K on so short a range even with a workspace.
+TEST(GpuFp8Dispatch, ShortKGridsOfOneRoundTakeTheWideTiles) {
+  SKIP_WITHOUT_GPU();
+  const gpu::DeviceProperties& device = gpu::device_properties(0);
+  if (device.major != 9 || device.sm_count != 132) {
+    std::printf("  the picks were measured on 132-SM Hopper cards: skipped\n");
+    return;
+  }
+  struct Pick {
+    int64_t m, n, k;
+    const char* entry;
+    const char* sm90_plan;    // in gpu.sm90's plan
+    const char* not_in_plan;  // nor this
+  };
+  const Pick picks[] = {{1024, 4096, 2048, "gpu.sm90", "256 x 128", "split over K"},
+                        {512, 4096, 2048, "gpu.cublaslt", "128 x 128", "256 x 128"},
+                        {2048, 7168, 2048, "gpu.cublaslt", "256 x 128", "split over K"}};
+  for (const Pick& pick : picks) {
+    const size_t bytes = block_fp8_gemm_workspace_size(pick.m, pick.n, pick.k, Device::gpu());
+    Tensor workspace = Tensor::empty(DType::u8, {static_cast<int64_t>(bytes)}, Device::gpu());
+    const Tensor a = Tensor::empty(DType::f8e4m3, {pick.m, pick.k}, Device::gpu());
+    const Tensor b = Tensor::empty(DType::f8e4m3, {pick.n, pick.k}, Device::gpu());
+    const Tensor as = Tensor::empty(DType::f32, {pick.k / 128, pick.m}, Device::gpu());
+    const Tensor bs = Tensor::empty(DType::f32, {pick.n / 128, pick.k / 128}, Device::gpu());
+    Tensor out = Tensor::empty(DType::bf16, {pick.m, pick.n}, Device::gpu());
+    std::string chosen, plan, why_not_lt;
+    for (const ImplementationChoice& r :
+         explain_block_fp8_gemm(a, as, ScaleLayout::column_major, b, bs, std::nullopt, out,
+                                workspace.data(), bytes, OpOptions{})) {
+      if (r.chosen) chosen = r.name;
+      if (r.name == "gpu.cublaslt") why_not_lt = r.reason;
+    }
+    OpOptions sm90;
+    sm90.implementation = "gpu.sm90";
+    for (const ImplementationChoice& r :
+         explain_block_fp8_gemm(a, as, ScaleLayout::column_major, b, bs, std::nullopt, out,
+                                workspace.data(), bytes, sm90))
+      if (r.name == "gpu.sm90") plan = r.detail;
+    std::printf("  %lld x %lld x %lld: %s; gpu.sm90: %s\n", static_cast<long long>(pick.m),
+                static_cast<long long>(pick.n), static_cast<long long>(pick.k), chosen.c_str(),
+                plan.c_str());
+    EXPECT_EQ(chosen, pick.entry);
+    EXPECT_NE(plan.find(pick.sm90_plan), std::string::npos) << plan;
+    EXPECT_EQ(plan.find(pick.not_in_plan), std::string::npos) << plan;
+    if (std::string(pick.entry) == "gpu.sm90")
+      EXPECT_NE(why_not_lt.find("one round"), std::string::npos) << why_not_lt;
+  }
+}
+
 // The linear layer through each GPU entry that serves, against the reference linear layer.
 TEST(GpuFp8Dispatch, LinearLayerThroughEveryGpuEntry) {
   SKIP_WITHOUT_GPU();
