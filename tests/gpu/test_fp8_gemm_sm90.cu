@@ -842,8 +842,9 @@ TEST(Sm90BlockFp8Gemm, PersistentWideTilesEqualNarrowBitForBit) {
   EXPECT_GE(paired, 16);
 }
 
-// The persistent kernel's last round split over K (a workspace given; wide tiles and pairs forced
-// on 8 k-blocks to keep the reference short, and 3 parts a unit): 72 units for 66 pairs and 153
+// The persistent kernel's last round split over K (a workspace given; wide tiles, pairs and the
+// split, which the plan takes on 32+ k-blocks only, forced on 8 k-blocks to keep the reference
+// short, and 3 parts a unit): 72 units for 66 pairs and 153
 // CTAs alone for 132 on a 132-SM card, so ranges of 2 or 3 k-blocks that begin inside scale boxes
 // and units summed by three pairs or CTAs. Against the reference on row-major and packed activation
 // scales, with TMA stores (bf16 or f16 out, N a multiple of 8) and the threads' stores (f32 out
@@ -859,6 +860,7 @@ TEST(Sm90BlockFp8Gemm, SplitLastRoundAgreesWithReference) {
   ScopedEnv rows("MOEKIT_SM90_TILES_ROWS", "256");
   ScopedEnv pairs("MOEKIT_SM90_TILES_PAIR", "1");  // (where the column tiles are even)
   ScopedEnv parts("MOEKIT_SM90_SPLIT_PARTS", "3");
+  ScopedEnv split("MOEKIT_SM90_SPLIT_ROUND", "2");  // (the last rounds here are at most half full)
   const std::array<std::array<int64_t, 3>, 2> shapes{{{2200, 2048, 1024}, {2200, 2100, 1000}}};
   const size_t bytes = gpu::block_gemm_workspace_size(2200, 2100, 1024, 0);
   ASSERT_GT(bytes, 0u);
