@@ -692,7 +692,7 @@ int run_fp8_bench_gpu(const BenchOptions& options) {
         {
             {"N=7168 K=16384 (DeepSeek-V3 o_proj)", 7168, 16384, {4096}},
             {"N=4096 K=7168 (DeepSeek-V3 gate_up)", 4096, 7168, {1, 4, 16, 64, 256, 1024}},
-            {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16, 256}},
+            {"N=4096 K=2048 (Qwen3-30B q_proj)", 4096, 2048, {1, 16, 256, 1024}},
             {"N=7168 K=2048 (DeepSeek-V3 down)", 7168, 2048, {1, 16, 256}},
             // Experts' gate_up at a few hundred tokens per expert (the tiles kernel's K split).
             {"N=3072 K=4096 (Qwen3-235B expert gate_up)", 3072, 4096, {256}},
