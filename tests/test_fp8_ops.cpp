@@ -758,21 +758,32 @@ TEST(Fp8Gemm, PublicOpMatchesTheReference) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// cpu.avx512bf16: the packed GEMM (M > 16) on AVX-512 BF16 dot products. Its sums run in another
-// order than the f32 kernels' (pairs of products first), so it is held to the contract's tolerance
-// of the reference, plus NaN placement, and to bitwise determinism across runs and thread counts.
+// cpu.avx512bf16 and cpu.amx: the packed GEMM (M > 24) on AVX-512 BF16 dot products or on AMX tile
+// dot products. Their sums run in other orders than the f32 kernels' (pairs of products first, or
+// K order within a tile step), so each is held to the contract's tolerance of the reference, plus
+// NaN placement, and to bitwise determinism across runs and thread counts.
 
-constexpr const char* kBf16Gemm = "cpu.avx512bf16";
-
-bool skip_without_bf16() {
-  if (cpu_features().avx512_bf16) return false;
-  std::printf("this CPU lacks avx512_bf16: %s is not tested here\n", kBf16Gemm);
-  return true;
+class Fp8GemmPacked : public ::testing::TestWithParam<const char*> {
+ protected:
+  // The entry under test, or "" where this CPU lacks it (the test is then skipped).
+  static std::string implementation() {
+    const std::string name = GetParam();
+    const bool present = name == "cpu.amx" ? cpu_features().amx_bf16 : cpu_features().avx512_bf16;
+    if (!present) std::printf("this CPU lacks what %s needs: not tested here\n", name.c_str());
+    return present ? name : "";
+  }
+};
+// (A named function for the suffixes: a lambda's parameter shadows the macro's own.)
+std::string packed_kernel_suffix(const ::testing::TestParamInfo<const char*>& kernel) {
+  return std::string(kernel.param) == "cpu.amx" ? "amx" : "avx512bf16";
 }
+INSTANTIATE_TEST_SUITE_P(Kernels, Fp8GemmPacked, ::testing::Values("cpu.avx512bf16", "cpu.amx"),
+                         packed_kernel_suffix);
 
-TEST(Fp8GemmBf16, RandomShapesMatchTheReference) {
-  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
-  std::mt19937_64 rng = rng_for("gemm bf16");
+TEST_P(Fp8GemmPacked, RandomShapesMatchTheReference) {
+  const std::string kernel = implementation();
+  if (kernel.empty()) GTEST_SKIP() << "CPU lacks " << GetParam();
+  std::mt19937_64 rng = rng_for("gemm " + kernel);
   const DType outs[] = {DType::f32, DType::bf16, DType::f16};
   const DType wides[] = {DType::f32, DType::bf16, DType::f16};
   const int cases = kQuickBuild ? 8 : 36;
@@ -786,18 +797,20 @@ TEST(Fp8GemmBf16, RandomShapesMatchTheReference) {
     c.b_scale_dtype = pick(rng, 2) ? DType::f32 : DType::bf16;
     c.threads = pick(rng, 4);
     c.strided_out = pick(rng, 4) == 0;
-    check_gemm(rng, c, kBf16Gemm);
+    check_gemm(rng, c, kernel);
   }
   // A DeepSeek-like odd shape: N and K past whole blocks (7748 = 60.5 x 128, 3884 = 30.3 x 128).
-  check_gemm(rng, {kQuickBuild ? 25 : 40, 7748, 3884, DType::bf16, true, DType::bf16}, kBf16Gemm);
+  check_gemm(rng, {kQuickBuild ? 25 : 40, 7748, 3884, DType::bf16, true, DType::bf16}, kernel);
 }
 
-// Both kernels multiply exactly and sum in f32, per 128-block, so they may differ only by f32
-// rounding (a few ulp of the sums): far tighter than the contract's 1e-3, so that a lost or doubled
-// product (an odd K's last pair, a partial block, an edge column) cannot hide in the tolerance.
-TEST(Fp8GemmBf16, AgreesWithTheF32KernelToF32Rounding) {
-  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
-  std::mt19937_64 rng = rng_for("gemm bf16 vs f32");
+// Both kernels multiply exactly and sum in f32, per 128-block, so they may differ from the f32
+// kernel only by f32 rounding (a few ulp of the sums): far tighter than the contract's 1e-3, so
+// that a lost or doubled product (an odd K's last pair, a partial block, an edge column or row of
+// a tile) cannot hide in the tolerance.
+TEST_P(Fp8GemmPacked, AgreesWithTheF32KernelToF32Rounding) {
+  const std::string kernel = implementation();
+  if (kernel.empty()) GTEST_SKIP() << "CPU lacks " << GetParam();
+  std::mt19937_64 rng = rng_for("gemm " + kernel + " vs f32");
   for (int index = 0; index < (kQuickBuild ? 4 : 16); ++index) {
     const int64_t M = 25 + pick(rng, 276), N = 1 + pick(rng, 400), K = 1 + pick(rng, 900);
     const int64_t G = fp8::ceil_div(K, 128);
@@ -807,16 +820,16 @@ TEST(Fp8GemmBf16, AgreesWithTheF32KernelToF32Rounding) {
     Tensor bs = Tensor::empty(DType::f32, {fp8::ceil_div(N, 128), G});
     for (Tensor* t : {&as, &bs})
       for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0, 0.01f);
-    Tensor f32_kernel = filled(DType::f32, {M, N}), bf16_kernel = filled(DType::f32, {M, N});
+    Tensor f32_kernel = filled(DType::f32, {M, N}), packed = filled(DType::f32, {M, N});
     OpOptions options;
     options.num_threads = 1 + pick(rng, 3);
     options.implementation = "cpu.avx512";
     block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, f32_kernel, options);
-    options.implementation = kBf16Gemm;
-    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, bf16_kernel, options);
+    options.implementation = kernel;
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, packed, options);
     double difference = 0, magnitude = 0;
     for (int64_t i = 0; i < M * N; ++i) {
-      difference += std::fabs(static_cast<double>(bf16_kernel.data_as<float>()[i]) -
+      difference += std::fabs(static_cast<double>(packed.data_as<float>()[i]) -
                               f32_kernel.data_as<float>()[i]);
       magnitude += std::fabs(static_cast<double>(f32_kernel.data_as<float>()[i]));
     }
@@ -824,22 +837,24 @@ TEST(Fp8GemmBf16, AgreesWithTheF32KernelToF32Rounding) {
   }
 }
 
-TEST(Fp8GemmBf16, NaNBytesGiveNaNWhereTheReferenceDoes) {
-  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
-  std::mt19937_64 rng = rng_for("gemm bf16 nan");
+TEST_P(Fp8GemmPacked, NaNBytesGiveNaNWhereTheReferenceDoes) {
+  const std::string kernel = implementation();
+  if (kernel.empty()) GTEST_SKIP() << "CPU lacks " << GetParam();
+  std::mt19937_64 rng = rng_for("gemm " + kernel + " nan");
   for (const int64_t m : {25, 60, 131}) {
     GemmCase c{m, 200, 300, DType::f32};
     c.nan_bytes = 3;
-    check_gemm(rng, c, kBf16Gemm);
+    check_gemm(rng, c, kernel);
     c.out = DType::bf16;
     c.bias = true;
-    check_gemm(rng, c, kBf16Gemm);
+    check_gemm(rng, c, kernel);
   }
 }
 
-TEST(Fp8GemmBf16, BitwiseTheSameAcrossRunsAndThreadCounts) {
-  if (skip_without_bf16()) GTEST_SKIP() << "CPU lacks avx512_bf16";
-  std::mt19937_64 rng = rng_for("gemm bf16 determinism");
+TEST_P(Fp8GemmPacked, BitwiseTheSameAcrossRunsAndThreadCounts) {
+  const std::string kernel = implementation();
+  if (kernel.empty()) GTEST_SKIP() << "CPU lacks " << GetParam();
+  std::mt19937_64 rng = rng_for("gemm " + kernel + " determinism");
   const int64_t M = 300, N = 700, K = 1000, G = fp8::ceil_div(K, 128);  // two row tiles
   Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
   Tensor as = Tensor::empty(DType::f32, {M, G}), bs = Tensor::empty(DType::f32, {6, G});
@@ -849,7 +864,7 @@ TEST(Fp8GemmBf16, BitwiseTheSameAcrossRunsAndThreadCounts) {
   for (const int threads : {1, 2, 3, 1, 2, 3}) {
     OpOptions options;
     options.num_threads = threads;
-    options.implementation = kBf16Gemm;
+    options.implementation = kernel;
     Tensor out = filled(DType::f32, {M, N});
     block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, options);
     const auto* bytes = out.data_as<const uint8_t>();
@@ -861,23 +876,38 @@ TEST(Fp8GemmBf16, BitwiseTheSameAcrossRunsAndThreadCounts) {
   }
 }
 
-TEST(Fp8GemmBf16, ServesFrom25RowsAndLeavesFewerToTheStreamingKernel) {
-  for (const int64_t M : {24, 25}) {
+// The packed GEMM takes over from the streaming kernel from 14 rows on AMX tiles where the CPU has
+// them, else from 25 on AVX-512 BF16 dot products; each entry says why it declines.
+TEST(Fp8GemmPacked, ServesFromItsLeastRowsAndLeavesFewerToTheStreamingKernel) {
+  const CpuFeatures& cpu = cpu_features();
+  for (const int64_t M : {13, 14, 24, 25}) {
     Tensor a = Tensor::empty(DType::f8e4m3, {M, 128}), b = Tensor::empty(DType::f8e4m3, {64, 128});
     Tensor as = Tensor::empty(DType::f32, {M, 1}), bs = Tensor::empty(DType::f32, {1, 1});
     Tensor out = Tensor::empty(DType::bf16, {M, 64});
+    std::string chosen;
     for (const ImplementationChoice& row :
          explain_block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out)) {
-      if (row.name != kBf16Gemm) continue;
-      if (!cpu_features().avx512_bf16) {
+      if (row.chosen) chosen = row.name;
+      const bool amx = row.name == "cpu.amx";
+      if (!amx && row.name != "cpu.avx512bf16") continue;
+      const int64_t least = amx ? 14 : 25;
+      if (amx && !cpu.amx_bf16)
+        EXPECT_EQ(row.reason,
+                  "CPU lacks amx_bf16 (AMX-TILE and AMX-BF16, enabled by the OS for this process)");
+      else if (!amx && !cpu.avx512_bf16)
         EXPECT_EQ(row.reason, "CPU lacks avx512_bf16 (with avx512 f, bw, vl, dq)");
-      } else if (M < 25) {
-        EXPECT_EQ(row.reason, "M < 25: the streaming kernel of cpu.avx512 is faster");
-      } else {
+      else if (M < least)
+        EXPECT_EQ(row.reason, "M < " + std::to_string(least) +
+                                  ": the streaming kernel of cpu.avx512 is faster");
+      else
         EXPECT_EQ(row.reason, "");
-        EXPECT_TRUE(row.chosen);
-      }
     }
+    const std::string packed = cpu.amx_bf16 && M >= 14      ? "cpu.amx"
+                               : cpu.avx512_bf16 && M >= 25 ? "cpu.avx512bf16"
+                               : cpu.avx512                 ? "cpu.avx512"
+                               : cpu.avx2                   ? "cpu.avx2"
+                                                            : "cpu.scalar";
+    EXPECT_EQ(chosen, packed) << "M=" << M;
   }
 }
 

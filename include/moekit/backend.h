@@ -57,6 +57,9 @@ struct CpuFeatures {
   bool avx2 = false;         // with fma and f16c
   bool avx512 = false;       // f, bw, vl, dq
   bool avx512_bf16 = false;  // avx512 and AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16)
+  // avx512_bf16 and AMX-TILE + AMX-BF16, their register state enabled by the OS and granted to
+  // this process (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, asked once here)
+  bool amx_bf16 = false;
 };
 const CpuFeatures& cpu_features();
 

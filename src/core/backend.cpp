@@ -5,6 +5,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "core/gpu_hooks.h"
 #include "moekit/error.h"
@@ -36,6 +40,21 @@ const CpuFeatures& cpu_features() {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     f.avx512_bf16 =
         f.avx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0;
+#if defined(__linux__) && defined(__x86_64__)
+    // AMX: cpuid leaf 7 subleaf 0, EDX bits 22 (AMX-BF16) and 24 (AMX-TILE); XCR0 bits 17 and 18
+    // (tile config and data state, enabled by the OS); then Linux grants the tile data state to a
+    // process that asks (arch_prctl ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18), else
+    // the first tile instruction faults.
+    const bool amx_cpuid = f.avx512_bf16 && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 &&
+                           (edx & (1u << 22)) != 0 && (edx & (1u << 24)) != 0;
+    if (amx_cpuid) {
+      unsigned xcr0_low = 0, xcr0_high = 0;
+      __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+      constexpr unsigned kTileState = (1u << 17) | (1u << 18);
+      f.amx_bf16 =
+          (xcr0_low & kTileState) == kTileState && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+#endif
 #endif
     return f;
   }();
@@ -60,6 +79,7 @@ std::vector<BackendInfo> backends() {
   const CpuFeatures& f = cpu_features();
   std::string isa = f.avx512 ? "avx512 avx2 fma f16c" : f.avx2 ? "avx2 fma f16c" : "scalar";
   if (f.avx512_bf16) isa = "avx512_bf16 " + isa;
+  if (f.amx_bf16) isa = "amx_bf16 " + isa;
   out.push_back(
       {Backend::cpu, "cpu", isa + ", " + std::to_string(omp_get_max_threads()) + " threads"});
   const int n = gpu_count();

@@ -184,6 +184,8 @@ BlockQuantizeWeightArgs args_of(const BlockQuantizeWeightProblem& p) {
 template <Fp8Isa kIsa>
 std::string isa_declines(Device device) {
   if (!device.is_cpu()) return "tensors are on " + device.str();
+  if (kIsa == Fp8Isa::amx && !cpu_features().amx_bf16)
+    return "CPU lacks amx_bf16 (AMX-TILE and AMX-BF16, enabled by the OS for this process)";
   if (kIsa == Fp8Isa::avx512bf16 && !cpu_features().avx512_bf16)
     return "CPU lacks avx512_bf16 (with avx512 f, bw, vl, dq)";
   if (kIsa == Fp8Isa::avx512 && !cpu_features().avx512) return "CPU lacks avx512 (f, bw, vl, dq)";
@@ -193,12 +195,14 @@ std::string isa_declines(Device device) {
 
 template <Fp8Isa kIsa>
 void group_quant_kernel(const GroupQuantArgs& a) {
-  if constexpr (kIsa == Fp8Isa::avx512 || kIsa == Fp8Isa::avx512bf16) group_quant_avx512(a);
+  if constexpr (kIsa == Fp8Isa::avx512 || kIsa == Fp8Isa::avx512bf16 || kIsa == Fp8Isa::amx)
+    group_quant_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) group_quant_avx2(a);
   if constexpr (kIsa == Fp8Isa::portable) group_quant_portable(a);
 }
 template <Fp8Isa kIsa>
 void block_gemm_kernel(const BlockGemmArgs& a) {
+  if constexpr (kIsa == Fp8Isa::amx) block_gemm_amx(a);
   if constexpr (kIsa == Fp8Isa::avx512bf16) block_gemm_avx512bf16(a);
   if constexpr (kIsa == Fp8Isa::avx512) block_gemm_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) block_gemm_avx2(a);
@@ -220,6 +224,7 @@ void divide_to_e4m3(Fp8Isa isa, const float* x, int64_t n, float divisor, uint8_
   switch (isa) {
     case Fp8Isa::avx512:
     case Fp8Isa::avx512bf16:
+    case Fp8Isa::amx:
       return divide_to_e4m3_avx512(x, n, divisor, q);
     case Fp8Isa::avx2:
       return divide_to_e4m3_avx2(x, n, divisor, q);
@@ -239,6 +244,7 @@ void silu_and_mul_rows(Fp8Isa isa, const float* x, int64_t rows, int64_t cols, f
   switch (isa) {
     case Fp8Isa::avx512:
     case Fp8Isa::avx512bf16:
+    case Fp8Isa::amx:
       return gated_rows_avx512(a);
     case Fp8Isa::avx2:
       return gated_rows_avx2(a);
@@ -254,24 +260,27 @@ std::string fp8_supports(const GroupQuantProblem& p) {
   return isa_declines<kIsa>(p.x.device());
 }
 namespace {
-// The bf16 kernel is the packed GEMM only: the streaming kernel (avx512) serves small M.
-std::string bf16_declines_small_m(int64_t m) {
-  if (m >= kBf16MinM) return "";
-  return "M < " + std::to_string(kBf16MinM) + ": the streaming kernel of cpu.avx512 is faster";
+// The bf16 and AMX kernels are the packed GEMM only: the streaming kernel (avx512) serves small M.
+template <Fp8Isa kIsa>
+std::string packed_declines_small_m(int64_t m) {
+  if constexpr (kIsa == Fp8Isa::avx512bf16 || kIsa == Fp8Isa::amx) {
+    const int least = kIsa == Fp8Isa::amx ? kAmxMinM : kBf16MinM;
+    if (m < least)
+      return "M < " + std::to_string(least) + ": the streaming kernel of cpu.avx512 is faster";
+  }
+  return "";
 }
 }  // namespace
 
 template <Fp8Isa kIsa>
 std::string fp8_supports(const BlockGemmProblem& p) {
   std::string why = isa_declines<kIsa>(p.a.device());
-  if (kIsa == Fp8Isa::avx512bf16 && why.empty()) why = bf16_declines_small_m(p.m);
-  return why;
+  return why.empty() ? packed_declines_small_m<kIsa>(p.m) : why;
 }
 template <Fp8Isa kIsa>
 std::string fp8_supports(const W8a8LinearProblem& p) {
   std::string why = isa_declines<kIsa>(p.quant.x.device());
-  if (kIsa == Fp8Isa::avx512bf16 && why.empty()) why = bf16_declines_small_m(p.gemm.m);
-  return why;
+  return why.empty() ? packed_declines_small_m<kIsa>(p.gemm.m) : why;
 }
 template <Fp8Isa kIsa>
 std::string fp8_supports(const BlockQuantizeWeightProblem& p) {
@@ -291,7 +300,8 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
     rows.rows = p.rows;
     rows.cols = p.cols;
     rows.num_threads = p.num_threads;
-    if constexpr (kIsa == Fp8Isa::avx512 || kIsa == Fp8Isa::avx512bf16) gated_rows_avx512(rows);
+    if constexpr (kIsa == Fp8Isa::avx512 || kIsa == Fp8Isa::avx512bf16 || kIsa == Fp8Isa::amx)
+      gated_rows_avx512(rows);
     if constexpr (kIsa == Fp8Isa::avx2) gated_rows_avx2(rows);
     if constexpr (kIsa == Fp8Isa::portable) {
       const int threads = thread_count(p.num_threads, p.rows, 40.0 * p.rows * p.cols);
@@ -333,9 +343,13 @@ MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::portable)
 MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::avx2)
 MOEKIT_FP8_CPU_INSTANTIATE(Fp8Isa::avx512)
 #undef MOEKIT_FP8_CPU_INSTANTIATE
-template std::string fp8_supports<Fp8Isa::avx512bf16>(const BlockGemmProblem&);
-template std::string fp8_supports<Fp8Isa::avx512bf16>(const W8a8LinearProblem&);
-template void block_fp8_gemm<Fp8Isa::avx512bf16>(const BlockGemmProblem&);
-template void w8a8_block_fp8_linear<Fp8Isa::avx512bf16>(const W8a8LinearProblem&);
+#define MOEKIT_FP8_CPU_INSTANTIATE_GEMMS(isa)                       \
+  template std::string fp8_supports<isa>(const BlockGemmProblem&);  \
+  template std::string fp8_supports<isa>(const W8a8LinearProblem&); \
+  template void block_fp8_gemm<isa>(const BlockGemmProblem&);       \
+  template void w8a8_block_fp8_linear<isa>(const W8a8LinearProblem&);
+MOEKIT_FP8_CPU_INSTANTIATE_GEMMS(Fp8Isa::avx512bf16)
+MOEKIT_FP8_CPU_INSTANTIATE_GEMMS(Fp8Isa::amx)
+#undef MOEKIT_FP8_CPU_INSTANTIATE_GEMMS
 
 }  // namespace moekit::cpu

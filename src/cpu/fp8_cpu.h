@@ -1,6 +1,7 @@
 // CPU FP8 kernels as entries of the FP8 dispatch tables: threads over rows / tiles, SIMD inside,
 // no allocation per call. One build per ISA (portable, AVX2, AVX-512), picked at run time; plus
-// avx512bf16: the GEMMs with M > 16 on AVX-512 BF16 dot products (the rest as avx512).
+// avx512bf16 and amx: the GEMMs with M > 24 on AVX-512 BF16 dot products or on AMX tiles (the rest
+// as avx512).
 #pragma once
 
 #include <string>
@@ -9,10 +10,10 @@
 
 namespace moekit::cpu {
 
-enum class Fp8Isa : uint8_t { portable, avx2, avx512, avx512bf16 };
+enum class Fp8Isa : uint8_t { portable, avx2, avx512, avx512bf16, amx };
 
 // "" when this ISA's build serves the problem, else the reason it declines.
-// avx512bf16 is instantiated for the two GEMM ops only.
+// avx512bf16 and amx are instantiated for the two GEMM ops only.
 template <Fp8Isa kIsa>
 std::string fp8_supports(const GroupQuantProblem& problem);
 template <Fp8Isa kIsa>

@@ -172,8 +172,10 @@ const BlockGemmImplementation kBlockGemmTable[] = {
         MOEKIT_GPU_ENTRY({"gpu.sm90", Backend::gpu, gpu::block_gemm_sm90_supports,
                           gpu::block_fp8_gemm_sm90, gpu::block_gemm_sm90_plan})
             MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu::block_gemm_supports, gpu::block_fp8_gemm}){
-                "cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
-                cpu::block_fp8_gemm<Fp8Isa::avx512bf16>},
+                "cpu.amx", Backend::cpu, cpu::fp8_supports<Fp8Isa::amx>,
+                cpu::block_fp8_gemm<Fp8Isa::amx>},
+    {"cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
+     cpu::block_fp8_gemm<Fp8Isa::avx512bf16>},
     {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
      cpu::block_fp8_gemm<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>, cpu::block_fp8_gemm<Fp8Isa::avx2>},
@@ -189,9 +191,11 @@ const W8a8LinearImplementation kW8a8LinearTable[] = {
         MOEKIT_GPU_ENTRY({"gpu.sm90.fused", Backend::gpu, gpu::w8a8_linear_sm90_fused_supports,
                           gpu::w8a8_linear_sm90_fused, gpu::w8a8_linear_sm90_fused_plan})
             MOEKIT_GPU_ENTRY({"gpu", Backend::gpu, gpu_linear_supports, gpu_linear,
-                              gpu_linear_plan}){"cpu.avx512bf16", Backend::cpu,
-                                                cpu::fp8_supports<Fp8Isa::avx512bf16>,
-                                                cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
+                              gpu_linear_plan}){"cpu.amx", Backend::cpu,
+                                                cpu::fp8_supports<Fp8Isa::amx>,
+                                                cpu::w8a8_block_fp8_linear<Fp8Isa::amx>},
+    {"cpu.avx512bf16", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512bf16>,
+     cpu::w8a8_block_fp8_linear<Fp8Isa::avx512bf16>},
     {"cpu.avx512", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx512>,
      cpu::w8a8_block_fp8_linear<Fp8Isa::avx512>},
     {"cpu.avx2", Backend::cpu, cpu::fp8_supports<Fp8Isa::avx2>,
