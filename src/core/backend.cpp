@@ -51,8 +51,9 @@ const CpuFeatures& cpu_features() {
       unsigned xcr0_low = 0, xcr0_high = 0;
       __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
       constexpr unsigned kTileState = (1u << 17) | (1u << 18);
-      f.amx_bf16 =
-          (xcr0_low & kTileState) == kTileState && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+      constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+      f.amx_bf16 = (xcr0_low & kTileState) == kTileState &&
+                   syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
     }
 #endif
 #endif
