@@ -1,7 +1,7 @@
 // CPU FP8 kernels as entries of the FP8 dispatch tables: threads over rows / tiles, SIMD inside,
 // no allocation per call. One build per ISA (portable, AVX2, AVX-512), picked at run time; plus
-// avx512bf16 and amx: the GEMMs with M > 24 on AVX-512 BF16 dot products or on AMX tiles (the rest
-// as avx512).
+// avx512bf16 and amx: the GEMMs from 25 rows on AVX-512 BF16 dot products, or from 14 on AMX tiles
+// (the rest as avx512).
 #pragma once
 
 #include <string>

@@ -106,7 +106,7 @@ struct PackedGemmBf16 {
   alignas(64) float totals[kTaskRows][kCols];
   alignas(64) uint32_t a[kMicroRows][kPairs];
   alignas(64) uint32_t rows8[8][kPairs];
-  alignas(64) float step_sums[kAmxMicroRows][kBf16Nr];  // (kAmx) the four f32 tiles of a step
+  alignas(64) float step_sums[kAmx ? kAmxMicroRows : 1][kBf16Nr];  // AMX: a step's four f32 tiles
   float row_scale[kMicroRows];
 
   explicit PackedGemmBf16(const BlockGemmArgs& args) : g(args) {}
