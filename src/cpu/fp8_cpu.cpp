@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "cpu/fp8_cpu_kernels.h"
@@ -202,7 +203,14 @@ void group_quant_kernel(const GroupQuantArgs& a) {
 }
 template <Fp8Isa kIsa>
 void block_gemm_kernel(const BlockGemmArgs& a) {
-  if constexpr (kIsa == Fp8Isa::amx) block_gemm_amx(a);
+  if constexpr (kIsa == Fp8Isa::amx) {
+    // The tile kernel's activation panel (uninitialized: the kernel writes all it reads).
+    constexpr uintptr_t kAlign = 64;
+    const auto bytes = static_cast<size_t>(block_gemm_amx_workspace_bytes(a));
+    const std::unique_ptr<uint8_t[]> workspace(new uint8_t[bytes + kAlign]);
+    const auto address = reinterpret_cast<uintptr_t>(workspace.get());
+    block_gemm_amx(a, reinterpret_cast<void*>((address + kAlign - 1) & ~(kAlign - 1)));
+  }
   if constexpr (kIsa == Fp8Isa::avx512bf16) block_gemm_avx512bf16(a);
   if constexpr (kIsa == Fp8Isa::avx512) block_gemm_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) block_gemm_avx2(a);

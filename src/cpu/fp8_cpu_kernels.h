@@ -110,9 +110,12 @@ void block_gemm_avx512(const BlockGemmArgs& args);
 // The packed GEMM on AVX-512 BF16 dot products (fp8_cpu_avx512bf16.cpp), for any M (dispatch
 // gives it M >= kBf16MinM); only when cpu_features().avx512_bf16.
 void block_gemm_avx512bf16(const BlockGemmArgs& args);
-// The same tiles on AMX tile dot products (same file), for M >= kAmxMinM; only when
-// cpu_features().amx_bf16.
-void block_gemm_amx(const BlockGemmArgs& args);
+// The packed GEMM on AMX tile dot products (fp8_cpu_amx.cpp), for any M (dispatch gives it
+// M >= kAmxMinM); only when cpu_features().amx_bf16. `workspace`: 64-byte aligned, at least
+// block_gemm_amx_workspace_bytes(args) bytes (the activations decoded once, as the tiles read
+// them).
+int64_t block_gemm_amx_workspace_bytes(const BlockGemmArgs& args);
+void block_gemm_amx(const BlockGemmArgs& args, void* workspace);
 void block_quantize_weight_portable(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx2(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx512(const BlockQuantizeWeightArgs& args);
