@@ -428,8 +428,9 @@ TEST(Fp8Errors, SiluGroupedGemmMaskedArguments) {
   expect_error(run(x, b, plain, 0, nullptr, 0), kOp, "backend", "cpu", outs);
 }
 
-// block_fp8_gemm with a workspace: the CPU entries want none; a null pointer for a nonzero size and
-// a misaligned one are errors that write nothing; a workspace changes nothing on the CPU.
+// block_fp8_gemm with a workspace: the CPU entries want none below 6 rows (AMX's tiles take one
+// from there); a null pointer for a nonzero size and a misaligned one are errors that write
+// nothing; a workspace changes nothing on the CPU.
 TEST(Fp8Errors, GemmWorkspaceArguments) {
   GemmCall c;
   EXPECT_EQ(block_fp8_gemm_workspace_size(3, 128, 256, Device::cpu()), 0u);
@@ -466,10 +467,13 @@ TEST(Fp8Errors, LinearArguments) {
   Tensor y = sentinel(DType::bf16, {3, 64});
   const size_t bytes = w8a8_block_fp8_linear_workspace_size(3, 300);
   EXPECT_EQ(bytes, 960u + 3 * 3 * 4);  // 900 bytes rounded up to 64, then 3 x 3 f32 scales
-  // With N and the device: the GEMM's workspace besides, none on the CPU.
+  // With N and the device: the GEMM's workspace besides, from the next 256-byte boundary (on the
+  // CPU only the AMX GEMM's, from 6 rows).
   EXPECT_EQ(w8a8_block_fp8_linear_workspace_size(3, 64, 300, Device::cpu()), bytes);
+  const size_t gemm = block_fp8_gemm_workspace_size(4096, 7168, 16384, Device::cpu());
+  const size_t quant = w8a8_block_fp8_linear_workspace_size(4096, 16384);
   EXPECT_EQ(w8a8_block_fp8_linear_workspace_size(4096, 7168, 16384, Device::cpu()),
-            w8a8_block_fp8_linear_workspace_size(4096, 16384));
+            gemm == 0 ? quant : (quant + 255) / 256 * 256 + gemm);
   expect_error([] { w8a8_block_fp8_linear_workspace_size(3, -1, 300, Device::cpu()); }, kLinear,
                "M, N, K", "3, -1, 300", {});
   Tensor ws = sentinel(DType::u8, {static_cast<int64_t>(bytes) + 64});

@@ -758,10 +758,10 @@ TEST(Fp8Gemm, PublicOpMatchesTheReference) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// cpu.avx512bf16 and cpu.amx: the packed GEMM (M > 24) on AVX-512 BF16 dot products or on AMX tile
-// dot products. Their sums run in other orders than the f32 kernels' (pairs of products first, or
-// K order within a tile step), so each is held to the contract's tolerance of the reference, plus
-// NaN placement, and to bitwise determinism across runs and thread counts.
+// cpu.avx512bf16 and cpu.amx: the packed GEMM (M > 24, or M > 5 on AMX) on AVX-512 BF16 dot
+// products or on AMX tile dot products. Their sums run in other orders than the f32 kernels' (pairs
+// of products first, or K order within a tile step), so each is held to the contract's tolerance of
+// the reference, plus NaN placement, and to bitwise determinism across runs and thread counts.
 
 class Fp8GemmPacked : public ::testing::TestWithParam<const char*> {
  protected:
@@ -772,6 +772,8 @@ class Fp8GemmPacked : public ::testing::TestWithParam<const char*> {
     if (!present) std::printf("this CPU lacks what %s needs: not tested here\n", name.c_str());
     return present ? name : "";
   }
+  // The fewest rows the entry serves (the dispatch's kAmxMinM and kBf16MinM).
+  static int64_t least_rows() { return std::string(GetParam()) == "cpu.amx" ? 6 : 25; }
 };
 // (A named function for the suffixes: a lambda's parameter shadows the macro's own.)
 std::string packed_kernel_suffix(const ::testing::TestParamInfo<const char*>& kernel) {
@@ -788,7 +790,8 @@ TEST_P(Fp8GemmPacked, RandomShapesMatchTheReference) {
   const DType wides[] = {DType::f32, DType::bf16, DType::f16};
   const int cases = kQuickBuild ? 8 : 36;
   for (int index = 0; index < cases; ++index) {
-    GemmCase c{25 + pick(rng, 276), 1 + pick(rng, 700), 1 + pick(rng, 1100)};
+    GemmCase c{least_rows() + pick(rng, 301 - least_rows()), 1 + pick(rng, 700),
+               1 + pick(rng, 1100)};
     if (index % 4 == 0) c.k = 128 * (1 + pick(rng, 8));  // whole blocks too
     c.out = outs[index % 3];
     c.layout = kLayouts[(index / 3) % 4];
@@ -801,6 +804,8 @@ TEST_P(Fp8GemmPacked, RandomShapesMatchTheReference) {
   }
   // A DeepSeek-like odd shape: N and K past whole blocks (7748 = 60.5 x 128, 3884 = 30.3 x 128).
   check_gemm(rng, {kQuickBuild ? 25 : 40, 7748, 3884, DType::bf16, true, DType::bf16}, kernel);
+  // Three row tiles of 224 rows: the AMX kernel's activations in two panels (two tiles, then one).
+  check_gemm(rng, {601, 70, 300, DType::f32}, kernel);
 }
 
 // Both kernels multiply exactly and sum in f32, per 128-block, so they may differ from the f32
@@ -812,7 +817,8 @@ TEST_P(Fp8GemmPacked, AgreesWithTheF32KernelToF32Rounding) {
   if (kernel.empty()) GTEST_SKIP() << "CPU lacks " << GetParam();
   std::mt19937_64 rng = rng_for("gemm " + kernel + " vs f32");
   for (int index = 0; index < (kQuickBuild ? 4 : 16); ++index) {
-    const int64_t M = 25 + pick(rng, 276), N = 1 + pick(rng, 400), K = 1 + pick(rng, 900);
+    const int64_t M = least_rows() + pick(rng, 301 - least_rows());
+    const int64_t N = 1 + pick(rng, 400), K = 1 + pick(rng, 900);
     const int64_t G = fp8::ceil_div(K, 128);
     SCOPED_TRACE("M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
     Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
@@ -876,11 +882,46 @@ TEST_P(Fp8GemmPacked, BitwiseTheSameAcrossRunsAndThreadCounts) {
   }
 }
 
-// The packed GEMM takes over from the streaming kernel from 14 rows on AMX tiles where the CPU has
+// The AMX kernel decodes the activations once into the caller's workspace (of
+// block_fp8_gemm_workspace_size bytes, any 16-byte alignment) or, without one, into its own: the
+// same bits either way. A workspace below that size is an error that writes nothing.
+TEST(Fp8GemmPacked, AmxTakesTheCallersWorkspaceWithTheSameBits) {
+  if (!cpu_features().amx_bf16) GTEST_SKIP() << "CPU lacks amx_bf16";
+  const std::string kernel = "cpu.amx";
+  std::mt19937_64 rng = rng_for("gemm " + kernel + " workspace");
+  EXPECT_EQ(block_fp8_gemm_workspace_size(5, 200, 1000, Device::cpu()), 0u);  // streamed
+  for (const int64_t M : {6, 300, 601}) {
+    const int64_t N = 200, K = 1000, G = fp8::ceil_div(K, 128);
+    SCOPED_TRACE("M=" + std::to_string(M));
+    Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
+    Tensor as = Tensor::empty(DType::f32, {M, G}), bs = Tensor::empty(DType::f32, {2, G});
+    for (Tensor* t : {&as, &bs})
+      for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0, 0.01f);
+    const size_t bytes = block_fp8_gemm_workspace_size(M, N, K, Device::cpu());
+    ASSERT_GT(bytes, 0u);
+    std::vector<uint8_t> workspace(bytes + 16, 0xa5);  // stale bytes: the kernel writes first
+    OpOptions options;
+    options.implementation = kernel;
+    Tensor own = filled(DType::f32, {M, N}), given = filled(DType::f32, {M, N});
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, own, options);
+    void* aligned16 = workspace.data() + (16 - reinterpret_cast<uintptr_t>(workspace.data()) % 16);
+    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, given, aligned16, bytes,
+                   options);
+    EXPECT_EQ(std::memcmp(own.data(), given.data(), own.nbytes()), 0);
+    Tensor untouched = filled(DType::f32, {M, N});
+    EXPECT_THROW(block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, untouched,
+                                aligned16, bytes - 1, options),
+                 Error);
+    Tensor fresh = filled(DType::f32, {M, N});
+    EXPECT_EQ(std::memcmp(untouched.data(), fresh.data(), fresh.nbytes()), 0);
+  }
+}
+
+// The packed GEMM takes over from the streaming kernel from 6 rows on AMX tiles where the CPU has
 // them, else from 25 on AVX-512 BF16 dot products; each entry says why it declines.
 TEST(Fp8GemmPacked, ServesFromItsLeastRowsAndLeavesFewerToTheStreamingKernel) {
   const CpuFeatures& cpu = cpu_features();
-  for (const int64_t M : {13, 14, 24, 25}) {
+  for (const int64_t M : {5, 6, 24, 25}) {
     Tensor a = Tensor::empty(DType::f8e4m3, {M, 128}), b = Tensor::empty(DType::f8e4m3, {64, 128});
     Tensor as = Tensor::empty(DType::f32, {M, 1}), bs = Tensor::empty(DType::f32, {1, 1});
     Tensor out = Tensor::empty(DType::bf16, {M, 64});
@@ -890,7 +931,7 @@ TEST(Fp8GemmPacked, ServesFromItsLeastRowsAndLeavesFewerToTheStreamingKernel) {
       if (row.chosen) chosen = row.name;
       const bool amx = row.name == "cpu.amx";
       if (!amx && row.name != "cpu.avx512bf16") continue;
-      const int64_t least = amx ? 14 : 25;
+      const int64_t least = amx ? 6 : 25;
       if (amx && !cpu.amx_bf16)
         EXPECT_EQ(row.reason,
                   "CPU lacks amx_bf16 (AMX-TILE and AMX-BF16, enabled by the OS for this process)");
@@ -902,7 +943,7 @@ TEST(Fp8GemmPacked, ServesFromItsLeastRowsAndLeavesFewerToTheStreamingKernel) {
       else
         EXPECT_EQ(row.reason, "");
     }
-    const std::string packed = cpu.amx_bf16 && M >= 14      ? "cpu.amx"
+    const std::string packed = cpu.amx_bf16 && M >= 6       ? "cpu.amx"
                                : cpu.avx512_bf16 && M >= 25 ? "cpu.avx512bf16"
                                : cpu.avx512                 ? "cpu.avx512"
                                : cpu.avx2                   ? "cpu.avx2"

@@ -201,16 +201,27 @@ void group_quant_kernel(const GroupQuantArgs& a) {
   if constexpr (kIsa == Fp8Isa::avx2) group_quant_avx2(a);
   if constexpr (kIsa == Fp8Isa::portable) group_quant_portable(a);
 }
+constexpr uintptr_t kPanelAlign = 64;  // the AMX panel's tile rows on whole cache lines
+void* align_panel(void* bytes) {
+  const auto address = reinterpret_cast<uintptr_t>(bytes);
+  return reinterpret_cast<void*>((address + kPanelAlign - 1) & ~(kPanelAlign - 1));
+}
+
+// `workspace`: the caller's (block_fp8_gemm_workspace_size), or null. The AMX kernel decodes the
+// activations into it once; without one (or one too small) it allocates its own for the call.
 template <Fp8Isa kIsa>
-void block_gemm_kernel(const BlockGemmArgs& a) {
+void block_gemm_kernel(const BlockGemmArgs& a, void* workspace, size_t workspace_bytes) {
   if constexpr (kIsa == Fp8Isa::amx) {
-    // The tile kernel's activation panel (uninitialized: the kernel writes all it reads).
-    constexpr uintptr_t kAlign = 64;
-    const auto bytes = static_cast<size_t>(block_gemm_amx_workspace_bytes(a));
-    const std::unique_ptr<uint8_t[]> workspace(new uint8_t[bytes + kAlign]);
-    const auto address = reinterpret_cast<uintptr_t>(workspace.get());
-    block_gemm_amx(a, reinterpret_cast<void*>((address + kAlign - 1) & ~(kAlign - 1)));
+    const size_t bytes = block_gemm_workspace_size(a.m, a.n, a.k);
+    if (workspace != nullptr && workspace_bytes >= bytes) {
+      block_gemm_amx(a, align_panel(workspace));
+    } else {  // uninitialized: the kernel writes all it reads
+      const std::unique_ptr<uint8_t[]> own(new uint8_t[bytes]);
+      block_gemm_amx(a, align_panel(own.get()));
+    }
   }
+  (void)workspace;
+  (void)workspace_bytes;
   if constexpr (kIsa == Fp8Isa::avx512bf16) block_gemm_avx512bf16(a);
   if constexpr (kIsa == Fp8Isa::avx512) block_gemm_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) block_gemm_avx2(a);
@@ -323,12 +334,12 @@ void per_token_group_quant_fp8(const GroupQuantProblem& p) {
 }
 template <Fp8Isa kIsa>
 void block_fp8_gemm(const BlockGemmProblem& p) {
-  block_gemm_kernel<kIsa>(args_of(p));
+  block_gemm_kernel<kIsa>(args_of(p), p.workspace, p.workspace_bytes);
 }
 template <Fp8Isa kIsa>
 void w8a8_block_fp8_linear(const W8a8LinearProblem& p) {
   group_quant_kernel<kIsa>(args_of(p.quant));
-  block_gemm_kernel<kIsa>(args_of(p.gemm));
+  block_gemm_kernel<kIsa>(args_of(p.gemm), p.gemm.workspace, p.gemm.workspace_bytes);
 }
 template <Fp8Isa kIsa>
 void block_quantize_weight(const BlockQuantizeWeightProblem& p) {
@@ -336,6 +347,11 @@ void block_quantize_weight(const BlockQuantizeWeightProblem& p) {
   if constexpr (kIsa == Fp8Isa::avx512) block_quantize_weight_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) block_quantize_weight_avx2(a);
   if constexpr (kIsa == Fp8Isa::portable) block_quantize_weight_portable(a);
+}
+
+size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k) {
+  if (!cpu_features().amx_bf16 || m < kAmxMinM || n == 0 || k == 0) return 0;
+  return static_cast<size_t>(block_gemm_amx_workspace_bytes(m, k)) + kPanelAlign;
 }
 
 #define MOEKIT_FP8_CPU_INSTANTIATE(isa)                                      \

@@ -1,7 +1,7 @@
 // CPU FP8 kernels as entries of the FP8 dispatch tables: threads over rows / tiles, SIMD inside,
-// no allocation per call. One build per ISA (portable, AVX2, AVX-512), picked at run time; plus
-// avx512bf16 and amx: the GEMMs from 25 rows on AVX-512 BF16 dot products, or from 14 on AMX tiles
-// (the rest as avx512).
+// no allocation per call (but the AMX GEMM's panel where the caller gives no workspace). One build
+// per ISA (portable, AVX2, AVX-512), picked at run time; plus avx512bf16 and amx: the GEMMs from 25
+// rows on AVX-512 BF16 dot products, or from 6 on AMX tiles (the rest as avx512).
 #pragma once
 
 #include <string>
@@ -31,6 +31,10 @@ template <Fp8Isa kIsa>
 void w8a8_block_fp8_linear(const W8a8LinearProblem& problem);
 template <Fp8Isa kIsa>
 void block_quantize_weight(const BlockQuantizeWeightProblem& problem);
+
+// Scratch bytes block_fp8_gemm's CPU kernels use where the caller gives them (the AMX GEMM's
+// activations, decoded once into the tiles' layout, and 64 bytes to align them), 0 where none.
+size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k);
 
 // For tests: q[i] = e4m3(x[i] / divisor) through one build's vector encoder (the ISA must be
 // present: cpu_features()).

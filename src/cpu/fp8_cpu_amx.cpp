@@ -203,9 +203,9 @@ struct AmxTask {
 
 }  // namespace
 
-int64_t block_gemm_amx_workspace_bytes(const BlockGemmArgs& g) {
-  const RowTiling tiling(g.m);
-  return tiling.panel_rows(g.m) / kStep * ceil_div<int64_t>(g.k, kBlock) * kPanelBlockWords * 4;
+int64_t block_gemm_amx_workspace_bytes(int64_t m, int64_t k) {
+  const RowTiling tiling(m);
+  return tiling.panel_rows(m) / kStep * ceil_div<int64_t>(k, kBlock) * kPanelBlockWords * 4;
 }
 
 void block_gemm_amx(const BlockGemmArgs& g, void* workspace) {

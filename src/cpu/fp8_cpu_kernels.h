@@ -112,9 +112,9 @@ void block_gemm_avx512(const BlockGemmArgs& args);
 void block_gemm_avx512bf16(const BlockGemmArgs& args);
 // The packed GEMM on AMX tile dot products (fp8_cpu_amx.cpp), for any M (dispatch gives it
 // M >= kAmxMinM); only when cpu_features().amx_bf16. `workspace`: 64-byte aligned, at least
-// block_gemm_amx_workspace_bytes(args) bytes (the activations decoded once, as the tiles read
+// block_gemm_amx_workspace_bytes(m, k) bytes (the activations decoded once, as the tiles read
 // them).
-int64_t block_gemm_amx_workspace_bytes(const BlockGemmArgs& args);
+int64_t block_gemm_amx_workspace_bytes(int64_t m, int64_t k);
 void block_gemm_amx(const BlockGemmArgs& args, void* workspace);
 void block_quantize_weight_portable(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx2(const BlockQuantizeWeightArgs& args);
@@ -144,10 +144,10 @@ constexpr int kStreamMaxM = 64;
 // TFLOP/s on 1 thread, 0.134 vs 0.115 on 2; at M = 64 0.095 vs 0.075).
 constexpr int kBf16MinM = 25;
 // Where the CPU has AMX-BF16, the packed GEMM on tiles takes over from this many rows (Xeon with
-// AMX, N=4096 K=7168: at M <= 32 the tile kernel takes ~6.3 ms on 1 thread whatever M, decoding the
-// weights; streaming takes 6.6 / 7.4 / 8.5 ms at M = 10 / 12 / 14; on 2 threads it still won at
-// M = 12, 3.39 against 3.67 ms, and lost at 14, 4.02 against 3.08).
-constexpr int kAmxMinM = 14;
+// AMX, N=4096 K=7168: at M <= 32 the tile kernel takes ~3.2 ms on 1 thread whatever M, decoding the
+// weights; streaming takes 2.79 / 3.32 / 3.61 ms at M = 5 / 6 / 7, and on 2 threads 1.41 / 1.68 /
+// 1.82 against the tiles' 1.65-1.67; N=4096 K=2048 crosses at the same M).
+constexpr int kAmxMinM = 6;
 constexpr int kPrefetchBlocks = 4;      // how far ahead the packed GEMM prefetches rows
 constexpr float kDecodeScale = 256.0f;  // decoders return value * 2^-8
 // The streaming GEMM's weights decode to value x 2^-120 (load_e4m3_tiny) and its activations to

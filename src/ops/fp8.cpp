@@ -897,8 +897,7 @@ size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Devi
 #ifdef MOEKIT_HAVE_GPU
   if (device.is_gpu()) return gpu::block_gemm_workspace_size(M, N, K, device.index);
 #endif
-  (void)device;
-  return 0;
+  return device.is_cpu() ? cpu::block_gemm_workspace_size(M, N, K) : 0;
 }
 
 namespace {
