@@ -14,6 +14,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/fp8_cpu.h"
@@ -861,24 +862,30 @@ TEST_P(Fp8GemmPacked, BitwiseTheSameAcrossRunsAndThreadCounts) {
   const std::string kernel = implementation();
   if (kernel.empty()) GTEST_SKIP() << "CPU lacks " << GetParam();
   std::mt19937_64 rng = rng_for("gemm " + kernel + " determinism");
-  const int64_t M = 300, N = 700, K = 1000, G = fp8::ceil_div(K, 128);  // two row tiles
-  Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
-  Tensor as = Tensor::empty(DType::f32, {M, G}), bs = Tensor::empty(DType::f32, {6, G});
-  for (Tensor* t : {&as, &bs})
-    for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0, 0.01f);
-  std::vector<uint8_t> first;  // the first run's output bytes
-  for (const int threads : {1, 2, 3, 1, 2, 3}) {
-    OpOptions options;
-    options.num_threads = threads;
-    options.implementation = kernel;
-    Tensor out = filled(DType::f32, {M, N});
-    block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, options);
-    const auto* bytes = out.data_as<const uint8_t>();
-    if (first.empty()) {
-      first.assign(bytes, bytes + out.nbytes());
-      continue;
+  // Two row tiles; then three of one weight tile, which the AMX kernel decodes in panels of two
+  // tiles on one thread and of all three on three.
+  for (const auto& [M, N] : {std::pair<int64_t, int64_t>{300, 700}, {601, 100}}) {
+    const int64_t K = 1000, G = fp8::ceil_div(K, 128);
+    SCOPED_TRACE("M=" + std::to_string(M) + " N=" + std::to_string(N));
+    Tensor a = random_e4m3(rng, M, K), b = random_e4m3(rng, N, K);
+    Tensor as = Tensor::empty(DType::f32, {M, G});
+    Tensor bs = Tensor::empty(DType::f32, {fp8::ceil_div(N, 128), G});
+    for (Tensor* t : {&as, &bs})
+      for (int64_t i = 0; i < t->numel(); ++i) t->data_as<float>()[i] = uniform(rng, 0, 0.01f);
+    std::vector<uint8_t> first;  // the first run's output bytes
+    for (const int threads : {1, 2, 3, 1, 2, 3}) {
+      OpOptions options;
+      options.num_threads = threads;
+      options.implementation = kernel;
+      Tensor out = filled(DType::f32, {M, N});
+      block_fp8_gemm(a, as, ScaleLayout::row_major, b, bs, std::nullopt, out, options);
+      const auto* bytes = out.data_as<const uint8_t>();
+      if (first.empty()) {
+        first.assign(bytes, bytes + out.nbytes());
+        continue;
+      }
+      EXPECT_EQ(std::memcmp(bytes, first.data(), first.size()), 0) << threads << " threads";
     }
-    EXPECT_EQ(std::memcmp(bytes, first.data(), first.size()), 0) << threads << " threads";
   }
 }
 

@@ -212,12 +212,15 @@ void* align_panel(void* bytes) {
 template <Fp8Isa kIsa>
 void block_gemm_kernel(const BlockGemmArgs& a, void* workspace, size_t workspace_bytes) {
   if constexpr (kIsa == Fp8Isa::amx) {
-    const size_t bytes = block_gemm_workspace_size(a.m, a.n, a.k);
-    if (workspace != nullptr && workspace_bytes >= bytes) {
-      block_gemm_amx(a, align_panel(workspace));
+    const size_t least = static_cast<size_t>(block_gemm_amx_workspace_bytes(a.m, a.n, a.k, 1));
+    if (workspace != nullptr && workspace_bytes >= least + kPanelAlign) {
+      block_gemm_amx(a, align_panel(workspace),
+                     static_cast<int64_t>(workspace_bytes - kPanelAlign));
     } else {  // uninitialized: the kernel writes all it reads
-      const std::unique_ptr<uint8_t[]> own(new uint8_t[bytes]);
-      block_gemm_amx(a, align_panel(own.get()));
+      const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+      const auto bytes = block_gemm_amx_workspace_bytes(a.m, a.n, a.k, threads);
+      const std::unique_ptr<uint8_t[]> own(new uint8_t[static_cast<size_t>(bytes) + kPanelAlign]);
+      block_gemm_amx(a, align_panel(own.get()), bytes);
     }
   }
   (void)workspace;
@@ -351,7 +354,8 @@ void block_quantize_weight(const BlockQuantizeWeightProblem& p) {
 
 size_t block_gemm_workspace_size(int64_t m, int64_t n, int64_t k) {
   if (!cpu_features().amx_bf16 || m < kAmxMinM || n == 0 || k == 0) return 0;
-  return static_cast<size_t>(block_gemm_amx_workspace_bytes(m, k)) + kPanelAlign;
+  const int threads = omp_get_max_threads();
+  return static_cast<size_t>(block_gemm_amx_workspace_bytes(m, n, k, threads)) + kPanelAlign;
 }
 
 #define MOEKIT_FP8_CPU_INSTANTIATE(isa)                                      \

@@ -35,7 +35,7 @@ constexpr int kTilePairs = 16;        // K pairs per tile (rows of 64 bytes)
 constexpr int kStep = 32;             // weight rows (two A tiles) and activation rows (two B tiles)
 constexpr int kTaskRows = 8 * kStep;  // activation rows per task (M = 256 in one weight pass)
 constexpr int kTaskCols = 2 * kBlock;  // weight rows per task: two weight-scale blocks
-constexpr int kChunkTiles = 2;         // row tiles per panel
+constexpr int kChunkTiles = 2;         // row tiles per panel, at least
 constexpr int kChunkBlocks = 8;        // K blocks per chunk of a task's loop (run)
 constexpr int64_t kPanelBlockWords = int64_t{kPairs} * kStep;  // 32 rows x one K block: 8 KB
 
@@ -54,9 +54,16 @@ struct RowTiling {
   explicit RowTiling(int64_t m)
       : tiles(ceil_div<int64_t>(m, kTaskRows)),
         height(lesser<int64_t>(kTaskRows, ceil_div<int64_t>(ceil_div(m, tiles), kStep) * kStep)) {}
-  // Rows of the panel: a chunk of kChunkTiles row tiles, in whole steps.
-  int64_t panel_rows(int64_t m) const {
-    return ceil_div<int64_t>(lesser<int64_t>(m, kChunkTiles * height), kStep) * kStep;
+  // Row tiles per panel: kChunkTiles, or more where that leaves a thread fewer than two tasks
+  // (which rows share a panel changes no sum: only when they are decoded).
+  int64_t panel_tiles(int64_t n_tiles, int threads) const {
+    const int64_t wanted = ceil_div<int64_t>(2 * int64_t{threads}, n_tiles);
+    return lesser<int64_t>(tiles, wanted > kChunkTiles ? wanted : kChunkTiles);
+  }
+  // Bytes of a panel of `panel` row tiles (the last panel may be shorter).
+  int64_t panel_bytes(int64_t m, int64_t k, int64_t panel) const {
+    const int64_t rows = ceil_div<int64_t>(lesser<int64_t>(m, panel * height), kStep) * kStep;
+    return rows / kStep * ceil_div<int64_t>(k, kBlock) * kPanelBlockWords * 4;
   }
 };
 
@@ -203,26 +210,31 @@ struct AmxTask {
 
 }  // namespace
 
-int64_t block_gemm_amx_workspace_bytes(int64_t m, int64_t k) {
+int64_t block_gemm_amx_workspace_bytes(int64_t m, int64_t n, int64_t k, int threads) {
   const RowTiling tiling(m);
-  return tiling.panel_rows(m) / kStep * ceil_div<int64_t>(k, kBlock) * kPanelBlockWords * 4;
+  return tiling.panel_bytes(m, k, tiling.panel_tiles(ceil_div<int64_t>(n, kTaskCols), threads));
 }
 
-void block_gemm_amx(const BlockGemmArgs& g, void* workspace) {
+void block_gemm_amx(const BlockGemmArgs& g, void* workspace, int64_t workspace_bytes) {
   const RowTiling tiling(g.m);
   const int64_t k_blocks = ceil_div<int64_t>(g.k, kBlock);
   const int64_t n_tiles = ceil_div<int64_t>(g.n, kTaskCols);
   auto* panel = static_cast<uint32_t*>(workspace);
   const int threads = thread_count(g.num_threads, tiling.tiles * n_tiles,
                                    static_cast<double>(g.m) * g.n * (g.k + 1));
+  // As many row tiles per panel as this thread count wants, or as the workspace holds.
+  const int64_t tile_bytes = tiling.height / kStep * k_blocks * kPanelBlockWords * 4;
+  const int64_t panel_tiles = lesser<int64_t>(
+      tiling.panel_tiles(n_tiles, threads),
+      workspace_bytes / tile_bytes > kChunkTiles ? workspace_bytes / tile_bytes : kChunkTiles);
 #pragma omp parallel num_threads(threads)
   {
     const AmxConfig config;
     _tile_loadconfig(&config);  // per thread: the tile registers are thread state
     AmxTask task(g);            // per-thread totals, on this thread's stack
-    for (int64_t chunk = 0; chunk < tiling.tiles; chunk += kChunkTiles) {
+    for (int64_t chunk = 0; chunk < tiling.tiles; chunk += panel_tiles) {
       const int64_t panel0 = chunk * tiling.height;
-      const int64_t chunk_tiles = lesser<int64_t>(kChunkTiles, tiling.tiles - chunk);
+      const int64_t chunk_tiles = lesser<int64_t>(panel_tiles, tiling.tiles - chunk);
       const int64_t panel_end = lesser<int64_t>(g.m, panel0 + chunk_tiles * tiling.height);
       const int64_t groups = ceil_div<int64_t>(panel_end - panel0, kStep);
       // The chunk's activations, once (each thread's share; the barrier ends the loop).

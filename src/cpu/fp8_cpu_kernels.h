@@ -111,11 +111,12 @@ void block_gemm_avx512(const BlockGemmArgs& args);
 // gives it M >= kBf16MinM); only when cpu_features().avx512_bf16.
 void block_gemm_avx512bf16(const BlockGemmArgs& args);
 // The packed GEMM on AMX tile dot products (fp8_cpu_amx.cpp), for any M (dispatch gives it
-// M >= kAmxMinM); only when cpu_features().amx_bf16. `workspace`: 64-byte aligned, at least
-// block_gemm_amx_workspace_bytes(m, k) bytes (the activations decoded once, as the tiles read
-// them).
-int64_t block_gemm_amx_workspace_bytes(int64_t m, int64_t k);
-void block_gemm_amx(const BlockGemmArgs& args, void* workspace);
+// M >= kAmxMinM); only when cpu_features().amx_bf16. `workspace` (the activations decoded once, as
+// the tiles read them): 64-byte aligned, workspace_bytes of at least
+// block_gemm_amx_workspace_bytes(m, n, k, 1); the kernel's panels then hold as many rows as it
+// holds, up to what block_gemm_amx_workspace_bytes(m, n, k, its threads) asks for.
+int64_t block_gemm_amx_workspace_bytes(int64_t m, int64_t n, int64_t k, int threads);
+void block_gemm_amx(const BlockGemmArgs& args, void* workspace, int64_t workspace_bytes);
 void block_quantize_weight_portable(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx2(const BlockQuantizeWeightArgs& args);
 void block_quantize_weight_avx512(const BlockQuantizeWeightArgs& args);
