@@ -140,7 +140,9 @@ if [[ -x $TESTS ]]; then
   if [[ $PASSED_SHARDS -eq $SHARDS ]] && ! grep -q "^\[  FAILED  \]" "$OUT/tests.txt"; then
     note "GPU tests: $(grep '^\[  PASSED  \]' "$OUT/tests.txt" | awk '{n += $4} END {print n}') passed in $SHARDS shards"
   else
-    note "GPU tests FAILED or did not finish ($PASSED_SHARDS of $SHARDS shards passed; tests.txt)"
+    FAILED_TESTS=$(grep -cE '^\[  FAILED  \] .* \([0-9]+ ms\)$' "$OUT/tests.txt")
+    note "GPU tests FAILED or did not finish ($PASSED_SHARDS of $SHARDS shards finished," \
+      "$FAILED_TESTS tests failed; tests.txt)"
   fi
 else
   note "GPU tests not run: no moekit_gpu_tests binary"
