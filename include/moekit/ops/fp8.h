@@ -83,7 +83,7 @@ void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout
 // any shape, leaves it ready for the next; one workspace per stream); or none (null, 0 bytes).
 // With it, Hopper's large-M kernel splits a last round of tiles that is at most half full over K
 // across the SMs that would otherwise idle, and the CPU's AMX kernel (from 6 rows) decodes the
-// activations into it once instead of into memory it allocates for the call.
+// activations into it once (whatever it held) instead of into memory it allocates for the call.
 size_t block_fp8_gemm_workspace_size(int64_t M, int64_t N, int64_t K, const Device& device);
 void block_fp8_gemm(const TensorView& a, const TensorView& a_scales, ScaleLayout a_scales_layout,
                     const TensorView& b, const TensorView& b_scales,
