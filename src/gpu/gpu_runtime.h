@@ -46,7 +46,8 @@ double median_graph_replay_us(const std::function<void(void* stream)>& enqueue, 
 
 // The timing half of median_graph_replay_us, for a caller that keeps the graph (e.g. to replay it
 // again traced): `exec` (a cudaGraphExec_t of calls_per_graph calls) replayed on `stream` a few
-// times to warm up, then `replays` replays timed; the median time per call in microseconds.
+// times to warm up, then `replays` replays timed, each behind an untimed one so that the host's
+// launch of the graph is not in the interval; the median time per call in microseconds.
 double median_exec_replay_us(void* exec, void* stream, int calls_per_graph, int replays);
 
 // Device-to-device copy rate of a buffer far larger than L2, counting bytes read plus bytes
