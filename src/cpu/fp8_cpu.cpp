@@ -210,7 +210,8 @@ void* align_panel(void* bytes) {
 // `workspace`: the caller's (block_fp8_gemm_workspace_size), or null. The AMX kernel decodes the
 // activations into it once; without one (or one too small) it allocates its own for the call.
 template <Fp8Isa kIsa>
-void block_gemm_kernel(const BlockGemmArgs& a, void* workspace, size_t workspace_bytes) {
+void block_gemm_kernel(const BlockGemmArgs& a, [[maybe_unused]] void* workspace,
+                       [[maybe_unused]] size_t workspace_bytes) {
   if constexpr (kIsa == Fp8Isa::amx) {
     const size_t least = static_cast<size_t>(block_gemm_amx_workspace_bytes(a.m, a.n, a.k, 1));
     if (workspace != nullptr && workspace_bytes >= least + kPanelAlign) {
@@ -223,8 +224,6 @@ void block_gemm_kernel(const BlockGemmArgs& a, void* workspace, size_t workspace
       block_gemm_amx(a, align_panel(own.get()), bytes);
     }
   }
-  (void)workspace;
-  (void)workspace_bytes;
   if constexpr (kIsa == Fp8Isa::avx512bf16) block_gemm_avx512bf16(a);
   if constexpr (kIsa == Fp8Isa::avx512) block_gemm_avx512(a);
   if constexpr (kIsa == Fp8Isa::avx2) block_gemm_avx2(a);
